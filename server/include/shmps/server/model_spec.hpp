@@ -1,0 +1,145 @@
+// The model spec: a TOML file that names a job's segment, lists its parameters with their
+// shapes and initial values, and sets the server's optimizer and consistency mode.
+//
+// ---- Model spec format (TOML) -------------------------------------------------------------
+//
+//   name = "mlp"            # required. The segment name: 1 to 63 characters, letters, digits,
+//                           #   '.', '_' and '-' only, not starting with '.' or '-', not
+//                           #   ending in ".lock".
+//   slice_bytes = 65536     # optional, default 65536. Bytes per slice (the unit of versioning,
+//                           #   locking and parallel apply): a multiple of 64, 64 to 2^30.
+//   max_workers = 8         # optional, default 16. Worker slots: 1 to 1024.
+//   ring_bytes = 0          # optional, default 0 = sized by the server. Bytes of each worker's
+//                           #   push ring: a multiple of 64, at most 2^40.
+//   server_threads = 2      # optional, default 0 = all cores. At most 4096.
+//   consistency = "asp"     # optional, default "asp". "asp" (asynchronous), "bsp" (bulk
+//                           #   synchronous) or "ssp:N" (stale synchronous, bound N >= 0 clocks,
+//                           #   e.g. "ssp:3").
+//
+//   [optimizer]             # required (lr has no default)
+//   kind = "sgd"            # optional, default "sgd". sgd | momentum | nesterov | adagrad |
+//                           #   rmsprop | adam
+//   lr = 0.05               # required, > 0
+//   momentum = 0.9          # momentum, nesterov only; [0, 1), default 0.9
+//   beta1 = 0.9             # adam only; [0, 1), default 0.9
+//   beta2 = 0.999           # adam only; [0, 1), default 0.999
+//   rho = 0.99              # rmsprop only; [0, 1), default 0.99
+//   eps = 1e-8              # adagrad, rmsprop, adam only; > 0, default 1e-8
+//   weight_decay = 0.0      # optional, >= 0, default 0 (L2, added to the gradient)
+//   clip_value = 0.0        # optional, >= 0, default 0 = off (clamp each gradient element)
+//   clip_norm = 0.0         # optional, >= 0, default 0 = off (scale each push to this L2 norm)
+//   # Setting a key that the chosen kind does not use (e.g. momentum with kind = "sgd") is an
+//   # error, so that a forgotten `kind` does not silently ignore it. Numbers may be written as
+//   # integers (lr = 1). Values are stored as float32 and checked after rounding.
+//
+//   [[param]]               # one table per parameter, at least one, in segment order
+//   name = "fc1.weight"     # required, unique. 1 to 63 bytes, no spaces or control characters.
+//   shape = [256, 784]      # required. 1 to 8 positive integers, row-major; at most 2^48 bytes
+//                           #   (2^46 float32 elements) per parameter and in total.
+//   init = "zeros"          # optional, default "zeros". Or a table:
+//                           #   { kind = "zeros" }
+//                           #   { kind = "constant", value = 0.5 }
+//                           #   { kind = "u24", stream = 11, scale = 0.0625 }  # scale default 1
+//                           #   { kind = "u24", stream = 11, scale_divisor = 28 }
+//                           # u24: element k (row-major flat index) is
+//                           #   u24(draw k of SplitMix64 stream `stream`) * scale, one float32
+//                           #   multiply (shmps/splitmix.hpp). scale_divisor = d means
+//                           #   scale = float32(1.0 / d), so reference inits can be written
+//                           #   exactly. stream: an integer >= 0 (hex allowed: 0x1f).
+//
+// Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
+// names. Every error is a SpecError whose message reads
+//   <file>:<line>:<col>: <field>: <problem>
+// e.g. "models/mlp.toml:7:6: optimizer.lr: must be a positive number, got -0.1". Fields are
+// written as paths: name, optimizer.lr, param[2].shape (0-based index), param[0].init.stream.
+// A missing key is reported at the table that should hold it; a TOML syntax error at its own
+// position as "<file>:<line>:<col>: syntax error: <description>".
+// ---------------------------------------------------------------------------------------------
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "shmps/shm/settings.hpp"
+#include "shmps/splitmix.hpp"
+
+namespace shmps::server {
+
+struct InitSpec {
+  enum class Kind { zeros, constant, u24 } kind = Kind::zeros;
+  float value = 0;           // constant
+  std::uint64_t stream = 0;  // u24
+  float scale = 1;           // u24
+};
+
+std::string_view to_string(InitSpec::Kind kind) noexcept;
+
+// The initial value of element k (row-major flat index) of a parameter initialised by init.
+inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
+  switch (init.kind) {
+    case InitSpec::Kind::zeros: return 0.0f;
+    case InitSpec::Kind::constant: return init.value;
+    case InitSpec::Kind::u24: return u24(splitmix_draw(init.stream, k)) * init.scale;
+  }
+  return 0.0f;
+}
+
+struct ParamSpec {
+  std::string name;
+  std::vector<std::uint64_t> shape;
+  InitSpec init;
+  std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
+};
+
+struct ModelSpec {
+  std::string name;                  // segment name
+  std::uint64_t slice_bytes = 65536;
+  std::uint32_t max_workers = 16;
+  std::uint64_t ring_bytes = 0;      // per worker ring; 0 = automatic (the server sizes it)
+  std::uint32_t server_threads = 0;  // 0 = all cores
+  Consistency consistency = Consistency::asp;
+  std::uint32_t staleness = 0;       // ssp only
+  OptimizerSettings optimizer;
+  std::vector<ParamSpec> params;
+  std::string source;                // file path or "<string>", for messages
+};
+
+class SpecError : public std::runtime_error {
+ public:
+  using runtime_error::runtime_error;
+};
+
+// Limits of the format (see above). The name and dimension limits are those of the segment
+// layout (shm/layout.hpp: 64-byte NUL-terminated names, 8 dimensions); model_spec.cpp checks
+// that they agree.
+inline constexpr std::size_t kMaxSegmentNameLength = 63;
+inline constexpr std::size_t kMaxParamNameBytes = 63;
+inline constexpr std::size_t kMaxParamDims = 8;
+inline constexpr std::uint64_t kMaxParamBytes = std::uint64_t{1} << 48;  // per param and total
+inline constexpr std::uint64_t kMaxSliceBytes = std::uint64_t{1} << 30;
+inline constexpr std::uint32_t kMaxWorkersLimit = 1024;
+inline constexpr std::uint64_t kMaxRingBytes = std::uint64_t{1} << 40;
+inline constexpr std::uint32_t kMaxServerThreads = 4096;
+
+// Reads and parses a model spec file; errors name the file as `path` is written. Throws
+// SpecError (also for a file that cannot be read).
+ModelSpec load_model_spec(const std::filesystem::path& path);
+
+// Parses a model spec from text; source_name stands for the file in messages ("<string>" if
+// empty). Throws SpecError.
+ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_name);
+
+// "" if `name` can be a segment name, else what is wrong with it, e.g.
+//   segment name "a/b" contains '/' at position 2, which is not allowed; use only letters,
+//   digits, '.', '_' and '-'
+std::string validate_segment_name(std::string_view name);
+
+// Checks a ModelSpec built in code (the parser applies the same rules, with positions).
+// "" if valid, else the first problem as "<field>: <problem>", e.g. "param[1].shape: ...".
+std::string validate_model_spec(const ModelSpec& spec);
+
+}  // namespace shmps::server

@@ -1,0 +1,70 @@
+// shmps-server: creates or recovers the segment for a model spec and applies updates until
+// SIGINT or SIGTERM, then drains the rings and exits (leaving the segment for a later server,
+// unless --remove-on-stop).
+#include <csignal>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <shmps/error.hpp>
+#include <shmps/server/model_spec.hpp>
+#include <shmps/server/server.hpp>
+
+namespace {
+shmps::server::Server* g_server = nullptr;
+extern "C" void on_stop_signal(int) {
+  if (g_server) g_server->stop();  // async-signal-safe: an atomic store and a futex wake
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shmps-server: the parameter server of a shmps job (one per segment)"};
+  std::string spec_path, name, log_level = "info";
+  unsigned threads = 0;
+  bool remove_on_stop = false, group = false;
+  app.add_option("--spec", spec_path, "model spec (TOML): segment name, parameters, optimizer")->required()->check(CLI::ExistingFile);
+  app.add_option("--name", name, "segment name (overrides the spec's `name`)");
+  app.add_option("--threads", threads, "apply threads (default: the spec's server_threads, else all cores)");
+  app.add_flag("--remove-on-stop", remove_on_stop, "remove the segment when the server stops (default: keep it for a restart)");
+  app.add_flag("--group", group, "let the owner's group use the segment (mode 0660 instead of 0600)");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
+  CLI11_PARSE(app, argc, argv);
+
+  // Structured log lines on stderr: time, program, level, then key=value pairs.
+  auto logger = spdlog::stderr_logger_mt("shmps-server");
+  logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %n %l %v");
+  logger->set_level(spdlog::level::from_str(log_level));
+  spdlog::set_default_logger(logger);
+
+  try {
+    shmps::server::ServerOptions options;
+    options.spec = shmps::server::load_model_spec(spec_path);
+    if (!name.empty()) {
+      if (auto problem = shmps::server::validate_segment_name(name); !problem.empty())
+        throw shmps::Error("--name: " + problem);
+      options.spec.name = name;
+    }
+    options.threads = threads;
+    options.remove_on_stop = remove_on_stop;
+    options.mode = group ? 0660 : 0600;
+    shmps::server::Server server(std::move(options));
+    server.start();
+    g_server = &server;
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGTERM, &action, nullptr);
+    server.run();
+    g_server = nullptr;
+    return 0;
+  } catch (const shmps::server::SpecError& e) {
+    std::cerr << "shmps-server: error: " << e.what() << "\n";
+    return 2;
+  } catch (const shmps::Error& e) {
+    std::cerr << "shmps-server: error: " << e.what() << "\n";
+    return 1;
+  }
+}

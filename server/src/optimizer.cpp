@@ -1,0 +1,276 @@
+// The server-side optimizers (see optimizer.hpp for the formulas).
+//
+// Layout of the work: plain SGD is one Eigen expression over the whole slice (a single
+// streaming pass, as tight as a hand-written `p -= lr * g` loop). Everything else walks the
+// slice in chunks of kChunk floats: per chunk the gradient is preprocessed into a small
+// L1-resident buffer (scale, clip, weight decay) when needed, then the optimizer's statements
+// run on the chunk while it is in L1, so values, gradient and state are each read from and
+// written to memory once. Every path exists in an aligned (Aligned64 maps, taken when all
+// pointers are 64-byte aligned, as the segment's slices are) and an unaligned flavour.
+//
+// Square roots go through ExactSqrt (the hardware's correctly rounded sqrt on every packet
+// size): Eigen 3.4's AVX-512 psqrt under its default EIGEN_FAST_MATH is an rsqrt14 + Newton
+// approximation that flushes denormals, which would make an element's result depend on whether
+// it falls in a vector body or a scalar tail.
+
+// GCC 12.2's AVX-512 intrinsics trip -Wmaybe-uninitialized on _mm512_undefined_ps (GCC bug
+// 105593, fixed in 12.3); the warning points into <avx512fintrin.h>, so it must be silenced
+// before anything includes <immintrin.h>.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "shmps/server/optimizer.hpp"
+
+#include <immintrin.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace shmps::server {
+namespace {
+
+using Eigen::ArrayXf;
+using Eigen::Index;
+template <int A>
+using Vec = Eigen::Map<ArrayXf, A>;
+template <int A>
+using CVec = Eigen::Map<const ArrayXf, A>;
+
+constexpr int kAligned = Eigen::Aligned64;
+constexpr int kUnaligned = Eigen::Unaligned;
+constexpr Index kChunk = 1024;  // floats: 4 KiB per array, 16 KiB for adam's four
+
+// sqrt, correctly rounded, vectorised on every packet type Eigen may use here.
+inline float exact_sqrt(float x) { return std::sqrt(x); }
+#if defined(__SSE__)
+inline __m128 exact_sqrt(__m128 x) { return _mm_sqrt_ps(x); }
+#endif
+#if defined(__AVX__)
+inline __m256 exact_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }
+#endif
+#if defined(__AVX512F__)
+inline __m512 exact_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+#endif
+
+struct ExactSqrt {
+  float operator()(float x) const { return exact_sqrt(x); }
+  template <typename Packet>
+  Packet packetOp(const Packet& x) const {
+    return exact_sqrt(x);
+  }
+};
+
+}  // namespace
+}  // namespace shmps::server
+
+template <>
+struct Eigen::internal::functor_traits<shmps::server::ExactSqrt> {
+#if defined(__SSE__)
+  enum { Cost = 4 * Eigen::NumTraits<float>::MulCost, PacketAccess = 1 };
+#else
+  enum { Cost = 4 * Eigen::NumTraits<float>::MulCost, PacketAccess = 0 };
+#endif
+};
+
+namespace shmps::server {
+namespace {
+
+template <class Expr>
+auto sqrt_of(const Expr& e) {
+  return e.unaryExpr(ExactSqrt{});
+}
+
+// Scalars of one update, computed once per call.
+struct Coeffs {
+  float lr = 0;
+  float mu = 0;          // momentum
+  float rho = 0, one_minus_rho = 0;
+  float b1 = 0, one_minus_b1 = 0, b2 = 0, one_minus_b2 = 0;
+  float step_size = 0;   // adam: lr / (1 - b1^t)
+  float inv_bc2_sqrt = 0;  // adam: 1 / sqrt(1 - b2^t)
+  float eps = 0;
+  // gradient preprocessing
+  float scale = 1, clip = 0, wd = 0;
+  bool scale_on = false, clip_on = false, wd_on = false;
+  bool pre() const { return scale_on || clip_on || wd_on; }
+};
+
+// g = clamp(grad * scale, -clip, clip) + wd * p, into buf (each step only when on).
+template <int A>
+void preprocess(const Coeffs& c, float* buf, const float* grad, const float* p, Index n) {
+  Vec<kAligned> out(buf, n);
+  CVec<A> g(grad, n);
+  if (c.scale_on) {
+    out = g * c.scale;
+  } else {
+    out = g;
+  }
+  if (c.clip_on) out = out.max(-c.clip).min(c.clip);
+  if (c.wd_on) out += c.wd * CVec<A>(p, n);
+}
+
+// The optimizer's statements on one chunk; g is the (preprocessed) gradient of the chunk.
+// GA is the alignment of g (the buffer is always aligned; the raw gradient follows A).
+template <OptimizerKind K, int A, int GA>
+void update_chunk(const Coeffs& c, float* pp, const float* gp, float* s0p, float* s1p, Index n) {
+  Vec<A> p(pp, n);
+  CVec<GA> g(gp, n);
+  if constexpr (K == OptimizerKind::sgd) {
+    p -= c.lr * g;
+  } else if constexpr (K == OptimizerKind::momentum) {
+    Vec<A> v(s0p, n);
+    v = c.mu * v + g;
+    p -= c.lr * v;
+  } else if constexpr (K == OptimizerKind::nesterov) {
+    Vec<A> v(s0p, n);
+    v = c.mu * v + g;
+    p -= c.lr * (g + c.mu * v);
+  } else if constexpr (K == OptimizerKind::adagrad) {
+    Vec<A> s(s0p, n);
+    s += g.square();
+    p -= c.lr * g / (sqrt_of(s) + c.eps);
+  } else if constexpr (K == OptimizerKind::rmsprop) {
+    Vec<A> s(s0p, n);
+    s = c.rho * s + c.one_minus_rho * g.square();
+    p -= c.lr * g / (sqrt_of(s) + c.eps);
+  } else if constexpr (K == OptimizerKind::adam) {
+    Vec<A> m(s0p, n);
+    Vec<A> v(s1p, n);
+    m = c.b1 * m + c.one_minus_b1 * g;
+    v = c.b2 * v + c.one_minus_b2 * g.square();
+    // lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, sqrt(v_hat) = sqrt(v) / sqrt(bc2)
+    // (the division by sqrt(bc2) is a multiplication by its reciprocal: one divide per element)
+    p -= c.step_size * m / (sqrt_of(v) * c.inv_bc2_sqrt + c.eps);
+  }
+}
+
+template <OptimizerKind K, int A>
+void run(const Coeffs& c, float* p, const float* g, float* s0, float* s1, Index n) {
+  if constexpr (K == OptimizerKind::sgd) {
+    // The hot path: one streaming pass, no buffer.
+    if (!c.pre()) {
+      Vec<A>(p, n) -= c.lr * CVec<A>(g, n);
+      return;
+    }
+    if (!c.clip_on && !c.wd_on) {
+      Vec<A>(p, n) -= c.lr * (CVec<A>(g, n) * c.scale);
+      return;
+    }
+  }
+  alignas(64) float buf[kChunk];
+  for (Index i = 0; i < n; i += kChunk) {
+    const Index m = std::min(kChunk, n - i);
+    float* s0i = s0 != nullptr ? s0 + i : nullptr;
+    float* s1i = s1 != nullptr ? s1 + i : nullptr;
+    if (c.pre()) {
+      preprocess<A>(c, buf, g + i, p + i, m);
+      update_chunk<K, A, kAligned>(c, p + i, buf, s0i, s1i, m);
+    } else {
+      update_chunk<K, A, A>(c, p + i, g + i, s0i, s1i, m);
+    }
+  }
+}
+
+template <int A>
+void dispatch(OptimizerKind kind, const Coeffs& c, float* p, const float* g, float* s0, float* s1,
+              Index n) {
+  switch (kind) {
+    case OptimizerKind::sgd: return run<OptimizerKind::sgd, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::momentum: return run<OptimizerKind::momentum, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::nesterov: return run<OptimizerKind::nesterov, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::adagrad: return run<OptimizerKind::adagrad, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::rmsprop: return run<OptimizerKind::rmsprop, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::adam: return run<OptimizerKind::adam, A>(c, p, g, s0, s1, n);
+  }
+}
+
+bool aligned64(const void* ptr) {
+  return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % 64 == 0;
+}
+
+}  // namespace
+
+double clip_norm_scale(const OptimizerSettings& s, double grad_squared_norm) {
+  if (!(s.clip_norm > 0)) return 1.0;
+  const double norm = std::sqrt(grad_squared_norm);
+  const double limit = static_cast<double>(s.clip_norm);
+  if (!(norm > limit)) return 1.0;
+  return limit / norm;
+}
+
+double squared_norm(std::span<const float> grad) {
+  if (grad.empty()) return 0.0;
+  return CVec<kUnaligned>(grad.data(), static_cast<Index>(grad.size()))
+      .cast<double>()
+      .square()
+      .sum();
+}
+
+void apply_update(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                  std::span<float> state0, std::span<float> state1, std::uint64_t step,
+                  float grad_scale) {
+  if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(OptimizerKind::adam)) {
+    throw std::invalid_argument("apply_update: unknown optimizer kind " +
+                                std::to_string(static_cast<std::uint32_t>(s.kind)));
+  }
+  const std::size_t n = values.size();
+  if (grad.size() != n) {
+    throw std::invalid_argument("apply_update: gradient has " + std::to_string(grad.size()) +
+                                " elements, values " + std::to_string(n));
+  }
+  const int arrays = optimizer_state_arrays(s.kind);
+  const std::size_t want0 = arrays >= 1 ? n : 0;
+  const std::size_t want1 = arrays >= 2 ? n : 0;
+  if (state0.size() != want0 || state1.size() != want1) {
+    throw std::invalid_argument(
+        "apply_update: optimizer " + std::string(to_string(s.kind)) + " needs state arrays of " +
+        std::to_string(want0) + " and " + std::to_string(want1) + " elements, got " +
+        std::to_string(state0.size()) + " and " + std::to_string(state1.size()));
+  }
+  if (s.kind == OptimizerKind::adam && step == 0) {
+    throw std::invalid_argument("apply_update: adam needs a 1-based step, got 0");
+  }
+  if (n == 0) return;
+
+  Coeffs c;
+  c.lr = s.lr;
+  c.mu = s.momentum;
+  c.rho = s.rho;
+  c.one_minus_rho = 1.0f - s.rho;
+  c.b1 = s.beta1;
+  c.one_minus_b1 = 1.0f - s.beta1;
+  c.b2 = s.beta2;
+  c.one_minus_b2 = 1.0f - s.beta2;
+  c.eps = s.eps;
+  if (s.kind == OptimizerKind::adam) {
+    const double t = static_cast<double>(step);
+    const double bc1 = 1.0 - std::pow(static_cast<double>(s.beta1), t);
+    const double bc2 = 1.0 - std::pow(static_cast<double>(s.beta2), t);
+    c.step_size = static_cast<float>(static_cast<double>(s.lr) / bc1);
+    c.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(bc2));
+  }
+  c.scale = grad_scale;
+  c.scale_on = grad_scale != 1.0f;
+  c.clip = s.clip_value;
+  c.clip_on = s.clip_value > 0.0f;
+  c.wd = s.weight_decay;
+  c.wd_on = s.weight_decay > 0.0f;
+
+  float* p = values.data();
+  const float* g = grad.data();
+  float* s0 = state0.empty() ? nullptr : state0.data();
+  float* s1 = state1.empty() ? nullptr : state1.data();
+  const auto len = static_cast<Index>(n);
+  if (aligned64(p) && aligned64(g) && aligned64(s0) && aligned64(s1)) {
+    dispatch<kAligned>(s.kind, c, p, g, s0, s1, len);
+  } else {
+    dispatch<kUnaligned>(s.kind, c, p, g, s0, s1, len);
+  }
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,290 @@
+// The shmps segment: every shared-memory type, where it sits, and who may write each field.
+//
+// This is the one header that describes the shared layout. Any change to a type here changes
+// kLayoutFingerprint, and a process whose fingerprint differs refuses to map the segment.
+//
+// One segment per training job, created by the server only, at /dev/shm/shmps.<name>:
+//
+//   offset 0        +--------------------------------------------+
+//                   | SegmentHeader   identity, geometry, state,  |  server writes;
+//                   |                 server liveness, counters   |  everyone reads
+//   params_offset   +--------------------------------------------+
+//                   | ParamEntry[param_count]                     |  written once at creation
+//   slices_offset   +--------------------------------------------+
+//                   | SliceEntry[slice_count]   seqlock version,  |  server writes
+//                   |                           clock, step       |
+//   applied_offset  +--------------------------------------------+
+//                   | u64 last_applied_seq[slice_count][max_workers] | server only: the
+//                   |   exactly-once redo table (a record already applied to a slice is skipped) |
+//   slots_offset    +--------------------------------------------+
+//                   | WorkerSlot[max_workers]   worker-owned lines | each worker its own slot;
+//                   |                           + server-owned line| the server its own line
+//   rings_offset    +--------------------------------------------+
+//                   | per slot: RingHeader + ring_bytes of records | worker writes records and
+//                   |   (PushRecord header + float payload)       | tail; server writes head
+//   values_offset   +--------------------------------------------+
+//                   | parameter values, float32, 64-byte aligned per parameter | server writes
+//   state_offset    +--------------------------------------------+
+//                   | optimizer state arrays, float32             |  server only
+//                   +--------------------------------------------+  total_bytes
+//
+// Rules (DESIGN.md): workers take no lock; a worker writes only its own slot's worker lines
+// and its own ring's records and tail; tools map the segment read-only. Everything here is
+// fixed-size, standard-layout, fixed-width; addresses are offsets from the segment base.
+// Lines that different processes write concurrently are padded to 64 bytes apart.
+#pragma once
+
+#include <atomic>
+#include <boost/version.hpp>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include <shmps/shm/settings.hpp>
+
+namespace shmps::shm {
+
+inline constexpr std::size_t kCacheLine = 64;
+inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1" little-endian
+inline constexpr std::uint32_t kLayoutVersion = 1;
+inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
+inline constexpr std::size_t kMaxDims = 8;
+inline constexpr std::size_t kResumeBlobBytes = 1024;
+
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
+static_assert(std::atomic<std::int32_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
+static_assert(sizeof(std::atomic<std::uint64_t>) == 8 && sizeof(std::atomic<std::uint32_t>) == 4);
+
+constexpr std::uint64_t align_up(std::uint64_t n, std::uint64_t to) noexcept { return (n + to - 1) / to * to; }
+
+// The life of a segment. "ready" is written last at creation; a segment found in "creating"
+// with no live server was left by a server that died while creating it, and is recreated.
+enum class SegmentState : std::uint32_t { creating = 0, ready = 1, stopping = 2, stopped = 3 };
+
+// ---------------------------------------------------------------------------------------------
+// SegmentHeader, at offset 0.
+struct SegmentHeader {
+  // Identity and geometry: written once by the server before state becomes "ready".
+  std::uint64_t magic;           // kMagic
+  std::uint32_t layout_version;  // kLayoutVersion
+  std::uint32_t header_bytes;    // sizeof(SegmentHeader)
+  std::uint64_t fingerprint;     // kLayoutFingerprint of the build that created it
+  std::uint64_t total_bytes;     // size of the whole segment
+  std::uint64_t spec_hash;       // hash of the model (names, shapes, slice size, slots, optimizer)
+  std::uint64_t created_unix_ns;
+  char name[kMaxNameBytes];      // the segment name, NUL-terminated
+
+  std::uint32_t param_count;
+  std::uint32_t max_workers;
+  std::uint64_t slice_count;
+  std::uint64_t slice_floats;    // elements per slice (the last slice of a parameter may be shorter)
+  std::uint64_t ring_bytes;      // record capacity of each worker's ring
+  std::uint64_t params_offset;
+  std::uint64_t slices_offset;
+  std::uint64_t applied_offset;
+  std::uint64_t slots_offset;
+  std::uint64_t rings_offset;
+  std::uint64_t ring_stride;     // bytes from one slot's RingHeader to the next
+  std::uint64_t values_offset;
+  std::uint64_t state_offset;
+  OptimizerSettings optimizer;
+  Consistency consistency;
+  std::uint32_t staleness;       // SSP bound
+  std::uint32_t state_arrays;    // optimizer state arrays per parameter
+
+  // Server liveness and state (server writes; everyone reads). Death of the server is proven by
+  // its lock file (<name>.server.lock), not by the heartbeat; the heartbeat is for display.
+  alignas(kCacheLine) std::atomic<std::uint32_t> state;  // SegmentState
+  std::atomic<std::int32_t> server_pid;
+  std::atomic<std::uint64_t> server_epoch;               // bumped at every server start
+  std::atomic<std::uint64_t> server_start_time;          // /proc/<pid>/stat starttime (ticks)
+  std::atomic<std::uint64_t> server_heartbeat_ns;        // CLOCK_MONOTONIC
+  std::atomic<std::uint64_t> server_started_unix_ns;
+
+  // The server's sleep word: the server sleeps on it (futex) when every ring is empty, after
+  // setting server_sleeping. A worker that commits a push and sees server_sleeping calls
+  // FUTEX_WAKE on it. Workers never write these words (the wake is a syscall, not a store).
+  alignas(kCacheLine) std::atomic<std::uint32_t> server_wake;
+  std::atomic<std::uint32_t> server_sleeping;
+
+  // Counters for the monitor (server writes).
+  alignas(kCacheLine) std::atomic<std::uint64_t> records_applied;
+  std::atomic<std::uint64_t> floats_applied;
+  std::atomic<std::uint64_t> apply_rounds;
+  std::atomic<std::uint64_t> records_skipped;  // already applied before a server restart
+};
+
+// ---------------------------------------------------------------------------------------------
+// ParamEntry: one per parameter, written once at creation.
+enum class DType : std::uint32_t { f32 = 0 };
+
+struct ParamEntry {
+  char name[kMaxNameBytes];  // NUL-terminated
+  DType dtype;
+  std::uint32_t ndim;
+  std::uint64_t shape[kMaxDims];
+  std::uint64_t size;           // elements
+  std::uint64_t first_slice;    // index of its first SliceEntry
+  std::uint64_t slice_count;
+  std::uint64_t values_offset;  // 64-byte aligned
+  std::uint64_t state_offset[2];  // optimizer state arrays (0 when unused), 64-byte aligned
+};
+
+// ---------------------------------------------------------------------------------------------
+// SliceEntry: one per slice; the server writes, everyone reads.
+//
+// `version` is a seqlock word: 2 x (updates applied to the slice), odd while the server writes
+// the slice's values. A reader copies the values between two loads of the word and retries if
+// it changed or was odd; a word that stays odd means a server died mid-write.
+struct alignas(kCacheLine) SliceEntry {
+  std::atomic<std::uint64_t> version;
+  std::atomic<std::uint64_t> clock;  // synchronous step of the values (BSP)
+  std::uint64_t param;               // index into the ParamEntry table
+  std::uint64_t first;               // first element within the parameter
+  std::uint64_t count;               // elements in this slice
+  std::uint64_t step;                // optimizer steps applied (Adam's bias correction); server only
+  std::uint64_t reserved[2];
+};
+
+// ---------------------------------------------------------------------------------------------
+// WorkerSlot: one per rank. The worker holding the slot (proven by its lock on byte `rank` of
+// <name>.slots.lock) writes the worker lines; the server writes the server line only.
+enum class SlotState : std::uint32_t { free = 0, attached = 1, left = 2 };
+
+struct WorkerSlot {
+  // Worker line: identity, written at attach.
+  alignas(kCacheLine) std::atomic<std::uint32_t> state;  // SlotState
+  std::atomic<std::int32_t> pid;
+  std::atomic<std::uint64_t> generation;   // bumped at every attach
+  std::atomic<std::uint64_t> start_time;   // /proc/<pid>/stat starttime, for display
+  std::atomic<std::uint64_t> attached_unix_ns;
+
+  // Worker line: hot, updated on every push and pull.
+  alignas(kCacheLine) std::atomic<std::uint64_t> heartbeat_ns;  // CLOCK_MONOTONIC
+  std::atomic<std::uint64_t> published;     // last committed push sequence number, all generations
+  std::atomic<std::uint64_t> clock;         // the worker's step (consistency models)
+  std::atomic<std::uint64_t> pulls;
+  std::atomic<std::uint64_t> pull_bytes;
+  std::atomic<std::uint64_t> push_bytes;
+  std::atomic<std::uint64_t> pushes_rejected;  // non-finite gradients refused before publishing
+  std::atomic<std::uint32_t> waiting;       // 1 while the worker sleeps on `progress`
+
+  // Worker line: the resume blob (the trainer's data cursor, RNG state).
+  alignas(kCacheLine) std::atomic<std::uint32_t> resume_bytes;
+  std::uint8_t resume[kResumeBlobBytes];
+
+  // Server line.
+  alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number applied
+  std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
+  std::atomic<std::uint32_t> reserved0;
+  std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
+  std::atomic<std::uint64_t> records_applied;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The per-slot push ring: single producer (the slot's worker), single consumer (the server).
+//
+// Positions are byte counts since creation and never wrap; index = position % capacity.
+// The producer writes a record at `tail` (header, then payload) and commits it with one
+// release store of the new tail: a record past `tail` does not exist, so a worker killed
+// mid-push leaves nothing behind. The consumer advances `head` (release) only after the
+// records before it are applied, which is what lets the producer reuse their bytes.
+struct RingHeader {
+  alignas(kCacheLine) std::atomic<std::uint64_t> tail;  // producer (worker)
+  std::uint8_t tail_pad[kCacheLine - 8];
+  alignas(kCacheLine) std::atomic<std::uint64_t> head;  // consumer (server)
+  std::uint8_t head_pad[kCacheLine - 8];
+  alignas(kCacheLine) std::uint64_t capacity;           // written once at creation
+  std::uint8_t capacity_pad[kCacheLine - 8];
+};
+
+enum class RecordKind : std::uint32_t { push = 1, padding = 2 };
+
+// A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
+// next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the
+// end of the ring, the producer fills the rest with a padding record and starts at index 0.
+struct alignas(kCacheLine) PushRecord {
+  RecordKind kind;
+  std::uint32_t param;         // index into the ParamEntry table
+  std::uint64_t record_bytes;  // header + payload + padding; multiple of 64
+  std::uint64_t offset;        // first element of the parameter this gradient covers
+  std::uint64_t count;         // elements
+  std::uint64_t seq;           // the slot's push sequence number (1, 2, ... over all generations)
+  std::uint64_t generation;    // slot generation of the writer
+  std::uint64_t clock;         // the writer's clock when it pushed
+  double grad_sq_norm;         // squared L2 norm of the payload (for clipping by norm)
+};
+
+constexpr std::uint64_t record_bytes_for(std::uint64_t count) noexcept {
+  return sizeof(PushRecord) + align_up(count * sizeof(float), kCacheLine);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Static checks: sizes, alignment, standard layout.
+static_assert(std::is_standard_layout_v<SegmentHeader>);
+static_assert(std::is_standard_layout_v<ParamEntry>);
+static_assert(std::is_standard_layout_v<SliceEntry>);
+static_assert(std::is_standard_layout_v<WorkerSlot>);
+static_assert(std::is_standard_layout_v<RingHeader>);
+static_assert(std::is_standard_layout_v<PushRecord>);
+static_assert(sizeof(SegmentHeader) % kCacheLine == 0);
+static_assert(sizeof(SliceEntry) == kCacheLine);
+static_assert(sizeof(WorkerSlot) % kCacheLine == 0);
+static_assert(sizeof(RingHeader) == 3 * kCacheLine);
+static_assert(sizeof(PushRecord) == kCacheLine);
+static_assert(sizeof(ParamEntry) % 8 == 0);
+static_assert(offsetof(WorkerSlot, applied) % kCacheLine == 0, "server line must not share a cache line with worker lines");
+
+// ---------------------------------------------------------------------------------------------
+// The layout fingerprint: sizes and offsets of every shared type, the Boost version and the
+// compiler. Two builds share a segment only if their fingerprints are equal (LMDB's
+// MDB_LOCK_FORMAT idea).
+namespace detail {
+constexpr std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i) {
+    h ^= (v >> (8 * i)) & 0xff;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+constexpr std::uint64_t fnv1a_str(std::uint64_t h, const char* s) noexcept {
+  for (; *s; ++s) {
+    h ^= static_cast<unsigned char>(*s);
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+}  // namespace detail
+
+inline constexpr std::uint64_t kLayoutFingerprint = [] {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{sizeof(SegmentHeader)},
+                          std::uint64_t{offsetof(SegmentHeader, optimizer)}, std::uint64_t{offsetof(SegmentHeader, state)},
+                          std::uint64_t{offsetof(SegmentHeader, server_wake)}, std::uint64_t{offsetof(SegmentHeader, records_applied)},
+                          std::uint64_t{sizeof(ParamEntry)}, std::uint64_t{offsetof(ParamEntry, values_offset)},
+                          std::uint64_t{sizeof(SliceEntry)}, std::uint64_t{offsetof(SliceEntry, step)},
+                          std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},
+                          std::uint64_t{offsetof(WorkerSlot, resume)}, std::uint64_t{offsetof(WorkerSlot, applied)},
+                          std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{sizeof(RingHeader)},
+                          std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
+                          std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},
+                          std::uint64_t{__GNUC__}, std::uint64_t{__GNUC_MINOR__}}) {
+    h = detail::fnv1a(h, v);
+  }
+  return detail::fnv1a_str(h, __VERSION__);
+}();
+
+// ---------------------------------------------------------------------------------------------
+// Typed access from a mapped base address. Offsets come from the header, which the opener has
+// validated (magic, version, fingerprint, size) before calling any of these.
+template <class T>
+inline T* at(void* base, std::uint64_t offset) noexcept {
+  return reinterpret_cast<T*>(static_cast<std::byte*>(base) + offset);
+}
+template <class T>
+inline const T* at(const void* base, std::uint64_t offset) noexcept {
+  return reinterpret_cast<const T*>(static_cast<const std::byte*>(base) + offset);
+}
+
+}  // namespace shmps::shm

@@ -1,0 +1,24 @@
+// Segment names and the files that belong to a segment.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+namespace shmps::shm {
+
+// Where segments and their lock files live (Boost.Interprocess's POSIX shared memory on Linux).
+inline constexpr std::string_view kShmDir = "/dev/shm";
+inline constexpr std::string_view kShmPrefix = "shmps.";
+
+// "" if `name` is a valid segment name, else a message saying what is wrong and what to do.
+// Valid: 1..63 characters from [A-Za-z0-9._-], not starting with '.', not ending in ".lock".
+std::string segment_name_problem(std::string_view name);
+// Throws shmps::Error with the message above if the name is invalid.
+void check_segment_name(std::string_view name);
+
+std::string shm_object_name(std::string_view name);  // "shmps.<name>" (Boost's name)
+std::string segment_path(std::string_view name);     // "/dev/shm/shmps.<name>"
+std::string server_lock_path(std::string_view name); // "/dev/shm/shmps.<name>.server.lock"
+std::string slots_lock_path(std::string_view name);  // "/dev/shm/shmps.<name>.slots.lock"
+
+}  // namespace shmps::shm

@@ -1,0 +1,104 @@
+// The two views of a push ring (layout in layout.hpp): the producer's, used only by the worker
+// that holds the slot, and the consumer's, used only by the server. iceoryx-style: the data is
+// plain (RingHeader + bytes), and each side gets a class with only what it may do.
+#pragma once
+
+#include <cstdint>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/layout.hpp>
+
+namespace shmps::shm {
+
+// Worker side. Not thread-safe; one producer per ring by construction (the slot lock).
+class RingProducer {
+ public:
+  RingProducer() = default;
+  RingProducer(RingHeader* header, std::byte* data) noexcept
+      : header_(header), data_(data), capacity_(header->capacity), tail_(load_own(header->tail)) {}
+
+  // The largest payload (floats) a single record may carry: half the ring, so that a record plus
+  // the padding before it always fits in an empty ring.
+  std::uint64_t max_record_floats() const noexcept {
+    return (capacity_ / 2 - sizeof(PushRecord)) / sizeof(float);
+  }
+
+  // Reserves room for a record of `count` floats. Returns its (uncommitted, invisible) header,
+  // or nullptr if the consumer has not freed enough room yet. May write a padding record first;
+  // it becomes visible together with the record at commit().
+  PushRecord* try_claim(std::uint64_t count) noexcept {
+    const std::uint64_t need = record_bytes_for(count);
+    std::uint64_t pos = tail_;
+    const std::uint64_t to_end = capacity_ - pos % capacity_;
+    const std::uint64_t pad = to_end < need ? to_end : 0;
+    const std::uint64_t head = load_acquire(header_->head);  // bytes before head are free again
+    if (capacity_ - (pos - head) < pad + need) return nullptr;
+    if (pad != 0) {
+      auto* filler = reinterpret_cast<PushRecord*>(data_ + pos % capacity_);
+      filler->kind = RecordKind::padding;
+      filler->record_bytes = pad;
+      pos += pad;
+    }
+    auto* record = reinterpret_cast<PushRecord*>(data_ + pos % capacity_);
+    record->kind = RecordKind::push;
+    record->record_bytes = need;
+    pending_tail_ = pos + need;
+    return record;
+  }
+
+  // Makes the claimed record (and any padding before it) visible with one release store.
+  void commit() noexcept {
+    tail_ = pending_tail_;
+    store_release(header_->tail, tail_);
+  }
+
+  std::uint64_t capacity() const noexcept { return capacity_; }
+  std::uint64_t tail() const noexcept { return tail_; }
+  std::uint64_t head() const noexcept { return load_acquire(header_->head); }
+
+ private:
+  RingHeader* header_ = nullptr;
+  std::byte* data_ = nullptr;
+  std::uint64_t capacity_ = 0;
+  std::uint64_t tail_ = 0;          // last committed position (we are the only writer)
+  std::uint64_t pending_tail_ = 0;  // position after the claimed record
+};
+
+// Server side.
+class RingConsumer {
+ public:
+  RingConsumer() = default;
+  RingConsumer(RingHeader* header, const std::byte* data) noexcept
+      : header_(header), data_(data), capacity_(header->capacity) {}
+
+  std::uint64_t head() const noexcept { return load_own(header_->head); }
+  // Everything before the returned position is committed and may be read.
+  std::uint64_t committed() const noexcept { return load_acquire(header_->tail); }
+  const PushRecord* record_at(std::uint64_t position) const noexcept {
+    return reinterpret_cast<const PushRecord*>(data_ + position % capacity_);
+  }
+  // Whether a record header read at `position` is well formed (a buggy worker must not be able
+  // to make the server read outside the ring).
+  bool plausible(std::uint64_t position, std::uint64_t end) const noexcept {
+    const PushRecord* r = record_at(position);
+    const std::uint64_t to_end = capacity_ - position % capacity_;
+    return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
+           r->record_bytes <= to_end && position + r->record_bytes <= end &&
+           (r->kind == RecordKind::padding ||
+            (r->kind == RecordKind::push && record_bytes_for(r->count) == r->record_bytes));
+  }
+  // Gives the bytes before `position` back to the producer. Call only once they are applied.
+  void release_to(std::uint64_t position) noexcept { store_release(header_->head, position); }
+
+ private:
+  RingHeader* header_ = nullptr;
+  const std::byte* data_ = nullptr;
+  std::uint64_t capacity_ = 0;
+};
+
+inline const float* record_payload(const PushRecord* record) noexcept {
+  return reinterpret_cast<const float*>(record + 1);
+}
+inline float* record_payload(PushRecord* record) noexcept { return reinterpret_cast<float*>(record + 1); }
+
+}  // namespace shmps::shm

@@ -1,0 +1,111 @@
+// Mapping a segment, and typed access to its parts (layout.hpp says what they are).
+//
+//   server:  Segment::create (only while holding the server lock), or Segment::open(read_write)
+//   worker:  Segment::open(read_write)    — writes only its own slot and ring
+//   tools:   Segment::open(read_only)     — a read-only mapping: they cannot write by mistake
+//
+// No Boost segment manager is used: the header at offset 0 is the root directory of offsets, so
+// nobody ever needs a lock to find anything (DESIGN.md rule 2).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <shmps/shm/layout.hpp>
+
+namespace shmps::shm {
+
+// What the server needs to lay out a segment.
+struct LayoutRequest {
+  struct Param {
+    std::string name;
+    std::vector<std::uint64_t> shape;
+  };
+  std::vector<Param> params;
+  std::uint64_t slice_bytes = 65536;
+  std::uint32_t max_workers = 8;
+  std::uint64_t ring_bytes = 0;  // 0: automatic (room for two pushes of the largest parameter)
+  std::uint32_t state_arrays = 0;
+};
+
+// Where everything goes. Computed once by the server and stored in the header.
+struct LayoutPlan {
+  std::uint64_t slice_floats = 0;
+  std::uint64_t slice_count = 0;
+  std::uint64_t ring_bytes = 0;
+  std::uint64_t ring_stride = 0;
+  std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
+  std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
+  std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
+};
+// Throws shmps::Error for an impossible request (sizes, names).
+LayoutPlan plan_layout(const LayoutRequest& request);
+
+enum class Access { read_only, read_write };
+
+class Segment {
+ public:
+  // Creates /dev/shm/shmps.<name> (mode `mode`), sized and pre-faulted so that a full /dev/shm is
+  // an error here and never a SIGBUS later. Writes nothing inside: the caller fills the header
+  // and sets state "ready" last. Throws shmps::Error if it exists or does not fit.
+  static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600);
+  // Maps an existing segment and validates magic, layout version, fingerprint and size. Throws
+  // shmps::Error saying what is wrong. A segment still in "creating" is returned unvalidated:
+  // wait for header().state to leave "creating", then call validate().
+  static Segment open(std::string_view name, Access access);
+  // The checks open() makes, for a segment that open() returned while it was still "creating".
+  void validate() const;
+  static bool exists(std::string_view name);
+  // Removes the segment and its lock files (whoever still maps it keeps its mapping).
+  static void remove(std::string_view name);
+
+  Segment();
+  ~Segment();
+  Segment(Segment&&) noexcept;
+  Segment& operator=(Segment&&) noexcept;
+
+  const std::string& name() const noexcept { return name_; }
+  bool writable() const noexcept { return writable_; }
+  std::byte* base() noexcept { return base_; }
+  const std::byte* base() const noexcept { return base_; }
+  std::uint64_t size() const noexcept { return size_; }
+
+  SegmentHeader& header() noexcept { return *at<SegmentHeader>(base_, 0); }
+  const SegmentHeader& header() const noexcept { return *at<SegmentHeader>(base_, 0); }
+  ParamEntry& param(std::uint64_t i) noexcept { return at<ParamEntry>(base_, header().params_offset)[i]; }
+  const ParamEntry& param(std::uint64_t i) const noexcept { return at<ParamEntry>(base_, header().params_offset)[i]; }
+  SliceEntry& slice(std::uint64_t i) noexcept { return at<SliceEntry>(base_, header().slices_offset)[i]; }
+  const SliceEntry& slice(std::uint64_t i) const noexcept { return at<SliceEntry>(base_, header().slices_offset)[i]; }
+  WorkerSlot& slot(std::uint64_t r) noexcept { return at<WorkerSlot>(base_, header().slots_offset)[r]; }
+  const WorkerSlot& slot(std::uint64_t r) const noexcept { return at<WorkerSlot>(base_, header().slots_offset)[r]; }
+  RingHeader& ring(std::uint64_t r) noexcept { return *at<RingHeader>(base_, header().rings_offset + r * header().ring_stride); }
+  const RingHeader& ring(std::uint64_t r) const noexcept { return *at<RingHeader>(base_, header().rings_offset + r * header().ring_stride); }
+  std::byte* ring_data(std::uint64_t r) noexcept { return reinterpret_cast<std::byte*>(&ring(r) + 1); }
+  const std::byte* ring_data(std::uint64_t r) const noexcept { return reinterpret_cast<const std::byte*>(&ring(r) + 1); }
+  float* values(const ParamEntry& p) noexcept { return at<float>(base_, p.values_offset); }
+  const float* values(const ParamEntry& p) const noexcept { return at<float>(base_, p.values_offset); }
+  float* state(const ParamEntry& p, int array) noexcept { return at<float>(base_, p.state_offset[array]); }
+  // The exactly-once redo table: last push sequence number of slot r applied to slice s.
+  std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
+    return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];
+  }
+
+  // Index of the parameter called `name`, or -1.
+  std::int64_t find_param(std::string_view name) const noexcept;
+
+ private:
+  std::string name_;
+  std::shared_ptr<void> mapping_;  // owns the Boost mapped_region
+  std::byte* base_ = nullptr;
+  std::uint64_t size_ = 0;
+  bool writable_ = false;
+};
+
+std::string_view param_name(const ParamEntry& p) noexcept;
+std::string shape_string(const ParamEntry& p);  // "[256, 784]"
+
+}  // namespace shmps::shm

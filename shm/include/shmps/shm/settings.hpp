@@ -1,0 +1,68 @@
+// Job settings that live in the segment header (written by the server at creation, read by
+// everyone). Plain, fixed-width, standard-layout: they are part of the shared layout, so any
+// change here changes the layout fingerprint (see layout.hpp).
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+namespace shmps {
+
+enum class OptimizerKind : std::uint32_t { sgd = 0, momentum = 1, nesterov = 2, adagrad = 3, rmsprop = 4, adam = 5 };
+
+// Settings of the server-side optimizer. A value of 0 for clip_value / clip_norm means "off".
+// Weight decay is L2 (added to the gradient before the update), as PyTorch's optimizers do.
+struct OptimizerSettings {
+  OptimizerKind kind = OptimizerKind::sgd;
+  float lr = 0.01f;
+  float momentum = 0.9f;      // momentum, nesterov
+  float beta1 = 0.9f;         // adam
+  float beta2 = 0.999f;       // adam
+  float rho = 0.99f;          // rmsprop's decay of the squared-gradient average
+  float eps = 1e-8f;          // adagrad, rmsprop, adam
+  float weight_decay = 0.0f;  // L2 coefficient
+  float clip_value = 0.0f;    // clamp each gradient element to [-clip_value, clip_value]
+  float clip_norm = 0.0f;     // scale a push's gradient so its L2 norm is at most clip_norm
+  std::uint32_t reserved[6] = {};
+};
+static_assert(std::is_standard_layout_v<OptimizerSettings>);
+static_assert(sizeof(OptimizerSettings) == 64);
+
+enum class Consistency : std::uint32_t { asp = 0, bsp = 1, ssp = 2 };
+
+// How many float arrays of the parameter's size the optimizer keeps per parameter.
+constexpr int optimizer_state_arrays(OptimizerKind kind) noexcept {
+  switch (kind) {
+    case OptimizerKind::sgd: return 0;
+    case OptimizerKind::momentum:
+    case OptimizerKind::nesterov:
+    case OptimizerKind::adagrad:
+    case OptimizerKind::rmsprop: return 1;
+    case OptimizerKind::adam: return 2;
+  }
+  return 0;
+}
+
+constexpr std::string_view to_string(OptimizerKind kind) noexcept {
+  switch (kind) {
+    case OptimizerKind::sgd: return "sgd";
+    case OptimizerKind::momentum: return "momentum";
+    case OptimizerKind::nesterov: return "nesterov";
+    case OptimizerKind::adagrad: return "adagrad";
+    case OptimizerKind::rmsprop: return "rmsprop";
+    case OptimizerKind::adam: return "adam";
+  }
+  return "?";
+}
+
+constexpr std::string_view to_string(Consistency c) noexcept {
+  switch (c) {
+    case Consistency::asp: return "asp";
+    case Consistency::bsp: return "bsp";
+    case Consistency::ssp: return "ssp";
+  }
+  return "?";
+}
+
+}  // namespace shmps

@@ -1,0 +1,249 @@
+#include "shmps/shm/segment.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <boost/interprocess/exceptions.hpp>
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/names.hpp>
+
+namespace bip = boost::interprocess;
+
+namespace shmps::shm {
+
+namespace {
+
+std::string mib(std::uint64_t bytes) {
+  std::ostringstream out;
+  out.precision(1);
+  out << std::fixed << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  return out.str();
+}
+
+struct Mapping {
+  bip::mapped_region region;
+};
+
+}  // namespace
+
+LayoutPlan plan_layout(const LayoutRequest& request) {
+  if (request.params.empty()) throw Error("a model needs at least one parameter");
+  if (request.slice_bytes < kCacheLine || request.slice_bytes % kCacheLine != 0)
+    throw Error("slice_bytes must be a positive multiple of 64, got " + std::to_string(request.slice_bytes));
+  if (request.max_workers == 0 || request.max_workers > 1024)
+    throw Error("max_workers must be between 1 and 1024, got " + std::to_string(request.max_workers));
+  if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
+
+  LayoutPlan plan;
+  plan.slice_floats = request.slice_bytes / sizeof(float);
+  std::uint64_t largest = 0;
+  std::uint64_t value_bytes = 0;
+  for (const auto& p : request.params) {
+    if (p.name.empty() || p.name.size() >= kMaxNameBytes)
+      throw Error("parameter name '" + p.name + "' must have 1 to " + std::to_string(kMaxNameBytes - 1) + " characters");
+    if (p.shape.empty() || p.shape.size() > kMaxDims)
+      throw Error("parameter '" + p.name + "' must have 1 to " + std::to_string(kMaxDims) + " dimensions");
+    ParamEntry entry{};
+    std::memcpy(entry.name, p.name.data(), p.name.size());
+    entry.dtype = DType::f32;
+    entry.ndim = static_cast<std::uint32_t>(p.shape.size());
+    std::uint64_t size = 1;
+    for (std::size_t d = 0; d < p.shape.size(); ++d) {
+      if (p.shape[d] == 0) throw Error("parameter '" + p.name + "' has a zero dimension");
+      if (size > (std::uint64_t{1} << 46) / p.shape[d]) throw Error("parameter '" + p.name + "' is too large");
+      size *= p.shape[d];
+      entry.shape[d] = p.shape[d];
+    }
+    entry.size = size;
+    entry.first_slice = plan.slice_count;
+    entry.slice_count = (size + plan.slice_floats - 1) / plan.slice_floats;
+    plan.slice_count += entry.slice_count;
+    largest = std::max(largest, size);
+    value_bytes += align_up(size * sizeof(float), kCacheLine);
+    plan.params.push_back(entry);
+  }
+
+  // Default ring: room for two full pushes of the largest parameter (a record may use at most
+  // half the ring), at least 1 MiB.
+  const std::uint64_t wanted_ring = request.ring_bytes != 0 ? request.ring_bytes
+                                                            : std::max<std::uint64_t>(1 << 20, 2 * record_bytes_for(largest));
+  plan.ring_bytes = align_up(wanted_ring, kCacheLine);
+  if (plan.ring_bytes < 4 * kCacheLine) throw Error("ring_bytes must be at least 256");
+  plan.ring_stride = sizeof(RingHeader) + plan.ring_bytes;
+
+  std::uint64_t offset = align_up(sizeof(SegmentHeader), kCacheLine);
+  plan.params_offset = offset;
+  offset = align_up(offset + plan.params.size() * sizeof(ParamEntry), kCacheLine);
+  plan.slices_offset = offset;
+  offset += plan.slice_count * sizeof(SliceEntry);
+  plan.applied_offset = offset;
+  offset = align_up(offset + plan.slice_count * request.max_workers * sizeof(std::uint64_t), kCacheLine);
+  plan.slots_offset = offset;
+  offset += request.max_workers * sizeof(WorkerSlot);
+  plan.rings_offset = offset;
+  offset += request.max_workers * plan.ring_stride;
+  // Values start on a page so that big parameters can be backed by whole pages.
+  offset = align_up(offset, 4096);
+  plan.values_offset = offset;
+  for (auto& entry : plan.params) {
+    entry.values_offset = offset;
+    offset += align_up(entry.size * sizeof(float), kCacheLine);
+  }
+  offset = align_up(offset, 4096);
+  plan.state_offset = offset;
+  for (std::uint32_t a = 0; a < request.state_arrays; ++a) {
+    for (auto& entry : plan.params) {
+      entry.state_offset[a] = offset;
+      offset += align_up(entry.size * sizeof(float), kCacheLine);
+    }
+  }
+  plan.total_bytes = align_up(offset, 4096);
+  (void)value_bytes;
+  return plan;
+}
+
+Segment::Segment() = default;
+Segment::~Segment() = default;
+Segment::Segment(Segment&&) noexcept = default;
+Segment& Segment::operator=(Segment&&) noexcept = default;
+
+Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode) {
+  check_segment_name(name);
+  const std::string path = segment_path(name);
+  // Check for room first, so that a too-large model changes nothing.
+  struct statvfs fs {};
+  if (::statvfs(std::string(kShmDir).c_str(), &fs) == 0) {
+    const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+    if (total_bytes > free_bytes)
+      throw Error("segment '" + std::string(name) + "' needs " + mib(total_bytes) + " but " + std::string(kShmDir) +
+                  " has only " + mib(free_bytes) + " free: make the model or its rings smaller (ring_bytes, max_workers), "
+                  "remove stale segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) +
+                  " (mount -o remount,size=... " + std::string(kShmDir) + ")");
+  }
+  bip::permissions perms;
+  perms.set_permissions(static_cast<int>(mode));
+  Segment segment;
+  try {
+    bip::shared_memory_object shm(bip::create_only, shm_object_name(name).c_str(), bip::read_write, perms);
+    const int fd = shm.get_mapping_handle().handle;
+    ::fchmod(fd, static_cast<mode_t>(mode));  // exactly `mode`, whatever the umask
+    // Reserve every page now: on tmpfs a full /dev/shm fails here (ENOSPC), not as a SIGBUS on
+    // first touch in the middle of training.
+    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total_bytes)); err != 0) {
+      bip::shared_memory_object::remove(shm_object_name(name).c_str());
+      throw Error("cannot reserve " + mib(total_bytes) + " for segment '" + std::string(name) + "' in " +
+                  std::string(kShmDir) + ": " + std::strerror(err) +
+                  (err == ENOSPC ? " (not enough shared memory: make the model smaller or enlarge /dev/shm)" : ""));
+    }
+    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, bip::read_write)});
+    segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
+    segment.size_ = mapping->region.get_size();
+    segment.mapping_ = mapping;
+  } catch (const bip::interprocess_exception& e) {
+    if (e.get_error_code() == bip::already_exists_error)
+      throw Error("segment '" + std::string(name) + "' already exists (" + path +
+                  "): use another --name, or remove it with `shmps-ctl destroy " + std::string(name) + "`");
+    throw Error("cannot create segment '" + std::string(name) + "' (" + path + "): " + e.what());
+  }
+  segment.name_ = std::string(name);
+  segment.writable_ = true;
+  return segment;
+}
+
+Segment Segment::open(std::string_view name, Access access) {
+  check_segment_name(name);
+  const std::string path = segment_path(name);
+  const auto mode = access == Access::read_write ? bip::read_write : bip::read_only;
+  Segment segment;
+  try {
+    bip::shared_memory_object shm(bip::open_only, shm_object_name(name).c_str(), mode);
+    bip::offset_t size = 0;
+    if (!shm.get_size(size) || static_cast<std::uint64_t>(size) < sizeof(SegmentHeader))
+      throw Error("segment '" + std::string(name) + "' (" + path +
+                  ") is too small to be a shmps segment: it is damaged or not shmps's; remove it with `shmps-ctl destroy " +
+                  std::string(name) + " --force`");
+    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, mode)});
+    segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
+    segment.size_ = mapping->region.get_size();
+    segment.mapping_ = mapping;
+  } catch (const bip::interprocess_exception& e) {
+    if (e.get_error_code() == bip::not_found_error)
+      throw Error("segment '" + std::string(name) + "' does not exist (no " + path +
+                  "): start its server first (shmps-server --spec FILE), or see the running jobs with `shmps-ctl list`");
+    if (e.get_error_code() == bip::security_error)
+      throw Error("segment '" + std::string(name) + "' (" + path +
+                  ") belongs to another user and is not shared with you: run as the job's user, or have its server "
+                  "started with --group");
+    throw Error("cannot open segment '" + std::string(name) + "' (" + path + "): " + e.what());
+  }
+  segment.name_ = std::string(name);
+  segment.writable_ = access == Access::read_write;
+
+  // A segment still being created is all zeros until its creator writes the header; the caller
+  // waits for "ready" and then calls validate().
+  if (load_acquire(segment.header().state) != static_cast<std::uint32_t>(SegmentState::creating)) segment.validate();
+  return segment;
+}
+
+void Segment::validate() const {
+  const std::string path = segment_path(name_);
+  const SegmentHeader& h = header();
+  const std::string who = "segment '" + name_ + "' (" + path + ")";
+  if (h.magic != kMagic) {
+    throw Error(who + " is not a shmps segment (bad magic): remove it with `shmps-ctl destroy " + name_ + " --force`");
+  }
+  if (h.layout_version != kLayoutVersion)
+    throw Error(who + " has layout version " + std::to_string(h.layout_version) + " but this build uses version " +
+                std::to_string(kLayoutVersion) + ": it was made by another shmps version; use that version's tools, or "
+                "destroy it with `shmps-ctl destroy " + name_ + "` and start again");
+  if (h.fingerprint != kLayoutFingerprint) {
+    std::ostringstream out;
+    out << who << " has layout fingerprint 0x" << std::hex << h.fingerprint << " but this build has 0x"
+        << kLayoutFingerprint << ": it was made by a build with another compiler, Boost or layout; use the same build, "
+        << "or destroy it with `shmps-ctl destroy " << name_ << "`";
+    throw Error(out.str());
+  }
+  if (h.total_bytes != size_)
+    throw Error(who + " is " + std::to_string(size_) + " bytes but its header says " + std::to_string(h.total_bytes) +
+                ": it is damaged; destroy it with `shmps-ctl destroy " + name_ + " --force`");
+}
+
+bool Segment::exists(std::string_view name) {
+  check_segment_name(name);
+  return std::filesystem::exists(segment_path(name));
+}
+
+void Segment::remove(std::string_view name) {
+  check_segment_name(name);
+  bip::shared_memory_object::remove(shm_object_name(name).c_str());
+  std::error_code ignored;
+  std::filesystem::remove(server_lock_path(name), ignored);
+  std::filesystem::remove(slots_lock_path(name), ignored);
+}
+
+std::int64_t Segment::find_param(std::string_view name) const noexcept {
+  const auto& h = header();
+  for (std::uint32_t i = 0; i < h.param_count; ++i)
+    if (param_name(param(i)) == name) return i;
+  return -1;
+}
+
+std::string_view param_name(const ParamEntry& p) noexcept { return {p.name, ::strnlen(p.name, kMaxNameBytes)}; }
+
+std::string shape_string(const ParamEntry& p) {
+  std::string out = "[";
+  for (std::uint32_t d = 0; d < p.ndim; ++d) out += (d ? ", " : "") + std::to_string(p.shape[d]);
+  return out + "]";
+}
+
+}  // namespace shmps::shm

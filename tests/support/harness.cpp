@@ -1,0 +1,217 @@
+#include "harness.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <shmps/shm/names.hpp>
+
+namespace shmps::test {
+
+namespace {
+
+// Everything a watchdog must clean up if a test hangs.
+std::mutex g_mutex;
+std::set<pid_t> g_children;
+std::set<std::string> g_segments;
+
+void cleanup_everything() {
+  std::lock_guard lock(g_mutex);
+  for (pid_t pid : g_children) ::kill(pid, SIGKILL);
+  for (const auto& name : g_segments) remove_segment(name);
+}
+
+}  // namespace
+
+std::string bin(const std::string& program) {
+  const char* dir = std::getenv("SHMPS_BIN_DIR");
+  if (dir == nullptr) {
+    // Run by hand from the build tree: the test binary is in bin/ too.
+    std::error_code ec;
+    auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+    return (self.parent_path() / program).string();
+  }
+  return std::string(dir) + "/" + program;
+}
+
+std::string unique_segment(const std::string& tag) {
+  static std::atomic<int> counter{0};
+  return "t-" + tag + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+void remove_segment(const std::string& name) {
+  std::error_code ec;
+  std::filesystem::remove(shm::segment_path(name), ec);
+  std::filesystem::remove(shm::server_lock_path(name), ec);
+  std::filesystem::remove(shm::slots_lock_path(name), ec);
+}
+
+Process::Process(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env) {
+  if (argv.at(0).find('/') == std::string::npos) argv[0] = bin(argv[0]);
+  char path[] = "/tmp/shmps-test-log-XXXXXX";
+  const int log_fd = ::mkstemp(path);
+  if (log_fd < 0) throw std::runtime_error("mkstemp failed");
+  log_path_ = path;
+  const pid_t parent = ::getpid();
+  pid_ = ::fork();
+  if (pid_ < 0) throw std::runtime_error("fork failed");
+  if (pid_ == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(1);
+    ::dup2(log_fd, STDOUT_FILENO);
+    ::dup2(log_fd, STDERR_FILENO);
+    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    std::vector<char*> args;
+    for (auto& a : argv) args.push_back(a.data());
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    std::fprintf(stderr, "exec %s failed\n", args[0]);
+    ::_exit(127);
+  }
+  ::close(log_fd);
+  std::lock_guard lock(g_mutex);
+  g_children.insert(pid_);
+}
+
+Process::~Process() {
+  if (!done_) {
+    ::kill(pid_, SIGKILL);
+    wait(std::chrono::seconds(10));
+  }
+  std::error_code ec;
+  std::filesystem::remove(log_path_, ec);
+}
+
+bool Process::running() {
+  if (done_) return false;
+  int status = 0;
+  if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+    status_ = status;
+    done_ = true;
+    std::lock_guard lock(g_mutex);
+    g_children.erase(pid_);
+  }
+  return !done_;
+}
+
+int Process::wait(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (running()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ADD_FAILURE() << "process " << pid_ << " did not exit within " << timeout.count() << " ms; killing it. Output:\n"
+                    << output();
+      ::kill(pid_, SIGKILL);
+      while (running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (WIFEXITED(status_)) return WEXITSTATUS(status_);
+  if (WIFSIGNALED(status_)) return 128 + WTERMSIG(status_);
+  return -2;
+}
+
+void Process::kill(int signal) {
+  if (!done_) ::kill(pid_, signal);
+}
+
+std::string Process::output() const {
+  std::ifstream in(log_path_);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+Job::Job(const std::string& tag, const std::string& spec_toml_without_name) : name_(unique_segment(tag)) {
+  {
+    std::lock_guard lock(g_mutex);
+    g_segments.insert(name_);
+  }
+  spec_path_ = "/tmp/shmps-test-spec-" + name_ + ".toml";
+  std::ofstream out(spec_path_);
+  out << "name = \"" << name_ << "\"\n" << spec_toml_without_name;
+}
+
+Job::~Job() {
+  for (auto& p : processes_) p->kill(SIGKILL);
+  processes_.clear();
+  remove_segment(name_);
+  std::error_code ec;
+  std::filesystem::remove(spec_path_, ec);
+  std::lock_guard lock(g_mutex);
+  g_segments.erase(name_);
+}
+
+Process& Job::start_server(std::vector<std::string> extra_args) {
+  std::vector<std::string> argv{"shmps-server", "--spec", spec_path_, "--log-level", "warn"};
+  argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  processes_.push_back(std::make_unique<Process>(argv));
+  server_ = processes_.back().get();
+  return *server_;
+}
+
+void Job::wait_ready(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    // The server logs event=ready after it wrote "ready" into the segment.
+    if (server_ && server_->output().find("event=ready") != std::string::npos) return;
+    if (server_ && !server_->running()) {
+      FAIL() << "the server exited before the segment was ready:\n" << server_->output();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  FAIL() << "segment " << name_ << " not ready within " << timeout.count() << " ms";
+}
+
+Process& Job::start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env) {
+  env.emplace_back("SHMPS_SEGMENT", name_);
+  processes_.push_back(std::make_unique<Process>(std::move(argv), std::move(env)));
+  return *processes_.back();
+}
+
+struct Watchdog::State {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool cancelled = false;
+  std::thread thread;
+};
+
+Watchdog::Watchdog(std::chrono::seconds limit) : state_(std::make_shared<State>()) {
+  auto state = state_;
+  state_->thread = std::thread([state, limit] {
+    std::unique_lock lock(state->mutex);
+    if (!state->cv.wait_for(lock, limit, [&] { return state->cancelled; })) {
+      std::cerr << "WATCHDOG: test still running after " << limit.count()
+                << " s; killing its processes, removing its segments, failing\n";
+      cleanup_everything();
+      std::_Exit(3);
+    }
+  });
+}
+
+Watchdog::~Watchdog() {
+  {
+    std::lock_guard lock(state_->mutex);
+    state_->cancelled = true;
+  }
+  state_->cv.notify_all();
+  state_->thread.join();
+}
+
+}  // namespace shmps::test

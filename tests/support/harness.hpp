@@ -1,0 +1,86 @@
+// Multi-process test support: real server and worker processes, unique segment names, cleanup
+// that also happens when a test fails, and a watchdog so that a hang fails fast.
+//
+//   shmps::test::Job job("exact", spec_text);     // unique segment name, spec file written
+//   auto& server = job.start_server();            // shmps-server --spec ... --name ...
+//   job.wait_ready();
+//   auto& w = job.start({"shmps-test-pusher", ...});
+//   EXPECT_EQ(w.wait(), 0);
+//   // ~Job: SIGKILLs whatever still runs, removes the segment, its lock files and the spec file.
+//
+// Children get PR_SET_PDEATHSIG(SIGKILL): if the test binary dies (ctest's timeout), they die too.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <sys/types.h>
+
+namespace shmps::test {
+
+// Path of a program built into the build tree's bin/ (SHMPS_BIN_DIR, set by ctest).
+std::string bin(const std::string& program);
+
+// A segment name no other test (or test run) uses: "t-<tag>-<pid>-<n>".
+std::string unique_segment(const std::string& tag);
+
+class Process {
+ public:
+  // Starts argv[0] (resolved with bin() when it has no '/'), output to a temp file.
+  Process(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env = {});
+  ~Process();
+  Process(const Process&) = delete;
+  Process& operator=(const Process&) = delete;
+
+  pid_t pid() const { return pid_; }
+  bool running();
+  // Waits for exit; returns the exit code, 128+signal if killed, or -1 on timeout (the process
+  // is then SIGKILLed).
+  int wait(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  void kill(int signal);
+  std::string output() const;  // stdout and stderr so far
+
+ private:
+  pid_t pid_ = -1;
+  int status_ = 0;
+  bool done_ = false;
+  std::string log_path_;
+};
+
+class Job {
+ public:
+  Job(const std::string& tag, const std::string& spec_toml_without_name);
+  ~Job();
+  const std::string& name() const { return name_; }
+  const std::string& spec_path() const { return spec_path_; }
+
+  Process& start_server(std::vector<std::string> extra_args = {});
+  // Waits until the segment is ready and the server holds its lock. Fails the test otherwise.
+  void wait_ready(std::chrono::milliseconds timeout = std::chrono::seconds(20));
+  Process& start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env = {});
+  Process& server() { return *server_; }
+
+ private:
+  std::string name_;
+  std::string spec_path_;
+  Process* server_ = nullptr;
+  std::vector<std::unique_ptr<Process>> processes_;
+};
+
+// Kills every child of this process and aborts the test binary if not destroyed in time.
+class Watchdog {
+ public:
+  explicit Watchdog(std::chrono::seconds limit);
+  ~Watchdog();
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+// Removes a segment and its lock files if they exist.
+void remove_segment(const std::string& name);
+
+}  // namespace shmps::test

@@ -1,0 +1,29 @@
+// The gradients of the exact-sum tests: small integers in [-4, 4], so that SGD with learning
+// rate 1 keeps every float sum exact and the final values must equal the initial values minus
+// the sum of every committed push, element by element.
+#pragma once
+
+#include <cstdint>
+
+namespace shmps::test {
+
+inline float pattern(std::uint64_t rank, std::uint64_t push, std::uint64_t element) {
+  return static_cast<float>(static_cast<int>((rank * 31 + push * 17 + element * 7) % 9) - 4);
+}
+
+// Which part of the parameters push k of a pusher covers: the whole of "w", a range of "w"
+// crossing slice boundaries, or the whole of "b".
+struct PushPlan {
+  const char* param;
+  std::uint64_t offset;
+  std::uint64_t count;
+};
+inline PushPlan plan_push(std::uint64_t rank, std::uint64_t k, std::uint64_t w_size, std::uint64_t b_size) {
+  switch (k % 3) {
+    case 0: return {"w", 0, w_size};
+    case 1: return {"w", (k * 977 + rank * 131) % (w_size / 2), w_size / 3};
+    default: return {"b", 0, b_size};
+  }
+}
+
+}  // namespace shmps::test

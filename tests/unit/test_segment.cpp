@@ -1,0 +1,129 @@
+// Creating, opening and validating segments; names; room in /dev/shm.
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
+
+using namespace shmps::shm;
+
+namespace {
+std::string unique(const std::string& tag) { return "t-" + tag + "-" + std::to_string(getpid()); }
+
+struct Cleanup {
+  std::string name;
+  ~Cleanup() { Segment::remove(name); }
+};
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const shmps::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+}  // namespace
+
+TEST(Names, ValidAndInvalid) {
+  EXPECT_EQ(segment_name_problem("mlp"), "");
+  EXPECT_EQ(segment_name_problem("job-1.run_2"), "");
+  EXPECT_NE(segment_name_problem("a/b").find("contains '/'"), std::string::npos);
+  EXPECT_NE(segment_name_problem("").find("empty"), std::string::npos);
+  EXPECT_NE(segment_name_problem(".hidden").find("starts with '.'"), std::string::npos);
+  EXPECT_NE(segment_name_problem("x.lock").find(".lock"), std::string::npos);
+  EXPECT_NE(segment_name_problem(std::string(64, 'a')).find("too long"), std::string::npos);
+  EXPECT_NE(segment_name_problem("a b").find("' '"), std::string::npos);
+  EXPECT_EQ(segment_path("mlp"), "/dev/shm/shmps.mlp");
+}
+
+TEST(Segment, CreateIsExclusiveAndPrivate) {
+  Cleanup c{unique("create")};
+  Segment s = Segment::create(c.name, 1 << 20);
+  EXPECT_EQ(s.size(), 1u << 20);
+  struct stat st {};
+  ASSERT_EQ(::stat(segment_path(c.name).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_GE(static_cast<std::uint64_t>(st.st_blocks) * 512, 1u << 20);  // pre-allocated
+  EXPECT_NE(error_of([&] { Segment::create(c.name, 1 << 20); }).find("already exists"), std::string::npos);
+}
+
+TEST(Segment, OpeningChecksLayout) {
+  Cleanup c{unique("open")};
+  {
+    Segment s = Segment::create(c.name, 1 << 16);
+    // Still "creating" (all zeros): open returns it unvalidated.
+    Segment early = Segment::open(c.name, Access::read_only);
+    EXPECT_EQ(load_acquire(early.header().state), 0u);
+    auto& h = s.header();
+    h.magic = kMagic;
+    h.layout_version = kLayoutVersion + 98;
+    h.fingerprint = kLayoutFingerprint;
+    h.total_bytes = 1 << 16;
+    store_release(h.state, static_cast<std::uint32_t>(SegmentState::ready));
+  }
+  EXPECT_NE(error_of([&] { Segment::open(c.name, Access::read_only); }).find("layout version 99"), std::string::npos);
+  EXPECT_THROW(Segment::open(c.name, Access::read_write), shmps::Error);  // read-write is checked too
+}
+
+TEST(Segment, FingerprintAndSizeMismatchesAreRefused) {
+  Cleanup c{unique("fp")};
+  {
+    Segment s = Segment::create(c.name, 1 << 16);
+    auto& h = s.header();
+    h.magic = kMagic;
+    h.layout_version = kLayoutVersion;
+    h.fingerprint = kLayoutFingerprint ^ 1;
+    h.total_bytes = 1 << 16;
+    store_release(h.state, static_cast<std::uint32_t>(SegmentState::ready));
+  }
+  EXPECT_NE(error_of([&] { Segment::open(c.name, Access::read_only); }).find("fingerprint"), std::string::npos);
+  // Fix the fingerprint, and make the file larger than the size its header records.
+  ::truncate(segment_path(c.name).c_str(), 1 << 17);  // the file grew: not the size it was made with
+  {
+    int fd = ::open(segment_path(c.name).c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    const std::uint64_t good = kLayoutFingerprint;
+    ASSERT_EQ(::pwrite(fd, &good, sizeof good, offsetof(SegmentHeader, fingerprint)), static_cast<ssize_t>(sizeof good));
+    ::close(fd);
+  }
+  const std::string msg = error_of([&] { Segment::open(c.name, Access::read_only); });
+  EXPECT_NE(msg.find("header says"), std::string::npos) << msg;
+}
+
+TEST(Segment, MissingSegmentSaysHowToStartOne) {
+  const std::string msg = error_of([] { Segment::open("t-does-not-exist-xyz", Access::read_only); });
+  EXPECT_NE(msg.find("does not exist"), std::string::npos);
+  EXPECT_NE(msg.find("shmps-server"), std::string::npos);
+}
+
+TEST(Segment, TooLargeForDevShmIsRefusedAndCreatesNothing) {
+  const std::string name = unique("huge");
+  const std::string msg = error_of([&] { Segment::create(name, std::uint64_t{1} << 50); });
+  EXPECT_NE(msg.find("/dev/shm has only"), std::string::npos) << msg;
+  EXPECT_FALSE(std::filesystem::exists(segment_path(name)));
+}
+
+TEST(Segment, ReadOnlyMappingCannotBeWritten) {
+  Cleanup c{unique("ro")};
+  Segment::create(c.name, 1 << 16);
+  Segment ro = Segment::open(c.name, Access::read_only);
+  EXPECT_FALSE(ro.writable());
+  // Writing through a read-only mapping faults: prove it in a child process.
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const_cast<std::byte*>(static_cast<const Segment&>(ro).base())[100] = std::byte{1};
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
+}

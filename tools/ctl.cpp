@@ -1,0 +1,233 @@
+// shmps-ctl: operators' view of the segments on this machine.
+//
+//   shmps-ctl list                 segments, their servers alive or not
+//   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots
+//   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
+//
+// list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/liveness.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/proc.hpp>
+#include <shmps/shm/segment.hpp>
+
+using namespace shmps;
+using namespace shmps::shm;
+
+namespace {
+
+constexpr std::uint64_t kSuspectAfterNs = 5'000'000'000ULL;
+
+// Whether a live process holds byte `byte` of a lock file; "unknown" if it cannot be read.
+std::string holder(const std::string& path, unsigned byte, bool& alive) {
+  alive = false;
+  if (!std::filesystem::exists(path)) return "none";
+  try {
+    alive = LockFile::open_for_probe(path).probe(byte) == Holder::alive;
+    return alive ? "alive" : "none";
+  } catch (const Error&) {
+    return "unknown";
+  }
+}
+
+std::string state_name(std::uint32_t s) {
+  switch (static_cast<SegmentState>(s)) {
+    case SegmentState::creating: return "creating";
+    case SegmentState::ready: return "ready";
+    case SegmentState::stopping: return "stopping";
+    case SegmentState::stopped: return "stopped";
+  }
+  return "unknown(" + std::to_string(s) + ")";
+}
+
+std::string age(std::uint64_t then_ns) {
+  if (then_ns == 0) return "-";
+  const std::uint64_t now = monotonic_ns();
+  if (then_ns > now) return "0.0s";
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << static_cast<double>(now - then_ns) / 1e9 << "s";
+  return out.str();
+}
+
+std::string human_bytes(std::uint64_t b) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1);
+  if (b >= (1ULL << 30)) out << static_cast<double>(b) / double(1ULL << 30) << " GiB";
+  else if (b >= (1ULL << 20)) out << static_cast<double>(b) / double(1ULL << 20) << " MiB";
+  else if (b >= 1024) out << static_cast<double>(b) / 1024.0 << " KiB";
+  else out << b << " B";
+  return out.str();
+}
+
+// What a worker slot is, from its own words and the kernel's lock (never from time alone).
+std::string slot_status(const Segment& seg, unsigned r, const LockFile* slots_lock) {
+  const WorkerSlot& slot = seg.slot(r);
+  const auto state = static_cast<SlotState>(load_acquire(slot.state));
+  if (state == SlotState::free) return "free";
+  if (state == SlotState::left) return "left";
+  const std::uint64_t generation = load_acquire(slot.generation);
+  if (load_acquire(slot.dead_generation) == generation) return "dead";
+  if (slots_lock && slots_lock->probe(r) == Holder::none) return "dead";
+  if (monotonic_ns() - load_acquire(slot.heartbeat_ns) > kSuspectAfterNs) return "suspect";
+  return "alive";
+}
+
+int cmd_list() {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(kShmDir)) {
+    const std::string file = entry.path().filename().string();
+    if (file.rfind(kShmPrefix, 0) != 0 || file.size() <= kShmPrefix.size()) continue;
+    if (file.size() >= 5 && file.substr(file.size() - 5) == ".lock") continue;
+    names.push_back(file.substr(kShmPrefix.size()));
+  }
+  std::sort(names.begin(), names.end());
+  if (names.empty()) {
+    std::cout << "no shmps segments in " << kShmDir << "\n";
+    return 0;
+  }
+  std::cout << std::left << std::setw(24) << "NAME" << std::setw(10) << "STATE" << std::setw(18) << "SERVER"
+            << std::setw(8) << "EPOCH" << std::setw(10) << "WORKERS" << std::setw(12) << "SIZE" << "PARAMS\n";
+  for (const auto& name : names) {
+    bool server_alive = false;
+    holder(server_lock_path(name), 0, server_alive);
+    std::cout << std::left << std::setw(24) << name;
+    try {
+      Segment seg = Segment::open(name, Access::read_only);
+      const auto& h = seg.header();
+      const std::uint32_t state = load_acquire(h.state);
+      if (state == static_cast<std::uint32_t>(SegmentState::creating)) {
+        std::cout << std::setw(10) << "creating" << (server_alive ? "alive" : "none (died while creating)") << "\n";
+        continue;
+      }
+      std::unique_ptr<LockFile> slots;
+      if (std::filesystem::exists(slots_lock_path(name)))
+        slots = std::make_unique<LockFile>(LockFile::open_for_probe(slots_lock_path(name)));
+      unsigned live = 0;
+      for (unsigned r = 0; r < h.max_workers; ++r)
+        if (slot_status(seg, r, slots.get()) == "alive" || slot_status(seg, r, slots.get()) == "suspect") ++live;
+      std::ostringstream server;
+      server << (server_alive ? "alive pid " + std::to_string(load_acquire(h.server_pid)) : std::string("none"));
+      std::cout << std::setw(10) << state_name(state) << std::setw(18) << server.str() << std::setw(8)
+                << load_acquire(h.server_epoch) << std::setw(10)
+                << (std::to_string(live) + "/" + std::to_string(h.max_workers)) << std::setw(12)
+                << human_bytes(h.total_bytes) << h.param_count << "\n";
+    } catch (const Error& e) {
+      std::cout << "unreadable: " << e.what() << "\n";
+    }
+  }
+  return 0;
+}
+
+int cmd_inspect(const std::string& name) {
+  Segment seg = Segment::open(name, Access::read_only);
+  const auto& h = seg.header();
+  if (load_acquire(h.state) == static_cast<std::uint32_t>(SegmentState::creating)) {
+    std::cout << "segment '" << name << "' is being created (or its creator died midway)\n";
+    return 0;
+  }
+  bool server_alive = false;
+  holder(server_lock_path(name), 0, server_alive);
+  std::unique_ptr<LockFile> slots;
+  if (std::filesystem::exists(slots_lock_path(name)))
+    slots = std::make_unique<LockFile>(LockFile::open_for_probe(slots_lock_path(name)));
+
+  std::cout << "segment      " << name << " (" << segment_path(name) << ", " << human_bytes(h.total_bytes) << ")\n"
+            << "layout       version " << h.layout_version << ", fingerprint 0x" << std::hex << h.fingerprint << std::dec
+            << "\n"
+            << "state        " << state_name(load_acquire(h.state)) << ", epoch " << load_acquire(h.server_epoch) << "\n"
+            << "server       " << (server_alive ? "alive" : "not running") << ", pid " << load_acquire(h.server_pid)
+            << ", heartbeat " << age(load_acquire(h.server_heartbeat_ns)) << " ago\n"
+            << "consistency  " << to_string(h.consistency) << "\n"
+            << "optimizer    " << to_string(h.optimizer.kind) << " lr=" << h.optimizer.lr
+            << " weight_decay=" << h.optimizer.weight_decay << " clip_value=" << h.optimizer.clip_value
+            << " clip_norm=" << h.optimizer.clip_norm << "\n"
+            << "slices       " << h.slice_count << " of " << h.slice_floats << " floats ("
+            << human_bytes(h.slice_floats * 4) << ")\n"
+            << "applied      " << load_counter(h.records_applied) << " pushes, " << load_counter(h.floats_applied)
+            << " floats, " << load_counter(h.apply_rounds) << " rounds\n\n";
+
+  std::cout << std::left << std::setw(20) << "PARAM" << std::setw(16) << "SHAPE" << std::setw(12) << "ELEMENTS"
+            << std::setw(8) << "SLICES" << "VERSIONS (min..max updates per slice)\n";
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = seg.param(i);
+    std::uint64_t lo = UINT64_MAX, hi = 0;
+    for (std::uint64_t k = 0; k < p.slice_count; ++k) {
+      const std::uint64_t v = load_acquire(seg.slice(p.first_slice + k).version) / 2;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    std::cout << std::left << std::setw(20) << param_name(p) << std::setw(16) << shape_string(p) << std::setw(12)
+              << p.size << std::setw(8) << p.slice_count << lo << ".." << hi << "\n";
+  }
+
+  std::cout << "\n"
+            << std::left << std::setw(6) << "RANK" << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
+            << "GEN" << std::setw(12) << "PUBLISHED" << std::setw(12) << "APPLIED" << std::setw(12) << "RING"
+            << std::setw(10) << "REJECTED" << "HEARTBEAT\n";
+  for (unsigned r = 0; r < h.max_workers; ++r) {
+    const WorkerSlot& slot = seg.slot(r);
+    const std::string status = slot_status(seg, r, slots.get());
+    if (status == "free") continue;
+    const std::uint64_t depth = load_acquire(seg.ring(r).tail) - load_acquire(seg.ring(r).head);
+    std::cout << std::left << std::setw(6) << r << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
+              << std::setw(6) << load_acquire(slot.generation) << std::setw(12) << load_acquire(slot.published)
+              << std::setw(12) << load_acquire(slot.applied) << std::setw(12) << human_bytes(depth) << std::setw(10)
+              << load_counter(slot.pushes_rejected) << age(load_acquire(slot.heartbeat_ns)) << "\n";
+  }
+  return 0;
+}
+
+int cmd_destroy(const std::string& name, bool force) {
+  check_segment_name(name);
+  if (!Segment::exists(name)) throw Error("segment '" + name + "' does not exist (no " + segment_path(name) + ")");
+  bool server_alive = false;
+  holder(server_lock_path(name), 0, server_alive);
+  if (server_alive && !force) {
+    std::string pid = "?";
+    try {
+      pid = std::to_string(load_acquire(Segment::open(name, Access::read_only).header().server_pid));
+    } catch (const Error&) {
+    }
+    throw Error("segment '" + name + "' is served by a live server (pid " + pid + "): stop it first (kill -TERM " + pid +
+                "), or pass --force to remove it anyway (its processes keep their mappings until they exit)");
+  }
+  Segment::remove(name);
+  std::cout << "removed segment '" << name << "'\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shmps-ctl: list, inspect and destroy shmps segments"};
+  app.require_subcommand(1);
+  auto* list = app.add_subcommand("list", "segments on this machine and whether their servers are alive");
+  std::string name;
+  bool force = false;
+  auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions and worker slots of a segment");
+  inspect->add_option("name", name, "segment name")->required();
+  auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
+  destroy->add_option("name", name, "segment name")->required();
+  destroy->add_flag("--force", force, "remove it even while its server is alive");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (list->parsed()) return cmd_list();
+    if (inspect->parsed()) return cmd_inspect(name);
+    if (destroy->parsed()) return cmd_destroy(name, force);
+  } catch (const Error& e) {
+    std::cerr << "shmps-ctl: error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "shmps-ctl: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

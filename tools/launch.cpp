@@ -1,0 +1,342 @@
+// shmps-launch: starts a job on one big box, in the manner of torchrun.
+//
+//   shmps-launch --spec models/mlp.toml --workers 4 [worker options...] [-- PROGRAM ARGS...]
+//
+// Starts shmps-server for the spec unless a server for that segment is already alive, waits for
+// the segment to be ready, then starts N processes of PROGRAM (default: shmps-worker) with
+// SHMPS_SEGMENT, SHMPS_RANK and SHMPS_WORLD_SIZE set, prefixing each output line with the rank.
+// Ctrl-C and SIGTERM are forwarded; when the workers are done the server it started is stopped
+// (it drains its rings) and, unless --keep, the segment is removed. Exits non-zero if any worker
+// failed. Options it does not know, before `--`, are passed on to the worker program.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include <shmps/error.hpp>
+#include <shmps/server/model_spec.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/liveness.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
+
+using namespace shmps;
+
+namespace {
+
+struct Child {
+  std::string label;  // "w0", "server", "after"
+  pid_t pid = -1;
+  int out_fd = -1;    // read end of its stdout+stderr
+  std::string pending;
+  std::optional<int> status;  // waitpid status once it exited
+};
+
+std::string self_dir() {
+  std::error_code ec;
+  auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string(".") : exe.parent_path().string();
+}
+
+// A program name without '/' is looked up next to shmps-launch first, then on PATH.
+std::string resolve(const std::string& program) {
+  if (program.find('/') != std::string::npos) return program;
+  const std::string local = self_dir() + "/" + program;
+  if (::access(local.c_str(), X_OK) == 0) return local;
+  return program;
+}
+
+std::string describe(int status) {
+  if (WIFEXITED(status)) return "exited with code " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("was killed by signal ") + std::to_string(WTERMSIG(status)) + " (" +
+                                  strsignal(WTERMSIG(status)) + ")";
+  return "ended with status " + std::to_string(status);
+}
+
+bool succeeded(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
+
+class Launcher {
+ public:
+  Launcher() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(SIG_BLOCK, &set, nullptr);
+    signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signal_fd_ < 0) throw Error(std::string("signalfd: ") + std::strerror(errno));
+  }
+
+  // Starts `argv` with extra environment `env`, output piped and prefixed with `label`.
+  Child& spawn(const std::string& label, const std::vector<std::string>& argv,
+               const std::vector<std::pair<std::string, std::string>>& env) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) throw Error(std::string("pipe: ") + std::strerror(errno));
+    const pid_t parent = getpid();
+    const pid_t pid = fork();
+    if (pid < 0) throw Error(std::string("fork: ") + std::strerror(errno));
+    if (pid == 0) {
+      // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops the job
+      // in order (workers first, then the server, which drains). Die with the launcher.
+      setpgid(0, 0);
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (getppid() != parent) _exit(1);
+      sigset_t none;
+      sigemptyset(&none);
+      sigprocmask(SIG_SETMASK, &none, nullptr);
+      dup2(fds[1], STDOUT_FILENO);
+      dup2(fds[1], STDERR_FILENO);
+      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execvp(args[0], args.data());
+      std::fprintf(stderr, "shmps-launch: cannot run %s: %s\n", args[0], std::strerror(errno));
+      _exit(127);
+    }
+    close(fds[1]);
+    fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    children_.push_back(std::make_unique<Child>(Child{label, pid, fds[0], {}, std::nullopt}));
+    return *children_.back();
+  }
+
+  // Pumps output and signals for up to `timeout`; returns early when something exited.
+  void pump(std::chrono::milliseconds timeout) {
+    std::vector<pollfd> fds;
+    fds.push_back({signal_fd_, POLLIN, 0});
+    std::vector<Child*> owners{nullptr};
+    for (auto& c : children_)
+      if (c->out_fd >= 0) {
+        fds.push_back({c->out_fd, POLLIN, 0});
+        owners.push_back(c.get());
+      }
+    if (poll(fds.data(), fds.size(), static_cast<int>(timeout.count())) <= 0) return;
+    for (std::size_t i = 1; i < fds.size(); ++i)
+      if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) read_output(*owners[i]);
+    if (fds[0].revents & POLLIN) {
+      signalfd_siginfo info{};
+      while (read(signal_fd_, &info, sizeof info) == sizeof info) {
+        if (info.ssi_signo == SIGCHLD) continue;
+        if (!interrupted_) {
+          std::cerr << "shmps-launch: " << strsignal(static_cast<int>(info.ssi_signo)) << ": stopping the job\n";
+          interrupted_ = static_cast<int>(info.ssi_signo);
+        }
+      }
+    }
+    reap();
+  }
+
+  void reap() {
+    int status = 0;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+      for (auto& c : children_)
+        if (c->pid == pid) {
+          c->status = status;
+          if (c->out_fd >= 0) {
+            read_output(*c);
+            flush(*c);
+            close(c->out_fd);
+            c->out_fd = -1;
+          }
+        }
+    }
+  }
+
+  bool running(const Child& c) const { return !c.status.has_value(); }
+  int interrupted() const { return interrupted_; }
+
+  void signal(Child& c, int sig) {
+    if (running(c)) kill(c.pid, sig);
+  }
+
+  // Waits for `c` to exit, pumping output; escalates to SIGKILL after `grace`.
+  int wait(Child& c, std::chrono::milliseconds grace) {
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    while (running(c)) {
+      pump(std::chrono::milliseconds(50));
+      if (running(c) && std::chrono::steady_clock::now() > deadline) {
+        std::cerr << "shmps-launch: " << c.label << " did not stop within " << grace.count() / 1000
+                  << " s; killing it\n";
+        kill(c.pid, SIGKILL);
+        while (running(c)) pump(std::chrono::milliseconds(50));
+      }
+    }
+    return *c.status;
+  }
+
+ private:
+  void read_output(Child& c) {
+    char buf[8192];
+    ssize_t n;
+    while (c.out_fd >= 0 && (n = read(c.out_fd, buf, sizeof buf)) > 0) {
+      c.pending.append(buf, static_cast<std::size_t>(n));
+      std::size_t nl;
+      while ((nl = c.pending.find('\n')) != std::string::npos) {
+        std::cout << "[" << c.label << "] " << c.pending.substr(0, nl) << "\n";
+        c.pending.erase(0, nl + 1);
+      }
+      std::cout.flush();
+    }
+  }
+  void flush(Child& c) {
+    if (!c.pending.empty()) std::cout << "[" << c.label << "] " << c.pending << "\n";
+    c.pending.clear();
+  }
+
+  int signal_fd_ = -1;
+  int interrupted_ = 0;
+  std::vector<std::unique_ptr<Child>> children_;
+};
+
+bool server_alive(const std::string& name) {
+  if (!std::filesystem::exists(shm::server_lock_path(name))) return false;
+  return shm::LockFile::open_for_probe(shm::server_lock_path(name)).probe(0) == shm::Holder::alive;
+}
+
+bool segment_ready(const std::string& name) {
+  try {
+    if (!shm::Segment::exists(name)) return false;
+    auto seg = shm::Segment::open(name, shm::Access::read_only);
+    return shm::load_acquire(seg.header().state) == static_cast<std::uint32_t>(shm::SegmentState::ready);
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shmps-launch: start a server (if needed) and N worker processes for one job"};
+  std::string spec_path, name, after;
+  int workers = 2;
+  unsigned server_threads = 0;
+  bool keep = false;
+  std::vector<std::string> program;
+  app.add_option("--spec", spec_path, "model spec (TOML); the server is started from it unless one is running")
+      ->check(CLI::ExistingFile);
+  app.add_option("--name", name, "segment name (default: the spec's name)");
+  app.add_option("--workers", workers, "number of worker processes")->check(CLI::Range(1, 1024));
+  app.add_option("--server-threads", server_threads, "apply threads of the server it starts");
+  app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
+  app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
+                                   "(e.g. \"shmps-worker --evaluate\")");
+  app.add_option("program", program, "the worker program and its arguments, after -- (default: shmps-worker)");
+  app.allow_extras();  // unknown options go to the worker program
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (!spec_path.empty()) {
+      auto spec = server::load_model_spec(spec_path);
+      if (name.empty()) name = spec.name;
+    }
+    if (name.empty()) throw Error("no segment: give --spec FILE (to start a server) or --name NAME (to join one)");
+    shm::check_segment_name(name);
+    if (program.empty()) program.push_back("shmps-worker");
+    program[0] = resolve(program[0]);
+    for (const auto& extra : app.remaining()) program.push_back(extra);
+
+    Launcher launcher;
+    Child* server = nullptr;
+    if (!server_alive(name)) {
+      if (spec_path.empty())
+        throw Error("no server is running for segment '" + name + "': give --spec FILE so that shmps-launch starts one");
+      std::vector<std::string> args{resolve("shmps-server"), "--spec", spec_path, "--name", name};
+      if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
+      if (!keep) args.push_back("--remove-on-stop");
+      server = &launcher.spawn("server", args, {});
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (!segment_ready(name) || !server_alive(name)) {
+        launcher.pump(std::chrono::milliseconds(20));
+        if (!launcher.running(*server))
+          throw Error("the server " + describe(launcher.wait(*server, std::chrono::milliseconds(0))) +
+                      " before the segment was ready (its messages are above)");
+        if (launcher.interrupted() || std::chrono::steady_clock::now() > deadline) {
+          launcher.signal(*server, SIGTERM);
+          launcher.wait(*server, std::chrono::seconds(10));
+          throw Error(launcher.interrupted() ? "interrupted while the server was starting"
+                                             : "the server did not make segment '" + name + "' ready within 60 s");
+        }
+      }
+    } else {
+      std::cout << "shmps-launch: joining the running server of segment '" << name << "'\n";
+    }
+
+    std::cout << "shmps-launch: segment '" << name << "' ready; starting " << workers << " worker"
+              << (workers == 1 ? "" : "s") << ": " << program[0] << "\n";
+    std::vector<Child*> ranks;
+    for (int r = 0; r < workers; ++r)
+      ranks.push_back(&launcher.spawn("w" + std::to_string(r), program,
+                                      {{"SHMPS_SEGMENT", name},
+                                       {"SHMPS_RANK", std::to_string(r)},
+                                       {"SHMPS_WORLD_SIZE", std::to_string(workers)}}));
+
+    // Run until every worker is done, one fails, or we are interrupted.
+    bool failed = false, stopping = false;
+    while (true) {
+      launcher.pump(std::chrono::milliseconds(200));
+      bool any_running = false;
+      for (Child* c : ranks) {
+        if (launcher.running(*c)) {
+          any_running = true;
+        } else if (!succeeded(*c->status) && !stopping) {
+          std::cerr << "shmps-launch: worker " << c->label << " " << describe(*c->status) << "; stopping the job\n";
+          failed = true;
+        }
+      }
+      if (server && !launcher.running(*server) && any_running && !stopping) {
+        std::cerr << "shmps-launch: the server " << describe(*server->status) << "; stopping the job\n";
+        failed = true;
+      }
+      if ((failed || launcher.interrupted()) && !stopping) {
+        stopping = true;
+        for (Child* c : ranks) launcher.signal(*c, SIGTERM);
+      }
+      if (!any_running) break;
+    }
+    for (Child* c : ranks) launcher.wait(*c, std::chrono::seconds(10));
+
+    if (!failed && !launcher.interrupted() && !after.empty()) {
+      Child& post = launcher.spawn("after", {"/bin/sh", "-c", after},
+                                   {{"SHMPS_SEGMENT", name}, {"PATH", self_dir() + ":" + (getenv("PATH") ? getenv("PATH") : "")}});
+      const int status = launcher.wait(post, std::chrono::hours(24));
+      if (!succeeded(status)) {
+        std::cerr << "shmps-launch: the --after command " << describe(status) << "\n";
+        failed = true;
+      }
+    }
+    if (server) {
+      launcher.signal(*server, SIGTERM);
+      const int status = launcher.wait(*server, std::chrono::seconds(30));
+      if (!succeeded(status)) {
+        std::cerr << "shmps-launch: the server " << describe(status) << "\n";
+        failed = true;
+      }
+    }
+    if (launcher.interrupted()) return 128 + launcher.interrupted();
+    if (failed) return 1;
+    std::cout << "shmps-launch: job finished" << (server && !keep ? "; segment removed" : "") << "\n";
+    return 0;
+  } catch (const server::SpecError& e) {
+    std::cerr << "shmps-launch: error: " << e.what() << "\n";
+    return 2;
+  } catch (const Error& e) {
+    std::cerr << "shmps-launch: error: " << e.what() << "\n";
+    return 1;
+  }
+}

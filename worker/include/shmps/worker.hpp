@@ -1,0 +1,94 @@
+// The shmps worker API: what a training process uses to join a job.
+//
+//   #include <shmps/worker.hpp>
+//   shmps::Worker w(shmps::WorkerOptions{.segment = "mlp", .rank = 0});  // rank -1: any free slot
+//   for (const auto& p : w.params()) { ... p.name, p.shape, p.size ... }
+//   std::uint64_t v = w.pull("fc1.weight", values);  // consistent per slice; returns the version
+//   std::uint64_t s = w.push("fc1.weight", grad);    // all-or-nothing; returns the sequence number
+//   w.wait_applied(s);                               // blocks until the server applied it
+//
+// A worker maps the job's shared-memory segment and talks to the server only through it: a pull
+// is a memory copy checked by per-slice version words, a push is a write into the worker's own
+// ring. A worker takes no lock that anyone else waits on, so killing it at any instruction
+// blocks nobody (see DESIGN.md). Every error is a shmps::Error whose message says what was wrong
+// and what to do; a failed call changes nothing in the segment.
+//
+// Thread safety: one Worker is used by one thread at a time.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <shmps/error.hpp>  // shmps::Error, the one exception type of the API
+
+namespace shmps {
+
+struct WorkerOptions {
+  // The job's segment name. Empty: taken from the environment variable SHMPS_SEGMENT (set by
+  // shmps-launch).
+  std::string segment;
+  // The worker slot to take. -1: SHMPS_RANK from the environment if set, else the first free slot.
+  int rank = -1;
+  // How long a call may wait for the server (a full ring, wait_applied, a segment that is not
+  // ready yet) before it fails with a clear error.
+  std::chrono::milliseconds timeout{30000};
+};
+
+struct ParamInfo {
+  std::string name;
+  std::vector<std::size_t> shape;
+  std::size_t size = 0;  // number of elements (float32)
+};
+
+class Worker {
+ public:
+  // Attaches to the segment and takes a worker slot. Throws Error if the segment does not exist,
+  // is of another layout, or the slot is held by a live process.
+  explicit Worker(WorkerOptions options = {});
+  ~Worker();  // leaves the slot (see leave())
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+  Worker(Worker&&) noexcept;
+  Worker& operator=(Worker&&) noexcept;
+
+  int rank() const;
+  const std::string& segment() const;
+  const std::vector<ParamInfo>& params() const;
+  const ParamInfo& param(std::string_view name) const;  // throws Error for an unknown name
+
+  // Copies the parameter (or the range [offset, offset + out.size())) into `out`. Each slice is
+  // copied whole from one version (a seqlock read). Returns the smallest slice version seen:
+  // the number of updates applied to the least-updated slice of the range.
+  std::uint64_t pull(std::string_view name, std::span<float> out);
+  std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
+
+  // Publishes a gradient for the parameter (or for a range of it). All-or-nothing: the record
+  // becomes visible to the server with one release store, or not at all. Rejects (throws, pushes
+  // nothing, counts it) a gradient holding NaN or Inf. Waits while the ring is full
+  // (back-pressure, never drops). Returns the push's sequence number, counted over every
+  // generation of this slot.
+  std::uint64_t push(std::string_view name, std::span<const float> grad);
+  std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
+
+  // Blocks until the server has applied every push up to sequence number `seq`.
+  void wait_applied(std::uint64_t seq);
+
+  // Pushes this slot committed over all its generations, and how many the server has applied.
+  std::uint64_t published() const;
+  std::uint64_t applied() const;
+
+  // Marks the slot as left and releases it. Called by the destructor; idempotent.
+  void leave();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shmps

@@ -1,0 +1,361 @@
+// The worker side of the protocols (DESIGN.md "Pull", "Push", "Worker life").
+//
+// Everything here runs in the worker process and writes only the worker's own slot lines and
+// its own ring. It takes no lock anyone else waits for: the one lock it holds (its byte of
+// <name>.slots.lock) only proves it is alive.
+#include "shmps/worker.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <unordered_map>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/futex.hpp>
+#include <shmps/shm/liveness.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/proc.hpp>
+#include <shmps/shm/ring.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/shm/seqlock.hpp>
+
+namespace shmps {
+
+using namespace shmps::shm;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string env_or(const char* name, std::string fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) : std::move(fallback);
+}
+
+// Waits with back-off: spin a little (the common wait is microseconds), then sleep on `word`
+// (a futex the server bumps) when given, else in short naps. Returns false on timeout.
+template <class Done>
+bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
+              std::atomic<std::uint32_t>* waiting_flag) {
+  for (int spin = 0; spin < 200; ++spin) {
+    if (done()) return true;
+    if (spin > 20) std::this_thread::yield();
+  }
+  while (true) {
+    if (done()) return true;
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    if (word != nullptr) {
+      const std::uint32_t seen = load_acquire(*word);
+      store_own(*waiting_flag, 1U);
+      fence_store_load();  // pairs with the server's fence between its progress bump and its look at `waiting`
+      if (!done()) futex_wait(*word, seen, std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(50)));
+      store_own(*waiting_flag, 0U);
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+}
+
+// Copies `n` gradient values into ring memory, and in the same pass checks that they are all
+// finite and sums their squares (for clipping by norm on the server). Returns the index of the
+// first non-finite value, or n.
+std::size_t copy_checked(float* dst, const float* src, std::size_t n, double& sum_sq) {
+  constexpr std::size_t kBlock = 1024;
+  double total = 0.0;
+  for (std::size_t b = 0; b < n; b += kBlock) {
+    const std::size_t e = std::min(n, b + kBlock);
+    float block_sq = 0.0f;
+    float finite_probe = 0.0f;  // x * 0 is NaN exactly when x is NaN or Inf
+    for (std::size_t i = b; i < e; ++i) {
+      const float x = src[i];
+      dst[i] = x;
+      block_sq += x * x;
+      finite_probe += x * 0.0f;
+    }
+    if (finite_probe != 0.0f) {  // true for NaN too
+      for (std::size_t i = b; i < e; ++i)
+        if (!std::isfinite(src[i])) return i;
+    }
+    total += static_cast<double>(block_sq);
+  }
+  sum_sq = total;
+  return n;
+}
+
+}  // namespace
+
+struct Worker::Impl {
+  WorkerOptions options;
+  Segment segment;
+  LockFile slots_lock;
+  int rank = -1;
+  WorkerSlot* slot = nullptr;
+  RingProducer ring;
+  std::uint64_t generation = 0;
+  std::uint64_t published = 0;
+  bool attached = false;
+  std::vector<ParamInfo> params;
+  std::unordered_map<std::string, std::uint32_t> index;
+
+  std::uint32_t find(std::string_view name) const {
+    auto it = index.find(std::string(name));
+    if (it == index.end()) {
+      std::string known;
+      for (const auto& p : params) known += (known.empty() ? "" : ", ") + p.name;
+      throw Error("unknown parameter '" + std::string(name) + "' in segment '" + segment.name() + "': it has " + known);
+    }
+    return it->second;
+  }
+
+  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
+    const ParamEntry& p = segment.param(i);
+    if (count == 0)
+      throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
+    if (offset > p.size || count > p.size - offset)
+      throw Error(std::string(what) + " '" + params[i].name + "': elements [" + std::to_string(offset) + ", " +
+                  std::to_string(offset + count) + ") are outside the parameter, which has " + std::to_string(p.size) +
+                  " elements " + shape_string(p));
+  }
+
+  void heartbeat() { store_own(slot->heartbeat_ns, monotonic_ns()); }
+
+  Clock::time_point deadline() const { return Clock::now() + options.timeout; }
+
+  std::string server_state() const {
+    LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
+    return probe.probe(0) == Holder::alive ? "the server is alive but busy"
+                                           : "no server is running for it (start shmps-server again)";
+  }
+};
+
+Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
+  Impl& s = *impl_;
+  s.options = std::move(options);
+  if (s.options.segment.empty()) s.options.segment = env_or("SHMPS_SEGMENT", "");
+  if (s.options.segment.empty())
+    throw Error("no segment given: set WorkerOptions::segment, or SHMPS_SEGMENT in the environment (shmps-launch does)");
+  if (s.options.rank < 0) {
+    const std::string r = env_or("SHMPS_RANK", "");
+    if (!r.empty()) {
+      char* end = nullptr;
+      const long v = std::strtol(r.c_str(), &end, 10);
+      if (*end != '\0' || v < 0 || v > 1'000'000) throw Error("SHMPS_RANK='" + r + "' is not a rank (a number >= 0)");
+      s.options.rank = static_cast<int>(v);
+    }
+  }
+
+  s.segment = Segment::open(s.options.segment, Access::read_write);
+  // A server may still be creating the segment: wait for "ready", with a bound.
+  const auto ready = [&] {
+    return load_acquire(s.segment.header().state) != static_cast<std::uint32_t>(SegmentState::creating);
+  };
+  if (!wait_for(ready, s.deadline(), nullptr, nullptr))
+    throw Error("segment '" + s.options.segment + "' is still being created after " +
+                std::to_string(s.options.timeout.count()) + " ms: is its server stuck? (shmps-ctl inspect " +
+                s.options.segment + ")");
+  s.segment.validate();
+  const SegmentHeader& h = s.segment.header();
+
+  // Take a slot: its lock byte proves the previous holder, if any, is dead.
+  s.slots_lock = LockFile::open(slots_lock_path(s.options.segment), false);
+  if (s.options.rank >= 0) {
+    if (static_cast<std::uint32_t>(s.options.rank) >= h.max_workers)
+      throw Error("rank " + std::to_string(s.options.rank) + " is out of range: segment '" + s.options.segment + "' has " +
+                  std::to_string(h.max_workers) + " worker slots (ranks 0 to " + std::to_string(h.max_workers - 1) +
+                  "); raise max_workers in the model spec for more");
+    if (!s.slots_lock.try_lock(static_cast<unsigned>(s.options.rank)))
+      throw Error("worker slot " + std::to_string(s.options.rank) + " of segment '" + s.options.segment +
+                  "' is held by a live process (pid " +
+                  std::to_string(load_acquire(s.segment.slot(static_cast<unsigned>(s.options.rank)).pid)) +
+                  "): choose another rank, or rank -1 for any free slot");
+    s.rank = s.options.rank;
+  } else {
+    for (std::uint32_t r = 0; r < h.max_workers && s.rank < 0; ++r)
+      if (s.slots_lock.try_lock(r)) s.rank = static_cast<int>(r);
+    if (s.rank < 0)
+      throw Error("all " + std::to_string(h.max_workers) + " worker slots of segment '" + s.options.segment +
+                  "' are held by live processes: raise max_workers in the model spec, or stop a worker");
+  }
+
+  // Take over the slot: a new generation, resuming the push count of all earlier generations.
+  WorkerSlot& slot = s.segment.slot(static_cast<unsigned>(s.rank));
+  s.slot = &slot;
+  s.ring = RingProducer(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
+  // The last holder may have died between committing a record and storing `published`: the ring
+  // still holds that record (the server has not consumed it), so take the larger sequence number.
+  std::uint64_t published = std::max(load_acquire(slot.published), load_acquire(slot.applied));
+  {
+    RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
+    const std::uint64_t tail = view.committed();
+    for (std::uint64_t pos = view.head(); pos < tail && view.plausible(pos, tail); pos += view.record_at(pos)->record_bytes)
+      if (view.record_at(pos)->kind == RecordKind::push) published = std::max(published, view.record_at(pos)->seq);
+  }
+  s.published = published;
+  s.generation = load_own(slot.generation) + 1;
+  store_release(slot.generation, s.generation);
+  store_release(slot.pid, static_cast<std::int32_t>(::getpid()));
+  store_release(slot.start_time, process_start_time(::getpid()));
+  store_release(slot.attached_unix_ns, unix_ns());
+  store_release(slot.published, published);
+  store_own(slot.waiting, 0U);
+  s.heartbeat();
+  store_release(slot.state, static_cast<std::uint32_t>(SlotState::attached));
+  s.attached = true;
+
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = s.segment.param(i);
+    ParamInfo info;
+    info.name = std::string(param_name(p));
+    for (std::uint32_t d = 0; d < p.ndim; ++d) info.shape.push_back(p.shape[d]);
+    info.size = p.size;
+    s.index.emplace(info.name, i);
+    s.params.push_back(std::move(info));
+  }
+}
+
+Worker::~Worker() {
+  if (impl_) leave();
+}
+Worker::Worker(Worker&&) noexcept = default;
+Worker& Worker::operator=(Worker&&) noexcept = default;
+
+int Worker::rank() const { return impl_->rank; }
+const std::string& Worker::segment() const { return impl_->segment.name(); }
+const std::vector<ParamInfo>& Worker::params() const { return impl_->params; }
+const ParamInfo& Worker::param(std::string_view name) const { return impl_->params[impl_->find(name)]; }
+std::uint64_t Worker::published() const { return impl_->published; }
+std::uint64_t Worker::applied() const { return load_acquire(impl_->slot->applied); }
+
+std::uint64_t Worker::pull(std::string_view name, std::span<float> out) {
+  const std::uint32_t i = impl_->find(name);
+  if (out.size() != impl_->params[i].size)
+    throw Error("pull of '" + std::string(name) + "': the output has " + std::to_string(out.size()) +
+                " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
+                shape_string(impl_->segment.param(i)) + "; pass a buffer of that size, or pull a range with an offset");
+  return pull(name, 0, out);
+}
+
+std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<float> out) {
+  Impl& s = *impl_;
+  if (!s.attached) throw Error("this worker has left the job; create a new Worker to pull");
+  const std::uint32_t i = s.find(name);
+  s.check_range("pull of", i, offset, out.size());
+  const Segment& seg = s.segment;
+  const ParamEntry& p = seg.param(i);
+  const std::uint64_t slice_floats = seg.header().slice_floats;
+  const float* values = seg.values(p);
+  std::uint64_t min_version = UINT64_MAX;
+  const std::uint64_t end = offset + out.size();
+  for (std::uint64_t k = offset / slice_floats; k * slice_floats < end; ++k) {
+    const SliceEntry& slice = seg.slice(p.first_slice + k);
+    const std::uint64_t lo = std::max<std::uint64_t>(offset, slice.first);
+    const std::uint64_t hi = std::min<std::uint64_t>(end, slice.first + slice.count);
+    std::uint64_t version = 0;
+    const auto copy = [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); };
+    // A slice is written for microseconds at a time; a word that stays odd for the whole
+    // timeout means its writer (a server) died mid-write.
+    int attempts = 0;
+    Clock::time_point deadline{};
+    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
+      if (++attempts < 64) continue;
+      if (attempts == 64) deadline = s.deadline();
+      if (Clock::now() >= deadline)
+        throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(k) + " has been mid-update for " +
+                    std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+                    "; a restarted server repairs it");
+      std::this_thread::yield();
+    }
+    min_version = std::min(min_version, version / 2);
+  }
+  bump_counter(s.slot->pulls);
+  bump_counter(s.slot->pull_bytes, static_cast<std::uint64_t>(out.size_bytes()));
+  s.heartbeat();
+  return min_version;
+}
+
+std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
+  const std::uint32_t i = impl_->find(name);
+  if (grad.size() != impl_->params[i].size)
+    throw Error("push to '" + std::string(name) + "': the gradient has " + std::to_string(grad.size()) +
+                " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
+                shape_string(impl_->segment.param(i)) + "; nothing was pushed");
+  return push(name, 0, grad);
+}
+
+std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const float> grad) {
+  Impl& s = *impl_;
+  if (!s.attached) throw Error("this worker has left the job; create a new Worker to push");
+  const std::uint32_t i = s.find(name);
+  s.check_range("push to", i, offset, grad.size());
+  if (grad.size() > s.ring.max_record_floats())
+    throw Error("push to '" + std::string(name) + "': " + std::to_string(grad.size()) +
+                " elements do not fit one ring record (at most " + std::to_string(s.ring.max_record_floats()) +
+                " with ring_bytes = " + std::to_string(s.ring.capacity()) +
+                "); push it in ranges (offset, length), or raise ring_bytes in the model spec; nothing was pushed");
+
+  // Claim room (back-pressure: wait for the server, never drop).
+  PushRecord* record = s.ring.try_claim(grad.size());
+  if (record == nullptr) {
+    const bool ok = wait_for([&] { return (record = s.ring.try_claim(grad.size())) != nullptr; }, s.deadline(),
+                             &s.slot->progress, &s.slot->waiting);
+    if (!ok)
+      throw Error("push to '" + std::string(name) + "': the ring of worker " + std::to_string(s.rank) +
+                  " has been full for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+                  "; nothing was pushed");
+  }
+  double sum_sq = 0.0;
+  const std::size_t bad = copy_checked(record_payload(record), grad.data(), grad.size(), sum_sq);
+  if (bad != grad.size()) {
+    bump_counter(s.slot->pushes_rejected);  // the record was never committed: it does not exist
+    throw Error("push to '" + std::string(name) + "' rejected: element " + std::to_string(offset + bad) + " is " +
+                (std::isnan(grad[bad]) ? "NaN" : "infinite") +
+                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
+  }
+  const std::uint64_t seq = s.published + 1;
+  record->param = i;
+  record->offset = offset;
+  record->count = grad.size();
+  record->seq = seq;
+  record->generation = s.generation;
+  record->clock = load_own(s.slot->clock);
+  record->grad_sq_norm = sum_sq;
+  s.ring.commit();  // one release store: the record now exists, whole
+  s.published = seq;
+  store_release(s.slot->published, seq);
+  bump_counter(s.slot->push_bytes, static_cast<std::uint64_t>(grad.size_bytes()));
+  s.heartbeat();
+  // Wake the server if it sleeps (the store above must be visible before we look).
+  fence_store_load();
+  const SegmentHeader& h = s.segment.header();
+  if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
+  return seq;
+}
+
+void Worker::wait_applied(std::uint64_t seq) {
+  Impl& s = *impl_;
+  if (seq > s.published)
+    throw Error("wait_applied(" + std::to_string(seq) + "): this worker has published only " +
+                std::to_string(s.published) + " pushes; pass a sequence number returned by push()");
+  const bool ok = wait_for([&] { return load_acquire(s.slot->applied) >= seq; }, s.deadline(), &s.slot->progress,
+                           &s.slot->waiting);
+  if (!ok)
+    throw Error("wait_applied(" + std::to_string(seq) + "): not applied after " + std::to_string(s.options.timeout.count()) +
+                " ms (applied so far: " + std::to_string(load_acquire(s.slot->applied)) + "); " + s.server_state());
+  s.heartbeat();
+}
+
+void Worker::leave() {
+  Impl& s = *impl_;
+  if (!s.attached) return;
+  store_release(s.slot->state, static_cast<std::uint32_t>(SlotState::left));
+  s.slots_lock.unlock(static_cast<unsigned>(s.rank));
+  s.slots_lock = LockFile();
+  s.attached = false;
+}
+
+}  // namespace shmps

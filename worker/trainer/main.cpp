@@ -1,0 +1,268 @@
+// shmps-worker: the example trainer. Trains the reference MLP on the reference synthetic data
+// (../shared/workloads/README.md) through a shmps parameter server, or locally (--local, the
+// single-process reference), or evaluates the server's current model (--evaluate).
+//
+// Per batch (server mode): pull the four parameters, forward/backward, push the four gradients;
+// the server applies its optimizer. Worker r of P takes the global batches j ≡ r (mod P).
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include <shmps/worker.hpp>
+
+#include "mlp.hpp"
+#include "synthetic_data.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct TrainStats {
+  std::uint64_t batches = 0;
+  std::uint64_t samples = 0;
+  double seconds = 0.0;
+  // Running figures over the last epoch this worker trained in (mean over its samples).
+  double last_epoch_loss = 0.0;
+  double last_epoch_acc = 0.0;
+  std::uint64_t last_epoch_samples = 0;
+};
+
+// The reference schedule for one worker. `fetch` fills `params` before each batch (a pull, or
+// nothing for a local model); `apply` consumes the gradients (a push, or a local SGD step).
+TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params,
+                 const std::function<void(shmps::mlp::Tensors&)>& fetch,
+                 const std::function<void(const shmps::mlp::Tensors&)>& apply) {
+  namespace data = shmps::data;
+  namespace mlp = shmps::mlp;
+  mlp::Net net(static_cast<std::size_t>(sched.batch));
+  mlp::Tensors grads;
+  const data::Labeler labeler;
+  std::vector<float> x(static_cast<std::size_t>(sched.batch) * data::kFeatures);
+  std::vector<std::int32_t> y(static_cast<std::size_t>(sched.batch));
+
+  const std::uint64_t epochs = sched.epochs();
+  const std::uint64_t total = sched.worker_total_batches();
+  TrainStats st;
+  const auto t0 = Clock::now();
+  auto last_print = t0;
+  std::uint64_t next_decile = 1;
+
+  for (std::uint64_t e = 0; e < epochs; ++e) {
+    const std::vector<std::uint64_t> js = sched.worker_batches(e);
+    if (js.empty()) continue;
+    const std::vector<std::uint64_t> order = data::epoch_order(e, sched.n);
+    double loss_sum = 0.0;
+    std::uint64_t correct = 0, seen = 0, k = 0;
+    for (const std::uint64_t j : js) {
+      const auto rows = data::global_batch(order, sched.batch, j);
+      const std::size_t b = rows.size();
+      const std::span<float> xs(x.data(), b * data::kFeatures);
+      const std::span<std::int32_t> ys(y.data(), b);
+      data::fill_features(rows, xs);
+      labeler.label(rows, xs, ys);
+      fetch(params);
+      const mlp::BatchResult r = net.forward_backward(params, xs, ys, grads);
+      apply(grads);
+      loss_sum += r.loss * static_cast<double>(b);
+      correct += r.correct;
+      seen += b;
+      ++k;
+      ++st.batches;
+      st.samples += b;
+
+      const auto now = Clock::now();
+      const bool decile = st.batches * 10 >= next_decile * total;
+      if (decile || now - last_print >= std::chrono::seconds(2)) {
+        while (next_decile <= 10 && st.batches * 10 >= next_decile * total) ++next_decile;
+        last_print = now;
+        const double secs = seconds_since(t0);
+        std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64
+                    "%% loss %.3f acc %.3f %.0f samples/s\n",
+                    e + 1, epochs, k, js.size(), st.batches * 100 / total,
+                    loss_sum / static_cast<double>(seen), static_cast<double>(correct) / static_cast<double>(seen),
+                    secs > 0 ? static_cast<double>(st.samples) / secs : 0.0);
+        std::fflush(stdout);
+      }
+    }
+    st.last_epoch_loss = loss_sum / static_cast<double>(seen);
+    st.last_epoch_acc = static_cast<double>(correct) / static_cast<double>(seen);
+    st.last_epoch_samples = seen;
+  }
+  st.seconds = seconds_since(t0);
+  return st;
+}
+
+void print_eval(const char* what, const shmps::mlp::EvalResult& r, std::uint64_t first) {
+  std::printf("%s loss %.4f acc %.4f (rows %" PRIu64 "..%" PRIu64 ")\n", what, r.loss, r.accuracy, first,
+              first + r.rows - 1);
+}
+
+// The final figures. `eval_train`: also evaluate the final model on the whole training set (the
+// README's reference training loss/accuracy are defined that way).
+void print_final(const TrainStats& st, const shmps::mlp::Tensors& params, bool eval_train) {
+  namespace data = shmps::data;
+  std::printf("trained %" PRIu64 " batches, %" PRIu64 " samples in %.2f s: %.0f samples/s\n", st.batches,
+              st.samples, st.seconds, st.seconds > 0 ? static_cast<double>(st.samples) / st.seconds : 0.0);
+  if (st.last_epoch_samples > 0) {
+    std::printf("running train loss %.4f acc %.4f (this worker's last epoch, %" PRIu64 " samples)\n",
+                st.last_epoch_loss, st.last_epoch_acc, st.last_epoch_samples);
+  }
+  if (eval_train) print_eval("train", shmps::mlp::evaluate(params, 0, data::kTrainRows), 0);
+  print_eval("test", shmps::mlp::evaluate(params, data::kTestFirstRow, data::kTestRows), data::kTestFirstRow);
+  std::printf("weights-hash 0x%016" PRIx64 "\n", shmps::mlp::weights_hash(params));
+  std::fflush(stdout);
+}
+
+std::uint64_t world_size_from_env() {
+  const char* s = std::getenv("SHMPS_WORLD_SIZE");
+  if (s == nullptr || *s == '\0') return 1;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(s, &end, 10);
+  if (*end != '\0' || v == 0) {
+    throw shmps::Error(std::string("SHMPS_WORLD_SIZE='") + s +
+                       "' is not a positive integer; unset it or pass --workers");
+  }
+  return static_cast<std::uint64_t>(v);
+}
+
+void pull_all(shmps::Worker& w, shmps::mlp::Tensors& params) {
+  for (std::size_t i = 0; i < shmps::mlp::kParamCount; ++i) w.pull(shmps::mlp::kParams[i].name, params[i]);
+}
+
+// The segment must hold the reference MLP's four parameters with their sizes.
+void check_model(const shmps::Worker& w) {
+  for (const auto& spec : shmps::mlp::kParams) {
+    const shmps::ParamInfo& p = w.param(spec.name);  // throws Error if missing
+    if (p.size != spec.size()) {
+      throw shmps::Error("segment '" + w.segment() + "': parameter " + std::string(spec.name) + " has " +
+                         std::to_string(p.size) + " elements, the 784-256-10 MLP needs " +
+                         std::to_string(spec.size()) + "; start the server with the MLP model spec");
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shmps example trainer: the reference 784-256-10 MLP on the reference synthetic data"};
+  std::string segment;
+  int rank = -1;
+  std::uint64_t samples = 400000;
+  std::uint64_t batch = 64;
+  std::uint64_t workers = 0;
+  double lr = 0.05;
+  bool evaluate = false;
+  bool local = false;
+  bool eval_train = false;
+  app.add_option("--segment", segment, "job segment name (default: $SHMPS_SEGMENT)");
+  app.add_option("--rank", rank, "worker slot (default: $SHMPS_RANK, else the first free slot)")
+      ->check(CLI::Range(-1, 1 << 20));
+  app.add_option("--samples", samples, "training samples over the whole run (all workers)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--batch", batch, "global batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--workers", workers,
+                 "P: workers sharing the schedule; this one takes the batches j = rank (mod P) "
+                 "(default: $SHMPS_WORLD_SIZE, else 1)")
+      ->check(CLI::PositiveNumber);
+  auto* eval_flag = app.add_flag("--evaluate", evaluate,
+                                 "attach, pull the model, print train/test loss and accuracy and the weights hash");
+  auto* local_flag = app.add_flag("--local", local, "no parameter server: train a local model with plain SGD");
+  app.add_option("--lr", lr, "learning rate of --local")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_flag("--eval-train", eval_train,
+               "at the end also evaluate the final model on the whole training set (always with --local)");
+  eval_flag->excludes(local_flag);
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    namespace data = shmps::data;
+    namespace mlp = shmps::mlp;
+
+    if (evaluate) {
+      // Any free slot unless --rank says otherwise (SHMPS_RANK belongs to the training worker).
+      if (rank < 0) ::unsetenv("SHMPS_RANK");
+      shmps::Worker w(shmps::WorkerOptions{.segment = segment, .rank = rank});
+      check_model(w);
+      mlp::Tensors params;
+      pull_all(w, params);
+      w.leave();
+      const auto t0 = Clock::now();
+      const auto train = mlp::evaluate(params, 0, data::kTrainRows);
+      const auto test = mlp::evaluate(params, data::kTestFirstRow, data::kTestRows);
+      print_eval("train", train, 0);
+      print_eval("test", test, data::kTestFirstRow);
+      std::printf("weights-hash 0x%016" PRIx64 "\n", mlp::weights_hash(params));
+      std::printf("evaluated in %.2f s\n", seconds_since(t0));
+      return 0;
+    }
+
+    data::Schedule sched;
+    sched.batch = batch;
+    sched.samples = samples;
+
+    if (local) {
+      sched.workers = workers > 0 ? workers : 1;
+      sched.rank = rank >= 0 ? static_cast<std::uint64_t>(rank) : 0;
+      if (sched.rank >= sched.workers) {
+        throw shmps::Error("--rank " + std::to_string(sched.rank) + " must be below --workers " +
+                           std::to_string(sched.workers));
+      }
+      const auto lr_f = static_cast<float>(lr);
+      mlp::Tensors params = mlp::reference_init();
+      std::printf("local: %" PRIu64 " samples, batch %" PRIu64 ", SGD lr %g, %" PRIu64 " epoch(s), worker %" PRIu64
+                  "/%" PRIu64 ", %" PRIu64 " batches\n",
+                  samples, batch, lr, sched.epochs(), sched.rank, sched.workers, sched.worker_total_batches());
+      std::fflush(stdout);
+      const TrainStats st = train(
+          sched, params, [](mlp::Tensors&) {},
+          [&params, lr_f](const mlp::Tensors& g) { mlp::sgd_update(params, g, lr_f); });
+      print_final(st, params, true);
+      return 0;
+    }
+
+    shmps::Worker w(shmps::WorkerOptions{.segment = segment, .rank = rank});
+    check_model(w);
+    sched.workers = workers > 0 ? workers : world_size_from_env();
+    if (w.rank() < 0 || static_cast<std::uint64_t>(w.rank()) >= sched.workers) {
+      throw shmps::Error("worker slot " + std::to_string(w.rank()) + " is not below the number of workers " +
+                         std::to_string(sched.workers) + "; pass --workers (or set SHMPS_WORLD_SIZE)");
+    }
+    sched.rank = static_cast<std::uint64_t>(w.rank());
+    std::printf("segment %s, worker %" PRIu64 "/%" PRIu64 ": %" PRIu64 " samples, batch %" PRIu64 ", %" PRIu64
+                " epoch(s), %" PRIu64 " batches\n",
+                w.segment().c_str(), sched.rank, sched.workers, samples, batch, sched.epochs(),
+                sched.worker_total_batches());
+    std::fflush(stdout);
+
+    mlp::Tensors params;
+    std::optional<std::uint64_t> last_seq;
+    const TrainStats st = train(
+        sched, params, [&w](mlp::Tensors& p) { pull_all(w, p); },
+        [&w, &last_seq](const mlp::Tensors& g) {
+          for (std::size_t i = 0; i < mlp::kParamCount; ++i) last_seq = w.push(mlp::kParams[i].name, g[i]);
+        });
+    if (last_seq) w.wait_applied(*last_seq);
+    pull_all(w, params);  // the model as it stands once this worker's last push is applied
+    print_final(st, params, eval_train);
+    return 0;
+  } catch (const shmps::Error& e) {
+    std::fprintf(stderr, "shmps-worker: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "shmps-worker: %s\n", e.what());
+    return 1;
+  }
+}
