@@ -159,7 +159,7 @@ Job::~Job() {
 }
 
 Process& Job::start_server(std::vector<std::string> extra_args) {
-  std::vector<std::string> argv{"shmps-server", "--spec", spec_path_, "--log-level", "warn"};
+  std::vector<std::string> argv{"shmps-server", "--spec", spec_path_};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   processes_.push_back(std::make_unique<Process>(argv));
   server_ = processes_.back().get();

@@ -22,11 +22,11 @@ namespace {
 using shmps::Consistency;
 using shmps::OptimizerKind;
 using shmps::server::InitSpec;
+using shmps::server::load_model_spec;
 using shmps::server::ModelSpec;
 using shmps::server::ParamSpec;
-using shmps::server::SpecError;
-using shmps::server::load_model_spec;
 using shmps::server::parse_model_spec;
+using shmps::server::SpecError;
 using shmps::server::validate_model_spec;
 using shmps::server::validate_segment_name;
 
@@ -46,15 +46,15 @@ std::string error_of(std::string_view text, std::string_view source = "spec.toml
 
 // The error must start with "<where>: <field>: " (where = "spec.toml:<line>:<col>") and contain
 // each of the given pieces of the problem.
-#define EXPECT_SPEC_ERROR(text, where, field, ...)                                  \
-  do {                                                                              \
-    const std::string msg_ = error_of(text);                                        \
-    const std::string prefix_ = std::string(where) + ": " + (field) + ": ";         \
-    EXPECT_EQ(msg_.substr(0, prefix_.size()), prefix_) << msg_;                     \
-    for (std::string_view piece_ : {__VA_ARGS__}) {                                 \
-      EXPECT_NE(msg_.find(piece_), std::string::npos) << "missing \"" << piece_     \
-                                                      << "\" in: " << msg_;         \
-    }                                                                               \
+#define EXPECT_SPEC_ERROR(text, where, field, ...)                          \
+  do {                                                                      \
+    const std::string msg_ = error_of(text);                                \
+    const std::string prefix_ = std::string(where) + ": " + (field) + ": "; \
+    EXPECT_EQ(msg_.substr(0, prefix_.size()), prefix_) << msg_;             \
+    for (std::string_view piece_ : {__VA_ARGS__}) {                         \
+      EXPECT_NE(msg_.find(piece_), std::string::npos)                       \
+          << "missing \"" << piece_ << "\" in: " << msg_;                   \
+    }                                                                       \
   } while (0)
 
 constexpr std::string_view kMinimal = R"(name = "m"
@@ -244,7 +244,8 @@ TEST(ModelSpec, LoadErrorsNameTheFile) {
     load_model_spec(bad);
     ADD_FAILURE() << "no error";
   } catch (const SpecError& e) {
-    EXPECT_EQ(std::string(e.what()).rfind(bad.string() + ":3:6: optimizer.lr: ", 0), 0u) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind(bad.string() + ":3:6: optimizer.lr: ", 0), 0u)
+        << e.what();
   }
   try {
     load_model_spec(dir / "missing.toml");
@@ -252,7 +253,8 @@ TEST(ModelSpec, LoadErrorsNameTheFile) {
   } catch (const SpecError& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find((dir / "missing.toml").string() + ": cannot read the model spec"),
-              std::string::npos) << msg;
+              std::string::npos)
+        << msg;
     EXPECT_NE(msg.find("No such file"), std::string::npos) << msg;
   }
   try {
@@ -267,8 +269,7 @@ TEST(ModelSpec, LoadErrorsNameTheFile) {
 // ---- Errors: syntax, unknown keys, types ------------------------------------------------------
 
 TEST(ModelSpecErrors, TomlSyntaxErrorHasItsPosition) {
-  EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = = 3\n", "spec.toml:2:15", "syntax error",
-                    "");
+  EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = = 3\n", "spec.toml:2:15", "syntax error", "");
   const std::string msg = error_of("name = \"m\"\nname = \"n\"\n");
   EXPECT_EQ(msg.rfind("spec.toml:2:", 0), 0u) << msg;
   EXPECT_NE(msg.find("syntax error"), std::string::npos) << msg;
@@ -336,8 +337,8 @@ TEST(ModelSpecErrors, WrongTypes) {
 // ---- Errors: missing required fields (reported at the table that should hold them) ---------
 
 TEST(ModelSpecErrors, MissingName) {
-  EXPECT_SPEC_ERROR("max_workers = 2\n[optimizer]\nlr = 0.1\n", "spec.toml:1:1", "name",
-                    "missing", "add name = ");
+  EXPECT_SPEC_ERROR("max_workers = 2\n[optimizer]\nlr = 0.1\n", "spec.toml:1:1", "name", "missing",
+                    "add name = ");
 }
 
 TEST(ModelSpecErrors, MissingOptimizer) {
@@ -424,8 +425,8 @@ TEST(ModelSpecErrors, OptimizerRanges) {
                     "spec.toml:5:7", "optimizer.rho", "must be in [0, 1), got -0.5");
   EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"momentum\"\nlr = 0.1\nmomentum = 1\n",
                     "spec.toml:5:12", "optimizer.momentum", "must be in [0, 1), got 1");
-  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nweight_decay = -1e-4\n",
-                    "spec.toml:4:16", "optimizer.weight_decay", "non-negative", "got -0.0001");
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nweight_decay = -1e-4\n", "spec.toml:4:16",
+                    "optimizer.weight_decay", "non-negative", "got -1e-04");
   EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nclip_value = -1\n", "spec.toml:4:14",
                     "optimizer.clip_value", "non-negative");
   EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nclip_norm = inf\n", "spec.toml:4:13",
@@ -451,7 +452,8 @@ TEST(ModelSpecErrors, UnknownOptimizerKind) {
 TEST(ModelSpecErrors, BadSegmentName) {
   EXPECT_SPEC_ERROR("name = \"jobs/mlp\"\n", "spec.toml:1:8", "name", "contains '/' at position 5",
                     "not allowed", "letters, digits, '.', '_' and '-'");
-  EXPECT_SPEC_ERROR("name = \"my job\"\n", "spec.toml:1:8", "name", "contains a space at position 3");
+  EXPECT_SPEC_ERROR("name = \"my job\"\n", "spec.toml:1:8", "name",
+                    "contains a space at position 3");
   EXPECT_SPEC_ERROR("name = \"\"\n", "spec.toml:1:8", "name", "segment name is empty");
   EXPECT_SPEC_ERROR("name = \"" + std::string(64, 'a') + "\"\n", "spec.toml:1:8", "name",
                     "64 characters long; the limit is 63");
@@ -463,7 +465,8 @@ TEST(ModelSpecErrors, SliceAndWorkerLimits) {
   EXPECT_SPEC_ERROR("name = \"m\"\nslice_bytes = 0\n", "spec.toml:2:15", "slice_bytes", "got 0");
   EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = 0\n", "spec.toml:2:15", "max_workers",
                     "must be from 1 to 1024, got 0");
-  EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = 1025\n", "spec.toml:2:15", "max_workers", "got 1025");
+  EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = 1025\n", "spec.toml:2:15", "max_workers",
+                    "got 1025");
   EXPECT_SPEC_ERROR("name = \"m\"\nring_bytes = -64\n", "spec.toml:2:14", "ring_bytes",
                     "multiple of 64", "got -64");
   EXPECT_SPEC_ERROR("name = \"m\"\nserver_threads = 5000\n", "spec.toml:2:18", "server_threads",
@@ -551,8 +554,9 @@ shape = [2]
 }
 
 TEST(ModelSpecErrors, BadParamName) {
-  EXPECT_SPEC_ERROR(std::string(kHead.substr(0, kHead.size() - 11)) + "name = \"a b\"\nshape = [1]\n",
-                    "spec.toml:5:8", "param[0].name", "contains a space at position 2");
+  EXPECT_SPEC_ERROR(
+      std::string(kHead.substr(0, kHead.size() - 11)) + "name = \"a b\"\nshape = [1]\n",
+      "spec.toml:5:8", "param[0].name", "contains a space at position 2");
   EXPECT_SPEC_ERROR(std::string(kHead.substr(0, kHead.size() - 11)) + "name = \"" +
                         std::string(64, 'x') + "\"\nshape = [1]\n",
                     "spec.toml:5:8", "param[0].name", "64 bytes long; the limit is 63");
@@ -563,21 +567,22 @@ TEST(ModelSpecErrors, Inits) {
   EXPECT_SPEC_ERROR(head + "init = \"uniform\"\n", "spec.toml:7:8", "param[0].init",
                     "unknown init kind \"uniform\"");
   EXPECT_SPEC_ERROR(head + "init = { kind = \"normal\" }\n", "spec.toml:7:17", "param[0].init.kind",
-                    "unknown init kind \"normal\"", "valid kinds: \"zeros\", \"constant\", \"u24\"");
-  EXPECT_SPEC_ERROR(head + "init = \"u24\"\n", "spec.toml:7:8", "param[0].init",
-                    "needs its stream", "{ kind = \"u24\", stream = ");
+                    "unknown init kind \"normal\"",
+                    "valid kinds: \"zeros\", \"constant\", \"u24\"");
+  EXPECT_SPEC_ERROR(head + "init = \"u24\"\n", "spec.toml:7:8", "param[0].init", "needs its stream",
+                    "{ kind = \"u24\", stream = ");
   EXPECT_SPEC_ERROR(head + "init = { scale = 2.0 }\n", "spec.toml:7:8", "param[0].init.kind",
                     "missing");
   EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", scale = 2.0 }\n", "spec.toml:7:8",
                     "param[0].init.stream", "missing");
-  EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = -1 }\n", "spec.toml:7:31",
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = -1 }\n", "spec.toml:7:33",
                     "param[0].init.stream", "must be an integer >= 0, got -1");
-  EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = 1, scale = 0.5, scale_divisor = 2 }\n",
-                    "spec.toml:7:47", "param[0].init.scale_divisor",
-                    "either scale or scale_divisor, not both");
+  EXPECT_SPEC_ERROR(
+      head + "init = { kind = \"u24\", stream = 1, scale = 0.5, scale_divisor = 2 }\n",
+      "spec.toml:7:65", "param[0].init.scale_divisor", "either scale or scale_divisor, not both");
   EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = 1, scale_divisor = 0 }\n",
-                    "spec.toml:7:50", "param[0].init.scale_divisor", "non-zero", "got 0");
-  EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = 1, value = 3 }\n", "spec.toml:7:34",
+                    "spec.toml:7:52", "param[0].init.scale_divisor", "non-zero", "got 0");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"u24\", stream = 1, value = 3 }\n", "spec.toml:7:36",
                     "param[0].init.value", "unknown key for init kind \"u24\"",
                     "valid keys: kind, stream, scale, scale_divisor");
   EXPECT_SPEC_ERROR(head + "init = { kind = \"constant\" }\n", "spec.toml:7:8",
@@ -628,14 +633,18 @@ TEST(ModelSpec, ValidateModelSpecBuiltInCode) {
   EXPECT_EQ(bad([](ModelSpec& s) { s.optimizer.lr = -1.0f; }),
             "optimizer.lr: must be a positive number, got -1");
   EXPECT_EQ(bad([](ModelSpec& s) { s.params.clear(); }).rfind("param: ", 0), 0u);
-  EXPECT_EQ(bad([](ModelSpec& s) { s.params.push_back({"w", {1}, {}}); })
-                .rfind("param[1].name: duplicate parameter name \"w\"", 0),
+  EXPECT_EQ(bad([](ModelSpec& s) {
+              s.params.push_back({"w", {1}, {}});
+            }).rfind("param[1].name: duplicate parameter name \"w\"", 0),
             0u);
   EXPECT_EQ(bad([](ModelSpec& s) { s.params[0].shape = {}; }).rfind("param[0].shape: ", 0), 0u);
-  EXPECT_EQ(bad([](ModelSpec& s) { s.params[0].shape = {4, 0}; }),
+  EXPECT_EQ(bad([](ModelSpec& s) {
+              s.params[0].shape = {4, 0};
+            }),
             "param[0].shape: the 2nd dimension is 0");
-  EXPECT_EQ(bad([](ModelSpec& s) { s.params[0].shape = {1u << 31, 1u << 31, 1u << 31}; })
-                .rfind("param[0].shape: shape [2147483648, 2147483648, 2147483648] is too large", 0),
+  EXPECT_EQ(bad([](ModelSpec& s) {
+              s.params[0].shape = {1u << 31, 1u << 31, 1u << 31};
+            }).rfind("param[0].shape: shape [2147483648, 2147483648, 2147483648] is too large", 0),
             0u);
   EXPECT_EQ(bad([](ModelSpec& s) {
               s.params[0].init.kind = InitSpec::Kind::constant;

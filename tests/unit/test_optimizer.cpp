@@ -29,7 +29,8 @@ using shmps::server::validate_optimizer_settings;
 class Buffer {
  public:
   explicit Buffer(std::size_t n, std::size_t offset = 0)
-      : raw_(static_cast<float*>(std::aligned_alloc(64, round_up((n + offset + 16) * sizeof(float))))),
+      : raw_(static_cast<float*>(
+            std::aligned_alloc(64, round_up((n + offset + 16) * sizeof(float))))),
         data_(raw_.get() + offset),
         n_(n) {
     for (std::size_t i = 0; i < n; ++i) data_[i] = 0.0f;
@@ -79,15 +80,15 @@ TEST(Optimizer, SgdByHand) {
   const float g1[4] = {1.0f, 2.0f, -3.0f, 0.25f};
   const float g2[4] = {-4.0f, 0.5f, 1.0f, 0.25f};
   apply_update(s, p, g1, {}, {}, 1, 1.0f);
-  EXPECT_EQ(p[0], 0.5f);    // 1 - 0.5*1
-  EXPECT_EQ(p[1], -3.0f);   // -2 - 0.5*2
-  EXPECT_EQ(p[2], 5.0f);    // 3.5 + 0.5*3
-  EXPECT_EQ(p[3], -0.125f); // 0 - 0.5*0.25
+  EXPECT_EQ(p[0], 0.5f);     // 1 - 0.5*1
+  EXPECT_EQ(p[1], -3.0f);    // -2 - 0.5*2
+  EXPECT_EQ(p[2], 5.0f);     // 3.5 + 0.5*3
+  EXPECT_EQ(p[3], -0.125f);  // 0 - 0.5*0.25
   apply_update(s, p, g2, {}, {}, 2, 1.0f);
-  EXPECT_EQ(p[0], 2.5f);     // 0.5 + 0.5*4
-  EXPECT_EQ(p[1], -3.25f);   // -3 - 0.5*0.5
-  EXPECT_EQ(p[2], 4.5f);     // 5 - 0.5*1
-  EXPECT_EQ(p[3], -0.25f);   // -0.125 - 0.125
+  EXPECT_EQ(p[0], 2.5f);    // 0.5 + 0.5*4
+  EXPECT_EQ(p[1], -3.25f);  // -3 - 0.5*0.5
+  EXPECT_EQ(p[2], 4.5f);    // 5 - 0.5*1
+  EXPECT_EQ(p[3], -0.25f);  // -0.125 - 0.125
 }
 
 TEST(Optimizer, MomentumByHand) {
@@ -108,9 +109,9 @@ TEST(Optimizer, NesterovByHand) {
   Scalar o{settings(OptimizerKind::nesterov, 0.5f)};
   o.s.momentum = 0.5f;
   o.p = 1.0f;
-  EXPECT_EQ(o.update(2.0f), -0.5f);    // v = 2;   p = 1 - 0.5*(2 + 1)
-  EXPECT_EQ(o.update(4.0f), -3.75f);   // v = 5;   p = -0.5 - 0.5*(4 + 2.5)
-  EXPECT_EQ(o.update(-1.0f), -3.625f); // v = 1.5; p = -3.75 - 0.5*(-1 + 0.75)
+  EXPECT_EQ(o.update(2.0f), -0.5f);     // v = 2;   p = 1 - 0.5*(2 + 1)
+  EXPECT_EQ(o.update(4.0f), -3.75f);    // v = 5;   p = -0.5 - 0.5*(4 + 2.5)
+  EXPECT_EQ(o.update(-1.0f), -3.625f);  // v = 1.5; p = -3.75 - 0.5*(-1 + 0.75)
   EXPECT_EQ(o.s0, 1.5f);
 }
 
@@ -119,7 +120,7 @@ TEST(Optimizer, AdagradByHand) {
   Scalar o{settings(OptimizerKind::adagrad, 0.1f)};
   o.s.eps = 1e-8f;
   o.p = 1.0f;
-  EXPECT_NEAR(o.update(3.0f), 0.9, 1e-6);   // s = 9;  p = 1 - 0.1*3/3
+  EXPECT_NEAR(o.update(3.0f), 0.9, 1e-6);  // s = 9;  p = 1 - 0.1*3/3
   EXPECT_EQ(o.s0, 9.0f);
   EXPECT_NEAR(o.update(4.0f), 0.82, 1e-6);  // s = 25; p = 0.9 - 0.1*4/5
   EXPECT_EQ(o.s0, 25.0f);
@@ -275,9 +276,9 @@ TEST(Optimizer, ClipNormScale) {
   auto s = settings(OptimizerKind::sgd, 1.0f);
   EXPECT_EQ(clip_norm_scale(s, 1e12), 1.0);  // off
   s.clip_norm = 5.0f;
-  EXPECT_EQ(clip_norm_scale(s, 9.0), 1.0);   // norm 3 <= 5
-  EXPECT_EQ(clip_norm_scale(s, 25.0), 1.0);  // norm 5 == 5
-  EXPECT_EQ(clip_norm_scale(s, 100.0), 0.5); // norm 10 -> 5/10
+  EXPECT_EQ(clip_norm_scale(s, 9.0), 1.0);    // norm 3 <= 5
+  EXPECT_EQ(clip_norm_scale(s, 25.0), 1.0);   // norm 5 == 5
+  EXPECT_EQ(clip_norm_scale(s, 100.0), 0.5);  // norm 10 -> 5/10
   EXPECT_EQ(clip_norm_scale(s, 0.0), 1.0);
   s.clip_norm = 1.0f;
   EXPECT_DOUBLE_EQ(clip_norm_scale(s, 2.0), 1.0 / std::sqrt(2.0));
@@ -342,13 +343,25 @@ struct Reference {  // the formulas of optimizer.hpp, element by element, in dou
     const double lr = s.lr, mu = s.momentum, rho = s.rho, b1 = s.beta1, b2 = s.beta2, eps = s.eps;
     for (std::size_t i = 0; i < p.size(); ++i) {
       double g = grad[i] * scale;
-      if (s.clip_value > 0) g = std::fmin(std::fmax(g, -double{s.clip_value}), double{s.clip_value});
+      if (s.clip_value > 0)
+        g = std::fmin(std::fmax(g, -double{s.clip_value}), double{s.clip_value});
       g += double{s.weight_decay} * p[i];
       switch (s.kind) {
-        case OptimizerKind::sgd: p[i] -= lr * g; break;
-        case OptimizerKind::momentum: a[i] = mu * a[i] + g; p[i] -= lr * a[i]; break;
-        case OptimizerKind::nesterov: a[i] = mu * a[i] + g; p[i] -= lr * (g + mu * a[i]); break;
-        case OptimizerKind::adagrad: a[i] += g * g; p[i] -= lr * g / (std::sqrt(a[i]) + eps); break;
+        case OptimizerKind::sgd:
+          p[i] -= lr * g;
+          break;
+        case OptimizerKind::momentum:
+          a[i] = mu * a[i] + g;
+          p[i] -= lr * a[i];
+          break;
+        case OptimizerKind::nesterov:
+          a[i] = mu * a[i] + g;
+          p[i] -= lr * (g + mu * a[i]);
+          break;
+        case OptimizerKind::adagrad:
+          a[i] += g * g;
+          p[i] -= lr * g / (std::sqrt(a[i]) + eps);
+          break;
         case OptimizerKind::rmsprop:
           a[i] = rho * a[i] + (1 - rho) * g * g;
           p[i] -= lr * g / (std::sqrt(a[i]) + eps);
@@ -496,7 +509,8 @@ TEST(Optimizer, Validation) {
                  "valid kinds: sgd, momentum, nesterov, adagrad, rmsprop, adam");
 
   EXPECT_EQ(shmps::server::optimizer_field_problem("lr", 0.05), "");
-  EXPECT_EQ(shmps::server::optimizer_field_problem("lr", -0.1), "must be a positive number, got -0.1");
+  EXPECT_EQ(shmps::server::optimizer_field_problem("lr", -0.1),
+            "must be a positive number, got -0.1");
   EXPECT_EQ(shmps::server::optimizer_field_problem("rho", 0.99), "");
 }
 
