@@ -37,12 +37,12 @@ namespace {
 
 using Keys = std::span<const std::string_view>;
 
-constexpr std::string_view kRootKeysList[] = {"name",        "slice_bytes", "max_workers",
-                                              "ring_bytes",  "server_threads", "consistency",
-                                              "optimizer",   "param"};
-constexpr std::string_view kOptimizerKeysList[] = {"kind", "lr",           "momentum",   "beta1",
-                                                   "beta2", "rho",         "eps",        "weight_decay",
-                                                   "clip_value", "clip_norm"};
+constexpr std::string_view kRootKeysList[] = {"name",       "slice_bytes",    "max_workers",
+                                              "ring_bytes", "server_threads", "consistency",
+                                              "optimizer",  "param"};
+constexpr std::string_view kOptimizerKeysList[] = {
+    "kind", "lr",  "momentum",     "beta1",      "beta2",
+    "rho",  "eps", "weight_decay", "clip_value", "clip_norm"};
 constexpr std::string_view kParamKeysList[] = {"name", "shape", "init"};
 constexpr std::string_view kOptimizerKindsList[] = {"sgd",     "momentum", "nesterov",
                                                     "adagrad", "rmsprop",  "adam"};
@@ -112,7 +112,7 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
   return row[b.size()];
 }
 
-// "; did you mean "lr"?" for a near miss, else "".
+// " (did you mean "lr"?)" for a near miss, else "".
 std::string did_you_mean(std::string_view word, Keys candidates) {
   std::string_view best;
   std::size_t best_d = std::numeric_limits<std::size_t>::max();
@@ -125,21 +125,31 @@ std::string did_you_mean(std::string_view word, Keys candidates) {
   }
   const std::size_t limit = std::max<std::size_t>(1, std::min<std::size_t>(2, best.size() / 3));
   if (best_d > limit) return {};
-  return "; did you mean " + quote(best) + "?";
+  return " (did you mean " + quote(best) + "?)";
 }
 
 std::string type_name(toml::node_type t) {
   switch (t) {
-    case toml::node_type::table: return "a table";
-    case toml::node_type::array: return "an array";
-    case toml::node_type::string: return "a string";
-    case toml::node_type::integer: return "an integer";
-    case toml::node_type::floating_point: return "a float";
-    case toml::node_type::boolean: return "a boolean";
-    case toml::node_type::date: return "a date";
-    case toml::node_type::time: return "a time";
-    case toml::node_type::date_time: return "a date-time";
-    case toml::node_type::none: break;
+    case toml::node_type::table:
+      return "a table";
+    case toml::node_type::array:
+      return "an array";
+    case toml::node_type::string:
+      return "a string";
+    case toml::node_type::integer:
+      return "an integer";
+    case toml::node_type::floating_point:
+      return "a float";
+    case toml::node_type::boolean:
+      return "a boolean";
+    case toml::node_type::date:
+      return "a date";
+    case toml::node_type::time:
+      return "a time";
+    case toml::node_type::date_time:
+      return "a date-time";
+    case toml::node_type::none:
+      break;
   }
   return "nothing";
 }
@@ -149,13 +159,14 @@ std::string describe(const toml::node& n) {
   std::string out = type_name(n.type());
   if (const auto* s = n.as_string()) return out + " (" + quote(s->get()) + ")";
   if (const auto* i = n.as_integer()) return out + " (" + std::to_string(i->get()) + ")";
-  if (const auto* f = n.as_floating_point()) return out + " (" + detail::format_number(f->get()) + ")";
+  if (const auto* f = n.as_floating_point())
+    return out + " (" + detail::format_number(f->get()) + ")";
   if (const auto* b = n.as_boolean()) return out + (b->get() ? " (true)" : " (false)");
   return out;
 }
 
 std::string pow2_text(std::uint64_t v) {
-  for (int k = 10; k < 64; ++k) {
+  for (int k = 20; k < 64; ++k) {  // 2^20 and above read better as powers of two
     if (v == std::uint64_t{1} << k) return "2^" + std::to_string(k);
   }
   return std::to_string(v);
@@ -190,9 +201,9 @@ std::string param_name_problem(std::string_view name) {
   for (std::size_t i = 0; i < name.size(); ++i) {
     const auto c = static_cast<unsigned char>(name[i]);
     if (c <= 0x20 || c == 0x7f) {
-      return quote(name) + " contains " + (c == ' ' ? std::string("a space") : "a control character") +
-             " at position " + std::to_string(i + 1) +
-             ", which is not allowed in a parameter name";
+      return quote(name) + " contains " +
+             (c == ' ' ? std::string("a space") : "a control character") + " at position " +
+             std::to_string(i + 1) + ", which is not allowed in a parameter name";
     }
   }
   return {};
@@ -230,26 +241,26 @@ std::string total_too_large_text(std::uint64_t before) {
          " bytes in total (" + std::to_string(before) + " bytes before this one)";
 }
 
-std::string_view position_suffix(std::size_t i) {
+std::string_view ordinal(std::size_t i) {
   static constexpr std::string_view kOrd[] = {"1st", "2nd", "3rd"};
   return i < 3 ? kOrd[i] : std::string_view();
 }
 
 std::string dimension_name(std::size_t i) {
-  const std::string_view ord = position_suffix(i);
+  const std::string_view ord = ordinal(i);
   return ord.empty() ? "dimension " + std::to_string(i + 1) : std::string(ord) + " dimension";
 }
 
 // Which optimizer kinds use a settings key (empty: all of them).
 Keys kinds_using(std::string_view key) {
   static constexpr std::string_view kMomentumList[] = {"momentum", "nesterov"};
-constexpr Keys kMomentum{kMomentumList};
+  constexpr Keys kMomentum{kMomentumList};
   static constexpr std::string_view kAdamList[] = {"adam"};
-constexpr Keys kAdam{kAdamList};
+  constexpr Keys kAdam{kAdamList};
   static constexpr std::string_view kRmspropList[] = {"rmsprop"};
-constexpr Keys kRmsprop{kRmspropList};
+  constexpr Keys kRmsprop{kRmspropList};
   static constexpr std::string_view kEpsList[] = {"adagrad", "rmsprop", "adam"};
-constexpr Keys kEps{kEpsList};
+  constexpr Keys kEps{kEpsList};
   if (key == "momentum") return kMomentum;
   if (key == "beta1" || key == "beta2") return kAdam;
   if (key == "rho") return kRmsprop;
@@ -322,8 +333,8 @@ class Parser {
       (void)v;
       if (contains(allowed, k.str())) continue;
       const auto& p = k.source().begin;
-      if (bad == nullptr || std::pair(p.line, p.column) < std::pair(bad->source().begin.line,
-                                                                     bad->source().begin.column)) {
+      if (bad == nullptr || std::pair(p.line, p.column) <
+                                std::pair(bad->source().begin.line, bad->source().begin.column)) {
         bad = &k;
       }
     }
@@ -332,7 +343,8 @@ class Parser {
     msg += context;
     msg += did_you_mean(bad->str(), allowed);
     if (!prefix.empty() && contains(kRootKeys, bad->str())) {
-      msg += "; it is a top-level key, and top-level keys must come before the first [table] header";
+      msg +=
+          "; it is a top-level key, and top-level keys must come before the first [table] header";
     }
     msg += "; valid keys: " + join(allowed);
     fail(bad->source(), prefix + std::string(bad->str()), msg);
@@ -341,8 +353,8 @@ class Parser {
   std::int64_t integer(const toml::node& n, const std::string& field) const {
     if (const auto* i = n.as_integer()) return i->get();
     std::string msg = "expected an integer, got " + describe(n);
-    if (const auto* f = n.as_floating_point(); f != nullptr && std::isfinite(f->get()) &&
-                                               std::trunc(f->get()) == f->get()) {
+    if (const auto* f = n.as_floating_point();
+        f != nullptr && std::isfinite(f->get()) && std::trunc(f->get()) == f->get()) {
       msg += "; write it without a decimal point";
     }
     fail(n.source(), field, msg);
@@ -382,7 +394,8 @@ class Parser {
       spec.slice_bytes = unsigned_int(*n, "slice_bytes", kSliceBytesRule);
     }
     if (const toml::node* n = root.get("max_workers")) {
-      spec.max_workers = static_cast<std::uint32_t>(unsigned_int(*n, "max_workers", kMaxWorkersRule));
+      spec.max_workers =
+          static_cast<std::uint32_t>(unsigned_int(*n, "max_workers", kMaxWorkersRule));
     }
     if (const toml::node* n = root.get("ring_bytes")) {
       spec.ring_bytes = unsigned_int(*n, "ring_bytes", kRingBytesRule);
@@ -398,7 +411,8 @@ class Parser {
     const std::string text = str_value(n, "consistency");
     const std::string expected =
         "expected \"asp\", \"bsp\" or \"ssp:N\" (N = staleness bound in clocks, an integer >= 0, "
-        "e.g. \"ssp:3\"), got " + quote(text);
+        "e.g. \"ssp:3\"), got " +
+        quote(text);
     if (text == "asp") {
       spec.consistency = Consistency::asp;
     } else if (text == "bsp") {
@@ -452,7 +466,8 @@ class Parser {
       }
       if (!found) {
         fail(kind->source(), "optimizer.kind",
-             "unknown optimizer kind " + quote(kind_text) + did_you_mean(kind_text, kOptimizerKinds) +
+             "unknown optimizer kind " + quote(kind_text) +
+                 did_you_mean(kind_text, kOptimizerKinds) +
                  "; valid kinds: " + join(kOptimizerKinds));
       }
     }
@@ -540,7 +555,8 @@ class Parser {
       const toml::node* shape = t->get("shape");
       if (shape == nullptr) {
         fail(t->source(), at + ".shape",
-             "missing; give the dimensions as an array of positive integers, e.g. shape = [256, 784]");
+             "missing; give the dimensions as an array of positive integers, e.g. shape = [256, "
+             "784]");
       }
       p.shape = read_shape(*shape, at + ".shape");
       const auto elements = checked_elements(p.shape);
@@ -598,7 +614,9 @@ class Parser {
       const std::string& kind = s->get();
       if (kind == "zeros") return init;
       if (kind == "constant") {
-        fail(n.source(), field, "init \"constant\" needs its value: write init = { kind = \"constant\", value = <number> }");
+        fail(n.source(), field,
+             "init \"constant\" needs its value: write init = { kind = \"constant\", value = "
+             "<number> }");
       }
       if (kind == "u24") {
         fail(n.source(), field,
@@ -606,7 +624,8 @@ class Parser {
              "scale = <number> } (or scale_divisor = <number>)");
       }
       fail(n.source(), field,
-           "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) + "; expected " + example);
+           "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) + "; expected " +
+               example);
     }
     const toml::table* t = n.as_table();
     if (t == nullptr) fail(n.source(), field, "expected " + example + ", got " + describe(n));
@@ -624,7 +643,8 @@ class Parser {
       init.kind = InitSpec::Kind::constant;
       const toml::node* v = t->get("value");
       if (v == nullptr) {
-        fail(t->source(), field + ".value", "missing; init kind \"constant\" needs value = <number>");
+        fail(t->source(), field + ".value",
+             "missing; init kind \"constant\" needs value = <number>");
       }
       const double value = number(*v, field + ".value");
       init.value = static_cast<float>(value);
@@ -633,8 +653,7 @@ class Parser {
              "must be a finite float32 number, got " + detail::format_number(value));
       }
     } else if (kind == "u24") {
-      check_keys(*t, field + ".", kU24Keys,
-                 " for init kind \"u24\"");
+      check_keys(*t, field + ".", kU24Keys, " for init kind \"u24\"");
       init.kind = InitSpec::Kind::u24;
       const toml::node* sn = t->get("stream");
       if (sn == nullptr) {
@@ -643,7 +662,8 @@ class Parser {
       }
       const std::int64_t stream = integer(*sn, field + ".stream");
       if (stream < 0) {
-        fail(sn->source(), field + ".stream", "must be an integer >= 0, got " + std::to_string(stream));
+        fail(sn->source(), field + ".stream",
+             "must be an integer >= 0, got " + std::to_string(stream));
       }
       init.stream = static_cast<std::uint64_t>(stream);
       const toml::node* scale = t->get("scale");
@@ -651,7 +671,8 @@ class Parser {
       if (scale != nullptr && divisor != nullptr) {
         const auto& a = scale->source().begin;
         const auto& b = divisor->source().begin;
-        const toml::node* later = std::pair(a.line, a.column) < std::pair(b.line, b.column) ? divisor : scale;
+        const toml::node* later =
+            std::pair(a.line, a.column) < std::pair(b.line, b.column) ? divisor : scale;
         fail(later->source(), field + (later == scale ? ".scale" : ".scale_divisor"),
              "give either scale or scale_divisor, not both");
       }
@@ -675,8 +696,8 @@ class Parser {
       }
     } else {
       fail(kn->source(), field + ".kind",
-           "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) + "; valid kinds: " +
-               join(kInitKinds, ", ", true));
+           "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) +
+               "; valid kinds: " + join(kInitKinds, ", ", true));
     }
     return init;
   }
@@ -686,9 +707,12 @@ class Parser {
 
 std::string_view to_string(InitSpec::Kind kind) noexcept {
   switch (kind) {
-    case InitSpec::Kind::zeros: return "zeros";
-    case InitSpec::Kind::constant: return "constant";
-    case InitSpec::Kind::u24: return "u24";
+    case InitSpec::Kind::zeros:
+      return "zeros";
+    case InitSpec::Kind::constant:
+      return "constant";
+    case InitSpec::Kind::u24:
+      return "u24";
   }
   return "?";
 }
@@ -707,8 +731,8 @@ std::uint64_t ParamSpec::size() const {
 std::string validate_segment_name(std::string_view name) {
   const std::string allowed = "use only letters, digits, '.', '_' and '-'";
   if (name.empty()) {
-    return "segment name is empty; " + allowed + " (1 to " +
-           std::to_string(kMaxSegmentNameLength) + " characters)";
+    return "segment name is empty; " + allowed + " (1 to " + std::to_string(kMaxSegmentNameLength) +
+           " characters)";
   }
   if (name.size() > kMaxSegmentNameLength) {
     return "segment name " + quote(name) + " is " + std::to_string(name.size()) +
@@ -793,7 +817,8 @@ std::string validate_model_spec(const ModelSpec& spec) {
     if (bytes > kMaxParamBytes - total) return at + ".shape: " + total_too_large_text(total);
     total += bytes;
     switch (p.init.kind) {
-      case InitSpec::Kind::zeros: break;
+      case InitSpec::Kind::zeros:
+        break;
       case InitSpec::Kind::constant:
         if (!std::isfinite(p.init.value)) return at + ".init.value: must be finite";
         break;

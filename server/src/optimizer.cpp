@@ -71,7 +71,7 @@ struct ExactSqrt {
 template <>
 struct Eigen::internal::functor_traits<shmps::server::ExactSqrt> {
 #if defined(__SSE__)
-  enum { Cost = 4 * Eigen::NumTraits<float>::MulCost, PacketAccess = 1 };
+  enum {Cost = 4 * Eigen::NumTraits<float>::MulCost, PacketAccess = 1};
 #else
   enum { Cost = 4 * Eigen::NumTraits<float>::MulCost, PacketAccess = 0 };
 #endif
@@ -88,10 +88,10 @@ auto sqrt_of(const Expr& e) {
 // Scalars of one update, computed once per call.
 struct Coeffs {
   float lr = 0;
-  float mu = 0;          // momentum
+  float mu = 0;  // momentum
   float rho = 0, one_minus_rho = 0;
   float b1 = 0, one_minus_b1 = 0, b2 = 0, one_minus_b2 = 0;
-  float step_size = 0;   // adam: lr / (1 - b1^t)
+  float step_size = 0;     // adam: lr / (1 - b1^t)
   float inv_bc2_sqrt = 0;  // adam: 1 / sqrt(1 - b2^t)
   float eps = 0;
   // gradient preprocessing
@@ -180,12 +180,18 @@ template <int A>
 void dispatch(OptimizerKind kind, const Coeffs& c, float* p, const float* g, float* s0, float* s1,
               Index n) {
   switch (kind) {
-    case OptimizerKind::sgd: return run<OptimizerKind::sgd, A>(c, p, g, s0, s1, n);
-    case OptimizerKind::momentum: return run<OptimizerKind::momentum, A>(c, p, g, s0, s1, n);
-    case OptimizerKind::nesterov: return run<OptimizerKind::nesterov, A>(c, p, g, s0, s1, n);
-    case OptimizerKind::adagrad: return run<OptimizerKind::adagrad, A>(c, p, g, s0, s1, n);
-    case OptimizerKind::rmsprop: return run<OptimizerKind::rmsprop, A>(c, p, g, s0, s1, n);
-    case OptimizerKind::adam: return run<OptimizerKind::adam, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::sgd:
+      return run<OptimizerKind::sgd, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::momentum:
+      return run<OptimizerKind::momentum, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::nesterov:
+      return run<OptimizerKind::nesterov, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::adagrad:
+      return run<OptimizerKind::adagrad, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::rmsprop:
+      return run<OptimizerKind::rmsprop, A>(c, p, g, s0, s1, n);
+    case OptimizerKind::adam:
+      return run<OptimizerKind::adam, A>(c, p, g, s0, s1, n);
   }
 }
 

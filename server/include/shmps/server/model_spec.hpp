@@ -81,9 +81,12 @@ std::string_view to_string(InitSpec::Kind kind) noexcept;
 // The initial value of element k (row-major flat index) of a parameter initialised by init.
 inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
   switch (init.kind) {
-    case InitSpec::Kind::zeros: return 0.0f;
-    case InitSpec::Kind::constant: return init.value;
-    case InitSpec::Kind::u24: return u24(splitmix_draw(init.stream, k)) * init.scale;
+    case InitSpec::Kind::zeros:
+      return 0.0f;
+    case InitSpec::Kind::constant:
+      return init.value;
+    case InitSpec::Kind::u24:
+      return u24(splitmix_draw(init.stream, k)) * init.scale;
   }
   return 0.0f;
 }
@@ -96,16 +99,16 @@ struct ParamSpec {
 };
 
 struct ModelSpec {
-  std::string name;                  // segment name
+  std::string name;  // segment name
   std::uint64_t slice_bytes = 65536;
   std::uint32_t max_workers = 16;
   std::uint64_t ring_bytes = 0;      // per worker ring; 0 = automatic (the server sizes it)
   std::uint32_t server_threads = 0;  // 0 = all cores
   Consistency consistency = Consistency::asp;
-  std::uint32_t staleness = 0;       // ssp only
+  std::uint32_t staleness = 0;  // ssp only
   OptimizerSettings optimizer;
   std::vector<ParamSpec> params;
-  std::string source;                // file path or "<string>", for messages
+  std::string source;  // file path or "<string>", for messages
 };
 
 class SpecError : public std::runtime_error {

@@ -68,7 +68,8 @@ template <class T>
 std::string optimizer_field_problem(std::string_view field, T value) {
   const double v = static_cast<double>(value);
   if (field == "lr" || field == "eps") {
-    if (!(v > 0) || !std::isfinite(v)) return "must be a positive number, got " + format_number(value);
+    if (!(v > 0) || !std::isfinite(v))
+      return "must be a positive number, got " + format_number(value);
   } else if (field == "momentum" || field == "beta1" || field == "beta2" || field == "rho") {
     if (!(v >= 0 && v < 1)) return "must be in [0, 1), got " + format_number(value);
   } else if (field == "weight_decay" || field == "clip_value" || field == "clip_norm") {
@@ -99,10 +100,15 @@ inline std::string validate_optimizer_settings(const OptimizerSettings& s) {
     return "kind: unknown optimizer kind " + std::to_string(static_cast<std::uint32_t>(s.kind)) +
            "; valid kinds: sgd, momentum, nesterov, adagrad, rmsprop, adam";
   }
-  const std::pair<std::string_view, float> fields[] = {
-      {"lr", s.lr},     {"momentum", s.momentum},         {"beta1", s.beta1},
-      {"beta2", s.beta2}, {"rho", s.rho},                 {"eps", s.eps},
-      {"weight_decay", s.weight_decay}, {"clip_value", s.clip_value}, {"clip_norm", s.clip_norm}};
+  const std::pair<std::string_view, float> fields[] = {{"lr", s.lr},
+                                                       {"momentum", s.momentum},
+                                                       {"beta1", s.beta1},
+                                                       {"beta2", s.beta2},
+                                                       {"rho", s.rho},
+                                                       {"eps", s.eps},
+                                                       {"weight_decay", s.weight_decay},
+                                                       {"clip_value", s.clip_value},
+                                                       {"clip_norm", s.clip_norm}};
   for (const auto& [name, v] : fields) {
     std::string problem = detail::optimizer_field_problem(name, v);
     if (!problem.empty()) return std::string(name) + ": " + problem;
