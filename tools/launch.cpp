@@ -236,9 +236,18 @@ int main(int argc, char** argv) {
   app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
   app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
                                    "(e.g. \"shmps-worker --evaluate\")");
-  app.add_option("program", program, "the worker program and its arguments, after -- (default: shmps-worker)");
+  app.footer("After --: the worker program and its arguments (default: shmps-worker). Options before -- that "
+             "shmps-launch does not know are passed on to the worker program.");
   app.allow_extras();  // unknown options go to the worker program
-  CLI11_PARSE(app, argc, argv);
+  // Split at "--" ourselves: CLI11 would take an unknown option's value for a positional.
+  int ours = argc;
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view(argv[i]) == "--") {
+      ours = i;
+      break;
+    }
+  for (int i = ours + 1; i < argc; ++i) program.emplace_back(argv[i]);
+  CLI11_PARSE(app, ours, argv);
 
   try {
     if (!spec_path.empty()) {
@@ -249,7 +258,7 @@ int main(int argc, char** argv) {
     shm::check_segment_name(name);
     if (program.empty()) program.push_back("shmps-worker");
     program[0] = resolve(program[0]);
-    for (const auto& extra : app.remaining()) program.push_back(extra);
+    for (const auto& extra : app.remaining()) program.push_back(extra);  // in their original order
 
     Launcher launcher;
     Child* server = nullptr;
