@@ -5,10 +5,13 @@
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
+#include <algorithm>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
+#include <string_view>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -67,6 +70,15 @@ std::string human_bytes(std::uint64_t b) {
   return out.str();
 }
 
+// The width of a text column: at least `minimum`, and wide enough for the longest value plus a
+// space, so that a long name never runs into the next column.
+template <class Values>
+int column_width(const Values& values, std::size_t minimum) {
+  std::size_t width = minimum;
+  for (const auto& v : values) width = std::max(width, std::string_view(v).size() + 2);
+  return static_cast<int>(width);
+}
+
 // What a worker slot is, from its own words and the kernel's lock (never from time alone).
 std::string slot_status(const Segment& seg, unsigned r, const LockFile* slots_lock) {
   const WorkerSlot& slot = seg.slot(r);
@@ -93,12 +105,13 @@ int cmd_list() {
     std::cout << "no shmps segments in " << kShmDir << "\n";
     return 0;
   }
-  std::cout << std::left << std::setw(24) << "NAME" << std::setw(10) << "STATE" << std::setw(18) << "SERVER"
+  const int name_width = column_width(names, 24);
+  std::cout << std::left << std::setw(name_width) << "NAME" << std::setw(10) << "STATE" << std::setw(18) << "SERVER"
             << std::setw(8) << "EPOCH" << std::setw(10) << "WORKERS" << std::setw(12) << "SIZE" << "PARAMS\n";
   for (const auto& name : names) {
     bool server_alive = false;
     holder(server_lock_path(name), 0, server_alive);
-    std::cout << std::left << std::setw(24) << name;
+    std::cout << std::left << std::setw(name_width) << name;
     try {
       Segment seg = Segment::open(name, Access::read_only);
       const auto& h = seg.header();
@@ -154,7 +167,13 @@ int cmd_inspect(const std::string& name) {
             << "applied      " << load_counter(h.records_applied) << " pushes, " << load_counter(h.floats_applied)
             << " floats, " << load_counter(h.apply_rounds) << " rounds\n\n";
 
-  std::cout << std::left << std::setw(20) << "PARAM" << std::setw(16) << "SHAPE" << std::setw(12) << "ELEMENTS"
+  std::vector<std::string> param_names, shapes;
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    param_names.emplace_back(param_name(seg.param(i)));
+    shapes.push_back(shape_string(seg.param(i)));
+  }
+  const int param_width = column_width(param_names, 20), shape_width = column_width(shapes, 16);
+  std::cout << std::left << std::setw(param_width) << "PARAM" << std::setw(shape_width) << "SHAPE" << std::setw(12) << "ELEMENTS"
             << std::setw(8) << "SLICES" << "VERSIONS (min..max updates per slice)\n";
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = seg.param(i);
@@ -164,7 +183,7 @@ int cmd_inspect(const std::string& name) {
       lo = std::min(lo, v);
       hi = std::max(hi, v);
     }
-    std::cout << std::left << std::setw(20) << param_name(p) << std::setw(16) << shape_string(p) << std::setw(12)
+    std::cout << std::left << std::setw(param_width) << param_names[i] << std::setw(shape_width) << shapes[i] << std::setw(12)
               << p.size << std::setw(8) << p.slice_count << lo << ".." << hi << "\n";
   }
 
@@ -187,9 +206,20 @@ int cmd_inspect(const std::string& name) {
 
 int cmd_destroy(const std::string& name, bool force) {
   check_segment_name(name);
-  if (!Segment::exists(name)) throw Error("segment '" + name + "' does not exist (no " + segment_path(name) + ")");
   bool server_alive = false;
   holder(server_lock_path(name), 0, server_alive);
+  if (!Segment::exists(name)) {
+    // A server that failed before creating the segment (e.g. not enough room in /dev/shm) leaves
+    // its lock file behind; `list` does not show it, so this is the one way to clean it up.
+    if (!std::filesystem::exists(server_lock_path(name)) && !std::filesystem::exists(slots_lock_path(name)))
+      throw Error("segment '" + name + "' does not exist (no " + segment_path(name) + "); see `shmps-ctl list`");
+    if (server_alive)
+      throw Error("segment '" + name + "' does not exist yet, but a live server holds its lock (it may be creating "
+                  "it): stop that server first");
+    Segment::remove(name);
+    std::cout << "segment '" << name << "' does not exist; removed its leftover lock files\n";
+    return 0;
+  }
   if (server_alive && !force) {
     std::string pid = "?";
     try {

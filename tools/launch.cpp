@@ -109,6 +109,8 @@ class Launcher {
       std::fprintf(stderr, "shmps-launch: cannot run %s: %s\n", args[0], std::strerror(errno));
       _exit(127);
     }
+    // Also here, not only in the child: a signal sent to the group right after fork must reach it.
+    setpgid(pid, pid);
     close(fds[1]);
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
     children_.push_back(std::make_unique<Child>(Child{label, pid, fds[0], {}, std::nullopt}));
@@ -161,8 +163,11 @@ class Launcher {
   bool running(const Child& c) const { return !c.status.has_value(); }
   int interrupted() const { return interrupted_; }
 
+  // Signals the child's whole process group, so that what it started (a shell's commands, a
+  // trainer's data loaders) stops with it instead of being left behind.
   void signal(Child& c, int sig) {
-    if (running(c)) kill(c.pid, sig);
+    if (!running(c)) return;
+    if (kill(-c.pid, sig) != 0) kill(c.pid, sig);
   }
 
   // Waits for `c` to exit, pumping output; escalates to SIGKILL after `grace`.
@@ -173,7 +178,7 @@ class Launcher {
       if (running(c) && std::chrono::steady_clock::now() > deadline) {
         std::cerr << "shmps-launch: " << c.label << " did not stop within " << grace.count() / 1000
                   << " s; killing it\n";
-        kill(c.pid, SIGKILL);
+        signal(c, SIGKILL);
         while (running(c)) pump(std::chrono::milliseconds(50));
       }
     }
@@ -253,6 +258,9 @@ int main(int argc, char** argv) {
     if (!spec_path.empty()) {
       auto spec = server::load_model_spec(spec_path);
       if (name.empty()) name = spec.name;
+      if (static_cast<std::uint32_t>(workers) > spec.max_workers)
+        throw Error("--workers " + std::to_string(workers) + " is more than the " + std::to_string(spec.max_workers) +
+                    " worker slots of " + spec_path + ": raise max_workers there, or start fewer workers");
     }
     if (name.empty()) throw Error("no segment: give --spec FILE (to start a server) or --name NAME (to join one)");
     shm::check_segment_name(name);
@@ -323,8 +331,17 @@ int main(int argc, char** argv) {
     if (!failed && !launcher.interrupted() && !after.empty()) {
       Child& post = launcher.spawn("after", {"/bin/sh", "-c", after},
                                    {{"SHMPS_SEGMENT", name}, {"PATH", self_dir() + ":" + (getenv("PATH") ? getenv("PATH") : "")}});
-      const int status = launcher.wait(post, std::chrono::hours(24));
-      if (!succeeded(status)) {
+      // No time limit, but Ctrl-C and SIGTERM stop it (it is in its own process group, so the
+      // terminal's signal does not reach it by itself).
+      while (launcher.running(post)) {
+        launcher.pump(std::chrono::milliseconds(200));
+        if (launcher.interrupted() && launcher.running(post)) {
+          launcher.signal(post, SIGTERM);
+          launcher.wait(post, std::chrono::seconds(10));
+        }
+      }
+      const int status = *post.status;
+      if (!succeeded(status) && !launcher.interrupted()) {
         std::cerr << "shmps-launch: the --after command " << describe(status) << "\n";
         failed = true;
       }

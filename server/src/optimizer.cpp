@@ -18,6 +18,7 @@
 // before anything includes <immintrin.h>.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same false positive at -O2 with sanitizers
 #endif
 
 #include "shmps/server/optimizer.hpp"

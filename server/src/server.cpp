@@ -101,7 +101,19 @@ void Server::start() {
     throw Error(spec.source + ": consistency '" + std::string(to_string(spec.consistency)) +
                 "' is not available yet; this version applies pushes asynchronously: use consistency = \"asp\"");
 
-  // 1. The server lock: exactly one server per segment, for its whole life.
+  // 1. Lay out the model; check for room before anything is created (a lock file included).
+  LayoutRequest request;
+  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
+  request.slice_bytes = spec.slice_bytes;
+  request.max_workers = spec.max_workers;
+  request.ring_bytes = spec.ring_bytes;
+  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  const LayoutPlan plan = plan_layout(request);
+  const std::uint64_t hash = layout_hash(request, plan);
+
+  if (!Segment::exists(spec.name)) Segment::check_room(spec.name, plan.total_bytes);
+
+  // 2. The server lock: exactly one server per segment, for its whole life.
   s.server_lock = LockFile::open(server_lock_path(spec.name), true, s.options.mode);
   if (!s.server_lock.try_lock(0)) {
     std::string who;
@@ -115,16 +127,6 @@ void Server::start() {
     throw Error("segment '" + spec.name + "' is already served by a live server" + who +
                 ": stop that server first, or give this job another name (--name)");
   }
-
-  // 2. Lay out the model.
-  LayoutRequest request;
-  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
-  request.slice_bytes = spec.slice_bytes;
-  request.max_workers = spec.max_workers;
-  request.ring_bytes = spec.ring_bytes;
-  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
-  const LayoutPlan plan = plan_layout(request);
-  const std::uint64_t hash = layout_hash(request, plan);
 
   // 3. Create, or recover what is there.
   if (Segment::exists(spec.name)) {

@@ -18,7 +18,8 @@ std::string segment_name_problem(std::string_view name) {
              ": use only letters, digits, '.', '_' and '-' (a segment is one file in /dev/shm, not a path)";
     }
   }
-  if (name.front() == '.') return "segment name '" + std::string(name) + "' starts with '.': start it with a letter or digit";
+  if (name.front() == '.' || name.front() == '-')
+    return "segment name '" + std::string(name) + "' starts with '" + name.front() + "': start it with a letter or digit";
   if (name.size() >= 5 && name.substr(name.size() - 5) == ".lock")
     return "segment name '" + std::string(name) + "' ends in '.lock', which shmps keeps for its lock files: choose another name";
   return {};

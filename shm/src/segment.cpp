@@ -23,10 +23,17 @@ namespace shmps::shm {
 
 namespace {
 
-std::string mib(std::uint64_t bytes) {
+std::string human_size(std::uint64_t bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024.0 && unit < 6) {
+    value /= 1024.0;
+    ++unit;
+  }
   std::ostringstream out;
   out.precision(1);
-  out << std::fixed << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  out << std::fixed << value << " " << units[unit];
   return out.str();
 }
 
@@ -117,19 +124,22 @@ Segment::~Segment() = default;
 Segment::Segment(Segment&&) noexcept = default;
 Segment& Segment::operator=(Segment&&) noexcept = default;
 
+void Segment::check_room(std::string_view name, std::uint64_t total_bytes) {
+  struct statvfs fs {};
+  if (::statvfs(std::string(kShmDir).c_str(), &fs) != 0) return;  // creation itself will say what is wrong
+  const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+  if (total_bytes > free_bytes)
+    throw Error("segment '" + std::string(name) + "' needs " + human_size(total_bytes) + " but " + std::string(kShmDir) +
+                " has only " + human_size(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
+                "default each of the max_workers rings holds two pushes of the largest parameter), remove stale "
+                "segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) + " (mount -o remount,size=... " +
+                std::string(kShmDir) + ")");
+}
+
 Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode) {
   check_segment_name(name);
   const std::string path = segment_path(name);
-  // Check for room first, so that a too-large model changes nothing.
-  struct statvfs fs {};
-  if (::statvfs(std::string(kShmDir).c_str(), &fs) == 0) {
-    const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
-    if (total_bytes > free_bytes)
-      throw Error("segment '" + std::string(name) + "' needs " + mib(total_bytes) + " but " + std::string(kShmDir) +
-                  " has only " + mib(free_bytes) + " free: make the model or its rings smaller (ring_bytes, max_workers), "
-                  "remove stale segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) +
-                  " (mount -o remount,size=... " + std::string(kShmDir) + ")");
-  }
+  check_room(name, total_bytes);  // first, so that a too-large model changes nothing
   bip::permissions perms;
   perms.set_permissions(static_cast<int>(mode));
   Segment segment;
@@ -141,7 +151,7 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
     // first touch in the middle of training.
     if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total_bytes)); err != 0) {
       bip::shared_memory_object::remove(shm_object_name(name).c_str());
-      throw Error("cannot reserve " + mib(total_bytes) + " for segment '" + std::string(name) + "' in " +
+      throw Error("cannot reserve " + human_size(total_bytes) + " for segment '" + std::string(name) + "' in " +
                   std::string(kShmDir) + ": " + std::strerror(err) +
                   (err == ENOSPC ? " (not enough shared memory: make the model smaller or enlarge /dev/shm)" : ""));
     }

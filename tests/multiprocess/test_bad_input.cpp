@@ -188,7 +188,7 @@ TEST(BadInput, SizeMismatchAndOutOfRangeThrowWithBothSizesAndPublishNothing) {
   // Whole-parameter push and pull of the wrong size.
   std::string msg = error_of([&] { w.push("b", std::span<const float>(g.data(), 6)); });
   EXPECT_HAS(msg, "6 elements");
-  EXPECT_HAS(msg, "has 7 elements [7]");
+  EXPECT_HAS(msg, "the parameter has 7 [7]");
   EXPECT_HAS(msg, "nothing was pushed");
   msg = error_of([&] { w.push("w", std::span<const float>(g.data(), kW + 1)); });
   EXPECT_HAS(msg, "120001 elements");

@@ -1,2 +1,500 @@
+// shmps-launch and shmps-ctl as an operator runs them: real processes, real segments.
 #include <gtest/gtest.h>
-TEST(Placeholder, Pending) { GTEST_SKIP() << "being written"; }
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/harness.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+
+namespace {
+
+// "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
+constexpr const char* kSpec = R"(slice_bytes = 65536
+max_workers = 4
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "w"
+shape = [3, 40000]
+[[param]]
+name = "b"
+shape = [7]
+[[param]]
+name = "u"
+shape = [50000]
+)";
+
+bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+#define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
+
+bool exists(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::exists(path, ec);
+}
+
+void expect_no_files(const std::string& name) {
+  EXPECT_FALSE(exists(shm::segment_path(name))) << shm::segment_path(name);
+  EXPECT_FALSE(exists(shm::server_lock_path(name))) << shm::server_lock_path(name);
+  EXPECT_FALSE(exists(shm::slots_lock_path(name))) << shm::slots_lock_path(name);
+}
+
+struct Ran {
+  int code;
+  std::string out;
+};
+Ran run(std::vector<std::string> argv) {
+  Process p(std::move(argv));
+  const int code = p.wait(30s);
+  return {code, p.output()};
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+std::vector<std::string> words(const std::string& line) {
+  std::vector<std::string> out;
+  std::istringstream in(line);
+  for (std::string w; in >> w;) out.push_back(w);
+  return out;
+}
+
+// Gone, or a zombie waiting for a reaper that is not the launcher (an orphan's new parent).
+bool pid_gone(pid_t pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  const auto paren = text.rfind(')');
+  return paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] == 'Z';
+}
+
+// The pids a child printed as "[label] <tag> <pid>" lines.
+std::vector<pid_t> printed_pids(const std::string& out, const std::string& label, const std::string& tag) {
+  std::vector<pid_t> pids;
+  for (const auto& line : lines_of(out)) {
+    const auto w = words(line);
+    if (w.size() == 3 && w[0] == "[" + label + "]" && w[1] == tag) pids.push_back(std::stoi(w[2]));
+  }
+  return pids;
+}
+
+// The words of the first line of `text` whose first word is `first` (empty if none).
+std::vector<std::string> row(const std::string& text, const std::string& first) {
+  for (const auto& line : lines_of(text)) {
+    auto w = words(line);
+    if (!w.empty() && w[0] == first) return w;
+  }
+  return {};
+}
+
+// The "min..max" versions column of a parameter's row in `shmps-ctl inspect`.
+std::pair<std::uint64_t, std::uint64_t> versions(const std::string& inspect, const std::string& param) {
+  const auto r = row(inspect, param);
+  if (r.empty()) return {0, 0};
+  const std::string v = r.back();
+  const auto dots = v.find("..");
+  if (dots == std::string::npos) return {0, 0};
+  return {std::stoull(v.substr(0, dots)), std::stoull(v.substr(dots + 2))};
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string> launch_argv(const Job& job, int workers, std::vector<std::string> extra) {
+  std::vector<std::string> argv{"shmps-launch", "--spec", job.spec_path(), "--name", job.name(),
+                                "--workers", std::to_string(workers)};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return argv;
+}
+
+}  // namespace
+
+// ---- shmps-launch ---------------------------------------------------------------------------------
+
+TEST(Launch, RunsWorkersWithPrefixedOutputThenStopsTheServerAndRemovesTheSegment) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("launch", kSpec);
+  Process launch(launch_argv(job, 3, {"--", "shmps-test-pusher", "exact", "--pushes", "30"}));
+  ASSERT_EQ(launch.wait(45s), 0) << launch.output();
+  const std::string out = launch.output();
+  for (int r = 0; r < 3; ++r) {
+    const std::string p = "[w" + std::to_string(r) + "] ";
+    EXPECT_HAS(out, "\n" + p + "rank " + std::to_string(r) + " pushed 30 applied 30\n");
+  }
+  // Every line is the launcher's own or prefixed with where it came from.
+  for (const auto& line : lines_of(out)) {
+    const bool ok = line.rfind("shmps-launch: ", 0) == 0 || line.rfind("[server] ", 0) == 0 ||
+                    line.rfind("[w0] ", 0) == 0 || line.rfind("[w1] ", 0) == 0 || line.rfind("[w2] ", 0) == 0;
+    EXPECT_TRUE(ok) << "unprefixed line: " << line;
+  }
+  EXPECT_HAS(out, "starting 3 workers");
+  EXPECT_HAS(out, "event=stopped segment=" + job.name() + " records_applied=90");  // drained, then stopped
+  EXPECT_HAS(out, "removed=true");
+  EXPECT_HAS(out, "shmps-launch: job finished; segment removed");
+  expect_no_files(job.name());
+}
+
+TEST(Launch, AFailingWorkerIsNamedAndTheJobIsStoppedAndCleanedUp) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("fail", kSpec);
+  const auto t0 = std::chrono::steady_clock::now();
+  // Rank 1 fails at once; the others would run for 30 s unless stopped, they and the command
+  // their shell started.
+  Process launch(launch_argv(job, 3,
+                             {"--", "/bin/sh", "-c",
+                              "if [ \"$SHMPS_RANK\" = 1 ]; then sleep 0.2; echo giving up; exit 3; fi; "
+                              "sleep 30 & echo \"sleeper $!\"; wait $!; echo late"}));
+  const int code = launch.wait(45s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 20s) << "the other workers were not stopped";
+  EXPECT_HAS(out, "[w1] giving up");
+  EXPECT_HAS(out, "shmps-launch: worker w1 exited with code 3; stopping the job");
+  EXPECT_FALSE(has(out, "worker w0 ")) << out;  // stopped by the launcher: not a failure of theirs
+  EXPECT_FALSE(has(out, "worker w2 ")) << out;
+  EXPECT_FALSE(has(out, "job finished")) << out;
+  EXPECT_FALSE(has(out, "late")) << out;
+  EXPECT_HAS(out, "event=stopped");
+  expect_no_files(job.name());
+  std::vector<pid_t> sleepers = printed_pids(out, "w0", "sleeper");
+  const auto w2 = printed_pids(out, "w2", "sleeper");
+  sleepers.insert(sleepers.end(), w2.begin(), w2.end());
+  ASSERT_EQ(sleepers.size(), 2u) << out;
+  for (pid_t p : sleepers) EXPECT_TRUE(pid_gone(p)) << "a worker's child, pid " << p << ", was left running";
+}
+
+TEST(Launch, MoreWorkersThanSlotsIsRefusedBeforeStartingAnything) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("slots", kSpec);
+  Process launch(launch_argv(job, 5, {"--", "shmps-test-pusher", "exact", "--pushes", "3"}));
+  const int code = launch.wait(45s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_HAS(out, "--workers 5 is more than the 4 worker slots");
+  EXPECT_FALSE(has(out, "[server]")) << out;  // nothing was started
+  expect_no_files(job.name());
+}
+
+TEST(Launch, ABadSpecFailsBeforeStartingAnything) {
+  Watchdog wd(std::chrono::seconds(60));
+  std::string spec = kSpec;
+  spec.replace(spec.find("lr = 1.0"), 8, "lr = 0");
+  Job job("badspec", spec);
+  Process launch(launch_argv(job, 2, {"--", "shmps-test-pusher", "exact", "--pushes", "3"}));
+  const int code = launch.wait(20s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_HAS(out, job.spec_path() + ":6:");
+  EXPECT_HAS(out, "optimizer.lr");
+  EXPECT_FALSE(has(out, "[server]")) << out;
+  EXPECT_FALSE(has(out, "[w0]")) << out;
+  expect_no_files(job.name());
+}
+
+TEST(Launch, SigintOrSigtermStopsWorkersAndServerAndLeavesNothing) {
+  Watchdog wd(std::chrono::seconds(60));
+  for (int sig : {SIGINT, SIGTERM}) {
+    SCOPED_TRACE(strsignal(sig));
+    Job job("signal", kSpec);
+    Process launch(launch_argv(job, 3, {"--", "shmps-test-pusher", "puller", "--millis", "60000"}));
+    // Wait until the server and all three workers are up, and learn their pids.
+    std::vector<pid_t> pids;
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (pids.empty() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(20ms);
+      ASSERT_TRUE(launch.running()) << launch.output();
+      try {
+        if (!shm::Segment::exists(job.name())) continue;
+        auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+        if (shm::load_acquire(seg.header().state) != static_cast<std::uint32_t>(shm::SegmentState::ready)) continue;
+        std::vector<pid_t> found{shm::load_acquire(seg.header().server_pid)};
+        for (unsigned r = 0; r < 3; ++r)
+          if (shm::load_acquire(seg.slot(r).state) == static_cast<std::uint32_t>(shm::SlotState::attached))
+            found.push_back(shm::load_acquire(seg.slot(r).pid));
+        if (found.size() == 4) pids = found;
+      } catch (const shmps::Error&) {
+      }
+    }
+    ASSERT_EQ(pids.size(), 4u) << "the job did not start:\n" << launch.output();
+    for (pid_t p : pids) ASSERT_FALSE(pid_gone(p));
+
+    launch.kill(sig);
+    const int code = launch.wait(30s);
+    const std::string out = launch.output();
+    EXPECT_EQ(code, 128 + sig) << out;
+    EXPECT_HAS(out, std::string("shmps-launch: ") + strsignal(sig) + ": stopping the job");
+    EXPECT_HAS(out, "event=stopped");
+    EXPECT_FALSE(has(out, "job finished")) << out;
+    for (pid_t p : pids) EXPECT_TRUE(pid_gone(p)) << "pid " << p << " is still there";
+    expect_no_files(job.name());
+  }
+}
+
+TEST(Launch, AfterRunsWhileTheServerLivesAndKeepKeepsTheSegment) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("after", kSpec);
+  Process launch(launch_argv(job, 2,
+                             {"--keep", "--after", "echo \"after sees $SHMPS_SEGMENT\"; shmps-ctl inspect \"$SHMPS_SEGMENT\"",
+                              "--", "shmps-test-pusher", "exact", "--pushes", "30"}));
+  ASSERT_EQ(launch.wait(45s), 0) << launch.output();
+  const std::string out = launch.output();
+  // The command ran after both workers finished, with the segment set, the server alive.
+  const auto after_at = out.find("[after] after sees " + job.name() + "\n");
+  ASSERT_NE(after_at, std::string::npos) << out;
+  EXPECT_LT(out.find("[w0] rank 0 pushed 30 applied 30"), after_at) << out;
+  EXPECT_LT(out.find("[w1] rank 1 pushed 30 applied 30"), after_at) << out;
+  EXPECT_HAS(out, "[after] server       alive");
+  EXPECT_HAS(out, "[after] state        ready");
+  EXPECT_HAS(out, "job finished");
+  EXPECT_FALSE(has(out, "segment removed")) << out;
+  EXPECT_HAS(out, "removed=false");
+
+  // --keep: the segment and its values are still there, its server gone.
+  ASSERT_TRUE(exists(shm::segment_path(job.name())));
+  const Ran inspect = run({"shmps-ctl", "inspect", job.name()});
+  ASSERT_EQ(inspect.code, 0) << inspect.out;
+  EXPECT_HAS(inspect.out, "server       not running");
+  EXPECT_HAS(inspect.out, "state        stopped");
+  EXPECT_HAS(inspect.out, "applied      60 pushes");
+  EXPECT_GT(versions(inspect.out, "w").first, 0u) << inspect.out;
+  EXPECT_GT(versions(inspect.out, "b").first, 0u) << inspect.out;
+
+  const Ran destroy = run({"shmps-ctl", "destroy", job.name()});
+  EXPECT_EQ(destroy.code, 0) << destroy.out;
+  EXPECT_HAS(destroy.out, "removed segment '" + job.name() + "'");
+  expect_no_files(job.name());
+}
+
+TEST(Launch, SigintDuringTheAfterCommandStopsIt) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("afterint", kSpec);
+  Process launch(launch_argv(job, 1,
+                             {"--after", "sleep 30 & echo \"sleeper $!\"; wait $!; echo late", "--",
+                              "shmps-test-pusher", "exact", "--pushes", "3"}));
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (!has(launch.output(), "[after] sleeper ") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(has(launch.output(), "[after] sleeper ")) << launch.output();
+  const auto t0 = std::chrono::steady_clock::now();
+  launch.kill(SIGINT);
+  const int code = launch.wait(30s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 128 + SIGINT) << out;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 15s) << "the --after command was not stopped";
+  EXPECT_FALSE(has(out, "late")) << out;
+  EXPECT_FALSE(has(out, "the --after command")) << "an interrupted --after is not reported as a failure:\n" << out;
+  const auto sleepers = printed_pids(out, "after", "sleeper");
+  ASSERT_EQ(sleepers.size(), 1u) << out;
+  EXPECT_TRUE(pid_gone(sleepers[0]));
+  expect_no_files(job.name());
+}
+
+TEST(Launch, AFailingAfterCommandFailsTheJob) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("afterfail", kSpec);
+  Process launch(launch_argv(job, 1, {"--after", "exit 4", "--", "shmps-test-pusher", "exact", "--pushes", "3"}));
+  const int code = launch.wait(45s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_HAS(out, "the --after command exited with code 4");
+  expect_no_files(job.name());
+}
+
+// ---- shmps-ctl -------------------------------------------------------------------------------------
+
+TEST(Ctl, ListInspectAndDestroyOfALiveSegment) {
+  Watchdog wd(std::chrono::seconds(60));
+  // A long segment name, a long parameter name and a wide shape must not run into the next column.
+  Job job("ctl-with-a-long-name", std::string(kSpec) + R"([[param]]
+name = "encoder.layers.0.attention.query.weight"
+shape = [10, 10, 10, 10]
+)");
+  ASSERT_GT(job.name().size(), 24u);
+  Process& server = job.start_server();
+  job.wait_ready();
+  Process& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "30"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  shmps::Worker live(shmps::WorkerOptions{.segment = job.name(), .rank = 2});
+  const std::string server_pid = std::to_string(server.pid());
+
+  const Ran list = run({"shmps-ctl", "list"});
+  ASSERT_EQ(list.code, 0) << list.out;
+  const auto entry = row(list.out, job.name());
+  ASSERT_FALSE(entry.empty()) << list.out;
+  EXPECT_EQ(entry.at(1), "ready") << list.out;
+  EXPECT_EQ(entry.at(2), "alive") << list.out;
+  EXPECT_EQ(entry.at(4), server_pid) << list.out;
+  EXPECT_EQ(entry.at(6), "1/4") << list.out;  // the live worker; the pusher has left
+
+  const Ran inspect = run({"shmps-ctl", "inspect", job.name()});
+  ASSERT_EQ(inspect.code, 0) << inspect.out;
+  const std::string& s = inspect.out;
+  EXPECT_HAS(s, "server       alive, pid " + server_pid);
+  EXPECT_HAS(s, "optimizer    sgd lr=1");
+  EXPECT_HAS(s, "applied      30 pushes");
+  // Parameters: name, shape, elements, slices, versions.
+  for (const auto& [name, shape, elements, slices] :
+       std::vector<std::tuple<std::string, std::string, std::string, std::string>>{
+           {"w", "[3, 40000]", "120000", "8"},
+           {"b", "[7]", "7", "1"},
+           {"u", "[50000]", "50000", "4"},
+           {"encoder.layers.0.attention.query.weight", "[10, 10, 10, 10]", "10000", "1"}}) {
+    SCOPED_TRACE(name);
+    EXPECT_TRUE(has(s, shape)) << s;
+    const auto r = row(s, name);
+    ASSERT_GE(r.size(), 5u) << s;
+    std::string shown;
+    for (std::size_t k = 1; k + 3 < r.size(); ++k) shown += (k > 1 ? " " : "") + r[k];
+    EXPECT_EQ(shown, shape) << s;
+    EXPECT_EQ(r[r.size() - 3], elements);
+    EXPECT_EQ(r[r.size() - 2], slices);
+  }
+  EXPECT_GE(versions(s, "w").first, 10u) << s;  // every third push is the whole of "w"
+  EXPECT_EQ(versions(s, "b").first, 10u) << s;
+  EXPECT_EQ(versions(s, "u").second, 0u) << s;  // never pushed
+  // Slots: RANK STATUS PID GEN PUBLISHED APPLIED RING(2 words) REJECTED HEARTBEAT
+  const auto left = row(s, "0");
+  ASSERT_GE(left.size(), 9u) << s;
+  EXPECT_EQ(left[1], "left");
+  EXPECT_EQ(left[2], std::to_string(pusher.pid()));
+  EXPECT_EQ(left[4], "30");
+  EXPECT_EQ(left[5], "30");
+  const auto alive = row(s, "2");
+  ASSERT_GE(alive.size(), 9u) << s;
+  EXPECT_EQ(alive[1], "alive");
+  EXPECT_EQ(alive[2], std::to_string(::getpid()));
+  EXPECT_TRUE(row(s, "1").empty()) << "a free slot is not listed:\n" << s;
+
+  // destroy refuses while the server lives, and removes nothing.
+  const Ran refused = run({"shmps-ctl", "destroy", job.name()});
+  EXPECT_EQ(refused.code, 1) << refused.out;
+  EXPECT_HAS(refused.out, "segment '" + job.name() + "' is served by a live server (pid " + server_pid + ")");
+  EXPECT_HAS(refused.out, "--force");
+  EXPECT_TRUE(exists(shm::segment_path(job.name())));
+  EXPECT_TRUE(exists(shm::server_lock_path(job.name())));
+  EXPECT_TRUE(server.running());
+
+  const Ran forced = run({"shmps-ctl", "destroy", job.name(), "--force"});
+  EXPECT_EQ(forced.code, 0) << forced.out;
+  expect_no_files(job.name());
+  const Ran gone = run({"shmps-ctl", "list"});
+  EXPECT_TRUE(row(gone.out, job.name()).empty()) << gone.out;
+}
+
+TEST(Ctl, DestroyWorksOnceTheServerHasStopped) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("ctlstop", kSpec);
+  Process& server = job.start_server();
+  job.wait_ready();
+  server.kill(SIGTERM);
+  ASSERT_EQ(server.wait(20s), 0) << server.output();
+  const Ran list = run({"shmps-ctl", "list"});
+  const auto entry = row(list.out, job.name());
+  ASSERT_GE(entry.size(), 3u) << list.out;
+  EXPECT_EQ(entry[1], "stopped");
+  EXPECT_EQ(entry[2], "none");
+  const Ran destroy = run({"shmps-ctl", "destroy", job.name()});
+  EXPECT_EQ(destroy.code, 0) << destroy.out;
+  expect_no_files(job.name());
+}
+
+TEST(Ctl, MissingSegmentGivesAClearErrorAndExit1) {
+  Watchdog wd(std::chrono::seconds(60));
+  const std::string name = shmps::test::unique_segment("missing");
+  struct Cleanup {
+    std::string name;
+    ~Cleanup() { shmps::test::remove_segment(name); }
+  } cleanup{name};
+  const Ran inspect = run({"shmps-ctl", "inspect", name});
+  EXPECT_EQ(inspect.code, 1) << inspect.out;
+  EXPECT_HAS(inspect.out, "shmps-ctl: error: segment '" + name + "' does not exist (no " + shm::segment_path(name) + ")");
+  EXPECT_HAS(inspect.out, "shmps-ctl list");
+  const Ran destroy = run({"shmps-ctl", "destroy", name});
+  EXPECT_EQ(destroy.code, 1) << destroy.out;
+  EXPECT_HAS(destroy.out, "shmps-ctl: error: segment '" + name + "' does not exist");
+  // Only the lock files of a server that failed before creating the segment: destroy cleans them.
+  std::ofstream(shm::server_lock_path(name)).put('\0');
+  const Ran stale = run({"shmps-ctl", "destroy", name});
+  EXPECT_EQ(stale.code, 0) << stale.out;
+  EXPECT_HAS(stale.out, "removed its leftover lock files");
+  expect_no_files(name);
+
+  const Ran bad = run({"shmps-ctl", "destroy", "../etc"});
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_HAS(bad.out, "'/'");
+  expect_no_files(name);
+}
+
+TEST(Ctl, InspectAndListChangeNothing) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("readonly", kSpec);
+  Process& server = job.start_server();
+  job.wait_ready();
+  // While a worker pushes, inspect and list run again and again and disturb nothing.
+  Process& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "600"}, {{"SHMPS_RANK", "1"}});
+  int runs = 0;
+  while (pusher.running() || runs < 6) {
+    const Ran r = runs % 2 ? run({"shmps-ctl", "list"}) : run({"shmps-ctl", "inspect", job.name()});
+    EXPECT_EQ(r.code, 0) << r.out;
+    ++runs;
+  }
+  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  EXPECT_HAS(pusher.output(), "rank 1 pushed 600 applied 600");
+
+  // At rest (server stopped), the bytes and times of the segment and its lock files stay the same.
+  server.kill(SIGTERM);
+  ASSERT_EQ(server.wait(20s), 0) << server.output();
+  const std::vector<std::string> files{shm::segment_path(job.name()), shm::server_lock_path(job.name()),
+                                       shm::slots_lock_path(job.name())};
+  std::vector<std::string> bytes;
+  std::vector<struct stat> before(files.size());
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    bytes.push_back(file_bytes(files[i]));
+    ASSERT_EQ(::stat(files[i].c_str(), &before[i]), 0) << files[i];
+  }
+  std::this_thread::sleep_for(20ms);  // a write now would get a later mtime
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(run({"shmps-ctl", "inspect", job.name()}).code, 0);
+    EXPECT_EQ(run({"shmps-ctl", "list"}).code, 0);
+  }
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    SCOPED_TRACE(files[i]);
+    struct stat after {};
+    ASSERT_EQ(::stat(files[i].c_str(), &after), 0);
+    EXPECT_TRUE(file_bytes(files[i]) == bytes[i]) << "modified";
+    EXPECT_EQ(after.st_mtim.tv_sec, before[i].st_mtim.tv_sec);
+    EXPECT_EQ(after.st_mtim.tv_nsec, before[i].st_mtim.tv_nsec);
+    EXPECT_EQ(after.st_ctim.tv_nsec, before[i].st_ctim.tv_nsec);
+    EXPECT_EQ(after.st_mode, before[i].st_mode);
+  }
+}

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -32,11 +33,17 @@ TEST(Seqlock, ReadersNeverSeeATornBuffer) {
   std::atomic<bool> stop{false};
   std::atomic<std::uint64_t> accepted{0}, torn{0};
 
+  // The writer keeps writing until the readers have accepted enough copies taken while it was
+  // active (bounded in time), pausing between writes so that clean reads are possible at all.
+  std::atomic<int> writes{0};
   std::thread writer([&] {
-    for (int v = 1; v <= 20000; ++v) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    for (int v = 1; (v <= 2000 || accepted < 1000) && std::chrono::steady_clock::now() < deadline; ++v) {
       const auto before = seqlock_write_begin(word);
       for (auto& d : data) d.store(static_cast<float>(v), std::memory_order_relaxed);
       seqlock_write_end(word, before, 1);
+      writes = v;
+      std::this_thread::yield();
     }
     stop = true;
   });
@@ -60,6 +67,7 @@ TEST(Seqlock, ReadersNeverSeeATornBuffer) {
     });
   writer.join();
   for (auto& t : readers) t.join();
-  EXPECT_GT(accepted.load(), 0u);
+  EXPECT_GE(accepted.load(), 1000u);
+  EXPECT_GE(writes.load(), 2000);
   EXPECT_EQ(torn.load(), 0u);
 }

@@ -10,6 +10,7 @@
 // intentionally undefined vector of _mm512_undefined_ps, GCC bug 105593); silence only that one.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same false positive at -O2 with sanitizers
 #endif
 #include <Eigen/Core>
 

@@ -60,6 +60,8 @@ class Segment {
   // The checks open() makes, for a segment that open() returned while it was still "creating".
   void validate() const;
   static bool exists(std::string_view name);
+  // Throws shmps::Error, saying what to do, if /dev/shm has no room for `total_bytes`.
+  static void check_room(std::string_view name, std::uint64_t total_bytes);
   // Removes the segment and its lock files (whoever still maps it keeps its mapping).
   static void remove(std::string_view name);
 
