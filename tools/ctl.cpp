@@ -2,11 +2,20 @@
 //
 //   shmps-ctl list                 segments, their servers alive or not
 //   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots
+//   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
+//                                  on_worker_death of a live job, through the server
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
 #include <algorithm>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
 #include <filesystem>
+#include <thread>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
@@ -17,6 +26,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
@@ -58,6 +68,24 @@ std::string age(std::uint64_t then_ns) {
   std::ostringstream out;
   out << std::fixed << std::setprecision(1) << static_cast<double>(now - then_ns) / 1e9 << "s";
   return out.str();
+}
+
+std::string seconds(std::uint64_t ns) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << static_cast<double>(ns) / 1e9 << "s";
+  return out.str();
+}
+
+// "bsp (sum, model clock 12, on worker death: proceed)", "ssp:3", "asp".
+std::string consistency_text(const SegmentHeader& h) {
+  const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
+  std::string text(to_string(mode));
+  if (mode == Consistency::ssp) text += ":" + std::to_string(load_acquire(h.staleness));
+  if (mode == Consistency::bsp)
+    text += " (" + std::string(to_string(static_cast<BspAggregate>(load_acquire(h.bsp_aggregate)))) + ", model clock " +
+            std::to_string(load_acquire(h.model_clock)) + ", " + std::to_string(load_counter(h.steps)) + " steps)";
+  text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
+  return text;
 }
 
 std::string human_bytes(std::uint64_t b) {
@@ -158,7 +186,7 @@ int cmd_inspect(const std::string& name) {
             << "state        " << state_name(load_acquire(h.state)) << ", epoch " << load_acquire(h.server_epoch) << "\n"
             << "server       " << (server_alive ? "alive" : "not running") << ", pid " << load_acquire(h.server_pid)
             << ", heartbeat " << age(load_acquire(h.server_heartbeat_ns)) << " ago\n"
-            << "consistency  " << to_string(h.consistency) << "\n"
+            << "consistency  " << consistency_text(h) << "\n"
             << "optimizer    " << to_string(h.optimizer.kind) << " lr=" << h.optimizer.lr
             << " weight_decay=" << h.optimizer.weight_decay << " clip_value=" << h.optimizer.clip_value
             << " clip_norm=" << h.optimizer.clip_norm << "\n"
@@ -190,7 +218,8 @@ int cmd_inspect(const std::string& name) {
   std::cout << "\n"
             << std::left << std::setw(6) << "RANK" << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
             << "GEN" << std::setw(12) << "PUBLISHED" << std::setw(12) << "APPLIED" << std::setw(12) << "RING"
-            << std::setw(10) << "REJECTED" << "HEARTBEAT\n";
+            << std::setw(10) << "REJECTED" << std::setw(8) << "CLOCK" << std::setw(10) << "STALENESS"
+            << std::setw(10) << "WAITED" << "HEARTBEAT\n";
   for (unsigned r = 0; r < h.max_workers; ++r) {
     const WorkerSlot& slot = seg.slot(r);
     const std::string status = slot_status(seg, r, slots.get());
@@ -199,8 +228,58 @@ int cmd_inspect(const std::string& name) {
     std::cout << std::left << std::setw(6) << r << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
               << std::setw(6) << load_acquire(slot.generation) << std::setw(12) << load_acquire(slot.published)
               << std::setw(12) << load_acquire(slot.applied) << std::setw(12) << human_bytes(depth) << std::setw(10)
-              << load_counter(slot.pushes_rejected) << age(load_acquire(slot.heartbeat_ns)) << "\n";
+              << load_counter(slot.pushes_rejected) << std::setw(8) << load_acquire(slot.clock) << std::setw(10)
+              << (std::to_string(load_counter(slot.last_staleness)) + "/" + std::to_string(load_counter(slot.max_staleness)))
+              << std::setw(10) << seconds(load_counter(slot.wait_ns)) << age(load_acquire(slot.heartbeat_ns)) << "\n";
   }
+  return 0;
+}
+
+// Asks the live server to change a setting, through the segment's command mailbox, and prints
+// the server's answer. The server applies it between apply rounds (a clock boundary).
+int cmd_set(const std::string& name, const std::string& setting) {
+  bool server_alive = false;
+  holder(server_lock_path(name), 0, server_alive);
+  Segment seg = Segment::open(name, Access::read_write);
+  if (!server_alive) throw Error("segment '" + name + "' has no live server to apply '" + setting + "': start shmps-server first");
+  if (setting.size() >= kMailboxBytes) throw Error("the setting is too long (" + std::to_string(setting.size()) + " bytes)");
+  SegmentHeader& h = seg.header();
+  const auto free_state = static_cast<std::uint32_t>(MailboxState::free);
+  const auto claimed = static_cast<std::uint32_t>(MailboxState::claimed);
+  // Claim the mailbox; take over a claim whose holder died (its pid is gone).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (true) {
+    std::uint32_t expected = free_state;
+    if (h.mailbox_state.compare_exchange_strong(expected, claimed, std::memory_order_acq_rel)) break;
+    const pid_t holder_pid = load_acquire(h.mailbox_pid);
+    if (holder_pid > 0 && ::kill(holder_pid, 0) != 0 && errno == ESRCH &&
+        h.mailbox_state.compare_exchange_strong(expected, claimed, std::memory_order_acq_rel))
+      break;
+    if (std::chrono::steady_clock::now() > deadline)
+      throw Error("the command mailbox of '" + name + "' stayed busy for 10 s (another shmps-ctl, pid " +
+                  std::to_string(holder_pid) + "); try again");
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  store_release(h.mailbox_pid, static_cast<std::int32_t>(::getpid()));
+  std::memset(h.mailbox_request, 0, kMailboxBytes);
+  std::memcpy(h.mailbox_request, setting.data(), setting.size());
+  store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::submitted));
+  futex_wake_all(h.server_wake);
+  const auto done = static_cast<std::uint32_t>(MailboxState::done);
+  const auto answer_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (load_acquire(h.mailbox_state) != done) {
+    if (std::chrono::steady_clock::now() > answer_by) {
+      store_release(h.mailbox_state, free_state);
+      throw Error("the server of '" + name + "' did not answer within 10 s; the setting may not have been applied");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const int status = h.mailbox_status;
+  const std::string reply(h.mailbox_reply, ::strnlen(h.mailbox_reply, kMailboxBytes));
+  store_release(h.mailbox_pid, 0);
+  store_release(h.mailbox_state, free_state);
+  if (status != 0) throw Error("the server refused '" + setting + "': " + reply);
+  std::cout << reply << "\n";
   return 0;
 }
 
@@ -244,6 +323,11 @@ int main(int argc, char** argv) {
   bool force = false;
   auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions and worker slots of a segment");
   inspect->add_option("name", name, "segment name")->required();
+  std::string setting;
+  auto* set = app.add_subcommand("set", "change a setting of a live job: consistency=bsp|ssp:N|asp, "
+                                        "bsp_aggregate=sum|mean, on_worker_death=proceed|wait");
+  set->add_option("name", name, "segment name")->required();
+  set->add_option("setting", setting, "KEY=VALUE")->required();
   auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
   destroy->add_option("name", name, "segment name")->required();
   destroy->add_flag("--force", force, "remove it even while its server is alive");
@@ -251,6 +335,7 @@ int main(int argc, char** argv) {
   try {
     if (list->parsed()) return cmd_list();
     if (inspect->parsed()) return cmd_inspect(name);
+    if (set->parsed()) return cmd_set(name, setting);
     if (destroy->parsed()) return cmd_destroy(name, force);
   } catch (const Error& e) {
     std::cerr << "shmps-ctl: error: " << e.what() << "\n";

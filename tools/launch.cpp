@@ -238,6 +238,9 @@ int main(int argc, char** argv) {
   app.add_option("--name", name, "segment name (default: the spec's name)");
   app.add_option("--workers", workers, "number of worker processes")->check(CLI::Range(1, 1024));
   app.add_option("--server-threads", server_threads, "apply threads of the server it starts");
+  std::string consistency, on_worker_death;
+  app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
+  app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
   app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
   app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
                                    "(e.g. \"shmps-worker --evaluate\")");
@@ -275,6 +278,8 @@ int main(int argc, char** argv) {
         throw Error("no server is running for segment '" + name + "': give --spec FILE so that shmps-launch starts one");
       std::vector<std::string> args{resolve("shmps-server"), "--spec", spec_path, "--name", name};
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
+      if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
+      if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
       if (!keep) args.push_back("--remove-on-stop");
       server = &launcher.spawn("server", args, {});
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);

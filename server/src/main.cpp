@@ -29,6 +29,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "apply threads (default: the spec's server_threads, else all cores)");
   app.add_flag("--remove-on-stop", remove_on_stop, "remove the segment when the server stops (default: keep it for a restart)");
   app.add_flag("--group", group, "let the owner's group use the segment (mode 0660 instead of 0600)");
+  std::string consistency, bsp_aggregate, on_worker_death;
+  app.add_option("--consistency", consistency, "bsp, ssp:N or asp (overrides the spec, also for a recovered segment)");
+  app.add_option("--bsp-aggregate", bsp_aggregate, "sum or mean: how a BSP step combines the workers' gradients");
+  app.add_option("--on-worker-death", on_worker_death,
+                 "proceed or wait: whether barriers go on without a dead worker or wait for its restart");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
 
@@ -45,6 +50,23 @@ int main(int argc, char** argv) {
       if (auto problem = shmps::server::validate_segment_name(name); !problem.empty())
         throw shmps::Error("--name: " + problem);
       options.spec.name = name;
+    }
+    if (!consistency.empty()) {
+      if (auto problem = shmps::server::parse_consistency(consistency, options.spec.consistency, options.spec.staleness);
+          !problem.empty())
+        throw shmps::Error("--consistency: " + problem);
+      options.override_policy = true;
+    }
+    if (!bsp_aggregate.empty()) {
+      if (auto problem = shmps::server::parse_bsp_aggregate(bsp_aggregate, options.spec.bsp_aggregate); !problem.empty())
+        throw shmps::Error("--bsp-aggregate: " + problem);
+      options.override_policy = true;
+    }
+    if (!on_worker_death.empty()) {
+      if (auto problem = shmps::server::parse_on_worker_death(on_worker_death, options.spec.on_worker_death);
+          !problem.empty())
+        throw shmps::Error("--on-worker-death: " + problem);
+      options.override_policy = true;
     }
     options.threads = threads;
     options.remove_on_stop = remove_on_stop;

@@ -37,9 +37,10 @@ namespace {
 
 using Keys = std::span<const std::string_view>;
 
-constexpr std::string_view kRootKeysList[] = {"name",       "slice_bytes",    "max_workers",
-                                              "ring_bytes", "server_threads", "consistency",
-                                              "optimizer",  "param"};
+constexpr std::string_view kRootKeysList[] = {"name",          "slice_bytes",     "max_workers",
+                                              "ring_bytes",    "server_threads",  "consistency",
+                                              "bsp_aggregate", "on_worker_death", "optimizer",
+                                              "param"};
 constexpr std::string_view kOptimizerKeysList[] = {
     "kind", "lr",  "momentum",     "beta1",      "beta2",
     "rho",  "eps", "weight_decay", "clip_value", "clip_norm"};
@@ -405,39 +406,25 @@ class Parser {
           static_cast<std::uint32_t>(unsigned_int(*n, "server_threads", kServerThreadsRule));
     }
     if (const toml::node* n = root.get("consistency")) read_consistency(*n, spec);
+    read_policies(root, spec);
   }
 
   void read_consistency(const toml::node& n, ModelSpec& spec) const {
     const std::string text = str_value(n, "consistency");
-    const std::string expected =
-        "expected \"asp\", \"bsp\" or \"ssp:N\" (N = staleness bound in clocks, an integer >= 0, "
-        "e.g. \"ssp:3\"), got " +
-        quote(text);
-    if (text == "asp") {
-      spec.consistency = Consistency::asp;
-    } else if (text == "bsp") {
-      spec.consistency = Consistency::bsp;
-    } else if (text.rfind("ssp:", 0) == 0) {
-      const std::string_view digits = std::string_view(text).substr(4);
-      std::uint64_t bound = 0;
-      bool ok = !digits.empty() && digits.size() <= 10;
-      for (char c : digits) {
-        if (c < '0' || c > '9') {
-          ok = false;
-          break;
-        }
-        bound = bound * 10 + static_cast<std::uint64_t>(c - '0');
-      }
-      if (!ok || bound > std::numeric_limits<std::uint32_t>::max()) {
-        fail(n.source(), "consistency", expected);
-      }
-      spec.consistency = Consistency::ssp;
-      spec.staleness = static_cast<std::uint32_t>(bound);
-    } else if (text == "ssp") {
-      fail(n.source(), "consistency",
-           "\"ssp\" needs its staleness bound: write \"ssp:N\", e.g. \"ssp:3\"");
-    } else {
-      fail(n.source(), "consistency", expected);
+    if (auto problem = parse_consistency(text, spec.consistency, spec.staleness); !problem.empty())
+      fail(n.source(), "consistency", problem);
+  }
+
+  void read_policies(const toml::table& root, ModelSpec& spec) const {
+    if (const toml::node* n = root.get("bsp_aggregate")) {
+      const std::string text = str_value(*n, "bsp_aggregate");
+      if (auto problem = parse_bsp_aggregate(text, spec.bsp_aggregate); !problem.empty())
+        fail(n->source(), "bsp_aggregate", problem);
+    }
+    if (const toml::node* n = root.get("on_worker_death")) {
+      const std::string text = str_value(*n, "on_worker_death");
+      if (auto problem = parse_on_worker_death(text, spec.on_worker_death); !problem.empty())
+        fail(n->source(), "on_worker_death", problem);
     }
   }
 
@@ -861,6 +848,49 @@ ModelSpec load_model_spec(const std::filesystem::path& path) {
   }
   if (std::ferror(f.get())) throw SpecError(what + std::generic_category().message(errno));
   return parse_model_spec(text, shown);
+}
+
+std::string parse_consistency(std::string_view text, Consistency& mode, std::uint32_t& staleness) {
+  const std::string expected =
+      "expected \"asp\", \"bsp\" or \"ssp:N\" (N = staleness bound in clocks, an integer >= 0, e.g. \"ssp:3\"), got \"" +
+      std::string(text) + "\"";
+  if (text == "asp") {
+    mode = Consistency::asp;
+    staleness = 0;
+    return {};
+  }
+  if (text == "bsp") {
+    mode = Consistency::bsp;
+    staleness = 0;
+    return {};
+  }
+  if (text == "ssp") return "\"ssp\" needs its staleness bound: write \"ssp:N\", e.g. \"ssp:3\"";
+  if (text.rfind("ssp:", 0) != 0) return expected;
+  const std::string_view digits = text.substr(4);
+  std::uint64_t bound = 0;
+  if (digits.empty() || digits.size() > 10) return expected;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return expected;
+    bound = bound * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  if (bound > std::numeric_limits<std::uint32_t>::max()) return expected;
+  mode = Consistency::ssp;
+  staleness = static_cast<std::uint32_t>(bound);
+  return {};
+}
+
+std::string parse_bsp_aggregate(std::string_view text, BspAggregate& out) {
+  if (text == "sum") out = BspAggregate::sum;
+  else if (text == "mean") out = BspAggregate::mean;
+  else return "expected \"sum\" or \"mean\", got \"" + std::string(text) + "\"";
+  return {};
+}
+
+std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out) {
+  if (text == "proceed") out = OnWorkerDeath::proceed;
+  else if (text == "wait") out = OnWorkerDeath::wait;
+  else return "expected \"proceed\" or \"wait\", got \"" + std::string(text) + "\"";
+  return {};
 }
 
 }  // namespace shmps::server

@@ -60,9 +60,13 @@ struct Server::Impl {
   LockFile slots_lock;
   Segment segment;
   std::vector<RingConsumer> consumers;
-  std::vector<std::uint64_t> round_end;      // per slot: ring position after this round's records
-  std::vector<std::uint64_t> round_last_seq; // per slot: last sequence number of this round
-  std::vector<std::uint64_t> round_records;  // per slot: records in this round
+  // Per slot, for the round being built: where its ring's head moves to, the last push sequence
+  // number the server is then done with, and how many pushes were applied or discarded.
+  std::vector<std::uint64_t> round_end;
+  std::vector<std::uint64_t> round_last_seq;
+  std::vector<std::uint64_t> round_records;
+  std::vector<std::uint64_t> round_discarded;
+  std::vector<std::uint64_t> seen_tail;  // per slot: the committed tail the last round looked at
   std::vector<Contribution> contributions;
   std::vector<std::size_t> run_starts;
   std::unique_ptr<tbb::task_arena> arena;
@@ -75,7 +79,14 @@ struct Server::Impl {
   void create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash);
   void recover_segment(std::uint64_t hash);
   void check_liveness();
-  bool rings_empty();
+  bool participating(std::uint32_t rank);
+  bool add_contributions(std::uint32_t rank, const PushRecord* record);
+  void collect_all();
+  bool collect_bsp_step(std::uint64_t step);
+  void apply_contributions(bool sum_per_slice, std::uint64_t& floats, std::uint64_t& skipped);
+  void set_policy(Consistency mode, std::uint32_t staleness);
+  void handle_mailbox();
+  bool nothing_new();
   void sleep_until_work(std::chrono::microseconds bound);
 };
 
@@ -97,9 +108,6 @@ void Server::start() {
   check_segment_name(spec.name);
   if (auto problem = validate_optimizer_settings(spec.optimizer); !problem.empty())
     throw Error(spec.source + ": optimizer: " + problem);
-  if (spec.consistency != Consistency::asp)
-    throw Error(spec.source + ": consistency '" + std::string(to_string(spec.consistency)) +
-                "' is not available yet; this version applies pushes asynchronously: use consistency = \"asp\"");
 
   // 1. Lay out the model; check for room before anything is created (a lock file included).
   LayoutRequest request;
@@ -154,6 +162,8 @@ void Server::start() {
   s.round_end.assign(h.max_workers, 0);
   s.round_last_seq.assign(h.max_workers, 0);
   s.round_records.assign(h.max_workers, 0);
+  s.round_discarded.assign(h.max_workers, 0);
+  s.seen_tail.assign(h.max_workers, 0);
   unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
   if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
   s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
@@ -168,9 +178,13 @@ void Server::start() {
   store_release(hw.state, static_cast<std::uint32_t>(SegmentState::ready));
   s.check_liveness();
   spdlog::info("event=ready segment={} epoch={} recovered={} params={} slices={} slice_floats={} workers={} "
-               "ring_bytes={} segment_bytes={} optimizer={} lr={} threads={}",
+               "ring_bytes={} segment_bytes={} optimizer={} lr={} threads={} consistency={} staleness={} "
+               "bsp_aggregate={} on_worker_death={}",
                spec.name, load_own(hw.server_epoch), s.recovered, hw.param_count, hw.slice_count, hw.slice_floats,
-               hw.max_workers, hw.ring_bytes, hw.total_bytes, to_string(hw.optimizer.kind), hw.optimizer.lr, threads);
+               hw.max_workers, hw.ring_bytes, hw.total_bytes, to_string(hw.optimizer.kind), hw.optimizer.lr, threads,
+               to_string(static_cast<Consistency>(load_own(hw.consistency))), load_own(hw.staleness),
+               to_string(static_cast<BspAggregate>(load_own(hw.bsp_aggregate))),
+               to_string(static_cast<OnWorkerDeath>(load_own(hw.on_worker_death))));
 }
 
 void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash) {
@@ -199,9 +213,11 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
   h.values_offset = plan.values_offset;
   h.state_offset = plan.state_offset;
   h.optimizer = spec.optimizer;
-  h.consistency = spec.consistency;
-  h.staleness = spec.staleness;
   h.state_arrays = request.state_arrays;
+  store_release(h.consistency, static_cast<std::uint32_t>(spec.consistency));
+  store_release(h.staleness, spec.staleness);
+  store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
+  store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
 
   for (std::size_t i = 0; i < plan.params.size(); ++i) {
     ParamEntry& p = segment.param(i);
@@ -238,13 +254,20 @@ void Server::Impl::recover_segment(std::uint64_t hash) {
   if (repaired)
     spdlog::warn("event=repair segment={} slices_left_mid_write={} note=\"the previous server died while writing them\"",
                  spec.name, repaired);
+  if (options.override_policy) {
+    set_policy(spec.consistency, spec.staleness);
+    store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
+    store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
+  }
   recovered = true;
 }
 
-bool Server::Impl::rings_empty() {
-  for (auto& c : consumers)
-    if (c.committed() != c.head()) return false;
-  return true;
+// Whether anything was committed since the last round looked (a BSP step may be waiting for
+// a slow worker with records in the rings: that is no reason to spin).
+bool Server::Impl::nothing_new() {
+  for (std::size_t r = 0; r < consumers.size(); ++r)
+    if (consumers[r].committed() != seen_tail[r]) return false;
+  return load_acquire(header().mailbox_state) != static_cast<std::uint32_t>(MailboxState::submitted);
 }
 
 void Server::Impl::check_liveness() {
@@ -270,7 +293,7 @@ void Server::Impl::sleep_until_work(std::chrono::microseconds bound) {
   const std::uint32_t word = load_acquire(h.server_wake);
   store_release(h.server_sleeping, 1U);
   fence_store_load();  // pairs with the worker's fence between its commit and its look at server_sleeping
-  if (rings_empty() && !stop_requested.load(std::memory_order_acquire)) {
+  if (nothing_new() && !stop_requested.load(std::memory_order_acquire)) {
     // A worker's FUTEX_WAKE that lands between the check above and the wait is lost (the worker
     // writes nothing here, DESIGN.md); the bound keeps that rare case to a short delay.
     futex_wait(h.server_wake, word, bound);
@@ -278,89 +301,208 @@ void Server::Impl::sleep_until_work(std::chrono::microseconds bound) {
   store_release(h.server_sleeping, 0U);
 }
 
-std::uint64_t Server::apply_round() {
-  Impl& s = *impl_;
-  Segment& seg = s.segment;
-  const SegmentHeader& h = seg.header();
-  const std::uint32_t workers = h.max_workers;
+bool Server::Impl::participating(std::uint32_t rank) {
+  // A worker counts for barriers and staleness bounds while it is attached and not proven dead
+  // (or, with on_worker_death = wait, until a process takes its slot again).
+  const WorkerSlot& slot = segment.slot(rank);
+  if (load_acquire(slot.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
+  if (load_acquire(slot.dead_generation) != load_acquire(slot.generation)) return true;
+  return load_acquire(header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
+}
 
-  // 1. Collect the committed records of every ring, in rank order, each ring in sequence order.
-  s.contributions.clear();
-  std::uint64_t records = 0;
+// Adds the slices a push record touches; false if the record is malformed (then it is skipped).
+bool Server::Impl::add_contributions(std::uint32_t rank, const PushRecord* rec) {
+  const SegmentHeader& h = header();
+  if (rec->param >= h.param_count || rec->count == 0 || rec->offset + rec->count > segment.param(rec->param).size) {
+    spdlog::error("event=bad_record segment={} rank={} seq={} reason=\"range outside its parameter\"", h.name, rank,
+                  rec->seq);
+    return false;
+  }
+  const ParamEntry& p = segment.param(rec->param);
+  const std::uint64_t first = p.first_slice + rec->offset / h.slice_floats;
+  const std::uint64_t last = p.first_slice + (rec->offset + rec->count - 1) / h.slice_floats;
+  for (std::uint64_t slice = first; slice <= last; ++slice) contributions.push_back({slice, rank, rec});
+  return true;
+}
+
+// ASP and SSP: every committed push, as it comes. Clock records only move the cursor.
+void Server::Impl::collect_all() {
+  const std::uint32_t workers = header().max_workers;
   for (std::uint32_t r = 0; r < workers; ++r) {
-    RingConsumer& ring = s.consumers[r];
-    const std::uint64_t head = ring.head();
+    RingConsumer& ring = consumers[r];
     const std::uint64_t tail = ring.committed();
-    s.round_end[r] = head;
-    s.round_records[r] = 0;
-    if (head == tail) continue;
-    std::uint64_t pos = head;
+    std::uint64_t pos = ring.head();
     while (pos < tail) {
       if (!ring.plausible(pos, tail)) {
         spdlog::error("event=bad_record segment={} rank={} position={} action=\"discarding the rest of this ring\"",
-                      h.name, r, pos);
+                      header().name, r, pos);
         pos = tail;
         break;
       }
       const PushRecord* rec = ring.record_at(pos);
       pos += rec->record_bytes;
       if (rec->kind != RecordKind::push) continue;
-      if (rec->param >= h.param_count || rec->offset + rec->count > seg.param(rec->param).size || rec->count == 0) {
-        spdlog::error("event=bad_record segment={} rank={} seq={} reason=\"range outside its parameter\"", h.name, r,
-                      rec->seq);
-        continue;
-      }
-      const ParamEntry& p = seg.param(rec->param);
-      const std::uint64_t first = p.first_slice + rec->offset / h.slice_floats;
-      const std::uint64_t last = p.first_slice + (rec->offset + rec->count - 1) / h.slice_floats;
-      for (std::uint64_t slice = first; slice <= last; ++slice) s.contributions.push_back({slice, r, rec});
-      s.round_last_seq[r] = rec->seq;
-      ++s.round_records[r];
-      ++records;
+      add_contributions(r, rec);
+      round_last_seq[r] = rec->seq;
+      ++round_records[r];
     }
-    s.round_end[r] = pos;
+    round_end[r] = pos;
   }
-  // 2. Group by slice, keeping rank-then-sequence order inside each slice (deterministic).
-  std::stable_sort(s.contributions.begin(), s.contributions.end(),
-                   [](const Contribution& a, const Contribution& b) { return a.slice < b.slice; });
-  s.run_starts.clear();
-  for (std::size_t i = 0; i < s.contributions.size(); ++i)
-    if (i == 0 || s.contributions[i].slice != s.contributions[i - 1].slice) s.run_starts.push_back(i);
-  s.run_starts.push_back(s.contributions.size());
+}
 
-  // 3. Apply, in parallel over slices. Each slice belongs to exactly one task in a round, which
-  //    is what makes it that slice's lock: no two server threads ever write one slice at once.
-  std::atomic<std::uint64_t> floats{0}, skipped{0};
+// BSP: the pushes of step `step` from every ring, if every participating worker has finished
+// that step; false (and nothing collected) otherwise.
+//
+// A ring holds groups of pushes, each closed by the clock record of the step it belongs to. A
+// group counts in the step its clock record names (an older step's late group counts in the
+// current one). A group with no clock record counts only once it gets one; if its generation
+// died (the slot's holder is proven dead, or a newer generation wrote after it) it is discarded
+// whole: a worker killed in the middle of a step contributes none of that step.
+bool Server::Impl::collect_bsp_step(std::uint64_t step) {
+  const std::uint32_t workers = header().max_workers;
+  bool everyone_finished = true;
+  for (std::uint32_t r = 0; r < workers; ++r) {
+    RingConsumer& ring = consumers[r];
+    const WorkerSlot& slot = segment.slot(r);
+    const std::uint64_t tail = ring.committed();
+    std::uint64_t pos = ring.head();
+    std::uint64_t consumed = pos;  // the end of the groups taken (counted or discarded)
+    std::size_t group_begin = contributions.size();
+    std::uint64_t group_generation = 0, group_records = 0, group_last_seq = 0;
+    bool finished = false;
+    auto drop_group = [&](std::uint64_t end) {
+      contributions.resize(group_begin);
+      round_discarded[r] += group_records;
+      round_last_seq[r] = std::max(round_last_seq[r], group_last_seq);
+      consumed = end;
+      group_records = 0;
+    };
+    while (pos < tail) {
+      if (!ring.plausible(pos, tail)) {
+        spdlog::error("event=bad_record segment={} rank={} position={} action=\"discarding the rest of this ring\"",
+                      header().name, r, pos);
+        drop_group(tail);
+        pos = tail;
+        break;
+      }
+      const PushRecord* rec = ring.record_at(pos);
+      const std::uint64_t next = pos + rec->record_bytes;
+      if (rec->kind == RecordKind::push) {
+        if (group_records != 0 && rec->generation != group_generation) drop_group(pos);  // its writer died mid-step
+        if (group_records == 0) group_begin = contributions.size();
+        if (add_contributions(r, rec)) {
+          ++group_records;
+          group_generation = rec->generation;
+          group_last_seq = rec->seq;
+        }
+      } else if (rec->kind == RecordKind::clock) {
+        if (rec->clock > step) {  // a later step: the worker has finished this one
+          contributions.resize(group_begin);  // the open group belongs to that later step
+          group_records = 0;
+          finished = true;
+          break;
+        }
+        round_records[r] += group_records;
+        round_last_seq[r] = std::max(round_last_seq[r], group_last_seq);
+        group_records = 0;
+        group_begin = contributions.size();
+        consumed = next;
+        if (rec->clock == step) finished = true;
+      }
+      pos = next;
+    }
+    if (group_records != 0) {
+      // An open group: its clock record may still come, unless its generation is dead.
+      const bool writer_dead = load_acquire(slot.dead_generation) == group_generation ||
+                               load_acquire(slot.generation) != group_generation;
+      if (writer_dead && pos == tail)
+        drop_group(tail);
+      else
+        contributions.resize(group_begin);
+    }
+    round_end[r] = consumed;
+    if (!finished && participating(r)) everyone_finished = false;
+  }
+  if (!everyone_finished) {
+    contributions.clear();
+    for (std::uint32_t r = 0; r < workers; ++r) round_end[r] = consumers[r].head();
+    std::fill(round_last_seq.begin(), round_last_seq.end(), 0);
+    std::fill(round_records.begin(), round_records.end(), 0);
+    std::fill(round_discarded.begin(), round_discarded.end(), 0);
+    return false;
+  }
+  return true;
+}
+
+// Applies the collected contributions, in parallel over slices. Each slice belongs to exactly one
+// task in a round, which is what makes it that slice's lock: no two server threads ever write one
+// slice at once. With sum_per_slice (BSP) a slice's contributions are summed in rank order and the
+// optimizer runs once; otherwise (ASP, SSP) it runs once per contribution, in rank order.
+void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats_out, std::uint64_t& skipped_out) {
+  std::stable_sort(contributions.begin(), contributions.end(),
+                   [](const Contribution& a, const Contribution& b) { return a.slice < b.slice; });
+  run_starts.clear();
+  for (std::size_t i = 0; i < contributions.size(); ++i)
+    if (i == 0 || contributions[i].slice != contributions[i - 1].slice) run_starts.push_back(i);
+  run_starts.push_back(contributions.size());
+
+  const SegmentHeader& h = header();
   const OptimizerSettings settings = h.optimizer;
+  const bool mean = load_acquire(h.bsp_aggregate) == static_cast<std::uint32_t>(BspAggregate::mean);
+  std::atomic<std::uint64_t> floats{0}, skipped{0};
   auto apply_slice = [&](std::size_t run) {
-    const std::size_t begin = s.run_starts[run], end = s.run_starts[run + 1];
-    const std::uint64_t slice_index = s.contributions[begin].slice;
-    SliceEntry& slice = seg.slice(slice_index);
-    const ParamEntry& p = seg.param(slice.param);
-    float* values = seg.values(p);
-    float* state0 = p.state_offset[0] ? seg.state(p, 0) : nullptr;
-    float* state1 = p.state_offset[1] ? seg.state(p, 1) : nullptr;
-    std::uint64_t updates = 0, applied_floats = 0, skipped_here = 0;
+    const std::size_t begin = run_starts[run], end = run_starts[run + 1];
+    const std::uint64_t slice_index = contributions[begin].slice;
+    SliceEntry& slice = segment.slice(slice_index);
+    const ParamEntry& p = segment.param(slice.param);
+    float* values = segment.values(p) + slice.first;
+    float* state0 = p.state_offset[0] ? segment.state(p, 0) + slice.first : nullptr;
+    float* state1 = p.state_offset[1] ? segment.state(p, 1) + slice.first : nullptr;
+    auto state_span = [&](float* st, std::uint64_t lo, std::size_t n) {
+      return st ? std::span<float>(st + lo, n) : std::span<float>();
+    };
+    thread_local std::vector<float> sum;
+    std::uint64_t updates = 0, applied_floats = 0, skipped_here = 0, ranks = 0;
+    std::int64_t last_rank = -1;
     const std::uint64_t before = seqlock_write_begin(slice.version);
     for (std::size_t i = begin; i < end; ++i) {
-      const Contribution& c = s.contributions[i];
-      std::uint64_t& last = seg.last_applied(slice_index, c.rank);
+      const Contribution& c = contributions[i];
+      std::uint64_t& last = segment.last_applied(slice_index, c.rank);
       if (c.record->seq <= last) {  // applied before a server restart: exactly once
         ++skipped_here;
         continue;
       }
-      const std::uint64_t lo = std::max(slice.first, c.record->offset);
-      const std::uint64_t hi = std::min(slice.first + slice.count, c.record->offset + c.record->count);
+      // The part of the record inside this slice, relative to the slice's first element.
+      const std::uint64_t lo = std::max(slice.first, c.record->offset) - slice.first;
+      const std::uint64_t hi = std::min(slice.first + slice.count, c.record->offset + c.record->count) - slice.first;
       const std::size_t n = hi - lo;
-      const float* grad = record_payload(c.record) + (lo - c.record->offset);
+      const float* grad = record_payload(c.record) + (slice.first + lo - c.record->offset);
       const float scale = static_cast<float>(clip_norm_scale(settings, c.record->grad_sq_norm));
-      slice.step += 1;
-      apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n),
-                   state0 ? std::span<float>(state0 + lo, n) : std::span<float>(),
-                   state1 ? std::span<float>(state1 + lo, n) : std::span<float>(), slice.step, scale);
       last = c.record->seq;
-      ++updates;
       applied_floats += n;
+      if (!sum_per_slice) {
+        slice.step += 1;
+        apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n),
+                     state_span(state0, lo, n), state_span(state1, lo, n), slice.step, scale);
+        ++updates;
+        continue;
+      }
+      if (ranks == 0) sum.assign(slice.count, 0.0f);
+      if (static_cast<std::int64_t>(c.rank) != last_rank) {
+        ++ranks;
+        last_rank = c.rank;
+      }
+      for (std::size_t k = 0; k < n; ++k) sum[lo + k] += scale * grad[k];
+    }
+    if (sum_per_slice && ranks != 0) {
+      if (mean) {
+        const float inv = 1.0f / static_cast<float>(ranks);
+        for (float& g : sum) g *= inv;
+      }
+      slice.step += 1;
+      apply_update(settings, std::span<float>(values, slice.count), std::span<const float>(sum.data(), slice.count),
+                   state_span(state0, 0, slice.count), state_span(state1, 0, slice.count), slice.step, 1.0f);
+      updates = 1;
     }
     if (updates)
       seqlock_write_end(slice.version, before, updates);
@@ -369,37 +511,160 @@ std::uint64_t Server::apply_round() {
     floats.fetch_add(applied_floats, std::memory_order_relaxed);
     skipped.fetch_add(skipped_here, std::memory_order_relaxed);
   };
-  const std::size_t runs = s.run_starts.size() - 1;
+  const std::size_t runs = run_starts.size() - 1;
   if (runs == 1) {
     apply_slice(0);
   } else if (runs > 1) {
-    s.arena->execute([&] {
-      tbb::parallel_for(std::size_t{0}, runs, [&](std::size_t run) { apply_slice(run); });
-    });
+    arena->execute([&] { tbb::parallel_for(std::size_t{0}, runs, [&](std::size_t run) { apply_slice(run); }); });
+  }
+  floats_out = floats.load(std::memory_order_relaxed);
+  skipped_out = skipped.load(std::memory_order_relaxed);
+}
+
+std::uint64_t Server::apply_round() {
+  Impl& s = *impl_;
+  SegmentHeader& h = s.header();
+  const std::uint32_t workers = h.max_workers;
+  for (std::uint32_t r = 0; r < workers; ++r) {
+    s.seen_tail[r] = s.consumers[r].committed();
+    s.round_end[r] = s.consumers[r].head();
+    s.round_last_seq[r] = 0;
+    s.round_records[r] = 0;
+    s.round_discarded[r] = 0;
+  }
+  s.contributions.clear();
+
+  const bool bsp = load_acquire(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
+  const std::uint64_t step = load_own(h.model_clock);
+  bool step_complete = false;
+  if (bsp) {
+    step_complete = s.collect_bsp_step(step);
+  } else {
+    s.collect_all();
   }
 
-  // 4. Give the bytes back to the producers, publish what is applied, wake sleepers.
-  SegmentHeader& hw = seg.header();
+  std::uint64_t floats = 0, skipped = 0;
+  s.apply_contributions(bsp, floats, skipped);
+
+  std::uint64_t records = 0, discarded = 0;
+  for (std::uint32_t r = 0; r < workers; ++r) {
+    records += s.round_records[r];
+    discarded += s.round_discarded[r];
+  }
+  // A BSP step is complete when every participating worker finished it; it moves the clocks even
+  // when nobody pushed (the workers' pulls for the next step wait for that). With no worker at
+  // all, there is no step.
+  bool advanced = false;
+  if (bsp && step_complete) {
+    bool anyone = records != 0 || discarded != 0;
+    for (std::uint32_t r = 0; r < workers && !anyone; ++r) anyone = s.participating(r);
+    if (anyone) {
+      for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(s.segment.slice(i).clock, step + 1);
+      store_release(h.model_clock, step + 1);
+      bump_counter(h.steps, std::uint64_t{1});
+      advanced = true;
+    }
+  }
+
+  // Give the bytes back to the producers, publish what is done, wake sleepers.
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = s.consumers[r];
-    if (s.round_end[r] == ring.head()) continue;
-    ring.release_to(s.round_end[r]);
-    WorkerSlot& slot = seg.slot(r);
-    if (s.round_records[r]) {
-      store_release(slot.applied, s.round_last_seq[r]);
+    WorkerSlot& slot = s.segment.slot(r);
+    const bool moved = s.round_end[r] != ring.head();
+    if (moved) ring.release_to(s.round_end[r]);
+    if (s.round_records[r] || s.round_discarded[r]) {
+      store_release(slot.applied, std::max(load_own(slot.applied), s.round_last_seq[r]));
       bump_counter(slot.records_applied, s.round_records[r]);
+      bump_counter(slot.records_discarded, s.round_discarded[r]);
     }
-    store_release(slot.progress, load_own(slot.progress) + 1);
-    fence_store_load();
-    if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
+    if (moved || advanced) {
+      store_release(slot.progress, load_own(slot.progress) + 1);
+      fence_store_load();
+      if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
+    }
   }
-  if (records) {
-    bump_counter(hw.records_applied, records);
-    bump_counter(hw.floats_applied, floats.load(std::memory_order_relaxed));
-    bump_counter(hw.records_skipped, skipped.load(std::memory_order_relaxed));
-    bump_counter(hw.apply_rounds, std::uint64_t{1});
+  if (records || discarded) {
+    bump_counter(h.records_applied, records);
+    bump_counter(h.records_discarded, discarded);
+    bump_counter(h.floats_applied, floats);
+    bump_counter(h.records_skipped, skipped);
+    bump_counter(h.apply_rounds, std::uint64_t{1});
   }
-  return records;
+  if (discarded)
+    spdlog::warn("event=step_discarded segment={} step={} records={} reason=\"their worker died before finishing the step\"",
+                 h.name, step, discarded);
+  return records + discarded + (advanced ? 1 : 0);
+}
+
+void Server::Impl::set_policy(Consistency mode, std::uint32_t staleness) {
+  SegmentHeader& h = header();
+  const auto old = static_cast<Consistency>(load_own(h.consistency));
+  if (mode == Consistency::bsp && old != Consistency::bsp) {
+    // BSP starts at the clock of the slowest participating worker: faster workers wait for it at
+    // their next pull, and nobody's finished steps are collected twice.
+    std::uint64_t start = UINT64_MAX;
+    for (std::uint32_t r = 0; r < h.max_workers; ++r)
+      if (participating(r)) start = std::min(start, load_acquire(segment.slot(r).clock));
+    if (start == UINT64_MAX) start = load_own(h.model_clock);
+    for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, start);
+    store_release(h.model_clock, start);
+  }
+  store_release(h.staleness, staleness);
+  store_release(h.consistency, static_cast<std::uint32_t>(mode));
+}
+
+void Server::Impl::handle_mailbox() {
+  SegmentHeader& h = header();
+  if (load_acquire(h.mailbox_state) != static_cast<std::uint32_t>(MailboxState::submitted)) return;
+  const std::string request(h.mailbox_request, ::strnlen(h.mailbox_request, kMailboxBytes));
+  std::string reply;
+  int status = 1;
+  const auto eq = request.find('=');
+  const std::string key = request.substr(0, eq), value = eq == std::string::npos ? "" : request.substr(eq + 1);
+  if (eq == std::string::npos) {
+    reply = "expected KEY=VALUE (consistency=bsp|ssp:N|asp, bsp_aggregate=sum|mean, on_worker_death=proceed|wait), got '" +
+            request + "'";
+  } else if (key == "consistency") {
+    Consistency mode{};
+    std::uint32_t bound = 0;
+    reply = parse_consistency(value, mode, bound);
+    if (reply.empty()) {
+      const auto old = static_cast<Consistency>(load_own(h.consistency));
+      set_policy(mode, bound);
+      status = 0;
+      reply = "consistency is now " + value + " (was " + std::string(to_string(old)) + ")" +
+              (mode == Consistency::bsp ? ", from clock " + std::to_string(load_own(h.model_clock)) : "");
+    } else {
+      reply = "consistency: " + reply;
+    }
+  } else if (key == "bsp_aggregate") {
+    BspAggregate a{};
+    reply = parse_bsp_aggregate(value, a);
+    if (reply.empty()) {
+      store_release(h.bsp_aggregate, static_cast<std::uint32_t>(a));
+      status = 0;
+      reply = "bsp_aggregate is now " + value;
+    } else {
+      reply = "bsp_aggregate: " + reply;
+    }
+  } else if (key == "on_worker_death") {
+    OnWorkerDeath d{};
+    reply = parse_on_worker_death(value, d);
+    if (reply.empty()) {
+      store_release(h.on_worker_death, static_cast<std::uint32_t>(d));
+      status = 0;
+      reply = "on_worker_death is now " + value;
+    } else {
+      reply = "on_worker_death: " + reply;
+    }
+  } else {
+    reply = "unknown setting '" + key + "': settable are consistency, bsp_aggregate, on_worker_death";
+  }
+  h.mailbox_status = status;
+  std::memset(h.mailbox_reply, 0, kMailboxBytes);
+  std::memcpy(h.mailbox_reply, reply.data(), std::min(reply.size(), kMailboxBytes - 1));
+  store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::done));
+  spdlog::info("event=command segment={} request=\"{}\" status={} reply=\"{}\"", h.name, request, status, reply);
 }
 
 void Server::run() {
@@ -410,6 +675,7 @@ void Server::run() {
   SegmentHeader& h = s.header();
   while (true) {
     store_release(h.server_heartbeat_ns, monotonic_ns());
+    s.handle_mailbox();
     const auto now = clock::now();
     if (now >= next_liveness) {
       s.check_liveness();

@@ -281,7 +281,7 @@ max_worker = 4
 )",
                     "spec.toml:2:1", "max_worker", "unknown key", "did you mean \"max_workers\"?",
                     "valid keys: name, slice_bytes, max_workers, ring_bytes, server_threads, "
-                    "consistency, optimizer, param");
+                    "consistency, bsp_aggregate, on_worker_death, optimizer, param");
 }
 
 TEST(ModelSpecErrors, UnknownOptimizerKey) {

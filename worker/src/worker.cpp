@@ -98,6 +98,8 @@ struct Worker::Impl {
   RingProducer ring;
   std::uint64_t generation = 0;
   std::uint64_t published = 0;
+  std::uint64_t clock = 0;
+  bool pushed_in_step = false;  // pushes since the last clock()
   bool attached = false;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
@@ -125,6 +127,32 @@ struct Worker::Impl {
   void heartbeat() { store_own(slot->heartbeat_ns, monotonic_ns()); }
 
   Clock::time_point deadline() const { return Clock::now() + options.timeout; }
+
+  // A worker counts for staleness bounds while attached and not proven dead (or, with
+  // on_worker_death = wait, until its slot is taken again). Read-only look at other slots.
+  bool counts(std::uint32_t r) const {
+    const WorkerSlot& other = segment.slot(r);
+    if (load_acquire(other.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
+    if (load_acquire(other.dead_generation) != load_acquire(other.generation)) return true;
+    return load_acquire(segment.header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
+  }
+  // The smallest clock among the workers that count (ourselves included), or our own clock.
+  std::uint64_t slowest_clock() const {
+    std::uint64_t slowest = clock;
+    const std::uint32_t n = segment.header().max_workers;
+    for (std::uint32_t r = 0; r < n; ++r)
+      if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
+    return slowest;
+  }
+  // Waits until this worker may read the values its clock needs (see Worker::pull).
+  void wait_for_consistency(std::string_view name);
+  // Writes a clock record (end of step `clock`) and moves to clock + 1.
+  void end_step();
+  void wake_server() const {
+    fence_store_load();  // our commit must be visible before we look at server_sleeping
+    const SegmentHeader& h = segment.header();
+    if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
+  }
 
   std::string server_state() const {
     LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
@@ -196,12 +224,27 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
       if (view.record_at(pos)->kind == RecordKind::push) published = std::max(published, view.record_at(pos)->seq);
   }
   s.published = published;
+  // Enter at the job's current clock: BSP's step in progress, or the slowest live worker's clock
+  // (so nobody waits for us); never below the clock this slot had reached.
+  {
+    const SegmentHeader& hdr = s.segment.header();
+    s.clock = load_acquire(slot.clock);
+    if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
+      s.clock = std::max(s.clock, load_acquire(hdr.model_clock));
+    } else {
+      std::uint64_t slowest = UINT64_MAX;
+      for (std::uint32_t r = 0; r < hdr.max_workers; ++r)
+        if (static_cast<int>(r) != s.rank && s.counts(r)) slowest = std::min(slowest, load_acquire(s.segment.slot(r).clock));
+      if (slowest != UINT64_MAX) s.clock = std::max(s.clock, slowest);
+    }
+  }
   s.generation = load_own(slot.generation) + 1;
   store_release(slot.generation, s.generation);
   store_release(slot.pid, static_cast<std::int32_t>(::getpid()));
   store_release(slot.start_time, process_start_time(::getpid()));
   store_release(slot.attached_unix_ns, unix_ns());
   store_release(slot.published, published);
+  store_release(slot.clock, s.clock);
   store_own(slot.waiting, 0U);
   s.heartbeat();
   store_release(slot.state, static_cast<std::uint32_t>(SlotState::attached));
@@ -229,6 +272,13 @@ const std::string& Worker::segment() const { return impl_->segment.name(); }
 const std::vector<ParamInfo>& Worker::params() const { return impl_->params; }
 const ParamInfo& Worker::param(std::string_view name) const { return impl_->params[impl_->find(name)]; }
 std::uint64_t Worker::published() const { return impl_->published; }
+
+std::string Worker::consistency() const {
+  const SegmentHeader& h = impl_->segment.header();
+  const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
+  if (mode != Consistency::ssp) return std::string(to_string(mode));
+  return "ssp:" + std::to_string(load_acquire(h.staleness));
+}
 std::uint64_t Worker::applied() const { return load_acquire(impl_->slot->applied); }
 
 std::uint64_t Worker::pull(std::string_view name, std::span<float> out) {
@@ -246,6 +296,7 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
   const std::uint32_t i = s.find(name);
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
+  s.wait_for_consistency(name);
   const ParamEntry& p = seg.param(i);
   const std::uint64_t slice_floats = seg.header().slice_floats;
   const float* values = seg.values(p);
@@ -322,17 +373,15 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   record->count = grad.size();
   record->seq = seq;
   record->generation = s.generation;
-  record->clock = load_own(s.slot->clock);
+  record->clock = s.clock;
   record->grad_sq_norm = sum_sq;
   s.ring.commit();  // one release store: the record now exists, whole
   s.published = seq;
+  s.pushed_in_step = true;
   store_release(s.slot->published, seq);
   bump_counter(s.slot->push_bytes, static_cast<std::uint64_t>(grad.size_bytes()));
   s.heartbeat();
-  // Wake the server if it sleeps (the store above must be visible before we look).
-  fence_store_load();
-  const SegmentHeader& h = s.segment.header();
-  if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
+  s.wake_server();
   return seq;
 }
 
@@ -349,9 +398,99 @@ void Worker::wait_applied(std::uint64_t seq) {
   s.heartbeat();
 }
 
+std::uint64_t Worker::clock() {
+  Impl& s = *impl_;
+  if (!s.attached) throw Error("this worker has left the job; create a new Worker to train");
+  s.end_step();
+  return s.clock;
+}
+
+std::uint64_t Worker::current_clock() const { return impl_->clock; }
+
+void Worker::Impl::end_step() {
+  PushRecord* record = ring.try_claim(0);
+  if (record == nullptr) {
+    const bool ok = wait_for([&] { return (record = ring.try_claim(0)) != nullptr; }, deadline(), &slot->progress,
+                             &slot->waiting);
+    if (!ok)
+      throw Error("clock(): the ring of worker " + std::to_string(rank) + " has been full for " +
+                  std::to_string(options.timeout.count()) + " ms; " + server_state());
+  }
+  record->kind = RecordKind::clock;
+  record->param = 0;
+  record->offset = 0;
+  record->count = 0;
+  record->seq = published;
+  record->generation = generation;
+  record->clock = clock;
+  record->grad_sq_norm = 0.0;
+  ring.commit();  // the step's pushes now count, together
+  clock += 1;
+  pushed_in_step = false;
+  store_release(slot->clock, clock);
+  heartbeat();
+  wake_server();
+}
+
+void Worker::Impl::wait_for_consistency(std::string_view name) {
+  const SegmentHeader& h = segment.header();
+  const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
+  auto record_staleness = [&] {
+    const std::uint64_t slowest = slowest_clock();
+    const std::uint64_t staleness = clock > slowest ? clock - slowest : 0;
+    store_own(slot->last_staleness, staleness);
+    if (staleness > load_own(slot->max_staleness)) store_own(slot->max_staleness, staleness);
+  };
+  if (mode == Consistency::asp) {
+    record_staleness();
+    return;
+  }
+  // Fresh enough yet? Re-read the mode every time: a live switch may change it while we wait.
+  auto fresh = [&] {
+    const auto now_mode = static_cast<Consistency>(load_acquire(h.consistency));
+    if (now_mode == Consistency::bsp) return load_acquire(h.model_clock) >= clock;
+    if (now_mode == Consistency::ssp) {
+      const std::uint64_t bound = load_acquire(h.staleness);
+      return clock <= bound || slowest_clock() >= clock - bound;
+    }
+    return true;
+  };
+  if (!fresh()) {
+    const auto started = Clock::now();
+    // BSP steps end with a bump of our progress word; SSP waits on other workers' clocks, which
+    // nobody signals: poll those with short naps.
+    const bool bsp = mode == Consistency::bsp;
+    const bool ok = wait_for(fresh, deadline(), bsp ? &slot->progress : nullptr, bsp ? &slot->waiting : nullptr);
+    bump_counter(slot->wait_ns, static_cast<std::uint64_t>(
+                              std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
+    if (!ok) {
+      std::string behind;
+      for (std::uint32_t r = 0; r < h.max_workers; ++r)
+        if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
+          behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
+                    std::to_string(load_acquire(segment.slot(r).clock)) + ")";
+      throw Error("pull of '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
+                  std::to_string(options.timeout.count()) + " ms for " +
+                  (static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp
+                       ? "the server to finish step " + std::to_string(clock - 1) + " (model clock " +
+                             std::to_string(load_acquire(h.model_clock)) + ")"
+                       : "the slowest workers to come within the staleness bound") +
+                  "; workers behind: " + (behind.empty() ? "none" : behind) + "; " + server_state());
+    }
+  }
+  record_staleness();
+}
+
 void Worker::leave() {
   Impl& s = *impl_;
   if (!s.attached) return;
+  if (s.pushed_in_step) {
+    try {
+      s.end_step();  // a finished worker's last pushes count (BSP counts a step only once ended)
+    } catch (const Error&) {
+      // The ring stayed full (no server): the pushes of this open step stay uncounted in BSP.
+    }
+  }
   store_release(s.slot->state, static_cast<std::uint32_t>(SlotState::left));
   s.slots_lock.unlock(static_cast<unsigned>(s.rank));
   s.slots_lock = LockFile();

@@ -178,6 +178,9 @@ int main(int argc, char** argv) {
                  "P: workers sharing the schedule; this one takes the batches j = rank (mod P) "
                  "(default: $SHMPS_WORLD_SIZE, else 1)")
       ->check(CLI::PositiveNumber);
+  std::string consistency;
+  app.add_option("--consistency", consistency,
+                 "the consistency the job must run (bsp, ssp:N, asp); the server sets it, this checks it");
   auto* eval_flag = app.add_flag("--evaluate", evaluate,
                                  "attach, pull the model, print train/test loss and accuracy and the weights hash");
   auto* local_flag = app.add_flag("--local", local, "no parameter server: train a local model with plain SGD");
@@ -241,9 +244,13 @@ int main(int argc, char** argv) {
                          std::to_string(sched.workers) + "; pass --workers (or set SHMPS_WORLD_SIZE)");
     }
     sched.rank = static_cast<std::uint64_t>(w.rank());
-    std::printf("segment %s, worker %" PRIu64 "/%" PRIu64 ": %" PRIu64 " samples, batch %" PRIu64 ", %" PRIu64
+    if (!consistency.empty() && consistency != w.consistency())
+      throw shmps::Error("--consistency " + consistency + " asked, but the job runs " + w.consistency() +
+                         " (set it on the server: shmps-server --consistency, or shmps-ctl set " + w.segment() +
+                         " consistency=" + consistency + ")");
+    std::printf("segment %s (%s), worker %" PRIu64 "/%" PRIu64 ": %" PRIu64 " samples, batch %" PRIu64 ", %" PRIu64
                 " epoch(s), %" PRIu64 " batches\n",
-                w.segment().c_str(), sched.rank, sched.workers, samples, batch, sched.epochs(),
+                w.segment().c_str(), w.consistency().c_str(), sched.rank, sched.workers, samples, batch, sched.epochs(),
                 sched.worker_total_batches());
     std::fflush(stdout);
 
@@ -253,9 +260,11 @@ int main(int argc, char** argv) {
         sched, params, [&w](mlp::Tensors& p) { pull_all(w, p); },
         [&w, &last_seq](const mlp::Tensors& g) {
           for (std::size_t i = 0; i < mlp::kParamCount; ++i) last_seq = w.push(mlp::kParams[i].name, g[i]);
+          w.clock();  // the end of this worker's step (BSP counts the four pushes together)
         });
     if (last_seq) w.wait_applied(*last_seq);
     pull_all(w, params);  // the model as it stands once this worker's last push is applied
+    w.leave();            // done: the others no longer wait for this worker
     print_final(st, params, eval_train);
     return 0;
   } catch (const shmps::Error& e) {

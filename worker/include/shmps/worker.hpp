@@ -61,10 +61,20 @@ class Worker {
   const std::string& segment() const;
   const std::vector<ParamInfo>& params() const;
   const ParamInfo& param(std::string_view name) const;  // throws Error for an unknown name
+  // The job's consistency model now: "asp", "bsp" or "ssp:N" (it may change on a live job).
+  std::string consistency() const;
 
   // Copies the parameter (or the range [offset, offset + out.size())) into `out`. Each slice is
   // copied whole from one version (a seqlock read). Returns the smallest slice version seen:
   // the number of updates applied to the least-updated slice of the range.
+  //
+  // First it waits as the job's consistency model requires (bounded by the timeout):
+  //   BSP    until the server has applied step clock()-1 of every worker: the values are exactly
+  //          those after that step, and stay so until this worker finishes its current step;
+  //   SSP s  until every live worker's clock is at least this worker's clock minus s;
+  //   ASP    not at all.
+  // The staleness it saw (this worker's clock minus the slowest live worker's) is recorded in
+  // its slot (shmps-ctl inspect shows it).
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
 
@@ -76,14 +86,24 @@ class Worker {
   std::uint64_t push(std::string_view name, std::span<const float> grad);
   std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
 
-  // Blocks until the server has applied every push up to sequence number `seq`.
+  // Blocks until the server is done with every push up to sequence number `seq` (applied; or,
+  // in BSP, discarded because this slot's previous process died before finishing their step).
   void wait_applied(std::uint64_t seq);
+
+  // Ends this worker's current step and returns the new clock. In BSP the pushes of a step count
+  // only once the step is ended, so a worker killed mid-step contributes none of it. A worker
+  // enters at the job's current clock (or the clock its slot had, if later).
+  std::uint64_t clock();
+  // The current clock: the step this worker is in.
+  std::uint64_t current_clock() const;
 
   // Pushes this slot committed over all its generations, and how many the server has applied.
   std::uint64_t published() const;
   std::uint64_t applied() const;
 
-  // Marks the slot as left and releases it. Called by the destructor; idempotent.
+  // Leaves the group: ends the current step if anything was pushed in it, marks the slot as left
+  // (barriers and staleness bounds stop counting it) and releases it. Called by the destructor;
+  // idempotent. A worker that runs out of data calls it so that the others do not wait for it.
   void leave();
 
  private:

@@ -15,6 +15,12 @@
 //   consistency = "asp"     # optional, default "asp". "asp" (asynchronous), "bsp" (bulk
 //                           #   synchronous) or "ssp:N" (stale synchronous, bound N >= 0 clocks,
 //                           #   e.g. "ssp:3").
+//   bsp_aggregate = "sum"   # optional, default "sum". BSP: a step's gradients are summed in
+//                           #   rank order ("sum") or their sum is divided by the number of
+//                           #   workers that contributed to the slice ("mean").
+//   on_worker_death = "proceed"  # optional. When a worker's death is proven, BSP barriers and
+//                           #   SSP bounds go on without it ("proceed"), or wait until a process
+//                           #   takes its slot again ("wait").
 //
 //   [optimizer]             # required (lr has no default)
 //   kind = "sgd"            # optional, default "sgd". sgd | momentum | nesterov | adagrad |
@@ -106,6 +112,8 @@ struct ModelSpec {
   std::uint32_t server_threads = 0;  // 0 = all cores
   Consistency consistency = Consistency::asp;
   std::uint32_t staleness = 0;  // ssp only
+  BspAggregate bsp_aggregate = BspAggregate::sum;
+  OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
   OptimizerSettings optimizer;
   std::vector<ParamSpec> params;
   std::string source;  // file path or "<string>", for messages
@@ -140,6 +148,14 @@ ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_n
 //   segment name "a/b" contains '/' at position 2, which is not allowed; use only letters,
 //   digits, '.', '_' and '-'
 std::string validate_segment_name(std::string_view name);
+
+// "asp", "bsp", "ssp:N" -> mode and bound; "" or what is wrong. Shared by the spec, the server's
+// --consistency and `shmps-ctl set NAME consistency=...`.
+std::string parse_consistency(std::string_view text, Consistency& mode, std::uint32_t& staleness);
+// "sum" | "mean"
+std::string parse_bsp_aggregate(std::string_view text, BspAggregate& out);
+// "proceed" | "wait"
+std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out);
 
 // Checks a ModelSpec built in code (the parser applies the same rules, with positions).
 // "" if valid, else the first problem as "<field>: <problem>", e.g. "param[1].shape: ...".

@@ -26,6 +26,9 @@ struct ServerOptions {
   unsigned threads = 0;          // apply threads; 0: spec.server_threads, else all cores
   bool remove_on_stop = false;   // remove the segment and its lock files when run() returns
   unsigned mode = 0600;          // of the segment and lock files (0660 to share with a group)
+  // Apply the spec's consistency, bsp_aggregate and on_worker_death also to a recovered segment
+  // (by default a recovered segment keeps the policy it had, perhaps set live by shmps-ctl).
+  bool override_policy = false;
   // How often worker slots are probed for dead holders (the death-detection time).
   std::chrono::milliseconds liveness_interval{100};
   // A live worker whose heartbeat is older than this is shown as "suspect" (display only).

@@ -50,6 +50,7 @@ inline constexpr std::uint32_t kLayoutVersion = 1;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
+inline constexpr std::size_t kMailboxBytes = 256;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
@@ -89,9 +90,17 @@ struct SegmentHeader {
   std::uint64_t values_offset;
   std::uint64_t state_offset;
   OptimizerSettings optimizer;
-  Consistency consistency;
-  std::uint32_t staleness;       // SSP bound
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
+  std::uint32_t reserved0;
+
+  // Consistency policy (server writes, at a clock boundary; workers read before every pull).
+  alignas(kCacheLine) std::atomic<std::uint32_t> consistency;  // Consistency
+  std::atomic<std::uint32_t> staleness;                        // SSP bound, in clocks
+  std::atomic<std::uint32_t> bsp_aggregate;                    // BspAggregate
+  std::atomic<std::uint32_t> on_worker_death;                  // OnWorkerDeath
+  // BSP: the step being collected. Every slice holds the values after step model_clock - 1;
+  // a pull for clock c waits until model_clock >= c.
+  std::atomic<std::uint64_t> model_clock;
 
   // Server liveness and state (server writes; everyone reads). Death of the server is proven by
   // its lock file (<name>.server.lock), not by the heartbeat; the heartbeat is for display.
@@ -113,7 +122,24 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> floats_applied;
   std::atomic<std::uint64_t> apply_rounds;
   std::atomic<std::uint64_t> records_skipped;  // already applied before a server restart
+  std::atomic<std::uint64_t> records_discarded;  // of a step the worker died in (BSP)
+  std::atomic<std::uint64_t> steps;            // BSP steps completed
+
+  // The command mailbox of shmps-ctl (the only words a tool writes). A tool claims it
+  // (mailbox_state free -> claimed, compare-and-swap), writes the request, and marks it
+  // submitted; the server executes it between apply rounds, writes the reply and marks it done;
+  // the tool reads the reply and frees it. The server never waits on the mailbox. A claim whose
+  // holder died (mailbox_pid gone) may be taken over by the next tool.
+  alignas(kCacheLine) std::atomic<std::uint32_t> mailbox_state;  // MailboxState
+  std::atomic<std::int32_t> mailbox_pid;                         // the tool holding the claim
+  std::atomic<std::uint64_t> mailbox_claimed_ns;
+  std::int32_t mailbox_status;                                   // 0: done as asked; else refused
+  std::uint32_t mailbox_reserved;
+  char mailbox_request[kMailboxBytes];                           // "consistency=bsp"
+  char mailbox_reply[kMailboxBytes];                             // what the server did, or why not
 };
+
+enum class MailboxState : std::uint32_t { free = 0, claimed = 1, submitted = 2, done = 3 };
 
 // ---------------------------------------------------------------------------------------------
 // ParamEntry: one per parameter, written once at creation.
@@ -168,6 +194,9 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> pull_bytes;
   std::atomic<std::uint64_t> push_bytes;
   std::atomic<std::uint64_t> pushes_rejected;  // non-finite gradients refused before publishing
+  std::atomic<std::uint64_t> last_staleness;   // clocks between this worker and the slowest live one, at its last pull
+  std::atomic<std::uint64_t> max_staleness;    // the largest last_staleness seen
+  std::atomic<std::uint64_t> wait_ns;          // time spent waiting in pulls (barrier, staleness bound)
   std::atomic<std::uint32_t> waiting;       // 1 while the worker sleeps on `progress`
 
   // Worker line: the resume blob (the trainer's data cursor, RNG state).
@@ -175,11 +204,12 @@ struct WorkerSlot {
   std::uint8_t resume[kResumeBlobBytes];
 
   // Server line.
-  alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number applied
+  alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number the server is done with (applied, or discarded)
   std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
   std::atomic<std::uint32_t> reserved0;
   std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
   std::atomic<std::uint64_t> records_applied;
+  std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -199,7 +229,10 @@ struct RingHeader {
   std::uint8_t capacity_pad[kCacheLine - 8];
 };
 
-enum class RecordKind : std::uint32_t { push = 1, padding = 2 };
+// push: a gradient. clock: the end of the writer's step `clock` (Worker::clock()); in BSP the
+// pushes of a step count only once their clock record follows them, so a worker that dies in
+// the middle of a step contributes all of that step or none of it. padding: filler to the end.
+enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
 // next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the
@@ -262,6 +295,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
   for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{sizeof(SegmentHeader)},
                           std::uint64_t{offsetof(SegmentHeader, optimizer)}, std::uint64_t{offsetof(SegmentHeader, state)},
                           std::uint64_t{offsetof(SegmentHeader, server_wake)}, std::uint64_t{offsetof(SegmentHeader, records_applied)},
+                          std::uint64_t{offsetof(SegmentHeader, consistency)}, std::uint64_t{offsetof(SegmentHeader, mailbox_state)},
                           std::uint64_t{sizeof(ParamEntry)}, std::uint64_t{offsetof(ParamEntry, values_offset)},
                           std::uint64_t{sizeof(SliceEntry)}, std::uint64_t{offsetof(SliceEntry, step)},
                           std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},

@@ -84,7 +84,7 @@ class RingConsumer {
     const std::uint64_t to_end = capacity_ - position % capacity_;
     return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
            r->record_bytes <= to_end && position + r->record_bytes <= end &&
-           (r->kind == RecordKind::padding ||
+           ((r->kind == RecordKind::padding || r->kind == RecordKind::clock) ||
             (r->kind == RecordKind::push && record_bytes_for(r->count) == r->record_bytes));
   }
   // Gives the bytes before `position` back to the producer. Call only once they are applied.

@@ -31,6 +31,13 @@ static_assert(sizeof(OptimizerSettings) == 64);
 
 enum class Consistency : std::uint32_t { asp = 0, bsp = 1, ssp = 2 };
 
+// BSP: how the gradients of one step are combined before the optimizer runs once.
+enum class BspAggregate : std::uint32_t { sum = 0, mean = 1 };
+
+// What a barrier (BSP) or a staleness bound (SSP) does when a worker's death is proven: go on
+// without it, or wait for a process to take its slot again.
+enum class OnWorkerDeath : std::uint32_t { proceed = 0, wait = 1 };
+
 // How many float arrays of the parameter's size the optimizer keeps per parameter.
 constexpr int optimizer_state_arrays(OptimizerKind kind) noexcept {
   switch (kind) {
@@ -55,6 +62,9 @@ constexpr std::string_view to_string(OptimizerKind kind) noexcept {
   }
   return "?";
 }
+
+constexpr std::string_view to_string(BspAggregate a) noexcept { return a == BspAggregate::sum ? "sum" : "mean"; }
+constexpr std::string_view to_string(OnWorkerDeath d) noexcept { return d == OnWorkerDeath::proceed ? "proceed" : "wait"; }
 
 constexpr std::string_view to_string(Consistency c) noexcept {
   switch (c) {
