@@ -364,6 +364,10 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = consumers[r];
     const WorkerSlot& slot = segment.slot(r);
+    // The worker stores its clock after committing the clock record that ends the step, so a
+    // clock read before the tail guarantees that record is inside [head, tail) or was consumed
+    // earlier (in ASP or SSP, before a switch to BSP).
+    const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t tail = ring.committed();
     std::uint64_t pos = ring.head();
     std::uint64_t consumed = pos;  // the end of the groups taken (counted or discarded)
@@ -396,6 +400,8 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
           group_last_seq = rec->seq;
         }
       } else if (rec->kind == RecordKind::clock) {
+        // A clock record closes only its own generation's pushes.
+        if (group_records != 0 && rec->generation != group_generation) drop_group(pos);
         if (rec->clock > step) {  // a later step: the worker has finished this one
           contributions.resize(group_begin);  // the open group belongs to that later step
           group_records = 0;
@@ -421,6 +427,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
         contributions.resize(group_begin);
     }
     round_end[r] = consumed;
+    if (worker_clock > step) finished = true;
     if (!finished && participating(r)) everyone_finished = false;
   }
   if (!everyone_finished) {

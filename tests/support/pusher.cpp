@@ -4,6 +4,16 @@
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher puller  --millis T   pulls "u" slice by slice for T ms and checks that every
 //                                          slice is whole: all its values equal -(its version)
+//   shmps-test-pusher steps   --workers P --steps B [--extra E] [--check] [--slow-ms X]
+//                             [--absent R:S] [--hang-at S]
+//       waits until P workers are attached, then does B + E*rank steps: pull "w" and "b" (which
+//       waits as the consistency model says), push the pattern gradients of (rank, step) to the
+//       whole of "w" and "b", clock(). --check (BSP, bsp_aggregate = "sum", lr 1): before step t
+//       the pulled values must equal minus the sum of the gradients of every step before t of
+//       every rank that took part in it (rank R stops taking part at step S with --absent R:S).
+//       --slow-ms sleeps that long per step. --hang-at S: at step S push "w" only, then sleep
+//       forever (a worker to be killed in the middle of a step). Prints its clocks and the
+//       largest staleness its pulls saw.
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 #include <chrono>
 #include <cstdlib>
@@ -11,6 +21,10 @@
 #include <string>
 #include <vector>
 
+#include <thread>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
 #include "pattern.hpp"
@@ -21,11 +35,28 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string mode = argv[1];
-  std::uint64_t pushes = 100, millis = 1000;
-  for (int i = 2; i + 1 < argc; i += 2) {
+  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
+  std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
+  bool check = false;
+  for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
-    if (key == "--pushes") pushes = std::stoull(argv[i + 1]);
-    else if (key == "--millis") millis = std::stoull(argv[i + 1]);
+    const std::string value = i + 1 < argc ? argv[i + 1] : "";
+    if (key == "--check") {
+      check = true;
+      continue;
+    }
+    ++i;
+    if (key == "--pushes") pushes = std::stoull(value);
+    else if (key == "--millis") millis = std::stoull(value);
+    else if (key == "--workers") workers = std::stoull(value);
+    else if (key == "--steps") steps = std::stoull(value);
+    else if (key == "--extra") extra = std::stoull(value);
+    else if (key == "--slow-ms") slow_ms = std::stoull(value);
+    else if (key == "--hang-at") hang_at = std::stoll(value);
+    else if (key == "--absent") {
+      absent_rank = std::stoll(value.substr(0, value.find(':')));
+      absent_step = std::stoll(value.substr(value.find(':') + 1));
+    }
   }
   try {
     shmps::Worker w;
@@ -72,6 +103,66 @@ int main(int argc, char** argv) {
       }
       std::cout << "pulls " << pulls << " torn " << torn << " max_version " << max_version << "\n";
       return torn == 0 && pulls > 0 ? 0 : 1;
+    }
+    if (mode == "steps") {
+      const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
+      const auto rank = static_cast<std::uint64_t>(w.rank());
+      // Start together, so that every rank takes part from step 0.
+      {
+        auto seg = shmps::shm::Segment::open(w.segment(), shmps::shm::Access::read_only);
+        const auto attached = static_cast<std::uint32_t>(shmps::shm::SlotState::attached);
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+        for (bool all = false; !all;) {
+          all = true;
+          for (std::uint64_t r = 0; r < workers; ++r)
+            all = all && shmps::shm::load_acquire(seg.slot(r).state) == attached;
+          if (std::chrono::steady_clock::now() > until) throw shmps::Error("the other workers did not attach");
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+      }
+      auto takes_part = [&](std::uint64_t r, std::uint64_t k) {
+        if (k >= steps + extra * r) return false;
+        return !(static_cast<std::int64_t>(r) == absent_rank && static_cast<std::int64_t>(k) >= absent_step);
+      };
+      std::vector<double> want_w(w_size, 0.0), want_b(b_size, 0.0);
+      std::vector<float> pw(w_size), pb(b_size), gw(w_size), gb(b_size);
+      const std::uint64_t my_steps = steps + extra * rank;
+      const std::uint64_t first_clock = w.current_clock();
+      std::uint64_t last = 0, wrong_steps = 0;
+      for (std::uint64_t k = 0; k < my_steps; ++k) {
+        w.pull("w", pw);
+        w.pull("b", pb);
+        if (check) {
+          std::size_t wrong = 0;
+          for (std::size_t i = 0; i < w_size; ++i) wrong += static_cast<double>(pw[i]) != want_w[i];
+          for (std::size_t i = 0; i < b_size; ++i) wrong += static_cast<double>(pb[i]) != want_b[i];
+          if (wrong) {
+            ++wrong_steps;
+            std::cout << "step " << k << ": " << wrong << " values differ from the exact sum\n";
+          }
+          for (std::uint64_t r = 0; r < workers; ++r)
+            if (takes_part(r, k)) {
+              for (std::size_t i = 0; i < w_size; ++i) want_w[i] -= shmps::test::pattern(r, k, i);
+              for (std::size_t i = 0; i < b_size; ++i) want_b[i] -= shmps::test::pattern(r, k, i);
+            }
+        }
+        for (std::size_t i = 0; i < w_size; ++i) gw[i] = shmps::test::pattern(rank, k, i);
+        for (std::size_t i = 0; i < b_size; ++i) gb[i] = shmps::test::pattern(rank, k, i);
+        last = w.push("w", gw);
+        if (static_cast<std::int64_t>(k) == hang_at) {
+          std::cout << "hanging in step " << k << std::endl;
+          std::this_thread::sleep_for(std::chrono::hours(1));
+        }
+        last = w.push("b", gb);
+        w.clock();
+        if (slow_ms) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+      }
+      w.wait_applied(last);
+      auto seg = shmps::shm::Segment::open(w.segment(), shmps::shm::Access::read_only);
+      std::cout << "rank " << rank << " steps " << my_steps << " first_clock " << first_clock << " clock "
+                << w.current_clock() << " max_staleness "
+                << shmps::shm::load_acquire(seg.slot(rank).max_staleness) << " wrong_steps " << wrong_steps << "\n";
+      return wrong_steps == 0 ? 0 : 1;
     }
     std::cerr << "unknown mode " << mode << "\n";
     return 2;

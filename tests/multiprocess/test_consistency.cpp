@@ -1,0 +1,233 @@
+// Consistency models with real processes: BSP exactness step by step, the SSP bound under a
+// slow worker, a worker killed in the middle of a BSP step, uneven data, and live switches.
+//
+// Every check is exact: SGD with learning rate 1, small-integer gradients, BSP summing the
+// gradients of a step ("sum"), so the values are integers and any lost or doubled push shows.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+
+namespace {
+
+std::string spec(const std::string& consistency) {
+  return "consistency = \"" + consistency + R"("
+slice_bytes = 65536
+max_workers = 8
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "w"
+shape = [40000]
+[[param]]
+name = "b"
+shape = [7]
+)";
+}
+constexpr std::size_t kW = 40000, kB = 7;
+
+struct Values {
+  std::vector<float> w, b;
+  bool operator==(const Values&) const = default;
+};
+
+Values pull_values(const std::string& segment) {
+  shmps::Worker reader(shmps::WorkerOptions{.segment = segment, .rank = 7});
+  Values v{std::vector<float>(kW), std::vector<float>(kB)};
+  reader.pull("w", v.w);
+  reader.pull("b", v.b);
+  return v;
+}
+
+// Minus the sum of pattern(r, k) over the (rank, step) pairs that took part.
+void expect_exact(const Values& got, std::uint64_t workers, const std::function<bool(std::uint64_t, std::uint64_t)>& took_part,
+                  std::uint64_t max_steps) {
+  std::vector<double> w(kW, 0.0), b(kB, 0.0);
+  for (std::uint64_t r = 0; r < workers; ++r)
+    for (std::uint64_t k = 0; k < max_steps; ++k)
+      if (took_part(r, k)) {
+        for (std::size_t i = 0; i < kW; ++i) w[i] -= shmps::test::pattern(r, k, i);
+        for (std::size_t i = 0; i < kB; ++i) b[i] -= shmps::test::pattern(r, k, i);
+      }
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < kW; ++i) wrong += static_cast<double>(got.w[i]) != w[i];
+  for (std::size_t i = 0; i < kB; ++i) wrong += static_cast<double>(got.b[i]) != b[i];
+  EXPECT_EQ(wrong, 0u) << "w[0] = " << got.w[0] << ", expected " << w[0];
+  // The sums are far from the initial zeros, so the check can fail.
+  EXPECT_GT(std::count_if(w.begin(), w.end(), [](double x) { return x != 0.0; }), static_cast<long>(kW / 4));
+}
+
+std::vector<Process*> start_steppers(Job& job, std::uint64_t workers, const std::vector<std::string>& args,
+                                     const std::vector<std::vector<std::string>>& per_rank = {}) {
+  std::vector<Process*> ps;
+  for (std::uint64_t r = 0; r < workers; ++r) {
+    std::vector<std::string> argv{"shmps-test-pusher", "steps", "--workers", std::to_string(workers)};
+    argv.insert(argv.end(), args.begin(), args.end());
+    if (r < per_rank.size()) argv.insert(argv.end(), per_rank[r].begin(), per_rank[r].end());
+    ps.push_back(&job.start(argv, {{"SHMPS_RANK", std::to_string(r)}}));
+  }
+  return ps;
+}
+
+std::uint64_t field(const std::string& out, const std::string& name) {
+  const auto at = out.find(name + " ");
+  if (at == std::string::npos) return UINT64_MAX;
+  return std::stoull(out.substr(at + name.size() + 1));
+}
+
+}  // namespace
+
+TEST(Bsp, EveryPullSeesExactlyTheSumOfAllEarlierStepsAndTwoRunsAgreeBitForBit) {
+  Watchdog watchdog(90s);
+  Values runs[2];
+  for (auto& result : runs) {
+    Job job("bsp", spec("bsp"));
+    job.start_server();
+    job.wait_ready();
+    // --check: each worker compares every pull with the exact sum of all earlier steps.
+    for (auto* p : start_steppers(job, 3, {"--steps", "25", "--check"})) EXPECT_EQ(p->wait(60s), 0) << p->output();
+    result = pull_values(job.name());
+    expect_exact(result, 3, [](std::uint64_t, std::uint64_t k) { return k < 25; }, 25);
+    auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+    EXPECT_EQ(shmps::shm::load_counter(seg.header().steps), 25u);
+    EXPECT_EQ(shmps::shm::load_acquire(seg.header().model_clock), 25u);
+  }
+  EXPECT_TRUE(runs[0] == runs[1]);
+}
+
+TEST(Ssp, NoPullIsStalerThanTheBoundWhileOneWorkerIsSlow) {
+  Watchdog watchdog(90s);
+  Job job("ssp", spec("ssp:2"));
+  job.start_server();
+  job.wait_ready();
+  auto ps = start_steppers(job, 3, {"--steps", "30"}, {{}, {}, {"--slow-ms", "20"}});
+  std::vector<std::uint64_t> staleness;
+  for (auto* p : ps) {
+    EXPECT_EQ(p->wait(60s), 0) << p->output();
+    staleness.push_back(field(p->output(), "max_staleness"));
+  }
+  for (auto s : staleness) EXPECT_LE(s, 2u);
+  // The fast workers ran into the bound (so the bound, not luck, kept them there).
+  EXPECT_EQ(staleness[0], 2u);
+  EXPECT_EQ(staleness[1], 2u);
+  expect_exact(pull_values(job.name()), 3, [](std::uint64_t, std::uint64_t k) { return k < 30; }, 30);
+  // The fast workers' time at the bound is on record in their slots.
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  EXPECT_GT(shmps::shm::load_counter(seg.slot(0).wait_ns), 0u);
+}
+
+TEST(Bsp, AWorkerKilledMidStepIsDroppedWithinTheDetectionTimeAndItsOpenStepIsDiscardedWhole) {
+  Watchdog watchdog(90s);
+  Job job("bspkill", spec("bsp"));
+  job.start_server();
+  job.wait_ready();
+  // Rank 0 pushes "w" in step 5, then hangs before "b" and clock(); the others expect rank 0 to
+  // count for steps 0..4 only (the documented rule: a step the worker did not finish is
+  // discarded whole).
+  auto ps = start_steppers(job, 3, {"--steps", "20", "--check", "--absent", "0:5"}, {{"--hang-at", "5"}});
+  const auto until = std::chrono::steady_clock::now() + 30s;
+  while (ps[0]->output().find("hanging in step 5") == std::string::npos && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(2ms);
+  ASSERT_NE(ps[0]->output().find("hanging in step 5"), std::string::npos) << ps[0]->output();
+  std::this_thread::sleep_for(100ms);  // the others are now waiting at the step-5 barrier
+  const auto killed_at = std::chrono::steady_clock::now();
+  ps[0]->kill(SIGKILL);
+  EXPECT_EQ(ps[0]->wait(10s), 128 + SIGKILL);
+  EXPECT_EQ(ps[1]->wait(30s), 0) << ps[1]->output();
+  EXPECT_EQ(ps[2]->wait(30s), 0) << ps[2]->output();
+  // 15 more steps with a detection time of 100 ms: well within a few seconds.
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, 5s);
+  expect_exact(pull_values(job.name()), 3, [](std::uint64_t r, std::uint64_t k) { return k < 20 && (r != 0 || k < 5); }, 20);
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  EXPECT_EQ(shmps::shm::load_counter(seg.header().records_discarded), 1u);  // the lone "w" push of step 5
+  EXPECT_NE(job.server().output().find("event=worker_dead"), std::string::npos) << job.server().output();
+}
+
+TEST(Bsp, AWorkerWhoseDeathIsAwaitedIsReplacedAndTheStepCompletes) {
+  Watchdog watchdog(90s);
+  Job job("bspwait", spec("bsp"));
+  job.start_server({"--on-worker-death", "wait"});
+  job.wait_ready();
+  auto ps = start_steppers(job, 2, {"--steps", "10"}, {{"--hang-at", "3"}});
+  const auto until = std::chrono::steady_clock::now() + 30s;
+  while (ps[0]->output().find("hanging in step 3") == std::string::npos && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(2ms);
+  ps[0]->kill(SIGKILL);
+  ps[0]->wait(10s);
+  // With on_worker_death = wait, rank 1 must still be waiting for step 3 a while later.
+  std::this_thread::sleep_for(500ms);
+  EXPECT_TRUE(ps[1]->running());
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  EXPECT_EQ(shmps::shm::load_acquire(seg.header().model_clock), 3u);
+  // A new process takes slot 0: it enters at the current clock and the barrier moves on.
+  shmps::Worker replacement(shmps::WorkerOptions{.segment = job.name(), .rank = 0});
+  EXPECT_EQ(replacement.current_clock(), 3u);
+  for (int k = 3; k < 10; ++k) {
+    std::vector<float> w(kW);
+    replacement.pull("w", w);
+    replacement.clock();
+  }
+  replacement.leave();
+  EXPECT_EQ(ps[1]->wait(30s), 0) << ps[1]->output();
+  EXPECT_EQ(shmps::shm::load_counter(seg.header().records_discarded), 1u);
+}
+
+TEST(Consistency, WorkersWithDifferentAmountsOfDataAllFinish) {
+  Watchdog watchdog(120s);
+  for (const std::string mode : {"bsp", "ssp:1"}) {
+    SCOPED_TRACE(mode);
+    Job job("uneven", spec(mode));
+    job.start_server();
+    job.wait_ready();
+    // Rank r does 10 + 7r steps; the ones that finish leave, and nobody waits for them.
+    std::vector<std::string> args{"--steps", "10", "--extra", "7"};
+    if (mode == "bsp") args.push_back("--check");
+    for (auto* p : start_steppers(job, 3, args)) EXPECT_EQ(p->wait(60s), 0) << p->output();
+    expect_exact(pull_values(job.name()), 3, [](std::uint64_t r, std::uint64_t k) { return k < 10 + 7 * r; }, 24);
+  }
+}
+
+TEST(Consistency, ALiveSwitchAspBspSspLosesAndDuplicatesNothing) {
+  Watchdog watchdog(120s);
+  Job job("switch", spec("asp"));
+  job.start_server();
+  job.wait_ready();
+  auto ps = start_steppers(job, 2, {"--steps", "400", "--slow-ms", "1"});
+  auto set = [&](const std::string& setting) {
+    Process ctl({"shmps-ctl", "set", job.name(), setting});
+    EXPECT_EQ(ctl.wait(20s), 0) << ctl.output();
+    return ctl.output();
+  };
+  std::this_thread::sleep_for(150ms);
+  EXPECT_NE(set("consistency=bsp").find("consistency is now bsp (was asp)"), std::string::npos);
+  std::this_thread::sleep_for(150ms);
+  EXPECT_NE(set("consistency=ssp:1").find("consistency is now ssp:1 (was bsp)"), std::string::npos);
+  std::this_thread::sleep_for(150ms);
+  EXPECT_NE(set("consistency=asp").find("now asp"), std::string::npos);
+  // A bad setting is refused and changes nothing.
+  Process bad({"shmps-ctl", "set", job.name(), "consistency=bsq"});
+  EXPECT_EQ(bad.wait(20s), 1);
+  EXPECT_NE(bad.output().find("expected \"asp\", \"bsp\" or \"ssp:N\""), std::string::npos) << bad.output();
+  for (auto* p : ps) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  expect_exact(pull_values(job.name()), 2, [](std::uint64_t, std::uint64_t k) { return k < 400; }, 400);
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  EXPECT_GT(shmps::shm::load_counter(seg.header().steps), 0u);  // some steps ran synchronously
+  EXPECT_EQ(shmps::shm::load_acquire(seg.header().consistency), static_cast<std::uint32_t>(shmps::Consistency::asp));
+}
