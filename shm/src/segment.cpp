@@ -8,6 +8,7 @@
 #include <boost/interprocess/exceptions.hpp>
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -80,10 +81,16 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     plan.params.push_back(entry);
   }
 
-  // Default ring: room for two full pushes of the largest parameter (a record may use at most
-  // half the ring), at least 1 MiB.
-  const std::uint64_t wanted_ring = request.ring_bytes != 0 ? request.ring_bytes
-                                                            : std::max<std::uint64_t>(1 << 20, 2 * record_bytes_for(largest));
+  // Default ring: room for one whole step — a push of every parameter and the clock record,
+  // plus one largest record of slack for the padding at the wrap — because in BSP the server
+  // can take a step's pushes only once the step has ended; and for two pushes of the largest
+  // parameter (a record may use at most half the ring). At least 1 MiB.
+  std::uint64_t step_bytes = sizeof(PushRecord);
+  for (const auto& entry : plan.params) step_bytes += record_bytes_for(entry.size);
+  const std::uint64_t wanted_ring =
+      request.ring_bytes != 0
+          ? request.ring_bytes
+          : std::max<std::uint64_t>({std::uint64_t{1} << 20, 2 * record_bytes_for(largest), step_bytes + record_bytes_for(largest)});
   plan.ring_bytes = align_up(wanted_ring, kCacheLine);
   if (plan.ring_bytes < 4 * kCacheLine) throw Error("ring_bytes must be at least 256");
   plan.ring_stride = sizeof(RingHeader) + plan.ring_bytes;

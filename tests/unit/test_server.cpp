@@ -232,3 +232,30 @@ TEST_F(ServerRounds, ASecondServerForTheSameSegmentFailsFast) {
   const std::string msg = error_of([&] { start_server(name, kSgd); });
   EXPECT_NE(msg.find("already served by a live server (pid " + std::to_string(getpid()) + ")"), std::string::npos) << msg;
 }
+
+TEST_F(ServerRounds, ABspStepLargerThanTheRingFailsAtOnceInsteadOfWaitingForever) {
+  auto server = start_server(name, R"(
+max_workers = 2
+ring_bytes = 65536
+consistency = "bsp"
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "p"
+shape = [4096]
+)");
+  Worker w(WorkerOptions{.segment = name, .rank = 0, .timeout = 30s});
+  std::vector<float> grad(4096, 1.0f);
+  for (int i = 0; i < 3; ++i) w.push("p", grad);  // 3 x 16 KiB in one open step
+  const auto started = std::chrono::steady_clock::now();
+  const std::string msg = error_of([&] { w.push("p", grad); });
+  EXPECT_NE(msg.find("fill the whole ring"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("raise ring_bytes"), std::string::npos) << msg;
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);  // not the 30 s timeout
+  EXPECT_EQ(w.published(), 3u);
+  // Ending the step lets the server take it; then there is room again.
+  w.clock();
+  server->apply_round();
+  EXPECT_EQ(w.push("p", grad), 4u);
+}

@@ -100,6 +100,7 @@ struct Worker::Impl {
   std::uint64_t published = 0;
   std::uint64_t clock = 0;
   bool pushed_in_step = false;  // pushes since the last clock()
+  std::uint64_t step_start = 0;  // ring position where this worker's open step begins
   bool attached = false;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
@@ -214,6 +215,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   WorkerSlot& slot = s.segment.slot(static_cast<unsigned>(s.rank));
   s.slot = &slot;
   s.ring = RingProducer(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
+  s.step_start = s.ring.tail();
   // The last holder may have died between committing a record and storing `published`: the ring
   // still holds that record (the server has not consumed it), so take the larger sequence number.
   std::uint64_t published = std::max(load_acquire(slot.published), load_acquire(slot.applied));
@@ -349,11 +351,28 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
                 " with ring_bytes = " + std::to_string(s.ring.capacity()) +
                 "); push it in ranges (offset, length), or raise ring_bytes in the model spec; nothing was pushed");
 
-  // Claim room (back-pressure: wait for the server, never drop).
+  // Claim room (back-pressure: wait for the server, never drop). In BSP the server takes a
+  // step's pushes only once the step has ended: if the ring holds nothing but this worker's open
+  // step and is still full, waiting would never end.
+  const auto step_overflows = [&] {
+    return load_acquire(s.segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
+           s.ring.head() >= s.step_start;
+  };
   PushRecord* record = s.ring.try_claim(grad.size());
   if (record == nullptr) {
-    const bool ok = wait_for([&] { return (record = s.ring.try_claim(grad.size())) != nullptr; }, s.deadline(),
-                             &s.slot->progress, &s.slot->waiting);
+    bool overflow = false;
+    const bool ok = wait_for(
+        [&] {
+          if ((record = s.ring.try_claim(grad.size())) != nullptr) return true;
+          return overflow = step_overflows();
+        },
+        s.deadline(), &s.slot->progress, &s.slot->waiting);
+    if (overflow)
+      throw Error("push to '" + std::string(name) + "': the pushes of this BSP step (" +
+                  std::to_string(s.ring.tail() - s.step_start) + " bytes so far) fill the whole ring of " +
+                  std::to_string(s.ring.capacity()) +
+                  " bytes, and the server takes them only once the step ends: end steps sooner (clock()), push less "
+                  "per step, or raise ring_bytes in the model spec; nothing was pushed");
     if (!ok)
       throw Error("push to '" + std::string(name) + "': the ring of worker " + std::to_string(s.rank) +
                   " has been full for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
@@ -425,6 +444,7 @@ void Worker::Impl::end_step() {
   record->clock = clock;
   record->grad_sq_norm = 0.0;
   ring.commit();  // the step's pushes now count, together
+  step_start = ring.tail();
   clock += 1;
   pushed_in_step = false;
   store_release(slot->clock, clock);
