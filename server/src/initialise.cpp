@@ -1,10 +1,11 @@
 #include "shmps/server/initialise.hpp"
 
-#include <tbb/parallel_for.h>
 
 #include <algorithm>
 
 #include <shmps/splitmix.hpp>
+
+#include "parallel.hpp"
 
 namespace shmps::server {
 
@@ -19,10 +20,14 @@ void initialise(const InitSpec& init, std::span<float> values) {
     case InitSpec::Kind::u24:
       // Element k is draw k of the stream: each element is computed on its own, so the work
       // splits freely across threads and the bytes do not depend on the split.
-      tbb::parallel_for(tbb::blocked_range<std::size_t>(0, values.size(), 1 << 16), [&](const auto& range) {
-        for (std::size_t k = range.begin(); k != range.end(); ++k)
-          values[k] = u24(splitmix_draw(init.stream, k)) * init.scale;
-      });
+      {
+        constexpr std::size_t kChunk = 1 << 16;
+        tbb::task_arena arena;
+        parallel_for_index(arena, (values.size() + kChunk - 1) / kChunk, [&](std::size_t chunk) {
+          const std::size_t end = std::min(values.size(), (chunk + 1) * kChunk);
+          for (std::size_t k = chunk * kChunk; k < end; ++k) values[k] = u24(splitmix_draw(init.stream, k)) * init.scale;
+        });
+      }
       return;
   }
 }

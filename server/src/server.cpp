@@ -1,7 +1,6 @@
 #include "shmps/server/server.hpp"
 
 #include <spdlog/spdlog.h>
-#include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 #include <unistd.h>
 
@@ -21,6 +20,8 @@
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/seqlock.hpp>
+
+#include "parallel.hpp"
 
 namespace shmps::server {
 
@@ -518,12 +519,7 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
     floats.fetch_add(applied_floats, std::memory_order_relaxed);
     skipped.fetch_add(skipped_here, std::memory_order_relaxed);
   };
-  const std::size_t runs = run_starts.size() - 1;
-  if (runs == 1) {
-    apply_slice(0);
-  } else if (runs > 1) {
-    arena->execute([&] { tbb::parallel_for(std::size_t{0}, runs, [&](std::size_t run) { apply_slice(run); }); });
-  }
+  parallel_for_index(*arena, run_starts.size() - 1, apply_slice);
   floats_out = floats.load(std::memory_order_relaxed);
   skipped_out = skipped.load(std::memory_order_relaxed);
 }

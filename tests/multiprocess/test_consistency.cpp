@@ -209,25 +209,36 @@ TEST(Consistency, ALiveSwitchAspBspSspLosesAndDuplicatesNothing) {
   Job job("switch", spec("asp"));
   job.start_server();
   job.wait_ready();
-  auto ps = start_steppers(job, 2, {"--steps", "400", "--slow-ms", "1"});
+  auto ps = start_steppers(job, 2, {"--steps", "600", "--slow-ms", "1"});
   auto set = [&](const std::string& setting) {
     Process ctl({"shmps-ctl", "set", job.name(), setting});
     EXPECT_EQ(ctl.wait(20s), 0) << ctl.output();
     return ctl.output();
   };
-  std::this_thread::sleep_for(150ms);
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  // Let each mode do real work before the next switch (conditions, not sleeps: a slow machine
+  // or a sanitizer build must not turn this into a test of nothing).
+  auto published = [&] {
+    return shmps::shm::load_acquire(seg.slot(0).published) + shmps::shm::load_acquire(seg.slot(1).published);
+  };
+  auto wait_until = [](const std::function<bool()>& done) {
+    const auto until = std::chrono::steady_clock::now() + 30s;
+    while (!done() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+    return done();
+  };
+  EXPECT_TRUE(wait_until([&] { return published() >= 40; }));
   EXPECT_NE(set("consistency=bsp").find("consistency is now bsp (was asp)"), std::string::npos);
-  std::this_thread::sleep_for(150ms);
+  EXPECT_TRUE(wait_until([&] { return shmps::shm::load_counter(seg.header().steps) >= 10; }));
   EXPECT_NE(set("consistency=ssp:1").find("consistency is now ssp:1 (was bsp)"), std::string::npos);
-  std::this_thread::sleep_for(150ms);
+  const auto at_ssp = published();
+  EXPECT_TRUE(wait_until([&] { return published() >= at_ssp + 40; }));
   EXPECT_NE(set("consistency=asp").find("now asp"), std::string::npos);
   // A bad setting is refused and changes nothing.
   Process bad({"shmps-ctl", "set", job.name(), "consistency=bsq"});
   EXPECT_EQ(bad.wait(20s), 1);
   EXPECT_NE(bad.output().find("expected \"asp\", \"bsp\" or \"ssp:N\""), std::string::npos) << bad.output();
   for (auto* p : ps) EXPECT_EQ(p->wait(60s), 0) << p->output();
-  expect_exact(pull_values(job.name()), 2, [](std::uint64_t, std::uint64_t k) { return k < 400; }, 400);
-  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  expect_exact(pull_values(job.name()), 2, [](std::uint64_t, std::uint64_t k) { return k < 600; }, 600);
   EXPECT_GT(shmps::shm::load_counter(seg.header().steps), 0u);  // some steps ran synchronously
   EXPECT_EQ(shmps::shm::load_acquire(seg.header().consistency), static_cast<std::uint32_t>(shmps::Consistency::asp));
 }
