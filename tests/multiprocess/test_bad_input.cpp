@@ -22,6 +22,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/expect.hpp"
 #include "../support/harness.hpp"
 
 using namespace std::chrono_literals;
@@ -29,6 +30,9 @@ using shmps::test::Job;
 using shmps::test::Process;
 using shmps::test::Watchdog;
 namespace shm = shmps::shm;
+
+using shmps::test::error_of;
+using shmps::test::has;
 
 namespace {
 
@@ -47,17 +51,7 @@ shape = [7]
 
 constexpr std::size_t kW = 120000, kB = 7;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const shmps::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
-bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 #define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
 

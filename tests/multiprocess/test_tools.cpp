@@ -19,6 +19,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/expect.hpp"
 #include "../support/harness.hpp"
 
 using namespace std::chrono_literals;
@@ -26,6 +27,8 @@ using shmps::test::Job;
 using shmps::test::Process;
 using shmps::test::Watchdog;
 namespace shm = shmps::shm;
+
+using shmps::test::has;
 
 namespace {
 
@@ -46,7 +49,6 @@ name = "u"
 shape = [50000]
 )";
 
-bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 #define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
 

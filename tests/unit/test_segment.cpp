@@ -13,7 +13,11 @@
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/segment.hpp>
 
+#include "../support/expect.hpp"
+
 using namespace shmps::shm;
+
+using shmps::test::error_of;
 
 namespace {
 std::string unique(const std::string& tag) { return "t-" + tag + "-" + std::to_string(getpid()); }
@@ -23,15 +27,6 @@ struct Cleanup {
   ~Cleanup() { Segment::remove(name); }
 };
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const shmps::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 }  // namespace
 
 TEST(Names, ValidAndInvalid) {

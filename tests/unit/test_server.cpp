@@ -11,10 +11,13 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/expect.hpp"
 #include "../support/harness.hpp"
 
 using namespace std::chrono_literals;
 using namespace shmps;
+
+using shmps::test::error_of;
 
 namespace {
 
@@ -44,15 +47,6 @@ shape = [1000]
 init = { kind = "constant", value = 10.0 }
 )";
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 }  // namespace
 
