@@ -23,7 +23,7 @@ void initialise(const InitSpec& init, std::span<float> values) {
       {
         constexpr std::size_t kChunk = 1 << 16;
         tbb::task_arena arena;
-        parallel_for_index(arena, (values.size() + kChunk - 1) / kChunk, [&](std::size_t chunk) {
+        parallel_for_index(arena, (values.size() + kChunk - 1) / kChunk, [&](std::size_t chunk, std::size_t) {
           const std::size_t end = std::min(values.size(), (chunk + 1) * kChunk);
           for (std::size_t k = chunk * kChunk; k < end; ++k) values[k] = u24(splitmix_draw(init.stream, k)) * init.scale;
         });

@@ -15,26 +15,32 @@
 
 namespace shmps::server {
 
-// Calls body(i) for every i in [0, n), on up to `threads` threads (the arena's in TBB builds).
+// Calls body(i, thread) for every i in [0, n), on up to the arena's concurrency of threads;
+// `thread` is the calling thread's index in [0, arena.max_concurrency()), unique among the
+// threads running at once (the server gives each its own redo entry by it).
 template <class Body>
 void parallel_for_index(tbb::task_arena& arena, std::size_t n, Body&& body) {
   if (n == 0) return;
   if (n == 1) {
-    body(std::size_t{0});
+    body(std::size_t{0}, std::size_t{0});
     return;
   }
 #if defined(__SANITIZE_THREAD__)
   std::atomic<std::size_t> next{0};
-  auto worker = [&] {
-    for (std::size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i);
+  auto worker = [&](std::size_t thread) {
+    for (std::size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i, thread);
   };
   const std::size_t extra = std::min<std::size_t>(n, static_cast<std::size_t>(arena.max_concurrency())) - 1;
   std::vector<std::thread> threads;
-  for (std::size_t t = 0; t < extra; ++t) threads.emplace_back(worker);
-  worker();
+  for (std::size_t t = 0; t < extra; ++t) threads.emplace_back(worker, t + 1);
+  worker(0);
   for (auto& t : threads) t.join();
 #else
-  arena.execute([&] { tbb::parallel_for(std::size_t{0}, n, [&](std::size_t i) { body(i); }); });
+  arena.execute([&] {
+    tbb::parallel_for(std::size_t{0}, n, [&](std::size_t i) {
+      body(i, static_cast<std::size_t>(tbb::this_task_arena::current_thread_index()));
+    });
+  });
 #endif
 }
 

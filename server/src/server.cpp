@@ -15,6 +15,7 @@
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/futex.hpp>
+#include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
@@ -78,6 +79,7 @@ struct Server::Impl {
   SegmentHeader& header() { return segment.header(); }
 
   void create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash);
+  void copy_in(RedoEntry& e);
   void recover_segment(std::uint64_t hash);
   void check_liveness();
   bool participating(std::uint32_t rank);
@@ -117,6 +119,10 @@ void Server::start() {
   request.max_workers = spec.max_workers;
   request.ring_bytes = spec.ring_bytes;
   request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  // One redo entry per apply thread a server may ever use here (a later server with more
+  // threads than that uses only as many).
+  request.redo_entries = std::clamp<std::uint32_t>(
+      std::max({std::thread::hardware_concurrency(), s.options.threads, spec.server_threads}), 1U, 1024U);
   const LayoutPlan plan = plan_layout(request);
   const std::uint64_t hash = layout_hash(request, plan);
 
@@ -167,6 +173,7 @@ void Server::start() {
   s.seen_tail.assign(h.max_workers, 0);
   unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
   if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
+  threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
   s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
 
   // 5. Identity, a new epoch, and "ready" last.
@@ -213,6 +220,9 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
   h.ring_stride = plan.ring_stride;
   h.values_offset = plan.values_offset;
   h.state_offset = plan.state_offset;
+  h.redo_offset = plan.redo_offset;
+  h.redo_stride = plan.redo_stride;
+  h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
   h.state_arrays = request.state_arrays;
   store_release(h.consistency, static_cast<std::uint32_t>(spec.consistency));
@@ -242,19 +252,33 @@ void Server::Impl::recover_segment(std::uint64_t hash) {
     throw Error("segment '" + spec.name + "' already exists and holds another model than " + spec.source +
                 " (parameter names, shapes, slice size, worker slots, ring size or optimizer kind differ): give this "
                 "job another name (--name), or remove the old segment with `shmps-ctl destroy " + spec.name + "`");
-  // A version word left odd means the previous server died while writing that slice.
-  std::uint64_t repaired = 0;
+  // A redo entry still marked valid: the previous server died while copying a slice in. Copy it
+  // in again (idempotent) so the slice holds exactly its new values and its redo-table row.
+  std::uint64_t replayed = 0;
+  for (std::uint32_t i = 0; i < h.redo_count; ++i) {
+    RedoEntry& e = segment.redo(i);
+    if (load_acquire(e.valid) == 0) continue;
+    copy_in(e);
+    ++replayed;
+  }
+  // With the redo log every odd word has a valid entry; an odd word without one is damage.
+  std::uint64_t odd = 0;
   for (std::uint64_t i = 0; i < h.slice_count; ++i) {
     SliceEntry& slice = segment.slice(i);
     const std::uint64_t v = load_own(slice.version);
     if (v & 1U) {
       store_release(slice.version, v + 1);
-      ++repaired;
+      ++odd;
     }
   }
-  if (repaired)
-    spdlog::warn("event=repair segment={} slices_left_mid_write={} note=\"the previous server died while writing them\"",
-                 spec.name, repaired);
+  if (replayed)
+    spdlog::warn("event=redo segment={} slices_replayed={} note=\"the previous server died while writing them; their "
+                 "updates are now complete, applied once\"",
+                 spec.name, replayed);
+  if (odd)
+    spdlog::error("event=repair segment={} slices_without_redo={} note=\"version words left odd with no redo entry: "
+                  "those slices may mix two updates\"",
+                  spec.name, odd);
   if (options.override_policy) {
     set_policy(spec.consistency, spec.staleness);
     store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
@@ -300,6 +324,28 @@ void Server::Impl::sleep_until_work(std::chrono::microseconds bound) {
     futex_wait(h.server_wake, word, bound);
   }
   store_release(h.server_sleeping, 0U);
+}
+
+// Copies a redo entry into its slice under the slice's seqlock: values, optimizer state, the
+// redo-table row and the step count, then the new version word. Idempotent, so a restarted
+// server can do it again for an entry its predecessor left valid.
+void Server::Impl::copy_in(RedoEntry& e) {
+  SliceEntry& slice = segment.slice(e.slice);
+  const ParamEntry& p = segment.param(slice.param);
+  const std::uint32_t workers = header().max_workers;
+  const int arrays = static_cast<int>(header().state_arrays);
+  const std::uint64_t half = e.count / 2;
+  const std::uint64_t word = load_own(slice.version);
+  if ((word & 1U) == 0) seqlock_write_begin(slice.version);  // a replay finds it odd already
+  float* values = segment.values(p) + slice.first;
+  std::memcpy(values, segment.redo_values(e), half * sizeof(float));
+  kill_point("apply.mid_copy");
+  std::memcpy(values + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+  for (int a = 0; a < arrays; ++a)
+    std::memcpy(segment.state(p, a) + slice.first, segment.redo_state(e, a), e.count * sizeof(float));
+  std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
+  slice.step = e.step_after;
+  store_release(slice.version, e.version_after);
 }
 
 bool Server::Impl::participating(std::uint32_t rank) {
@@ -458,25 +504,33 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
   const OptimizerSettings settings = h.optimizer;
   const bool mean = load_acquire(h.bsp_aggregate) == static_cast<std::uint32_t>(BspAggregate::mean);
   std::atomic<std::uint64_t> floats{0}, skipped{0};
-  auto apply_slice = [&](std::size_t run) {
+  const std::uint32_t workers = h.max_workers;
+  const int arrays = static_cast<int>(h.state_arrays);
+  // Each slice is computed in the applying thread's redo entry (in cache), then copied in under
+  // the seqlock (see RedoEntry in layout.hpp). A slice whose contributions were all applied
+  // before a server restart is left alone.
+  auto apply_slice = [&](std::size_t run, std::size_t thread) {
     const std::size_t begin = run_starts[run], end = run_starts[run + 1];
     const std::uint64_t slice_index = contributions[begin].slice;
     SliceEntry& slice = segment.slice(slice_index);
     const ParamEntry& p = segment.param(slice.param);
-    float* values = segment.values(p) + slice.first;
-    float* state0 = p.state_offset[0] ? segment.state(p, 0) + slice.first : nullptr;
-    float* state1 = p.state_offset[1] ? segment.state(p, 1) + slice.first : nullptr;
-    auto state_span = [&](float* st, std::uint64_t lo, std::size_t n) {
-      return st ? std::span<float>(st + lo, n) : std::span<float>();
+    RedoEntry& redo = segment.redo(thread);
+    std::uint64_t* last = segment.redo_last_applied(redo);
+    float* values = segment.redo_values(redo);
+    float* state[2] = {arrays > 0 ? segment.redo_state(redo, 0) : nullptr, arrays > 1 ? segment.redo_state(redo, 1) : nullptr};
+    std::memcpy(last, &segment.last_applied(slice_index, 0), workers * sizeof(std::uint64_t));
+    std::memcpy(values, segment.values(p) + slice.first, slice.count * sizeof(float));
+    for (int a = 0; a < arrays; ++a) std::memcpy(state[a], segment.state(p, a) + slice.first, slice.count * sizeof(float));
+    auto state_span = [&](int a, std::uint64_t lo, std::size_t n) {
+      return a < arrays ? std::span<float>(state[a] + lo, n) : std::span<float>();
     };
+
     thread_local std::vector<float> sum;
-    std::uint64_t updates = 0, applied_floats = 0, skipped_here = 0, ranks = 0;
+    std::uint64_t updates = 0, applied_floats = 0, skipped_here = 0, ranks = 0, step = slice.step;
     std::int64_t last_rank = -1;
-    const std::uint64_t before = seqlock_write_begin(slice.version);
     for (std::size_t i = begin; i < end; ++i) {
       const Contribution& c = contributions[i];
-      std::uint64_t& last = segment.last_applied(slice_index, c.rank);
-      if (c.record->seq <= last) {  // applied before a server restart: exactly once
+      if (c.record->seq <= last[c.rank]) {  // applied before a server restart: exactly once
         ++skipped_here;
         continue;
       }
@@ -486,12 +540,11 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
       const std::size_t n = hi - lo;
       const float* grad = record_payload(c.record) + (slice.first + lo - c.record->offset);
       const float scale = static_cast<float>(clip_norm_scale(settings, c.record->grad_sq_norm));
-      last = c.record->seq;
+      last[c.rank] = c.record->seq;
       applied_floats += n;
       if (!sum_per_slice) {
-        slice.step += 1;
-        apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n),
-                     state_span(state0, lo, n), state_span(state1, lo, n), slice.step, scale);
+        apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n), state_span(0, lo, n),
+                     state_span(1, lo, n), ++step, scale);
         ++updates;
         continue;
       }
@@ -507,15 +560,19 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
         const float inv = 1.0f / static_cast<float>(ranks);
         for (float& g : sum) g *= inv;
       }
-      slice.step += 1;
       apply_update(settings, std::span<float>(values, slice.count), std::span<const float>(sum.data(), slice.count),
-                   state_span(state0, 0, slice.count), state_span(state1, 0, slice.count), slice.step, 1.0f);
+                   state_span(0, 0, slice.count), state_span(1, 0, slice.count), ++step, 1.0f);
       updates = 1;
     }
-    if (updates)
-      seqlock_write_end(slice.version, before, updates);
-    else
-      store_release(slice.version, before);  // nothing changed: back to the old, even word
+    if (updates != 0) {
+      redo.slice = slice_index;
+      redo.count = slice.count;
+      redo.version_after = load_own(slice.version) + 2 * updates;
+      redo.step_after = step;
+      store_release(redo.valid, 1U);  // from here on, a restarted server finishes this copy
+      copy_in(redo);
+      store_release(redo.valid, 0U);
+    }
     floats.fetch_add(applied_floats, std::memory_order_relaxed);
     skipped.fetch_add(skipped_here, std::memory_order_relaxed);
   };
@@ -570,6 +627,7 @@ std::uint64_t Server::apply_round() {
   }
 
   // Give the bytes back to the producers, publish what is done, wake sleepers.
+  if (records != 0) kill_point("apply.before_release");
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = s.consumers[r];
     WorkerSlot& slot = s.segment.slot(r);

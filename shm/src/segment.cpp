@@ -102,6 +102,12 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   offset += plan.slice_count * sizeof(SliceEntry);
   plan.applied_offset = offset;
   offset = align_up(offset + plan.slice_count * request.max_workers * sizeof(std::uint64_t), kCacheLine);
+  plan.redo_offset = offset;
+  plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
+                                  (1 + request.state_arrays) * plan.slice_floats * sizeof(float),
+                              kCacheLine);
+  if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
+  offset += request.redo_entries * plan.redo_stride;
   plan.slots_offset = offset;
   offset += request.max_workers * sizeof(WorkerSlot);
   plan.rings_offset = offset;

@@ -158,10 +158,10 @@ Job::~Job() {
   g_segments.erase(name_);
 }
 
-Process& Job::start_server(std::vector<std::string> extra_args) {
+Process& Job::start_server(std::vector<std::string> extra_args, std::vector<std::pair<std::string, std::string>> env) {
   std::vector<std::string> argv{"shmps-server", "--spec", spec_path_};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
-  processes_.push_back(std::make_unique<Process>(argv));
+  processes_.push_back(std::make_unique<Process>(argv, std::move(env)));
   server_ = processes_.back().get();
   return *server_;
 }

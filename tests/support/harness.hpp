@@ -56,7 +56,8 @@ class Job {
   const std::string& name() const { return name_; }
   const std::string& spec_path() const { return spec_path_; }
 
-  Process& start_server(std::vector<std::string> extra_args = {});
+  Process& start_server(std::vector<std::string> extra_args = {},
+                        std::vector<std::pair<std::string, std::string>> env = {});
   // Waits until the segment is ready and the server holds its lock. Fails the test otherwise.
   void wait_ready(std::chrono::milliseconds timeout = std::chrono::seconds(20));
   Process& start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env = {});

@@ -1,6 +1,7 @@
 // shmps-test-pusher: a worker for the multi-process tests.
 //
-//   shmps-test-pusher exact   --pushes K   pushes the pattern.hpp gradients, waits until applied
+//   shmps-test-pusher exact   --pushes K   pushes the pattern.hpp gradients up to push K (continuing
+//                                          after its slot's last committed push), waits until applied
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher puller  --millis T   pulls "u" slice by slice for T ms and checks that every
 //                                          slice is whole: all its values equal -(its version)
@@ -63,14 +64,16 @@ int main(int argc, char** argv) {
     if (mode == "exact") {
       const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
       std::vector<float> grad(w_size);
-      std::uint64_t last = 0;
+      std::uint64_t last = w.published();
       const auto rank = static_cast<std::uint64_t>(w.rank());
-      for (std::uint64_t k = 0; k < pushes; ++k) {
+      // A restarted pusher continues after the last push its slot committed, whatever
+      // generation committed it: push k has sequence number k + 1.
+      for (std::uint64_t k = w.published(); k < pushes; ++k) {
         const auto plan = shmps::test::plan_push(rank, k, w_size, b_size);
         for (std::uint64_t j = 0; j < plan.count; ++j) grad[j] = shmps::test::pattern(rank, k, plan.offset + j);
         last = w.push(plan.param, plan.offset, std::span<const float>(grad.data(), plan.count));
       }
-      w.wait_applied(last);
+      if (last) w.wait_applied(last);
       std::cout << "rank " << rank << " pushed " << last << " applied " << w.applied() << "\n";
       return 0;
     }

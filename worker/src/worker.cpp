@@ -16,6 +16,7 @@
 
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/futex.hpp>
+#include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
@@ -394,6 +395,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   record->generation = s.generation;
   record->clock = s.clock;
   record->grad_sq_norm = sum_sq;
+  kill_point("push.before_commit");
   s.ring.commit();  // one release store: the record now exists, whole
   s.published = seq;
   s.pushed_in_step = true;

@@ -16,6 +16,10 @@
 //   applied_offset  +--------------------------------------------+
 //                   | u64 last_applied_seq[slice_count][max_workers] | server only: the
 //                   |   exactly-once redo table (a record already applied to a slice is skipped) |
+//   redo_offset     +--------------------------------------------+
+//                   | RedoEntry[redo_count]: one per server apply thread: a slice's new | server only:
+//                   |   values, optimizer state and redo-table row, copied in under the | a server killed
+//                   |   seqlock; replayed by the next server if still marked valid      | mid-apply is redone
 //   slots_offset    +--------------------------------------------+
 //                   | WorkerSlot[max_workers]   worker-owned lines | each worker its own slot;
 //                   |                           + server-owned line| the server its own line
@@ -89,6 +93,10 @@ struct SegmentHeader {
   std::uint64_t ring_stride;     // bytes from one slot's RingHeader to the next
   std::uint64_t values_offset;
   std::uint64_t state_offset;
+  std::uint64_t redo_offset;
+  std::uint64_t redo_stride;     // bytes per RedoEntry with its arrays
+  std::uint32_t redo_count;      // the most apply threads a server may use on this segment
+  std::uint32_t reserved1;
   OptimizerSettings optimizer;
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
   std::uint32_t reserved0;
@@ -171,6 +179,24 @@ struct alignas(kCacheLine) SliceEntry {
   std::uint64_t count;               // elements in this slice
   std::uint64_t step;                // optimizer steps applied (Adam's bias correction); server only
   std::uint64_t reserved[2];
+};
+
+// ---------------------------------------------------------------------------------------------
+// RedoEntry: one per server apply thread, server only. The thread computes a slice's new values,
+// optimizer state and redo-table row here, marks the entry valid, copies them into the slice
+// under its seqlock, and clears the mark. A server killed in between leaves the entry valid (and
+// the slice's version word odd); the next server copies the entry in again, which is idempotent,
+// so no slice stays torn and no push is applied twice.
+//
+//   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | float state[state_arrays][slice_floats]
+struct alignas(kCacheLine) RedoEntry {
+  std::atomic<std::uint32_t> valid;
+  std::uint32_t reserved;
+  std::uint64_t slice;
+  std::uint64_t count;          // elements of the slice
+  std::uint64_t version_after;  // the slice's version word once the copy is done
+  std::uint64_t step_after;     // the slice's optimizer step count once the copy is done
+  std::uint64_t reserved2[3];
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -266,6 +292,7 @@ static_assert(sizeof(SliceEntry) == kCacheLine);
 static_assert(sizeof(WorkerSlot) % kCacheLine == 0);
 static_assert(sizeof(RingHeader) == 3 * kCacheLine);
 static_assert(sizeof(PushRecord) == kCacheLine);
+static_assert(sizeof(RedoEntry) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
 static_assert(offsetof(WorkerSlot, applied) % kCacheLine == 0, "server line must not share a cache line with worker lines");
 
@@ -296,6 +323,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{offsetof(SegmentHeader, optimizer)}, std::uint64_t{offsetof(SegmentHeader, state)},
                           std::uint64_t{offsetof(SegmentHeader, server_wake)}, std::uint64_t{offsetof(SegmentHeader, records_applied)},
                           std::uint64_t{offsetof(SegmentHeader, consistency)}, std::uint64_t{offsetof(SegmentHeader, mailbox_state)},
+                          std::uint64_t{offsetof(SegmentHeader, redo_offset)}, std::uint64_t{sizeof(RedoEntry)},
                           std::uint64_t{sizeof(ParamEntry)}, std::uint64_t{offsetof(ParamEntry, values_offset)},
                           std::uint64_t{sizeof(SliceEntry)}, std::uint64_t{offsetof(SliceEntry, step)},
                           std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},

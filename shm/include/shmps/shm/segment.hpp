@@ -30,6 +30,7 @@ struct LayoutRequest {
   std::uint32_t max_workers = 8;
   std::uint64_t ring_bytes = 0;  // 0: automatic (room for two pushes of the largest parameter)
   std::uint32_t state_arrays = 0;
+  std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
 };
 
 // Where everything goes. Computed once by the server and stored in the header.
@@ -40,6 +41,7 @@ struct LayoutPlan {
   std::uint64_t ring_stride = 0;
   std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
+  std::uint64_t redo_offset = 0, redo_stride = 0;
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 // Throws shmps::Error for an impossible request (sizes, names).
@@ -94,6 +96,15 @@ class Segment {
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];
+  }
+
+  RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
+  std::uint64_t* redo_last_applied(RedoEntry& e) noexcept { return reinterpret_cast<std::uint64_t*>(&e + 1); }
+  float* redo_values(RedoEntry& e) noexcept {
+    return reinterpret_cast<float*>(redo_last_applied(e) + align_up(header().max_workers, 8));
+  }
+  float* redo_state(RedoEntry& e, int array) noexcept {
+    return redo_values(e) + static_cast<std::uint64_t>(array + 1) * header().slice_floats;
   }
 
   // Index of the parameter called `name`, or -1.

@@ -1,0 +1,15 @@
+// Test-only crash injection. With SHMPS_KILL_AT=<point>[:<n>] in its environment, a process
+// SIGKILLs itself the n-th time (default: the first) it passes kill_point("<point>"), so that
+// tests can stop a server or a worker at exactly the instruction they want to prove safe.
+// Without the variable a kill point costs one predictable branch.
+//
+// Points: server "apply.mid_copy" (half of a slice copied in from its redo entry),
+//         server "apply.before_release" (slices applied, ring cursors not yet moved),
+//         worker "push.before_commit" (record and payload written, tail not yet stored).
+#pragma once
+
+namespace shmps::shm {
+
+void kill_point(const char* point) noexcept;
+
+}  // namespace shmps::shm

@@ -1,0 +1,217 @@
+// Crash safety with kill -9: a server or a worker stopped at a named point (SHMPS_KILL_AT, see
+// shm/include/shmps/shm/killpoint.hpp), then restarted; and a chaos run that SIGKILLs random
+// workers and, less often, the server. Every check is the exact sum: SGD with learning rate 1 and
+// small-integer gradients, so the final values must equal minus the sum of every committed push.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+
+namespace {
+
+constexpr const char* kSpec = R"(
+slice_bytes = 65536
+max_workers = 8
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "w"
+shape = [3, 40000]
+[[param]]
+name = "b"
+shape = [7]
+)";
+constexpr std::size_t kW = 120000, kB = 7;
+
+// Pulls everything and compares with minus the sum of the first pushes[r] pattern pushes of
+// every rank r.
+void expect_exact(const std::string& segment, const std::vector<std::uint64_t>& pushes) {
+  std::vector<double> want_w(kW, 0.0), want_b(kB, 0.0);
+  for (std::uint64_t r = 0; r < pushes.size(); ++r)
+    for (std::uint64_t k = 0; k < pushes[r]; ++k) {
+      const auto plan = shmps::test::plan_push(r, k, kW, kB);
+      auto& target = std::string(plan.param) == "w" ? want_w : want_b;
+      for (std::uint64_t j = 0; j < plan.count; ++j) target[plan.offset + j] -= shmps::test::pattern(r, k, plan.offset + j);
+    }
+  shmps::Worker reader(shmps::WorkerOptions{.segment = segment, .rank = 7});
+  std::vector<float> w(kW), b(kB);
+  reader.pull("w", w);
+  reader.pull("b", b);
+  std::size_t wrong = 0, first = kW;
+  for (std::size_t i = 0; i < kW; ++i)
+    if (static_cast<double>(w[i]) != want_w[i] && wrong++ == 0) first = i;
+  for (std::size_t i = 0; i < kB; ++i) EXPECT_EQ(static_cast<double>(b[i]), want_b[i]) << "b[" << i << "]";
+  EXPECT_EQ(wrong, 0u) << "first wrong: w[" << first << "] = " << (first < kW ? w[first] : 0.0f) << ", expected "
+                       << (first < kW ? want_w[first] : 0.0);
+}
+
+Process& start_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::pair<std::string, std::string>> env = {}) {
+  env.emplace_back("SHMPS_RANK", std::to_string(rank));
+  return job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes)}, env);
+}
+
+// Kills the server at `point`, checks the crash left what it should, restarts the server, lets
+// the pushers finish, and checks the exact sum.
+void kill_server_at(const std::string& point, const std::function<void(const shm::Segment&)>& check_crash_state,
+                    const std::string& expect_in_restart_log) {
+  Watchdog watchdog(90s);
+  Job job("kill-server", kSpec);
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", point}});
+  job.wait_ready();
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 3; ++r) pushers.push_back(&start_pusher(job, r, 300));
+  EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    check_crash_state(seg);
+  }
+  auto& second = job.start_server();
+  job.wait_ready();
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  expect_exact(job.name(), {300, 300, 300});
+  if (!expect_in_restart_log.empty()) {
+    EXPECT_NE(second.output().find(expect_in_restart_log), std::string::npos) << second.output();
+  }
+}
+
+}  // namespace
+
+TEST(ServerCrash, KilledInTheMiddleOfCopyingASliceInTheNextServerRedoesItOnce) {
+  kill_server_at(
+      "apply.mid_copy:40",
+      [](const shm::Segment& seg) {
+        // The crash state: one slice's version word odd, its redo entry valid.
+        std::uint64_t odd = 0, valid = 0;
+        for (std::uint64_t i = 0; i < seg.header().slice_count; ++i) odd += shm::load_acquire(seg.slice(i).version) & 1U;
+        for (std::uint32_t i = 0; i < seg.header().redo_count; ++i)
+          valid += shm::load_acquire(const_cast<shm::Segment&>(seg).redo(i).valid);
+        EXPECT_EQ(odd, 1u);
+        EXPECT_EQ(valid, 1u);
+      },
+      "event=redo");
+}
+
+TEST(ServerCrash, KilledBetweenApplyAndCursorAdvanceAppliesNothingTwice) {
+  kill_server_at(
+      "apply.before_release:25",
+      [](const shm::Segment& seg) {
+        // The crash state: slices applied, yet the records are still in the rings.
+        std::uint64_t pending = 0;
+        for (std::uint32_t r = 0; r < 3; ++r)
+          pending += shm::load_acquire(seg.ring(r).tail) - shm::load_acquire(seg.ring(r).head);
+        EXPECT_GT(pending, 0u);
+      },
+      "");
+}
+
+TEST(WorkerCrash, KilledAfterWritingARecordButBeforeItsCommitLeavesNothingAndResumes) {
+  Watchdog watchdog(90s);
+  Job job("kill-worker", kSpec);
+  job.start_server();
+  job.wait_ready();
+  auto& victim = start_pusher(job, 0, 200, {{"SHMPS_KILL_AT", "push.before_commit:50"}});
+  auto& other = start_pusher(job, 1, 200);
+  EXPECT_EQ(victim.wait(30s), 128 + SIGKILL) << victim.output();
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    // Push 50 was written in full but never committed: the slot has published 49.
+    EXPECT_EQ(shm::load_acquire(seg.slot(0).published), 49u);
+  }
+  auto& restarted = start_pusher(job, 0, 200);  // continues from push 50
+  EXPECT_EQ(restarted.wait(60s), 0) << restarted.output();
+  EXPECT_EQ(other.wait(60s), 0) << other.output();
+  expect_exact(job.name(), {200, 200});
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(shm::load_acquire(seg.slot(0).generation), 2u);
+}
+
+// The chaos run: workers push toward a target while a driver SIGKILLs random workers and, less
+// often, the server, and restarts them. SHMPS_CHAOS_SECONDS sets how long the killing goes on
+// (default 20 s: the suite's version; the long version runs for minutes, see RELIABILITY.md).
+TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
+  const char* env = std::getenv("SHMPS_CHAOS_SECONDS");
+  const int chaos_seconds = env ? std::atoi(env) : 20;
+  const std::uint64_t target = env ? 1'000'000'000ULL : 25000;  // long runs: kill until the time is up
+  Watchdog watchdog(std::chrono::seconds(chaos_seconds + 120));
+  constexpr int kWorkers = 4;
+  Job job("chaos", kSpec);
+  job.start_server();
+  job.wait_ready();
+  const unsigned seed = std::random_device{}();
+  std::cout << "chaos seed " << seed << ", " << chaos_seconds << " s\n";
+  std::mt19937 rng(seed);
+  std::vector<Process*> pushers(kWorkers);
+  std::vector<bool> done(kWorkers, false);
+  std::uint64_t worker_kills = 0, server_kills = 0;
+  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_pusher(job, r, target);
+
+  const auto start = std::chrono::steady_clock::now();
+  auto next_server_kill = start + std::chrono::milliseconds(1000 + rng() % 2000);
+  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(chaos_seconds)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
+    const int r = static_cast<int>(rng() % kWorkers);
+    if (!done[r] && pushers[r]->running()) {
+      pushers[r]->kill(SIGKILL);
+      pushers[r]->wait(10s);
+      ++worker_kills;
+    }
+    if (!pushers[r]->running() && !done[r]) {
+      if (pushers[r]->wait(1s) == 0)
+        done[r] = true;
+      else
+        pushers[r] = &start_pusher(job, r, target);
+    }
+    if (std::chrono::steady_clock::now() > next_server_kill) {
+      job.server().kill(SIGKILL);
+      job.server().wait(10s);
+      ++server_kills;
+      job.start_server();
+      job.wait_ready();
+      next_server_kill = std::chrono::steady_clock::now() + std::chrono::milliseconds(1000 + rng() % 2000);
+    }
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+  }
+  // No more killing: in the long version the workers stop at what they have; here they finish.
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  std::vector<std::uint64_t> final_target(kWorkers, target);
+  for (int r = 0; r < kWorkers; ++r) {
+    if (done[r]) continue;
+    if (target > 100000) {
+      pushers[r]->kill(SIGKILL);
+      pushers[r]->wait(10s);
+      final_target[r] = shm::load_acquire(seg.slot(r).published);  // then finish up to what was committed
+    }
+    if (!pushers[r]->running() && pushers[r]->wait(1s) == 0) continue;
+    pushers[r] = &start_pusher(job, r, final_target[r]);
+  }
+  for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(pushers[r]->wait(120s), 0) << pushers[r]->output();
+  for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(shm::load_acquire(seg.slot(r).published), final_target[r]) << r;
+  expect_exact(job.name(), final_target);
+  std::cout << "chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, "
+            << shm::load_counter(seg.header().records_skipped) << " slice updates skipped as already applied, pushes";
+  for (auto t : final_target) std::cout << " " << t;
+  std::cout << ", exact\n";
+  EXPECT_GT(worker_kills, 0u);
+  EXPECT_GT(server_kills, 0u);
+}
