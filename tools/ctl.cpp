@@ -2,6 +2,7 @@
 //
 //   shmps-ctl list                 segments, their servers alive or not
 //   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots
+//   shmps-ctl workers NAME         every worker slot: free, alive, suspect, dead or left
 //   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
 //                                  on_worker_death of a live job, through the server
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
@@ -120,6 +121,28 @@ std::string slot_status(const Segment& seg, unsigned r, const LockFile* slots_lo
   return "alive";
 }
 
+// The worker slots: status from the kernel's locks and the server's verdict (never from time
+// alone: a stale heartbeat only makes a live worker "suspect"), and what each slot has done.
+void print_slots(const Segment& seg, const LockFile* slots, bool all) {
+  const auto& h = seg.header();
+  std::cout << std::left << std::setw(6) << "RANK" << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
+            << "GEN" << std::setw(12) << "PUBLISHED" << std::setw(12) << "APPLIED" << std::setw(12) << "RING"
+            << std::setw(10) << "REJECTED" << std::setw(8) << "CLOCK" << std::setw(10) << "STALENESS"
+            << std::setw(10) << "WAITED" << "HEARTBEAT\n";
+  for (unsigned r = 0; r < h.max_workers; ++r) {
+    const WorkerSlot& slot = seg.slot(r);
+    const std::string status = slot_status(seg, r, slots);
+    if (status == "free" && !all) continue;
+    const std::uint64_t depth = load_acquire(seg.ring(r).tail) - load_acquire(seg.ring(r).head);
+    std::cout << std::left << std::setw(6) << r << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
+              << std::setw(6) << load_acquire(slot.generation) << std::setw(12) << load_acquire(slot.published)
+              << std::setw(12) << load_acquire(slot.applied) << std::setw(12) << human_bytes(depth) << std::setw(10)
+              << load_counter(slot.pushes_rejected) << std::setw(8) << load_acquire(slot.clock) << std::setw(10)
+              << (std::to_string(load_counter(slot.last_staleness)) + "/" + std::to_string(load_counter(slot.max_staleness)))
+              << std::setw(10) << seconds(load_counter(slot.wait_ns)) << age(load_acquire(slot.heartbeat_ns)) << "\n";
+  }
+}
+
 int cmd_list() {
   std::vector<std::string> names;
   for (const auto& entry : std::filesystem::directory_iterator(kShmDir)) {
@@ -215,23 +238,19 @@ int cmd_inspect(const std::string& name) {
               << p.size << std::setw(8) << p.slice_count << lo << ".." << hi << "\n";
   }
 
-  std::cout << "\n"
-            << std::left << std::setw(6) << "RANK" << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
-            << "GEN" << std::setw(12) << "PUBLISHED" << std::setw(12) << "APPLIED" << std::setw(12) << "RING"
-            << std::setw(10) << "REJECTED" << std::setw(8) << "CLOCK" << std::setw(10) << "STALENESS"
-            << std::setw(10) << "WAITED" << "HEARTBEAT\n";
-  for (unsigned r = 0; r < h.max_workers; ++r) {
-    const WorkerSlot& slot = seg.slot(r);
-    const std::string status = slot_status(seg, r, slots.get());
-    if (status == "free") continue;
-    const std::uint64_t depth = load_acquire(seg.ring(r).tail) - load_acquire(seg.ring(r).head);
-    std::cout << std::left << std::setw(6) << r << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
-              << std::setw(6) << load_acquire(slot.generation) << std::setw(12) << load_acquire(slot.published)
-              << std::setw(12) << load_acquire(slot.applied) << std::setw(12) << human_bytes(depth) << std::setw(10)
-              << load_counter(slot.pushes_rejected) << std::setw(8) << load_acquire(slot.clock) << std::setw(10)
-              << (std::to_string(load_counter(slot.last_staleness)) + "/" + std::to_string(load_counter(slot.max_staleness)))
-              << std::setw(10) << seconds(load_counter(slot.wait_ns)) << age(load_acquire(slot.heartbeat_ns)) << "\n";
-  }
+  std::cout << "\n";
+  print_slots(seg, slots.get(), false);
+  return 0;
+}
+
+int cmd_workers(const std::string& name) {
+  Segment seg = Segment::open(name, Access::read_only);
+  std::unique_ptr<LockFile> slots;
+  if (std::filesystem::exists(slots_lock_path(name)))
+    slots = std::make_unique<LockFile>(LockFile::open_for_probe(slots_lock_path(name)));
+  print_slots(seg, slots.get(), true);
+  std::cout << "\nSTATUS: alive (holds its slot lock), suspect (holds it, no heartbeat for 5 s), dead (its lock was "
+               "released: the process is gone), left (left the job), free (never used)\n";
   return 0;
 }
 
@@ -323,6 +342,8 @@ int main(int argc, char** argv) {
   bool force = false;
   auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions and worker slots of a segment");
   inspect->add_option("name", name, "segment name")->required();
+  auto* workers = app.add_subcommand("workers", "every worker slot: free, alive, suspect, dead or left, and what it did");
+  workers->add_option("name", name, "segment name")->required();
   std::string setting;
   auto* set = app.add_subcommand("set", "change a setting of a live job: consistency=bsp|ssp:N|asp, "
                                         "bsp_aggregate=sum|mean, on_worker_death=proceed|wait");
@@ -335,6 +356,7 @@ int main(int argc, char** argv) {
   try {
     if (list->parsed()) return cmd_list();
     if (inspect->parsed()) return cmd_inspect(name);
+    if (workers->parsed()) return cmd_workers(name);
     if (set->parsed()) return cmd_set(name, setting);
     if (destroy->parsed()) return cmd_destroy(name, force);
   } catch (const Error& e) {

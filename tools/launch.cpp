@@ -6,8 +6,10 @@
 // the segment to be ready, then starts N processes of PROGRAM (default: shmps-worker) with
 // SHMPS_SEGMENT, SHMPS_RANK and SHMPS_WORLD_SIZE set, prefixing each output line with the rank.
 // Ctrl-C and SIGTERM are forwarded; when the workers are done the server it started is stopped
-// (it drains its rings) and, unless --keep, the segment is removed. Exits non-zero if any worker
-// failed. Options it does not know, before `--`, are passed on to the worker program.
+// (it drains its rings) and, unless --keep, the segment is removed. With --max-restarts K a worker
+// that dies is started again with the same rank (it resumes from its slot), at most K times per
+// rank; after that the job stops. Exits non-zero if any worker failed for good. Options it does
+// not know, before `--`, are passed on to the worker program.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/prctl.h>
@@ -43,6 +45,7 @@ struct Child {
   int out_fd = -1;    // read end of its stdout+stderr
   std::string pending;
   std::optional<int> status;  // waitpid status once it exited
+  bool reported = false;      // its failure was handled (restarted or reported)
 };
 
 std::string self_dir() {
@@ -242,6 +245,16 @@ int main(int argc, char** argv) {
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
   app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
   app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
+  int max_restarts = 0;
+  bool chaos = false;
+  double chaos_after = 1.5;
+  app.add_option("--max-restarts", max_restarts,
+                 "restart a worker that dies, with the same rank, at most this many times per rank")
+      ->check(CLI::Range(0, 1000));
+  app.add_flag("--chaos", chaos,
+               "demonstrate crash safety: SIGKILL the last worker once, --chaos-after seconds in, and restart it "
+               "(implies --max-restarts 1 at least)");
+  app.add_option("--chaos-after", chaos_after, "seconds after the workers start (default 1.5)")->check(CLI::PositiveNumber);
   app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
                                    "(e.g. \"shmps-worker --evaluate\")");
   app.footer("After --: the worker program and its arguments (default: shmps-worker). Options before -- that "
@@ -301,24 +314,58 @@ int main(int argc, char** argv) {
 
     std::cout << "shmps-launch: segment '" << name << "' ready; starting " << workers << " worker"
               << (workers == 1 ? "" : "s") << ": " << program[0] << "\n";
+    if (chaos) max_restarts = std::max(max_restarts, 1);
+    auto start_worker = [&](int r) {
+      return &launcher.spawn("w" + std::to_string(r), program,
+                             {{"SHMPS_SEGMENT", name},
+                              {"SHMPS_RANK", std::to_string(r)},
+                              {"SHMPS_WORLD_SIZE", std::to_string(workers)}});
+    };
     std::vector<Child*> ranks;
-    for (int r = 0; r < workers; ++r)
-      ranks.push_back(&launcher.spawn("w" + std::to_string(r), program,
-                                      {{"SHMPS_SEGMENT", name},
-                                       {"SHMPS_RANK", std::to_string(r)},
-                                       {"SHMPS_WORLD_SIZE", std::to_string(workers)}}));
+    std::vector<int> restarts(static_cast<std::size_t>(workers), 0);
+    for (int r = 0; r < workers; ++r) ranks.push_back(start_worker(r));
+    const auto workers_started = std::chrono::steady_clock::now();
+    bool chaos_done = !chaos;
 
-    // Run until every worker is done, one fails, or we are interrupted.
+    // Run until every worker is done, one fails for good, or we are interrupted.
     bool failed = false, stopping = false;
     while (true) {
-      launcher.pump(std::chrono::milliseconds(200));
+      launcher.pump(std::chrono::milliseconds(chaos_done ? 200 : 20));
+      if (!chaos_done && !stopping &&
+          std::chrono::steady_clock::now() - workers_started >= std::chrono::duration<double>(chaos_after)) {
+        chaos_done = true;
+        Child& victim = *ranks.back();
+        if (launcher.running(victim)) {
+          std::cout << "shmps-launch: --chaos: killing worker " << victim.label << " (pid " << victim.pid
+                    << ") with SIGKILL" << std::endl;
+          kill(victim.pid, SIGKILL);
+        } else {
+          std::cout << "shmps-launch: --chaos: worker " << victim.label << " had already finished; nothing killed"
+                    << std::endl;
+        }
+      }
       bool any_running = false;
-      for (Child* c : ranks) {
+      for (std::size_t r = 0; r < ranks.size(); ++r) {
+        Child* c = ranks[r];
         if (launcher.running(*c)) {
           any_running = true;
-        } else if (!succeeded(*c->status) && !stopping) {
-          std::cerr << "shmps-launch: worker " << c->label << " " << describe(*c->status) << "; stopping the job\n";
-          failed = true;
+        } else if (!succeeded(*c->status) && !stopping && !c->reported) {
+          c->reported = true;
+          if (restarts[r] < max_restarts && !launcher.interrupted()) {
+            ++restarts[r];
+            std::cout << "shmps-launch: worker " << c->label << " " << describe(*c->status)
+                      << "; restarting it with the same rank (restart " << restarts[r] << " of " << max_restarts << ")"
+                      << std::endl;
+            ranks[r] = start_worker(static_cast<int>(r));
+            any_running = true;
+          } else {
+            std::cerr << "shmps-launch: worker " << c->label << " " << describe(*c->status)
+                      << (max_restarts > 0 ? " and has used its " + std::to_string(max_restarts) + " restart" +
+                                                 (max_restarts == 1 ? "" : "s") + " (--max-restarts)"
+                                           : std::string())
+                      << "; stopping the job\n";
+            failed = true;
+          }
         }
       }
       if (server && !launcher.running(*server) && any_running && !stopping) {

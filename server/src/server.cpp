@@ -83,6 +83,8 @@ struct Server::Impl {
   void recover_segment(std::uint64_t hash);
   void check_liveness();
   bool participating(std::uint32_t rank);
+  void keep_resume_state(std::uint32_t rank, const PushRecord* clock_record);
+  std::vector<const PushRecord*> step_states;  // per slot: the newest state-carrying clock record of a BSP step
   bool add_contributions(std::uint32_t rank, const PushRecord* record);
   void collect_all();
   bool collect_bsp_step(std::uint64_t step);
@@ -171,6 +173,7 @@ void Server::start() {
   s.round_records.assign(h.max_workers, 0);
   s.round_discarded.assign(h.max_workers, 0);
   s.seen_tail.assign(h.max_workers, 0);
+  s.step_states.assign(h.max_workers, nullptr);
   unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
   if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
   threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
@@ -348,6 +351,17 @@ void Server::Impl::copy_in(RedoEntry& e) {
   store_release(slice.version, e.version_after);
 }
 
+// Keeps the resume state a clock record carries in its slot, for a restarted worker.
+void Server::Impl::keep_resume_state(std::uint32_t rank, const PushRecord* clock_record) {
+  if (clock_record->offset == 0) return;
+  WorkerSlot& slot = segment.slot(rank);
+  const std::uint64_t before = seqlock_write_begin(slot.resume_version);
+  std::memcpy(slot.resume, record_payload(clock_record), clock_record->offset);
+  store_release(slot.resume_bytes, static_cast<std::uint32_t>(clock_record->offset));
+  store_release(slot.resume_clock, clock_record->clock);
+  seqlock_write_end(slot.resume_version, before, 1);
+}
+
 bool Server::Impl::participating(std::uint32_t rank) {
   // A worker counts for barriers and staleness bounds while it is attached and not proven dead
   // (or, with on_worker_death = wait, until a process takes its slot again).
@@ -388,6 +402,7 @@ void Server::Impl::collect_all() {
       }
       const PushRecord* rec = ring.record_at(pos);
       pos += rec->record_bytes;
+      if (rec->kind == RecordKind::clock) keep_resume_state(r, rec);  // before the head moves past it
       if (rec->kind != RecordKind::push) continue;
       add_contributions(r, rec);
       round_last_seq[r] = rec->seq;
@@ -408,6 +423,7 @@ void Server::Impl::collect_all() {
 bool Server::Impl::collect_bsp_step(std::uint64_t step) {
   const std::uint32_t workers = header().max_workers;
   bool everyone_finished = true;
+  std::fill(step_states.begin(), step_states.end(), nullptr);
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = consumers[r];
     const WorkerSlot& slot = segment.slot(r);
@@ -460,6 +476,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
         group_records = 0;
         group_begin = contributions.size();
         consumed = next;
+        if (rec->offset != 0) step_states[r] = rec;
         if (rec->clock == step) finished = true;
       }
       pos = next;
@@ -477,7 +494,10 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
     if (worker_clock > step) finished = true;
     if (!finished && participating(r)) everyone_finished = false;
   }
-  if (!everyone_finished) {
+  if (everyone_finished) {
+    for (std::uint32_t r = 0; r < workers; ++r)
+      if (step_states[r] != nullptr) keep_resume_state(r, step_states[r]);
+  } else {
     contributions.clear();
     for (std::uint32_t r = 0; r < workers; ++r) round_end[r] = consumers[r].head();
     std::fill(round_last_seq.begin(), round_last_seq.end(), 0);

@@ -21,6 +21,7 @@
 
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
+#include "../support/pattern.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
@@ -31,6 +32,8 @@ namespace shm = shmps::shm;
 using shmps::test::has;
 
 namespace {
+
+constexpr std::size_t kW = 120000;  // elements of "w" in kSpec
 
 // "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
 constexpr const char* kSpec = R"(slice_bytes = 65536
@@ -499,4 +502,60 @@ TEST(Ctl, InspectAndListChangeNothing) {
     EXPECT_EQ(after.st_ctim.tv_nsec, before[i].st_ctim.tv_nsec);
     EXPECT_EQ(after.st_mode, before[i].st_mode);
   }
+}
+
+TEST(Launch, AKilledWorkerIsRestartedWithItsRankAndResumesExactly) {
+  Watchdog wd(std::chrono::seconds(90));
+  Job job("restart", kSpec);
+  // --chaos SIGKILLs the last worker 0.2 s in; --max-restarts brings it back with the same rank,
+  // and the pusher continues after the last push its slot committed.
+  Process launch(launch_argv(job, 2, {"--keep", "--chaos", "--chaos-after", "0.2", "--", "shmps-test-pusher",
+                                      "exact", "--pushes", "3000"}));
+  const int code = launch.wait(60s);
+  const std::string out = launch.output();
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_HAS(out, "--chaos: killing worker w1");
+  EXPECT_HAS(out, "worker w1 was killed by signal 9");
+  EXPECT_HAS(out, "restarting it with the same rank (restart 1 of 1)");
+  EXPECT_HAS(out, "[w1] rank 1 pushed 3000 applied 3000");
+  // Exactly once across both lives of rank 1: the final values are the exact sum.
+  std::vector<double> want(kW, 0.0);
+  for (std::uint64_t r = 0; r < 2; ++r)
+    for (std::uint64_t k = 0; k < 3000; ++k) {
+      const auto plan = shmps::test::plan_push(r, k, kW, 7);
+      if (std::string(plan.param) != "w") continue;
+      for (std::uint64_t j = 0; j < plan.count; ++j) want[plan.offset + j] -= shmps::test::pattern(r, k, plan.offset + j);
+    }
+  {
+    shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 3});
+    std::vector<float> w(kW);
+    reader.pull("w", w);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < kW; ++i) wrong += static_cast<double>(w[i]) != want[i];
+    EXPECT_EQ(wrong, 0u);
+  }
+  // shmps-ctl workers shows the second generation of slot 1.
+  const Ran workers = run({"shmps-ctl", "workers", job.name()});
+  ASSERT_EQ(workers.code, 0) << workers.out;
+  const auto w1 = row(workers.out, "1");
+  ASSERT_GE(w1.size(), 6u) << workers.out;
+  EXPECT_EQ(w1[1], "left");
+  EXPECT_EQ(w1[3], "2");  // generation
+  EXPECT_EQ(w1[4], "3000");
+  EXPECT_EQ(w1[5], "3000");
+  EXPECT_EQ(row(workers.out, "2").at(1), "free");  // `workers` lists free slots too
+}
+
+TEST(Launch, AWorkerThatKeepsDyingStopsTheJobInsteadOfLooping) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("dying", kSpec);
+  Process launch(launch_argv(job, 1, {"--max-restarts", "2", "--", "/bin/sh", "-c", "exit 3"}));
+  const int code = launch.wait(45s);
+  const std::string out = launch.output();
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_HAS(out, "restart 1 of 2");
+  EXPECT_HAS(out, "restart 2 of 2");
+  EXPECT_HAS(out, "worker w0 exited with code 3 and has used its 2 restarts (--max-restarts); stopping the job");
+  EXPECT_FALSE(has(out, "restart 3 of 2")) << out;
+  expect_no_files(job.name());
 }

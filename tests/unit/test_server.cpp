@@ -1,7 +1,10 @@
 // The server and a worker in one process, the server driven one apply round at a time, so
 // that crash states can be built by hand (a cursor not advanced, a version word left odd).
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include <cmath>
 #include <vector>
@@ -252,4 +255,70 @@ shape = [4096]
   w.clock();
   server->apply_round();
   EXPECT_EQ(w.push("p", grad), 4u);
+}
+
+namespace {
+std::vector<std::byte> bytes_of(const std::string& text) {
+  std::vector<std::byte> out(text.size());
+  std::memcpy(out.data(), text.data(), text.size());
+  return out;
+}
+std::string text_of(const std::vector<std::byte>& bytes) { return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()); }
+}  // namespace
+
+TEST_F(ServerRounds, ResumeStateIsCommittedWithItsStepAndFoundByTheNextProcess) {
+  auto server = start_server(name, kSgd);
+  std::vector<float> grad(1000, 1.0f);
+  {
+    Worker w(WorkerOptions{.segment = name, .rank = 2});
+    EXPECT_TRUE(w.load_state().empty());
+    w.save_state(bytes_of("batch=1"));
+    EXPECT_TRUE(w.load_state().empty());  // staged, not committed
+    w.push("p", grad);
+    w.clock();
+    EXPECT_EQ(text_of(w.load_state()), "batch=1");
+    const std::string big(2000, 'x');
+    EXPECT_NE(error_of([&] { w.save_state(bytes_of(big)); }).find("more than the 1024"), std::string::npos);
+  }
+  // Not consumed yet: the next process finds it in the ring.
+  {
+    Worker w(WorkerOptions{.segment = name, .rank = 2});
+    EXPECT_EQ(w.generation(), 2u);
+    EXPECT_EQ(text_of(w.load_state()), "batch=1");
+  }
+  server->apply_round();
+  // Consumed: the server kept it in the slot.
+  {
+    Worker w(WorkerOptions{.segment = name, .rank = 2});
+    EXPECT_EQ(text_of(w.load_state()), "batch=1");
+    EXPECT_EQ(shm::load_acquire(server->segment().slot(2).resume_bytes), 7u);
+  }
+}
+
+TEST_F(ServerRounds, AStepThatNeverEndedDoesNotMoveTheResumeState) {
+  auto server = start_server(name, std::string("consistency = \"bsp\"\n") + kSgd);
+  // A child process ends step 0 with state "batch=1", starts step 1 with state "batch=2" staged
+  // and a push committed, and dies before clock(): the kernel drops its slot lock.
+  const pid_t child = fork();
+  if (child == 0) {
+    Worker w(WorkerOptions{.segment = name, .rank = 0});
+    std::vector<float> grad(1000, 1.0f);
+    w.save_state(bytes_of("batch=1"));
+    w.push("p", grad);
+    w.clock();
+    w.save_state(bytes_of("batch=2"));
+    w.push("p", grad);
+    _exit(0);  // no leave(), no destructor: as if killed
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  Worker w(WorkerOptions{.segment = name, .rank = 0});
+  EXPECT_EQ(text_of(w.load_state()), "batch=1");
+  EXPECT_EQ(w.published(), 2u);  // both pushes were committed...
+  server->apply_round();         // ...but step 1 never ended: in BSP it is discarded whole
+  std::vector<float> values(1000);
+  w.pull("p", values);
+  EXPECT_EQ(values[0], 9.0f);  // 10 - step 0's gradient only
+  EXPECT_EQ(shm::load_counter(server->segment().header().records_discarded), 1u);
 }

@@ -102,6 +102,9 @@ struct Worker::Impl {
   std::uint64_t clock = 0;
   bool pushed_in_step = false;  // pushes since the last clock()
   std::uint64_t step_start = 0;  // ring position where this worker's open step begins
+  std::vector<std::byte> staged_state;     // committed with the next clock record
+  bool state_staged = false;
+  std::vector<std::byte> committed_state;  // the slot's latest committed resume state
   bool attached = false;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
@@ -219,12 +222,36 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   s.step_start = s.ring.tail();
   // The last holder may have died between committing a record and storing `published`: the ring
   // still holds that record (the server has not consumed it), so take the larger sequence number.
+  // The same for the resume state: the newest clock record that carried one is either still in
+  // the ring, or the server consumed it and copied its state into the slot (before it moved the
+  // head past it, so reading the head first makes the two look-ups cover every case).
   std::uint64_t published = std::max(load_acquire(slot.published), load_acquire(slot.applied));
   {
     RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
+    const std::uint64_t head = view.head();
     const std::uint64_t tail = view.committed();
-    for (std::uint64_t pos = view.head(); pos < tail && view.plausible(pos, tail); pos += view.record_at(pos)->record_bytes)
-      if (view.record_at(pos)->kind == RecordKind::push) published = std::max(published, view.record_at(pos)->seq);
+    const PushRecord* newest_state = nullptr;
+    for (std::uint64_t pos = head; pos < tail && view.plausible(pos, tail); pos += view.record_at(pos)->record_bytes) {
+      const PushRecord* rec = view.record_at(pos);
+      if (rec->kind == RecordKind::push) published = std::max(published, rec->seq);
+      if (rec->kind == RecordKind::clock && rec->offset != 0) newest_state = rec;
+    }
+    if (newest_state != nullptr) {
+      const auto* bytes = reinterpret_cast<const std::byte*>(record_payload(newest_state));
+      s.committed_state.assign(bytes, bytes + newest_state->offset);
+    } else {
+      std::uint64_t version = 0;
+      std::vector<std::byte> copy(kResumeBlobBytes);
+      std::uint32_t length = 0;
+      while (seqlock_try_read(slot.resume_version, version, [&] {
+               length = std::min<std::uint32_t>(load_acquire(slot.resume_bytes), kResumeBlobBytes);
+               std::memcpy(copy.data(), slot.resume, length);
+             }) != SeqlockRead::ok) {
+        std::this_thread::yield();
+      }
+      copy.resize(length);
+      s.committed_state = std::move(copy);
+    }
   }
   s.published = published;
   // Enter at the job's current clock: BSP's step in progress, or the slowest live worker's clock
@@ -428,25 +455,43 @@ std::uint64_t Worker::clock() {
 
 std::uint64_t Worker::current_clock() const { return impl_->clock; }
 
+void Worker::save_state(std::span<const std::byte> state) {
+  if (state.size() > kResumeBlobBytes)
+    throw Error("save_state: " + std::to_string(state.size()) + " bytes is more than the " +
+                std::to_string(kResumeBlobBytes) + " a slot keeps; save a cursor, not the data");
+  impl_->staged_state.assign(state.begin(), state.end());
+  impl_->state_staged = true;
+}
+
+std::vector<std::byte> Worker::load_state() const { return impl_->committed_state; }
+
+std::uint64_t Worker::generation() const { return impl_->generation; }
+
 void Worker::Impl::end_step() {
-  PushRecord* record = ring.try_claim(0);
+  const std::uint64_t state_floats = state_staged ? (staged_state.size() + sizeof(float) - 1) / sizeof(float) : 0;
+  PushRecord* record = ring.try_claim(state_floats);
   if (record == nullptr) {
-    const bool ok = wait_for([&] { return (record = ring.try_claim(0)) != nullptr; }, deadline(), &slot->progress,
-                             &slot->waiting);
+    const bool ok = wait_for([&] { return (record = ring.try_claim(state_floats)) != nullptr; }, deadline(),
+                             &slot->progress, &slot->waiting);
     if (!ok)
       throw Error("clock(): the ring of worker " + std::to_string(rank) + " has been full for " +
                   std::to_string(options.timeout.count()) + " ms; " + server_state());
   }
   record->kind = RecordKind::clock;
   record->param = 0;
-  record->offset = 0;
-  record->count = 0;
+  record->offset = state_staged ? staged_state.size() : 0;  // the resume state's length in bytes
+  record->count = state_floats;
+  if (state_staged) std::memcpy(record_payload(record), staged_state.data(), staged_state.size());
   record->seq = published;
   record->generation = generation;
   record->clock = clock;
   record->grad_sq_norm = 0.0;
-  ring.commit();  // the step's pushes now count, together
+  ring.commit();  // the step's pushes, and the state that follows them, now count together
   step_start = ring.tail();
+  if (state_staged) {
+    committed_state = staged_state;
+    state_staged = false;
+  }
   clock += 1;
   pushed_in_step = false;
   store_release(slot->clock, clock);
@@ -506,9 +551,9 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
 void Worker::leave() {
   Impl& s = *impl_;
   if (!s.attached) return;
-  if (s.pushed_in_step) {
+  if (s.pushed_in_step || s.state_staged) {
     try {
-      s.end_step();  // a finished worker's last pushes count (BSP counts a step only once ended)
+      s.end_step();  // a finished worker's last pushes and state count (BSP counts a step only once ended)
     } catch (const Error&) {
       // The ring stayed full (no server): the pushes of this open step stay uncounted in BSP.
     }

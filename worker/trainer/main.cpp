@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <exception>
 #include <functional>
@@ -38,13 +39,17 @@ struct TrainStats {
   double last_epoch_loss = 0.0;
   double last_epoch_acc = 0.0;
   std::uint64_t last_epoch_samples = 0;
+  std::uint64_t batches_done = 0;  // of this worker's schedule, including those skipped on resume
 };
 
 // The reference schedule for one worker. `fetch` fills `params` before each batch (a pull, or
-// nothing for a local model); `apply` consumes the gradients (a push, or a local SGD step).
+// nothing for a local model); `apply` consumes the gradients (a push, or a local SGD step) and is
+// told how many of this worker's batches are then done. The first `start_batch` batches of the
+// schedule are skipped: a restarted worker continues where its slot's previous process stopped.
 TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params,
                  const std::function<void(shmps::mlp::Tensors&)>& fetch,
-                 const std::function<void(const shmps::mlp::Tensors&)>& apply) {
+                 const std::function<void(const shmps::mlp::Tensors&, std::uint64_t)>& apply,
+                 std::uint64_t start_batch = 0) {
   namespace data = shmps::data;
   namespace mlp = shmps::mlp;
   mlp::Net net(static_cast<std::size_t>(sched.batch));
@@ -67,6 +72,11 @@ TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params
     double loss_sum = 0.0;
     std::uint64_t correct = 0, seen = 0, k = 0;
     for (const std::uint64_t j : js) {
+      if (st.batches_done < start_batch) {  // done by this slot's previous process
+        ++st.batches_done;
+        ++k;
+        continue;
+      }
       const auto rows = data::global_batch(order, sched.batch, j);
       const std::size_t b = rows.size();
       const std::span<float> xs(x.data(), b * data::kFeatures);
@@ -75,7 +85,7 @@ TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params
       labeler.label(rows, xs, ys);
       fetch(params);
       const mlp::BatchResult r = net.forward_backward(params, xs, ys, grads);
-      apply(grads);
+      apply(grads, ++st.batches_done);
       loss_sum += r.loss * static_cast<double>(b);
       correct += r.correct;
       seen += b;
@@ -84,19 +94,20 @@ TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params
       st.samples += b;
 
       const auto now = Clock::now();
-      const bool decile = st.batches * 10 >= next_decile * total;
+      const bool decile = st.batches_done * 10 >= next_decile * total;
       if (decile || now - last_print >= std::chrono::seconds(2)) {
-        while (next_decile <= 10 && st.batches * 10 >= next_decile * total) ++next_decile;
+        while (next_decile <= 10 && st.batches_done * 10 >= next_decile * total) ++next_decile;
         last_print = now;
         const double secs = seconds_since(t0);
         std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64
                     "%% loss %.3f acc %.3f %.0f samples/s\n",
-                    e + 1, epochs, k, js.size(), st.batches * 100 / total,
+                    e + 1, epochs, k, js.size(), st.batches_done * 100 / total,
                     loss_sum / static_cast<double>(seen), static_cast<double>(correct) / static_cast<double>(seen),
                     secs > 0 ? static_cast<double>(st.samples) / secs : 0.0);
         std::fflush(stdout);
       }
     }
+    if (seen == 0) continue;  // the whole epoch was done before a restart
     st.last_epoch_loss = loss_sum / static_cast<double>(seen);
     st.last_epoch_acc = static_cast<double>(correct) / static_cast<double>(seen);
     st.last_epoch_samples = seen;
@@ -136,6 +147,37 @@ std::uint64_t world_size_from_env() {
                        "' is not a positive integer; unset it or pass --workers");
   }
   return static_cast<std::uint64_t>(v);
+}
+
+// The trainer's resume state: which schedule, and how many of its batches are done.
+struct Cursor {
+  std::uint64_t magic = 0x3152534e5255434dULL;  // "MCURSNR1"
+  std::uint64_t samples = 0, batch = 0, workers = 0, rank = 0;
+  std::uint64_t batches_done = 0;
+};
+
+std::vector<std::byte> cursor_bytes(const shmps::data::Schedule& sched, std::uint64_t batches_done) {
+  const Cursor c{.samples = sched.samples, .batch = sched.batch, .workers = sched.workers, .rank = sched.rank,
+                 .batches_done = batches_done};
+  std::vector<std::byte> out(sizeof c);
+  std::memcpy(out.data(), &c, sizeof c);
+  return out;
+}
+
+// Batches already done by this slot's previous processes (0 for a fresh slot). A cursor from
+// another schedule is an error: continuing it would train on the wrong data.
+std::uint64_t resume_cursor(const shmps::Worker& w, const shmps::data::Schedule& sched) {
+  const std::vector<std::byte> state = w.load_state();
+  if (state.empty()) return 0;
+  Cursor c;
+  if (state.size() != sizeof c) throw shmps::Error("the resume state of slot " + std::to_string(w.rank()) + " is not shmps-worker's");
+  std::memcpy(&c, state.data(), sizeof c);
+  if (c.magic != Cursor{}.magic) throw shmps::Error("the resume state of slot " + std::to_string(w.rank()) + " is not shmps-worker's");
+  if (c.samples != sched.samples || c.batch != sched.batch || c.workers != sched.workers || c.rank != sched.rank)
+    throw shmps::Error("slot " + std::to_string(w.rank()) + " was training another schedule (--samples " +
+                       std::to_string(c.samples) + " --batch " + std::to_string(c.batch) + " --workers " +
+                       std::to_string(c.workers) + "); run with the same options, or use a new segment");
+  return c.batches_done;
 }
 
 void pull_all(shmps::Worker& w, shmps::mlp::Tensors& params) {
@@ -231,7 +273,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
       const TrainStats st = train(
           sched, params, [](mlp::Tensors&) {},
-          [&params, lr_f](const mlp::Tensors& g) { mlp::sgd_update(params, g, lr_f); });
+          [&params, lr_f](const mlp::Tensors& g, std::uint64_t) { mlp::sgd_update(params, g, lr_f); });
       print_final(st, params, true);
       return 0;
     }
@@ -254,14 +296,27 @@ int main(int argc, char** argv) {
                 sched.worker_total_batches());
     std::fflush(stdout);
 
+    // Resume: the data cursor the slot's previous process committed with its last step.
+    const std::uint64_t start_batch = resume_cursor(w, sched);
+    if (start_batch > 0) {
+      std::printf("resuming: generation %" PRIu64 " of slot %d continues at batch %" PRIu64 " of %" PRIu64
+                  " (%" PRIu64 " pushes committed before)\n",
+                  w.generation(), w.rank(), start_batch + 1, sched.worker_total_batches(), w.published());
+      std::fflush(stdout);
+    }
+
     mlp::Tensors params;
     std::optional<std::uint64_t> last_seq;
     const TrainStats st = train(
         sched, params, [&w](mlp::Tensors& p) { pull_all(w, p); },
-        [&w, &last_seq](const mlp::Tensors& g) {
+        [&w, &last_seq, &sched](const mlp::Tensors& g, std::uint64_t batches_done) {
           for (std::size_t i = 0; i < mlp::kParamCount; ++i) last_seq = w.push(mlp::kParams[i].name, g[i]);
-          w.clock();  // the end of this worker's step (BSP counts the four pushes together)
-        });
+          // The end of this worker's step: its four pushes and the cursor past them are committed
+          // together (in BSP the step counts whole or not at all).
+          w.save_state(cursor_bytes(sched, batches_done));
+          w.clock();
+        },
+        start_batch);
     if (last_seq) w.wait_applied(*last_seq);
     pull_all(w, params);  // the model as it stands once this worker's last push is applied
     w.leave();            // done: the others no longer wait for this worker

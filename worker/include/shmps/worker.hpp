@@ -97,6 +97,16 @@ class Worker {
   // The current clock: the step this worker is in.
   std::uint64_t current_clock() const;
 
+  // Resume state: a few bytes (at most 1024) a program needs to continue after a restart, such as
+  // its data cursor. save_state() stages them; the next clock() commits them together with the
+  // end of the step, in the same single store, so after a crash the state always describes
+  // exactly the steps that counted. load_state() gives the state last committed by this slot, by
+  // this process or by an earlier one (empty if none): a restarted worker continues from there.
+  void save_state(std::span<const std::byte> state);
+  std::vector<std::byte> load_state() const;
+  // The slot's generation: 1 for the first process that took it, +1 for every restart.
+  std::uint64_t generation() const;
+
   // Pushes this slot committed over all its generations, and how many the server has applied.
   std::uint64_t published() const;
   std::uint64_t applied() const;

@@ -225,10 +225,6 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> wait_ns;          // time spent waiting in pulls (barrier, staleness bound)
   std::atomic<std::uint32_t> waiting;       // 1 while the worker sleeps on `progress`
 
-  // Worker line: the resume blob (the trainer's data cursor, RNG state).
-  alignas(kCacheLine) std::atomic<std::uint32_t> resume_bytes;
-  std::uint8_t resume[kResumeBlobBytes];
-
   // Server line.
   alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number the server is done with (applied, or discarded)
   std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
@@ -236,6 +232,14 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
   std::atomic<std::uint64_t> records_applied;
   std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
+
+  // Server line: the resume blob (a trainer's data cursor) of the last clock record that carried
+  // one, copied here when the server consumed that record. A seqlock word guards the copy.
+  alignas(kCacheLine) std::atomic<std::uint64_t> resume_version;
+  std::atomic<std::uint64_t> resume_clock;  // the clock record's step
+  std::atomic<std::uint32_t> resume_bytes;
+  std::uint32_t resume_reserved;
+  std::uint8_t resume[kResumeBlobBytes];
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -257,7 +261,9 @@ struct RingHeader {
 
 // push: a gradient. clock: the end of the writer's step `clock` (Worker::clock()); in BSP the
 // pushes of a step count only once their clock record follows them, so a worker that dies in
-// the middle of a step contributes all of that step or none of it. padding: filler to the end.
+// the middle of a step contributes all of that step or none of it. A clock record may carry the
+// worker's resume blob as its payload (`offset` holds its length in bytes), committed with the
+// end of the step it describes. padding: filler to the end.
 enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
@@ -328,6 +334,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{sizeof(SliceEntry)}, std::uint64_t{offsetof(SliceEntry, step)},
                           std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},
                           std::uint64_t{offsetof(WorkerSlot, resume)}, std::uint64_t{offsetof(WorkerSlot, applied)},
+                          std::uint64_t{offsetof(WorkerSlot, resume_version)},
                           std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{sizeof(RingHeader)},
                           std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
                           std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},

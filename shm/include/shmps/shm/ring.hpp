@@ -84,8 +84,10 @@ class RingConsumer {
     const std::uint64_t to_end = capacity_ - position % capacity_;
     return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
            r->record_bytes <= to_end && position + r->record_bytes <= end &&
-           ((r->kind == RecordKind::padding || r->kind == RecordKind::clock) ||
-            (r->kind == RecordKind::push && record_bytes_for(r->count) == r->record_bytes));
+           (r->kind == RecordKind::padding ||
+            (r->kind == RecordKind::push && record_bytes_for(r->count) == r->record_bytes) ||
+            (r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
+             r->offset <= r->count * sizeof(float) && r->offset <= kResumeBlobBytes));
   }
   // Gives the bytes before `position` back to the producer. Call only once they are applied.
   void release_to(std::uint64_t position) noexcept { store_release(header_->head, position); }
