@@ -83,6 +83,7 @@ struct Server::Impl {
   void recover_segment(std::uint64_t hash);
   void check_liveness();
   bool participating(std::uint32_t rank);
+  void admit_new_workers();
   void keep_resume_state(std::uint32_t rank, const PushRecord* clock_record);
   std::vector<const PushRecord*> step_states;  // per slot: the newest state-carrying clock record of a BSP step
   bool add_contributions(std::uint32_t rank, const PushRecord* record);
@@ -362,11 +363,32 @@ void Server::Impl::keep_resume_state(std::uint32_t rank, const PushRecord* clock
   seqlock_write_end(slot.resume_version, before, 1);
 }
 
+// Admits every newly attached generation: its entry clock is the step being collected (BSP) or
+// the clock it brought (never lower than the one its slot reached).
+void Server::Impl::admit_new_workers() {
+  const SegmentHeader& h = header();
+  for (std::uint32_t r = 0; r < h.max_workers; ++r) {
+    WorkerSlot& slot = segment.slot(r);
+    if (load_acquire(slot.state) != static_cast<std::uint32_t>(SlotState::attached)) continue;
+    const std::uint64_t generation = load_acquire(slot.generation);
+    if (load_own(slot.admitted_generation) == generation) continue;
+    std::uint64_t entry = load_acquire(slot.clock);
+    if (load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp))
+      entry = std::max(entry, load_own(h.model_clock));
+    store_release(slot.admitted_clock, entry);
+    store_release(slot.admitted_generation, generation);
+    store_release(slot.progress, load_own(slot.progress) + 1);
+    fence_store_load();
+    if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
+  }
+}
+
 bool Server::Impl::participating(std::uint32_t rank) {
-  // A worker counts for barriers and staleness bounds while it is attached and not proven dead
-  // (or, with on_worker_death = wait, until a process takes its slot again).
+  // A worker counts for barriers and staleness bounds while it is attached, admitted, and not
+  // proven dead (or, with on_worker_death = wait, until a process takes its slot again).
   const WorkerSlot& slot = segment.slot(rank);
   if (load_acquire(slot.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
+  if (load_own(slot.admitted_generation) != load_acquire(slot.generation)) return false;
   if (load_acquire(slot.dead_generation) != load_acquire(slot.generation)) return true;
   return load_acquire(header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
 }
@@ -613,6 +635,7 @@ std::uint64_t Server::apply_round() {
     s.round_discarded[r] = 0;
   }
   s.contributions.clear();
+  s.admit_new_workers();
 
   const bool bsp = load_acquire(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
   const std::uint64_t step = load_own(h.model_clock);

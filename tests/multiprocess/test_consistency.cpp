@@ -242,3 +242,25 @@ TEST(Consistency, ALiveSwitchAspBspSspLosesAndDuplicatesNothing) {
   EXPECT_GT(shmps::shm::load_counter(seg.header().steps), 0u);  // some steps ran synchronously
   EXPECT_EQ(shmps::shm::load_acquire(seg.header().consistency), static_cast<std::uint32_t>(shmps::Consistency::asp));
 }
+
+TEST(Bsp, WorkersJoiningWhileStepsCompleteNeitherHangNorCountTwice) {
+  Watchdog watchdog(120s);
+  // Rings that hold little more than one step: a worker whose first step landed in a step that
+  // had already been decided without it would need two steps of room, and hang.
+  std::string body = spec("bsp");
+  body.insert(body.find("[optimizer]"), "ring_bytes = 330048\n");
+  for (int round = 0; round < 5; ++round) {
+    Job job("bspjoin", body);
+    job.start_server();
+    job.wait_ready();
+    std::vector<Process*> ps;
+    for (int r = 0; r < 3; ++r) {
+      ps.push_back(&job.start({"shmps-test-pusher", "steps", "--workers", "3", "--steps", "40", "--no-wait-for-peers"},
+                              {{"SHMPS_RANK", std::to_string(r)}}));
+      std::this_thread::sleep_for(std::chrono::milliseconds(3 * r));
+    }
+    for (auto* p : ps) ASSERT_EQ(p->wait(60s), 0) << p->output();
+    // Whoever joined when, every push counted once ("sum" and lr 1 make the total exact).
+    expect_exact(pull_values(job.name()), 3, [](std::uint64_t, std::uint64_t k) { return k < 40; }, 40);
+  }
+}

@@ -7,7 +7,7 @@
 //                                          slice is whole: all its values equal -(its version)
 //   shmps-test-pusher steps   --workers P --steps B [--extra E] [--check] [--slow-ms X]
 //                             [--absent R:S] [--hang-at S]
-//       waits until P workers are attached, then does B + E*rank steps: pull "w" and "b" (which
+//       waits until P workers are attached (not with --no-wait-for-peers), then does B + E*rank steps: pull "w" and "b" (which
 //       waits as the consistency model says), push the pattern gradients of (rank, step) to the
 //       whole of "w" and "b", clock(). --check (BSP, bsp_aggregate = "sum", lr 1): before step t
 //       the pulled values must equal minus the sum of the gradients of every step before t of
@@ -38,12 +38,16 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
-  bool check = false;
+  bool check = false, wait_for_peers = true;
   for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
     if (key == "--check") {
       check = true;
+      continue;
+    }
+    if (key == "--no-wait-for-peers") {
+      wait_for_peers = false;
       continue;
     }
     ++i;
@@ -110,8 +114,8 @@ int main(int argc, char** argv) {
     if (mode == "steps") {
       const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
       const auto rank = static_cast<std::uint64_t>(w.rank());
-      // Start together, so that every rank takes part from step 0.
-      {
+      // Start together, so that every rank takes part from step 0 (unless told to join whenever).
+      if (wait_for_peers) {
         auto seg = shmps::shm::Segment::open(w.segment(), shmps::shm::Access::read_only);
         const auto attached = static_cast<std::uint32_t>(shmps::shm::SlotState::attached);
         const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);

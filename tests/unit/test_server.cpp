@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include <shmps/server/model_spec.hpp>
@@ -243,6 +244,7 @@ name = "p"
 shape = [4096]
 )");
   Worker w(WorkerOptions{.segment = name, .rank = 0, .timeout = 30s});
+  server->apply_round();  // admits the worker to the BSP group
   std::vector<float> grad(4096, 1.0f);
   for (int i = 0; i < 3; ++i) w.push("p", grad);  // 3 x 16 KiB in one open step
   const auto started = std::chrono::steady_clock::now();
@@ -310,15 +312,23 @@ TEST_F(ServerRounds, AStepThatNeverEndedDoesNotMoveTheResumeState) {
     w.push("p", grad);
     _exit(0);  // no leave(), no destructor: as if killed
   }
+  // This process plays the server meanwhile: it admits the child and applies its step 0.
   int status = 0;
-  waitpid(child, &status, 0);
+  while (waitpid(child, &status, WNOHANG) == 0) {
+    server->apply_round();
+    std::this_thread::sleep_for(1ms);
+  }
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   Worker w(WorkerOptions{.segment = name, .rank = 0});
   EXPECT_EQ(text_of(w.load_state()), "batch=1");
   EXPECT_EQ(w.published(), 2u);  // both pushes were committed...
-  server->apply_round();         // ...but step 1 never ended: in BSP it is discarded whole
+  server->apply_round();         // (admits the new generation)
   std::vector<float> values(1000);
   w.pull("p", values);
-  EXPECT_EQ(values[0], 9.0f);  // 10 - step 0's gradient only
+  EXPECT_EQ(values[0], 9.0f);  // ...but only step 0 counted: 10 - 1
+  w.clock();                   // the new generation ends step 1: the dead one's open step is discarded whole
+  server->apply_round();
+  w.pull("p", values);
+  EXPECT_EQ(values[0], 9.0f);
   EXPECT_EQ(shm::load_counter(server->segment().header().records_discarded), 1u);
 }

@@ -105,6 +105,22 @@ struct Worker::Impl {
   std::vector<std::byte> staged_state;     // committed with the next clock record
   bool state_staged = false;
   std::vector<std::byte> committed_state;  // the slot's latest committed resume state
+  bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
+
+  // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
+  void await_admission() {
+    if (admitted) return;
+    const SegmentHeader& h = segment.header();
+    auto done = [&] { return load_acquire(slot->admitted_generation) == generation; };
+    if (!done() && load_acquire(h.consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return;
+    if (!wait_for(done, deadline(), &slot->progress, &slot->waiting))
+      throw Error("worker " + std::to_string(rank) + " was not admitted to the BSP group within " +
+                  std::to_string(options.timeout.count()) + " ms; " + server_state());
+    admitted = true;
+    if (pushed_in_step) return;  // admitted after it had started a step: keep its clock
+    clock = std::max(clock, load_acquire(slot->admitted_clock));
+    store_release(slot->clock, clock);
+  }
   bool attached = false;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
@@ -138,6 +154,7 @@ struct Worker::Impl {
   bool counts(std::uint32_t r) const {
     const WorkerSlot& other = segment.slot(r);
     if (load_acquire(other.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
+    if (load_acquire(other.admitted_generation) != load_acquire(other.generation)) return false;
     if (load_acquire(other.dead_generation) != load_acquire(other.generation)) return true;
     return load_acquire(segment.header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
   }
@@ -373,6 +390,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   if (!s.attached) throw Error("this worker has left the job; create a new Worker to push");
   const std::uint32_t i = s.find(name);
   s.check_range("push to", i, offset, grad.size());
+  s.await_admission();
   if (grad.size() > s.ring.max_record_floats())
     throw Error("push to '" + std::string(name) + "': " + std::to_string(grad.size()) +
                 " elements do not fit one ring record (at most " + std::to_string(s.ring.max_record_floats()) +
@@ -468,6 +486,7 @@ std::vector<std::byte> Worker::load_state() const { return impl_->committed_stat
 std::uint64_t Worker::generation() const { return impl_->generation; }
 
 void Worker::Impl::end_step() {
+  await_admission();
   const std::uint64_t state_floats = state_staged ? (staged_state.size() + sizeof(float) - 1) / sizeof(float) : 0;
   PushRecord* record = ring.try_claim(state_floats);
   if (record == nullptr) {
@@ -500,6 +519,7 @@ void Worker::Impl::end_step() {
 }
 
 void Worker::Impl::wait_for_consistency(std::string_view name) {
+  await_admission();
   const SegmentHeader& h = segment.header();
   const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
   auto record_staleness = [&] {

@@ -232,6 +232,12 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
   std::atomic<std::uint64_t> records_applied;
   std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
+  // Admission: the server admits each new generation between two apply rounds, with the clock it
+  // enters at (BSP: the step being collected, or later). Only an admitted worker counts for a
+  // barrier, and a BSP worker waits for its admission before its first step, so a step is never
+  // decided around a worker that is half-way in.
+  std::atomic<std::uint64_t> admitted_clock;
+  std::atomic<std::uint64_t> admitted_generation;
 
   // Server line: the resume blob (a trainer's data cursor) of the last clock record that carried
   // one, copied here when the server consumed that record. A seqlock word guards the copy.
