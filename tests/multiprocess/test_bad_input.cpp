@@ -2,12 +2,15 @@
 // programs (shmps-server, shmps-ctl) and the worker API: a malformed spec, unknown names, wrong
 // sizes, NaN/Inf gradients, a name with '/', a segment that is served, holds another model or
 // another layout, a model too large for /dev/shm, bad ranks.
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <iostream>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -493,4 +496,48 @@ TEST(BadInput, RankOutOfRangeOrHeldByALiveWorkerIsRefused) {
   EXPECT_EQ(shm::load_acquire(slot_of(seg, 1).published), 1u);
   holder.wait_applied(holder.push("b", ones));
   EXPECT_EQ(pull_all(holder, "b", kB), std::vector<float>(kB, -2.0f));
+}
+
+// Segment and lock files are the job owner's alone (0600), or its group's with --group (0660);
+// a process of another user cannot attach and is told why.
+TEST(Security, SegmentAndLockFilesArePrivateAndAnotherUserGetsAClearError) {
+  Watchdog wd(std::chrono::seconds(60));
+  for (const bool group : {false, true}) {
+    Job job(group ? "group" : "private", kSpec);
+    job.start_server(group ? std::vector<std::string>{"--group"} : std::vector<std::string>{});
+    job.wait_ready();
+    shmps::Worker first(shmps::WorkerOptions{.segment = job.name(), .rank = 0});  // creates nothing, but holds a slot
+    const unsigned want = group ? 0660 : 0600;
+    for (const auto& path : {shm::segment_path(job.name()), shm::server_lock_path(job.name()), shm::slots_lock_path(job.name())}) {
+      struct stat st {};
+      ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+      EXPECT_EQ(st.st_mode & 0777, want) << path;
+    }
+    if (::geteuid() != 0) {
+      std::cout << "[  SKIPPED ] the other-user half needs root (to become another user)\n";
+      continue;
+    }
+    // A child that becomes "nobody" (no group in common) tries to attach.
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::close(fds[0]);
+      std::string msg = "(attached)";
+      if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) msg = "(could not drop privileges)";
+      else msg = error_of([&] { shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 1}); });
+      if (::write(fds[1], msg.data(), msg.size()) < 0) ::_exit(2);
+      ::_exit(0);
+    }
+    ::close(fds[1]);
+    std::string msg;
+    char buf[512];
+    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) msg.append(buf, static_cast<std::size_t>(n));
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    EXPECT_NE(msg.find("belongs to another user"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--group"), std::string::npos) << msg;
+    EXPECT_EQ(first.published(), 0u);  // the job is untouched
+  }
 }
