@@ -220,3 +220,18 @@ TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
   EXPECT_GT(worker_kills, 0u);
   EXPECT_GT(server_kills, 0u);
 }
+
+TEST(ServerCrash, ASegmentLeftHalfCreatedIsDetectedAndRecreated) {
+  Watchdog watchdog(60s);
+  Job job("half", kSpec);
+  {
+    // What a server killed during creation leaves: the file, still all zeros ("creating").
+    shm::Segment::create(job.name(), 1 << 20);
+  }
+  auto& server = job.start_server();
+  job.wait_ready();
+  EXPECT_NE(server.output().find("event=recreate"), std::string::npos) << server.output();
+  auto& pusher = start_pusher(job, 0, 30);
+  EXPECT_EQ(pusher.wait(30s), 0) << pusher.output();
+  expect_exact(job.name(), {30});
+}

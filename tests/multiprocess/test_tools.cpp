@@ -559,3 +559,44 @@ TEST(Launch, AWorkerThatKeepsDyingStopsTheJobInsteadOfLooping) {
   EXPECT_FALSE(has(out, "restart 3 of 2")) << out;
   expect_no_files(job.name());
 }
+
+TEST(Launch, TheTrainerKilledByChaosResumesItsScheduleAndFinishes) {
+  Watchdog wd(std::chrono::seconds(120));
+  Job job("trainer", R"(
+slice_bytes = 65536
+max_workers = 4
+[optimizer]
+kind = "sgd"
+lr = 0.05
+[[param]]
+name = "fc1.weight"
+shape = [256, 784]
+init = { kind = "u24", stream = 11, scale_divisor = 28 }
+[[param]]
+name = "fc1.bias"
+shape = [256]
+[[param]]
+name = "fc2.weight"
+shape = [10, 256]
+init = { kind = "u24", stream = 12, scale_divisor = 16 }
+[[param]]
+name = "fc2.bias"
+shape = [10]
+)");
+  Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2", "--chaos",
+                  "--chaos-after", "0.4", "--samples", "60000", "--after", "shmps-worker --evaluate"});
+  const int code = launch.wait(100s);
+  const std::string out = launch.output();
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_HAS(out, "--chaos: killing worker w1");
+  EXPECT_HAS(out, "[w1] resuming: generation 2 of slot 1 continues at batch");
+  EXPECT_HAS(out, "[w1] trained");  // the restarted trainer finished its schedule
+  EXPECT_HAS(out, "[after] test loss");
+  // Both workers' 938 batches (60000 / 64 rounded up, split 469 + 469) were pushed: four
+  // pushes each, plus at most the one step w1 was in when it died (ASP repeats it).
+  const auto at = out.find("records_applied=");
+  ASSERT_NE(at, std::string::npos) << out;
+  const auto applied = std::stoull(out.substr(at + 16));
+  EXPECT_GE(applied, 938u * 4);
+  EXPECT_LE(applied, 938u * 4 + 4);
+}
