@@ -35,6 +35,29 @@ namespace {
 
 constexpr std::size_t kW = 120000;  // elements of "w" in kSpec
 
+// The reference MLP of models/mlp.toml, with 4 worker slots.
+constexpr const char* kMlpSpec = R"(
+slice_bytes = 65536
+max_workers = 4
+[optimizer]
+kind = "sgd"
+lr = 0.05
+[[param]]
+name = "fc1.weight"
+shape = [256, 784]
+init = { kind = "u24", stream = 11, scale_divisor = 28 }
+[[param]]
+name = "fc1.bias"
+shape = [256]
+[[param]]
+name = "fc2.weight"
+shape = [10, 256]
+init = { kind = "u24", stream = 12, scale_divisor = 16 }
+[[param]]
+name = "fc2.bias"
+shape = [10]
+)";
+
 // "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
 constexpr const char* kSpec = R"(slice_bytes = 65536
 max_workers = 4
@@ -562,27 +585,7 @@ TEST(Launch, AWorkerThatKeepsDyingStopsTheJobInsteadOfLooping) {
 
 TEST(Launch, TheTrainerKilledByChaosResumesItsScheduleAndFinishes) {
   Watchdog wd(std::chrono::seconds(120));
-  Job job("trainer", R"(
-slice_bytes = 65536
-max_workers = 4
-[optimizer]
-kind = "sgd"
-lr = 0.05
-[[param]]
-name = "fc1.weight"
-shape = [256, 784]
-init = { kind = "u24", stream = 11, scale_divisor = 28 }
-[[param]]
-name = "fc1.bias"
-shape = [256]
-[[param]]
-name = "fc2.weight"
-shape = [10, 256]
-init = { kind = "u24", stream = 12, scale_divisor = 16 }
-[[param]]
-name = "fc2.bias"
-shape = [10]
-)");
+  Job job("trainer", kMlpSpec);
   Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2", "--chaos",
                   "--chaos-after", "0.4", "--samples", "60000", "--after", "shmps-worker --evaluate"});
   const int code = launch.wait(100s);
@@ -599,4 +602,20 @@ shape = [10]
   const auto applied = std::stoull(out.substr(at + 16));
   EXPECT_GE(applied, 938u * 4);
   EXPECT_LE(applied, 938u * 4 + 4);
+}
+
+TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRun) {
+  Watchdog wd(std::chrono::seconds(120));
+  std::vector<std::string> hashes;
+  for (int run = 0; run < 2; ++run) {
+    Job job("bsphash", kMlpSpec);
+    Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2",
+                    "--consistency", "bsp", "--samples", "20000", "--after", "shmps-worker --evaluate"});
+    ASSERT_EQ(launch.wait(100s), 0) << launch.output();
+    const std::string out = launch.output();
+    const auto at = out.find("[after] weights-hash ");
+    ASSERT_NE(at, std::string::npos) << out;
+    hashes.push_back(out.substr(at + 21, 18));
+  }
+  EXPECT_EQ(hashes[0], hashes[1]);
 }
