@@ -26,6 +26,7 @@
 #include <shmps/worker.hpp>
 
 #include "../support/expect.hpp"
+#include "../support/exact.hpp"
 #include "../support/harness.hpp"
 
 using namespace std::chrono_literals;
@@ -39,19 +40,7 @@ using shmps::test::has;
 
 namespace {
 
-constexpr const char* kSpec = R"(slice_bytes = 65536
-max_workers = 4
-[optimizer]
-kind = "sgd"
-lr = 1.0
-[[param]]
-name = "w"
-shape = [3, 40000]
-[[param]]
-name = "b"
-shape = [7]
-)";
-
+const std::string kSpec = shmps::test::pattern_spec(4);
 constexpr std::size_t kW = 120000, kB = 7;
 
 

@@ -15,66 +15,19 @@
 #include <shmps/worker.hpp>
 
 #include "../support/harness.hpp"
-#include "../support/pattern.hpp"
+#include "../support/exact.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
 using shmps::test::Process;
 using shmps::test::Watchdog;
 
-namespace {
-
-constexpr const char* kExactSpec = R"(
-slice_bytes = 65536
-max_workers = 8
-[optimizer]
-kind = "sgd"
-lr = 1.0
-[[param]]
-name = "w"
-shape = [3, 40000]
-[[param]]
-name = "b"
-shape = [7]
-)";
-
-constexpr std::size_t kW = 120000, kB = 7;
-
-// Minus the sum of the first `pushes[r]` pattern pushes of every rank r.
-void expected_values(const std::vector<std::uint64_t>& pushes, std::vector<double>& w, std::vector<double>& b) {
-  w.assign(kW, 0.0);
-  b.assign(kB, 0.0);
-  for (std::uint64_t r = 0; r < pushes.size(); ++r)
-    for (std::uint64_t k = 0; k < pushes[r]; ++k) {
-      const auto plan = shmps::test::plan_push(r, k, kW, kB);
-      auto& target = std::string(plan.param) == "w" ? w : b;
-      for (std::uint64_t j = 0; j < plan.count; ++j) target[plan.offset + j] -= shmps::test::pattern(r, k, plan.offset + j);
-    }
-}
-
-// Pulls "w" and "b" and counts the elements that differ from the expectation.
-void expect_exact(const std::string& segment, const std::vector<std::uint64_t>& pushes) {
-  std::vector<double> want_w, want_b;
-  expected_values(pushes, want_w, want_b);
-  shmps::Worker reader(shmps::WorkerOptions{.segment = segment, .rank = 7});
-  std::vector<float> w(kW), b(kB);
-  reader.pull("w", w);
-  reader.pull("b", b);
-  std::size_t wrong = 0, first_wrong = kW;
-  for (std::size_t i = 0; i < kW; ++i)
-    if (static_cast<double>(w[i]) != want_w[i] && wrong++ == 0) first_wrong = i;
-  for (std::size_t i = 0; i < kB; ++i) EXPECT_EQ(static_cast<double>(b[i]), want_b[i]) << "b[" << i << "]";
-  EXPECT_EQ(wrong, 0u) << "first wrong element w[" << first_wrong << "] = " << w[first_wrong] << ", expected "
-                       << (first_wrong < kW ? want_w[first_wrong] : 0.0);
-  // The check can fail: the sums are far from zero.
-  EXPECT_NE(want_w[1234], 0.0);
-}
-
-}  // namespace
+using shmps::test::expect_exact_sum;
+using shmps::test::pattern_spec;
 
 TEST(MultiProcess, FourWorkersPushingKnownGradientsGiveTheExactSum) {
   Watchdog watchdog(90s);
-  Job job("exact", kExactSpec);
+  Job job("exact", pattern_spec());
   job.start_server();
   job.wait_ready();
   constexpr std::uint64_t kPushes = 150;
@@ -83,7 +36,7 @@ TEST(MultiProcess, FourWorkersPushingKnownGradientsGiveTheExactSum) {
     workers.push_back(&job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(kPushes)},
                                  {{"SHMPS_RANK", std::to_string(r)}}));
   for (auto* w : workers) EXPECT_EQ(w->wait(60s), 0) << w->output();
-  expect_exact(job.name(), std::vector<std::uint64_t>(4, kPushes));
+  expect_exact_sum(job.name(), std::vector<std::uint64_t>(4, kPushes));
 
   // Every slot reports its pushes applied, and the server counted each exactly once.
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
@@ -134,7 +87,7 @@ shape = [131072]
 
 TEST(MultiProcess, AKilledWorkerBlocksNobodyAndItsCommittedPushesCountExactlyOnce) {
   Watchdog watchdog(90s);
-  Job job("kill", kExactSpec);
+  Job job("kill", pattern_spec());
   job.start_server();
   job.wait_ready();
   auto& victim = job.start({"shmps-test-pusher", "exact", "--pushes", "1000000"}, {{"SHMPS_RANK", "0"}});
@@ -162,7 +115,7 @@ TEST(MultiProcess, AKilledWorkerBlocksNobodyAndItsCommittedPushesCountExactlyOnc
   const std::uint64_t victim_applied = shmps::shm::load_acquire(seg.slot(0).applied);
   EXPECT_GE(victim_applied, 50u);
   EXPECT_GE(victim_applied, shmps::shm::load_acquire(seg.slot(0).published));
-  expect_exact(job.name(), {victim_applied, 400});
+  expect_exact_sum(job.name(), {victim_applied, 400});
 
   // A restarted worker takes over slot 0, with a new generation, and continues the count.
   const std::uint64_t old_generation = shmps::shm::load_acquire(seg.slot(0).generation);
@@ -173,7 +126,7 @@ TEST(MultiProcess, AKilledWorkerBlocksNobodyAndItsCommittedPushesCountExactlyOnc
 
 TEST(MultiProcess, AStoppedServerLeavesTheSegmentAndARestartedOneResumesIt) {
   Watchdog watchdog(90s);
-  Job job("restart", kExactSpec);
+  Job job("restart", pattern_spec());
   job.start_server();
   job.wait_ready();
   auto& first = job.start({"shmps-test-pusher", "exact", "--pushes", "60"}, {{"SHMPS_RANK", "0"}});
@@ -187,7 +140,7 @@ TEST(MultiProcess, AStoppedServerLeavesTheSegmentAndARestartedOneResumesIt) {
   // Rank 0 comes back and continues its sequence; the sum covers both lives.
   auto& second = job.start({"shmps-test-pusher", "exact", "--pushes", "30"}, {{"SHMPS_RANK", "1"}});
   EXPECT_EQ(second.wait(60s), 0) << second.output();
-  expect_exact(job.name(), {60, 30});
+  expect_exact_sum(job.name(), {60, 30});
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
   EXPECT_EQ(shmps::shm::load_acquire(seg.header().server_epoch), 2u);
 }

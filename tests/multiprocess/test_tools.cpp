@@ -21,7 +21,7 @@
 
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
-#include "../support/pattern.hpp"
+#include "../support/exact.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
@@ -32,8 +32,6 @@ namespace shm = shmps::shm;
 using shmps::test::has;
 
 namespace {
-
-constexpr std::size_t kW = 120000;  // elements of "w" in kSpec
 
 // The reference MLP of models/mlp.toml, with 4 worker slots.
 constexpr const char* kMlpSpec = R"(
@@ -59,22 +57,7 @@ shape = [10]
 )";
 
 // "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
-constexpr const char* kSpec = R"(slice_bytes = 65536
-max_workers = 4
-[optimizer]
-kind = "sgd"
-lr = 1.0
-[[param]]
-name = "w"
-shape = [3, 40000]
-[[param]]
-name = "b"
-shape = [7]
-[[param]]
-name = "u"
-shape = [50000]
-)";
-
+const std::string kSpec = shmps::test::pattern_spec(4) + "[[param]]\nname = \"u\"\nshape = [50000]\n";
 
 #define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
 
@@ -542,21 +525,7 @@ TEST(Launch, AKilledWorkerIsRestartedWithItsRankAndResumesExactly) {
   EXPECT_HAS(out, "restarting it with the same rank (restart 1 of 1)");
   EXPECT_HAS(out, "[w1] rank 1 pushed 3000 applied 3000");
   // Exactly once across both lives of rank 1: the final values are the exact sum.
-  std::vector<double> want(kW, 0.0);
-  for (std::uint64_t r = 0; r < 2; ++r)
-    for (std::uint64_t k = 0; k < 3000; ++k) {
-      const auto plan = shmps::test::plan_push(r, k, kW, 7);
-      if (std::string(plan.param) != "w") continue;
-      for (std::uint64_t j = 0; j < plan.count; ++j) want[plan.offset + j] -= shmps::test::pattern(r, k, plan.offset + j);
-    }
-  {
-    shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 3});
-    std::vector<float> w(kW);
-    reader.pull("w", w);
-    std::size_t wrong = 0;
-    for (std::size_t i = 0; i < kW; ++i) wrong += static_cast<double>(w[i]) != want[i];
-    EXPECT_EQ(wrong, 0u);
-  }
+  shmps::test::expect_exact_sum(job.name(), {3000, 3000}, 3);
   // shmps-ctl workers shows the second generation of slot 1.
   const Ran workers = run({"shmps-ctl", "workers", job.name()});
   ASSERT_EQ(workers.code, 0) << workers.out;
