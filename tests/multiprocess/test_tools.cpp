@@ -553,6 +553,10 @@ TEST(Launch, AWorkerThatKeepsDyingStopsTheJobInsteadOfLooping) {
 }
 
 TEST(Launch, TheTrainerKilledByChaosResumesItsScheduleAndFinishes) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  GTEST_SKIP() << "the Eigen trainer runs ~100x slower under sanitizers; the launcher's restarts and BSP "
+                  "determinism are covered here by the shmps-test-pusher tests";
+#endif
   Watchdog wd(std::chrono::seconds(120));
   Job job("trainer", kMlpSpec);
   Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2", "--chaos",
@@ -574,6 +578,10 @@ TEST(Launch, TheTrainerKilledByChaosResumesItsScheduleAndFinishes) {
 }
 
 TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRun) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  GTEST_SKIP() << "the Eigen trainer runs ~100x slower under sanitizers; the launcher's restarts and BSP "
+                  "determinism are covered here by the shmps-test-pusher tests";
+#endif
   Watchdog wd(std::chrono::seconds(120));
   std::vector<std::string> hashes;
   for (int run = 0; run < 2; ++run) {
