@@ -17,6 +17,7 @@
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
@@ -383,15 +384,7 @@ void Server::Impl::admit_new_workers() {
   }
 }
 
-bool Server::Impl::participating(std::uint32_t rank) {
-  // A worker counts for barriers and staleness bounds while it is attached, admitted, and not
-  // proven dead (or, with on_worker_death = wait, until a process takes its slot again).
-  const WorkerSlot& slot = segment.slot(rank);
-  if (load_acquire(slot.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
-  if (load_own(slot.admitted_generation) != load_acquire(slot.generation)) return false;
-  if (load_acquire(slot.dead_generation) != load_acquire(slot.generation)) return true;
-  return load_acquire(header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
-}
+bool Server::Impl::participating(std::uint32_t rank) { return counts_for_group(header(), segment.slot(rank)); }
 
 // Adds the slices a push record touches; false if the record is malformed (then it is skipped).
 bool Server::Impl::add_contributions(std::uint32_t rank, const PushRecord* rec) {

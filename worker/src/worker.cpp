@@ -18,6 +18,7 @@
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
@@ -106,6 +107,9 @@ struct Worker::Impl {
   bool state_staged = false;
   std::vector<std::byte> committed_state;  // the slot's latest committed resume state
   bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
+  bool attached = false;
+  std::vector<ParamInfo> params;
+  std::unordered_map<std::string, std::uint32_t> index;
 
   // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
   void await_admission() {
@@ -121,10 +125,6 @@ struct Worker::Impl {
     clock = std::max(clock, load_acquire(slot->admitted_clock));
     store_release(slot->clock, clock);
   }
-  bool attached = false;
-  std::vector<ParamInfo> params;
-  std::unordered_map<std::string, std::uint32_t> index;
-
   std::uint32_t find(std::string_view name) const {
     auto it = index.find(std::string(name));
     if (it == index.end()) {
@@ -149,15 +149,7 @@ struct Worker::Impl {
 
   Clock::time_point deadline() const { return Clock::now() + options.timeout; }
 
-  // A worker counts for staleness bounds while attached and not proven dead (or, with
-  // on_worker_death = wait, until its slot is taken again). Read-only look at other slots.
-  bool counts(std::uint32_t r) const {
-    const WorkerSlot& other = segment.slot(r);
-    if (load_acquire(other.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
-    if (load_acquire(other.admitted_generation) != load_acquire(other.generation)) return false;
-    if (load_acquire(other.dead_generation) != load_acquire(other.generation)) return true;
-    return load_acquire(segment.header().on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
-  }
+  bool counts(std::uint32_t r) const { return counts_for_group(segment.header(), segment.slot(r)); }
   // The smallest clock among the workers that count (ourselves included), or our own clock.
   std::uint64_t slowest_clock() const {
     std::uint64_t slowest = clock;
