@@ -21,6 +21,7 @@
 #include <shmps/shm/membership.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
+#include <shmps/shm/reader.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/segment.hpp>
 #include <shmps/shm/seqlock.hpp>
@@ -336,36 +337,15 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
   s.wait_for_consistency(name);
-  const ParamEntry& p = seg.param(i);
-  const std::uint64_t slice_floats = seg.header().slice_floats;
-  const float* values = seg.values(p);
-  std::uint64_t min_version = UINT64_MAX;
-  const std::uint64_t end = offset + out.size();
-  for (std::uint64_t k = offset / slice_floats; k * slice_floats < end; ++k) {
-    const SliceEntry& slice = seg.slice(p.first_slice + k);
-    const std::uint64_t lo = std::max<std::uint64_t>(offset, slice.first);
-    const std::uint64_t hi = std::min<std::uint64_t>(end, slice.first + slice.count);
-    std::uint64_t version = 0;
-    const auto copy = [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); };
-    // A slice is written for microseconds at a time; a word that stays odd for the whole
-    // timeout means its writer (a server) died mid-write.
-    int attempts = 0;
-    Clock::time_point deadline{};
-    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
-      if (++attempts < 64) continue;
-      if (attempts == 64) deadline = s.deadline();
-      if (Clock::now() >= deadline)
-        throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(k) + " has been mid-update for " +
-                    std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
-                    "; a restarted server repairs it");
-      std::this_thread::yield();
-    }
-    min_version = std::min(min_version, version / 2);
-  }
+  const SliceReadResult read = read_param(seg, seg.param(i), offset, out, s.options.timeout);
+  if (read.stuck_slice)
+    throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
+                " has been mid-update for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+                "; a restarted server repairs it");
   bump_counter(s.slot->pulls);
   bump_counter(s.slot->pull_bytes, static_cast<std::uint64_t>(out.size_bytes()));
   s.heartbeat();
-  return min_version;
+  return read.min_version;
 }
 
 std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {

@@ -1,0 +1,25 @@
+// Reading parameter values out of a segment, each slice whole (the seqlock read of DESIGN.md's
+// "Pull"). Used by the worker's pull and by read-only tools; it only reads.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include <shmps/shm/segment.hpp>
+
+namespace shmps::shm {
+
+struct SliceReadResult {
+  std::uint64_t min_version = 0;              // smallest slice version (updates applied) seen
+  std::optional<std::uint64_t> stuck_slice;  // set if a slice stayed mid-update for the whole timeout
+};
+
+// Copies elements [offset, offset + out.size()) of parameter `p` into `out`, each slice from one
+// version. A version word that stays odd for `timeout` (a server died mid-write and no server
+// has repaired it yet) stops the read and names the slice; `out` is then incomplete.
+SliceReadResult read_param(const Segment& segment, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
+                           std::chrono::milliseconds timeout);
+
+}  // namespace shmps::shm

@@ -1,0 +1,41 @@
+#include "shmps/shm/reader.hpp"
+
+#include <algorithm>
+#include <thread>
+
+#include <shmps/shm/seqlock.hpp>
+
+namespace shmps::shm {
+
+SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
+                           std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  SliceReadResult result;
+  result.min_version = UINT64_MAX;
+  const std::uint64_t slice_floats = seg.header().slice_floats;
+  const float* values = seg.values(p);
+  const std::uint64_t end = offset + out.size();
+  for (std::uint64_t k = offset / slice_floats; k * slice_floats < end; ++k) {
+    const SliceEntry& slice = seg.slice(p.first_slice + k);
+    const std::uint64_t lo = std::max<std::uint64_t>(offset, slice.first);
+    const std::uint64_t hi = std::min<std::uint64_t>(end, slice.first + slice.count);
+    std::uint64_t version = 0;
+    const auto copy = [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); };
+    // A slice is written for microseconds at a time: spin a little, then yield, with a bound.
+    int attempts = 0;
+    Clock::time_point deadline{};
+    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
+      if (++attempts < 64) continue;
+      if (attempts == 64) deadline = Clock::now() + timeout;
+      if (Clock::now() >= deadline) {
+        result.stuck_slice = k;
+        return result;
+      }
+      std::this_thread::yield();
+    }
+    result.min_version = std::min(result.min_version, version / 2);
+  }
+  return result;
+}
+
+}  // namespace shmps::shm
