@@ -5,6 +5,7 @@
 //   shmps-ctl workers NAME         every worker slot: free, alive, suspect, dead or left
 //   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
 //                                  on_worker_death of a live job, through the server
+//   shmps-ctl export NAME FILE     every parameter to a safetensors file, from the live job
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
@@ -18,6 +19,7 @@
 #include <filesystem>
 #include <thread>
 #include <iomanip>
+#include <map>
 #include <iostream>
 #include <sstream>
 #include <string_view>
@@ -30,7 +32,9 @@
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/server/safetensors.hpp>
 #include <shmps/shm/proc.hpp>
+#include <shmps/shm/reader.hpp>
 #include <shmps/shm/segment.hpp>
 
 using namespace shmps;
@@ -302,6 +306,44 @@ int cmd_set(const std::string& name, const std::string& setting) {
   return 0;
 }
 
+// Writes every parameter of a live job to a safetensors file (PyTorch's and numpy's format, one
+// F32 tensor per parameter under its own name), without stopping or slowing the job: each slice
+// is copied whole (seqlock), the file is written atomically. Versions go into the metadata.
+int cmd_export(const std::string& name, const std::string& path) {
+  Segment seg = Segment::open(name, Access::read_only);
+  const auto& h = seg.header();
+  if (load_acquire(h.state) == static_cast<std::uint32_t>(SegmentState::creating))
+    throw Error("segment '" + name + "' is still being created; nothing to export yet");
+  std::vector<std::vector<float>> values(h.param_count);
+  std::vector<server::safetensors::TensorView> tensors;
+  std::map<std::string, std::string> metadata{
+      {"shmps.segment", name},
+      {"shmps.epoch", std::to_string(load_acquire(h.server_epoch))},
+      {"shmps.consistency", consistency_text(h)},
+      {"shmps.model_clock", std::to_string(load_acquire(h.model_clock))},
+  };
+  std::uint64_t bytes = 0;
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = seg.param(i);
+    values[i].resize(p.size);
+    const SliceReadResult read = read_param(seg, p, 0, values[i], std::chrono::seconds(10));
+    if (read.stuck_slice)
+      throw Error("slice " + std::to_string(*read.stuck_slice) + " of '" + std::string(param_name(p)) +
+                  "' has been mid-update for 10 s (a server died while writing it): start the server again, which "
+                  "repairs it, then export; nothing was written");
+    std::uint64_t hi = 0;
+    for (std::uint64_t k = 0; k < p.slice_count; ++k) hi = std::max(hi, load_acquire(seg.slice(p.first_slice + k).version) / 2);
+    metadata["shmps.version." + std::string(param_name(p))] = std::to_string(read.min_version) + ".." + std::to_string(hi);
+    std::vector<std::uint64_t> shape(p.shape, p.shape + p.ndim);
+    tensors.push_back({std::string(param_name(p)), "F32", shape, std::as_bytes(std::span<const float>(values[i]))});
+    bytes += p.size * sizeof(float);
+  }
+  server::safetensors::write_file(path, tensors, metadata);
+  std::cout << "exported " << h.param_count << " parameters (" << human_bytes(bytes) << ") of '" << name << "' to "
+            << path << "\n";
+  return 0;
+}
+
 int cmd_destroy(const std::string& name, bool force) {
   check_segment_name(name);
   bool server_alive = false;
@@ -349,6 +391,10 @@ int main(int argc, char** argv) {
                                         "bsp_aggregate=sum|mean, on_worker_death=proceed|wait");
   set->add_option("name", name, "segment name")->required();
   set->add_option("setting", setting, "KEY=VALUE")->required();
+  std::string out_path;
+  auto* exp = app.add_subcommand("export", "write every parameter of a live job to a safetensors file, without stopping it");
+  exp->add_option("name", name, "segment name")->required();
+  exp->add_option("file", out_path, "output file (.safetensors)")->required();
   auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
   destroy->add_option("name", name, "segment name")->required();
   destroy->add_flag("--force", force, "remove it even while its server is alive");
@@ -358,6 +404,7 @@ int main(int argc, char** argv) {
     if (inspect->parsed()) return cmd_inspect(name);
     if (workers->parsed()) return cmd_workers(name);
     if (set->parsed()) return cmd_set(name, setting);
+    if (exp->parsed()) return cmd_export(name, out_path);
     if (destroy->parsed()) return cmd_destroy(name, force);
   } catch (const Error& e) {
     std::cerr << "shmps-ctl: error: " << e.what() << "\n";

@@ -21,6 +21,8 @@
 
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
+#include <shmps/server/safetensors.hpp>
+
 #include "../support/exact.hpp"
 
 using namespace std::chrono_literals;
@@ -595,4 +597,34 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRun) {
     hashes.push_back(out.substr(at + 21, 18));
   }
   EXPECT_EQ(hashes[0], hashes[1]);
+}
+
+TEST(Ctl, ExportWritesEveryParameterOfALiveJobToSafetensors) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("export", kSpec);
+  job.start_server();
+  job.wait_ready();
+  auto& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "40"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  const std::string path = "/tmp/shmps-test-export-" + job.name() + ".safetensors";
+  const Ran exported = run({"shmps-ctl", "export", job.name(), path});
+  ASSERT_EQ(exported.code, 0) << exported.out;
+  EXPECT_HAS(exported.out, "exported 3 parameters");
+  // The file holds exactly what a pull sees, under the parameters' names and shapes.
+  const auto file = shmps::server::safetensors::File::read(path);
+  shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 3});
+  for (const auto& [name, shape] : std::vector<std::pair<std::string, std::vector<std::uint64_t>>>{
+           {"w", {3, 40000}}, {"b", {7}}, {"u", {50000}}}) {
+    std::vector<float> pulled(reader.param(name).size);
+    reader.pull(name, pulled);
+    EXPECT_EQ(file.f32(name, shape), pulled) << name;
+  }
+  EXPECT_EQ(file.metadata().at("shmps.segment"), job.name());
+  EXPECT_EQ(file.metadata().at("shmps.version.b"), "13..13");  // every third of 40 pushes is "b"
+  std::filesystem::remove(path);
+  // A missing segment: a clear error, and no file.
+  const Ran missing = run({"shmps-ctl", "export", "t-no-such-segment", path});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_HAS(missing.out, "does not exist");
+  EXPECT_FALSE(std::filesystem::exists(path));
 }

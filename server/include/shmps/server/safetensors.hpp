@@ -63,8 +63,9 @@ struct Tensor {
 class File {
  public:
   // Throws shmps::Error "<path>: <what is wrong>" for: a file that cannot be read; a truncated
-  // file; a header length beyond the file; "not a safetensors file" when the first 8 bytes
-  // give an absurd length (> 100 MB or > file size); JSON that does not parse or is not an
+  // file; a header length beyond the end of the file ("truncated file" when a JSON object
+  // follows the length, else "not a safetensors file"); "not a safetensors file" when the first
+  // 8 bytes give an absurd length (> 100 MB); JSON that does not parse or is not an
   // object; a tensor entry missing dtype/shape/data_offsets (or with the wrong JSON types); an
   // unknown dtype; a shape whose element count * dtype size != end - begin; offsets out of
   // range, overlapping, or not covering the data section; a bad "__metadata__"; a checksum
