@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -134,7 +135,7 @@ TEST_F(SafetensorsTest, RoundTripIsBitExact) {
     EXPECT_EQ(it->second.shape, v.shape);
     const std::span<const std::byte> got = f.data(it->second);
     ASSERT_EQ(got.size(), v.data.size());
-    EXPECT_EQ(std::memcmp(got.data(), v.data.data(), got.size()), 0);
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), v.data.begin(), v.data.end()));  // memcmp: UB on an empty tensor
   }
   for (const auto& [k, v] : s.metadata()) EXPECT_EQ(f.metadata().at(k), v);
   EXPECT_EQ(f.metadata().at("shmps.checksum").size(), 16u);
@@ -226,7 +227,8 @@ TEST_F(SafetensorsTest, IndependentParserAgrees) {
     EXPECT_EQ(offs[1] - offs[0], count * sizes.at(v.dtype));
     covered += offs[1] - offs[0];
     ASSERT_EQ(offs[1] - offs[0], v.data.size());
-    EXPECT_EQ(std::memcmp(b.data() + data_start + offs[0], v.data.data(), v.data.size()), 0);
+    const auto* stored = reinterpret_cast<const std::byte*>(b.data()) + data_start + offs[0];
+    EXPECT_TRUE(std::equal(v.data.begin(), v.data.end(), stored));
   }
   EXPECT_EQ(covered, data_size);
   // Little-endian values: the first float of layer1.weight is 1.5f = 0x3fc00000.
