@@ -36,7 +36,11 @@ using shmps::test::Watchdog;
 namespace shm = shmps::shm;
 
 using shmps::test::error_of;
+using shmps::test::file_exists;
 using shmps::test::has;
+using shmps::test::expect_no_files;
+using shmps::test::Ran;
+using shmps::test::run;
 
 namespace {
 
@@ -45,19 +49,8 @@ constexpr std::size_t kW = 120000, kB = 7;
 
 
 
-#define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
 
-bool exists(const std::string& path) {
-  std::error_code ec;
-  return std::filesystem::exists(path, ec);
-}
 
-// Neither the segment nor any of its lock files is there.
-void expect_no_files(const std::string& name) {
-  EXPECT_FALSE(exists(shm::segment_path(name))) << shm::segment_path(name);
-  EXPECT_FALSE(exists(shm::server_lock_path(name))) << shm::server_lock_path(name);
-  EXPECT_FALSE(exists(shm::slots_lock_path(name))) << shm::slots_lock_path(name);
-}
 
 std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -66,15 +59,6 @@ std::string file_bytes(const std::string& path) {
   return s.str();
 }
 
-struct Ran {
-  int code;
-  std::string out;
-};
-Ran run(std::vector<std::string> argv) {
-  Process p(std::move(argv));
-  const int code = p.wait(30s);
-  return {code, p.output()};
-}
 
 // 1-based line of the first line of `path` that contains `needle`.
 int line_of(const std::string& path, const std::string& needle) {
@@ -279,7 +263,7 @@ TEST(BadInput, SegmentNameWithSlashIsRefusedEverywhere) {
   EXPECT_EQ(server.code, 1) << server.out;
   EXPECT_HAS(server.out, "'/'");
   EXPECT_HAS(server.out, "a/b");
-  EXPECT_FALSE(exists("/dev/shm/shmps.a"));
+  EXPECT_FALSE(file_exists("/dev/shm/shmps.a"));
   expect_no_files(job.name());
 
   // In the spec itself: a spec error (exit 2) at the name's line.
@@ -294,7 +278,7 @@ TEST(BadInput, SegmentNameWithSlashIsRefusedEverywhere) {
   EXPECT_HAS(from_spec.out, path + ":1:");
   EXPECT_HAS(from_spec.out, "name: ");
   EXPECT_HAS(from_spec.out, "'/'");
-  EXPECT_FALSE(exists("/dev/shm/shmps.a"));
+  EXPECT_FALSE(file_exists("/dev/shm/shmps.a"));
 
   const std::string msg = error_of([] { shmps::Worker w(shmps::WorkerOptions{.segment = "a/b"}); });
   EXPECT_HAS(msg, "'/'");
@@ -341,7 +325,7 @@ TEST(BadInput, ExistingSegmentOfAnotherModelIsRefusedAndLeftUntouched) {
   }
   first.kill(SIGTERM);
   ASSERT_EQ(first.wait(20s), 0) << first.output();
-  ASSERT_TRUE(exists(shm::segment_path(job.name())));  // kept for a restart
+  ASSERT_TRUE(file_exists(shm::segment_path(job.name())));  // kept for a restart
   const std::string bytes = file_bytes(shm::segment_path(job.name()));
   ASSERT_FALSE(bytes.empty());
 
@@ -354,7 +338,7 @@ TEST(BadInput, ExistingSegmentOfAnotherModelIsRefusedAndLeftUntouched) {
   EXPECT_HAS(out, "segment '" + job.name() + "' already exists and holds another model than " + other.spec_path());
   EXPECT_HAS(out, "shmps-ctl destroy " + job.name());
   EXPECT_TRUE(file_bytes(shm::segment_path(job.name())) == bytes) << "the old segment was modified";
-  EXPECT_FALSE(exists(shm::segment_path(other.name())));
+  EXPECT_FALSE(file_exists(shm::segment_path(other.name())));
 
   // The old model is still whole: its own server resumes it with the values it had.
   Process& again = job.start_server();
@@ -444,8 +428,8 @@ TEST(BadInput, ModelLargerThanDevShmFailsAtStartAndCreatesNoSegment) {
   EXPECT_HAS(out, "/dev/shm has only");
   EXPECT_HAS(out, "enlarge /dev/shm");
   EXPECT_FALSE(has(out, "event=ready")) << out;
-  EXPECT_FALSE(exists(shm::segment_path(job.name())));
-  EXPECT_FALSE(exists(shm::slots_lock_path(job.name())));
+  EXPECT_FALSE(file_exists(shm::segment_path(job.name())));
+  EXPECT_FALSE(file_exists(shm::slots_lock_path(job.name())));
 }
 
 // ---- Bad ranks ------------------------------------------------------------------------------------

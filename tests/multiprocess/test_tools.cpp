@@ -31,7 +31,11 @@ using shmps::test::Process;
 using shmps::test::Watchdog;
 namespace shm = shmps::shm;
 
+using shmps::test::file_exists;
 using shmps::test::has;
+using shmps::test::expect_no_files;
+using shmps::test::Ran;
+using shmps::test::run;
 
 namespace {
 
@@ -61,28 +65,9 @@ shape = [10]
 // "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
 const std::string kSpec = shmps::test::pattern_spec(4) + "[[param]]\nname = \"u\"\nshape = [50000]\n";
 
-#define EXPECT_HAS(text, part) EXPECT_TRUE(has(text, part)) << "expected \"" << (part) << "\" in:\n" << (text)
 
-bool exists(const std::string& path) {
-  std::error_code ec;
-  return std::filesystem::exists(path, ec);
-}
 
-void expect_no_files(const std::string& name) {
-  EXPECT_FALSE(exists(shm::segment_path(name))) << shm::segment_path(name);
-  EXPECT_FALSE(exists(shm::server_lock_path(name))) << shm::server_lock_path(name);
-  EXPECT_FALSE(exists(shm::slots_lock_path(name))) << shm::slots_lock_path(name);
-}
 
-struct Ran {
-  int code;
-  std::string out;
-};
-Ran run(std::vector<std::string> argv) {
-  Process p(std::move(argv));
-  const int code = p.wait(30s);
-  return {code, p.output()};
-}
 
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;
@@ -293,7 +278,7 @@ TEST(Launch, AfterRunsWhileTheServerLivesAndKeepKeepsTheSegment) {
   EXPECT_HAS(out, "removed=false");
 
   // --keep: the segment and its values are still there, its server gone.
-  ASSERT_TRUE(exists(shm::segment_path(job.name())));
+  ASSERT_TRUE(file_exists(shm::segment_path(job.name())));
   const Ran inspect = run({"shmps-ctl", "inspect", job.name()});
   ASSERT_EQ(inspect.code, 0) << inspect.out;
   EXPECT_HAS(inspect.out, "server       not running");
@@ -413,8 +398,8 @@ shape = [10, 10, 10, 10]
   EXPECT_EQ(refused.code, 1) << refused.out;
   EXPECT_HAS(refused.out, "segment '" + job.name() + "' is served by a live server (pid " + server_pid + ")");
   EXPECT_HAS(refused.out, "--force");
-  EXPECT_TRUE(exists(shm::segment_path(job.name())));
-  EXPECT_TRUE(exists(shm::server_lock_path(job.name())));
+  EXPECT_TRUE(file_exists(shm::segment_path(job.name())));
+  EXPECT_TRUE(file_exists(shm::server_lock_path(job.name())));
   EXPECT_TRUE(server.running());
 
   const Ran forced = run({"shmps-ctl", "destroy", job.name(), "--force"});

@@ -185,6 +185,19 @@ Process& Job::start(std::vector<std::string> argv, std::vector<std::pair<std::st
   return *processes_.back();
 }
 
+Ran run(std::vector<std::string> argv, std::chrono::milliseconds timeout) {
+  Process p(std::move(argv));
+  const int code = p.wait(timeout);
+  return {code, p.output()};
+}
+
+void expect_no_files(const std::string& name) {
+  for (const auto& path : {shm::segment_path(name), shm::server_lock_path(name), shm::slots_lock_path(name)}) {
+    std::error_code ec;
+    EXPECT_FALSE(std::filesystem::exists(path, ec)) << path;
+  }
+}
+
 struct Watchdog::State {
   std::mutex mutex;
   std::condition_variable cv;

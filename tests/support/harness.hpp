@@ -84,4 +84,14 @@ class Watchdog {
 // Removes a segment and its lock files if they exist.
 void remove_segment(const std::string& name);
 
+// Runs a program to its end (as Process does, bounded by `timeout`): its exit code and output.
+struct Ran {
+  int code;
+  std::string out;
+};
+Ran run(std::vector<std::string> argv, std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+// Expects that neither the segment nor any of its lock files exists.
+void expect_no_files(const std::string& name);
+
 }  // namespace shmps::test
