@@ -55,7 +55,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   LayoutPlan plan;
   plan.slice_floats = request.slice_bytes / sizeof(float);
   std::uint64_t largest = 0;
-  std::uint64_t value_bytes = 0;
   for (const auto& p : request.params) {
     if (p.name.empty() || p.name.size() >= kMaxNameBytes)
       throw Error("parameter name '" + p.name + "' must have 1 to " + std::to_string(kMaxNameBytes - 1) + " characters");
@@ -77,7 +76,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.slice_count = (size + plan.slice_floats - 1) / plan.slice_floats;
     plan.slice_count += entry.slice_count;
     largest = std::max(largest, size);
-    value_bytes += align_up(size * sizeof(float), kCacheLine);
     plan.params.push_back(entry);
   }
 
@@ -128,7 +126,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     }
   }
   plan.total_bytes = align_up(offset, 4096);
-  (void)value_bytes;
   return plan;
 }
 
