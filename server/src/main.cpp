@@ -1,6 +1,7 @@
 // shmps-server: creates or recovers the segment for a model spec and applies updates until
 // SIGINT or SIGTERM, then drains the rings and exits (leaving the segment for a later server,
 // unless --remove-on-stop).
+#include <atomic>
 #include <csignal>
 #include <iostream>
 
@@ -13,9 +14,11 @@
 #include <shmps/server/server.hpp>
 
 namespace {
-shmps::server::Server* g_server = nullptr;
+std::atomic<shmps::server::Server*> g_server{nullptr};
+std::atomic<bool> g_stop_requested{false};
 extern "C" void on_stop_signal(int) {
-  if (g_server) g_server->stop();  // async-signal-safe: an atomic store and a futex wake
+  g_stop_requested.store(true);
+  if (auto* server = g_server.load()) server->stop();  // async-signal-safe: an atomic store and a futex wake
 }
 }  // namespace
 
@@ -71,16 +74,19 @@ int main(int argc, char** argv) {
     options.threads = threads;
     options.remove_on_stop = remove_on_stop;
     options.mode = group ? 0660 : 0600;
-    shmps::server::Server server(std::move(options));
-    server.start();
-    g_server = &server;
+    // Handlers first: a SIGTERM that arrives while start() runs (or right after "ready") must
+    // stop the server gracefully, not kill it.
     struct sigaction action {};
     action.sa_handler = on_stop_signal;
     sigemptyset(&action.sa_mask);
     sigaction(SIGINT, &action, nullptr);
     sigaction(SIGTERM, &action, nullptr);
+    shmps::server::Server server(std::move(options));
+    server.start();
+    g_server.store(&server);
+    if (g_stop_requested.load()) server.stop();
     server.run();
-    g_server = nullptr;
+    g_server.store(nullptr);
     return 0;
   } catch (const shmps::server::SpecError& e) {
     std::cerr << "shmps-server: error: " << e.what() << "\n";
