@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -47,10 +48,11 @@ constexpr std::string_view kOptimizerKeysList[] = {
 constexpr std::string_view kParamKeysList[] = {"name", "shape", "init"};
 constexpr std::string_view kOptimizerKindsList[] = {"sgd",     "momentum", "nesterov",
                                                     "adagrad", "rmsprop",  "adam"};
-constexpr std::string_view kInitKindsList[] = {"zeros", "constant", "u24"};
+constexpr std::string_view kInitKindsList[] = {"zeros", "constant", "u24", "pretrained"};
 constexpr std::string_view kZerosKeys[] = {"kind"};
 constexpr std::string_view kConstantKeys[] = {"kind", "value"};
 constexpr std::string_view kU24Keys[] = {"kind", "stream", "scale", "scale_divisor"};
+constexpr std::string_view kPretrainedKeys[] = {"kind", "file", "tensor"};
 constexpr Keys kRootKeys{kRootKeysList};
 constexpr Keys kOptimizerKeys{kOptimizerKeysList};
 constexpr Keys kParamKeys{kParamKeysList};
@@ -210,6 +212,15 @@ std::string param_name_problem(std::string_view name) {
   return {};
 }
 
+// "" if `text` can be a pretrained file path or tensor name (not empty, no NUL byte).
+std::string text_problem(std::string_view text, std::string_view what) {
+  if (text.empty()) return "must not be empty; give " + std::string(what);
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos) {
+    return quote(text) + " contains a NUL byte at position " + std::to_string(nul + 1);
+  }
+  return {};
+}
+
 // Elements of a shape, or nullopt if its float32 bytes would exceed kMaxParamBytes.
 std::optional<std::uint64_t> checked_elements(const std::vector<std::uint64_t>& shape) {
   constexpr std::uint64_t kMaxElements = kMaxParamBytes / sizeof(float);
@@ -286,7 +297,8 @@ float* settings_field(OptimizerSettings& s, std::string_view key) {
 
 class Parser {
  public:
-  explicit Parser(std::string source) : source_(std::move(source)) {}
+  Parser(std::string source, std::filesystem::path base_dir)
+      : source_(std::move(source)), base_dir_(std::move(base_dir)) {}
 
   ModelSpec parse(std::string_view text) {
     toml::table root;
@@ -310,6 +322,7 @@ class Parser {
 
  private:
   std::string source_;
+  std::filesystem::path base_dir_;  // relative pretrained files are resolved against it
 
   [[noreturn]] void fail(const toml::source_region& where, std::string_view field,
                          std::string_view problem) const {
@@ -554,7 +567,7 @@ class Parser {
       }
       total_bytes += bytes;
 
-      if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init");
+      if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
       spec.params.push_back(std::move(p));
     }
   }
@@ -592,11 +605,12 @@ class Parser {
     return shape;
   }
 
-  InitSpec read_init(const toml::node& n, const std::string& field) const {
+  InitSpec read_init(const toml::node& n, const std::string& field,
+                     const std::string& param_name) const {
     InitSpec init;
     const std::string example =
-        "\"zeros\", { kind = \"constant\", value = 0.5 } or { kind = \"u24\", stream = 11, "
-        "scale_divisor = 28 }";
+        "\"zeros\", { kind = \"constant\", value = 0.5 }, { kind = \"u24\", stream = 11, "
+        "scale_divisor = 28 } or { kind = \"pretrained\", file = \"weights.safetensors\" }";
     if (const auto* s = n.as_string()) {
       const std::string& kind = s->get();
       if (kind == "zeros") return init;
@@ -609,6 +623,11 @@ class Parser {
         fail(n.source(), field,
              "init \"u24\" needs its stream: write init = { kind = \"u24\", stream = <integer>, "
              "scale = <number> } (or scale_divisor = <number>)");
+      }
+      if (kind == "pretrained") {
+        fail(n.source(), field,
+             "init \"pretrained\" needs its file: write init = { kind = \"pretrained\", file = "
+             "\"<path>.safetensors\" } (optionally with tensor = \"<name in the file>\")");
       }
       fail(n.source(), field,
            "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) + "; expected " +
@@ -681,12 +700,42 @@ class Parser {
         }
         init.scale = s;
       }
+    } else if (kind == "pretrained") {
+      check_keys(*t, field + ".", kPretrainedKeys, " for init kind \"pretrained\"");
+      init.kind = InitSpec::Kind::pretrained;
+      read_pretrained(*t, field, param_name, init);
     } else {
       fail(kn->source(), field + ".kind",
            "unknown init kind " + quote(kind) + did_you_mean(kind, kInitKinds) +
                "; valid kinds: " + join(kInitKinds, ", ", true));
     }
     return init;
+  }
+
+  void read_pretrained(const toml::table& t, const std::string& field,
+                       const std::string& param_name, InitSpec& init) const {
+    const toml::node* fn = t.get("file");
+    if (fn == nullptr) {
+      fail(t.source(), field + ".file",
+           "missing; init kind \"pretrained\" needs file = \"<path>.safetensors\" (relative to "
+           "the spec file's directory)");
+    }
+    const std::string file = str_value(*fn, field + ".file");
+    if (std::string problem = text_problem(file, "the path of a safetensors file"); !problem.empty()) {
+      fail(fn->source(), field + ".file", problem);
+    }
+    std::filesystem::path path(file);
+    if (path.is_relative() && !base_dir_.empty()) path = base_dir_ / path;
+    init.file = std::move(path);
+    init.tensor = param_name;
+    if (const toml::node* tn = t.get("tensor")) {
+      init.tensor = str_value(*tn, field + ".tensor");
+      if (std::string problem = text_problem(init.tensor, "the tensor's name in the file, or leave "
+                                                           "tensor out to use the parameter's name");
+          !problem.empty()) {
+        fail(tn->source(), field + ".tensor", problem);
+      }
+    }
   }
 };
 
@@ -700,6 +749,8 @@ std::string_view to_string(InitSpec::Kind kind) noexcept {
       return "constant";
     case InitSpec::Kind::u24:
       return "u24";
+    case InitSpec::Kind::pretrained:
+      return "pretrained";
   }
   return "?";
 }
@@ -812,6 +863,16 @@ std::string validate_model_spec(const ModelSpec& spec) {
       case InitSpec::Kind::u24:
         if (!std::isfinite(p.init.scale)) return at + ".init.scale: must be finite";
         break;
+      case InitSpec::Kind::pretrained:
+        if (std::string problem = text_problem(p.init.file.native(), "the path of a safetensors file");
+            !problem.empty()) {
+          return at + ".init.file: " + problem;
+        }
+        if (std::string problem = text_problem(p.init.tensor, "the tensor's name in the file");
+            !problem.empty()) {
+          return at + ".init.tensor: " + problem;
+        }
+        break;
       default:
         return at + ".init.kind: unknown init kind " +
                std::to_string(static_cast<int>(p.init.kind));
@@ -820,8 +881,9 @@ std::string validate_model_spec(const ModelSpec& spec) {
   return {};
 }
 
-ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_name) {
-  Parser parser(source_name.empty() ? std::string("<string>") : std::string(source_name));
+ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_name,
+                           const std::filesystem::path& base_dir) {
+  Parser parser(source_name.empty() ? std::string("<string>") : std::string(source_name), base_dir);
   return parser.parse(toml_text);
 }
 
@@ -847,7 +909,7 @@ ModelSpec load_model_spec(const std::filesystem::path& path) {
     if (got < sizeof buf) break;
   }
   if (std::ferror(f.get())) throw SpecError(what + std::generic_category().message(errno));
-  return parse_model_spec(text, shown);
+  return parse_model_spec(text, shown, path.parent_path());
 }
 
 std::string parse_consistency(std::string_view text, Consistency& mode, std::uint32_t& staleness) {

@@ -1,6 +1,7 @@
 // The model spec: valid specs parse to what they say (the reference MLP included), and every
 // kind of mistake is rejected with "<file>:<line>:<col>: <field>: <problem>".
 #include <gtest/gtest.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include "shmps/server/model_spec.hpp"
 
@@ -214,6 +216,74 @@ TEST(ModelSpec, Defaults) {
   EXPECT_EQ(spec.optimizer.lr, 0.1f);
   ASSERT_EQ(spec.params.size(), 1u);
   EXPECT_EQ(spec.params[0].init.kind, InitSpec::Kind::zeros);
+}
+
+TEST(ModelSpec, PretrainedInit) {
+  const ModelSpec spec = parse_model_spec(R"(name = "m"
+[optimizer]
+lr = 0.1
+[[param]]
+name = "fc1.weight"
+shape = [2, 3]
+init = { kind = "pretrained", file = "models/w.safetensors" }
+[[param]]
+name = "b"
+shape = [3]
+init = { kind = "pretrained", file = "/abs/w.safetensors", tensor = "encoder.bias" }
+)",
+                                          "p.toml");
+  ASSERT_EQ(spec.params.size(), 2u);
+  EXPECT_EQ(spec.params[0].init.kind, InitSpec::Kind::pretrained);
+  // Parsed from a string: relative to the current directory, i.e. left as written.
+  EXPECT_EQ(spec.params[0].init.file, std::filesystem::path("models/w.safetensors"));
+  EXPECT_EQ(spec.params[0].init.tensor, "fc1.weight");  // the default: the parameter's name
+  EXPECT_EQ(spec.params[1].init.kind, InitSpec::Kind::pretrained);
+  EXPECT_EQ(spec.params[1].init.file, std::filesystem::path("/abs/w.safetensors"));
+  EXPECT_EQ(spec.params[1].init.tensor, "encoder.bias");
+  EXPECT_EQ(shmps::server::to_string(InitSpec::Kind::pretrained), "pretrained");
+  EXPECT_EQ(validate_model_spec(spec), "");
+
+  // With a base directory, relative paths are resolved against it and absolute ones kept.
+  const ModelSpec based = parse_model_spec(
+      "name = \"m\"\n[optimizer]\nlr = 0.1\n[[param]]\nname = \"w\"\nshape = [1]\n"
+      "init = { kind = \"pretrained\", file = \"w.safetensors\" }\n"
+      "[[param]]\nname = \"v\"\nshape = [1]\n"
+      "init = { kind = \"pretrained\", file = \"/abs/v.safetensors\" }\n",
+      "s.toml", "specs/dir");
+  EXPECT_EQ(based.params[0].init.file, std::filesystem::path("specs/dir/w.safetensors"));
+  EXPECT_EQ(based.params[1].init.file, std::filesystem::path("/abs/v.safetensors"));
+}
+
+class ModelSpecFile : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string templ = (std::filesystem::temp_directory_path() / "shmps-spec-XXXXXX").string();
+    ASSERT_NE(::mkdtemp(templ.data()), nullptr);
+    dir_ = templ;
+  }
+  void TearDown() override {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(ModelSpecFile, PretrainedFileIsRelativeToTheSpecsDirectory) {
+  std::filesystem::create_directories(dir_ / "models");
+  const auto path = dir_ / "models" / "mlp.toml";
+  {
+    std::ofstream out(path);
+    out << "name = \"m\"\n[optimizer]\nlr = 0.1\n[[param]]\nname = \"w\"\nshape = [1]\n"
+           "init = { kind = \"pretrained\", file = \"weights/w.safetensors\", tensor = \"x\" }\n"
+           "[[param]]\nname = \"v\"\nshape = [1]\n"
+           "init = { kind = \"pretrained\", file = \"/elsewhere/v.safetensors\" }\n";
+  }
+  // The parser does not open the files (neither exists).
+  const ModelSpec spec = load_model_spec(path);
+  EXPECT_EQ(spec.params[0].init.file, dir_ / "models" / "weights" / "w.safetensors");
+  EXPECT_EQ(spec.params[0].init.tensor, "x");
+  EXPECT_EQ(spec.params[1].init.file, std::filesystem::path("/elsewhere/v.safetensors"));
+  EXPECT_EQ(spec.params[1].init.tensor, "v");
 }
 
 TEST(ModelSpec, ConsistencyModesAndIntegerNumbers) {
@@ -593,6 +663,36 @@ TEST(ModelSpecErrors, Inits) {
                     "expected \"zeros\", { kind = \"constant\"", "got an integer (3)");
 }
 
+TEST(ModelSpecErrors, PretrainedInits) {
+  const std::string head = std::string(kHead) + "shape = [4]\n";  // init is on line 7
+  EXPECT_SPEC_ERROR(head + "init = \"pretrained\"\n", "spec.toml:7:8", "param[0].init",
+                    "needs its file", "{ kind = \"pretrained\", file = ");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\" }\n", "spec.toml:7:8",
+                    "param[0].init.file", "missing", "file = \"<path>.safetensors\"");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", tensor = \"x\" }\n", "spec.toml:7:8",
+                    "param[0].init.file", "missing");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"\" }\n", "spec.toml:7:38",
+                    "param[0].init.file", "must not be empty");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"a\\u0000b\" }\n",
+                    "spec.toml:7:38", "param[0].init.file", "contains a NUL byte at position 2");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = 3 }\n", "spec.toml:7:38",
+                    "param[0].init.file", "expected a string, got an integer (3)");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"w.st\", tensor = \"\" }\n",
+                    "spec.toml:7:55", "param[0].init.tensor", "must not be empty",
+                    "leave tensor out to use the parameter's name");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"w.st\", tensor = [1] }\n",
+                    "spec.toml:7:55", "param[0].init.tensor", "expected a string, got an array");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"w.st\", tensr = \"x\" }\n",
+                    "spec.toml:7:46", "param[0].init.tensr",
+                    "unknown key for init kind \"pretrained\" (did you mean \"tensor\"?)",
+                    "valid keys: kind, file, tensor");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrained\", file = \"w.st\", stream = 1 }\n",
+                    "spec.toml:7:46", "param[0].init.stream",
+                    "unknown key for init kind \"pretrained\"");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"pretrianed\", file = \"w.st\" }\n", "spec.toml:7:17",
+                    "param[0].init.kind", "(did you mean \"pretrained\"?)");
+}
+
 // ---- The validators on their own -------------------------------------------------------------
 
 TEST(ModelSpec, ValidateSegmentName) {
@@ -651,6 +751,22 @@ TEST(ModelSpec, ValidateModelSpecBuiltInCode) {
               s.params[0].init.value = std::numeric_limits<float>::infinity();
             }),
             "param[0].init.value: must be finite");
+  auto pretrained = [](ModelSpec& s) {
+    s.params[0].init.kind = InitSpec::Kind::pretrained;
+    s.params[0].init.file = "w.safetensors";
+    s.params[0].init.tensor = "w";
+  };
+  EXPECT_EQ(bad(pretrained), "");
+  EXPECT_EQ(bad([&](ModelSpec& s) {
+              pretrained(s);
+              s.params[0].init.file.clear();
+            }).rfind("param[0].init.file: must not be empty", 0),
+            0u);
+  EXPECT_EQ(bad([&](ModelSpec& s) {
+              pretrained(s);
+              s.params[0].init.tensor.clear();
+            }).rfind("param[0].init.tensor: must not be empty", 0),
+            0u);
 }
 
 TEST(ModelSpec, ParamSize) {

@@ -52,6 +52,15 @@
 //                           #   multiply (shmps/splitmix.hpp). scale_divisor = d means
 //                           #   scale = float32(1.0 / d), so reference inits can be written
 //                           #   exactly. stream: an integer >= 0 (hex allowed: 0x1f).
+//                           #   { kind = "pretrained", file = "weights.safetensors" }
+//                           #   { kind = "pretrained", file = "w.safetensors", tensor = "enc.w" }
+//                           # pretrained: the values of tensor `tensor` (default: the
+//                           #   parameter's own name) of a safetensors file. `file` is
+//                           #   resolved relative to the directory of the spec file (for a
+//                           #   spec parsed from a string: to the current directory); the
+//                           #   tensor must exist, have dtype F32, exactly the parameter's
+//                           #   shape and finite values. The parser does not open the file:
+//                           #   load_pretrained (initialise.hpp) reads and checks it.
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads
@@ -76,15 +85,20 @@
 namespace shmps::server {
 
 struct InitSpec {
-  enum class Kind { zeros, constant, u24 } kind = Kind::zeros;
-  float value = 0;           // constant
-  std::uint64_t stream = 0;  // u24
-  float scale = 1;           // u24
+  enum class Kind { zeros, constant, u24, pretrained } kind = Kind::zeros;
+  float value = 0;             // constant
+  std::uint64_t stream = 0;    // u24
+  float scale = 1;             // u24
+  std::filesystem::path file;  // pretrained: the safetensors file, already resolved (see above)
+  std::string tensor;          // pretrained: the tensor's name in the file (the parser sets it
+                               //   to the parameter's name when the spec does not give one)
 };
 
 std::string_view to_string(InitSpec::Kind kind) noexcept;
 
 // The initial value of element k (row-major flat index) of a parameter initialised by init.
+// Kind::pretrained cannot be computed from the spec alone: it returns 0, and callers must take
+// the values from load_pretrained (initialise.hpp) instead.
 inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
   switch (init.kind) {
     case InitSpec::Kind::zeros:
@@ -93,6 +107,8 @@ inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
       return init.value;
     case InitSpec::Kind::u24:
       return u24(splitmix_draw(init.stream, k)) * init.scale;
+    case InitSpec::Kind::pretrained:
+      return 0.0f;  // not known here: see load_pretrained
   }
   return 0.0f;
 }
@@ -136,13 +152,17 @@ inline constexpr std::uint32_t kMaxWorkersLimit = 1024;
 inline constexpr std::uint64_t kMaxRingBytes = std::uint64_t{1} << 40;
 inline constexpr std::uint32_t kMaxServerThreads = 4096;
 
-// Reads and parses a model spec file; errors name the file as `path` is written. Throws
-// SpecError (also for a file that cannot be read).
+// Reads and parses a model spec file; errors name the file as `path` is written. Relative
+// pretrained `file` paths are resolved against path.parent_path(). Throws SpecError (also for a
+// file that cannot be read).
 ModelSpec load_model_spec(const std::filesystem::path& path);
 
 // Parses a model spec from text; source_name stands for the file in messages ("<string>" if
-// empty). Throws SpecError.
-ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_name);
+// empty). Relative pretrained `file` paths are resolved against base_dir (empty: left relative,
+// i.e. to the current directory); load_model_spec passes the spec file's directory. Does not
+// open any file. Throws SpecError.
+ModelSpec parse_model_spec(std::string_view toml_text, std::string_view source_name,
+                           const std::filesystem::path& base_dir = {});
 
 // "" if `name` can be a segment name, else what is wrong with it, e.g.
 //   segment name "a/b" contains '/' at position 2, which is not allowed; use only letters,
