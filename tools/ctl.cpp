@@ -6,6 +6,8 @@
 //   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
 //                                  on_worker_death of a live job, through the server
 //   shmps-ctl export NAME FILE     every parameter to a safetensors file, from the live job
+//   shmps-ctl checkpoint NAME [FILE]  a full checkpoint by the live server (into its
+//                                  --checkpoint-dir, or FILE); returns once the file is durable
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
@@ -20,6 +22,7 @@
 #include <thread>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <iostream>
 #include <sstream>
 #include <string_view>
@@ -260,12 +263,19 @@ int cmd_workers(const std::string& name) {
 
 // Asks the live server to change a setting, through the segment's command mailbox, and prints
 // the server's answer. The server applies it between apply rounds (a clock boundary).
-int cmd_set(const std::string& name, const std::string& setting) {
+struct Answer {
+  int status;
+  std::string reply;
+};
+
+// Sends `request` through the mailbox and waits for the server's answer: up to `limit`, or, with
+// no limit, for as long as the server lives (a checkpoint of a big model takes a while).
+Answer ask_server(const std::string& name, const std::string& request, std::optional<std::chrono::seconds> limit) {
   bool server_alive = false;
   holder(server_lock_path(name), 0, server_alive);
   Segment seg = Segment::open(name, Access::read_write);
-  if (!server_alive) throw Error("segment '" + name + "' has no live server to apply '" + setting + "': start shmps-server first");
-  if (setting.size() >= kMailboxBytes) throw Error("the setting is too long (" + std::to_string(setting.size()) + " bytes)");
+  if (!server_alive) throw Error("segment '" + name + "' has no live server to do '" + request + "': start shmps-server first");
+  if (request.size() >= kMailboxBytes) throw Error("the request is too long (" + std::to_string(request.size()) + " bytes)");
   SegmentHeader& h = seg.header();
   const auto free_state = static_cast<std::uint32_t>(MailboxState::free);
   const auto claimed = static_cast<std::uint32_t>(MailboxState::claimed);
@@ -285,24 +295,61 @@ int cmd_set(const std::string& name, const std::string& setting) {
   }
   store_release(h.mailbox_pid, static_cast<std::int32_t>(::getpid()));
   std::memset(h.mailbox_request, 0, kMailboxBytes);
-  std::memcpy(h.mailbox_request, setting.data(), setting.size());
+  std::memcpy(h.mailbox_request, request.data(), request.size());
   store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::submitted));
   futex_wake_all(h.server_wake);
   const auto done = static_cast<std::uint32_t>(MailboxState::done);
-  const auto answer_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  const auto started = std::chrono::steady_clock::now();
+  auto next_probe = started;
   while (load_acquire(h.mailbox_state) != done) {
-    if (std::chrono::steady_clock::now() > answer_by) {
+    const auto now = std::chrono::steady_clock::now();
+    if (limit && now - started > *limit) {
       store_release(h.mailbox_state, free_state);
-      throw Error("the server of '" + name + "' did not answer within 10 s; the setting may not have been applied");
+      throw Error("the server of '" + name + "' did not answer within " + std::to_string(limit->count()) +
+                  " s; '" + request + "' may not have been done");
+    }
+    if (now >= next_probe) {  // a server that died leaves the request to its successor
+      bool alive = false;
+      holder(server_lock_path(name), 0, alive);
+      if (!alive) {
+        store_release(h.mailbox_state, free_state);
+        throw Error("the server of '" + name + "' stopped before answering; '" + request + "' may not have been done");
+      }
+      next_probe = now + std::chrono::milliseconds(200);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
-  const int status = h.mailbox_status;
-  const std::string reply(h.mailbox_reply, ::strnlen(h.mailbox_reply, kMailboxBytes));
+  Answer answer{h.mailbox_status, std::string(h.mailbox_reply, ::strnlen(h.mailbox_reply, kMailboxBytes))};
   store_release(h.mailbox_pid, 0);
   store_release(h.mailbox_state, free_state);
-  if (status != 0) throw Error("the server refused '" + setting + "': " + reply);
-  std::cout << reply << "\n";
+  return answer;
+}
+
+int cmd_set(const std::string& name, const std::string& setting) {
+  if (setting.rfind("checkpoint", 0) == 0)
+    throw Error("'" + setting + "' is not a setting: use shmps-ctl checkpoint " + name + " [FILE]");
+  const Answer a = ask_server(name, setting, std::chrono::seconds(10));
+  if (a.status != 0) throw Error("the server refused '" + setting + "': " + a.reply);
+  std::cout << a.reply << "\n";
+  return 0;
+}
+
+// Asks the live server for a checkpoint and returns once the file is durable (or failed).
+int cmd_checkpoint(const std::string& name, const std::string& path) {
+  std::string request = "checkpoint";
+  if (!path.empty()) {
+    std::error_code ec;
+    const std::filesystem::path absolute = std::filesystem::absolute(path, ec);  // the server has its own cwd
+    if (ec) throw Error(path + ": " + ec.message());
+    if (std::filesystem::is_directory(absolute))
+      throw Error(path + " is a directory: give a file name (e.g. " + (absolute / (name + ".safetensors")).string() + ")");
+    if (!std::filesystem::is_directory(absolute.parent_path()))
+      throw Error(path + ": directory " + absolute.parent_path().string() + " does not exist");
+    request += "=" + absolute.lexically_normal().string();
+  }
+  const Answer a = ask_server(name, request, std::nullopt);
+  if (a.status != 0) throw Error("checkpoint of '" + name + "' failed: " + a.reply);
+  std::cout << a.reply << "\n";
   return 0;
 }
 
@@ -395,6 +442,10 @@ int main(int argc, char** argv) {
   auto* exp = app.add_subcommand("export", "write every parameter of a live job to a safetensors file, without stopping it");
   exp->add_option("name", name, "segment name")->required();
   exp->add_option("file", out_path, "output file (.safetensors)")->required();
+  auto* ckpt = app.add_subcommand("checkpoint", "have the live server write a full checkpoint (parameters, optimizer "
+                                               "state, clocks, worker resume state); returns once it is durable");
+  ckpt->add_option("name", name, "segment name")->required();
+  ckpt->add_option("file", out_path, "output file (default: the next file in the server's --checkpoint-dir)");
   auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
   destroy->add_option("name", name, "segment name")->required();
   destroy->add_flag("--force", force, "remove it even while its server is alive");
@@ -405,6 +456,7 @@ int main(int argc, char** argv) {
     if (workers->parsed()) return cmd_workers(name);
     if (set->parsed()) return cmd_set(name, setting);
     if (exp->parsed()) return cmd_export(name, out_path);
+    if (ckpt->parsed()) return cmd_checkpoint(name, out_path);
     if (destroy->parsed()) return cmd_destroy(name, force);
   } catch (const Error& e) {
     std::cerr << "shmps-ctl: error: " << e.what() << "\n";

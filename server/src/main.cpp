@@ -37,6 +37,16 @@ int main(int argc, char** argv) {
   app.add_option("--bsp-aggregate", bsp_aggregate, "sum or mean: how a BSP step combines the workers' gradients");
   app.add_option("--on-worker-death", on_worker_death,
                  "proceed or wait: whether barriers go on without a dead worker or wait for its restart");
+  std::string checkpoint_dir, checkpoint_every, restore;
+  std::size_t keep = 3;
+  app.add_option("--checkpoint-dir", checkpoint_dir,
+                 "write checkpoints here (periodically, on `shmps-ctl checkpoint NAME`, at a graceful stop); with no "
+                 "segment, restore the newest valid one found here");
+  app.add_option("--checkpoint-every", checkpoint_every,
+                 "a period (30s, 5m, 500ms) or a number of clocks (100clocks) between checkpoints (needs --checkpoint-dir)");
+  app.add_option("--keep", keep, "checkpoints to keep in --checkpoint-dir, the newest (0: all; default 3)");
+  app.add_option("--restore", restore,
+                 "recreate the job from this checkpoint file (refused if the segment exists)")->check(CLI::ExistingFile);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
 
@@ -71,6 +81,15 @@ int main(int argc, char** argv) {
         throw shmps::Error("--on-worker-death: " + problem);
       options.override_policy = true;
     }
+    if (!checkpoint_every.empty()) {
+      if (checkpoint_dir.empty())
+        throw shmps::Error("--checkpoint-every needs --checkpoint-dir: where should the checkpoints go?");
+      if (auto problem = shmps::server::parse_checkpoint_every(checkpoint_every, options.checkpoint_every); !problem.empty())
+        throw shmps::Error("--checkpoint-every: " + problem);
+    }
+    options.checkpoint_dir = checkpoint_dir;
+    options.keep = keep;
+    options.restore = restore;
     options.threads = threads;
     options.remove_on_stop = remove_on_stop;
     options.mode = group ? 0660 : 0600;

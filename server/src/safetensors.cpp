@@ -107,7 +107,8 @@ std::uint64_t fnv1a64(std::span<const std::byte> bytes, std::uint64_t hash) noex
 // ---------------------------------------------------------------------------------- writing
 
 void write_file(const std::filesystem::path& path, const std::vector<TensorView>& tensors,
-                const std::map<std::string, std::string>& metadata) {
+                const std::map<std::string, std::string>& metadata,
+                const std::function<void(std::string_view stage)>& on_stage) {
   // Validate everything before touching the file system.
   json header = json::object();
   std::set<std::string_view> names;
@@ -154,9 +155,19 @@ void write_file(const std::filesystem::path& path, const std::vector<TensorView>
   try {
     write_all(fd.fd, len, sizeof len, path, tmp);
     write_all(fd.fd, reinterpret_cast<const std::byte*>(text.data()), text.size(), path, tmp);
-    for (const TensorView& t : tensors) write_all(fd.fd, t.data.data(), t.data.size(), path, tmp);
+    std::uint64_t written = 0;
+    bool half_reported = false;
+    for (const TensorView& t : tensors) {
+      write_all(fd.fd, t.data.data(), t.data.size(), path, tmp);
+      written += t.data.size();
+      if (on_stage && !half_reported && 2 * written >= offset) {
+        half_reported = true;
+        on_stage("mid_write");
+      }
+    }
     if (::fsync(fd.fd) != 0) fail_errno(path, "cannot fsync " + tmp.string(), errno);
     if (::close(fd.release()) != 0) fail_errno(path, "cannot close " + tmp.string(), errno);
+    if (on_stage) on_stage("before_rename");
     if (::rename(tmp.c_str(), path.c_str()) != 0) {
       fail_errno(path, "cannot rename " + tmp.string() + " over it", errno);
     }

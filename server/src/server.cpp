@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include <shmps/error.hpp>
+#include <shmps/server/checkpoint.hpp>
 #include <shmps/server/initialise.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
@@ -75,11 +77,35 @@ struct Server::Impl {
   std::unique_ptr<tbb::task_arena> arena;
   std::atomic<bool> stop_requested{false};
   bool recovered = false;
+  bool restored = false;
+  std::optional<PretrainedValues> pretrained;  // loaded when the segment is created from the spec
   std::uint64_t workers_died = 0;
+  std::vector<std::uint64_t> round_clock;  // per slot: the clock after the newest clock record this round consumes
+
+  // Checkpoints: at most one is being written (by `thread`) at a time; the snapshot's buffers are
+  // reused from one checkpoint to the next.
+  struct Checkpoint {
+    Snapshot snapshot;
+    std::thread thread;
+    std::atomic<bool> finished{false};
+    std::filesystem::path path;
+    bool in_dir = false;       // one of the directory's rotation (pruned to `keep`)
+    bool for_mailbox = false;  // asked by shmps-ctl checkpoint: answer when durable
+    std::string error;
+    std::uint64_t started_ns = 0, pause_ns = 0;
+  } checkpoint;
+  std::optional<CheckpointDir> checkpoint_dir;
+  bool mailbox_checkpoint_pending = false;  // accepted; starts once the writer is free
+  bool mailbox_checkpoint_running = false;
+  std::filesystem::path mailbox_checkpoint_path;
+  std::chrono::steady_clock::time_point next_checkpoint_time{};
+  std::uint64_t next_checkpoint_clock = 0;
+  std::uint64_t checkpointed_work = UINT64_MAX;  // work_done() at the last snapshot
+  std::uint64_t checkpoints_written = 0;
 
   SegmentHeader& header() { return segment.header(); }
 
-  void create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash);
+  void create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash, const Snapshot* restore);
   void copy_in(RedoEntry& e);
   void recover_segment(std::uint64_t hash);
   void check_liveness();
@@ -93,12 +119,21 @@ struct Server::Impl {
   void apply_contributions(bool sum_per_slice, std::uint64_t& floats, std::uint64_t& skipped);
   void set_policy(Consistency mode, std::uint32_t staleness);
   void handle_mailbox();
+  void reply_mailbox(int status, const std::string& reply);
+  bool checkpoint_busy() const { return checkpoint.thread.joinable(); }
+  void start_checkpoint(const std::filesystem::path& path, bool in_dir, bool for_mailbox);
+  void finish_checkpoint(bool wait);
+  void checkpoint_if_due();
+  std::uint64_t job_clock();
+  std::uint64_t work_done();
   bool nothing_new();
   void sleep_until_work(std::chrono::microseconds bound);
 };
 
 Server::Server(ServerOptions options) : impl_(std::make_unique<Impl>()) { impl_->options = std::move(options); }
-Server::~Server() = default;
+Server::~Server() {
+  if (impl_ && impl_->checkpoint_busy()) impl_->checkpoint.thread.join();
+}
 
 const Segment& Server::segment() const noexcept { return impl_->segment; }
 bool Server::recovered() const noexcept { return impl_->recovered; }
@@ -106,7 +141,7 @@ bool Server::recovered() const noexcept { return impl_->recovered; }
 ServerStats Server::stats() const noexcept {
   const auto& h = impl_->segment.header();
   return ServerStats{load_counter(h.records_applied), load_counter(h.floats_applied), load_counter(h.apply_rounds),
-                     impl_->workers_died};
+                     impl_->workers_died, impl_->checkpoints_written, impl_->restored};
 }
 
 void Server::start() {
@@ -130,6 +165,44 @@ void Server::start() {
   const LayoutPlan plan = plan_layout(request);
   const std::uint64_t hash = layout_hash(request, plan);
 
+  // A checkpoint to restore is read and checked whole before anything is touched: a damaged or
+  // foreign file changes nothing.
+  std::optional<Snapshot> restore;
+  std::filesystem::path restore_from;
+  auto refuse_restore_over_segment = [&] {
+    throw Error("segment '" + spec.name + "' exists, and its state is newer than any checkpoint: --restore would "
+                "replace it. To go back to " + s.options.restore.string() + ", stop its server and remove the segment "
+                "(shmps-ctl destroy " + spec.name + "), then restore; or drop --restore to continue the segment");
+  };
+  if (!s.options.restore.empty()) {
+    restore_from = s.options.restore;
+    restore = read_checkpoint(restore_from);
+    check_restorable(*restore, restore_from, spec, plan);
+    if (Segment::exists(spec.name)) refuse_restore_over_segment();
+  }
+  if (!s.options.checkpoint_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(s.options.checkpoint_dir, ec);
+    if (!std::filesystem::is_directory(s.options.checkpoint_dir))
+      throw Error("--checkpoint-dir " + s.options.checkpoint_dir.string() + ": not a directory and cannot be created" +
+                  (ec ? ": " + ec.message() : ""));
+    s.checkpoint_dir.emplace(s.options.checkpoint_dir, spec.name);
+    if (!restore && !Segment::exists(spec.name)) {
+      std::vector<std::string> skipped;
+      if (auto found = s.checkpoint_dir->newest_valid(skipped)) {
+        for (const auto& why : skipped)
+          spdlog::warn("event=checkpoint_skipped segment={} reason=\"{}\"", spec.name, why);
+        check_restorable(found->snapshot, found->path, spec, plan);
+        restore_from = found->path;
+        restore = std::move(found->snapshot);
+      }
+    }
+  }
+
+  // Pretrained initial values are read and checked (names, shapes, dtypes) before anything is
+  // created, too.
+  if (!restore && !Segment::exists(spec.name)) s.pretrained = load_pretrained(spec);
+
   if (!Segment::exists(spec.name)) Segment::check_room(spec.name, plan.total_bytes);
 
   // 2. The server lock: exactly one server per segment, for its whole life.
@@ -147,7 +220,13 @@ void Server::start() {
                 ": stop that server first, or give this job another name (--name)");
   }
 
-  // 3. Create, or recover what is there.
+  // 3. Create (from the spec, or from a checkpoint), or recover what is there.
+  if (s.checkpoint_dir) {
+    if (const std::size_t n = s.checkpoint_dir->remove_temporaries())
+      spdlog::warn("event=checkpoint_temporaries_removed segment={} count={} note=\"left by a server killed while "
+                   "writing a checkpoint; the checkpoints before them are intact\"", spec.name, n);
+  }
+  if (Segment::exists(spec.name) && restore && !s.options.restore.empty()) refuse_restore_over_segment();
   if (Segment::exists(spec.name)) {
     Segment existing = Segment::open(spec.name, Access::read_write);
     if (load_acquire(existing.header().state) == static_cast<std::uint32_t>(SegmentState::creating)) {
@@ -156,14 +235,18 @@ void Server::start() {
                    spec.name);
       existing = Segment();
       std::filesystem::remove(segment_path(spec.name));  // the segment only: we hold its lock files
-      s.create_segment(request, plan, hash);
+      s.create_segment(request, plan, hash, restore ? &*restore : nullptr);
     } else {
       s.segment = std::move(existing);
       s.recover_segment(hash);
     }
   } else {
-    s.create_segment(request, plan, hash);
+    s.create_segment(request, plan, hash, restore ? &*restore : nullptr);
   }
+  if (s.restored)
+    spdlog::info("event=restored segment={} file={} model_clock={} epoch={} slots={} note=\"restarted workers resume "
+                 "from their committed state\"", spec.name, restore_from.string(), restore->model_clock, restore->epoch,
+                 restore->slots.size());
 
   // 4. Views, workers' lock file, threads.
   s.slots_lock = LockFile::open(slots_lock_path(spec.name), true, s.options.mode);
@@ -176,6 +259,7 @@ void Server::start() {
   s.round_discarded.assign(h.max_workers, 0);
   s.seen_tail.assign(h.max_workers, 0);
   s.step_states.assign(h.max_workers, nullptr);
+  s.round_clock.assign(h.max_workers, 0);
   unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
   if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
   threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
@@ -200,8 +284,10 @@ void Server::start() {
                to_string(static_cast<OnWorkerDeath>(load_own(hw.on_worker_death))));
 }
 
-void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash) {
+void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash,
+                                  const Snapshot* restore) {
   const ModelSpec& spec = options.spec;
+  if (!restore && !pretrained) pretrained = load_pretrained(spec);  // a half-created segment being recreated
   segment = Segment::create(spec.name, plan.total_bytes, options.mode);
   // The file is all zeros: state reads "creating" until the very end.
   SegmentHeader& h = segment.header();
@@ -244,9 +330,18 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
       slice.first = k * plan.slice_floats;
       slice.count = std::min(plan.slice_floats, p.size - slice.first);
     }
-    initialise(spec.params[i].init, std::span<float>(segment.values(p), p.size));
+    if (!restore) initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);
   }
   for (std::uint32_t r = 0; r < request.max_workers; ++r) segment.ring(r).capacity = plan.ring_bytes;
+  if (restore) {
+    restore_into(segment, *restore);
+    if (options.override_policy) {
+      set_policy(spec.consistency, spec.staleness);
+      store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
+      store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
+    }
+    restored = true;
+  }
   h.magic = kMagic;  // identity complete; "ready" is stored by start() after the epoch
 }
 
@@ -297,6 +392,7 @@ void Server::Impl::recover_segment(std::uint64_t hash) {
 bool Server::Impl::nothing_new() {
   for (std::size_t r = 0; r < consumers.size(); ++r)
     if (consumers[r].committed() != seen_tail[r]) return false;
+  if (mailbox_checkpoint_pending || mailbox_checkpoint_running) return true;  // being answered
   return load_acquire(header().mailbox_state) != static_cast<std::uint32_t>(MailboxState::submitted);
 }
 
@@ -417,7 +513,10 @@ void Server::Impl::collect_all() {
       }
       const PushRecord* rec = ring.record_at(pos);
       pos += rec->record_bytes;
-      if (rec->kind == RecordKind::clock) keep_resume_state(r, rec);  // before the head moves past it
+      if (rec->kind == RecordKind::clock) {
+        keep_resume_state(r, rec);  // before the head moves past it
+        round_clock[r] = std::max(round_clock[r], rec->clock + 1);
+      }
       if (rec->kind != RecordKind::push) continue;
       add_contributions(r, rec);
       round_last_seq[r] = rec->seq;
@@ -491,6 +590,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
         group_records = 0;
         group_begin = contributions.size();
         consumed = next;
+        round_clock[r] = std::max(round_clock[r], rec->clock + 1);
         if (rec->offset != 0) step_states[r] = rec;
         if (rec->clock == step) finished = true;
       }
@@ -518,6 +618,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
     std::fill(round_last_seq.begin(), round_last_seq.end(), 0);
     std::fill(round_records.begin(), round_records.end(), 0);
     std::fill(round_discarded.begin(), round_discarded.end(), 0);
+    std::fill(round_clock.begin(), round_clock.end(), 0);
     return false;
   }
   return true;
@@ -626,6 +727,7 @@ std::uint64_t Server::apply_round() {
     s.round_last_seq[r] = 0;
     s.round_records[r] = 0;
     s.round_discarded[r] = 0;
+    s.round_clock[r] = 0;
   }
   s.contributions.clear();
   s.admit_new_workers();
@@ -668,6 +770,7 @@ std::uint64_t Server::apply_round() {
     RingConsumer& ring = s.consumers[r];
     WorkerSlot& slot = s.segment.slot(r);
     const bool moved = s.round_end[r] != ring.head();
+    if (s.round_clock[r] > load_own(slot.consumed_clock)) store_release(slot.consumed_clock, s.round_clock[r]);
     if (moved) ring.release_to(s.round_end[r]);
     if (s.round_records[r] || s.round_discarded[r]) {
       store_release(slot.applied, std::max(load_own(slot.applied), s.round_last_seq[r]));
@@ -710,14 +813,40 @@ void Server::Impl::set_policy(Consistency mode, std::uint32_t staleness) {
   store_release(h.consistency, static_cast<std::uint32_t>(mode));
 }
 
+void Server::Impl::reply_mailbox(int status, const std::string& reply) {
+  SegmentHeader& h = header();
+  const std::string request(h.mailbox_request, ::strnlen(h.mailbox_request, kMailboxBytes));
+  h.mailbox_status = status;
+  std::memset(h.mailbox_reply, 0, kMailboxBytes);
+  std::memcpy(h.mailbox_reply, reply.data(), std::min(reply.size(), kMailboxBytes - 1));
+  store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::done));
+  spdlog::info("event=command segment={} request=\"{}\" status={} reply=\"{}\"", h.name, request, status, reply);
+}
+
 void Server::Impl::handle_mailbox() {
   SegmentHeader& h = header();
+  if (mailbox_checkpoint_pending || mailbox_checkpoint_running) return;  // answered when the file is durable
   if (load_acquire(h.mailbox_state) != static_cast<std::uint32_t>(MailboxState::submitted)) return;
   const std::string request(h.mailbox_request, ::strnlen(h.mailbox_request, kMailboxBytes));
   std::string reply;
   int status = 1;
   const auto eq = request.find('=');
   const std::string key = request.substr(0, eq), value = eq == std::string::npos ? "" : request.substr(eq + 1);
+  if (key == "checkpoint") {
+    // "checkpoint" (into the checkpoint directory) or "checkpoint=/absolute/path".
+    if (value.empty() && !checkpoint_dir) {
+      reply_mailbox(1, "this server has no checkpoint directory (shmps-server --checkpoint-dir DIR): give the file, "
+                       "shmps-ctl checkpoint " + std::string(h.name) + " PATH");
+      return;
+    }
+    if (!value.empty() && value.front() != '/') {
+      reply_mailbox(1, "checkpoint path must be absolute, got '" + value + "'");
+      return;
+    }
+    mailbox_checkpoint_path = value;
+    mailbox_checkpoint_pending = true;  // started by checkpoint_if_due() as soon as the writer is free
+    return;
+  }
   if (eq == std::string::npos) {
     reply = "expected KEY=VALUE (consistency=bsp|ssp:N|asp, bsp_aggregate=sum|mean, on_worker_death=proceed|wait), got '" +
             request + "'";
@@ -757,11 +886,129 @@ void Server::Impl::handle_mailbox() {
   } else {
     reply = "unknown setting '" + key + "': settable are consistency, bsp_aggregate, on_worker_death";
   }
-  h.mailbox_status = status;
-  std::memset(h.mailbox_reply, 0, kMailboxBytes);
-  std::memcpy(h.mailbox_reply, reply.data(), std::min(reply.size(), kMailboxBytes - 1));
-  store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::done));
-  spdlog::info("event=command segment={} request=\"{}\" status={} reply=\"{}\"", h.name, request, status, reply);
+  reply_mailbox(status, reply);
+}
+
+// ---- Checkpoints ----------------------------------------------------------------------------
+
+// The clock a periodic "every N clocks" counts: BSP's model clock; in ASP and SSP the clock of
+// the slowest worker that counts (what the staleness bound is about).
+std::uint64_t Server::Impl::job_clock() {
+  const SegmentHeader& h = header();
+  if (load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) return load_own(h.model_clock);
+  std::uint64_t slowest = UINT64_MAX;
+  for (std::uint32_t r = 0; r < h.max_workers; ++r)
+    if (participating(r)) slowest = std::min(slowest, load_own(segment.slot(r).consumed_clock));
+  return slowest == UINT64_MAX ? 0 : slowest;
+}
+
+// Changes whenever the state a checkpoint holds may have changed.
+std::uint64_t Server::Impl::work_done() {
+  const SegmentHeader& h = header();
+  return load_own(h.records_applied) + load_own(h.records_discarded) + load_own(h.steps) + load_own(h.model_clock) +
+         load_own(h.consistency);
+}
+
+// Takes the snapshot now (between two apply rounds: one consistent state of the whole job, at a
+// clock boundary in BSP), then writes it in the background while the server goes on applying.
+// Training pauses only for the copy.
+void Server::Impl::start_checkpoint(const std::filesystem::path& path, bool in_dir, bool for_mailbox) {
+  Checkpoint& c = checkpoint;
+  c.path = path;
+  c.in_dir = in_dir;
+  c.for_mailbox = for_mailbox;
+  c.error.clear();
+  c.started_ns = monotonic_ns();
+  try {
+    take_snapshot(segment, *arena, c.snapshot);
+  } catch (const std::exception& e) {  // std::bad_alloc: no room for the copy
+    c.error = std::string("cannot copy the job's state for the checkpoint: ") + e.what();
+    c.finished.store(true, std::memory_order_release);
+    c.thread = std::thread([] {});
+    return;
+  }
+  c.pause_ns = monotonic_ns() - c.started_ns;
+  checkpointed_work = work_done();
+  c.finished.store(false, std::memory_order_release);
+  c.thread = std::thread([&c] {
+    try {
+      write_checkpoint(c.snapshot, c.path);
+    } catch (const std::exception& e) {
+      c.error = e.what();
+    }
+    c.finished.store(true, std::memory_order_release);
+  });
+}
+
+// Collects a finished checkpoint (or waits for it): records it, prunes the directory, answers
+// shmps-ctl.
+void Server::Impl::finish_checkpoint(bool wait) {
+  Checkpoint& c = checkpoint;
+  if (!checkpoint_busy() || (!wait && !c.finished.load(std::memory_order_acquire))) return;
+  c.thread.join();
+  SegmentHeader& h = header();
+  const std::uint64_t took_ns = monotonic_ns() - c.started_ns;
+  const double seconds = static_cast<double>(took_ns) / 1e9;
+  const std::uint64_t bytes = c.snapshot.data_bytes();
+  std::string reply;
+  if (c.error.empty()) {
+    ++checkpoints_written;
+    bump_counter(h.checkpoints, std::uint64_t{1});
+    store_release(h.last_checkpoint_unix_ns, c.snapshot.taken_unix_ns);
+    store_release(h.last_checkpoint_duration_ns, took_ns);
+    store_release(h.last_checkpoint_clock, c.snapshot.model_clock);
+    std::size_t pruned = 0;
+    if (c.in_dir) pruned = checkpoint_dir->prune(options.keep);
+    char rate[64];
+    std::snprintf(rate, sizeof rate, "%.2f s, %.0f MB/s", seconds, seconds > 0 ? static_cast<double>(bytes) / 1e6 / seconds : 0.0);
+    spdlog::info("event=checkpoint segment={} path={} bytes={} model_clock={} pause_ms={:.1f} seconds={:.3f} pruned={}",
+                 h.name, c.path.string(), bytes, c.snapshot.model_clock, static_cast<double>(c.pause_ns) / 1e6, seconds,
+                 pruned);
+    reply = "checkpoint of '" + std::string(h.name) + "' at model clock " + std::to_string(c.snapshot.model_clock) +
+            " written to " + c.path.string() + " (" + std::to_string(bytes) + " bytes, " + rate + ")";
+  } else {
+    bump_counter(h.checkpoint_failures, std::uint64_t{1});
+    spdlog::error("event=checkpoint_failed segment={} path={} error=\"{}\" note=\"training goes on; the previous "
+                  "checkpoints are intact\"", h.name, c.path.string(), c.error);
+    reply = c.error;
+  }
+  if (c.for_mailbox) {
+    mailbox_checkpoint_running = false;
+    reply_mailbox(c.error.empty() ? 0 : 1, reply);
+  }
+}
+
+// Starts what is due, if the writer is free: a checkpoint asked for by shmps-ctl first, then a
+// periodic one.
+void Server::Impl::checkpoint_if_due() {
+  finish_checkpoint(false);
+  if (checkpoint_busy()) return;
+  if (mailbox_checkpoint_pending) {
+    mailbox_checkpoint_pending = false;
+    mailbox_checkpoint_running = true;
+    const bool in_dir = mailbox_checkpoint_path.empty();
+    start_checkpoint(in_dir ? checkpoint_dir->next_path() : mailbox_checkpoint_path, in_dir, true);
+    return;
+  }
+  if (!checkpoint_dir) return;
+  const CheckpointEvery& every = options.checkpoint_every;
+  bool due = false;
+  const auto now = std::chrono::steady_clock::now();
+  if (every.period.count() > 0) {
+    if (next_checkpoint_time == std::chrono::steady_clock::time_point{}) next_checkpoint_time = now + every.period;
+    due = now >= next_checkpoint_time;
+  }
+  std::uint64_t clock = 0;
+  if (every.clocks > 0) {
+    clock = job_clock();
+    if (next_checkpoint_clock == 0) next_checkpoint_clock = (clock / every.clocks + 1) * every.clocks;
+    due = due || clock >= next_checkpoint_clock;
+  }
+  if (!due) return;
+  if (every.period.count() > 0) next_checkpoint_time = now + every.period;
+  if (every.clocks > 0) next_checkpoint_clock = (clock / every.clocks + 1) * every.clocks;
+  if (work_done() == checkpointed_work) return;  // nothing changed since the last one
+  start_checkpoint(checkpoint_dir->next_path(), true, false);
 }
 
 void Server::run() {
@@ -779,6 +1026,7 @@ void Server::run() {
       next_liveness = now + s.options.liveness_interval;
     }
     const std::uint64_t applied = apply_round();
+    s.checkpoint_if_due();
     if (applied) {
       idle_rounds = 0;
       continue;
@@ -794,6 +1042,17 @@ void Server::run() {
       continue;
     }
     s.sleep_until_work(std::chrono::microseconds(2000));
+  }
+  // Drained: finish the checkpoint being written, answer a waiting shmps-ctl, and write the last
+  // checkpoint of this run (unless nothing changed since the previous one).
+  s.finish_checkpoint(true);
+  if (s.mailbox_checkpoint_pending) {
+    s.checkpoint_if_due();
+    s.finish_checkpoint(true);
+  }
+  if (s.checkpoint_dir && s.work_done() != s.checkpointed_work) {
+    s.start_checkpoint(s.checkpoint_dir->next_path(), true, false);
+    s.finish_checkpoint(true);
   }
   store_release(h.state, static_cast<std::uint32_t>(SegmentState::stopped));
   const ServerStats st = stats();

@@ -14,10 +14,14 @@
 //       every rank that took part in it (rank R stops taking part at step S with --absent R:S).
 //       --slow-ms sleeps that long per step. --hang-at S: at step S push "w" only, then sleep
 //       forever (a worker to be killed in the middle of a step). Prints its clocks and the
-//       largest staleness its pulls saw.
+//       largest staleness its pulls saw. --resume: keep the next step in the resume state
+//       (save_state before every clock()) and start from it (a restarted or restored worker
+//       continues its schedule).
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <span>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -38,7 +42,7 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
-  bool check = false, wait_for_peers = true;
+  bool check = false, wait_for_peers = true, resume = false;
   for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -48,6 +52,10 @@ int main(int argc, char** argv) {
     }
     if (key == "--no-wait-for-peers") {
       wait_for_peers = false;
+      continue;
+    }
+    if (key == "--resume") {
+      resume = true;
       continue;
     }
     ++i;
@@ -135,8 +143,21 @@ int main(int argc, char** argv) {
       std::vector<float> pw(w_size), pb(b_size), gw(w_size), gb(b_size);
       const std::uint64_t my_steps = steps + extra * rank;
       const std::uint64_t first_clock = w.current_clock();
-      std::uint64_t last = 0, wrong_steps = 0;
+      std::uint64_t last = 0, wrong_steps = 0, first_step = 0;
+      if (resume) {
+        const auto state = w.load_state();
+        if (state.size() == sizeof first_step) std::memcpy(&first_step, state.data(), sizeof first_step);
+      }
       for (std::uint64_t k = 0; k < my_steps; ++k) {
+        if (k < first_step) {  // done before a restart: only the expected sums move on
+          if (check)
+            for (std::uint64_t r = 0; r < workers; ++r)
+              if (takes_part(r, k)) {
+                for (std::size_t i = 0; i < w_size; ++i) want_w[i] -= shmps::test::pattern(r, k, i);
+                for (std::size_t i = 0; i < b_size; ++i) want_b[i] -= shmps::test::pattern(r, k, i);
+              }
+          continue;
+        }
         w.pull("w", pw);
         w.pull("b", pb);
         if (check) {
@@ -161,12 +182,16 @@ int main(int argc, char** argv) {
           std::this_thread::sleep_for(std::chrono::hours(1));
         }
         last = w.push("b", gb);
+        if (resume) {
+          const std::uint64_t next = k + 1;
+          w.save_state(std::as_bytes(std::span<const std::uint64_t>(&next, 1)));
+        }
         w.clock();
         if (slow_ms) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
       }
       w.wait_applied(last);
       auto seg = shmps::shm::Segment::open(w.segment(), shmps::shm::Access::read_only);
-      std::cout << "rank " << rank << " steps " << my_steps << " first_clock " << first_clock << " clock "
+      std::cout << "rank " << rank << " steps " << my_steps << " first_step " << first_step << " first_clock " << first_clock << " clock "
                 << w.current_clock() << " max_staleness "
                 << shmps::shm::load_acquire(seg.slot(rank).max_staleness) << " wrong_steps " << wrong_steps << "\n";
       return wrong_steps == 0 ? 0 : 1;

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <span>
 #include <string>
@@ -50,8 +51,11 @@ struct TensorView {
 // On failure before the rename, any previous file at `path` is intact and the temporary file
 // is removed. (Only a failed fsync of the directory after a successful rename throws with the
 // new file already in place.)
+// `on_stage`, when given, is called with "mid_write" once about half of the data is written and
+// with "before_rename" once the temporary file is durable (crash tests put kill points there).
 void write_file(const std::filesystem::path& path, const std::vector<TensorView>& tensors,
-                const std::map<std::string, std::string>& metadata);
+                const std::map<std::string, std::string>& metadata,
+                const std::function<void(std::string_view stage)>& on_stage = {});
 
 struct Tensor {
   std::string dtype;

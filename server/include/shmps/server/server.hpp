@@ -14,8 +14,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 
+#include <shmps/server/checkpoint.hpp>
 #include <shmps/server/model_spec.hpp>
 #include <shmps/shm/segment.hpp>
 
@@ -33,6 +35,17 @@ struct ServerOptions {
   std::chrono::milliseconds liveness_interval{100};
   // A live worker whose heartbeat is older than this is shown as "suspect" (display only).
   std::chrono::milliseconds suspect_after{5000};
+
+  // Checkpoints (checkpoint.hpp). With a directory, the server writes "<name>.<serial>.safetensors"
+  // there every `checkpoint_every` (a period or a number of clocks; neither: only on demand), on
+  // demand (shmps-ctl checkpoint NAME) and at a graceful stop, keeping the newest `keep` (0: all);
+  // and a server that finds no segment restores the newest valid checkpoint there.
+  std::filesystem::path checkpoint_dir;
+  CheckpointEvery checkpoint_every;
+  std::size_t keep = 3;
+  // Restore the job from this checkpoint file instead of initialising it from the spec. Refused
+  // when the segment exists (its state is newer than any file).
+  std::filesystem::path restore;
 };
 
 struct ServerStats {
@@ -40,6 +53,8 @@ struct ServerStats {
   std::uint64_t floats_applied = 0;
   std::uint64_t rounds = 0;
   std::uint64_t workers_died = 0;
+  std::uint64_t checkpoints = 0;  // written durably by this server
+  bool restored = false;          // start() recreated the job from a checkpoint
 };
 
 class Server {

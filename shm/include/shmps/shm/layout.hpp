@@ -54,7 +54,7 @@ inline constexpr std::uint32_t kLayoutVersion = 1;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
-inline constexpr std::size_t kMailboxBytes = 256;
+inline constexpr std::size_t kMailboxBytes = 4352;  // a request holds a path (checkpoint=/abs/path)
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
@@ -132,6 +132,14 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> records_skipped;  // already applied before a server restart
   std::atomic<std::uint64_t> records_discarded;  // of a step the worker died in (BSP)
   std::atomic<std::uint64_t> steps;            // BSP steps completed
+
+  // Checkpoints (server writes): how many were written by this segment's servers, when the last
+  // one was taken (its snapshot), how long it took until durable, and the model clock it holds.
+  alignas(kCacheLine) std::atomic<std::uint64_t> checkpoints;
+  std::atomic<std::uint64_t> checkpoint_failures;
+  std::atomic<std::uint64_t> last_checkpoint_unix_ns;
+  std::atomic<std::uint64_t> last_checkpoint_duration_ns;
+  std::atomic<std::uint64_t> last_checkpoint_clock;
 
   // The command mailbox of shmps-ctl (the only words a tool writes). A tool claims it
   // (mailbox_state free -> claimed, compare-and-swap), writes the request, and marks it
@@ -238,6 +246,10 @@ struct WorkerSlot {
   // decided around a worker that is half-way in.
   std::atomic<std::uint64_t> admitted_clock;
   std::atomic<std::uint64_t> admitted_generation;
+  // The clock after the newest clock record the server consumed from this ring (its step + 1):
+  // the step a restarted worker continues at when the ring's later records are gone (a restore
+  // from a checkpoint).
+  std::atomic<std::uint64_t> consumed_clock;
 
   // Server line: the resume blob (a trainer's data cursor) of the last clock record that carried
   // one, copied here when the server consumed that record. A seqlock word guards the copy.
@@ -341,7 +353,8 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},
                           std::uint64_t{offsetof(WorkerSlot, resume)}, std::uint64_t{offsetof(WorkerSlot, applied)},
                           std::uint64_t{offsetof(WorkerSlot, resume_version)},
-                          std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{sizeof(RingHeader)},
+                          std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{offsetof(WorkerSlot, consumed_clock)},
+                          std::uint64_t{offsetof(SegmentHeader, checkpoints)}, std::uint64_t{sizeof(RingHeader)},
                           std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
                           std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},
                           std::uint64_t{__GNUC__}, std::uint64_t{__GNUC_MINOR__}}) {

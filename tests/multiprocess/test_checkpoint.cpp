@@ -1,0 +1,567 @@
+// Checkpoints with real processes: shmps-server writes them (on demand through shmps-ctl,
+// periodically, at a graceful stop), is SIGKILLed in the middle of one, and restores from them;
+// restarted shmps-test-pusher workers continue their schedules from the restored resume state.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/server/checkpoint.hpp>
+#include <shmps/server/safetensors.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
+
+#include "../support/exact.hpp"
+#include "../support/expect.hpp"
+#include "../support/harness.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::expect_exact_sum;
+using shmps::test::Job;
+using shmps::test::pattern_spec;
+using shmps::test::Process;
+using shmps::test::Ran;
+using shmps::test::run;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+namespace fs = std::filesystem;
+namespace st = shmps::server::safetensors;
+
+namespace {
+
+// Adam (so the optimizer state and the per-slice step counts matter), small slices (many of them),
+// BSP whose barriers wait for a dead worker's slot to be taken again (so restarted workers rejoin
+// the step they left, as the uninterrupted run had them).
+std::string adam_spec(const std::string& consistency = "bsp") {
+  return "slice_bytes = 16384\nmax_workers = 4\nconsistency = \"" + consistency +
+         "\"\non_worker_death = \"wait\"\n"
+         "[optimizer]\nkind = \"adam\"\nlr = 0.01\n"
+         "[[param]]\nname = \"w\"\nshape = [3, 40000]\ninit = { kind = \"u24\", stream = 7, scale = 0.001 }\n"
+         "[[param]]\nname = \"b\"\nshape = [7]\n";
+}
+
+// A directory of its own for every test, removed at the end (also when the test fails).
+struct TempDir {
+  fs::path path;
+  explicit TempDir(const std::string& tag) {
+    path = fs::temp_directory_path() / shmps::test::unique_segment("ckpt-" + tag);
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+// Everything a checkpoint must bring back, read from the live segment (read-only).
+struct JobState {
+  std::vector<std::vector<float>> values, state0, state1;
+  std::vector<std::uint64_t> slice_version, slice_clock, slice_step, last_applied;
+  struct Slot {
+    std::uint64_t generation, applied, consumed_clock, resume_clock;
+    std::vector<std::uint8_t> resume;
+    bool operator==(const Slot&) const = default;
+  };
+  std::vector<Slot> slots;
+  std::uint64_t model_clock = 0, epoch = 0, steps = 0, records_applied = 0;
+  std::uint32_t consistency = 0;
+};
+
+JobState capture(const std::string& name) {
+  auto seg = shm::Segment::open(name, shm::Access::read_only);
+  const auto& h = seg.header();
+  JobState s;
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const auto& p = seg.param(i);
+    s.values.emplace_back(seg.values(p), seg.values(p) + p.size);
+    auto array = [&](int a) {
+      const float* f = shm::at<float>(seg.base(), p.state_offset[a]);
+      return a < static_cast<int>(h.state_arrays) ? std::vector<float>(f, f + p.size) : std::vector<float>();
+    };
+    s.state0.push_back(array(0));
+    s.state1.push_back(array(1));
+  }
+  const auto* table = shm::at<std::uint64_t>(seg.base(), h.applied_offset);
+  s.last_applied.assign(table, table + h.slice_count * h.max_workers);
+  for (std::uint64_t i = 0; i < h.slice_count; ++i) {
+    s.slice_version.push_back(shm::load_acquire(seg.slice(i).version));
+    s.slice_clock.push_back(shm::load_acquire(seg.slice(i).clock));
+    s.slice_step.push_back(seg.slice(i).step);
+  }
+  for (std::uint32_t r = 0; r < h.max_workers; ++r) {
+    const auto& slot = seg.slot(r);
+    const auto* blob = reinterpret_cast<const std::uint8_t*>(slot.resume);
+    s.slots.push_back({shm::load_acquire(slot.generation), shm::load_acquire(slot.applied),
+                       shm::load_acquire(slot.consumed_clock), shm::load_acquire(slot.resume_clock),
+                       std::vector<std::uint8_t>(blob, blob + shm::load_acquire(slot.resume_bytes))});
+  }
+  s.model_clock = shm::load_acquire(h.model_clock);
+  s.epoch = shm::load_acquire(h.server_epoch);
+  s.steps = shm::load_acquire(h.steps);
+  s.records_applied = shm::load_acquire(h.records_applied);
+  s.consistency = shm::load_acquire(h.consistency);
+  return s;
+}
+
+std::uint64_t model_clock(const std::string& name) {
+  auto seg = shm::Segment::open(name, shm::Access::read_only);
+  return shm::load_acquire(seg.header().model_clock);
+}
+
+// The model's bytes (values, optimizer state, slice versions and steps) must be equal.
+void expect_same_model(const JobState& a, const JobState& b) {
+  ASSERT_EQ(a.values.size(), b.values.size());
+  for (std::size_t i = 0; i < a.values.size(); ++i) {
+    EXPECT_EQ(0, std::memcmp(a.values[i].data(), b.values[i].data(), a.values[i].size() * sizeof(float)))
+        << "values of parameter " << i;
+    EXPECT_TRUE(a.state0[i] == b.state0[i]) << "optimizer state 0 of parameter " << i;
+    EXPECT_TRUE(a.state1[i] == b.state1[i]) << "optimizer state 1 of parameter " << i;
+  }
+  EXPECT_EQ(a.slice_version, b.slice_version);
+  EXPECT_EQ(a.slice_step, b.slice_step);
+  EXPECT_EQ(a.slice_clock, b.slice_clock);
+}
+
+Process& start_steps(Job& job, int rank, int steps, std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv{"shmps-test-pusher", "steps", "--workers", "2", "--steps", std::to_string(steps), "--resume"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return job.start(argv, {{"SHMPS_RANK", std::to_string(rank)}});
+}
+
+void run_steps(Job& job, int steps, std::vector<std::string> extra = {}) {
+  auto& a = start_steps(job, 0, steps, extra);
+  auto& b = start_steps(job, 1, steps, extra);
+  ASSERT_EQ(a.wait(60s), 0) << a.output();
+  ASSERT_EQ(b.wait(60s), 0) << b.output();
+}
+
+void stop_gracefully(Process& server) {
+  server.kill(SIGTERM);
+  ASSERT_EQ(server.wait(30s), 0) << server.output();
+}
+
+std::vector<char> read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+void write_bytes(const fs::path& p, const std::vector<char>& bytes) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+}  // namespace
+
+TEST(Checkpoint, RoundTripRestoresEveryByteOfTheJob) {
+  Watchdog wd(90s);
+  TempDir dir("roundtrip");
+  Job job("ckpt-rt", adam_spec());
+  auto& server = job.start_server();
+  job.wait_ready();
+  run_steps(job, 12);
+  const fs::path file = dir.path / "by-hand.safetensors";
+  const Ran made = run({"shmps-ctl", "checkpoint", job.name(), file.string()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+  EXPECT_HAS(made.out, "written to " + file.string());
+  const JobState before = capture(job.name());
+  ASSERT_EQ(before.model_clock, 12u);
+
+  // The file holds the parameters under their names, the optimizer state, and the job's metadata.
+  const auto f = st::File::read(file);
+  EXPECT_EQ(f.f32("w", {3, 40000}), before.values[0]);
+  EXPECT_EQ(f.f32("b", {7}), before.values[1]);
+  EXPECT_EQ(f.f32("w/adam.m", {3, 40000}), before.state0[0]);
+  EXPECT_EQ(f.f32("b/adam.v", {7}), before.state1[1]);
+  EXPECT_EQ(f.metadata().at("shmps.format"), "shmps-checkpoint-1");
+  EXPECT_EQ(f.metadata().at("shmps.model_clock"), "12");
+  EXPECT_EQ(f.metadata().at("shmps.consistency"), "bsp");
+  EXPECT_HAS(f.metadata().at("shmps.optimizer"), "\"kind\":\"adam\"");
+  EXPECT_EQ(f.metadata().at("shmps.version.b"), "12..12");
+
+  // A crash of the whole box: server gone, shared memory gone.
+  server.kill(SIGKILL);
+  server.wait(10s);
+  shmps::test::remove_segment(job.name());
+  auto& restored = job.start_server({"--restore", file.string()});
+  job.wait_ready();
+  EXPECT_HAS(restored.output(), "event=restored");
+  const JobState after = capture(job.name());
+  expect_same_model(before, after);
+  EXPECT_EQ(before.last_applied, after.last_applied);
+  EXPECT_TRUE(before.slots == after.slots);
+  EXPECT_EQ(after.model_clock, 12u);
+  EXPECT_EQ(after.steps, before.steps);
+  EXPECT_EQ(after.records_applied, before.records_applied);
+  EXPECT_EQ(after.epoch, before.epoch + 1);
+  // The workers' resume state came back: restarted, they find their schedule done.
+  run_steps(job, 12, {"--no-wait-for-peers"});
+  for (std::uint32_t r = 0; r < 2; ++r) EXPECT_EQ(after.slots[r].resume.size(), 8u);
+  EXPECT_EQ(model_clock(job.name()), 12u);
+  expect_same_model(before, capture(job.name()));
+}
+
+TEST(Checkpoint, RestoreThenContinueEqualsUninterruptedInBsp) {
+  Watchdog wd(120s);
+  constexpr int kSteps = 40;
+  // The uninterrupted run.
+  JobState uninterrupted;
+  {
+    Job job("ckpt-straight", adam_spec());
+    job.start_server();
+    job.wait_ready();
+    run_steps(job, kSteps);
+    uninterrupted = capture(job.name());
+  }
+  ASSERT_EQ(uninterrupted.model_clock, static_cast<std::uint64_t>(kSteps));
+
+  // The same run, checkpointed in the middle, then everything SIGKILLed and the shared memory
+  // lost; a new server restores the newest checkpoint of its directory and restarted workers
+  // finish their schedules.
+  TempDir dir("continue");
+  Job job("ckpt-cont", adam_spec());
+  auto& server = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  auto& a = start_steps(job, 0, kSteps, {"--slow-ms", "20"});
+  auto& b = start_steps(job, 1, kSteps, {"--slow-ms", "20"});
+  const auto until = std::chrono::steady_clock::now() + 30s;
+  while (model_clock(job.name()) < 8 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(5ms);
+  const Ran made = run({"shmps-ctl", "checkpoint", job.name()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+  a.kill(SIGKILL);
+  b.kill(SIGKILL);
+  server.kill(SIGKILL);
+  a.wait(10s);
+  b.wait(10s);
+  server.wait(10s);
+  const std::uint64_t at_crash = model_clock(job.name());
+  shmps::test::remove_segment(job.name());
+  const auto files = shmps::server::CheckpointDir(dir.path, job.name()).list();
+  ASSERT_EQ(files.size(), 1u);
+  const auto snapshot = shmps::server::read_checkpoint(files[0]);
+  ASSERT_GE(snapshot.model_clock, 8u);
+  ASSERT_LT(snapshot.model_clock, static_cast<std::uint64_t>(kSteps)) << "the checkpoint must be mid-run";
+
+  auto& second = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  EXPECT_HAS(second.output(), "event=restored");
+  EXPECT_HAS(second.output(), files[0].filename().string());
+  EXPECT_EQ(model_clock(job.name()), snapshot.model_clock);
+  auto& a2 = start_steps(job, 0, kSteps);
+  auto& b2 = start_steps(job, 1, kSteps);
+  ASSERT_EQ(a2.wait(60s), 0) << a2.output();
+  ASSERT_EQ(b2.wait(60s), 0) << b2.output();
+  EXPECT_HAS(a2.output(), "first_step " + std::to_string(snapshot.model_clock));
+  const JobState continued = capture(job.name());
+  EXPECT_EQ(continued.model_clock, static_cast<std::uint64_t>(kSteps));
+  expect_same_model(uninterrupted, continued);
+  // The steps between the checkpoint and the crash were done twice, and counted once.
+  std::cout << "checkpoint at clock " << snapshot.model_clock << ", crash at clock " << at_crash << "\n";
+}
+
+TEST(Checkpoint, GracefulStopAndPeriodicCheckpointsKeepTheNewestK) {
+  Watchdog wd(90s);
+  TempDir dir("periodic");
+  Job job("ckpt-every", adam_spec());
+  auto& server = job.start_server({"--checkpoint-dir", dir.path.string(), "--checkpoint-every", "5clocks", "--keep", "2"});
+  job.wait_ready();
+  run_steps(job, 23, {"--slow-ms", "20"});
+  stop_gracefully(server);
+  const std::string log = server.output();
+  // One every 5 clocks (a checkpoint due while the previous one is still being written is taken
+  // as soon as that one is durable), and one at the stop (23).
+  std::vector<std::uint64_t> clocks;
+  for (auto at = log.find("event=checkpoint "); at != std::string::npos; at = log.find("event=checkpoint ", at + 1))
+    clocks.push_back(std::stoull(log.substr(log.find("model_clock=", at) + 12)));
+  ASSERT_GE(clocks.size(), 2u) << log;
+  EXPECT_LE(clocks.size(), 5u) << log;
+  EXPECT_EQ(clocks.back(), 23u) << log;
+  for (std::size_t i = 0; i + 1 < clocks.size(); ++i) {
+    EXPECT_GE(clocks[i], 5 * (i + 1)) << log;
+    if (i > 0) {
+      EXPECT_GE(clocks[i] - clocks[i - 1], 5u) << log;
+    }
+  }
+  // The newest two are kept.
+  const auto files = shmps::server::CheckpointDir(dir.path, job.name()).list();
+  ASSERT_EQ(files.size(), 2u);
+  const auto older = shmps::server::read_checkpoint(files[0]);
+  const auto newer = shmps::server::read_checkpoint(files[1]);
+  EXPECT_EQ(older.model_clock, clocks[clocks.size() - 2]);
+  EXPECT_EQ(newer.model_clock, 23u);
+  EXPECT_GT(newer.taken_unix_ns, older.taken_unix_ns);
+  // BSP: taken at a clock boundary, every slice at the model clock.
+  for (auto c : older.slice_clock) EXPECT_EQ(c, static_cast<std::int64_t>(older.model_clock));
+  for (auto c : newer.slice_clock) EXPECT_EQ(c, 23);
+  // A server that finds the segment uses it (it is newer than any file), not a checkpoint.
+  const JobState live = capture(job.name());
+  auto& again = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  EXPECT_EQ(again.output().find("event=restored"), std::string::npos) << again.output();
+  expect_same_model(live, capture(job.name()));
+}
+
+TEST(Checkpoint, PeriodicByTimeWhileTrainingGoesOn) {
+  Watchdog wd(90s);
+  TempDir dir("timed");
+  Job job("ckpt-timed", adam_spec("asp"));
+  auto& server = job.start_server({"--checkpoint-dir", dir.path.string(), "--checkpoint-every", "200ms", "--keep", "0"});
+  job.wait_ready();
+  auto& a = start_steps(job, 0, 60, {"--slow-ms", "20"});
+  auto& b = start_steps(job, 1, 60, {"--slow-ms", "20"});
+  ASSERT_EQ(a.wait(60s), 0) << a.output();
+  ASSERT_EQ(b.wait(60s), 0) << b.output();
+  stop_gracefully(server);
+  const auto files = shmps::server::CheckpointDir(dir.path, job.name()).list();
+  EXPECT_GE(files.size(), 3u) << server.output();
+  // Each one is whole, and ASP slices carry their versions.
+  std::uint64_t last_applied = 0;
+  for (const auto& f : files) {
+    const auto snap = shmps::server::read_checkpoint(f);
+    EXPECT_GE(snap.records_applied, last_applied) << f;
+    last_applied = snap.records_applied;
+    EXPECT_EQ(snap.consistency, shmps::Consistency::asp);
+  }
+}
+
+TEST(Checkpoint, SigkillInTheMiddleOfACheckpointLeavesThePreviousOneValid) {
+  for (const std::string point : {"checkpoint.mid_write", "checkpoint.before_rename"}) {
+    SCOPED_TRACE(point);
+    Watchdog wd(90s);
+    TempDir dir("killed");
+    Job job("ckpt-kill", pattern_spec(8));
+    auto& server = job.start_server({"--checkpoint-dir", dir.path.string()}, {{"SHMPS_KILL_AT", point + ":2"}});
+    job.wait_ready();
+    auto& p = job.start({"shmps-test-pusher", "exact", "--pushes", "60"}, {{"SHMPS_RANK", "0"}});
+    ASSERT_EQ(p.wait(30s), 0) << p.output();
+    const Ran first = run({"shmps-ctl", "checkpoint", job.name()});
+    ASSERT_EQ(first.code, 0) << first.out;
+    const JobState at_first = capture(job.name());
+    auto& q = job.start({"shmps-test-pusher", "exact", "--pushes", "90"}, {{"SHMPS_RANK", "0"}});
+    ASSERT_EQ(q.wait(30s), 0) << q.output();
+    const Ran second = run({"shmps-ctl", "checkpoint", job.name()});
+    EXPECT_NE(second.code, 0) << second.out;
+    EXPECT_HAS(second.out, "stopped before answering");
+    EXPECT_EQ(server.wait(10s), 128 + SIGKILL) << server.output();
+
+    // The first file is intact and the only checkpoint; the half-written one is a temporary.
+    shmps::server::CheckpointDir ckpts(dir.path, job.name());
+    const auto files = ckpts.list();
+    ASSERT_EQ(files.size(), 1u);
+    const auto snap = shmps::server::read_checkpoint(files[0]);
+    EXPECT_EQ(snap.params[0].values, at_first.values[0]);
+    std::size_t temporaries = 0;
+    for (const auto& e : fs::directory_iterator(dir.path)) temporaries += e.path().string().find(".tmp-") != std::string::npos;
+    EXPECT_EQ(temporaries, 1u);
+
+    // With the shared memory lost, the next server comes back from the first checkpoint, and
+    // clears the temporary file.
+    shmps::test::remove_segment(job.name());
+    auto& next = job.start_server({"--checkpoint-dir", dir.path.string()});
+    job.wait_ready();
+    EXPECT_HAS(next.output(), "event=restored");
+    EXPECT_HAS(next.output(), "event=checkpoint_temporaries_removed");
+    expect_same_model(at_first, capture(job.name()));
+    expect_exact_sum(job.name(), {60});
+    // The pusher's slot says 60 pushes were applied: a restarted pusher continues from there.
+    auto& r = job.start({"shmps-test-pusher", "exact", "--pushes", "90"}, {{"SHMPS_RANK", "0"}});
+    ASSERT_EQ(r.wait(30s), 0) << r.output();
+    expect_exact_sum(job.name(), {90});
+  }
+}
+
+TEST(Checkpoint, ADamagedNewestCheckpointIsSkippedForTheNewestValidOne) {
+  Watchdog wd(90s);
+  TempDir dir("damaged-newest");
+  Job job("ckpt-skip", pattern_spec(8));
+  auto& server = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  auto& p = job.start({"shmps-test-pusher", "exact", "--pushes", "30"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(p.wait(30s), 0) << p.output();
+  ASSERT_EQ(run({"shmps-ctl", "checkpoint", job.name()}).code, 0);
+  auto& q = job.start({"shmps-test-pusher", "exact", "--pushes", "45"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(q.wait(30s), 0) << q.output();
+  ASSERT_EQ(run({"shmps-ctl", "checkpoint", job.name()}).code, 0);
+  server.kill(SIGKILL);
+  server.wait(10s);
+  const auto files = shmps::server::CheckpointDir(dir.path, job.name()).list();
+  ASSERT_EQ(files.size(), 2u);
+  auto bytes = read_bytes(files[1]);
+  bytes[bytes.size() - 100] ^= 0x40;  // one bit of the data section
+  write_bytes(files[1], bytes);
+
+  shmps::test::remove_segment(job.name());
+  auto& next = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  EXPECT_HAS(next.output(), "event=checkpoint_skipped");
+  EXPECT_HAS(next.output(), "checksum");
+  EXPECT_HAS(next.output(), "file=" + files[0].string());
+  expect_exact_sum(job.name(), {30});
+}
+
+TEST(Checkpoint, DamagedOrForeignFilesAreRefusedAndTouchNothing) {
+  Watchdog wd(90s);
+  TempDir dir("bad");
+  Job job("ckpt-bad", adam_spec());
+  auto& server = job.start_server();
+  job.wait_ready();
+  run_steps(job, 5);
+  const fs::path good = dir.path / "good.safetensors";
+  ASSERT_EQ(run({"shmps-ctl", "checkpoint", job.name(), good.string()}).code, 0);
+  const auto file = st::File::read(good);
+
+  // Each damaged variant of the good file.
+  const auto bytes = read_bytes(good);
+  auto variant = [&](const std::string& name) { return (dir.path / name).string(); };
+  write_bytes(variant("truncated.safetensors"), std::vector<char>(bytes.begin(), bytes.begin() + static_cast<long>(bytes.size() / 2)));
+  auto flipped = bytes;
+  flipped[bytes.size() - 9] ^= 0x01;
+  write_bytes(variant("checksum.safetensors"), flipped);
+  write_bytes(variant("text.safetensors"), {'h', 'e', 'l', 'l', 'o', ' ', 'w', 'o', 'r', 'l', 'd', '\n'});
+  // Rewritten by our writer (so the checksum is right) with one thing changed.
+  auto rewrite = [&](const std::string& name, auto&& change) {
+    std::vector<st::TensorView> tensors;
+    std::vector<std::vector<std::byte>> keep;
+    for (const auto& [tname, t] : file.tensors()) {
+      auto data = file.data(t);
+      tensors.push_back({tname, t.dtype, t.shape, data});
+    }
+    std::sort(tensors.begin(), tensors.end(), [&](const auto& x, const auto& y) {
+      return file.tensors().at(x.name).begin < file.tensors().at(y.name).begin;
+    });
+    auto meta = file.metadata();
+    change(tensors, meta, keep);
+    st::write_file(variant(name), tensors, meta);
+  };
+  rewrite("missing.safetensors", [](auto& tensors, auto&, auto&) {
+    std::erase_if(tensors, [](const st::TensorView& t) { return t.name == "b"; });
+  });
+  rewrite("missing-state.safetensors", [](auto& tensors, auto&, auto&) {
+    std::erase_if(tensors, [](const st::TensorView& t) { return t.name == "w/adam.v"; });
+  });
+  rewrite("dtype.safetensors", [](auto& tensors, auto&, auto&) {
+    for (auto& t : tensors)
+      if (t.name == "b") t.dtype = "I32";
+  });
+  rewrite("shape.safetensors", [](auto& tensors, auto&, auto&) {
+    for (auto& t : tensors)
+      if (t.name == "w" || t.name.rfind("w/", 0) == 0) t.shape = {40000, 3};
+  });
+  rewrite("plain.safetensors", [](auto& tensors, auto& meta, auto&) {
+    std::erase_if(tensors, [](const st::TensorView& t) { return t.name.find('/') != std::string::npos; });
+    meta.clear();
+  });
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"truncated.safetensors", "truncated"},
+      {"checksum.safetensors", "checksum"},
+      {"text.safetensors", "not a safetensors file"},
+      {"missing.safetensors", "tensor \"b\" is missing"},
+      {"missing-state.safetensors", "tensor \"w/adam.v\" is missing"},
+      {"dtype.safetensors", "found I32"},
+      {"shape.safetensors", "has shape [40000, 3], but"},
+      {"plain.safetensors", "not a shmps checkpoint"},
+  };
+  const JobState live = capture(job.name());
+  for (const auto& [name, problem] : cases) {
+    SCOPED_TRACE(name);
+    // Into a new job: refused before anything is created.
+    const std::string other = shmps::test::unique_segment("ckpt-none");
+    const Ran fresh = run({"shmps-server", "--spec", job.spec_path(), "--name", other, "--restore", variant(name)});
+    EXPECT_EQ(fresh.code, 1) << fresh.out;
+    EXPECT_HAS(fresh.out, variant(name) + ": ");
+    EXPECT_HAS(fresh.out, problem);
+    shmps::test::expect_no_files(other);
+    // Over the live job: the same error, and the live segment is untouched.
+    const Ran over = run({"shmps-server", "--spec", job.spec_path(), "--restore", variant(name)});
+    EXPECT_EQ(over.code, 1) << over.out;
+    EXPECT_HAS(over.out, problem);
+  }
+  // A good file over a live segment is refused too: its state is newer.
+  const Ran refused = run({"shmps-server", "--spec", job.spec_path(), "--restore", good.string()});
+  EXPECT_EQ(refused.code, 1);
+  EXPECT_HAS(refused.out, "exists, and its state is newer than any checkpoint");
+  // A checkpoint of another model (another optimizer) is refused with what to change.
+  Job other("ckpt-other", "max_workers = 4\nslice_bytes = 16384\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+                          "[[param]]\nname = \"w\"\nshape = [3, 40000]\n[[param]]\nname = \"b\"\nshape = [7]\n");
+  const Ran sgd = run({"shmps-server", "--spec", other.spec_path(), "--restore", good.string()});
+  EXPECT_EQ(sgd.code, 1);
+  EXPECT_HAS(sgd.out, "was written with optimizer adam");
+  EXPECT_HAS(sgd.out, "set kind = \"adam\"");
+  shmps::test::expect_no_files(other.name());
+
+  expect_same_model(live, capture(job.name()));
+  EXPECT_TRUE(live.slots == capture(job.name()).slots);
+  EXPECT_TRUE(server.running());
+}
+
+TEST(Checkpoint, CtlCheckpointSaysWhatIsWrong) {
+  Watchdog wd(60s);
+  TempDir dir("ctl");
+  Job job("ckpt-ctl", pattern_spec(4));
+  job.start_server();
+  job.wait_ready();
+  const Ran no_dir = run({"shmps-ctl", "checkpoint", job.name()});
+  EXPECT_EQ(no_dir.code, 1);
+  EXPECT_HAS(no_dir.out, "no checkpoint directory");
+  const Ran is_dir = run({"shmps-ctl", "checkpoint", job.name(), dir.path.string()});
+  EXPECT_EQ(is_dir.code, 1);
+  EXPECT_HAS(is_dir.out, "is a directory");
+  const Ran no_parent = run({"shmps-ctl", "checkpoint", job.name(), (dir.path / "nope" / "x.safetensors").string()});
+  EXPECT_EQ(no_parent.code, 1);
+  EXPECT_HAS(no_parent.out, "does not exist");
+  const Ran missing = run({"shmps-ctl", "checkpoint", "t-no-such-segment"});
+  EXPECT_EQ(missing.code, 1);
+  EXPECT_HAS(missing.out, "does not exist");
+  const Ran as_setting = run({"shmps-ctl", "set", job.name(), "checkpoint=/tmp/x"});
+  EXPECT_EQ(as_setting.code, 1);
+  EXPECT_HAS(as_setting.out, "shmps-ctl checkpoint");
+  const Ran bad_every = run({"shmps-server", "--spec", job.spec_path(), "--checkpoint-dir", dir.path.string(),
+                             "--checkpoint-every", "10 parsecs"});
+  EXPECT_EQ(bad_every.code, 1);
+  EXPECT_HAS(bad_every.out, "--checkpoint-every: expected a period");
+  const Ran every_without_dir = run({"shmps-server", "--spec", job.spec_path(), "--checkpoint-every", "5s"});
+  EXPECT_EQ(every_without_dir.code, 1);
+  EXPECT_HAS(every_without_dir.out, "--checkpoint-every needs --checkpoint-dir");
+  // And after all that, an explicit file works.
+  const Ran ok = run({"shmps-ctl", "checkpoint", job.name(), (dir.path / "x.safetensors").string()});
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  EXPECT_TRUE(fs::exists(dir.path / "x.safetensors"));
+}
+
+TEST(Checkpoint, AJobStartsFromPretrainedWeightsWithShapeChecks) {
+  Watchdog wd(60s);
+  TempDir dir("pretrained");
+  // Weights from a trained job, exported.
+  Job trained("ckpt-pre-src", adam_spec());
+  trained.start_server();
+  trained.wait_ready();
+  run_steps(trained, 6);
+  const fs::path weights = dir.path / "weights.safetensors";
+  ASSERT_EQ(run({"shmps-ctl", "export", trained.name(), weights.string()}).code, 0);
+  const JobState source = capture(trained.name());
+
+  // A new job takes "w" from the file and "b" from a renamed tensor of it.
+  const std::string body = "max_workers = 2\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n"
+                           "[[param]]\nname = \"w\"\nshape = [3, 40000]\ninit = { kind = \"pretrained\", file = \"" +
+                           weights.string() + "\" }\n[[param]]\nname = \"bias\"\nshape = [7]\n"
+                           "init = { kind = \"pretrained\", file = \"" + weights.string() + "\", tensor = \"b\" }\n";
+  Job fresh("ckpt-pre", body);
+  fresh.start_server();
+  fresh.wait_ready();
+  const JobState started = capture(fresh.name());
+  EXPECT_TRUE(started.values[0] == source.values[0]);
+  EXPECT_TRUE(started.values[1] == source.values[1]);
+
+  // A shape that does not match: a clear error, and no segment.
+  Job wrong("ckpt-pre-bad", "max_workers = 2\n[optimizer]\nlr = 0.1\n[[param]]\nname = \"w\"\nshape = [3, 4000]\n"
+                            "init = { kind = \"pretrained\", file = \"" + weights.string() + "\" }\n");
+  const Ran refused = run({"shmps-server", "--spec", wrong.spec_path()});
+  EXPECT_EQ(refused.code, 1) << refused.out;
+  EXPECT_HAS(refused.out, weights.string());
+  EXPECT_HAS(refused.out, "has shape [3, 40000], the spec says [3, 4000]");
+  shmps::test::expect_no_files(wrong.name());
+}
