@@ -6,8 +6,11 @@
 
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -24,6 +27,7 @@
 #include <shmps/server/safetensors.hpp>
 
 #include "../support/exact.hpp"
+#include "../support/independent_safetensors.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
@@ -612,4 +616,154 @@ TEST(Ctl, ExportWritesEveryParameterOfALiveJobToSafetensors) {
   EXPECT_EQ(missing.code, 1);
   EXPECT_HAS(missing.out, "does not exist");
   EXPECT_FALSE(std::filesystem::exists(path));
+}
+
+// ---- shmps-ctl export, read back independently -------------------------------------------------
+
+namespace {
+
+namespace ist = shmps::test::independent_safetensors;
+
+// The bytes of a safetensors file as the format describes it: `header` padded with spaces so
+// that the data starts at a multiple of 8, then `data`.
+std::string safetensors_bytes(std::string header, const std::string& data) {
+  while ((8 + header.size()) % 8 != 0) header += ' ';
+  std::string out;
+  for (int i = 0; i < 8; ++i) out += static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+// The file-wide rules of the format, on an independently parsed file: "" if they hold.
+std::string layout_problem(const ist::File& f) {
+  if (f.data_start() % 8 != 0) return "the data starts at byte " + std::to_string(f.data_start()) + ", not a multiple of 8";
+  std::uint64_t at = 0;
+  for (const auto& t : f.by_offset()) {
+    if (t.begin != at)
+      return "'" + t.name + "' begins at " + std::to_string(t.begin) + ", the previous tensor ends at " + std::to_string(at);
+    at = t.end;
+  }
+  if (at != f.data_size())
+    return "the tensors end at " + std::to_string(at) + " of a " + std::to_string(f.data_size()) + "-byte buffer";
+  return "";
+}
+
+std::vector<std::uint32_t> bits(const std::vector<float>& v) {
+  std::vector<std::uint32_t> out(v.size());
+  std::memcpy(out.data(), v.data(), v.size() * sizeof(float));
+  return out;
+}
+
+}  // namespace
+
+TEST(Ctl, TheIndependentSafetensorsReaderReadsTheFormatAsPublished) {
+  // A file written by hand from the format's description (not by our writer): two F32
+  // tensors, "b" stored before "a", and metadata.
+  const std::string data("\x00\x00\x80\x3f" "\x00\x00\x00\xc0" "\x00\x00\x40\x40", 12);  // 1, -2, 3
+  const std::string good = safetensors_bytes(
+      R"({"__metadata__":{"k":"v"},"a":{"dtype":"F32","shape":[1,2],"data_offsets":[4,12]},)"
+      R"("b":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})",
+      data);
+  const ist::File f = ist::parse(good);
+  EXPECT_EQ(f.data_start() % 8, 0u);
+  EXPECT_EQ(f.metadata, (std::map<std::string, std::string>{{"k", "v"}}));
+  EXPECT_EQ(f.tensor("a").shape, (std::vector<std::uint64_t>{1, 2}));
+  EXPECT_EQ(f.f32("a"), (std::vector<float>{-2.0f, 3.0f}));
+  EXPECT_EQ(f.f32("b"), (std::vector<float>{1.0f}));
+  EXPECT_EQ(layout_problem(f), "");
+  // What it refuses, and what the layout check reports.
+  EXPECT_THROW(ist::parse(good.substr(0, 7)), std::runtime_error);
+  EXPECT_THROW(ist::parse(good.substr(0, good.size() - 1)), std::runtime_error);  // "a" runs past the end
+  EXPECT_THROW(ist::parse(safetensors_bytes(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data)),
+               std::runtime_error);
+  EXPECT_THROW(ist::parse(safetensors_bytes(R"({"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}})", data)),
+               std::runtime_error);
+  EXPECT_THROW(ist::parse(safetensors_bytes(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                            R"("a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                            data)),
+               std::runtime_error);
+  EXPECT_HAS(layout_problem(ist::parse(safetensors_bytes(
+                 R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data))),
+             "'a' begins at 4");
+  EXPECT_HAS(layout_problem(ist::parse(safetensors_bytes(
+                 R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", data))),
+             "the tensors end at 8 of a 12-byte buffer");
+}
+
+TEST(Ctl, AnExportedFileReadsBackWithAnIndependentReader) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("export-ind", kSpec);
+  job.start_server();
+  job.wait_ready();
+  auto& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "40"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  const std::string path = "/tmp/shmps-test-export-" + job.name() + ".safetensors";
+  const Ran exported = run({"shmps-ctl", "export", job.name(), path});
+  ASSERT_EQ(exported.code, 0) << exported.out;
+  const ist::File f = ist::read(path);
+  std::filesystem::remove(path);
+
+  // The 8-byte length, a header that is a space-padded JSON object, and data that starts at a
+  // multiple of 8 and is exactly covered by the tensors, back to back from offset 0.
+  EXPECT_EQ(f.bytes.size(), 8 + f.header_len + f.data_size());
+  EXPECT_GT(f.header_len, 0u);
+  EXPECT_EQ((8 + f.header_len) % 8, 0u) << f.header_len;
+  EXPECT_EQ(layout_problem(f), "") << f.header;
+  // Exactly the job's parameters, F32, with their shapes, each holding what a pull sees.
+  const std::vector<std::pair<std::string, std::vector<std::uint64_t>>> params{
+      {"b", {7}}, {"u", {50000}}, {"w", {3, 40000}}};
+  ASSERT_EQ(f.tensors.size(), params.size()) << f.header;
+  shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 3});
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& [name, shape] = params[i];
+    const ist::Tensor& t = f.tensors[i];
+    EXPECT_EQ(t.name, name);
+    EXPECT_EQ(t.dtype, "F32") << name;
+    EXPECT_EQ(t.shape, shape) << name;
+    std::vector<float> pulled(reader.param(name).size);
+    reader.pull(name, pulled);
+    EXPECT_EQ(bits(f.f32(name)), bits(pulled)) << name;  // bit for bit
+  }
+  EXPECT_EQ(f.metadata.at("shmps.segment"), job.name());
+  EXPECT_EQ(f.metadata.at("shmps.version.b"), "13..13");  // every third of 40 pushes is "b"
+}
+
+// The reference MLP exported from a live job loads into the equivalent torch.nn module
+// (tests/python/load_into_torch.py): names, shapes, bit-exact values, a forward pass, and the
+// trainer's own test-set figures recomputed in torch.
+TEST(Ctl, AnExportedReferenceMlpLoadsIntoTorch) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  GTEST_SKIP() << "the Eigen trainer runs ~100x slower under sanitizers";
+#endif
+  Watchdog wd(std::chrono::seconds(120));
+  // models/mlp.toml as it is, but for its top-level name (the job gets a unique one).
+  std::string spec;
+  bool top_level = true;
+  for (const auto& line : lines_of(file_bytes(SHMPS_SOURCE_DIR "/models/mlp.toml"))) {
+    top_level = top_level && line.rfind('[', 0) != 0;
+    if (!top_level || line.rfind("name =", 0) != 0) spec += line + "\n";
+  }
+  ASSERT_TRUE(has(spec, "[[param]]\nname = \"fc1.weight\"")) << spec;
+  Job job("torch", spec);
+  job.start_server();
+  job.wait_ready();
+  auto& trainer = job.start({"shmps-worker", "--segment", job.name(), "--samples", "32000"});
+  ASSERT_EQ(trainer.wait(60s), 0) << trainer.output();
+  // "test loss 2.1234 acc 0.1234 (rows ...)": the trainer's figures for the weights it leaves.
+  const std::string trained = trainer.output();
+  const auto at = trained.find("test loss ");
+  ASSERT_NE(at, std::string::npos) << trained;
+  const auto test = words(lines_of(trained.substr(at)).at(0));
+  ASSERT_GE(test.size(), 5u) << trained;
+  const std::string path = "/tmp/shmps-test-export-" + job.name() + ".safetensors";
+  const Ran exported = run({"shmps-ctl", "export", job.name(), path});
+  ASSERT_EQ(exported.code, 0) << exported.out;
+  EXPECT_HAS(exported.out, "exported 4 parameters");
+  const Ran py = run({"/usr/bin/python3", SHMPS_SOURCE_DIR "/tests/python/load_into_torch.py", path,
+                      "--expect-test-loss", test[2], "--expect-test-acc", test[4]},
+                     60s);
+  std::filesystem::remove(path);
+  if (py.code == 77) GTEST_SKIP() << py.out;
+  ASSERT_EQ(py.code, 0) << py.out;
+  EXPECT_HAS(py.out, "OK: 4 tensors");
+  std::cout << py.out;
 }
