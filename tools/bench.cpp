@@ -14,6 +14,10 @@
 //                next pulls see the new model. Milliseconds per round, and the ratio to the
 //                traffic a round must do on two cores: the two pushes at once, apply2 on two
 //                threads, the two pulls at once.
+//   bsp-round.checkpointing  the same, while the server writes checkpoints back to back
+//                (--checkpoint-every 1clocks: a new one as soon as the last is durable, into
+//                --checkpoint-dir, default the working directory's ./shmps-bench-checkpoints-<pid>),
+//                and its ratio to bsp-round: what checkpointing costs training.
 //
 // Prints a table, and one "name value unit" line per figure (also to --out FILE).
 // --quick: small sizes, a few seconds, for CI (checks that everything runs; the figures mean
@@ -130,8 +134,15 @@ std::string self_dir() {
   return ec ? std::string(".") : exe.parent_path().string();
 }
 
+struct RoundResult {
+  double seconds_per_round = 0;
+  std::uint64_t checkpoints = 0;          // written during the run
+  double last_checkpoint_seconds = 0;     // snapshot to durable
+};
+
 // Runs a BSP job of two worker processes for `rounds` timed rounds; returns seconds per round.
-double bsp_round(std::size_t params, std::size_t floats_per_param, int rounds) {
+// With a checkpoint directory, the server writes checkpoints there back to back meanwhile.
+RoundResult bsp_round(std::size_t params, std::size_t floats_per_param, int rounds, const std::string& checkpoint_dir = "") {
   const std::string name = "bench-" + std::to_string(::getpid());
   const std::string spec_path = "/tmp/shmps-" + name + ".toml";
   {
@@ -144,7 +155,11 @@ double bsp_round(std::size_t params, std::size_t floats_per_param, int rounds) {
   if (server == 0) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     const std::string bin = self_dir() + "/shmps-server";
-    execl(bin.c_str(), bin.c_str(), "--spec", spec_path.c_str(), "--remove-on-stop", "--log-level", "warn", nullptr);
+    if (checkpoint_dir.empty())
+      execl(bin.c_str(), bin.c_str(), "--spec", spec_path.c_str(), "--remove-on-stop", "--log-level", "warn", nullptr);
+    else
+      execl(bin.c_str(), bin.c_str(), "--spec", spec_path.c_str(), "--remove-on-stop", "--log-level", "warn",
+            "--checkpoint-dir", checkpoint_dir.c_str(), "--checkpoint-every", "1clocks", "--keep", "1", nullptr);
     _exit(127);
   }
   // Wait for the segment.
@@ -204,6 +219,13 @@ double bsp_round(std::size_t params, std::size_t floats_per_param, int rounds) {
     waitpid(pid, &status, 0);
     ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
   }
+  RoundResult result;
+  try {
+    auto seg = shmps::shm::Segment::open(name, shmps::shm::Access::read_only);
+    result.checkpoints = shmps::shm::load_acquire(seg.header().checkpoints);
+    result.last_checkpoint_seconds = static_cast<double>(shmps::shm::load_acquire(seg.header().last_checkpoint_duration_ns)) / 1e9;
+  } catch (const shmps::Error&) {
+  }
   kill(server, SIGTERM);
   waitpid(server, nullptr, 0);
   std::filesystem::remove(spec_path);
@@ -212,7 +234,11 @@ double bsp_round(std::size_t params, std::size_t floats_per_param, int rounds) {
   std::sort(ends.begin(), ends.end());
   std::vector<double> per_round;
   for (std::size_t i = 3; i < ends.size(); i += 2) per_round.push_back(ends[i] - ends[i - 2]);
-  return median(per_round);
+  // The mean, not the median: a checkpoint's pause falls into a few rounds, and those count.
+  double sum = 0;
+  for (double d : per_round) sum += d;
+  result.seconds_per_round = per_round.empty() ? 0 : sum / static_cast<double>(per_round.size());
+  return result;
 }
 
 }  // namespace
@@ -221,7 +247,9 @@ int main(int argc, char** argv) {
   CLI::App app{"shmps-bench: shmps workloads next to this machine's own limits, measured in the same run"};
   bool quick = false;
   int rounds = 10;
-  std::string out_path;
+  std::string out_path, checkpoint_dir;
+  app.add_option("--checkpoint-dir", checkpoint_dir,
+                 "where bsp-round.checkpointing writes (default ./shmps-bench-checkpoints-<pid>, removed afterwards)");
   app.add_flag("--quick", quick, "small sizes, a few seconds (CI: checks that every workload runs)");
   app.add_option("--rounds", rounds, "timed BSP rounds")->check(CLI::Range(1, 10000));
   app.add_option("--out", out_path, "also write the 'name value unit' lines to this file");
@@ -246,7 +274,7 @@ int main(int argc, char** argv) {
     const double apply2x2_s = time_apply2_two_threads(floats, quick ? 3 : 9);
     figures.push_back({"limit.memcpy.2threads.time", memcpy2_s * 1e3, "ms", "two copies at once"});
     figures.push_back({"limit.apply2.2threads.time", apply2x2_s * 1e3, "ms", "apply2 split over two threads"});
-    const double round_s = bsp_round(params, per_param, rounds);
+    const double round_s = bsp_round(params, per_param, rounds).seconds_per_round;
     const double serial_bound_s = 4 * memcpy_s + apply2_s;
     const double parallel_bound_s = 2 * memcpy2_s + apply2x2_s;
     figures.push_back({"bsp-round", round_s * 1e3, "ms", "2 workers, " + std::to_string(floats) + " floats"});
@@ -255,6 +283,19 @@ int main(int argc, char** argv) {
                        "2 x (two copies at once) + apply2 on two threads"});
     figures.push_back({"bsp-round.ratio", round_s / parallel_bound_s, "x",
                        "round / two-core bound (1 = at the memory-traffic bound)"});
+
+    // The same rounds while checkpoints are written back to back.
+    const bool own_dir = checkpoint_dir.empty();
+    if (own_dir) checkpoint_dir = (std::filesystem::current_path() / ("shmps-bench-checkpoints-" + std::to_string(::getpid()))).string();
+    std::filesystem::create_directories(checkpoint_dir);
+    const RoundResult ck = bsp_round(params, per_param, rounds, checkpoint_dir);
+    if (own_dir) std::filesystem::remove_all(checkpoint_dir);
+    figures.push_back({"bsp-round.checkpointing", ck.seconds_per_round * 1e3, "ms",
+                       std::to_string(ck.checkpoints) + " checkpoints written during the rounds"});
+    figures.push_back({"bsp-round.checkpointing.ratio", ck.seconds_per_round / round_s, "x",
+                       "round while checkpointing / round without (1 = free)"});
+    figures.push_back({"checkpoint.time", ck.last_checkpoint_seconds * 1e3, "ms",
+                       "one checkpoint of the model, snapshot to durable on disk"});
   } catch (const shmps::Error& e) {
     std::cerr << "shmps-bench: " << e.what() << "\n";
     return 1;

@@ -7,9 +7,10 @@
 // cover the data section exactly. An optional "__metadata__" object maps strings to strings.
 //
 // The writer pads the JSON header with spaces so that the data section starts at a multiple of
-// 8 bytes (as the reference implementation does), and records metadata "shmps.checksum": the
-// FNV-1a 64-bit hash of the whole data section, as 16 lowercase hex digits. The reader checks
-// that checksum when it is present (files from other writers do not have it).
+// 8 bytes (as the reference implementation does), and records metadata "shmps.checksum":
+// "xxh3:" and the XXH3 64-bit hash (xxHash) of the whole data section as 16 lowercase hex
+// digits. The reader checks that checksum when it is present (files from other writers do not
+// have it).
 //
 // Known dtypes (element size): BOOL U8 I8 (1), U16 I16 F16 BF16 (2), U32 I32 F32 (4),
 // U64 I64 F64 (8). Values are stored little-endian; only little-endian hosts are supported.
@@ -33,9 +34,9 @@ inline constexpr std::string_view kChecksumKey = "shmps.checksum";
 // Size in bytes of one element of `dtype`, or 0 if the dtype is unknown.
 std::size_t dtype_size(std::string_view dtype) noexcept;
 
-// FNV-1a 64-bit over `bytes`, continuing from `hash` (start with kFnvOffset).
-inline constexpr std::uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
-std::uint64_t fnv1a64(std::span<const std::byte> bytes, std::uint64_t hash = kFnvOffset) noexcept;
+// The checksum of a data section, as the metadata holds it: "xxh3:" + 16 lowercase hex digits.
+inline constexpr std::string_view kChecksumPrefix = "xxh3:";
+std::string checksum(std::span<const std::byte> bytes);
 
 struct TensorView {
   std::string name;
@@ -46,7 +47,7 @@ struct TensorView {
 
 // Writes atomically and durably: to "<path>.tmp-<pid>", fsync, rename over `path`, fsync the
 // directory. The data section holds the tensors in the order given. Adds metadata
-// "shmps.checksum" (FNV-1a 64, see above). Throws shmps::Error naming the path on any failure
+// "shmps.checksum" (XXH3 64, see above). Throws shmps::Error naming the path on any failure
 // (bad input: unknown dtype, size mismatch, empty/duplicate/reserved name; or an I/O error).
 // On failure before the rename, any previous file at `path` is intact and the temporary file
 // is removed. (Only a failed fsync of the directory after a successful rename throws with the
