@@ -244,6 +244,11 @@ int main(int argc, char** argv) {
   std::string consistency, on_worker_death;
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
   app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
+  std::string checkpoint_dir, checkpoint_every, checkpoint_keep;
+  app.add_option("--checkpoint-dir", checkpoint_dir,
+                 "the server it starts writes checkpoints here (and restores the newest if there is no segment)");
+  app.add_option("--checkpoint-every", checkpoint_every, "30s, 5m or 100clocks: between checkpoints (with --checkpoint-dir)");
+  app.add_option("--checkpoint-keep", checkpoint_keep, "checkpoints to keep in --checkpoint-dir (server's --keep; default 3)");
   app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
   int max_restarts = 0;
   bool chaos = false;
@@ -293,6 +298,9 @@ int main(int argc, char** argv) {
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
       if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
+      if (!checkpoint_dir.empty()) args.insert(args.end(), {"--checkpoint-dir", checkpoint_dir});
+      if (!checkpoint_every.empty()) args.insert(args.end(), {"--checkpoint-every", checkpoint_every});
+      if (!checkpoint_keep.empty()) args.insert(args.end(), {"--keep", checkpoint_keep});
       if (!keep) args.push_back("--remove-on-stop");
       server = &launcher.spawn("server", args, {});
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);

@@ -568,7 +568,7 @@ TEST(Launch, TheTrainerKilledByChaosResumesItsScheduleAndFinishes) {
   EXPECT_LE(applied, 938u * 4 + 4);
 }
 
-TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRun) {
+TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore) {
 #if defined(SHMPS_SANITIZER_BUILD)
   GTEST_SKIP() << "the Eigen trainer runs ~100x slower under sanitizers; the launcher's restarts and BSP "
                   "determinism are covered here by the shmps-test-pusher tests";
@@ -586,6 +586,44 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRun) {
     hashes.push_back(out.substr(at + 21, 18));
   }
   EXPECT_EQ(hashes[0], hashes[1]);
+
+  // Once more, interrupted (Ctrl-C) mid-training: the launcher stops the job, the server writes a
+  // last checkpoint and the shared memory is removed. Launched again with the same checkpoint
+  // directory, the server restores it, the trainers resume their data cursors, and the weights
+  // come out bit-identical.
+  Job job("bspckpt", kMlpSpec);
+  const std::string dir = "/tmp/shmps-test-ckpt-" + job.name();
+  std::vector<std::string> argv{"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2",
+                                "--consistency", "bsp", "--samples", "20000", "--checkpoint-dir", dir,
+                                "--after", "shmps-worker --evaluate"};
+  {
+    Process first(argv);
+    const auto until = std::chrono::steady_clock::now() + 60s;
+    std::uint64_t clock = 0;
+    while (clock < 40 && std::chrono::steady_clock::now() < until && first.running()) {
+      try {
+        auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+        clock = shmps::shm::load_acquire(seg.header().model_clock);
+      } catch (const shmps::Error&) {
+      }
+      std::this_thread::sleep_for(1ms);
+    }
+    first.kill(SIGINT);
+    first.wait(30s);
+    EXPECT_HAS(first.output(), "event=checkpoint ");
+  }
+  EXPECT_FALSE(std::filesystem::exists(shmps::shm::segment_path(job.name())));
+  Process second(argv);
+  ASSERT_EQ(second.wait(100s), 0) << second.output();
+  const std::string out = second.output();
+  std::filesystem::remove_all(dir);
+  EXPECT_HAS(out, "event=restored");
+  const auto resumed = out.find("continues at batch ");
+  ASSERT_NE(resumed, std::string::npos) << out;
+  EXPECT_GT(std::stoull(out.substr(resumed + 19)), 40u) << out;
+  const auto at = out.find("[after] weights-hash ");
+  ASSERT_NE(at, std::string::npos) << out;
+  EXPECT_EQ(out.substr(at + 21, 18), hashes[0]);
 }
 
 TEST(Ctl, ExportWritesEveryParameterOfALiveJobToSafetensors) {
