@@ -5,7 +5,9 @@
 //
 // Points: server "apply.mid_copy" (half of a slice copied in from its redo entry),
 //         server "apply.before_release" (slices applied, ring cursors not yet moved),
-//         worker "push.before_commit" (record and payload written, tail not yet stored).
+//         worker "push.before_commit" (record and payload written, tail not yet stored),
+//         server "checkpoint.mid_write" (about half of a checkpoint written to its temporary
+//         file), server "checkpoint.before_rename" (temporary file complete and fsynced).
 #pragma once
 
 namespace shmps::shm {
