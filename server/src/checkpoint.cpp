@@ -493,7 +493,7 @@ void restore_into(Segment& segment, const Snapshot& snap) {
     store_release(slot.consumed_clock, s.consumed_clock);
     store_release(slot.records_applied, s.records_applied);
     store_release(slot.records_discarded, s.records_discarded);
-    std::memcpy(slot.resume, s.resume.data(), s.resume.size());
+    if (!s.resume.empty()) std::memcpy(slot.resume, s.resume.data(), s.resume.size());  // data() may be null
     store_release(slot.resume_bytes, static_cast<std::uint32_t>(s.resume.size()));
     store_release(slot.resume_clock, s.resume_clock);
     store_release(slot.resume_version, std::uint64_t{2});
