@@ -43,20 +43,6 @@ std::string dq(std::string_view s) {
   throw Error("param " + dq(param.name) + ": init from " + param.init.file.string() + ": " + problem);
 }
 
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diag = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
 
 // `no tensor "x" in the file; it has 3 tensors: "a", "b", "c"`: the names closest to the wanted
 // one first (one that adds or drops a dotted prefix, then by edit distance), at most kShown.
@@ -75,7 +61,7 @@ std::string missing_text(const safetensors::File& file, const ParamSpec& param) 
   for (const auto& [name, t] : tensors) {
     (void)t;
     const bool related = dotted_suffix(name, want) || dotted_suffix(want, name);
-    ranked.emplace_back(related ? 0 : 1 + edit_distance(name, want), name);
+    ranked.emplace_back(related ? 0 : 1 + name_distance(name, want), name);
   }
   const std::size_t shown = std::min(kShown, ranked.size());
   std::partial_sort(ranked.begin(), ranked.begin() + static_cast<std::ptrdiff_t>(shown), ranked.end());

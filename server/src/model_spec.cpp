@@ -99,28 +99,13 @@ bool contains(Keys words, std::string_view w) {
 
 char lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; }
 
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diag = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t up = row[j];
-      const std::size_t cost = lower(a[i - 1]) == lower(b[j - 1]) ? 0 : 1;
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + cost});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
 
 // " (did you mean "lr"?)" for a near miss, else "".
 std::string did_you_mean(std::string_view word, Keys candidates) {
   std::string_view best;
   std::size_t best_d = std::numeric_limits<std::size_t>::max();
   for (std::string_view c : candidates) {
-    const std::size_t d = edit_distance(word, c);
+    const std::size_t d = name_distance(word, c);
     if (d < best_d) {
       best_d = d;
       best = c;
@@ -953,6 +938,22 @@ std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out) {
   else if (text == "wait") out = OnWorkerDeath::wait;
   else return "expected \"proceed\" or \"wait\", got \"" + std::string(text) + "\"";
   return {};
+}
+
+std::size_t name_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      const std::size_t cost = lower(a[i - 1]) == lower(b[j - 1]) ? 0 : 1;
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + cost});
+      diag = up;
+    }
+  }
+  return row[b.size()];
 }
 
 }  // namespace shmps::server

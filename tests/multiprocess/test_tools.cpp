@@ -632,16 +632,27 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
   EXPECT_EQ(out.substr(at + 21, 18), hashes[0]);
 }
 
-TEST(Ctl, ExportWritesEveryParameterOfALiveJobToSafetensors) {
-  Watchdog wd(std::chrono::seconds(60));
-  Job job("export", kSpec);
+// Starts `job`, lets one pusher make 40 pushes, and exports the live job; the file's path, or ""
+// (with the failure reported) if something went wrong.
+std::string export_after_40_pushes(Job& job, std::string* ctl_output = nullptr) {
   job.start_server();
   job.wait_ready();
   auto& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "40"}, {{"SHMPS_RANK", "0"}});
-  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  EXPECT_EQ(pusher.wait(30s), 0) << pusher.output();
   const std::string path = "/tmp/shmps-test-export-" + job.name() + ".safetensors";
   const Ran exported = run({"shmps-ctl", "export", job.name(), path});
-  ASSERT_EQ(exported.code, 0) << exported.out;
+  EXPECT_EQ(exported.code, 0) << exported.out;
+  if (ctl_output) *ctl_output = exported.out;
+  return exported.code == 0 ? path : "";
+}
+
+TEST(Ctl, ExportWritesEveryParameterOfALiveJobToSafetensors) {
+  Watchdog wd(std::chrono::seconds(60));
+  Job job("export", kSpec);
+  std::string out;
+  const std::string path = export_after_40_pushes(job, &out);
+  ASSERT_FALSE(path.empty());
+  const Ran exported{0, out};
   EXPECT_HAS(exported.out, "exported 3 parameters");
   // The file holds exactly what a pull sees, under the parameters' names and shapes.
   const auto file = shmps::server::safetensors::File::read(path);
@@ -736,13 +747,8 @@ TEST(Ctl, TheIndependentSafetensorsReaderReadsTheFormatAsPublished) {
 TEST(Ctl, AnExportedFileReadsBackWithAnIndependentReader) {
   Watchdog wd(std::chrono::seconds(60));
   Job job("export-ind", kSpec);
-  job.start_server();
-  job.wait_ready();
-  auto& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "40"}, {{"SHMPS_RANK", "0"}});
-  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
-  const std::string path = "/tmp/shmps-test-export-" + job.name() + ".safetensors";
-  const Ran exported = run({"shmps-ctl", "export", job.name(), path});
-  ASSERT_EQ(exported.code, 0) << exported.out;
+  const std::string path = export_after_40_pushes(job);
+  ASSERT_FALSE(path.empty());
   const ist::File f = ist::read(path);
   std::filesystem::remove(path);
 

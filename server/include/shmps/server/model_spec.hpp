@@ -177,6 +177,10 @@ std::string parse_bsp_aggregate(std::string_view text, BspAggregate& out);
 // "proceed" | "wait"
 std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out);
 
+// Edit distance between two names, ignoring ASCII case: how "did you mean ...?" suggestions
+// rank candidates (the spec parser's keys, a pretrained file's tensor names).
+std::size_t name_distance(std::string_view a, std::string_view b);
+
 // Checks a ModelSpec built in code (the parser applies the same rules, with positions).
 // "" if valid, else the first problem as "<field>: <problem>", e.g. "param[1].shape: ...".
 std::string validate_model_spec(const ModelSpec& spec);
