@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -81,6 +82,7 @@ struct Server::Impl {
   std::optional<PretrainedValues> pretrained;  // loaded when the segment is created from the spec
   std::uint64_t workers_died = 0;
   std::vector<std::uint64_t> round_clock;  // per slot: the clock after the newest clock record this round consumes
+  std::vector<std::uint64_t> latency_sampled_seq;  // per slot: the newest push whose latency was sampled
 
   // Checkpoints: at most one is being written (by `thread`) at a time; the snapshot's buffers are
   // reused from one checkpoint to the next.
@@ -112,6 +114,7 @@ struct Server::Impl {
   bool participating(std::uint32_t rank);
   void admit_new_workers();
   void keep_resume_state(std::uint32_t rank, const PushRecord* clock_record);
+  void sample_latency(std::uint32_t rank, std::uint64_t applied_at);
   std::vector<const PushRecord*> step_states;  // per slot: the newest state-carrying clock record of a BSP step
   bool add_contributions(std::uint32_t rank, const PushRecord* record);
   void collect_all();
@@ -260,6 +263,7 @@ void Server::start() {
   s.seen_tail.assign(h.max_workers, 0);
   s.step_states.assign(h.max_workers, nullptr);
   s.round_clock.assign(h.max_workers, 0);
+  s.latency_sampled_seq.assign(h.max_workers, 0);
   unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
   if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
   threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
@@ -313,6 +317,9 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
   h.state_offset = plan.state_offset;
   h.redo_offset = plan.redo_offset;
   h.redo_stride = plan.redo_stride;
+  h.param_stats_offset = plan.param_stats_offset;
+  h.rejected_offset = plan.rejected_offset;
+  h.rejected_stride = plan.rejected_stride;
   h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
   h.state_arrays = request.state_arrays;
@@ -447,6 +454,23 @@ void Server::Impl::copy_in(RedoEntry& e) {
   std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
   slice.step = e.step_after;
   store_release(slice.version, e.version_after);
+}
+
+// Commit -> applied latency of the newest push worker `rank` committed, if this round applied it
+// (once per push; a push whose commit time was overwritten by a newer one meanwhile is skipped).
+void Server::Impl::sample_latency(std::uint32_t rank, std::uint64_t applied_at) {
+  const WorkerSlot& slot = segment.slot(rank);
+  const std::uint64_t seq = load_acquire(slot.last_commit_seq);
+  const std::uint64_t committed_at = load_acquire(slot.last_commit_ns);
+  if (seq == 0 || seq != load_acquire(slot.last_commit_seq) || seq > round_last_seq[rank] ||
+      seq <= latency_sampled_seq[rank] || committed_at > applied_at)
+    return;
+  latency_sampled_seq[rank] = seq;
+  const std::uint64_t ns = std::max<std::uint64_t>(applied_at - committed_at, 1);
+  const std::size_t bucket = std::min<std::size_t>(static_cast<std::size_t>(std::bit_width(ns)) - 1, kLatencyBuckets - 1);
+  SegmentHeader& h = header();
+  bump_counter(h.latency_buckets[bucket], std::uint64_t{1});
+  bump_counter(h.latency_samples, std::uint64_t{1});
 }
 
 // Keeps the resume state a clock record carries in its slot, for a restarted worker.
@@ -701,13 +725,23 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
       updates = 1;
     }
     if (updates != 0) {
+      const std::uint64_t version_before = load_own(slice.version);
       redo.slice = slice_index;
       redo.count = slice.count;
-      redo.version_after = load_own(slice.version) + 2 * updates;
+      redo.version_after = version_before + 2 * updates;
       redo.step_after = step;
       store_release(redo.valid, 1U);  // from here on, a restarted server finishes this copy
       copy_in(redo);
       store_release(redo.valid, 0U);
+      // For the monitor: the slice's value norm, sampled every 8th update (and the first), from
+      // the copy still in this thread's cache.
+      if (version_before == 0 || version_before / 16 != redo.version_after / 16) {
+        const double sq = squared_norm(std::span<const float>(values, slice.count));
+        store_release(slice.value_sq_norm, std::bit_cast<std::uint64_t>(sq));
+      }
+      ParamStats& stats = segment.param_stats(slice.param);
+      stats.slice_updates.fetch_add(updates, std::memory_order_relaxed);
+      stats.floats_applied.fetch_add(applied_floats, std::memory_order_relaxed);
     }
     floats.fetch_add(applied_floats, std::memory_order_relaxed);
     skipped.fetch_add(skipped_here, std::memory_order_relaxed);
@@ -741,6 +775,17 @@ std::uint64_t Server::apply_round() {
     s.collect_all();
   }
 
+  const std::uint64_t round_started = s.contributions.empty() ? 0 : monotonic_ns();
+  // For the monitor: each push record taken this round (its contributions are adjacent until
+  // apply_contributions sorts them by slice), and its gradient norm.
+  for (std::size_t i = 0; i < s.contributions.size(); ++i) {
+    const PushRecord* rec = s.contributions[i].record;
+    if (i != 0 && s.contributions[i - 1].record == rec) continue;
+    ParamStats& stats = s.segment.param_stats(rec->param);
+    store_release(stats.pushes, load_own(stats.pushes) + 1);
+    store_release(stats.last_grad_sq_norm, std::bit_cast<std::uint64_t>(rec->grad_sq_norm));
+    store_release(stats.last_grad_floats, rec->count);
+  }
   std::uint64_t floats = 0, skipped = 0;
   s.apply_contributions(bsp, floats, skipped);
 
@@ -766,12 +811,14 @@ std::uint64_t Server::apply_round() {
 
   // Give the bytes back to the producers, publish what is done, wake sleepers.
   if (records != 0) kill_point("apply.before_release");
+  const std::uint64_t applied_at = monotonic_ns();
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = s.consumers[r];
     WorkerSlot& slot = s.segment.slot(r);
     const bool moved = s.round_end[r] != ring.head();
     if (s.round_clock[r] > load_own(slot.consumed_clock)) store_release(slot.consumed_clock, s.round_clock[r]);
     if (moved) ring.release_to(s.round_end[r]);
+    if (s.round_records[r]) s.sample_latency(r, applied_at);
     if (s.round_records[r] || s.round_discarded[r]) {
       store_release(slot.applied, std::max(load_own(slot.applied), s.round_last_seq[r]));
       bump_counter(slot.records_applied, s.round_records[r]);
@@ -789,6 +836,7 @@ std::uint64_t Server::apply_round() {
     bump_counter(h.floats_applied, floats);
     bump_counter(h.records_skipped, skipped);
     bump_counter(h.apply_rounds, std::uint64_t{1});
+    if (round_started != 0) bump_counter(h.apply_busy_ns, monotonic_ns() - round_started);
   }
   if (discarded)
     spdlog::warn("event=step_discarded segment={} step={} records={} reason=\"their worker died before finishing the step\"",

@@ -106,6 +106,11 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                               kCacheLine);
   if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
   offset += request.redo_entries * plan.redo_stride;
+  plan.param_stats_offset = offset;
+  offset += plan.params.size() * sizeof(ParamStats);
+  plan.rejected_offset = offset;
+  plan.rejected_stride = align_up(plan.params.size() * sizeof(std::uint64_t), kCacheLine);
+  offset += request.max_workers * plan.rejected_stride;
   plan.slots_offset = offset;
   offset += request.max_workers * sizeof(WorkerSlot);
   plan.rings_offset = offset;

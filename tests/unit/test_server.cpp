@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstring>
 
 #include <cmath>
@@ -331,4 +332,39 @@ TEST_F(ServerRounds, AStepThatNeverEndedDoesNotMoveTheResumeState) {
   w.pull("p", values);
   EXPECT_EQ(values[0], 9.0f);
   EXPECT_EQ(shm::load_counter(server->segment().header().records_discarded), 1u);
+}
+
+// The monitor's metrics, written as the server applies: per parameter (pushes, slice updates,
+// the newest gradient's norm, a sampled value norm per slice), per worker (rejected gradients by
+// parameter, the commit time of its newest push) and the server's latency histogram.
+TEST_F(ServerRounds, MetricsForTheMonitorFollowWhatWasApplied) {
+  auto server = start_server(name, kSgd);
+  Worker w(WorkerOptions{.segment = name, .rank = 1});
+  const auto& seg = server->segment();
+  std::vector<float> grad(1000, 0.5f);
+  w.push("p", grad);
+  std::vector<float> part(300, 2.0f);
+  w.push("p", 100, part);  // slices 0 and 1 (256 floats each)
+  EXPECT_EQ(server->apply_round(), 2u);
+
+  const auto& stats = seg.param_stats(0);
+  EXPECT_EQ(shm::load_acquire(stats.pushes), 2u);
+  EXPECT_EQ(shm::load_acquire(stats.slice_updates), 4u + 2u);  // 4 slices, then 2
+  EXPECT_EQ(shm::load_acquire(stats.floats_applied), 1300u);
+  EXPECT_EQ(std::bit_cast<double>(shm::load_acquire(stats.last_grad_sq_norm)), 300 * 4.0);
+  EXPECT_EQ(shm::load_acquire(stats.last_grad_floats), 300u);
+  // Slice 3 (elements 768..999) was updated once, from 10 to 9.5: its norm was sampled then.
+  EXPECT_EQ(std::bit_cast<double>(shm::load_acquire(seg.slice(3).value_sq_norm)), 232 * 9.5 * 9.5);
+  // Both pushes were applied in one round: the newer one's latency was sampled.
+  EXPECT_EQ(shm::load_acquire(seg.header().latency_samples), 1u);
+  std::uint64_t in_buckets = 0;
+  for (const auto& b : seg.header().latency_buckets) in_buckets += shm::load_acquire(b);
+  EXPECT_EQ(in_buckets, 1u);
+  EXPECT_GT(shm::load_acquire(seg.header().apply_busy_ns), 0u);
+  // A NaN gradient is refused by the worker and counted in its row, for that parameter.
+  grad[7] = std::nanf("");
+  EXPECT_HAS(error_of([&] { w.push("p", grad); }), "NaN");
+  EXPECT_EQ(shm::load_acquire(seg.rejected(1, 0)), 1u);
+  EXPECT_EQ(shm::load_acquire(seg.rejected(0, 0)), 0u);
+  EXPECT_EQ(shm::load_acquire(seg.slot(1).last_commit_seq), 2u);
 }

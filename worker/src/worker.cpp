@@ -378,6 +378,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   };
   PushRecord* record = s.ring.try_claim(grad.size());
   if (record == nullptr) {
+    const std::uint64_t waited_from = monotonic_ns();
     bool overflow = false;
     const bool ok = wait_for(
         [&] {
@@ -385,6 +386,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
           return overflow = step_overflows();
         },
         s.deadline(), &s.slot->progress, &s.slot->waiting);
+    bump_counter(s.slot->backpressure_ns, monotonic_ns() - waited_from);
     if (overflow)
       throw Error("push to '" + std::string(name) + "': the pushes of this BSP step (" +
                   std::to_string(s.ring.tail() - s.step_start) + " bytes so far) fill the whole ring of " +
@@ -400,6 +402,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   const std::size_t bad = copy_checked(record_payload(record), grad.data(), grad.size(), sum_sq);
   if (bad != grad.size()) {
     bump_counter(s.slot->pushes_rejected);  // the record was never committed: it does not exist
+    bump_counter(s.segment.rejected(static_cast<unsigned>(s.rank), i));
     throw Error("push to '" + std::string(name) + "' rejected: element " + std::to_string(offset + bad) + " is " +
                 (std::isnan(grad[bad]) ? "NaN" : "infinite") +
                 "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
@@ -417,6 +420,8 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   s.published = seq;
   s.pushed_in_step = true;
   store_release(s.slot->published, seq);
+  store_release(s.slot->last_commit_ns, monotonic_ns());  // (ns first: the server reads seq, then ns)
+  store_release(s.slot->last_commit_seq, seq);
   bump_counter(s.slot->push_bytes, static_cast<std::uint64_t>(grad.size_bytes()));
   s.heartbeat();
   s.wake_server();

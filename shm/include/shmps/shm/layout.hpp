@@ -20,6 +20,11 @@
 //                   | RedoEntry[redo_count]: one per server apply thread: a slice's new | server only:
 //                   |   values, optimizer state and redo-table row, copied in under the | a server killed
 //                   |   seqlock; replayed by the next server if still marked valid      | mid-apply is redone
+//   param_stats_offset +-----------------------------------------+
+//                   | ParamStats[param_count]   updates, norms    |  server writes (monitor)
+//   rejected_offset +--------------------------------------------+
+//                   | u64 rejected[max_workers][param_count]      |  each worker its own row
+//                   |   (NaN/Inf gradients refused), rows padded to 64 bytes |  (monitor)
 //   slots_offset    +--------------------------------------------+
 //                   | WorkerSlot[max_workers]   worker-owned lines | each worker its own slot;
 //                   |                           + server-owned line| the server its own line
@@ -54,7 +59,8 @@ inline constexpr std::uint32_t kLayoutVersion = 1;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
-inline constexpr std::size_t kMailboxBytes = 4352;  // a request holds a path (checkpoint=/abs/path)
+inline constexpr std::size_t kMailboxBytes = 4352;
+inline constexpr std::size_t kLatencyBuckets = 40;  // bucket i: [2^i, 2^(i+1)) ns; the last holds the rest  // a request holds a path (checkpoint=/abs/path)
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free, "a lock-based atomic is useless across processes");
@@ -97,6 +103,9 @@ struct SegmentHeader {
   std::uint64_t redo_stride;     // bytes per RedoEntry with its arrays
   std::uint32_t redo_count;      // the most apply threads a server may use on this segment
   std::uint32_t reserved1;
+  std::uint64_t param_stats_offset;  // ParamStats[param_count]
+  std::uint64_t rejected_offset;     // u64 rejected[max_workers][param_count], one padded row per worker
+  std::uint64_t rejected_stride;     // bytes per row
   OptimizerSettings optimizer;
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
   std::uint32_t reserved0;
@@ -140,6 +149,13 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> last_checkpoint_unix_ns;
   std::atomic<std::uint64_t> last_checkpoint_duration_ns;
   std::atomic<std::uint64_t> last_checkpoint_clock;
+
+  // Apply latency, push commit -> applied, sampled once per worker per round (the newest push a
+  // round applies): a histogram with power-of-two buckets of nanoseconds. And the time the
+  // server spent in rounds that applied something (its busy time). Server writes.
+  alignas(kCacheLine) std::atomic<std::uint64_t> latency_buckets[kLatencyBuckets];
+  std::atomic<std::uint64_t> latency_samples;
+  std::atomic<std::uint64_t> apply_busy_ns;
 
   // The command mailbox of shmps-ctl (the only words a tool writes). A tool claims it
   // (mailbox_state free -> claimed, compare-and-swap), writes the request, and marks it
@@ -186,7 +202,19 @@ struct alignas(kCacheLine) SliceEntry {
   std::uint64_t first;               // first element within the parameter
   std::uint64_t count;               // elements in this slice
   std::uint64_t step;                // optimizer steps applied (Adam's bias correction); server only
-  std::uint64_t reserved[2];
+  std::atomic<std::uint64_t> value_sq_norm;  // bits of a double: sum of squares of the values, sampled
+  std::uint64_t reserved;
+};
+
+// ---------------------------------------------------------------------------------------------
+// ParamStats: one per parameter, for the monitor; the server writes (its apply threads add).
+struct alignas(kCacheLine) ParamStats {
+  std::atomic<std::uint64_t> pushes;             // push records applied to it
+  std::atomic<std::uint64_t> slice_updates;      // optimizer steps applied to its slices
+  std::atomic<std::uint64_t> floats_applied;
+  std::atomic<std::uint64_t> last_grad_sq_norm;  // bits of a double: the newest push's squared L2 norm
+  std::atomic<std::uint64_t> last_grad_floats;   //   and how many elements it covered
+  std::uint64_t reserved[3];
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +259,9 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> last_staleness;   // clocks between this worker and the slowest live one, at its last pull
   std::atomic<std::uint64_t> max_staleness;    // the largest last_staleness seen
   std::atomic<std::uint64_t> wait_ns;          // time spent waiting in pulls (barrier, staleness bound)
+  std::atomic<std::uint64_t> backpressure_ns;  // time pushes waited for room in the ring
+  std::atomic<std::uint64_t> last_commit_seq;  // the newest committed push, and when (CLOCK_MONOTONIC ns):
+  std::atomic<std::uint64_t> last_commit_ns;   //   the server samples commit -> applied latency from them
   std::atomic<std::uint32_t> waiting;       // 1 while the worker sleeps on `progress`
 
   // Server line.
@@ -317,6 +348,7 @@ static_assert(sizeof(WorkerSlot) % kCacheLine == 0);
 static_assert(sizeof(RingHeader) == 3 * kCacheLine);
 static_assert(sizeof(PushRecord) == kCacheLine);
 static_assert(sizeof(RedoEntry) == kCacheLine);
+static_assert(sizeof(ParamStats) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
 static_assert(offsetof(WorkerSlot, applied) % kCacheLine == 0, "server line must not share a cache line with worker lines");
 
@@ -354,7 +386,10 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{offsetof(WorkerSlot, resume)}, std::uint64_t{offsetof(WorkerSlot, applied)},
                           std::uint64_t{offsetof(WorkerSlot, resume_version)},
                           std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{offsetof(WorkerSlot, consumed_clock)},
-                          std::uint64_t{offsetof(SegmentHeader, checkpoints)}, std::uint64_t{sizeof(RingHeader)},
+                          std::uint64_t{offsetof(SegmentHeader, checkpoints)}, std::uint64_t{offsetof(SegmentHeader, latency_buckets)},
+                          std::uint64_t{offsetof(SegmentHeader, rejected_stride)}, std::uint64_t{sizeof(ParamStats)},
+                          std::uint64_t{offsetof(WorkerSlot, last_commit_ns)}, std::uint64_t{offsetof(SliceEntry, value_sq_norm)},
+                          std::uint64_t{sizeof(RingHeader)},
                           std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
                           std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},
                           std::uint64_t{__GNUC__}, std::uint64_t{__GNUC_MINOR__}}) {

@@ -42,6 +42,7 @@ struct LayoutPlan {
   std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
+  std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 // Throws shmps::Error for an impossible request (sizes, names).
@@ -96,6 +97,16 @@ class Segment {
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];
+  }
+
+  ParamStats& param_stats(std::uint64_t i) noexcept { return at<ParamStats>(base_, header().param_stats_offset)[i]; }
+  const ParamStats& param_stats(std::uint64_t i) const noexcept { return at<ParamStats>(base_, header().param_stats_offset)[i]; }
+  // NaN/Inf gradients worker r had refused for parameter p (worker r writes its own row).
+  std::atomic<std::uint64_t>& rejected(std::uint64_t r, std::uint64_t p) noexcept {
+    return at<std::atomic<std::uint64_t>>(base_, header().rejected_offset + r * header().rejected_stride)[p];
+  }
+  const std::atomic<std::uint64_t>& rejected(std::uint64_t r, std::uint64_t p) const noexcept {
+    return at<std::atomic<std::uint64_t>>(base_, header().rejected_offset + r * header().rejected_stride)[p];
   }
 
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
