@@ -40,34 +40,13 @@
 #include <shmps/shm/reader.hpp>
 #include <shmps/shm/segment.hpp>
 
+#include "status.hpp"  // holder, state_name, slot_status (shared with shmps-top)
+
 using namespace shmps;
 using namespace shmps::shm;
+using namespace shmps::tools;
 
 namespace {
-
-constexpr std::uint64_t kSuspectAfterNs = 5'000'000'000ULL;
-
-// Whether a live process holds byte `byte` of a lock file; "unknown" if it cannot be read.
-std::string holder(const std::string& path, unsigned byte, bool& alive) {
-  alive = false;
-  if (!std::filesystem::exists(path)) return "none";
-  try {
-    alive = LockFile::open_for_probe(path).probe(byte) == Holder::alive;
-    return alive ? "alive" : "none";
-  } catch (const Error&) {
-    return "unknown";
-  }
-}
-
-std::string state_name(std::uint32_t s) {
-  switch (static_cast<SegmentState>(s)) {
-    case SegmentState::creating: return "creating";
-    case SegmentState::ready: return "ready";
-    case SegmentState::stopping: return "stopping";
-    case SegmentState::stopped: return "stopped";
-  }
-  return "unknown(" + std::to_string(s) + ")";
-}
 
 std::string age(std::uint64_t then_ns) {
   if (then_ns == 0) return "-";
@@ -113,19 +92,6 @@ int column_width(const Values& values, std::size_t minimum) {
   std::size_t width = minimum;
   for (const auto& v : values) width = std::max(width, std::string_view(v).size() + 2);
   return static_cast<int>(width);
-}
-
-// What a worker slot is, from its own words and the kernel's lock (never from time alone).
-std::string slot_status(const Segment& seg, unsigned r, const LockFile* slots_lock) {
-  const WorkerSlot& slot = seg.slot(r);
-  const auto state = static_cast<SlotState>(load_acquire(slot.state));
-  if (state == SlotState::free) return "free";
-  if (state == SlotState::left) return "left";
-  const std::uint64_t generation = load_acquire(slot.generation);
-  if (load_acquire(slot.dead_generation) == generation) return "dead";
-  if (slots_lock && slots_lock->probe(r) == Holder::none) return "dead";
-  if (monotonic_ns() - load_acquire(slot.heartbeat_ns) > kSuspectAfterNs) return "suspect";
-  return "alive";
 }
 
 // The worker slots: status from the kernel's locks and the server's verdict (never from time
