@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <shmps/error.hpp>
+#include <shmps/shape.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/shm/atomics.hpp>
@@ -93,12 +94,6 @@ json meta_json(const std::filesystem::path& path, const std::map<std::string, st
   } catch (const json::exception& e) {
     fail(path, "metadata \"" + key + "\" is not valid JSON: " + e.what());
   }
-}
-
-std::string shape_text(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 // An I64 tensor of exactly `shape`, as values.

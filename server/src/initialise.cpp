@@ -11,6 +11,7 @@
 #include <utility>
 
 #include <shmps/error.hpp>
+#include <shmps/shape.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/splitmix.hpp>
 
@@ -19,15 +20,6 @@
 namespace shmps::server {
 
 namespace {
-
-std::string shape_text(const std::vector<std::uint64_t>& shape) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i > 0) out += ", ";
-    out += std::to_string(shape[i]);
-  }
-  return out + "]";
-}
 
 // `"s"` (built by appending: GCC 12 warns falsely (-Wrestrict) about "\"" + std::string(s)).
 std::string dq(std::string_view s) {

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "shmps/server/optimizer.hpp"  // the optimizer's value rules (header-only)
+#include "shmps/shape.hpp"
 #include "shmps/shm/layout.hpp"
 
 namespace shmps::server {
@@ -216,15 +217,6 @@ std::optional<std::uint64_t> checked_elements(const std::vector<std::uint64_t>& 
     n *= d;
   }
   return n;
-}
-
-std::string shape_text(const std::vector<std::uint64_t>& shape) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i > 0) out += ", ";
-    out += std::to_string(shape[i]);
-  }
-  return out + "]";
 }
 
 std::string too_large_text(const std::vector<std::uint64_t>& shape) {

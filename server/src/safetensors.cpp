@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "shmps/error.hpp"
+#include "shmps/shape.hpp"
 
 // xxHash, header-only (Debian's libxxhash-dev): XXH3 hashes at memory speed, so the checksum
 // does not slow down checkpoints of big models.
@@ -43,15 +44,6 @@ constexpr std::string_view kMetadataKey = "__metadata__";
 
 [[noreturn]] void fail_errno(const std::filesystem::path& path, const std::string& what, int err) {
   fail(path, what + ": " + std::strerror(err));
-}
-
-std::string shape_string(const std::vector<std::uint64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i != 0) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
 }
 
 std::string hex64(std::uint64_t v) {
@@ -129,10 +121,10 @@ void write_file(const std::filesystem::path& path, const std::vector<TensorView>
     if (esize == 0) fail(path, "tensor '" + t.name + "': unknown dtype \"" + t.dtype + "\"");
     std::uint64_t count = 0, bytes = 0;
     if (!element_count(t.shape, count) || __builtin_mul_overflow(count, esize, &bytes)) {
-      fail(path, "tensor '" + t.name + "': shape " + shape_string(t.shape) + " is too large");
+      fail(path, "tensor '" + t.name + "': shape " + shape_text(t.shape) + " is too large");
     }
     if (bytes != t.data.size()) {
-      fail(path, "tensor '" + t.name + "': shape " + shape_string(t.shape) + " of " + t.dtype + " needs " +
+      fail(path, "tensor '" + t.name + "': shape " + shape_text(t.shape) + " of " + t.dtype + " needs " +
                      std::to_string(bytes) + " bytes, but " + std::to_string(t.data.size()) + " are given");
     }
     header[t.name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
@@ -294,10 +286,10 @@ File File::read(const std::filesystem::path& path) {
     }
     std::uint64_t count = 0, bytes = 0;
     if (!element_count(t.shape, count) || __builtin_mul_overflow(count, esize, &bytes)) {
-      fail(path, where + "shape " + shape_string(t.shape) + " is too large");
+      fail(path, where + "shape " + shape_text(t.shape) + " is too large");
     }
     if (bytes != t.end - t.begin) {
-      fail(path, where + "shape " + shape_string(t.shape) + " of " + t.dtype + " needs " + std::to_string(bytes) +
+      fail(path, where + "shape " + shape_text(t.shape) + " of " + t.dtype + " needs " + std::to_string(bytes) +
                      " bytes, but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
                      "] give " + std::to_string(t.end - t.begin));
     }
@@ -371,8 +363,8 @@ std::vector<float> File::f32(std::string_view name, const std::vector<std::uint6
     fail(path_, "tensor '" + std::string(name) + "': expected dtype F32, found " + t.dtype);
   }
   if (t.shape != expected_shape) {
-    fail(path_, "tensor '" + std::string(name) + "': expected shape " + shape_string(expected_shape) + ", found " +
-                    shape_string(t.shape));
+    fail(path_, "tensor '" + std::string(name) + "': expected shape " + shape_text(expected_shape) + ", found " +
+                    shape_text(t.shape));
   }
   const std::span<const std::byte> bytes = data(t);
   std::vector<float> out(bytes.size() / sizeof(float));

@@ -17,6 +17,7 @@
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shape.hpp>
 
 namespace bip = boost::interprocess;
 
@@ -265,10 +266,6 @@ std::int64_t Segment::find_param(std::string_view name) const noexcept {
 
 std::string_view param_name(const ParamEntry& p) noexcept { return {p.name, ::strnlen(p.name, kMaxNameBytes)}; }
 
-std::string shape_string(const ParamEntry& p) {
-  std::string out = "[";
-  for (std::uint32_t d = 0; d < p.ndim; ++d) out += (d ? ", " : "") + std::to_string(p.shape[d]);
-  return out + "]";
-}
+std::string shape_string(const ParamEntry& p) { return shape_text(std::span<const std::uint64_t>(p.shape, p.ndim)); }
 
 }  // namespace shmps::shm

@@ -62,16 +62,6 @@ std::string percent(double f) {
   return (p > 0 && p < 10 ? fixed(p, 1) : fixed(p, 0)) + "%";
 }
 
-std::string shape_text(const std::vector<std::uint64_t>& shape) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) out += ", ";
-    out += std::to_string(shape[i]);
-  }
-  out += "]";
-  return out;
-}
-
 std::string range_text(std::uint64_t lo, std::uint64_t hi) {
   return lo == hi ? std::to_string(lo) : std::to_string(lo) + ".." + std::to_string(hi);
 }

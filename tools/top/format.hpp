@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <shmps/shape.hpp>
+
 #include "metrics.hpp"
 
 namespace shmps::top {
@@ -22,7 +24,7 @@ template <class F>
 std::string opt(const std::optional<double>& v, F f) {
   return v ? f(*v) : std::string("-");
 }
-std::string shape_text(const std::vector<std::uint64_t>& shape);  // "[3, 40000]"
+using shmps::shape_text;  // "[3, 40000]" (shmps/shape.hpp)
 std::string range_text(std::uint64_t lo, std::uint64_t hi);       // "5" or "3..5"
 std::string consistency_text(const Sample& s);                     // "asp", "ssp:3", "bsp (sum)"
 std::string server_text(const Sample& s);                          // "alive pid 12 epoch 2" / "gone (...)"
