@@ -1,0 +1,103 @@
+// train: the reference MLP (../shared/workloads/README.md §2) trained by the example trainer,
+// shmps-worker, run as child processes:
+//   local      shmps-worker --local: one process, no parameter server (the limit)
+//   asp.1      one worker through shmps (shmps-launch, ASP), next to local
+//   asp.2      two workers, ASP, next to asp.1
+//   bsp.2      two workers, BSP, next to asp.2
+//   ssp2.2     two workers, SSP with bound 2, next to asp.2
+// samples/s is all workers' samples over the longest worker's training time (as the workers
+// print them); the final model's train loss and test accuracy come from shmps-worker
+// --evaluate run by shmps-launch --after (or, for local, from its own final evaluation).
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <shmps/error.hpp>
+
+#include "workloads.hpp"
+
+namespace shmps::bench {
+namespace {
+
+struct TrainResult {
+  double samples_per_s = 0;
+  double train_loss = -1, test_acc = -1;
+};
+
+// Runs `command` (through /bin/sh) and parses its output. Evaluation lines count only with
+// `eval_prefix` ("[after] " for shmps-launch, "" for a local run).
+TrainResult run(const std::string& command, const std::string& eval_prefix) {
+  FILE* f = popen((command + " 2>&1").c_str(), "r");
+  if (f == nullptr) throw Error("cannot run " + command);
+  TrainResult r;
+  unsigned long long total_samples = 0;
+  double longest = 0;
+  std::string output;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, f) != nullptr) {
+    const std::string line(buf);
+    output += line;
+    std::string body = line;
+    std::string prefix;
+    if (!body.empty() && body[0] == '[') {
+      const auto close = body.find("] ");
+      if (close != std::string::npos) {
+        prefix = body.substr(0, close + 2);
+        body = body.substr(close + 2);
+      }
+    }
+    unsigned long long batches = 0, samples = 0;
+    double secs = 0, loss = 0, acc = 0;
+    if (std::sscanf(body.c_str(), "trained %llu batches, %llu samples in %lf s", &batches, &samples, &secs) == 3) {
+      total_samples += samples;
+      longest = std::max(longest, secs);
+    } else if (prefix == eval_prefix && std::sscanf(body.c_str(), "train loss %lf acc %lf", &loss, &acc) == 2) {
+      r.train_loss = loss;
+    } else if (prefix == eval_prefix && std::sscanf(body.c_str(), "test loss %lf acc %lf", &loss, &acc) == 2) {
+      r.test_acc = acc;
+    }
+  }
+  const int status = pclose(f);
+  if (status != 0 || longest <= 0 || r.test_acc < 0)
+    throw Error("train: '" + command + "' failed or printed no figures; its output:\n" + output);
+  r.samples_per_s = static_cast<double>(total_samples) / longest;
+  return r;
+}
+
+void add(Report& rep, const std::string& name, const TrainResult& t, const std::string& what, const TrainResult* base,
+         const std::string& base_name) {
+  rep.add(name, t.samples_per_s, "samples/s", what);
+  if (base != nullptr) rep.add(name + ".ratio", t.samples_per_s / base->samples_per_s, "x", "/ " + base_name);
+  if (t.train_loss >= 0) rep.add(name + ".train_loss", t.train_loss, "", "final model, whole training set");
+  rep.add(name + ".test_acc", t.test_acc, "", "final model, test set");
+}
+
+}  // namespace
+
+void run_train(const Config& cfg, Report& rep) {
+  const std::string dir = self_dir();
+  const std::string samples = std::to_string(cfg.train_samples);
+  int job = 0;
+  auto launch = [&](int workers, const std::string& consistency) {
+    const std::string name = "bench-train-" + std::to_string(::getpid()) + "-" + std::to_string(job++);
+    return run(dir + "/shmps-launch --spec '" + cfg.mlp_spec + "' --name " + name + " --workers " +
+                   std::to_string(workers) + " --consistency " + consistency + " --after '" + dir +
+                   "/shmps-worker --evaluate' --samples " + samples,
+               "[after] ");
+  };
+  const TrainResult local = run(dir + "/shmps-worker --local --samples " + samples, "");
+  add(rep, "train.local", local, "shmps-worker --local, " + samples + " samples, no parameter server", nullptr, "");
+  const TrainResult asp1 = launch(1, "asp");
+  add(rep, "train.asp.1", asp1, "1 worker through shmps, ASP", &local, "local");
+  if (cfg.quick) return;
+  const TrainResult asp2 = launch(2, "asp");
+  add(rep, "train.asp.2", asp2, "2 workers, ASP", &asp1, "asp.1");
+  const TrainResult bsp2 = launch(2, "bsp");
+  add(rep, "train.bsp.2", bsp2, "2 workers, BSP", &asp2, "asp.2");
+  const TrainResult ssp2 = launch(2, "ssp:2");
+  add(rep, "train.ssp2.2", ssp2, "2 workers, SSP bound 2", &asp2, "asp.2");
+}
+
+}  // namespace shmps::bench
