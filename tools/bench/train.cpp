@@ -70,8 +70,8 @@ void add(Report& rep, const std::string& name, const TrainResult& t, const std::
          const std::string& base_name) {
   rep.add(name, t.samples_per_s, "samples/s", what);
   if (base != nullptr) rep.add(name + ".ratio", t.samples_per_s / base->samples_per_s, "x", "/ " + base_name);
-  if (t.train_loss >= 0) rep.add(name + ".train_loss", t.train_loss, "", "final model, whole training set");
-  rep.add(name + ".test_acc", t.test_acc, "", "final model, test set");
+  if (t.train_loss >= 0) rep.add(name + ".train_loss", t.train_loss, "loss", "final model, whole training set");
+  rep.add(name + ".test_acc", t.test_acc, "fraction", "final model, test set");
 }
 
 }  // namespace
