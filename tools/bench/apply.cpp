@@ -1,7 +1,9 @@
-// apply: the server's optimizer (shmps_optim's apply_update, called here in-process as the
-// server calls it: one 64 KiB slice at a time) applies SGD, and Adam, to 16M floats from queued
-// gradients (one gradient buffer per parameter, not in cache), with 1 and 2 threads; Gfloat/s
-// next to the plain p -= lr * g loop with as many threads.
+// apply: the server's apply path, in this process (the shmps_server library, driven one round
+// at a time as its tests do): a worker queues one whole-model gradient in its ring (not timed),
+// then one apply round applies it, SGD and Adam, with 1 and 2 apply threads; Gfloat/s next to
+// the plain p -= lr * g loop with as many threads. The round is everything the server does for
+// it: taking the records, the per-slice redo copy that makes a crash mid-apply recoverable
+// (layout.hpp, RedoEntry), the optimizer, the seqlock and the metrics.
 //
 // push-to-apply: 1 and 2 worker processes push whole-model gradients continuously (--rounds each)
 // to a real server (ASP, SGD, all cores, default ring); applied Gfloat/s from the earliest
@@ -13,7 +15,9 @@
 #include <vector>
 
 #include <shmps/error.hpp>
-#include <shmps/server/optimizer.hpp>
+#include <shmps/server/model_spec.hpp>
+#include <shmps/server/server.hpp>
+#include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
 #include "workloads.hpp"
@@ -21,49 +25,35 @@
 namespace shmps::bench {
 namespace {
 
-constexpr std::size_t kSliceFloats = 16384;
-
-// Median time of one optimizer step over every slice of the model, split over `threads`.
-double time_apply(const Config& cfg, OptimizerKind kind, int threads) {
-  OptimizerSettings s;
-  s.kind = kind;
-  s.lr = 1e-6f;
-  const bool adam = kind == OptimizerKind::adam;
-  std::vector<Floats> values, grads, m, v;
-  for (std::size_t i = 0; i < cfg.params; ++i) {
-    values.emplace_back(cfg.per_param, 1.0f);
-    grads.emplace_back(cfg.per_param, 0.5f);
-    m.emplace_back(adam ? cfg.per_param : 0);
-    v.emplace_back(adam ? cfg.per_param : 0);
-  }
-  const std::size_t slices_per_param = (cfg.per_param + kSliceFloats - 1) / kSliceFloats;
-  const std::size_t slices = cfg.params * slices_per_param;
-  auto run = [&](std::size_t lo, std::size_t hi, std::uint64_t step) {
-    for (std::size_t k = lo; k < hi; ++k) {
-      const std::size_t p = k / slices_per_param, off = (k % slices_per_param) * kSliceFloats;
-      const std::size_t n = std::min(kSliceFloats, cfg.per_param - off);
-      std::span<float> st0, st1;
-      if (adam) {
-        st0 = {m[p].data() + off, n};
-        st1 = {v[p].data() + off, n};
-      }
-      server::apply_update(s, {values[p].data() + off, n}, {grads[p].data() + off, n}, st0, st1, step, 1.0f);
-    }
-  };
+// Median time of one apply round over a queued whole-model gradient, with `threads` apply threads.
+double time_apply(const Config& cfg, const std::string& optimizer, int threads) {
+  const std::string name = job_name();
+  JobOptions job{.params = cfg.params,
+                 .per_param = cfg.per_param,
+                 .optimizer = optimizer,
+                 .max_workers = 1,
+                 .ring_bytes = (cfg.bytes() + (std::uint64_t{4} << 20)) / 64 * 64,
+                 .threads = threads};
+  server::ServerOptions options;
+  options.spec = server::parse_model_spec(job_spec(job, name), "<shmps-bench apply>");
+  options.remove_on_stop = true;
   std::vector<double> t;
-  for (int rep = 0; rep < cfg.reps; ++rep) {
-    const auto step = static_cast<std::uint64_t>(rep) + 1;
-    const double t0 = now_s();
-    if (threads == 1) {
-      run(0, slices, step);
-    } else {
-      std::thread other([&] { run(slices / 2, slices, step); });
-      run(0, slices / 2, step);
-      other.join();
+  {
+    server::Server srv(std::move(options));
+    srv.start();
+    Worker w(WorkerOptions{.segment = name, .rank = 0});
+    Floats grad(cfg.per_param, 0.5f);
+    for (int rep = -1; rep < cfg.reps; ++rep) {  // rep -1 warms up
+      for (std::size_t i = 0; i < cfg.params; ++i) w.push(Job::param(i), {grad.data(), cfg.per_param});
+      const double t0 = now_s();
+      const std::uint64_t records = srv.apply_round();
+      if (rep >= 0) t.push_back(now_s() - t0);
+      if (records != cfg.params)
+        throw Error("apply: a round applied " + std::to_string(records) + " records, not " + std::to_string(cfg.params));
     }
-    t.push_back(now_s() - t0);
+    w.leave();
   }
-  keep(values[0].data()[0]);
+  shm::Segment::remove(name);
   return median(t);
 }
 
@@ -114,11 +104,11 @@ double push_to_apply(const Config& cfg, int workers, int rounds) {
 
 void run_apply(const Config& cfg, const Limits& lim, Report& r) {
   const double gf = static_cast<double>(cfg.floats()) / 1e9;
-  const double sgd1 = time_apply(cfg, OptimizerKind::sgd, 1);
-  const double sgd2 = time_apply(cfg, OptimizerKind::sgd, 2);
-  const double adam1 = time_apply(cfg, OptimizerKind::adam, 1);
-  const double adam2 = time_apply(cfg, OptimizerKind::adam, 2);
-  r.add("apply.sgd", gf / sgd1, "Gfloat/s", "the server's optimizer, SGD, slice by slice, one thread");
+  const double sgd1 = time_apply(cfg, "sgd", 1);
+  const double sgd2 = time_apply(cfg, "sgd", 2);
+  const double adam1 = time_apply(cfg, "adam", 1);
+  const double adam2 = time_apply(cfg, "adam", 2);
+  r.add("apply.sgd", gf / sgd1, "Gfloat/s", "one server apply round of a queued whole-model gradient, SGD, one thread");
   r.add("apply.sgd.ratio", lim.sgd_s / sgd1, "x", "apply.sgd / plain loop, one thread (target >= 0.85)");
   r.add("apply.sgd.2threads", gf / sgd2, "Gfloat/s", "the same on two threads");
   r.add("apply.sgd.2threads.ratio", lim.sgd2_s / sgd2, "x", "/ plain loop, two threads (target >= 0.85)");

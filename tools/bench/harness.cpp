@@ -65,19 +65,24 @@ namespace {
 int job_counter = 0;
 }
 
+std::string job_name() { return "bench-" + std::to_string(::getpid()) + "-" + std::to_string(job_counter++); }
+
+std::string job_spec(const JobOptions& o, const std::string& name) {
+  std::ostringstream spec;
+  spec << "name = \"" << name << "\"\nmax_workers = " << o.max_workers << "\nconsistency = \"" << o.consistency
+       << "\"\n";
+  if (o.ring_bytes != 0) spec << "ring_bytes = " << o.ring_bytes << "\n";
+  if (o.threads != 0) spec << "server_threads = " << o.threads << "\n";
+  spec << "[optimizer]\nkind = \"" << o.optimizer << "\"\nlr = 1e-6\n";
+  for (std::size_t i = 0; i < o.params; ++i)
+    spec << "[[param]]\nname = \"" << Job::param(i) << "\"\nshape = [" << o.per_param << "]\n";
+  return spec.str();
+}
+
 Job::Job(const JobOptions& o) {
-  name_ = "bench-" + std::to_string(::getpid()) + "-" + std::to_string(job_counter++);
+  name_ = job_name();
   spec_path_ = "/tmp/shmps-" + name_ + ".toml";
-  {
-    std::ofstream spec(spec_path_);
-    spec << "name = \"" << name_ << "\"\nmax_workers = " << o.max_workers << "\nconsistency = \"" << o.consistency
-         << "\"\n";
-    if (o.ring_bytes != 0) spec << "ring_bytes = " << o.ring_bytes << "\n";
-    if (o.threads != 0) spec << "server_threads = " << o.threads << "\n";
-    spec << "[optimizer]\nkind = \"" << o.optimizer << "\"\nlr = 1e-6\n";
-    for (std::size_t i = 0; i < o.params; ++i)
-      spec << "[[param]]\nname = \"" << param(i) << "\"\nshape = [" << o.per_param << "]\n";
-  }
+  std::ofstream(spec_path_) << job_spec(o, name_);
   server_ = fork();
   if (server_ == 0) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);

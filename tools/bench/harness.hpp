@@ -78,6 +78,12 @@ struct JobOptions {
   std::string checkpoint_dir{};  // non-empty: checkpoints back to back into it
 };
 
+// The model spec of such a job, named `name`.
+std::string job_spec(const JobOptions& options, const std::string& name);
+
+// A fresh segment name for a job of this run.
+std::string job_name();
+
 class Job {
  public:
   // Starts the server and waits until its segment is ready (throws shmps::Error if not in 30 s).
