@@ -115,84 +115,98 @@ void preprocess(const Coeffs& c, float* buf, const float* grad, const float* p, 
   if (c.wd_on) out += c.wd * CVec<A>(p, n);
 }
 
+// The arrays of one update: new values and state are written to p, s0, s1, computed from the
+// old ones in p_old, s0_old, s1_old (the same pointers for an update in place). Element-wise
+// statements only, so writing over the inputs is safe.
+struct Arrays {
+  float* p;
+  const float* p_old;
+  float* s0;
+  const float* s0_old;
+  float* s1;
+  const float* s1_old;
+  Arrays at(Index i) const {
+    auto plus = [i](auto* q) { return q != nullptr ? q + i : q; };
+    return {plus(p), plus(p_old), plus(s0), plus(s0_old), plus(s1), plus(s1_old)};
+  }
+};
+
 // The optimizer's statements on one chunk; g is the (preprocessed) gradient of the chunk.
 // GA is the alignment of g (the buffer is always aligned; the raw gradient follows A).
 template <OptimizerKind K, int A, int GA>
-void update_chunk(const Coeffs& c, float* pp, const float* gp, float* s0p, float* s1p, Index n) {
-  Vec<A> p(pp, n);
+void update_chunk(const Coeffs& c, const Arrays& x, const float* gp, Index n) {
+  Vec<A> p(x.p, n);
+  CVec<A> p_old(x.p_old, n);
   CVec<GA> g(gp, n);
   if constexpr (K == OptimizerKind::sgd) {
-    p -= c.lr * g;
+    p = p_old - c.lr * g;
   } else if constexpr (K == OptimizerKind::momentum) {
-    Vec<A> v(s0p, n);
-    v = c.mu * v + g;
-    p -= c.lr * v;
+    Vec<A> v(x.s0, n);
+    v = c.mu * CVec<A>(x.s0_old, n) + g;
+    p = p_old - c.lr * v;
   } else if constexpr (K == OptimizerKind::nesterov) {
-    Vec<A> v(s0p, n);
-    v = c.mu * v + g;
-    p -= c.lr * (g + c.mu * v);
+    Vec<A> v(x.s0, n);
+    v = c.mu * CVec<A>(x.s0_old, n) + g;
+    p = p_old - c.lr * (g + c.mu * v);
   } else if constexpr (K == OptimizerKind::adagrad) {
-    Vec<A> s(s0p, n);
-    s += g.square();
-    p -= c.lr * g / (sqrt_of(s) + c.eps);
+    Vec<A> s(x.s0, n);
+    s = CVec<A>(x.s0_old, n) + g.square();
+    p = p_old - c.lr * g / (sqrt_of(s) + c.eps);
   } else if constexpr (K == OptimizerKind::rmsprop) {
-    Vec<A> s(s0p, n);
-    s = c.rho * s + c.one_minus_rho * g.square();
-    p -= c.lr * g / (sqrt_of(s) + c.eps);
+    Vec<A> s(x.s0, n);
+    s = c.rho * CVec<A>(x.s0_old, n) + c.one_minus_rho * g.square();
+    p = p_old - c.lr * g / (sqrt_of(s) + c.eps);
   } else if constexpr (K == OptimizerKind::adam) {
-    Vec<A> m(s0p, n);
-    Vec<A> v(s1p, n);
-    m = c.b1 * m + c.one_minus_b1 * g;
-    v = c.b2 * v + c.one_minus_b2 * g.square();
+    Vec<A> m(x.s0, n);
+    Vec<A> v(x.s1, n);
+    m = c.b1 * CVec<A>(x.s0_old, n) + c.one_minus_b1 * g;
+    v = c.b2 * CVec<A>(x.s1_old, n) + c.one_minus_b2 * g.square();
     // lr * m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, sqrt(v_hat) = sqrt(v) / sqrt(bc2)
     // (the division by sqrt(bc2) is a multiplication by its reciprocal: one divide per element)
-    p -= c.step_size * m / (sqrt_of(v) * c.inv_bc2_sqrt + c.eps);
+    p = p_old - c.step_size * m / (sqrt_of(v) * c.inv_bc2_sqrt + c.eps);
   }
 }
 
 template <OptimizerKind K, int A>
-void run(const Coeffs& c, float* p, const float* g, float* s0, float* s1, Index n) {
+void run(const Coeffs& c, const Arrays& x, const float* g, Index n) {
   if constexpr (K == OptimizerKind::sgd) {
     // The hot path: one streaming pass, no buffer.
     if (!c.pre()) {
-      Vec<A>(p, n) -= c.lr * CVec<A>(g, n);
+      Vec<A>(x.p, n) = CVec<A>(x.p_old, n) - c.lr * CVec<A>(g, n);
       return;
     }
     if (!c.clip_on && !c.wd_on) {
-      Vec<A>(p, n) -= c.lr * (CVec<A>(g, n) * c.scale);
+      Vec<A>(x.p, n) = CVec<A>(x.p_old, n) - c.lr * (CVec<A>(g, n) * c.scale);
       return;
     }
   }
   alignas(64) float buf[kChunk];
   for (Index i = 0; i < n; i += kChunk) {
     const Index m = std::min(kChunk, n - i);
-    float* s0i = s0 != nullptr ? s0 + i : nullptr;
-    float* s1i = s1 != nullptr ? s1 + i : nullptr;
     if (c.pre()) {
-      preprocess<A>(c, buf, g + i, p + i, m);
-      update_chunk<K, A, kAligned>(c, p + i, buf, s0i, s1i, m);
+      preprocess<A>(c, buf, g + i, x.p_old + i, m);
+      update_chunk<K, A, kAligned>(c, x.at(i), buf, m);
     } else {
-      update_chunk<K, A, A>(c, p + i, g + i, s0i, s1i, m);
+      update_chunk<K, A, A>(c, x.at(i), g + i, m);
     }
   }
 }
 
 template <int A>
-void dispatch(OptimizerKind kind, const Coeffs& c, float* p, const float* g, float* s0, float* s1,
-              Index n) {
+void dispatch(OptimizerKind kind, const Coeffs& c, const Arrays& x, const float* g, Index n) {
   switch (kind) {
     case OptimizerKind::sgd:
-      return run<OptimizerKind::sgd, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::sgd, A>(c, x, g, n);
     case OptimizerKind::momentum:
-      return run<OptimizerKind::momentum, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::momentum, A>(c, x, g, n);
     case OptimizerKind::nesterov:
-      return run<OptimizerKind::nesterov, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::nesterov, A>(c, x, g, n);
     case OptimizerKind::adagrad:
-      return run<OptimizerKind::adagrad, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::adagrad, A>(c, x, g, n);
     case OptimizerKind::rmsprop:
-      return run<OptimizerKind::rmsprop, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::rmsprop, A>(c, x, g, n);
     case OptimizerKind::adam:
-      return run<OptimizerKind::adam, A>(c, p, g, s0, s1, n);
+      return run<OptimizerKind::adam, A>(c, x, g, n);
   }
 }
 
@@ -211,16 +225,26 @@ double clip_norm_scale(const OptimizerSettings& s, double grad_squared_norm) {
 }
 
 double squared_norm(std::span<const float> grad) {
-  if (grad.empty()) return 0.0;
-  return CVec<kUnaligned>(grad.data(), static_cast<Index>(grad.size()))
-      .cast<double>()
-      .square()
-      .sum();
+  // Float sums of blocks (Eigen's vectorised reduction), added up in double: much cheaper than
+  // converting every element to double, and precise enough for a norm.
+  constexpr std::size_t kBlock = 1024;
+  double total = 0.0;
+  for (std::size_t i = 0; i < grad.size(); i += kBlock) {
+    const auto n = static_cast<Index>(std::min(kBlock, grad.size() - i));
+    total += static_cast<double>(CVec<kUnaligned>(grad.data() + i, n).square().sum());
+  }
+  return total;
 }
 
 void apply_update(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
                   std::span<float> state0, std::span<float> state1, std::uint64_t step,
                   float grad_scale) {
+  apply_update(s, values, grad, state0, state1, step, grad_scale, UpdateInputs{values, state0, state1});
+}
+
+void apply_update(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                  std::span<float> state0, std::span<float> state1, std::uint64_t step,
+                  float grad_scale, const UpdateInputs& old) {
   if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(OptimizerKind::adam)) {
     throw std::invalid_argument("apply_update: unknown optimizer kind " +
                                 std::to_string(static_cast<std::uint32_t>(s.kind)));
@@ -238,6 +262,9 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
         "apply_update: optimizer " + std::string(to_string(s.kind)) + " needs state arrays of " +
         std::to_string(want0) + " and " + std::to_string(want1) + " elements, got " +
         std::to_string(state0.size()) + " and " + std::to_string(state1.size()));
+  }
+  if (old.values.size() != n || old.state0.size() != state0.size() || old.state1.size() != state1.size()) {
+    throw std::invalid_argument("apply_update: the old values and state must have the sizes of the new ones");
   }
   if (s.kind == OptimizerKind::adam && step == 0) {
     throw std::invalid_argument("apply_update: adam needs a 1-based step, got 0");
@@ -268,15 +295,15 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
   c.wd = s.weight_decay;
   c.wd_on = s.weight_decay > 0.0f;
 
-  float* p = values.data();
+  auto ptr = [](auto span) { return span.empty() ? nullptr : span.data(); };
+  const Arrays x{values.data(), old.values.data(), ptr(state0), ptr(old.state0), ptr(state1), ptr(old.state1)};
   const float* g = grad.data();
-  float* s0 = state0.empty() ? nullptr : state0.data();
-  float* s1 = state1.empty() ? nullptr : state1.data();
   const auto len = static_cast<Index>(n);
-  if (aligned64(p) && aligned64(g) && aligned64(s0) && aligned64(s1)) {
-    dispatch<kAligned>(s.kind, c, p, g, s0, s1, len);
+  if (aligned64(x.p) && aligned64(x.p_old) && aligned64(g) && aligned64(x.s0) && aligned64(x.s0_old) &&
+      aligned64(x.s1) && aligned64(x.s1_old)) {
+    dispatch<kAligned>(s.kind, c, x, g, len);
   } else {
-    dispatch<kUnaligned>(s.kind, c, p, g, s0, s1, len);
+    dispatch<kUnaligned>(s.kind, c, x, g, len);
   }
 }
 

@@ -678,11 +678,26 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
     std::uint64_t* last = segment.redo_last_applied(redo);
     float* values = segment.redo_values(redo);
     float* state[2] = {arrays > 0 ? segment.redo_state(redo, 0) : nullptr, arrays > 1 ? segment.redo_state(redo, 1) : nullptr};
+    const float* slice_values = segment.values(p) + slice.first;
+    const float* slice_state[2] = {arrays > 0 ? segment.state(p, 0) + slice.first : nullptr,
+                                   arrays > 1 ? segment.state(p, 1) + slice.first : nullptr};
     std::memcpy(last, &segment.last_applied(slice_index, 0), workers * sizeof(std::uint64_t));
-    std::memcpy(values, segment.values(p) + slice.first, slice.count * sizeof(float));
-    for (int a = 0; a < arrays; ++a) std::memcpy(state[a], segment.state(p, a) + slice.first, slice.count * sizeof(float));
     auto state_span = [&](int a, std::uint64_t lo, std::size_t n) {
       return a < arrays ? std::span<float>(state[a] + lo, n) : std::span<float>();
+    };
+    // The first update that covers the whole slice reads the old values and state straight
+    // from the segment and writes the new ones into the redo entry (one pass over the slice);
+    // any other first update needs the slice copied into the entry before it.
+    bool in_redo = false;
+    auto old_of_slice = [&] {
+      return UpdateInputs{{slice_values, slice.count},
+                          arrays > 0 ? std::span<const float>(slice_state[0], slice.count) : std::span<const float>(),
+                          arrays > 1 ? std::span<const float>(slice_state[1], slice.count) : std::span<const float>()};
+    };
+    auto copy_slice_to_redo = [&] {
+      std::memcpy(values, slice_values, slice.count * sizeof(float));
+      for (int a = 0; a < arrays; ++a) std::memcpy(state[a], slice_state[a], slice.count * sizeof(float));
+      in_redo = true;
     };
 
     thread_local std::vector<float> sum;
@@ -703,8 +718,15 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
       last[c.rank] = c.record->seq;
       applied_floats += n;
       if (!sum_per_slice) {
-        apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n), state_span(0, lo, n),
-                     state_span(1, lo, n), ++step, scale);
+        if (!in_redo && n == slice.count) {
+          apply_update(settings, std::span<float>(values, n), std::span<const float>(grad, n), state_span(0, 0, n),
+                       state_span(1, 0, n), ++step, scale, old_of_slice());
+          in_redo = true;
+        } else {
+          if (!in_redo) copy_slice_to_redo();
+          apply_update(settings, std::span<float>(values + lo, n), std::span<const float>(grad, n),
+                       state_span(0, lo, n), state_span(1, lo, n), ++step, scale);
+        }
         ++updates;
         continue;
       }
@@ -721,7 +743,7 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
         for (float& g : sum) g *= inv;
       }
       apply_update(settings, std::span<float>(values, slice.count), std::span<const float>(sum.data(), slice.count),
-                   state_span(0, 0, slice.count), state_span(1, 0, slice.count), ++step, 1.0f);
+                   state_span(0, 0, slice.count), state_span(1, 0, slice.count), ++step, 1.0f, old_of_slice());
       updates = 1;
     }
     if (updates != 0) {
