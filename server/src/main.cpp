@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   CLI::App app{"shmps-server: the parameter server of a shmps job (one per segment)"};
   std::string spec_path, name, log_level = "info";
   unsigned threads = 0;
+  unsigned idle_poll_us = static_cast<unsigned>(shmps::server::ServerOptions{}.idle_poll.count());
   bool remove_on_stop = false, group = false;
   app.add_option("--spec", spec_path, "model spec (TOML): segment name, parameters, optimizer")->required()->check(CLI::ExistingFile);
   app.add_option("--name", name, "segment name (overrides the spec's `name`)");
@@ -47,6 +48,11 @@ int main(int argc, char** argv) {
   app.add_option("--keep", keep, "checkpoints to keep in --checkpoint-dir, the newest (0: all; default 3)");
   app.add_option("--restore", restore,
                  "recreate the job from this checkpoint file (refused if the segment exists)")->check(CLI::ExistingFile);
+  app.add_option("--idle-poll-us", idle_poll_us,
+                 "microseconds the server keeps polling for pushes before it sleeps (lower latency for a "
+                 "little CPU; 0: sleep at once)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
 
@@ -91,6 +97,7 @@ int main(int argc, char** argv) {
     options.keep = keep;
     options.restore = restore;
     options.threads = threads;
+    options.idle_poll = std::chrono::microseconds(idle_poll_us);
     options.remove_on_stop = remove_on_stop;
     options.mode = group ? 0660 : 0600;
     // Handlers first: a SIGTERM that arrives while start() runs (or right after "ready") must

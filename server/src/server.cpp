@@ -1085,7 +1085,8 @@ void Server::run() {
   Impl& s = *impl_;
   using clock = std::chrono::steady_clock;
   auto next_liveness = clock::now();
-  std::uint32_t idle_rounds = 0;
+  clock::time_point idle_since{};
+  bool idle = false;
   SegmentHeader& h = s.header();
   while (true) {
     store_release(h.server_heartbeat_ns, monotonic_ns());
@@ -1098,7 +1099,7 @@ void Server::run() {
     const std::uint64_t applied = apply_round();
     s.checkpoint_if_due();
     if (applied) {
-      idle_rounds = 0;
+      idle = false;
       continue;
     }
     if (s.stop_requested.load(std::memory_order_acquire)) {
@@ -1106,12 +1107,18 @@ void Server::run() {
       // found nothing). Pushes committed from now on stay in the rings for the next server.
       break;
     }
-    // Idle: spin briefly (a push is often a few microseconds away), then sleep on the futex.
-    if (++idle_rounds < 64) {
+    // Idle: keep polling for options.idle_poll (a push is often microseconds away), yielding the
+    // core at every turn, then sleep on the futex.
+    if (!idle) {
+      idle = true;
+      idle_since = now;
+    }
+    if (now - idle_since < s.options.idle_poll) {
       std::this_thread::yield();
       continue;
     }
     s.sleep_until_work(std::chrono::microseconds(2000));
+    idle = false;
   }
   // Drained: finish the checkpoint being written, answer a waiting shmps-ctl, and write the last
   // checkpoint of this run (unless nothing changed since the previous one).

@@ -33,6 +33,12 @@ struct ServerOptions {
   bool override_policy = false;
   // How often worker slots are probed for dead holders (the death-detection time).
   std::chrono::milliseconds liveness_interval{100};
+  // How long the server keeps polling the rings after its last work before it sleeps on the
+  // futex. A push found while polling is applied at once; one that wakes a sleeping server
+  // waits for the futex wake and the scheduler: tens of microseconds, and up to a scheduler
+  // tick on a busy machine. Polling yields the core at every turn, so runnable workers are not
+  // held back. 0: sleep as soon as a round finds nothing.
+  std::chrono::microseconds idle_poll{200};
   // A live worker whose heartbeat is older than this is shown as "suspect" (display only).
   std::chrono::milliseconds suspect_after{5000};
 
