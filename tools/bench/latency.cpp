@@ -65,6 +65,9 @@ void run_latency(const Config& cfg, const Limits& lim, Report& r) {
       while (seen == v) {
         seen = w.pull(Job::param(0), 0, {out.data(), kSliceFloats});
         if (now_s() > give_up) throw Error("no new version in 10 s");
+        // Three processes share two cores here: a reader that never yields keeps the server
+        // (or the pusher) off a core for a scheduler slice.
+        if (seen == v) std::this_thread::yield();
       }
       sh->latency[i] = static_cast<double>(now_ns() - sh->t0_ns.load(std::memory_order_acquire)) / 1e9;
       v = seen;
