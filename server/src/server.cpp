@@ -69,6 +69,7 @@ struct Server::Impl {
   // Per slot, for the round being built: where its ring's head moves to, the last push sequence
   // number the server is then done with, and how many pushes were applied or discarded.
   std::vector<std::uint64_t> round_end;
+  std::vector<std::uint64_t> leading_padding_end;  // BSP: a ring's head moved past padding in front
   std::vector<std::uint64_t> round_last_seq;
   std::vector<std::uint64_t> round_records;
   std::vector<std::uint64_t> round_discarded;
@@ -257,6 +258,7 @@ void Server::start() {
   for (std::uint32_t r = 0; r < h.max_workers; ++r)
     s.consumers.emplace_back(&s.segment.ring(r), s.segment.ring_data(r));
   s.round_end.assign(h.max_workers, 0);
+  s.leading_padding_end.assign(h.max_workers, 0);
   s.round_last_seq.assign(h.max_workers, 0);
   s.round_records.assign(h.max_workers, 0);
   s.round_discarded.assign(h.max_workers, 0);
@@ -572,6 +574,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
     const std::uint64_t tail = ring.committed();
     std::uint64_t pos = ring.head();
     std::uint64_t consumed = pos;  // the end of the groups taken (counted or discarded)
+    std::uint64_t free_to = pos;   // the end of the padding in front of the first group
     std::size_t group_begin = contributions.size();
     std::uint64_t group_generation = 0, group_records = 0, group_last_seq = 0;
     bool finished = false;
@@ -592,6 +595,9 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
       }
       const PushRecord* rec = ring.record_at(pos);
       const std::uint64_t next = pos + rec->record_bytes;
+      // Padding in front of everything else carries nothing: give it back even if the step is
+      // not complete (a ring that starts over puts one in front of a step, RingProducer).
+      if (rec->kind == RecordKind::padding && pos == free_to) free_to = next;
       if (rec->kind == RecordKind::push) {
         if (group_records != 0 && rec->generation != group_generation) drop_group(pos);  // its writer died mid-step
         if (group_records == 0) group_begin = contributions.size();
@@ -629,7 +635,8 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
       else
         contributions.resize(group_begin);
     }
-    round_end[r] = consumed;
+    round_end[r] = std::max(consumed, free_to);
+    leading_padding_end[r] = free_to;
     if (worker_clock > step) finished = true;
     if (!finished && participating(r)) everyone_finished = false;
   }
@@ -638,7 +645,7 @@ bool Server::Impl::collect_bsp_step(std::uint64_t step) {
       if (step_states[r] != nullptr) keep_resume_state(r, step_states[r]);
   } else {
     contributions.clear();
-    for (std::uint32_t r = 0; r < workers; ++r) round_end[r] = consumers[r].head();
+    for (std::uint32_t r = 0; r < workers; ++r) round_end[r] = leading_padding_end[r];
     std::fill(round_last_seq.begin(), round_last_seq.end(), 0);
     std::fill(round_records.begin(), round_records.end(), 0);
     std::fill(round_discarded.begin(), round_discarded.end(), 0);

@@ -124,6 +124,42 @@ TEST(Ring, WrapsWithAPaddingRecordAndNeverSplitsARecord) {
   for (std::uint64_t i = 0; i < 50; ++i) EXPECT_EQ(seen[i], i + 1);
 }
 
+TEST(Ring, AnEmptyRingStartsOverAtItsBeginningWhenTheRecordFitsThere) {
+  TestRing ring(4096);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  const auto offset = [&](const PushRecord* r) { return reinterpret_cast<const std::byte*>(r) - ring.data(); };
+  // 64 + 1024 bytes at 0, consumed: the ring is empty with its tail at 1088.
+  PushRecord* first = p.try_claim(256);
+  EXPECT_EQ(offset(first), 0);
+  fill(first, 1, 256);
+  p.commit();
+  EXPECT_EQ(consume(c), (std::vector<std::uint64_t>{1}));
+  // A record that fits before 1088 starts over at 0 (a padding record covers 1088..4096) ...
+  PushRecord* second = p.try_claim(256);
+  EXPECT_EQ(offset(second), 0);
+  EXPECT_EQ(p.past_start_over(1088), 4096u);
+  fill(second, 2, 256);
+  p.commit();
+  // The padding holds its room until the consumer passes it.
+  EXPECT_EQ(p.try_claim(16), nullptr);
+  EXPECT_EQ(consume(c), (std::vector<std::uint64_t>{2}));
+  // Empty again (tail at 1088 in the ring): the next record starts over too ...
+  PushRecord* third = p.try_claim(16);
+  EXPECT_EQ(offset(third), 0);
+  fill(third, 3, 16);
+  p.commit();
+  // ... but not one claimed while the ring holds anything: it goes after the last record.
+  PushRecord* fourth = p.try_claim(16);
+  EXPECT_EQ(offset(fourth), 128);
+  fill(fourth, 4, 16);
+  p.commit();
+  EXPECT_EQ(consume(c), (std::vector<std::uint64_t>{3, 4}));
+  // Nor one that does not fit in front of the position: 64 + 1600 bytes > 256.
+  PushRecord* fifth = p.try_claim(400);
+  EXPECT_EQ(offset(fifth), 256);
+}
+
 TEST(Ring, ImplausibleRecordsAreDetected) {
   TestRing ring(1024);
   RingConsumer c(ring.header(), ring.data());

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <bit>
 #include <cstring>
 
@@ -258,6 +259,51 @@ shape = [4096]
   w.clock();
   server->apply_round();
   EXPECT_EQ(w.push("p", grad), 4u);
+}
+
+TEST_F(ServerRounds, ABspStepThatStartsOverAtTheRingsBeginningStillHasTheWholeRing) {
+  auto server = start_server(name, R"(
+max_workers = 2
+ring_bytes = 65536
+consistency = "bsp"
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "p"
+shape = [4096]
+)");
+  Worker w(WorkerOptions{.segment = name, .rank = 0, .timeout = 30s});
+  server->apply_round();  // admits the worker to the BSP group
+  std::vector<float> grad(4096, 1.0f);  // 16 KiB + a 64-byte header per record
+  w.push("p", grad);
+  w.push("p", grad);
+  w.clock();
+  server->apply_round();  // the ring is empty, its tail half way round
+  // The next step starts over at the ring's beginning behind a padding record; the server gives
+  // the padding back while the step is still open, so the step has the ring's room as before:
+  // three records fit, the fourth is refused at once.
+  std::atomic<bool> stop{false};
+  std::thread rounds([&] {
+    while (!stop.load()) {
+      server->apply_round();
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  EXPECT_EQ(w.push("p", grad), 3u);
+  EXPECT_EQ(w.push("p", grad), 4u);
+  EXPECT_EQ(w.push("p", grad), 5u);
+  const std::string msg = error_of([&] { w.push("p", grad); });
+  EXPECT_NE(msg.find("fill the whole ring"), std::string::npos) << msg;
+  w.clock();
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (w.applied() < 5 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+  stop = true;
+  rounds.join();
+  EXPECT_EQ(w.applied(), 5u);
+  std::vector<float> values(4096);
+  w.pull("p", values);
+  for (float v : values) ASSERT_EQ(v, -5.0f);
 }
 
 namespace {

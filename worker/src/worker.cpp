@@ -443,7 +443,7 @@ std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<
   // step and is still full, waiting would never end.
   const auto step_overflows = [&] {
     return load_acquire(s.segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
-           s.ring.head() >= s.step_start;
+           s.ring.head() >= s.ring.past_start_over(s.step_start);
   };
   PushRecord* record = s.ring.try_claim(grad.size());
   if (record == nullptr) {

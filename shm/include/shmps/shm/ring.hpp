@@ -26,12 +26,22 @@ class RingProducer {
   // Reserves room for a record of `count` floats. Returns its (uncommitted, invisible) header,
   // or nullptr if the consumer has not freed enough room yet. May write a padding record first;
   // it becomes visible together with the record at commit().
+  //
+  // When the ring is empty, a record that fits before the current position starts over at the
+  // ring's beginning (after a padding record to the end): a worker whose pushes the server keeps
+  // up with then writes the same few cache-hot, already-mapped lines again and again, instead of
+  // walking the whole ring through the caches and the TLB.
   PushRecord* try_claim(std::uint64_t count) noexcept {
     const std::uint64_t need = record_bytes_for(count);
     std::uint64_t pos = tail_;
     const std::uint64_t to_end = capacity_ - pos % capacity_;
-    const std::uint64_t pad = to_end < need ? to_end : 0;
     const std::uint64_t head = load_acquire(header_->head);  // bytes before head are free again
+    const bool start_over = head == pos && pos % capacity_ != 0 && need <= pos % capacity_;
+    const std::uint64_t pad = to_end < need || start_over ? to_end : 0;
+    if (start_over) {
+      start_over_from_ = pos;
+      start_over_to_ = pos + pad;
+    }
     if (capacity_ - (pos - head) < pad + need) return nullptr;
     if (pad != 0) {
       auto* filler = reinterpret_cast<PushRecord*>(data_ + pos % capacity_);
@@ -52,6 +62,13 @@ class RingProducer {
     store_release(header_->tail, tail_);
   }
 
+  // `position`, or the end of the start-over padding that begins there: where the records
+  // written from `position` on begin. (A BSP step that starts over begins after the padding,
+  // which the server gives back at once; only the step's own records can fill the ring.)
+  std::uint64_t past_start_over(std::uint64_t position) const noexcept {
+    return position == start_over_from_ ? start_over_to_ : position;
+  }
+
   std::uint64_t capacity() const noexcept { return capacity_; }
   std::uint64_t tail() const noexcept { return tail_; }
   std::uint64_t head() const noexcept { return load_acquire(header_->head); }
@@ -62,6 +79,7 @@ class RingProducer {
   std::uint64_t capacity_ = 0;
   std::uint64_t tail_ = 0;          // last committed position (we are the only writer)
   std::uint64_t pending_tail_ = 0;  // position after the claimed record
+  std::uint64_t start_over_from_ = UINT64_MAX, start_over_to_ = UINT64_MAX;  // the last start-over padding
 };
 
 // Server side.
