@@ -317,7 +317,10 @@ enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
 // next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the
-// end of the ring, the producer fills the rest with a padding record and starts at index 0.
+// end of the ring, the producer fills the rest with a padding record and starts at index 0. It
+// does the same when the ring is empty and the record fits before its position (RingProducer:
+// the lines in use stay few and cache-hot); the server gives such padding back at once, also in
+// front of an open BSP step.
 struct alignas(kCacheLine) PushRecord {
   RecordKind kind;
   std::uint32_t param;         // index into the ParamEntry table
