@@ -737,11 +737,17 @@ void Server::Impl::apply_contributions(bool sum_per_slice, std::uint64_t& floats
         ++updates;
         continue;
       }
-      if (ranks == 0) sum.assign(slice.count, 0.0f);
+      const bool first = ranks == 0;
       if (static_cast<std::int64_t>(c.rank) != last_rank) {
         ++ranks;
         last_rank = c.rank;
       }
+      if (first && n == slice.count) {  // the first whole-slice gradient starts the sum: no zeroing pass
+        sum.resize(slice.count);
+        for (std::size_t k = 0; k < n; ++k) sum[k] = scale * grad[k];
+        continue;
+      }
+      if (first) sum.assign(slice.count, 0.0f);
       for (std::size_t k = 0; k < n; ++k) sum[lo + k] += scale * grad[k];
     }
     if (sum_per_slice && ranks != 0) {
