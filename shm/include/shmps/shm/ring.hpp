@@ -52,6 +52,10 @@ class RingProducer {
     store_release(header_->tail, tail_);
   }
 
+  // Gives up the claimed record: nothing was stored to the shared tail, so the bytes written past
+  // it stay invisible, and the next try_claim() starts at the same place.
+  void abandon() noexcept { pending_tail_ = tail_; }
+
   std::uint64_t capacity() const noexcept { return capacity_; }
   std::uint64_t tail() const noexcept { return tail_; }
   std::uint64_t head() const noexcept { return load_acquire(header_->head); }
