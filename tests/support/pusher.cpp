@@ -2,6 +2,9 @@
 //
 //   shmps-test-pusher exact   --pushes K   pushes the pattern.hpp gradients up to push K (continuing
 //                                          after its slot's last committed push), waits until applied
+//       --zero-copy: each push is a Worker::borrow_push filled in place and committed.
+//       --hold: then borrows push K+1 (zero-copy), fills it, prints "holding" and sleeps without
+//       committing (a process to be killed while it holds a filled buffer).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher puller  --millis T   pulls "u" slice by slice for T ms and checks that every
 //                                          slice is whole: all its values equal -(its version)
@@ -42,7 +45,7 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
-  bool check = false, wait_for_peers = true, resume = false;
+  bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
   for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -56,6 +59,14 @@ int main(int argc, char** argv) {
     }
     if (key == "--resume") {
       resume = true;
+      continue;
+    }
+    if (key == "--zero-copy") {
+      zero_copy = true;
+      continue;
+    }
+    if (key == "--hold") {
+      hold = true;
       continue;
     }
     ++i;
@@ -80,12 +91,28 @@ int main(int argc, char** argv) {
       const auto rank = static_cast<std::uint64_t>(w.rank());
       // A restarted pusher continues after the last push its slot committed, whatever
       // generation committed it: push k has sequence number k + 1.
+      // Zero-copy: the pattern is written straight into the ring.
+      auto borrow_and_fill = [&](std::uint64_t k) {
+        const auto plan = shmps::test::plan_push(rank, k, w_size, b_size);
+        shmps::PushBuffer buf = w.borrow_push(plan.param, plan.offset, plan.count);
+        for (std::uint64_t j = 0; j < plan.count; ++j) buf.data()[j] = shmps::test::pattern(rank, k, plan.offset + j);
+        return buf;
+      };
       for (std::uint64_t k = w.published(); k < pushes; ++k) {
+        if (zero_copy) {
+          last = borrow_and_fill(k).commit();
+          continue;
+        }
         const auto plan = shmps::test::plan_push(rank, k, w_size, b_size);
         for (std::uint64_t j = 0; j < plan.count; ++j) grad[j] = shmps::test::pattern(rank, k, plan.offset + j);
         last = w.push(plan.param, plan.offset, std::span<const float>(grad.data(), plan.count));
       }
       if (last) w.wait_applied(last);
+      if (hold) {
+        shmps::PushBuffer held = borrow_and_fill(pushes);
+        std::cout << "holding push " << pushes + 1 << " of " << held.size() << " elements" << std::endl;
+        std::this_thread::sleep_for(std::chrono::hours(1));
+      }
       std::cout << "rank " << rank << " pushed " << last << " applied " << w.applied() << "\n";
       return 0;
     }

@@ -8,7 +8,9 @@
 // push-to-apply: 1 and 2 worker processes push whole-model gradients continuously (--rounds each)
 // to a real server (ASP, SGD, all cores, default ring); applied Gfloat/s from the earliest
 // worker's first push to the latest worker's wait_applied() of its last, next to the plain loop
-// on one thread.
+// on one thread. push-to-apply.zero-copy: the same, each push a borrow_push whose buffer the
+// worker fills with 1.0f (the values push copies) before it commits.
+#include <algorithm>
 #include <atomic>
 #include <new>
 #include <thread>
@@ -64,8 +66,9 @@ struct PushShared {
   double end[2] = {0, 0};
 };
 
-// Applied floats per second with `workers` pushing `rounds` whole models each.
-double push_to_apply(const Config& cfg, int workers, int rounds) {
+// Applied floats per second with `workers` pushing `rounds` whole models each, with push() or
+// (zero_copy) with borrow_push(), fill, commit().
+double push_to_apply(const Config& cfg, int workers, int rounds, bool zero_copy) {
   Job job(JobOptions{.params = cfg.params, .per_param = cfg.per_param});
   SharedBlock block(sizeof(PushShared));
   auto* sh = new (block.data()) PushShared;
@@ -79,7 +82,15 @@ double push_to_apply(const Config& cfg, int workers, int rounds) {
       sh->start[rank] = now_s();
       std::uint64_t seq = 0;
       for (int round = 0; round < rounds; ++round)
-        for (std::size_t i = 0; i < cfg.params; ++i) seq = w.push(Job::param(i), {grad.data(), cfg.per_param});
+        for (std::size_t i = 0; i < cfg.params; ++i) {
+          if (!zero_copy) {
+            seq = w.push(Job::param(i), {grad.data(), cfg.per_param});
+            continue;
+          }
+          PushBuffer buf = w.borrow_push(Job::param(i));
+          std::fill(buf.data(), buf.data() + buf.size(), 1.0f);
+          seq = buf.commit();
+        }
       w.wait_applied(seq);
       sh->end[rank] = now_s();
       w.leave();
@@ -121,13 +132,17 @@ void run_apply(const Config& cfg, const Limits& lim, Report& r) {
 void run_push_to_apply(const Config& cfg, const Limits& lim, Report& r) {
   const int rounds = cfg.quick ? 2 : cfg.rounds;
   const double sgd_gfs = static_cast<double>(cfg.floats()) / lim.sgd_s / 1e9;
-  for (int workers = 1; workers <= 2; ++workers) {
-    const double gfs = push_to_apply(cfg, workers, rounds) / 1e9;
-    const std::string name = "push-to-apply." + std::to_string(workers);
-    r.add(name, gfs, "Gfloat/s",
-          std::to_string(workers) + " worker(s) x " + std::to_string(rounds) + " whole-model pushes, applied end to end");
-    r.add(name + ".ratio", gfs / sgd_gfs, "x", "/ plain loop, one thread (target >= 0.5)");
-  }
+  for (const bool zero_copy : {false, true})
+    for (int workers = 1; workers <= 2; ++workers) {
+      const double gfs = push_to_apply(cfg, workers, rounds, zero_copy) / 1e9;
+      const std::string name = std::string(zero_copy ? "push-to-apply.zero-copy." : "push-to-apply.") +
+                               std::to_string(workers);
+      r.add(name, gfs, "Gfloat/s",
+            std::to_string(workers) + " worker(s) x " + std::to_string(rounds) +
+                (zero_copy ? " whole-model borrow_push, fill 1.0f, commit" : " whole-model pushes") +
+                ", applied end to end");
+      r.add(name + ".ratio", gfs / sgd_gfs, "x", "/ plain loop, one thread (target >= 0.5)");
+    }
 }
 
 }  // namespace shmps::bench

@@ -6,8 +6,9 @@
 // Limits (limits.cpp): memcpy of the 64 MiB model (1 and 2 threads), the plain p -= lr * g
 // loop over 16M floats (1 and 2 threads), apply2 (two gradients, as a BSP step of two workers),
 // a two-process ping-pong over a shared atomic.
-// Workloads: pull, push (transfer.cpp); latency (latency.cpp); apply, push-to-apply (apply.cpp);
-// bsp-round, bsp-round.checkpointing (bsp_round.cpp); train (train.cpp).
+// Workloads: pull, push, push.zero-copy (transfer.cpp); latency (latency.cpp); apply,
+// push-to-apply, push-to-apply.zero-copy (apply.cpp); bsp-round, bsp-round.checkpointing
+// (bsp_round.cpp); train (train.cpp).
 //
 // Prints a table, and one "name value unit" line per figure (also to --out FILE).
 // --quick: small sizes, a few seconds, for CI (checks that everything runs; the figures mean

@@ -181,6 +181,49 @@ struct Worker::Impl {
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
 
+  // The push record claimed in the ring and not committed yet (so invisible to the server):
+  // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or
+  // drops it. record == nullptr: none.
+  struct Claim {
+    PushRecord* record = nullptr;
+    std::uint32_t param = 0;
+    std::uint64_t offset = 0;
+    std::uint64_t count = 0;
+  };
+  Claim claim;
+  PushBuffer* borrower = nullptr;  // the PushBuffer that holds `claim`, if it is lent out
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  // A PushBuffer that outlives its Worker is left empty, not pointing into an unmapped ring.
+  ~Impl() { forget_borrower(); }
+
+  // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
+  // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
+  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
+  std::uint64_t commit_push(double sum_sq);
+  [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
+  // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
+  void give_back() noexcept {
+    claim = {};
+    borrower = nullptr;
+    ring.abandon();
+  }
+  void forget_borrower() noexcept {
+    if (borrower == nullptr) return;
+    borrower->detach();
+    give_back();
+  }
+  // Throws if a PushBuffer is outstanding: `doing` starts the message, `consequence` ends it.
+  void refuse_if_borrowed(std::string_view doing, std::string_view consequence) const {
+    if (borrower == nullptr) return;
+    throw Error(std::string(doing) + ": a borrowed push buffer (for '" + params[claim.param].name + "' elements [" +
+                std::to_string(claim.offset) + ", " + std::to_string(claim.offset + claim.count) +
+                ")) is outstanding on this worker, which lends one at a time: commit() it or drop it first; " +
+                std::string(consequence));
+  }
+
   // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
   void await_admission() {
     if (admitted) return;
@@ -371,7 +414,9 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
 }
 
 Worker::~Worker() {
-  if (impl_) leave();
+  if (!impl_) return;
+  impl_->forget_borrower();  // an outstanding PushBuffer is abandoned: nothing is published
+  leave();
 }
 Worker::Worker(Worker&&) noexcept = default;
 Worker& Worker::operator=(Worker&&) noexcept = default;
@@ -428,73 +473,158 @@ std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
 
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const float> grad) {
   Impl& s = *impl_;
-  if (!s.attached) throw Error("this worker has left the job; create a new Worker to push");
-  const std::uint32_t i = s.find(name);
-  s.check_range("push to", i, offset, grad.size());
-  s.await_admission();
-  if (grad.size() > s.ring.max_record_floats())
-    throw Error("push to '" + std::string(name) + "': " + std::to_string(grad.size()) +
-                " elements do not fit one ring record (at most " + std::to_string(s.ring.max_record_floats()) +
-                " with ring_bytes = " + std::to_string(s.ring.capacity()) +
+  float* dst = s.claim_push("push to", name, offset, grad.size());
+  double sum_sq = 0.0;
+  const std::size_t bad = copy_gradient(dst, grad.data(), grad.size(), sum_sq);
+  if (bad != grad.size()) s.reject_push("push to", bad, grad[bad]);
+  return s.commit_push(sum_sq);
+}
+
+PushBuffer Worker::borrow_push(std::string_view name) {
+  return borrow_push(name, 0, impl_->params[impl_->find(name)].size);
+}
+
+PushBuffer Worker::borrow_push(std::string_view name, std::size_t offset, std::size_t count) {
+  Impl& s = *impl_;
+  float* data = s.claim_push("borrowed push to", name, offset, count);
+  return PushBuffer(&s, data, count, offset);
+}
+
+// Checks the range, waits for room as the consistency model allows, and claims a record.
+float* Worker::Impl::claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count) {
+  if (!attached) throw Error("this worker has left the job; create a new Worker to push");
+  const std::uint32_t i = find(name);
+  if (borrower != nullptr) refuse_if_borrowed(std::string(what) + " '" + std::string(name) + "'", "nothing was pushed");
+  check_range(what, i, offset, count);
+  await_admission();
+  if (count > ring.max_record_floats())
+    throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(count) +
+                " elements do not fit one ring record (at most " + std::to_string(ring.max_record_floats()) +
+                " with ring_bytes = " + std::to_string(ring.capacity()) +
                 "); push it in ranges (offset, length), or raise ring_bytes in the model spec; nothing was pushed");
 
   // Claim room (back-pressure: wait for the server, never drop). In BSP the server takes a
   // step's pushes only once the step has ended: if the ring holds nothing but this worker's open
   // step and is still full, waiting would never end.
   const auto step_overflows = [&] {
-    return load_acquire(s.segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
-           s.ring.head() >= s.ring.past_start_over(s.step_start);
+    return load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
+           ring.head() >= ring.past_start_over(step_start);
   };
-  PushRecord* record = s.ring.try_claim(grad.size());
+  PushRecord* record = ring.try_claim(count);
   if (record == nullptr) {
     const std::uint64_t waited_from = monotonic_ns();
     bool overflow = false;
     const bool ok = wait_for(
         [&] {
-          if ((record = s.ring.try_claim(grad.size())) != nullptr) return true;
+          if ((record = ring.try_claim(count)) != nullptr) return true;
           return overflow = step_overflows();
         },
-        s.deadline(), &s.slot->progress, &s.slot->waiting);
-    bump_counter(s.slot->backpressure_ns, monotonic_ns() - waited_from);
+        deadline(), &slot->progress, &slot->waiting);
+    bump_counter(slot->backpressure_ns, monotonic_ns() - waited_from);
     if (overflow)
-      throw Error("push to '" + std::string(name) + "': the pushes of this BSP step (" +
-                  std::to_string(s.ring.tail() - s.step_start) + " bytes so far) fill the whole ring of " +
-                  std::to_string(s.ring.capacity()) +
+      throw Error(std::string(what) + " '" + std::string(name) + "': the pushes of this BSP step (" +
+                  std::to_string(ring.tail() - step_start) + " bytes so far) fill the whole ring of " +
+                  std::to_string(ring.capacity()) +
                   " bytes, and the server takes them only once the step ends: end steps sooner (clock()), push less "
                   "per step, or raise ring_bytes in the model spec; nothing was pushed");
     if (!ok)
-      throw Error("push to '" + std::string(name) + "': the ring of worker " + std::to_string(s.rank) +
-                  " has been full for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+      throw Error(std::string(what) + " '" + std::string(name) + "': the ring of worker " + std::to_string(rank) +
+                  " has been full for " + std::to_string(options.timeout.count()) + " ms; " + server_state() +
                   "; nothing was pushed");
   }
-  double sum_sq = 0.0;
-  const std::size_t bad = copy_gradient(record_payload(record), grad.data(), grad.size(), sum_sq);
-  if (bad != grad.size()) {
-    bump_counter(s.slot->pushes_rejected);  // the record was never committed: it does not exist
-    bump_counter(s.segment.rejected(static_cast<unsigned>(s.rank), i));
-    throw Error("push to '" + std::string(name) + "' rejected: element " + std::to_string(offset + bad) + " is " +
-                (std::isnan(grad[bad]) ? "NaN" : "infinite") +
-                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
-  }
-  const std::uint64_t seq = s.published + 1;
-  record->param = i;
-  record->offset = offset;
-  record->count = grad.size();
+  claim = Claim{record, i, offset, count};
+  return record_payload(record);
+}
+
+// Fills the claimed record's header and publishes it with one release store.
+std::uint64_t Worker::Impl::commit_push(double sum_sq) {
+  PushRecord* record = claim.record;
+  const std::uint64_t seq = published + 1;
+  record->param = claim.param;
+  record->offset = claim.offset;
+  record->count = claim.count;
   record->seq = seq;
-  record->generation = s.generation;
-  record->clock = s.clock;
+  record->generation = generation;
+  record->clock = clock;
   record->grad_sq_norm = sum_sq;
+  const std::uint64_t bytes = claim.count * sizeof(float);
+  claim = {};
   kill_point("push.before_commit");
-  s.ring.commit();  // one release store: the record now exists, whole
-  s.published = seq;
-  s.pushed_in_step = true;
-  store_release(s.slot->published, seq);
-  store_release(s.slot->last_commit_ns, monotonic_ns());  // (ns first: the server reads seq, then ns)
-  store_release(s.slot->last_commit_seq, seq);
-  bump_counter(s.slot->push_bytes, static_cast<std::uint64_t>(grad.size_bytes()));
-  s.heartbeat();
-  s.wake_server();
+  ring.commit();  // one release store: the record now exists, whole
+  published = seq;
+  pushed_in_step = true;
+  store_release(slot->published, seq);
+  store_release(slot->last_commit_ns, monotonic_ns());  // (ns first: the server reads seq, then ns)
+  store_release(slot->last_commit_seq, seq);
+  bump_counter(slot->push_bytes, bytes);
+  heartbeat();
+  wake_server();
   return seq;
+}
+
+// Refuses the claimed record because of the non-finite `value` at index `bad` of its payload:
+// counts it, gives the room back (the record was never committed: it does not exist), throws.
+void Worker::Impl::reject_push(const char* what, std::size_t bad, float value) {
+  const Claim refused = claim;
+  give_back();
+  bump_counter(slot->pushes_rejected);
+  bump_counter(segment.rejected(static_cast<unsigned>(rank), refused.param));
+  throw Error(std::string(what) + " '" + params[refused.param].name + "' rejected: element " +
+              std::to_string(refused.offset + bad) + " is " + (std::isnan(value) ? "NaN" : "infinite") +
+              "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
+}
+
+PushBuffer::PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset) noexcept
+    : owner_(owner), data_(data), size_(size), offset_(offset) {
+  owner_->borrower = this;
+}
+
+PushBuffer::PushBuffer(PushBuffer&& other) noexcept
+    : owner_(other.owner_), data_(other.data_), size_(other.size_), offset_(other.offset_) {
+  if (owner_ != nullptr) owner_->borrower = this;
+  other.detach();
+}
+
+PushBuffer& PushBuffer::operator=(PushBuffer&& other) noexcept {
+  if (this == &other) return *this;
+  drop();
+  owner_ = other.owner_;
+  data_ = other.data_;
+  size_ = other.size_;
+  offset_ = other.offset_;
+  if (owner_ != nullptr) owner_->borrower = this;
+  other.detach();
+  return *this;
+}
+
+PushBuffer::~PushBuffer() { drop(); }
+
+void PushBuffer::detach() noexcept {
+  owner_ = nullptr;
+  data_ = nullptr;
+  size_ = 0;
+  offset_ = 0;
+}
+
+void PushBuffer::drop() noexcept {
+  if (owner_ == nullptr) return;
+  owner_->give_back();
+  detach();
+}
+
+std::uint64_t PushBuffer::commit() {
+  if (owner_ == nullptr)
+    throw Error("commit() of a push buffer that holds nothing (committed or dropped already, moved from, or its "
+                "Worker is gone); borrow another with Worker::borrow_push; nothing was pushed");
+  Worker::Impl& s = *owner_;
+  const std::size_t n = size_;
+  double sum_sq = 0.0;
+  const std::size_t bad = scan_gradient<Store::none>(nullptr, data_, n, sum_sq);
+  const float value = bad != n ? data_[bad] : 0.0f;
+  s.borrower = nullptr;  // this buffer is done with, whatever happens next
+  detach();
+  if (bad != n) s.reject_push("borrowed push to", bad, value);
+  return s.commit_push(sum_sq);
 }
 
 void Worker::wait_applied(std::uint64_t seq) {
@@ -513,6 +643,7 @@ void Worker::wait_applied(std::uint64_t seq) {
 std::uint64_t Worker::clock() {
   Impl& s = *impl_;
   if (!s.attached) throw Error("this worker has left the job; create a new Worker to train");
+  s.refuse_if_borrowed("clock()", "the step was not ended");
   s.end_step();
   return s.clock;
 }
@@ -617,6 +748,7 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
 void Worker::leave() {
   Impl& s = *impl_;
   if (!s.attached) return;
+  s.refuse_if_borrowed("leave()", "the worker is still attached");
   if (s.pushed_in_step || s.state_staged) {
     try {
       s.end_step();  // a finished worker's last pushes and state count (BSP counts a step only once ended)

@@ -7,6 +7,10 @@
 //   std::uint64_t s = w.push("fc1.weight", grad);    // all-or-nothing; returns the sequence number
 //   w.wait_applied(s);                               // blocks until the server applied it
 //
+//   shmps::PushBuffer b = w.borrow_push("fc1.weight");  // zero-copy: room in the ring, invisible
+//   compute_gradient_into(b.span());                  // write every element, in place
+//   std::uint64_t s2 = b.commit();                    // checked, then published like push
+//
 // A worker maps the job's shared-memory segment and talks to the server only through it: a pull
 // is a memory copy checked by per-slice version words, a push is a write into the worker's own
 // ring. A worker takes no lock that anyone else waits on, so killing it at any instruction
@@ -28,6 +32,8 @@
 #include <shmps/error.hpp>  // shmps::Error, the one exception type of the API
 
 namespace shmps {
+
+class PushBuffer;
 
 struct WorkerOptions {
   // The job's segment name. Empty: taken from the environment variable SHMPS_SEGMENT (set by
@@ -86,6 +92,20 @@ class Worker {
   std::uint64_t push(std::string_view name, std::span<const float> grad);
   std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
 
+  // Zero-copy push: lends the caller room for a gradient of the whole parameter (or of `count`
+  // elements from `offset`) directly in this worker's ring, to be filled in place and published
+  // with PushBuffer::commit(). It claims the room exactly as push() does: same checks of the name
+  // and range, same wait while the ring is full (back-pressure), same timeout, same errors
+  // (a record larger than half the ring; a BSP step whose pushes fill the whole ring).
+  //
+  // Nothing is visible to the server until commit(): a process killed while it holds the buffer,
+  // or a buffer dropped without commit(), publishes nothing, and the room is reused by the next
+  // push. One buffer at a time per Worker: while one is outstanding, push(), clock(), leave() and
+  // another borrow_push() throw Error and change nothing (pull(), wait_applied() and save_state()
+  // are fine). See PushBuffer for the rest of the rules.
+  PushBuffer borrow_push(std::string_view name);
+  PushBuffer borrow_push(std::string_view name, std::size_t offset, std::size_t count);
+
   // Blocks until the server is done with every push up to sequence number `seq` (applied; or,
   // in BSP, discarded because this slot's previous process died before finishing their step).
   void wait_applied(std::uint64_t seq);
@@ -117,8 +137,63 @@ class Worker {
   void leave();
 
  private:
+  friend class PushBuffer;
   struct Impl;
   std::unique_ptr<Impl> impl_;
+};
+
+// A gradient record lent by Worker::borrow_push(): `size()` float32 values in the worker's own
+// ring, 64-byte aligned, to be written in place and published with commit(). Move-only.
+//
+//   shmps::PushBuffer b = w.borrow_push("fc1.weight", 1024, 512);  // a range, as push() takes
+//   std::span<float> g = b.span();                                 // g[0] is element 1024
+//   for (std::size_t j = 0; j < g.size(); ++j) g[j] = ...;
+//   std::uint64_t seq = b.commit();                                // b is empty afterwards
+//
+// - The contents start unspecified (earlier records' bytes): write every element.
+// - commit() checks the values in place (all finite) and sums their squares, fills the record
+//   header as push() does and publishes it with one release store. It returns the sequence
+//   number, as push() does. A NaN or Inf makes it throw Error (the message names the element),
+//   counts the rejection as push() does, and publishes nothing; the buffer is given back either
+//   way, so after commit() it is empty whether it succeeded or threw.
+// - Dropping the buffer (destructor, move-assignment over it, or drop()) abandons it: nothing is
+//   published, and the next push or borrow reuses the room.
+// - Use it from the thread that uses its Worker (a Worker is one thread's). Moving the Worker
+//   keeps the buffer valid. If the Worker is destroyed first, the buffer becomes empty: data() is
+//   null, size() 0, commit() throws Error, and pointers taken from it before must not be used
+//   (the ring memory is unmapped).
+class PushBuffer {
+ public:
+  PushBuffer() noexcept = default;  // holds nothing
+  PushBuffer(PushBuffer&& other) noexcept;
+  PushBuffer& operator=(PushBuffer&& other) noexcept;  // drops what this one held first
+  PushBuffer(const PushBuffer&) = delete;
+  PushBuffer& operator=(const PushBuffer&) = delete;
+  ~PushBuffer();  // drops it if not committed
+
+  float* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  std::span<float> span() const noexcept { return {data_, size_}; }
+  // The parameter's element that data()[0] stands for.
+  std::size_t offset() const noexcept { return offset_; }
+  // True while it holds a borrowed record that is neither committed nor dropped.
+  bool active() const noexcept { return owner_ != nullptr; }
+
+  // Checks and publishes the values (see above). Throws Error if the buffer is not active.
+  std::uint64_t commit();
+  // Gives the room back unpublished. Does nothing if the buffer is not active.
+  void drop() noexcept;
+
+ private:
+  friend class Worker;
+  friend struct Worker::Impl;
+  PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset) noexcept;
+  void detach() noexcept;  // forgets the worker and the memory; does not touch the ring
+
+  Worker::Impl* owner_ = nullptr;
+  float* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t offset_ = 0;
 };
 
 }  // namespace shmps

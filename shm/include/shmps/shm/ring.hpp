@@ -69,6 +69,14 @@ class RingProducer {
     return position == start_over_from_ ? start_over_to_ : position;
   }
 
+  // Gives up the claimed record: nothing was stored to the shared tail, so the bytes written past
+  // it stay invisible, and the next try_claim() starts at the same place.
+  void abandon() noexcept {
+    pending_tail_ = tail_;
+    if (start_over_to_ != UINT64_MAX && start_over_to_ > tail_)  // its start-over padding was never committed
+      start_over_from_ = start_over_to_ = UINT64_MAX;
+  }
+
   std::uint64_t capacity() const noexcept { return capacity_; }
   std::uint64_t tail() const noexcept { return tail_; }
   std::uint64_t head() const noexcept { return load_acquire(header_->head); }
