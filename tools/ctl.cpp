@@ -1,7 +1,7 @@
 // shmps-ctl: operators' view of the segments on this machine.
 //
 //   shmps-ctl list                 segments, their servers alive or not
-//   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots
+//   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots, memory
 //   shmps-ctl workers NAME         every worker slot: free, alive, suspect, dead or left
 //   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
 //                                  on_worker_death of a live job, through the server
@@ -34,6 +34,7 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/shm/proc.hpp>
@@ -73,16 +74,6 @@ std::string consistency_text(const SegmentHeader& h) {
             std::to_string(load_acquire(h.model_clock)) + ", " + std::to_string(load_counter(h.steps)) + " steps)";
   text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
   return text;
-}
-
-std::string human_bytes(std::uint64_t b) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(1);
-  if (b >= (1ULL << 30)) out << static_cast<double>(b) / double(1ULL << 30) << " GiB";
-  else if (b >= (1ULL << 20)) out << static_cast<double>(b) / double(1ULL << 20) << " MiB";
-  else if (b >= 1024) out << static_cast<double>(b) / 1024.0 << " KiB";
-  else out << b << " B";
-  return out.str();
 }
 
 // The width of a text column: at least `minimum`, and wide enough for the longest value plus a
@@ -213,6 +204,9 @@ int cmd_inspect(const std::string& name) {
 
   std::cout << "\n";
   print_slots(seg, slots.get(), false);
+
+  // What the segment costs, part by part (the same table as shmps-server --plan).
+  std::cout << "\nmemory (of " << segment_path(name) << ")\n" << memory_table(memory_breakdown(plan_of(seg)));
   return 0;
 }
 
@@ -395,7 +389,8 @@ int main(int argc, char** argv) {
   auto* list = app.add_subcommand("list", "segments on this machine and whether their servers are alive");
   std::string name;
   bool force = false;
-  auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions and worker slots of a segment");
+  auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions, worker slots and memory (part by "
+                                                "part) of a segment");
   inspect->add_option("name", name, "segment name")->required();
   auto* workers = app.add_subcommand("workers", "every worker slot: free, alive, suspect, dead or left, and what it did");
   workers->add_option("name", name, "segment name")->required();

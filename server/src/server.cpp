@@ -21,6 +21,7 @@
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/membership.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
@@ -34,8 +35,10 @@ using namespace shmps::shm;
 
 namespace {
 
-// A hash of everything that fixes the segment's layout, so that a server restarted with a spec
-// for another model refuses the existing segment instead of misreading it.
+// A hash of everything that fixes the model's layout, so that a server restarted with a spec
+// for another model refuses the existing segment instead of misreading it. The ring size is not
+// in it: an automatic ring depends on the consistency mode the server starts in, and a segment
+// keeps the rings it was made with (recover_segment checks an explicit ring_bytes on its own).
 std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) {
   std::uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::uint64_t v) { h = shm::detail::fnv1a(h, v); };
@@ -46,9 +49,19 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
-  mix(plan.ring_bytes);
   mix(request.state_arrays);
   return h;
+}
+
+// "" when the rings of a segment hold one BSP step of every parameter, else what to do.
+std::string bsp_ring_note(const Segment& segment) {
+  const LayoutPlan plan = plan_of(segment);
+  const std::uint64_t need = bsp_step_ring_bytes(plan.params);
+  if (plan.ring_bytes >= need) return {};
+  return "each worker's ring holds " + std::to_string(plan.ring_bytes) + " bytes, less than one BSP step that pushes "
+         "every parameter (" + std::to_string(need) + " bytes): such a step fails in the worker with what to do; push "
+         "less per step, or make the job again with ring_bytes >= " + std::to_string(need) +
+         " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step)";
 }
 
 // One piece of work for a slice: the part of one push record that falls into it.
@@ -155,16 +168,7 @@ void Server::start() {
     throw Error(spec.source + ": optimizer: " + problem);
 
   // 1. Lay out the model; check for room before anything is created (a lock file included).
-  LayoutRequest request;
-  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
-  request.slice_bytes = spec.slice_bytes;
-  request.max_workers = spec.max_workers;
-  request.ring_bytes = spec.ring_bytes;
-  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
-  // One redo entry per apply thread a server may ever use here (a later server with more
-  // threads than that uses only as many).
-  request.redo_entries = std::clamp<std::uint32_t>(
-      std::max({std::thread::hardware_concurrency(), s.options.threads, spec.server_threads}), 1U, 1024U);
+  const LayoutRequest request = layout_request(s.options);
   const LayoutPlan plan = plan_layout(request);
   const std::uint64_t hash = layout_hash(request, plan);
 
@@ -269,6 +273,17 @@ void Server::start() {
   threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
   s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
 
+  // What the segment costs, and why its rings are the size they are.
+  {
+    const MemoryBreakdown m = memory_breakdown(plan_of(s.segment));
+    spdlog::info("event=memory segment={} total_bytes={} values_bytes={} state_bytes={} rings_bytes={} "
+                 "ring_stride={} overhead_bytes={} overhead_pct={:.1f}",
+                 spec.name, m.total_bytes, m.values_bytes, m.state_bytes, m.bytes_of("rings"), m.ring_each_bytes,
+                 m.overhead_bytes(), m.overhead_percent());
+    if (!s.recovered) spdlog::info("event=ring_size segment={} ring_bytes={} rule=\"{}\"", spec.name, plan.ring_bytes,
+                                   plan.ring_rule);
+  }
+
   // 5. Identity, a new epoch, and "ready" last.
   SegmentHeader& hw = s.header();
   store_release(hw.server_pid, static_cast<std::int32_t>(::getpid()));
@@ -278,6 +293,10 @@ void Server::start() {
   store_release(hw.server_epoch, load_own(hw.server_epoch) + 1);
   store_release(hw.state, static_cast<std::uint32_t>(SegmentState::ready));
   s.check_liveness();
+  if (load_own(hw.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
+    if (const std::string note = bsp_ring_note(s.segment); !note.empty())
+      spdlog::warn("event=bsp_ring segment={} note=\"{}\"", spec.name, note);
+  }
   spdlog::info("event=ready segment={} epoch={} recovered={} params={} slices={} slice_floats={} workers={} "
                "ring_bytes={} segment_bytes={} optimizer={} lr={} threads={} consistency={} staleness={} "
                "bsp_aggregate={} on_worker_death={}",
@@ -286,6 +305,28 @@ void Server::start() {
                to_string(static_cast<Consistency>(load_own(hw.consistency))), load_own(hw.staleness),
                to_string(static_cast<BspAggregate>(load_own(hw.bsp_aggregate))),
                to_string(static_cast<OnWorkerDeath>(load_own(hw.on_worker_death))));
+}
+
+LayoutRequest layout_request(const ServerOptions& options) {
+  const ModelSpec& spec = options.spec;
+  LayoutRequest request;
+  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
+  request.slice_bytes = spec.slice_bytes;
+  request.max_workers = spec.max_workers;
+  request.ring_bytes = spec.ring_bytes;
+  request.bsp = spec.consistency == Consistency::bsp;
+  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  // One redo entry per apply thread a server may ever use here (a later server with more
+  // threads than that uses only as many).
+  request.redo_entries = std::clamp<std::uint32_t>(
+      std::max({std::thread::hardware_concurrency(), options.threads, spec.server_threads}), 1U, 1024U);
+  return request;
+}
+
+LayoutPlan plan_for(const ServerOptions& options) {
+  if (auto problem = validate_optimizer_settings(options.spec.optimizer); !problem.empty())
+    throw Error(options.spec.source + ": optimizer: " + problem);
+  return plan_layout(layout_request(options));
 }
 
 void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash,
@@ -337,7 +378,10 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
       slice.first = k * plan.slice_floats;
       slice.count = std::min(plan.slice_floats, p.size - slice.first);
     }
-    if (!restore) initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);
+  }
+  for (std::size_t i = 0; i < plan.params.size() && !restore; ++i) {
+    const ParamEntry& p = segment.param(i);
+    initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);
   }
   for (std::uint32_t r = 0; r < request.max_workers; ++r) segment.ring(r).capacity = plan.ring_bytes;
   if (restore) {
@@ -357,8 +401,14 @@ void Server::Impl::recover_segment(std::uint64_t hash) {
   SegmentHeader& h = segment.header();
   if (h.spec_hash != hash)
     throw Error("segment '" + spec.name + "' already exists and holds another model than " + spec.source +
-                " (parameter names, shapes, slice size, worker slots, ring size or optimizer kind differ): give this "
+                " (parameter names, shapes, slice size, worker slots or optimizer kind differ): give this "
                 "job another name (--name), or remove the old segment with `shmps-ctl destroy " + spec.name + "`");
+  // An automatic ring size takes the segment's rings as they are; an explicit one must match.
+  if (spec.ring_bytes != 0 && align_up(spec.ring_bytes, kCacheLine) != h.ring_bytes)
+    throw Error("segment '" + spec.name + "' already exists with rings of " + std::to_string(h.ring_bytes) +
+                " bytes, but ring_bytes " + std::to_string(spec.ring_bytes) + " was asked for: leave ring_bytes out (0) "
+                "to continue the segment with its rings, or remove the segment (`shmps-ctl destroy " + spec.name +
+                "`, after a checkpoint if its state matters) to make it again with other rings");
   // A redo entry still marked valid: the previous server died while copying a slice in. Copy it
   // in again (idempotent) so the slice holds exactly its new values and its redo-table row.
   std::uint64_t replayed = 0;
@@ -908,6 +958,9 @@ void Server::Impl::handle_mailbox() {
       status = 0;
       reply = "consistency is now " + value + " (was " + std::string(to_string(old)) + ")" +
               (mode == Consistency::bsp ? ", from clock " + std::to_string(load_own(h.model_clock)) : "");
+      if (mode == Consistency::bsp) {
+        if (const std::string note = bsp_ring_note(segment); !note.empty()) reply += "; note: " + note;
+      }
     } else {
       reply = "consistency: " + reply;
     }

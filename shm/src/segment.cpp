@@ -16,6 +16,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shape.hpp>
 
@@ -25,25 +26,20 @@ namespace shmps::shm {
 
 namespace {
 
-std::string human_size(std::uint64_t bytes) {
-  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-  double value = static_cast<double>(bytes);
-  int unit = 0;
-  while (value >= 1024.0 && unit < 6) {
-    value /= 1024.0;
-    ++unit;
-  }
-  std::ostringstream out;
-  out.precision(1);
-  out << std::fixed << value << " " << units[unit];
-  return out.str();
-}
-
 struct Mapping {
   bip::mapped_region region;
 };
 
 }  // namespace
+
+std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept {
+  std::uint64_t step = sizeof(PushRecord), largest = 0;  // the clock record
+  for (const auto& p : params) {
+    step += record_bytes_for(p.size);
+    largest = std::max(largest, p.size);
+  }
+  return step + record_bytes_for(largest);  // slack for the padding record at the wrap
+}
 
 LayoutPlan plan_layout(const LayoutRequest& request) {
   if (request.params.empty()) throw Error("a model needs at least one parameter");
@@ -52,10 +48,15 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   if (request.max_workers == 0 || request.max_workers > 1024)
     throw Error("max_workers must be between 1 and 1024, got " + std::to_string(request.max_workers));
   if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
+  if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
 
   LayoutPlan plan;
   plan.slice_floats = request.slice_bytes / sizeof(float);
+  plan.max_workers = request.max_workers;
+  plan.state_arrays = request.state_arrays;
+  plan.redo_count = request.redo_entries;
   std::uint64_t largest = 0;
+  std::string largest_name;
   for (const auto& p : request.params) {
     if (p.name.empty() || p.name.size() >= kMaxNameBytes)
       throw Error("parameter name '" + p.name + "' must have 1 to " + std::to_string(kMaxNameBytes - 1) + " characters");
@@ -76,23 +77,38 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.first_slice = plan.slice_count;
     entry.slice_count = (size + plan.slice_floats - 1) / plan.slice_floats;
     plan.slice_count += entry.slice_count;
-    largest = std::max(largest, size);
+    if (size > largest) {
+      largest = size;
+      largest_name = p.name;
+    }
     plan.params.push_back(entry);
   }
 
-  // Default ring: room for one whole step — a push of every parameter and the clock record,
-  // plus one largest record of slack for the padding at the wrap — because in BSP the server
-  // can take a step's pushes only once the step has ended; and for two pushes of the largest
-  // parameter (a record may use at most half the ring). At least 1 MiB.
-  std::uint64_t step_bytes = sizeof(PushRecord);
-  for (const auto& entry : plan.params) step_bytes += record_bytes_for(entry.size);
-  const std::uint64_t wanted_ring =
-      request.ring_bytes != 0
-          ? request.ring_bytes
-          : std::max<std::uint64_t>({std::uint64_t{1} << 20, 2 * record_bytes_for(largest), step_bytes + record_bytes_for(largest)});
-  plan.ring_bytes = align_up(wanted_ring, kCacheLine);
+  // The ring (see kMinRingBytes in segment.hpp for the rule and why).
+  if (request.ring_bytes != 0) {
+    plan.ring_bytes = align_up(request.ring_bytes, kCacheLine);
+    plan.ring_rule = "set by ring_bytes";
+  } else {
+    const std::uint64_t two_pushes = 2 * record_bytes_for(largest);
+    const std::uint64_t step = request.bsp ? bsp_step_ring_bytes(plan.params) : 0;
+    plan.ring_bytes = std::max({kMinRingBytes, two_pushes, step});
+    if (plan.ring_bytes == step)
+      plan.ring_rule = "automatic: one BSP step (a push of every parameter and the clock record, plus one largest "
+                       "record of slack), because the server takes a step only once it has ended";
+    else if (plan.ring_bytes == two_pushes)
+      plan.ring_rule = "automatic: two pushes of the largest parameter, " + largest_name +
+                       " (a push may use at most half a ring)";
+    else
+      plan.ring_rule = "automatic: the minimum of 1 MiB";
+  }
   if (plan.ring_bytes < 4 * kCacheLine) throw Error("ring_bytes must be at least 256");
   plan.ring_stride = sizeof(RingHeader) + plan.ring_bytes;
+  // A big ring starts on a huge-page boundary (its worker's pages are then its own huge pages).
+  if (plan.ring_stride >= kBigRegionBytes) plan.ring_stride = align_up(plan.ring_stride, kHugePageBytes);
+  // A region of kBigRegionBytes or more starts on a huge-page boundary.
+  const auto big_region_at = [](std::uint64_t offset, std::uint64_t region_bytes) {
+    return region_bytes >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : offset;
+  };
 
   std::uint64_t offset = align_up(sizeof(SegmentHeader), kCacheLine);
   plan.params_offset = offset;
@@ -105,7 +121,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
                                   (1 + request.state_arrays) * plan.slice_floats * sizeof(float),
                               kCacheLine);
-  if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
   offset += plan.params.size() * sizeof(ParamStats);
@@ -114,16 +129,20 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   offset += request.max_workers * plan.rejected_stride;
   plan.slots_offset = offset;
   offset += request.max_workers * sizeof(WorkerSlot);
-  plan.rings_offset = offset;
-  offset += request.max_workers * plan.ring_stride;
+  const std::uint64_t rings_bytes = request.max_workers * plan.ring_stride;
+  plan.rings_offset = big_region_at(offset, rings_bytes);
+  offset = plan.rings_offset + rings_bytes;
+
+  std::uint64_t values_bytes = 0;
+  for (const auto& entry : plan.params) values_bytes += align_up(entry.size * sizeof(float), kCacheLine);
   // Values start on a page so that big parameters can be backed by whole pages.
-  offset = align_up(offset, 4096);
+  offset = big_region_at(align_up(offset, 4096), values_bytes);
   plan.values_offset = offset;
   for (auto& entry : plan.params) {
     entry.values_offset = offset;
     offset += align_up(entry.size * sizeof(float), kCacheLine);
   }
-  offset = align_up(offset, 4096);
+  offset = big_region_at(align_up(offset, 4096), request.state_arrays * values_bytes);
   plan.state_offset = offset;
   for (std::uint32_t a = 0; a < request.state_arrays; ++a) {
     for (auto& entry : plan.params) {
@@ -131,7 +150,37 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       offset += align_up(entry.size * sizeof(float), kCacheLine);
     }
   }
-  plan.total_bytes = align_up(offset, 4096);
+  // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
+  // where the file covers it whole).
+  const std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * values_bytes : values_bytes;
+  plan.total_bytes = last_region >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : align_up(offset, 4096);
+  return plan;
+}
+
+LayoutPlan plan_of(const Segment& segment) {
+  const SegmentHeader& h = segment.header();
+  LayoutPlan plan;
+  plan.slice_floats = h.slice_floats;
+  plan.slice_count = h.slice_count;
+  plan.max_workers = h.max_workers;
+  plan.state_arrays = h.state_arrays;
+  plan.redo_count = h.redo_count;
+  plan.ring_bytes = h.ring_bytes;
+  plan.ring_stride = h.ring_stride;
+  plan.params_offset = h.params_offset;
+  plan.slices_offset = h.slices_offset;
+  plan.applied_offset = h.applied_offset;
+  plan.slots_offset = h.slots_offset;
+  plan.rings_offset = h.rings_offset;
+  plan.values_offset = h.values_offset;
+  plan.state_offset = h.state_offset;
+  plan.total_bytes = h.total_bytes;
+  plan.redo_offset = h.redo_offset;
+  plan.redo_stride = h.redo_stride;
+  plan.param_stats_offset = h.param_stats_offset;
+  plan.rejected_offset = h.rejected_offset;
+  plan.rejected_stride = h.rejected_stride;
+  for (std::uint32_t i = 0; i < h.param_count; ++i) plan.params.push_back(segment.param(i));
   return plan;
 }
 
@@ -145,8 +194,8 @@ void Segment::check_room(std::string_view name, std::uint64_t total_bytes) {
   if (::statvfs(std::string(kShmDir).c_str(), &fs) != 0) return;  // creation itself will say what is wrong
   const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
   if (total_bytes > free_bytes)
-    throw Error("segment '" + std::string(name) + "' needs " + human_size(total_bytes) + " but " + std::string(kShmDir) +
-                " has only " + human_size(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
+    throw Error("segment '" + std::string(name) + "' needs " + human_bytes(total_bytes) + " but " + std::string(kShmDir) +
+                " has only " + human_bytes(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
                 "default each of the max_workers rings holds two pushes of the largest parameter), remove stale "
                 "segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) + " (mount -o remount,size=... " +
                 std::string(kShmDir) + ")");
@@ -167,7 +216,7 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
     // first touch in the middle of training.
     if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total_bytes)); err != 0) {
       bip::shared_memory_object::remove(shm_object_name(name).c_str());
-      throw Error("cannot reserve " + human_size(total_bytes) + " for segment '" + std::string(name) + "' in " +
+      throw Error("cannot reserve " + human_bytes(total_bytes) + " for segment '" + std::string(name) + "' in " +
                   std::string(kShmDir) + ": " + std::strerror(err) +
                   (err == ENOSPC ? " (not enough shared memory: make the model smaller or enlarge /dev/shm)" : ""));
     }

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <shmps/error.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/segment.hpp>
 
 using namespace shmps::shm;
@@ -76,4 +77,102 @@ TEST(Layout, FingerprintIsStableAndNonTrivial) {
   EXPECT_EQ(again, kLayoutFingerprint);
   EXPECT_EQ(offsetof(WorkerSlot, applied) % kCacheLine, 0u);
   EXPECT_EQ(offsetof(RingHeader, head) - offsetof(RingHeader, tail), 2 * kCacheLine);
+}
+
+// ---- What a segment costs ----------------------------------------------------------------------
+
+namespace {
+// A model of `params` parameters of 1M floats (4 MiB each).
+LayoutRequest big_request(std::size_t params, std::uint32_t workers, std::uint32_t state_arrays, bool bsp) {
+  LayoutRequest r;
+  for (std::size_t i = 0; i < params; ++i) r.params.push_back({"layer" + std::to_string(i), {1024, 1024}});
+  r.max_workers = workers;
+  r.state_arrays = state_arrays;
+  r.bsp = bsp;
+  r.redo_entries = 4;
+  return r;
+}
+
+void expect_parts_add_up(const LayoutPlan& plan) {
+  const MemoryBreakdown m = memory_breakdown(plan);
+  std::uint64_t sum = 0;
+  for (const auto& part : m.parts) sum += part.bytes;
+  EXPECT_EQ(sum, plan.total_bytes);
+  EXPECT_EQ(m.total_bytes, plan.total_bytes);
+  std::uint64_t floats = 0;
+  for (const auto& p : plan.params) floats += p.size;
+  EXPECT_EQ(m.bytes_of("values"), floats * sizeof(float));
+  EXPECT_EQ(m.bytes_of("optimizer state"), plan.state_arrays * floats * sizeof(float));
+  EXPECT_EQ(m.bytes_of("rings"), plan.max_workers * plan.ring_stride);
+  EXPECT_EQ(m.bytes_of("worker slots"), plan.max_workers * sizeof(WorkerSlot));
+  EXPECT_EQ(m.bytes_of("slice table"), plan.slice_count * sizeof(SliceEntry));
+  EXPECT_GE(m.bytes_of("exactly-once table"), plan.slice_count * plan.max_workers * 8);
+  EXPECT_EQ(m.bytes_of("redo log"), plan.redo_count * plan.redo_stride);
+  EXPECT_EQ(m.bytes_of("header"), plan.params_offset);
+  EXPECT_EQ(m.overhead_bytes(), plan.total_bytes - m.bytes_of("values") - m.bytes_of("optimizer state"));
+  // The table shows every part, the total and the overhead, with exact bytes.
+  const std::string table = memory_table(m);
+  for (const auto& part : m.parts) EXPECT_NE(table.find(part.name), std::string::npos) << part.name;
+  EXPECT_NE(table.find("total"), std::string::npos);
+  EXPECT_NE(table.find(std::to_string(plan.total_bytes)), std::string::npos) << table;
+  EXPECT_NE(table.find("% on top of values + optimizer state"), std::string::npos) << table;
+}
+}  // namespace
+
+TEST(Memory, PartsAddUpToTheSegment) {
+  expect_parts_add_up(plan_layout(mlp_request()));
+  LayoutRequest adam = mlp_request();
+  adam.state_arrays = 2;
+  expect_parts_add_up(plan_layout(adam));
+  expect_parts_add_up(plan_layout(big_request(256, 8, 0, false)));
+  expect_parts_add_up(plan_layout(big_request(256, 8, 2, false)));
+  expect_parts_add_up(plan_layout(big_request(16, 8, 1, true)));
+}
+
+TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspButAStepInBsp) {
+  // 1 GiB of values (256 parameters of 4 MiB), 8 workers.
+  const LayoutPlan asp = plan_layout(big_request(256, 8, 2, false));
+  const std::uint64_t largest_record = record_bytes_for(1 << 20);
+  EXPECT_EQ(asp.ring_bytes, 2 * largest_record);  // two pushes of the largest parameter
+  EXPECT_NE(asp.ring_rule.find("two pushes of the largest parameter"), std::string::npos) << asp.ring_rule;
+  // A whole-parameter push fits one record (RingProducer::max_record_floats: half the ring).
+  EXPECT_GE((asp.ring_bytes / 2 - sizeof(PushRecord)) / sizeof(float), std::uint64_t{1} << 20);
+  const MemoryBreakdown m = memory_breakdown(asp);
+  EXPECT_LT(m.bytes_of("rings"), (std::uint64_t{1} << 30) / 15);   // under 7% of the values
+  EXPECT_LT(m.overhead_percent(), 3.0);                             // with Adam's state
+  EXPECT_LT(memory_breakdown(plan_layout(big_request(256, 8, 0, false))).overhead_percent(), 7.5);  // SGD
+  // BSP takes a step only once it has ended: a ring holds a whole step.
+  const LayoutPlan bsp = plan_layout(big_request(256, 8, 2, true));
+  EXPECT_EQ(bsp.ring_bytes, bsp_step_ring_bytes(bsp.params));
+  EXPECT_GE(bsp.ring_bytes, 256 * largest_record + sizeof(PushRecord) + largest_record);
+  EXPECT_NE(bsp.ring_rule.find("BSP step"), std::string::npos) << bsp.ring_rule;
+  // Small models get the 1 MiB minimum; an explicit ring_bytes wins over every rule.
+  LayoutRequest tiny;
+  tiny.params = {{"w", {10}}};
+  EXPECT_EQ(plan_layout(tiny).ring_bytes, kMinRingBytes);
+  tiny.bsp = true;
+  EXPECT_EQ(plan_layout(tiny).ring_bytes, kMinRingBytes);
+  LayoutRequest set = big_request(256, 8, 0, true);
+  set.ring_bytes = 1 << 20;
+  EXPECT_EQ(plan_layout(set).ring_bytes, 1u << 20);
+  EXPECT_EQ(plan_layout(set).ring_rule, "set by ring_bytes");
+}
+
+TEST(Memory, BigRegionsStartOnHugePagesSmallOnesAreNotPadded) {
+  const LayoutPlan big = plan_layout(big_request(256, 8, 2, false));
+  EXPECT_EQ(big.values_offset % kHugePageBytes, 0u);
+  EXPECT_EQ(big.state_offset % kHugePageBytes, 0u);
+  EXPECT_EQ(big.rings_offset % kHugePageBytes, 0u);  // 8 rings of 8 MiB: 64 MiB
+  EXPECT_EQ(big.total_bytes % kHugePageBytes, 0u);
+  for (const auto& p : big.params) EXPECT_EQ(p.values_offset % kCacheLine, 0u);
+  EXPECT_LT(memory_breakdown(big).bytes_of("alignment padding"), 4 * kHugePageBytes);
+  // A ring of 64 MiB or more starts on a huge page too.
+  const LayoutPlan bsp = plan_layout(big_request(32, 4, 0, true));
+  EXPECT_EQ(bsp.ring_stride % kHugePageBytes, 0u);
+  EXPECT_EQ(bsp.rings_offset % kHugePageBytes, 0u);
+  EXPECT_GE(bsp.ring_stride, sizeof(RingHeader) + bsp.ring_bytes);
+  // The reference MLP stays compact: page alignment only.
+  const LayoutPlan mlp = plan_layout(mlp_request());
+  EXPECT_LT(memory_breakdown(mlp).bytes_of("alignment padding"), 3 * 4096u);
+  EXPECT_EQ(mlp.ring_stride, sizeof(RingHeader) + mlp.ring_bytes);
 }

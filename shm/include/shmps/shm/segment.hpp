@@ -28,25 +28,55 @@ struct LayoutRequest {
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
   std::uint32_t max_workers = 8;
-  std::uint64_t ring_bytes = 0;  // 0: automatic (room for two pushes of the largest parameter)
+  std::uint64_t ring_bytes = 0;  // 0: automatic (see kMinRingBytes and plan_layout)
+  // The job starts in BSP: an automatic ring then holds one whole step (bsp_step_ring_bytes).
+  bool bsp = false;
   std::uint32_t state_arrays = 0;
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
 };
 
-// Where everything goes. Computed once by the server and stored in the header.
+// Where everything goes. Computed once by the server and stored in the header; plan_of() gives
+// it back from a live segment.
 struct LayoutPlan {
   std::uint64_t slice_floats = 0;
   std::uint64_t slice_count = 0;
+  std::uint32_t max_workers = 0;
+  std::uint32_t state_arrays = 0;
+  std::uint32_t redo_count = 0;
   std::uint64_t ring_bytes = 0;
   std::uint64_t ring_stride = 0;
+  std::string ring_rule;  // why ring_bytes is what it is (plan_layout only; empty from plan_of)
   std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
   std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
+
+// The automatic ring size (ring_bytes = 0), per worker:
+//   - room for two records of the largest parameter, because one record may use at most half a
+//     ring (RingProducer::max_record_floats): a whole-parameter push always fits, and the worker
+//     can write the next push while the server applies the previous one. A push bigger than half
+//     a ring (an explicit small ring_bytes) must be pushed in ranges (offset, count);
+//   - in BSP (LayoutRequest::bsp), room for one whole step: a push of every parameter, the clock
+//     record, and one largest record of slack for the padding at the wrap
+//     (bsp_step_ring_bytes), because the server takes a step's pushes only once the step has
+//     ended. In ASP and SSP pushes are applied as they come, so a ring never needs a whole step;
+//   - at least kMinRingBytes.
+// For a 1 GiB model of 256 parameters of 4 MiB with 8 workers: 8 MiB per ring (64 MiB in all,
+// 6% of the values) in ASP and SSP, and a whole step of 1 GiB per ring in BSP.
+inline constexpr std::uint64_t kMinRingBytes = std::uint64_t{1} << 20;
+std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept;
+
+// Regions of kBigRegionBytes or more (all the rings, the values, the optimizer state; and each
+// ring) start on a kHugePageBytes boundary, so that where /dev/shm offers transparent huge pages
+// they are made of whole ones; the padding costs less than 2 MiB per region (at most 3%).
+inline constexpr std::uint64_t kHugePageBytes = std::uint64_t{2} << 20;
+inline constexpr std::uint64_t kBigRegionBytes = std::uint64_t{64} << 20;
+
 // Throws shmps::Error for an impossible request (sizes, names).
 LayoutPlan plan_layout(const LayoutRequest& request);
+
 
 enum class Access { read_only, read_write };
 
@@ -128,6 +158,9 @@ class Segment {
   std::uint64_t size_ = 0;
   bool writable_ = false;
 };
+
+// The plan of a live segment, from its header and parameter table (ring_rule left empty).
+LayoutPlan plan_of(const Segment& segment);
 
 std::string_view param_name(const ParamEntry& p) noexcept;
 std::string shape_string(const ParamEntry& p);  // "[256, 784]"

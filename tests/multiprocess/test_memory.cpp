@@ -1,0 +1,185 @@
+// What a segment costs, with real processes: the plan of a spec (shmps-server --plan) against
+// what the live job reports (shmps-ctl inspect) and the file in /dev/shm; ring sizes set on the
+// command line.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <shmps/shm/layout.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/expect.hpp"
+#include "../support/harness.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::expect_no_files;
+using shmps::test::has;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::run;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+
+namespace {
+
+// Adam (two state arrays), three worker slots; "w" is 480000 bytes, so the automatic ring is
+// the 1 MiB minimum.
+constexpr const char* kSpec = R"(
+slice_bytes = 65536
+max_workers = 3
+[optimizer]
+kind = "adam"
+lr = 0.001
+[[param]]
+name = "w"
+shape = [3, 40000]
+[[param]]
+name = "b"
+shape = [7]
+)";
+
+// The memory table in a program's output: from its "PART" line to its "overhead" line.
+std::vector<std::string> memory_table(const std::string& out) {
+  std::vector<std::string> table;
+  std::istringstream in(out);
+  bool inside = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("PART ", 0) == 0) inside = true;
+    if (!inside) continue;
+    table.push_back(line);
+    if (line.rfind("overhead ", 0) == 0) break;
+  }
+  return table;
+}
+
+// The BYTES column of a table row ("rings   3146304   3.0 MiB  ..."), by its name.
+std::uint64_t bytes_of(const std::vector<std::string>& table, const std::string& name) {
+  for (const auto& line : table) {
+    if (line.rfind(name + "  ", 0) != 0) continue;
+    std::istringstream in(line.substr(name.size()));
+    std::uint64_t bytes = 0;
+    in >> bytes;
+    return bytes;
+  }
+  ADD_FAILURE() << "no row '" << name << "'";
+  return 0;
+}
+
+std::uint64_t file_size(const std::string& name) {
+  struct stat st {};
+  if (::stat(shm::segment_path(name).c_str(), &st) != 0) return 0;
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+}  // namespace
+
+TEST(Memory, ThePlanOfASpecIsWhatTheLiveJobReportsAndItsPartsAddUpToTheFile) {
+  Watchdog wd(60s);
+  Job job("memplan", kSpec);
+  // The plan creates nothing.
+  const auto plan = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--plan"});
+  ASSERT_EQ(plan.code, 0) << plan.out;
+  expect_no_files(job.name());
+  EXPECT_HAS(plan.out, "ring_bytes 1048576 per worker: automatic: the minimum of 1 MiB");
+  const auto planned = memory_table(plan.out);
+  ASSERT_GE(planned.size(), 14u) << plan.out;
+
+  job.start_server();
+  job.wait_ready();
+  const auto inspect = run({"shmps-ctl", "inspect", job.name()});
+  ASSERT_EQ(inspect.code, 0) << inspect.out;
+  const auto live = memory_table(inspect.out);
+  // The same table, line for line.
+  EXPECT_EQ(live, planned) << "plan:\n" << plan.out << "\ninspect:\n" << inspect.out;
+
+  // Its parts add up to the segment's file, and values and optimizer state are what the spec says.
+  const std::uint64_t size = file_size(job.name());
+  ASSERT_GT(size, 0u);
+  std::uint64_t sum = 0;
+  for (std::size_t i = 1; i < live.size(); ++i) {
+    if (live[i].rfind("total ", 0) == 0) break;
+    std::istringstream in(live[i].substr(20));
+    std::uint64_t bytes = 0;
+    in >> bytes;
+    sum += bytes;
+  }
+  EXPECT_EQ(sum, size) << inspect.out;
+  EXPECT_EQ(bytes_of(live, "total"), size);
+  EXPECT_EQ(bytes_of(live, "values"), (120000u + 7u) * 4u);
+  EXPECT_EQ(bytes_of(live, "optimizer state"), 2u * (120000u + 7u) * 4u);
+  EXPECT_EQ(bytes_of(live, "rings"), 3u * (sizeof(shm::RingHeader) + 1048576u));
+  EXPECT_EQ(bytes_of(live, "worker slots"), 3u * sizeof(shm::WorkerSlot));
+  EXPECT_EQ(bytes_of(live, "overhead"), size - 3u * (120000u + 7u) * 4u);
+
+  // The server says what the segment costs and why its rings are the size they are.
+  const std::string log = job.server().output();
+  EXPECT_HAS(log, "event=memory segment=" + job.name() + " total_bytes=" + std::to_string(size) + " ");
+  EXPECT_HAS(log, "event=ring_size segment=" + job.name() + " ring_bytes=1048576 rule=\"automatic: the minimum of 1 MiB\"");
+}
+
+TEST(Memory, RingBytesAndMaxWorkersCanBeSetOnTheCommandLine) {
+  Watchdog wd(90s);
+  Job job("memring", kSpec);
+  const auto plan = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--ring-bytes", "131072",
+                         "--max-workers", "5", "--plan"});
+  ASSERT_EQ(plan.code, 0) << plan.out;
+  EXPECT_HAS(plan.out, "ring_bytes 131072 per worker: set by ring_bytes");
+  EXPECT_HAS(plan.out, "5 worker slots");
+  EXPECT_EQ(bytes_of(memory_table(plan.out), "rings"), 5u * (sizeof(shm::RingHeader) + 131072u));
+  // Bad values are refused, saying why, and create nothing.
+  const auto bad = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--ring-bytes", "100"});
+  EXPECT_NE(bad.code, 0);
+  EXPECT_HAS(bad.out, "--ring-bytes: must be a multiple of 64");
+  const auto none = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--max-workers", "0"});
+  EXPECT_NE(none.code, 0);
+  EXPECT_HAS(none.out, "--max-workers: must be from 1");
+  expect_no_files(job.name());
+
+  // A job made with small rings...
+  auto& first = job.start_server({"--ring-bytes", "131072"});
+  job.wait_ready();
+  auto inspect = run({"shmps-ctl", "inspect", job.name()});
+  EXPECT_HAS(inspect.out, "(ring_bytes 131072 each");
+  first.kill(SIGTERM);
+  ASSERT_EQ(first.wait(20s), 0) << first.output();
+  // ... keeps them when its server restarts with an automatic ring, in another mode (a BSP step
+  // of "w" does not fit 128 KiB: the server says so) ...
+  auto& second = job.start_server({"--consistency", "bsp"});
+  job.wait_ready();
+  inspect = run({"shmps-ctl", "inspect", job.name()});
+  EXPECT_HAS(inspect.out, "(ring_bytes 131072 each");
+  second.kill(SIGTERM);
+  ASSERT_EQ(second.wait(20s), 0) << second.output();
+  EXPECT_HAS(second.output(), "recovered=true");
+  EXPECT_HAS(second.output(), "event=bsp_ring segment=" + job.name() + " note=\"each worker's ring holds 131072 bytes");
+  // ... and refuses another explicit size.
+  const auto other = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--ring-bytes", "262144"});
+  EXPECT_NE(other.code, 0);
+  EXPECT_HAS(other.out, "already exists with rings of 131072 bytes, but ring_bytes 262144 was asked for");
+}
+
+TEST(Memory, TheLauncherPassesRingBytesToTheServerItStarts) {
+  Watchdog wd(60s);
+  Job job("memlaunch", kSpec);
+  // Room for two pushes of "w" (480000 bytes each), less than the 1 MiB minimum of an automatic ring.
+  Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "2", "--ring-bytes",
+                  "983040", "--keep", "--", "shmps-test-pusher", "exact", "--pushes", "4"});
+  ASSERT_EQ(launch.wait(45s), 0) << launch.output();
+  EXPECT_HAS(launch.output(), "ring_bytes=983040");
+  const auto inspect = run({"shmps-ctl", "inspect", job.name()});
+  EXPECT_HAS(inspect.out, "(ring_bytes 983040 each");
+  // More workers than --max-workers gives slots is refused before anything starts.
+  const auto many = run({"shmps-launch", "--spec", job.spec_path(), "--name", job.name() + "x", "--workers", "3",
+                         "--max-workers", "2"});
+  EXPECT_NE(many.code, 0);
+  EXPECT_HAS(many.out, "--workers 3 is more than the 2 worker slots of --max-workers");
+}
