@@ -36,6 +36,7 @@
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/reader.hpp>
@@ -180,7 +181,14 @@ int cmd_inspect(const std::string& name) {
             << "slices       " << h.slice_count << " of " << h.slice_floats << " floats ("
             << human_bytes(h.slice_floats * 4) << ")\n"
             << "applied      " << load_counter(h.records_applied) << " pushes, " << load_counter(h.floats_applied)
-            << " floats, " << load_counter(h.apply_rounds) << " rounds\n\n";
+            << " floats, " << load_counter(h.apply_rounds) << " rounds\n"
+            << "huge pages   "
+            << (load_acquire(h.huge_mount) == 0
+                    ? std::string("unknown (the server has not reported yet)")
+                    : huge_page_text(HugePageSupport{static_cast<HugeSetting>(load_acquire(h.huge_mount)),
+                                                     static_cast<HugeSetting>(load_acquire(h.huge_sysfs))},
+                                     load_acquire(h.huge_bytes), h.total_bytes))
+            << "\n\n";
 
   std::vector<std::string> param_names, shapes;
   for (std::uint32_t i = 0; i < h.param_count; ++i) {

@@ -13,6 +13,7 @@
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
 #include <shmps/shm/memory.hpp>
+#include <shmps/shm/pages.hpp>
 
 namespace {
 std::atomic<shmps::server::Server*> g_server{nullptr};
@@ -120,7 +121,8 @@ int main(int argc, char** argv) {
                 << "ring_bytes " << plan.ring_bytes << " per worker: " << plan.ring_rule << "; a push of up to "
                 << (plan.ring_bytes / 2 - sizeof(shmps::shm::PushRecord)) / sizeof(float)
                 << " floats fits one record, bigger ones go in ranges (offset, count)\n"
-                << "\n"
+                << "huge pages " << shmps::shm::huge_page_text(shmps::shm::huge_page_support(), 0, m.total_bytes)
+                << "\n\n"
                 << shmps::shm::memory_table(m);
       return 0;
     }

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -23,6 +24,7 @@
 #include <shmps/shm/membership.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/seqlock.hpp>
@@ -62,6 +64,40 @@ std::string bsp_ring_note(const Segment& segment) {
          "every parameter (" + std::to_string(need) + " bytes): such a step fails in the worker with what to do; push "
          "less per step, or make the job again with ring_bytes >= " + std::to_string(need) +
          " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step)";
+}
+
+// Pre-faults the values and optimizer state in parallel, and in a new segment allocates them:
+// the arena's threads each take a contiguous block of slices, so that (first touch) each
+// thread's pages are on its NUMA node and the model is spread over the nodes the server runs
+// on. The apply itself takes slices dynamically (a oneTBB parallel_for over the slices a round
+// touches), so no block stays with one thread; the blocks spread the pages, they do not pin them.
+void prefault_model(Segment& segment, tbb::task_arena& arena) {
+  const SegmentHeader& h = segment.header();
+  if (h.slice_count == 0) return;
+  const std::uint64_t blocks = std::min<std::uint64_t>(static_cast<std::uint64_t>(arena.max_concurrency()), h.slice_count);
+  std::mutex mutex;
+  std::string error;
+  parallel_for_index(arena, blocks, [&](std::size_t b, std::size_t) {
+    const std::uint64_t first = h.slice_count * b / blocks, last = h.slice_count * (b + 1) / blocks;
+    if (first == last) return;
+    const SliceEntry& s0 = segment.slice(first);
+    const SliceEntry& s1 = segment.slice(last - 1);
+    const ParamEntry& p0 = segment.param(s0.param);
+    const ParamEntry& p1 = segment.param(s1.param);
+    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, const char* what) {
+      const std::uint64_t begin = offset0 + s0.first * sizeof(float);
+      const std::uint64_t end = offset1 + (s1.first + s1.count) * sizeof(float);
+      segment.reserve(begin, end - begin, what);
+    };
+    try {
+      reserve(p0.values_offset, p1.values_offset, "its values");
+      for (std::uint32_t a = 0; a < h.state_arrays; ++a) reserve(p0.state_offset[a], p1.state_offset[a], "optimizer state");
+    } catch (const Error& e) {
+      const std::lock_guard lock(mutex);
+      if (error.empty()) error = e.what();
+    }
+  });
+  if (!error.empty()) throw Error(error);
 }
 
 // One piece of work for a slice: the part of one push record that falls into it.
@@ -171,6 +207,11 @@ void Server::start() {
   const LayoutRequest request = layout_request(s.options);
   const LayoutPlan plan = plan_layout(request);
   const std::uint64_t hash = layout_hash(request, plan);
+  // The apply threads (each needs its own redo entry): they also pre-fault the model below.
+  unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
+  if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
+  threads = std::min(threads, request.redo_entries);
+  s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
 
   // A checkpoint to restore is read and checked whole before anything is touched: a damaged or
   // foreign file changes nothing.
@@ -268,18 +309,26 @@ void Server::start() {
   s.step_states.assign(h.max_workers, nullptr);
   s.round_clock.assign(h.max_workers, 0);
   s.latency_sampled_seq.assign(h.max_workers, 0);
-  unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
-  if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
-  threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
-  s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
+  if (threads > h.redo_count) {  // a recovered segment made for fewer threads
+    threads = h.redo_count;
+    s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
+  }
 
-  // What the segment costs, and why its rings are the size they are.
+  // Values and optimizer state: allocated (a new segment) and mapped by the apply threads, so
+  // that the first rounds pay no page faults. Then what the segment got, for the log and ctl.
+  if (s.recovered) prefault_model(s.segment, *s.arena);  // a new segment's were, in create_segment
   {
+    const HugePageSupport huge = huge_page_support();
+    SegmentHeader& hh = s.header();
+    const std::uint64_t huge_bytes = huge_mapped_bytes(s.segment.base());
+    store_release(hh.huge_mount, static_cast<std::uint32_t>(huge.mount));
+    store_release(hh.huge_sysfs, static_cast<std::uint32_t>(huge.sysfs));
+    store_release(hh.huge_bytes, huge_bytes);
     const MemoryBreakdown m = memory_breakdown(plan_of(s.segment));
     spdlog::info("event=memory segment={} total_bytes={} values_bytes={} state_bytes={} rings_bytes={} "
-                 "ring_stride={} overhead_bytes={} overhead_pct={:.1f}",
+                 "ring_stride={} overhead_bytes={} overhead_pct={:.1f} huge_pages=\"{}\"",
                  spec.name, m.total_bytes, m.values_bytes, m.state_bytes, m.bytes_of("rings"), m.ring_each_bytes,
-                 m.overhead_bytes(), m.overhead_percent());
+                 m.overhead_bytes(), m.overhead_percent(), huge_page_text(huge, huge_bytes, m.total_bytes));
     if (!s.recovered) spdlog::info("event=ring_size segment={} ring_bytes={} rule=\"{}\"", spec.name, plan.ring_bytes,
                                    plan.ring_rule);
   }
@@ -333,7 +382,14 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
                                   const Snapshot* restore) {
   const ModelSpec& spec = options.spec;
   if (!restore && !pretrained) pretrained = load_pretrained(spec);  // a half-created segment being recreated
-  segment = Segment::create(spec.name, plan.total_bytes, options.mode);
+  // The server reserves its tables now; the values and optimizer state are reserved by the
+  // apply threads (start(): prefault_model), and each ring's records by its worker when it
+  // attaches (the ring's writer: first touch places them on its NUMA node, in its memory cgroup).
+  // Nothing else touches those pages before.
+  std::vector<ByteRange> deferred{{plan.values_offset, plan.total_bytes - plan.values_offset}};
+  for (std::uint32_t r = 0; r < request.max_workers; ++r)
+    deferred.push_back({plan.rings_offset + r * plan.ring_stride + sizeof(RingHeader), plan.ring_bytes});
+  segment = Segment::create(spec.name, plan.total_bytes, options.mode, deferred);
   // The file is all zeros: state reads "creating" until the very end.
   SegmentHeader& h = segment.header();
   h.layout_version = kLayoutVersion;
@@ -379,6 +435,7 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
       slice.count = std::min(plan.slice_floats, p.size - slice.first);
     }
   }
+  prefault_model(segment, *arena);  // before anything writes a value: first touch by the apply threads
   for (std::size_t i = 0; i < plan.params.size() && !restore; ++i) {
     const ParamEntry& p = segment.param(i);
     initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);

@@ -1,6 +1,7 @@
 #include "shmps/shm/segment.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -22,13 +23,54 @@
 
 namespace bip = boost::interprocess;
 
+#ifndef MADV_POPULATE_READ  // Linux 5.14; older headers
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 namespace shmps::shm {
 
 namespace {
 
+// The mapping, and the shared-memory object it maps: its descriptor stays open for reserve()'s
+// posix_fallocate on kernels without MADV_POPULATE_WRITE.
 struct Mapping {
+  bip::shared_memory_object shm;
   bip::mapped_region region;
 };
+
+std::uint64_t page_bytes() {
+  static const std::uint64_t page = [] {
+    const long p = ::sysconf(_SC_PAGESIZE);
+    return p > 0 ? static_cast<std::uint64_t>(p) : std::uint64_t{4096};
+  }();
+  return page;
+}
+
+// madvise(MADV_POPULATE_*) over [begin, end) widened to whole pages: 0 or the errno.
+int populate(const std::byte* base, std::uint64_t begin, std::uint64_t end, int advice) {
+  const std::uint64_t page = page_bytes();
+  begin = begin / page * page;
+  end = align_up(end, page);
+  if (end <= begin) return 0;
+  auto* addr = const_cast<std::byte*>(base) + begin;
+  while (::madvise(addr, end - begin, advice) != 0) {
+    if (errno != EINTR && errno != EAGAIN) return errno;
+  }
+  return 0;
+}
+
+// Huge pages where /dev/shm offers them (pages.hpp); an error only means the kernel cannot.
+void advise_huge_pages(std::byte* base, std::uint64_t size) noexcept {
+#ifdef MADV_HUGEPAGE
+  (void)::madvise(base, size, MADV_HUGEPAGE);
+#else
+  (void)base;
+  (void)size;
+#endif
+}
 
 }  // namespace
 
@@ -201,7 +243,8 @@ void Segment::check_room(std::string_view name, std::uint64_t total_bytes) {
                 std::string(kShmDir) + ")");
 }
 
-Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode) {
+Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode,
+                        std::span<const ByteRange> deferred) {
   check_segment_name(name);
   const std::string path = segment_path(name);
   check_room(name, total_bytes);  // first, so that a too-large model changes nothing
@@ -212,27 +255,83 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
     bip::shared_memory_object shm(bip::create_only, shm_object_name(name).c_str(), bip::read_write, perms);
     const int fd = shm.get_mapping_handle().handle;
     ::fchmod(fd, static_cast<mode_t>(mode));  // exactly `mode`, whatever the umask
-    // Reserve every page now: on tmpfs a full /dev/shm fails here (ENOSPC), not as a SIGBUS on
-    // first touch in the middle of training.
-    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total_bytes)); err != 0) {
+    // Sized, but no page allocated yet (the file is sparse): each part is reserved below, or by
+    // its first user (deferred).
+    if (::ftruncate(fd, static_cast<off_t>(total_bytes)) != 0) {
+      const int err = errno;
       bip::shared_memory_object::remove(shm_object_name(name).c_str());
-      throw Error("cannot reserve " + human_bytes(total_bytes) + " for segment '" + std::string(name) + "' in " +
-                  std::string(kShmDir) + ": " + std::strerror(err) +
-                  (err == ENOSPC ? " (not enough shared memory: make the model smaller or enlarge /dev/shm)" : ""));
+      throw Error("cannot size segment '" + std::string(name) + "' (" + path + ") to " + human_bytes(total_bytes) + ": " +
+                  std::strerror(err));
     }
-    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, bip::read_write)});
+    auto mapping = std::make_shared<Mapping>();
+    mapping->region = bip::mapped_region(shm, bip::read_write);
+    mapping->shm.swap(shm);
     segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
     segment.size_ = mapping->region.get_size();
     segment.mapping_ = mapping;
+    segment.name_ = std::string(name);
+    segment.writable_ = true;
+    advise_huge_pages(segment.base_, segment.size_);
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::already_exists_error)
       throw Error("segment '" + std::string(name) + "' already exists (" + path +
                   "): use another --name, or remove it with `shmps-ctl destroy " + std::string(name) + "`");
     throw Error("cannot create segment '" + std::string(name) + "' (" + path + "): " + e.what());
   }
-  segment.name_ = std::string(name);
-  segment.writable_ = true;
+  // Reserve every page outside `deferred` now: on tmpfs a full /dev/shm fails here, not as a
+  // SIGBUS on first touch in the middle of training.
+  try {
+    std::vector<ByteRange> skip(deferred.begin(), deferred.end());
+    std::sort(skip.begin(), skip.end(), [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
+    const std::uint64_t page = page_bytes();
+    std::uint64_t at = 0;
+    for (const ByteRange& d : skip) {
+      // Only the whole pages inside a deferred range are left: a page it shares with a part
+      // reserved here is reserved here.
+      const std::uint64_t first = align_up(d.offset, page), last = (d.offset + d.bytes) / page * page;
+      if (last <= first || first < at) continue;
+      segment.reserve(at, first - at, "its tables");
+      at = last;
+    }
+    if (at < total_bytes) segment.reserve(at, total_bytes - at, "its tables");
+  } catch (const Error&) {
+    segment = Segment();
+    bip::shared_memory_object::remove(shm_object_name(name).c_str());
+    throw;
+  }
   return segment;
+}
+
+void Segment::reserve(std::uint64_t offset, std::uint64_t bytes, std::string_view what) {
+  if (bytes == 0) return;
+  if (!writable_) throw Error("segment '" + name_ + "' is mapped read-only: cannot reserve " + std::string(what));
+  if (offset > size_ || bytes > size_ - offset)
+    throw Error("segment '" + name_ + "': " + std::string(what) + " lies outside the segment");
+  int err = populate(base_, offset, offset + bytes, MADV_POPULATE_WRITE);
+  if (err == EINVAL) {
+    // A kernel before 5.14: reserve the blocks instead (the first writes then fault them in).
+    const int fd = static_cast<Mapping*>(mapping_.get())->shm.get_mapping_handle().handle;
+    err = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+    if (err == 0) return;
+    if (err != ENOSPC) {
+      throw Error("cannot reserve " + human_bytes(bytes) + " of segment '" + name_ + "' for " + std::string(what) +
+                  ": " + std::strerror(err));
+    }
+  }
+  if (err == 0) return;
+  // EFAULT: the pages could not be allocated (a write would have raised SIGBUS): no room on the
+  // tmpfs. ENOMEM: no memory at all.
+  throw Error("cannot reserve " + human_bytes(bytes) + " of segment '" + name_ + "' for " + std::string(what) + " in " +
+              std::string(kShmDir) + ": " +
+              (err == EFAULT || err == ENOSPC
+                   ? std::string("not enough shared memory (make the model or its rings smaller, remove stale segments "
+                                 "with shmps-ctl list / destroy, or enlarge /dev/shm)")
+                   : std::string(std::strerror(err))));
+}
+
+void Segment::prefault_read(std::uint64_t offset, std::uint64_t bytes) const noexcept {
+  if (offset >= size_) return;
+  (void)populate(base_, offset, std::min(size_, offset + bytes), MADV_POPULATE_READ);
 }
 
 Segment Segment::open(std::string_view name, Access access) {
@@ -247,10 +346,13 @@ Segment Segment::open(std::string_view name, Access access) {
       throw Error("segment '" + std::string(name) + "' (" + path +
                   ") is too small to be a shmps segment: it is damaged or not shmps's; remove it with `shmps-ctl destroy " +
                   std::string(name) + " --force`");
-    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, mode)});
+    auto mapping = std::make_shared<Mapping>();
+    mapping->region = bip::mapped_region(shm, mode);
+    mapping->shm.swap(shm);
     segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
     segment.size_ = mapping->region.get_size();
     segment.mapping_ = mapping;
+    if (access == Access::read_write) advise_huge_pages(segment.base_, segment.size_);
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::not_found_error)
       throw Error("segment '" + std::string(name) + "' does not exist (no " + path +

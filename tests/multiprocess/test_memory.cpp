@@ -1,8 +1,10 @@
-// What a segment costs, with real processes: the plan of a spec (shmps-server --plan) against
-// what the live job reports (shmps-ctl inspect) and the file in /dev/shm; ring sizes set on the
-// command line.
+// What a segment costs and where its pages come from, with real processes: the plan of a spec
+// (shmps-server --plan) against what the live job reports (shmps-ctl inspect) and the file in
+// /dev/shm; pages allocated by the thread or process that uses them (the server's apply threads
+// for the model, each worker for its own ring); ring sizes set on the command line.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 
 #include <shmps/shm/layout.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
@@ -80,6 +83,32 @@ std::uint64_t file_size(const std::string& name) {
   return static_cast<std::uint64_t>(st.st_size);
 }
 
+// The whole pages of [offset, offset + bytes) that are allocated in /dev/shm (mincore on a file
+// mapping reports the file's pages, whoever allocated them), and how many there are.
+struct Pages {
+  std::size_t resident = 0, total = 0;
+};
+Pages pages_in(const shm::Segment& s, std::uint64_t offset, std::uint64_t bytes) {
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  const std::uint64_t first = (offset + page - 1) / page * page, last = (offset + bytes) / page * page;
+  Pages p;
+  if (last <= first) return p;
+  std::vector<unsigned char> in((last - first) / page);
+  if (::mincore(const_cast<std::byte*>(s.base()) + first, last - first, in.data()) != 0) {
+    ADD_FAILURE() << "mincore failed";
+    return p;
+  }
+  p.total = in.size();
+  for (unsigned char c : in) p.resident += c & 1U;
+  return p;
+}
+
+// Slot r's ring records (after its RingHeader).
+Pages ring_records(const shm::Segment& s, unsigned r) {
+  const shm::ByteRange ring = s.ring_range(r);
+  return pages_in(s, ring.offset + sizeof(shm::RingHeader), ring.bytes - sizeof(shm::RingHeader));
+}
+
 }  // namespace
 
 TEST(Memory, ThePlanOfASpecIsWhatTheLiveJobReportsAndItsPartsAddUpToTheFile) {
@@ -90,6 +119,7 @@ TEST(Memory, ThePlanOfASpecIsWhatTheLiveJobReportsAndItsPartsAddUpToTheFile) {
   ASSERT_EQ(plan.code, 0) << plan.out;
   expect_no_files(job.name());
   EXPECT_HAS(plan.out, "ring_bytes 1048576 per worker: automatic: the minimum of 1 MiB");
+  EXPECT_HAS(plan.out, "huge pages ");
   const auto planned = memory_table(plan.out);
   ASSERT_GE(planned.size(), 14u) << plan.out;
 
@@ -120,10 +150,55 @@ TEST(Memory, ThePlanOfASpecIsWhatTheLiveJobReportsAndItsPartsAddUpToTheFile) {
   EXPECT_EQ(bytes_of(live, "worker slots"), 3u * sizeof(shm::WorkerSlot));
   EXPECT_EQ(bytes_of(live, "overhead"), size - 3u * (120000u + 7u) * 4u);
 
-  // The server says what the segment costs and why its rings are the size they are.
+  // The server says what the segment is and what pages it got; so does inspect.
   const std::string log = job.server().output();
   EXPECT_HAS(log, "event=memory segment=" + job.name() + " total_bytes=" + std::to_string(size) + " ");
+  EXPECT_HAS(log, "huge_pages=\"");
   EXPECT_HAS(log, "event=ring_size segment=" + job.name() + " ring_bytes=1048576 rule=\"automatic: the minimum of 1 MiB\"");
+  const bool offered = shm::huge_page_support().offered();
+  EXPECT_HAS(inspect.out, offered ? "huge pages   offered (" : "huge pages   not offered (");
+  EXPECT_HAS(log, offered ? "huge_pages=\"offered (" : "huge_pages=\"not offered (");
+}
+
+TEST(Memory, TheModelIsAllocatedByTheServerAndEachRingByItsOwnWorkerWhenItAttaches) {
+  Watchdog wd(60s);
+  Job job("memtouch", kSpec);
+  job.start_server();
+  job.wait_ready();
+  const shm::Segment view = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::SegmentHeader& h = view.header();
+
+  // The server allocated values and optimizer state, whole, and no ring's records.
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const shm::ParamEntry& p = view.param(i);
+    const Pages values = pages_in(view, p.values_offset, p.size * sizeof(float));
+    EXPECT_EQ(values.resident, values.total) << "values of parameter " << i;
+    for (int a = 0; a < 2; ++a) {
+      const Pages state = pages_in(view, p.state_offset[a], p.size * sizeof(float));
+      EXPECT_EQ(state.resident, state.total) << "state " << a << " of parameter " << i;
+    }
+  }
+  for (unsigned r = 0; r < 3; ++r) {
+    const Pages ring = ring_records(view, r);
+    EXPECT_GE(ring.total, 250u);  // 1 MiB: 256 pages, less the ones shared with the headers
+    EXPECT_EQ(ring.resident, 0u) << "ring " << r << " was touched before its worker attached";
+  }
+
+  // A worker that attaches (and does nothing else) has allocated its whole ring, and only its own.
+  {
+    shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 1});
+    const Pages ring1 = ring_records(view, 1);
+    EXPECT_EQ(ring1.resident, ring1.total);
+    EXPECT_EQ(ring_records(view, 0).resident, 0u);
+    EXPECT_EQ(ring_records(view, 2).resident, 0u);
+  }
+  // So does a worker process, which then pushes into it.
+  auto& pusher = job.start({"shmps-test-pusher", "exact", "--pushes", "6"}, {{"SHMPS_RANK", "2"}});
+  ASSERT_EQ(pusher.wait(30s), 0) << pusher.output();
+  EXPECT_HAS(pusher.output(), "rank 2 pushed 6 applied 6");
+  const Pages ring2 = ring_records(view, 2);
+  EXPECT_EQ(ring2.resident, ring2.total);
+  EXPECT_EQ(ring_records(view, 0).resident, 0u);  // a slot nobody attached to costs no memory
 }
 
 TEST(Memory, RingBytesAndMaxWorkersCanBeSetOnTheCommandLine) {

@@ -3,6 +3,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/memory.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/shm/segment.hpp>
 
 using namespace shmps::shm;
@@ -175,4 +176,41 @@ TEST(Memory, BigRegionsStartOnHugePagesSmallOnesAreNotPadded) {
   const LayoutPlan mlp = plan_layout(mlp_request());
   EXPECT_LT(memory_breakdown(mlp).bytes_of("alignment padding"), 3 * 4096u);
   EXPECT_EQ(mlp.ring_stride, sizeof(RingHeader) + mlp.ring_bytes);
+}
+
+// ---- Huge pages: what the system offers ---------------------------------------------------------
+
+TEST(HugePages, SettingsAreReadFromShmemEnabledAndTheDevShmMount) {
+  EXPECT_EQ(parse_shmem_enabled("always within_size advise [never] deny force\n"), HugeSetting::never);
+  EXPECT_EQ(parse_shmem_enabled("always within_size [advise] never deny force"), HugeSetting::advise);
+  EXPECT_EQ(parse_shmem_enabled("[force]"), HugeSetting::force);
+  EXPECT_EQ(parse_shmem_enabled(""), HugeSetting::unknown);
+  const std::string without = "25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24731708k\n";
+  const std::string advise = "30 25 0:27 / /dev/shm rw,relatime shared:4 - tmpfs tmpfs rw,size=1g,huge=advise,inode64\n";
+  const std::string other = "31 25 0:28 / /mnt/big rw - tmpfs tmpfs rw,huge=always\n";
+  EXPECT_EQ(parse_mount_huge(without, "/dev/shm"), HugeSetting::never);
+  EXPECT_EQ(parse_mount_huge(without + advise + other, "/dev/shm"), HugeSetting::advise);  // the last mount there
+  EXPECT_EQ(parse_mount_huge(advise + without, "/dev/shm"), HugeSetting::never);
+  EXPECT_EQ(parse_mount_huge(other, "/dev/shm"), HugeSetting::unknown);
+  EXPECT_EQ(parse_mount_huge("40 1 8:1 / /dev/shm rw - ext4 /dev/sda1 rw\n", "/dev/shm"), HugeSetting::never);
+}
+
+TEST(HugePages, OfferedOnlyWhereTheMountOrForceSaysSo) {
+  using S = HugeSetting;
+  EXPECT_FALSE((HugePageSupport{S::never, S::never}.offered()));
+  EXPECT_FALSE((HugePageSupport{S::never, S::advise}.offered()));  // shmem_enabled is for the internal mount
+  EXPECT_TRUE((HugePageSupport{S::advise, S::never}.offered()));
+  EXPECT_TRUE((HugePageSupport{S::within_size, S::never}.offered()));
+  EXPECT_TRUE((HugePageSupport{S::never, S::force}.offered()));
+  EXPECT_FALSE((HugePageSupport{S::always, S::deny}.offered()));
+  const std::string no = huge_page_text({S::never, S::never}, 0, 1 << 20);
+  EXPECT_NE(no.find("not offered (/dev/shm is mounted without huge=, shmem_enabled = never); 4 KiB pages"),
+            std::string::npos) << no;
+  EXPECT_NE(huge_page_text({S::always, S::deny}, 0, 1).find("shmem_enabled = deny overrides"), std::string::npos);
+  const std::string yes = huge_page_text({S::advise, S::never}, std::uint64_t{6} << 20, std::uint64_t{8} << 20);
+  EXPECT_NE(yes.find("offered (/dev/shm huge=advise, the segment is madvised); 6.0 MiB of 8.0 MiB in 2 MiB pages"),
+            std::string::npos) << yes;
+  // This machine: whatever it offers, the reading works.
+  const HugePageSupport here = huge_page_support();
+  EXPECT_NE(here.mount, S::unknown);
 }

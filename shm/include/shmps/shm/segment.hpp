@@ -77,19 +77,43 @@ inline constexpr std::uint64_t kBigRegionBytes = std::uint64_t{64} << 20;
 // Throws shmps::Error for an impossible request (sizes, names).
 LayoutPlan plan_layout(const LayoutRequest& request);
 
+// A byte range of a segment.
+struct ByteRange {
+  std::uint64_t offset = 0;
+  std::uint64_t bytes = 0;
+};
 
 enum class Access { read_only, read_write };
 
 class Segment {
  public:
-  // Creates /dev/shm/shmps.<name> (mode `mode`), sized and pre-faulted so that a full /dev/shm is
-  // an error here and never a SIGBUS later. Writes nothing inside: the caller fills the header
+  // Creates /dev/shm/shmps.<name> (mode `mode`), sized, and checks that /dev/shm has room for
+  // all of it. Every page outside `deferred` is reserved here, by the calling thread (see
+  // reserve()), so that a full /dev/shm is an error here and never a SIGBUS later. The pages of
+  // `deferred` are left for their first user to reserve, so that the thread that uses them
+  // allocates them (first touch: on its own NUMA node, in its own memory cgroup): whoever touches
+  // a deferred page must reserve() it first. Writes nothing inside: the caller fills the header
   // and sets state "ready" last. Throws shmps::Error if it exists or does not fit.
-  static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600);
+  static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600,
+                        std::span<const ByteRange> deferred = {});
   // Maps an existing segment and validates magic, layout version, fingerprint and size. Throws
   // shmps::Error saying what is wrong. A segment still in "creating" is returned unvalidated:
   // wait for header().state to leave "creating", then call validate().
   static Segment open(std::string_view name, Access access);
+  // Read-write mappings (create, and open with read_write) are madvised MADV_HUGEPAGE, so that
+  // where /dev/shm offers transparent huge pages (pages.hpp) the segment gets them; nothing
+  // fails where it does not.
+
+  // Allocates the pages of [offset, offset + bytes) that are not yet allocated, by the calling
+  // thread, and maps them all into this process for writing (MADV_POPULATE_WRITE), so that the
+  // first writes pay no page faults. On a kernel without MADV_POPULATE_WRITE (before 5.14) it
+  // reserves them with posix_fallocate instead. Throws shmps::Error, naming `what`, if /dev/shm
+  // has no room for them. Read-write mappings only.
+  void reserve(std::uint64_t offset, std::uint64_t bytes, std::string_view what);
+  // Maps the pages of [offset, offset + bytes) into this process for reading
+  // (MADV_POPULATE_READ), so that the first reads pay no page faults. Best effort: does nothing
+  // where the kernel cannot.
+  void prefault_read(std::uint64_t offset, std::uint64_t bytes) const noexcept;
   // The checks open() makes, for a segment that open() returned while it was still "creating".
   void validate() const;
   static bool exists(std::string_view name);
@@ -150,6 +174,11 @@ class Segment {
 
   // Index of the parameter called `name`, or -1.
   std::int64_t find_param(std::string_view name) const noexcept;
+
+  // Where slot r's ring (its RingHeader and records) lies.
+  ByteRange ring_range(std::uint64_t r) const noexcept {
+    return {header().rings_offset + r * header().ring_stride, header().ring_stride};
+  }
 
  private:
   std::string name_;
