@@ -13,6 +13,7 @@
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
 #include <algorithm>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -215,6 +216,12 @@ int cmd_inspect(const std::string& name) {
 
   // What the segment costs, part by part (the same table as shmps-server --plan).
   std::cout << "\nmemory (of " << segment_path(name) << ")\n" << memory_table(memory_breakdown(plan_of(seg)));
+  // What is allocated now: pages are allocated by their first user, so the rings of slots that
+  // never had a worker, and alignment padding, cost nothing yet.
+  struct stat st {};
+  if (::stat(segment_path(name).c_str(), &st) == 0)
+    std::cout << "allocated now " << human_bytes(static_cast<std::uint64_t>(st.st_blocks) * 512) << " of "
+              << human_bytes(h.total_bytes) << " (a ring is allocated when a worker first attaches to its slot)\n";
   return 0;
 }
 

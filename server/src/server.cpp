@@ -326,7 +326,7 @@ void Server::start() {
     store_release(hh.huge_bytes, huge_bytes);
     const MemoryBreakdown m = memory_breakdown(plan_of(s.segment));
     spdlog::info("event=memory segment={} total_bytes={} values_bytes={} state_bytes={} rings_bytes={} "
-                 "ring_stride={} overhead_bytes={} overhead_pct={:.1f} huge_pages=\"{}\"",
+                 "ring_each={} overhead_bytes={} overhead_pct={:.1f} huge_pages=\"{}\"",
                  spec.name, m.total_bytes, m.values_bytes, m.state_bytes, m.bytes_of("rings"), m.ring_each_bytes,
                  m.overhead_bytes(), m.overhead_percent(), huge_page_text(huge, huge_bytes, m.total_bytes));
     if (!s.recovered) spdlog::info("event=ring_size segment={} ring_bytes={} rule=\"{}\"", spec.name, plan.ring_bytes,
@@ -383,12 +383,15 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
   const ModelSpec& spec = options.spec;
   if (!restore && !pretrained) pretrained = load_pretrained(spec);  // a half-created segment being recreated
   // The server reserves its tables now; the values and optimizer state are reserved by the
-  // apply threads (start(): prefault_model), and each ring's records by its worker when it
-  // attaches (the ring's writer: first touch places them on its NUMA node, in its memory cgroup).
-  // Nothing else touches those pages before.
-  std::vector<ByteRange> deferred{{plan.values_offset, plan.total_bytes - plan.values_offset}};
+  // apply threads (prefault_model), and each ring's records by its worker when it attaches (the
+  // ring's writer: first touch places them on its NUMA node, in its memory cgroup). Nothing else
+  // touches those pages before. Alignment padding is touched by nobody: no memory behind it.
+  const std::uint64_t slots_end = plan.slots_offset + request.max_workers * sizeof(WorkerSlot);
+  const std::uint64_t rings_end = plan.rings_offset + request.max_workers * plan.ring_stride;
+  std::vector<ByteRange> deferred{{slots_end, plan.rings_offset - slots_end},
+                                  {rings_end, plan.total_bytes - rings_end}};
   for (std::uint32_t r = 0; r < request.max_workers; ++r)
-    deferred.push_back({plan.rings_offset + r * plan.ring_stride + sizeof(RingHeader), plan.ring_bytes});
+    deferred.push_back({plan.rings_offset + r * plan.ring_stride + sizeof(RingHeader), plan.ring_stride - sizeof(RingHeader)});
   segment = Segment::create(spec.name, plan.total_bytes, options.mode, deferred);
   // The file is all zeros: state reads "creating" until the very end.
   SegmentHeader& h = segment.header();

@@ -37,8 +37,8 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   for (const auto& p : plan.params) floats += p.size;
   m.values_bytes = floats * sizeof(float);
   m.state_bytes = plan.state_arrays * m.values_bytes;
-  m.ring_each_bytes = plan.ring_stride;
-  const std::uint64_t rings = plan.max_workers * plan.ring_stride;
+  m.ring_each_bytes = sizeof(RingHeader) + plan.ring_bytes;  // a big ring's padding to 2 MiB is padding
+  const std::uint64_t rings = plan.max_workers * m.ring_each_bytes;
   const std::uint64_t slots = plan.rings_offset > plan.slots_offset ? plan.max_workers * sizeof(WorkerSlot) : 0;
   auto x = [](std::uint64_t n, const std::string& each) { return std::to_string(n) + " x " + each; };
 
@@ -50,8 +50,8 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                                             : std::to_string(plan.state_arrays) +
                                                   (plan.state_arrays == 1 ? " array" : " arrays") + " of the values' size"});
   m.parts.push_back({"rings", rings,
-                     x(plan.max_workers, human_bytes(plan.ring_stride)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
-                         " each, and its header)"});
+                     x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
+                         " and a " + std::to_string(sizeof(RingHeader)) + "-byte header each)"});
   m.parts.push_back({"worker slots", slots, x(plan.max_workers, std::to_string(sizeof(WorkerSlot)) + " B")});
   m.parts.push_back({"slice table", plan.applied_offset - plan.slices_offset,
                      std::to_string(plan.slice_count) + " slices x " + std::to_string(sizeof(SliceEntry)) + " B (" +
@@ -68,7 +68,7 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   std::uint64_t counted = 0;
   for (const auto& p : m.parts) counted += p.bytes;
   m.parts.push_back({"alignment padding", plan.total_bytes >= counted ? plan.total_bytes - counted : 0,
-                     "pages; 2 MiB before and after regions of 64 MiB or more"});
+                     "pages; 2 MiB around regions of 64 MiB or more (untouched: no memory behind it)"});
   return m;
 }
 

@@ -178,11 +178,18 @@ TEST(Memory, TheModelIsAllocatedByTheServerAndEachRingByItsOwnWorkerWhenItAttach
       EXPECT_EQ(state.resident, state.total) << "state " << a << " of parameter " << i;
     }
   }
+  std::uint64_t untouched = 0;
   for (unsigned r = 0; r < 3; ++r) {
     const Pages ring = ring_records(view, r);
     EXPECT_GE(ring.total, 250u);  // 1 MiB: 256 pages, less the ones shared with the headers
     EXPECT_EQ(ring.resident, 0u) << "ring " << r << " was touched before its worker attached";
+    untouched += ring.total * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
   }
+  // The file says so too, and so does inspect.
+  struct stat st {};
+  ASSERT_EQ(::stat(shm::segment_path(job.name()).c_str(), &st), 0);
+  EXPECT_LE(static_cast<std::uint64_t>(st.st_blocks) * 512, h.total_bytes - untouched);
+  EXPECT_HAS(run({"shmps-ctl", "inspect", job.name()}).out, "allocated now ");
 
   // A worker that attaches (and does nothing else) has allocated its whole ring, and only its own.
   {
@@ -223,7 +230,7 @@ TEST(Memory, RingBytesAndMaxWorkersCanBeSetOnTheCommandLine) {
   auto& first = job.start_server({"--ring-bytes", "131072"});
   job.wait_ready();
   auto inspect = run({"shmps-ctl", "inspect", job.name()});
-  EXPECT_HAS(inspect.out, "(ring_bytes 131072 each");
+  EXPECT_HAS(inspect.out, "(ring_bytes 131072 and a 192-byte header each)");
   first.kill(SIGTERM);
   ASSERT_EQ(first.wait(20s), 0) << first.output();
   // ... keeps them when its server restarts with an automatic ring, in another mode (a BSP step
@@ -231,7 +238,7 @@ TEST(Memory, RingBytesAndMaxWorkersCanBeSetOnTheCommandLine) {
   auto& second = job.start_server({"--consistency", "bsp"});
   job.wait_ready();
   inspect = run({"shmps-ctl", "inspect", job.name()});
-  EXPECT_HAS(inspect.out, "(ring_bytes 131072 each");
+  EXPECT_HAS(inspect.out, "(ring_bytes 131072 and a 192-byte header each)");
   second.kill(SIGTERM);
   ASSERT_EQ(second.wait(20s), 0) << second.output();
   EXPECT_HAS(second.output(), "recovered=true");
@@ -251,7 +258,7 @@ TEST(Memory, TheLauncherPassesRingBytesToTheServerItStarts) {
   ASSERT_EQ(launch.wait(45s), 0) << launch.output();
   EXPECT_HAS(launch.output(), "ring_bytes=983040");
   const auto inspect = run({"shmps-ctl", "inspect", job.name()});
-  EXPECT_HAS(inspect.out, "(ring_bytes 983040 each");
+  EXPECT_HAS(inspect.out, "(ring_bytes 983040 and a 192-byte header each)");
   // More workers than --max-workers gives slots is refused before anything starts.
   const auto many = run({"shmps-launch", "--spec", job.spec_path(), "--name", job.name() + "x", "--workers", "3",
                          "--max-workers", "2"});

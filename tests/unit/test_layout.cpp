@@ -104,7 +104,7 @@ void expect_parts_add_up(const LayoutPlan& plan) {
   for (const auto& p : plan.params) floats += p.size;
   EXPECT_EQ(m.bytes_of("values"), floats * sizeof(float));
   EXPECT_EQ(m.bytes_of("optimizer state"), plan.state_arrays * floats * sizeof(float));
-  EXPECT_EQ(m.bytes_of("rings"), plan.max_workers * plan.ring_stride);
+  EXPECT_EQ(m.bytes_of("rings"), plan.max_workers * (sizeof(RingHeader) + plan.ring_bytes));
   EXPECT_EQ(m.bytes_of("worker slots"), plan.max_workers * sizeof(WorkerSlot));
   EXPECT_EQ(m.bytes_of("slice table"), plan.slice_count * sizeof(SliceEntry));
   EXPECT_GE(m.bytes_of("exactly-once table"), plan.slice_count * plan.max_workers * 8);

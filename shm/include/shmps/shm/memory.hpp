@@ -34,7 +34,7 @@ struct MemoryPart {
 struct MemoryBreakdown {
   std::vector<MemoryPart> parts;  // in the order above; they add up to total_bytes
   std::uint64_t values_bytes = 0, state_bytes = 0;
-  std::uint64_t ring_each_bytes = 0;  // per worker slot (the stride: header and records)
+  std::uint64_t ring_each_bytes = 0;  // per worker slot: its header and records
   std::uint64_t total_bytes = 0;
   std::uint64_t overhead_bytes() const noexcept { return total_bytes - values_bytes - state_bytes; }
   // Overhead as a percentage of values + optimizer state.

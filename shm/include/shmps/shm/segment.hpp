@@ -175,9 +175,10 @@ class Segment {
   // Index of the parameter called `name`, or -1.
   std::int64_t find_param(std::string_view name) const noexcept;
 
-  // Where slot r's ring (its RingHeader and records) lies.
+  // Where slot r's ring lies: its RingHeader and records (not the padding after them, up to the
+  // next ring, which nobody touches).
   ByteRange ring_range(std::uint64_t r) const noexcept {
-    return {header().rings_offset + r * header().ring_stride, header().ring_stride};
+    return {header().rings_offset + r * header().ring_stride, sizeof(RingHeader) + header().ring_bytes};
   }
 
  private:
