@@ -259,9 +259,10 @@ TEST(Memory, TheLauncherPassesRingBytesToTheServerItStarts) {
   EXPECT_HAS(launch.output(), "ring_bytes=983040");
   const auto inspect = run({"shmps-ctl", "inspect", job.name()});
   EXPECT_HAS(inspect.out, "(ring_bytes 983040 and a 192-byte header each)");
-  // More workers than --max-workers gives slots is refused before anything starts.
-  const auto many = run({"shmps-launch", "--spec", job.spec_path(), "--name", job.name() + "x", "--workers", "3",
-                         "--max-workers", "2"});
+  // More workers than --max-workers gives slots is refused before anything starts (the job's own
+  // name and a program that does nothing, so that nothing would be left behind if it were not).
+  const auto many = run({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "3",
+                         "--max-workers", "2", "--", "/bin/true"});
   EXPECT_NE(many.code, 0);
   EXPECT_HAS(many.out, "--workers 3 is more than the 2 worker slots of --max-workers");
 }
