@@ -1,7 +1,7 @@
 // shmps-ctl: operators' view of the segments on this machine.
 //
 //   shmps-ctl list                 segments, their servers alive or not
-//   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots
+//   shmps-ctl inspect NAME         header, parameters and slice versions, worker slots, memory
 //   shmps-ctl workers NAME         every worker slot: free, alive, suspect, dead or left
 //   shmps-ctl set NAME KEY=VALUE   change consistency (bsp, ssp:N, asp), bsp_aggregate or
 //                                  on_worker_death of a live job, through the server
@@ -13,6 +13,7 @@
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
 #include <algorithm>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -34,7 +35,9 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/reader.hpp>
@@ -73,16 +76,6 @@ std::string consistency_text(const SegmentHeader& h) {
             std::to_string(load_acquire(h.model_clock)) + ", " + std::to_string(load_counter(h.steps)) + " steps)";
   text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
   return text;
-}
-
-std::string human_bytes(std::uint64_t b) {
-  std::ostringstream out;
-  out << std::fixed << std::setprecision(1);
-  if (b >= (1ULL << 30)) out << static_cast<double>(b) / double(1ULL << 30) << " GiB";
-  else if (b >= (1ULL << 20)) out << static_cast<double>(b) / double(1ULL << 20) << " MiB";
-  else if (b >= 1024) out << static_cast<double>(b) / 1024.0 << " KiB";
-  else out << b << " B";
-  return out.str();
 }
 
 // The width of a text column: at least `minimum`, and wide enough for the longest value plus a
@@ -189,7 +182,14 @@ int cmd_inspect(const std::string& name) {
             << "slices       " << h.slice_count << " of " << h.slice_floats << " floats ("
             << human_bytes(h.slice_floats * 4) << ")\n"
             << "applied      " << load_counter(h.records_applied) << " pushes, " << load_counter(h.floats_applied)
-            << " floats, " << load_counter(h.apply_rounds) << " rounds\n\n";
+            << " floats, " << load_counter(h.apply_rounds) << " rounds\n"
+            << "huge pages   "
+            << (load_acquire(h.huge_mount) == 0
+                    ? std::string("unknown (the server has not reported yet)")
+                    : huge_page_text(HugePageSupport{static_cast<HugeSetting>(load_acquire(h.huge_mount)),
+                                                     static_cast<HugeSetting>(load_acquire(h.huge_sysfs))},
+                                     load_acquire(h.huge_bytes), h.total_bytes))
+            << "\n\n";
 
   std::vector<std::string> param_names, shapes;
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
@@ -213,6 +213,15 @@ int cmd_inspect(const std::string& name) {
 
   std::cout << "\n";
   print_slots(seg, slots.get(), false);
+
+  // What the segment costs, part by part (the same table as shmps-server --plan).
+  std::cout << "\nmemory (of " << segment_path(name) << ")\n" << memory_table(memory_breakdown(plan_of(seg)));
+  // What is allocated now: pages are allocated by their first user, so the rings of slots that
+  // never had a worker, and alignment padding, cost nothing yet.
+  struct stat st {};
+  if (::stat(segment_path(name).c_str(), &st) == 0)
+    std::cout << "allocated now " << human_bytes(static_cast<std::uint64_t>(st.st_blocks) * 512) << " of "
+              << human_bytes(h.total_bytes) << " (a ring is allocated when a worker first attaches to its slot)\n";
   return 0;
 }
 
@@ -395,7 +404,8 @@ int main(int argc, char** argv) {
   auto* list = app.add_subcommand("list", "segments on this machine and whether their servers are alive");
   std::string name;
   bool force = false;
-  auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions and worker slots of a segment");
+  auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions, worker slots and memory (part by "
+                                                "part) of a segment");
   inspect->add_option("name", name, "segment name")->required();
   auto* workers = app.add_subcommand("workers", "every worker slot: free, alive, suspect, dead or left, and what it did");
   workers->add_option("name", name, "segment name")->required();

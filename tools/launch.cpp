@@ -19,6 +19,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -244,6 +245,9 @@ int main(int argc, char** argv) {
   std::string consistency, on_worker_death;
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
   app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
+  std::string ring_bytes, max_workers;
+  app.add_option("--ring-bytes", ring_bytes, "bytes of each worker's push ring, for the server it starts (default: the spec's)");
+  app.add_option("--max-workers", max_workers, "worker slots, for the server it starts (default: the spec's)");
   std::string checkpoint_dir, checkpoint_every, checkpoint_keep;
   app.add_option("--checkpoint-dir", checkpoint_dir,
                  "the server it starts writes checkpoints here (and restores the newest if there is no segment)");
@@ -279,9 +283,16 @@ int main(int argc, char** argv) {
     if (!spec_path.empty()) {
       auto spec = server::load_model_spec(spec_path);
       if (name.empty()) name = spec.name;
-      if (static_cast<std::uint32_t>(workers) > spec.max_workers)
-        throw Error("--workers " + std::to_string(workers) + " is more than the " + std::to_string(spec.max_workers) +
-                    " worker slots of " + spec_path + ": raise max_workers there, or start fewer workers");
+      std::uint64_t slots = spec.max_workers;
+      if (!max_workers.empty()) {
+        char* end = nullptr;
+        slots = std::strtoull(max_workers.c_str(), &end, 10);
+        if (*end != '\0' || max_workers.empty()) throw Error("--max-workers: not a number: '" + max_workers + "'");
+      }
+      if (static_cast<std::uint64_t>(workers) > slots)
+        throw Error("--workers " + std::to_string(workers) + " is more than the " + std::to_string(slots) +
+                    " worker slots of " + (max_workers.empty() ? spec_path : "--max-workers") +
+                    ": raise max_workers, or start fewer workers");
     }
     if (name.empty()) throw Error("no segment: give --spec FILE (to start a server) or --name NAME (to join one)");
     shm::check_segment_name(name);
@@ -298,6 +309,8 @@ int main(int argc, char** argv) {
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
       if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
+      if (!ring_bytes.empty()) args.insert(args.end(), {"--ring-bytes", ring_bytes});
+      if (!max_workers.empty()) args.insert(args.end(), {"--max-workers", max_workers});
       if (!checkpoint_dir.empty()) args.insert(args.end(), {"--checkpoint-dir", checkpoint_dir});
       if (!checkpoint_every.empty()) args.insert(args.end(), {"--checkpoint-every", checkpoint_every});
       if (!checkpoint_keep.empty()) args.insert(args.end(), {"--keep", checkpoint_keep});

@@ -1,6 +1,6 @@
 // shmps-server: creates or recovers the segment for a model spec and applies updates until
 // SIGINT or SIGTERM, then drains the rings and exits (leaving the segment for a later server,
-// unless --remove-on-stop).
+// unless --remove-on-stop). With --plan it prints what the segment would cost and exits.
 #include <atomic>
 #include <csignal>
 #include <iostream>
@@ -12,6 +12,8 @@
 #include <shmps/error.hpp>
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
+#include <shmps/shm/memory.hpp>
+#include <shmps/shm/pages.hpp>
 
 namespace {
 std::atomic<shmps::server::Server*> g_server{nullptr};
@@ -53,6 +55,15 @@ int main(int argc, char** argv) {
                  "little CPU; 0: sleep at once)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000));
+  std::uint64_t ring_bytes = 0;
+  std::uint32_t max_workers = 0;
+  bool plan_only = false;
+  app.add_option("--ring-bytes", ring_bytes,
+                 "bytes of each worker's push ring, a multiple of 64 (overrides the spec's ring_bytes; default: two "
+                 "pushes of the largest parameter, or one whole step in BSP)");
+  app.add_option("--max-workers", max_workers, "worker slots (overrides the spec's max_workers)");
+  app.add_flag("--plan", plan_only,
+               "print what the segment would cost, part by part, and whether huge pages are offered; create nothing");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
 
@@ -93,10 +104,37 @@ int main(int argc, char** argv) {
       if (auto problem = shmps::server::parse_checkpoint_every(checkpoint_every, options.checkpoint_every); !problem.empty())
         throw shmps::Error("--checkpoint-every: " + problem);
     }
+    if (app.count("--ring-bytes") != 0) {
+      options.spec.ring_bytes = ring_bytes;
+      if (auto problem = shmps::server::validate_model_spec(options.spec); !problem.empty())
+        throw shmps::Error("--ring-bytes: " + problem.substr(problem.find(':') + 2));
+    }
+    if (app.count("--max-workers") != 0) {
+      options.spec.max_workers = max_workers;
+      if (auto problem = shmps::server::validate_model_spec(options.spec); !problem.empty())
+        throw shmps::Error("--max-workers: " + problem.substr(problem.find(':') + 2));
+    }
+    options.threads = threads;
+    if (plan_only) {
+      // What start() would create, without taking a lock or creating anything.
+      const shmps::shm::LayoutPlan plan = shmps::server::plan_for(options);
+      const shmps::shm::MemoryBreakdown m = shmps::shm::memory_breakdown(plan);
+      const auto& spec = options.spec;
+      std::cout << "plan of segment '" << spec.name << "' (" << spec_path << "): " << plan.params.size()
+                << " parameters, " << plan.slice_count << " slices of " << plan.slice_floats << " floats, "
+                << plan.max_workers << " worker slots, " << to_string(spec.optimizer.kind) << ", "
+                << to_string(spec.consistency) << ", " << plan.redo_count << " redo entries\n"
+                << "ring_bytes " << plan.ring_bytes << " per worker: " << plan.ring_rule << "; a push of up to "
+                << (plan.ring_bytes / 2 - sizeof(shmps::shm::PushRecord)) / sizeof(float)
+                << " floats fits one record, bigger ones go in ranges (offset, count)\n"
+                << "huge pages " << shmps::shm::huge_page_text(shmps::shm::huge_page_support(), 0, m.total_bytes)
+                << "\n\n"
+                << shmps::shm::memory_table(m);
+      return 0;
+    }
     options.checkpoint_dir = checkpoint_dir;
     options.keep = keep;
     options.restore = restore;
-    options.threads = threads;
     options.idle_poll = std::chrono::microseconds(idle_poll_us);
     options.remove_on_stop = remove_on_stop;
     options.mode = group ? 0660 : 0600;

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -21,7 +22,9 @@
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/membership.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/seqlock.hpp>
@@ -34,8 +37,10 @@ using namespace shmps::shm;
 
 namespace {
 
-// A hash of everything that fixes the segment's layout, so that a server restarted with a spec
-// for another model refuses the existing segment instead of misreading it.
+// A hash of everything that fixes the model's layout, so that a server restarted with a spec
+// for another model refuses the existing segment instead of misreading it. The ring size is not
+// in it: an automatic ring depends on the consistency mode the server starts in, and a segment
+// keeps the rings it was made with (recover_segment checks an explicit ring_bytes on its own).
 std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) {
   std::uint64_t h = 0xcbf29ce484222325ULL;
   auto mix = [&h](std::uint64_t v) { h = shm::detail::fnv1a(h, v); };
@@ -46,9 +51,53 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
-  mix(plan.ring_bytes);
   mix(request.state_arrays);
   return h;
+}
+
+// "" when the rings of a segment hold one BSP step of every parameter, else what to do.
+std::string bsp_ring_note(const Segment& segment) {
+  const LayoutPlan plan = plan_of(segment);
+  const std::uint64_t need = bsp_step_ring_bytes(plan.params);
+  if (plan.ring_bytes >= need) return {};
+  return "each worker's ring holds " + std::to_string(plan.ring_bytes) + " bytes, less than one BSP step that pushes "
+         "every parameter (" + std::to_string(need) + " bytes): such a step fails in the worker with what to do; push "
+         "less per step, or make the job again with ring_bytes >= " + std::to_string(need) +
+         " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step)";
+}
+
+// Pre-faults the values and optimizer state in parallel, and in a new segment allocates them:
+// the arena's threads each take a contiguous block of slices, so that (first touch) each
+// thread's pages are on its NUMA node and the model is spread over the nodes the server runs
+// on. The apply itself takes slices dynamically (a oneTBB parallel_for over the slices a round
+// touches), so no block stays with one thread; the blocks spread the pages, they do not pin them.
+void prefault_model(Segment& segment, tbb::task_arena& arena) {
+  const SegmentHeader& h = segment.header();
+  if (h.slice_count == 0) return;
+  const std::uint64_t blocks = std::min<std::uint64_t>(static_cast<std::uint64_t>(arena.max_concurrency()), h.slice_count);
+  std::mutex mutex;
+  std::string error;
+  parallel_for_index(arena, blocks, [&](std::size_t b, std::size_t) {
+    const std::uint64_t first = h.slice_count * b / blocks, last = h.slice_count * (b + 1) / blocks;
+    if (first == last) return;
+    const SliceEntry& s0 = segment.slice(first);
+    const SliceEntry& s1 = segment.slice(last - 1);
+    const ParamEntry& p0 = segment.param(s0.param);
+    const ParamEntry& p1 = segment.param(s1.param);
+    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, const char* what) {
+      const std::uint64_t begin = offset0 + s0.first * sizeof(float);
+      const std::uint64_t end = offset1 + (s1.first + s1.count) * sizeof(float);
+      segment.reserve(begin, end - begin, what);
+    };
+    try {
+      reserve(p0.values_offset, p1.values_offset, "its values");
+      for (std::uint32_t a = 0; a < h.state_arrays; ++a) reserve(p0.state_offset[a], p1.state_offset[a], "optimizer state");
+    } catch (const Error& e) {
+      const std::lock_guard lock(mutex);
+      if (error.empty()) error = e.what();
+    }
+  });
+  if (!error.empty()) throw Error(error);
 }
 
 // One piece of work for a slice: the part of one push record that falls into it.
@@ -156,18 +205,14 @@ void Server::start() {
     throw Error(spec.source + ": optimizer: " + problem);
 
   // 1. Lay out the model; check for room before anything is created (a lock file included).
-  LayoutRequest request;
-  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
-  request.slice_bytes = spec.slice_bytes;
-  request.max_workers = spec.max_workers;
-  request.ring_bytes = spec.ring_bytes;
-  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
-  // One redo entry per apply thread a server may ever use here (a later server with more
-  // threads than that uses only as many).
-  request.redo_entries = std::clamp<std::uint32_t>(
-      std::max({std::thread::hardware_concurrency(), s.options.threads, spec.server_threads}), 1U, 1024U);
+  const LayoutRequest request = layout_request(s.options);
   const LayoutPlan plan = plan_layout(request);
   const std::uint64_t hash = layout_hash(request, plan);
+  // The apply threads (each needs its own redo entry): they also pre-fault the model below.
+  unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
+  if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
+  threads = std::min(threads, request.redo_entries);
+  s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
 
   // A checkpoint to restore is read and checked whole before anything is touched: a damaged or
   // foreign file changes nothing.
@@ -266,10 +311,29 @@ void Server::start() {
   s.step_states.assign(h.max_workers, nullptr);
   s.round_clock.assign(h.max_workers, 0);
   s.latency_sampled_seq.assign(h.max_workers, 0);
-  unsigned threads = s.options.threads ? s.options.threads : spec.server_threads;
-  if (threads == 0) threads = std::max(1U, std::thread::hardware_concurrency());
-  threads = std::min(threads, h.redo_count);  // each apply thread needs its own redo entry
-  s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
+  if (threads > h.redo_count) {  // a recovered segment made for fewer threads
+    threads = h.redo_count;
+    s.arena = std::make_unique<tbb::task_arena>(static_cast<int>(threads));
+  }
+
+  // Values and optimizer state: allocated (a new segment) and mapped by the apply threads, so
+  // that the first rounds pay no page faults. Then what the segment got, for the log and ctl.
+  if (s.recovered) prefault_model(s.segment, *s.arena);  // a new segment's were, in create_segment
+  {
+    const HugePageSupport huge = huge_page_support();
+    SegmentHeader& hh = s.header();
+    const std::uint64_t huge_bytes = huge_mapped_bytes(s.segment.base());
+    store_release(hh.huge_mount, static_cast<std::uint32_t>(huge.mount));
+    store_release(hh.huge_sysfs, static_cast<std::uint32_t>(huge.sysfs));
+    store_release(hh.huge_bytes, huge_bytes);
+    const MemoryBreakdown m = memory_breakdown(plan_of(s.segment));
+    spdlog::info("event=memory segment={} total_bytes={} values_bytes={} state_bytes={} rings_bytes={} "
+                 "ring_each={} overhead_bytes={} overhead_pct={:.1f} huge_pages=\"{}\"",
+                 spec.name, m.total_bytes, m.values_bytes, m.state_bytes, m.bytes_of("rings"), m.ring_each_bytes,
+                 m.overhead_bytes(), m.overhead_percent(), huge_page_text(huge, huge_bytes, m.total_bytes));
+    if (!s.recovered) spdlog::info("event=ring_size segment={} ring_bytes={} rule=\"{}\"", spec.name, plan.ring_bytes,
+                                   plan.ring_rule);
+  }
 
   // 5. Identity, a new epoch, and "ready" last.
   SegmentHeader& hw = s.header();
@@ -280,6 +344,10 @@ void Server::start() {
   store_release(hw.server_epoch, load_own(hw.server_epoch) + 1);
   store_release(hw.state, static_cast<std::uint32_t>(SegmentState::ready));
   s.check_liveness();
+  if (load_own(hw.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
+    if (const std::string note = bsp_ring_note(s.segment); !note.empty())
+      spdlog::warn("event=bsp_ring segment={} note=\"{}\"", spec.name, note);
+  }
   spdlog::info("event=ready segment={} epoch={} recovered={} params={} slices={} slice_floats={} workers={} "
                "ring_bytes={} segment_bytes={} optimizer={} lr={} threads={} consistency={} staleness={} "
                "bsp_aggregate={} on_worker_death={}",
@@ -290,11 +358,43 @@ void Server::start() {
                to_string(static_cast<OnWorkerDeath>(load_own(hw.on_worker_death))));
 }
 
+LayoutRequest layout_request(const ServerOptions& options) {
+  const ModelSpec& spec = options.spec;
+  LayoutRequest request;
+  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
+  request.slice_bytes = spec.slice_bytes;
+  request.max_workers = spec.max_workers;
+  request.ring_bytes = spec.ring_bytes;
+  request.bsp = spec.consistency == Consistency::bsp;
+  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  // One redo entry per apply thread a server may ever use here (a later server with more
+  // threads than that uses only as many).
+  request.redo_entries = std::clamp<std::uint32_t>(
+      std::max({std::thread::hardware_concurrency(), options.threads, spec.server_threads}), 1U, 1024U);
+  return request;
+}
+
+LayoutPlan plan_for(const ServerOptions& options) {
+  if (auto problem = validate_optimizer_settings(options.spec.optimizer); !problem.empty())
+    throw Error(options.spec.source + ": optimizer: " + problem);
+  return plan_layout(layout_request(options));
+}
+
 void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan& plan, std::uint64_t hash,
                                   const Snapshot* restore) {
   const ModelSpec& spec = options.spec;
   if (!restore && !pretrained) pretrained = load_pretrained(spec);  // a half-created segment being recreated
-  segment = Segment::create(spec.name, plan.total_bytes, options.mode);
+  // The server reserves its tables now; the values and optimizer state are reserved by the
+  // apply threads (prefault_model), and each ring's records by its worker when it attaches (the
+  // ring's writer: first touch places them on its NUMA node, in its memory cgroup). Nothing else
+  // touches those pages before. Alignment padding is touched by nobody: no memory behind it.
+  const std::uint64_t slots_end = plan.slots_offset + request.max_workers * sizeof(WorkerSlot);
+  const std::uint64_t rings_end = plan.rings_offset + request.max_workers * plan.ring_stride;
+  std::vector<ByteRange> deferred{{slots_end, plan.rings_offset - slots_end},
+                                  {rings_end, plan.total_bytes - rings_end}};
+  for (std::uint32_t r = 0; r < request.max_workers; ++r)
+    deferred.push_back({plan.rings_offset + r * plan.ring_stride + sizeof(RingHeader), plan.ring_stride - sizeof(RingHeader)});
+  segment = Segment::create(spec.name, plan.total_bytes, options.mode, deferred);
   // The file is all zeros: state reads "creating" until the very end.
   SegmentHeader& h = segment.header();
   h.layout_version = kLayoutVersion;
@@ -339,7 +439,11 @@ void Server::Impl::create_segment(const LayoutRequest& request, const LayoutPlan
       slice.first = k * plan.slice_floats;
       slice.count = std::min(plan.slice_floats, p.size - slice.first);
     }
-    if (!restore) initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);
+  }
+  prefault_model(segment, *arena);  // before anything writes a value: first touch by the apply threads
+  for (std::size_t i = 0; i < plan.params.size() && !restore; ++i) {
+    const ParamEntry& p = segment.param(i);
+    initialise(spec.params[i], std::span<float>(segment.values(p), p.size), *pretrained);
   }
   for (std::uint32_t r = 0; r < request.max_workers; ++r) segment.ring(r).capacity = plan.ring_bytes;
   if (restore) {
@@ -359,8 +463,14 @@ void Server::Impl::recover_segment(std::uint64_t hash) {
   SegmentHeader& h = segment.header();
   if (h.spec_hash != hash)
     throw Error("segment '" + spec.name + "' already exists and holds another model than " + spec.source +
-                " (parameter names, shapes, slice size, worker slots, ring size or optimizer kind differ): give this "
+                " (parameter names, shapes, slice size, worker slots or optimizer kind differ): give this "
                 "job another name (--name), or remove the old segment with `shmps-ctl destroy " + spec.name + "`");
+  // An automatic ring size takes the segment's rings as they are; an explicit one must match.
+  if (spec.ring_bytes != 0 && align_up(spec.ring_bytes, kCacheLine) != h.ring_bytes)
+    throw Error("segment '" + spec.name + "' already exists with rings of " + std::to_string(h.ring_bytes) +
+                " bytes, but ring_bytes " + std::to_string(spec.ring_bytes) + " was asked for: leave ring_bytes out (0) "
+                "to continue the segment with its rings, or remove the segment (`shmps-ctl destroy " + spec.name +
+                "`, after a checkpoint if its state matters) to make it again with other rings");
   // A redo entry still marked valid: the previous server died while copying a slice in. Copy it
   // in again (idempotent) so the slice holds exactly its new values and its redo-table row.
   std::uint64_t replayed = 0;
@@ -943,6 +1053,9 @@ void Server::Impl::handle_mailbox() {
       status = 0;
       reply = "consistency is now " + value + " (was " + std::string(to_string(old)) + ")" +
               (mode == Consistency::bsp ? ", from clock " + std::to_string(load_own(h.model_clock)) : "");
+      if (mode == Consistency::bsp) {
+        if (const std::string note = bsp_ring_note(segment); !note.empty()) reply += "; note: " + note;
+      }
     } else {
       reply = "consistency: " + reply;
     }

@@ -1,6 +1,7 @@
 #include "shmps/shm/segment.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -16,34 +17,71 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shape.hpp>
 
 namespace bip = boost::interprocess;
 
+#ifndef MADV_POPULATE_READ  // Linux 5.14; older headers
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 namespace shmps::shm {
 
 namespace {
 
-std::string human_size(std::uint64_t bytes) {
-  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-  double value = static_cast<double>(bytes);
-  int unit = 0;
-  while (value >= 1024.0 && unit < 6) {
-    value /= 1024.0;
-    ++unit;
-  }
-  std::ostringstream out;
-  out.precision(1);
-  out << std::fixed << value << " " << units[unit];
-  return out.str();
-}
-
+// The mapping, and the shared-memory object it maps: its descriptor stays open for reserve()'s
+// posix_fallocate on kernels without MADV_POPULATE_WRITE.
 struct Mapping {
+  bip::shared_memory_object shm;
   bip::mapped_region region;
 };
 
+std::uint64_t page_bytes() {
+  static const std::uint64_t page = [] {
+    const long p = ::sysconf(_SC_PAGESIZE);
+    return p > 0 ? static_cast<std::uint64_t>(p) : std::uint64_t{4096};
+  }();
+  return page;
+}
+
+// madvise(MADV_POPULATE_*) over [begin, end) widened to whole pages: 0 or the errno.
+int populate(const std::byte* base, std::uint64_t begin, std::uint64_t end, int advice) {
+  const std::uint64_t page = page_bytes();
+  begin = begin / page * page;
+  end = align_up(end, page);
+  if (end <= begin) return 0;
+  auto* addr = const_cast<std::byte*>(base) + begin;
+  while (::madvise(addr, end - begin, advice) != 0) {
+    if (errno != EINTR && errno != EAGAIN) return errno;
+  }
+  return 0;
+}
+
+// Huge pages where /dev/shm offers them (pages.hpp); an error only means the kernel cannot.
+void advise_huge_pages(std::byte* base, std::uint64_t size) noexcept {
+#ifdef MADV_HUGEPAGE
+  (void)::madvise(base, size, MADV_HUGEPAGE);
+#else
+  (void)base;
+  (void)size;
+#endif
+}
+
 }  // namespace
+
+std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept {
+  std::uint64_t step = sizeof(PushRecord), largest = 0;  // the clock record
+  for (const auto& p : params) {
+    step += record_bytes_for(p.size);
+    largest = std::max(largest, p.size);
+  }
+  return step + record_bytes_for(largest);  // slack for the padding record at the wrap
+}
 
 LayoutPlan plan_layout(const LayoutRequest& request) {
   if (request.params.empty()) throw Error("a model needs at least one parameter");
@@ -52,10 +90,15 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   if (request.max_workers == 0 || request.max_workers > 1024)
     throw Error("max_workers must be between 1 and 1024, got " + std::to_string(request.max_workers));
   if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
+  if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
 
   LayoutPlan plan;
   plan.slice_floats = request.slice_bytes / sizeof(float);
+  plan.max_workers = request.max_workers;
+  plan.state_arrays = request.state_arrays;
+  plan.redo_count = request.redo_entries;
   std::uint64_t largest = 0;
+  std::string largest_name;
   for (const auto& p : request.params) {
     if (p.name.empty() || p.name.size() >= kMaxNameBytes)
       throw Error("parameter name '" + p.name + "' must have 1 to " + std::to_string(kMaxNameBytes - 1) + " characters");
@@ -76,23 +119,38 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.first_slice = plan.slice_count;
     entry.slice_count = (size + plan.slice_floats - 1) / plan.slice_floats;
     plan.slice_count += entry.slice_count;
-    largest = std::max(largest, size);
+    if (size > largest) {
+      largest = size;
+      largest_name = p.name;
+    }
     plan.params.push_back(entry);
   }
 
-  // Default ring: room for one whole step — a push of every parameter and the clock record,
-  // plus one largest record of slack for the padding at the wrap — because in BSP the server
-  // can take a step's pushes only once the step has ended; and for two pushes of the largest
-  // parameter (a record may use at most half the ring). At least 1 MiB.
-  std::uint64_t step_bytes = sizeof(PushRecord);
-  for (const auto& entry : plan.params) step_bytes += record_bytes_for(entry.size);
-  const std::uint64_t wanted_ring =
-      request.ring_bytes != 0
-          ? request.ring_bytes
-          : std::max<std::uint64_t>({std::uint64_t{1} << 20, 2 * record_bytes_for(largest), step_bytes + record_bytes_for(largest)});
-  plan.ring_bytes = align_up(wanted_ring, kCacheLine);
+  // The ring (see kMinRingBytes in segment.hpp for the rule and why).
+  if (request.ring_bytes != 0) {
+    plan.ring_bytes = align_up(request.ring_bytes, kCacheLine);
+    plan.ring_rule = "set by ring_bytes";
+  } else {
+    const std::uint64_t two_pushes = 2 * record_bytes_for(largest);
+    const std::uint64_t step = request.bsp ? bsp_step_ring_bytes(plan.params) : 0;
+    plan.ring_bytes = std::max({kMinRingBytes, two_pushes, step});
+    if (plan.ring_bytes == step)
+      plan.ring_rule = "automatic: one BSP step (a push of every parameter and the clock record, plus one largest "
+                       "record of slack), because the server takes a step only once it has ended";
+    else if (plan.ring_bytes == two_pushes)
+      plan.ring_rule = "automatic: two pushes of the largest parameter, " + largest_name +
+                       " (a push may use at most half a ring)";
+    else
+      plan.ring_rule = "automatic: the minimum of 1 MiB";
+  }
   if (plan.ring_bytes < 4 * kCacheLine) throw Error("ring_bytes must be at least 256");
   plan.ring_stride = sizeof(RingHeader) + plan.ring_bytes;
+  // A big ring starts on a huge-page boundary (its worker's pages are then its own huge pages).
+  if (plan.ring_stride >= kBigRegionBytes) plan.ring_stride = align_up(plan.ring_stride, kHugePageBytes);
+  // A region of kBigRegionBytes or more starts on a huge-page boundary.
+  const auto big_region_at = [](std::uint64_t offset, std::uint64_t region_bytes) {
+    return region_bytes >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : offset;
+  };
 
   std::uint64_t offset = align_up(sizeof(SegmentHeader), kCacheLine);
   plan.params_offset = offset;
@@ -105,7 +163,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
                                   (1 + request.state_arrays) * plan.slice_floats * sizeof(float),
                               kCacheLine);
-  if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
   offset += plan.params.size() * sizeof(ParamStats);
@@ -114,16 +171,20 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   offset += request.max_workers * plan.rejected_stride;
   plan.slots_offset = offset;
   offset += request.max_workers * sizeof(WorkerSlot);
-  plan.rings_offset = offset;
-  offset += request.max_workers * plan.ring_stride;
+  const std::uint64_t rings_bytes = request.max_workers * plan.ring_stride;
+  plan.rings_offset = big_region_at(offset, rings_bytes);
+  offset = plan.rings_offset + rings_bytes;
+
+  std::uint64_t values_bytes = 0;
+  for (const auto& entry : plan.params) values_bytes += align_up(entry.size * sizeof(float), kCacheLine);
   // Values start on a page so that big parameters can be backed by whole pages.
-  offset = align_up(offset, 4096);
+  offset = big_region_at(align_up(offset, 4096), values_bytes);
   plan.values_offset = offset;
   for (auto& entry : plan.params) {
     entry.values_offset = offset;
     offset += align_up(entry.size * sizeof(float), kCacheLine);
   }
-  offset = align_up(offset, 4096);
+  offset = big_region_at(align_up(offset, 4096), request.state_arrays * values_bytes);
   plan.state_offset = offset;
   for (std::uint32_t a = 0; a < request.state_arrays; ++a) {
     for (auto& entry : plan.params) {
@@ -131,7 +192,37 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       offset += align_up(entry.size * sizeof(float), kCacheLine);
     }
   }
-  plan.total_bytes = align_up(offset, 4096);
+  // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
+  // where the file covers it whole).
+  const std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * values_bytes : values_bytes;
+  plan.total_bytes = last_region >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : align_up(offset, 4096);
+  return plan;
+}
+
+LayoutPlan plan_of(const Segment& segment) {
+  const SegmentHeader& h = segment.header();
+  LayoutPlan plan;
+  plan.slice_floats = h.slice_floats;
+  plan.slice_count = h.slice_count;
+  plan.max_workers = h.max_workers;
+  plan.state_arrays = h.state_arrays;
+  plan.redo_count = h.redo_count;
+  plan.ring_bytes = h.ring_bytes;
+  plan.ring_stride = h.ring_stride;
+  plan.params_offset = h.params_offset;
+  plan.slices_offset = h.slices_offset;
+  plan.applied_offset = h.applied_offset;
+  plan.slots_offset = h.slots_offset;
+  plan.rings_offset = h.rings_offset;
+  plan.values_offset = h.values_offset;
+  plan.state_offset = h.state_offset;
+  plan.total_bytes = h.total_bytes;
+  plan.redo_offset = h.redo_offset;
+  plan.redo_stride = h.redo_stride;
+  plan.param_stats_offset = h.param_stats_offset;
+  plan.rejected_offset = h.rejected_offset;
+  plan.rejected_stride = h.rejected_stride;
+  for (std::uint32_t i = 0; i < h.param_count; ++i) plan.params.push_back(segment.param(i));
   return plan;
 }
 
@@ -145,14 +236,16 @@ void Segment::check_room(std::string_view name, std::uint64_t total_bytes) {
   if (::statvfs(std::string(kShmDir).c_str(), &fs) != 0) return;  // creation itself will say what is wrong
   const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
   if (total_bytes > free_bytes)
-    throw Error("segment '" + std::string(name) + "' needs " + human_size(total_bytes) + " but " + std::string(kShmDir) +
-                " has only " + human_size(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
-                "default each of the max_workers rings holds two pushes of the largest parameter), remove stale "
+    throw Error("segment '" + std::string(name) + "' needs " + human_bytes(total_bytes) + " but " + std::string(kShmDir) +
+                " has only " + human_bytes(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
+                "default each of the max_workers rings holds two pushes of the largest parameter, a whole step in "
+                "BSP; shmps-server --plan shows every part), remove stale "
                 "segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) + " (mount -o remount,size=... " +
                 std::string(kShmDir) + ")");
 }
 
-Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode) {
+Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsigned mode,
+                        std::span<const ByteRange> deferred) {
   check_segment_name(name);
   const std::string path = segment_path(name);
   check_room(name, total_bytes);  // first, so that a too-large model changes nothing
@@ -163,27 +256,83 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
     bip::shared_memory_object shm(bip::create_only, shm_object_name(name).c_str(), bip::read_write, perms);
     const int fd = shm.get_mapping_handle().handle;
     ::fchmod(fd, static_cast<mode_t>(mode));  // exactly `mode`, whatever the umask
-    // Reserve every page now: on tmpfs a full /dev/shm fails here (ENOSPC), not as a SIGBUS on
-    // first touch in the middle of training.
-    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total_bytes)); err != 0) {
+    // Sized, but no page allocated yet (the file is sparse): each part is reserved below, or by
+    // its first user (deferred).
+    if (::ftruncate(fd, static_cast<off_t>(total_bytes)) != 0) {
+      const int err = errno;
       bip::shared_memory_object::remove(shm_object_name(name).c_str());
-      throw Error("cannot reserve " + human_size(total_bytes) + " for segment '" + std::string(name) + "' in " +
-                  std::string(kShmDir) + ": " + std::strerror(err) +
-                  (err == ENOSPC ? " (not enough shared memory: make the model smaller or enlarge /dev/shm)" : ""));
+      throw Error("cannot size segment '" + std::string(name) + "' (" + path + ") to " + human_bytes(total_bytes) + ": " +
+                  std::strerror(err));
     }
-    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, bip::read_write)});
+    auto mapping = std::make_shared<Mapping>();
+    mapping->region = bip::mapped_region(shm, bip::read_write);
+    mapping->shm.swap(shm);
     segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
     segment.size_ = mapping->region.get_size();
     segment.mapping_ = mapping;
+    segment.name_ = std::string(name);
+    segment.writable_ = true;
+    advise_huge_pages(segment.base_, segment.size_);
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::already_exists_error)
       throw Error("segment '" + std::string(name) + "' already exists (" + path +
                   "): use another --name, or remove it with `shmps-ctl destroy " + std::string(name) + "`");
     throw Error("cannot create segment '" + std::string(name) + "' (" + path + "): " + e.what());
   }
-  segment.name_ = std::string(name);
-  segment.writable_ = true;
+  // Reserve every page outside `deferred` now: on tmpfs a full /dev/shm fails here, not as a
+  // SIGBUS on first touch in the middle of training.
+  try {
+    std::vector<ByteRange> skip(deferred.begin(), deferred.end());
+    std::sort(skip.begin(), skip.end(), [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
+    const std::uint64_t page = page_bytes();
+    std::uint64_t at = 0;
+    for (const ByteRange& d : skip) {
+      // Only the whole pages inside a deferred range are left: a page it shares with a part
+      // reserved here is reserved here.
+      const std::uint64_t first = align_up(d.offset, page), last = (d.offset + d.bytes) / page * page;
+      if (last <= first || first < at) continue;
+      segment.reserve(at, first - at, "its tables");
+      at = last;
+    }
+    if (at < total_bytes) segment.reserve(at, total_bytes - at, "its tables");
+  } catch (const Error&) {
+    segment = Segment();
+    bip::shared_memory_object::remove(shm_object_name(name).c_str());
+    throw;
+  }
   return segment;
+}
+
+void Segment::reserve(std::uint64_t offset, std::uint64_t bytes, std::string_view what) {
+  if (bytes == 0) return;
+  if (!writable_) throw Error("segment '" + name_ + "' is mapped read-only: cannot reserve " + std::string(what));
+  if (offset > size_ || bytes > size_ - offset)
+    throw Error("segment '" + name_ + "': " + std::string(what) + " lies outside the segment");
+  int err = populate(base_, offset, offset + bytes, MADV_POPULATE_WRITE);
+  if (err == EINVAL) {
+    // A kernel before 5.14: reserve the blocks instead (the first writes then fault them in).
+    const int fd = static_cast<Mapping*>(mapping_.get())->shm.get_mapping_handle().handle;
+    err = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+    if (err == 0) return;
+    if (err != ENOSPC) {
+      throw Error("cannot reserve " + human_bytes(bytes) + " of segment '" + name_ + "' for " + std::string(what) +
+                  ": " + std::strerror(err));
+    }
+  }
+  if (err == 0) return;
+  // EFAULT: the pages could not be allocated (a write would have raised SIGBUS): no room on the
+  // tmpfs. ENOMEM: no memory at all.
+  throw Error("cannot reserve " + human_bytes(bytes) + " of segment '" + name_ + "' for " + std::string(what) + " in " +
+              std::string(kShmDir) + ": " +
+              (err == EFAULT || err == ENOSPC
+                   ? std::string("not enough shared memory (make the model or its rings smaller, remove stale segments "
+                                 "with shmps-ctl list / destroy, or enlarge /dev/shm)")
+                   : std::string(std::strerror(err))));
+}
+
+void Segment::prefault_read(std::uint64_t offset, std::uint64_t bytes) const noexcept {
+  if (offset >= size_) return;
+  (void)populate(base_, offset, std::min(size_, offset + bytes), MADV_POPULATE_READ);
 }
 
 Segment Segment::open(std::string_view name, Access access) {
@@ -198,10 +347,13 @@ Segment Segment::open(std::string_view name, Access access) {
       throw Error("segment '" + std::string(name) + "' (" + path +
                   ") is too small to be a shmps segment: it is damaged or not shmps's; remove it with `shmps-ctl destroy " +
                   std::string(name) + " --force`");
-    auto mapping = std::make_shared<Mapping>(Mapping{bip::mapped_region(shm, mode)});
+    auto mapping = std::make_shared<Mapping>();
+    mapping->region = bip::mapped_region(shm, mode);
+    mapping->shm.swap(shm);
     segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
     segment.size_ = mapping->region.get_size();
     segment.mapping_ = mapping;
+    if (access == Access::read_write) advise_huge_pages(segment.base_, segment.size_);
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::not_found_error)
       throw Error("segment '" + std::string(name) + "' does not exist (no " + path +

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <shmps/error.hpp>
+#include <shmps/shm/memory.hpp>
+#include <shmps/shm/pages.hpp>
 #include <shmps/shm/segment.hpp>
 
 using namespace shmps::shm;
@@ -75,5 +77,140 @@ TEST(Layout, FingerprintIsStableAndNonTrivial) {
   constexpr std::uint64_t again = kLayoutFingerprint;
   EXPECT_EQ(again, kLayoutFingerprint);
   EXPECT_EQ(offsetof(WorkerSlot, applied) % kCacheLine, 0u);
-  EXPECT_EQ(offsetof(RingHeader, head) - offsetof(RingHeader, tail), kCacheLine);
+  EXPECT_EQ(offsetof(RingHeader, head) - offsetof(RingHeader, tail), 2 * kCacheLine);
+}
+
+// ---- What a segment costs ----------------------------------------------------------------------
+
+namespace {
+// A model of `params` parameters of 1M floats (4 MiB each).
+LayoutRequest big_request(std::size_t params, std::uint32_t workers, std::uint32_t state_arrays, bool bsp) {
+  LayoutRequest r;
+  for (std::size_t i = 0; i < params; ++i) r.params.push_back({"layer" + std::to_string(i), {1024, 1024}});
+  r.max_workers = workers;
+  r.state_arrays = state_arrays;
+  r.bsp = bsp;
+  r.redo_entries = 4;
+  return r;
+}
+
+void expect_parts_add_up(const LayoutPlan& plan) {
+  const MemoryBreakdown m = memory_breakdown(plan);
+  std::uint64_t sum = 0;
+  for (const auto& part : m.parts) sum += part.bytes;
+  EXPECT_EQ(sum, plan.total_bytes);
+  EXPECT_EQ(m.total_bytes, plan.total_bytes);
+  std::uint64_t floats = 0;
+  for (const auto& p : plan.params) floats += p.size;
+  EXPECT_EQ(m.bytes_of("values"), floats * sizeof(float));
+  EXPECT_EQ(m.bytes_of("optimizer state"), plan.state_arrays * floats * sizeof(float));
+  EXPECT_EQ(m.bytes_of("rings"), plan.max_workers * (sizeof(RingHeader) + plan.ring_bytes));
+  EXPECT_EQ(m.bytes_of("worker slots"), plan.max_workers * sizeof(WorkerSlot));
+  EXPECT_EQ(m.bytes_of("slice table"), plan.slice_count * sizeof(SliceEntry));
+  EXPECT_GE(m.bytes_of("exactly-once table"), plan.slice_count * plan.max_workers * 8);
+  EXPECT_EQ(m.bytes_of("redo log"), plan.redo_count * plan.redo_stride);
+  EXPECT_EQ(m.bytes_of("header"), plan.params_offset);
+  EXPECT_EQ(m.overhead_bytes(), plan.total_bytes - m.bytes_of("values") - m.bytes_of("optimizer state"));
+  // The table shows every part, the total and the overhead, with exact bytes.
+  const std::string table = memory_table(m);
+  for (const auto& part : m.parts) EXPECT_NE(table.find(part.name), std::string::npos) << part.name;
+  EXPECT_NE(table.find("total"), std::string::npos);
+  EXPECT_NE(table.find(std::to_string(plan.total_bytes)), std::string::npos) << table;
+  EXPECT_NE(table.find("% on top of values + optimizer state"), std::string::npos) << table;
+}
+}  // namespace
+
+TEST(Memory, PartsAddUpToTheSegment) {
+  expect_parts_add_up(plan_layout(mlp_request()));
+  LayoutRequest adam = mlp_request();
+  adam.state_arrays = 2;
+  expect_parts_add_up(plan_layout(adam));
+  expect_parts_add_up(plan_layout(big_request(256, 8, 0, false)));
+  expect_parts_add_up(plan_layout(big_request(256, 8, 2, false)));
+  expect_parts_add_up(plan_layout(big_request(16, 8, 1, true)));
+}
+
+TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspButAStepInBsp) {
+  // 1 GiB of values (256 parameters of 4 MiB), 8 workers.
+  const LayoutPlan asp = plan_layout(big_request(256, 8, 2, false));
+  const std::uint64_t largest_record = record_bytes_for(1 << 20);
+  EXPECT_EQ(asp.ring_bytes, 2 * largest_record);  // two pushes of the largest parameter
+  EXPECT_NE(asp.ring_rule.find("two pushes of the largest parameter"), std::string::npos) << asp.ring_rule;
+  // A whole-parameter push fits one record (RingProducer::max_record_floats: half the ring).
+  EXPECT_GE((asp.ring_bytes / 2 - sizeof(PushRecord)) / sizeof(float), std::uint64_t{1} << 20);
+  const MemoryBreakdown m = memory_breakdown(asp);
+  EXPECT_LT(m.bytes_of("rings"), (std::uint64_t{1} << 30) / 15);   // under 7% of the values
+  EXPECT_LT(m.overhead_percent(), 3.0);                             // with Adam's state
+  EXPECT_LT(memory_breakdown(plan_layout(big_request(256, 8, 0, false))).overhead_percent(), 7.5);  // SGD
+  // BSP takes a step only once it has ended: a ring holds a whole step.
+  const LayoutPlan bsp = plan_layout(big_request(256, 8, 2, true));
+  EXPECT_EQ(bsp.ring_bytes, bsp_step_ring_bytes(bsp.params));
+  EXPECT_GE(bsp.ring_bytes, 256 * largest_record + sizeof(PushRecord) + largest_record);
+  EXPECT_NE(bsp.ring_rule.find("BSP step"), std::string::npos) << bsp.ring_rule;
+  // Small models get the 1 MiB minimum; an explicit ring_bytes wins over every rule.
+  LayoutRequest tiny;
+  tiny.params = {{"w", {10}}};
+  EXPECT_EQ(plan_layout(tiny).ring_bytes, kMinRingBytes);
+  tiny.bsp = true;
+  EXPECT_EQ(plan_layout(tiny).ring_bytes, kMinRingBytes);
+  LayoutRequest set = big_request(256, 8, 0, true);
+  set.ring_bytes = 1 << 20;
+  EXPECT_EQ(plan_layout(set).ring_bytes, 1u << 20);
+  EXPECT_EQ(plan_layout(set).ring_rule, "set by ring_bytes");
+}
+
+TEST(Memory, BigRegionsStartOnHugePagesSmallOnesAreNotPadded) {
+  const LayoutPlan big = plan_layout(big_request(256, 8, 2, false));
+  EXPECT_EQ(big.values_offset % kHugePageBytes, 0u);
+  EXPECT_EQ(big.state_offset % kHugePageBytes, 0u);
+  EXPECT_EQ(big.rings_offset % kHugePageBytes, 0u);  // 8 rings of 8 MiB: 64 MiB
+  EXPECT_EQ(big.total_bytes % kHugePageBytes, 0u);
+  for (const auto& p : big.params) EXPECT_EQ(p.values_offset % kCacheLine, 0u);
+  EXPECT_LT(memory_breakdown(big).bytes_of("alignment padding"), 4 * kHugePageBytes);
+  // A ring of 64 MiB or more starts on a huge page too.
+  const LayoutPlan bsp = plan_layout(big_request(32, 4, 0, true));
+  EXPECT_EQ(bsp.ring_stride % kHugePageBytes, 0u);
+  EXPECT_EQ(bsp.rings_offset % kHugePageBytes, 0u);
+  EXPECT_GE(bsp.ring_stride, sizeof(RingHeader) + bsp.ring_bytes);
+  // The reference MLP stays compact: page alignment only.
+  const LayoutPlan mlp = plan_layout(mlp_request());
+  EXPECT_LT(memory_breakdown(mlp).bytes_of("alignment padding"), 3 * 4096u);
+  EXPECT_EQ(mlp.ring_stride, sizeof(RingHeader) + mlp.ring_bytes);
+}
+
+// ---- Huge pages: what the system offers ---------------------------------------------------------
+
+TEST(HugePages, SettingsAreReadFromShmemEnabledAndTheDevShmMount) {
+  EXPECT_EQ(parse_shmem_enabled("always within_size advise [never] deny force\n"), HugeSetting::never);
+  EXPECT_EQ(parse_shmem_enabled("always within_size [advise] never deny force"), HugeSetting::advise);
+  EXPECT_EQ(parse_shmem_enabled("[force]"), HugeSetting::force);
+  EXPECT_EQ(parse_shmem_enabled(""), HugeSetting::unknown);
+  const std::string without = "25 24 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24731708k\n";
+  const std::string advise = "30 25 0:27 / /dev/shm rw,relatime shared:4 - tmpfs tmpfs rw,size=1g,huge=advise,inode64\n";
+  const std::string other = "31 25 0:28 / /mnt/big rw - tmpfs tmpfs rw,huge=always\n";
+  EXPECT_EQ(parse_mount_huge(without, "/dev/shm"), HugeSetting::never);
+  EXPECT_EQ(parse_mount_huge(without + advise + other, "/dev/shm"), HugeSetting::advise);  // the last mount there
+  EXPECT_EQ(parse_mount_huge(advise + without, "/dev/shm"), HugeSetting::never);
+  EXPECT_EQ(parse_mount_huge(other, "/dev/shm"), HugeSetting::unknown);
+  EXPECT_EQ(parse_mount_huge("40 1 8:1 / /dev/shm rw - ext4 /dev/sda1 rw\n", "/dev/shm"), HugeSetting::never);
+}
+
+TEST(HugePages, OfferedOnlyWhereTheMountOrForceSaysSo) {
+  using S = HugeSetting;
+  EXPECT_FALSE((HugePageSupport{S::never, S::never}.offered()));
+  EXPECT_FALSE((HugePageSupport{S::never, S::advise}.offered()));  // shmem_enabled is for the internal mount
+  EXPECT_TRUE((HugePageSupport{S::advise, S::never}.offered()));
+  EXPECT_TRUE((HugePageSupport{S::within_size, S::never}.offered()));
+  EXPECT_TRUE((HugePageSupport{S::never, S::force}.offered()));
+  EXPECT_FALSE((HugePageSupport{S::always, S::deny}.offered()));
+  const std::string no = huge_page_text({S::never, S::never}, 0, 1 << 20);
+  EXPECT_NE(no.find("not offered (/dev/shm is mounted without huge=, shmem_enabled = never); 4 KiB pages"),
+            std::string::npos) << no;
+  EXPECT_NE(huge_page_text({S::always, S::deny}, 0, 1).find("shmem_enabled = deny overrides"), std::string::npos);
+  const std::string yes = huge_page_text({S::advise, S::never}, std::uint64_t{6} << 20, std::uint64_t{8} << 20);
+  EXPECT_NE(yes.find("offered (/dev/shm huge=advise, the segment is madvised); 6.0 MiB of 8.0 MiB in 2 MiB pages"),
+            std::string::npos) << yes;
+  // This machine: whatever it offers, the reading works.
+  const HugePageSupport here = huge_page_support();
+  EXPECT_NE(here.mount, S::unknown);
 }

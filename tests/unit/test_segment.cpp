@@ -1,12 +1,15 @@
 // Creating, opening and validating segments; names; room in /dev/shm.
 #include <gtest/gtest.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <csignal>
+#include <cstdint>
 #include <filesystem>
+#include <vector>
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
@@ -26,6 +29,17 @@ struct Cleanup {
   std::string name;
   ~Cleanup() { Segment::remove(name); }
 };
+
+// Pages of [offset, offset + bytes) that are allocated in /dev/shm, whoever allocated them
+// (mincore on a file mapping reports the file's pages, not this process's page tables).
+std::size_t resident_pages(const Segment& s, std::uint64_t offset, std::uint64_t bytes) {
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> in((bytes + page - 1) / page);
+  if (::mincore(const_cast<std::byte*>(s.base()) + offset, bytes, in.data()) != 0) return SIZE_MAX;
+  std::size_t n = 0;
+  for (unsigned char c : in) n += c & 1U;
+  return n;
+}
 
 }  // namespace
 
@@ -50,6 +64,37 @@ TEST(Segment, CreateIsExclusiveAndPrivate) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   EXPECT_GE(static_cast<std::uint64_t>(st.st_blocks) * 512, 1u << 20);  // pre-allocated
   EXPECT_NE(error_of([&] { Segment::create(c.name, 1 << 20); }).find("already exists"), std::string::npos);
+}
+
+TEST(Segment, DeferredPagesAreLeftToTheirFirstUserWhoReservesThem) {
+  Cleanup c{unique("defer")};
+  constexpr std::uint64_t kPage = 4096, kTotal = 64 * kPage;
+  ASSERT_EQ(static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)), kPage);
+  // Two deferred ranges; the second one not page aligned: the pages it shares stay reserved.
+  const ByteRange deferred[] = {{8 * kPage, 16 * kPage}, {40 * kPage + 100, 10 * kPage}};
+  Segment s = Segment::create(c.name, kTotal, 0600, deferred);
+  Segment view = Segment::open(c.name, Access::read_only);
+  EXPECT_EQ(resident_pages(view, 0, 8 * kPage), 8u);
+  EXPECT_EQ(resident_pages(view, 8 * kPage, 16 * kPage), 0u);  // nobody allocated them
+  EXPECT_EQ(resident_pages(view, 24 * kPage, 16 * kPage), 16u);
+  EXPECT_EQ(resident_pages(view, 40 * kPage, kPage), 1u);        // shared with a reserved part
+  EXPECT_EQ(resident_pages(view, 41 * kPage, 9 * kPage), 0u);
+  EXPECT_EQ(resident_pages(view, 50 * kPage, 14 * kPage), 14u);
+  struct stat st {};
+  ASSERT_EQ(::stat(segment_path(c.name).c_str(), &st), 0);
+  EXPECT_EQ(static_cast<std::uint64_t>(st.st_blocks) * 512, (64 - 16 - 9) * kPage);
+  // Their first user reserves them: now allocated, and mapped in its process.
+  s.reserve(8 * kPage, 16 * kPage, "a test range");
+  EXPECT_EQ(resident_pages(view, 8 * kPage, 16 * kPage), 16u);
+  EXPECT_EQ(resident_pages(view, 41 * kPage, 9 * kPage), 0u);
+  // Prefaulting reserved pages for reading changes nothing in the file.
+  view.prefault_read(0, 40 * kPage);
+  EXPECT_EQ(resident_pages(view, 41 * kPage, 9 * kPage), 0u);
+  ASSERT_EQ(::stat(segment_path(c.name).c_str(), &st), 0);
+  EXPECT_EQ(static_cast<std::uint64_t>(st.st_blocks) * 512, (64 - 9) * kPage);
+  // A read-only mapping cannot reserve; a range outside the segment is refused.
+  EXPECT_NE(error_of([&] { view.reserve(41 * kPage, kPage, "x"); }).find("read-only"), std::string::npos);
+  EXPECT_NE(error_of([&] { s.reserve(kTotal - kPage, 2 * kPage, "x"); }).find("outside"), std::string::npos);
 }
 
 TEST(Segment, OpeningChecksLayout) {

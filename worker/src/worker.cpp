@@ -337,6 +337,18 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
                   "' are held by live processes: raise max_workers in the model spec, or stop a worker");
   }
 
+  // Our ring: reserved by us, its writer, so that its pages are allocated by this process (first
+  // touch: on our NUMA node, in our memory cgroup; the server leaves them unallocated), and
+  // mapped for writing now, so that the first pushes pay no page faults. A full /dev/shm is an
+  // error here, before the slot changes, never a SIGBUS in a push. Then the tables and the values
+  // are mapped for reading, so that the first pulls pay none either.
+  {
+    const ByteRange ring = s.segment.ring_range(static_cast<unsigned>(s.rank));
+    s.segment.reserve(ring.offset, ring.bytes, "the push ring of worker " + std::to_string(s.rank));
+    s.segment.prefault_read(0, h.rings_offset);
+    s.segment.prefault_read(h.values_offset, h.state_offset - h.values_offset);
+  }
+
   // Take over the slot: a new generation, resuming the push count of all earlier generations.
   WorkerSlot& slot = s.segment.slot(static_cast<unsigned>(s.rank));
   s.slot = &slot;

@@ -9,8 +9,11 @@
 //   slice_bytes = 65536     # optional, default 65536. Bytes per slice (the unit of versioning,
 //                           #   locking and parallel apply): a multiple of 64, 64 to 2^30.
 //   max_workers = 8         # optional, default 16. Worker slots: 1 to 1024.
-//   ring_bytes = 0          # optional, default 0 = sized by the server. Bytes of each worker's
-//                           #   push ring: a multiple of 64, at most 2^40.
+//   ring_bytes = 0          # optional, default 0 = sized by the server: room for two pushes
+//                           #   of the largest parameter (a push may use at most half a ring),
+//                           #   for one whole step in BSP, at least 1 MiB (shm/segment.hpp,
+//                           #   kMinRingBytes). Bytes of each worker's push ring: a multiple of
+//                           #   64, at most 2^40. shmps-server --plan shows what it costs.
 //   server_threads = 2      # optional, default 0 = all cores. At most 4096.
 //   consistency = "asp"     # optional, default "asp". "asp" (asynchronous), "bsp" (bulk
 //                           #   synchronous) or "ssp:N" (stale synchronous, bound N >= 0 clocks,

@@ -63,6 +63,12 @@ struct ServerStats {
   bool restored = false;          // start() recreated the job from a checkpoint
 };
 
+// The layout a server started with these options gives a new segment (Server::start() creates
+// exactly this): for shmps-server --plan, which shows what a spec costs without creating
+// anything. Throws shmps::Error for an impossible spec.
+shm::LayoutRequest layout_request(const ServerOptions& options);
+shm::LayoutPlan plan_for(const ServerOptions& options);
+
 class Server {
  public:
   explicit Server(ServerOptions options);

@@ -30,7 +30,8 @@
 //                   |                           + server-owned line| the server its own line
 //   rings_offset    +--------------------------------------------+
 //                   | per slot: RingHeader + ring_bytes of records | worker writes records and
-//                   |   (PushRecord header + float payload)       | tail; server writes head
+//                   |   (PushRecord header + float payload)       | tail; server writes head.
+//                   |   A worker allocates its ring's pages itself, when it attaches (first touch)
 //   values_offset   +--------------------------------------------+
 //                   | parameter values, float32, 64-byte aligned per parameter | server writes
 //   state_offset    +--------------------------------------------+
@@ -41,6 +42,43 @@
 // and its own ring's records and tail; tools map the segment read-only. Everything here is
 // fixed-size, standard-layout, fixed-width; addresses are offsets from the segment base.
 // Lines that different processes write concurrently are padded to 64 bytes apart.
+//
+// Regions of 64 MiB or more (all the rings, each ring, the values, the optimizer state) start on
+// a 2 MiB boundary, so that where /dev/shm offers transparent huge pages they are backed by whole
+// ones (plan_layout; the padding is under 2 MiB per region, at most 3% of it). What each part
+// costs: memory.hpp (shmps-server --plan, shmps-ctl inspect).
+//
+// ---- False sharing: who writes which hot word (audit) -----------------------------------
+// A cache line written by one process and read or written by another moves between their
+// cores on every write. Words written often are grouped by writer and by rate, and a group
+// that another process reads on a hot path has its own line (static_asserts at the end):
+//
+//   SegmentHeader  identity and geometry: written once before "ready", read by all: shared freely.
+//                  policy line: the server writes model_clock once per BSP step (and the mode
+//                    at a live switch); workers read consistency on every push and pull and
+//                    model_clock on BSP pulls (true sharing: they need the new value).
+//                  liveness line: the server writes its heartbeat every loop; only tools read
+//                    it (a worker reads `state` once, when it attaches).
+//                  sleep line: the server writes server_sleeping around each sleep; workers read
+//                    it after every commit (true sharing; their wake-up is a syscall, no store).
+//                  counters, checkpoints, latency: the server writes every round; tools read.
+//                  mailbox: a tool and the server, once per command.
+//   SliceEntry     one line per slice: the server writes version/clock/step/norm in the update
+//                  that pulls must see; adjacent slices never share a line.
+//   applied table  server only. (Rows of fewer than 8 workers share lines between slices: two
+//                  apply threads of the one server may then write one line; not cross-process.)
+//   ParamStats     server only (its apply threads add; the monitor reads).
+//   rejected rows  one 64-byte-padded row per worker, written by that worker only.
+//   WorkerSlot     six groups, each on its own line(s), see below: the worker's identity, its
+//                  step clock (read by every other worker on every pull), its hand-off to the
+//                  server (per push), its statistics (per push and pull, monitors only); the
+//                  server's progress (per round, the worker waits on it) and its membership
+//                  words (rare, read by every worker on every pull); the resume blob.
+//   RingHeader     tail (worker, per push), capacity (read-only), head (server, per round), each
+//                  on its own line, with tail and head also in different 128-byte pairs (the
+//                  adjacent-line prefetcher of x86 fetches lines in pairs).
+//   ring records   written by the ring's worker only; the server only reads them.
+//   RedoEntry      one per server thread, server only.
 #pragma once
 
 #include <atomic>
@@ -127,6 +165,12 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> server_start_time;          // /proc/<pid>/stat starttime (ticks)
   std::atomic<std::uint64_t> server_heartbeat_ns;        // CLOCK_MONOTONIC
   std::atomic<std::uint64_t> server_started_unix_ns;
+  // What the server found about transparent huge pages for the segment at its start (pages.hpp):
+  // /dev/shm's huge= mount option and the shmem_enabled knob (HugeSetting), and how many bytes
+  // of its own mapping were in huge pages once it had pre-faulted values and optimizer state.
+  std::atomic<std::uint32_t> huge_mount;
+  std::atomic<std::uint32_t> huge_sysfs;
+  std::atomic<std::uint64_t> huge_bytes;
 
   // The server's sleep word: the server sleeps on it (futex) when every ring is empty, after
   // setting server_sleeping. A worker that commits a push and sees server_sleeping calls
@@ -241,17 +285,28 @@ struct alignas(kCacheLine) RedoEntry {
 enum class SlotState : std::uint32_t { free = 0, attached = 1, left = 2 };
 
 struct WorkerSlot {
-  // Worker line: identity, written at attach.
+  // Worker line: identity, written at attach. The server reads state and generation every round
+  // (admission, liveness) and every worker reads them in its membership test (membership.hpp).
   alignas(kCacheLine) std::atomic<std::uint32_t> state;  // SlotState
   std::atomic<std::int32_t> pid;
   std::atomic<std::uint64_t> generation;   // bumped at every attach
   std::atomic<std::uint64_t> start_time;   // /proc/<pid>/stat starttime, for display
   std::atomic<std::uint64_t> attached_unix_ns;
 
-  // Worker line: hot, updated on every push and pull.
+  // Worker line: the worker's step, written once per step (clock()). Every other worker reads it
+  // on every pull (staleness, the SSP bound) and the server every BSP round: alone on its line,
+  // so that this worker's per-push and per-pull writes below do not evict it from their caches.
+  alignas(kCacheLine) std::atomic<std::uint64_t> clock;  // the worker's step (consistency models)
+
+  // Worker line: the hand-off to the server, written on every push (and around every sleep); the
+  // server reads it every round.
+  alignas(kCacheLine) std::atomic<std::uint64_t> published;  // last committed push sequence number, all generations
+  std::atomic<std::uint64_t> last_commit_seq;  // the newest committed push, and when (CLOCK_MONOTONIC ns):
+  std::atomic<std::uint64_t> last_commit_ns;   //   the server samples commit -> applied latency from them
+  std::atomic<std::uint32_t> waiting;          // 1 while the worker sleeps on `progress`
+
+  // Worker lines: statistics, written on every push and pull; only monitors read them.
   alignas(kCacheLine) std::atomic<std::uint64_t> heartbeat_ns;  // CLOCK_MONOTONIC
-  std::atomic<std::uint64_t> published;     // last committed push sequence number, all generations
-  std::atomic<std::uint64_t> clock;         // the worker's step (consistency models)
   std::atomic<std::uint64_t> pulls;
   std::atomic<std::uint64_t> pull_bytes;
   std::atomic<std::uint64_t> push_bytes;
@@ -260,27 +315,29 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> max_staleness;    // the largest last_staleness seen
   std::atomic<std::uint64_t> wait_ns;          // time spent waiting in pulls (barrier, staleness bound)
   std::atomic<std::uint64_t> backpressure_ns;  // time pushes waited for room in the ring
-  std::atomic<std::uint64_t> last_commit_seq;  // the newest committed push, and when (CLOCK_MONOTONIC ns):
-  std::atomic<std::uint64_t> last_commit_ns;   //   the server samples commit -> applied latency from them
-  std::atomic<std::uint32_t> waiting;       // 1 while the worker sleeps on `progress`
 
-  // Server line.
+  // Server line: progress, written every apply round that took from this ring; the slot's own
+  // worker reads it (wait_applied, back-pressure, its futex).
   alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number the server is done with (applied, or discarded)
   std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
   std::atomic<std::uint32_t> reserved0;
-  std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
   std::atomic<std::uint64_t> records_applied;
   std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
+  // The clock after the newest clock record the server consumed from this ring (its step + 1):
+  // the step a restarted worker continues at when the ring's later records are gone (a restore
+  // from a checkpoint).
+  std::atomic<std::uint64_t> consumed_clock;
+
+  // Server line: membership, written when the server admits a generation or proves its holder
+  // dead; every worker reads it on every pull (membership.hpp), so it is kept apart from the
+  // per-round progress words above.
+  alignas(kCacheLine) std::atomic<std::uint64_t> dead_generation;  // generation whose holder the server proved dead
   // Admission: the server admits each new generation between two apply rounds, with the clock it
   // enters at (BSP: the step being collected, or later). Only an admitted worker counts for a
   // barrier, and a BSP worker waits for its admission before its first step, so a step is never
   // decided around a worker that is half-way in.
   std::atomic<std::uint64_t> admitted_clock;
   std::atomic<std::uint64_t> admitted_generation;
-  // The clock after the newest clock record the server consumed from this ring (its step + 1):
-  // the step a restarted worker continues at when the ring's later records are gone (a restore
-  // from a checkpoint).
-  std::atomic<std::uint64_t> consumed_clock;
 
   // Server line: the resume blob (a trainer's data cursor) of the last clock record that carried
   // one, copied here when the server consumed that record. A seqlock word guards the copy.
@@ -299,13 +356,17 @@ struct WorkerSlot {
 // release store of the new tail: a record past `tail` does not exist, so a worker killed
 // mid-push leaves nothing behind. The consumer advances `head` (release) only after the
 // records before it are applied, which is what lets the producer reuse their bytes.
+//
+// tail and head are two lines apart, with the read-only capacity between them: on their own
+// lines, and never in one 128-byte pair of lines (which x86's adjacent-line prefetcher fetches
+// together), wherever the header starts.
 struct RingHeader {
   alignas(kCacheLine) std::atomic<std::uint64_t> tail;  // producer (worker)
   std::uint8_t tail_pad[kCacheLine - 8];
-  alignas(kCacheLine) std::atomic<std::uint64_t> head;  // consumer (server)
-  std::uint8_t head_pad[kCacheLine - 8];
   alignas(kCacheLine) std::uint64_t capacity;           // written once at creation
   std::uint8_t capacity_pad[kCacheLine - 8];
+  alignas(kCacheLine) std::atomic<std::uint64_t> head;  // consumer (server)
+  std::uint8_t head_pad[kCacheLine - 8];
 };
 
 // push: a gradient. clock: the end of the writer's step `clock` (Worker::clock()); in BSP the
@@ -353,7 +414,40 @@ static_assert(sizeof(PushRecord) == kCacheLine);
 static_assert(sizeof(RedoEntry) == kCacheLine);
 static_assert(sizeof(ParamStats) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
+
+// The false-sharing audit above, as checks: words that different processes write, or that one
+// writes often while others read another word, are on different lines.
+constexpr std::size_t line_of(std::size_t offset) noexcept { return offset / kCacheLine; }
+// WorkerSlot: worker-written groups apart from server-written ones...
 static_assert(offsetof(WorkerSlot, applied) % kCacheLine == 0, "server line must not share a cache line with worker lines");
+static_assert(line_of(offsetof(WorkerSlot, heartbeat_ns) + 9 * 8 - 1) < line_of(offsetof(WorkerSlot, applied)),
+              "the worker's statistics end before the server's lines");
+static_assert(line_of(offsetof(WorkerSlot, consumed_clock)) < line_of(offsetof(WorkerSlot, dead_generation)),
+              "per-round progress and membership are on different lines");
+// ... and, within the worker's, the words others read hot apart from those written per push or pull.
+static_assert(line_of(offsetof(WorkerSlot, clock)) != line_of(offsetof(WorkerSlot, published)) &&
+                  line_of(offsetof(WorkerSlot, clock)) != line_of(offsetof(WorkerSlot, heartbeat_ns)) &&
+                  line_of(offsetof(WorkerSlot, clock)) != line_of(offsetof(WorkerSlot, generation)),
+              "a worker's step clock, read by every other worker on every pull, has a line of its own");
+static_assert(line_of(offsetof(WorkerSlot, waiting)) == line_of(offsetof(WorkerSlot, published)) &&
+                  line_of(offsetof(WorkerSlot, waiting)) != line_of(offsetof(WorkerSlot, backpressure_ns)),
+              "the hand-off to the server is one line, apart from the statistics");
+static_assert(line_of(offsetof(WorkerSlot, backpressure_ns)) < line_of(offsetof(WorkerSlot, applied)));
+static_assert(line_of(offsetof(WorkerSlot, admitted_generation)) < line_of(offsetof(WorkerSlot, resume_version)));
+// RingHeader: the worker's tail and the server's head.
+static_assert(offsetof(RingHeader, head) - offsetof(RingHeader, tail) == 2 * kCacheLine,
+              "tail and head: separate lines, and separate 128-byte pairs");
+// SegmentHeader: the groups on separate lines.
+static_assert(line_of(offsetof(SegmentHeader, model_clock)) == line_of(offsetof(SegmentHeader, consistency)));
+static_assert(line_of(offsetof(SegmentHeader, huge_bytes)) == line_of(offsetof(SegmentHeader, state)),
+              "the huge-page words fit the server's liveness line");
+static_assert(line_of(offsetof(SegmentHeader, server_heartbeat_ns)) != line_of(offsetof(SegmentHeader, consistency)) &&
+                  line_of(offsetof(SegmentHeader, server_heartbeat_ns)) != line_of(offsetof(SegmentHeader, server_sleeping)),
+              "the server's heartbeat, written every loop, is not on a line workers read per push or pull");
+static_assert(line_of(offsetof(SegmentHeader, records_applied)) != line_of(offsetof(SegmentHeader, server_sleeping)) &&
+                  line_of(offsetof(SegmentHeader, records_applied)) != line_of(offsetof(SegmentHeader, model_clock)),
+              "per-round counters are not on a line workers read");
+static_assert(offsetof(SegmentHeader, mailbox_state) % kCacheLine == 0);
 
 // ---------------------------------------------------------------------------------------------
 // The layout fingerprint: sizes and offsets of every shared type, the Boost version and the
@@ -392,7 +486,9 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{offsetof(SegmentHeader, checkpoints)}, std::uint64_t{offsetof(SegmentHeader, latency_buckets)},
                           std::uint64_t{offsetof(SegmentHeader, rejected_stride)}, std::uint64_t{sizeof(ParamStats)},
                           std::uint64_t{offsetof(WorkerSlot, last_commit_ns)}, std::uint64_t{offsetof(SliceEntry, value_sq_norm)},
-                          std::uint64_t{sizeof(RingHeader)},
+                          std::uint64_t{sizeof(RingHeader)}, std::uint64_t{offsetof(RingHeader, head)},
+                          std::uint64_t{offsetof(WorkerSlot, clock)}, std::uint64_t{offsetof(WorkerSlot, heartbeat_ns)},
+                          std::uint64_t{offsetof(WorkerSlot, dead_generation)}, std::uint64_t{offsetof(SegmentHeader, huge_bytes)},
                           std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
                           std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},
                           std::uint64_t{__GNUC__}, std::uint64_t{__GNUC_MINOR__}}) {

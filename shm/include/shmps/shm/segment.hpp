@@ -28,38 +28,92 @@ struct LayoutRequest {
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
   std::uint32_t max_workers = 8;
-  std::uint64_t ring_bytes = 0;  // 0: automatic (room for two pushes of the largest parameter)
+  std::uint64_t ring_bytes = 0;  // 0: automatic (see kMinRingBytes and plan_layout)
+  // The job starts in BSP: an automatic ring then holds one whole step (bsp_step_ring_bytes).
+  bool bsp = false;
   std::uint32_t state_arrays = 0;
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
 };
 
-// Where everything goes. Computed once by the server and stored in the header.
+// Where everything goes. Computed once by the server and stored in the header; plan_of() gives
+// it back from a live segment.
 struct LayoutPlan {
   std::uint64_t slice_floats = 0;
   std::uint64_t slice_count = 0;
+  std::uint32_t max_workers = 0;
+  std::uint32_t state_arrays = 0;
+  std::uint32_t redo_count = 0;
   std::uint64_t ring_bytes = 0;
   std::uint64_t ring_stride = 0;
+  std::string ring_rule;  // why ring_bytes is what it is (plan_layout only; empty from plan_of)
   std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
   std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
+
+// The automatic ring size (ring_bytes = 0), per worker:
+//   - room for two records of the largest parameter, because one record may use at most half a
+//     ring (RingProducer::max_record_floats): a whole-parameter push always fits, and the worker
+//     can write the next push while the server applies the previous one. A push bigger than half
+//     a ring (an explicit small ring_bytes) must be pushed in ranges (offset, count);
+//   - in BSP (LayoutRequest::bsp), room for one whole step: a push of every parameter, the clock
+//     record, and one largest record of slack for the padding at the wrap
+//     (bsp_step_ring_bytes), because the server takes a step's pushes only once the step has
+//     ended. In ASP and SSP pushes are applied as they come, so a ring never needs a whole step;
+//   - at least kMinRingBytes.
+// For a 1 GiB model of 256 parameters of 4 MiB with 8 workers: 8 MiB per ring (64 MiB in all,
+// 6% of the values) in ASP and SSP, and a whole step of 1 GiB per ring in BSP.
+inline constexpr std::uint64_t kMinRingBytes = std::uint64_t{1} << 20;
+std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept;
+
+// Regions of kBigRegionBytes or more (all the rings, the values, the optimizer state; and each
+// ring) start on a kHugePageBytes boundary, so that where /dev/shm offers transparent huge pages
+// they are made of whole ones; the padding costs less than 2 MiB per region (at most 3%).
+inline constexpr std::uint64_t kHugePageBytes = std::uint64_t{2} << 20;
+inline constexpr std::uint64_t kBigRegionBytes = std::uint64_t{64} << 20;
+
 // Throws shmps::Error for an impossible request (sizes, names).
 LayoutPlan plan_layout(const LayoutRequest& request);
+
+// A byte range of a segment.
+struct ByteRange {
+  std::uint64_t offset = 0;
+  std::uint64_t bytes = 0;
+};
 
 enum class Access { read_only, read_write };
 
 class Segment {
  public:
-  // Creates /dev/shm/shmps.<name> (mode `mode`), sized and pre-faulted so that a full /dev/shm is
-  // an error here and never a SIGBUS later. Writes nothing inside: the caller fills the header
+  // Creates /dev/shm/shmps.<name> (mode `mode`), sized, and checks that /dev/shm has room for
+  // all of it. Every page outside `deferred` is reserved here, by the calling thread (see
+  // reserve()), so that a full /dev/shm is an error here and never a SIGBUS later. The pages of
+  // `deferred` are left for their first user to reserve, so that the thread that uses them
+  // allocates them (first touch: on its own NUMA node, in its own memory cgroup): whoever touches
+  // a deferred page must reserve() it first. Writes nothing inside: the caller fills the header
   // and sets state "ready" last. Throws shmps::Error if it exists or does not fit.
-  static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600);
+  static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600,
+                        std::span<const ByteRange> deferred = {});
   // Maps an existing segment and validates magic, layout version, fingerprint and size. Throws
   // shmps::Error saying what is wrong. A segment still in "creating" is returned unvalidated:
   // wait for header().state to leave "creating", then call validate().
   static Segment open(std::string_view name, Access access);
+  // Read-write mappings (create, and open with read_write) are madvised MADV_HUGEPAGE, so that
+  // where /dev/shm offers transparent huge pages (pages.hpp) the segment gets them; nothing
+  // fails where it does not.
+
+  // Allocates the pages of [offset, offset + bytes) that are not yet allocated, by the calling
+  // thread, and maps them all into this process for writing (MADV_POPULATE_WRITE), so that the
+  // first writes pay no page faults. On a kernel without MADV_POPULATE_WRITE (before 5.14) it
+  // reserves them with posix_fallocate instead. Throws shmps::Error, naming `what`, if /dev/shm
+  // has no room for them. Read-write mappings only.
+  void reserve(std::uint64_t offset, std::uint64_t bytes, std::string_view what);
+  // Maps the pages of [offset, offset + bytes) into this process for reading
+  // (MADV_POPULATE_READ), so that the first reads pay no page faults. Best effort: does nothing
+  // where the kernel cannot.
+  void prefault_read(std::uint64_t offset, std::uint64_t bytes) const noexcept;
   // The checks open() makes, for a segment that open() returned while it was still "creating".
   void validate() const;
   static bool exists(std::string_view name);
@@ -121,6 +175,12 @@ class Segment {
   // Index of the parameter called `name`, or -1.
   std::int64_t find_param(std::string_view name) const noexcept;
 
+  // Where slot r's ring lies: its RingHeader and records (not the padding after them, up to the
+  // next ring, which nobody touches).
+  ByteRange ring_range(std::uint64_t r) const noexcept {
+    return {header().rings_offset + r * header().ring_stride, sizeof(RingHeader) + header().ring_bytes};
+  }
+
  private:
   std::string name_;
   std::shared_ptr<void> mapping_;  // owns the Boost mapped_region
@@ -128,6 +188,9 @@ class Segment {
   std::uint64_t size_ = 0;
   bool writable_ = false;
 };
+
+// The plan of a live segment, from its header and parameter table (ring_rule left empty).
+LayoutPlan plan_of(const Segment& segment);
 
 std::string_view param_name(const ParamEntry& p) noexcept;
 std::string shape_string(const ParamEntry& p);  // "[256, 784]"

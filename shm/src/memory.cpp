@@ -1,0 +1,95 @@
+#include "shmps/shm/memory.hpp"
+
+#include <cstdio>
+#include <sstream>
+
+namespace shmps::shm {
+
+std::string human_bytes(std::uint64_t bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  if (bytes < 1024) return std::to_string(bytes) + " B";
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024.0 && unit < 5) {
+    value /= 1024.0;
+    ++unit;
+  }
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f %s", value, units[unit]);
+  return text;
+}
+
+double MemoryBreakdown::overhead_percent() const noexcept {
+  const std::uint64_t model = values_bytes + state_bytes;
+  return model == 0 ? 0.0 : 100.0 * static_cast<double>(overhead_bytes()) / static_cast<double>(model);
+}
+
+std::uint64_t MemoryBreakdown::bytes_of(std::string_view name) const noexcept {
+  for (const auto& p : parts)
+    if (p.name == name) return p.bytes;
+  return 0;
+}
+
+MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
+  MemoryBreakdown m;
+  m.total_bytes = plan.total_bytes;
+  std::uint64_t floats = 0;
+  for (const auto& p : plan.params) floats += p.size;
+  m.values_bytes = floats * sizeof(float);
+  m.state_bytes = plan.state_arrays * m.values_bytes;
+  m.ring_each_bytes = sizeof(RingHeader) + plan.ring_bytes;  // a big ring's padding to 2 MiB is padding
+  const std::uint64_t rings = plan.max_workers * m.ring_each_bytes;
+  const std::uint64_t slots = plan.rings_offset > plan.slots_offset ? plan.max_workers * sizeof(WorkerSlot) : 0;
+  auto x = [](std::uint64_t n, const std::string& each) { return std::to_string(n) + " x " + each; };
+
+  m.parts.push_back({"values", m.values_bytes,
+                     std::to_string(plan.params.size()) + (plan.params.size() == 1 ? " parameter, " : " parameters, ") +
+                         std::to_string(floats) + " floats"});
+  m.parts.push_back({"optimizer state", m.state_bytes,
+                     plan.state_arrays == 0 ? "none (plain SGD)"
+                                            : std::to_string(plan.state_arrays) +
+                                                  (plan.state_arrays == 1 ? " array" : " arrays") + " of the values' size"});
+  m.parts.push_back({"rings", rings,
+                     x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
+                         " and a " + std::to_string(sizeof(RingHeader)) + "-byte header each)"});
+  m.parts.push_back({"worker slots", slots, x(plan.max_workers, std::to_string(sizeof(WorkerSlot)) + " B")});
+  m.parts.push_back({"slice table", plan.applied_offset - plan.slices_offset,
+                     std::to_string(plan.slice_count) + " slices x " + std::to_string(sizeof(SliceEntry)) + " B (" +
+                         std::to_string(plan.slice_floats) + " floats per slice)"});
+  m.parts.push_back({"exactly-once table", plan.redo_offset - plan.applied_offset,
+                     std::to_string(plan.slice_count) + " slices x " + std::to_string(plan.max_workers) + " workers x 8 B"});
+  m.parts.push_back({"redo log", plan.param_stats_offset - plan.redo_offset,
+                     x(plan.redo_count, human_bytes(plan.redo_stride)) + " (one per server apply thread)"});
+  m.parts.push_back({"metrics tables", plan.slots_offset - plan.param_stats_offset,
+                     "per-parameter statistics, per-worker rejected counts"});
+  m.parts.push_back({"parameter table", plan.slices_offset - plan.params_offset,
+                     x(plan.params.size(), std::to_string(sizeof(ParamEntry)) + " B")});
+  m.parts.push_back({"header", plan.params_offset, "identity, policy, counters, ctl mailbox"});
+  std::uint64_t counted = 0;
+  for (const auto& p : m.parts) counted += p.bytes;
+  m.parts.push_back({"alignment padding", plan.total_bytes >= counted ? plan.total_bytes - counted : 0,
+                     "pages; 2 MiB around regions of 64 MiB or more (untouched: no memory behind it)"});
+  return m;
+}
+
+std::string memory_table(const MemoryBreakdown& m) {
+  std::ostringstream out;
+  char line[512];
+  std::snprintf(line, sizeof line, "%-20s %14s %11s  %s\n", "PART", "BYTES", "SIZE", "DETAIL");
+  out << line;
+  for (const auto& p : m.parts) {
+    std::snprintf(line, sizeof line, "%-20s %14llu %11s  %s\n", p.name.c_str(), static_cast<unsigned long long>(p.bytes),
+                  human_bytes(p.bytes).c_str(), p.detail.c_str());
+    out << line;
+  }
+  std::snprintf(line, sizeof line, "%-20s %14llu %11s\n", "total", static_cast<unsigned long long>(m.total_bytes),
+                human_bytes(m.total_bytes).c_str());
+  out << line;
+  std::snprintf(line, sizeof line, "%-20s %14llu %11s  %.1f%% on top of values + optimizer state\n", "overhead",
+                static_cast<unsigned long long>(m.overhead_bytes()), human_bytes(m.overhead_bytes()).c_str(),
+                m.overhead_percent());
+  out << line;
+  return out.str();
+}
+
+}  // namespace shmps::shm
