@@ -91,7 +91,6 @@ void run_train(const Config& cfg, Report& rep) {
   add(rep, "train.local", local, "shmps-worker --local, " + samples + " samples, no parameter server", nullptr, "");
   const TrainResult asp1 = launch(1, "asp");
   add(rep, "train.asp.1", asp1, "1 worker through shmps, ASP", &local, "local");
-  if (cfg.quick) return;
   const TrainResult asp2 = launch(2, "asp");
   add(rep, "train.asp.2", asp2, "2 workers, ASP", &asp1, "asp.1");
   const TrainResult bsp2 = launch(2, "bsp");

@@ -1,0 +1,30 @@
+# ctest bench_quick: runs `shmps-bench --quick` and checks that it succeeded and that every
+# workload produced its figures, each a finite number (a workload that silently stops running,
+# or prints nan, fails here). Speed is never checked: --quick sizes mean little.
+#   cmake -DBENCH=<shmps-bench> -DOUT=<file> -P check_bench.cmake
+execute_process(COMMAND "${BENCH}" --quick --out "${OUT}" RESULT_VARIABLE status OUTPUT_VARIABLE output ERROR_VARIABLE errors)
+if(NOT status EQUAL 0)
+  message(FATAL_ERROR "shmps-bench --quick failed (${status}):\n${output}\n${errors}")
+endif()
+file(READ "${OUT}" lines)
+set(expected
+  limit.memcpy limit.sgd limit.sgd.2threads limit.pingpong.rtt
+  pull.ratio push.ratio push.zero-copy.ratio push.fill-then-push push.zero-copy.commit
+  latency.p50 latency.p99 latency.ratio latency.p99.ratio
+  apply.sgd.ratio apply.sgd.2threads.ratio apply.adam.vs_sgd apply.adam.2threads.vs_sgd
+  push-to-apply.1.ratio push-to-apply.2.ratio push-to-apply.zero-copy.1.ratio push-to-apply.zero-copy.2.ratio
+  bsp-round.ratio bsp-round.checkpointing.ratio checkpoint.time
+  train.local train.asp.1.ratio train.asp.2.ratio train.bsp.2.ratio train.ssp2.2.ratio
+  train.local.test_acc train.asp.1.test_acc train.asp.2.test_acc train.bsp.2.test_acc train.ssp2.2.test_acc)
+set(missing "")
+foreach(name IN LISTS expected)
+  string(REPLACE "." "\\." pattern "${name}")
+  if(NOT lines MATCHES "(^|\n)${pattern} [0-9][0-9.e+-]* [^\n]+")
+    list(APPEND missing "${name}")
+  endif()
+endforeach()
+if(missing)
+  message(FATAL_ERROR "shmps-bench --quick printed no finite figure for: ${missing}\nits figures:\n${lines}")
+endif()
+list(LENGTH expected count)
+message(STATUS "shmps-bench --quick: all ${count} expected figures present")
