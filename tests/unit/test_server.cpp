@@ -233,8 +233,8 @@ TEST_F(ServerRounds, ASecondServerForTheSameSegmentFailsFast) {
   EXPECT_NE(msg.find("already served by a live server (pid " + std::to_string(getpid()) + ")"), std::string::npos) << msg;
 }
 
-TEST_F(ServerRounds, ABspStepLargerThanTheRingFailsAtOnceInsteadOfWaitingForever) {
-  auto server = start_server(name, R"(
+// BSP, a 64 KiB ring, and a parameter of 4096 floats: a whole push is 16 KiB + a 64-byte header.
+constexpr const char* kBspInA64KiBRing = R"(
 max_workers = 2
 ring_bytes = 65536
 consistency = "bsp"
@@ -244,7 +244,10 @@ lr = 1.0
 [[param]]
 name = "p"
 shape = [4096]
-)");
+)";
+
+TEST_F(ServerRounds, ABspStepLargerThanTheRingFailsAtOnceInsteadOfWaitingForever) {
+  auto server = start_server(name, kBspInA64KiBRing);
   Worker w(WorkerOptions{.segment = name, .rank = 0, .timeout = 30s});
   server->apply_round();  // admits the worker to the BSP group
   std::vector<float> grad(4096, 1.0f);
@@ -262,17 +265,7 @@ shape = [4096]
 }
 
 TEST_F(ServerRounds, ABspStepThatStartsOverAtTheRingsBeginningStillHasTheWholeRing) {
-  auto server = start_server(name, R"(
-max_workers = 2
-ring_bytes = 65536
-consistency = "bsp"
-[optimizer]
-kind = "sgd"
-lr = 1.0
-[[param]]
-name = "p"
-shape = [4096]
-)");
+  auto server = start_server(name, kBspInA64KiBRing);
   Worker w(WorkerOptions{.segment = name, .rank = 0, .timeout = 30s});
   server->apply_round();  // admits the worker to the BSP group
   std::vector<float> grad(4096, 1.0f);  // 16 KiB + a 64-byte header per record
