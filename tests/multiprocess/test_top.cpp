@@ -649,7 +649,10 @@ TEST(Top, TerminalUiInTmux) {
   auto shows = [&](const std::function<bool(const std::string&)>& ok) {
     return eventually([&] { return ok(screen = tmux.screen()); });
   };
-  ASSERT_TRUE(shows([](const std::string& s) { return shmps::test::has(s, "PARAMETERS") && has_row(s, "b"); })) << screen;
+  // Wait for a whole frame: tmux may capture the screen while shmps-top is still drawing it.
+  ASSERT_TRUE(shows([](const std::string& s) {
+    return shmps::test::has(s, "PARAMETERS") && has_row(s, "b") && has_row(s, "w");
+  })) << screen;
   EXPECT_HAS(screen, "shmps-top  " + job.name());
   EXPECT_HAS(screen, "alive, pid " + std::to_string(job.server().pid()) + ", epoch 1");
   EXPECT_HAS(screen, "WORKERS  1 of 4 slots used");
@@ -666,9 +669,9 @@ TEST(Top, TerminalUiInTmux) {
 
   // Tab: the workers view (no parameters table); s: sorted by the next column.
   tmux.keys("Tab");
-  EXPECT_TRUE(shows([](const std::string& s) { return shmps::test::has(s, "view: workers ") && !shmps::test::has(s, "PARAMETERS"); }))
-      << screen;
-  EXPECT_HAS(screen, "sort: RANK asc");
+  EXPECT_TRUE(shows([](const std::string& s) {
+    return shmps::test::has(s, "view: workers ") && !shmps::test::has(s, "PARAMETERS") && shmps::test::has(s, "sort: RANK asc");
+  })) << screen;
   tmux.keys("s");
   EXPECT_TRUE(shows([](const std::string& s) { return shmps::test::has(s, "sort: STATE asc"); })) << screen;
   tmux.keys("r");
