@@ -123,6 +123,10 @@ void print_eval(const char* what, const shmps::mlp::EvalResult& r, std::uint64_t
 
 // The final figures. `eval_train`: also evaluate the final model on the whole training set (the
 // README's reference training loss/accuracy are defined that way).
+// --eval-rows: evaluate on at most this many rows of each set (a quick check; 0: all of them).
+std::uint64_t g_eval_rows = 0;
+std::uint64_t eval_rows(std::uint64_t all) { return g_eval_rows == 0 ? all : std::min(all, g_eval_rows); }
+
 void print_final(const TrainStats& st, const shmps::mlp::Tensors& params, bool eval_train) {
   namespace data = shmps::data;
   std::printf("trained %" PRIu64 " batches, %" PRIu64 " samples in %.2f s: %.0f samples/s\n", st.batches,
@@ -131,8 +135,8 @@ void print_final(const TrainStats& st, const shmps::mlp::Tensors& params, bool e
     std::printf("running train loss %.4f acc %.4f (this worker's last epoch, %" PRIu64 " samples)\n",
                 st.last_epoch_loss, st.last_epoch_acc, st.last_epoch_samples);
   }
-  if (eval_train) print_eval("train", shmps::mlp::evaluate(params, 0, data::kTrainRows), 0);
-  print_eval("test", shmps::mlp::evaluate(params, data::kTestFirstRow, data::kTestRows), data::kTestFirstRow);
+  if (eval_train) print_eval("train", shmps::mlp::evaluate(params, 0, eval_rows(data::kTrainRows)), 0);
+  print_eval("test", shmps::mlp::evaluate(params, data::kTestFirstRow, eval_rows(data::kTestRows)), data::kTestFirstRow);
   std::printf("weights-hash 0x%016" PRIx64 "\n", shmps::mlp::weights_hash(params));
   std::fflush(stdout);
 }
@@ -229,6 +233,9 @@ int main(int argc, char** argv) {
   app.add_option("--lr", lr, "learning rate of --local")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_flag("--eval-train", eval_train,
                "at the end also evaluate the final model on the whole training set (always with --local)");
+  app.add_option("--eval-rows", g_eval_rows,
+                 "evaluate on the first N rows of the training and of the test set only (a quick check; default: all)")
+      ->check(CLI::PositiveNumber);
   eval_flag->excludes(local_flag);
   CLI11_PARSE(app, argc, argv);
 
@@ -245,8 +252,8 @@ int main(int argc, char** argv) {
       pull_all(w, params);
       w.leave();
       const auto t0 = Clock::now();
-      const auto train = mlp::evaluate(params, 0, data::kTrainRows);
-      const auto test = mlp::evaluate(params, data::kTestFirstRow, data::kTestRows);
+      const auto train = mlp::evaluate(params, 0, eval_rows(data::kTrainRows));
+      const auto test = mlp::evaluate(params, data::kTestFirstRow, eval_rows(data::kTestRows));
       print_eval("train", train, 0);
       print_eval("test", test, data::kTestFirstRow);
       std::printf("weights-hash 0x%016" PRIx64 "\n", mlp::weights_hash(params));
