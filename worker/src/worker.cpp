@@ -535,7 +535,7 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
     bump_counter(slot->backpressure_ns, monotonic_ns() - waited_from);
     if (overflow)
       throw Error(std::string(what) + " '" + std::string(name) + "': the pushes of this BSP step (" +
-                  std::to_string(ring.tail() - step_start) + " bytes so far) fill the whole ring of " +
+                  std::to_string(ring.tail() - ring.past_start_over(step_start)) + " bytes so far) fill the whole ring of " +
                   std::to_string(ring.capacity()) +
                   " bytes, and the server takes them only once the step ends: end steps sooner (clock()), push less "
                   "per step, or raise ring_bytes in the model spec; nothing was pushed");
