@@ -5,8 +5,10 @@
 // Starts shmps-server for the spec unless a server for that segment is already alive, waits for
 // the segment to be ready, then starts N processes of PROGRAM (default: shmps-worker) with
 // SHMPS_SEGMENT, SHMPS_RANK and SHMPS_WORLD_SIZE set, prefixing each output line with the rank.
-// Ctrl-C and SIGTERM are forwarded; when the workers are done the server it started is stopped
-// (it drains its rings) and, unless --keep, the segment is removed. With --max-restarts K a worker
+// When the workers are done the server it started is stopped (it drains its rings) and, unless
+// --keep, the segment is removed. Ctrl-C or SIGTERM stops the job where it stands: the workers
+// are frozen, the server applies what is whole and writes its last checkpoint, then the workers
+// are ended. With --max-restarts K a worker
 // that dies is started again with the same rank (it resumes from its slot), at most K times per
 // rank; after that the job stops. Exits non-zero if any worker failed for good. Options it does
 // not know, before `--`, are passed on to the worker program.
@@ -96,7 +98,7 @@ class Launcher {
     if (pid < 0) throw Error(std::string("fork: ") + std::strerror(errno));
     if (pid == 0) {
       // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops the job
-      // in order (workers first, then the server, which drains). Die with the launcher.
+      // in order (see the stopping branch of main). Die with the launcher.
       setpgid(0, 0);
       prctl(PR_SET_PDEATHSIG, SIGTERM);
       if (getppid() != parent) _exit(1);
@@ -395,7 +397,23 @@ int main(int argc, char** argv) {
       }
       if ((failed || launcher.interrupted()) && !stopping) {
         stopping = true;
-        for (Child* c : ranks) launcher.signal(*c, SIGTERM);
+        if (launcher.interrupted() && server && launcher.running(*server)) {
+          // Stop the job where it stands: freeze the workers, let the server apply what is
+          // whole and write its last checkpoint, then end the workers. Ending them first would
+          // let the server see them die one by one; with on_worker_death = "proceed" a BSP step
+          // could then complete without the worker that died first, and a restore from that
+          // checkpoint would not continue the run exactly. A frozen worker is alive to the server.
+          for (Child* c : ranks) launcher.signal(*c, SIGSTOP);
+          launcher.signal(*server, SIGTERM);
+          const int status = launcher.wait(*server, std::chrono::seconds(30));
+          if (!succeeded(status)) std::cerr << "shmps-launch: the server " << describe(status) << "\n";
+          for (Child* c : ranks) {
+            launcher.signal(*c, SIGTERM);
+            launcher.signal(*c, SIGCONT);
+          }
+        } else {
+          for (Child* c : ranks) launcher.signal(*c, SIGTERM);
+        }
       }
       if (!any_running) break;
     }
@@ -419,7 +437,7 @@ int main(int argc, char** argv) {
         failed = true;
       }
     }
-    if (server) {
+    if (server && launcher.running(*server)) {
       launcher.signal(*server, SIGTERM);
       const int status = launcher.wait(*server, std::chrono::seconds(30));
       if (!succeeded(status)) {

@@ -617,6 +617,9 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
     first.kill(SIGINT);
     first.wait(30s);
     EXPECT_HAS(first.output(), "event=checkpoint ");
+    // The launcher freezes the workers until the server has written its last checkpoint: the
+    // server never sees a worker die, so no BSP step is completed without one.
+    EXPECT_FALSE(first.output().find("event=worker_dead") != std::string::npos) << first.output();
   }
   EXPECT_FALSE(std::filesystem::exists(shmps::shm::segment_path(job.name())));
   Process second(argv);
