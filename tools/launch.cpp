@@ -27,6 +27,7 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include <CLI/CLI.hpp>
@@ -242,7 +243,12 @@ int main(int argc, char** argv) {
   app.add_option("--spec", spec_path, "model spec (TOML); the server is started from it unless one is running")
       ->check(CLI::ExistingFile);
   app.add_option("--name", name, "segment name (default: the spec's name)");
-  app.add_option("--workers", workers, "number of worker processes")->check(CLI::Range(1, 1024));
+  auto* workers_option = app.add_option("--workers", workers, "number of worker processes")->check(CLI::Range(1, 1024));
+  std::vector<std::string> worker_commands;
+  app.add_option("--worker", worker_commands,
+                 "one worker's program and arguments, split at spaces; repeat it for a mixed job (rank i runs the "
+                 "i-th), e.g. --worker worker/python/examples/train_mlp_torch.py --worker shmps-worker")
+      ->excludes(workers_option);
   app.add_option("--server-threads", server_threads, "apply threads of the server it starts");
   std::string consistency, on_worker_death;
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
@@ -282,6 +288,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, ours, argv);
 
   try {
+    if (!worker_commands.empty()) {
+      if (!program.empty())
+        throw Error("give the workers' programs either with --worker (one each) or after -- (the same for all), not both");
+      workers = static_cast<int>(worker_commands.size());
+    }
     if (!spec_path.empty()) {
       auto spec = server::load_model_spec(spec_path);
       if (name.empty()) name = spec.name;
@@ -298,9 +309,28 @@ int main(int argc, char** argv) {
     }
     if (name.empty()) throw Error("no segment: give --spec FILE (to start a server) or --name NAME (to join one)");
     shm::check_segment_name(name);
+    // Each rank's command line: its --worker, or the program after -- (default shmps-worker); then
+    // the options shmps-launch does not know, in their original order.
     if (program.empty()) program.push_back("shmps-worker");
-    program[0] = resolve(program[0]);
-    for (const auto& extra : app.remaining()) program.push_back(extra);  // in their original order
+    std::vector<std::vector<std::string>> programs;
+    for (int r = 0; r < workers; ++r) {
+      std::vector<std::string> argv_r;
+      if (worker_commands.empty()) {
+        argv_r = program;
+      } else {
+        std::istringstream words(worker_commands[static_cast<std::size_t>(r)]);
+        for (std::string word; words >> word;) argv_r.push_back(word);
+        if (argv_r.empty()) throw Error("--worker " + std::to_string(r + 1) + " is empty: give a program");
+      }
+      argv_r[0] = resolve(argv_r[0]);
+      for (const auto& extra : app.remaining()) argv_r.push_back(extra);
+      programs.push_back(std::move(argv_r));
+    }
+    // Python workers import shmps from this build (build/<preset>/python) without installing it.
+    std::string python_path = self_dir() + "/../python";
+    if (::access(python_path.c_str(), R_OK) != 0) python_path.clear();
+    if (const char* outer = std::getenv("PYTHONPATH"); outer && *outer)
+      python_path = python_path.empty() ? outer : python_path + ":" + outer;
 
     Launcher launcher;
     Child* server = nullptr;
@@ -336,13 +366,19 @@ int main(int argc, char** argv) {
     }
 
     std::cout << "shmps-launch: segment '" << name << "' ready; starting " << workers << " worker"
-              << (workers == 1 ? "" : "s") << ": " << program[0] << "\n";
+              << (workers == 1 ? "" : "s") << ":";
+    for (int r = 0; r < workers; ++r)
+      if (r == 0 || programs[static_cast<std::size_t>(r)][0] != programs[static_cast<std::size_t>(r) - 1][0])
+        std::cout << (r ? "," : "") << " " << programs[static_cast<std::size_t>(r)][0]
+                  << (worker_commands.empty() ? "" : " (w" + std::to_string(r) + ")");
+    std::cout << "\n";
     if (chaos) max_restarts = std::max(max_restarts, 1);
     auto start_worker = [&](int r) {
-      return &launcher.spawn("w" + std::to_string(r), program,
-                             {{"SHMPS_SEGMENT", name},
-                              {"SHMPS_RANK", std::to_string(r)},
-                              {"SHMPS_WORLD_SIZE", std::to_string(workers)}});
+      std::vector<std::pair<std::string, std::string>> env{{"SHMPS_SEGMENT", name},
+                                                           {"SHMPS_RANK", std::to_string(r)},
+                                                           {"SHMPS_WORLD_SIZE", std::to_string(workers)}};
+      if (!python_path.empty()) env.emplace_back("PYTHONPATH", python_path);
+      return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env);
     };
     std::vector<Child*> ranks;
     std::vector<int> restarts(static_cast<std::size_t>(workers), 0);

@@ -1,0 +1,288 @@
+// shmps._core: the C++ worker library (<shmps/worker.hpp>) for Python, with pybind11.
+//
+//   import shmps
+//   with shmps.Worker("mlp", rank=0) as w:
+//       values, version = w.pull("fc1.weight")          # a new float32 array
+//       w.pull("fc1.weight", out=values)                # into an existing one, no allocation
+//       seq = w.push("fc1.weight", grad)                # grad: C-contiguous float32, not copied
+//       w.wait_applied(seq)
+//
+// What a Python user relies on, and how it is kept:
+// - No copy beyond the C++ one. An array given to pull(out=) or push() is used in place
+//   through the buffer protocol; one of another dtype or layout is refused (never converted,
+//   which would copy, and for pull would fill a temporary the caller never sees). A torch tensor
+//   is taken through tensor.detach().numpy(), which shares its memory.
+// - The GIL is released for everything that copies, waits or touches the segment, so other
+//   Python threads run meanwhile. One Worker is one thread's in C++; here a mutex per Worker,
+//   taken only after the GIL is released (never the other way round), makes concurrent calls
+//   from several Python threads safe, one after the other.
+// - Every shmps::Error becomes shmps.Error with the same message. Arguments that are wrong
+//   for shmps (an array of the wrong size, dtype or layout) raise shmps.Error too, saying what
+//   was given and what is needed; like every failed call they change nothing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <shmps/worker.hpp>
+
+namespace py = pybind11;
+
+namespace {
+
+using shmps::Error;
+
+// A parameter as params() describes it.
+struct Param {
+  std::string name;
+  py::tuple shape;
+  std::size_t size;
+};
+
+std::string shape_text(const std::vector<std::size_t>& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// The object an array argument stands for: the object itself if it exports a buffer (a numpy
+// array, a memoryview, ...), else a torch tensor's numpy view (shares its memory; a tensor on a
+// GPU makes torch raise its own clear error).
+py::buffer as_buffer(py::handle object, const char* what) {
+  if (py::isinstance<py::buffer>(object)) return py::reinterpret_borrow<py::buffer>(object);
+  if (py::hasattr(object, "detach") && py::hasattr(object, "numpy"))
+    return object.attr("detach")().attr("numpy")().cast<py::buffer>();
+  throw Error(std::string(what) + " must be a float32 numpy array (or a torch tensor on the CPU), got " +
+              py::str(py::type::handle_of(object).attr("__name__")).cast<std::string>());
+}
+
+// The float32 memory of a C-contiguous buffer, or a clear error naming what is wrong with it.
+struct FloatView {
+  py::buffer_info info;
+  float* data = nullptr;
+  std::size_t size = 0;
+};
+
+FloatView float_view(py::handle object, bool writable, const std::string& what) {
+  py::buffer buffer = as_buffer(object, what.c_str());
+  FloatView v;
+  try {
+    v.info = buffer.request(writable);
+  } catch (const py::error_already_set&) {
+    throw Error(what + " must be writeable (pull fills it in place); pass a writeable array or out=None");
+  }
+  if (v.info.itemsize != 4 || (v.info.format != "f" && v.info.format != "<f" && v.info.format != "=f"))
+    throw Error(what + " must have dtype float32, got format '" + v.info.format + "' (" +
+                std::to_string(v.info.itemsize) + " bytes an element); convert it once with .astype(numpy.float32)"
+                " outside the training loop, or allocate it as float32");
+  py::ssize_t expected = 4;
+  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
+    const auto i = static_cast<std::size_t>(d);
+    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
+      throw Error(what + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
+                         "or tensor.contiguous()");
+    expected *= v.info.shape[i];
+  }
+  v.data = static_cast<float*>(v.info.ptr);
+  v.size = static_cast<std::size_t>(v.info.size);
+  return v;
+}
+
+// One Worker and the mutex that serialises the Python threads using it.
+class PyWorker {
+ public:
+  PyWorker(const std::optional<std::string>& segment, int rank, double timeout_s) {
+    if (!(timeout_s > 0)) throw Error("timeout must be positive (seconds), got " + std::to_string(timeout_s));
+    shmps::WorkerOptions options{.segment = segment.value_or(""),
+                                 .rank = rank,
+                                 .timeout = std::chrono::milliseconds(static_cast<std::int64_t>(timeout_s * 1000))};
+    py::gil_scoped_release unlocked;  // attaching may wait for the segment to become ready
+    worker_.emplace(std::move(options));
+  }
+
+  // Runs `f(worker)` with the GIL released and this Worker's mutex held.
+  template <class F>
+  auto unlocked(F&& f) {
+    py::gil_scoped_release release;
+    std::lock_guard lock(mutex_);
+    return f(*worker_);
+  }
+  // For what does not change once attached (rank, segment, generation, the parameters): no lock.
+  shmps::Worker& local() { return *worker_; }
+
+  const shmps::ParamInfo& param(const std::string& name) { return worker_->param(name); }
+
+  py::tuple pull(const std::string& name, py::object out, std::optional<std::size_t> offset) {
+    const shmps::ParamInfo& p = param(name);
+    const std::size_t first = offset.value_or(0);
+    if (first > p.size)
+      throw Error("pull('" + name + "'): offset " + std::to_string(first) + " is past its " + std::to_string(p.size) +
+                  " elements");
+    py::object result;
+    float* data = nullptr;
+    std::size_t count = 0;
+    std::optional<FloatView> view;
+    if (out.is_none()) {
+      count = p.size - first;
+      py::array_t<float> fresh = offset ? py::array_t<float>(static_cast<py::ssize_t>(count))
+                                        : py::array_t<float>(std::vector<py::ssize_t>(p.shape.begin(), p.shape.end()));
+      data = fresh.mutable_data();
+      result = fresh;
+    } else {
+      view.emplace(float_view(out, true, "pull('" + name + "', out=...): out"));
+      count = view->size;
+      if (!offset && count != p.size)
+        throw Error("pull('" + name + "', out=...): out has " + std::to_string(count) + " elements, the parameter " +
+                    std::to_string(p.size) + " " + shape_text(p.shape) +
+                    "; pass an array of that size, or offset= to pull a range into it");
+      data = view->data;
+      result = out;
+    }
+    const std::uint64_t version =
+        unlocked([&](shmps::Worker& w) { return w.pull(name, first, std::span<float>(data, count)); });
+    return py::make_tuple(result, version);
+  }
+
+  std::uint64_t push(const std::string& name, py::handle grad, std::optional<std::size_t> offset) {
+    const shmps::ParamInfo& p = param(name);
+    const FloatView view = float_view(grad, false, "push('" + name + "', grad): grad");
+    if (!offset && view.size != p.size)
+      throw Error("push('" + name + "', grad): grad has " + std::to_string(view.size) + " elements, the parameter " +
+                  std::to_string(p.size) + " " + shape_text(p.shape) +
+                  "; pass a gradient of that size, or offset= to push a range");
+    const std::span<const float> values(view.data, view.size);
+    return unlocked([&](shmps::Worker& w) { return w.push(name, offset.value_or(0), values); });
+  }
+
+  py::dict pull_all() {
+    py::dict all;
+    for (const shmps::ParamInfo& p : worker_->params()) {
+      py::tuple pulled = pull(p.name, py::none(), std::nullopt);
+      all[py::str(p.name)] = pulled[0];
+    }
+    return all;
+  }
+
+  void save_state(const py::bytes& state) {
+    const std::string_view bytes = state;  // pybind11 views the bytes object's own memory
+    const std::span<const std::byte> span(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size());
+    unlocked([&](shmps::Worker& w) { w.save_state(span); });
+  }
+
+  py::bytes load_state() {
+    const std::vector<std::byte> state = unlocked([](shmps::Worker& w) { return w.load_state(); });
+    return py::bytes(reinterpret_cast<const char*>(state.data()), state.size());
+  }
+
+ private:
+  std::optional<shmps::Worker> worker_;
+  std::mutex mutex_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "shmps: join a shmps job (a shared-memory parameter server) as a worker. See help(shmps.Worker).";
+
+  // shmps.Error, an Exception carrying the C++ message unchanged.
+  static py::exception<Error> error(m, "Error");
+  error.attr("__module__") = "shmps";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      PyErr_SetString(error.ptr(), e.what());
+    }
+  });
+
+  py::class_<Param>(m, "Param", "A parameter of the model: name, shape, dtype (always float32) and size.")
+      .def_readonly("name", &Param::name)
+      .def_readonly("shape", &Param::shape)
+      .def_readonly("size", &Param::size, "number of elements")
+      .def_property_readonly("dtype", [](const Param&) { return py::dtype::of<float>(); })
+      .def("__repr__", [](const Param& p) {
+        return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=float32)";
+      });
+
+  py::class_<PyWorker>(m, "Worker", R"(A worker of a shmps job: a process that pulls parameters and pushes gradients.
+
+Worker(segment=None, rank=-1, timeout=30.0)
+  segment  the job's segment name; None: $SHMPS_SEGMENT (set by shmps-launch)
+  rank     the worker slot to take; -1: $SHMPS_RANK if set, else the first free slot.
+           A slot whose previous process died is taken over: load_state() gives what it
+           committed last, and published() counts its pushes.
+  timeout  seconds a call may wait for the server (full ring, wait_applied, a barrier)
+           before it raises shmps.Error
+
+A worker is a context manager: `with shmps.Worker("mlp") as w:` leaves the job at the end.
+Every error is a shmps.Error whose message says what was wrong and what to do; a call that
+fails changes nothing in the job.)")
+      .def(py::init<const std::optional<std::string>&, int, double>(), py::arg("segment") = py::none(),
+           py::arg("rank") = -1, py::arg("timeout") = 30.0)
+      .def_property_readonly("rank", [](PyWorker& w) { return w.local().rank(); })
+      .def_property_readonly("segment", [](PyWorker& w) { return w.local().segment(); })
+      .def_property_readonly("generation", [](PyWorker& w) { return w.local().generation(); },
+                             "1 for the first process that took this slot, +1 for every restart")
+      .def_property_readonly("consistency", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.consistency(); }); },
+                             "the job's consistency model now: 'asp', 'bsp' or 'ssp:N'")
+      .def_property_readonly("current_clock", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.current_clock(); }); },
+                             "the step this worker is in")
+      .def("params",
+           [](PyWorker& w) {
+             py::list list;
+             for (const shmps::ParamInfo& p : w.local().params()) {
+               py::tuple shape(p.shape.size());
+               for (std::size_t i = 0; i < p.shape.size(); ++i) shape[i] = p.shape[i];
+               list.append(Param{p.name, shape, p.size});
+             }
+             return list;
+           },
+           "The model's parameters, in the segment's order: a list of Param (name, shape, dtype, size).")
+      .def("pull", &PyWorker::pull, py::arg("name"), py::arg("out") = py::none(), py::arg("offset") = py::none(),
+           R"(Pull a parameter: returns (array, version).
+
+out=None: a new float32 array of the parameter's shape. out=ARRAY: filled in place and returned
+(a C-contiguous float32 numpy array, or a CPU torch tensor, of the parameter's size; with offset=K
+the elements K..K+out.size-1). Each slice is copied whole from one version; version is the update
+count of the least-updated slice. Waits first as the consistency model requires (BSP: until the
+previous step is applied; SSP: within the staleness bound). The GIL is released while it waits
+and copies.)")
+      .def("pull_all", &PyWorker::pull_all, "Pull every parameter: a dict name -> new float32 array.")
+      .def("push", &PyWorker::push, py::arg("name"), py::arg("grad"), py::arg("offset") = py::none(),
+           R"(Push a gradient: returns its sequence number.
+
+grad: a C-contiguous float32 numpy array (or CPU torch tensor) of the parameter's size, or with
+offset=K a range starting at element K. It is read in place: the only copy is the one into this
+worker's ring. All-or-nothing; a gradient holding NaN or Inf is refused (shmps.Error) and
+nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)")
+      .def("wait_applied", [](PyWorker& w, std::uint64_t seq) { w.unlocked([&](shmps::Worker& x) { x.wait_applied(seq); }); },
+           py::arg("seq"), "Block until the server has applied every push up to sequence number seq.")
+      .def("clock", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.clock(); }); },
+           "End this worker's step (committing the state given to save_state with it); returns the new clock.")
+      .def("save_state", &PyWorker::save_state, py::arg("state"),
+           "Stage up to 1024 bytes of resume state (a data cursor); the next clock() commits them with the step.")
+      .def("load_state", &PyWorker::load_state,
+           "The resume state this slot committed last, by this process or an earlier one (b'' if none).")
+      .def("published", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.published(); }); },
+           "Pushes this slot committed, over all its generations.")
+      .def("applied", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.applied(); }); }, "Pushes of this slot the server has applied.")
+      .def("leave", [](PyWorker& w) { w.unlocked([](shmps::Worker& x) { x.leave(); }); },
+           "Leave the job: end the current step if anything was pushed in it and free the slot. Idempotent.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__",
+           [](PyWorker& w, py::handle, py::handle, py::handle) {
+             w.unlocked([](shmps::Worker& x) { x.leave(); });
+             return false;
+           })
+      .def("__repr__", [](PyWorker& w) {
+        return "shmps.Worker(segment='" + w.local().segment() + "', rank=" + std::to_string(w.local().rank()) +
+               ", generation=" + std::to_string(w.local().generation()) + ")";
+      });
+}
