@@ -245,7 +245,8 @@ def test_reference_init():
 # ---- against the C++ trainer -----------------------------------------------------------------
 
 def _cpp_worker() -> Path:
-    path = Path(os.environ.get("SHMPS_WORKER", ROOT / "build" / "release" / "bin" / "shmps-worker"))
+    path = Path(os.environ.get("SHMPS_WORKER")
+                or Path(os.environ.get("SHMPS_BIN_DIR", ROOT / "build" / "release" / "bin")) / "shmps-worker")
     if not path.exists():
         pytest.skip(f"{path} is not built (cmake --build build/release, or set SHMPS_WORKER)")
     return path

@@ -1,7 +1,7 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Trains the reference MLP with PyTorch as a shmps worker: the Python twin of shmps-worker.
 
-    PYTHONPATH=build/release/python python3 worker/python/examples/train_mlp_torch.py [options]
+    PYTHONPATH=build/release/python /usr/bin/python3 worker/python/examples/train_mlp_torch.py [options]
 
 The model, data, schedule and output are those of worker/trainer/main.cpp
 (../shared/workloads/README.md): the 784-256-10 MLP (Linear, ReLU, Linear, softmax
