@@ -76,6 +76,11 @@ void LockFile::unlock(unsigned byte) {
   ::fcntl(fd_, F_OFD_SETLK, &lock);
 }
 
+void LockFile::forget_after_fork() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
 Holder LockFile::probe(unsigned byte) const {
   struct flock lock = byte_lock(F_WRLCK, byte);
   if (::fcntl(fd_, F_OFD_GETLK, &lock) != 0)

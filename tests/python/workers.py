@@ -5,6 +5,9 @@
       pushes the pattern gradients (conftest.pattern / tests/support/pattern.hpp) up to push K,
       continuing after the last push its slot committed (push k has sequence number k + 1,
       whatever generation committed it), then waits until they are applied.
+  workers.py fork-holder
+      attaches, forks a child that sleeps (as a DataLoader worker would), prints both pids and
+      sleeps: a parent to be SIGKILLed while its forked child lives on.
   workers.py steps --workers P --steps B [--slow-ms X] [--check]
       BSP: B steps of pull "w" and "b", push the pattern of (rank, step) to the whole of each,
       save_state(next step) and clock(). Starts at the step its slot's resume state names, so a
@@ -15,6 +18,7 @@ Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 """
 
 import argparse
+import os
 import struct
 import sys
 import time
@@ -75,9 +79,19 @@ def steps(w, args):
     return 0 if wrong_steps == 0 else 1
 
 
+def fork_holder(w, args):
+    child = os.fork()
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(f"parent {os.getpid()} child {child} rank {w.rank}", flush=True)
+    time.sleep(120)
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["exact", "steps"])
+    parser.add_argument("mode", choices=["exact", "steps", "fork-holder"])
     parser.add_argument("--pushes", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
@@ -86,7 +100,7 @@ def main():
     args = parser.parse_args()
     try:
         with shmps.Worker() as w:
-            return exact(w, args) if args.mode == "exact" else steps(w, args)
+            return {"exact": exact, "steps": steps, "fork-holder": fork_holder}[args.mode](w, args)
     except shmps.Error as e:
         print(f"workers.py: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@
 // <name>.slots.lock) only proves it is alive.
 #include "shmps/worker.hpp"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <cstring>
 #if defined(__SSE__)
 #include <immintrin.h>
+#include <mutex>
 #endif
 #include <thread>
 #include <unordered_map>
@@ -178,6 +180,9 @@ struct Worker::Impl {
   std::vector<std::byte> committed_state;  // the slot's latest committed resume state
   bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
   bool attached = false;
+  // Set in a child process after fork(): the slot is the parent's (see "fork()" below).
+  bool forked_away = false;
+  pid_t owner_pid = 0;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
 
@@ -197,7 +202,13 @@ struct Worker::Impl {
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
   // A PushBuffer that outlives its Worker is left empty, not pointing into an unmapped ring.
-  ~Impl() { forget_borrower(); }
+  ~Impl();
+  // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
+  void refuse_if_detached(const char* to) const;
+  // fork() safety (see below): the Impls of this process that hold a slot.
+  static std::vector<Impl*>& holding_slots();
+  static void register_for_fork(Impl* impl);
+  static void forget_all_in_forked_child();
 
   // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
   // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
@@ -287,6 +298,58 @@ struct Worker::Impl {
                                            : "no server is running for it (start shmps-server again)";
   }
 };
+
+// fork(): a worker slot belongs to the process that attached it. A child forked after that (a
+// PyTorch DataLoader's workers, multiprocessing) inherits the Worker object, the mapping and the
+// descriptor of the slot's liveness lock. Left alone, the child's copy would do harm twice: its
+// destructor's leave() would mark the parent's slot as left and release the parent's lock (an
+// OFD lock belongs to the shared open file description), and the child's descriptor would keep
+// the lock held after the parent died, so the server would never see that death. So in the child
+// every Worker forgets its lock descriptor and refuses to act; its destructor touches nothing.
+namespace {
+std::mutex& fork_mutex() {
+  static auto* mutex = new std::mutex;  // never destroyed: a process may fork while exiting
+  return *mutex;
+}
+}  // namespace
+
+std::vector<Worker::Impl*>& Worker::Impl::holding_slots() {
+  static auto* impls = new std::vector<Impl*>;  // guarded by fork_mutex()
+  return *impls;
+}
+
+void Worker::Impl::forget_all_in_forked_child() {
+  for (Impl* impl : holding_slots()) {
+    impl->forked_away = true;
+    impl->attached = false;
+    impl->slots_lock.forget_after_fork();
+  }
+  holding_slots().clear();
+  fork_mutex().unlock();  // locked by the prepare handler, in the thread that forked: this one
+}
+
+void Worker::Impl::register_for_fork(Impl* impl) {
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    pthread_atfork([] { fork_mutex().lock(); }, [] { fork_mutex().unlock(); }, &Impl::forget_all_in_forked_child);
+  });
+  std::lock_guard lock(fork_mutex());
+  holding_slots().push_back(impl);
+}
+
+Worker::Impl::~Impl() {
+  forget_borrower();
+  std::lock_guard lock(fork_mutex());
+  std::erase(holding_slots(), this);
+}
+
+void Worker::Impl::refuse_if_detached(const char* to) const {
+  if (forked_away)
+    throw Error("this Worker was attached by process " + std::to_string(owner_pid) + ", and this is process " +
+                std::to_string(::getpid()) + ", forked from it: a worker slot belongs to one process. Create a "
+                "new Worker in the child (with another rank) if it must " + to + "; nothing was changed");
+  if (!attached) throw Error(std::string("this worker has left the job; create a new Worker to ") + to);
+}
 
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
@@ -413,6 +476,8 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   s.heartbeat();
   store_release(slot.state, static_cast<std::uint32_t>(SlotState::attached));
   s.attached = true;
+  s.owner_pid = ::getpid();
+  Impl::register_for_fork(&s);
 
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = s.segment.param(i);
@@ -458,7 +523,7 @@ std::uint64_t Worker::pull(std::string_view name, std::span<float> out) {
 
 std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<float> out) {
   Impl& s = *impl_;
-  if (!s.attached) throw Error("this worker has left the job; create a new Worker to pull");
+  s.refuse_if_detached("pull");
   const std::uint32_t i = s.find(name);
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
@@ -504,7 +569,7 @@ PushBuffer Worker::borrow_push(std::string_view name, std::size_t offset, std::s
 
 // Checks the range, waits for room as the consistency model allows, and claims a record.
 float* Worker::Impl::claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count) {
-  if (!attached) throw Error("this worker has left the job; create a new Worker to push");
+  refuse_if_detached("push");
   const std::uint32_t i = find(name);
   if (borrower != nullptr) refuse_if_borrowed(std::string(what) + " '" + std::string(name) + "'", "nothing was pushed");
   check_range(what, i, offset, count);
@@ -629,6 +694,7 @@ std::uint64_t PushBuffer::commit() {
     throw Error("commit() of a push buffer that holds nothing (committed or dropped already, moved from, or its "
                 "Worker is gone); borrow another with Worker::borrow_push; nothing was pushed");
   Worker::Impl& s = *owner_;
+  s.refuse_if_detached("push");
   const std::size_t n = size_;
   double sum_sq = 0.0;
   const std::size_t bad = scan_gradient<Store::none>(nullptr, data_, n, sum_sq);
@@ -654,7 +720,7 @@ void Worker::wait_applied(std::uint64_t seq) {
 
 std::uint64_t Worker::clock() {
   Impl& s = *impl_;
-  if (!s.attached) throw Error("this worker has left the job; create a new Worker to train");
+  s.refuse_if_detached("train");
   s.refuse_if_borrowed("clock()", "the step was not ended");
   s.end_step();
   return s.clock;

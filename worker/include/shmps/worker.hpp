@@ -18,6 +18,10 @@
 // and what to do; a failed call changes nothing in the segment.
 //
 // Thread safety: one Worker is used by one thread at a time.
+// fork(): a Worker's slot belongs to the process that attached it. In a child forked after that
+// (data-loader processes, multiprocessing), the inherited Worker throws Error from every call
+// and its destructor changes nothing, and the child does not keep the slot alive once the
+// parent dies. A child that must push creates its own Worker.
 #pragma once
 
 #include <chrono>

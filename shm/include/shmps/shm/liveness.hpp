@@ -36,6 +36,12 @@ class LockFile {
   // Whether a lock held by another open file description covers `byte`. Never takes the lock.
   Holder probe(unsigned byte) const;
 
+  // In a child after fork(): drops this process's reference to the lock's open file description
+  // without unlocking it (an OFD lock belongs to the description, which the parent shares: an
+  // unlock here would release the parent's lock, and keeping the reference would keep the lock
+  // alive after the parent dies). Async-signal-safe.
+  void forget_after_fork() noexcept;
+
   bool is_open() const noexcept { return fd_ >= 0; }
   const std::string& path() const noexcept { return path_; }
 
