@@ -245,7 +245,12 @@ def run_local(args, sched) -> None:
 
 def run_worker(args) -> None:
     try:
-        import shmps
+        try:
+            import shmps
+        except ImportError:  # run straight from a checkout: the release build's package
+            sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "build" / "release" / "python"))
+            sys.modules.pop("shmps", None)
+            import shmps
         shmps.Worker
     except (ImportError, AttributeError) as e:
         raise ValueError(f"the shmps extension is not importable ({e}): build it and run with "
