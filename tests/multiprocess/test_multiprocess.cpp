@@ -5,8 +5,12 @@
 // committed push, element by element — nothing lost, nothing applied twice.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -143,4 +147,37 @@ TEST(MultiProcess, AStoppedServerLeavesTheSegmentAndARestartedOneResumesIt) {
   expect_exact_sum(job.name(), {60, 30});
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
   EXPECT_EQ(shmps::shm::load_acquire(seg.header().server_epoch), 2u);
+}
+
+// fork() after attach (a data-loader process): the child's inherited Worker refuses every call
+// and its destructor leaves the parent's slot alone (state, lock). The Python suite also checks
+// that a parent killed while its forked child lives on frees its slot (tests/python/test_fork.py).
+TEST(MultiProcess, AChildForkedAfterAttachCanNeitherUseNorReleaseTheParentsSlot) {
+  Watchdog watchdog(60s);
+  Job job("fork", pattern_spec());
+  job.start_server();
+  job.wait_ready();
+  auto parent = std::make_unique<shmps::Worker>(shmps::WorkerOptions{.segment = job.name(), .rank = 0});
+  const std::vector<float> ones(7, 1.0f);
+  const pid_t child = fork();
+  if (child == 0) {
+    int code = 0;
+    try {
+      parent->push("b", ones);
+      code = 10;
+    } catch (const shmps::Error& e) {
+      if (std::string(e.what()).find("forked from it") == std::string::npos) code = 11;
+    }
+    parent.reset();  // the destructor: must not leave the slot or unlock the parent's lock
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  EXPECT_EQ(shmps::shm::load_acquire(seg.slot(0).state), static_cast<std::uint32_t>(shmps::shm::SlotState::attached));
+  EXPECT_THROW(shmps::Worker(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 1s}), shmps::Error);
+  parent->wait_applied(parent->push("b", ones));
+  EXPECT_EQ(parent->published(), 1u);
 }
