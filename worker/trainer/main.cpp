@@ -155,7 +155,7 @@ std::uint64_t world_size_from_env() {
 
 // The trainer's resume state: which schedule, and how many of its batches are done.
 struct Cursor {
-  std::uint64_t magic = 0x3152534e5255434dULL;  // "MCURSNR1"
+  std::uint64_t magic = 0x3152534e5255434dULL;  // the bytes "MCURNSR1", little-endian
   std::uint64_t samples = 0, batch = 0, workers = 0, rank = 0;
   std::uint64_t batches_done = 0;
 };

@@ -327,7 +327,7 @@ class Schedule:
 
 # ---- the resume cursor (worker/trainer/main.cpp, struct Cursor) -------------------------------
 
-CURSOR_MAGIC = 0x3152534E5255434D  # the bytes "MCURNSR1" in little-endian order (main.cpp says "MCURSNR1")
+CURSOR_MAGIC = 0x3152534E5255434D  # the bytes "MCURNSR1", little-endian (as shmps-worker's)
 # Six uint64 in native byte order, as the C++ trainer memcpy's its struct Cursor: magic,
 # samples, batch, workers, rank, batches_done (48 bytes).
 _CURSOR = struct.Struct("=6Q")
