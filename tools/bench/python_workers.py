@@ -231,8 +231,9 @@ def time_pull_push(shmps, np, bin_dir, tmp_dir, params, per_param, reps):
 
 
 def time_tiny_calls(shmps, np, bin_dir, tmp_dir, calls, reps):
-    """Microseconds per call of a one-float pull and push (offset=0): the cost of a call itself."""
-    with Server(bin_dir, tmp_dir, 1, 16384, max_workers=2) as job:
+    """Microseconds per call of a one-float pull and push (offset=0): the cost of a call itself.
+    The ring has room for every push of a repetition, so no back-pressure is timed."""
+    with Server(bin_dir, tmp_dir, 1, 16384, max_workers=2, ring_bytes=max(MiB, calls * 512)) as job:
         with shmps.Worker(job.name, rank=0) as w:
             one = aligned_floats(np, 1, 1.0)
             tp, tq = [], []
