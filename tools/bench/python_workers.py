@@ -21,9 +21,11 @@ reported, in GB/s with bytes counted once. The same again with 64 KiB parameters
 shmps-bench --quick uses) exposes the per-call cost, and a one-float pull and push give the
 cost of a call with almost nothing to copy.
 
-Then, if the PyTorch example trainer (worker/python/examples/train_mlp_torch.py) is there, the
-training throughput of one and two workers through shmps-launch, C++ trainer against the
-Python one (see compare_training).
+Then the training throughput of the reference MLP, 400,000 samples (--quick 6400), batch 64:
+the C++ trainer (shmps-worker) against the PyTorch example
+(worker/python/examples/train_mlp_torch.py, the same CLI), one and two workers through
+shmps-launch, and each --local for reference (see compare_training). Skipped, saying so, without
+torch; --no-train skips it.
 
 Prints the comparison tables, then one "name value unit" line per figure (also to --out FILE),
 like shmps-bench. --quick: small sizes, a few seconds (ctest python_bench_quick checks that
@@ -289,23 +291,91 @@ def run_cpp_bench(bin_dir, tmp_dir, quick, reps):
 
 
 # --------------------------------------------------------------------------------------------
-# Training throughput: the C++ trainer against the PyTorch example (placeholder hook)
+# Training throughput: the C++ trainer against the PyTorch example
 
 TORCH_EXAMPLE = SOURCE_DIR / "worker/python/examples/train_mlp_torch.py"
+MLP_SPEC = SOURCE_DIR / "models/mlp.toml"
+TRAINED = re.compile(r"trained (\d+) batches, (\d+) samples in ([0-9.]+) s")
+
+
+def run_trainers(argv, what, segment=None):
+    """Runs a training command; samples/s as shmps-bench's train group counts it: all workers'
+    samples over the longest worker's training time (each prints "trained B batches, S samples
+    in T s"). On an error or Ctrl-C, shmps-launch gets SIGTERM (it stops its job and removes the
+    segment) and the segment is destroyed whatever it did."""
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if segment is not None:
+            destroy_segment(Path(argv[0]).parent, segment)
+    samples, longest = 0, 0.0
+    for line in output.splitlines():
+        m = TRAINED.search(line)
+        if m:
+            samples += int(m.group(2))
+            longest = max(longest, float(m.group(3)))
+    if proc.returncode != 0 or longest <= 0:
+        raise RuntimeError(f"train ({what}): '{' '.join(map(str, argv))}' failed ({proc.returncode}) or printed "
+                           f"no 'trained ...' line:\n{output}")
+    return samples / longest
 
 
 def compare_training(bin_dir, args, report):
-    """HOOK: training throughput of the Python worker against the C++ trainer.
-
-    Meant to run shmps-launch --spec models/mlp.toml --workers P --samples N -- PROGRAM with
-    PROGRAM = shmps-worker and PROGRAM = worker/python/examples/train_mlp_torch.py (same CLI:
-    --samples, --batch), for P = 1 and 2, and report samples/s of each and the Python/C++ ratio.
-    The example does not exist yet; until it does, this says so and adds no figure."""
+    """Training throughput of the Python worker against the C++ trainer: the reference MLP,
+    the same samples and batch, through shmps-launch (ASP) with 1 and 2 workers, program
+    shmps-worker against worker/python/examples/train_mlp_torch.py (the same CLI and the same
+    "trained ..." line); and each trainer's --local run (no parameter server) for reference,
+    which separates what torch costs from what shmps costs. samples/s and Python/C++ ratios.
+    Returns False (and adds nothing) without the example or without torch."""
     example = Path(args.torch_example) if args.torch_example else TORCH_EXAMPLE
     if not example.exists():
-        print(f"train: skipped: no PyTorch example trainer at {example} yet", file=sys.stderr)
+        print(f"train: skipped: no PyTorch example trainer at {example}", file=sys.stderr)
         return False
-    raise NotImplementedError("the training comparison is not written yet")
+    if subprocess.run([PYTHON, "-c", "import torch"], capture_output=True).returncode != 0:
+        print(f"train: skipped: {PYTHON} cannot import torch (Debian: apt-get install python3-torch)",
+              file=sys.stderr)
+        return False
+    samples = str(args.train_samples or (6400 if args.quick else 400000))
+    common = ["--samples", samples, "--batch", str(args.batch)]
+    cpp_prog = [bin_dir / "shmps-worker"]
+    py_prog = [PYTHON, example]
+    runs = 0
+
+    def launch(workers, program):
+        nonlocal runs
+        name = f"pybench-train-{os.getpid()}-{runs}"
+        runs += 1
+        return run_trainers([bin_dir / "shmps-launch", "--spec", MLP_SPEC, "--name", name, "--workers", workers,
+                             "--consistency", "asp", "--", *program, *common],
+                            f"{workers} worker(s), {Path(str(program[-1])).name}", segment=name)
+
+    fig = {}
+    fig["local.cpp"] = run_trainers([*cpp_prog, "--local", *common], "shmps-worker --local")
+    fig["local.py"] = run_trainers([*py_prog, "--local", *common], "train_mlp_torch.py --local")
+    for p in (1, 2):
+        fig[f"asp.{p}.cpp"] = launch(p, cpp_prog)
+        fig[f"asp.{p}.py"] = launch(p, py_prog)
+    what = {"local": "--local, no parameter server", "asp.1": "1 worker through shmps (shmps-launch, ASP)",
+            "asp.2": "2 workers through shmps (shmps-launch, ASP)"}
+    for key, text in what.items():
+        report.add(f"train.{key}.cpp", fig[f"{key}.cpp"], "samples/s", f"shmps-worker {text}, {samples} samples")
+        report.add(f"train.{key}.py", fig[f"{key}.py"], "samples/s", f"train_mlp_torch.py {text}")
+        report.add(f"train.{key}.py.vs_cpp", fig[f"{key}.py"] / fig[f"{key}.cpp"], "x", "Python / C++")
+    for lang in ("cpp", "py"):
+        report.add(f"train.asp.1.{lang}.vs_local", fig[f"asp.1.{lang}"] / fig[f"local.{lang}"], "x",
+                   "1 worker through shmps / the same trainer --local")
+        report.add(f"train.asp.2.{lang}.vs_asp.1", fig[f"asp.2.{lang}"] / fig[f"asp.1.{lang}"], "x",
+                   "2 workers / 1 worker")
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +398,7 @@ def main():
                     str(TORCH_EXAMPLE.relative_to(SOURCE_DIR)) + " in this source tree)")
     ap.add_argument("--train-samples", type=int, default=0,
                     help="samples per training run (default 400000, --quick 6400)")
+    ap.add_argument("--batch", type=int, default=64, help="global batch size of the training runs (default 64)")
     ap.add_argument("--no-train", action="store_true", help="skip the training comparison")
     args = ap.parse_args()
 
@@ -431,7 +502,15 @@ def print_tables(r, params, per_param, trained):
 
 
 def print_training_table(r):
-    pass
+    print("\nTraining the reference MLP (samples/s; batch and samples the same for both)")
+    print(f"{'':30}{'Python':>10}{'C++':>10}{'Py/C++':>8}")
+    for key, label in (("local", "--local (no server)"), ("asp.1", "1 worker through shmps"),
+                       ("asp.2", "2 workers through shmps")):
+        print(f"{label:30}{r.get(f'train.{key}.py'):10.0f}{r.get(f'train.{key}.cpp'):10.0f}"
+              f"{r.get(f'train.{key}.py.vs_cpp'):8.2f}")
+    print(f"through shmps / local: Python {r.get('train.asp.1.py.vs_local'):.2f}, "
+          f"C++ {r.get('train.asp.1.cpp.vs_local'):.2f}; 2 workers / 1: Python "
+          f"{r.get('train.asp.2.py.vs_asp.1'):.2f}, C++ {r.get('train.asp.2.cpp.vs_asp.1'):.2f}")
 
 
 if __name__ == "__main__":
