@@ -10,7 +10,10 @@ figures and the memcpy limit:
   pull        the whole 64 MiB model (16 parameters of 2^20 float32) into preallocated,
               touched, 64-byte aligned arrays (pull(name, out=...)), one call per parameter
   pull.alloc  the same with out=None: every call returns a new array (allocation and the first
-              touch of its pages are timed; freeing the previous repetition's arrays is not)
+              touch of its pages are timed; freeing the previous repetition's arrays is not).
+              Whether the new arrays take page faults depends on glibc's malloc: when it gives
+              the freed 64 MiB back to the kernel (here it does, every repetition; see
+              pull.alloc.py.faults), each pull faults its pages in again
   push        a whole-model gradient (one preallocated array of 1.0f, reused for every
               parameter) into the worker's ring; as in C++ the ring holds a whole model, the
               wait until it is applied comes after the clock stops, so a repetition starts with
