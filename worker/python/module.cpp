@@ -55,11 +55,12 @@ std::string shape_text(const std::vector<std::size_t>& shape) {
 // The object an array argument stands for: the object itself if it exports a buffer (a numpy
 // array, a memoryview, ...), else a torch tensor's numpy view (shares its memory; a tensor on a
 // GPU makes torch raise its own clear error).
-py::buffer as_buffer(py::handle object, const char* what) {
+template <class What>
+py::buffer as_buffer(py::handle object, const What& what) {
   if (py::isinstance<py::buffer>(object)) return py::reinterpret_borrow<py::buffer>(object);
   if (py::hasattr(object, "detach") && py::hasattr(object, "numpy"))
     return object.attr("detach")().attr("numpy")().cast<py::buffer>();
-  throw Error(std::string(what) + " must be a float32 numpy array (or a torch tensor on the CPU), got " +
+  throw Error(what() + " must be a float32 numpy array (or a torch tensor on the CPU), got " +
               py::str(py::type::handle_of(object).attr("__name__")).cast<std::string>());
 }
 
@@ -70,23 +71,26 @@ struct FloatView {
   std::size_t size = 0;
 };
 
-FloatView float_view(py::handle object, bool writable, const std::string& what) {
-  py::buffer buffer = as_buffer(object, what.c_str());
+// `what()` names the argument in an error message; it is only called when there is one (a
+// message built on every call would cost as much as a small pull).
+template <class What>
+FloatView float_view(py::handle object, bool writable, const What& what) {
+  py::buffer buffer = as_buffer(object, what);
   FloatView v;
   try {
     v.info = buffer.request(writable);
   } catch (const py::error_already_set&) {
-    throw Error(what + " must be writeable (pull fills it in place); pass a writeable array or out=None");
+    throw Error(what() + " must be writeable (pull fills it in place); pass a writeable array or out=None");
   }
   if (v.info.itemsize != 4 || (v.info.format != "f" && v.info.format != "<f" && v.info.format != "=f"))
-    throw Error(what + " must have dtype float32, got format '" + v.info.format + "' (" +
+    throw Error(what() + " must have dtype float32, got format '" + v.info.format + "' (" +
                 std::to_string(v.info.itemsize) + " bytes an element); convert it once with .astype(numpy.float32)"
                 " outside the training loop, or allocate it as float32");
   py::ssize_t expected = 4;
   for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
     const auto i = static_cast<std::size_t>(d);
     if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
-      throw Error(what + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
+      throw Error(what() + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
                          "or tensor.contiguous()");
     expected *= v.info.shape[i];
   }
@@ -136,7 +140,7 @@ class PyWorker {
       data = fresh.mutable_data();
       result = fresh;
     } else {
-      view.emplace(float_view(out, true, "pull('" + name + "', out=...): out"));
+      view.emplace(float_view(out, true, [&] { return "pull('" + name + "', out=...): out"; }));
       count = view->size;
       if (!offset && count != p.size)
         throw Error("pull('" + name + "', out=...): out has " + std::to_string(count) + " elements, the parameter " +
@@ -152,7 +156,7 @@ class PyWorker {
 
   std::uint64_t push(const std::string& name, py::handle grad, std::optional<std::size_t> offset) {
     const shmps::ParamInfo& p = param(name);
-    const FloatView view = float_view(grad, false, "push('" + name + "', grad): grad");
+    const FloatView view = float_view(grad, false, [&] { return "push('" + name + "', grad): grad"; });
     if (!offset && view.size != p.size)
       throw Error("push('" + name + "', grad): grad has " + std::to_string(view.size) + " elements, the parameter " +
                   std::to_string(p.size) + " " + shape_text(p.shape) +
