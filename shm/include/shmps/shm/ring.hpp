@@ -30,7 +30,9 @@ class RingProducer {
   // When the ring is empty, a record that fits before the current position starts over at the
   // ring's beginning (after a padding record to the end): a worker whose pushes the server keeps
   // up with then writes the same few cache-hot, already-mapped lines again and again, instead of
-  // walking the whole ring through the caches and the TLB.
+  // walking the whole ring through the caches and the TLB. The price: until the server has
+  // consumed that padding (its next round), only the bytes before the old position are free, so
+  // a worker whose server is stalled can queue less than a whole ring after a start-over.
   PushRecord* try_claim(std::uint64_t count) noexcept {
     const std::uint64_t need = record_bytes_for(count);
     std::uint64_t pos = tail_;
