@@ -6,8 +6,8 @@ execute_process(COMMAND "${BENCH}" --quick --out "${OUT}" RESULT_VARIABLE status
 if(NOT status EQUAL 0)
   message(FATAL_ERROR "shmps-bench --quick failed (${status}):\n${output}\n${errors}")
 endif()
-file(READ "${OUT}" lines)
-set(expected
+include(${CMAKE_CURRENT_LIST_DIR}/figures.cmake)
+check_figures("shmps-bench --quick" "${OUT}"
   limit.memcpy limit.sgd limit.sgd.2threads limit.pingpong.rtt
   pull.ratio push.ratio push.zero-copy.ratio push.fill-then-push push.zero-copy.commit
   latency.p50 latency.p99 latency.ratio latency.p99.ratio
@@ -16,15 +16,3 @@ set(expected
   bsp-round.ratio bsp-round.checkpointing.ratio checkpoint.time
   train.local train.asp.1.ratio train.asp.2.ratio train.bsp.2.ratio train.ssp2.2.ratio
   train.local.test_acc train.asp.1.test_acc train.asp.2.test_acc train.bsp.2.test_acc train.ssp2.2.test_acc)
-set(missing "")
-foreach(name IN LISTS expected)
-  string(REPLACE "." "\\." pattern "${name}")
-  if(NOT lines MATCHES "(^|\n)${pattern} [0-9][0-9.e+-]* [^\n]+")
-    list(APPEND missing "${name}")
-  endif()
-endforeach()
-if(missing)
-  message(FATAL_ERROR "shmps-bench --quick printed no finite figure for: ${missing}\nits figures:\n${lines}")
-endif()
-list(LENGTH expected count)
-message(STATUS "shmps-bench --quick: all ${count} expected figures present")

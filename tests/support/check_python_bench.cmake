@@ -8,8 +8,8 @@ execute_process(COMMAND "${PYTHON}" "${SCRIPT}" --quick --no-train --build "${BU
 if(NOT status EQUAL 0)
   message(FATAL_ERROR "python_workers.py --quick failed (${status}):\n${output}\n${errors}")
 endif()
-file(READ "${OUT}" lines)
-set(expected
+include(${CMAKE_CURRENT_LIST_DIR}/figures.cmake)
+check_figures("python_workers.py --quick" "${OUT}"
   limit.memcpy
   pull.py pull.cpp pull.py.vs_cpp pull.py.ratio pull.cpp.ratio
   pull.alloc.py pull.alloc.py.vs_cpp pull.alloc.py.ratio pull.alloc.py.faults
@@ -19,15 +19,3 @@ set(expected
   small.pull.alloc.py small.pull.alloc.py.call small.pull.alloc.py.vs_cpp small.pull.alloc.py.overhead
   small.push.py small.push.cpp small.push.cpp.call small.push.py.call small.push.py.vs_cpp small.push.py.overhead
   call.pull1.py call.push1.py)
-set(missing "")
-foreach(name IN LISTS expected)
-  string(REPLACE "." "\\." pattern "${name}")
-  if(NOT lines MATCHES "(^|\n)${pattern} -?[0-9][0-9.e+-]* [^\n]+")
-    list(APPEND missing "${name}")
-  endif()
-endforeach()
-if(missing)
-  message(FATAL_ERROR "python_workers.py --quick printed no finite figure for: ${missing}\nits figures:\n${lines}")
-endif()
-list(LENGTH expected count)
-message(STATUS "python_workers.py --quick: all ${count} expected figures present")
