@@ -118,6 +118,7 @@ struct Server::Impl {
   // Per slot, for the round being built: where its ring's head moves to, the last push sequence
   // number the server is then done with, and how many pushes were applied or discarded.
   std::vector<std::uint64_t> round_end;
+  std::vector<char> round_moved;  // per slot: whether this round moved its ring's head
   std::vector<std::uint64_t> leading_padding_end;  // BSP: a ring's head moved past padding in front
   std::vector<std::uint64_t> round_last_seq;
   std::vector<std::uint64_t> round_records;
@@ -303,6 +304,7 @@ void Server::start() {
   for (std::uint32_t r = 0; r < h.max_workers; ++r)
     s.consumers.emplace_back(&s.segment.ring(r), s.segment.ring_data(r));
   s.round_end.assign(h.max_workers, 0);
+  s.round_moved.assign(h.max_workers, 0);
   s.leading_padding_end.assign(h.max_workers, 0);
   s.round_last_seq.assign(h.max_workers, 0);
   s.round_records.assign(h.max_workers, 0);
@@ -954,26 +956,18 @@ std::uint64_t Server::apply_round() {
     }
   }
 
-  // Give the bytes back to the producers, publish what is done, wake sleepers.
+  // Give the bytes back to the producers, count, then publish what is done and wake sleepers.
+  // Counting after the release keeps a record counted once when a server dies in between (its
+  // successor does not read it again). Counting before `applied` moves means a worker whose
+  // wait_applied() returned, or a monitor that sees `applied`, reads counters that include it.
   if (records != 0) kill_point("apply.before_release");
   const std::uint64_t applied_at = monotonic_ns();
   for (std::uint32_t r = 0; r < workers; ++r) {
     RingConsumer& ring = s.consumers[r];
     WorkerSlot& slot = s.segment.slot(r);
-    const bool moved = s.round_end[r] != ring.head();
     if (s.round_clock[r] > load_own(slot.consumed_clock)) store_release(slot.consumed_clock, s.round_clock[r]);
-    if (moved) ring.release_to(s.round_end[r]);
-    if (s.round_records[r]) s.sample_latency(r, applied_at);
-    if (s.round_records[r] || s.round_discarded[r]) {
-      store_release(slot.applied, std::max(load_own(slot.applied), s.round_last_seq[r]));
-      bump_counter(slot.records_applied, s.round_records[r]);
-      bump_counter(slot.records_discarded, s.round_discarded[r]);
-    }
-    if (moved || advanced) {
-      store_release(slot.progress, load_own(slot.progress) + 1);
-      fence_store_load();
-      if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
-    }
+    s.round_moved[r] = s.round_end[r] != ring.head();
+    if (s.round_moved[r]) ring.release_to(s.round_end[r]);
   }
   if (records || discarded) {
     bump_counter(h.records_applied, records);
@@ -981,7 +975,21 @@ std::uint64_t Server::apply_round() {
     bump_counter(h.floats_applied, floats);
     bump_counter(h.records_skipped, skipped);
     bump_counter(h.apply_rounds, std::uint64_t{1});
-    if (round_started != 0) bump_counter(h.apply_busy_ns, monotonic_ns() - round_started);
+    if (round_started != 0) bump_counter(h.apply_busy_ns, applied_at - round_started);
+  }
+  for (std::uint32_t r = 0; r < workers; ++r) {
+    WorkerSlot& slot = s.segment.slot(r);
+    if (s.round_records[r]) s.sample_latency(r, applied_at);
+    if (s.round_records[r] || s.round_discarded[r]) {
+      bump_counter(slot.records_applied, s.round_records[r]);
+      bump_counter(slot.records_discarded, s.round_discarded[r]);
+      store_release(slot.applied, std::max(load_own(slot.applied), s.round_last_seq[r]));
+    }
+    if (s.round_moved[r] || advanced) {
+      store_release(slot.progress, load_own(slot.progress) + 1);
+      fence_store_load();
+      if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
+    }
   }
   if (discarded)
     spdlog::warn("event=step_discarded segment={} step={} records={} reason=\"their worker died before finishing the step\"",

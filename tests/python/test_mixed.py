@@ -61,7 +61,8 @@ def test_a_python_worker_sigkilled_at_any_moment_loses_nothing(make_job):
     job = make_job(EXACT_SPEC.format(workers=4, extra=""))
     for victim_round in range(3):
         p = job.python("workers.py", "exact", "--pushes", "300", "--slow-ms", "1", env={"SHMPS_RANK": "0"})
-        time.sleep(0.15 + 0.1 * victim_round)
+        wait_for(p, "attached")  # starting Python and numpy can take longer than the pushes
+        time.sleep(0.02 + 0.06 * victim_round)
         assert p.running(), p.output()
         p.kill(signal.SIGKILL)
         assert p.wait(10) == -signal.SIGKILL

@@ -31,6 +31,7 @@ from exact import pattern, plan_push
 
 def exact(w, args):
     rank = w.rank
+    print(f"attached: rank {rank} generation {w.generation} published {w.published()}", flush=True)
     last = w.published()
     for k in range(w.published(), args.pushes):
         name, offset, count = plan_push(rank, k)
