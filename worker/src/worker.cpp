@@ -14,8 +14,8 @@
 #include <cstring>
 #if defined(__SSE__)
 #include <immintrin.h>
-#include <mutex>
 #endif
+#include <mutex>
 #include <thread>
 #include <unordered_map>
 
@@ -694,7 +694,10 @@ std::uint64_t PushBuffer::commit() {
     throw Error("commit() of a push buffer that holds nothing (committed or dropped already, moved from, or its "
                 "Worker is gone); borrow another with Worker::borrow_push; nothing was pushed");
   Worker::Impl& s = *owner_;
-  s.refuse_if_detached("push");
+  if (s.forked_away) {  // a buffer borrowed before fork(): the room is the parent's
+    drop();
+    s.refuse_if_detached("push");
+  }
   const std::size_t n = size_;
   double sum_sq = 0.0;
   const std::size_t bad = scan_gradient<Store::none>(nullptr, data_, n, sum_sq);
