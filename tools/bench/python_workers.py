@@ -483,20 +483,22 @@ def main():
     return 0
 
 
+# The rows of both tables: figure name, label, and the C++ figure it is compared with.
+TABLE_ROWS = (("pull", "pull, out=array", "pull"), ("pull.alloc", "pull, out=None", "pull"), ("push", "push", "push"))
+
+
 def print_tables(r, params, per_param, trained):
     mib = params * per_param * 4 // MiB
     print(f"Python worker vs C++ worker, {params} parameters of {per_param} float32 ({mib} MiB), "
           f"medians; memcpy {r.get('limit.memcpy'):.2f} GB/s")
     print(f"{'':24}{'Python GB/s':>12}{'C++ GB/s':>10}{'Py/C++':>8}{'Py/memcpy':>11}{'C++/memcpy':>12}")
-    for name, label, cpp_name in (("pull", "pull, out=array", "pull"), ("pull.alloc", "pull, out=None", "pull"),
-                                  ("push", "push", "push")):
+    for name, label, cpp_name in TABLE_ROWS:
         print(f"{label:24}{r.get(name + '.py'):12.2f}{r.get(cpp_name + '.cpp'):10.2f}"
               f"{r.get(name + '.py.vs_cpp'):8.2f}{r.get(name + '.py.ratio'):11.2f}{r.get(cpp_name + '.cpp.ratio'):12.2f}")
     print(f"\nPer call, 64 KiB a parameter ({params} calls a repetition); memcpy of "
           f"{params * 64} KiB {r.get('small.limit.memcpy'):.2f} GB/s")
     print(f"{'':24}{'Python us':>12}{'C++ us':>10}{'Py/C++':>8}{'Py-C++ us':>11}")
-    for name, label, cpp_name in (("pull", "pull, out=array", "pull"), ("pull.alloc", "pull, out=None", "pull"),
-                                  ("push", "push", "push")):
+    for name, label, cpp_name in TABLE_ROWS:
         print(f"{label:24}{r.get('small.' + name + '.py.call'):12.2f}{r.get('small.' + cpp_name + '.cpp.call'):10.2f}"
               f"{r.get('small.' + name + '.py.vs_cpp'):8.2f}{r.get('small.' + name + '.py.overhead'):11.2f}")
     print(f"one-float call: pull {r.get('call.pull1.py'):.2f} us, push {r.get('call.push1.py'):.2f} us")
