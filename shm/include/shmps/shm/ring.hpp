@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/layout.hpp>
@@ -117,6 +118,33 @@ class RingConsumer {
             (r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
              r->offset <= r->count * sizeof(float) && r->offset <= kResumeBlobBytes));
   }
+  // The one consumer walk over a ring (Aeron's read(handler)): calls
+  //   bool handler(std::uint64_t position, const PushRecord& record)
+  // for each committed record in [from, to), in order, padding records included. The handler
+  // returns false to stop at that record (it counts as not read). The walk also stops at the
+  // first malformed record: a buggy or hostile worker cannot make the server read outside the
+  // ring. Nothing is released: the caller gives bytes back with release_to() once applied.
+  struct ReadResult {
+    std::uint64_t stopped_at;  // `to`, or the record the handler refused, or the malformed one
+    bool malformed;            // stopped_at is a malformed record: nothing from there on is readable
+  };
+  template <class Handler>
+  ReadResult read(std::uint64_t from, std::uint64_t to, Handler&& handler) const {
+    std::uint64_t position = from;
+    while (position < to) {
+      if (!plausible(position, to)) return {position, true};
+      const PushRecord& record = *record_at(position);
+      if (!handler(position, record)) return {position, false};
+      position += record.record_bytes;
+    }
+    return {position, false};
+  }
+  // Everything committed and not yet released.
+  template <class Handler>
+  ReadResult read(Handler&& handler) const {
+    return read(head(), committed(), std::forward<Handler>(handler));
+  }
+
   // Gives the bytes before `position` back to the producer. Call only once they are applied.
   void release_to(std::uint64_t position) noexcept { store_release(header_->head, position); }
 
