@@ -35,6 +35,7 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/mailbox.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/pages.hpp>
@@ -236,68 +237,20 @@ int cmd_workers(const std::string& name) {
   return 0;
 }
 
-// Asks the live server to change a setting, through the segment's command mailbox, and prints
-// the server's answer. The server applies it between apply rounds (a clock boundary).
-struct Answer {
-  int status;
-  std::string reply;
-};
-
-// Sends `request` through the mailbox and waits for the server's answer: up to `limit`, or, with
-// no limit, for as long as the server lives (a checkpoint of a big model takes a while).
+// Sends `request` through the segment's command mailbox (mailbox.hpp) and waits for the server's
+// answer: up to `limit`, or, with no limit, for as long as the server lives (a checkpoint of a big
+// model takes a while). The server does it between apply rounds (a clock boundary).
+using mailbox::Answer;
 Answer ask_server(const std::string& name, const std::string& request, std::optional<std::chrono::seconds> limit) {
   bool server_alive = false;
   holder(server_lock_path(name), 0, server_alive);
   Segment seg = Segment::open(name, Access::read_write);
   if (!server_alive) throw Error("segment '" + name + "' has no live server to do '" + request + "': start shmps-server first");
-  if (request.size() >= kMailboxBytes) throw Error("the request is too long (" + std::to_string(request.size()) + " bytes)");
-  SegmentHeader& h = seg.header();
-  const auto free_state = static_cast<std::uint32_t>(MailboxState::free);
-  const auto claimed = static_cast<std::uint32_t>(MailboxState::claimed);
-  // Claim the mailbox; take over a claim whose holder died (its pid is gone).
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (true) {
-    std::uint32_t expected = free_state;
-    if (h.mailbox_state.compare_exchange_strong(expected, claimed, std::memory_order_acq_rel)) break;
-    const pid_t holder_pid = load_acquire(h.mailbox_pid);
-    if (holder_pid > 0 && ::kill(holder_pid, 0) != 0 && errno == ESRCH &&
-        h.mailbox_state.compare_exchange_strong(expected, claimed, std::memory_order_acq_rel))
-      break;
-    if (std::chrono::steady_clock::now() > deadline)
-      throw Error("the command mailbox of '" + name + "' stayed busy for 10 s (another shmps-ctl, pid " +
-                  std::to_string(holder_pid) + "); try again");
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  store_release(h.mailbox_pid, static_cast<std::int32_t>(::getpid()));
-  std::memset(h.mailbox_request, 0, kMailboxBytes);
-  std::memcpy(h.mailbox_request, request.data(), request.size());
-  store_release(h.mailbox_state, static_cast<std::uint32_t>(MailboxState::submitted));
-  futex_wake_all(h.server_wake);
-  const auto done = static_cast<std::uint32_t>(MailboxState::done);
-  const auto started = std::chrono::steady_clock::now();
-  auto next_probe = started;
-  while (load_acquire(h.mailbox_state) != done) {
-    const auto now = std::chrono::steady_clock::now();
-    if (limit && now - started > *limit) {
-      store_release(h.mailbox_state, free_state);
-      throw Error("the server of '" + name + "' did not answer within " + std::to_string(limit->count()) +
-                  " s; '" + request + "' may not have been done");
-    }
-    if (now >= next_probe) {  // a server that died leaves the request to its successor
-      bool alive = false;
-      holder(server_lock_path(name), 0, alive);
-      if (!alive) {
-        store_release(h.mailbox_state, free_state);
-        throw Error("the server of '" + name + "' stopped before answering; '" + request + "' may not have been done");
-      }
-      next_probe = now + std::chrono::milliseconds(200);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  Answer answer{h.mailbox_status, std::string(h.mailbox_reply, ::strnlen(h.mailbox_reply, kMailboxBytes))};
-  store_release(h.mailbox_pid, 0);
-  store_release(h.mailbox_state, free_state);
-  return answer;
+  return mailbox::ask(seg.header(), name, request, limit, [&name] {
+    bool alive = false;
+    holder(server_lock_path(name), 0, alive);
+    return alive;
+  });
 }
 
 int cmd_set(const std::string& name, const std::string& setting) {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <boost/interprocess/exceptions.hpp>
+#include <boost/interprocess/anonymous_shared_memory.hpp>
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <algorithm>
@@ -300,6 +301,18 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
     bip::shared_memory_object::remove(shm_object_name(name).c_str());
     throw;
   }
+  return segment;
+}
+
+Segment Segment::anonymous(std::uint64_t total_bytes) {
+  Segment segment;
+  auto mapping = std::make_shared<Mapping>();
+  mapping->region = bip::anonymous_shared_memory(total_bytes);
+  segment.base_ = static_cast<std::byte*>(mapping->region.get_address());
+  segment.size_ = mapping->region.get_size();
+  segment.mapping_ = mapping;
+  segment.name_ = "(anonymous)";
+  segment.writable_ = true;
   return segment;
 }
 

@@ -96,6 +96,11 @@ class Segment {
   // and sets state "ready" last. Throws shmps::Error if it exists or does not fit.
   static Segment create(std::string_view name, std::uint64_t total_bytes, unsigned mode = 0600,
                         std::span<const ByteRange> deferred = {});
+  // A segment of `total_bytes` zeros in anonymous memory, with no name and no /dev/shm object:
+  // for the server's components used on their own (the unit tests of the apply engine and the
+  // collectors lay a model out in one, with no server process). Shared with children forked
+  // after it, invisible to every other process.
+  static Segment anonymous(std::uint64_t total_bytes);
   // Maps an existing segment and validates magic, layout version, fingerprint and size. Throws
   // shmps::Error saying what is wrong. A segment still in "creating" is returned unvalidated:
   // wait for header().state to leave "creating", then call validate().

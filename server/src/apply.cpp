@@ -1,0 +1,199 @@
+#include "apply.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <span>
+
+#include <shmps/server/optimizer.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/ring.hpp>
+
+#include "parallel.hpp"
+#include "redo.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+namespace {
+
+// One slice's update in one round, computed in the applying thread's redo entry (in cache),
+// then copied in under the slice's seqlock (redo.hpp).
+class SliceUpdate {
+ public:
+  SliceUpdate(Segment& segment, std::uint64_t slice_index, std::size_t thread)
+      : segment_(segment), settings_(segment.header().optimizer), slice_index_(slice_index),
+        slice_(segment.slice(slice_index)), param_(segment.param(slice_.param)), redo_(segment.redo(thread)),
+        arrays_(static_cast<int>(segment.header().state_arrays)), step_(slice_.step) {
+    last_ = segment.redo_last_applied(redo_);
+    values_ = segment.redo_values(redo_);
+    for (int a = 0; a < 2; ++a) {
+      state_[a] = a < arrays_ ? segment.redo_state(redo_, a) : nullptr;
+      slice_state_[a] = a < arrays_ ? segment.state(param_, a) + slice_.first : nullptr;
+    }
+    slice_values_ = segment.values(param_) + slice_.first;
+    std::memcpy(last_, &segment.last_applied(slice_index, 0), segment.header().max_workers * sizeof(std::uint64_t));
+  }
+
+  // ASP/SSP: one optimizer step per contribution, in order.
+  void apply_each(std::span<const Contribution> contributions) {
+    for (const Contribution& c : contributions) {
+      const Part part = part_of(c);
+      if (!part.grad) continue;
+      if (!in_redo_ && part.n == slice_.count) {
+        // The first update that covers the whole slice reads the old values and state straight
+        // from the segment and writes the new ones into the redo entry (one pass over the slice).
+        apply_update(settings_, std::span<float>(values_, part.n), std::span<const float>(part.grad, part.n),
+                     state_span(0, 0, part.n), state_span(1, 0, part.n), ++step_, part.scale, old_of_slice());
+        in_redo_ = true;
+      } else {
+        copy_slice_to_redo();  // any other first update needs the slice in the entry before it
+        apply_update(settings_, std::span<float>(values_ + part.lo, part.n), std::span<const float>(part.grad, part.n),
+                     state_span(0, part.lo, part.n), state_span(1, part.lo, part.n), ++step_, part.scale);
+      }
+      ++updates_;
+    }
+  }
+
+  // BSP: the contributions summed in rank order (or their mean over the ranks), one step.
+  void apply_sum(std::span<const Contribution> contributions, bool mean) {
+    thread_local std::vector<float> sum;
+    std::uint64_t ranks = 0;
+    std::int64_t last_rank = -1;
+    for (const Contribution& c : contributions) {
+      const Part part = part_of(c);
+      if (!part.grad) continue;
+      const bool first = ranks == 0;
+      if (static_cast<std::int64_t>(c.rank) != last_rank) {
+        ++ranks;
+        last_rank = c.rank;
+      }
+      if (first && part.n == slice_.count) {  // the first whole-slice gradient starts the sum: no zeroing pass
+        sum.resize(slice_.count);
+        for (std::size_t k = 0; k < part.n; ++k) sum[k] = part.scale * part.grad[k];
+        continue;
+      }
+      if (first) sum.assign(slice_.count, 0.0f);
+      for (std::size_t k = 0; k < part.n; ++k) sum[part.lo + k] += part.scale * part.grad[k];
+    }
+    if (ranks == 0) return;
+    if (mean) {
+      const float inv = 1.0f / static_cast<float>(ranks);
+      for (float& g : sum) g *= inv;
+    }
+    apply_update(settings_, std::span<float>(values_, slice_.count), std::span<const float>(sum.data(), slice_.count),
+                 state_span(0, 0, slice_.count), state_span(1, 0, slice_.count), ++step_, 1.0f, old_of_slice());
+    updates_ = 1;
+  }
+
+  // Publishes the new state through the redo entry, and the monitor's samples.
+  void commit() {
+    if (updates_ == 0) return;
+    const std::uint64_t version_before = load_own(slice_.version);
+    redo_.slice = slice_index_;
+    redo_.count = slice_.count;
+    redo_.version_after = version_before + 2 * updates_;
+    redo_.step_after = step_;
+    store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this copy
+    copy_in(segment_, redo_);
+    store_release(redo_.valid, 0U);
+    // For the monitor: the slice's value norm, sampled every 8th update (and the first), from
+    // the copy still in this thread's cache.
+    if (version_before == 0 || version_before / 16 != redo_.version_after / 16) {
+      const double sq = squared_norm(std::span<const float>(values_, slice_.count));
+      store_release(slice_.value_sq_norm, std::bit_cast<std::uint64_t>(sq));
+    }
+    ParamStats& stats = segment_.param_stats(slice_.param);
+    stats.slice_updates.fetch_add(updates_, std::memory_order_relaxed);
+    stats.floats_applied.fetch_add(floats_, std::memory_order_relaxed);
+  }
+
+  std::uint64_t floats() const noexcept { return floats_; }
+  std::uint64_t skipped() const noexcept { return skipped_; }
+
+ private:
+  // The part of a contribution's record inside this slice; grad == nullptr when the record was
+  // applied to this slice before a server restart (exactly once: skipped).
+  struct Part {
+    const float* grad = nullptr;
+    std::uint64_t lo = 0;  // relative to the slice's first element
+    std::size_t n = 0;
+    float scale = 1.0f;    // clip_norm
+  };
+  Part part_of(const Contribution& c) {
+    if (c.record->seq <= last_[c.rank]) {
+      ++skipped_;
+      return {};
+    }
+    Part part;
+    part.lo = std::max(slice_.first, c.record->offset) - slice_.first;
+    const std::uint64_t hi = std::min(slice_.first + slice_.count, c.record->offset + c.record->count) - slice_.first;
+    part.n = hi - part.lo;
+    part.grad = record_payload(c.record) + (slice_.first + part.lo - c.record->offset);
+    part.scale = static_cast<float>(clip_norm_scale(settings_, c.record->grad_sq_norm));
+    last_[c.rank] = c.record->seq;
+    floats_ += part.n;
+    return part;
+  }
+
+  std::span<float> state_span(int a, std::uint64_t lo, std::size_t n) const {
+    return a < arrays_ ? std::span<float>(state_[a] + lo, n) : std::span<float>();
+  }
+  UpdateInputs old_of_slice() const {
+    return UpdateInputs{{slice_values_, slice_.count},
+                        arrays_ > 0 ? std::span<const float>(slice_state_[0], slice_.count) : std::span<const float>(),
+                        arrays_ > 1 ? std::span<const float>(slice_state_[1], slice_.count) : std::span<const float>()};
+  }
+  void copy_slice_to_redo() {
+    if (in_redo_) return;
+    std::memcpy(values_, slice_values_, slice_.count * sizeof(float));
+    for (int a = 0; a < arrays_; ++a) std::memcpy(state_[a], slice_state_[a], slice_.count * sizeof(float));
+    in_redo_ = true;
+  }
+
+  Segment& segment_;
+  const OptimizerSettings settings_;
+  const std::uint64_t slice_index_;
+  SliceEntry& slice_;
+  const ParamEntry& param_;
+  RedoEntry& redo_;
+  const int arrays_;
+  std::uint64_t step_;
+  std::uint64_t* last_ = nullptr;  // the slice's exactly-once row, being updated in the redo entry
+  float* values_ = nullptr;        // the new values, in the redo entry
+  float* state_[2] = {nullptr, nullptr};
+  const float* slice_values_ = nullptr;  // the current values, in the segment
+  const float* slice_state_[2] = {nullptr, nullptr};
+  bool in_redo_ = false;  // the redo entry holds the slice's current values and state
+  std::uint64_t updates_ = 0, floats_ = 0, skipped_ = 0;
+};
+
+}  // namespace
+
+ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+  std::stable_sort(contributions.begin(), contributions.end(),
+                   [](const Contribution& a, const Contribution& b) { return a.slice < b.slice; });
+  run_starts_.clear();
+  for (std::size_t i = 0; i < contributions.size(); ++i)
+    if (i == 0 || contributions[i].slice != contributions[i - 1].slice) run_starts_.push_back(i);
+  run_starts_.push_back(contributions.size());
+
+  std::atomic<std::uint64_t> floats{0}, skipped{0};
+  parallel_for_index(*arena_, run_starts_.size() - 1, [&](std::size_t run, std::size_t thread) {
+    const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
+    const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
+    SliceUpdate update(*segment_, mine.front().slice, thread);
+    if (aggregation == Aggregation::each)
+      update.apply_each(mine);
+    else
+      update.apply_sum(mine, aggregation == Aggregation::mean);
+    update.commit();
+    floats.fetch_add(update.floats(), std::memory_order_relaxed);
+    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
+  });
+  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
+}
+
+}  // namespace shmps::server

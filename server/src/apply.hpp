@@ -1,0 +1,54 @@
+// The apply engine: a round plan's contributions into the slices, in parallel over slices.
+//
+// Each slice goes to exactly one task in a round, which is what makes the task that slice's lock:
+// no two server threads ever write one slice at once. Within a slice, contributions are taken in
+// rank order (the collectors add them rank by rank and the engine's sort is stable), so a round
+// is deterministic given its plan. Exactly once: a contribution whose push sequence number is at
+// or below the slice's exactly-once row for its rank was applied before a server restart and is
+// skipped. Every slice's new state goes in through the redo protocol (redo.hpp).
+//
+// The engine knows nothing of rings, workers or policies: it is used on its own in the unit tests
+// (a plan in, slices out).
+#pragma once
+
+#include <tbb/task_arena.h>
+
+#include <cstdint>
+#include <vector>
+
+#include <shmps/shm/segment.hpp>
+
+#include "round.hpp"
+
+namespace shmps::server {
+
+// How a slice's contributions in one round become optimizer steps.
+enum class Aggregation {
+  each,  // ASP, SSP: one optimizer step per contribution, in rank order
+  sum,   // BSP: the contributions summed in rank order, one optimizer step
+  mean,  // BSP: the sum divided by the number of ranks that contributed, one optimizer step
+};
+
+struct ApplyTotals {
+  std::uint64_t floats = 0;   // gradient elements applied
+  std::uint64_t skipped = 0;  // contributions applied before a server restart (exactly once)
+};
+
+class ApplyEngine {
+ public:
+  // Uses up to arena.max_concurrency() threads; each needs its own redo entry, so the arena must
+  // not have more threads than the segment has redo entries.
+  ApplyEngine(shm::Segment& segment, tbb::task_arena& arena) : segment_(&segment), arena_(&arena) {}
+
+  // Applies `contributions` (sorted here by slice, stably) with the optimizer in the segment's
+  // header. Updates each slice's version, step and value-norm sample, and the per-parameter
+  // monitor counters.
+  ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation);
+
+ private:
+  shm::Segment* segment_;
+  tbb::task_arena* arena_;
+  std::vector<std::size_t> run_starts_;  // where each slice's contributions begin (reused)
+};
+
+}  // namespace shmps::server

@@ -1,0 +1,354 @@
+#include "bootstrap.hpp"
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include <shmps/error.hpp>
+#include <shmps/server/initialise.hpp>
+#include <shmps/server/optimizer.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/memory.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/pages.hpp>
+#include <shmps/shm/proc.hpp>
+
+#include "consistency.hpp"
+#include "parallel.hpp"
+#include "recovery.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+namespace {
+
+// A hash of everything that fixes the model's layout, so that a server restarted with a spec
+// for another model refuses the existing segment instead of misreading it. The ring size is not
+// in it: an automatic ring depends on the consistency mode the server starts in, and a segment
+// keeps the rings it was made with (recover_segment checks an explicit ring_bytes on its own).
+std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  auto mix = [&h](std::uint64_t v) { h = shm::detail::fnv1a(h, v); };
+  for (const auto& p : request.params) {
+    h = shm::detail::fnv1a_str(h, p.name.c_str());
+    mix(p.shape.size());
+    for (auto d : p.shape) mix(d);
+  }
+  mix(plan.slice_floats);
+  mix(request.max_workers);
+  mix(request.state_arrays);
+  return h;
+}
+
+// Pre-faults the values and optimizer state in parallel, and in a new segment allocates them:
+// the arena's threads each take a contiguous block of slices, so that (first touch) each
+// thread's pages are on its NUMA node and the model is spread over the nodes the server runs
+// on. The apply itself takes slices dynamically (a oneTBB parallel_for over the slices a round
+// touches), so no block stays with one thread; the blocks spread the pages, they do not pin them.
+void prefault_model(Segment& segment, tbb::task_arena& arena) {
+  const SegmentHeader& h = segment.header();
+  if (h.slice_count == 0) return;
+  const std::uint64_t blocks = std::min<std::uint64_t>(static_cast<std::uint64_t>(arena.max_concurrency()), h.slice_count);
+  std::mutex mutex;
+  std::string error;
+  parallel_for_index(arena, blocks, [&](std::size_t b, std::size_t) {
+    const std::uint64_t first = h.slice_count * b / blocks, last = h.slice_count * (b + 1) / blocks;
+    if (first == last) return;
+    const SliceEntry& s0 = segment.slice(first);
+    const SliceEntry& s1 = segment.slice(last - 1);
+    const ParamEntry& p0 = segment.param(s0.param);
+    const ParamEntry& p1 = segment.param(s1.param);
+    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, const char* what) {
+      const std::uint64_t begin = offset0 + s0.first * sizeof(float);
+      const std::uint64_t end = offset1 + (s1.first + s1.count) * sizeof(float);
+      segment.reserve(begin, end - begin, what);
+    };
+    try {
+      reserve(p0.values_offset, p1.values_offset, "its values");
+      for (std::uint32_t a = 0; a < h.state_arrays; ++a) reserve(p0.state_offset[a], p1.state_offset[a], "optimizer state");
+    } catch (const Error& e) {
+      const std::lock_guard lock(mutex);
+      if (error.empty()) error = e.what();
+    }
+  });
+  if (!error.empty()) throw Error(error);
+}
+
+[[noreturn]] void refuse_restore_over_segment(const ServerOptions& options) {
+  const std::string& name = options.spec.name;
+  throw Error("segment '" + name + "' exists, and its state is newer than any checkpoint: --restore would "
+              "replace it. To go back to " + options.restore.string() + ", stop its server and remove the segment "
+              "(shmps-ctl destroy " + name + "), then restore; or drop --restore to continue the segment");
+}
+
+// What the segment is made from when it is made from a checkpoint.
+struct RestoreSource {
+  std::optional<Snapshot> snapshot;
+  std::filesystem::path path;
+};
+
+// --restore FILE, or else (with --checkpoint-dir and no segment) the directory's newest valid
+// checkpoint. Read and checked whole before anything is touched: a damaged or foreign file
+// changes nothing. Opens the checkpoint directory into `dir`.
+RestoreSource find_restore(const ServerOptions& options, const LayoutPlan& plan, std::optional<CheckpointDir>& dir) {
+  const ModelSpec& spec = options.spec;
+  RestoreSource source;
+  if (!options.restore.empty()) {
+    source.path = options.restore;
+    source.snapshot = read_checkpoint(source.path);
+    check_restorable(*source.snapshot, source.path, spec, plan);
+    if (Segment::exists(spec.name)) refuse_restore_over_segment(options);
+  }
+  if (options.checkpoint_dir.empty()) return source;
+  std::error_code ec;
+  std::filesystem::create_directories(options.checkpoint_dir, ec);
+  if (!std::filesystem::is_directory(options.checkpoint_dir))
+    throw Error("--checkpoint-dir " + options.checkpoint_dir.string() + ": not a directory and cannot be created" +
+                (ec ? ": " + ec.message() : ""));
+  dir.emplace(options.checkpoint_dir, spec.name);
+  if (source.snapshot || Segment::exists(spec.name)) return source;
+  std::vector<std::string> skipped;
+  if (auto found = dir->newest_valid(skipped)) {
+    for (const auto& why : skipped) spdlog::warn("event=checkpoint_skipped segment={} reason=\"{}\"", spec.name, why);
+    check_restorable(found->snapshot, found->path, spec, plan);
+    source.path = found->path;
+    source.snapshot = std::move(found->snapshot);
+  }
+  return source;
+}
+
+LockFile take_server_lock(const ServerOptions& options) {
+  const std::string& name = options.spec.name;
+  LockFile lock = LockFile::open(server_lock_path(name), true, options.mode);
+  if (lock.try_lock(0)) return lock;
+  std::string who;
+  if (Segment::exists(name)) {
+    try {
+      auto existing = Segment::open(name, Access::read_only);
+      who = " (pid " + std::to_string(load_acquire(existing.header().server_pid)) + ")";
+    } catch (const Error&) {
+    }
+  }
+  throw Error("segment '" + name + "' is already served by a live server" + who +
+              ": stop that server first, or give this job another name (--name)");
+}
+
+// The identity and geometry of a new segment, from its plan.
+void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest& request, const LayoutPlan& plan,
+                    std::uint64_t hash) {
+  h.layout_version = kLayoutVersion;
+  h.header_bytes = sizeof(SegmentHeader);
+  h.fingerprint = kLayoutFingerprint;
+  h.total_bytes = plan.total_bytes;
+  h.spec_hash = hash;
+  h.created_unix_ns = unix_ns();
+  std::memcpy(h.name, spec.name.data(), std::min(spec.name.size(), kMaxNameBytes - 1));
+  h.param_count = static_cast<std::uint32_t>(plan.params.size());
+  h.max_workers = request.max_workers;
+  h.slice_count = plan.slice_count;
+  h.slice_floats = plan.slice_floats;
+  h.ring_bytes = plan.ring_bytes;
+  h.params_offset = plan.params_offset;
+  h.slices_offset = plan.slices_offset;
+  h.applied_offset = plan.applied_offset;
+  h.slots_offset = plan.slots_offset;
+  h.rings_offset = plan.rings_offset;
+  h.ring_stride = plan.ring_stride;
+  h.values_offset = plan.values_offset;
+  h.state_offset = plan.state_offset;
+  h.redo_offset = plan.redo_offset;
+  h.redo_stride = plan.redo_stride;
+  h.param_stats_offset = plan.param_stats_offset;
+  h.rejected_offset = plan.rejected_offset;
+  h.rejected_stride = plan.rejected_stride;
+  h.redo_count = request.redo_entries;
+  h.optimizer = spec.optimizer;
+  h.state_arrays = request.state_arrays;
+  store_release(h.consistency, static_cast<std::uint32_t>(spec.consistency));
+  store_release(h.staleness, spec.staleness);
+  store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
+  store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
+}
+
+// The parameter and slice tables.
+void write_tables(Segment& segment, const LayoutPlan& plan) {
+  for (std::size_t i = 0; i < plan.params.size(); ++i) {
+    ParamEntry& p = segment.param(i);
+    p = plan.params[i];
+    for (std::uint64_t k = 0; k < p.slice_count; ++k) {
+      SliceEntry& slice = segment.slice(p.first_slice + k);
+      slice.param = i;
+      slice.first = k * plan.slice_floats;
+      slice.count = std::min(plan.slice_floats, p.size - slice.first);
+    }
+  }
+}
+
+// A new segment, from the spec's initialisers (or pretrained values) or from a checkpoint.
+Segment create_segment(const ServerOptions& options, const LayoutRequest& request, const LayoutPlan& plan,
+                       std::uint64_t hash, const Snapshot* restore, const PretrainedValues& pretrained,
+                       tbb::task_arena& arena) {
+  const ModelSpec& spec = options.spec;
+  // The server reserves its tables now; the values and optimizer state are reserved by the
+  // apply threads (prefault_model), and each ring's records by its worker when it attaches (the
+  // ring's writer: first touch places them on its NUMA node, in its memory cgroup). Nothing else
+  // touches those pages before. Alignment padding is touched by nobody: no memory behind it.
+  const std::uint64_t slots_end = plan.slots_offset + request.max_workers * sizeof(WorkerSlot);
+  const std::uint64_t rings_end = plan.rings_offset + request.max_workers * plan.ring_stride;
+  std::vector<ByteRange> deferred{{slots_end, plan.rings_offset - slots_end},
+                                  {rings_end, plan.total_bytes - rings_end}};
+  for (std::uint32_t r = 0; r < request.max_workers; ++r)
+    deferred.push_back({plan.rings_offset + r * plan.ring_stride + sizeof(RingHeader), plan.ring_stride - sizeof(RingHeader)});
+  Segment segment = Segment::create(spec.name, plan.total_bytes, options.mode, deferred);
+  // The file is all zeros: state reads "creating" until the very end.
+  SegmentHeader& h = segment.header();
+  lay_out_segment(segment, spec, request, plan, hash);
+  prefault_model(segment, arena);  // before anything writes a value: first touch by the apply threads
+  for (std::size_t i = 0; i < plan.params.size() && !restore; ++i) {
+    const ParamEntry& p = segment.param(i);
+    initialise(spec.params[i], std::span<float>(segment.values(p), p.size), pretrained);
+  }
+  if (restore) {
+    restore_into(segment, *restore);
+    if (options.override_policy) apply_spec_policy(segment, spec);
+  }
+  h.magic = kMagic;  // identity complete; "ready" is stored by announce_ready() after the epoch
+  return segment;
+}
+
+void log_memory(Segment& segment, const ModelSpec& spec, const LayoutPlan& plan, bool recovered) {
+  const HugePageSupport huge = huge_page_support();
+  SegmentHeader& h = segment.header();
+  const std::uint64_t huge_bytes = huge_mapped_bytes(segment.base());
+  store_release(h.huge_mount, static_cast<std::uint32_t>(huge.mount));
+  store_release(h.huge_sysfs, static_cast<std::uint32_t>(huge.sysfs));
+  store_release(h.huge_bytes, huge_bytes);
+  const MemoryBreakdown m = memory_breakdown(plan_of(segment));
+  spdlog::info("event=memory segment={} total_bytes={} values_bytes={} state_bytes={} rings_bytes={} "
+               "ring_each={} overhead_bytes={} overhead_pct={:.1f} huge_pages=\"{}\"",
+               spec.name, m.total_bytes, m.values_bytes, m.state_bytes, m.bytes_of("rings"), m.ring_each_bytes,
+               m.overhead_bytes(), m.overhead_percent(), huge_page_text(huge, huge_bytes, m.total_bytes));
+  if (!recovered)
+    spdlog::info("event=ring_size segment={} ring_bytes={} rule=\"{}\"", spec.name, plan.ring_bytes, plan.ring_rule);
+}
+
+}  // namespace
+
+void lay_out_segment(Segment& segment, const ModelSpec& spec, const LayoutRequest& request, const LayoutPlan& plan,
+                     std::uint64_t spec_hash) {
+  write_geometry(segment.header(), spec, request, plan, spec_hash);
+  write_tables(segment, plan);
+  for (std::uint32_t r = 0; r < request.max_workers; ++r) segment.ring(r).capacity = plan.ring_bytes;
+}
+
+LayoutRequest layout_request(const ServerOptions& options) {
+  const ModelSpec& spec = options.spec;
+  LayoutRequest request;
+  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
+  request.slice_bytes = spec.slice_bytes;
+  request.max_workers = spec.max_workers;
+  request.ring_bytes = spec.ring_bytes;
+  request.bsp = spec.consistency == Consistency::bsp;
+  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  // One redo entry per apply thread a server may ever use here (a later server with more
+  // threads than that uses only as many).
+  request.redo_entries = std::clamp<std::uint32_t>(
+      std::max({std::thread::hardware_concurrency(), options.threads, spec.server_threads}), 1U, 1024U);
+  return request;
+}
+
+LayoutPlan plan_for(const ServerOptions& options) {
+  if (auto problem = validate_optimizer_settings(options.spec.optimizer); !problem.empty())
+    throw Error(options.spec.source + ": optimizer: " + problem);
+  return plan_layout(layout_request(options));
+}
+
+Bootstrapped bootstrap(const ServerOptions& options) {
+  const ModelSpec& spec = options.spec;
+  check_segment_name(spec.name);
+  if (auto problem = validate_optimizer_settings(spec.optimizer); !problem.empty())
+    throw Error(spec.source + ": optimizer: " + problem);
+  Bootstrapped b;
+
+  // 1. Lay out the model; check for room before anything is created (a lock file included).
+  const LayoutRequest request = layout_request(options);
+  const LayoutPlan plan = plan_layout(request);
+  const std::uint64_t hash = layout_hash(request, plan);
+  // The apply threads (each needs its own redo entry): they also pre-fault the model.
+  b.threads = options.threads ? options.threads : spec.server_threads;
+  if (b.threads == 0) b.threads = std::max(1U, std::thread::hardware_concurrency());
+  b.threads = std::min(b.threads, request.redo_entries);
+  b.arena = std::make_unique<tbb::task_arena>(static_cast<int>(b.threads));
+  RestoreSource restore = find_restore(options, plan, b.checkpoint_dir);
+  // Pretrained initial values are read and checked (names, shapes, dtypes) before anything is
+  // created, too.
+  std::optional<PretrainedValues> pretrained;
+  if (!restore.snapshot && !Segment::exists(spec.name)) pretrained = load_pretrained(spec);
+  if (!Segment::exists(spec.name)) Segment::check_room(spec.name, plan.total_bytes);
+
+  // 2. The server lock: exactly one server per segment, for its whole life.
+  b.server_lock = take_server_lock(options);
+
+  // 3. Create (from the spec, or from a checkpoint), or recover what is there.
+  if (b.checkpoint_dir) {
+    if (const std::size_t n = b.checkpoint_dir->remove_temporaries())
+      spdlog::warn("event=checkpoint_temporaries_removed segment={} count={} note=\"left by a server killed while "
+                   "writing a checkpoint; the checkpoints before them are intact\"", spec.name, n);
+  }
+  if (Segment::exists(spec.name) && restore.snapshot && !options.restore.empty()) refuse_restore_over_segment(options);
+  auto create = [&] {
+    if (!restore.snapshot && !pretrained) pretrained = load_pretrained(spec);  // a half-created segment being recreated
+    b.segment = create_segment(options, request, plan, hash, restore.snapshot ? &*restore.snapshot : nullptr,
+                               pretrained ? *pretrained : PretrainedValues{}, *b.arena);
+    b.restored = restore.snapshot.has_value();
+  };
+  if (!Segment::exists(spec.name)) {
+    create();
+  } else {
+    Segment existing = Segment::open(spec.name, Access::read_write);
+    if (load_acquire(existing.header().state) == static_cast<std::uint32_t>(SegmentState::creating)) {
+      // We hold the server lock, so nobody is creating it now: its creator died midway.
+      spdlog::warn("event=recreate segment={} reason=\"left half-created by a server that died during creation\"",
+                   spec.name);
+      existing = Segment();
+      std::filesystem::remove(segment_path(spec.name));  // the segment only: we hold its lock files
+      create();
+    } else {
+      b.segment = std::move(existing);
+      recover_segment(b.segment, options, hash);
+      b.recovered = true;
+    }
+  }
+  if (b.restored)
+    spdlog::info("event=restored segment={} file={} model_clock={} epoch={} slots={} note=\"restarted workers resume "
+                 "from their committed state\"", spec.name, restore.path.string(), restore.snapshot->model_clock,
+                 restore.snapshot->epoch, restore.snapshot->slots.size());
+
+  // 4. A segment made for fewer apply threads than asked limits them; values and optimizer state
+  // are mapped by the apply threads, so that the first rounds pay no page faults.
+  if (b.threads > b.segment.header().redo_count) {
+    b.threads = b.segment.header().redo_count;
+    b.arena = std::make_unique<tbb::task_arena>(static_cast<int>(b.threads));
+  }
+  if (b.recovered) prefault_model(b.segment, *b.arena);  // a new segment's were, in create_segment
+  log_memory(b.segment, spec, plan, b.recovered);
+  return b;
+}
+
+void announce_ready(Segment& segment) {
+  SegmentHeader& h = segment.header();
+  store_release(h.server_pid, static_cast<std::int32_t>(::getpid()));
+  store_release(h.server_start_time, process_start_time(::getpid()));
+  store_release(h.server_started_unix_ns, unix_ns());
+  store_release(h.server_heartbeat_ns, monotonic_ns());
+  store_release(h.server_epoch, load_own(h.server_epoch) + 1);
+  store_release(h.state, static_cast<std::uint32_t>(SegmentState::ready));
+}
+
+}  // namespace shmps::server

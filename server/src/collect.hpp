@@ -1,0 +1,50 @@
+// Collectors: from the workers' rings into a round plan (round.hpp). Which one a round uses is
+// the consistency policy's choice (consistency.hpp).
+//
+// Both read only committed records (the one ring walk, RingConsumer::read) and move nothing:
+// the publisher moves each ring's head after the apply (publish.hpp). A malformed record (a
+// buggy or hostile worker) is logged and the rest of that ring discarded; the server never reads
+// outside the ring and never applies a range outside its parameter.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <shmps/shm/ring.hpp>
+#include <shmps/shm/segment.hpp>
+
+#include "round.hpp"
+
+namespace shmps::server {
+
+// ASP and SSP: every committed push, as it comes. Clock records only move the cursor (and hand
+// over the resume state they carry).
+void collect_as_they_come(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, RoundPlan& plan);
+
+// BSP: the pushes of step `step` from every ring, if every worker that counts for the barrier
+// (membership.hpp) has finished that step: true. Otherwise false, and the plan takes nothing
+// but padding in front of the rings' first records.
+//
+// A ring holds groups of pushes, each closed by the clock record of the step it belongs to. A
+// group counts in the step its clock record names (an older step's late group counts in the
+// current one). A group with no clock record counts only once it gets one; if its generation
+// died (the slot's holder is proven dead, or a newer generation wrote after it) it is discarded
+// whole: a worker killed in the middle of a step contributes none of that step.
+bool collect_step(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, std::uint64_t step,
+                  RoundPlan& plan);
+
+// ---- Shared by both collectors (collect.cpp) ---------------------------------------------------
+
+// Adds the slices a push record touches; false (nothing added, logged) if the record's range is
+// outside its parameter.
+bool add_contributions(const shm::Segment& segment, std::uint32_t rank, const shm::PushRecord& record,
+                       std::vector<Contribution>& out);
+
+// Keeps the resume state a clock record carries in its worker's slot, for a restarted worker.
+// Called before the ring's head moves past the record.
+void keep_resume_state(shm::Segment& segment, std::uint32_t rank, const shm::PushRecord& clock_record);
+
+// Logs a malformed record at `position` of `rank`'s ring.
+void log_bad_record(const shm::Segment& segment, std::uint32_t rank, std::uint64_t position);
+
+}  // namespace shmps::server

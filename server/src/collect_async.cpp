@@ -1,0 +1,31 @@
+// The as-they-come collector (ASP and SSP): every committed record of every ring, this round.
+#include <algorithm>
+
+#include "collect.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rings, RoundPlan& plan) {
+  for (std::uint32_t r = 0; r < rings.size(); ++r) {
+    const RingConsumer& ring = rings[r];
+    RankRound& round = plan.ranks[r];
+    const std::uint64_t tail = ring.committed();
+    const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
+      if (rec.kind == RecordKind::clock) {
+        keep_resume_state(segment, r, rec);  // before the head moves past it
+        round.clock = std::max(round.clock, rec.clock + 1);
+      } else if (rec.kind == RecordKind::push) {
+        add_contributions(segment, r, rec, plan.contributions);
+        round.last_seq = rec.seq;
+        ++round.records;
+      }
+      return true;
+    });
+    if (read.malformed) log_bad_record(segment, r, read.stopped_at);
+    round.end = read.malformed ? tail : read.stopped_at;
+  }
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,132 @@
+// The whole-step collector (BSP): step t from every ring, or nothing (collect.hpp says how a
+// ring's records form groups, and when a group counts).
+#include <algorithm>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/membership.hpp>
+
+#include "collect.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+namespace {
+
+// Reads one ring for step `step`: takes the groups that end in that step (or an earlier one),
+// discards groups whose writer died, and says whether the ring shows the worker finished it.
+class StepScan {
+ public:
+  StepScan(Segment& segment, const RingConsumer& ring, std::uint32_t rank, std::uint64_t step, RoundPlan& plan)
+      : segment_(segment), ring_(ring), rank_(rank), step_(step), round_(plan.ranks[rank]),
+        contributions_(plan.contributions) {}
+
+  bool run() {
+    const WorkerSlot& slot = segment_.slot(rank_);
+    // The worker stores its clock after committing the clock record that ends the step, so a
+    // clock read before the tail guarantees that record is inside [head, tail) or was consumed
+    // earlier (in ASP or SSP, before a switch to BSP).
+    const std::uint64_t worker_clock = load_acquire(slot.clock);
+    const std::uint64_t tail = ring_.committed();
+    consumed_ = free_to_ = ring_.head();
+    group_begin_ = contributions_.size();
+    const auto read = ring_.read(consumed_, tail, [this](std::uint64_t pos, const PushRecord& rec) { return take(pos, rec); });
+    std::uint64_t pos = read.stopped_at;
+    if (read.malformed) {
+      log_bad_record(segment_, rank_, pos);
+      drop_group(tail);
+      pos = tail;
+    }
+    if (group_records_ != 0) {
+      // An open group: its clock record may still come, unless its generation is dead.
+      const bool writer_dead = load_acquire(slot.dead_generation) == group_generation_ ||
+                               load_acquire(slot.generation) != group_generation_;
+      if (writer_dead && pos == tail)
+        drop_group(tail);
+      else
+        contributions_.resize(group_begin_);
+    }
+    round_.end = std::max(consumed_, free_to_);
+    round_.free_to = free_to_;
+    return finished_ || worker_clock > step_;
+  }
+
+ private:
+  // One record; false stops the walk (a record of a later step: this one is finished).
+  bool take(std::uint64_t pos, const PushRecord& rec) {
+    const std::uint64_t next = pos + rec.record_bytes;
+    // Padding in front of everything else carries nothing: give it back even if the step is not
+    // complete (a ring that starts over puts one in front of a step, RingProducer).
+    if (rec.kind == RecordKind::padding && pos == free_to_) free_to_ = next;
+    if (rec.kind == RecordKind::push) {
+      if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);  // its writer died mid-step
+      if (group_records_ == 0) group_begin_ = contributions_.size();
+      if (add_contributions(segment_, rank_, rec, contributions_)) {
+        ++group_records_;
+        group_generation_ = rec.generation;
+        group_last_seq_ = rec.seq;
+      }
+    } else if (rec.kind == RecordKind::clock) {
+      // A clock record closes only its own generation's pushes.
+      if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);
+      if (rec.clock > step_) {  // a later step: the worker has finished this one
+        contributions_.resize(group_begin_);  // the open group belongs to that later step
+        group_records_ = 0;
+        finished_ = true;
+        return false;
+      }
+      round_.records += group_records_;
+      round_.last_seq = std::max(round_.last_seq, group_last_seq_);
+      group_records_ = 0;
+      group_begin_ = contributions_.size();
+      consumed_ = next;
+      round_.clock = std::max(round_.clock, rec.clock + 1);
+      if (rec.offset != 0) round_.step_state = &rec;
+      if (rec.clock == step_) finished_ = true;
+    }
+    return true;
+  }
+
+  // Discards the open group (its writer died before closing it): the head may pass it.
+  void drop_group(std::uint64_t end) {
+    contributions_.resize(group_begin_);
+    round_.discarded += group_records_;
+    round_.last_seq = std::max(round_.last_seq, group_last_seq_);
+    consumed_ = end;
+    group_records_ = 0;
+  }
+
+  Segment& segment_;
+  const RingConsumer& ring_;
+  const std::uint32_t rank_;
+  const std::uint64_t step_;
+  RankRound& round_;
+  std::vector<Contribution>& contributions_;
+  std::uint64_t consumed_ = 0;  // the end of the groups taken (counted or discarded)
+  std::uint64_t free_to_ = 0;   // the end of the padding in front of the first group
+  // The open group: pushes not yet closed by a clock record.
+  std::size_t group_begin_ = 0;
+  std::uint64_t group_generation_ = 0, group_records_ = 0, group_last_seq_ = 0;
+  bool finished_ = false;
+};
+
+}  // namespace
+
+bool collect_step(Segment& segment, const std::vector<RingConsumer>& rings, std::uint64_t step, RoundPlan& plan) {
+  const SegmentHeader& h = segment.header();
+  bool everyone_finished = true;
+  for (std::uint32_t r = 0; r < rings.size(); ++r) {
+    const bool finished = StepScan(segment, rings[r], r, step, plan).run();
+    if (!finished && counts_for_group(h, segment.slot(r))) everyone_finished = false;
+  }
+  if (!everyone_finished) {
+    plan.contributions.clear();
+    for (auto& round : plan.ranks) round.take_nothing();
+    return false;
+  }
+  for (std::uint32_t r = 0; r < rings.size(); ++r)
+    if (plan.ranks[r].step_state != nullptr) keep_resume_state(segment, r, *plan.ranks[r].step_state);
+  return true;
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,98 @@
+#include "commands.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/mailbox.hpp>
+#include <shmps/shm/membership.hpp>
+
+#include "checkpoint_scheduler.hpp"
+#include "consistency.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+// Answers the mailbox's request and logs it (request, status, reply).
+void Commands::answer(int status, const std::string& reply) {
+  SegmentHeader& h = segment_->header();
+  const std::string request = mailbox::take_request(h).value_or("");
+  mailbox::answer(h, status, reply);
+  spdlog::info("event=command segment={} request=\"{}\" status={} reply=\"{}\"", h.name, request, status, reply);
+}
+
+bool Commands::waiting() const {
+  if (checkpoints_->has_outcome()) return true;     // to be answered
+  if (checkpoints_->request_open()) return false;  // being done
+  return mailbox::take_request(segment_->header()).has_value();
+}
+
+void Commands::answer_checkpoint() {
+  if (auto done = checkpoints_->take_outcome()) answer(done->status, done->reply);
+}
+
+void Commands::poll() {
+  answer_checkpoint();
+  if (checkpoints_->request_open()) return;  // answered when the file is durable
+  const SegmentHeader& h = segment_->header();
+  const std::optional<std::string> request = mailbox::take_request(h);
+  if (!request) return;
+  const auto eq = request->find('=');
+  const std::string key = request->substr(0, eq), value = eq == std::string::npos ? "" : request->substr(eq + 1);
+  if (key == "checkpoint") {
+    // "checkpoint" (into the checkpoint directory) or "checkpoint=/absolute/path".
+    if (value.empty() && !checkpoints_->has_directory()) {
+      answer(1, "this server has no checkpoint directory (shmps-server --checkpoint-dir DIR): give the file, "
+                "shmps-ctl checkpoint " + std::string(h.name) + " PATH");
+    } else if (!value.empty() && value.front() != '/') {
+      answer(1, "checkpoint path must be absolute, got '" + value + "'");
+    } else {
+      checkpoints_->request(value);  // started as soon as the writer is free
+    }
+    return;
+  }
+  int status = 1;
+  std::string reply;
+  if (eq == std::string::npos)
+    reply = "expected KEY=VALUE (consistency=bsp|ssp:N|asp, bsp_aggregate=sum|mean, on_worker_death=proceed|wait), got '" +
+            *request + "'";
+  else
+    reply = set(key, value, status);
+  answer(status, reply);
+}
+
+// A setting: the reply, and status 0 if it was changed.
+std::string Commands::set(const std::string& key, const std::string& value, int& status) {
+  SegmentHeader& h = segment_->header();
+  if (key == "consistency") {
+    Consistency mode{};
+    std::uint32_t bound = 0;
+    if (std::string problem = parse_consistency(value, mode, bound); !problem.empty()) return "consistency: " + problem;
+    const auto old = static_cast<Consistency>(load_own(h.consistency));
+    switch_consistency(*segment_, mode, bound);
+    status = 0;
+    std::string reply = "consistency is now " + value + " (was " + std::string(to_string(old)) + ")" +
+                        (mode == Consistency::bsp ? ", from clock " + std::to_string(load_own(h.model_clock)) : "");
+    if (mode == Consistency::bsp) {
+      if (const std::string note = bsp_ring_note(*segment_); !note.empty()) reply += "; note: " + note;
+    }
+    return reply;
+  }
+  if (key == "bsp_aggregate") {
+    BspAggregate a{};
+    if (std::string problem = parse_bsp_aggregate(value, a); !problem.empty()) return "bsp_aggregate: " + problem;
+    store_release(h.bsp_aggregate, static_cast<std::uint32_t>(a));
+    status = 0;
+    return "bsp_aggregate is now " + value;
+  }
+  if (key == "on_worker_death") {
+    OnWorkerDeath d{};
+    if (std::string problem = parse_on_worker_death(value, d); !problem.empty()) return "on_worker_death: " + problem;
+    store_release(h.on_worker_death, static_cast<std::uint32_t>(d));
+    status = 0;
+    return "on_worker_death is now " + value;
+  }
+  return "unknown setting '" + key + "': settable are consistency, bsp_aggregate, on_worker_death";
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,41 @@
+// The server's half of the command mailbox (the protocol, both halves: shm/mailbox.hpp): what
+// shmps-ctl may ask a live server, and how each request is answered. Looked at once per loop,
+// between apply rounds, so a switch of consistency happens at a clock boundary.
+//
+//   consistency=asp|bsp|ssp:N      switch the live job (consistency.hpp)
+//   bsp_aggregate=sum|mean         how a BSP step combines its workers' gradients
+//   on_worker_death=proceed|wait   whether barriers wait for a dead worker's slot to be retaken
+//   checkpoint[=/absolute/path]    a checkpoint now (checkpoint_scheduler.hpp), answered when durable
+#pragma once
+
+#include <string>
+
+#include <shmps/shm/segment.hpp>
+
+namespace shmps::server {
+
+class CheckpointScheduler;
+
+class Commands {
+ public:
+  Commands(shm::Segment& segment, CheckpointScheduler& checkpoints) : segment_(&segment), checkpoints_(&checkpoints) {}
+
+  // Answers a checkpoint request whose file is now durable (or failed); then does the request
+  // waiting in the mailbox, if any, and answers it (a checkpoint is answered once durable, by a
+  // later poll() or answer_checkpoint()).
+  void poll();
+
+  // Answers a checkpoint request whose file is now durable (or failed), if there is one.
+  void answer_checkpoint();
+
+  // A request is waiting that poll() has not taken yet.
+  bool waiting() const;
+
+ private:
+  std::string set(const std::string& key, const std::string& value, int& status);
+  void answer(int status, const std::string& reply);
+  shm::Segment* segment_;
+  CheckpointScheduler* checkpoints_;
+};
+
+}  // namespace shmps::server

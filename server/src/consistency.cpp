@@ -1,0 +1,67 @@
+#include "consistency.hpp"
+
+#include <algorithm>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/membership.hpp>
+#include <shmps/shm/memory.hpp>
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+RoundPolicy policy_for_round(const SegmentHeader& h) {
+  RoundPolicy policy;
+  policy.whole_steps = load_acquire(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
+  policy.step = load_own(h.model_clock);
+  if (policy.whole_steps)
+    policy.aggregation = load_acquire(h.bsp_aggregate) == static_cast<std::uint32_t>(BspAggregate::mean)
+                             ? Aggregation::mean
+                             : Aggregation::sum;
+  return policy;
+}
+
+bool complete_step(Segment& segment, std::uint64_t step, const RoundPlan& plan) {
+  SegmentHeader& h = segment.header();
+  bool anyone = plan.records() != 0 || plan.discarded() != 0;
+  for (std::uint32_t r = 0; r < h.max_workers && !anyone; ++r) anyone = counts_for_group(h, segment.slot(r));
+  if (!anyone) return false;
+  for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, step + 1);
+  store_release(h.model_clock, step + 1);
+  bump_counter(h.steps, std::uint64_t{1});
+  return true;
+}
+
+void switch_consistency(Segment& segment, Consistency mode, std::uint32_t staleness) {
+  SegmentHeader& h = segment.header();
+  const auto old = static_cast<Consistency>(load_own(h.consistency));
+  if (mode == Consistency::bsp && old != Consistency::bsp) {
+    std::uint64_t start = UINT64_MAX;
+    for (std::uint32_t r = 0; r < h.max_workers; ++r)
+      if (counts_for_group(h, segment.slot(r))) start = std::min(start, load_acquire(segment.slot(r).clock));
+    if (start == UINT64_MAX) start = load_own(h.model_clock);
+    for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, start);
+    store_release(h.model_clock, start);
+  }
+  store_release(h.staleness, staleness);
+  store_release(h.consistency, static_cast<std::uint32_t>(mode));
+}
+
+void apply_spec_policy(Segment& segment, const ModelSpec& spec) {
+  SegmentHeader& h = segment.header();
+  switch_consistency(segment, spec.consistency, spec.staleness);
+  store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
+  store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
+}
+
+std::string bsp_ring_note(const Segment& segment) {
+  const LayoutPlan plan = plan_of(segment);
+  const std::uint64_t need = bsp_step_ring_bytes(plan.params);
+  if (plan.ring_bytes >= need) return {};
+  return "each worker's ring holds " + std::to_string(plan.ring_bytes) + " bytes, less than one BSP step that pushes "
+         "every parameter (" + std::to_string(need) + " bytes): such a step fails in the worker with what to do; push "
+         "less per step, or make the job again with ring_bytes >= " + std::to_string(need) +
+         " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step)";
+}
+
+}  // namespace shmps::server

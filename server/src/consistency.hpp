@@ -1,0 +1,45 @@
+// The consistency policy: ASP, BSP or SSP (and BSP's sum or mean), as the segment header says.
+//
+// It decides, for each round, which collector runs (collect.hpp) and how the apply engine
+// combines a slice's contributions (apply.hpp); it advances BSP's step; and it switches the
+// policy of a live job (shmps-ctl set, commands.hpp) at a clock boundary. SSP's bound is not
+// enforced here: it is the workers' pulls that wait (the server applies SSP pushes as they come).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <shmps/server/model_spec.hpp>
+#include <shmps/shm/segment.hpp>
+
+#include "apply.hpp"
+#include "round.hpp"
+
+namespace shmps::server {
+
+// What this round does, read once at its start.
+struct RoundPolicy {
+  bool whole_steps = false;  // BSP: collect a whole step or nothing
+  std::uint64_t step = 0;    // BSP: the step being collected (the model clock)
+  Aggregation aggregation = Aggregation::each;
+};
+RoundPolicy policy_for_round(const shm::SegmentHeader& header);
+
+// BSP: after a round that found step `step` complete, moves every slice's clock and the model
+// clock to step + 1 (the workers' pulls for the next step wait for that). A step is complete even
+// when nobody pushed; with no worker at all there is no step. True if the clocks moved.
+bool complete_step(shm::Segment& segment, std::uint64_t step, const RoundPlan& plan);
+
+// Switches a live job to `mode` (and SSP bound). Entering BSP starts at the clock of the slowest
+// worker that counts, so faster workers wait for it at their next pull and nobody's finished
+// steps are collected twice. Call between rounds only.
+void switch_consistency(shm::Segment& segment, Consistency mode, std::uint32_t staleness);
+
+// Sets the spec's consistency, bsp_aggregate and on_worker_death on a segment (a restored or
+// recovered one, with --override-policy).
+void apply_spec_policy(shm::Segment& segment, const ModelSpec& spec);
+
+// "" when the rings of a segment hold one BSP step of every parameter, else what to do.
+std::string bsp_ring_note(const shm::Segment& segment);
+
+}  // namespace shmps::server

@@ -1,0 +1,37 @@
+// Membership: who is in the job. Deaths are learnt from the kernel (a worker's lock on its byte of
+// <name>.slots.lock is free: its holder is gone), never guessed from time; new generations are
+// admitted between two rounds; who counts for a barrier is shm::counts_for_group, the one rule
+// the server and the workers share (membership.hpp in shm/).
+#pragma once
+
+#include <cstdint>
+
+#include <shmps/shm/liveness.hpp>
+#include <shmps/shm/segment.hpp>
+
+namespace shmps::server {
+
+class Membership {
+ public:
+  Membership(shm::Segment& segment, shm::LockFile& slots_lock) : segment_(&segment), slots_lock_(&slots_lock) {}
+
+  // Probes the lock of every attached slot not yet known dead; marks the dead ones
+  // (dead_generation) and logs them.
+  void probe_deaths();
+
+  // Admits every newly attached generation: its entry clock is the step being collected (BSP) or
+  // the clock it brought (never lower than the one its slot reached). Wakes the worker.
+  void admit_new_workers();
+
+  // Whether `rank` counts for a BSP barrier or an SSP bound now.
+  bool counts(std::uint32_t rank) const;
+
+  std::uint64_t deaths_seen() const noexcept { return deaths_seen_; }
+
+ private:
+  shm::Segment* segment_;
+  shm::LockFile* slots_lock_;
+  std::uint64_t deaths_seen_ = 0;
+};
+
+}  // namespace shmps::server

@@ -1,0 +1,32 @@
+#include "redo.hpp"
+
+#include <cstring>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/killpoint.hpp>
+#include <shmps/shm/seqlock.hpp>
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+void copy_in(Segment& segment, RedoEntry& e) {
+  SliceEntry& slice = segment.slice(e.slice);
+  const ParamEntry& p = segment.param(slice.param);
+  const std::uint32_t workers = segment.header().max_workers;
+  const int arrays = static_cast<int>(segment.header().state_arrays);
+  const std::uint64_t half = e.count / 2;
+  const std::uint64_t word = load_own(slice.version);
+  if ((word & 1U) == 0) seqlock_write_begin(slice.version);  // a replay finds it odd already
+  float* values = segment.values(p) + slice.first;
+  std::memcpy(values, segment.redo_values(e), half * sizeof(float));
+  kill_point("apply.mid_copy");
+  std::memcpy(values + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+  for (int a = 0; a < arrays; ++a)
+    std::memcpy(segment.state(p, a) + slice.first, segment.redo_state(e, a), e.count * sizeof(float));
+  std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
+  slice.step = e.step_after;
+  store_release(slice.version, e.version_after);
+}
+
+}  // namespace shmps::server

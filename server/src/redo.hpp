@@ -1,0 +1,18 @@
+// The redo protocol: how a slice's new state gets into the segment so that a server killed at
+// any instruction leaves no torn slice and applies no push twice.
+//
+// An apply thread computes a slice's new values, optimizer state and exactly-once row in its own
+// RedoEntry (layout.hpp), marks the entry valid, copies it in (copy_in), and clears the mark. A
+// server killed in between leaves the entry valid and the slice's version word odd; the next
+// server copies the entry in again (recovery.hpp), which is idempotent.
+#pragma once
+
+#include <shmps/shm/segment.hpp>
+
+namespace shmps::server {
+
+// Copies a redo entry into its slice under the slice's seqlock: values, optimizer state, the
+// exactly-once row and the step count, then the new version word. Idempotent.
+void copy_in(shm::Segment& segment, shm::RedoEntry& entry);
+
+}  // namespace shmps::server

@@ -1,0 +1,70 @@
+// The round plan: what one apply round takes from the rings, and what it hands the apply engine
+// and the publisher.
+//
+// A round is: collect (collect.hpp) fills a RoundPlan from the rings; the apply engine
+// (apply.hpp) applies its contributions to the slices; the publisher (publish.hpp) moves each
+// ring's head to its RankRound::end and tells the workers. Nothing is published before the
+// apply is done, so a server killed mid-round leaves every ring as it was (the redo protocol
+// and the exactly-once table handle the slices it had written, redo.hpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <shmps/shm/layout.hpp>
+
+namespace shmps::server {
+
+// One piece of apply work: the part of one push record that falls into one slice.
+struct Contribution {
+  std::uint64_t slice;
+  std::uint32_t rank;
+  const shm::PushRecord* record;
+};
+
+// What a round takes from one worker's ring. Reset at the start of every round (begin()).
+struct RankRound {
+  std::uint64_t seen_tail = 0;  // the committed tail the round looked at
+  std::uint64_t end = 0;        // where the ring's head moves to once the round is applied
+  std::uint64_t free_to = 0;    // BSP: the end of the padding in front of the ring's first group
+  std::uint64_t last_seq = 0;   // the last push sequence number the server is then done with
+  std::uint64_t records = 0;    // pushes applied
+  std::uint64_t discarded = 0;  // pushes discarded (a BSP step whose writer died in it)
+  std::uint64_t clock = 0;      // the clock after the newest clock record the round consumes
+  // BSP: the newest clock record of the step that carries resume state (kept once the step is
+  // complete).
+  const shm::PushRecord* step_state = nullptr;
+  bool moved = false;           // publish: whether the round moved the ring's head
+
+  void begin(std::uint64_t head, std::uint64_t tail) noexcept {
+    *this = RankRound{};
+    seen_tail = tail;
+    end = head;
+    free_to = head;
+  }
+  // Takes nothing after all (an incomplete BSP step): only leading padding is given back.
+  void take_nothing() noexcept {
+    const std::uint64_t keep_tail = seen_tail, keep_free = free_to;
+    *this = RankRound{};
+    seen_tail = keep_tail;
+    end = free_to = keep_free;
+  }
+};
+
+struct RoundPlan {
+  std::vector<RankRound> ranks;            // one per worker slot
+  std::vector<Contribution> contributions; // in collection order; the apply engine sorts them
+
+  std::uint64_t records() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& r : ranks) n += r.records;
+    return n;
+  }
+  std::uint64_t discarded() const noexcept {
+    std::uint64_t n = 0;
+    for (const auto& r : ranks) n += r.discarded;
+    return n;
+  }
+};
+
+}  // namespace shmps::server

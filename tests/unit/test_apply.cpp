@@ -1,0 +1,322 @@
+// The server's components on their own: the apply engine (a round plan in, slices out), the
+// redo copy, and the collectors (rings in, a round plan out), on a model laid out in anonymous
+// memory. No server, no worker process, nothing on /dev/shm.
+#include <gtest/gtest.h>
+#include <tbb/task_arena.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include <shmps/server/initialise.hpp>
+#include <shmps/server/model_spec.hpp>
+#include <shmps/server/server.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/ring.hpp>
+
+#include "apply.hpp"
+#include "bootstrap.hpp"
+#include "collect.hpp"
+#include "redo.hpp"
+
+using namespace shmps;
+using namespace shmps::shm;
+using server::Aggregation;
+using server::ApplyEngine;
+using server::RoundPlan;
+
+namespace {
+
+// 1000 floats of 10.0 in slices of 256 (the last one 232), SGD at learning rate 1: each
+// gradient element is subtracted exactly, so every expected value below is exact.
+constexpr const char* kSgd = R"(
+max_workers = 4
+slice_bytes = 1024
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "p"
+shape = [1000]
+init = { kind = "constant", value = 10.0 }
+)";
+
+struct Model {
+  server::ModelSpec spec;
+  Segment segment;
+  tbb::task_arena arena{2};
+
+  explicit Model(const std::string& body, const std::string& extra = "") {
+    server::ServerOptions options;
+    options.spec = server::parse_model_spec("name = \"unit\"\n" + extra + body, "<test spec>");
+    options.threads = 2;
+    spec = options.spec;
+    const LayoutRequest request = server::layout_request(options);
+    const LayoutPlan plan = plan_layout(request);
+    segment = Segment::anonymous(plan.total_bytes);
+    server::lay_out_segment(segment, spec, request, plan, 0);
+    for (std::size_t i = 0; i < spec.params.size(); ++i) {
+      const ParamEntry& p = segment.param(i);
+      server::initialise(spec.params[i].init, std::span<float>(segment.values(p), p.size));
+    }
+  }
+  std::span<const float> values() { return {segment.values(segment.param(0)), segment.param(0).size}; }
+  std::uint64_t version(std::uint64_t slice) { return load_acquire(segment.slice(slice).version); }
+};
+
+// Push records as a worker's ring holds them: a 64-byte header and the gradient after it.
+class Records {
+ public:
+  const PushRecord& push(std::uint64_t offset, std::vector<float> grad, std::uint64_t seq) {
+    auto* rec = allocate(grad.size());
+    rec->kind = RecordKind::push;
+    rec->offset = offset;
+    rec->count = grad.size();
+    rec->seq = seq;
+    rec->generation = 1;
+    std::memcpy(record_payload(rec), grad.data(), grad.size() * sizeof(float));
+    return *rec;
+  }
+
+ private:
+  PushRecord* allocate(std::size_t count) {
+    const std::size_t bytes = record_bytes_for(count);
+    void* memory = std::aligned_alloc(kCacheLine, bytes);
+    std::memset(memory, 0, bytes);
+    storage_.emplace_back(static_cast<std::byte*>(memory));
+    auto* rec = reinterpret_cast<PushRecord*>(memory);
+    rec->record_bytes = bytes;
+    return rec;
+  }
+  struct Free {
+    void operator()(std::byte* p) const noexcept { std::free(p); }
+  };
+  std::vector<std::unique_ptr<std::byte, Free>> storage_;
+};
+
+std::vector<float> filled(std::size_t n, float v) { return std::vector<float>(n, v); }
+
+RoundPlan plan_of(Model& m, std::initializer_list<std::pair<std::uint32_t, const PushRecord*>> records) {
+  RoundPlan plan;
+  plan.ranks.resize(m.segment.header().max_workers);
+  for (const auto& [rank, rec] : records) EXPECT_TRUE(server::add_contributions(m.segment, rank, *rec, plan.contributions));
+  return plan;
+}
+
+}  // namespace
+
+TEST(ApplyEngine, EachContributionIsOneOptimizerStepOnItsSlices) {
+  Model m(kSgd);
+  Records r;
+  // Rank 0 over the whole parameter; rank 1 over [100, 400): slices 0 and 1.
+  RoundPlan plan = plan_of(m, {{0, &r.push(0, filled(1000, 1.0f), 1)}, {1, &r.push(100, filled(300, 2.0f), 1)}});
+  ASSERT_EQ(plan.contributions.size(), 4u + 2u);
+  ApplyEngine engine(m.segment, m.arena);
+  const server::ApplyTotals totals = engine.apply(plan.contributions, Aggregation::each);
+  EXPECT_EQ(totals.floats, 1300u);
+  EXPECT_EQ(totals.skipped, 0u);
+  const auto v = m.values();
+  for (std::size_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], (i >= 100 && i < 400) ? 7.0f : 9.0f) << "element " << i;
+  // Two updates on slices 0 and 1, one on slices 2 and 3: the version counts updates twice.
+  EXPECT_EQ(m.version(0), 4u);
+  EXPECT_EQ(m.version(1), 4u);
+  EXPECT_EQ(m.version(2), 2u);
+  EXPECT_EQ(m.version(3), 2u);
+  EXPECT_EQ(m.segment.slice(0).step, 2u);
+  // The exactly-once table: each rank's push recorded on the slices it touched, and only there.
+  EXPECT_EQ(m.segment.last_applied(0, 0), 1u);
+  EXPECT_EQ(m.segment.last_applied(1, 1), 1u);
+  EXPECT_EQ(m.segment.last_applied(2, 1), 0u);
+  for (std::uint32_t t = 0; t < m.segment.header().redo_count; ++t) EXPECT_EQ(load_acquire(m.segment.redo(t).valid), 0u);
+  EXPECT_EQ(load_acquire(m.segment.param_stats(0).floats_applied), 1300u);
+}
+
+TEST(ApplyEngine, APlanAppliedAgainIsSkippedWhole) {
+  // What a restarted server does with records its predecessor applied but did not release.
+  Model m(kSgd);
+  Records r;
+  const PushRecord& a = r.push(0, filled(1000, 1.0f), 5);
+  const PushRecord& b = r.push(200, filled(100, 3.0f), 9);
+  ApplyEngine engine(m.segment, m.arena);
+  RoundPlan first = plan_of(m, {{0, &a}, {2, &b}});
+  engine.apply(first.contributions, Aggregation::each);
+  const std::vector<float> after(m.values().begin(), m.values().end());
+  const std::uint64_t version0 = m.version(0);
+  RoundPlan again = plan_of(m, {{0, &a}, {2, &b}});
+  const server::ApplyTotals totals = engine.apply(again.contributions, Aggregation::each);
+  EXPECT_EQ(totals.skipped, again.contributions.size());
+  EXPECT_EQ(totals.floats, 0u);
+  EXPECT_EQ(std::vector<float>(m.values().begin(), m.values().end()), after);
+  EXPECT_EQ(m.version(0), version0);
+  // A newer push of the same rank is applied.
+  RoundPlan newer = plan_of(m, {{0, &r.push(0, filled(1000, 1.0f), 6)}});
+  engine.apply(newer.contributions, Aggregation::each);
+  EXPECT_EQ(m.values()[0], after[0] - 1.0f);
+}
+
+TEST(ApplyEngine, SumAndMeanMakeOneStepOfAllRanks) {
+  for (const Aggregation how : {Aggregation::sum, Aggregation::mean}) {
+    Model m(kSgd);
+    Records r;
+    RoundPlan plan = plan_of(m, {{0, &r.push(0, filled(1000, 1.0f), 1)},
+                                 {1, &r.push(0, filled(1000, 2.0f), 1)},
+                                 {2, &r.push(0, filled(500, 4.0f), 1)}});  // [0, 500): slice 0 and most of slice 1
+    ApplyEngine(m.segment, m.arena).apply(plan.contributions, how);
+    const auto v = m.values();
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      // The engine's arithmetic: the sum in rank order, times 1/ranks for the mean (ranks that
+      // contributed to the slice: three for slices 0 and 1, two after).
+      const std::size_t slice = i / 256;
+      const float sum = i < 500 ? 1.0f + 2.0f + 4.0f : 1.0f + 2.0f;
+      const float ranks = slice <= 1 ? 3.0f : 2.0f;
+      const float g = how == Aggregation::mean ? sum * (1.0f / ranks) : sum;
+      ASSERT_EQ(v[i], 10.0f - g) << "element " << i;
+    }
+    for (std::uint64_t s = 0; s < 4; ++s) EXPECT_EQ(m.version(s), 2u) << "one update per slice and step";
+  }
+}
+
+TEST(Redo, CopyInIsIdempotent) {
+  // A server killed after marking its entry valid leaves the copy to its successor, which may
+  // itself be killed in the middle: copying in once or twice gives the same slice.
+  Model m(kSgd);
+  RedoEntry& e = m.segment.redo(0);
+  e.slice = 1;
+  e.count = m.segment.slice(1).count;
+  e.version_after = 6;
+  e.step_after = 3;
+  for (std::uint64_t k = 0; k < e.count; ++k) m.segment.redo_values(e)[k] = 42.0f + static_cast<float>(k);
+  m.segment.redo_last_applied(e)[2] = 17;
+  store_release(e.valid, 1U);
+  for (int round = 0; round < 2; ++round) {
+    server::copy_in(m.segment, e);
+    const auto v = m.values();
+    for (std::uint64_t k = 0; k < e.count; ++k) ASSERT_EQ(v[256 + k], 42.0f + static_cast<float>(k));
+    EXPECT_EQ(v[255], 10.0f) << "the slice before is untouched";
+    EXPECT_EQ(v[512], 10.0f) << "the slice after is untouched";
+    EXPECT_EQ(m.version(1), 6u);
+    EXPECT_EQ(m.segment.slice(1).step, 3u);
+    EXPECT_EQ(m.segment.last_applied(1, 2), 17u);
+  }
+}
+
+namespace {
+
+// Writes records into slot `rank`'s ring the way a worker does (RingProducer).
+struct Producer {
+  RingProducer ring;
+  Producer(Segment& s, std::uint32_t rank) : ring(&s.ring(rank), s.ring_data(rank)) {}
+  void push(std::uint64_t offset, std::size_t count, float value, std::uint64_t seq, std::uint64_t generation = 1,
+            bool commit = true) {
+    PushRecord* rec = ring.try_claim(count);
+    ASSERT_NE(rec, nullptr);
+    rec->param = 0;
+    rec->offset = offset;
+    rec->count = count;
+    rec->seq = seq;
+    rec->generation = generation;
+    for (std::size_t k = 0; k < count; ++k) record_payload(rec)[k] = value;
+    if (commit) ring.commit();
+  }
+  void clock(std::uint64_t step, std::uint64_t generation = 1) {
+    PushRecord* rec = ring.try_claim(0);
+    ASSERT_NE(rec, nullptr);
+    rec->kind = RecordKind::clock;
+    rec->clock = step;
+    rec->generation = generation;
+    ring.commit();
+  }
+};
+
+std::vector<RingConsumer> consumers(Segment& s) {
+  std::vector<RingConsumer> rings;
+  for (std::uint32_t r = 0; r < s.header().max_workers; ++r) rings.emplace_back(&s.ring(r), s.ring_data(r));
+  return rings;
+}
+
+RoundPlan begin_round(const std::vector<RingConsumer>& rings) {
+  RoundPlan plan;
+  plan.ranks.resize(rings.size());
+  for (std::size_t r = 0; r < rings.size(); ++r) plan.ranks[r].begin(rings[r].head(), rings[r].committed());
+  return plan;
+}
+
+void attach(Segment& s, std::uint32_t rank) {  // what a worker's attach and the server's admission leave
+  WorkerSlot& slot = s.slot(rank);
+  store_release(slot.state, static_cast<std::uint32_t>(SlotState::attached));
+  store_release(slot.generation, std::uint64_t{1});
+  store_release(slot.admitted_generation, std::uint64_t{1});
+}
+
+}  // namespace
+
+TEST(Collect, AsTheyComeTakesEveryCommittedPushAndMovesNothing) {
+  Model m(kSgd);
+  Producer w0(m.segment, 0), w2(m.segment, 2);
+  w0.push(0, 1000, 1.0f, 1);
+  w0.clock(0);
+  w2.push(300, 10, 1.0f, 1);
+  w2.push(0, 10, 1.0f, 2, 1, /*commit=*/false);  // claimed, never committed: does not exist
+  auto rings = consumers(m.segment);
+  RoundPlan plan = begin_round(rings);
+  server::collect_as_they_come(m.segment, rings, plan);
+  EXPECT_EQ(plan.ranks[0].records, 1u);
+  EXPECT_EQ(plan.ranks[0].clock, 1u) << "the clock after step 0";
+  EXPECT_EQ(plan.ranks[0].end, rings[0].committed());
+  EXPECT_EQ(plan.ranks[2].records, 1u);
+  EXPECT_EQ(plan.ranks[2].last_seq, 1u);
+  EXPECT_EQ(plan.ranks[2].end, rings[2].committed());
+  EXPECT_EQ(plan.contributions.size(), 4u + 1u);
+  EXPECT_EQ(rings[0].head(), 0u) << "collecting releases nothing";
+}
+
+TEST(Collect, StepWaitsForEveryWorkerThatCounts) {
+  Model m(kSgd, "consistency = \"bsp\"\n");
+  attach(m.segment, 0);
+  attach(m.segment, 1);
+  Producer w0(m.segment, 0), w1(m.segment, 1);
+  w0.push(0, 1000, 1.0f, 1);
+  w0.clock(0);
+  auto rings = consumers(m.segment);
+  RoundPlan plan = begin_round(rings);
+  EXPECT_FALSE(server::collect_step(m.segment, rings, 0, plan)) << "rank 1 has not finished step 0";
+  EXPECT_TRUE(plan.contributions.empty());
+  EXPECT_EQ(plan.ranks[0].end, 0u) << "nothing is taken from an incomplete step";
+  EXPECT_EQ(plan.records(), 0u);
+
+  w1.push(0, 1000, 2.0f, 1);
+  w1.clock(0);
+  w0.push(0, 1000, 5.0f, 2);  // step 1 of rank 0, not finished: not part of step 0
+  plan = begin_round(rings);
+  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, plan));
+  EXPECT_EQ(plan.ranks[0].records, 1u);
+  EXPECT_EQ(plan.ranks[1].records, 1u);
+  EXPECT_EQ(plan.ranks[0].last_seq, 1u);
+  EXPECT_EQ(plan.contributions.size(), 8u);
+  EXPECT_LT(plan.ranks[0].end, rings[0].committed()) << "step 1's push stays in the ring";
+  ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::sum);
+  for (const float v : m.values()) ASSERT_EQ(v, 10.0f - 3.0f);
+}
+
+TEST(Collect, StepDiscardsTheOpenGroupOfADeadGeneration) {
+  // A worker killed in the middle of step 0 (a push, no clock record) and restarted: the new
+  // generation's step counts, the dead one's push is discarded, never applied.
+  Model m(kSgd, "consistency = \"bsp\"\n");
+  attach(m.segment, 0);
+  Producer w0(m.segment, 0);
+  w0.push(0, 1000, 100.0f, 1, /*generation=*/1);
+  store_release(m.segment.slot(0).generation, std::uint64_t{2});
+  store_release(m.segment.slot(0).admitted_generation, std::uint64_t{2});
+  w0.push(0, 1000, 1.0f, 2, /*generation=*/2);
+  w0.clock(0, 2);
+  auto rings = consumers(m.segment);
+  RoundPlan plan = begin_round(rings);
+  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, plan));
+  EXPECT_EQ(plan.ranks[0].discarded, 1u);
+  EXPECT_EQ(plan.ranks[0].records, 1u);
+  EXPECT_EQ(plan.ranks[0].last_seq, 2u);
+  ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::sum);
+  for (const float v : m.values()) ASSERT_EQ(v, 9.0f);
+}
