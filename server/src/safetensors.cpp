@@ -183,41 +183,41 @@ void write_file(const std::filesystem::path& path, const std::vector<TensorView>
 
 // ---------------------------------------------------------------------------------- reading
 
-File File::read(const std::filesystem::path& path) {
-  File f;
-  f.path_ = path;
+namespace {
 
-  // The whole file.
-  {
-    Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-    if (fd.fd < 0) fail_errno(path, "cannot open", errno);
-    struct stat st {};
-    if (::fstat(fd.fd, &st) != 0) fail_errno(path, "cannot stat", errno);
-    if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
-    f.bytes_.resize(static_cast<std::size_t>(st.st_size));
-    std::size_t got = 0;
-    while (got < f.bytes_.size()) {
-      ssize_t r = ::read(fd.fd, f.bytes_.data() + got, f.bytes_.size() - got);
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        fail_errno(path, "cannot read", errno);
-      }
-      if (r == 0) break;
-      got += static_cast<std::size_t>(r);
+// The whole file. If it shrinks while it is read, what is left is checked by the caller.
+std::vector<std::byte> read_whole(const std::filesystem::path& path) {
+  Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (fd.fd < 0) fail_errno(path, "cannot open", errno);
+  struct stat st {};
+  if (::fstat(fd.fd, &st) != 0) fail_errno(path, "cannot stat", errno);
+  if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
+  std::vector<std::byte> bytes(static_cast<std::size_t>(st.st_size));
+  std::size_t got = 0;
+  while (got < bytes.size()) {
+    ssize_t r = ::read(fd.fd, bytes.data() + got, bytes.size() - got);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      fail_errno(path, "cannot read", errno);
     }
-    f.bytes_.resize(got);  // the file shrank while we read it: what is left is checked below
+    if (r == 0) break;
+    got += static_cast<std::size_t>(r);
   }
-  const std::uint64_t size = f.bytes_.size();
+  bytes.resize(got);  // the file shrank while we read it: what is left is checked below
+  return bytes;
+}
 
-  // The header length.
+// The header length (the file's first 8 bytes), checked against the file's size.
+std::uint64_t header_length(const std::filesystem::path& path, const std::vector<std::byte>& bytes) {
+  const std::uint64_t size = bytes.size();
   if (size < 8) {
     fail(path, "truncated file: " + std::to_string(size) + " bytes, fewer than the 8-byte header length");
   }
   std::uint64_t n = 0;
-  std::memcpy(&n, f.bytes_.data(), sizeof n);
+  std::memcpy(&n, bytes.data(), sizeof n);
   // A length past the end of the file: a cut-off safetensors file if a JSON object follows the
   // length, otherwise not a safetensors file at all.
-  const bool json_follows = size > 8 && f.bytes_[8] == std::byte{'{'};
+  const bool json_follows = size > 8 && bytes[8] == std::byte{'{'};
   if (n > kMaxHeader || (n > size - 8 && !json_follows)) {
     fail(path, "not a safetensors file (its first 8 bytes give a header length of " + std::to_string(n) +
                    " bytes; the file has " + std::to_string(size) + ")");
@@ -226,79 +226,86 @@ File File::read(const std::filesystem::path& path) {
     fail(path, "truncated file: the header length " + std::to_string(n) + " goes beyond the end of the file (" +
                    std::to_string(size - 8) + " bytes after the length)");
   }
-  f.data_start_ = static_cast<std::size_t>(8 + n);
-  const std::uint64_t data_size = size - 8 - n;
+  return n;
+}
 
-  // The JSON header.
+// The JSON header: the n bytes after the length, a JSON object.
+json parse_header(const std::filesystem::path& path, const std::vector<std::byte>& bytes, std::uint64_t n) {
   json header;
   try {
-    const char* begin = reinterpret_cast<const char*>(f.bytes_.data() + 8);
+    const char* begin = reinterpret_cast<const char*>(bytes.data() + 8);
     header = json::parse(begin, begin + n);
   } catch (const json::exception& e) {
     fail(path, std::string("header JSON does not parse: ") + e.what());
   }
   if (!header.is_object()) fail(path, std::string("header JSON is a ") + header.type_name() + ", not an object");
+  return header;
+}
 
-  struct Span {
-    std::uint64_t begin, end;
-    const std::string* name;
-  };
-  std::vector<Span> spans;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == kMetadataKey) {
-      if (!entry.is_object()) fail(path, "\"__metadata__\" is not an object");
-      for (const auto& [k, v] : entry.items()) {
-        if (!v.is_string()) fail(path, "\"__metadata__\": value of \"" + k + "\" is not a string");
-        f.metadata_[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    const std::string where = "tensor '" + name + "': ";
-    if (!entry.is_object()) fail(path, where + "entry is not an object");
-    for (const char* key : {"dtype", "shape", "data_offsets"}) {
-      if (!entry.contains(key)) fail(path, where + "missing \"" + key + "\"");
-    }
-    Tensor t;
-    const json& dtype = entry["dtype"];
-    if (!dtype.is_string()) fail(path, where + "\"dtype\" is not a string");
-    t.dtype = dtype.get<std::string>();
-    const std::size_t esize = dtype_size(t.dtype);
-    if (esize == 0) fail(path, where + "unknown dtype \"" + t.dtype + "\"");
-    const json& shape = entry["shape"];
-    if (!shape.is_array()) fail(path, where + "\"shape\" is not an array");
-    for (const json& d : shape) {
-      if (!d.is_number_unsigned()) fail(path, where + "\"shape\" holds " + d.dump() + ", not a non-negative integer");
-      t.shape.push_back(d.get<std::uint64_t>());
-    }
-    const json& offs = entry["data_offsets"];
-    if (!offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() || !offs[1].is_number_unsigned()) {
-      fail(path, where + "\"data_offsets\" is " + offs.dump() + ", not [begin, end] as non-negative integers");
-    }
-    t.begin = offs[0].get<std::uint64_t>();
-    t.end = offs[1].get<std::uint64_t>();
-    if (t.begin > t.end) {
-      fail(path, where + "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                     "]: begin is after end");
-    }
-    if (t.end > data_size) {
-      fail(path, where + "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                     "] out of range: the data section has " + std::to_string(data_size) + " bytes");
-    }
-    std::uint64_t count = 0, bytes = 0;
-    if (!element_count(t.shape, count) || __builtin_mul_overflow(count, esize, &bytes)) {
-      fail(path, where + "shape " + shape_text(t.shape) + " is too large");
-    }
-    if (bytes != t.end - t.begin) {
-      fail(path, where + "shape " + shape_text(t.shape) + " of " + t.dtype + " needs " + std::to_string(bytes) +
-                     " bytes, but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                     "] give " + std::to_string(t.end - t.begin));
-    }
-    auto [it, inserted] = f.tensors_.emplace(name, std::move(t));
-    (void)inserted;  // nlohmann keeps one value per key
-    spans.push_back({it->second.begin, it->second.end, &it->first});
+// "__metadata__": an object of strings.
+void read_metadata(const std::filesystem::path& path, const json& entry, std::map<std::string, std::string>& out) {
+  if (!entry.is_object()) fail(path, "\"__metadata__\" is not an object");
+  for (const auto& [k, v] : entry.items()) {
+    if (!v.is_string()) fail(path, "\"__metadata__\": value of \"" + k + "\" is not a string");
+    out[k] = v.get<std::string>();
   }
+}
 
-  // The tensors are contiguous, do not overlap and cover the data section exactly.
+// One tensor's header entry: dtype, shape and data offsets, which must lie in the data section
+// and hold exactly the bytes the shape needs.
+Tensor read_entry(const std::filesystem::path& path, const std::string& name, const json& entry,
+                  std::uint64_t data_size) {
+  const std::string where = "tensor '" + name + "': ";
+  if (!entry.is_object()) fail(path, where + "entry is not an object");
+  for (const char* key : {"dtype", "shape", "data_offsets"}) {
+    if (!entry.contains(key)) fail(path, where + "missing \"" + key + "\"");
+  }
+  Tensor t;
+  const json& dtype = entry["dtype"];
+  if (!dtype.is_string()) fail(path, where + "\"dtype\" is not a string");
+  t.dtype = dtype.get<std::string>();
+  const std::size_t esize = dtype_size(t.dtype);
+  if (esize == 0) fail(path, where + "unknown dtype \"" + t.dtype + "\"");
+  const json& shape = entry["shape"];
+  if (!shape.is_array()) fail(path, where + "\"shape\" is not an array");
+  for (const json& d : shape) {
+    if (!d.is_number_unsigned()) fail(path, where + "\"shape\" holds " + d.dump() + ", not a non-negative integer");
+    t.shape.push_back(d.get<std::uint64_t>());
+  }
+  const json& offs = entry["data_offsets"];
+  if (!offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() || !offs[1].is_number_unsigned()) {
+    fail(path, where + "\"data_offsets\" is " + offs.dump() + ", not [begin, end] as non-negative integers");
+  }
+  t.begin = offs[0].get<std::uint64_t>();
+  t.end = offs[1].get<std::uint64_t>();
+  if (t.begin > t.end) {
+    fail(path, where + "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                   "]: begin is after end");
+  }
+  if (t.end > data_size) {
+    fail(path, where + "data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                   "] out of range: the data section has " + std::to_string(data_size) + " bytes");
+  }
+  std::uint64_t count = 0, bytes = 0;
+  if (!element_count(t.shape, count) || __builtin_mul_overflow(count, esize, &bytes)) {
+    fail(path, where + "shape " + shape_text(t.shape) + " is too large");
+  }
+  if (bytes != t.end - t.begin) {
+    fail(path, where + "shape " + shape_text(t.shape) + " of " + t.dtype + " needs " + std::to_string(bytes) +
+                   " bytes, but data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                   "] give " + std::to_string(t.end - t.begin));
+  }
+  return t;
+}
+
+// Where a tensor's bytes lie in the data section.
+struct Span {
+  std::uint64_t begin, end;
+  const std::string* name;
+};
+
+// The tensors are contiguous, do not overlap and cover the data section exactly.
+void check_spans(const std::filesystem::path& path, std::vector<Span> spans, std::uint64_t data_size) {
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
@@ -320,21 +327,49 @@ File File::read(const std::filesystem::path& path) {
     fail(path, "tensors do not cover the data section: they end at byte " + std::to_string(at) +
                    " but the data section has " + std::to_string(data_size) + " bytes");
   }
+}
 
-  // The checksum, when this file has one.
-  if (auto it = f.metadata_.find(std::string(kChecksumKey)); it != f.metadata_.end()) {
+// The checksum, when the file has one.
+void check_checksum(const std::filesystem::path& path, const std::map<std::string, std::string>& metadata,
+                    std::span<const std::byte> data) {
+  if (auto it = metadata.find(std::string(kChecksumKey)); it != metadata.end()) {
     std::string found = it->second;
     std::transform(found.begin(), found.end(), found.begin(),
                    [](char c) { return static_cast<char>(c >= 'A' && c <= 'F' ? c - 'A' + 'a' : c); });
     if (found.rfind(kChecksumPrefix, 0) != 0)
       fail(path, std::string(kChecksumKey) + " is \"" + it->second + "\": not a checksum this build knows (\"" +
                      std::string(kChecksumPrefix) + "<16 hex digits>\"); remove the key to read the file unchecked");
-    const std::string want = checksum(f.data());
+    const std::string want = checksum(data);
     if (found != want) {
       fail(path, "checksum mismatch: " + std::string(kChecksumKey) + " says " + it->second +
                      " but the data section hashes to " + want + "; the file is damaged");
     }
   }
+}
+
+}  // namespace
+
+File File::read(const std::filesystem::path& path) {
+  File f;
+  f.path_ = path;
+  f.bytes_ = read_whole(path);
+  const std::uint64_t n = header_length(path, f.bytes_);
+  f.data_start_ = static_cast<std::size_t>(8 + n);
+  const std::uint64_t data_size = f.bytes_.size() - 8 - n;
+  const json header = parse_header(path, f.bytes_, n);
+
+  std::vector<Span> spans;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == kMetadataKey) {
+      read_metadata(path, entry, f.metadata_);
+      continue;
+    }
+    auto [it, inserted] = f.tensors_.emplace(name, read_entry(path, name, entry, data_size));
+    (void)inserted;  // nlohmann keeps one value per key
+    spans.push_back({it->second.begin, it->second.end, &it->first});
+  }
+  check_spans(path, std::move(spans), data_size);
+  check_checksum(path, f.metadata_, f.data());
   return f;
 }
 

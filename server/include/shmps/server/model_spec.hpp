@@ -144,8 +144,8 @@ class SpecError : public std::runtime_error {
 };
 
 // Limits of the format (see above). The name and dimension limits are those of the segment
-// layout (shm/layout.hpp: 64-byte NUL-terminated names, 8 dimensions); model_spec.cpp checks
-// that they agree.
+// layout (shm/layout.hpp: 64-byte NUL-terminated names, 8 dimensions);
+// model_spec_rules.cpp checks that they agree.
 inline constexpr std::size_t kMaxSegmentNameLength = 63;
 inline constexpr std::size_t kMaxParamNameBytes = 63;
 inline constexpr std::size_t kMaxParamDims = 8;

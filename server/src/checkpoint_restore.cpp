@@ -1,0 +1,108 @@
+// Checkpoints, the way back: whether a snapshot fits the segment a spec asks for
+// (check_restorable), and writing it into the segment the server is creating (restore_into).
+// See checkpoint.hpp.
+#include <algorithm>
+#include <cstring>
+
+#include <shmps/error.hpp>
+#include <shmps/shape.hpp>
+#include <shmps/server/checkpoint.hpp>
+#include <shmps/shm/atomics.hpp>
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+namespace {
+
+[[noreturn]] void fail(const std::filesystem::path& path, const std::string& what) {
+  throw Error(path.string() + ": " + what);
+}
+
+}  // namespace
+
+void check_restorable(const Snapshot& snap, const std::filesystem::path& path, const ModelSpec& spec,
+                      const LayoutPlan& plan) {
+  for (std::size_t i = 0; i < spec.params.size(); ++i) {
+    const ParamSpec& want = spec.params[i];
+    auto it = std::find_if(snap.params.begin(), snap.params.end(), [&](const auto& p) { return p.name == want.name; });
+    if (it == snap.params.end())
+      fail(path, "has no tensor \"" + want.name + "\", a parameter of " + spec.source + ": it is a checkpoint of another model");
+    if (it->shape != want.shape)
+      fail(path, "tensor \"" + want.name + "\" has shape " + shape_text(it->shape) + ", but " + spec.source + " says " +
+                     shape_text(want.shape));
+    if (it != snap.params.begin() + static_cast<std::ptrdiff_t>(i))
+      fail(path, "parameter \"" + want.name + "\" is at position " + std::to_string(it - snap.params.begin()) +
+                     " in the checkpoint, " + std::to_string(i) + " in " + spec.source + ": list them in the same order");
+  }
+  if (snap.params.size() != spec.params.size())
+    fail(path, "has " + std::to_string(snap.params.size()) + " parameters, " + spec.source + " has " +
+                   std::to_string(spec.params.size()) + ": it is a checkpoint of another model");
+  if (snap.optimizer.kind != spec.optimizer.kind)
+    fail(path, "was written with optimizer " + std::string(to_string(snap.optimizer.kind)) + ", " + spec.source +
+                   " asks for " + std::string(to_string(spec.optimizer.kind)) + ": the optimizer state cannot carry over; "
+                   "set kind = \"" + std::string(to_string(snap.optimizer.kind)) + "\"");
+  if (snap.slice_floats != plan.slice_floats)
+    fail(path, "was sliced at " + std::to_string(snap.slice_floats * sizeof(float)) + " bytes per slice, " + spec.source +
+                   " at " + std::to_string(plan.slice_floats * sizeof(float)) + ": set slice_bytes = " +
+                   std::to_string(snap.slice_floats * sizeof(float)));
+  for (const auto& s : snap.slots)
+    if (s.rank >= spec.max_workers)
+      fail(path, "holds the state of worker rank " + std::to_string(s.rank) + ", but " + spec.source + " has only " +
+                     std::to_string(spec.max_workers) + " worker slots: raise max_workers");
+}
+
+void restore_into(Segment& segment, const Snapshot& snap) {
+  SegmentHeader& h = segment.header();
+  h.optimizer = snap.optimizer;
+  store_release(h.model_clock, snap.model_clock);
+  store_release(h.consistency, static_cast<std::uint32_t>(snap.consistency));
+  store_release(h.staleness, snap.staleness);
+  store_release(h.bsp_aggregate, static_cast<std::uint32_t>(snap.bsp_aggregate));
+  store_release(h.on_worker_death, static_cast<std::uint32_t>(snap.on_worker_death));
+  store_release(h.server_epoch, snap.epoch);
+  store_release(h.steps, snap.steps);
+  store_release(h.records_applied, snap.records_applied);
+  store_release(h.records_skipped, snap.records_skipped);
+  store_release(h.records_discarded, snap.records_discarded);
+  store_release(h.floats_applied, snap.floats_applied);
+  store_release(h.apply_rounds, snap.apply_rounds);
+  const int arrays = static_cast<int>(h.state_arrays);
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    const Snapshot::Param& sp = snap.params[i];
+    std::memcpy(segment.values(p), sp.values.data(), p.size * sizeof(float));
+    for (int a = 0; a < arrays; ++a) std::memcpy(segment.state(p, a), sp.state[a].data(), p.size * sizeof(float));
+  }
+  const std::uint32_t columns = std::min(h.max_workers, snap.max_workers);
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) {
+    SliceEntry& slice = segment.slice(s);
+    store_release(slice.version, static_cast<std::uint64_t>(snap.slice_version[s]));
+    store_release(slice.clock, static_cast<std::uint64_t>(snap.slice_clock[s]));
+    slice.step = static_cast<std::uint64_t>(snap.slice_step[s]);
+    for (std::uint32_t r = 0; r < columns; ++r)
+      segment.last_applied(s, r) = static_cast<std::uint64_t>(snap.last_applied[s * snap.max_workers + r]);
+  }
+  for (const auto& s : snap.slots) {
+    WorkerSlot& slot = segment.slot(s.rank);
+    store_release(slot.generation, s.generation);
+    // Its holder is gone: proven dead (it takes part in barriers again once a worker takes the
+    // slot, or keeps them waiting with on_worker_death = wait), or it had left.
+    store_release(slot.dead_generation, s.generation);
+    store_release(slot.admitted_generation, s.generation);
+    store_release(slot.admitted_clock, s.consumed_clock);
+    store_release(slot.published, s.applied);
+    store_release(slot.applied, s.applied);
+    store_release(slot.clock, s.consumed_clock);
+    store_release(slot.consumed_clock, s.consumed_clock);
+    store_release(slot.records_applied, s.records_applied);
+    store_release(slot.records_discarded, s.records_discarded);
+    if (!s.resume.empty()) std::memcpy(slot.resume, s.resume.data(), s.resume.size());  // data() may be null
+    store_release(slot.resume_bytes, static_cast<std::uint32_t>(s.resume.size()));
+    store_release(slot.resume_clock, s.resume_clock);
+    store_release(slot.resume_version, std::uint64_t{2});
+    store_release(slot.state, s.state);
+  }
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,105 @@
+// Checkpoints, step one: copy the whole state of a job out of its segment into a Snapshot
+// (take_snapshot), between two apply rounds. See checkpoint.hpp; checkpoint_file.cpp writes the
+// snapshot to a file, checkpoint_restore.cpp puts one back into a segment.
+#include <algorithm>
+#include <cstring>
+
+#include <shmps/server/checkpoint.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/proc.hpp>
+
+#include "parallel.hpp"
+
+namespace shmps::server {
+
+using namespace shmps::shm;
+
+namespace {
+
+// Parallel copy of big arrays (memory bandwidth: two threads beat one on most machines).
+void parallel_copy(tbb::task_arena& arena, float* dst, const float* src, std::size_t n) {
+  constexpr std::size_t kChunk = 1 << 20;  // 4 MiB
+  parallel_for_index(arena, (n + kChunk - 1) / kChunk, [&](std::size_t chunk, std::size_t) {
+    const std::size_t begin = chunk * kChunk, count = std::min(kChunk, n - begin);
+    std::memcpy(dst + begin, src + begin, count * sizeof(float));
+  });
+}
+
+}  // namespace
+
+std::uint64_t Snapshot::data_bytes() const noexcept {
+  std::uint64_t bytes = 0;
+  for (const auto& p : params) bytes += (p.values.size() + p.state[0].size() + p.state[1].size()) * sizeof(float);
+  bytes += (slice_version.size() + slice_clock.size() + slice_step.size() + last_applied.size()) * sizeof(std::int64_t);
+  return bytes;
+}
+
+void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out) {
+  const SegmentHeader& h = segment.header();
+  out.segment = h.name;
+  out.taken_unix_ns = unix_ns();
+  out.epoch = load_acquire(h.server_epoch);
+  out.model_clock = load_acquire(h.model_clock);
+  out.consistency = static_cast<Consistency>(load_acquire(h.consistency));
+  out.staleness = load_acquire(h.staleness);
+  out.bsp_aggregate = static_cast<BspAggregate>(load_acquire(h.bsp_aggregate));
+  out.on_worker_death = static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death));
+  out.optimizer = h.optimizer;
+  out.slice_floats = h.slice_floats;
+  out.max_workers = h.max_workers;
+  out.steps = load_acquire(h.steps);
+  out.records_applied = load_acquire(h.records_applied);
+  out.records_skipped = load_acquire(h.records_skipped);
+  out.records_discarded = load_acquire(h.records_discarded);
+  out.floats_applied = load_acquire(h.floats_applied);
+  out.apply_rounds = load_acquire(h.apply_rounds);
+
+  const int arrays = static_cast<int>(h.state_arrays);
+  out.params.resize(h.param_count);
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    Snapshot::Param& sp = out.params[i];
+    sp.name = std::string(param_name(p));
+    sp.shape.assign(p.shape, p.shape + p.ndim);
+    sp.values.resize(p.size);
+    parallel_copy(arena, sp.values.data(), segment.values(p), p.size);
+    for (int a = 0; a < 2; ++a) {
+      sp.state[a].resize(a < arrays ? p.size : 0);
+      if (a < arrays) parallel_copy(arena, sp.state[a].data(), at<float>(segment.base(), p.state_offset[a]), p.size);
+    }
+  }
+  out.slice_version.resize(h.slice_count);
+  out.slice_clock.resize(h.slice_count);
+  out.slice_step.resize(h.slice_count);
+  out.last_applied.resize(h.slice_count * h.max_workers);
+  const auto* table = at<std::uint64_t>(segment.base(), h.applied_offset);
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) {
+    const SliceEntry& slice = segment.slice(s);
+    out.slice_version[s] = static_cast<std::int64_t>(load_acquire(slice.version));
+    out.slice_clock[s] = static_cast<std::int64_t>(load_acquire(slice.clock));
+    out.slice_step[s] = static_cast<std::int64_t>(slice.step);
+  }
+  std::memcpy(out.last_applied.data(), table, out.last_applied.size() * sizeof(std::int64_t));
+
+  out.slots.clear();
+  for (std::uint32_t r = 0; r < h.max_workers; ++r) {
+    const WorkerSlot& slot = segment.slot(r);
+    const std::uint64_t generation = load_acquire(slot.generation);
+    if (generation == 0) continue;
+    Snapshot::Slot s;
+    s.rank = r;
+    s.state = load_acquire(slot.state);
+    s.generation = generation;
+    s.applied = load_acquire(slot.applied);
+    s.consumed_clock = load_acquire(slot.consumed_clock);
+    s.resume_clock = load_acquire(slot.resume_clock);
+    const std::uint32_t bytes = std::min<std::uint32_t>(load_acquire(slot.resume_bytes), kResumeBlobBytes);
+    const auto* blob = reinterpret_cast<const std::byte*>(slot.resume);
+    s.resume.assign(blob, blob + bytes);  // the server writes it, between rounds: stable now
+    s.records_applied = load_acquire(slot.records_applied);
+    s.records_discarded = load_acquire(slot.records_discarded);
+    out.slots.push_back(std::move(s));
+  }
+}
+
+}  // namespace shmps::server

@@ -1,0 +1,124 @@
+// The model spec parser's [optimizer] table: the kind, then each numeric setting in file order,
+// checked by the optimizer's own value rules (optimizer.hpp) before and after rounding to float32.
+// A setting the chosen kind does not use is an error, so a forgotten `kind` is not silently
+// ignored.
+#include <algorithm>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "model_spec_parser.hpp"
+#include "shmps/server/optimizer.hpp"  // the optimizer's value rules (header-only)
+
+namespace shmps::server::spec_detail {
+
+namespace {
+
+constexpr std::string_view kOptimizerKeysList[] = {
+    "kind", "lr",  "momentum",     "beta1",      "beta2",
+    "rho",  "eps", "weight_decay", "clip_value", "clip_norm"};
+constexpr std::string_view kOptimizerKindsList[] = {"sgd",     "momentum", "nesterov",
+                                                    "adagrad", "rmsprop",  "adam"};
+constexpr Keys kOptimizerKeys{kOptimizerKeysList};
+constexpr Keys kOptimizerKinds{kOptimizerKindsList};
+
+// Which optimizer kinds use a settings key (empty: all of them).
+Keys kinds_using(std::string_view key) {
+  static constexpr std::string_view kMomentumList[] = {"momentum", "nesterov"};
+  constexpr Keys kMomentum{kMomentumList};
+  static constexpr std::string_view kAdamList[] = {"adam"};
+  constexpr Keys kAdam{kAdamList};
+  static constexpr std::string_view kRmspropList[] = {"rmsprop"};
+  constexpr Keys kRmsprop{kRmspropList};
+  static constexpr std::string_view kEpsList[] = {"adagrad", "rmsprop", "adam"};
+  constexpr Keys kEps{kEpsList};
+  if (key == "momentum") return kMomentum;
+  if (key == "beta1" || key == "beta2") return kAdam;
+  if (key == "rho") return kRmsprop;
+  if (key == "eps") return kEps;
+  return {};
+}
+
+float* settings_field(OptimizerSettings& s, std::string_view key) {
+  if (key == "lr") return &s.lr;
+  if (key == "momentum") return &s.momentum;
+  if (key == "beta1") return &s.beta1;
+  if (key == "beta2") return &s.beta2;
+  if (key == "rho") return &s.rho;
+  if (key == "eps") return &s.eps;
+  if (key == "weight_decay") return &s.weight_decay;
+  if (key == "clip_value") return &s.clip_value;
+  if (key == "clip_norm") return &s.clip_norm;
+  return nullptr;
+}
+
+}  // namespace
+
+void Parser::read_optimizer(const toml::table& root, OptimizerSettings& s) const {
+  const toml::node* on = root.get("optimizer");
+  if (on == nullptr) {
+    fail(root.source(), "optimizer",
+         "missing; add an [optimizer] table with at least lr = <learning rate>");
+  }
+  const toml::table* t = on->as_table();
+  if (t == nullptr) {
+    fail(on->source(), "optimizer", "expected a table ([optimizer]), got " + describe(*on));
+  }
+  check_keys(*t, "optimizer.", kOptimizerKeys, "");
+  s = OptimizerSettings{};
+  std::string kind_text = "sgd";
+  const toml::node* kind = t->get("kind");
+  if (kind != nullptr) {
+    kind_text = str_value(*kind, "optimizer.kind");
+    bool found = false;
+    for (int k = 0; k <= static_cast<int>(OptimizerKind::adam); ++k) {
+      if (to_string(static_cast<OptimizerKind>(k)) == kind_text) {
+        s.kind = static_cast<OptimizerKind>(k);
+        found = true;
+      }
+    }
+    if (!found) {
+      fail(kind->source(), "optimizer.kind",
+           "unknown optimizer kind " + quote(kind_text) +
+               did_you_mean(kind_text, kOptimizerKinds) +
+               "; valid kinds: " + join(kOptimizerKinds));
+    }
+  }
+  // Numeric keys in file order, so the first problem in the file is the one reported.
+  std::vector<std::pair<const toml::key*, const toml::node*>> keys;
+  for (auto&& [k, v] : *t) {
+    if (k.str() != "kind") keys.emplace_back(&k, &v);
+  }
+  std::sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) {
+    return std::pair(a.first->source().begin.line, a.first->source().begin.column) <
+           std::pair(b.first->source().begin.line, b.first->source().begin.column);
+  });
+  for (const auto& [k, v] : keys) {
+    const std::string_view key = k->str();
+    const std::string field = "optimizer." + std::string(key);
+    const Keys users = kinds_using(key);
+    if (users.size() > 0 && !contains(users, kind_text)) {
+      fail(k->source(), field,
+           "not used by kind " + quote(kind_text) +
+               (kind == nullptr ? " (the default when optimizer.kind is not given)" : "") +
+               ", only by " + join(users) + "; remove it or set optimizer.kind");
+    }
+    const double value = number(*v, field);
+    if (std::string problem = optimizer_field_problem(key, value); !problem.empty()) {
+      fail(v->source(), field, problem);
+    }
+    const auto f = static_cast<float>(value);
+    if (std::string problem = detail::optimizer_field_problem(key, f); !problem.empty()) {
+      fail(v->source(), field,
+           problem + " (" + detail::format_number(value) + " rounded to float32)");
+    }
+    *settings_field(s, key) = f;
+  }
+  if (t->get("lr") == nullptr) {
+    fail(t->source(), "optimizer.lr",
+         "missing; add lr = <learning rate> (e.g. lr = 0.01) to [optimizer]");
+  }
+}
+
+}  // namespace shmps::server::spec_detail

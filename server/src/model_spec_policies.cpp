@@ -1,0 +1,57 @@
+// The job's policies from their words: consistency ("asp", "bsp", "ssp:N"), bsp_aggregate
+// ("sum", "mean") and on_worker_death ("proceed", "wait"). Shared by the spec parser, the
+// server's flags and live switch, checkpoints and `shmps-ctl set`, so all accept the same words
+// with the same messages.
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+
+#include "shmps/server/model_spec.hpp"
+
+namespace shmps::server {
+
+std::string parse_consistency(std::string_view text, Consistency& mode, std::uint32_t& staleness) {
+  const std::string expected =
+      "expected \"asp\", \"bsp\" or \"ssp:N\" (N = staleness bound in clocks, an integer >= 0, e.g. \"ssp:3\"), got \"" +
+      std::string(text) + "\"";
+  if (text == "asp") {
+    mode = Consistency::asp;
+    staleness = 0;
+    return {};
+  }
+  if (text == "bsp") {
+    mode = Consistency::bsp;
+    staleness = 0;
+    return {};
+  }
+  if (text == "ssp") return "\"ssp\" needs its staleness bound: write \"ssp:N\", e.g. \"ssp:3\"";
+  if (text.rfind("ssp:", 0) != 0) return expected;
+  const std::string_view digits = text.substr(4);
+  std::uint64_t bound = 0;
+  if (digits.empty() || digits.size() > 10) return expected;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return expected;
+    bound = bound * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  if (bound > std::numeric_limits<std::uint32_t>::max()) return expected;
+  mode = Consistency::ssp;
+  staleness = static_cast<std::uint32_t>(bound);
+  return {};
+}
+
+std::string parse_bsp_aggregate(std::string_view text, BspAggregate& out) {
+  if (text == "sum") out = BspAggregate::sum;
+  else if (text == "mean") out = BspAggregate::mean;
+  else return "expected \"sum\" or \"mean\", got \"" + std::string(text) + "\"";
+  return {};
+}
+
+std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out) {
+  if (text == "proceed") out = OnWorkerDeath::proceed;
+  else if (text == "wait") out = OnWorkerDeath::wait;
+  else return "expected \"proceed\" or \"wait\", got \"" + std::string(text) + "\"";
+  return {};
+}
+
+}  // namespace shmps::server
