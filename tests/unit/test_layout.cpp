@@ -1,6 +1,12 @@
 // The layout plan: every region where layout.hpp says, aligned, non-overlapping, and sized.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
 #include <shmps/error.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/pages.hpp>
@@ -78,6 +84,110 @@ TEST(Layout, FingerprintIsStableAndNonTrivial) {
   EXPECT_EQ(again, kLayoutFingerprint);
   EXPECT_EQ(offsetof(WorkerSlot, applied) % kCacheLine, 0u);
   EXPECT_EQ(offsetof(RingHeader, head) - offsetof(RingHeader, tail), 2 * kCacheLine);
+}
+
+// ---- The field lists: every field of every shared type, and the fingerprint over them --------
+
+namespace {
+using detail::FieldInfo;
+using detail::FieldsOf;
+
+// The first field of T's list that does not tile the struct, by name, or "" if the list tiles it.
+template <class T>
+std::string untiled_field() {
+  const auto& list = FieldsOf<T>::list;
+  const std::uint64_t i = detail::first_untiled(list, sizeof(T));
+  if (i == detail::kTiles) return "";
+  if (i == std::size(list)) return "(the end)";
+  return list[i].name != nullptr ? list[i].name : "(padding)";
+}
+
+template <class T>
+std::uint64_t fingerprint_of(const FieldInfo (&list)[std::size(FieldsOf<T>::list)]) {
+  return detail::type_fingerprint(0, FieldsOf<T>::name, sizeof(T), alignof(T), list);
+}
+
+// A copy of T's list, to edit.
+template <class T>
+struct ListCopy {
+  FieldInfo list[std::size(FieldsOf<T>::list)];
+  ListCopy() { std::copy(std::begin(FieldsOf<T>::list), std::end(FieldsOf<T>::list), std::begin(list)); }
+  FieldInfo& field(std::string_view name) {
+    for (FieldInfo& f : list)
+      if (f.name != nullptr && name == f.name) return f;
+    throw std::runtime_error("no field " + std::string(name));
+  }
+};
+}  // namespace
+
+TEST(LayoutFields, EveryListTilesItsStructByteForByte) {
+  // (The same check is a static_assert in layout.hpp; here it names the field.)
+  EXPECT_EQ(untiled_field<shmps::OptimizerSettings>(), "");
+  EXPECT_EQ(untiled_field<SegmentHeader>(), "");
+  EXPECT_EQ(untiled_field<ParamEntry>(), "");
+  EXPECT_EQ(untiled_field<SliceEntry>(), "");
+  EXPECT_EQ(untiled_field<ParamStats>(), "");
+  EXPECT_EQ(untiled_field<RedoEntry>(), "");
+  EXPECT_EQ(untiled_field<WorkerSlot>(), "");
+  EXPECT_EQ(untiled_field<RingHeader>(), "");
+  EXPECT_EQ(untiled_field<PushRecord>(), "");
+  // Spot checks that the lists hold what the structs do.
+  EXPECT_EQ(std::string(FieldsOf<WorkerSlot>::list[0].name), "state");
+  EXPECT_EQ(ListCopy<WorkerSlot>().field("applied").offset, offsetof(WorkerSlot, applied));
+  EXPECT_EQ(ListCopy<SegmentHeader>().field("mailbox_reply").size, kMailboxBytes);
+}
+
+TEST(LayoutFields, AFieldMissingFromAListIsCaughtEvenInsideALinesPadding) {
+  // `waiting` is the last word of the worker's hand-off line, followed by that line's padding:
+  // without it, the next field still starts on the next line, but the bytes before are a hole.
+  ListCopy<WorkerSlot> copy;
+  FieldInfo& waiting = copy.field("waiting");
+  waiting = FieldInfo{nullptr, 0, 0, 0};  // as if the list had no entry for it
+  EXPECT_NE(detail::first_untiled(copy.list, sizeof(WorkerSlot)), detail::kTiles);
+  // A PAD one byte off is caught as well.
+  ListCopy<SegmentHeader> header;
+  for (FieldInfo& f : header.list)
+    if (f.name == nullptr) {
+      f.size += 8;
+      break;
+    }
+  EXPECT_NE(detail::first_untiled(header.list, sizeof(SegmentHeader)), detail::kTiles);
+}
+
+TEST(LayoutFields, SwappingTwoFieldsOfOneTypeChangesTheFingerprint) {
+  ListCopy<WorkerSlot> same;
+  EXPECT_EQ(fingerprint_of<WorkerSlot>(same.list), fingerprint_of<WorkerSlot>(FieldsOf<WorkerSlot>::list));
+  // published and last_commit_seq: both atomic u64 on one line; swapped, every size stays.
+  ListCopy<WorkerSlot> swapped;
+  std::swap(swapped.field("published").offset, swapped.field("last_commit_seq").offset);
+  EXPECT_NE(fingerprint_of<WorkerSlot>(swapped.list), fingerprint_of<WorkerSlot>(same.list));
+  // The same in the segment header: two of its offsets (plain u64).
+  ListCopy<SegmentHeader> header;
+  std::swap(header.field("values_offset").offset, header.field("state_offset").offset);
+  EXPECT_NE(fingerprint_of<SegmentHeader>(header.list), fingerprint_of<SegmentHeader>(FieldsOf<SegmentHeader>::list));
+}
+
+TEST(LayoutFields, RetypingAFieldOfTheSameSizeChangesTheFingerprint) {
+  // PushRecord::grad_sq_norm is a double; as a u64 of the same size it would be read wrongly.
+  ListCopy<PushRecord> retyped;
+  retyped.field("grad_sq_norm").type_code = detail::field_type_code<std::uint64_t>();
+  EXPECT_NE(fingerprint_of<PushRecord>(retyped.list), fingerprint_of<PushRecord>(FieldsOf<PushRecord>::list));
+  EXPECT_NE(detail::field_type_code<std::atomic<std::uint64_t>>(), detail::field_type_code<std::uint64_t>());
+  EXPECT_NE(detail::field_type_code<std::uint64_t[2]>(), detail::field_type_code<std::uint64_t[3]>());
+}
+
+TEST(LayoutFields, SharedTypesCannotBeCopiedParamEntryAndSettingsCan) {
+  static_assert(!std::is_copy_constructible_v<SegmentHeader> && !std::is_move_assignable_v<SegmentHeader>);
+  static_assert(!std::is_copy_constructible_v<SliceEntry> && !std::is_copy_assignable_v<SliceEntry>);
+  static_assert(!std::is_copy_constructible_v<ParamStats> && !std::is_move_constructible_v<ParamStats>);
+  static_assert(!std::is_copy_constructible_v<RedoEntry> && !std::is_copy_assignable_v<RedoEntry>);
+  static_assert(!std::is_copy_constructible_v<WorkerSlot> && !std::is_copy_assignable_v<WorkerSlot>);
+  static_assert(!std::is_copy_constructible_v<RingHeader> && !std::is_copy_assignable_v<RingHeader>);
+  static_assert(!std::is_copy_constructible_v<PushRecord> && !std::is_copy_assignable_v<PushRecord>);
+  // Values written once at creation, built and copied on purpose (layout.hpp, settings.hpp).
+  static_assert(std::is_copy_constructible_v<ParamEntry> && std::is_copy_assignable_v<ParamEntry>);
+  static_assert(std::is_copy_constructible_v<shmps::OptimizerSettings>);
+  SUCCEED();
 }
 
 // ---- What a segment costs ----------------------------------------------------------------------

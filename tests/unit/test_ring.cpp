@@ -36,20 +36,32 @@ void fill(PushRecord* r, std::uint64_t seq, std::uint64_t count) {
 // Everything the consumer can see now: the sequence numbers of the committed push records.
 std::vector<std::uint64_t> consume(RingConsumer& c) {
   std::vector<std::uint64_t> seqs;
-  const std::uint64_t tail = c.committed();
-  std::uint64_t pos = c.head();
-  while (pos < tail) {
-    EXPECT_TRUE(c.plausible(pos, tail));
-    const PushRecord* r = c.record_at(pos);
-    if (r->kind == RecordKind::push) {
-      seqs.push_back(r->seq);
-      for (std::uint64_t i = 0; i < r->count; ++i) EXPECT_EQ(record_payload(r)[i], static_cast<float>(r->seq));
+  const RingConsumer::ReadResult result = c.read([&](std::uint64_t, const PushRecord& r) {
+    if (r.kind == RecordKind::push) {
+      seqs.push_back(r.seq);
+      for (std::uint64_t i = 0; i < r.count; ++i) EXPECT_EQ(record_payload(&r)[i], static_cast<float>(r.seq));
     }
-    pos += r->record_bytes;
-  }
-  c.release_to(pos);
+    return true;
+  });
+  EXPECT_FALSE(result.malformed);
+  EXPECT_EQ(result.stopped_at, c.committed());
+  c.release_to(result.stopped_at);
   return seqs;
 }
+
+// Commits a push record of `count` floats with sequence number `seq`.
+void push(RingProducer& p, std::uint64_t seq, std::uint64_t count) {
+  PushRecord* r = p.try_claim(count);
+  ASSERT_NE(r, nullptr);
+  fill(r, seq, count);
+  p.commit();
+}
+
+struct Visit {
+  std::uint64_t position;
+  RecordKind kind;
+  std::uint64_t seq;
+};
 }  // namespace
 
 TEST(Ring, CommittedRecordsArriveInOrder) {
@@ -174,4 +186,121 @@ TEST(Ring, ImplausibleRecordsAreDetected) {
   EXPECT_TRUE(c.plausible(0, record_bytes_for(10)));
   r->count = 1000;  // payload does not match the record size
   EXPECT_FALSE(c.plausible(0, record_bytes_for(10)));
+}
+
+// ---- RingConsumer::read(): the one walk over a ring --------------------------------------------
+
+TEST(RingRead, VisitsEveryCommittedRecordInOrderWithItsPosition) {
+  TestRing ring(1024);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  // 320-byte records at 0, 320, 640.
+  for (std::uint64_t s = 1; s <= 3; ++s) push(p, s, 64);
+  std::vector<Visit> visits;
+  auto result = c.read([&](std::uint64_t position, const PushRecord& r) {
+    visits.push_back({position, r.kind, r.seq});
+    return true;
+  });
+  ASSERT_EQ(visits.size(), 3u);
+  for (std::uint64_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(visits[i].position, i * 320);
+    EXPECT_EQ(visits[i].kind, RecordKind::push);
+    EXPECT_EQ(visits[i].seq, i + 1);
+  }
+  EXPECT_FALSE(result.malformed);
+  EXPECT_EQ(result.stopped_at, 960u);
+  // The fourth does not fit before the end (64 bytes left): a padding record comes first, and
+  // read() visits it too, at its position.
+  c.release_to(960);
+  push(p, 4, 64);
+  visits.clear();
+  result = c.read([&](std::uint64_t position, const PushRecord& r) {
+    visits.push_back({position, r.kind, r.seq});
+    return true;
+  });
+  ASSERT_EQ(visits.size(), 2u);
+  EXPECT_EQ(visits[0].position, 960u);
+  EXPECT_EQ(visits[0].kind, RecordKind::padding);
+  EXPECT_EQ(visits[1].position, 1024u);
+  EXPECT_EQ(visits[1].kind, RecordKind::push);
+  EXPECT_EQ(visits[1].seq, 4u);
+  EXPECT_FALSE(result.malformed);
+  EXPECT_EQ(result.stopped_at, 1024u + 320u);
+}
+
+TEST(RingRead, StopsAtTheRecordTheHandlerRefuses) {
+  TestRing ring(4096);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  for (std::uint64_t s = 1; s <= 4; ++s) push(p, s, 16);  // 128 bytes each
+  std::vector<std::uint64_t> seen;
+  const auto result = c.read([&](std::uint64_t, const PushRecord& r) {
+    if (r.seq == 3) return false;
+    seen.push_back(r.seq);
+    return true;
+  });
+  EXPECT_EQ(seen, (std::vector<std::uint64_t>{1, 2}));
+  EXPECT_EQ(result.stopped_at, 256u);  // the refused record counts as not read
+  EXPECT_FALSE(result.malformed);
+  EXPECT_EQ(c.head(), 0u);  // read() releases nothing
+}
+
+TEST(RingRead, StopsAtAMalformedRecordAndSaysSo) {
+  TestRing ring(4096);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  for (std::uint64_t s = 1; s <= 3; ++s) push(p, s, 16);
+  // A buggy worker scribbles over the second record's size: it would send the walk past the ring.
+  reinterpret_cast<PushRecord*>(ring.data() + 128)->record_bytes = 1 << 20;
+  std::vector<std::uint64_t> seen;
+  const auto result = c.read([&](std::uint64_t, const PushRecord& r) {
+    seen.push_back(r.seq);
+    return true;
+  });
+  EXPECT_EQ(seen, (std::vector<std::uint64_t>{1}));
+  EXPECT_TRUE(result.malformed);
+  EXPECT_EQ(result.stopped_at, 128u);
+}
+
+TEST(RingRead, NeverReadsPastTo) {
+  TestRing ring(4096);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  for (std::uint64_t s = 1; s <= 3; ++s) push(p, s, 16);  // committed up to 384
+  // Up to 256: records 1 and 2 only, although 3 is committed.
+  std::vector<std::uint64_t> seen;
+  auto result = c.read(0, 256, [&](std::uint64_t, const PushRecord& r) {
+    seen.push_back(r.seq);
+    return true;
+  });
+  EXPECT_EQ(seen, (std::vector<std::uint64_t>{1, 2}));
+  EXPECT_EQ(result.stopped_at, 256u);
+  // A `to` inside a record: that record would end past it, so it is not read, and is reported
+  // malformed (a record must end by the committed tail).
+  seen.clear();
+  result = c.read(0, 200, [&](std::uint64_t, const PushRecord& r) {
+    seen.push_back(r.seq);
+    return true;
+  });
+  EXPECT_EQ(seen, (std::vector<std::uint64_t>{1}));
+  EXPECT_EQ(result.stopped_at, 128u);
+  EXPECT_TRUE(result.malformed);
+  // An empty range visits nothing.
+  result = c.read(128, 128, [&](std::uint64_t, const PushRecord&) {
+    ADD_FAILURE() << "visited a record of an empty range";
+    return true;
+  });
+  EXPECT_EQ(result.stopped_at, 128u);
+  EXPECT_FALSE(result.malformed);
+}
+
+TEST(RingRead, HeadAcquireSeesWhatTheConsumerReleased) {
+  TestRing ring(4096);
+  RingProducer p(ring.header(), ring.data());
+  RingConsumer c(ring.header(), ring.data());
+  push(p, 1, 16);
+  EXPECT_EQ(c.head_acquire(), 0u);
+  c.release_to(128);
+  EXPECT_EQ(c.head_acquire(), 128u);
+  EXPECT_EQ(c.head_acquire(), c.head());
 }

@@ -29,7 +29,7 @@
 #include <shmps/shm/reader.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/segment.hpp>
-#include <shmps/shm/seqlock.hpp>
+#include <shmps/shm/worker_slot.hpp>
 
 namespace shmps {
 
@@ -168,7 +168,7 @@ struct Worker::Impl {
   Segment segment;
   LockFile slots_lock;
   int rank = -1;
-  WorkerSlot* slot = nullptr;
+  WorkerSlotWorkerView slot;  // our slot: only the writes a worker may do (worker_slot.hpp)
   RingProducer ring;
   std::uint64_t generation = 0;
   std::uint64_t published = 0;
@@ -239,15 +239,15 @@ struct Worker::Impl {
   void await_admission() {
     if (admitted) return;
     const SegmentHeader& h = segment.header();
-    auto done = [&] { return load_acquire(slot->admitted_generation) == generation; };
+    auto done = [&] { return slot.admitted_generation() == generation; };
     if (!done() && load_acquire(h.consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return;
-    if (!wait_for(done, deadline(), &slot->progress, &slot->waiting))
+    if (!wait_for(done, deadline(), &slot.progress_word(), &slot.waiting_flag()))
       throw Error("worker " + std::to_string(rank) + " was not admitted to the BSP group within " +
                   std::to_string(options.timeout.count()) + " ms; " + server_state());
     admitted = true;
     if (pushed_in_step) return;  // admitted after it had started a step: keep its clock
-    clock = std::max(clock, load_acquire(slot->admitted_clock));
-    store_release(slot->clock, clock);
+    clock = std::max(clock, slot.admitted_clock());
+    slot.set_clock(clock);
   }
   std::uint32_t find(std::string_view name) const {
     auto it = index.find(std::string(name));
@@ -269,7 +269,7 @@ struct Worker::Impl {
                   " elements " + shape_string(p));
   }
 
-  void heartbeat() { store_own(slot->heartbeat_ns, monotonic_ns()); }
+  void heartbeat() { slot.heartbeat(monotonic_ns()); }
 
   Clock::time_point deadline() const { return Clock::now() + options.timeout; }
 
@@ -413,41 +413,33 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   }
 
   // Take over the slot: a new generation, resuming the push count of all earlier generations.
-  WorkerSlot& slot = s.segment.slot(static_cast<unsigned>(s.rank));
-  s.slot = &slot;
+  WorkerSlotWorkerView slot(s.segment.slot(static_cast<unsigned>(s.rank)));
+  s.slot = slot;
   s.ring = RingProducer(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
   s.step_start = s.ring.tail();
   // The last holder may have died between committing a record and storing `published`: the ring
   // still holds that record (the server has not consumed it), so take the larger sequence number.
   // The same for the resume state: the newest clock record that carried one is either still in
   // the ring, or the server consumed it and copied its state into the slot (before it moved the
-  // head past it, so reading the head first makes the two look-ups cover every case).
-  std::uint64_t published = std::max(load_acquire(slot.published), load_acquire(slot.applied));
+  // head past it, so reading the head first, with an acquire load, makes the two look-ups cover
+  // every case).
+  std::uint64_t published = std::max(slot.previous_published(), slot.applied());
   {
-    RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)), s.segment.ring_data(static_cast<unsigned>(s.rank)));
-    const std::uint64_t head = view.head();
-    const std::uint64_t tail = view.committed();
+    // The server's view of our ring, used read-only: the one walk over its records (ring.hpp).
+    const RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)),
+                            s.segment.ring_data(static_cast<unsigned>(s.rank)));
     const PushRecord* newest_state = nullptr;
-    for (std::uint64_t pos = head; pos < tail && view.plausible(pos, tail); pos += view.record_at(pos)->record_bytes) {
-      const PushRecord* rec = view.record_at(pos);
-      if (rec->kind == RecordKind::push) published = std::max(published, rec->seq);
-      if (rec->kind == RecordKind::clock && rec->offset != 0) newest_state = rec;
-    }
+    const std::uint64_t head = view.head_acquire();
+    view.read(head, view.committed(), [&](std::uint64_t, const PushRecord& record) {
+      if (record.kind == RecordKind::push) published = std::max(published, record.seq);
+      if (record.kind == RecordKind::clock && record.offset != 0) newest_state = &record;
+      return true;  // a malformed record ends the walk: nothing after it can be trusted
+    });
     if (newest_state != nullptr) {
       const auto* bytes = reinterpret_cast<const std::byte*>(record_payload(newest_state));
       s.committed_state.assign(bytes, bytes + newest_state->offset);
     } else {
-      std::uint64_t version = 0;
-      std::vector<std::byte> copy(kResumeBlobBytes);
-      std::uint32_t length = 0;
-      while (seqlock_try_read(slot.resume_version, version, [&] {
-               length = std::min<std::uint32_t>(load_acquire(slot.resume_bytes), kResumeBlobBytes);
-               std::memcpy(copy.data(), slot.resume, length);
-             }) != SeqlockRead::ok) {
-        std::this_thread::yield();
-      }
-      copy.resize(length);
-      s.committed_state = std::move(copy);
+      s.committed_state = slot.resume_blob();
     }
   }
   s.published = published;
@@ -455,7 +447,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   // (so nobody waits for us); never below the clock this slot had reached.
   {
     const SegmentHeader& hdr = s.segment.header();
-    s.clock = load_acquire(slot.clock);
+    s.clock = slot.previous_clock();
     if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
       s.clock = std::max(s.clock, load_acquire(hdr.model_clock));
     } else {
@@ -465,16 +457,14 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
       if (slowest != UINT64_MAX) s.clock = std::max(s.clock, slowest);
     }
   }
-  s.generation = load_own(slot.generation) + 1;
-  store_release(slot.generation, s.generation);
-  store_release(slot.pid, static_cast<std::int32_t>(::getpid()));
-  store_release(slot.start_time, process_start_time(::getpid()));
-  store_release(slot.attached_unix_ns, unix_ns());
-  store_release(slot.published, published);
-  store_release(slot.clock, s.clock);
-  store_own(slot.waiting, 0U);
-  s.heartbeat();
-  store_release(slot.state, static_cast<std::uint32_t>(SlotState::attached));
+  s.generation = slot.previous_generation() + 1;
+  slot.attach({.generation = s.generation,
+               .pid = static_cast<std::int32_t>(::getpid()),
+               .start_time = process_start_time(::getpid()),
+               .attached_unix_ns = unix_ns(),
+               .published = published,
+               .clock = s.clock,
+               .heartbeat_ns = monotonic_ns()});
   s.attached = true;
   s.owner_pid = ::getpid();
   Impl::register_for_fork(&s);
@@ -510,7 +500,7 @@ std::string Worker::consistency() const {
   if (mode != Consistency::ssp) return std::string(to_string(mode));
   return "ssp:" + std::to_string(load_acquire(h.staleness));
 }
-std::uint64_t Worker::applied() const { return load_acquire(impl_->slot->applied); }
+std::uint64_t Worker::applied() const { return impl_->slot.applied(); }
 
 std::uint64_t Worker::pull(std::string_view name, std::span<float> out) {
   const std::uint32_t i = impl_->find(name);
@@ -533,8 +523,7 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
     throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
                 " has been mid-update for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
                 "; a restarted server repairs it");
-  bump_counter(s.slot->pulls);
-  bump_counter(s.slot->pull_bytes, static_cast<std::uint64_t>(out.size_bytes()));
+  s.slot.count_pull(static_cast<std::uint64_t>(out.size_bytes()));
   s.heartbeat();
   return read.min_version;
 }
@@ -596,8 +585,8 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
           if ((record = ring.try_claim(count)) != nullptr) return true;
           return overflow = step_overflows();
         },
-        deadline(), &slot->progress, &slot->waiting);
-    bump_counter(slot->backpressure_ns, monotonic_ns() - waited_from);
+        deadline(), &slot.progress_word(), &slot.waiting_flag());
+    slot.add_backpressure_ns(monotonic_ns() - waited_from);
     if (overflow)
       throw Error(std::string(what) + " '" + std::string(name) + "': the pushes of this BSP step (" +
                   std::to_string(ring.tail() - ring.past_start_over(step_start)) + " bytes so far) fill the whole ring of " +
@@ -630,10 +619,8 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
   ring.commit();  // one release store: the record now exists, whole
   published = seq;
   pushed_in_step = true;
-  store_release(slot->published, seq);
-  store_release(slot->last_commit_ns, monotonic_ns());  // (ns first: the server reads seq, then ns)
-  store_release(slot->last_commit_seq, seq);
-  bump_counter(slot->push_bytes, bytes);
+  slot.publish(seq, monotonic_ns());
+  slot.count_push_bytes(bytes);
   heartbeat();
   wake_server();
   return seq;
@@ -644,7 +631,7 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
 void Worker::Impl::reject_push(const char* what, std::size_t bad, float value) {
   const Claim refused = claim;
   give_back();
-  bump_counter(slot->pushes_rejected);
+  slot.count_rejected_push();
   bump_counter(segment.rejected(static_cast<unsigned>(rank), refused.param));
   throw Error(std::string(what) + " '" + params[refused.param].name + "' rejected: element " +
               std::to_string(refused.offset + bad) + " is " + (std::isnan(value) ? "NaN" : "infinite") +
@@ -713,11 +700,11 @@ void Worker::wait_applied(std::uint64_t seq) {
   if (seq > s.published)
     throw Error("wait_applied(" + std::to_string(seq) + "): this worker has published only " +
                 std::to_string(s.published) + " pushes; pass a sequence number returned by push()");
-  const bool ok = wait_for([&] { return load_acquire(s.slot->applied) >= seq; }, s.deadline(), &s.slot->progress,
-                           &s.slot->waiting);
+  const bool ok = wait_for([&] { return s.slot.applied() >= seq; }, s.deadline(), &s.slot.progress_word(),
+                           &s.slot.waiting_flag());
   if (!ok)
     throw Error("wait_applied(" + std::to_string(seq) + "): not applied after " + std::to_string(s.options.timeout.count()) +
-                " ms (applied so far: " + std::to_string(load_acquire(s.slot->applied)) + "); " + s.server_state());
+                " ms (applied so far: " + std::to_string(s.slot.applied()) + "); " + s.server_state());
   s.heartbeat();
 }
 
@@ -749,7 +736,7 @@ void Worker::Impl::end_step() {
   PushRecord* record = ring.try_claim(state_floats);
   if (record == nullptr) {
     const bool ok = wait_for([&] { return (record = ring.try_claim(state_floats)) != nullptr; }, deadline(),
-                             &slot->progress, &slot->waiting);
+                             &slot.progress_word(), &slot.waiting_flag());
     if (!ok)
       throw Error("clock(): the ring of worker " + std::to_string(rank) + " has been full for " +
                   std::to_string(options.timeout.count()) + " ms; " + server_state());
@@ -771,7 +758,7 @@ void Worker::Impl::end_step() {
   }
   clock += 1;
   pushed_in_step = false;
-  store_release(slot->clock, clock);
+  slot.set_clock(clock);
   heartbeat();
   wake_server();
 }
@@ -783,8 +770,7 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
   auto record_staleness = [&] {
     const std::uint64_t slowest = slowest_clock();
     const std::uint64_t staleness = clock > slowest ? clock - slowest : 0;
-    store_own(slot->last_staleness, staleness);
-    if (staleness > load_own(slot->max_staleness)) store_own(slot->max_staleness, staleness);
+    slot.record_staleness(staleness);
   };
   if (mode == Consistency::asp) {
     record_staleness();
@@ -805,9 +791,9 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
     // BSP steps end with a bump of our progress word; SSP waits on other workers' clocks, which
     // nobody signals: poll those with short naps.
     const bool bsp = mode == Consistency::bsp;
-    const bool ok = wait_for(fresh, deadline(), bsp ? &slot->progress : nullptr, bsp ? &slot->waiting : nullptr);
-    bump_counter(slot->wait_ns, static_cast<std::uint64_t>(
-                              std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
+    const bool ok = wait_for(fresh, deadline(), bsp ? &slot.progress_word() : nullptr, bsp ? &slot.waiting_flag() : nullptr);
+    slot.add_wait_ns(static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
     if (!ok) {
       std::string behind;
       for (std::uint32_t r = 0; r < h.max_workers; ++r)
@@ -837,7 +823,7 @@ void Worker::leave() {
       // The ring stayed full (no server): the pushes of this open step stay uncounted in BSP.
     }
   }
-  store_release(s.slot->state, static_cast<std::uint32_t>(SlotState::left));
+  s.slot.leave();
   s.slots_lock.unlock(static_cast<unsigned>(s.rank));
   s.slots_lock = LockFile();
   s.attached = false;

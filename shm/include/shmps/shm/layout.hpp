@@ -3,6 +3,12 @@
 // This is the one header that describes the shared layout. Any change to a type here changes
 // kLayoutFingerprint, and a process whose fingerprint differs refuses to map the segment.
 //
+// Each shared type is followed by its field list (SHMPS_<TYPE>_FIELDS): every field and every
+// padding gap, in order. The fingerprint is computed from these lists (name, offset, size and
+// kind of every field), and a static_assert proves each list tiles its struct byte for byte, so
+// a field added to a struct but not to its list does not compile. Adding a field: add it to the
+// list too, and shrink the PAD after it by its size (the static_assert says where it is off).
+//
 // One segment per training job, created by the server only, at /dev/shm/shmps.<name>:
 //
 //   offset 0        +--------------------------------------------+
@@ -93,7 +99,7 @@ namespace shmps::shm {
 
 inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1" little-endian
-inline constexpr std::uint32_t kLayoutVersion = 1;
+inline constexpr std::uint32_t kLayoutVersion = 2;  // 2: the fingerprint covers every field (field lists)
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -107,6 +113,122 @@ static_assert(sizeof(std::atomic<std::uint64_t>) == 8 && sizeof(std::atomic<std:
 
 constexpr std::uint64_t align_up(std::uint64_t n, std::uint64_t to) noexcept { return (n + to - 1) / to * to; }
 
+// Objects that live in the segment are used in place and never copied or moved: a copy would be
+// a snapshot of words other processes keep changing (possibly torn), and no longer shared. The
+// default constructor stays (trivially zero-initialising for unit tests of a slot in memory).
+#define SHMPS_SHARED_IN_PLACE(Type)          \
+  Type() = default;                          \
+  Type(const Type&) = delete;                \
+  Type(Type&&) = delete;                     \
+  Type& operator=(const Type&) = delete;     \
+  Type& operator=(Type&&) = delete
+
+// ---- Field lists: what the fingerprint and the tiling check are computed from ---------------
+namespace detail {
+
+// One entry of a field list: a named field, or (name == nullptr) `size` bytes of padding.
+struct FieldInfo {
+  const char* name;
+  std::uint64_t offset;     // of a field; unused for padding (it follows the previous entry)
+  std::uint64_t size;
+  std::uint64_t type_code;  // field_type_code: what kind of value the bytes hold
+};
+
+// is_atomic<T>::value, and ::value_type: the value an atomic holds, or T itself.
+template <class T>
+struct is_atomic : std::false_type {
+  using value_type = T;
+};
+template <class T>
+struct is_atomic<std::atomic<T>> : std::true_type {
+  static_assert(std::atomic<T>::is_always_lock_free, "a lock-based atomic is useless across processes");
+  using value_type = T;
+};
+
+// What kind of value a field holds, packed into one number, so that retyping a field (u64 to
+// double, atomic to plain, 4 elements to 8) changes the fingerprint even where the size does not.
+template <class Field>
+constexpr std::uint64_t field_type_code() noexcept {
+  using Element = std::remove_all_extents_t<Field>;
+  using Value = typename is_atomic<Element>::value_type;
+  std::uint64_t code = sizeof(Value);
+  code |= std::uint64_t{is_atomic<Element>::value} << 16;
+  code |= std::uint64_t{std::is_floating_point_v<Value>} << 17;
+  code |= std::uint64_t{std::is_signed_v<Value>} << 18;
+  code |= std::uint64_t{std::is_enum_v<Value>} << 19;
+  code |= std::uint64_t{std::is_class_v<Value>} << 20;  // a nested struct (it has its own list)
+  code |= std::uint64_t{sizeof(Field) / sizeof(Element)} << 32;  // elements of an array, else 1
+  return code;
+}
+
+// The index of the first entry of `fields` that does not start where the previous one ended,
+// or fields.size() if the list ends short of or past `type_size`; npos if the list tiles the
+// type exactly: every byte a listed field or listed padding. A field missing from a list leaves
+// a hole that no PAD covers, so the next field starts "too late", even inside a padded line.
+inline constexpr std::uint64_t kTiles = ~std::uint64_t{0};
+template <std::size_t N>
+constexpr std::uint64_t first_untiled(const FieldInfo (&fields)[N], std::uint64_t type_size) noexcept {
+  std::uint64_t end = 0;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (fields[i].name != nullptr) {
+      if (fields[i].offset != end) return i;
+      end = fields[i].offset;
+    }
+    end += fields[i].size;
+  }
+  return end == type_size ? kTiles : N;
+}
+
+constexpr std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i) {
+    h ^= (v >> (8 * i)) & 0xff;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+constexpr std::uint64_t fnv1a_str(std::uint64_t h, const char* s) noexcept {
+  for (; *s; ++s) {
+    h ^= static_cast<unsigned char>(*s);
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+// One type's part of the fingerprint: its name, size and alignment, and every entry of its list
+// in order (name, offset, size, kind). Swapping two fields of one type swaps their offsets
+// against their names, so it changes the result.
+template <std::size_t N>
+constexpr std::uint64_t type_fingerprint(std::uint64_t h, const char* type_name, std::uint64_t size,
+                                         std::uint64_t align, const FieldInfo (&fields)[N]) noexcept {
+  h = fnv1a(fnv1a(fnv1a_str(h, type_name), size), align);
+  for (const FieldInfo& f : fields) {
+    h = f.name != nullptr ? fnv1a(fnv1a_str(h, f.name), f.offset) : fnv1a(h, ~std::uint64_t{0});
+    h = fnv1a(fnv1a(h, f.size), f.type_code);
+  }
+  return h;
+}
+
+// FieldsOf<T>::list: the field list of shared type T, made by SHMPS_DESCRIBE_FIELDS below.
+template <class T>
+struct FieldsOf;
+
+}  // namespace detail
+
+// Turns a field list macro into FieldsOf<Type>: FIELD(f) becomes {"f", offsetof, sizeof, kind},
+// PAD(n) becomes n bytes of padding. Checks at compile time that the list tiles the type.
+#define SHMPS_FIELD_INFO(f) \
+  ::shmps::shm::detail::FieldInfo{#f, offsetof(T, f), sizeof(T::f), ::shmps::shm::detail::field_type_code<decltype(T::f)>()},
+#define SHMPS_PADDING_INFO(n) ::shmps::shm::detail::FieldInfo{nullptr, 0, n, 0},
+#define SHMPS_DESCRIBE_FIELDS(Type, LIST)                                                       \
+  template <>                                                                                   \
+  struct detail::FieldsOf<Type> {                                                               \
+    using T = Type;                                                                             \
+    static constexpr const char* name = #Type;                                                  \
+    static constexpr FieldInfo list[] = {LIST(SHMPS_FIELD_INFO, SHMPS_PADDING_INFO)};          \
+  };                                                                                            \
+  static_assert(detail::first_untiled(detail::FieldsOf<Type>::list, sizeof(Type)) == detail::kTiles, \
+                #Type ": its field list (" #LIST ") misses a field, or a PAD is off: see detail::first_untiled")
+
 // The life of a segment. "ready" is written last at creation; a segment found in "creating"
 // with no live server was left by a server that died while creating it, and is recreated.
 enum class SegmentState : std::uint32_t { creating = 0, ready = 1, stopping = 2, stopped = 3 };
@@ -114,6 +236,8 @@ enum class SegmentState : std::uint32_t { creating = 0, ready = 1, stopping = 2,
 // ---------------------------------------------------------------------------------------------
 // SegmentHeader, at offset 0.
 struct SegmentHeader {
+  SHMPS_SHARED_IN_PLACE(SegmentHeader);
+
   // Identity and geometry: written once by the server before state becomes "ready".
   std::uint64_t magic;           // kMagic
   std::uint32_t layout_version;  // kLayoutVersion
@@ -214,11 +338,32 @@ struct SegmentHeader {
   char mailbox_request[kMailboxBytes];                           // "consistency=bsp"
   char mailbox_reply[kMailboxBytes];                             // what the server did, or why not
 };
+#define SHMPS_SEGMENT_HEADER_FIELDS(FIELD, PAD)                                                          \
+  FIELD(magic) FIELD(layout_version) FIELD(header_bytes) FIELD(fingerprint) FIELD(total_bytes) FIELD(spec_hash) \
+  FIELD(created_unix_ns) FIELD(name) FIELD(param_count) FIELD(max_workers) FIELD(slice_count) FIELD(slice_floats) \
+  FIELD(ring_bytes) FIELD(params_offset) FIELD(slices_offset) FIELD(applied_offset) FIELD(slots_offset)         \
+  FIELD(rings_offset) FIELD(ring_stride) FIELD(values_offset) FIELD(state_offset) FIELD(redo_offset)             \
+  FIELD(redo_stride) FIELD(redo_count) FIELD(reserved1) FIELD(param_stats_offset) FIELD(rejected_offset)        \
+  FIELD(rejected_stride) FIELD(optimizer) FIELD(state_arrays) FIELD(reserved0) PAD(56)                          \
+  FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) FIELD(model_clock) PAD(40)   \
+  FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
+  FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
+  FIELD(server_wake) FIELD(server_sleeping) PAD(56)                                                             \
+  FIELD(records_applied) FIELD(floats_applied) FIELD(apply_rounds) FIELD(records_skipped)                      \
+  FIELD(records_discarded) FIELD(steps) PAD(16)                                                                 \
+  FIELD(checkpoints) FIELD(checkpoint_failures) FIELD(last_checkpoint_unix_ns) FIELD(last_checkpoint_duration_ns) \
+  FIELD(last_checkpoint_clock) PAD(24)                                                                          \
+  FIELD(latency_buckets) FIELD(latency_samples) FIELD(apply_busy_ns) PAD(48)                                    \
+  FIELD(mailbox_state) FIELD(mailbox_pid) FIELD(mailbox_claimed_ns) FIELD(mailbox_status) FIELD(mailbox_reserved) \
+  FIELD(mailbox_request) FIELD(mailbox_reply) PAD(40)
 
 enum class MailboxState : std::uint32_t { free = 0, claimed = 1, submitted = 2, done = 3 };
 
 // ---------------------------------------------------------------------------------------------
-// ParamEntry: one per parameter, written once at creation.
+// ParamEntry: one per parameter, written once at creation. A plain value, and copyable on
+// purpose (unlike the other shared types): plan_layout() builds the entries in a std::vector
+// (LayoutPlan::params), and the server copies each into the segment before it is "ready", when
+// no other process can read it; after that nobody writes one.
 enum class DType : std::uint32_t { f32 = 0 };
 
 struct ParamEntry {
@@ -232,6 +377,9 @@ struct ParamEntry {
   std::uint64_t values_offset;  // 64-byte aligned
   std::uint64_t state_offset[2];  // optimizer state arrays (0 when unused), 64-byte aligned
 };
+#define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
+  FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
+  FIELD(values_offset) FIELD(state_offset)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -240,6 +388,8 @@ struct ParamEntry {
 // the slice's values. A reader copies the values between two loads of the word and retries if
 // it changed or was odd; a word that stays odd means a server died mid-write.
 struct alignas(kCacheLine) SliceEntry {
+  SHMPS_SHARED_IN_PLACE(SliceEntry);
+
   std::atomic<std::uint64_t> version;
   std::atomic<std::uint64_t> clock;  // synchronous step of the values (BSP)
   std::uint64_t param;               // index into the ParamEntry table
@@ -249,10 +399,14 @@ struct alignas(kCacheLine) SliceEntry {
   std::atomic<std::uint64_t> value_sq_norm;  // bits of a double: sum of squares of the values, sampled
   std::uint64_t reserved;
 };
+#define SHMPS_SLICE_ENTRY_FIELDS(FIELD, PAD) \
+  FIELD(version) FIELD(clock) FIELD(param) FIELD(first) FIELD(count) FIELD(step) FIELD(value_sq_norm) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // ParamStats: one per parameter, for the monitor; the server writes (its apply threads add).
 struct alignas(kCacheLine) ParamStats {
+  SHMPS_SHARED_IN_PLACE(ParamStats);
+
   std::atomic<std::uint64_t> pushes;             // push records applied to it
   std::atomic<std::uint64_t> slice_updates;      // optimizer steps applied to its slices
   std::atomic<std::uint64_t> floats_applied;
@@ -260,6 +414,8 @@ struct alignas(kCacheLine) ParamStats {
   std::atomic<std::uint64_t> last_grad_floats;   //   and how many elements it covered
   std::uint64_t reserved[3];
 };
+#define SHMPS_PARAM_STATS_FIELDS(FIELD, PAD) \
+  FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // RedoEntry: one per server apply thread, server only. The thread computes a slice's new values,
@@ -270,6 +426,8 @@ struct alignas(kCacheLine) ParamStats {
 //
 //   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | float state[state_arrays][slice_floats]
 struct alignas(kCacheLine) RedoEntry {
+  SHMPS_SHARED_IN_PLACE(RedoEntry);
+
   std::atomic<std::uint32_t> valid;
   std::uint32_t reserved;
   std::uint64_t slice;
@@ -278,6 +436,8 @@ struct alignas(kCacheLine) RedoEntry {
   std::uint64_t step_after;     // the slice's optimizer step count once the copy is done
   std::uint64_t reserved2[3];
 };
+#define SHMPS_REDO_ENTRY_FIELDS(FIELD, PAD) \
+  FIELD(valid) FIELD(reserved) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(reserved2)
 
 // ---------------------------------------------------------------------------------------------
 // WorkerSlot: one per rank. The worker holding the slot (proven by its lock on byte `rank` of
@@ -285,6 +445,8 @@ struct alignas(kCacheLine) RedoEntry {
 enum class SlotState : std::uint32_t { free = 0, attached = 1, left = 2 };
 
 struct WorkerSlot {
+  SHMPS_SHARED_IN_PLACE(WorkerSlot);
+
   // Worker line: identity, written at attach. The server reads state and generation every round
   // (admission, liveness) and every worker reads them in its membership test (membership.hpp).
   alignas(kCacheLine) std::atomic<std::uint32_t> state;  // SlotState
@@ -347,6 +509,16 @@ struct WorkerSlot {
   std::uint32_t resume_reserved;
   std::uint8_t resume[kResumeBlobBytes];
 };
+#define SHMPS_WORKER_SLOT_FIELDS(FIELD, PAD)                                                            \
+  FIELD(state) FIELD(pid) FIELD(generation) FIELD(start_time) FIELD(attached_unix_ns) PAD(32)                   \
+  FIELD(clock) PAD(56)                                                                                          \
+  FIELD(published) FIELD(last_commit_seq) FIELD(last_commit_ns) FIELD(waiting) PAD(36)                          \
+  FIELD(heartbeat_ns) FIELD(pulls) FIELD(pull_bytes) FIELD(push_bytes) FIELD(pushes_rejected)                  \
+  FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
+  FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \
+  FIELD(consumed_clock) PAD(24)                                                                                 \
+  FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) PAD(40)                              \
+  FIELD(resume_version) FIELD(resume_clock) FIELD(resume_bytes) FIELD(resume_reserved) FIELD(resume) PAD(40)
 
 // ---------------------------------------------------------------------------------------------
 // The per-slot push ring: single producer (the slot's worker), single consumer (the server).
@@ -361,6 +533,8 @@ struct WorkerSlot {
 // lines, and never in one 128-byte pair of lines (which x86's adjacent-line prefetcher fetches
 // together), wherever the header starts.
 struct RingHeader {
+  SHMPS_SHARED_IN_PLACE(RingHeader);
+
   alignas(kCacheLine) std::atomic<std::uint64_t> tail;  // producer (worker)
   std::uint8_t tail_pad[kCacheLine - 8];
   alignas(kCacheLine) std::uint64_t capacity;           // written once at creation
@@ -368,6 +542,8 @@ struct RingHeader {
   alignas(kCacheLine) std::atomic<std::uint64_t> head;  // consumer (server)
   std::uint8_t head_pad[kCacheLine - 8];
 };
+#define SHMPS_RING_HEADER_FIELDS(FIELD, PAD) \
+  FIELD(tail) FIELD(tail_pad) FIELD(capacity) FIELD(capacity_pad) FIELD(head) FIELD(head_pad)
 
 // push: a gradient. clock: the end of the writer's step `clock` (Worker::clock()); in BSP the
 // pushes of a step count only once their clock record follows them, so a worker that dies in
@@ -383,6 +559,8 @@ enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3 };
 // the lines in use stay few and cache-hot); the server gives such padding back at once, also in
 // front of an open BSP step.
 struct alignas(kCacheLine) PushRecord {
+  SHMPS_SHARED_IN_PLACE(PushRecord);
+
   RecordKind kind;
   std::uint32_t param;         // index into the ParamEntry table
   std::uint64_t record_bytes;  // header + payload + padding; multiple of 64
@@ -393,6 +571,9 @@ struct alignas(kCacheLine) PushRecord {
   std::uint64_t clock;         // the writer's clock when it pushed
   double grad_sq_norm;         // squared L2 norm of the payload (for clipping by norm)
 };
+#define SHMPS_PUSH_RECORD_FIELDS(FIELD, PAD) \
+  FIELD(kind) FIELD(param) FIELD(record_bytes) FIELD(offset) FIELD(count) FIELD(seq) FIELD(generation) FIELD(clock) \
+  FIELD(grad_sq_norm)
 
 constexpr std::uint64_t record_bytes_for(std::uint64_t count) noexcept {
   return sizeof(PushRecord) + align_up(count * sizeof(float), kCacheLine);
@@ -450,50 +631,35 @@ static_assert(line_of(offsetof(SegmentHeader, records_applied)) != line_of(offse
 static_assert(offsetof(SegmentHeader, mailbox_state) % kCacheLine == 0);
 
 // ---------------------------------------------------------------------------------------------
-// The layout fingerprint: sizes and offsets of every shared type, the Boost version and the
-// compiler. Two builds share a segment only if their fingerprints are equal (LMDB's
-// MDB_LOCK_FORMAT idea).
+// The layout fingerprint: every field of every shared type (from the field lists: name, offset,
+// size, kind), the Boost version and the compiler. Two builds share a segment only if their
+// fingerprints are equal (LMDB's MDB_LOCK_FORMAT idea).
+SHMPS_DESCRIBE_FIELDS(OptimizerSettings, SHMPS_OPTIMIZER_SETTINGS_FIELDS);
+SHMPS_DESCRIBE_FIELDS(SegmentHeader, SHMPS_SEGMENT_HEADER_FIELDS);
+SHMPS_DESCRIBE_FIELDS(ParamEntry, SHMPS_PARAM_ENTRY_FIELDS);
+SHMPS_DESCRIBE_FIELDS(SliceEntry, SHMPS_SLICE_ENTRY_FIELDS);
+SHMPS_DESCRIBE_FIELDS(ParamStats, SHMPS_PARAM_STATS_FIELDS);
+SHMPS_DESCRIBE_FIELDS(RedoEntry, SHMPS_REDO_ENTRY_FIELDS);
+SHMPS_DESCRIBE_FIELDS(WorkerSlot, SHMPS_WORKER_SLOT_FIELDS);
+SHMPS_DESCRIBE_FIELDS(RingHeader, SHMPS_RING_HEADER_FIELDS);
+SHMPS_DESCRIBE_FIELDS(PushRecord, SHMPS_PUSH_RECORD_FIELDS);
+
 namespace detail {
-constexpr std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) noexcept {
-  for (int i = 0; i < 8; ++i) {
-    h ^= (v >> (8 * i)) & 0xff;
-    h *= 0x100000001b3ULL;
-  }
-  return h;
-}
-constexpr std::uint64_t fnv1a_str(std::uint64_t h, const char* s) noexcept {
-  for (; *s; ++s) {
-    h ^= static_cast<unsigned char>(*s);
-    h *= 0x100000001b3ULL;
-  }
+template <class... Types>
+constexpr std::uint64_t layout_fingerprint(std::uint64_t h) noexcept {
+  ((h = type_fingerprint(h, FieldsOf<Types>::name, sizeof(Types), alignof(Types), FieldsOf<Types>::list)), ...);
   return h;
 }
 }  // namespace detail
 
+// Every type that lives in the segment, in the order they are hashed.
 inline constexpr std::uint64_t kLayoutFingerprint = [] {
   std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{sizeof(SegmentHeader)},
-                          std::uint64_t{offsetof(SegmentHeader, optimizer)}, std::uint64_t{offsetof(SegmentHeader, state)},
-                          std::uint64_t{offsetof(SegmentHeader, server_wake)}, std::uint64_t{offsetof(SegmentHeader, records_applied)},
-                          std::uint64_t{offsetof(SegmentHeader, consistency)}, std::uint64_t{offsetof(SegmentHeader, mailbox_state)},
-                          std::uint64_t{offsetof(SegmentHeader, redo_offset)}, std::uint64_t{sizeof(RedoEntry)},
-                          std::uint64_t{sizeof(ParamEntry)}, std::uint64_t{offsetof(ParamEntry, values_offset)},
-                          std::uint64_t{sizeof(SliceEntry)}, std::uint64_t{offsetof(SliceEntry, step)},
-                          std::uint64_t{sizeof(WorkerSlot)}, std::uint64_t{offsetof(WorkerSlot, published)},
-                          std::uint64_t{offsetof(WorkerSlot, resume)}, std::uint64_t{offsetof(WorkerSlot, applied)},
-                          std::uint64_t{offsetof(WorkerSlot, resume_version)},
-                          std::uint64_t{offsetof(WorkerSlot, records_applied)}, std::uint64_t{offsetof(WorkerSlot, consumed_clock)},
-                          std::uint64_t{offsetof(SegmentHeader, checkpoints)}, std::uint64_t{offsetof(SegmentHeader, latency_buckets)},
-                          std::uint64_t{offsetof(SegmentHeader, rejected_stride)}, std::uint64_t{sizeof(ParamStats)},
-                          std::uint64_t{offsetof(WorkerSlot, last_commit_ns)}, std::uint64_t{offsetof(SliceEntry, value_sq_norm)},
-                          std::uint64_t{sizeof(RingHeader)}, std::uint64_t{offsetof(RingHeader, head)},
-                          std::uint64_t{offsetof(WorkerSlot, clock)}, std::uint64_t{offsetof(WorkerSlot, heartbeat_ns)},
-                          std::uint64_t{offsetof(WorkerSlot, dead_generation)}, std::uint64_t{offsetof(SegmentHeader, huge_bytes)},
-                          std::uint64_t{sizeof(PushRecord)}, std::uint64_t{offsetof(PushRecord, grad_sq_norm)},
-                          std::uint64_t{sizeof(OptimizerSettings)}, std::uint64_t{BOOST_VERSION},
-                          std::uint64_t{__GNUC__}, std::uint64_t{__GNUC_MINOR__}}) {
+  for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{BOOST_VERSION}, std::uint64_t{__GNUC__},
+                          std::uint64_t{__GNUC_MINOR__}})
     h = detail::fnv1a(h, v);
-  }
+  h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, RedoEntry,
+                                 WorkerSlot, RingHeader, PushRecord>(h);
   return detail::fnv1a_str(h, __VERSION__);
 }();
 

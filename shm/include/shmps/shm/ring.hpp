@@ -100,7 +100,12 @@ class RingConsumer {
   RingConsumer(RingHeader* header, const std::byte* data) noexcept
       : header_(header), data_(data), capacity_(header->capacity) {}
 
+  // The head as its owner, the server, reads it back (it is the only writer).
   std::uint64_t head() const noexcept { return load_own(header_->head); }
+  // The head as another process reads it: a worker looking, at attach, at what its ring still
+  // holds. Acquire: what the server wrote before it released these bytes (the slot's resume blob
+  // of a clock record it consumed) is visible once this position is.
+  std::uint64_t head_acquire() const noexcept { return load_acquire(header_->head); }
   // Everything before the returned position is committed and may be read.
   std::uint64_t committed() const noexcept { return load_acquire(header_->tail); }
   const PushRecord* record_at(std::uint64_t position) const noexcept {

@@ -26,6 +26,11 @@ struct OptimizerSettings {
   float clip_norm = 0.0f;     // scale a push's gradient so its L2 norm is at most clip_norm
   std::uint32_t reserved[6] = {};
 };
+// Its field list, for the layout fingerprint (layout.hpp). OptimizerSettings stays a copyable
+// value: it is written once at creation, and the server and the checkpoint code copy it out.
+#define SHMPS_OPTIMIZER_SETTINGS_FIELDS(FIELD, PAD)                                                  \
+  FIELD(kind) FIELD(lr) FIELD(momentum) FIELD(beta1) FIELD(beta2) FIELD(rho) FIELD(eps) FIELD(weight_decay) \
+  FIELD(clip_value) FIELD(clip_norm) FIELD(reserved)
 static_assert(std::is_standard_layout_v<OptimizerSettings>);
 static_assert(sizeof(OptimizerSettings) == 64);
 
