@@ -7,7 +7,7 @@
 //   server.run();     // applies pushes until stop() is called, then drains the rings
 //
 // The server is the only process that waits on anything, and it never waits on something a
-// worker or a tool can hold (DESIGN.md rule 1): it polls the rings, sleeps on its own futex word
+// worker or a tool can hold (ARCHITECTURE.md rule 1): it polls the rings, sleeps on its own futex word
 // with a short bound, and learns of deaths from the kernel (lock probes).
 #pragma once
 
