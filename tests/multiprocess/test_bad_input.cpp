@@ -1,4 +1,4 @@
-// Bad input gets a clear error and changes nothing (DESIGN.md invariant 5), through the real
+// Bad input gets a clear error and changes nothing (ARCHITECTURE.md invariant 5), through the real
 // programs (shmps-server, shmps-ctl) and the worker API: a malformed spec, unknown names, wrong
 // sizes, NaN/Inf gradients, a name with '/', a segment that is served, holds another model or
 // another layout, a model too large for /dev/shm, bad ranks.

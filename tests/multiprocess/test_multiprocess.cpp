@@ -1,6 +1,6 @@
 // Real processes: shmps-server and several shmps-test-pusher workers on one segment.
 //
-// The exact-sum check (DESIGN.md invariant 1): SGD with learning rate 1 and small-integer
+// The exact-sum check (ARCHITECTURE.md invariant 1): SGD with learning rate 1 and small-integer
 // gradients keeps float sums exact, so the final values must equal minus the sum of every
 // committed push, element by element — nothing lost, nothing applied twice.
 #include <gtest/gtest.h>

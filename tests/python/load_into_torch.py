@@ -3,7 +3,7 @@
 
     load_into_torch.py FILE [--expect-test-loss L --expect-test-acc A]
 
-The module is the one ../shared/workloads/README.md section 2 describes: 784-256-10, Linear,
+The module is the one docs/workloads.md section 2 describes: 784-256-10, Linear,
 ReLU, Linear, nn.Linear layout and names (fc1.weight, fc1.bias, fc2.weight, fc2.bias). Checks:
   - the file's tensors load with load_state_dict(strict=True): same names, same shapes, none
     missing, none extra (tensors named with a '/' or starting with '__', which checkpoints may
@@ -12,8 +12,9 @@ ReLU, Linear, nn.Linear layout and names (fc1.weight, fc1.bias, fc2.weight, fc2.
   - a forward pass on 8 rows of the reference test set is finite, [8, 10], and agrees with the
     same computation done in numpy on the file's arrays;
   - with --expect-test-*: the module's softmax cross-entropy and accuracy on the whole reference
-    test set (rows 200000..219999, generated here from the README's SplitMix64 definition)
-    match what the trainer (shmps-worker) printed for the same weights.
+    test set (rows 200000..219999, generated here from the SplitMix64 definition of
+    docs/workloads.md section 1) match what the trainer (shmps-worker) printed for the same
+    weights.
 
 Exit 0 with a one-line summary; 1 with "FAIL: ..." on any mismatch; 77 with "SKIP: ..." when
 torch (or numpy) is not installed. The safetensors reading is done here with struct, json and
@@ -45,7 +46,7 @@ def read_safetensors(path):
     return header.get("__metadata__", {}), arrays
 
 
-# ---- the reference data (README section 1), for the test-set check ----------------------------
+# ---- the reference data (docs/workloads.md section 1), for the test-set check ----------------------------
 
 GOLDEN = 0x9E3779B97F4A7C15
 D, K = 784, 10
@@ -74,7 +75,7 @@ def test_set(np, rows):
     x = u24(np, draws(np, 1, TEST_FIRST * D, rows * D)).reshape(rows, D)
     teacher = u16(np, draws(np, 2, 0, D * K)).reshape(D, K)
     noise = u16(np, draws(np, 3, TEST_FIRST * K, rows * K)).reshape(rows, K)
-    clean = x.astype(np.float64) @ teacher  # exact in float64 whatever the order (README)
+    clean = x.astype(np.float64) @ teacher  # exact in float64 whatever the order (docs/workloads.md)
     y = np.argmax(clean + 8.0 * noise, axis=1)  # the first maximum on ties
     return x, y, float(np.mean(y == np.argmax(clean, axis=1)))
 
@@ -136,7 +137,7 @@ def main():
 
     if args.expect_test_loss is not None or args.expect_test_acc is not None:
         x, y, agreement = test_set(np, TEST_ROWS)
-        if round(agreement, 4) != 0.6409:  # the README's fingerprint of the test set
+        if round(agreement, 4) != 0.6409:  # docs/workloads.md's fingerprint of the test set
             return fail(f"the test set generated here is not the reference one (teacher agreement {agreement:.4f})")
         with torch.no_grad():
             logits = model(torch.from_numpy(x))

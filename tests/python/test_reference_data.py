@@ -1,5 +1,5 @@
 """Checks worker/python/shmps/reference.py, the numpy port of the reference workloads, against
-../shared/workloads/README.md section 1 and against the C++ trainer.
+docs/workloads.md section 1 and against the C++ trainer.
 
     /usr/bin/python3 -m pytest tests/python/test_reference_data.py
 
@@ -34,7 +34,7 @@ def _load(name: str, path: Path):
 
 R = _load("shmps_reference_under_test", PYDIR / "shmps" / "reference.py")
 
-# ---- an independent, plain-Python SplitMix64 (sequential, as the README defines it) ----------
+# ---- an independent, plain-Python SplitMix64 (sequential, as docs/workloads.md defines it) ----------
 
 M64 = (1 << 64) - 1
 

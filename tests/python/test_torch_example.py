@@ -1,5 +1,5 @@
 """The PyTorch example (worker/python/examples/train_mlp_torch.py) as shmps workers, next to the
-C++ trainer, started by shmps-launch the way the README shows. Skipped, saying so, where Debian's
+C++ trainer, started by shmps-launch the way docs/python.md shows. Skipped, saying so, where Debian's
 python3-torch is not installed."""
 
 import re

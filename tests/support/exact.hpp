@@ -1,4 +1,4 @@
-// The exact-sum check of the multi-process and crash tests (DESIGN.md invariant 1).
+// The exact-sum check of the multi-process and crash tests (ARCHITECTURE.md invariant 1).
 //
 // Jobs made with pattern_spec() hold "w" [3, 40000] and "b" [7] with SGD at learning rate 1;
 // shmps-test-pusher "exact" pushes the pattern.hpp gradients to them. Small integers keep every

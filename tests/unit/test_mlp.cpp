@@ -1,4 +1,4 @@
-// The reference MLP: its initialisation (shared/workloads/README.md §2), its gradients against
+// The reference MLP: its initialisation (docs/workloads.md §2), its gradients against
 // central finite differences of a float64 reference, an SGD step, and a short training run.
 #include <algorithm>
 #include <cmath>

@@ -67,7 +67,7 @@ name = "w"
 shape = [2, 3]
 )";
 
-// The reference u24 mapping, written out from ../shared/workloads/README.md §1.
+// The reference u24 mapping, written out from docs/workloads.md §1.
 float reference_u24(std::uint64_t stream, std::uint64_t i) {
   std::uint64_t z = stream + (i + 1) * 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

@@ -1,4 +1,4 @@
-// The reference synthetic data against the fingerprints of shared/workloads/README.md §1, the
+// The reference synthetic data against the fingerprints of docs/workloads.md §1, the
 // epoch shuffle and the worker batch split.
 #include <algorithm>
 #include <bit>

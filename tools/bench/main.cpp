@@ -1,4 +1,4 @@
-// shmps-bench: every workload of ../shared/workloads/README.md §3, each next to the machine's
+// shmps-bench: every workload of docs/workloads.md §3, each next to the machine's
 // own limit measured in the same run, with the ratio.
 //
 //   shmps-bench [--quick] [--rounds N] [--reps N] [--out FILE] [--only GROUPS]

@@ -4,7 +4,7 @@
     /usr/bin/python3 tools/bench/python_workers.py [--build DIR] [--quick] [--reps N] [--out FILE]
 
 Measures, with the same model, sizes and method as shmps-bench's transfer group (transfer.cpp,
-../shared/workloads/README.md §3), and runs shmps-bench itself in the same run for the C++
+docs/workloads.md §3), and runs shmps-bench itself in the same run for the C++
 figures and the memcpy limit:
 
   pull        the whole 64 MiB model (16 parameters of 2^20 float32) into preallocated,

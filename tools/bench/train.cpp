@@ -1,4 +1,4 @@
-// train: the reference MLP (../shared/workloads/README.md §2) trained by the example trainer,
+// train: the reference MLP (docs/workloads.md §2) trained by the example trainer,
 // shmps-worker, run as child processes:
 //   local      shmps-worker --local: one process, no parameter server (the limit)
 //   asp.1      one worker through shmps (shmps-launch, ASP), next to local

@@ -1,4 +1,4 @@
-// The workloads of ../shared/workloads/README.md §3 and the machine's limits, one group per file.
+// The workloads of docs/workloads.md §3 and the machine's limits, one group per file.
 // Each adds its figures to the report, each next to its limit with the ratio.
 #pragma once
 

@@ -2,7 +2,7 @@
 //
 //   shmps-top NAME                    terminal UI, refreshed every --interval (1 s)
 //   shmps-top NAME --once             one plain-text snapshot
-//   shmps-top NAME --json             one JSON document (schema in the README)
+//   shmps-top NAME --json             one JSON document (schema in docs/monitoring.md)
 //   shmps-top NAME --prometheus       the Prometheus text exposition format
 //   shmps-top NAME --listen HOST:PORT serve it over HTTP at /metrics (port 0: any free port)
 //

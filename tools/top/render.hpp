@@ -1,5 +1,5 @@
-// The non-interactive views of a Metrics: plain text (--once), JSON (--json, its schema is in the
-// README) and the Prometheus text exposition format (--prometheus, and /metrics of --listen).
+// The non-interactive views of a Metrics: plain text (--once), JSON (--json, its schema is in
+// docs/monitoring.md) and the Prometheus text exposition format (--prometheus, and /metrics of --listen).
 #pragma once
 
 #include <string>

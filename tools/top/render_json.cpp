@@ -1,4 +1,4 @@
-// --json: one JSON document (schema "shmps-top/1", described in the README). Absent values (a rate
+// --json: one JSON document (schema "shmps-top/1", described in docs/monitoring.md). Absent values (a rate
 // without a previous sample, an age of something that never happened) are null.
 #include <charconv>
 #include <cstdlib>
@@ -13,7 +13,7 @@ namespace shmps::top {
 
 namespace {
 
-using json = nlohmann::ordered_json;  // keys in the order written here (the README's order)
+using json = nlohmann::ordered_json;  // keys in the order written here (docs/monitoring.md's order)
 
 json value(const std::optional<double>& v) { return v ? json(*v) : json(nullptr); }
 

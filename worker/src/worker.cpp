@@ -1,4 +1,4 @@
-// The worker side of the protocols (DESIGN.md "Pull", "Push", "Worker life").
+// The worker side of the protocols (ARCHITECTURE.md "Pull", "Push", "Worker life").
 //
 // Everything here runs in the worker process and writes only the worker's own slot lines and
 // its own ring. It takes no lock anyone else waits for: the one lock it holds (its byte of

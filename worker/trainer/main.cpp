@@ -1,5 +1,5 @@
 // shmps-worker: the example trainer. Trains the reference MLP on the reference synthetic data
-// (../shared/workloads/README.md) through a shmps parameter server, or locally (--local, the
+// (docs/workloads.md) through a shmps parameter server, or locally (--local, the
 // single-process reference), or evaluates the server's current model (--evaluate).
 //
 // Per batch (server mode): pull the four parameters, forward/backward, push the four gradients;
@@ -122,7 +122,7 @@ void print_eval(const char* what, const shmps::mlp::EvalResult& r, std::uint64_t
 }
 
 // The final figures. `eval_train`: also evaluate the final model on the whole training set (the
-// README's reference training loss/accuracy are defined that way).
+// reference training loss/accuracy of docs/workloads.md §2 are defined that way).
 // --eval-rows: evaluate on at most this many rows of each set (a quick check; 0: all of them).
 std::uint64_t g_eval_rows = 0;
 std::uint64_t eval_rows(std::uint64_t all) { return g_eval_rows == 0 ? all : std::min(all, g_eval_rows); }

@@ -1,4 +1,4 @@
-// The reference MLP (../shared/workloads/README.md §2): 784-256-10, Linear, ReLU, Linear,
+// The reference MLP (docs/workloads.md §2): 784-256-10, Linear, ReLU, Linear,
 // softmax cross-entropy averaged over the batch. Parameters in the PyTorch nn.Linear layout
 // (weight[out, in], row-major) under the names fc1.weight, fc1.bias, fc2.weight, fc2.bias, each a
 // contiguous float32 buffer, so a trainer pulls or pushes each one with a single call.

@@ -1,4 +1,4 @@
-// The reference synthetic classification data (../shared/workloads/README.md §1), computed
+// The reference synthetic classification data (docs/workloads.md §1), computed
 // directly from SplitMix64 draws: any row can be generated on its own, nothing is materialised.
 //
 //   X[n, d]  = u24(draw n*784 + d of stream 1)                      float32, row-major

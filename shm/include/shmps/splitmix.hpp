@@ -1,5 +1,5 @@
 // SplitMix64 streams and the exact uniform mappings of the reference workloads
-// (../shared/workloads/README.md §1). Shared by the server's parameter initialisers and the
+// (docs/workloads.md §1). Shared by the server's parameter initialisers and the
 // example trainer's synthetic data, so both sides produce the same bytes in any language.
 #pragma once
 

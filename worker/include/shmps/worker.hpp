@@ -14,7 +14,7 @@
 // A worker maps the job's shared-memory segment and talks to the server only through it: a pull
 // is a memory copy checked by per-slice version words, a push is a write into the worker's own
 // ring. A worker takes no lock that anyone else waits on, so killing it at any instruction
-// blocks nobody (see DESIGN.md). Every error is a shmps::Error whose message says what was wrong
+// blocks nobody (see ARCHITECTURE.md). Every error is a shmps::Error whose message says what was wrong
 // and what to do; a failed call changes nothing in the segment.
 //
 // Thread safety: one Worker is used by one thread at a time.

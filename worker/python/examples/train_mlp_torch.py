@@ -4,7 +4,7 @@
     PYTHONPATH=build/release/python /usr/bin/python3 worker/python/examples/train_mlp_torch.py [options]
 
 The model, data, schedule and output are those of worker/trainer/main.cpp
-(../shared/workloads/README.md): the 784-256-10 MLP (Linear, ReLU, Linear, softmax
+(docs/workloads.md): the 784-256-10 MLP (Linear, ReLU, Linear, softmax
 cross-entropy averaged over the batch) on the reference synthetic data; worker r of P takes the
 global batches j = r (mod P). Per batch it pulls the four parameters straight into the module's
 parameter storage, runs forward and backward, pushes the four gradients and ends its step with
@@ -87,7 +87,7 @@ class MLP(torch.nn.Module):
         return [(name, params[name]) for name, _ in ref.PARAMS]
 
     def load_reference_init(self) -> None:
-        """The reference initial model (README section 2), as shmps-worker --local starts."""
+        """The reference initial model (docs/workloads.md section 2), as shmps-worker --local starts."""
         init = ref.reference_init()
         with torch.no_grad():
             for name, p in self.named():

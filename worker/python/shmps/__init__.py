@@ -10,8 +10,8 @@
 
 The Worker is the C++ worker library (<shmps/worker.hpp>) itself, built with pybind11: a pull
 copies straight from shared memory into your array, a push straight from your array into the
-worker's ring. Errors raise shmps.Error. See help(shmps.Worker) and the README's
-"Python workers" section.
+worker's ring. Errors raise shmps.Error. See help(shmps.Worker) and
+docs/python.md.
 """
 
 from ._core import Error, Param, Worker

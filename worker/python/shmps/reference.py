@@ -2,7 +2,7 @@
 
 A bit-exact port of worker/trainer/synthetic_data.{hpp,cpp} and the parts of
 worker/trainer/{mlp,main}.cpp a Python worker needs to share a job with `shmps-worker`
-(../shared/workloads/README.md sections 1 and 2):
+(docs/workloads.md sections 1 and 2):
 
     X[n, d] = u24(draw n*784 + d of stream 1)                      float32, row-major
     T[d, k] = u16(draw d*10 + k of stream 2)                       teacher, float64

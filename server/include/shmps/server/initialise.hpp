@@ -33,7 +33,7 @@ PretrainedValues load_pretrained(const ModelSpec& spec);
 void initialise(const ParamSpec& param, std::span<float> values, const PretrainedValues& pretrained);
 
 // Fills `values` (the whole parameter, row-major) as `init` says. Deterministic and exact: the
-// same spec gives the same bytes on every machine (see ../shared/workloads/README.md §2).
+// same spec gives the same bytes on every machine (see docs/workloads.md §2).
 // Kind::pretrained needs the file's values: this overload throws shmps::Error for it (use the
 // one above).
 void initialise(const InitSpec& init, std::span<float> values);

@@ -1,6 +1,6 @@
 // Wake-ups between processes: a futex on a 32-bit word in the segment (not FUTEX_PRIVATE, so it
 // works across processes that map the same memory). std::atomic::wait does not work across
-// processes in libstdc++ 12 (DESIGN.md rule 3).
+// processes in libstdc++ 12 (ARCHITECTURE.md rule 3).
 #pragma once
 
 #include <atomic>

@@ -44,7 +44,7 @@
 //                   | optimizer state arrays, float32             |  server only
 //                   +--------------------------------------------+  total_bytes
 //
-// Rules (DESIGN.md): workers take no lock; a worker writes only its own slot's worker lines
+// Rules (ARCHITECTURE.md): workers take no lock; a worker writes only its own slot's worker lines
 // and its own ring's records and tail; tools map the segment read-only. Everything here is
 // fixed-size, standard-layout, fixed-width; addresses are offsets from the segment base.
 // Lines that different processes write concurrently are padded to 64 bytes apart.

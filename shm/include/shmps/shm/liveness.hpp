@@ -1,4 +1,4 @@
-// Death from the kernel (DESIGN.md rule 4): a process holds an open-file-description (OFD) lock
+// Death from the kernel (ARCHITECTURE.md rule 4): a process holds an open-file-description (OFD) lock
 // on a byte of a lock file for its whole life; the kernel drops it when the process dies, however
 // it dies. Whoever then finds the byte unlocked knows the holder is gone. A heartbeat only ever
 // makes a process "suspect".

@@ -1,4 +1,4 @@
-// Reading parameter values out of a segment, each slice whole (the seqlock read of DESIGN.md's
+// Reading parameter values out of a segment, each slice whole (the seqlock read of ARCHITECTURE.md's
 // "Pull"). Used by the worker's pull and by read-only tools; it only reads.
 #pragma once
 

@@ -5,7 +5,7 @@
 //   tools:   Segment::open(read_only)     — a read-only mapping: they cannot write by mistake
 //
 // No Boost segment manager is used: the header at offset 0 is the root directory of offsets, so
-// nobody ever needs a lock to find anything (DESIGN.md rule 2).
+// nobody ever needs a lock to find anything (ARCHITECTURE.md rule 2).
 #pragma once
 
 #include <cstdint>
