@@ -55,6 +55,17 @@ void kill_server_at(const std::string& point, const std::function<void(const shm
   job.wait_ready();
   for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
   expect_exact_sum(job.name(), {300, 300, 300});
+  {
+    // What the crash left is gone, in the segment: no slice with its version word odd (torn),
+    // no redo entry still marked valid.
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    for (std::uint64_t i = 0; i < seg.header().slice_count; ++i)
+      EXPECT_EQ(shm::load_acquire(seg.slice(i).version) & 1U, 0u) << "slice " << i;
+    for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
+      EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u) << "redo entry " << e;
+  }
+  // Which repair the restarted server made (e.g. a redo) is said only in its log: the segment
+  // keeps no count of it, so that part is still read from there.
   if (!expect_in_restart_log.empty()) {
     EXPECT_NE(second.output().find(expect_in_restart_log), std::string::npos) << second.output();
   }
@@ -205,6 +216,15 @@ TEST(ServerCrash, ASegmentLeftHalfCreatedIsDetectedAndRecreated) {
   }
   auto& server = job.start_server();
   job.wait_ready();
+  {
+    // Made anew, not recovered: a whole, valid segment (open() validates it) of the spec's size,
+    // at the first epoch of its first server.
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    EXPECT_EQ(seg.header().total_bytes, seg.size());
+    EXPECT_GT(seg.header().total_bytes, std::uint64_t{1} << 20);
+    EXPECT_EQ(shm::load_acquire(seg.header().server_epoch), 1u);
+  }
+  // That the server found a half-created segment (rather than none) is said only in its log.
   EXPECT_NE(server.output().find("event=recreate"), std::string::npos) << server.output();
   auto& pusher = start_pusher(job, 0, 30);
   EXPECT_EQ(pusher.wait(30s), 0) << pusher.output();

@@ -189,6 +189,8 @@ TEST(Checkpoint, RoundTripRestoresEveryByteOfTheJob) {
   shmps::test::remove_segment(job.name());
   auto& restored = job.start_server({"--restore", file.string()});
   job.wait_ready();
+  // The checks below read what came back from the segment itself; which file the server
+  // restored from is said only in its log.
   EXPECT_HAS(restored.output(), "event=restored");
   const JobState after = capture(job.name());
   expect_same_model(before, after);
@@ -248,9 +250,15 @@ TEST(Checkpoint, RestoreThenContinueEqualsUninterruptedInBsp) {
 
   auto& second = job.start_server({"--checkpoint-dir", dir.path.string()});
   job.wait_ready();
+  // Restored from the checkpoint: the segment holds its model clock, its epoch plus one (the
+  // new server's), and its model bytes. Which file it came from is said only in the log.
+  const JobState restored = capture(job.name());
+  EXPECT_EQ(restored.model_clock, snapshot.model_clock);
+  EXPECT_EQ(restored.epoch, snapshot.epoch + 1);
+  ASSERT_EQ(restored.values.size(), snapshot.params.size());
+  for (std::size_t i = 0; i < snapshot.params.size(); ++i) EXPECT_TRUE(restored.values[i] == snapshot.params[i].values) << i;
   EXPECT_HAS(second.output(), "event=restored");
   EXPECT_HAS(second.output(), files[0].filename().string());
-  EXPECT_EQ(model_clock(job.name()), snapshot.model_clock);
   auto& a2 = start_steps(job, 0, kSteps);
   auto& b2 = start_steps(job, 1, kSteps);
   ASSERT_EQ(a2.wait(60s), 0) << a2.output();
@@ -273,12 +281,26 @@ TEST(Checkpoint, GracefulStopAndPeriodicCheckpointsKeepTheNewestK) {
   stop_gracefully(server);
   const std::string log = server.output();
   // One every 5 clocks (a checkpoint due while the previous one is still being written is taken
-  // as soon as that one is durable), and one at the stop (23).
+  // as soon as that one is durable), and one at the stop (23): the header counts them and holds
+  // the newest one's clock.
+  const JobState live = capture(job.name());
+  std::uint64_t written = 0;
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    const auto& h = seg.header();
+    EXPECT_EQ(shm::load_acquire(h.state), static_cast<std::uint32_t>(shm::SegmentState::stopped));
+    written = shm::load_acquire(h.checkpoints);
+    EXPECT_EQ(shm::load_acquire(h.checkpoint_failures), 0u) << log;
+    EXPECT_EQ(shm::load_acquire(h.last_checkpoint_clock), 23u) << log;
+  }
+  ASSERT_GE(written, 2u) << log;
+  EXPECT_LE(written, 5u) << log;
+  // The model clock of each one, the deleted ones too (--keep 2), is only in the server's log:
+  // the spacing is read from there, once the log is known to list every checkpoint written.
   std::vector<std::uint64_t> clocks;
   for (auto at = log.find("event=checkpoint "); at != std::string::npos; at = log.find("event=checkpoint ", at + 1))
     clocks.push_back(std::stoull(log.substr(log.find("model_clock=", at) + 12)));
-  ASSERT_GE(clocks.size(), 2u) << log;
-  EXPECT_LE(clocks.size(), 5u) << log;
+  ASSERT_EQ(clocks.size(), written) << log;
   EXPECT_EQ(clocks.back(), 23u) << log;
   for (std::size_t i = 0; i + 1 < clocks.size(); ++i) {
     EXPECT_GE(clocks[i], 5 * (i + 1)) << log;
@@ -297,12 +319,15 @@ TEST(Checkpoint, GracefulStopAndPeriodicCheckpointsKeepTheNewestK) {
   // BSP: taken at a clock boundary, every slice at the model clock.
   for (auto c : older.slice_clock) EXPECT_EQ(c, static_cast<std::int64_t>(older.model_clock));
   for (auto c : newer.slice_clock) EXPECT_EQ(c, 23);
-  // A server that finds the segment uses it (it is newer than any file), not a checkpoint.
-  const JobState live = capture(job.name());
+  // A server that finds the segment uses it (it is newer than any file), not a checkpoint: the
+  // segment is the one the first server created (a restore makes a new one), one epoch on.
+  const std::uint64_t created = shm::Segment::open(job.name(), shm::Access::read_only).header().created_unix_ns;
   auto& again = job.start_server({"--checkpoint-dir", dir.path.string()});
   job.wait_ready();
-  EXPECT_EQ(again.output().find("event=restored"), std::string::npos) << again.output();
-  expect_same_model(live, capture(job.name()));
+  EXPECT_EQ(shm::Segment::open(job.name(), shm::Access::read_only).header().created_unix_ns, created) << again.output();
+  const JobState resumed = capture(job.name());
+  EXPECT_EQ(resumed.epoch, live.epoch + 1);
+  expect_same_model(live, resumed);
 }
 
 TEST(Checkpoint, PeriodicByTimeWhileTrainingGoesOn) {
@@ -363,9 +388,13 @@ TEST(Checkpoint, SigkillInTheMiddleOfACheckpointLeavesThePreviousOneValid) {
     shmps::test::remove_segment(job.name());
     auto& next = job.start_server({"--checkpoint-dir", dir.path.string()});
     job.wait_ready();
-    EXPECT_HAS(next.output(), "event=restored");
-    EXPECT_HAS(next.output(), "event=checkpoint_temporaries_removed");
+    temporaries = 0;
+    for (const auto& e : fs::directory_iterator(dir.path)) temporaries += e.path().string().find(".tmp-") != std::string::npos;
+    EXPECT_EQ(temporaries, 0u) << next.output();
+    EXPECT_EQ(ckpts.list(), files);
     expect_same_model(at_first, capture(job.name()));
+    // That the model came from the file (the segment was gone) is said only in the log.
+    EXPECT_HAS(next.output(), "event=restored");
     expect_exact_sum(job.name(), {60});
     // The pusher's slot says 60 pushes were applied: a restarted pusher continues from there.
     auto& r = job.start({"shmps-test-pusher", "exact", "--pushes", "90"}, {{"SHMPS_RANK", "0"}});
@@ -397,10 +426,12 @@ TEST(Checkpoint, ADamagedNewestCheckpointIsSkippedForTheNewestValidOne) {
   shmps::test::remove_segment(job.name());
   auto& next = job.start_server({"--checkpoint-dir", dir.path.string()});
   job.wait_ready();
+  // Restored from the older file: the segment holds its model (30 pushes, not 45).
+  expect_exact_sum(job.name(), {30});
+  // Which file was skipped, and why, is said only in the log.
   EXPECT_HAS(next.output(), "event=checkpoint_skipped");
   EXPECT_HAS(next.output(), "checksum");
   EXPECT_HAS(next.output(), "file=" + files[0].string());
-  expect_exact_sum(job.name(), {30});
 }
 
 TEST(Checkpoint, DamagedOrForeignFilesAreRefusedAndTouchNothing) {

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -132,6 +133,25 @@ std::string file_bytes(const std::string& path) {
   return s.str();
 }
 
+// A gate for shmps-launch's workers: gate.wait() is a shell line that waits (at most 20 s) until
+// the gate is opened, so that the test can map the segment before the job can end and
+// shmps-launch remove it (the mapping outlives the removal: the header's final state can be read).
+struct Gate {
+  std::string path;
+  explicit Gate(const Job& job) : path("/tmp/shmps-test-gate-" + job.name()) {}
+  ~Gate() {
+    std::error_code ec;
+    std::filesystem::remove(path, ec);
+  }
+  std::string wait() const {
+    return "n=0; while [ ! -e '" + path + "' ] && [ $n -lt 2000 ]; do sleep 0.01; n=$((n+1)); done; ";
+  }
+  void open() const { std::ofstream(path) << "open\n"; }
+};
+
+std::uint32_t state_of(const shm::Segment& seg) { return shm::load_acquire(seg.header().state); }
+constexpr auto kStopped = static_cast<std::uint32_t>(shm::SegmentState::stopped);
+
 std::vector<std::string> launch_argv(const Job& job, int workers, std::vector<std::string> extra) {
   std::vector<std::string> argv{"shmps-launch", "--spec", job.spec_path(), "--name", job.name(),
                                 "--workers", std::to_string(workers)};
@@ -146,7 +166,12 @@ std::vector<std::string> launch_argv(const Job& job, int workers, std::vector<st
 TEST(Launch, RunsWorkersWithPrefixedOutputThenStopsTheServerAndRemovesTheSegment) {
   Watchdog wd(std::chrono::seconds(60));
   Job job("launch", kSpec);
-  Process launch(launch_argv(job, 3, {"--", "shmps-test-pusher", "exact", "--pushes", "30"}));
+  const Gate gate(job);
+  Process launch(launch_argv(job, 3, {"--", "/bin/sh", "-c", gate.wait() + "exec " + shmps::test::bin("shmps-test-pusher") +
+                                                                   " exact --pushes 30"}));
+  const auto seg = shmps::test::map_when_ready(job.name(), launch);
+  gate.open();
+  ASSERT_TRUE(seg.has_value());
   ASSERT_EQ(launch.wait(45s), 0) << launch.output();
   const std::string out = launch.output();
   for (int r = 0; r < 3; ++r) {
@@ -160,7 +185,10 @@ TEST(Launch, RunsWorkersWithPrefixedOutputThenStopsTheServerAndRemovesTheSegment
     EXPECT_TRUE(ok) << "unprefixed line: " << line;
   }
   EXPECT_HAS(out, "starting 3 workers");
-  EXPECT_HAS(out, "event=stopped segment=" + job.name() + " records_applied=90");  // drained, then stopped
+  // Drained, then stopped: what the server left in the header (read through the test's mapping,
+  // which outlived the segment's removal).
+  EXPECT_EQ(state_of(*seg), kStopped) << out;
+  EXPECT_EQ(shm::load_counter(seg->header().records_applied), 90u) << out;
   EXPECT_HAS(out, "removed=true");
   EXPECT_HAS(out, "shmps-launch: job finished; segment removed");
   expect_no_files(job.name());
@@ -169,13 +197,17 @@ TEST(Launch, RunsWorkersWithPrefixedOutputThenStopsTheServerAndRemovesTheSegment
 TEST(Launch, AFailingWorkerIsNamedAndTheJobIsStoppedAndCleanedUp) {
   Watchdog wd(std::chrono::seconds(60));
   Job job("fail", kSpec);
+  const Gate gate(job);
   const auto t0 = std::chrono::steady_clock::now();
-  // Rank 1 fails at once; the others would run for 30 s unless stopped, they and the command
-  // their shell started.
+  // Rank 1 fails at once (once the test has mapped the segment); the others would run for 30 s
+  // unless stopped, they and the command their shell started.
   Process launch(launch_argv(job, 3,
                              {"--", "/bin/sh", "-c",
-                              "if [ \"$SHMPS_RANK\" = 1 ]; then sleep 0.2; echo giving up; exit 3; fi; "
+                              "if [ \"$SHMPS_RANK\" = 1 ]; then " + gate.wait() + "sleep 0.2; echo giving up; exit 3; fi; "
                               "sleep 30 & echo \"sleeper $!\"; wait $!; echo late"}));
+  const auto seg = shmps::test::map_when_ready(job.name(), launch);
+  gate.open();
+  ASSERT_TRUE(seg.has_value());
   const int code = launch.wait(45s);
   const std::string out = launch.output();
   EXPECT_EQ(code, 1) << out;
@@ -186,7 +218,7 @@ TEST(Launch, AFailingWorkerIsNamedAndTheJobIsStoppedAndCleanedUp) {
   EXPECT_FALSE(has(out, "worker w2 ")) << out;
   EXPECT_FALSE(has(out, "job finished")) << out;
   EXPECT_FALSE(has(out, "late")) << out;
-  EXPECT_HAS(out, "event=stopped");
+  EXPECT_EQ(state_of(*seg), kStopped) << out;  // the server was stopped, not killed
   expect_no_files(job.name());
   std::vector<pid_t> sleepers = printed_pids(out, "w0", "sleeper");
   const auto w2 = printed_pids(out, "w2", "sleeper");
@@ -237,6 +269,7 @@ TEST(Launch, SigintOrSigtermStopsWorkersAndServerAndLeavesNothing) {
     Process launch(launch_argv(job, 3, {"--", "shmps-test-pusher", "puller", "--millis", "60000"}));
     // Wait until the server and all three workers are up, and learn their pids.
     std::vector<pid_t> pids;
+    std::optional<shm::Segment> mapped;  // kept: it outlives the segment's removal
     const auto deadline = std::chrono::steady_clock::now() + 20s;
     while (pids.empty() && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(20ms);
@@ -249,7 +282,10 @@ TEST(Launch, SigintOrSigtermStopsWorkersAndServerAndLeavesNothing) {
         for (unsigned r = 0; r < 3; ++r)
           if (shm::load_acquire(seg.slot(r).state) == static_cast<std::uint32_t>(shm::SlotState::attached))
             found.push_back(shm::load_acquire(seg.slot(r).pid));
-        if (found.size() == 4) pids = found;
+        if (found.size() == 4) {
+          pids = found;
+          mapped = std::move(seg);
+        }
       } catch (const shmps::Error&) {
       }
     }
@@ -261,7 +297,7 @@ TEST(Launch, SigintOrSigtermStopsWorkersAndServerAndLeavesNothing) {
     const std::string out = launch.output();
     EXPECT_EQ(code, 128 + sig) << out;
     EXPECT_HAS(out, std::string("shmps-launch: ") + strsignal(sig) + ": stopping the job");
-    EXPECT_HAS(out, "event=stopped");
+    EXPECT_EQ(state_of(*mapped), kStopped) << out;  // the server was stopped, not killed
     EXPECT_FALSE(has(out, "job finished")) << out;
     for (pid_t p : pids) EXPECT_TRUE(pid_gone(p)) << "pid " << p << " is still there";
     expect_no_files(job.name());
@@ -606,26 +642,45 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
     Process first(argv);
     const auto until = std::chrono::steady_clock::now() + 60s;
     std::uint64_t clock = 0;
+    std::optional<shm::Segment> mapped;  // kept to the end: it outlives the segment's removal
     while (clock < 40 && std::chrono::steady_clock::now() < until && first.running()) {
       try {
-        auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
-        clock = shmps::shm::load_acquire(seg.header().model_clock);
+        if (!mapped) {
+          auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+          if (state_of(seg) == static_cast<std::uint32_t>(shm::SegmentState::ready)) mapped = std::move(seg);
+        }
+        if (mapped) clock = shm::load_acquire(mapped->header().model_clock);
       } catch (const shmps::Error&) {
       }
       std::this_thread::sleep_for(1ms);
     }
+    ASSERT_TRUE(mapped.has_value()) << first.output();
     first.kill(SIGINT);
     first.wait(30s);
-    EXPECT_HAS(first.output(), "event=checkpoint ");
+    const std::string log = first.output();
+    // The server's last checkpoint, at its stop, holds the final model clock, and is in the directory.
+    const auto& h = mapped->header();
+    EXPECT_EQ(state_of(*mapped), kStopped) << log;
+    EXPECT_GE(shm::load_acquire(h.checkpoints), 1u) << log;
+    EXPECT_EQ(shm::load_acquire(h.checkpoint_failures), 0u) << log;
+    EXPECT_EQ(shm::load_acquire(h.last_checkpoint_clock), shm::load_acquire(h.model_clock)) << log;
+    EXPECT_GE(shm::load_acquire(h.model_clock), 40u) << log;
+    std::size_t files = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) files += e.path().extension() == ".safetensors";
+    EXPECT_GE(files, 1u) << log;
     // The launcher freezes the workers until the server has written its last checkpoint: the
-    // server never sees a worker die, so no BSP step is completed without one.
-    EXPECT_FALSE(first.output().find("event=worker_dead") != std::string::npos) << first.output();
+    // server never sees a worker die (no slot's generation was proven dead), so no BSP step is
+    // completed without one.
+    for (std::uint32_t r = 0; r < h.max_workers; ++r)
+      EXPECT_EQ(shm::load_acquire(mapped->slot(r).dead_generation), 0u) << "slot " << r << "\n" << log;
   }
   EXPECT_FALSE(std::filesystem::exists(shmps::shm::segment_path(job.name())));
   Process second(argv);
   ASSERT_EQ(second.wait(100s), 0) << second.output();
   const std::string out = second.output();
   std::filesystem::remove_all(dir);
+  // Restored from the checkpoint (the segment was gone): only the server's log says so; the
+  // trainers' resumed cursors and the weights' hash below are the effect.
   EXPECT_HAS(out, "event=restored");
   const auto resumed = out.find("continues at batch ");
   ASSERT_NE(resumed, std::string::npos) << out;

@@ -20,7 +20,10 @@
 #include <sstream>
 #include <thread>
 
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
 
 namespace shmps::test {
 
@@ -30,6 +33,19 @@ namespace {
 std::mutex g_mutex;
 std::set<pid_t> g_children;
 std::set<std::string> g_segments;
+
+constexpr auto kReady = static_cast<std::uint32_t>(shm::SegmentState::ready);
+
+// The segment's server_epoch, or 0 if there is no segment (or none that can be read yet).
+std::uint64_t epoch_of(const std::string& name) {
+  try {
+    if (!shm::Segment::exists(name)) return 0;
+    const auto seg = shm::Segment::open(name, shm::Access::read_only);
+    return shm::load_acquire(seg.header().server_epoch);
+  } catch (const Error&) {
+    return 0;
+  }
+}
 
 void cleanup_everything() {
   std::lock_guard lock(g_mutex);
@@ -159,6 +175,7 @@ Job::~Job() {
 }
 
 Process& Job::start_server(std::vector<std::string> extra_args, std::vector<std::pair<std::string, std::string>> env) {
+  epoch_before_server_ = epoch_of(name_);
   std::vector<std::string> argv{"shmps-server", "--spec", spec_path_};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   processes_.push_back(std::make_unique<Process>(argv, std::move(env)));
@@ -167,16 +184,58 @@ Process& Job::start_server(std::vector<std::string> extra_args, std::vector<std:
 }
 
 void Job::wait_ready(std::chrono::milliseconds timeout) {
+  if (server_ == nullptr) FAIL() << "wait_ready() before start_server()";
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::string seen = "no segment";  // what the segment said last, for the failure message
   while (std::chrono::steady_clock::now() < deadline) {
-    // The server logs event=ready after it wrote "ready" into the segment.
-    if (server_ && server_->output().find("event=ready") != std::string::npos) return;
-    if (server_ && !server_->running()) {
+    try {
+      if (shm::Segment::exists(name_)) {
+        // Re-mapped on every try: the server may still be creating (or recreating) the file.
+        const auto seg = shm::Segment::open(name_, shm::Access::read_only);
+        const auto& h = seg.header();
+        const std::uint32_t state = shm::load_acquire(h.state);
+        const pid_t pid = shm::load_acquire(h.server_pid);
+        const std::uint64_t epoch = shm::load_acquire(h.server_epoch);
+        // The server stores its pid, then the new epoch, then "ready", last.
+        if (state == kReady && pid == server_->pid() && epoch > epoch_before_server_) return;
+        seen = "state " + std::to_string(state) + ", server_pid " + std::to_string(pid) + ", server_epoch " +
+               std::to_string(epoch) + " (before this server: " + std::to_string(epoch_before_server_) + ")";
+      }
+    } catch (const Error& e) {
+      seen = e.what();
+    }
+    if (!server_->running()) {
       FAIL() << "the server exited before the segment was ready:\n" << server_->output();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  FAIL() << "segment " << name_ << " not ready within " << timeout.count() << " ms";
+  FAIL() << "segment " << name_ << " not ready for server pid " << server_->pid() << " within " << timeout.count()
+         << " ms; the segment said: " << seen << "\nserver output:\n" << server_->output();
+}
+
+std::optional<shm::Segment> map_when_ready(const std::string& name, Process& owner, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::string seen = "no segment";
+  while (std::chrono::steady_clock::now() < deadline) {
+    try {
+      if (shm::Segment::exists(name)) {
+        auto seg = shm::Segment::open(name, shm::Access::read_only);
+        if (shm::load_acquire(seg.header().state) == kReady) return seg;
+        seen = "state " + std::to_string(shm::load_acquire(seg.header().state));
+      }
+    } catch (const Error& e) {
+      seen = e.what();
+    }
+    if (!owner.running()) {
+      ADD_FAILURE() << "process " << owner.pid() << " exited before segment " << name << " was ready ("
+                    << seen << "):\n" << owner.output();
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ADD_FAILURE() << "segment " << name << " not ready within " << timeout.count() << " ms (" << seen << "):\n"
+                << owner.output();
+  return std::nullopt;
 }
 
 Process& Job::start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env) {

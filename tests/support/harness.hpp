@@ -12,11 +12,15 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <sys/types.h>
+
+#include <shmps/shm/segment.hpp>
 
 namespace shmps::test {
 
@@ -58,7 +62,11 @@ class Job {
 
   Process& start_server(std::vector<std::string> extra_args = {},
                         std::vector<std::pair<std::string, std::string>> env = {});
-  // Waits until the segment is ready and the server holds its lock. Fails the test otherwise.
+  // Waits until the segment says the server started last is serving it: read from the segment
+  // (mapped read-only, as a tool does), not from the server's log: state "ready", server_pid
+  // that server's pid, and server_epoch past what the segment held before it started (a
+  // restarted server over a segment a killed one left "ready" must bump it first). Fails the
+  // test if the server exits first or the timeout passes.
   void wait_ready(std::chrono::milliseconds timeout = std::chrono::seconds(20));
   Process& start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env = {});
   Process& server() { return *server_; }
@@ -67,8 +75,17 @@ class Job {
   std::string name_;
   std::string spec_path_;
   Process* server_ = nullptr;
+  std::uint64_t epoch_before_server_ = 0;  // the segment's server_epoch when start_server() ran
   std::vector<std::unique_ptr<Process>> processes_;
 };
+
+// Maps segment `name` read-only (a tool's view) once it exists and is "ready", for a test that
+// reads what a server leaves in it: the mapping stays valid after the segment is removed
+// (shmps-launch removes it when the job ends), so the header's final state and counters can be
+// read once the job is over. Fails the test and returns nothing if `owner` (the process that
+// makes the segment, e.g. shmps-launch) exits first or the timeout passes.
+std::optional<shm::Segment> map_when_ready(const std::string& name, Process& owner,
+                                           std::chrono::milliseconds timeout = std::chrono::seconds(20));
 
 // Kills every child of this process and aborts the test binary if not destroyed in time.
 class Watchdog {
