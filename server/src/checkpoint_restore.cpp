@@ -8,6 +8,7 @@
 #include <shmps/shape.hpp>
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/worker_slot.hpp>
 
 namespace shmps::server {
 
@@ -83,25 +84,18 @@ void restore_into(Segment& segment, const Snapshot& snap) {
     for (std::uint32_t r = 0; r < columns; ++r)
       segment.last_applied(s, r) = static_cast<std::uint64_t>(snap.last_applied[s * snap.max_workers + r]);
   }
+  // Each slot's holder is gone: proven dead (it takes part in barriers again once a worker takes
+  // the slot, or keeps them waiting with on_worker_death = wait), or it had left.
   for (const auto& s : snap.slots) {
-    WorkerSlot& slot = segment.slot(s.rank);
-    store_release(slot.generation, s.generation);
-    // Its holder is gone: proven dead (it takes part in barriers again once a worker takes the
-    // slot, or keeps them waiting with on_worker_death = wait), or it had left.
-    store_release(slot.dead_generation, s.generation);
-    store_release(slot.admitted_generation, s.generation);
-    store_release(slot.admitted_clock, s.consumed_clock);
-    store_release(slot.published, s.applied);
-    store_release(slot.applied, s.applied);
-    store_release(slot.clock, s.consumed_clock);
-    store_release(slot.consumed_clock, s.consumed_clock);
-    store_release(slot.records_applied, s.records_applied);
-    store_release(slot.records_discarded, s.records_discarded);
-    if (!s.resume.empty()) std::memcpy(slot.resume, s.resume.data(), s.resume.size());  // data() may be null
-    store_release(slot.resume_bytes, static_cast<std::uint32_t>(s.resume.size()));
-    store_release(slot.resume_clock, s.resume_clock);
-    store_release(slot.resume_version, std::uint64_t{2});
-    store_release(slot.state, s.state);
+    WorkerSlotServerView(segment.slot(s.rank))
+        .restore({.state = s.state,
+                  .generation = s.generation,
+                  .applied = s.applied,
+                  .consumed_clock = s.consumed_clock,
+                  .records_applied = s.records_applied,
+                  .records_discarded = s.records_discarded,
+                  .resume = s.resume,
+                  .resume_clock = s.resume_clock});
   }
 }
 

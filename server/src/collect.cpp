@@ -4,10 +4,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cstring>
-
-#include <shmps/shm/atomics.hpp>
-#include <shmps/shm/seqlock.hpp>
+#include <shmps/shm/worker_slot.hpp>
 
 namespace shmps::server {
 
@@ -30,12 +27,8 @@ bool add_contributions(const Segment& segment, std::uint32_t rank, const PushRec
 
 void keep_resume_state(Segment& segment, std::uint32_t rank, const PushRecord& clock_record) {
   if (clock_record.offset == 0) return;
-  WorkerSlot& slot = segment.slot(rank);
-  const std::uint64_t before = seqlock_write_begin(slot.resume_version);
-  std::memcpy(slot.resume, record_payload(&clock_record), clock_record.offset);
-  store_release(slot.resume_bytes, static_cast<std::uint32_t>(clock_record.offset));
-  store_release(slot.resume_clock, clock_record.clock);
-  seqlock_write_end(slot.resume_version, before, 1);
+  const auto* blob = reinterpret_cast<const std::byte*>(record_payload(&clock_record));
+  WorkerSlotServerView(segment.slot(rank)).keep_resume({blob, clock_record.offset}, clock_record.clock);
 }
 
 void log_bad_record(const Segment& segment, std::uint32_t rank, std::uint64_t position) {

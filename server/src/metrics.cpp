@@ -4,6 +4,7 @@
 #include <bit>
 
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/worker_slot.hpp>
 
 namespace shmps::server {
 
@@ -23,14 +24,10 @@ void Metrics::count_pushes(const RoundPlan& plan) {
 
 // A push whose commit time was overwritten by a newer one meanwhile is skipped.
 void Metrics::sample_latency(std::uint32_t rank, std::uint64_t last_seq, std::uint64_t applied_at) {
-  const WorkerSlot& slot = segment_->slot(rank);
-  const std::uint64_t seq = load_acquire(slot.last_commit_seq);
-  const std::uint64_t committed_at = load_acquire(slot.last_commit_ns);
-  if (seq == 0 || seq != load_acquire(slot.last_commit_seq) || seq > last_seq || seq <= latency_sampled_seq_[rank] ||
-      committed_at > applied_at)
-    return;
-  latency_sampled_seq_[rank] = seq;
-  const std::uint64_t ns = std::max<std::uint64_t>(applied_at - committed_at, 1);
+  const auto commit = WorkerSlotServerView(segment_->slot(rank)).last_commit();
+  if (!commit || commit->seq > last_seq || commit->seq <= latency_sampled_seq_[rank] || commit->ns > applied_at) return;
+  latency_sampled_seq_[rank] = commit->seq;
+  const std::uint64_t ns = std::max<std::uint64_t>(applied_at - commit->ns, 1);
   const std::size_t bucket = std::min<std::size_t>(static_cast<std::size_t>(std::bit_width(ns)) - 1, kLatencyBuckets - 1);
   SegmentHeader& h = segment_->header();
   bump_counter(h.latency_buckets[bucket], std::uint64_t{1});

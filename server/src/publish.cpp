@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include <shmps/shm/atomics.hpp>
-#include <shmps/shm/futex.hpp>
+#include <shmps/shm/worker_slot.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/proc.hpp>
 
@@ -17,8 +17,7 @@ namespace {
 void release_rings(Segment& segment, std::vector<RingConsumer>& rings, RoundPlan& plan) {
   for (std::uint32_t r = 0; r < rings.size(); ++r) {
     RankRound& round = plan.ranks[r];
-    WorkerSlot& slot = segment.slot(r);
-    if (round.clock > load_own(slot.consumed_clock)) store_release(slot.consumed_clock, round.clock);
+    WorkerSlotServerView(segment.slot(r)).raise_consumed_clock(round.clock);
     round.moved = round.end != rings[r].head();
     if (round.moved) rings[r].release_to(round.end);
   }
@@ -40,18 +39,10 @@ void tell_workers(Segment& segment, const RoundPlan& plan, bool step_advanced, M
                   std::uint64_t applied_at) {
   for (std::uint32_t r = 0; r < plan.ranks.size(); ++r) {
     const RankRound& round = plan.ranks[r];
-    WorkerSlot& slot = segment.slot(r);
+    WorkerSlotServerView slot(segment.slot(r));
     if (round.records) metrics.sample_latency(r, round.last_seq, applied_at);
-    if (round.records || round.discarded) {
-      bump_counter(slot.records_applied, round.records);
-      bump_counter(slot.records_discarded, round.discarded);
-      store_release(slot.applied, std::max(load_own(slot.applied), round.last_seq));
-    }
-    if (round.moved || step_advanced) {
-      store_release(slot.progress, load_own(slot.progress) + 1);
-      fence_store_load();
-      if (load_acquire(slot.waiting)) futex_wake_all(slot.progress);
-    }
+    if (round.records || round.discarded) slot.count_round(round.records, round.discarded, round.last_seq);
+    if (round.moved || step_advanced) slot.wake_worker();
   }
 }
 

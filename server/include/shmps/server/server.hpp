@@ -17,42 +17,10 @@
 #include <filesystem>
 #include <memory>
 
-#include <shmps/server/checkpoint.hpp>
-#include <shmps/server/model_spec.hpp>
+#include <shmps/server/options.hpp>
 #include <shmps/shm/segment.hpp>
 
 namespace shmps::server {
-
-struct ServerOptions {
-  ModelSpec spec;
-  unsigned threads = 0;          // apply threads; 0: spec.server_threads, else all cores
-  bool remove_on_stop = false;   // remove the segment and its lock files when run() returns
-  unsigned mode = 0600;          // of the segment and lock files (0660 to share with a group)
-  // Apply the spec's consistency, bsp_aggregate and on_worker_death also to a recovered segment
-  // (by default a recovered segment keeps the policy it had, perhaps set live by shmps-ctl).
-  bool override_policy = false;
-  // How often worker slots are probed for dead holders (the death-detection time).
-  std::chrono::milliseconds liveness_interval{100};
-  // How long the server keeps polling the rings after its last work before it sleeps on the
-  // futex. A push found while polling is applied at once; one that wakes a sleeping server
-  // waits for the futex wake and the scheduler: tens of microseconds, and up to a scheduler
-  // tick on a busy machine. Polling yields the core at every turn, so runnable workers are not
-  // held back. 0: sleep as soon as a round finds nothing.
-  std::chrono::microseconds idle_poll{200};
-  // A live worker whose heartbeat is older than this is shown as "suspect" (display only).
-  std::chrono::milliseconds suspect_after{5000};
-
-  // Checkpoints (checkpoint.hpp). With a directory, the server writes "<name>.<serial>.safetensors"
-  // there every `checkpoint_every` (a period or a number of clocks; neither: only on demand), on
-  // demand (shmps-ctl checkpoint NAME) and at a graceful stop, keeping the newest `keep` (0: all);
-  // and a server that finds no segment restores the newest valid checkpoint there.
-  std::filesystem::path checkpoint_dir;
-  CheckpointEvery checkpoint_every;
-  std::size_t keep = 3;
-  // Restore the job from this checkpoint file instead of initialising it from the spec. Refused
-  // when the segment exists (its state is newer than any file).
-  std::filesystem::path restore;
-};
 
 struct ServerStats {
   std::uint64_t records_applied = 0;
@@ -62,12 +30,6 @@ struct ServerStats {
   std::uint64_t checkpoints = 0;  // written durably by this server
   bool restored = false;          // start() recreated the job from a checkpoint
 };
-
-// The layout a server started with these options gives a new segment (Server::start() creates
-// exactly this): for shmps-server --plan, which shows what a spec costs without creating
-// anything. Throws shmps::Error for an impossible spec.
-shm::LayoutRequest layout_request(const ServerOptions& options);
-shm::LayoutPlan plan_for(const ServerOptions& options);
 
 class Server {
  public:
