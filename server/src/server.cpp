@@ -138,7 +138,8 @@ void Server::run() {
   Impl& s = *impl_;
   using clock = std::chrono::steady_clock;
   auto next_liveness = clock::now();
-  std::optional<clock::time_point> idle_since;
+  clock::time_point idle_since{};  // when the rounds started finding nothing (valid while `idle`)
+  bool idle = false;
   SegmentHeader& h = s.header();
   while (true) {
     store_release(h.server_heartbeat_ns, monotonic_ns());
@@ -151,7 +152,7 @@ void Server::run() {
     const std::uint64_t applied = apply_round();
     s.checkpoints->tick();
     if (applied) {
-      idle_since.reset();
+      idle = false;
       continue;
     }
     // Drained: everything committed before the stop request has been applied (the last round
@@ -159,14 +160,17 @@ void Server::run() {
     if (s.stop_requested.load(std::memory_order_acquire)) break;
     // Idle: keep polling for options.idle_poll (a push is often microseconds away), yielding the
     // core at every turn, then sleep on the futex.
-    if (!idle_since) idle_since = now;
-    if (now - *idle_since < s.options.idle_poll) {
+    if (!idle) {
+      idle = true;
+      idle_since = now;
+    }
+    if (now - idle_since < s.options.idle_poll) {
       std::this_thread::yield();
       continue;
     }
     sleep_until_woken(h, std::chrono::microseconds(2000),
                       [&s] { return s.work_waiting() || s.stop_requested.load(std::memory_order_acquire); });
-    idle_since.reset();
+    idle = false;
   }
   s.checkpoints->finish_at_stop();
   s.commands->answer_checkpoint();
