@@ -15,4 +15,6 @@ check_figures("shmps-bench --quick" "${OUT}"
   push-to-apply.1.ratio push-to-apply.2.ratio push-to-apply.zero-copy.1.ratio push-to-apply.zero-copy.2.ratio
   bsp-round.ratio bsp-round.checkpointing.ratio checkpoint.time
   train.local train.asp.1.ratio train.asp.2.ratio train.bsp.2.ratio train.ssp2.2.ratio
-  train.local.test_acc train.asp.1.test_acc train.asp.2.test_acc train.bsp.2.test_acc train.ssp2.2.test_acc)
+  train.local.test_acc train.asp.1.test_acc train.asp.2.test_acc train.bsp.2.test_acc train.ssp2.2.test_acc
+  scale.asp.1.applied scale.asp.2.applied scale.bsp.1.applied scale.bsp.2.applied scale.asp.2.busy scale.bsp.2.busy
+  scale.asp.2.shm scale.bsp.2.shm scale.asp.2.worker_rss scale.bsp.2.worker_rss)

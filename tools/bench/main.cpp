@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   app.add_option("--mlp-spec", cfg.mlp_spec, "the reference MLP's model spec, for train")->capture_default_str();
   app.add_option("--train-samples", cfg.train_samples, "samples per train run (default 400000, --quick 6400)");
   app.add_option("--only", only,
-                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train "
+                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale "
                  "(the limits always run)");
   CLI11_PARSE(app, argc, argv);
 
@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
     if (wanted("push-to-apply")) run_push_to_apply(cfg, lim, report);
     if (wanted("bsp-round")) run_bsp_round(cfg, lim, report);
     if (wanted("train")) run_train(cfg, report);
+    if (wanted("scale")) run_scale(cfg, lim, report);
   } catch (const std::exception& e) {
     report.print(out_path);
     std::cerr << "shmps-bench: " << e.what() << "\n";
