@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -15,11 +16,9 @@
 
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/segment.hpp>
-#include <shmps/worker.hpp>
 
 #include "../support/exact.hpp"
 #include "../support/harness.hpp"
-#include "../support/pattern.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
@@ -31,12 +30,9 @@ namespace {
 constexpr int kWorkers = 16;
 constexpr int kReader = kWorkers;  // a slot of its own for the test's reading worker
 
-std::vector<Process*> start_pushers(Job& job, std::uint64_t pushes, int first = 0, int count = kWorkers) {
-  std::vector<Process*> ps;
-  for (int r = first; r < first + count; ++r)
-    ps.push_back(&job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes)},
-                            {{"SHMPS_RANK", std::to_string(r)}}));
-  return ps;
+Process& start_pusher(Job& job, int rank, std::uint64_t pushes) {
+  return job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes)},
+                   {{"SHMPS_RANK", std::to_string(rank)}});
 }
 
 }  // namespace
@@ -47,7 +43,9 @@ TEST(ManyWorkers, SixteenAspWorkersGiveTheExactSum) {
   job.start_server();
   job.wait_ready();
   constexpr std::uint64_t kPushes = 40;
-  for (auto* w : start_pushers(job, kPushes)) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  std::vector<Process*> workers;
+  for (int r = 0; r < kWorkers; ++r) workers.push_back(&start_pusher(job, r, kPushes));
+  for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
   shmps::test::expect_exact_sum(job.name(), std::vector<std::uint64_t>(kWorkers, kPushes), kReader);
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
   EXPECT_EQ(shmps::shm::load_counter(seg.header().records_applied), kWorkers * kPushes);
@@ -60,12 +58,11 @@ TEST(ManyWorkers, SixteenAspWorkersOfWhichFourAreKilledAndRestartedGiveTheExactS
   job.wait_ready();
   constexpr std::uint64_t kPushes = 60;
   const std::vector<int> victims{0, 5, 10, 15};
-  std::vector<Process*> workers = start_pushers(job, kPushes);
   // The victims push without end, so that each is surely alive, somewhere in a push, when killed.
-  for (int v : victims) {
-    workers[v]->kill(SIGKILL);
-    workers[v]->wait(10s);
-    workers[v] = start_pushers(job, 1000000, v, 1).front();
+  std::vector<Process*> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    const bool victim = std::find(victims.begin(), victims.end(), r) != victims.end();
+    workers.push_back(&start_pusher(job, r, victim ? 1000000 : kPushes));
   }
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
   std::vector<std::uint64_t> pushes(kWorkers, kPushes);
@@ -87,7 +84,7 @@ TEST(ManyWorkers, SixteenAspWorkersOfWhichFourAreKilledAndRestartedGiveTheExactS
     const std::uint64_t applied = shmps::shm::load_acquire(seg.slot(v).applied);
     EXPECT_GE(applied, 5u);
     pushes[v] = applied + 20;
-    workers[v] = start_pushers(job, pushes[v], v, 1).front();
+    workers[v] = &start_pusher(job, v, pushes[v]);
   }
   for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
   shmps::test::expect_exact_sum(job.name(), pushes, kReader);
