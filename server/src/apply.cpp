@@ -26,12 +26,13 @@ class SliceUpdate {
   SliceUpdate(Segment& segment, std::uint64_t slice_index, std::size_t thread)
       : segment_(segment), settings_(segment.header().optimizer), slice_index_(slice_index),
         slice_(segment.slice(slice_index)), param_(segment.param(slice_.param)), redo_(segment.redo(thread)),
-        arrays_(static_cast<int>(segment.header().state_arrays)), step_(slice_.step) {
+        arrays_(static_cast<int>(segment.header().state_arrays)), elem_(segment.state_elem_bytes()),
+        bf16_(settings_.state_dtype == StateDType::bf16), step_(slice_.step) {
     last_ = segment.redo_last_applied(redo_);
     values_ = segment.redo_values(redo_);
     for (int a = 0; a < 2; ++a) {
       state_[a] = a < arrays_ ? segment.redo_state(redo_, a) : nullptr;
-      slice_state_[a] = a < arrays_ ? segment.state(param_, a) + slice_.first : nullptr;
+      slice_state_[a] = a < arrays_ ? segment.state_bytes(param_, a) + slice_.first * elem_ : nullptr;
     }
     slice_values_ = segment.values(param_) + slice_.first;
     std::memcpy(last_, &segment.last_applied(slice_index, 0), segment.header().max_workers * sizeof(std::uint64_t));
@@ -45,13 +46,11 @@ class SliceUpdate {
       if (!in_redo_ && part.n == slice_.count) {
         // The first update that covers the whole slice reads the old values and state straight
         // from the segment and writes the new ones into the redo entry (one pass over the slice).
-        apply_update(settings_, std::span<float>(values_, part.n), std::span<const float>(part.grad, part.n),
-                     state_span(0, 0, part.n), state_span(1, 0, part.n), ++step_, part.scale, old_of_slice());
+        update(part.grad, 0, part.n, part.scale, true);
         in_redo_ = true;
       } else {
         copy_slice_to_redo();  // any other first update needs the slice in the entry before it
-        apply_update(settings_, std::span<float>(values_ + part.lo, part.n), std::span<const float>(part.grad, part.n),
-                     state_span(0, part.lo, part.n), state_span(1, part.lo, part.n), ++step_, part.scale);
+        update(part.grad, part.lo, part.n, part.scale, false);
       }
       ++updates_;
     }
@@ -83,8 +82,7 @@ class SliceUpdate {
       const float inv = 1.0f / static_cast<float>(ranks);
       for (float& g : sum) g *= inv;
     }
-    apply_update(settings_, std::span<float>(values_, slice_.count), std::span<const float>(sum.data(), slice_.count),
-                 state_span(0, 0, slice_.count), state_span(1, 0, slice_.count), ++step_, 1.0f, old_of_slice());
+    update(sum.data(), 0, slice_.count, 1.0f, true);
     updates_ = 1;
   }
 
@@ -138,18 +136,47 @@ class SliceUpdate {
     return part;
   }
 
-  std::span<float> state_span(int a, std::uint64_t lo, std::size_t n) const {
-    return a < arrays_ ? std::span<float>(state_[a] + lo, n) : std::span<float>();
+  // State array a of the redo entry, elements [lo, lo + n), as T (float or bf16 bits).
+  template <class T>
+  std::span<T> state_span(int a, std::uint64_t lo, std::size_t n) const {
+    return a < arrays_ ? std::span<T>(reinterpret_cast<T*>(state_[a]) + lo, n) : std::span<T>();
   }
-  UpdateInputs old_of_slice() const {
-    return UpdateInputs{{slice_values_, slice_.count},
-                        arrays_ > 0 ? std::span<const float>(slice_state_[0], slice_.count) : std::span<const float>(),
-                        arrays_ > 1 ? std::span<const float>(slice_state_[1], slice_.count) : std::span<const float>()};
+  // The whole slice's state array a in the segment, as T.
+  template <class T>
+  std::span<const T> slice_state_span(int a) const {
+    return a < arrays_ ? std::span<const T>(reinterpret_cast<const T*>(slice_state_[a]), slice_.count)
+                       : std::span<const T>();
   }
+
+  // One optimizer step of `grad` over the slice's elements [lo, lo + n), into the redo entry: from
+  // the segment's slice (from_slice: the whole slice, lo = 0) or in place in the entry.
+  void update(const float* grad, std::uint64_t lo, std::size_t n, float scale, bool from_slice) {
+    const std::span<float> values(values_ + lo, n);
+    const std::span<const float> g(grad, n);
+    const std::uint64_t step = ++step_;
+    if (bf16_) {
+      const auto s0 = state_span<std::uint16_t>(0, lo, n), s1 = state_span<std::uint16_t>(1, lo, n);
+      if (from_slice)
+        apply_update_bf16(settings_, values, g, s0, s1, step, scale,
+                     UpdateInputsBf16{{slice_values_, slice_.count},
+                                      slice_state_span<std::uint16_t>(0),
+                                      slice_state_span<std::uint16_t>(1)});
+      else
+        apply_update_bf16(settings_, values, g, s0, s1, step, scale);
+    } else {
+      const auto s0 = state_span<float>(0, lo, n), s1 = state_span<float>(1, lo, n);
+      if (from_slice)
+        apply_update(settings_, values, g, s0, s1, step, scale,
+                     UpdateInputs{{slice_values_, slice_.count}, slice_state_span<float>(0), slice_state_span<float>(1)});
+      else
+        apply_update(settings_, values, g, s0, s1, step, scale);
+    }
+  }
+
   void copy_slice_to_redo() {
     if (in_redo_) return;
     std::memcpy(values_, slice_values_, slice_.count * sizeof(float));
-    for (int a = 0; a < arrays_; ++a) std::memcpy(state_[a], slice_state_[a], slice_.count * sizeof(float));
+    for (int a = 0; a < arrays_; ++a) std::memcpy(state_[a], slice_state_[a], slice_.count * elem_);
     in_redo_ = true;
   }
 
@@ -160,12 +187,14 @@ class SliceUpdate {
   const ParamEntry& param_;
   RedoEntry& redo_;
   const int arrays_;
+  const std::uint64_t elem_;  // bytes per state element
+  const bool bf16_;
   std::uint64_t step_;
   std::uint64_t* last_ = nullptr;  // the slice's exactly-once row, being updated in the redo entry
   float* values_ = nullptr;        // the new values, in the redo entry
-  float* state_[2] = {nullptr, nullptr};
+  std::byte* state_[2] = {nullptr, nullptr};  // the new state, in the redo entry (state dtype)
   const float* slice_values_ = nullptr;  // the current values, in the segment
-  const float* slice_state_[2] = {nullptr, nullptr};
+  const std::byte* slice_state_[2] = {nullptr, nullptr};
   bool in_redo_ = false;  // the redo entry holds the slice's current values and state
   std::uint64_t updates_ = 0, floats_ = 0, skipped_ = 0;
 };

@@ -43,6 +43,8 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   mix(plan.slice_floats);
   mix(request.max_workers);
   mix(request.state_arrays);
+  // The state dtype changes the layout; f32 adds nothing, so f32 segments keep their hash.
+  if (request.state_dtype != StateDType::f32) mix(0x5d7e0000ULL + static_cast<std::uint64_t>(request.state_dtype));
   return h;
 }
 
@@ -64,14 +66,15 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     const SliceEntry& s1 = segment.slice(last - 1);
     const ParamEntry& p0 = segment.param(s0.param);
     const ParamEntry& p1 = segment.param(s1.param);
-    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, const char* what) {
-      const std::uint64_t begin = offset0 + s0.first * sizeof(float);
-      const std::uint64_t end = offset1 + (s1.first + s1.count) * sizeof(float);
+    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, std::uint64_t elem, const char* what) {
+      const std::uint64_t begin = offset0 + s0.first * elem;
+      const std::uint64_t end = offset1 + (s1.first + s1.count) * elem;
       segment.reserve(begin, end - begin, what);
     };
     try {
-      reserve(p0.values_offset, p1.values_offset, "its values");
-      for (std::uint32_t a = 0; a < h.state_arrays; ++a) reserve(p0.state_offset[a], p1.state_offset[a], "optimizer state");
+      reserve(p0.values_offset, p1.values_offset, sizeof(float), "its values");
+      for (std::uint32_t a = 0; a < h.state_arrays; ++a)
+        reserve(p0.state_offset[a], p1.state_offset[a], segment.state_elem_bytes(), "optimizer state");
     } catch (const Error& e) {
       const std::lock_guard lock(mutex);
       if (error.empty()) error = e.what();
@@ -256,6 +259,7 @@ LayoutRequest layout_request(const ServerOptions& options) {
   request.ring_bytes = spec.ring_bytes;
   request.bsp = spec.consistency == Consistency::bsp;
   request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
+  request.state_dtype = spec.optimizer.state_dtype;
   // One redo entry per apply thread a server may ever use here (a later server with more
   // threads than that uses only as many).
   request.redo_entries = std::clamp<std::uint32_t>(

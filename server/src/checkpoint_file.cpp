@@ -117,7 +117,8 @@ json optimizer_json(const OptimizerSettings& o) {
               {"eps", o.eps},
               {"weight_decay", o.weight_decay},
               {"clip_value", o.clip_value},
-              {"clip_norm", o.clip_norm}};
+              {"clip_norm", o.clip_norm},
+              {"state_dtype", std::string(to_string(o.state_dtype))}};
 }
 
 OptimizerSettings optimizer_from_json(const std::filesystem::path& path, const json& j) {
@@ -142,6 +143,12 @@ OptimizerSettings optimizer_from_json(const std::filesystem::path& path, const j
     o.weight_decay = static_cast<float>(j.at("weight_decay").get<double>());
     o.clip_value = static_cast<float>(j.at("clip_value").get<double>());
     o.clip_norm = static_cast<float>(j.at("clip_norm").get<double>());
+    // How the segment kept the state (the tensors are float32 either way); absent before bf16.
+    const std::string dtype = j.value("state_dtype", std::string("f32"));
+    if (dtype == "bf16")
+      o.state_dtype = StateDType::bf16;
+    else if (dtype != "f32")
+      fail(path, "metadata \"shmps.optimizer\": unknown state_dtype \"" + dtype + "\" (f32 or bf16)");
   } catch (const json::exception& e) {
     fail(path, std::string("metadata \"shmps.optimizer\": ") + e.what());
   }

@@ -8,6 +8,7 @@
 #include <shmps/shape.hpp>
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/bf16.hpp>
 #include <shmps/shm/worker_slot.hpp>
 
 namespace shmps::server {
@@ -55,7 +56,11 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
 
 void restore_into(Segment& segment, const Snapshot& snap) {
   SegmentHeader& h = segment.header();
+  // The segment keeps the state dtype it was laid out with (the spec's); the snapshot's state,
+  // float32 in memory, is converted into it.
+  const StateDType dtype = h.optimizer.state_dtype;
   h.optimizer = snap.optimizer;
+  h.optimizer.state_dtype = dtype;
   store_release(h.model_clock, snap.model_clock);
   store_release(h.consistency, static_cast<std::uint32_t>(snap.consistency));
   store_release(h.staleness, snap.staleness);
@@ -73,7 +78,12 @@ void restore_into(Segment& segment, const Snapshot& snap) {
     const ParamEntry& p = segment.param(i);
     const Snapshot::Param& sp = snap.params[i];
     std::memcpy(segment.values(p), sp.values.data(), p.size * sizeof(float));
-    for (int a = 0; a < arrays; ++a) std::memcpy(segment.state(p, a), sp.state[a].data(), p.size * sizeof(float));
+    for (int a = 0; a < arrays; ++a) {
+      if (dtype == StateDType::bf16)  // round to nearest even: exact for a checkpoint of a bf16 segment
+        to_bf16(sp.state[a].data(), reinterpret_cast<std::uint16_t*>(segment.state_bytes(p, a)), p.size);
+      else
+        std::memcpy(segment.state_bytes(p, a), sp.state[a].data(), p.size * sizeof(float));
+    }
   }
   const std::uint32_t columns = std::min(h.max_workers, snap.max_workers);
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {

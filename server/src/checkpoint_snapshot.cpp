@@ -6,6 +6,7 @@
 
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/bf16.hpp>
 #include <shmps/shm/proc.hpp>
 
 #include "parallel.hpp"
@@ -22,6 +23,15 @@ void parallel_copy(tbb::task_arena& arena, float* dst, const float* src, std::si
   parallel_for_index(arena, (n + kChunk - 1) / kChunk, [&](std::size_t chunk, std::size_t) {
     const std::size_t begin = chunk * kChunk, count = std::min(kChunk, n - begin);
     std::memcpy(dst + begin, src + begin, count * sizeof(float));
+  });
+}
+
+// The same, widening bf16 state to float32 (exact).
+void parallel_widen(tbb::task_arena& arena, float* dst, const std::uint16_t* src, std::size_t n) {
+  constexpr std::size_t kChunk = 1 << 20;
+  parallel_for_index(arena, (n + kChunk - 1) / kChunk, [&](std::size_t chunk, std::size_t) {
+    const std::size_t begin = chunk * kChunk, count = std::min(kChunk, n - begin);
+    from_bf16(src + begin, dst + begin, count);
   });
 }
 
@@ -65,7 +75,13 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
     parallel_copy(arena, sp.values.data(), segment.values(p), p.size);
     for (int a = 0; a < 2; ++a) {
       sp.state[a].resize(a < arrays ? p.size : 0);
-      if (a < arrays) parallel_copy(arena, sp.state[a].data(), at<float>(segment.base(), p.state_offset[a]), p.size);
+      if (a >= arrays) continue;
+      // A snapshot holds the state as float32 whatever the segment's state dtype (bf16 widens
+      // exactly), so checkpoints of either dtype restore into either (checkpoint_restore.cpp).
+      if (h.optimizer.state_dtype == StateDType::bf16)
+        parallel_widen(arena, sp.state[a].data(), at<std::uint16_t>(segment.base(), p.state_offset[a]), p.size);
+      else
+        parallel_copy(arena, sp.state[a].data(), at<float>(segment.base(), p.state_offset[a]), p.size);
     }
   }
   out.slice_version.resize(h.slice_count);

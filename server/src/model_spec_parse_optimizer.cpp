@@ -17,7 +17,7 @@ namespace {
 
 constexpr std::string_view kOptimizerKeysList[] = {
     "kind", "lr",  "momentum",     "beta1",      "beta2",
-    "rho",  "eps", "weight_decay", "clip_value", "clip_norm"};
+    "rho",  "eps", "weight_decay", "clip_value", "clip_norm", "state_dtype"};
 constexpr std::string_view kOptimizerKindsList[] = {"sgd",     "momentum", "nesterov",
                                                     "adagrad", "rmsprop",  "adam"};
 constexpr Keys kOptimizerKeys{kOptimizerKeysList};
@@ -33,10 +33,13 @@ Keys kinds_using(std::string_view key) {
   constexpr Keys kRmsprop{kRmspropList};
   static constexpr std::string_view kEpsList[] = {"adagrad", "rmsprop", "adam"};
   constexpr Keys kEps{kEpsList};
+  static constexpr std::string_view kStatefulList[] = {"momentum", "nesterov", "adagrad", "rmsprop", "adam"};
+  constexpr Keys kStateful{kStatefulList};
   if (key == "momentum") return kMomentum;
   if (key == "beta1" || key == "beta2") return kAdam;
   if (key == "rho") return kRmsprop;
   if (key == "eps") return kEps;
+  if (key == "state_dtype") return kStateful;
   return {};
 }
 
@@ -103,6 +106,20 @@ void Parser::read_optimizer(const toml::table& root, OptimizerSettings& s) const
            "not used by kind " + quote(kind_text) +
                (kind == nullptr ? " (the default when optimizer.kind is not given)" : "") +
                ", only by " + join(users) + "; remove it or set optimizer.kind");
+    }
+    if (key == "state_dtype") {
+      const std::string dtype = str_value(*v, field);
+      if (dtype == "f32") {
+        s.state_dtype = StateDType::f32;
+      } else if (dtype == "bf16") {
+        s.state_dtype = StateDType::bf16;
+      } else {
+        fail(v->source(), field,
+             "unknown state dtype " + quote(dtype) +
+                 "; valid: \"f32\" (float32, the default) or \"bf16\" (bfloat16: half the optimizer "
+                 "state's memory, math still in float32)");
+      }
+      continue;
     }
     const double value = number(*v, field);
     if (std::string problem = optimizer_field_problem(key, value); !problem.empty()) {

@@ -25,6 +25,8 @@
 
 #include <immintrin.h>
 
+#include <shmps/shm/bf16.hpp>
+
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -192,6 +194,104 @@ void run(const Coeffs& c, const Arrays& x, const float* g, Index n) {
   }
 }
 
+// bf16 state (StateDType::bf16): per chunk the state is widened into an L1 buffer, the float32
+// statements above run on it in place, and the new state is rounded back into bf16 (Adam has a
+// fused loop of its own, below). The
+// values and the gradient stay float32, and the new values are computed from the unrounded
+// new state, as the float32 path computes them.
+struct Bf16Arrays {
+  float* p;
+  const float* p_old;
+  std::uint16_t* s0;
+  const std::uint16_t* s0_old;
+  std::uint16_t* s1;
+  const std::uint16_t* s1_old;
+};
+
+// Adam with bf16 state, fused: one pass per chunk that widens m and v, updates them and the
+// values, and rounds m and v back (plain C++, which GCC vectorises: optimizer.cpp is built with
+// -fno-math-errno so that std::sqrt becomes the packed, correctly rounded sqrt). Written out
+// twice, out of place (every array distinct: __restrict) and in place (one pointer per array),
+// so that neither needs a run-time overlap check that an update in place would fail.
+inline void adam_bf16_out_of_place(const Coeffs& c, float* __restrict p, const float* __restrict p_old,
+                                   const float* __restrict g, std::uint16_t* __restrict m_out,
+                                   const std::uint16_t* __restrict m_old, std::uint16_t* __restrict v_out,
+                                   const std::uint16_t* __restrict v_old, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float gi = g[i];
+    const float m = c.b1 * shm::from_bf16(m_old[i]) + c.one_minus_b1 * gi;
+    const float v = c.b2 * shm::from_bf16(v_old[i]) + c.one_minus_b2 * (gi * gi);
+    p[i] = p_old[i] - c.step_size * m / (std::sqrt(v) * c.inv_bc2_sqrt + c.eps);
+    m_out[i] = shm::to_bf16(m);
+    v_out[i] = shm::to_bf16(v);
+  }
+}
+inline void adam_bf16_in_place(const Coeffs& c, float* __restrict p, const float* __restrict g,
+                               std::uint16_t* __restrict ms, std::uint16_t* __restrict vs, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float gi = g[i];
+    const float m = c.b1 * shm::from_bf16(ms[i]) + c.one_minus_b1 * gi;
+    const float v = c.b2 * shm::from_bf16(vs[i]) + c.one_minus_b2 * (gi * gi);
+    p[i] = p[i] - c.step_size * m / (std::sqrt(v) * c.inv_bc2_sqrt + c.eps);
+    ms[i] = shm::to_bf16(m);
+    vs[i] = shm::to_bf16(v);
+  }
+}
+
+template <OptimizerKind K, int A>
+void run_bf16(const Coeffs& c, const Bf16Arrays& x, const float* g, Index n) {
+  alignas(64) float buf[kChunk];
+  if constexpr (K == OptimizerKind::adam) {
+    const bool in_place = x.p == x.p_old;
+    for (Index i = 0; i < n; i += kChunk) {
+      const Index m = std::min(kChunk, n - i);
+      const float* gp = g + i;
+      if (c.pre()) {
+        preprocess<A>(c, buf, g + i, x.p_old + i, m);
+        gp = buf;
+      }
+      const auto um = static_cast<std::size_t>(m);
+      if (in_place)
+        adam_bf16_in_place(c, x.p + i, gp, x.s0 + i, x.s1 + i, um);
+      else
+        adam_bf16_out_of_place(c, x.p + i, x.p_old + i, gp, x.s0 + i, x.s0_old + i, x.s1 + i, x.s1_old + i, um);
+    }
+    return;
+  }
+  alignas(64) float st0[kChunk];
+  for (Index i = 0; i < n; i += kChunk) {
+    const Index m = std::min(kChunk, n - i);
+    const auto um = static_cast<std::size_t>(m);
+    shm::from_bf16(x.s0_old + i, st0, um);
+    const Arrays a{x.p + i, x.p_old + i, st0, st0, nullptr, nullptr};
+    if (c.pre()) {
+      preprocess<A>(c, buf, g + i, x.p_old + i, m);
+      update_chunk<K, A, kAligned>(c, a, buf, m);
+    } else {
+      update_chunk<K, A, A>(c, a, g + i, m);
+    }
+    shm::to_bf16(st0, x.s0 + i, um);
+  }
+}
+
+template <int A>
+void dispatch_bf16(OptimizerKind kind, const Coeffs& c, const Bf16Arrays& x, const float* g, Index n) {
+  switch (kind) {
+    case OptimizerKind::sgd:
+      return run<OptimizerKind::sgd, A>(c, Arrays{x.p, x.p_old, nullptr, nullptr, nullptr, nullptr}, g, n);
+    case OptimizerKind::momentum:
+      return run_bf16<OptimizerKind::momentum, A>(c, x, g, n);
+    case OptimizerKind::nesterov:
+      return run_bf16<OptimizerKind::nesterov, A>(c, x, g, n);
+    case OptimizerKind::adagrad:
+      return run_bf16<OptimizerKind::adagrad, A>(c, x, g, n);
+    case OptimizerKind::rmsprop:
+      return run_bf16<OptimizerKind::rmsprop, A>(c, x, g, n);
+    case OptimizerKind::adam:
+      return run_bf16<OptimizerKind::adam, A>(c, x, g, n);
+  }
+}
+
 template <int A>
 void dispatch(OptimizerKind kind, const Coeffs& c, const Arrays& x, const float* g, Index n) {
   switch (kind) {
@@ -242,34 +342,35 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
   apply_update(s, values, grad, state0, state1, step, grad_scale, UpdateInputs{values, state0, state1});
 }
 
-void apply_update(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
-                  std::span<float> state0, std::span<float> state1, std::uint64_t step,
-                  float grad_scale, const UpdateInputs& old) {
+namespace {
+
+// The checks shared by both state types, and the scalars of the update.
+Coeffs checked_coeffs(const OptimizerSettings& s, std::size_t n, std::size_t grad_n, std::size_t state0_n,
+                      std::size_t state1_n, std::size_t old_values_n, std::size_t old0_n, std::size_t old1_n,
+                      std::uint64_t step, float grad_scale) {
   if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(OptimizerKind::adam)) {
     throw std::invalid_argument("apply_update: unknown optimizer kind " +
                                 std::to_string(static_cast<std::uint32_t>(s.kind)));
   }
-  const std::size_t n = values.size();
-  if (grad.size() != n) {
-    throw std::invalid_argument("apply_update: gradient has " + std::to_string(grad.size()) +
+  if (grad_n != n) {
+    throw std::invalid_argument("apply_update: gradient has " + std::to_string(grad_n) +
                                 " elements, values " + std::to_string(n));
   }
   const int arrays = optimizer_state_arrays(s.kind);
   const std::size_t want0 = arrays >= 1 ? n : 0;
   const std::size_t want1 = arrays >= 2 ? n : 0;
-  if (state0.size() != want0 || state1.size() != want1) {
+  if (state0_n != want0 || state1_n != want1) {
     throw std::invalid_argument(
         "apply_update: optimizer " + std::string(to_string(s.kind)) + " needs state arrays of " +
         std::to_string(want0) + " and " + std::to_string(want1) + " elements, got " +
-        std::to_string(state0.size()) + " and " + std::to_string(state1.size()));
+        std::to_string(state0_n) + " and " + std::to_string(state1_n));
   }
-  if (old.values.size() != n || old.state0.size() != state0.size() || old.state1.size() != state1.size()) {
+  if (old_values_n != n || old0_n != state0_n || old1_n != state1_n) {
     throw std::invalid_argument("apply_update: the old values and state must have the sizes of the new ones");
   }
   if (s.kind == OptimizerKind::adam && step == 0) {
     throw std::invalid_argument("apply_update: adam needs a 1-based step, got 0");
   }
-  if (n == 0) return;
 
   Coeffs c;
   c.lr = s.lr;
@@ -294,9 +395,24 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
   c.clip_on = s.clip_value > 0.0f;
   c.wd = s.weight_decay;
   c.wd_on = s.weight_decay > 0.0f;
+  return c;
+}
 
-  auto ptr = [](auto span) { return span.empty() ? nullptr : span.data(); };
-  const Arrays x{values.data(), old.values.data(), ptr(state0), ptr(old.state0), ptr(state1), ptr(old.state1)};
+template <class T>
+T* ptr_of(std::span<T> span) {
+  return span.empty() ? nullptr : span.data();
+}
+
+}  // namespace
+
+void apply_update(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                  std::span<float> state0, std::span<float> state1, std::uint64_t step,
+                  float grad_scale, const UpdateInputs& old) {
+  const std::size_t n = values.size();
+  const Coeffs c = checked_coeffs(s, n, grad.size(), state0.size(), state1.size(), old.values.size(),
+                                  old.state0.size(), old.state1.size(), step, grad_scale);
+  if (n == 0) return;
+  const Arrays x{values.data(), old.values.data(), ptr_of(state0), ptr_of(old.state0), ptr_of(state1), ptr_of(old.state1)};
   const float* g = grad.data();
   const auto len = static_cast<Index>(n);
   if (aligned64(x.p) && aligned64(x.p_old) && aligned64(g) && aligned64(x.s0) && aligned64(x.s0_old) &&
@@ -304,6 +420,30 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
     dispatch<kAligned>(s.kind, c, x, g, len);
   } else {
     dispatch<kUnaligned>(s.kind, c, x, g, len);
+  }
+}
+
+void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                       std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
+                       float grad_scale) {
+  apply_update_bf16(s, values, grad, state0, state1, step, grad_scale, UpdateInputsBf16{values, state0, state1});
+}
+
+void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                       std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
+                       float grad_scale, const UpdateInputsBf16& old) {
+  const std::size_t n = values.size();
+  const Coeffs c = checked_coeffs(s, n, grad.size(), state0.size(), state1.size(), old.values.size(),
+                                  old.state0.size(), old.state1.size(), step, grad_scale);
+  if (n == 0) return;
+  const Bf16Arrays x{values.data(), old.values.data(), ptr_of(state0), ptr_of(old.state0), ptr_of(state1), ptr_of(old.state1)};
+  const float* g = grad.data();
+  const auto len = static_cast<Index>(n);
+  // The state is widened into aligned buffers: only the float32 arrays' alignment matters.
+  if (aligned64(x.p) && aligned64(x.p_old) && aligned64(g)) {
+    dispatch_bf16<kAligned>(s.kind, c, x, g, len);
+  } else {
+    dispatch_bf16<kUnaligned>(s.kind, c, x, g, len);
   }
 }
 

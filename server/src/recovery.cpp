@@ -16,9 +16,18 @@ namespace {
 
 void check_same_model(const Segment& segment, const ModelSpec& spec, std::uint64_t spec_hash) {
   const SegmentHeader& h = segment.header();
+  // Said on its own, before the hash (which covers it too), so that the fix is named.
+  if (h.optimizer.kind == spec.optimizer.kind && optimizer_state_arrays(spec.optimizer.kind) > 0 &&
+      h.optimizer.state_dtype != spec.optimizer.state_dtype)
+    throw Error("segment '" + spec.name + "' already exists and keeps its optimizer state in " +
+                std::string(to_string(h.optimizer.state_dtype)) + ", but " + spec.source + " asks for state_dtype = \"" +
+                std::string(to_string(spec.optimizer.state_dtype)) + "\": set state_dtype = \"" +
+                std::string(to_string(h.optimizer.state_dtype)) + "\" in [optimizer] to continue the segment; to change it, have the segment's server write a checkpoint "
+                "(shmps-ctl checkpoint " + spec.name + " FILE), remove the segment (`shmps-ctl destroy " + spec.name +
+                "`) and start with --restore FILE: the checkpoint's state is converted");
   if (h.spec_hash != spec_hash)
     throw Error("segment '" + spec.name + "' already exists and holds another model than " + spec.source +
-                " (parameter names, shapes, slice size, worker slots or optimizer kind differ): give this "
+                " (parameter names, shapes, slice size, worker slots, optimizer kind or state_dtype differ): give this "
                 "job another name (--name), or remove the old segment with `shmps-ctl destroy " + spec.name + "`");
   // An automatic ring size takes the segment's rings as they are; an explicit one must match.
   if (spec.ring_bytes != 0 && align_up(spec.ring_bytes, kCacheLine) != h.ring_bytes)

@@ -22,8 +22,9 @@ void copy_in(Segment& segment, RedoEntry& e) {
   std::memcpy(values, segment.redo_values(e), half * sizeof(float));
   kill_point("apply.mid_copy");
   std::memcpy(values + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+  const std::uint64_t elem = segment.state_elem_bytes();  // the entry holds the segment's state dtype
   for (int a = 0; a < arrays; ++a)
-    std::memcpy(segment.state(p, a) + slice.first, segment.redo_state(e, a), e.count * sizeof(float));
+    std::memcpy(segment.state_bytes(p, a) + slice.first * elem, segment.redo_state(e, a), e.count * elem);
   std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
   slice.step = e.step_after;
   store_release(slice.version, e.version_after);

@@ -36,7 +36,8 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   std::uint64_t floats = 0;
   for (const auto& p : plan.params) floats += p.size;
   m.values_bytes = floats * sizeof(float);
-  m.state_bytes = plan.state_arrays * m.values_bytes;
+  const std::uint64_t state_elem = state_dtype_bytes(plan.state_dtype);
+  m.state_bytes = plan.state_arrays * floats * state_elem;
   m.ring_each_bytes = sizeof(RingHeader) + plan.ring_bytes;  // a big ring's padding to 2 MiB is padding
   const std::uint64_t rings = plan.max_workers * m.ring_each_bytes;
   const std::uint64_t slots = plan.rings_offset > plan.slots_offset ? plan.max_workers * sizeof(WorkerSlot) : 0;
@@ -46,9 +47,11 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                      std::to_string(plan.params.size()) + (plan.params.size() == 1 ? " parameter, " : " parameters, ") +
                          std::to_string(floats) + " floats"});
   m.parts.push_back({"optimizer state", m.state_bytes,
-                     plan.state_arrays == 0 ? "none (plain SGD)"
-                                            : std::to_string(plan.state_arrays) +
-                                                  (plan.state_arrays == 1 ? " array" : " arrays") + " of the values' size"});
+                     plan.state_arrays == 0
+                         ? "none (plain SGD)"
+                         : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
+                               (plan.state_dtype == StateDType::bf16 ? " of bf16, half the values' size"
+                                                                     : " of the values' size")});
   m.parts.push_back({"rings", rings,
                      x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
                          " and a " + std::to_string(sizeof(RingHeader)) + "-byte header each)"});

@@ -97,6 +97,10 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.slice_floats = request.slice_bytes / sizeof(float);
   plan.max_workers = request.max_workers;
   plan.state_arrays = request.state_arrays;
+  plan.state_dtype = request.state_dtype;
+  if (static_cast<std::uint32_t>(request.state_dtype) > static_cast<std::uint32_t>(StateDType::bf16))
+    throw Error("unknown optimizer state dtype " + std::to_string(static_cast<std::uint32_t>(request.state_dtype)));
+  const std::uint64_t state_elem = state_dtype_bytes(request.state_dtype);
   plan.redo_count = request.redo_entries;
   std::uint64_t largest = 0;
   std::string largest_name;
@@ -162,7 +166,7 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   offset = align_up(offset + plan.slice_count * request.max_workers * sizeof(std::uint64_t), kCacheLine);
   plan.redo_offset = offset;
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
-                                  (1 + request.state_arrays) * plan.slice_floats * sizeof(float),
+                                  plan.slice_floats * sizeof(float) + request.state_arrays * plan.slice_floats * state_elem,
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
@@ -185,17 +189,19 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.values_offset = offset;
     offset += align_up(entry.size * sizeof(float), kCacheLine);
   }
-  offset = big_region_at(align_up(offset, 4096), request.state_arrays * values_bytes);
+  std::uint64_t state_array_bytes = 0;  // one state array of every parameter
+  for (const auto& entry : plan.params) state_array_bytes += align_up(entry.size * state_elem, kCacheLine);
+  offset = big_region_at(align_up(offset, 4096), request.state_arrays * state_array_bytes);
   plan.state_offset = offset;
   for (std::uint32_t a = 0; a < request.state_arrays; ++a) {
     for (auto& entry : plan.params) {
       entry.state_offset[a] = offset;
-      offset += align_up(entry.size * sizeof(float), kCacheLine);
+      offset += align_up(entry.size * state_elem, kCacheLine);
     }
   }
   // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
   // where the file covers it whole).
-  const std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * values_bytes : values_bytes;
+  const std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * state_array_bytes : values_bytes;
   plan.total_bytes = last_region >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : align_up(offset, 4096);
   return plan;
 }
@@ -207,6 +213,7 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.slice_count = h.slice_count;
   plan.max_workers = h.max_workers;
   plan.state_arrays = h.state_arrays;
+  plan.state_dtype = h.optimizer.state_dtype;
   plan.redo_count = h.redo_count;
   plan.ring_bytes = h.ring_bytes;
   plan.ring_stride = h.ring_stride;

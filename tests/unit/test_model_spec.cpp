@@ -777,3 +777,31 @@ TEST(ModelSpec, ParamSize) {
 }
 
 }  // namespace
+
+// ---- optimizer.state_dtype -----------------------------------------------------------------
+
+TEST(ModelSpec, StateDtype) {
+  const auto spec_of = [](const std::string& optimizer) {
+    return parse_model_spec("name = \"m\"\n[optimizer]\n" + optimizer + "[[param]]\nname = \"w\"\nshape = [4]\n",
+                            "spec.toml");
+  };
+  EXPECT_EQ(spec_of("kind = \"adam\"\nlr = 0.1\n").optimizer.state_dtype, shmps::StateDType::f32);  // the default
+  EXPECT_EQ(spec_of("kind = \"adam\"\nlr = 0.1\nstate_dtype = \"f32\"\n").optimizer.state_dtype, shmps::StateDType::f32);
+  EXPECT_EQ(spec_of("kind = \"adam\"\nlr = 0.1\nstate_dtype = \"bf16\"\n").optimizer.state_dtype,
+            shmps::StateDType::bf16);
+  for (const char* kind : {"momentum", "nesterov", "adagrad", "rmsprop"})
+    EXPECT_EQ(spec_of(std::string("kind = \"") + kind + "\"\nlr = 0.1\nstate_dtype = \"bf16\"\n").optimizer.state_dtype,
+              shmps::StateDType::bf16)
+        << kind;
+}
+
+TEST(ModelSpecErrors, StateDtype) {
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 0.1\nstate_dtype = \"fp16\"\n",
+                    "spec.toml:5:15", "optimizer.state_dtype", "unknown state dtype \"fp16\"",
+                    "\"f32\" (float32, the default) or \"bf16\"");
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 0.1\nstate_dtype = 16\n", "spec.toml:5:15",
+                    "optimizer.state_dtype", "expected a string");
+  // SGD keeps no state: asking for its dtype is the same mistake as momentum with kind sgd.
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nstate_dtype = \"bf16\"\n", "spec.toml:4:1",
+                    "optimizer.state_dtype", "not used by kind \"sgd\"", "momentum, nesterov, adagrad, rmsprop, adam");
+}

@@ -1,6 +1,7 @@
 // apply: the server's apply path, in this process (the shmps_server library, driven one round
 // at a time as its tests do): a worker queues one whole-model gradient in its ring (not timed),
-// then one apply round applies it, SGD and Adam, with 1 and 2 apply threads; Gfloat/s next to
+// then one apply round applies it, SGD, Adam and Adam with bf16 state (state_dtype = "bf16"),
+// with 1 and 2 apply threads; Gfloat/s next to
 // the plain p -= lr * g loop with as many threads. The round is everything the server does for
 // it: taking the records, the per-slice redo copy that makes a crash mid-apply recoverable
 // (layout.hpp, RedoEntry), the optimizer, the seqlock and the metrics.
@@ -28,11 +29,12 @@ namespace shmps::bench {
 namespace {
 
 // Median time of one apply round over a queued whole-model gradient, with `threads` apply threads.
-double time_apply(const Config& cfg, const std::string& optimizer, int threads) {
+double time_apply(const Config& cfg, const std::string& optimizer, int threads, const std::string& state_dtype = "") {
   const std::string name = job_name();
   JobOptions job{.params = cfg.params,
                  .per_param = cfg.per_param,
                  .optimizer = optimizer,
+                 .state_dtype = state_dtype,
                  .max_workers = 1,
                  .ring_bytes = (cfg.bytes() + (std::uint64_t{4} << 20)) / 64 * 64,
                  .threads = threads};
@@ -119,6 +121,8 @@ void run_apply(const Config& cfg, const Limits& lim, Report& r) {
   const double sgd2 = time_apply(cfg, "sgd", 2);
   const double adam1 = time_apply(cfg, "adam", 1);
   const double adam2 = time_apply(cfg, "adam", 2);
+  const double adam_bf16_1 = time_apply(cfg, "adam", 1, "bf16");
+  const double adam_bf16_2 = time_apply(cfg, "adam", 2, "bf16");
   r.add("apply.sgd", gf / sgd1, "Gfloat/s", "one server apply round of a queued whole-model gradient, SGD, one thread");
   r.add("apply.sgd.ratio", lim.sgd_s / sgd1, "x", "apply.sgd / plain loop, one thread (target >= 0.85)");
   r.add("apply.sgd.2threads", gf / sgd2, "Gfloat/s", "the same on two threads");
@@ -127,6 +131,11 @@ void run_apply(const Config& cfg, const Limits& lim, Report& r) {
   r.add("apply.adam.vs_sgd", adam1 / sgd1, "x", "Adam time / SGD time, one thread (target <= 2)");
   r.add("apply.adam.2threads", gf / adam2, "Gfloat/s", "Adam, two threads");
   r.add("apply.adam.2threads.vs_sgd", adam2 / sgd2, "x", "Adam time / SGD time, two threads (target <= 2)");
+  r.add("apply.adam_bf16", gf / adam_bf16_1, "Gfloat/s", "Adam with bf16 state (state_dtype = \"bf16\"), one thread");
+  r.add("apply.adam_bf16.vs_sgd", adam_bf16_1 / sgd1, "x", "Adam bf16-state time / SGD time, one thread (target <= 2)");
+  r.add("apply.adam_bf16.2threads", gf / adam_bf16_2, "Gfloat/s", "Adam with bf16 state, two threads");
+  r.add("apply.adam_bf16.2threads.vs_sgd", adam_bf16_2 / sgd2, "x",
+        "Adam bf16-state time / SGD time, two threads (target <= 2)");
 }
 
 void run_push_to_apply(const Config& cfg, const Limits& lim, Report& r) {

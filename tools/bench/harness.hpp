@@ -72,6 +72,7 @@ struct JobOptions {
   std::size_t per_param = std::size_t{1} << 20;
   std::string consistency = "asp";
   std::string optimizer = "sgd";
+  std::string state_dtype{};     // non-empty: the optimizer's state_dtype ("f32", "bf16")
   int max_workers = 4;
   std::uint64_t ring_bytes = 0;  // 0: sized by the server
   int threads = 0;               // apply threads; 0: all cores

@@ -37,6 +37,9 @@
 //   weight_decay = 0.0      # optional, >= 0, default 0 (L2, added to the gradient)
 //   clip_value = 0.0        # optional, >= 0, default 0 = off (clamp each gradient element)
 //   clip_norm = 0.0         # optional, >= 0, default 0 = off (scale each push to this L2 norm)
+//   state_dtype = "f32"     # momentum, nesterov, adagrad, rmsprop, adam only; "f32" (default) or
+//                           #   "bf16": the state arrays stored as bfloat16 (half the memory;
+//                           #   math in float32, rounded to nearest even on store)
 //   # Setting a key that the chosen kind does not use (e.g. momentum with kind = "sgd") is an
 //   # error, so that a forgotten `kind` does not silently ignore it. Numbers may be written as
 //   # integers (lr = 1). Values are stored as float32 and checked after rounding.

@@ -67,6 +67,23 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
                   std::span<float> state0, std::span<float> state1, std::uint64_t step,
                   float grad_scale, const UpdateInputs& old);
 
+// The same steps with the state stored as bfloat16 (StateDType::bf16, shm/bf16.hpp): each state
+// element is widened exactly to float32, the step is computed in float32 as above, and the new
+// state is rounded to the nearest bf16 (ties to even) when stored. The new values are computed
+// from the unrounded new state, so a step from a state that bf16 holds exactly (e.g. the zero
+// state of the first step) gives exactly the float32 path's values. Sizes and errors as above;
+// the state arrays need no alignment.
+struct UpdateInputsBf16 {
+  std::span<const float> values;
+  std::span<const std::uint16_t> state0, state1;
+};
+void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                       std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
+                       float grad_scale);
+void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std::span<const float> grad,
+                       std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
+                       float grad_scale, const UpdateInputsBf16& old);
+
 // ---- Validation (header-only, so the model-spec parser uses the same rules) ----------------
 
 namespace detail {
@@ -126,6 +143,9 @@ inline std::string validate_optimizer_settings(const OptimizerSettings& s) {
     std::string problem = detail::optimizer_field_problem(name, v);
     if (!problem.empty()) return std::string(name) + ": " + problem;
   }
+  if (static_cast<std::uint32_t>(s.state_dtype) > static_cast<std::uint32_t>(StateDType::bf16))
+    return "state_dtype: unknown state dtype " + std::to_string(static_cast<std::uint32_t>(s.state_dtype)) +
+           "; valid: f32, bf16";
   return {};
 }
 

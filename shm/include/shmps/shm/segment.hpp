@@ -32,6 +32,7 @@ struct LayoutRequest {
   // The job starts in BSP: an automatic ring then holds one whole step (bsp_step_ring_bytes).
   bool bsp = false;
   std::uint32_t state_arrays = 0;
+  StateDType state_dtype = StateDType::f32;  // how the state arrays are stored (bf16: 2 bytes an element)
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
 };
 
@@ -42,6 +43,7 @@ struct LayoutPlan {
   std::uint64_t slice_count = 0;
   std::uint32_t max_workers = 0;
   std::uint32_t state_arrays = 0;
+  StateDType state_dtype = StateDType::f32;
   std::uint32_t redo_count = 0;
   std::uint64_t ring_bytes = 0;
   std::uint64_t ring_stride = 0;
@@ -152,7 +154,13 @@ class Segment {
   const std::byte* ring_data(std::uint64_t r) const noexcept { return reinterpret_cast<const std::byte*>(&ring(r) + 1); }
   float* values(const ParamEntry& p) noexcept { return at<float>(base_, p.values_offset); }
   const float* values(const ParamEntry& p) const noexcept { return at<float>(base_, p.values_offset); }
-  float* state(const ParamEntry& p, int array) noexcept { return at<float>(base_, p.state_offset[array]); }
+  // Optimizer state array `array` of p: header().optimizer.state_dtype elements (float32 or bf16),
+  // state_elem_bytes() each.
+  std::byte* state_bytes(const ParamEntry& p, int array) noexcept { return at<std::byte>(base_, p.state_offset[array]); }
+  const std::byte* state_bytes(const ParamEntry& p, int array) const noexcept {
+    return at<std::byte>(base_, p.state_offset[array]);
+  }
+  std::uint64_t state_elem_bytes() const noexcept { return state_dtype_bytes(header().optimizer.state_dtype); }
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];
@@ -173,8 +181,10 @@ class Segment {
   float* redo_values(RedoEntry& e) noexcept {
     return reinterpret_cast<float*>(redo_last_applied(e) + align_up(header().max_workers, 8));
   }
-  float* redo_state(RedoEntry& e, int array) noexcept {
-    return redo_values(e) + static_cast<std::uint64_t>(array + 1) * header().slice_floats;
+  // The entry's state arrays, in the segment's state dtype (state_elem_bytes() per element).
+  std::byte* redo_state(RedoEntry& e, int array) noexcept {
+    return reinterpret_cast<std::byte*>(redo_values(e) + header().slice_floats) +
+           static_cast<std::uint64_t>(array) * header().slice_floats * state_elem_bytes();
   }
 
   // Index of the parameter called `name`, or -1.

@@ -11,6 +11,11 @@ namespace shmps {
 
 enum class OptimizerKind : std::uint32_t { sgd = 0, momentum = 1, nesterov = 2, adagrad = 3, rmsprop = 4, adam = 5 };
 
+// How the optimizer's state arrays are stored in the segment (and in the redo entries): float32,
+// or bfloat16 (the upper 16 bits of a float32, rounded to nearest even on store, widened exactly
+// on load; the math stays float32). bf16 halves the state's memory and its traffic per apply.
+enum class StateDType : std::uint32_t { f32 = 0, bf16 = 1 };
+
 // Settings of the server-side optimizer. A value of 0 for clip_value / clip_norm means "off".
 // Weight decay is L2 (added to the gradient before the update), as PyTorch's optimizers do.
 struct OptimizerSettings {
@@ -24,13 +29,14 @@ struct OptimizerSettings {
   float weight_decay = 0.0f;  // L2 coefficient
   float clip_value = 0.0f;    // clamp each gradient element to [-clip_value, clip_value]
   float clip_norm = 0.0f;     // scale a push's gradient so its L2 norm is at most clip_norm
-  std::uint32_t reserved[6] = {};
+  StateDType state_dtype = StateDType::f32;  // momentum, nesterov, adagrad, rmsprop, adam
+  std::uint32_t reserved[5] = {};
 };
 // Its field list, for the layout fingerprint (layout.hpp). OptimizerSettings stays a copyable
 // value: it is written once at creation, and the server and the checkpoint code copy it out.
 #define SHMPS_OPTIMIZER_SETTINGS_FIELDS(FIELD, PAD)                                                  \
   FIELD(kind) FIELD(lr) FIELD(momentum) FIELD(beta1) FIELD(beta2) FIELD(rho) FIELD(eps) FIELD(weight_decay) \
-  FIELD(clip_value) FIELD(clip_norm) FIELD(reserved)
+  FIELD(clip_value) FIELD(clip_norm) FIELD(state_dtype) FIELD(reserved)
 static_assert(std::is_standard_layout_v<OptimizerSettings>);
 static_assert(sizeof(OptimizerSettings) == 64);
 
@@ -54,6 +60,17 @@ constexpr int optimizer_state_arrays(OptimizerKind kind) noexcept {
     case OptimizerKind::adam: return 2;
   }
   return 0;
+}
+
+// Bytes per element of an optimizer state array.
+constexpr std::uint64_t state_dtype_bytes(StateDType d) noexcept { return d == StateDType::bf16 ? 2 : 4; }
+
+constexpr std::string_view to_string(StateDType d) noexcept {
+  switch (d) {
+    case StateDType::f32: return "f32";
+    case StateDType::bf16: return "bf16";
+  }
+  return "?";
 }
 
 constexpr std::string_view to_string(OptimizerKind kind) noexcept {
