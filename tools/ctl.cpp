@@ -179,7 +179,9 @@ int cmd_inspect(const std::string& name) {
             << "consistency  " << consistency_text(h) << "\n"
             << "optimizer    " << to_string(h.optimizer.kind) << " lr=" << h.optimizer.lr
             << " weight_decay=" << h.optimizer.weight_decay << " clip_value=" << h.optimizer.clip_value
-            << " clip_norm=" << h.optimizer.clip_norm << "\n"
+            << " clip_norm=" << h.optimizer.clip_norm
+            << (h.state_arrays > 0 ? " state_dtype=" + std::string(to_string(h.optimizer.state_dtype)) : std::string())
+            << "\n"
             << "slices       " << h.slice_count << " of " << h.slice_floats << " floats ("
             << human_bytes(h.slice_floats * 4) << ")\n"
             << "applied      " << load_counter(h.records_applied) << " pushes, " << load_counter(h.floats_applied)

@@ -128,7 +128,8 @@ void print_plan(const shmps::server::ServerOptions& options, const std::string& 
   const auto& spec = options.spec;
   std::cout << "plan of segment '" << spec.name << "' (" << spec_path << "): " << plan.params.size()
             << " parameters, " << plan.slice_count << " slices of " << plan.slice_floats << " floats, "
-            << plan.max_workers << " worker slots, " << to_string(spec.optimizer.kind) << ", "
+            << plan.max_workers << " worker slots, " << to_string(spec.optimizer.kind)
+            << (plan.state_arrays > 0 && plan.state_dtype == shmps::StateDType::bf16 ? " (bf16 state)" : "") << ", "
             << to_string(spec.consistency) << ", " << plan.redo_count << " redo entries\n"
             << "ring_bytes " << plan.ring_bytes << " per worker: " << plan.ring_rule << "; a push of up to "
             << (plan.ring_bytes / 2 - sizeof(shmps::shm::PushRecord)) / sizeof(float)

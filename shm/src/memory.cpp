@@ -50,7 +50,7 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                      plan.state_arrays == 0
                          ? "none (plain SGD)"
                          : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
-                               (plan.state_dtype == StateDType::bf16 ? " of bf16, half the values' size"
+                               (plan.state_dtype == StateDType::bf16 ? " of bf16, each half the values' size"
                                                                      : " of the values' size")});
   m.parts.push_back({"rings", rings,
                      x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +

@@ -2,6 +2,8 @@
 // periodically, at a graceful stop), is SIGKILLed in the middle of one, and restores from them;
 // restarted shmps-test-pusher workers continue their schedules from the restored resume state.
 #include <gtest/gtest.h>
+
+#include <shmps/shm/bf16.hpp>
 #include <signal.h>
 
 #include <chrono>
@@ -15,6 +17,7 @@
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/server/safetensors.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/bf16.hpp>
 #include <shmps/shm/segment.hpp>
 
 #include "../support/exact.hpp"
@@ -38,10 +41,11 @@ namespace {
 // Adam (so the optimizer state and the per-slice step counts matter), small slices (many of them),
 // BSP whose barriers wait for a dead worker's slot to be taken again (so restarted workers rejoin
 // the step they left, as the uninterrupted run had them).
-std::string adam_spec(const std::string& consistency = "bsp") {
+std::string adam_spec(const std::string& consistency = "bsp", const std::string& state_dtype = "") {
   return "slice_bytes = 16384\nmax_workers = 4\nconsistency = \"" + consistency +
          "\"\non_worker_death = \"wait\"\n"
-         "[optimizer]\nkind = \"adam\"\nlr = 0.01\n"
+         "[optimizer]\nkind = \"adam\"\nlr = 0.01\n" +
+         (state_dtype.empty() ? std::string() : "state_dtype = \"" + state_dtype + "\"\n") +
          "[[param]]\nname = \"w\"\nshape = [3, 40000]\ninit = { kind = \"u24\", stream = 7, scale = 0.001 }\n"
          "[[param]]\nname = \"b\"\nshape = [7]\n";
 }
@@ -81,8 +85,15 @@ JobState capture(const std::string& name) {
     const auto& p = seg.param(i);
     s.values.emplace_back(seg.values(p), seg.values(p) + p.size);
     auto array = [&](int a) {
+      if (a >= static_cast<int>(h.state_arrays)) return std::vector<float>();
+      if (h.optimizer.state_dtype == shmps::StateDType::bf16) {  // widened (exact)
+        const auto* b = shm::at<std::uint16_t>(seg.base(), p.state_offset[a]);
+        std::vector<float> out(p.size);
+        shm::from_bf16(b, out.data(), p.size);
+        return out;
+      }
       const float* f = shm::at<float>(seg.base(), p.state_offset[a]);
-      return a < static_cast<int>(h.state_arrays) ? std::vector<float>(f, f + p.size) : std::vector<float>();
+      return std::vector<float>(f, f + p.size);
     };
     s.state0.push_back(array(0));
     s.state1.push_back(array(1));
@@ -205,6 +216,125 @@ TEST(Checkpoint, RoundTripRestoresEveryByteOfTheJob) {
   for (std::uint32_t r = 0; r < 2; ++r) EXPECT_EQ(after.slots[r].resume.size(), 8u);
   EXPECT_EQ(model_clock(job.name()), 12u);
   expect_same_model(before, capture(job.name()));
+}
+
+shmps::StateDType state_dtype_of(const std::string& name) {
+  auto seg = shm::Segment::open(name, shm::Access::read_only);
+  return seg.header().optimizer.state_dtype;
+}
+
+// bf16 optimizer state (optimizer.state_dtype = "bf16"): a checkpoint holds it widened to F32
+// tensors, exactly, and says the dtype in its metadata; it restores into a bf16 segment byte for
+// byte, and into a float32 one exactly (every bf16 is a float32); a float32 checkpoint restores
+// into a bf16 segment rounded to nearest even. A server restarted on the segment with the other
+// dtype refuses it and says what to do.
+TEST(Checkpoint, Bf16StateRoundTripsAndConvertsBetweenDtypes) {
+  Watchdog wd(120s);
+  TempDir dir("bf16");
+  Job job("ckpt-bf16", adam_spec("bsp", "bf16"));
+  auto& server = job.start_server();
+  job.wait_ready();
+  ASSERT_EQ(state_dtype_of(job.name()), shmps::StateDType::bf16);
+  run_steps(job, 12);
+  const fs::path file = dir.path / "bf16.safetensors";
+  const Ran made = run({"shmps-ctl", "checkpoint", job.name(), file.string()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+  const JobState before = capture(job.name());
+  const auto f = st::File::read(file);
+  EXPECT_EQ(f.f32("w/adam.m", {3, 40000}), before.state0[0]);
+  EXPECT_EQ(f.f32("w/adam.v", {3, 40000}), before.state1[0]);
+  EXPECT_HAS(f.metadata().at("shmps.optimizer"), "\"state_dtype\":\"bf16\"");
+  bool moved = false;
+  for (float m : before.state0[0]) moved = moved || m != 0.0f;
+  ASSERT_TRUE(moved) << "the state must have been trained, or the round trip proves nothing";
+
+  // Restarted with the other dtype on the live segment: refused, by name.
+  server.kill(SIGKILL);
+  server.wait(10s);
+  {
+    std::ifstream in(job.spec_path());
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto at = text.find("state_dtype = \"bf16\"");
+    ASSERT_NE(at, std::string::npos) << text;
+    text.replace(at, std::string("state_dtype = \"bf16\"").size(), "state_dtype = \"f32\"");
+    std::ofstream(job.spec_path(), std::ios::trunc) << text;
+    auto& refused = job.start_server();
+    EXPECT_NE(refused.wait(20s), 0);
+    EXPECT_HAS(refused.output(), "keeps its optimizer state in bf16");
+    EXPECT_HAS(refused.output(), "set state_dtype = \"bf16\"");
+  }
+
+  // Into a bf16 segment: byte for byte.
+  shmps::test::remove_segment(job.name());
+  {
+    Job again("ckpt-bf16-again", adam_spec("bsp", "bf16"));
+    again.start_server({"--restore", file.string()});
+    again.wait_ready();
+    expect_same_model(before, capture(again.name()));
+  }
+  // Into a float32 segment: the same numbers, now float32.
+  fs::path f32_file = dir.path / "f32.safetensors";
+  JobState as_f32;
+  {
+    Job wide("ckpt-bf16-wide", adam_spec());
+    auto& s = wide.start_server({"--restore", file.string()});
+    wide.wait_ready();
+    ASSERT_EQ(state_dtype_of(wide.name()), shmps::StateDType::f32);
+    as_f32 = capture(wide.name());
+    expect_same_model(before, as_f32);
+    // Train on in float32, so the state holds values bf16 cannot, and checkpoint that.
+    run_steps(wide, 16, {"--no-wait-for-peers"});
+    const Ran made2 = run({"shmps-ctl", "checkpoint", wide.name(), f32_file.string()});
+    ASSERT_EQ(made2.code, 0) << made2.out << s.output();
+    as_f32 = capture(wide.name());
+  }
+  // A float32 checkpoint into a bf16 segment: the state rounded to nearest even, values exact.
+  {
+    Job narrow("ckpt-bf16-narrow", adam_spec("bsp", "bf16"));
+    narrow.start_server({"--restore", f32_file.string()});
+    narrow.wait_ready();
+    const JobState got = capture(narrow.name());
+    ASSERT_EQ(got.values, as_f32.values);
+    bool any_rounded = false;
+    for (std::size_t p = 0; p < got.state0.size(); ++p)
+      for (std::size_t i = 0; i < got.state0[p].size(); ++i) {
+        ASSERT_EQ(got.state0[p][i], shm::from_bf16(shm::to_bf16(as_f32.state0[p][i])));
+        ASSERT_EQ(got.state1[p][i], shm::from_bf16(shm::to_bf16(as_f32.state1[p][i])));
+        any_rounded = any_rounded || got.state1[p][i] != as_f32.state1[p][i];
+      }
+    EXPECT_TRUE(any_rounded) << "float32 training must have left state that bf16 rounds";
+  }
+}
+
+// Crash safety with bf16 state (the redo entry holds bf16 state arrays): a server SIGKILLed while
+// copying a slice in (kill point apply.mid_copy), restarted, ends with the same model bytes,
+// values and bf16 state, as a run that was never interrupted. (Here, not in tests/crash, for the
+// helpers that compare whole models.)
+TEST(Checkpoint, Bf16ServerKilledMidCopyEndsAsUninterrupted) {
+  Watchdog wd(120s);
+  constexpr int kSteps = 12;
+  JobState uninterrupted;
+  {
+    Job job("bf16-straight", adam_spec("bsp", "bf16"));
+    job.start_server();
+    job.wait_ready();
+    run_steps(job, kSteps);
+    uninterrupted = capture(job.name());
+  }
+  Job job("bf16-killed", adam_spec("bsp", "bf16"));
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", "apply.mid_copy:100"}});
+  job.wait_ready();
+  auto& a = start_steps(job, 0, kSteps);
+  auto& b = start_steps(job, 1, kSteps);
+  ASSERT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  auto& second = job.start_server();
+  job.wait_ready();
+  ASSERT_EQ(a.wait(60s), 0) << a.output();
+  ASSERT_EQ(b.wait(60s), 0) << b.output();
+  EXPECT_HAS(second.output(), "event=redo");
+  const JobState after = capture(job.name());
+  EXPECT_EQ(after.model_clock, static_cast<std::uint64_t>(kSteps));
+  expect_same_model(uninterrupted, after);
 }
 
 TEST(Checkpoint, RestoreThenContinueEqualsUninterruptedInBsp) {

@@ -213,7 +213,7 @@ void expect_parts_add_up(const LayoutPlan& plan) {
   std::uint64_t floats = 0;
   for (const auto& p : plan.params) floats += p.size;
   EXPECT_EQ(m.bytes_of("values"), floats * sizeof(float));
-  EXPECT_EQ(m.bytes_of("optimizer state"), plan.state_arrays * floats * sizeof(float));
+  EXPECT_EQ(m.bytes_of("optimizer state"), plan.state_arrays * floats * shmps::state_dtype_bytes(plan.state_dtype));
   EXPECT_EQ(m.bytes_of("rings"), plan.max_workers * (sizeof(RingHeader) + plan.ring_bytes));
   EXPECT_EQ(m.bytes_of("worker slots"), plan.max_workers * sizeof(WorkerSlot));
   EXPECT_EQ(m.bytes_of("slice table"), plan.slice_count * sizeof(SliceEntry));
@@ -238,6 +238,38 @@ TEST(Memory, PartsAddUpToTheSegment) {
   expect_parts_add_up(plan_layout(big_request(256, 8, 0, false)));
   expect_parts_add_up(plan_layout(big_request(256, 8, 2, false)));
   expect_parts_add_up(plan_layout(big_request(16, 8, 1, true)));
+}
+
+// bf16 state: half the state's bytes, in the plan, the memory table and the redo entries; every
+// state array still 64-byte aligned and apart from the others.
+TEST(Memory, Bf16StateHalvesTheState) {
+  LayoutRequest f32 = mlp_request();
+  f32.state_arrays = 2;
+  LayoutRequest bf16 = f32;
+  bf16.state_dtype = shmps::StateDType::bf16;
+  const LayoutPlan a = plan_layout(f32), b = plan_layout(bf16);
+  expect_parts_add_up(b);
+  EXPECT_EQ(memory_breakdown(b).bytes_of("optimizer state") * 2, memory_breakdown(a).bytes_of("optimizer state"));
+  EXPECT_NE(memory_table(memory_breakdown(b)).find("2 arrays of bf16"), std::string::npos);
+  EXPECT_EQ(a.redo_stride - b.redo_stride, 2 * a.slice_floats * 2);
+  EXPECT_LT(b.total_bytes, a.total_bytes);
+  for (std::size_t i = 0; i < b.params.size(); ++i) {
+    const auto& p = b.params[i];
+    EXPECT_EQ(p.state_offset[0] % kCacheLine, 0u);
+    EXPECT_EQ(p.state_offset[1] % kCacheLine, 0u);
+    EXPECT_GE(p.state_offset[1], p.state_offset[0] + p.size * 2);
+    if (i + 1 < b.params.size()) {
+      EXPECT_GE(b.params[i + 1].state_offset[0], p.state_offset[0] + p.size * 2);
+    }
+  }
+  EXPECT_LE(b.params.back().state_offset[1] + b.params.back().size * 2, b.total_bytes);
+  // A big model: 1 GiB of values, 2 GiB of float32 Adam state or 1 GiB of bf16.
+  LayoutRequest big = big_request(256, 8, 2, false);
+  big.state_dtype = shmps::StateDType::bf16;
+  const LayoutPlan bb = plan_layout(big);
+  expect_parts_add_up(bb);
+  EXPECT_EQ(memory_breakdown(bb).bytes_of("optimizer state"), std::uint64_t{1} << 30);
+  EXPECT_EQ(bb.state_offset % kHugePageBytes, 0u);
 }
 
 TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspButAStepInBsp) {
