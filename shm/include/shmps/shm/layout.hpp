@@ -41,7 +41,8 @@
 //   values_offset   +--------------------------------------------+
 //                   | parameter values, float32, 64-byte aligned per parameter | server writes
 //   state_offset    +--------------------------------------------+
-//                   | optimizer state arrays, float32             |  server only
+//                   | optimizer state arrays, float32 or bf16     |  server only
+//                   |   (optimizer.state_dtype), 64-byte aligned  |
 //                   +--------------------------------------------+  total_bytes
 //
 // Rules (ARCHITECTURE.md): workers take no lock; a worker writes only its own slot's worker lines
@@ -424,7 +425,8 @@ struct alignas(kCacheLine) ParamStats {
 // the slice's version word odd); the next server copies the entry in again, which is idempotent,
 // so no slice stays torn and no push is applied twice.
 //
-//   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | float state[state_arrays][slice_floats]
+//   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | state[state_arrays][slice_floats]
+//   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16)
 struct alignas(kCacheLine) RedoEntry {
   SHMPS_SHARED_IN_PLACE(RedoEntry);
 
