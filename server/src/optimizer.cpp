@@ -238,6 +238,96 @@ inline void adam_bf16_in_place(const Coeffs& c, float* __restrict p, const float
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SHMPS_BF16_INSTRUCTIONS 1
+// Where the build's -march has AVX-512 BF16 (SHMPS_NATIVE on such a CPU), Adam's bf16 loop uses
+// its rounding instruction, vcvtneps2bf16: the portable rounding costs about a third of the
+// loop. The instruction flushes subnormal inputs to zero, so a vector that holds one is rounded
+// by shm::to_bf16 instead: the bytes are the portable loop's, whichever runs
+// (Bf16Optimizer.InstructionsAndPortableLoopAgree). Every element, the tail too, goes through
+// the same masked vector code, so no element's result depends on where it falls.
+bool g_bf16_instructions = true;
+
+// Full vectors load and store unmasked (masked stores are slow on some CPUs, AMD's Zen 4 among
+// them); the tail takes the same arithmetic with masks.
+template <bool Full>
+inline __m512 load16(const float* in, __mmask16 k) {
+  if constexpr (Full) return _mm512_loadu_ps(in);
+  return _mm512_maskz_loadu_ps(k, in);
+}
+
+template <bool Full>
+inline __m512 widen16(const std::uint16_t* in, __mmask16 k) {
+  __m256i b;
+  if constexpr (Full)
+    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in));
+  else
+    b = _mm256_maskz_loadu_epi16(k, in);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+// Out of line and cold, so that the loop keeps its registers.
+[[gnu::noinline, gnu::cold]] void narrow16_portable(std::uint16_t* out, __m512 x, __mmask16 k) {
+  alignas(64) float f[16];
+  _mm512_store_ps(f, x);
+  for (int j = 0; j < 16; ++j)
+    if ((k >> j) & 1U) out[j] = shm::to_bf16(f[j]);
+}
+
+template <bool Full>
+inline void narrow16(std::uint16_t* out, __m512 x, __mmask16 k) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __mmask16 zero_exponent = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));
+  const __mmask16 subnormal = _mm512_mask_test_epi32_mask(zero_exponent, u, _mm512_set1_epi32(0x007fffff));
+  if (subnormal == 0) [[likely]] {
+    const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    if constexpr (Full)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+    else
+      _mm256_mask_storeu_epi16(out, k, b);
+    return;
+  }
+  narrow16_portable(out, x, k);
+}
+
+struct AdamVectors {
+  __m512 b1, one_minus_b1, b2, one_minus_b2, step_size, inv_bc2_sqrt, eps;
+};
+
+// 16 elements (or the k of them), in place or out of place (each is loaded before it is stored).
+template <bool Full>
+inline void adam16(const AdamVectors& c, float* p, const float* p_old, const float* g, std::uint16_t* m_out,
+                   const std::uint16_t* m_old, std::uint16_t* v_out, const std::uint16_t* v_old, __mmask16 k) {
+  const __m512 gi = load16<Full>(g, k);
+  const __m512 m = _mm512_add_ps(_mm512_mul_ps(c.b1, widen16<Full>(m_old, k)), _mm512_mul_ps(c.one_minus_b1, gi));
+  const __m512 v =
+      _mm512_add_ps(_mm512_mul_ps(c.b2, widen16<Full>(v_old, k)), _mm512_mul_ps(c.one_minus_b2, _mm512_mul_ps(gi, gi)));
+  const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), c.inv_bc2_sqrt), c.eps);
+  const __m512 p_new = _mm512_sub_ps(load16<Full>(p_old, k), _mm512_div_ps(_mm512_mul_ps(c.step_size, m), den));
+  if constexpr (Full)
+    _mm512_storeu_ps(p, p_new);
+  else
+    _mm512_mask_storeu_ps(p, k, p_new);
+  narrow16<Full>(m_out, m, k);
+  narrow16<Full>(v_out, v, k);
+}
+
+inline void adam_bf16_instructions(const Coeffs& c, float* p, const float* p_old, const float* g, std::uint16_t* m_out,
+                                   const std::uint16_t* m_old, std::uint16_t* v_out, const std::uint16_t* v_old,
+                                   std::size_t n) {
+  const AdamVectors cv{_mm512_set1_ps(c.b1),        _mm512_set1_ps(c.one_minus_b1), _mm512_set1_ps(c.b2),
+                       _mm512_set1_ps(c.one_minus_b2), _mm512_set1_ps(c.step_size), _mm512_set1_ps(c.inv_bc2_sqrt),
+                       _mm512_set1_ps(c.eps)};
+  std::size_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    adam16<true>(cv, p + i, p_old + i, g + i, m_out + i, m_old + i, v_out + i, v_old + i, 0xffff);
+  if (i < n) {
+    const auto k = static_cast<__mmask16>((1U << (n - i)) - 1);
+    adam16<false>(cv, p + i, p_old + i, g + i, m_out + i, m_old + i, v_out + i, v_old + i, k);
+  }
+}
+#endif
+
 template <OptimizerKind K, int A>
 void run_bf16(const Coeffs& c, const Bf16Arrays& x, const float* g, Index n) {
   alignas(64) float buf[kChunk];
@@ -251,6 +341,12 @@ void run_bf16(const Coeffs& c, const Bf16Arrays& x, const float* g, Index n) {
         gp = buf;
       }
       const auto um = static_cast<std::size_t>(m);
+#if defined(SHMPS_BF16_INSTRUCTIONS)
+      if (g_bf16_instructions) {
+        adam_bf16_instructions(c, x.p + i, x.p_old + i, gp, x.s0 + i, x.s0_old + i, x.s1 + i, x.s1_old + i, um);
+        continue;
+      }
+#endif
       if (in_place)
         adam_bf16_in_place(c, x.p + i, gp, x.s0 + i, x.s1 + i, um);
       else
@@ -315,6 +411,16 @@ bool aligned64(const void* ptr) {
 }
 
 }  // namespace
+
+bool use_bf16_instructions(bool on) noexcept {
+#if defined(SHMPS_BF16_INSTRUCTIONS)
+  g_bf16_instructions = on;
+  return true;
+#else
+  (void)on;
+  return false;
+#endif
+}
 
 double clip_norm_scale(const OptimizerSettings& s, double grad_squared_norm) {
   if (!(s.clip_norm > 0)) return 1.0;

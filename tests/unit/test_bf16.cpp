@@ -262,3 +262,63 @@ TEST(Bf16Optimizer, ValidationKnowsTheDtypes) {
 }
 
 }  // namespace
+
+namespace {
+
+// Where the build has AVX-512 BF16, Adam's bf16 loop rounds with it; the portable loop must
+// give the same bytes, subnormal state included (the instruction flushes those to zero, so the
+// kernel must notice them), in place and out of place, for every tail length.
+TEST(Bf16Optimizer, InstructionsAndPortableLoopAgree) {
+  const bool has = shmps::server::use_bf16_instructions(true);
+  if (!has) GTEST_SKIP() << "this build has no AVX-512 BF16: only the portable loop exists";
+  OptimizerSettings s = settings_for(OptimizerKind::adam);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (std::size_t n : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{17}, std::size_t{1000},
+                        std::size_t{2500}}) {
+    std::vector<float> p(n), g(n);
+    std::vector<std::uint16_t> m(n), v(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      p[i] = dist(rng);
+      // Every 7th element tiny: its gradient, m and v, so that the new m and v are subnormal.
+      g[i] = i % 7 == 3 ? dist(rng) * 1e-42f : dist(rng);
+      m[i] = i % 7 == 3 ? std::uint16_t{0x0005} : to_bf16(dist(rng) * 0.1f);
+      v[i] = i % 7 == 3 ? std::uint16_t{0x0003} : to_bf16(std::fabs(dist(rng)));
+    }
+    for (bool in_place : {true, false}) {
+      std::vector<float> p_hw = p, p_sw = p;
+      std::vector<std::uint16_t> m_hw = m, v_hw = v, m_sw = m, v_sw = v;
+      auto step = [&](std::vector<float>& pp, std::vector<std::uint16_t>& mm, std::vector<std::uint16_t>& vv) {
+        if (in_place) {
+          shmps::server::apply_update_bf16(s, pp, g, mm, vv, 5, 1.0f);
+        } else {
+          std::vector<float> out(n);
+          std::vector<std::uint16_t> mo(n), vo(n);
+          shmps::server::apply_update_bf16(s, out, g, mo, vo, 5, 1.0f,
+                                           shmps::server::UpdateInputsBf16{pp, mm, vv});
+          pp = out;
+          mm = mo;
+          vv = vo;
+        }
+      };
+      shmps::server::use_bf16_instructions(true);
+      step(p_hw, m_hw, v_hw);
+      shmps::server::use_bf16_instructions(false);
+      step(p_sw, m_sw, v_sw);
+      shmps::server::use_bf16_instructions(true);
+      bool subnormal_seen = false;
+      for (std::size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(m_hw[i], m_sw[i]) << "n=" << n << " i=" << i << " in_place=" << in_place;
+        ASSERT_EQ(v_hw[i], v_sw[i]) << "n=" << n << " i=" << i << " in_place=" << in_place;
+        ASSERT_NEAR(p_hw[i], p_sw[i], 1e-6f * (1.0f + std::fabs(p_sw[i]))) << "n=" << n << " i=" << i;
+        subnormal_seen = subnormal_seen || ((m_sw[i] & 0x7f80) == 0 && (m_sw[i] & 0x7f) != 0 &&
+                                            (v_sw[i] & 0x7f80) == 0 && (v_sw[i] & 0x7f) != 0);
+      }
+      if (n >= 16) {
+        EXPECT_TRUE(subnormal_seen) << "the test must hold subnormal state";
+      }
+    }
+  }
+}
+
+}  // namespace

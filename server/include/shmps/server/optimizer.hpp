@@ -84,6 +84,12 @@ void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std:
                        std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
                        float grad_scale, const UpdateInputsBf16& old);
 
+// For tests: where the build has AVX-512 BF16 (-march=native on such a CPU), Adam's bf16 loop
+// rounds with that instruction set; use_bf16_instructions(false) makes it take the portable
+// loop instead (both give the same bytes). Returns whether the build has the instructions. Not
+// for use while another thread applies.
+bool use_bf16_instructions(bool on) noexcept;
+
 // ---- Validation (header-only, so the model-spec parser uses the same rules) ----------------
 
 namespace detail {
