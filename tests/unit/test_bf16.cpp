@@ -134,7 +134,8 @@ void run_both(const OptimizerSettings& s, std::size_t n, int steps, Arrays& f, A
 }
 
 // The first step from the zero state: bf16 holds the zero state exactly, the values come from the
-// unrounded new state, so they equal float32's; the new state is float32's rounded.
+// unrounded new state, so they equal float32's (to 1e-6: multiply-adds may fuse differently); the
+// new state is float32's rounded.
 TEST(Bf16Optimizer, FirstStepEqualsFloat32AndStoresItsStateRounded) {
   for (auto kind : {OptimizerKind::momentum, OptimizerKind::nesterov, OptimizerKind::adagrad, OptimizerKind::rmsprop,
                     OptimizerKind::adam}) {

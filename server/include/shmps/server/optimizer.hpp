@@ -71,7 +71,8 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
 // element is widened exactly to float32, the step is computed in float32 as above, and the new
 // state is rounded to the nearest bf16 (ties to even) when stored. The new values are computed
 // from the unrounded new state, so a step from a state that bf16 holds exactly (e.g. the zero
-// state of the first step) gives exactly the float32 path's values. Sizes and errors as above;
+// state of the first step) gives the float32 path's values (to within an ulp: the loops differ
+// in where the compiler fuses multiply-adds). Sizes and errors as above;
 // the state arrays need no alignment.
 struct UpdateInputsBf16 {
   std::span<const float> values;
