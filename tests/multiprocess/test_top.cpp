@@ -410,7 +410,7 @@ TEST(Top, JsonSnapshotOfAJob) {
   EXPECT_EQ(keys(doc["job"]), (Keys{"state", "size_bytes", "layout_version", "created_unix_ns", "max_workers", "workers_alive",
                                     "slices", "slice_bytes", "ring_bytes", "consistency", "optimizer"}));
   EXPECT_EQ(keys(doc["job"]["consistency"]), (Keys{"mode", "staleness", "bsp_aggregate", "on_worker_death", "model_clock", "steps"}));
-  EXPECT_EQ(keys(doc["job"]["optimizer"]), (Keys{"kind", "lr", "momentum", "weight_decay", "clip_value", "clip_norm"}));
+  EXPECT_EQ(keys(doc["job"]["optimizer"]), (Keys{"kind", "lr", "momentum", "weight_decay", "clip_value", "clip_norm", "state_dtype"}));
   EXPECT_EQ(keys(doc["apply"]), (Keys{"records_applied", "records_per_s", "floats_applied", "floats_per_s", "rounds",
                                       "records_skipped", "records_discarded", "busy_ns", "busy_fraction", "latency"}));
   EXPECT_EQ(keys(doc["apply"]["latency"]), (Keys{"window", "samples", "p50_ns", "p99_ns", "buckets"}));
@@ -432,6 +432,7 @@ TEST(Top, JsonSnapshotOfAJob) {
   EXPECT_EQ(doc["job"]["consistency"]["mode"], "asp");
   EXPECT_EQ(doc["job"]["optimizer"]["kind"], "sgd");
   EXPECT_EQ(doc["job"]["optimizer"]["lr"], 1.0);
+  EXPECT_EQ(doc["job"]["optimizer"]["state_dtype"], "f32");
   EXPECT_EQ(doc["apply"]["records_applied"], kPushes);
   EXPECT_EQ(doc["apply"]["latency"]["buckets"].size(), shm::kLatencyBuckets);
   EXPECT_EQ(doc["checkpoints"]["count"], 0);

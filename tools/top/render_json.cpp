@@ -129,7 +129,8 @@ std::string render_json(const Metrics& m) {
         {"momentum", decimal(s.optimizer.momentum)},
         {"weight_decay", decimal(s.optimizer.weight_decay)},
         {"clip_value", decimal(s.optimizer.clip_value)},
-        {"clip_norm", decimal(s.optimizer.clip_norm)}}},
+        {"clip_norm", decimal(s.optimizer.clip_norm)},
+        {"state_dtype", std::string(to_string(s.optimizer.state_dtype))}}},
   };
   doc["apply"] = {
       {"records_applied", s.records_applied},
