@@ -158,9 +158,8 @@ class SliceUpdate {
       const auto s0 = state_span<std::uint16_t>(0, lo, n), s1 = state_span<std::uint16_t>(1, lo, n);
       if (from_slice)
         apply_update_bf16(settings_, values, g, s0, s1, step, scale,
-                     UpdateInputsBf16{{slice_values_, slice_.count},
-                                      slice_state_span<std::uint16_t>(0),
-                                      slice_state_span<std::uint16_t>(1)});
+                          UpdateInputsBf16{{slice_values_, slice_.count}, slice_state_span<std::uint16_t>(0),
+                                           slice_state_span<std::uint16_t>(1)});
       else
         apply_update_bf16(settings_, values, g, s0, s1, step, scale);
     } else {

@@ -196,9 +196,8 @@ void run(const Coeffs& c, const Arrays& x, const float* g, Index n) {
 
 // bf16 state (StateDType::bf16): per chunk the state is widened into an L1 buffer, the float32
 // statements above run on it in place, and the new state is rounded back into bf16 (Adam has a
-// fused loop of its own, below). The
-// values and the gradient stay float32, and the new values are computed from the unrounded
-// new state, as the float32 path computes them.
+// fused loop of its own, below). The values and the gradient stay float32, and the new values
+// are computed from the unrounded new state, as the float32 path computes them.
 struct Bf16Arrays {
   float* p;
   const float* p_old;
@@ -543,6 +542,15 @@ void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std:
                                   old.state0.size(), old.state1.size(), step, grad_scale);
   if (n == 0) return;
   const Bf16Arrays x{values.data(), old.values.data(), ptr_of(state0), ptr_of(old.state0), ptr_of(state1), ptr_of(old.state1)};
+  // The fused loops assume an update wholly in place or wholly out of place.
+  const bool in_place = x.p == x.p_old;
+  const auto mixed = [in_place](const void* now, const void* before) {
+    return now != nullptr && (now == before) != in_place;
+  };
+  if (mixed(x.s0, x.s0_old) || mixed(x.s1, x.s1_old)) {
+    throw std::invalid_argument(
+        "apply_update_bf16: the old values and state must be the new arrays themselves, all of them, or none");
+  }
   const float* g = grad.data();
   const auto len = static_cast<Index>(n);
   // The state is widened into aligned buffers: only the float32 arrays' alignment matters.

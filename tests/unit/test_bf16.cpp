@@ -252,6 +252,15 @@ TEST(Bf16Optimizer, RejectsMismatchedSpans) {
                std::invalid_argument);
   EXPECT_THROW(shmps::server::apply_update_bf16(settings_for(OptimizerKind::adam), p, g, m, m, 0, 1.0f),
                std::invalid_argument);  // step 0
+  // Values in place but state out of place: the fused loops cannot do a mix.
+  std::uint16_t m2[4] = {}, v2[4] = {}, v4[4] = {};
+  EXPECT_THROW(shmps::server::apply_update_bf16(settings_for(OptimizerKind::adam), p, g, m, v4, 1, 1.0f,
+                                                shmps::server::UpdateInputsBf16{p, m2, v2}),
+               std::invalid_argument);
+  // Momentum has one array: out of place with no second array is fine.
+  float out[4] = {};
+  EXPECT_NO_THROW(shmps::server::apply_update_bf16(settings_for(OptimizerKind::momentum), out, g, m, {}, 1, 1.0f,
+                                                   shmps::server::UpdateInputsBf16{p, m2, {}}));
 }
 
 TEST(Bf16Optimizer, ValidationKnowsTheDtypes) {

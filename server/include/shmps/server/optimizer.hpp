@@ -73,7 +73,8 @@ void apply_update(const OptimizerSettings& s, std::span<float> values, std::span
 // from the unrounded new state, so a step from a state that bf16 holds exactly (e.g. the zero
 // state of the first step) gives the float32 path's values (to within an ulp: the loops differ
 // in where the compiler fuses multiply-adds). Sizes and errors as above;
-// the state arrays need no alignment.
+// the state arrays need no alignment. Out of place, every old array is distinct from every new
+// one; in place, all of them are the new ones (a mix throws std::invalid_argument).
 struct UpdateInputsBf16 {
   std::span<const float> values;
   std::span<const std::uint16_t> state0, state1;
