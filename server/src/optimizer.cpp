@@ -241,8 +241,8 @@ inline void adam_bf16_in_place(const Coeffs& c, float* __restrict p, const float
 #define SHMPS_BF16_INSTRUCTIONS 1
 // Where the build's -march has AVX-512 BF16 (SHMPS_NATIVE on such a CPU), Adam's bf16 loop uses
 // its rounding instruction, vcvtneps2bf16: the portable rounding costs about a third of the
-// loop. The instruction flushes subnormal inputs to zero, so a vector that holds one is rounded
-// by shm::to_bf16 instead: the bytes are the portable loop's, whichever runs
+// loop. The instruction flushes subnormal inputs to zero, so a vector that holds one has those
+// lanes rounded as shm::to_bf16 does: the bytes are the portable loop's, whichever runs
 // (Bf16Optimizer.InstructionsAndPortableLoopAgree). Every element, the tail too, goes through
 // the same masked vector code, so no element's result depends on where it falls.
 bool g_bf16_instructions = true;
@@ -265,28 +265,23 @@ inline __m512 widen16(const std::uint16_t* in, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-// Out of line and cold, so that the loop keeps its registers.
-[[gnu::noinline, gnu::cold]] void narrow16_portable(std::uint16_t* out, __m512 x, __mmask16 k) {
-  alignas(64) float f[16];
-  _mm512_store_ps(f, x);
-  for (int j = 0; j < 16; ++j)
-    if ((k >> j) & 1U) out[j] = shm::to_bf16(f[j]);
-}
-
 template <bool Full>
 inline void narrow16(std::uint16_t* out, __m512 x, __mmask16 k) {
   const __m512i u = _mm512_castps_si512(x);
   const __mmask16 zero_exponent = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));
   const __mmask16 subnormal = _mm512_mask_test_epi32_mask(zero_exponent, u, _mm512_set1_epi32(0x007fffff));
-  if (subnormal == 0) [[likely]] {
-    const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
-    if constexpr (Full)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
-    else
-      _mm256_mask_storeu_epi16(out, k, b);
-    return;
+  __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  if (subnormal != 0) [[unlikely]] {
+    // shm::to_bf16's rounding for those lanes, in vector form (a subnormal is never a NaN):
+    // (u + 0x7fff + ((u >> 16) & 1)) >> 16. Inline, so that the loop calls nothing.
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    b = _mm256_mask_blend_epi16(subnormal, b, _mm512_cvtepi32_epi16(r));
   }
-  narrow16_portable(out, x, k);
+  if constexpr (Full)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+  else
+    _mm256_mask_storeu_epi16(out, k, b);
 }
 
 struct AdamVectors {
