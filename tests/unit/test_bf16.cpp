@@ -332,3 +332,28 @@ TEST(Bf16Optimizer, InstructionsAndPortableLoopAgree) {
 }
 
 }  // namespace
+
+namespace {
+
+// The documented bias (docs/model-spec.md): with beta2 = 0.999, a step with a zero gradient
+// changes v by 0.001 of itself, under half a bf16 step, so v stays; float32 state decays.
+TEST(Bf16Optimizer, AdamVNeverDecaysWithTheDefaultBeta2) {
+  OptimizerSettings s = settings_for(OptimizerKind::adam);
+  std::vector<float> p(64, 1.0f), g(64, 0.0f), pf(64, 1.0f), mf(64, 0.0f), vf(64);
+  std::vector<std::uint16_t> m(64, 0), v(64);
+  for (std::size_t i = 0; i < 64; ++i) {
+    v[i] = to_bf16(0.01f * static_cast<float>(i + 1));
+    vf[i] = from_bf16(v[i]);
+  }
+  const std::vector<std::uint16_t> v0 = v;
+  for (std::uint64_t t = 1; t <= 100; ++t) {
+    shmps::server::apply_update_bf16(s, p, g, m, v, t, 1.0f);
+    shmps::server::apply_update(s, pf, g, mf, vf, t, 1.0f);
+  }
+  for (std::size_t i = 0; i < 64; ++i) {
+    EXPECT_EQ(v[i], v0[i]) << i;
+    EXPECT_LT(vf[i], 0.95f * from_bf16(v0[i])) << i;  // 0.999^100 = 0.905
+  }
+}
+
+}  // namespace
