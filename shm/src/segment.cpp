@@ -134,13 +134,16 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   } else {
     const std::uint64_t two_pushes = 2 * record_bytes_for(largest);
     const std::uint64_t step = request.bsp ? bsp_step_ring_bytes(plan.params) : 0;
-    plan.ring_bytes = std::max({kMinRingBytes, two_pushes, step});
+    plan.ring_bytes = std::max({kMinRingBytes, std::min(two_pushes, kMaxAutoRingBytes), step});
     if (plan.ring_bytes == step)
       plan.ring_rule = "automatic: one BSP step (a push of every parameter and the clock record, plus one largest "
                        "record of slack), because the server takes a step only once it has ended";
     else if (plan.ring_bytes == two_pushes)
       plan.ring_rule = "automatic: two pushes of the largest parameter, " + largest_name +
                        " (a push may use at most half a ring)";
+    else if (plan.ring_bytes == kMaxAutoRingBytes)
+      plan.ring_rule = "automatic: the cap of " + human_bytes(kMaxAutoRingBytes) + " (pushes of " + largest_name +
+                       " stream through it in chunks of at most half a ring)";
     else
       plan.ring_rule = "automatic: the minimum of 1 MiB";
   }

@@ -3,6 +3,11 @@
 //   shmps-test-pusher exact   --pushes K   pushes the pattern.hpp gradients up to push K (continuing
 //                                          after its slot's last committed push), waits until applied
 //       --zero-copy: each push is a Worker::borrow_push filled in place and committed.
+//       --chunk-floats C: the job's ring is smaller than a push, so pushes stream through it in
+//       chunks of C elements (Worker::push), each with its own sequence number: the pusher
+//       finds the push its slot's last committed chunk belongs to, expects unfinished_push() to
+//       report exactly the chunks committed of it, and pushes it again (the library sends only
+//       the rest) before going on.
 //       --hold: then borrows push K+1 (zero-copy), fills it, prints "holding" and sleeps without
 //       committing (a process to be killed while it holds a filled buffer).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
@@ -43,7 +48,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string mode = argv[1];
-  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
+  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
   bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
   for (int i = 2; i < argc; ++i) {
@@ -72,6 +77,7 @@ int main(int argc, char** argv) {
     ++i;
     if (key == "--pushes") pushes = std::stoull(value);
     else if (key == "--millis") millis = std::stoull(value);
+    else if (key == "--chunk-floats") chunk_floats = std::stoull(value);
     else if (key == "--workers") workers = std::stoull(value);
     else if (key == "--steps") steps = std::stoull(value);
     else if (key == "--extra") extra = std::stoull(value);
@@ -98,7 +104,42 @@ int main(int argc, char** argv) {
         for (std::uint64_t j = 0; j < plan.count; ++j) buf.data()[j] = shmps::test::pattern(rank, k, plan.offset + j);
         return buf;
       };
-      for (std::uint64_t k = w.published(); k < pushes; ++k) {
+      std::uint64_t first_push = w.published();
+      if (chunk_floats != 0) {
+        // Push k takes stream_chunks() sequence numbers: find the one holding the slot's last.
+        std::uint64_t seq_end = 0;
+        first_push = 0;
+        while (true) {
+          const auto plan = shmps::test::plan_push(rank, first_push, w_size, b_size);
+          const std::uint64_t chunks = shmps::test::stream_chunks(plan.offset, plan.count, chunk_floats);
+          if (seq_end + chunks > w.published()) {
+            const std::uint64_t committed_chunks = w.published() - seq_end;
+            const auto unfinished = w.unfinished_push();
+            std::uint64_t committed = 0;
+            for (std::uint64_t c = 0, b = plan.offset; c < committed_chunks; ++c)
+              committed = (b = std::min(plan.offset + plan.count, b / chunk_floats * chunk_floats + chunk_floats)) - plan.offset;
+            const bool expected = committed_chunks == 0 ? !unfinished.has_value()
+                                                        : unfinished && unfinished->name == plan.param &&
+                                                              unfinished->offset == plan.offset &&
+                                                              unfinished->count == plan.count &&
+                                                              unfinished->committed == committed;
+            if (!expected) {
+              std::cerr << "push " << first_push << " has " << committed_chunks << " of " << chunks
+                        << " chunks committed, but unfinished_push() says "
+                        << (unfinished ? unfinished->name + " [" + std::to_string(unfinished->offset) + ", +" +
+                                             std::to_string(unfinished->count) + ") committed " +
+                                             std::to_string(unfinished->committed)
+                                       : std::string("nothing")) << "\n";
+              return 1;
+            }
+            if (committed_chunks != 0) std::cout << "finishing push " << first_push << " after " << committed << " elements\n";
+            break;
+          }
+          seq_end += chunks;
+          ++first_push;
+        }
+      }
+      for (std::uint64_t k = first_push; k < pushes; ++k) {
         if (zero_copy) {
           last = borrow_and_fill(k).commit();
           continue;

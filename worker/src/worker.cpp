@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -185,6 +186,12 @@ struct Worker::Impl {
   pid_t owner_pid = 0;
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, std::uint32_t> index;
+  // The streamed push an earlier process of this slot died in the middle of (see push()):
+  // finished by this worker's first push of the same parameter and range.
+  std::optional<UnfinishedPush> unfinished;
+  // The slot's stream words describe an unfinished streamed push: any other push clears them
+  // first, since they count on the chunks' sequence numbers being the slot's next ones.
+  bool stream_words_open = false;
 
   // The push record claimed in the ring and not committed yet (so invisible to the server):
   // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or
@@ -214,6 +221,19 @@ struct Worker::Impl {
   // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
   float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
   std::uint64_t commit_push(double sum_sq);
+  // A push bigger than one ring record, streamed through the ring in chunks (push()).
+  std::uint64_t push_streamed(std::uint32_t param, std::size_t offset, std::span<const float> grad);
+  // The elements per chunk of a streamed push: whole slices, as many as one record holds.
+  std::uint64_t chunk_floats() const noexcept {
+    const std::uint64_t record = ring.max_record_floats(), slice = segment.header().slice_floats;
+    return record >= slice ? record / slice * slice : record;
+  }
+  // Where the chunk that starts at element `begin` of a push ending at `end` ends: chunks end
+  // on multiples of chunk_floats() within the parameter, so that they cover whole slices.
+  std::uint64_t chunk_end(std::uint64_t begin, std::uint64_t end) const noexcept {
+    const std::uint64_t c = chunk_floats();
+    return std::min(end, (begin / c + 1) * c);
+  }
   [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
   // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
   void give_back() noexcept {
@@ -443,6 +463,19 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     }
   }
   s.published = published;
+  // A streamed push the last holder died in: how far its chunks got (their sequence numbers are
+  // consecutive from stream_first_seq, and `published` is the newest committed one).
+  if (const auto stream = slot.previous_stream(); stream.first_seq != 0 && published >= stream.first_seq &&
+                                                  stream.param < h.param_count &&
+                                                  stream.offset + stream.count <= s.segment.param(stream.param).size) {
+    std::uint64_t done = stream.offset;
+    for (std::uint64_t k = published - stream.first_seq + 1; k > 0 && done < stream.offset + stream.count; --k)
+      done = s.chunk_end(done, stream.offset + stream.count);
+    if (done < stream.offset + stream.count)
+      s.unfinished = UnfinishedPush{std::string(param_name(s.segment.param(stream.param))), stream.offset, stream.count,
+                                    done - stream.offset};
+    s.stream_words_open = s.unfinished.has_value();
+  }
   // Enter at the job's current clock: BSP's step in progress, or the slowest live worker's clock
   // (so nobody waits for us); never below the clock this slot had reached.
   {
@@ -539,12 +572,79 @@ std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
 
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const float> grad) {
   Impl& s = *impl_;
+  if (grad.size() > s.ring.max_record_floats()) return s.push_streamed(s.find(name), offset, grad);
   float* dst = s.claim_push("push to", name, offset, grad.size());
   double sum_sq = 0.0;
   const std::size_t bad = copy_gradient(dst, grad.data(), grad.size(), sum_sq);
   if (bad != grad.size()) s.reject_push("push to", bad, grad[bad]);
   return s.commit_push(sum_sq);
 }
+
+// A push bigger than one record streams through the ring: consecutive records of whole chunks
+// (chunk_end), each committed on its own as soon as it is written, so the ring never has to hold
+// the whole push, and the server applies each chunk as it comes. What stays whole:
+// - the checks: the whole gradient is checked (finite) and its norm summed before the first
+//   chunk is written, so a rejected push publishes nothing, and every chunk carries the whole
+//   push's squared norm (clipping by norm scales every chunk alike);
+// - exactly once: each chunk has its own sequence number;
+// - a push cut short by the death of its worker is finished by the slot's next process: the slot
+//   keeps the push's parameter, range and first sequence number, so that process's push of the
+//   same parameter and range sends only the chunks not yet committed (unfinished_push()).
+std::uint64_t Worker::Impl::push_streamed(std::uint32_t i, std::size_t offset, std::span<const float> grad) {
+  refuse_if_detached("push");
+  if (borrower != nullptr) refuse_if_borrowed("push to '" + params[i].name + "'", "nothing was pushed");
+  check_range("push to", i, offset, grad.size());
+  double sum_sq = 0.0;
+  const std::size_t bad = scan_gradient<Store::none>(nullptr, grad.data(), grad.size(), sum_sq);
+  if (bad != grad.size()) {
+    slot.count_rejected_push();
+    bump_counter(segment.rejected(static_cast<unsigned>(rank), i));
+    throw Error("push to '" + params[i].name + "' rejected: element " + std::to_string(offset + bad) + " is " +
+                (std::isnan(grad[bad]) ? "NaN" : "infinite") +
+                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
+  }
+  const std::uint64_t end = offset + grad.size();
+  std::uint64_t begin = offset;
+  const bool resumes = unfinished && unfinished->name == params[i].name && unfinished->offset == offset &&
+                       unfinished->count == grad.size();
+  std::uint64_t chunks_done = 0;
+  if (resumes)
+    for (; begin < offset + unfinished->committed; ++chunks_done) begin = chunk_end(begin, end);
+  const std::optional<UnfinishedPush> resumed = resumes ? unfinished : std::nullopt;
+  if (resumes) unfinished.reset();
+  // The chunks' sequence numbers are consecutive from first_seq (a resumed push counts the
+  // chunks its predecessor committed as if this process had sent them).
+  slot.begin_stream({.first_seq = published + 1 - chunks_done, .param = i, .offset = offset, .count = grad.size()});
+  stream_words_open = false;  // they describe this push now
+  std::uint64_t seq = published;
+  const std::uint64_t first = begin;
+  try {
+    while (begin < end) {
+      const std::uint64_t stop = chunk_end(begin, end);
+      float* dst = claim_push("push to", params[i].name, begin, stop - begin);
+      double ignored = 0.0;
+      copy_gradient(dst, grad.data() + (begin - offset), stop - begin, ignored);  // checked above
+      seq = commit_push(sum_sq);
+      begin = stop;
+      if (begin < end) kill_point("push.mid_stream");
+    }
+  } catch (const Error& e) {
+    stream_words_open = true;  // the next other push must clear them
+    if (begin == offset) throw;  // nothing of it is committed
+    if (begin == first) {  // a resumed push that got no further
+      unfinished = resumed;
+      throw;
+    }
+    // Cut short (the server gone for the whole timeout): what was committed stays committed.
+    unfinished = UnfinishedPush{params[i].name, offset, grad.size(), begin - offset};
+    throw Error(std::string(e.what()) + " (this push streams through the ring in chunks: elements [" +
+                std::to_string(offset) + ", " + std::to_string(begin) +
+                ") were committed; push the same gradient again to send only the rest, see unfinished_push())");
+  }
+  return seq;
+}
+
+std::optional<UnfinishedPush> Worker::unfinished_push() const { return impl_->unfinished; }
 
 PushBuffer Worker::borrow_push(std::string_view name) {
   return borrow_push(name, 0, impl_->params[impl_->find(name)].size);
@@ -567,7 +667,8 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
     throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(count) +
                 " elements do not fit one ring record (at most " + std::to_string(ring.max_record_floats()) +
                 " with ring_bytes = " + std::to_string(ring.capacity()) +
-                "); push it in ranges (offset, length), or raise ring_bytes in the model spec; nothing was pushed");
+                "); a borrowed buffer is one record: borrow ranges (offset, count), or use push(), which streams a "
+                "gradient of any size through the ring; nothing was pushed");
 
   // Claim room (back-pressure: wait for the server, never drop). In BSP the server takes a
   // step's pushes only once the step has ended: if the ring holds nothing but this worker's open
@@ -615,6 +716,10 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
   record->grad_sq_norm = sum_sq;
   const std::uint64_t bytes = claim.count * sizeof(float);
   claim = {};
+  if (stream_words_open) {  // another push comes between: the unfinished stream's words no longer add up
+    slot.end_stream();
+    stream_words_open = false;
+  }
   kill_point("push.before_commit");
   ring.commit();  // one release store: the record now exists, whole
   published = seq;

@@ -28,6 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -48,6 +49,16 @@ struct WorkerOptions {
   // How long a call may wait for the server (a full ring, wait_applied, a segment that is not
   // ready yet) before it fails with a clear error.
   std::chrono::milliseconds timeout{30000};
+};
+
+// A push that streams through the ring (bigger than one ring record, see Worker::push) and was
+// cut short: elements [offset, offset + committed) of the range [offset, offset + count) of
+// parameter `name` were committed, the rest not.
+struct UnfinishedPush {
+  std::string name;
+  std::size_t offset = 0;
+  std::size_t count = 0;
+  std::size_t committed = 0;
 };
 
 struct ParamInfo {
@@ -93,8 +104,22 @@ class Worker {
   // nothing, counts it) a gradient holding NaN or Inf. Waits while the ring is full
   // (back-pressure, never drops). Returns the push's sequence number, counted over every
   // generation of this slot.
+  //
+  // A gradient bigger than one ring record (half the ring) streams through the ring as chunks of
+  // whole slices, each a record committed on its own and applied as it comes, so a ring of a few
+  // MiB carries a push of any size. The whole gradient is checked (and its norm summed, for
+  // clipping) before the first chunk, so a rejected push still publishes nothing; each chunk has
+  // its own sequence number, and the push returns the last one (wait_applied() on it waits for
+  // all). All-or-nothing holds per chunk; for the whole push, the equivalent is: a push cut short
+  // by the death of its process is finished by the slot's next process, whose push of the same
+  // parameter and range sends only the chunks not yet committed (so a restarted worker that
+  // repeats its step's pushes leaves every push applied exactly once). unfinished_push() says
+  // what was left.
   std::uint64_t push(std::string_view name, std::span<const float> grad);
   std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
+  // The streamed push an earlier process of this slot (or a push of this one cut short by an
+  // error) left unfinished, if any; cleared once a push of the same parameter and range finishes it.
+  std::optional<UnfinishedPush> unfinished_push() const;
 
   // Zero-copy push: lends the caller room for a gradient of the whole parameter (or of `count`
   // elements from `offset`) directly in this worker's ring, to be filled in place and published

@@ -99,7 +99,7 @@ namespace shmps::shm {
 
 inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1" little-endian
-inline constexpr std::uint32_t kLayoutVersion = 2;  // 2: the fingerprint covers every field (field lists)
+inline constexpr std::uint32_t kLayoutVersion = 3;  // 3: pushes stream through bounded rings (WorkerSlot::stream_*)
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -466,6 +466,14 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> last_commit_seq;  // the newest committed push, and when (CLOCK_MONOTONIC ns):
   std::atomic<std::uint64_t> last_commit_ns;   //   the server samples commit -> applied latency from them
   std::atomic<std::uint32_t> waiting;          // 1 while the worker sleeps on `progress`
+  // The newest push bigger than one ring record, which streams through the ring as consecutive
+  // records of whole chunks (Worker::push): its parameter and range, and the sequence number of
+  // its first chunk. Written before that chunk is committed. A restarted worker compares them
+  // with `published` to learn how much of it its predecessor committed, and finishes it.
+  std::atomic<std::uint32_t> stream_param;
+  std::atomic<std::uint64_t> stream_first_seq;  // 0: no streamed push yet
+  std::atomic<std::uint64_t> stream_offset;
+  std::atomic<std::uint64_t> stream_count;
 
   // Worker lines: statistics, written on every push and pull; only monitors read them.
   alignas(kCacheLine) std::atomic<std::uint64_t> heartbeat_ns;  // CLOCK_MONOTONIC
@@ -512,7 +520,8 @@ struct WorkerSlot {
 #define SHMPS_WORKER_SLOT_FIELDS(FIELD, PAD)                                                            \
   FIELD(state) FIELD(pid) FIELD(generation) FIELD(start_time) FIELD(attached_unix_ns) PAD(32)                   \
   FIELD(clock) PAD(56)                                                                                          \
-  FIELD(published) FIELD(last_commit_seq) FIELD(last_commit_ns) FIELD(waiting) PAD(36)                          \
+  FIELD(published) FIELD(last_commit_seq) FIELD(last_commit_ns) FIELD(waiting) FIELD(stream_param)           \
+  FIELD(stream_first_seq) FIELD(stream_offset) FIELD(stream_count) PAD(8)                          \
   FIELD(heartbeat_ns) FIELD(pulls) FIELD(pull_bytes) FIELD(push_bytes) FIELD(pushes_rejected)                  \
   FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
   FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \

@@ -41,6 +41,17 @@ class WorkerSlotWorkerView {
   std::uint64_t previous_published() const noexcept { return load_acquire(slot_->published); }
   std::uint64_t previous_clock() const noexcept { return load_acquire(slot_->clock); }
   std::uint64_t previous_generation() const noexcept { return load_own(slot_->generation); }
+  // The previous holders' newest streamed push (layout.hpp, WorkerSlot::stream_*);
+  // first_seq == 0: none.
+  struct StreamedPush {
+    std::uint64_t first_seq = 0;
+    std::uint32_t param = 0;
+    std::uint64_t offset = 0, count = 0;
+  };
+  StreamedPush previous_stream() const noexcept {
+    return {load_acquire(slot_->stream_first_seq), load_acquire(slot_->stream_param), load_acquire(slot_->stream_offset),
+            load_acquire(slot_->stream_count)};
+  }
   // The resume blob the server kept from the newest clock record it consumed (seqlock-guarded
   // copy; retried while the server is writing it).
   std::vector<std::byte> resume_blob() const {
@@ -94,6 +105,16 @@ class WorkerSlotWorkerView {
     store_release(slot_->last_commit_ns, commit_ns);
     store_release(slot_->last_commit_seq, seq);
   }
+  // A push that streams through the ring begins: stored before its first chunk is committed
+  // (that commit's release store publishes them with it).
+  void begin_stream(const StreamedPush& p) noexcept {
+    store_release(slot_->stream_param, p.param);
+    store_release(slot_->stream_offset, p.offset);
+    store_release(slot_->stream_count, p.count);
+    store_release(slot_->stream_first_seq, p.first_seq);
+  }
+  // Forgets the streamed push (another push is about to take the next sequence number).
+  void end_stream() noexcept { store_release(slot_->stream_first_seq, std::uint64_t{0}); }
   // The futex the worker sleeps on (the server bumps it), and the flag it sets while it sleeps
   // (the server wakes it only then). wait_for() in worker.cpp writes the flag.
   const std::atomic<std::uint32_t>& progress_word() const noexcept { return slot_->progress; }
