@@ -384,7 +384,7 @@ TEST(ZeroCopy, ARecordTooBigOrARingThatStaysFullFailsAsPushDoesWithNothingPushed
   Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 300ms});
   std::string msg = error_of([&] { w.borrow_push("big"); });
   EXPECT_HAS(msg, "borrowed push to 'big': 10000 elements do not fit one ring record (at most");
-  EXPECT_HAS(msg, "push it in ranges");
+  EXPECT_HAS(msg, "borrow ranges (offset, count), or use push(), which streams");
   EXPECT_HAS(msg, "nothing was pushed");
   PushBuffer part = w.borrow_push("big", 0, 4096);  // a range fits
   part.drop();
