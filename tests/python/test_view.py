@@ -2,12 +2,15 @@
 segment itself (no copy), equal to pull(), whose base keeps the Worker (and its mapping) alive."""
 
 import gc
+import signal
+import subprocess
 import warnings
 
 import numpy as np
 import pytest
 
 import shmps
+from conftest import PYTHON, child_env
 from exact import EXACT_SPEC, PATTERN_W
 
 SPEC = EXACT_SPEC.format(workers=4, extra="")
@@ -123,3 +126,21 @@ def test_torch_wraps_a_view_without_a_copy(make_job):
             tensor = torch.from_numpy(view)
         assert tensor.data_ptr() == address(view)
         assert torch.equal(tensor, -torch.arange(7, dtype=torch.float32))
+        w.wait_applied(w.push("b", np.ones(7, dtype=np.float32)))
+        assert torch.equal(tensor, -torch.arange(7, dtype=torch.float32) - 1)  # the same memory
+
+
+def test_a_write_through_a_view_kills_only_the_writer(make_job):
+    """numpy refuses; a write behind its back (ctypes here, an in-place op on a torch tensor made
+    from a view) is a SIGSEGV of the writing worker, because a worker maps the values read-only:
+    the model of the other workers is left untouched."""
+    job = make_job(SPEC)
+    with shmps.Worker(job.name, rank=0) as w:
+        w.wait_applied(w.push("b", np.arange(7, dtype=np.float32)))
+        code = ("import ctypes, shmps\n"
+                f"w = shmps.Worker({job.name!r}, rank=1)\n"
+                "a = w.view('b')\n"
+                "ctypes.c_float.from_address(a.__array_interface__['data'][0]).value = 42.0\n")
+        ran = subprocess.run([PYTHON, "-c", code], env=child_env(), capture_output=True, timeout=60)
+        assert ran.returncode == -signal.SIGSEGV, ran.stderr.decode(errors="replace")
+        np.testing.assert_array_equal(w.view("b"), -np.arange(7, dtype=np.float32))

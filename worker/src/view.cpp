@@ -10,11 +10,33 @@
 // never to step c while this worker is in it.
 //
 // Like the rest of the worker, this writes only this worker's own slot (statistics, heartbeat).
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <string>
 
 #include "worker_impl.hpp"
 
 namespace shmps {
+
+// The values and the optimizer state are the server's (ARCHITECTURE.md: a worker writes only its
+// own slot and ring). A view hands out their addresses, and torch has no read-only tensors, so a
+// write through one (an in-place op, a local optimizer step on a module bound to views) would
+// silently change the model of every worker. Mapped read-only in the worker's process, such a
+// write is a SIGSEGV of that worker instead, which the job survives like any worker's death. The
+// values start on a page (plan_layout) and the state runs to the end of the segment, so nothing
+// a worker writes shares a page with them.
+void Worker::Impl::protect_values() {
+  const SegmentHeader& h = segment.header();
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  const std::uint64_t from = (h.values_offset + page - 1) / page * page;
+  if (from >= segment.size()) return;
+  if (::mprotect(segment.base() + from, segment.size() - from, PROT_READ) != 0)
+    throw Error("segment '" + segment.name() + "': cannot map its values read-only (mprotect: " +
+                std::strerror(errno) + "); nothing was changed");
+}
 
 std::span<const float> Worker::view(std::string_view name) {
   return view(name, 0, impl_->params[impl_->find(name)].size);

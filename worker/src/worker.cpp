@@ -250,6 +250,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     s.segment.reserve(ring.offset, ring.bytes, "the push ring of worker " + std::to_string(s.rank));
     s.segment.prefault_read(0, h.rings_offset);
     s.segment.prefault_read(h.values_offset, h.state_offset - h.values_offset);
+    s.protect_values();  // read-only from here on in this process (view.cpp says why)
   }
 
   // Take over the slot: a new generation, resuming the push count of all earlier generations.

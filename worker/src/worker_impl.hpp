@@ -187,6 +187,8 @@ struct Worker::Impl {
       if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
     return slowest;
   }
+  // Maps the values and the optimizer state read-only in this process (view.cpp).
+  void protect_values();
   // Waits until this worker may read the values its clock needs (see Worker::pull), and records
   // the staleness it saw. `what` ("pull of", "view of") starts the timeout's message.
   void wait_for_consistency(const char* what, std::string_view name);

@@ -113,7 +113,8 @@ class Worker {
   //
   // The span stays valid (readable memory) until this Worker is destroyed, also after leave()
   // and across a move of the Worker; the values are those of the segment this Worker attached.
-  // Never write through it (const_cast): the values belong to the server.
+  // Never write through it (const_cast): the values belong to the server, and a worker maps them
+  // read-only, so such a write is a SIGSEGV of this process (the job survives it like any death).
   std::span<const float> view(std::string_view name);
   std::span<const float> view(std::string_view name, std::size_t offset, std::size_t count);
 
