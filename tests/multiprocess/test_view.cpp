@@ -30,11 +30,13 @@ using shmps::test::Watchdog;
 
 namespace {
 
-// Waits (bounded) until slot `rank`'s clock reaches `clock`: the worker is then somewhere in
-// that step, in a view, a pull, a push or the sleep before its clock().
-void wait_for_clock(const shmps::shm::Segment& seg, int rank, std::uint64_t clock) {
+// Waits (bounded) until worker `rank` has ended `steps` steps of its own: it has published
+// 2 * steps + 1 pushes (two a step), so it is in the step after, in a view, a pull, a push or the
+// pause before its clock(). (Its slot's clock alone would not do: a worker that attaches late
+// enters at the job's clock, having ended no step yet.)
+void wait_for_steps(const shmps::shm::Segment& seg, int rank, std::uint64_t steps) {
   const auto start = std::chrono::steady_clock::now();
-  while (shmps::shm::load_acquire(seg.slot(static_cast<unsigned>(rank)).clock) < clock &&
+  while (shmps::shm::load_acquire(seg.slot(static_cast<unsigned>(rank)).published) < 2 * steps + 1 &&
          std::chrono::steady_clock::now() - start < 60s)
     std::this_thread::sleep_for(1ms);
 }
@@ -109,16 +111,16 @@ TEST(View, BspViewsEqualPullsAndHoldStillThroughTheStepWhileWorkersAndTheServerA
     EXPECT_EQ(workers[rank]->wait(10s), 128 + SIGKILL) << workers[rank]->output();
     workers[rank] = &start_worker(rank);
   };
-  wait_for_clock(seg, 1, 8);
+  wait_for_steps(seg, 1, 8);
   kill_and_restart_worker(1);
-  wait_for_clock(seg, 0, 16);
+  wait_for_steps(seg, 0, 16);
   job.server().kill(SIGKILL);
   EXPECT_EQ(job.server().wait(10s), 128 + SIGKILL);
   job.start_server();
   job.wait_ready();
-  wait_for_clock(seg, 2, 24);
+  wait_for_steps(seg, 2, 24);
   kill_and_restart_worker(2);
-  wait_for_clock(seg, 3, 30);
+  wait_for_steps(seg, 3, 30);
   kill_and_restart_worker(3);
 
   for (auto* w : workers) {

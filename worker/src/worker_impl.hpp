@@ -41,7 +41,7 @@ using Clock = std::chrono::steady_clock;
 // (a futex the server bumps) when given, else in short naps. Returns false on timeout.
 template <class Done>
 inline bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
-              std::atomic<std::uint32_t>* waiting_flag) {
+                     std::atomic<std::uint32_t>* waiting_flag) {
   for (int spin = 0; spin < 200; ++spin) {
     if (done()) return true;
     if (spin > 20) std::this_thread::yield();
@@ -67,8 +67,8 @@ inline bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<
 using worker_detail::Clock;
 using worker_detail::wait_for;
 
+// Everything a Worker holds. Only the owning process's one thread uses it (worker.hpp).
 struct Worker::Impl {
-
   WorkerOptions options;
   Segment segment;
   LockFile slots_lock;
