@@ -45,8 +45,9 @@ struct TrainStats {
 
 // The reference schedule for one worker. `fetch` gives the parameters before each batch (views of
 // the segment, a pull into a copy, or a local model); `apply` consumes the gradients (a push, or a
-// local SGD step) and is told how many of this worker's batches are then done. The first `start_batch` batches of the
-// schedule are skipped: a restarted worker continues where its slot's previous process stopped.
+// local SGD step) and is told how many of this worker's batches are then done. The first
+// `start_batch` batches of the schedule are skipped: a restarted worker continues where its
+// slot's previous process stopped.
 TrainStats train(const shmps::data::Schedule& sched, const std::function<shmps::mlp::ParamViews()>& fetch,
                  const std::function<void(const shmps::mlp::Tensors&, std::uint64_t)>& apply,
                  std::uint64_t start_batch = 0) {
