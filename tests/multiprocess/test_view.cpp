@@ -152,3 +152,31 @@ TEST(View, BspViewsEqualPullsAndHoldStillThroughTheStepWhileWorkersAndTheServerA
   EXPECT_NE(want_w[0], 0.0);  // the check can fail
   EXPECT_GE(shmps::shm::load_counter(seg.header().steps), kSteps);
 }
+
+TEST(View, AfterALiveSwitchFromAspToBspAViewHoldsStillUntilClock) {
+  Watchdog watchdog(60s);
+  Job job("view-switch", shmps::test::pattern_spec(4));
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 0});
+  const std::vector<float> ones(shmps::test::kPatternB, 1.0f);
+  w.wait_applied(w.push("b", ones));  // ASP: applied as it comes, under any view
+  const std::span<const float> before = w.view("b");
+  EXPECT_EQ(before[0], -1.0f);
+
+  Process ctl({"shmps-ctl", "set", job.name(), "consistency=bsp"});
+  ASSERT_EQ(ctl.wait(20s), 0) << ctl.output();
+  ASSERT_EQ(w.consistency(), "bsp");
+  // Taken again in BSP (the same memory): now a snapshot of this worker's step, which the server
+  // cannot take before this worker's clock(), however many rounds it runs meanwhile.
+  const std::span<const float> view = w.view("b");
+  EXPECT_EQ(view.data(), before.data());
+  const std::uint64_t seq = w.push("b", ones);
+  std::this_thread::sleep_for(300ms);
+  for (std::size_t i = 0; i < view.size(); ++i) EXPECT_EQ(view[i], -1.0f) << i;
+  EXPECT_LT(w.applied(), seq);
+  w.clock();
+  w.wait_applied(seq);
+  const std::span<const float> next = w.view("b");  // the next step's values
+  for (std::size_t i = 0; i < next.size(); ++i) EXPECT_EQ(next[i], -2.0f) << i;
+}
