@@ -25,6 +25,13 @@
 //       largest staleness its pulls saw. --resume: keep the next step in the resume state
 //       (save_state before every clock()) and start from it (a restarted or restored worker
 //       continues its schedule).
+//   shmps-test-pusher views  --steps B [--slow-ms X]
+//       BSP through zero-copy views (Worker::view), continuing from its resume state (the next
+//       step, committed with every clock()): each step takes view() of "w", "b" and a range of "w",
+//       reads them, then pulls copies of both and checks every element read against its copy; pushes the
+//       pattern gradients of (rank, step), sleeps X ms (the other workers end their steps
+//       meanwhile), checks the whole views against the copies again, and only then calls clock().
+//       The views must also keep their addresses from step to step. Prints "view_mismatches N".
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 #include <chrono>
 #include <cstdlib>
@@ -263,6 +270,64 @@ int main(int argc, char** argv) {
                 << w.current_clock() << " max_staleness "
                 << shmps::shm::load_acquire(seg.slot(rank).max_staleness) << " wrong_steps " << wrong_steps << "\n";
       return wrong_steps == 0 ? 0 : 1;
+    }
+    if (mode == "views") {
+      const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
+      const auto rank = static_cast<std::uint64_t>(w.rank());
+      std::uint64_t first_step = 0, last = 0, mismatches = 0;
+      if (const auto state = w.load_state(); state.size() == sizeof first_step)
+        std::memcpy(&first_step, state.data(), sizeof first_step);
+      std::vector<float> pw(w_size), pb(b_size), gw(w_size), gb(b_size);
+      std::vector<float> sw(w_size), sb(b_size), sr(w_size / 3);  // what the views showed at first
+      const float* w_address = nullptr;
+      // Every element of `view` against `copy`; counts and reports the differing ones.
+      auto compare = [&](std::span<const float> view, const float* copy, const char* what, std::uint64_t k) {
+        if (std::memcmp(view.data(), copy, view.size_bytes()) == 0) return;
+        std::size_t wrong = 0, first = 0;
+        for (std::size_t i = 0; i < view.size(); ++i)
+          if (std::memcmp(&view[i], &copy[i], sizeof(float)) != 0 && wrong++ == 0) first = i;
+        mismatches += wrong;
+        std::cout << "step " << k << " clock " << w.current_clock() << ": " << what << ": " << wrong
+                  << " elements of the view differ from the pulled copy, first [" << first << "] " << view[first]
+                  << " != " << copy[first] << std::endl;
+      };
+      for (std::uint64_t k = first_step; k < steps; ++k) {
+        const std::span<const float> vw = w.view("w");
+        const std::span<const float> vb = w.view("b");
+        const std::size_t offset = (k * 977 + rank * 131) % (w_size / 2), count = w_size / 3;
+        const std::span<const float> vr = w.view("w", offset, count);
+        if (w_address == nullptr) w_address = vw.data();
+        if (vw.data() != w_address || vr.data() != vw.data() + offset || vw.size() != w_size || vb.size() != b_size ||
+            vr.size() != count) {
+          std::cout << "step " << k << ": a view moved or has the wrong size" << std::endl;
+          ++mismatches;
+        }
+        // Read through the views first, then pull: a view that returned before its step's values
+        // were there (no wait) would differ from the pull, which waits.
+        std::memcpy(sw.data(), vw.data(), vw.size_bytes());
+        std::memcpy(sb.data(), vb.data(), vb.size_bytes());
+        std::memcpy(sr.data(), vr.data(), vr.size_bytes());
+        w.pull("w", pw);
+        w.pull("b", pb);
+        compare(sw, pw.data(), "w", k);
+        compare(sb, pb.data(), "b", k);
+        compare(sr, pw.data() + offset, "range of w", k);
+        for (std::size_t i = 0; i < w_size; ++i) gw[i] = shmps::test::pattern(rank, k, i);
+        for (std::size_t i = 0; i < b_size; ++i) gb[i] = shmps::test::pattern(rank, k, i);
+        w.push("w", gw);
+        last = w.push("b", gb);
+        if (slow_ms) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+        // The end of the step: nothing may have changed under the views since the pulls.
+        compare(vw, pw.data(), "w before clock()", k);
+        compare(vb, pb.data(), "b before clock()", k);
+        const std::uint64_t next = k + 1;
+        w.save_state(std::as_bytes(std::span<const std::uint64_t>(&next, 1)));
+        w.clock();
+      }
+      if (last) w.wait_applied(last);
+      std::cout << "rank " << rank << " steps " << first_step << ".." << steps << " clock " << w.current_clock()
+                << " view_mismatches " << mismatches << std::endl;
+      return mismatches == 0 ? 0 : 1;
     }
     std::cerr << "unknown mode " << mode << "\n";
     return 2;

@@ -32,42 +32,17 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/shm/worker_slot.hpp>
 
+#include "worker_impl.hpp"
+
 namespace shmps {
 
 using namespace shmps::shm;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 std::string env_or(const char* name, std::string fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::string(v) : std::move(fallback);
-}
-
-// Waits with back-off: spin a little (the common wait is microseconds), then sleep on `word`
-// (a futex the server bumps) when given, else in short naps. Returns false on timeout.
-template <class Done>
-bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
-              std::atomic<std::uint32_t>* waiting_flag) {
-  for (int spin = 0; spin < 200; ++spin) {
-    if (done()) return true;
-    if (spin > 20) std::this_thread::yield();
-  }
-  while (true) {
-    if (done()) return true;
-    const auto now = Clock::now();
-    if (now >= deadline) return false;
-    if (word != nullptr) {
-      const std::uint32_t seen = load_acquire(*word);
-      store_own(*waiting_flag, 1U);
-      fence_store_load();  // pairs with the server's fence between its progress bump and its look at `waiting`
-      if (!done()) futex_wait(*word, seen, std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(50)));
-      store_own(*waiting_flag, 0U);
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-  }
 }
 
 // Copies `n` gradient values into ring memory (unless kStore is Store::none), and in the same
@@ -164,160 +139,6 @@ std::size_t copy_gradient(float* dst, const float* src, std::size_t n, double& s
 
 }  // namespace
 
-struct Worker::Impl {
-  WorkerOptions options;
-  Segment segment;
-  LockFile slots_lock;
-  int rank = -1;
-  WorkerSlotWorkerView slot;  // our slot: only the writes a worker may do (worker_slot.hpp)
-  RingProducer ring;
-  std::uint64_t generation = 0;
-  std::uint64_t published = 0;
-  std::uint64_t clock = 0;
-  bool pushed_in_step = false;  // pushes since the last clock()
-  std::uint64_t step_start = 0;  // ring position where this worker's open step begins
-  std::vector<std::byte> staged_state;     // committed with the next clock record
-  bool state_staged = false;
-  std::vector<std::byte> committed_state;  // the slot's latest committed resume state
-  bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
-  bool attached = false;
-  // Set in a child process after fork(): the slot is the parent's (see "fork()" below).
-  bool forked_away = false;
-  pid_t owner_pid = 0;
-  std::vector<ParamInfo> params;
-  std::unordered_map<std::string, std::uint32_t> index;
-  // The streamed push an earlier process of this slot died in the middle of (see push()):
-  // finished by this worker's first push of the same parameter and range.
-  std::optional<UnfinishedPush> unfinished;
-  // The slot's stream words describe an unfinished streamed push: any other push clears them
-  // first, since they count on the chunks' sequence numbers being the slot's next ones.
-  bool stream_words_open = false;
-
-  // The push record claimed in the ring and not committed yet (so invisible to the server):
-  // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or
-  // drops it. record == nullptr: none.
-  struct Claim {
-    PushRecord* record = nullptr;
-    std::uint32_t param = 0;
-    std::uint64_t offset = 0;
-    std::uint64_t count = 0;
-  };
-  Claim claim;
-  PushBuffer* borrower = nullptr;  // the PushBuffer that holds `claim`, if it is lent out
-
-  Impl() = default;
-  Impl(const Impl&) = delete;
-  Impl& operator=(const Impl&) = delete;
-  // A PushBuffer that outlives its Worker is left empty, not pointing into an unmapped ring.
-  ~Impl();
-  // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
-  void refuse_if_detached(const char* to) const;
-  // fork() safety (see below): the Impls of this process that hold a slot.
-  static std::vector<Impl*>& holding_slots();
-  static void register_for_fork(Impl* impl);
-  static void forget_all_in_forked_child();
-
-  // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
-  // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
-  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
-  std::uint64_t commit_push(double sum_sq);
-  // A push bigger than one ring record, streamed through the ring in chunks (push()).
-  std::uint64_t push_streamed(std::uint32_t param, std::size_t offset, std::span<const float> grad);
-  // The elements per chunk of a streamed push: whole slices, as many as one record holds.
-  std::uint64_t chunk_floats() const noexcept {
-    const std::uint64_t record = ring.max_record_floats(), slice = segment.header().slice_floats;
-    return record >= slice ? record / slice * slice : record;
-  }
-  // Where the chunk that starts at element `begin` of a push ending at `end` ends: chunks end
-  // on multiples of chunk_floats() within the parameter, so that they cover whole slices.
-  std::uint64_t chunk_end(std::uint64_t begin, std::uint64_t end) const noexcept {
-    const std::uint64_t c = chunk_floats();
-    return std::min(end, (begin / c + 1) * c);
-  }
-  [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
-  // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
-  void give_back() noexcept {
-    claim = {};
-    borrower = nullptr;
-    ring.abandon();
-  }
-  void forget_borrower() noexcept {
-    if (borrower == nullptr) return;
-    borrower->detach();
-    give_back();
-  }
-  // Throws if a PushBuffer is outstanding: `doing` starts the message, `consequence` ends it.
-  void refuse_if_borrowed(std::string_view doing, std::string_view consequence) const {
-    if (borrower == nullptr) return;
-    throw Error(std::string(doing) + ": a borrowed push buffer (for '" + params[claim.param].name + "' elements [" +
-                std::to_string(claim.offset) + ", " + std::to_string(claim.offset + claim.count) +
-                ")) is outstanding on this worker, which lends one at a time: commit() it or drop it first; " +
-                std::string(consequence));
-  }
-
-  // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
-  void await_admission() {
-    if (admitted) return;
-    const SegmentHeader& h = segment.header();
-    auto done = [&] { return slot.admitted_generation() == generation; };
-    if (!done() && load_acquire(h.consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return;
-    if (!wait_for(done, deadline(), &slot.progress_word(), &slot.waiting_flag()))
-      throw Error("worker " + std::to_string(rank) + " was not admitted to the BSP group within " +
-                  std::to_string(options.timeout.count()) + " ms; " + server_state());
-    admitted = true;
-    if (pushed_in_step) return;  // admitted after it had started a step: keep its clock
-    clock = std::max(clock, slot.admitted_clock());
-    slot.set_clock(clock);
-  }
-  std::uint32_t find(std::string_view name) const {
-    auto it = index.find(std::string(name));
-    if (it == index.end()) {
-      std::string known;
-      for (const auto& p : params) known += (known.empty() ? "" : ", ") + p.name;
-      throw Error("unknown parameter '" + std::string(name) + "' in segment '" + segment.name() + "': it has " + known);
-    }
-    return it->second;
-  }
-
-  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
-    const ParamEntry& p = segment.param(i);
-    if (count == 0)
-      throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
-    if (offset > p.size || count > p.size - offset)
-      throw Error(std::string(what) + " '" + params[i].name + "': elements [" + std::to_string(offset) + ", " +
-                  std::to_string(offset + count) + ") are outside the parameter, which has " + std::to_string(p.size) +
-                  " elements " + shape_string(p));
-  }
-
-  void heartbeat() { slot.heartbeat(monotonic_ns()); }
-
-  Clock::time_point deadline() const { return Clock::now() + options.timeout; }
-
-  bool counts(std::uint32_t r) const { return counts_for_group(segment.header(), segment.slot(r)); }
-  // The smallest clock among the workers that count (ourselves included), or our own clock.
-  std::uint64_t slowest_clock() const {
-    std::uint64_t slowest = clock;
-    const std::uint32_t n = segment.header().max_workers;
-    for (std::uint32_t r = 0; r < n; ++r)
-      if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
-    return slowest;
-  }
-  // Waits until this worker may read the values its clock needs (see Worker::pull).
-  void wait_for_consistency(std::string_view name);
-  // Writes a clock record (end of step `clock`) and moves to clock + 1.
-  void end_step();
-  void wake_server() const {
-    fence_store_load();  // our commit must be visible before we look at server_sleeping
-    const SegmentHeader& h = segment.header();
-    if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
-  }
-
-  std::string server_state() const {
-    LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
-    return probe.probe(0) == Holder::alive ? "the server is alive but busy"
-                                           : "no server is running for it (start shmps-server again)";
-  }
-};
 
 // fork(): a worker slot belongs to the process that attached it. A child forked after that (a
 // PyTorch DataLoader's workers, multiprocessing) inherits the Worker object, the mapping and the
@@ -430,6 +251,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     s.segment.reserve(ring.offset, ring.bytes, "the push ring of worker " + std::to_string(s.rank));
     s.segment.prefault_read(0, h.rings_offset);
     s.segment.prefault_read(h.values_offset, h.state_offset - h.values_offset);
+    s.protect_values();  // read-only from here on in this process (view.cpp says why)
   }
 
   // Take over the slot: a new generation, resuming the push count of all earlier generations.
@@ -550,7 +372,7 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
   const std::uint32_t i = s.find(name);
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
-  s.wait_for_consistency(name);
+  s.wait_for_consistency("pull of", name);
   const SliceReadResult read = read_param(seg, seg.param(i), offset, out, s.options.timeout);
   if (read.stuck_slice)
     throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
@@ -868,7 +690,7 @@ void Worker::Impl::end_step() {
   wake_server();
 }
 
-void Worker::Impl::wait_for_consistency(std::string_view name) {
+void Worker::Impl::wait_for_consistency(const char* what, std::string_view name) {
   await_admission();
   const SegmentHeader& h = segment.header();
   const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
@@ -905,7 +727,7 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
         if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
                     std::to_string(load_acquire(segment.slot(r).clock)) + ")";
-      throw Error("pull of '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
+      throw Error(std::string(what) + " '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
                   std::to_string(options.timeout.count()) + " ms for " +
                   (static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp
                        ? "the server to finish step " + std::to_string(clock - 1) + " (model clock " +

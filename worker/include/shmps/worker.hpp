@@ -4,6 +4,7 @@
 //   shmps::Worker w(shmps::WorkerOptions{.segment = "mlp", .rank = 0});  // rank -1: any free slot
 //   for (const auto& p : w.params()) { ... p.name, p.shape, p.size ... }
 //   std::uint64_t v = w.pull("fc1.weight", values);  // consistent per slice; returns the version
+//   std::span<const float> p = w.view("fc1.weight");  // zero-copy: the values in the segment itself
 //   std::uint64_t s = w.push("fc1.weight", grad);    // all-or-nothing; returns the sequence number
 //   w.wait_applied(s);                               // blocks until the server applied it
 //
@@ -98,6 +99,35 @@ class Worker {
   // its slot (shmps-ctl inspect shows it).
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
+
+  // Zero-copy read: the parameter's values (or `count` elements from `offset`) in the segment
+  // itself, no copy. Waits exactly as pull() does for the job's consistency model (BSP: until
+  // step clock()-1 is applied, after this worker's admission; SSP s: the bound; ASP: not at all),
+  // records the same statistics (one pull and the staleness seen; no pull bytes), and checks the
+  // name and range with pull()'s errors. Call it again whenever a pull would be due (every step):
+  // that call is the wait, and it returns the same addresses.
+  //
+  // What the values are while the caller reads them:
+  //   BSP    a consistent snapshot: exactly the values after step clock()-1, unchanged until this
+  //          worker's next clock() (or leave()). The server never writes a step's values while
+  //          a live, admitted worker is still in that step, and recovery replays only slices of
+  //          a step every such worker has ended, so a server restart does not touch them either.
+  //   ASP, SSP  Hogwild-style: the server keeps applying updates underneath. Each float is read
+  //          whole (aligned 4-byte loads), but a range may mix updates, even within one slice
+  //          (a slice may be mid-update); there is no version check. pull() when a consistent copy
+  //          is needed.
+  // The guarantee belongs to the mode the job is in at the time of the call, and ends with it: a
+  // view taken in ASP or SSP stays Hogwild after a live switch to BSP (take it again; that call
+  // waits for admission and the step), and a live switch away from BSP lets updates through at
+  // once. Checkpoint restores and pretrained weights only fill a segment being created, never
+  // one a worker has mapped.
+  //
+  // The span stays valid (readable memory) until this Worker is destroyed, also after leave()
+  // and across a move of the Worker; the values are those of the segment this Worker attached.
+  // Never write through it (const_cast): the values belong to the server, and a worker maps them
+  // read-only, so such a write is a SIGSEGV of this process (the job survives it like any death).
+  std::span<const float> view(std::string_view name);
+  std::span<const float> view(std::string_view name, std::size_t offset, std::size_t count);
 
   // Publishes a gradient for the parameter (or for a range of it). All-or-nothing: the record
   // becomes visible to the server with one release store, or not at all. Rejects (throws, pushes

@@ -126,6 +126,8 @@ class WorkerSlotWorkerView {
     bump_counter(slot_->pulls);
     bump_counter(slot_->pull_bytes, bytes);
   }
+  // A view (Worker::view) counts as a pull but moves no bytes.
+  void count_view() noexcept { bump_counter(slot_->pulls); }
   void count_push_bytes(std::uint64_t bytes) noexcept { bump_counter(slot_->push_bytes, bytes); }
   void count_rejected_push() noexcept { bump_counter(slot_->pushes_rejected); }
   void add_backpressure_ns(std::uint64_t ns) noexcept { bump_counter(slot_->backpressure_ns, ns); }
