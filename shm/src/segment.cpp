@@ -199,8 +199,10 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     }
   }
   std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * values_bytes : values_bytes;
-  // Rings that cannot hold a BSP step: the step's pushes stream into one model's worth of sums.
-  if (plan.ring_bytes < bsp_step_ring_bytes(plan.params)) {
+  // A BSP job whose rings cannot hold a step: the step's pushes stream into one model's worth of
+  // sums. (An ASP or SSP job pays nothing for it; switched to BSP live, its steps must fit its
+  // rings, bsp_ring_note.)
+  if (request.bsp && plan.ring_bytes < bsp_step_ring_bytes(plan.params)) {
     offset = big_region_at(align_up(offset, 4096), values_bytes);
     plan.step_sums_offset = offset;
     plan.step_sums_bytes = values_bytes;

@@ -39,6 +39,12 @@ Process& start_stepper(Job& job, int rank, int workers, int steps, std::vector<s
   return job.start(argv, env);
 }
 
+// A stepper that finished: exit code 0, and it says its --check found no step wrong.
+void expect_finished(Process& p) {
+  EXPECT_EQ(p.wait(90s), 0) << p.output();
+  EXPECT_NE(p.output().find("wrong_steps 0"), std::string::npos) << p.output();
+}
+
 template <class Done>
 bool wait_until(Done&& done, std::chrono::milliseconds timeout = 30s) {
   const auto until = std::chrono::steady_clock::now() + timeout;
@@ -63,7 +69,7 @@ TEST(StreamedStep, TheRingsHoldLessThanAPushAndEveryStepIsTheExactSum) {
   }
   std::vector<Process*> workers;
   for (int r = 0; r < 4; ++r) workers.push_back(&start_stepper(job, r, 4, 15));
-  for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  for (auto* w : workers) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 15u);
 }
@@ -88,8 +94,8 @@ TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) 
   std::this_thread::sleep_for(500ms);  // the server proves the death; the step must not end without it
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 5u);
   auto& successor = start_stepper(job, 0, 3, 12);
-  EXPECT_EQ(successor.wait(90s), 0) << successor.output();
-  for (auto* w : others) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  expect_finished(successor);
+  for (auto* w : others) expect_finished(*w);
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
 }
 
@@ -105,8 +111,8 @@ TEST(StreamedStep, AWorkerKilledBetweenChunksIsFinishedByItsSuccessor) {
   std::vector<Process*> others{&start_stepper(job, 1, 3, 10), &start_stepper(job, 2, 3, 10)};
   EXPECT_EQ(victim.wait(60s), 128 + SIGKILL) << victim.output();
   auto& successor = start_stepper(job, 0, 3, 10);
-  EXPECT_EQ(successor.wait(90s), 0) << successor.output();
-  for (auto* w : others) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  expect_finished(successor);
+  for (auto* w : others) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 10u);
 }
@@ -126,7 +132,7 @@ TEST_P(StreamedStepServerKill, TheNextServerAddsNoChunkTwiceAndAppliesNoStepTwic
   EXPECT_EQ(first.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
   job.start_server();
   job.wait_ready();
-  for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  for (auto* w : workers) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
   for (std::uint32_t e = 0; e < seg.header().redo_count; ++e) EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u);
