@@ -266,6 +266,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   // head past it, so reading the head first, with an acquire load, makes the two look-ups cover
   // every case).
   std::uint64_t published = std::max(slot.previous_published(), slot.applied());
+  std::uint64_t closed_clock = 0;  // after the newest clock record still in the ring
   {
     // The server's view of our ring, used read-only: the one walk over its records (ring.hpp).
     const RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)),
@@ -275,6 +276,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     view.read(head, view.committed(), [&](std::uint64_t, const PushRecord& record) {
       if (record.kind == RecordKind::push) published = std::max(published, record.seq);
       if (record.kind == RecordKind::clock && record.offset != 0) newest_state = &record;
+      if (record.kind == RecordKind::clock) closed_clock = std::max(closed_clock, record.clock + 1);
       return true;  // a malformed record ends the walk: nothing after it can be trusted
     });
     if (newest_state != nullptr) {
@@ -303,7 +305,22 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   {
     const SegmentHeader& hdr = s.segment.header();
     s.clock = slot.previous_clock();
-    if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
+    if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp) && s.segment.streams_bsp_steps()) {
+      // Streamed steps: the step the last holder was in, unless it ended it (its clock record is
+      // in the ring or was consumed: it may have died before storing its new clock).
+      const std::uint64_t open_step = s.clock;
+      s.clock = std::max({s.clock, closed_clock, slot.consumed_clock(), load_acquire(hdr.model_clock)});
+      // Still that step, and part of it committed: those pushes are in the sums or on their way,
+      // so this process skips them when it repeats the step (commit_push).
+      const std::uint64_t first = slot.previous_step_first_seq();
+      if (s.clock == open_step && first != 0 && first <= published) {
+        s.step_skip = published - first + 1;
+        s.skipped_seq = first;
+        s.step_first_written = true;
+        s.unfinished.reset();  // the step skip covers a streamed push cut short too
+        s.stream_words_open = true;
+      }
+    } else if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
       s.clock = std::max(s.clock, load_acquire(hdr.model_clock));
     } else {
       std::uint64_t slowest = UINT64_MAX;
@@ -496,7 +513,8 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
   // step's pushes only once the step has ended: if the ring holds nothing but this worker's open
   // step and is still full, waiting would never end.
   const auto step_overflows = [&] {
-    return load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
+    return !segment.streams_bsp_steps() &&
+           load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
            ring.head() >= ring.past_start_over(step_start);
   };
   PushRecord* record = ring.try_claim(count);
@@ -506,7 +524,11 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
     const bool ok = wait_for(
         [&] {
           if ((record = ring.try_claim(count)) != nullptr) return true;
-          return overflow = step_overflows();
+          if (!step_overflows()) return false;
+          // The server may have freed the room between the claim and that look: claim once more
+          // before calling it an overflow (once the ring holds only this step, nothing frees it).
+          if ((record = ring.try_claim(count)) != nullptr) return true;
+          return overflow = true;
         },
         deadline(), &slot.progress_word(), &slot.waiting_flag());
     slot.add_backpressure_ns(monotonic_ns() - waited_from);
@@ -537,10 +559,20 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
   record->clock = clock;
   record->grad_sq_norm = sum_sq;
   const std::uint64_t bytes = claim.count * sizeof(float);
+  if (step_skip != 0) {  // committed by this slot's previous process, and in the step sums already
+    --step_skip;
+    give_back();
+    pushed_in_step = true;
+    return skipped_seq++;
+  }
   claim = {};
   if (stream_words_open) {  // another push comes between: the unfinished stream's words no longer add up
     slot.end_stream();
     stream_words_open = false;
+  }
+  if (!pushed_in_step && !step_first_written) {
+    slot.set_step_first_seq(seq);  // before the commit: a successor must find it with the push
+    step_first_written = true;
   }
   kill_point("push.before_commit");
   ring.commit();  // one release store: the record now exists, whole
@@ -679,6 +711,9 @@ void Worker::Impl::end_step() {
   record->grad_sq_norm = 0.0;
   ring.commit();  // the step's pushes, and the state that follows them, now count together
   step_start = ring.tail();
+  if (step_first_written) slot.set_step_first_seq(0);
+  step_first_written = false;
+  step_skip = 0;
   if (state_staged) {
     committed_state = staged_state;
     state_staged = false;

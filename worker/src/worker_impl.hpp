@@ -98,6 +98,13 @@ struct Worker::Impl {
   // The slot's stream words describe an unfinished streamed push: any other push clears them
   // first, since they count on the chunks' sequence numbers being the slot's next ones.
   bool stream_words_open = false;
+  // Streamed BSP steps: this process continues a step its slot's previous process died in, part
+  // of whose pushes are already in the server's step sums. Its first `step_skip` pushes (records:
+  // a streamed push counts one per chunk) are the ones the predecessor committed: they are not
+  // sent again, and take the sequence numbers from `skipped_seq` on.
+  std::uint64_t step_skip = 0;
+  std::uint64_t skipped_seq = 0;
+  bool step_first_written = false;  // the slot's step_first_seq already names this step's first push
 
   // The push record claimed in the ring and not committed yet (so invisible to the server):
   // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or

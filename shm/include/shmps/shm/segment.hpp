@@ -50,6 +50,7 @@ struct LayoutPlan {
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
   std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
+  std::uint64_t step_sums_offset = 0, step_sums_bytes = 0;  // 0: the rings hold a whole BSP step
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 
@@ -159,6 +160,11 @@ class Segment {
   float* values(const ParamEntry& p) noexcept { return at<float>(base_, p.values_offset); }
   const float* values(const ParamEntry& p) const noexcept { return at<float>(base_, p.values_offset); }
   float* state(const ParamEntry& p, int array) noexcept { return at<float>(base_, p.state_offset[array]); }
+  // Streamed BSP steps: the sums of the step's pushes, laid out as the values are.
+  bool streams_bsp_steps() const noexcept { return header().step_sums_offset != 0; }
+  float* step_sums(const ParamEntry& p) noexcept {
+    return at<float>(base_, header().step_sums_offset + (p.values_offset - header().values_offset));
+  }
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];

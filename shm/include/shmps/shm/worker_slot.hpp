@@ -113,6 +113,11 @@ class WorkerSlotWorkerView {
     store_release(slot_->stream_count, p.count);
     store_release(slot_->stream_first_seq, p.first_seq);
   }
+  // BSP: the first push of the open step (0: none yet). Stored before that push is committed.
+  void set_step_first_seq(std::uint64_t seq) noexcept { store_release(slot_->step_first_seq, seq); }
+  std::uint64_t previous_step_first_seq() const noexcept { return load_acquire(slot_->step_first_seq); }
+  // The clock after the newest clock record the server consumed from this ring.
+  std::uint64_t consumed_clock() const noexcept { return load_acquire(slot_->consumed_clock); }
   // Forgets the streamed push (another push is about to take the next sequence number).
   void end_stream() noexcept { store_release(slot_->stream_first_seq, std::uint64_t{0}); }
   // The futex the worker sleeps on (the server bumps it), and the flag it sets while it sleeps
@@ -180,6 +185,7 @@ class WorkerSlotServerView {
   std::uint64_t dead_generation() const noexcept { return load_own(slot_->dead_generation); }
   std::uint64_t admitted_generation() const noexcept { return load_own(slot_->admitted_generation); }
   std::uint64_t consumed_clock() const noexcept { return load_own(slot_->consumed_clock); }
+  std::uint64_t streamed_step() const noexcept { return load_own(slot_->streamed_step); }
 
   // ---- Membership line.
   // The holder of `generation` is proven dead (its lock byte is free and the generation unchanged).
@@ -194,6 +200,11 @@ class WorkerSlotServerView {
 
   // ---- Progress line.
   // The clock after the newest clock record consumed from the ring; it only moves forward.
+  // Streamed BSP: the round summed pushes of step `step_plus_one - 1` from this ring. Stored
+  // before the head moves past them.
+  void mark_streamed_step(std::uint64_t step_plus_one) noexcept {
+    if (step_plus_one != load_own(slot_->streamed_step)) store_release(slot_->streamed_step, step_plus_one);
+  }
   void raise_consumed_clock(std::uint64_t clock) noexcept {
     if (clock > load_own(slot_->consumed_clock)) store_release(slot_->consumed_clock, clock);
   }
