@@ -234,43 +234,42 @@ void ApplyEngine::sort_into_runs(std::vector<Contribution>& contributions) {
   run_starts_.push_back(contributions.size());
 }
 
-ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+template <class Update>
+ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice) {
   sort_into_runs(contributions);
-
   std::atomic<std::uint64_t> floats{0}, skipped{0};
   parallel_for_index(*arena_, run_starts_.size() - 1, [&](std::size_t run, std::size_t thread) {
     const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
     const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
     SliceUpdate update(*segment_, mine.front().slice, thread);
+    update_slice(update, mine);
+    floats.fetch_add(update.floats(), std::memory_order_relaxed);
+    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
+  });
+  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
+}
+
+ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (aggregation == Aggregation::each)
       update.apply_each(mine);
     else
       update.apply_sum(mine, aggregation == Aggregation::mean);
     update.commit();
-    floats.fetch_add(update.floats(), std::memory_order_relaxed);
-    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
   });
-  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
 }
 
 ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step) {
-  sort_into_runs(contributions);
-  std::atomic<std::uint64_t> floats{0}, skipped{0};
-  parallel_for_index(*arena_, run_starts_.size() - 1, [&](std::size_t run, std::size_t thread) {
-    const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
-    const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
-    SliceUpdate update(*segment_, mine.front().slice, thread);
+  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     update.add_to_sums(mine, step);
     update.commit_sums();
-    floats.fetch_add(update.floats(), std::memory_order_relaxed);
-    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
   });
-  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
 }
 
 ApplyTotals ApplyEngine::apply_step_sums(std::uint64_t step, float scale) {
   std::atomic<std::uint64_t> floats{0};
   parallel_for_index(*arena_, segment_->header().slice_count, [&](std::size_t slice, std::size_t thread) {
+    if (segment_->slice(slice).sum_step != step + 1) return;  // no push of the step touched it
     SliceUpdate update(*segment_, slice, thread);
     update.apply_sums(step, scale);
     update.commit();

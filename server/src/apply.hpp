@@ -55,6 +55,10 @@ class ApplyEngine {
 
  private:
   void sort_into_runs(std::vector<Contribution>& contributions);
+  // Sorts the contributions into runs of one slice and calls update_slice(SliceUpdate&, run) for
+  // each run, in parallel (one task per slice: the task is the slice's lock).
+  template <class Update>
+  ApplyTotals for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice);
   shm::Segment* segment_;
   tbb::task_arena* arena_;
   std::vector<std::size_t> run_starts_;  // where each slice's contributions begin (reused)

@@ -110,23 +110,8 @@ void expect_torn_slices_covered_by_redo(const shm::Segment& seg) {
 TEST(ServerCrash, KilledInTheMiddleOfCopyingASliceInTheNextServerRedoesItOnce) {
   kill_server_at(
       "apply.mid_copy:40",
-      [](const shm::Segment& seg) {
-        // The crash state: slices with their version word odd (one per apply thread that was
-        // copying at that moment), each with a valid redo entry naming it.
-        auto& s = const_cast<shm::Segment&>(seg);
-        std::uint64_t odd = 0, covered = 0;
-        for (std::uint64_t i = 0; i < seg.header().slice_count; ++i) {
-          if ((shm::load_acquire(seg.slice(i).version) & 1U) == 0) continue;
-          ++odd;
-          for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
-            if (shm::load_acquire(s.redo(e).valid) != 0 && s.redo(e).slice == i) {
-              ++covered;
-              break;
-            }
-        }
-        EXPECT_GE(odd, 1u);
-        EXPECT_EQ(covered, odd);
-      },
+      // The crash state: slices with their version word odd, each with a valid redo entry naming it.
+      expect_torn_slices_covered_by_redo,
       "event=redo");
 }
 
