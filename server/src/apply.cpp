@@ -86,14 +86,65 @@ class SliceUpdate {
     updates_ = 1;
   }
 
+  // Streamed BSP: adds the contributions (each scaled for clip_norm) to the slice's sums of step
+  // `step`, in rank order; the sums start from zero at a slice's first contribution of the step.
+  void add_to_sums(std::span<const Contribution> contributions, std::uint64_t step) {
+    const float* sums = segment_.step_sums(param_) + slice_.first;
+    bool started = false;
+    for (const Contribution& c : contributions) {
+      const Part part = part_of(c);
+      if (!part.grad) continue;
+      if (!started) {
+        started = true;
+        if (slice_.sum_step == step + 1) {
+          std::memcpy(values_, sums, slice_.count * sizeof(float));
+        } else if (part.n == slice_.count) {  // the step's first whole-slice gradient: no zeroing pass
+          for (std::size_t k = 0; k < part.n; ++k) values_[k] = part.scale * part.grad[k];
+          ++updates_;
+          continue;
+        } else {
+          std::fill_n(values_, slice_.count, 0.0f);
+        }
+      }
+      for (std::size_t k = 0; k < part.n; ++k) values_[part.lo + k] += part.scale * part.grad[k];
+      ++updates_;
+    }
+    sum_step_ = step + 1;
+  }
+
+  // Streamed BSP: one optimizer step with the slice's sums of step `step` (times `scale`: 1 for
+  // "sum", 1 / ranks for "mean"), unless the slice holds no sums of that step or has had it
+  // applied already (a server that died mid-step: its clock says so).
+  void apply_sums(std::uint64_t step, float scale) {
+    if (slice_.sum_step != step + 1 || load_own(slice_.clock) > step) return;
+    const float* sums = segment_.step_sums(param_) + slice_.first;
+    update(sums, 0, slice_.count, scale, true);  // float32 sums; the state in the segment's dtype
+    updates_ = 1;  // its floats were counted when they were summed
+    clock_after_ = step + 1;
+  }
+
+  // Publishes the new sums through the redo entry (add_to_sums).
+  void commit_sums() {
+    if (updates_ == 0) return;
+    redo_.target = RedoTarget::step_sums;
+    redo_.slice = slice_index_;
+    redo_.count = slice_.count;
+    redo_.sum_step_after = sum_step_;
+    store_release(redo_.valid, 1U);
+    copy_in(segment_, redo_);
+    store_release(redo_.valid, 0U);
+  }
+
   // Publishes the new state through the redo entry, and the monitor's samples.
   void commit() {
     if (updates_ == 0) return;
     const std::uint64_t version_before = load_own(slice_.version);
+    redo_.target = RedoTarget::values;
     redo_.slice = slice_index_;
     redo_.count = slice_.count;
     redo_.version_after = version_before + 2 * updates_;
     redo_.step_after = step_;
+    redo_.clock_after = clock_after_;
     store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this copy
     copy_in(segment_, redo_);
     store_release(redo_.valid, 0U);
@@ -196,32 +247,62 @@ class SliceUpdate {
   const std::byte* slice_state_[2] = {nullptr, nullptr};
   bool in_redo_ = false;  // the redo entry holds the slice's current values and state
   std::uint64_t updates_ = 0, floats_ = 0, skipped_ = 0;
+  std::uint64_t sum_step_ = 0, clock_after_ = 0;
 };
 
 }  // namespace
 
-ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+void ApplyEngine::sort_into_runs(std::vector<Contribution>& contributions) {
   std::stable_sort(contributions.begin(), contributions.end(),
                    [](const Contribution& a, const Contribution& b) { return a.slice < b.slice; });
   run_starts_.clear();
   for (std::size_t i = 0; i < contributions.size(); ++i)
     if (i == 0 || contributions[i].slice != contributions[i - 1].slice) run_starts_.push_back(i);
   run_starts_.push_back(contributions.size());
+}
 
+template <class Update>
+ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice) {
+  sort_into_runs(contributions);
   std::atomic<std::uint64_t> floats{0}, skipped{0};
   parallel_for_index(*arena_, run_starts_.size() - 1, [&](std::size_t run, std::size_t thread) {
     const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
     const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
     SliceUpdate update(*segment_, mine.front().slice, thread);
+    update_slice(update, mine);
+    floats.fetch_add(update.floats(), std::memory_order_relaxed);
+    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
+  });
+  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
+}
+
+ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (aggregation == Aggregation::each)
       update.apply_each(mine);
     else
       update.apply_sum(mine, aggregation == Aggregation::mean);
     update.commit();
-    floats.fetch_add(update.floats(), std::memory_order_relaxed);
-    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
   });
-  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
+}
+
+ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step) {
+  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
+    update.add_to_sums(mine, step);
+    update.commit_sums();
+  });
+}
+
+ApplyTotals ApplyEngine::apply_step_sums(std::uint64_t step, float scale) {
+  std::atomic<std::uint64_t> floats{0};
+  parallel_for_index(*arena_, segment_->header().slice_count, [&](std::size_t slice, std::size_t thread) {
+    if (segment_->slice(slice).sum_step != step + 1) return;  // no push of the step touched it
+    SliceUpdate update(*segment_, slice, thread);
+    update.apply_sums(step, scale);
+    update.commit();
+    floats.fetch_add(update.floats(), std::memory_order_relaxed);
+  });
+  return {floats.load(std::memory_order_relaxed), 0};
 }
 
 }  // namespace shmps::server

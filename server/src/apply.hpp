@@ -45,7 +45,20 @@ class ApplyEngine {
   // monitor counters.
   ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation);
 
+  // Streamed BSP steps (the rings hold less than a step): the step's pushes are added, as they
+  // come, to the slices' step sums (exactly once, through the redo protocol, like values); once
+  // every worker has finished the step, apply_step_sums makes one optimizer step per slice from
+  // its sums (times `scale`), and sets the slice's clock to step + 1 with its values, so that a
+  // server killed in the middle applies no slice's step twice.
+  ApplyTotals add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step);
+  ApplyTotals apply_step_sums(std::uint64_t step, float scale);
+
  private:
+  void sort_into_runs(std::vector<Contribution>& contributions);
+  // Sorts the contributions into runs of one slice and calls update_slice(SliceUpdate&, run) for
+  // each run, in parallel (one task per slice: the task is the slice's lock).
+  template <class Update>
+  ApplyTotals for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice);
   shm::Segment* segment_;
   tbb::task_arena* arena_;
   std::vector<std::size_t> run_starts_;  // where each slice's contributions begin (reused)

@@ -75,6 +75,10 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
       reserve(p0.values_offset, p1.values_offset, sizeof(float), "its values");
       for (std::uint32_t a = 0; a < h.state_arrays; ++a)
         reserve(p0.state_offset[a], p1.state_offset[a], segment.state_elem_bytes(), "optimizer state");
+      if (h.step_sums_offset != 0) {  // float32 gradient sums, laid out as the values are
+        const std::uint64_t shift = h.step_sums_offset - h.values_offset;
+        reserve(p0.values_offset + shift, p1.values_offset + shift, sizeof(float), "BSP step sums");
+      }
     } catch (const Error& e) {
       const std::lock_guard lock(mutex);
       if (error.empty()) error = e.what();
@@ -170,6 +174,8 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   h.param_stats_offset = plan.param_stats_offset;
   h.rejected_offset = plan.rejected_offset;
   h.rejected_stride = plan.rejected_stride;
+  h.step_sums_offset = plan.step_sums_offset;
+  h.step_sums_bytes = plan.step_sums_bytes;
   h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
   h.state_arrays = request.state_arrays;

@@ -33,7 +33,18 @@ void collect_as_they_come(shm::Segment& segment, const std::vector<shm::RingCons
 bool collect_step(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, std::uint64_t step,
                   RoundPlan& plan);
 
-// ---- Shared by both collectors (collect.cpp) ---------------------------------------------------
+// Streamed BSP (the rings hold less than a step, Segment::streams_bsp_steps): takes every
+// committed push of step `step` (or an earlier one) as it comes, to be added to the step sums,
+// and returns whether every worker that must has finished the step. A worker must if it counts
+// for the barrier (membership.hpp), or if pushes of its open step are already in the sums, alive
+// or not: a worker that dies in the middle of a streamed step holds the step until its slot's
+// next process finishes it (Worker::push skips what the predecessor committed). Records of a
+// step that was completed without their writer (it died before any of its step was summed) are
+// discarded.
+bool collect_streamed_step(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, std::uint64_t step,
+                           RoundPlan& plan);
+
+// ---- Shared by the collectors (collect.cpp) ---------------------------------------------------
 
 // Adds the slices a push record touches; false (nothing added, logged) if the record's range is
 // outside its parameter.

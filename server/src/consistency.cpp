@@ -14,11 +14,24 @@ RoundPolicy policy_for_round(const SegmentHeader& h) {
   RoundPolicy policy;
   policy.whole_steps = load_acquire(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
   policy.step = load_own(h.model_clock);
-  if (policy.whole_steps)
+  if (policy.whole_steps && h.step_sums_offset != 0) {
+    policy.whole_steps = false;
+    policy.streamed_steps = true;
+  }
+  if (policy.whole_steps || policy.streamed_steps)
     policy.aggregation = load_acquire(h.bsp_aggregate) == static_cast<std::uint32_t>(BspAggregate::mean)
                              ? Aggregation::mean
                              : Aggregation::sum;
   return policy;
+}
+
+float streamed_step_scale(const Segment& segment, std::uint64_t step, const RoundPlan& plan) {
+  const SegmentHeader& h = segment.header();
+  if (load_acquire(h.bsp_aggregate) != static_cast<std::uint32_t>(BspAggregate::mean)) return 1.0f;
+  std::uint64_t ranks = 0;
+  for (std::uint32_t r = 0; r < h.max_workers; ++r)
+    if (load_acquire(segment.slot(r).streamed_step) == step + 1 || plan.ranks[r].streamed_step == step + 1) ++ranks;
+  return ranks == 0 ? 1.0f : 1.0f / static_cast<float>(ranks);
 }
 
 bool complete_step(Segment& segment, std::uint64_t step, const RoundPlan& plan) {

@@ -20,10 +20,15 @@ namespace shmps::server {
 // What this round does, read once at its start.
 struct RoundPolicy {
   bool whole_steps = false;  // BSP: collect a whole step or nothing
+  bool streamed_steps = false;  // BSP with rings smaller than a step: sum the step's pushes as they come
   std::uint64_t step = 0;    // BSP: the step being collected (the model clock)
   Aggregation aggregation = Aggregation::each;
 };
 RoundPolicy policy_for_round(const shm::SegmentHeader& header);
+
+// Streamed BSP: the factor of step `step`'s sums: 1 for "sum", 1 / (the workers whose pushes are
+// in the step's sums) for "mean".
+float streamed_step_scale(const shm::Segment& segment, std::uint64_t step, const RoundPlan& plan);
 
 // BSP: after a round that found step `step` complete, moves every slice's clock and the model
 // clock to step + 1 (the workers' pulls for the next step wait for that). A step is complete even

@@ -133,7 +133,7 @@ void print_plan(const shmps::server::ServerOptions& options, const std::string& 
             << to_string(spec.consistency) << ", " << plan.redo_count << " redo entries\n"
             << "ring_bytes " << plan.ring_bytes << " per worker: " << plan.ring_rule << "; a push of up to "
             << (plan.ring_bytes / 2 - sizeof(shmps::shm::PushRecord)) / sizeof(float)
-            << " floats fits one record, bigger ones go in ranges (offset, count)\n"
+            << " floats fits one record, bigger ones stream through the ring in chunks\n"
             << "huge pages " << shmps::shm::huge_page_text(shmps::shm::huge_page_support(), 0, m.total_bytes)
             << "\n\n"
             << shmps::shm::memory_table(m);

@@ -17,7 +17,9 @@ namespace {
 void release_rings(Segment& segment, std::vector<RingConsumer>& rings, RoundPlan& plan) {
   for (std::uint32_t r = 0; r < rings.size(); ++r) {
     RankRound& round = plan.ranks[r];
-    WorkerSlotServerView(segment.slot(r)).raise_consumed_clock(round.clock);
+    WorkerSlotServerView slot(segment.slot(r));
+    if (round.streamed_step != 0) slot.mark_streamed_step(round.streamed_step);  // before the head moves
+    slot.raise_consumed_clock(round.clock);
     round.moved = round.end != rings[r].head();
     if (round.moved) rings[r].release_to(round.end);
   }

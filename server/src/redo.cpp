@@ -14,6 +14,17 @@ void copy_in(Segment& segment, RedoEntry& e) {
   SliceEntry& slice = segment.slice(e.slice);
   const ParamEntry& p = segment.param(slice.param);
   const std::uint32_t workers = segment.header().max_workers;
+  if (e.target == RedoTarget::step_sums) {
+    // A streamed BSP step's sums: nobody but the server reads them, so no seqlock.
+    float* sums = segment.step_sums(p) + slice.first;
+    const std::uint64_t half = e.count / 2;
+    std::memcpy(sums, segment.redo_values(e), half * sizeof(float));
+    kill_point("apply.mid_sum");
+    std::memcpy(sums + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+    std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
+    slice.sum_step = e.sum_step_after;
+    return;
+  }
   const int arrays = static_cast<int>(segment.header().state_arrays);
   const std::uint64_t half = e.count / 2;
   const std::uint64_t word = load_own(slice.version);
@@ -27,6 +38,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
     std::memcpy(segment.state_bytes(p, a) + slice.first * elem, segment.redo_state(e, a), e.count * elem);
   std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
   slice.step = e.step_after;
+  if (e.clock_after != 0) store_release(slice.clock, e.clock_after);
   store_release(slice.version, e.version_after);
 }
 

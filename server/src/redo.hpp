@@ -12,7 +12,9 @@
 namespace shmps::server {
 
 // Copies a redo entry into its slice under the slice's seqlock: values, optimizer state, the
-// exactly-once row and the step count, then the new version word. Idempotent.
+// exactly-once row and the step count (and a streamed BSP step's clock), then the new version
+// word. An entry for the slice's step sums (streamed BSP) copies the sums, the exactly-once row
+// and the sums' step instead, with no seqlock (only the server reads sums). Idempotent.
 void copy_in(shm::Segment& segment, shm::RedoEntry& entry);
 
 }  // namespace shmps::server

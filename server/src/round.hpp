@@ -31,6 +31,7 @@ struct RankRound {
   std::uint64_t records = 0;    // pushes applied
   std::uint64_t discarded = 0;  // pushes discarded (a BSP step whose writer died in it)
   std::uint64_t clock = 0;      // the clock after the newest clock record the round consumes
+  std::uint64_t streamed_step = 0;  // streamed BSP: step + 1 when the round sums pushes of the step
   // BSP: the newest clock record of the step that carries resume state (kept once the step is
   // complete).
   const shm::PushRecord* step_state = nullptr;

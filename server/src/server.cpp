@@ -120,12 +120,24 @@ std::uint64_t Server::apply_round() {
   s.membership->admit_new_workers();
 
   const RoundPolicy policy = policy_for_round(s.header());
-  const bool step_complete = policy.whole_steps ? collect_step(segment, s.rings, policy.step, s.plan)
-                                                : (collect_as_they_come(segment, s.rings, s.plan), false);
+  bool step_complete = false;
+  if (policy.whole_steps)
+    step_complete = collect_step(segment, s.rings, policy.step, s.plan);
+  else if (policy.streamed_steps)
+    step_complete = collect_streamed_step(segment, s.rings, policy.step, s.plan);
+  else
+    collect_as_they_come(segment, s.rings, s.plan);
   RoundResult result;
-  result.started_ns = s.plan.contributions.empty() ? 0 : monotonic_ns();
+  result.started_ns = s.plan.contributions.empty() && !step_complete ? 0 : monotonic_ns();
   s.metrics->count_pushes(s.plan);
-  result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
+  if (policy.streamed_steps) {
+    // The step's pushes go into its sums as they come; once it is complete, one optimizer step.
+    result.totals = s.engine->add_to_step_sums(s.plan.contributions, policy.step);
+    if (step_complete)
+      s.engine->apply_step_sums(policy.step, streamed_step_scale(segment, policy.step, s.plan));
+  } else {
+    result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
+  }
   result.step_advanced = step_complete && complete_step(segment, policy.step, s.plan);
   const std::uint64_t taken = publish_round(segment, s.rings, s.plan, result, *s.metrics);
   if (const std::uint64_t discarded = s.plan.discarded())

@@ -52,6 +52,9 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                          : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
                                (plan.state_dtype == StateDType::bf16 ? " of bf16, each half the values' size"
                                                                      : " of the values' size")});
+  if (plan.step_sums_bytes != 0)
+    m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
+                       "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});
   m.parts.push_back({"rings", rings,
                      x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
                          " and a " + std::to_string(sizeof(RingHeader)) + "-byte header each)"});

@@ -137,14 +137,19 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     plan.ring_rule = "set by ring_bytes";
   } else {
     const std::uint64_t two_pushes = 2 * record_bytes_for(largest);
-    const std::uint64_t step = request.bsp ? bsp_step_ring_bytes(plan.params) : 0;
-    plan.ring_bytes = std::max({kMinRingBytes, two_pushes, step});
+    // In BSP a ring holds a whole step if that takes at most kMaxAutoRingBytes; bigger steps stream.
+    const std::uint64_t whole_step = bsp_step_ring_bytes(plan.params);
+    const std::uint64_t step = request.bsp && whole_step <= kMaxAutoRingBytes ? whole_step : 0;
+    plan.ring_bytes = std::max({kMinRingBytes, std::min(two_pushes, kMaxAutoRingBytes), step});
     if (plan.ring_bytes == step)
       plan.ring_rule = "automatic: one BSP step (a push of every parameter and the clock record, plus one largest "
                        "record of slack), because the server takes a step only once it has ended";
     else if (plan.ring_bytes == two_pushes)
       plan.ring_rule = "automatic: two pushes of the largest parameter, " + largest_name +
                        " (a push may use at most half a ring)";
+    else if (plan.ring_bytes == kMaxAutoRingBytes)
+      plan.ring_rule = "automatic: the cap of " + human_bytes(kMaxAutoRingBytes) + " (pushes of " + largest_name +
+                       " stream through it in chunks of at most half a ring)";
     else
       plan.ring_rule = "automatic: the minimum of 1 MiB";
   }
@@ -199,9 +204,19 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       offset += align_up(entry.size * state_elem, kCacheLine);
     }
   }
+  std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * state_array_bytes : values_bytes;
+  // A BSP job whose rings cannot hold a step: the step's pushes stream into one model's worth of
+  // sums, float32 whatever the state dtype (they are gradients). (An ASP or SSP job pays nothing
+  // for it; switched to BSP live, its steps must fit its rings, bsp_ring_note.)
+  if (request.bsp && plan.ring_bytes < bsp_step_ring_bytes(plan.params)) {
+    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    plan.step_sums_offset = offset;
+    plan.step_sums_bytes = values_bytes;
+    offset += values_bytes;
+    last_region = values_bytes;
+  }
   // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
   // where the file covers it whole).
-  const std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * state_array_bytes : values_bytes;
   plan.total_bytes = last_region >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : align_up(offset, 4096);
   return plan;
 }
@@ -230,6 +245,8 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.param_stats_offset = h.param_stats_offset;
   plan.rejected_offset = h.rejected_offset;
   plan.rejected_stride = h.rejected_stride;
+  plan.step_sums_offset = h.step_sums_offset;
+  plan.step_sums_bytes = h.step_sums_bytes;
   for (std::uint32_t i = 0; i < h.param_count; ++i) plan.params.push_back(segment.param(i));
   return plan;
 }

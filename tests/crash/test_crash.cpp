@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <random>
 #include <thread>
 #include <vector>
@@ -20,6 +21,7 @@
 
 #include "../support/harness.hpp"
 #include "../support/exact.hpp"
+#include "../support/pattern.hpp"
 
 using namespace std::chrono_literals;
 using shmps::test::Job;
@@ -31,21 +33,35 @@ using shmps::test::pattern_spec;
 
 namespace {
 
-Process& start_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::pair<std::string, std::string>> env = {}) {
+// The job's pushes as they are (each fits one ring record), or bigger than the ring: with
+// ring_bytes = 256 KiB a record carries at most 32752 floats, so a push of "w" (120000 floats)
+// streams through the ring in chunks of one 16384-float slice (Worker::push), and a pusher
+// started with --chunk-floats knows how its pushes map to sequence numbers.
+struct Pushes {
+  std::string spec_extra;
+  std::vector<std::string> pusher_args;
+};
+const Pushes kWhole{};
+const Pushes kStreamed{"ring_bytes = 262144\n", {"--chunk-floats", "16384"}};
+
+Process& start_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::pair<std::string, std::string>> env = {},
+                      const Pushes& how = kWhole) {
   env.emplace_back("SHMPS_RANK", std::to_string(rank));
-  return job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes)}, env);
+  std::vector<std::string> args{"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes)};
+  args.insert(args.end(), how.pusher_args.begin(), how.pusher_args.end());
+  return job.start(args, env);
 }
 
 // Kills the server at `point`, checks the crash left what it should, restarts the server, lets
 // the pushers finish, and checks the exact sum.
 void kill_server_at(const std::string& point, const std::function<void(const shm::Segment&)>& check_crash_state,
-                    const std::string& expect_in_restart_log) {
+                    const std::string& expect_in_restart_log, const Pushes& how = kWhole) {
   Watchdog watchdog(90s);
-  Job job("kill-server", pattern_spec());
+  Job job("kill-server", pattern_spec(8, how.spec_extra));
   auto& first = job.start_server({}, {{"SHMPS_KILL_AT", point}});
   job.wait_ready();
   std::vector<Process*> pushers;
-  for (int r = 0; r < 3; ++r) pushers.push_back(&start_pusher(job, r, 300));
+  for (int r = 0; r < 3; ++r) pushers.push_back(&start_pusher(job, r, 300, {}, how));
   EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
   {
     auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
@@ -73,26 +89,29 @@ void kill_server_at(const std::string& point, const std::function<void(const shm
 
 }  // namespace
 
+// Every slice with its version word odd is named by a valid redo entry (one per apply thread that
+// was copying when the server died).
+void expect_torn_slices_covered_by_redo(const shm::Segment& seg) {
+  auto& s = const_cast<shm::Segment&>(seg);
+  std::uint64_t odd = 0, covered = 0;
+  for (std::uint64_t i = 0; i < seg.header().slice_count; ++i) {
+    if ((shm::load_acquire(seg.slice(i).version) & 1U) == 0) continue;
+    ++odd;
+    for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
+      if (shm::load_acquire(s.redo(e).valid) != 0 && s.redo(e).slice == i) {
+        ++covered;
+        break;
+      }
+  }
+  EXPECT_GE(odd, 1u);
+  EXPECT_EQ(covered, odd);
+}
+
 TEST(ServerCrash, KilledInTheMiddleOfCopyingASliceInTheNextServerRedoesItOnce) {
   kill_server_at(
       "apply.mid_copy:40",
-      [](const shm::Segment& seg) {
-        // The crash state: slices with their version word odd (one per apply thread that was
-        // copying at that moment), each with a valid redo entry naming it.
-        auto& s = const_cast<shm::Segment&>(seg);
-        std::uint64_t odd = 0, covered = 0;
-        for (std::uint64_t i = 0; i < seg.header().slice_count; ++i) {
-          if ((shm::load_acquire(seg.slice(i).version) & 1U) == 0) continue;
-          ++odd;
-          for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
-            if (shm::load_acquire(s.redo(e).valid) != 0 && s.redo(e).slice == i) {
-              ++covered;
-              break;
-            }
-        }
-        EXPECT_GE(odd, 1u);
-        EXPECT_EQ(covered, odd);
-      },
+      // The crash state: slices with their version word odd, each with a valid redo entry naming it.
+      expect_torn_slices_covered_by_redo,
       "event=redo");
 }
 
@@ -130,21 +149,92 @@ TEST(WorkerCrash, KilledAfterWritingARecordButBeforeItsCommitLeavesNothingAndRes
   EXPECT_EQ(shm::load_acquire(seg.slot(0).generation), 2u);
 }
 
+// ---- Pushes bigger than the ring: streamed in chunks, each exactly once ----------------------
+
+TEST(StreamedPush, ServerKilledMidCopyRedoesTheChunkOnce) {
+  kill_server_at("apply.mid_copy:40", expect_torn_slices_covered_by_redo, "event=redo", kStreamed);
+}
+
+TEST(StreamedPush, ServerKilledBetweenApplyAndCursorAdvanceAppliesNoChunkTwice) {
+  kill_server_at(
+      "apply.before_release:25",
+      [](const shm::Segment& seg) {
+        std::uint64_t pending = 0;
+        for (std::uint32_t r = 0; r < 3; ++r)
+          pending += shm::load_acquire(seg.ring(r).tail) - shm::load_acquire(seg.ring(r).head);
+        EXPECT_GT(pending, 0u);
+        EXPECT_LE(pending, 3u * 262144u);  // the rings hold less than one push each
+      },
+      "", kStreamed);
+}
+
+// A worker killed between two chunks of a push leaves the chunks it committed applied; its
+// successor is told (unfinished_push(), checked by the pusher), pushes the same gradient again,
+// and only the rest is sent: every push counts exactly once.
+TEST(StreamedPush, WorkerKilledBetweenChunksIsFinishedByItsSuccessor) {
+  Watchdog watchdog(90s);
+  Job job("kill-stream", pattern_spec(8, kStreamed.spec_extra));
+  job.start_server();
+  job.wait_ready();
+  auto& victim = start_pusher(job, 0, 60, {{"SHMPS_KILL_AT", "push.mid_stream:10"}}, kStreamed);
+  auto& other = start_pusher(job, 1, 60, {}, kStreamed);
+  EXPECT_EQ(victim.wait(30s), 128 + SIGKILL) << victim.output();
+  // The 10th pass between two chunks: 7 in push 0 (8 chunks of "w"), 2 in push 1 (a range of 3
+  // chunks), none in push 2 ("b", one record), then after the first chunk of push 3.
+  std::uint64_t seq = 0;
+  for (std::uint64_t k = 0; k < 3; ++k) {
+    const auto plan = shmps::test::plan_push(0, k, shmps::test::kPatternW, shmps::test::kPatternB);
+    seq += shmps::test::stream_chunks(plan.offset, plan.count, 16384);
+  }
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    EXPECT_EQ(shm::load_acquire(seg.slot(0).published), seq + 1);
+  }
+  auto& restarted = start_pusher(job, 0, 60, {}, kStreamed);
+  EXPECT_EQ(restarted.wait(60s), 0) << restarted.output();
+  EXPECT_NE(restarted.output().find("finishing push 3 after 16384 elements"), std::string::npos) << restarted.output();
+  EXPECT_EQ(other.wait(60s), 0) << other.output();
+  expect_exact_sum(job.name(), {60, 60});
+}
+
+// A push with a NaN in its last chunk is refused before its first chunk is written.
+TEST(StreamedPush, ARejectedPushPublishesNoChunk) {
+  Watchdog watchdog(60s);
+  Job job("stream-nan", pattern_spec(8, kStreamed.spec_extra));
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 0});
+  std::vector<float> grad(shmps::test::kPatternW, 1.0f);
+  grad.back() = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(w.push("w", grad), shmps::Error);
+  EXPECT_EQ(w.published(), 0u);
+  grad.back() = 1.0f;
+  const std::uint64_t last = w.push("w", grad);
+  EXPECT_EQ(last, shmps::test::stream_chunks(0, shmps::test::kPatternW, 16384));
+  w.wait_applied(last);
+  std::vector<float> values(shmps::test::kPatternW);
+  w.pull("w", values);
+  for (float v : values) ASSERT_EQ(v, -1.0f);
+}
+
 // The chaos run: workers push toward a target while a driver SIGKILLs random workers and, less
 // often, the server, and restarts them. SHMPS_CHAOS_SECONDS sets how long the killing goes on
 // (default 20 s: the suite's version; the long version runs for minutes, see RELIABILITY.md).
-TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
+void chaos(const Pushes& how, int default_seconds, std::uint64_t pushes, std::uint64_t sanitized_pushes) {
   const char* env = std::getenv("SHMPS_CHAOS_SECONDS");
-  const int chaos_seconds = env ? std::atoi(env) : 20;
+  if (!how.pusher_args.empty()) env = nullptr;  // the long version is the whole-push one
+  const int chaos_seconds = env ? std::atoi(env) : default_seconds;
 #if defined(SHMPS_SANITIZER_BUILD)
-  constexpr std::uint64_t kTarget = 3000;  // sanitized processes are several times slower
+  const std::uint64_t kTarget = sanitized_pushes;  // sanitized processes are several times slower
+  (void)pushes;
 #else
-  constexpr std::uint64_t kTarget = 25000;
+  const std::uint64_t kTarget = pushes;
+  (void)sanitized_pushes;
 #endif
   const std::uint64_t target = env ? 1'000'000'000ULL : kTarget;  // long runs: kill until the time is up
   Watchdog watchdog(std::chrono::seconds(chaos_seconds + 120));
   constexpr int kWorkers = 4;
-  Job job("chaos", pattern_spec());
+  Job job("chaos", pattern_spec(8, how.spec_extra));
   job.start_server();
   job.wait_ready();
   const unsigned seed = std::random_device{}();
@@ -153,10 +243,10 @@ TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
   std::vector<Process*> pushers(kWorkers);
   std::vector<bool> done(kWorkers, false);
   std::uint64_t worker_kills = 0, server_kills = 0;
-  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_pusher(job, r, target);
+  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_pusher(job, r, target, {}, how);
 
   const auto start = std::chrono::steady_clock::now();
-  auto next_server_kill = start + std::chrono::milliseconds(1000 + rng() % 2000);
+  auto next_server_kill = start + std::chrono::milliseconds(400 + rng() % 800);  // early: a run may be short
   while (std::chrono::steady_clock::now() - start < std::chrono::seconds(chaos_seconds)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
     const int r = static_cast<int>(rng() % kWorkers);
@@ -169,7 +259,7 @@ TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
       if (pushers[r]->wait(1s) == 0)
         done[r] = true;
       else
-        pushers[r] = &start_pusher(job, r, target);
+        pushers[r] = &start_pusher(job, r, target, {}, how);
     }
     if (std::chrono::steady_clock::now() > next_server_kill) {
       job.server().kill(SIGKILL);
@@ -192,12 +282,23 @@ TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
       final_target[r] = shm::load_acquire(seg.slot(r).published);
       pushers[r] = &start_pusher(job, r, final_target[r]);
     } else if (!pushers[r]->running() && pushers[r]->wait(1s) != 0) {
-      pushers[r] = &start_pusher(job, r, final_target[r]);  // killed last and not restarted yet
+      pushers[r] = &start_pusher(job, r, final_target[r], {}, how);  // killed last and not restarted yet
     }
     // A pusher still running simply goes on to its target.
   }
   for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(pushers[r]->wait(120s), 0) << pushers[r]->output();
-  for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(shm::load_acquire(seg.slot(r).published), final_target[r]) << r;
+  for (int r = 0; r < kWorkers; ++r) {
+    // Each push takes one sequence number, or, streamed, one per chunk.
+    std::uint64_t seqs = final_target[r];
+    if (!how.pusher_args.empty()) {
+      seqs = 0;
+      for (std::uint64_t k = 0; k < final_target[r]; ++k) {
+        const auto plan = shmps::test::plan_push(r, k, shmps::test::kPatternW, shmps::test::kPatternB);
+        seqs += shmps::test::stream_chunks(plan.offset, plan.count, 16384);
+      }
+    }
+    EXPECT_EQ(shm::load_acquire(seg.slot(r).published), seqs) << r;
+  }
   expect_exact_sum(job.name(), final_target);
   std::cout << "chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, "
             << shm::load_counter(seg.header().records_skipped) << " slice updates skipped as already applied, pushes";
@@ -206,6 +307,11 @@ TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) {
   EXPECT_GT(worker_kills, 0u);
   EXPECT_GT(server_kills, 0u);
 }
+
+TEST(Chaos, RandomKillsOfWorkersAndServerLoseNothingAndDoubleNothing) { chaos(kWhole, 20, 25000, 3000); }
+
+// The same with every push of "w" bigger than the ring: workers die between chunks too.
+TEST(Chaos, StreamedPushesThroughRandomKillsLoseNothingAndDoubleNothing) { chaos(kStreamed, 10, 10000, 1500); }
 
 TEST(ServerCrash, ASegmentLeftHalfCreatedIsDetectedAndRecreated) {
   Watchdog watchdog(60s);

@@ -384,7 +384,7 @@ TEST(ZeroCopy, ARecordTooBigOrARingThatStaysFullFailsAsPushDoesWithNothingPushed
   Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 300ms});
   std::string msg = error_of([&] { w.borrow_push("big"); });
   EXPECT_HAS(msg, "borrowed push to 'big': 10000 elements do not fit one ring record (at most");
-  EXPECT_HAS(msg, "push it in ranges");
+  EXPECT_HAS(msg, "borrow ranges (offset, count), or use push(), which streams");
   EXPECT_HAS(msg, "nothing was pushed");
   PushBuffer part = w.borrow_push("big", 0, 4096);  // a range fits
   part.drop();
@@ -416,11 +416,33 @@ TEST(ZeroCopy, ARecordTooBigOrARingThatStaysFullFailsAsPushDoesWithNothingPushed
 
 // ---- BSP ----------------------------------------------------------------------------------------
 
-TEST(ZeroCopy, ABspStepOfBorrowedPushesFillingTheRingFailsAtOnceAsPushDoes) {
+// A BSP job whose rings hold less than a step streams its steps (the server sums the pushes as
+// they come): four borrowed pushes of 16 KiB go through a 64 KiB ring in one step.
+TEST(ZeroCopy, ABspStepOfBorrowedPushesBiggerThanTheRingStreams) {
   Watchdog wd(60s);
-  Job job("zc-bsp-full", small_ring_spec("bsp"));
+  Job job("zc-bsp-stream", small_ring_spec("bsp"));
   job.start_server();
   job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+  for (int i = 0; i < 4; ++i) {
+    PushBuffer buf = w.borrow_push("p");
+    std::fill(buf.span().begin(), buf.span().end(), 1.0f);
+    EXPECT_EQ(buf.commit(), static_cast<std::uint64_t>(i + 1));
+  }
+  w.clock();
+  w.wait_applied(4);
+  for (float x : pull_all(w, "p")) ASSERT_EQ(x, -4.0f);  // one step of the sum of the four
+}
+
+// A job made for ASP has no step sums: switched to BSP live, a step must fit its ring, and one
+// that fills it fails at once with what to do (not after the timeout).
+TEST(ZeroCopy, ABspStepOfBorrowedPushesFillingTheRingFailsAtOnceAsPushDoes) {
+  Watchdog wd(60s);
+  Job job("zc-bsp-full", small_ring_spec("asp"));
+  job.start_server();
+  job.wait_ready();
+  Process ctl({"shmps-ctl", "set", job.name(), "consistency=bsp"});
+  ASSERT_EQ(ctl.wait(20s), 0) << ctl.output();
   Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
   for (int i = 0; i < 3; ++i) {
     PushBuffer buf = w.borrow_push("p");

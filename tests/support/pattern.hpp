@@ -26,4 +26,13 @@ inline PushPlan plan_push(std::uint64_t rank, std::uint64_t k, std::uint64_t w_s
   }
 }
 
+// How many records a push of `count` elements from `offset` takes when it streams through a ring
+// in chunks of `chunk` elements that end on multiples of `chunk` (Worker::push); 1 if chunk is 0.
+inline std::uint64_t stream_chunks(std::uint64_t offset, std::uint64_t count, std::uint64_t chunk) {
+  if (chunk == 0) return 1;
+  std::uint64_t n = 0;
+  for (std::uint64_t b = offset, end = offset + count; b < end; ++n) b = b / chunk * chunk + chunk < end ? b / chunk * chunk + chunk : end;
+  return n;
+}
+
 }  // namespace shmps::test

@@ -3,6 +3,11 @@
 //   shmps-test-pusher exact   --pushes K   pushes the pattern.hpp gradients up to push K (continuing
 //                                          after its slot's last committed push), waits until applied
 //       --zero-copy: each push is a Worker::borrow_push filled in place and committed.
+//       --chunk-floats C: the job's ring is smaller than a push, so pushes stream through it in
+//       chunks of C elements (Worker::push), each with its own sequence number: the pusher
+//       finds the push its slot's last committed chunk belongs to, expects unfinished_push() to
+//       report exactly the chunks committed of it, and pushes it again (the library sends only
+//       the rest) before going on.
 //       --hold: then borrows push K+1 (zero-copy), fills it, prints "holding" and sleeps without
 //       committing (a process to be killed while it holds a filled buffer).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
@@ -20,6 +25,13 @@
 //       largest staleness its pulls saw. --resume: keep the next step in the resume state
 //       (save_state before every clock()) and start from it (a restarted or restored worker
 //       continues its schedule).
+//   shmps-test-pusher views  --steps B [--slow-ms X]
+//       BSP through zero-copy views (Worker::view), continuing from its resume state (the next
+//       step, committed with every clock()): each step takes view() of "w", "b" and a range of "w",
+//       reads them, then pulls copies of both and checks every element read against its copy; pushes the
+//       pattern gradients of (rank, step), sleeps X ms (the other workers end their steps
+//       meanwhile), checks the whole views against the copies again, and only then calls clock().
+//       The views must also keep their addresses from step to step. Prints "view_mismatches N".
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 #include <chrono>
 #include <cstdlib>
@@ -43,7 +55,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string mode = argv[1];
-  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0;
+  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
   bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
   for (int i = 2; i < argc; ++i) {
@@ -72,6 +84,7 @@ int main(int argc, char** argv) {
     ++i;
     if (key == "--pushes") pushes = std::stoull(value);
     else if (key == "--millis") millis = std::stoull(value);
+    else if (key == "--chunk-floats") chunk_floats = std::stoull(value);
     else if (key == "--workers") workers = std::stoull(value);
     else if (key == "--steps") steps = std::stoull(value);
     else if (key == "--extra") extra = std::stoull(value);
@@ -98,7 +111,42 @@ int main(int argc, char** argv) {
         for (std::uint64_t j = 0; j < plan.count; ++j) buf.data()[j] = shmps::test::pattern(rank, k, plan.offset + j);
         return buf;
       };
-      for (std::uint64_t k = w.published(); k < pushes; ++k) {
+      std::uint64_t first_push = w.published();
+      if (chunk_floats != 0) {
+        // Push k takes stream_chunks() sequence numbers: find the one holding the slot's last.
+        std::uint64_t seq_end = 0;
+        first_push = 0;
+        while (true) {
+          const auto plan = shmps::test::plan_push(rank, first_push, w_size, b_size);
+          const std::uint64_t chunks = shmps::test::stream_chunks(plan.offset, plan.count, chunk_floats);
+          if (seq_end + chunks > w.published()) {
+            const std::uint64_t committed_chunks = w.published() - seq_end;
+            const auto unfinished = w.unfinished_push();
+            std::uint64_t committed = 0;
+            for (std::uint64_t c = 0, b = plan.offset; c < committed_chunks; ++c)
+              committed = (b = std::min(plan.offset + plan.count, b / chunk_floats * chunk_floats + chunk_floats)) - plan.offset;
+            const bool expected = committed_chunks == 0 ? !unfinished.has_value()
+                                                        : unfinished && unfinished->name == plan.param &&
+                                                              unfinished->offset == plan.offset &&
+                                                              unfinished->count == plan.count &&
+                                                              unfinished->committed == committed;
+            if (!expected) {
+              std::cerr << "push " << first_push << " has " << committed_chunks << " of " << chunks
+                        << " chunks committed, but unfinished_push() says "
+                        << (unfinished ? unfinished->name + " [" + std::to_string(unfinished->offset) + ", +" +
+                                             std::to_string(unfinished->count) + ") committed " +
+                                             std::to_string(unfinished->committed)
+                                       : std::string("nothing")) << "\n";
+              return 1;
+            }
+            if (committed_chunks != 0) std::cout << "finishing push " << first_push << " after " << committed << " elements\n";
+            break;
+          }
+          seq_end += chunks;
+          ++first_push;
+        }
+      }
+      for (std::uint64_t k = first_push; k < pushes; ++k) {
         if (zero_copy) {
           last = borrow_and_fill(k).commit();
           continue;
@@ -222,6 +270,64 @@ int main(int argc, char** argv) {
                 << w.current_clock() << " max_staleness "
                 << shmps::shm::load_acquire(seg.slot(rank).max_staleness) << " wrong_steps " << wrong_steps << "\n";
       return wrong_steps == 0 ? 0 : 1;
+    }
+    if (mode == "views") {
+      const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
+      const auto rank = static_cast<std::uint64_t>(w.rank());
+      std::uint64_t first_step = 0, last = 0, mismatches = 0;
+      if (const auto state = w.load_state(); state.size() == sizeof first_step)
+        std::memcpy(&first_step, state.data(), sizeof first_step);
+      std::vector<float> pw(w_size), pb(b_size), gw(w_size), gb(b_size);
+      std::vector<float> sw(w_size), sb(b_size), sr(w_size / 3);  // what the views showed at first
+      const float* w_address = nullptr;
+      // Every element of `view` against `copy`; counts and reports the differing ones.
+      auto compare = [&](std::span<const float> view, const float* copy, const char* what, std::uint64_t k) {
+        if (std::memcmp(view.data(), copy, view.size_bytes()) == 0) return;
+        std::size_t wrong = 0, first = 0;
+        for (std::size_t i = 0; i < view.size(); ++i)
+          if (std::memcmp(&view[i], &copy[i], sizeof(float)) != 0 && wrong++ == 0) first = i;
+        mismatches += wrong;
+        std::cout << "step " << k << " clock " << w.current_clock() << ": " << what << ": " << wrong
+                  << " elements of the view differ from the pulled copy, first [" << first << "] " << view[first]
+                  << " != " << copy[first] << std::endl;
+      };
+      for (std::uint64_t k = first_step; k < steps; ++k) {
+        const std::span<const float> vw = w.view("w");
+        const std::span<const float> vb = w.view("b");
+        const std::size_t offset = (k * 977 + rank * 131) % (w_size / 2), count = w_size / 3;
+        const std::span<const float> vr = w.view("w", offset, count);
+        if (w_address == nullptr) w_address = vw.data();
+        if (vw.data() != w_address || vr.data() != vw.data() + offset || vw.size() != w_size || vb.size() != b_size ||
+            vr.size() != count) {
+          std::cout << "step " << k << ": a view moved or has the wrong size" << std::endl;
+          ++mismatches;
+        }
+        // Read through the views first, then pull: a view that returned before its step's values
+        // were there (no wait) would differ from the pull, which waits.
+        std::memcpy(sw.data(), vw.data(), vw.size_bytes());
+        std::memcpy(sb.data(), vb.data(), vb.size_bytes());
+        std::memcpy(sr.data(), vr.data(), vr.size_bytes());
+        w.pull("w", pw);
+        w.pull("b", pb);
+        compare(sw, pw.data(), "w", k);
+        compare(sb, pb.data(), "b", k);
+        compare(sr, pw.data() + offset, "range of w", k);
+        for (std::size_t i = 0; i < w_size; ++i) gw[i] = shmps::test::pattern(rank, k, i);
+        for (std::size_t i = 0; i < b_size; ++i) gb[i] = shmps::test::pattern(rank, k, i);
+        w.push("w", gw);
+        last = w.push("b", gb);
+        if (slow_ms) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+        // The end of the step: nothing may have changed under the views since the pulls.
+        compare(vw, pw.data(), "w before clock()", k);
+        compare(vb, pb.data(), "b before clock()", k);
+        const std::uint64_t next = k + 1;
+        w.save_state(std::as_bytes(std::span<const std::uint64_t>(&next, 1)));
+        w.clock();
+      }
+      if (last) w.wait_applied(last);
+      std::cout << "rank " << rank << " steps " << first_step << ".." << steps << " clock " << w.current_clock()
+                << " view_mismatches " << mismatches << std::endl;
+      return mismatches == 0 ? 0 : 1;
     }
     std::cerr << "unknown mode " << mode << "\n";
     return 2;

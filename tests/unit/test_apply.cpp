@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <tbb/task_arena.h>
 
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -176,6 +177,71 @@ TEST(ApplyEngine, SumAndMeanMakeOneStepOfAllRanks) {
     }
     for (std::uint64_t s = 0; s < 4; ++s) EXPECT_EQ(m.version(s), 2u) << "one update per slice and step";
   }
+}
+
+// Streamed BSP steps with bf16 Adam state (the merge of streamed steps and bf16 state): the step
+// sums stay float32, the redo entry carries them in its float32 values area, and the step made
+// from them (apply_step_sums) equals, bit for bit in values and in the bf16 state, the step a
+// ring-held BSP round makes from the same pushes (Aggregation::sum).
+TEST(ApplyEngine, StreamedStepSumsWithBf16StateEqualARingHeldStep) {
+  constexpr const char* kAdamBf16 = R"(
+max_workers = 4
+slice_bytes = 1024
+consistency = "bsp"
+bsp_aggregate = "sum"
+[optimizer]
+kind = "adam"
+lr = 0.01
+state_dtype = "bf16"
+[[param]]
+name = "p"
+shape = [1000]
+init = { kind = "constant", value = 10.0 }
+)";
+  Model held(kAdamBf16);
+  Model streamed(kAdamBf16, "ring_bytes = 4096\n");
+  ASSERT_FALSE(held.segment.streams_bsp_steps());
+  ASSERT_TRUE(streamed.segment.streams_bsp_steps());
+  ASSERT_EQ(streamed.segment.header().optimizer.state_dtype, StateDType::bf16);
+  ASSERT_EQ(streamed.segment.state_elem_bytes(), 2u);
+  Records r;
+  auto grad = [](std::uint32_t rank, std::uint64_t step, std::size_t n, std::size_t first) {
+    std::vector<float> g(n);
+    for (std::size_t i = 0; i < n; ++i)
+      g[i] = 0.37f * static_cast<float>(static_cast<int>((first + i) * 7 + rank * 3 + step * 5) % 11 - 5) +
+             0.01f * static_cast<float>(rank);
+    return g;
+  };
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    const std::uint64_t seq = step + 1;
+    const PushRecord& a = r.push(0, grad(0, step, 1000, 0), seq);
+    const PushRecord& b = r.push(0, grad(1, step, 1000, 0), seq);
+    const PushRecord& c = r.push(300, grad(2, step, 400, 300), seq);  // slices 1 and 2 only
+    RoundPlan whole = plan_of(held, {{0, &a}, {1, &b}, {2, &c}});
+    ApplyEngine(held.segment, held.arena).apply(whole.contributions, Aggregation::sum);
+    // The same pushes as they stream in: rank 0 alone, then ranks 1 and 2 onto its sums.
+    ApplyEngine engine(streamed.segment, streamed.arena);
+    RoundPlan first = plan_of(streamed, {{0, &a}});
+    engine.add_to_step_sums(first.contributions, step);
+    RoundPlan rest = plan_of(streamed, {{1, &b}, {2, &c}});
+    engine.add_to_step_sums(rest.contributions, step);
+    engine.apply_step_sums(step, 1.0f);
+    for (std::uint64_t s = 0; s < 4; ++s) {
+      EXPECT_EQ(streamed.segment.slice(s).step, step + 1) << "slice " << s;
+      EXPECT_EQ(load_acquire(streamed.segment.slice(s).clock), step + 1) << "slice " << s;
+    }
+  }
+  const auto hv = held.values(), sv = streamed.values();
+  for (std::size_t i = 0; i < hv.size(); ++i)
+    ASSERT_EQ(std::bit_cast<std::uint32_t>(hv[i]), std::bit_cast<std::uint32_t>(sv[i])) << "element " << i;
+  EXPECT_NE(hv[0], 10.0f);
+  const ParamEntry& hp = held.segment.param(0);
+  const ParamEntry& sp = streamed.segment.param(0);
+  for (int a = 0; a < 2; ++a)
+    EXPECT_EQ(std::memcmp(held.segment.state_bytes(hp, a), streamed.segment.state_bytes(sp, a), hp.size * 2), 0)
+        << "state array " << a;
+  for (std::uint32_t t = 0; t < streamed.segment.header().redo_count; ++t)
+    EXPECT_EQ(load_acquire(streamed.segment.redo(t).valid), 0u);
 }
 
 TEST(Redo, CopyInIsIdempotent) {

@@ -272,7 +272,29 @@ TEST(Memory, Bf16StateHalvesTheState) {
   EXPECT_EQ(bb.state_offset % kHugePageBytes, 0u);
 }
 
-TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspButAStepInBsp) {
+// bf16 state in a BSP job whose steps stream: the step sums stay float32 (gradients), one
+// model's worth after the (halved) state, apart from it; the redo entries keep a float32 values
+// area of a whole slice (where a streamed step's sums go) before their bf16 state arrays.
+TEST(Memory, Bf16StateWithStreamedBspStepsKeepsTheStepSumsFloat32) {
+  LayoutRequest request = big_request(256, 8, 2, true);
+  request.state_dtype = shmps::StateDType::bf16;
+  const LayoutPlan plan = plan_layout(request);
+  expect_parts_add_up(plan);
+  std::uint64_t values_bytes = 0;
+  for (const auto& p : plan.params) values_bytes += align_up(p.size * sizeof(float), kCacheLine);
+  EXPECT_EQ(plan.step_sums_bytes, values_bytes);
+  EXPECT_EQ(memory_breakdown(plan).bytes_of("BSP step sums"), std::uint64_t{1} << 30);
+  EXPECT_EQ(memory_breakdown(plan).bytes_of("optimizer state"), std::uint64_t{1} << 30);
+  const auto& last = plan.params.back();
+  EXPECT_GE(plan.step_sums_offset, last.state_offset[1] + last.size * 2);
+  EXPECT_EQ(plan.step_sums_offset % kHugePageBytes, 0u);
+  EXPECT_LE(plan.step_sums_offset + plan.step_sums_bytes, plan.total_bytes);
+  EXPECT_EQ(plan.redo_stride, align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
+                                           plan.slice_floats * sizeof(float) + 2 * plan.slice_floats * 2,
+                                       kCacheLine));
+}
+
+TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspAndStreamBspSteps) {
   // 1 GiB of values (256 parameters of 4 MiB), 8 workers.
   const LayoutPlan asp = plan_layout(big_request(256, 8, 2, false));
   const std::uint64_t largest_record = record_bytes_for(1 << 20);
@@ -284,11 +306,18 @@ TEST(Memory, DefaultRingsOfABigModelCostLittleAndTakeAWholePushInAspButAStepInBs
   EXPECT_LT(m.bytes_of("rings"), (std::uint64_t{1} << 30) / 15);   // under 7% of the values
   EXPECT_LT(m.overhead_percent(), 3.0);                             // with Adam's state
   EXPECT_LT(memory_breakdown(plan_layout(big_request(256, 8, 0, false))).overhead_percent(), 7.5);  // SGD
-  // BSP takes a step only once it has ended: a ring holds a whole step.
+  EXPECT_EQ(asp.step_sums_bytes, 0u);
+  // A BSP step of 1 GiB is more than kMaxAutoRingBytes: the rings stay as in ASP, and the
+  // step's pushes stream into one model's worth of step sums.
   const LayoutPlan bsp = plan_layout(big_request(256, 8, 2, true));
-  EXPECT_EQ(bsp.ring_bytes, bsp_step_ring_bytes(bsp.params));
-  EXPECT_GE(bsp.ring_bytes, 256 * largest_record + sizeof(PushRecord) + largest_record);
-  EXPECT_NE(bsp.ring_rule.find("BSP step"), std::string::npos) << bsp.ring_rule;
+  EXPECT_EQ(bsp.ring_bytes, asp.ring_bytes);
+  EXPECT_EQ(bsp.step_sums_bytes, std::uint64_t{1} << 30);
+  EXPECT_EQ(memory_breakdown(bsp).bytes_of("BSP step sums"), std::uint64_t{1} << 30);
+  // A step that fits kMaxAutoRingBytes: a ring holds a whole step, and there are no sums.
+  const LayoutPlan small_bsp = plan_layout(big_request(4, 8, 2, true));
+  EXPECT_EQ(small_bsp.ring_bytes, bsp_step_ring_bytes(small_bsp.params));
+  EXPECT_NE(small_bsp.ring_rule.find("BSP step"), std::string::npos) << small_bsp.ring_rule;
+  EXPECT_EQ(small_bsp.step_sums_bytes, 0u);
   // Small models get the 1 MiB minimum; an explicit ring_bytes wins over every rule.
   LayoutRequest tiny;
   tiny.params = {{"w", {10}}};
@@ -310,7 +339,9 @@ TEST(Memory, BigRegionsStartOnHugePagesSmallOnesAreNotPadded) {
   for (const auto& p : big.params) EXPECT_EQ(p.values_offset % kCacheLine, 0u);
   EXPECT_LT(memory_breakdown(big).bytes_of("alignment padding"), 4 * kHugePageBytes);
   // A ring of 64 MiB or more starts on a huge page too.
-  const LayoutPlan bsp = plan_layout(big_request(32, 4, 0, true));
+  LayoutRequest bsp_request = big_request(32, 4, 0, true);
+  bsp_request.ring_bytes = 128u << 20;
+  const LayoutPlan bsp = plan_layout(bsp_request);
   EXPECT_EQ(bsp.ring_stride % kHugePageBytes, 0u);
   EXPECT_EQ(bsp.rings_offset % kHugePageBytes, 0u);
   EXPECT_GE(bsp.ring_stride, sizeof(RingHeader) + bsp.ring_bytes);

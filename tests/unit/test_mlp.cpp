@@ -169,6 +169,30 @@ TEST(Mlp, ForwardAgreesWithForwardBackwardAndIsAlignmentIndependent) {
   EXPECT_THROW(tiny.forward(p, small.x, small.y), std::invalid_argument);
 }
 
+// Parameters given as views of other 64-byte aligned memory (a shmps segment, Worker::view) give
+// bit-identical results: the trainer reads a BSP model in place and must still match a pull.
+TEST(Mlp, ParameterViewsOfOtherAlignedMemoryGiveBitIdenticalResults) {
+  const Batch b = make_batch(51, 64);
+  const Tensors p = reference_init();
+  Tensors elsewhere;  // another 64-byte aligned copy, as the segment's values are
+  ParamViews views;
+  for (std::size_t i = 0; i < kParamCount; ++i) {
+    std::span<float> dst = elsewhere[i];
+    std::copy(p[i].begin(), p[i].end(), dst.begin());
+    views[i] = dst;
+  }
+  Net net(64);
+  Tensors g1, g2;
+  const BatchResult r1 = net.forward_backward(p, b.x, b.y, g1);
+  const BatchResult r2 = net.forward_backward(views, b.x, b.y, g2);
+  EXPECT_EQ(r1.loss, r2.loss);
+  EXPECT_EQ(r1.correct, r2.correct);
+  for (std::size_t i = 0; i < kParamCount; ++i)
+    EXPECT_EQ(std::memcmp(g1[i].data(), g2[i].data(), g1[i].size_bytes()), 0) << kParams[i].name;
+  views[kFc1Bias] = views[kFc1Bias].first(10);  // a view of the wrong size is refused
+  EXPECT_THROW(net.forward(views, b.x, b.y), std::invalid_argument);
+}
+
 TEST(Mlp, SgdStepDecreasesTheLoss) {
   const Batch b = make_batch(0, 64);
   Tensors p = reference_init();

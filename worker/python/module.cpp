@@ -4,6 +4,7 @@
 //   with shmps.Worker("mlp", rank=0) as w:
 //       values, version = w.pull("fc1.weight")          # a new float32 array
 //       w.pull("fc1.weight", out=values)                # into an existing one, no allocation
+//       view = w.view("fc1.weight")                     # read-only array over the segment, no copy
 //       seq = w.push("fc1.weight", grad)                # grad: C-contiguous float32, not copied
 //       w.wait_applied(seq)
 //
@@ -165,6 +166,30 @@ class PyWorker {
     return unlocked([&](shmps::Worker& w) { return w.push(name, offset.value_or(0), values); });
   }
 
+  // A read-only numpy array over the parameter's values in the segment (Worker::view): no copy.
+  // Its base is the Python Worker object, so the mapping outlives every array taken from it.
+  static py::array view(py::object self, const std::string& name, std::optional<std::size_t> offset,
+                        std::optional<std::size_t> count) {
+    PyWorker& me = self.cast<PyWorker&>();
+    const shmps::ParamInfo& p = me.param(name);
+    const std::size_t first = offset.value_or(0);
+    if (!count && first > p.size)
+      throw Error("view('" + name + "'): offset " + std::to_string(first) + " is past its " + std::to_string(p.size) +
+                  " elements");
+    const std::size_t n = count.value_or(p.size - first);
+    const std::span<const float> values =
+        me.unlocked([&](shmps::Worker& w) { return w.view(name, first, n); });
+    std::vector<py::ssize_t> shape;
+    if (offset || count)
+      shape.push_back(static_cast<py::ssize_t>(n));
+    else
+      shape.assign(p.shape.begin(), p.shape.end());
+    // pybind11 marks an array over foreign memory writeable; its base (self) keeps it alive.
+    py::array array(py::dtype::of<float>(), shape, {}, values.data(), self);
+    array.attr("setflags")(py::arg("write") = false);
+    return array;
+  }
+
   py::dict pull_all() {
     py::dict all;
     for (const shmps::ParamInfo& p : worker_->params()) {
@@ -258,6 +283,16 @@ the elements K..K+out.size-1). Each slice is copied whole from one version; vers
 count of the least-updated slice. Waits first as the consistency model requires (BSP: until the
 previous step is applied; SSP: within the staleness bound). The GIL is released while it waits
 and copies.)")
+      .def("view", &PyWorker::view, py::arg("name"), py::arg("offset") = py::none(), py::arg("count") = py::none(),
+           R"(A read-only numpy array over the parameter's values in shared memory: no copy.
+
+Of the parameter's shape; with offset=K (and count=N, default: the rest) a 1-D range. Waits
+first exactly as pull() does (BSP: until the previous step is applied; SSP: the bound) and
+counts as a pull. In BSP the values are a consistent snapshot until this worker's next clock();
+in ASP and SSP the server keeps writing under it (each float whole, a range may be mid-update).
+Call view() again each step: that call is the wait, and it returns the same memory. The array
+is not writeable (never write to the server's values) and keeps this Worker's mapping alive.
+For torch: torch.from_numpy(a) shares it but warns that it is not writeable; see docs/python.md.)")
       .def("pull_all", &PyWorker::pull_all, "Pull every parameter: a dict name -> new float32 array.")
       .def("push", &PyWorker::push, py::arg("name"), py::arg("grad"), py::arg("offset") = py::none(),
            R"(Push a gradient: returns its sequence number.

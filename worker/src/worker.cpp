@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -31,42 +32,17 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/shm/worker_slot.hpp>
 
+#include "worker_impl.hpp"
+
 namespace shmps {
 
 using namespace shmps::shm;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 std::string env_or(const char* name, std::string fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::string(v) : std::move(fallback);
-}
-
-// Waits with back-off: spin a little (the common wait is microseconds), then sleep on `word`
-// (a futex the server bumps) when given, else in short naps. Returns false on timeout.
-template <class Done>
-bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
-              std::atomic<std::uint32_t>* waiting_flag) {
-  for (int spin = 0; spin < 200; ++spin) {
-    if (done()) return true;
-    if (spin > 20) std::this_thread::yield();
-  }
-  while (true) {
-    if (done()) return true;
-    const auto now = Clock::now();
-    if (now >= deadline) return false;
-    if (word != nullptr) {
-      const std::uint32_t seen = load_acquire(*word);
-      store_own(*waiting_flag, 1U);
-      fence_store_load();  // pairs with the server's fence between its progress bump and its look at `waiting`
-      if (!done()) futex_wait(*word, seen, std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(50)));
-      store_own(*waiting_flag, 0U);
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-  }
 }
 
 // Copies `n` gradient values into ring memory (unless kStore is Store::none), and in the same
@@ -163,141 +139,6 @@ std::size_t copy_gradient(float* dst, const float* src, std::size_t n, double& s
 
 }  // namespace
 
-struct Worker::Impl {
-  WorkerOptions options;
-  Segment segment;
-  LockFile slots_lock;
-  int rank = -1;
-  WorkerSlotWorkerView slot;  // our slot: only the writes a worker may do (worker_slot.hpp)
-  RingProducer ring;
-  std::uint64_t generation = 0;
-  std::uint64_t published = 0;
-  std::uint64_t clock = 0;
-  bool pushed_in_step = false;  // pushes since the last clock()
-  std::uint64_t step_start = 0;  // ring position where this worker's open step begins
-  std::vector<std::byte> staged_state;     // committed with the next clock record
-  bool state_staged = false;
-  std::vector<std::byte> committed_state;  // the slot's latest committed resume state
-  bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
-  bool attached = false;
-  // Set in a child process after fork(): the slot is the parent's (see "fork()" below).
-  bool forked_away = false;
-  pid_t owner_pid = 0;
-  std::vector<ParamInfo> params;
-  std::unordered_map<std::string, std::uint32_t> index;
-
-  // The push record claimed in the ring and not committed yet (so invisible to the server):
-  // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or
-  // drops it. record == nullptr: none.
-  struct Claim {
-    PushRecord* record = nullptr;
-    std::uint32_t param = 0;
-    std::uint64_t offset = 0;
-    std::uint64_t count = 0;
-  };
-  Claim claim;
-  PushBuffer* borrower = nullptr;  // the PushBuffer that holds `claim`, if it is lent out
-
-  Impl() = default;
-  Impl(const Impl&) = delete;
-  Impl& operator=(const Impl&) = delete;
-  // A PushBuffer that outlives its Worker is left empty, not pointing into an unmapped ring.
-  ~Impl();
-  // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
-  void refuse_if_detached(const char* to) const;
-  // fork() safety (see below): the Impls of this process that hold a slot.
-  static std::vector<Impl*>& holding_slots();
-  static void register_for_fork(Impl* impl);
-  static void forget_all_in_forked_child();
-
-  // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
-  // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
-  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
-  std::uint64_t commit_push(double sum_sq);
-  [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
-  // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
-  void give_back() noexcept {
-    claim = {};
-    borrower = nullptr;
-    ring.abandon();
-  }
-  void forget_borrower() noexcept {
-    if (borrower == nullptr) return;
-    borrower->detach();
-    give_back();
-  }
-  // Throws if a PushBuffer is outstanding: `doing` starts the message, `consequence` ends it.
-  void refuse_if_borrowed(std::string_view doing, std::string_view consequence) const {
-    if (borrower == nullptr) return;
-    throw Error(std::string(doing) + ": a borrowed push buffer (for '" + params[claim.param].name + "' elements [" +
-                std::to_string(claim.offset) + ", " + std::to_string(claim.offset + claim.count) +
-                ")) is outstanding on this worker, which lends one at a time: commit() it or drop it first; " +
-                std::string(consequence));
-  }
-
-  // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
-  void await_admission() {
-    if (admitted) return;
-    const SegmentHeader& h = segment.header();
-    auto done = [&] { return slot.admitted_generation() == generation; };
-    if (!done() && load_acquire(h.consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return;
-    if (!wait_for(done, deadline(), &slot.progress_word(), &slot.waiting_flag()))
-      throw Error("worker " + std::to_string(rank) + " was not admitted to the BSP group within " +
-                  std::to_string(options.timeout.count()) + " ms; " + server_state());
-    admitted = true;
-    if (pushed_in_step) return;  // admitted after it had started a step: keep its clock
-    clock = std::max(clock, slot.admitted_clock());
-    slot.set_clock(clock);
-  }
-  std::uint32_t find(std::string_view name) const {
-    auto it = index.find(std::string(name));
-    if (it == index.end()) {
-      std::string known;
-      for (const auto& p : params) known += (known.empty() ? "" : ", ") + p.name;
-      throw Error("unknown parameter '" + std::string(name) + "' in segment '" + segment.name() + "': it has " + known);
-    }
-    return it->second;
-  }
-
-  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
-    const ParamEntry& p = segment.param(i);
-    if (count == 0)
-      throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
-    if (offset > p.size || count > p.size - offset)
-      throw Error(std::string(what) + " '" + params[i].name + "': elements [" + std::to_string(offset) + ", " +
-                  std::to_string(offset + count) + ") are outside the parameter, which has " + std::to_string(p.size) +
-                  " elements " + shape_string(p));
-  }
-
-  void heartbeat() { slot.heartbeat(monotonic_ns()); }
-
-  Clock::time_point deadline() const { return Clock::now() + options.timeout; }
-
-  bool counts(std::uint32_t r) const { return counts_for_group(segment.header(), segment.slot(r)); }
-  // The smallest clock among the workers that count (ourselves included), or our own clock.
-  std::uint64_t slowest_clock() const {
-    std::uint64_t slowest = clock;
-    const std::uint32_t n = segment.header().max_workers;
-    for (std::uint32_t r = 0; r < n; ++r)
-      if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
-    return slowest;
-  }
-  // Waits until this worker may read the values its clock needs (see Worker::pull).
-  void wait_for_consistency(std::string_view name);
-  // Writes a clock record (end of step `clock`) and moves to clock + 1.
-  void end_step();
-  void wake_server() const {
-    fence_store_load();  // our commit must be visible before we look at server_sleeping
-    const SegmentHeader& h = segment.header();
-    if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
-  }
-
-  std::string server_state() const {
-    LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
-    return probe.probe(0) == Holder::alive ? "the server is alive but busy"
-                                           : "no server is running for it (start shmps-server again)";
-  }
-};
 
 // fork(): a worker slot belongs to the process that attached it. A child forked after that (a
 // PyTorch DataLoader's workers, multiprocessing) inherits the Worker object, the mapping and the
@@ -410,6 +251,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     s.segment.reserve(ring.offset, ring.bytes, "the push ring of worker " + std::to_string(s.rank));
     s.segment.prefault_read(0, h.rings_offset);
     s.segment.prefault_read(h.values_offset, h.state_offset - h.values_offset);
+    s.protect_values();  // read-only from here on in this process (view.cpp says why)
   }
 
   // Take over the slot: a new generation, resuming the push count of all earlier generations.
@@ -424,6 +266,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
   // head past it, so reading the head first, with an acquire load, makes the two look-ups cover
   // every case).
   std::uint64_t published = std::max(slot.previous_published(), slot.applied());
+  std::uint64_t closed_clock = 0;  // after the newest clock record still in the ring
   {
     // The server's view of our ring, used read-only: the one walk over its records (ring.hpp).
     const RingConsumer view(&s.segment.ring(static_cast<unsigned>(s.rank)),
@@ -433,6 +276,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     view.read(head, view.committed(), [&](std::uint64_t, const PushRecord& record) {
       if (record.kind == RecordKind::push) published = std::max(published, record.seq);
       if (record.kind == RecordKind::clock && record.offset != 0) newest_state = &record;
+      if (record.kind == RecordKind::clock) closed_clock = std::max(closed_clock, record.clock + 1);
       return true;  // a malformed record ends the walk: nothing after it can be trusted
     });
     if (newest_state != nullptr) {
@@ -443,12 +287,40 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     }
   }
   s.published = published;
+  // A streamed push the last holder died in: how far its chunks got (their sequence numbers are
+  // consecutive from stream_first_seq, and `published` is the newest committed one).
+  if (const auto stream = slot.previous_stream(); stream.first_seq != 0 && published >= stream.first_seq &&
+                                                  stream.param < h.param_count &&
+                                                  stream.offset + stream.count <= s.segment.param(stream.param).size) {
+    std::uint64_t done = stream.offset;
+    for (std::uint64_t k = published - stream.first_seq + 1; k > 0 && done < stream.offset + stream.count; --k)
+      done = s.chunk_end(done, stream.offset + stream.count);
+    if (done < stream.offset + stream.count)
+      s.unfinished = UnfinishedPush{std::string(param_name(s.segment.param(stream.param))), stream.offset, stream.count,
+                                    done - stream.offset};
+    s.stream_words_open = s.unfinished.has_value();
+  }
   // Enter at the job's current clock: BSP's step in progress, or the slowest live worker's clock
   // (so nobody waits for us); never below the clock this slot had reached.
   {
     const SegmentHeader& hdr = s.segment.header();
     s.clock = slot.previous_clock();
-    if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
+    if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp) && s.segment.streams_bsp_steps()) {
+      // Streamed steps: the step the last holder was in, unless it ended it (its clock record is
+      // in the ring or was consumed: it may have died before storing its new clock).
+      const std::uint64_t open_step = s.clock;
+      s.clock = std::max({s.clock, closed_clock, slot.consumed_clock(), load_acquire(hdr.model_clock)});
+      // Still that step, and part of it committed: those pushes are in the sums or on their way,
+      // so this process skips them when it repeats the step (commit_push).
+      const std::uint64_t first = slot.previous_step_first_seq();
+      if (s.clock == open_step && first != 0 && first <= published) {
+        s.step_skip = published - first + 1;
+        s.skipped_seq = first;
+        s.step_first_written = true;
+        s.unfinished.reset();  // the step skip covers a streamed push cut short too
+        s.stream_words_open = true;
+      }
+    } else if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
       s.clock = std::max(s.clock, load_acquire(hdr.model_clock));
     } else {
       std::uint64_t slowest = UINT64_MAX;
@@ -517,7 +389,7 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
   const std::uint32_t i = s.find(name);
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
-  s.wait_for_consistency(name);
+  s.wait_for_consistency("pull of", name);
   const SliceReadResult read = read_param(seg, seg.param(i), offset, out, s.options.timeout);
   if (read.stuck_slice)
     throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
@@ -539,12 +411,79 @@ std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
 
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const float> grad) {
   Impl& s = *impl_;
+  if (grad.size() > s.ring.max_record_floats()) return s.push_streamed(s.find(name), offset, grad);
   float* dst = s.claim_push("push to", name, offset, grad.size());
   double sum_sq = 0.0;
   const std::size_t bad = copy_gradient(dst, grad.data(), grad.size(), sum_sq);
   if (bad != grad.size()) s.reject_push("push to", bad, grad[bad]);
   return s.commit_push(sum_sq);
 }
+
+// A push bigger than one record streams through the ring: consecutive records of whole chunks
+// (chunk_end), each committed on its own as soon as it is written, so the ring never has to hold
+// the whole push, and the server applies each chunk as it comes. What stays whole:
+// - the checks: the whole gradient is checked (finite) and its norm summed before the first
+//   chunk is written, so a rejected push publishes nothing, and every chunk carries the whole
+//   push's squared norm (clipping by norm scales every chunk alike);
+// - exactly once: each chunk has its own sequence number;
+// - a push cut short by the death of its worker is finished by the slot's next process: the slot
+//   keeps the push's parameter, range and first sequence number, so that process's push of the
+//   same parameter and range sends only the chunks not yet committed (unfinished_push()).
+std::uint64_t Worker::Impl::push_streamed(std::uint32_t i, std::size_t offset, std::span<const float> grad) {
+  refuse_if_detached("push");
+  if (borrower != nullptr) refuse_if_borrowed("push to '" + params[i].name + "'", "nothing was pushed");
+  check_range("push to", i, offset, grad.size());
+  double sum_sq = 0.0;
+  const std::size_t bad = scan_gradient<Store::none>(nullptr, grad.data(), grad.size(), sum_sq);
+  if (bad != grad.size()) {
+    slot.count_rejected_push();
+    bump_counter(segment.rejected(static_cast<unsigned>(rank), i));
+    throw Error("push to '" + params[i].name + "' rejected: element " + std::to_string(offset + bad) + " is " +
+                (std::isnan(grad[bad]) ? "NaN" : "infinite") +
+                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
+  }
+  const std::uint64_t end = offset + grad.size();
+  std::uint64_t begin = offset;
+  const bool resumes = unfinished && unfinished->name == params[i].name && unfinished->offset == offset &&
+                       unfinished->count == grad.size();
+  std::uint64_t chunks_done = 0;
+  if (resumes)
+    for (; begin < offset + unfinished->committed; ++chunks_done) begin = chunk_end(begin, end);
+  const std::optional<UnfinishedPush> resumed = resumes ? unfinished : std::nullopt;
+  if (resumes) unfinished.reset();
+  // The chunks' sequence numbers are consecutive from first_seq (a resumed push counts the
+  // chunks its predecessor committed as if this process had sent them).
+  slot.begin_stream({.first_seq = published + 1 - chunks_done, .param = i, .offset = offset, .count = grad.size()});
+  stream_words_open = false;  // they describe this push now
+  std::uint64_t seq = published;
+  const std::uint64_t first = begin;
+  try {
+    while (begin < end) {
+      const std::uint64_t stop = chunk_end(begin, end);
+      float* dst = claim_push("push to", params[i].name, begin, stop - begin);
+      double ignored = 0.0;
+      copy_gradient(dst, grad.data() + (begin - offset), stop - begin, ignored);  // checked above
+      seq = commit_push(sum_sq);
+      begin = stop;
+      if (begin < end) kill_point("push.mid_stream");
+    }
+  } catch (const Error& e) {
+    stream_words_open = true;  // the next other push must clear them
+    if (begin == offset) throw;  // nothing of it is committed
+    if (begin == first) {  // a resumed push that got no further
+      unfinished = resumed;
+      throw;
+    }
+    // Cut short (the server gone for the whole timeout): what was committed stays committed.
+    unfinished = UnfinishedPush{params[i].name, offset, grad.size(), begin - offset};
+    throw Error(std::string(e.what()) + " (this push streams through the ring in chunks: elements [" +
+                std::to_string(offset) + ", " + std::to_string(begin) +
+                ") were committed; push the same gradient again to send only the rest, see unfinished_push())");
+  }
+  return seq;
+}
+
+std::optional<UnfinishedPush> Worker::unfinished_push() const { return impl_->unfinished; }
 
 PushBuffer Worker::borrow_push(std::string_view name) {
   return borrow_push(name, 0, impl_->params[impl_->find(name)].size);
@@ -567,13 +506,15 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
     throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(count) +
                 " elements do not fit one ring record (at most " + std::to_string(ring.max_record_floats()) +
                 " with ring_bytes = " + std::to_string(ring.capacity()) +
-                "); push it in ranges (offset, length), or raise ring_bytes in the model spec; nothing was pushed");
+                "); a borrowed buffer is one record: borrow ranges (offset, count), or use push(), which streams a "
+                "gradient of any size through the ring; nothing was pushed");
 
   // Claim room (back-pressure: wait for the server, never drop). In BSP the server takes a
   // step's pushes only once the step has ended: if the ring holds nothing but this worker's open
   // step and is still full, waiting would never end.
   const auto step_overflows = [&] {
-    return load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
+    return !segment.streams_bsp_steps() &&
+           load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
            ring.head() >= ring.past_start_over(step_start);
   };
   PushRecord* record = ring.try_claim(count);
@@ -583,7 +524,11 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
     const bool ok = wait_for(
         [&] {
           if ((record = ring.try_claim(count)) != nullptr) return true;
-          return overflow = step_overflows();
+          if (!step_overflows()) return false;
+          // The server may have freed the room between the claim and that look: claim once more
+          // before calling it an overflow (once the ring holds only this step, nothing frees it).
+          if ((record = ring.try_claim(count)) != nullptr) return true;
+          return overflow = true;
         },
         deadline(), &slot.progress_word(), &slot.waiting_flag());
     slot.add_backpressure_ns(monotonic_ns() - waited_from);
@@ -614,7 +559,21 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
   record->clock = clock;
   record->grad_sq_norm = sum_sq;
   const std::uint64_t bytes = claim.count * sizeof(float);
+  if (step_skip != 0) {  // committed by this slot's previous process, and in the step sums already
+    --step_skip;
+    give_back();
+    pushed_in_step = true;
+    return skipped_seq++;
+  }
   claim = {};
+  if (stream_words_open) {  // another push comes between: the unfinished stream's words no longer add up
+    slot.end_stream();
+    stream_words_open = false;
+  }
+  if (!pushed_in_step && !step_first_written) {
+    slot.set_step_first_seq(seq);  // before the commit: a successor must find it with the push
+    step_first_written = true;
+  }
   kill_point("push.before_commit");
   ring.commit();  // one release store: the record now exists, whole
   published = seq;
@@ -752,6 +711,9 @@ void Worker::Impl::end_step() {
   record->grad_sq_norm = 0.0;
   ring.commit();  // the step's pushes, and the state that follows them, now count together
   step_start = ring.tail();
+  if (step_first_written) slot.set_step_first_seq(0);
+  step_first_written = false;
+  step_skip = 0;
   if (state_staged) {
     committed_state = staged_state;
     state_staged = false;
@@ -763,7 +725,7 @@ void Worker::Impl::end_step() {
   wake_server();
 }
 
-void Worker::Impl::wait_for_consistency(std::string_view name) {
+void Worker::Impl::wait_for_consistency(const char* what, std::string_view name) {
   await_admission();
   const SegmentHeader& h = segment.header();
   const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
@@ -800,7 +762,7 @@ void Worker::Impl::wait_for_consistency(std::string_view name) {
         if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
                     std::to_string(load_acquire(segment.slot(r).clock)) + ")";
-      throw Error("pull of '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
+      throw Error(std::string(what) + " '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
                   std::to_string(options.timeout.count()) + " ms for " +
                   (static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp
                        ? "the server to finish step " + std::to_string(clock - 1) + " (model clock " +

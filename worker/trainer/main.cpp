@@ -2,8 +2,9 @@
 // (docs/workloads.md) through a shmps parameter server, or locally (--local, the
 // single-process reference), or evaluates the server's current model (--evaluate).
 //
-// Per batch (server mode): pull the four parameters, forward/backward, push the four gradients;
-// the server applies its optimizer. Worker r of P takes the global batches j ≡ r (mod P).
+// Per batch (server mode): read the four parameters (BSP: zero-copy views of the segment; ASP
+// and SSP: a pull into a private copy), forward/backward, push the four gradients; the server
+// applies its optimizer. Worker r of P takes the global batches j ≡ r (mod P).
 
 #include <chrono>
 #include <cinttypes>
@@ -42,12 +43,12 @@ struct TrainStats {
   std::uint64_t batches_done = 0;  // of this worker's schedule, including those skipped on resume
 };
 
-// The reference schedule for one worker. `fetch` fills `params` before each batch (a pull, or
-// nothing for a local model); `apply` consumes the gradients (a push, or a local SGD step) and is
-// told how many of this worker's batches are then done. The first `start_batch` batches of the
-// schedule are skipped: a restarted worker continues where its slot's previous process stopped.
-TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params,
-                 const std::function<void(shmps::mlp::Tensors&)>& fetch,
+// The reference schedule for one worker. `fetch` gives the parameters before each batch (views of
+// the segment, a pull into a copy, or a local model); `apply` consumes the gradients (a push, or a
+// local SGD step) and is told how many of this worker's batches are then done. The first
+// `start_batch` batches of the schedule are skipped: a restarted worker continues where its
+// slot's previous process stopped.
+TrainStats train(const shmps::data::Schedule& sched, const std::function<shmps::mlp::ParamViews()>& fetch,
                  const std::function<void(const shmps::mlp::Tensors&, std::uint64_t)>& apply,
                  std::uint64_t start_batch = 0) {
   namespace data = shmps::data;
@@ -83,8 +84,7 @@ TrainStats train(const shmps::data::Schedule& sched, shmps::mlp::Tensors& params
       const std::span<std::int32_t> ys(y.data(), b);
       data::fill_features(rows, xs);
       labeler.label(rows, xs, ys);
-      fetch(params);
-      const mlp::BatchResult r = net.forward_backward(params, xs, ys, grads);
+      const mlp::BatchResult r = net.forward_backward(fetch(), xs, ys, grads);
       apply(grads, ++st.batches_done);
       loss_sum += r.loss * static_cast<double>(b);
       correct += r.correct;
@@ -188,6 +188,26 @@ void pull_all(shmps::Worker& w, shmps::mlp::Tensors& params) {
   for (std::size_t i = 0; i < shmps::mlp::kParamCount; ++i) w.pull(shmps::mlp::kParams[i].name, params[i]);
 }
 
+// The parameters for one batch. BSP: views of the values in the segment, no private copy. Each
+// view() waits for the previous step as a pull would, and the values cannot change before this
+// worker's clock(), which comes after the forward/backward that reads them: the server never takes
+// a step a live worker is still in. ASP and SSP: a pull into `copy`, because there the server
+// writes under a view, and one forward/backward would read a model changing mid-batch (Hogwild),
+// which is not the reference trainer's behaviour. The mode is read at each batch, so a live switch
+// takes effect at the next one (one landing between this check and the views gives that batch
+// Hogwild reads; a switch away from BSP in mid-batch likewise).
+shmps::mlp::ParamViews read_params(shmps::Worker& w, std::optional<shmps::mlp::Tensors>& copy) {
+  namespace mlp = shmps::mlp;
+  mlp::ParamViews params;
+  if (w.consistency() == "bsp") {
+    for (std::size_t i = 0; i < mlp::kParamCount; ++i) params[i] = w.view(mlp::kParams[i].name);
+    return params;
+  }
+  if (!copy) copy.emplace();
+  pull_all(w, *copy);
+  return copy->views();
+}
+
 // The segment must hold the reference MLP's four parameters with their sizes.
 void check_model(const shmps::Worker& w) {
   for (const auto& spec : shmps::mlp::kParams) {
@@ -279,7 +299,7 @@ int main(int argc, char** argv) {
                   samples, batch, lr, sched.epochs(), sched.rank, sched.workers, sched.worker_total_batches());
       std::fflush(stdout);
       const TrainStats st = train(
-          sched, params, [](mlp::Tensors&) {},
+          sched, [&params] { return params.views(); },
           [&params, lr_f](const mlp::Tensors& g, std::uint64_t) { mlp::sgd_update(params, g, lr_f); });
       print_final(st, params, true);
       return 0;
@@ -312,10 +332,10 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
 
-    mlp::Tensors params;
+    std::optional<mlp::Tensors> copy;  // a private copy of the model, made only where one is needed
     std::optional<std::uint64_t> last_seq;
     const TrainStats st = train(
-        sched, params, [&w](mlp::Tensors& p) { pull_all(w, p); },
+        sched, [&w, &copy] { return read_params(w, copy); },
         [&w, &last_seq, &sched](const mlp::Tensors& g, std::uint64_t batches_done) {
           for (std::size_t i = 0; i < mlp::kParamCount; ++i) last_seq = w.push(mlp::kParams[i].name, g[i]);
           // The end of this worker's step: its four pushes and the cursor past them are committed
@@ -325,8 +345,11 @@ int main(int argc, char** argv) {
         },
         start_batch);
     if (last_seq) w.wait_applied(*last_seq);
-    pull_all(w, params);  // the model as it stands once this worker's last push is applied
-    w.leave();            // done: the others no longer wait for this worker
+    // The model as it stands once this worker's last push is applied: a pull, not a view, because
+    // it is evaluated after leave(), while the other workers may still be training it.
+    mlp::Tensors params;
+    pull_all(w, params);
+    w.leave();  // done: the others no longer wait for this worker
     print_final(st, params, eval_train);
     return 0;
   } catch (const shmps::Error& e) {

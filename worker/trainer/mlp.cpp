@@ -30,13 +30,13 @@ using MutRowVec = Eigen::Map<Eigen::RowVectorXf>;
 
 Eigen::Index idx(std::size_t n) { return static_cast<Eigen::Index>(n); }
 
-ConstMap cmat(const Tensors& t, std::size_t i) {
+ConstMap cmat(const ParamViews& t, std::size_t i) {
   return ConstMap(t[i].data(), idx(kParams[i].rows), idx(kParams[i].cols));
 }
 MutMap mmat(Tensors& t, std::size_t i) {
   return MutMap(t[i].data(), idx(kParams[i].rows), idx(kParams[i].cols));
 }
-ConstRowVec cvec(const Tensors& t, std::size_t i) { return ConstRowVec(t[i].data(), idx(t[i].size())); }
+ConstRowVec cvec(const ParamViews& t, std::size_t i) { return ConstRowVec(t[i].data(), idx(t[i].size())); }
 MutRowVec mvec(Tensors& t, std::size_t i) { return MutRowVec(t[i].data(), idx(t[i].size())); }
 
 }  // namespace
@@ -55,6 +55,12 @@ Tensors::Tensors() {
 
 void Tensors::set_zero() {
   for (auto& b : bufs_) std::fill(b.begin(), b.end(), 0.0f);
+}
+
+ParamViews Tensors::views() const {
+  ParamViews v;
+  for (std::size_t i = 0; i < kParamCount; ++i) v[i] = bufs_[i];
+  return v;
 }
 
 std::size_t Tensors::total_size() const {
@@ -92,8 +98,12 @@ struct Net::Impl {
 
   // Forward pass; leaves the activations in `hidden` and, if want_grad, dL/dlogits (of the mean
   // loss) in `logits`.
-  BatchResult run_forward(const Tensors& p, std::span<const float> x, std::span<const std::int32_t> y,
+  BatchResult run_forward(const ParamViews& p, std::span<const float> x, std::span<const std::int32_t> y,
                           bool want_grad) {
+    for (std::size_t i = 0; i < kParamCount; ++i)
+      if (p[i].size() != kParams[i].size())
+        throw std::invalid_argument("MLP: " + std::string(kParams[i].name) + " has " + std::to_string(p[i].size()) +
+                                    " elements, expected " + std::to_string(kParams[i].size()));
     const std::size_t b = y.size();
     if (b == 0) throw std::invalid_argument("MLP: empty batch");
     if (b > max_batch) throw std::invalid_argument("MLP: batch larger than the workspace");
@@ -151,11 +161,11 @@ Net& Net::operator=(Net&&) noexcept = default;
 
 std::size_t Net::max_batch() const { return impl_->max_batch; }
 
-BatchResult Net::forward(const Tensors& params, std::span<const float> x, std::span<const std::int32_t> y) {
+BatchResult Net::forward(const ParamViews& params, std::span<const float> x, std::span<const std::int32_t> y) {
   return impl_->run_forward(params, x, y, false);
 }
 
-BatchResult Net::forward_backward(const Tensors& params, std::span<const float> x,
+BatchResult Net::forward_backward(const ParamViews& params, std::span<const float> x,
                                   std::span<const std::int32_t> y, Tensors& grads) {
   Impl& m = *impl_;
   const BatchResult r = m.run_forward(params, x, y, true);

@@ -55,10 +55,18 @@ struct AlignedAllocator {
   bool operator==(const AlignedAllocator<U>&) const noexcept { return true; }
 };
 
+// The four parameters as read-only spans, in kParams order, each of its parameter's size: the
+// buffers of a Tensors (Tensors::views), or the values in a shmps segment itself (Worker::view),
+// so that a worker can train without a private copy of the model. Both are 64-byte aligned, so
+// the results are bit-equal either way (see AlignedAllocator).
+using ParamViews = std::array<std::span<const float>, kParamCount>;
+
 // Four contiguous float buffers (parameters or gradients), zero-initialised, 64-byte aligned.
 class Tensors {
  public:
   Tensors();
+
+  ParamViews views() const;
 
   std::span<float> operator[](std::size_t i) { return bufs_.at(i); }
   std::span<const float> operator[](std::size_t i) const { return bufs_.at(i); }
@@ -96,11 +104,19 @@ class Net {
 
   // x: [b, 784] row-major, y: b labels in [0, 10), b <= max_batch. Writes into `grads` the
   // gradients of the mean loss (all four buffers are overwritten).
-  BatchResult forward_backward(const Tensors& params, std::span<const float> x,
+  // Throws std::invalid_argument if a view has the wrong size.
+  BatchResult forward_backward(const ParamViews& params, std::span<const float> x,
                                std::span<const std::int32_t> y, Tensors& grads);
+  BatchResult forward_backward(const Tensors& params, std::span<const float> x,
+                               std::span<const std::int32_t> y, Tensors& grads) {
+    return forward_backward(params.views(), x, y, grads);
+  }
 
   // Loss and correct count only.
-  BatchResult forward(const Tensors& params, std::span<const float> x, std::span<const std::int32_t> y);
+  BatchResult forward(const ParamViews& params, std::span<const float> x, std::span<const std::int32_t> y);
+  BatchResult forward(const Tensors& params, std::span<const float> x, std::span<const std::int32_t> y) {
+    return forward(params.views(), x, y);
+  }
 
  private:
   struct Impl;

@@ -4,6 +4,7 @@
 //   shmps::Worker w(shmps::WorkerOptions{.segment = "mlp", .rank = 0});  // rank -1: any free slot
 //   for (const auto& p : w.params()) { ... p.name, p.shape, p.size ... }
 //   std::uint64_t v = w.pull("fc1.weight", values);  // consistent per slice; returns the version
+//   std::span<const float> p = w.view("fc1.weight");  // zero-copy: the values in the segment itself
 //   std::uint64_t s = w.push("fc1.weight", grad);    // all-or-nothing; returns the sequence number
 //   w.wait_applied(s);                               // blocks until the server applied it
 //
@@ -28,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -48,6 +50,16 @@ struct WorkerOptions {
   // How long a call may wait for the server (a full ring, wait_applied, a segment that is not
   // ready yet) before it fails with a clear error.
   std::chrono::milliseconds timeout{30000};
+};
+
+// A push that streams through the ring (bigger than one ring record, see Worker::push) and was
+// cut short: elements [offset, offset + committed) of the range [offset, offset + count) of
+// parameter `name` were committed, the rest not.
+struct UnfinishedPush {
+  std::string name;
+  std::size_t offset = 0;
+  std::size_t count = 0;
+  std::size_t committed = 0;
 };
 
 struct ParamInfo {
@@ -88,13 +100,56 @@ class Worker {
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
 
+  // Zero-copy read: the parameter's values (or `count` elements from `offset`) in the segment
+  // itself, no copy. Waits exactly as pull() does for the job's consistency model (BSP: until
+  // step clock()-1 is applied, after this worker's admission; SSP s: the bound; ASP: not at all),
+  // records the same statistics (one pull and the staleness seen; no pull bytes), and checks the
+  // name and range with pull()'s errors. Call it again whenever a pull would be due (every step):
+  // that call is the wait, and it returns the same addresses.
+  //
+  // What the values are while the caller reads them:
+  //   BSP    a consistent snapshot: exactly the values after step clock()-1, unchanged until this
+  //          worker's next clock() (or leave()). The server never writes a step's values while
+  //          a live, admitted worker is still in that step, and recovery replays only slices of
+  //          a step every such worker has ended, so a server restart does not touch them either.
+  //   ASP, SSP  Hogwild-style: the server keeps applying updates underneath. Each float is read
+  //          whole (aligned 4-byte loads), but a range may mix updates, even within one slice
+  //          (a slice may be mid-update); there is no version check. pull() when a consistent copy
+  //          is needed.
+  // The guarantee belongs to the mode the job is in at the time of the call, and ends with it: a
+  // view taken in ASP or SSP stays Hogwild after a live switch to BSP (take it again; that call
+  // waits for admission and the step), and a live switch away from BSP lets updates through at
+  // once. Checkpoint restores and pretrained weights only fill a segment being created, never
+  // one a worker has mapped.
+  //
+  // The span stays valid (readable memory) until this Worker is destroyed, also after leave()
+  // and across a move of the Worker; the values are those of the segment this Worker attached.
+  // Never write through it (const_cast): the values belong to the server, and a worker maps them
+  // read-only, so such a write is a SIGSEGV of this process (the job survives it like any death).
+  std::span<const float> view(std::string_view name);
+  std::span<const float> view(std::string_view name, std::size_t offset, std::size_t count);
+
   // Publishes a gradient for the parameter (or for a range of it). All-or-nothing: the record
   // becomes visible to the server with one release store, or not at all. Rejects (throws, pushes
   // nothing, counts it) a gradient holding NaN or Inf. Waits while the ring is full
   // (back-pressure, never drops). Returns the push's sequence number, counted over every
   // generation of this slot.
+  //
+  // A gradient bigger than one ring record (half the ring) streams through the ring as chunks of
+  // whole slices, each a record committed on its own and applied as it comes, so a ring of a few
+  // MiB carries a push of any size. The whole gradient is checked (and its norm summed, for
+  // clipping) before the first chunk, so a rejected push still publishes nothing; each chunk has
+  // its own sequence number, and the push returns the last one (wait_applied() on it waits for
+  // all). All-or-nothing holds per chunk; for the whole push, the equivalent is: a push cut short
+  // by the death of its process is finished by the slot's next process, whose push of the same
+  // parameter and range sends only the chunks not yet committed (so a restarted worker that
+  // repeats its step's pushes leaves every push applied exactly once). unfinished_push() says
+  // what was left.
   std::uint64_t push(std::string_view name, std::span<const float> grad);
   std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
+  // The streamed push an earlier process of this slot (or a push of this one cut short by an
+  // error) left unfinished, if any; cleared once a push of the same parameter and range finishes it.
+  std::optional<UnfinishedPush> unfinished_push() const;
 
   // Zero-copy push: lends the caller room for a gradient of the whole parameter (or of `count`
   // elements from `offset`) directly in this worker's ring, to be filled in place and published

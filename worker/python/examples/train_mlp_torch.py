@@ -6,9 +6,11 @@
 The model, data, schedule and output are those of worker/trainer/main.cpp
 (docs/workloads.md): the 784-256-10 MLP (Linear, ReLU, Linear, softmax
 cross-entropy averaged over the batch) on the reference synthetic data; worker r of P takes the
-global batches j = r (mod P). Per batch it pulls the four parameters straight into the module's
-parameter storage, runs forward and backward, pushes the four gradients and ends its step with
-save_state(cursor) and clock(); the server applies its optimizer. The cursor has the same bytes
+global batches j = r (mod P). Per batch it reads the four parameters (BSP: the module's parameters
+are the segment's values themselves, through Worker.view, with no private copy; ASP and SSP: a
+pull straight into the module's own parameter storage), runs forward and backward, pushes the
+four gradients and ends its step with save_state(cursor) and clock(); the server applies its
+optimizer. The cursor has the same bytes
 as shmps-worker's, so C++ and Python workers can share a job, and a restarted slot continues
 where its previous process stopped, in either language.
 
@@ -27,6 +29,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +96,13 @@ class MLP(torch.nn.Module):
             for name, p in self.named():
                 p.copy_(torch.from_numpy(init[name]))
 
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Make these tensors (of the parameters' shapes) the module's parameters, sharing their
+        memory: no copy."""
+        for name, tensor in tensors.items():
+            layer, attr = name.split(".")
+            setattr(getattr(self, layer), attr, torch.nn.Parameter(tensor))
+
     def numpy_params(self) -> dict[str, np.ndarray]:
         """The parameters as numpy arrays sharing the module's storage."""
         return {name: p.detach().numpy() for name, p in self.named()}
@@ -139,7 +149,6 @@ def train(sched: "ref.Schedule", model: MLP, fetch, apply, start_batch: int = 0)
     worker's batches are then done. The first `start_batch` batches are skipped (a resume)."""
     epochs = sched.epochs()
     total = sched.worker_total_batches()
-    params = [p for _, p in model.named()]
     st = TrainStats()
     t0 = time.monotonic()
     last_print = t0
@@ -161,8 +170,7 @@ def train(sched: "ref.Schedule", model: MLP, fetch, apply, start_batch: int = 0)
             x = ref.features(rows)
             y = ref.labels(rows, x)
             fetch()
-            for p in params:
-                p.grad = None
+            model.zero_grad(set_to_none=True)  # fetch() may have bound new parameters: ask the module
             loss, c = loss_and_correct(model(torch.from_numpy(x)), torch.from_numpy(y))
             loss.backward()
             st.batches_done += 1
@@ -277,18 +285,49 @@ def run_worker(args) -> None:
                   f"{sched.worker_total_batches()} ({w.published()} pushes committed before)", flush=True)
 
         model = MLP(onednn=args.matmul == "onednn")
-        named = model.named()
-        # numpy views of the parameters' storage: a pull writes into the module, no copy.
-        views = [(name, p.detach().numpy()) for name, p in named]
+        names = [name for name, _ in model.named()]
+        on_segment = False  # whether the module's parameters are the segment's values (BSP)
         last_seq = None
 
+        def own_storage():
+            """Give the module parameters of its own again (after views), to pull into."""
+            nonlocal on_segment
+            if on_segment:
+                model.bind({name: torch.zeros(p.shape) for name, p in model.named()})
+                on_segment = False
+
+        def pull_into_module():
+            own_storage()
+            for name, p in model.named():
+                w.pull(name, out=p.detach().numpy())  # a numpy view of the parameter's storage: no copy
+
         def fetch():
-            for name, view in views:
-                w.pull(name, out=view)
+            nonlocal on_segment
+            if w.consistency == "bsp":
+                # BSP: the module's parameters are the segment's values themselves, no private copy.
+                # Each view() waits for the previous step as a pull would, and the values cannot
+                # change before this worker's clock() in apply(), after forward and backward: the
+                # server never takes a step a live worker is still in. view() gives the same memory
+                # every step, so the parameters are bound once (again only if it moved).
+                arrays = [w.view(name) for name in names]
+                bound = [p.data_ptr() for _, p in model.named()]
+                if not on_segment or bound != [a.__array_interface__["data"][0] for a in arrays]:
+                    with warnings.catch_warnings():
+                        # torch has no read-only tensors and warns about the read-only arrays. Nothing
+                        # writes to them: autograd writes the gradients to p.grad, and there is no
+                        # local optimizer step (the server applies the gradients).
+                        warnings.simplefilter("ignore", UserWarning)
+                        model.bind({name: torch.from_numpy(a) for name, a in zip(names, arrays)})
+                    on_segment = True
+                return
+            # ASP and SSP: the server writes under a view, so one forward and backward would read a
+            # model changing mid-batch (Hogwild), unlike the reference trainer: pull a copy instead.
+            # The mode is read at every batch, so a live switch takes effect at the next one.
+            pull_into_module()
 
         def apply(batches_done):
             nonlocal last_seq
-            for name, p in named:
+            for name, p in model.named():
                 last_seq = w.push(name, p.grad.numpy())
             # The end of this worker's step: its four pushes and the cursor past them are
             # committed together (in BSP the step counts whole or not at all).
@@ -298,7 +337,9 @@ def run_worker(args) -> None:
         st = train(sched, model, fetch, apply, start_batch)
         if last_seq is not None:
             w.wait_applied(last_seq)
-        fetch()    # the model as it stands once this worker's last push is applied
+        # The model as it stands once this worker's last push is applied, in the module's own
+        # storage (a pull, not a view): it is evaluated after leave(), while others may train on.
+        pull_into_module()
         w.leave()  # done: the others no longer wait for this worker
     print_final(st, model, args.eval_train, args.eval_rows)
 

@@ -100,7 +100,9 @@ namespace shmps::shm {
 
 inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1" little-endian
-inline constexpr std::uint32_t kLayoutVersion = 2;  // 2: the fingerprint covers every field (field lists)
+// 3: pushes stream through bounded rings (WorkerSlot::stream_*), BSP step sums;
+// 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it)
+inline constexpr std::uint32_t kLayoutVersion = 4;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -269,6 +271,10 @@ struct SegmentHeader {
   std::uint64_t param_stats_offset;  // ParamStats[param_count]
   std::uint64_t rejected_offset;     // u64 rejected[max_workers][param_count], one padded row per worker
   std::uint64_t rejected_stride;     // bytes per row
+  // BSP steps that stream (the rings hold less than a step): float sums[values' floats], at the
+  // values' offsets relative to step_sums_offset; 0 when the rings hold a whole step.
+  std::uint64_t step_sums_offset;
+  std::uint64_t step_sums_bytes;
   OptimizerSettings optimizer;
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
   std::uint32_t reserved0;
@@ -345,7 +351,8 @@ struct SegmentHeader {
   FIELD(ring_bytes) FIELD(params_offset) FIELD(slices_offset) FIELD(applied_offset) FIELD(slots_offset)         \
   FIELD(rings_offset) FIELD(ring_stride) FIELD(values_offset) FIELD(state_offset) FIELD(redo_offset)             \
   FIELD(redo_stride) FIELD(redo_count) FIELD(reserved1) FIELD(param_stats_offset) FIELD(rejected_offset)        \
-  FIELD(rejected_stride) FIELD(optimizer) FIELD(state_arrays) FIELD(reserved0) PAD(56)                          \
+  FIELD(rejected_stride) FIELD(step_sums_offset) FIELD(step_sums_bytes) FIELD(optimizer) FIELD(state_arrays)   \
+  FIELD(reserved0) PAD(40)                          \
   FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) FIELD(model_clock) PAD(40)   \
   FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
   FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
@@ -398,10 +405,10 @@ struct alignas(kCacheLine) SliceEntry {
   std::uint64_t count;               // elements in this slice
   std::uint64_t step;                // optimizer steps applied (Adam's bias correction); server only
   std::atomic<std::uint64_t> value_sq_norm;  // bits of a double: sum of squares of the values, sampled
-  std::uint64_t reserved;
+  std::uint64_t sum_step;            // streamed BSP: step + 1 whose sum the slice's step sums hold; server only
 };
 #define SHMPS_SLICE_ENTRY_FIELDS(FIELD, PAD) \
-  FIELD(version) FIELD(clock) FIELD(param) FIELD(first) FIELD(count) FIELD(step) FIELD(value_sq_norm) FIELD(reserved)
+  FIELD(version) FIELD(clock) FIELD(param) FIELD(first) FIELD(count) FIELD(step) FIELD(value_sq_norm) FIELD(sum_step)
 
 // ---------------------------------------------------------------------------------------------
 // ParamStats: one per parameter, for the monitor; the server writes (its apply threads add).
@@ -426,20 +433,27 @@ struct alignas(kCacheLine) ParamStats {
 // so no slice stays torn and no push is applied twice.
 //
 //   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | state[state_arrays][slice_floats]
-//   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16)
+//   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
+//   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
+//   no state.
+enum class RedoTarget : std::uint32_t { values = 0, step_sums = 1 };
+
 struct alignas(kCacheLine) RedoEntry {
   SHMPS_SHARED_IN_PLACE(RedoEntry);
 
   std::atomic<std::uint32_t> valid;
-  std::uint32_t reserved;
+  RedoTarget target;            // where the values go: the slice's values, or its step sums
   std::uint64_t slice;
   std::uint64_t count;          // elements of the slice
-  std::uint64_t version_after;  // the slice's version word once the copy is done
-  std::uint64_t step_after;     // the slice's optimizer step count once the copy is done
-  std::uint64_t reserved2[3];
+  std::uint64_t version_after;  // values: the slice's version word once the copy is done
+  std::uint64_t step_after;     // values: the slice's optimizer step count once the copy is done
+  std::uint64_t clock_after;    // values of a streamed BSP step: the slice's clock after it (0: unchanged)
+  std::uint64_t sum_step_after; // step sums: the slice's sum_step once the copy is done
+  std::uint64_t reserved;
 };
 #define SHMPS_REDO_ENTRY_FIELDS(FIELD, PAD) \
-  FIELD(valid) FIELD(reserved) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(reserved2)
+  FIELD(valid) FIELD(target) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(clock_after) \
+  FIELD(sum_step_after) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // WorkerSlot: one per rank. The worker holding the slot (proven by its lock on byte `rank` of
@@ -468,6 +482,18 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> last_commit_seq;  // the newest committed push, and when (CLOCK_MONOTONIC ns):
   std::atomic<std::uint64_t> last_commit_ns;   //   the server samples commit -> applied latency from them
   std::atomic<std::uint32_t> waiting;          // 1 while the worker sleeps on `progress`
+  // The newest push bigger than one ring record, which streams through the ring as consecutive
+  // records of whole chunks (Worker::push): its parameter and range, and the sequence number of
+  // its first chunk. Written before that chunk is committed. A restarted worker compares them
+  // with `published` to learn how much of it its predecessor committed, and finishes it.
+  std::atomic<std::uint32_t> stream_param;
+  std::atomic<std::uint64_t> stream_first_seq;  // 0: no streamed push yet
+  std::atomic<std::uint64_t> stream_offset;
+  std::atomic<std::uint64_t> stream_count;
+  // BSP: the sequence number of the first push of the worker's open step (0: none yet), written
+  // before that push is committed. A restarted worker that enters the same step skips the pushes
+  // its predecessor committed in it (streamed BSP steps, Worker::push).
+  std::atomic<std::uint64_t> step_first_seq;
 
   // Worker lines: statistics, written on every push and pull; only monitors read them.
   alignas(kCacheLine) std::atomic<std::uint64_t> heartbeat_ns;  // CLOCK_MONOTONIC
@@ -491,6 +517,11 @@ struct WorkerSlot {
   // the step a restarted worker continues at when the ring's later records are gone (a restore
   // from a checkpoint).
   std::atomic<std::uint64_t> consumed_clock;
+  // Streamed BSP: step + 1 of the newest step the server took pushes of from this ring into the
+  // step sums. Stored before the ring's head moves past them: a worker whose open step is partly
+  // in the sums counts for that step's barrier, alive or dead, until it (or its successor)
+  // finishes the step.
+  std::atomic<std::uint64_t> streamed_step;
 
   // Server line: membership, written when the server admits a generation or proves its holder
   // dead; every worker reads it on every pull (membership.hpp), so it is kept apart from the
@@ -514,11 +545,12 @@ struct WorkerSlot {
 #define SHMPS_WORKER_SLOT_FIELDS(FIELD, PAD)                                                            \
   FIELD(state) FIELD(pid) FIELD(generation) FIELD(start_time) FIELD(attached_unix_ns) PAD(32)                   \
   FIELD(clock) PAD(56)                                                                                          \
-  FIELD(published) FIELD(last_commit_seq) FIELD(last_commit_ns) FIELD(waiting) PAD(36)                          \
+  FIELD(published) FIELD(last_commit_seq) FIELD(last_commit_ns) FIELD(waiting) FIELD(stream_param)           \
+  FIELD(stream_first_seq) FIELD(stream_offset) FIELD(stream_count) FIELD(step_first_seq)                          \
   FIELD(heartbeat_ns) FIELD(pulls) FIELD(pull_bytes) FIELD(push_bytes) FIELD(pushes_rejected)                  \
   FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
   FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \
-  FIELD(consumed_clock) PAD(24)                                                                                 \
+  FIELD(consumed_clock) FIELD(streamed_step) PAD(16)                                                                                 \
   FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) PAD(40)                              \
   FIELD(resume_version) FIELD(resume_clock) FIELD(resume_bytes) FIELD(resume_reserved) FIELD(resume) PAD(40)
 

@@ -52,22 +52,29 @@ struct LayoutPlan {
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
   std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
+  std::uint64_t step_sums_offset = 0, step_sums_bytes = 0;  // 0: the rings hold a whole BSP step
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 
 // The automatic ring size (ring_bytes = 0), per worker:
 //   - room for two records of the largest parameter, because one record may use at most half a
-//     ring (RingProducer::max_record_floats): a whole-parameter push always fits, and the worker
-//     can write the next push while the server applies the previous one. A push bigger than half
-//     a ring (an explicit small ring_bytes) must be pushed in ranges (offset, count);
+//     ring (RingProducer::max_record_floats): a whole-parameter push fits one record, and the
+//     worker can write the next push while the server applies the previous one;
+//   - but at most kMaxAutoRingBytes: a push bigger than half a ring streams through it in chunks
+//     (Worker::push), each applied as it comes, so the rings do not grow with workers x model;
 //   - in BSP (LayoutRequest::bsp), room for one whole step: a push of every parameter, the clock
 //     record, and one largest record of slack for the padding at the wrap
 //     (bsp_step_ring_bytes), because the server takes a step's pushes only once the step has
 //     ended. In ASP and SSP pushes are applied as they come, so a ring never needs a whole step;
 //   - at least kMinRingBytes.
 // For a 1 GiB model of 256 parameters of 4 MiB with 8 workers: 8 MiB per ring (64 MiB in all,
-// 6% of the values) in ASP and SSP, and a whole step of 1 GiB per ring in BSP.
+// 6% of the values) in ASP and SSP, and a whole step of 1 GiB per ring in BSP. For one 1 GiB
+// parameter with 64 workers: 32 MiB per ring (2 GiB in all) in ASP and SSP.
 inline constexpr std::uint64_t kMinRingBytes = std::uint64_t{1} << 20;
+// 32 MiB: chunks of up to 16 MiB, big enough that a record's fixed costs (a header, a commit, a
+// wake-up, a sort entry on the server) vanish against copying it, small enough that 64 workers'
+// rings take 2 GiB.
+inline constexpr std::uint64_t kMaxAutoRingBytes = std::uint64_t{32} << 20;
 std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept;
 
 // Regions of kBigRegionBytes or more (all the rings, the values, the optimizer state; and each
@@ -161,6 +168,12 @@ class Segment {
     return at<std::byte>(base_, p.state_offset[array]);
   }
   std::uint64_t state_elem_bytes() const noexcept { return state_dtype_bytes(header().optimizer.state_dtype); }
+  // Streamed BSP steps: the sums of the step's pushes, laid out as the values are (float32, whatever
+  // the state dtype: they are gradients).
+  bool streams_bsp_steps() const noexcept { return header().step_sums_offset != 0; }
+  float* step_sums(const ParamEntry& p) noexcept {
+    return at<float>(base_, header().step_sums_offset + (p.values_offset - header().values_offset));
+  }
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];

@@ -41,6 +41,17 @@ class WorkerSlotWorkerView {
   std::uint64_t previous_published() const noexcept { return load_acquire(slot_->published); }
   std::uint64_t previous_clock() const noexcept { return load_acquire(slot_->clock); }
   std::uint64_t previous_generation() const noexcept { return load_own(slot_->generation); }
+  // The previous holders' newest streamed push (layout.hpp, WorkerSlot::stream_*);
+  // first_seq == 0: none.
+  struct StreamedPush {
+    std::uint64_t first_seq = 0;
+    std::uint32_t param = 0;
+    std::uint64_t offset = 0, count = 0;
+  };
+  StreamedPush previous_stream() const noexcept {
+    return {load_acquire(slot_->stream_first_seq), load_acquire(slot_->stream_param), load_acquire(slot_->stream_offset),
+            load_acquire(slot_->stream_count)};
+  }
   // The resume blob the server kept from the newest clock record it consumed (seqlock-guarded
   // copy; retried while the server is writing it).
   std::vector<std::byte> resume_blob() const {
@@ -94,6 +105,21 @@ class WorkerSlotWorkerView {
     store_release(slot_->last_commit_ns, commit_ns);
     store_release(slot_->last_commit_seq, seq);
   }
+  // A push that streams through the ring begins: stored before its first chunk is committed
+  // (that commit's release store publishes them with it).
+  void begin_stream(const StreamedPush& p) noexcept {
+    store_release(slot_->stream_param, p.param);
+    store_release(slot_->stream_offset, p.offset);
+    store_release(slot_->stream_count, p.count);
+    store_release(slot_->stream_first_seq, p.first_seq);
+  }
+  // BSP: the first push of the open step (0: none yet). Stored before that push is committed.
+  void set_step_first_seq(std::uint64_t seq) noexcept { store_release(slot_->step_first_seq, seq); }
+  std::uint64_t previous_step_first_seq() const noexcept { return load_acquire(slot_->step_first_seq); }
+  // The clock after the newest clock record the server consumed from this ring.
+  std::uint64_t consumed_clock() const noexcept { return load_acquire(slot_->consumed_clock); }
+  // Forgets the streamed push (another push is about to take the next sequence number).
+  void end_stream() noexcept { store_release(slot_->stream_first_seq, std::uint64_t{0}); }
   // The futex the worker sleeps on (the server bumps it), and the flag it sets while it sleeps
   // (the server wakes it only then). wait_for() in worker.cpp writes the flag.
   const std::atomic<std::uint32_t>& progress_word() const noexcept { return slot_->progress; }
@@ -105,6 +131,8 @@ class WorkerSlotWorkerView {
     bump_counter(slot_->pulls);
     bump_counter(slot_->pull_bytes, bytes);
   }
+  // A view (Worker::view) counts as a pull but moves no bytes.
+  void count_view() noexcept { bump_counter(slot_->pulls); }
   void count_push_bytes(std::uint64_t bytes) noexcept { bump_counter(slot_->push_bytes, bytes); }
   void count_rejected_push() noexcept { bump_counter(slot_->pushes_rejected); }
   void add_backpressure_ns(std::uint64_t ns) noexcept { bump_counter(slot_->backpressure_ns, ns); }
@@ -157,6 +185,7 @@ class WorkerSlotServerView {
   std::uint64_t dead_generation() const noexcept { return load_own(slot_->dead_generation); }
   std::uint64_t admitted_generation() const noexcept { return load_own(slot_->admitted_generation); }
   std::uint64_t consumed_clock() const noexcept { return load_own(slot_->consumed_clock); }
+  std::uint64_t streamed_step() const noexcept { return load_own(slot_->streamed_step); }
 
   // ---- Membership line.
   // The holder of `generation` is proven dead (its lock byte is free and the generation unchanged).
@@ -171,6 +200,11 @@ class WorkerSlotServerView {
 
   // ---- Progress line.
   // The clock after the newest clock record consumed from the ring; it only moves forward.
+  // Streamed BSP: the round summed pushes of step `step_plus_one - 1` from this ring. Stored
+  // before the head moves past them.
+  void mark_streamed_step(std::uint64_t step_plus_one) noexcept {
+    if (step_plus_one != load_own(slot_->streamed_step)) store_release(slot_->streamed_step, step_plus_one);
+  }
   void raise_consumed_clock(std::uint64_t clock) noexcept {
     if (clock > load_own(slot_->consumed_clock)) store_release(slot_->consumed_clock, clock);
   }

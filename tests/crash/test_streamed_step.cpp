@@ -1,0 +1,195 @@
+// BSP steps bigger than the rings: each worker's ring holds 256 KiB, less than one push of "w"
+// (120000 floats, 480 KB), so every step's pushes stream through the rings in chunks and the
+// server adds them to the step sums as they come (collect.hpp, apply.hpp). The steppers run with
+// --check (SGD, lr 1, bsp_aggregate = "sum", small-integer gradients): before each step every
+// worker's pull must equal minus the exact sum of the gradients of every earlier step of every
+// rank, so a chunk summed twice, lost, or a step applied twice fails them. Workers and the server
+// are SIGKILLed mid-step, mid-sum and mid-apply.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/server/optimizer.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
+
+#include "../support/exact.hpp"
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+
+namespace {
+
+const std::string kSpec = "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\n";
+const std::string kSmallRing = "ring_bytes = 262144\n";
+
+// check = false: without --check (an optimizer other than SGD at lr 1, whose sums are not exact).
+Process& start_stepper(Job& job, int rank, int workers, int steps, std::vector<std::string> extra = {},
+                       std::vector<std::pair<std::string, std::string>> env = {}, bool check = true) {
+  std::vector<std::string> argv{"shmps-test-pusher", "steps", "--workers", std::to_string(workers),
+                                "--steps",           std::to_string(steps), "--resume"};
+  if (check) argv.emplace_back("--check");
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  env.emplace_back("SHMPS_RANK", std::to_string(rank));
+  return job.start(argv, env);
+}
+
+// A stepper that finished: exit code 0, and it says its --check found no step wrong.
+void expect_finished(Process& p) {
+  EXPECT_EQ(p.wait(90s), 0) << p.output();
+  EXPECT_NE(p.output().find("wrong_steps 0"), std::string::npos) << p.output();
+}
+
+template <class Done>
+bool wait_until(Done&& done, std::chrono::milliseconds timeout = 30s) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(2ms);
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST(StreamedStep, TheRingsHoldLessThanAPushAndEveryStepIsTheExactSum) {
+  Watchdog watchdog(120s);
+  Job job("stream-bsp", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  job.start_server();
+  job.wait_ready();
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    EXPECT_TRUE(seg.streams_bsp_steps());
+    EXPECT_LT(seg.header().ring_bytes, shmps::test::kPatternW * sizeof(float));
+  }
+  std::vector<Process*> workers;
+  for (int r = 0; r < 4; ++r) workers.push_back(&start_stepper(job, r, 4, 15));
+  for (auto* w : workers) expect_finished(*w);
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 15u);
+}
+
+// A worker killed after its push of "w" for step 5 was summed (but before it pushed "b" and ended
+// the step) holds the step: the others wait, whatever on_worker_death says. Its successor repeats
+// the step, skips the chunks already summed, and every check still holds.
+TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) {
+  Watchdog watchdog(120s);
+  Job job("stream-kill", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  job.start_server();
+  job.wait_ready();
+  auto& victim = start_stepper(job, 0, 3, 12, {"--hang-at", "5"});
+  std::vector<Process*> others{&start_stepper(job, 1, 3, 12), &start_stepper(job, 2, 3, 12)};
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  ASSERT_TRUE(wait_until([&] { return victim.output().find("hanging in step 5") != std::string::npos; }))
+      << victim.output();
+  // Its chunks of step 5 reach the sums (the ring could not hold them all anyway).
+  ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.slot(0).streamed_step) == 6; }));
+  victim.kill(SIGKILL);
+  victim.wait(10s);
+  std::this_thread::sleep_for(500ms);  // the server proves the death; the step must not end without it
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 5u);
+  auto& successor = start_stepper(job, 0, 3, 12);
+  expect_finished(successor);
+  for (auto* w : others) expect_finished(*w);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
+}
+
+// Killed between two chunks of the streamed push: the successor skips exactly the chunks its
+// predecessor committed, the rest of the push included.
+TEST(StreamedStep, AWorkerKilledBetweenChunksIsFinishedByItsSuccessor) {
+  Watchdog watchdog(120s);
+  Job job("stream-chunk", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  job.start_server();
+  job.wait_ready();
+  // 8 chunks per push of "w", 7 passes between them per step: the 25th pass is in step 3.
+  auto& victim = start_stepper(job, 0, 3, 10, {}, {{"SHMPS_KILL_AT", "push.mid_stream:25"}});
+  std::vector<Process*> others{&start_stepper(job, 1, 3, 10), &start_stepper(job, 2, 3, 10)};
+  EXPECT_EQ(victim.wait(60s), 128 + SIGKILL) << victim.output();
+  auto& successor = start_stepper(job, 0, 3, 10);
+  expect_finished(successor);
+  for (auto* w : others) expect_finished(*w);
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 10u);
+}
+
+// The server killed while it adds a chunk to a slice's sums, or while it copies a step's new
+// values in: the next server finishes the copy from the redo entry, adds no chunk twice and
+// applies no slice's step twice.
+class StreamedStepServerKill : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(StreamedStepServerKill, TheNextServerAddsNoChunkTwiceAndAppliesNoStepTwice) {
+  Watchdog watchdog(120s);
+  Job job("stream-server", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
+  job.wait_ready();
+  std::vector<Process*> workers;
+  for (int r = 0; r < 3; ++r) workers.push_back(&start_stepper(job, r, 3, 12));
+  EXPECT_EQ(first.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  job.start_server();
+  job.wait_ready();
+  for (auto* w : workers) expect_finished(*w);
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
+  for (std::uint32_t e = 0; e < seg.header().redo_count; ++e) EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(KillPoints, StreamedStepServerKill,
+                         ::testing::Values("apply.mid_sum:30", "apply.mid_copy:20", "apply.before_release:15"));
+
+// The same with Adam and bf16 state (state_dtype = "bf16"): the step sums stay float32 while the
+// redo entries carry bf16 state, and a server killed mid-copy has its successor copy that state
+// in again. Adam is not exact, so the steppers run without --check; instead every slice must
+// have had exactly 12 optimizer steps, and the values must match 12 steps of the bf16 Adam
+// kernel over the exact step sums, computed here (the kernel is element-wise, so slicing does
+// not change it; a step applied twice or a chunk lost moves values by about lr).
+TEST(StreamedStepBf16, AServerKilledMidCopyLeavesAdamWithBf16StateAsIfNeverKilled) {
+  Watchdog watchdog(120s);
+  const std::string spec =
+      "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nslice_bytes = 65536\nmax_workers = 8\n" + kSmallRing +
+      "[optimizer]\nkind = \"adam\"\nlr = 0.01\nstate_dtype = \"bf16\"\n"
+      "[[param]]\nname = \"w\"\nshape = [3, 40000]\n[[param]]\nname = \"b\"\nshape = [7]\n";
+  Job job("stream-bf16", spec);
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", "apply.mid_copy:20"}});
+  job.wait_ready();
+  constexpr int kWorkers = 3, kSteps = 12;
+  std::vector<Process*> workers;
+  for (int r = 0; r < kWorkers; ++r) workers.push_back(&start_stepper(job, r, kWorkers, kSteps, {}, {}, false));
+  EXPECT_EQ(first.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  job.start_server();
+  job.wait_ready();
+  for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  ASSERT_TRUE(seg.streams_bsp_steps());
+  ASSERT_EQ(seg.header().optimizer.state_dtype, shmps::StateDType::bf16);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), std::uint64_t{kSteps});
+  for (std::uint32_t e = 0; e < seg.header().redo_count; ++e) EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u);
+  for (std::uint64_t s = 0; s < seg.header().slice_count; ++s) EXPECT_EQ(seg.slice(s).step, std::uint64_t{kSteps}) << s;
+  const shmps::OptimizerSettings settings = seg.header().optimizer;
+  for (const char* name : {"w", "b"}) {
+    const shm::ParamEntry& p = seg.param(static_cast<std::uint32_t>(seg.find_param(name)));
+    std::vector<float> want(p.size, 0.0f), g(p.size);
+    std::vector<std::uint16_t> m(p.size, 0), v(p.size, 0);
+    for (int t = 0; t < kSteps; ++t) {
+      for (std::size_t i = 0; i < p.size; ++i) {
+        g[i] = 0.0f;
+        for (int r = 0; r < kWorkers; ++r)
+          g[i] += shmps::test::pattern(static_cast<std::uint64_t>(r), static_cast<std::uint64_t>(t), i);
+      }
+      shmps::server::apply_update_bf16(settings, want, g, m, v, static_cast<std::uint64_t>(t + 1), 1.0f);
+    }
+    const float* got = seg.values(p);
+    double worst = 0.0;
+    for (std::size_t i = 0; i < p.size; ++i) worst = std::max(worst, std::fabs(static_cast<double>(got[i]) - want[i]));
+    EXPECT_LT(worst, 1e-3) << name << ": values differ from 12 bf16 Adam steps by up to " << worst;
+  }
+}

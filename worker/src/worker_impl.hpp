@@ -1,0 +1,238 @@
+// Internal to the worker library: the state of a Worker (Worker::Impl) and the waits that
+// pull(), view() and push() share. Included by worker.cpp (worker life, pull, push, clock) and
+// view.cpp (zero-copy reads); not installed.
+#pragma once
+
+#include <pthread.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/futex.hpp>
+#include <shmps/shm/liveness.hpp>
+#include <shmps/shm/membership.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/proc.hpp>
+#include <shmps/shm/ring.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/shm/worker_slot.hpp>
+
+#include "shmps/worker.hpp"
+
+namespace shmps {
+
+// The worker library's two source files use the segment's types unqualified; so does this header.
+using namespace shmps::shm;
+
+namespace worker_detail {
+
+using Clock = std::chrono::steady_clock;
+
+// Waits with back-off: spin a little (the common wait is microseconds), then sleep on `word`
+// (a futex the server bumps) when given, else in short naps. Returns false on timeout.
+template <class Done>
+inline bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
+                     std::atomic<std::uint32_t>* waiting_flag) {
+  for (int spin = 0; spin < 200; ++spin) {
+    if (done()) return true;
+    if (spin > 20) std::this_thread::yield();
+  }
+  while (true) {
+    if (done()) return true;
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    if (word != nullptr) {
+      const std::uint32_t seen = load_acquire(*word);
+      store_own(*waiting_flag, 1U);
+      fence_store_load();  // pairs with the server's fence between its progress bump and its look at `waiting`
+      if (!done()) futex_wait(*word, seen, std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(50)));
+      store_own(*waiting_flag, 0U);
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+}
+
+}  // namespace worker_detail
+
+using worker_detail::Clock;
+using worker_detail::wait_for;
+
+// Everything a Worker holds. Only the owning process's one thread uses it (worker.hpp).
+struct Worker::Impl {
+  WorkerOptions options;
+  Segment segment;
+  LockFile slots_lock;
+  int rank = -1;
+  WorkerSlotWorkerView slot;  // our slot: only the writes a worker may do (worker_slot.hpp)
+  RingProducer ring;
+  std::uint64_t generation = 0;
+  std::uint64_t published = 0;
+  std::uint64_t clock = 0;
+  bool pushed_in_step = false;  // pushes since the last clock()
+  std::uint64_t step_start = 0;  // ring position where this worker's open step begins
+  std::vector<std::byte> staged_state;     // committed with the next clock record
+  bool state_staged = false;
+  std::vector<std::byte> committed_state;  // the slot's latest committed resume state
+  bool admitted = false;                   // the server has admitted this generation (see layout.hpp)
+  bool attached = false;
+  // Set in a child process after fork(): the slot is the parent's (see "fork()" below).
+  bool forked_away = false;
+  pid_t owner_pid = 0;
+  std::vector<ParamInfo> params;
+  std::unordered_map<std::string, std::uint32_t> index;
+  // The streamed push an earlier process of this slot died in the middle of (see push()):
+  // finished by this worker's first push of the same parameter and range.
+  std::optional<UnfinishedPush> unfinished;
+  // The slot's stream words describe an unfinished streamed push: any other push clears them
+  // first, since they count on the chunks' sequence numbers being the slot's next ones.
+  bool stream_words_open = false;
+  // Streamed BSP steps: this process continues a step its slot's previous process died in, part
+  // of whose pushes are already in the server's step sums. Its first `step_skip` pushes (records:
+  // a streamed push counts one per chunk) are the ones the predecessor committed: they are not
+  // sent again, and take the sequence numbers from `skipped_seq` on.
+  std::uint64_t step_skip = 0;
+  std::uint64_t skipped_seq = 0;
+  bool step_first_written = false;  // the slot's step_first_seq already names this step's first push
+
+  // The push record claimed in the ring and not committed yet (so invisible to the server):
+  // by push() while it copies, or lent to a PushBuffer by borrow_push() until it commits or
+  // drops it. record == nullptr: none.
+  struct Claim {
+    PushRecord* record = nullptr;
+    std::uint32_t param = 0;
+    std::uint64_t offset = 0;
+    std::uint64_t count = 0;
+  };
+  Claim claim;
+  PushBuffer* borrower = nullptr;  // the PushBuffer that holds `claim`, if it is lent out
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  // A PushBuffer that outlives its Worker is left empty, not pointing into an unmapped ring.
+  ~Impl();
+  // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
+  void refuse_if_detached(const char* to) const;
+  // fork() safety (see below): the Impls of this process that hold a slot.
+  static std::vector<Impl*>& holding_slots();
+  static void register_for_fork(Impl* impl);
+  static void forget_all_in_forked_child();
+
+  // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
+  // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
+  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
+  std::uint64_t commit_push(double sum_sq);
+  // A push bigger than one ring record, streamed through the ring in chunks (push()).
+  std::uint64_t push_streamed(std::uint32_t param, std::size_t offset, std::span<const float> grad);
+  // The elements per chunk of a streamed push: whole slices, as many as one record holds.
+  std::uint64_t chunk_floats() const noexcept {
+    const std::uint64_t record = ring.max_record_floats(), slice = segment.header().slice_floats;
+    return record >= slice ? record / slice * slice : record;
+  }
+  // Where the chunk that starts at element `begin` of a push ending at `end` ends: chunks end
+  // on multiples of chunk_floats() within the parameter, so that they cover whole slices.
+  std::uint64_t chunk_end(std::uint64_t begin, std::uint64_t end) const noexcept {
+    const std::uint64_t c = chunk_floats();
+    return std::min(end, (begin / c + 1) * c);
+  }
+  [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
+  // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
+  void give_back() noexcept {
+    claim = {};
+    borrower = nullptr;
+    ring.abandon();
+  }
+  void forget_borrower() noexcept {
+    if (borrower == nullptr) return;
+    borrower->detach();
+    give_back();
+  }
+  // Throws if a PushBuffer is outstanding: `doing` starts the message, `consequence` ends it.
+  void refuse_if_borrowed(std::string_view doing, std::string_view consequence) const {
+    if (borrower == nullptr) return;
+    throw Error(std::string(doing) + ": a borrowed push buffer (for '" + params[claim.param].name + "' elements [" +
+                std::to_string(claim.offset) + ", " + std::to_string(claim.offset + claim.count) +
+                ")) is outstanding on this worker, which lends one at a time: commit() it or drop it first; " +
+                std::string(consequence));
+  }
+
+  // In BSP, waits (bounded) until the server admits this generation, and enters at its clock.
+  void await_admission() {
+    if (admitted) return;
+    const SegmentHeader& h = segment.header();
+    auto done = [&] { return slot.admitted_generation() == generation; };
+    if (!done() && load_acquire(h.consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return;
+    if (!wait_for(done, deadline(), &slot.progress_word(), &slot.waiting_flag()))
+      throw Error("worker " + std::to_string(rank) + " was not admitted to the BSP group within " +
+                  std::to_string(options.timeout.count()) + " ms; " + server_state());
+    admitted = true;
+    if (pushed_in_step) return;  // admitted after it had started a step: keep its clock
+    clock = std::max(clock, slot.admitted_clock());
+    slot.set_clock(clock);
+  }
+  std::uint32_t find(std::string_view name) const {
+    auto it = index.find(std::string(name));
+    if (it == index.end()) {
+      std::string known;
+      for (const auto& p : params) known += (known.empty() ? "" : ", ") + p.name;
+      throw Error("unknown parameter '" + std::string(name) + "' in segment '" + segment.name() + "': it has " + known);
+    }
+    return it->second;
+  }
+
+  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
+    const ParamEntry& p = segment.param(i);
+    if (count == 0)
+      throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
+    if (offset > p.size || count > p.size - offset)
+      throw Error(std::string(what) + " '" + params[i].name + "': elements [" + std::to_string(offset) + ", " +
+                  std::to_string(offset + count) + ") are outside the parameter, which has " + std::to_string(p.size) +
+                  " elements " + shape_string(p));
+  }
+
+  void heartbeat() { slot.heartbeat(monotonic_ns()); }
+
+  Clock::time_point deadline() const { return Clock::now() + options.timeout; }
+
+  bool counts(std::uint32_t r) const { return counts_for_group(segment.header(), segment.slot(r)); }
+  // The smallest clock among the workers that count (ourselves included), or our own clock.
+  std::uint64_t slowest_clock() const {
+    std::uint64_t slowest = clock;
+    const std::uint32_t n = segment.header().max_workers;
+    for (std::uint32_t r = 0; r < n; ++r)
+      if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
+    return slowest;
+  }
+  // Maps the values and the optimizer state read-only in this process (view.cpp).
+  void protect_values();
+  // Waits until this worker may read the values its clock needs (see Worker::pull), and records
+  // the staleness it saw. `what` ("pull of", "view of") starts the timeout's message.
+  void wait_for_consistency(const char* what, std::string_view name);
+  // Writes a clock record (end of step `clock`) and moves to clock + 1.
+  void end_step();
+  void wake_server() const {
+    fence_store_load();  // our commit must be visible before we look at server_sleeping
+    const SegmentHeader& h = segment.header();
+    if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
+  }
+
+  std::string server_state() const {
+    LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
+    return probe.probe(0) == Holder::alive ? "the server is alive but busy"
+                                           : "no server is running for it (start shmps-server again)";
+  }
+};
+
+}  // namespace shmps
