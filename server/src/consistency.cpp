@@ -68,13 +68,15 @@ void apply_spec_policy(Segment& segment, const ModelSpec& spec) {
 }
 
 std::string bsp_ring_note(const Segment& segment) {
+  if (segment.streams_bsp_steps()) return {};  // its steps stream into the step sums: they need not fit
   const LayoutPlan plan = plan_of(segment);
   const std::uint64_t need = bsp_step_ring_bytes(plan.params);
   if (plan.ring_bytes >= need) return {};
   return "each worker's ring holds " + std::to_string(plan.ring_bytes) + " bytes, less than one BSP step that pushes "
          "every parameter (" + std::to_string(need) + " bytes): such a step fails in the worker with what to do; push "
          "less per step, or make the job again with ring_bytes >= " + std::to_string(need) +
-         " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step)";
+         " (or with consistency = \"bsp\" in the spec, which sizes the rings for a step or, if that takes more than 32 MiB, "
+         "gives the job step sums)";
 }
 
 }  // namespace shmps::server

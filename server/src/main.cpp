@@ -62,7 +62,8 @@ void add_options(CLI::App& app, CommandLine& cl) {
       ->check(CLI::Range(0, 1000000));
   app.add_option("--ring-bytes", cl.ring_bytes,
                  "bytes of each worker's push ring, a multiple of 64 (overrides the spec's ring_bytes; default: two "
-                 "pushes of the largest parameter, or one whole step in BSP)");
+                 "pushes of the largest parameter, or one whole step in BSP, at most 32 MiB: bigger pushes and steps "
+                 "stream)");
   app.add_option("--max-workers", cl.max_workers, "worker slots (overrides the spec's max_workers)");
   app.add_flag("--plan", cl.plan_only,
                "print what the segment would cost, part by part, and whether huge pages are offered; create nothing");

@@ -263,8 +263,8 @@ void Segment::check_room(std::string_view name, std::uint64_t total_bytes) {
   if (total_bytes > free_bytes)
     throw Error("segment '" + std::string(name) + "' needs " + human_bytes(total_bytes) + " but " + std::string(kShmDir) +
                 " has only " + human_bytes(free_bytes) + " free: make the model smaller or its rings smaller (ring_bytes; by "
-                "default each of the max_workers rings holds two pushes of the largest parameter, a whole step in "
-                "BSP; shmps-server --plan shows every part), remove stale "
+                "default each of the max_workers rings holds two pushes of the largest parameter (a whole step in "
+                "BSP), at most 32 MiB; shmps-server --plan shows every part), remove stale "
                 "segments (shmps-ctl list / destroy), or enlarge " + std::string(kShmDir) + " (mount -o remount,size=... " +
                 std::string(kShmDir) + ")");
 }

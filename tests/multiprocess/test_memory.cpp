@@ -173,6 +173,78 @@ TEST(Memory, ThePlanOfASpecIsWhatTheLiveJobReportsAndItsPartsAddUpToTheFile) {
   EXPECT_HAS(log, offered ? "huge_pages=\"offered (" : "huge_pages=\"not offered (");
 }
 
+// Issue 14's target: one 1 GiB parameter, SGD, 64 worker slots. The rings no longer grow with
+// workers x model: each is capped at kMaxAutoRingBytes (pushes stream through it), and BSP adds
+// one model's worth of step sums instead of a whole step per ring. The plan must stay within
+// values + 64 x 64 MiB + 1 GiB (it was 129 GiB in ASP before the cap).
+TEST(Memory, A1GiBModelWith64WorkersHasCappedRingsAndInBspOneModelOfStepSums) {
+  Watchdog wd(60s);
+  constexpr std::uint64_t kSide = 16384, kWorkers = 64;
+  const std::string spec = R"(
+slice_bytes = 65536
+max_workers = 64
+[optimizer]
+kind = "sgd"
+lr = 0.01
+[[param]]
+name = "w"
+shape = [16384, 16384]
+)";
+  Job job("membig", spec);
+  Job bsp_job("membigbsp", "consistency = \"bsp\"\n" + spec);
+  const std::uint64_t values = kSide * kSide * sizeof(float);  // 1 GiB, a multiple of 64
+  const std::uint64_t rings = kWorkers * (sizeof(shm::RingHeader) + shm::kMaxAutoRingBytes);
+  const std::uint64_t bound = values + kWorkers * (std::uint64_t{64} << 20) + (std::uint64_t{1} << 30);
+  // The parts above the total add up to it.
+  const auto expect_parts_add_up = [](const std::vector<std::string>& table) {
+    std::uint64_t sum = 0;
+    for (std::size_t i = 1; i < table.size() && table[i].rfind("total ", 0) != 0; ++i) {
+      std::istringstream in(table[i].substr(20));
+      std::uint64_t bytes = 0;
+      in >> bytes;
+      sum += bytes;
+    }
+    EXPECT_EQ(sum, bytes_of(table, "total"));
+  };
+  const auto has_row = [](const std::vector<std::string>& table, const std::string& name) {
+    for (const auto& line : table)
+      if (line.rfind(name + "  ", 0) == 0) return true;
+    return false;
+  };
+  const std::string capped = "ring_bytes " + std::to_string(shm::kMaxAutoRingBytes) + " per worker: automatic: the cap of ";
+
+  const auto asp = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--plan"});
+  ASSERT_EQ(asp.code, 0) << asp.out;
+  EXPECT_HAS(asp.out, capped);
+  const auto asp_table = memory_table(asp.out);
+  EXPECT_EQ(bytes_of(asp_table, "values"), values);
+  EXPECT_EQ(bytes_of(asp_table, "optimizer state"), 0u);
+  EXPECT_EQ(bytes_of(asp_table, "rings"), rings);
+  EXPECT_FALSE(has_row(asp_table, "BSP step sums")) << asp.out;  // ASP never pays for them
+  EXPECT_LE(bytes_of(asp_table, "total"), bound) << asp.out;
+  expect_parts_add_up(asp_table);
+
+  // BSP, from the command line and from the spec: the same rings, plus one model of step sums.
+  const auto bsp = run({"shmps-server", "--spec", job.spec_path(), "--name", job.name(), "--consistency", "bsp", "--plan"});
+  const auto bsp_spec = run({"shmps-server", "--spec", bsp_job.spec_path(), "--name", bsp_job.name(), "--plan"});
+  for (const auto* plan : {&bsp, &bsp_spec}) {
+    ASSERT_EQ(plan->code, 0) << plan->out;
+    EXPECT_HAS(plan->out, capped);
+    const auto table = memory_table(plan->out);
+    EXPECT_EQ(bytes_of(table, "values"), values);
+    EXPECT_EQ(bytes_of(table, "BSP step sums"), values) << plan->out;
+    EXPECT_EQ(bytes_of(table, "rings"), rings);
+    EXPECT_LE(bytes_of(table, "total"), bound) << plan->out;
+    // The step sums are all BSP adds (and a huge-page boundary before them).
+    EXPECT_GE(bytes_of(table, "total"), bytes_of(asp_table, "total") + values);
+    EXPECT_LE(bytes_of(table, "total"), bytes_of(asp_table, "total") + values + shm::kHugePageBytes);
+    expect_parts_add_up(table);
+  }
+  EXPECT_EQ(memory_table(bsp.out), memory_table(bsp_spec.out));
+  expect_no_files(job.name());
+  expect_no_files(bsp_job.name());
+}
+
 TEST(Memory, TheModelIsAllocatedByTheServerAndEachRingByItsOwnWorkerWhenItAttaches) {
   Watchdog wd(60s);
   Job job("memtouch", kSpec);

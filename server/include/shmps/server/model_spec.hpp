@@ -11,8 +11,9 @@
 //   max_workers = 8         # optional, default 16. Worker slots: 1 to 1024.
 //   ring_bytes = 0          # optional, default 0 = sized by the server: room for two pushes
 //                           #   of the largest parameter (a push may use at most half a ring),
-//                           #   for one whole step in BSP, at least 1 MiB (shm/segment.hpp,
-//                           #   kMinRingBytes). Bytes of each worker's push ring: a multiple of
+//                           #   for one whole step in BSP, at least 1 MiB and at most 32 MiB
+//                           #   (shm/segment.hpp, kMinRingBytes): bigger pushes and BSP steps
+//                           #   stream through it. Bytes of each worker's push ring: a multiple of
 //                           #   64, at most 2^40. shmps-server --plan shows what it costs.
 //   server_threads = 2      # optional, default 0 = all cores. At most 4096.
 //   consistency = "asp"     # optional, default "asp". "asp" (asynchronous), "bsp" (bulk
