@@ -63,6 +63,10 @@ struct Limits {
   double pingpong_rtt_s = 0;    // a round trip over a shared atomic between two processes
 };
 
+// The plain p -= lr * g loop over `floats`, split over `threads` (1 or 2) threads: the peer the
+// apply group times in the same loop as the server's apply (limits.cpp).
+void plain_sgd_pass(float* p, const float* g, std::size_t floats, int threads);
+
 // The directory of this executable (where shmps-server, shmps-worker, shmps-launch are).
 std::string self_dir();
 

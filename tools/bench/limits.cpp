@@ -51,6 +51,20 @@ void sgd_loop(float* __restrict p, const float* __restrict g1, const float* __re
   }
 }
 
+}  // namespace
+
+void plain_sgd_pass(float* p, const float* g, std::size_t floats, int threads) {
+  if (threads == 1) {
+    sgd_loop(p, g, nullptr, 0, floats);
+    return;
+  }
+  std::thread other([&] { sgd_loop(p, g, nullptr, floats / 2, floats); });
+  sgd_loop(p, g, nullptr, 0, floats / 2);
+  other.join();
+}
+
+namespace {
+
 // Median time of the loop over `floats`, split over `threads` (1 or 2) threads.
 double time_sgd(std::size_t floats, int reps, int threads, bool two_gradients) {
   Floats p(floats, 1.0f), g1(floats, 0.5f), g2(two_gradients ? floats : 0, 0.25f);
