@@ -10,6 +10,7 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/ring.hpp>
 
+#include "apply_chunks.hpp"
 #include "parallel.hpp"
 #include "redo.hpp"
 
@@ -19,8 +20,9 @@ using namespace shmps::shm;
 
 namespace {
 
-// One slice's update in one round, computed in the applying thread's redo entry (in cache),
-// then copied in under the slice's seqlock (redo.hpp).
+// One slice's update in one round, through the applying thread's redo entry: chunk by chunk
+// (apply_chunks.hpp) when the entry can name all its inputs, else computed whole in the entry
+// and then copied in under the slice's seqlock (redo.hpp).
 class SliceUpdate {
  public:
   SliceUpdate(Segment& segment, std::uint64_t slice_index, std::size_t thread)
@@ -40,6 +42,7 @@ class SliceUpdate {
 
   // ASP/SSP: one optimizer step per contribution, in order.
   void apply_each(std::span<const Contribution> contributions) {
+    if (take_inputs(contributions, RedoMode::each)) return;
     for (const Contribution& c : contributions) {
       const Part part = part_of(c);
       if (!part.grad) continue;
@@ -58,6 +61,7 @@ class SliceUpdate {
 
   // BSP: the contributions summed in rank order (or their mean over the ranks), one step.
   void apply_sum(std::span<const Contribution> contributions, bool mean) {
+    if (take_inputs(contributions, mean ? RedoMode::mean : RedoMode::sum)) return;
     thread_local std::vector<float> sum;
     std::uint64_t ranks = 0;
     std::int64_t last_rank = -1;
@@ -117,8 +121,9 @@ class SliceUpdate {
   // applied already (a server that died mid-step: its clock says so).
   void apply_sums(std::uint64_t step, float scale) {
     if (slice_.sum_step != step + 1 || load_own(slice_.clock) > step) return;
-    const float* sums = segment_.step_sums(param_) + slice_.first;
-    update(sums, 0, slice_.count, scale, true);  // float32 sums; the state in the segment's dtype
+    mode_ = RedoMode::sums;  // always chunked: its only input is the step sums
+    scale_ = scale;
+    ++step_;
     updates_ = 1;  // its floats were counted when they were summed
     clock_after_ = step + 1;
   }
@@ -127,6 +132,7 @@ class SliceUpdate {
   void commit_sums() {
     if (updates_ == 0) return;
     redo_.target = RedoTarget::step_sums;
+    redo_.mode = RedoMode::whole;
     redo_.slice = slice_index_;
     redo_.count = slice_.count;
     redo_.sum_step_after = sum_step_;
@@ -140,20 +146,30 @@ class SliceUpdate {
     if (updates_ == 0) return;
     const std::uint64_t version_before = load_own(slice_.version);
     redo_.target = RedoTarget::values;
+    redo_.mode = mode_;
     redo_.slice = slice_index_;
     redo_.count = slice_.count;
     redo_.version_after = version_before + 2 * updates_;
     redo_.step_after = step_;
     redo_.clock_after = clock_after_;
-    store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this copy
-    copy_in(segment_, redo_);
-    store_release(redo_.valid, 0U);
     // For the monitor: the slice's value norm, sampled every 8th update (and the first), from
-    // the copy still in this thread's cache.
-    if (version_before == 0 || version_before / 16 != redo_.version_after / 16) {
-      const double sq = squared_norm(std::span<const float>(values_, slice_.count));
-      store_release(slice_.value_sq_norm, std::bit_cast<std::uint64_t>(sq));
+    // the new values while they are still in this thread's cache.
+    const bool sample = version_before == 0 || version_before / 16 != redo_.version_after / 16;
+    double sq = 0;
+    if (mode_ != RedoMode::whole) {
+      redo_.inputs = static_cast<std::uint32_t>(parts_.size());
+      redo_.scale = scale_;
+      store_release(redo_.done, std::uint64_t{0});
+      store_release(redo_.chunk_lo, kNoChunk);
+      store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this update
+      run_chunks(segment_, redo_, parts_, sample ? &sq : nullptr);  // clears valid
+    } else {
+      store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this copy
+      copy_in(segment_, redo_);
+      store_release(redo_.valid, 0U);
+      if (sample) sq = squared_norm(std::span<const float>(values_, slice_.count));
     }
+    if (sample) store_release(slice_.value_sq_norm, std::bit_cast<std::uint64_t>(sq));
     ParamStats& stats = segment_.param_stats(slice_.param);
     stats.slice_updates.fetch_add(updates_, std::memory_order_relaxed);
     stats.floats_applied.fetch_add(floats_, std::memory_order_relaxed);
@@ -185,6 +201,33 @@ class SliceUpdate {
     last_[c.rank] = c.record->seq;
     floats_ += part.n;
     return part;
+  }
+
+  // Whether the redo entry can name every input of a run of `contributions` (the chunked path).
+  bool chunked_possible(std::size_t contributions = 0) const noexcept {
+    return contributions <= redo_input_capacity(segment_.header().max_workers);
+  }
+  // The chunked path: takes the run's inputs (their parts, and their names in the redo entry)
+  // and leaves the update to commit(); false if there are too many for the entry.
+  bool take_inputs(std::span<const Contribution> contributions, RedoMode mode) {
+    if (!chunked_possible(contributions.size())) return false;
+    thread_local std::vector<SlicePart> parts;
+    parts.clear();
+    RedoInput* inputs = segment_.redo_inputs(redo_);
+    for (const Contribution& c : contributions) {
+      const Part part = part_of(c);
+      if (!part.grad) continue;
+      const auto ring_offset = static_cast<std::uint64_t>(reinterpret_cast<const std::byte*>(c.record) -
+                                                          segment_.ring_data(c.rank));
+      inputs[parts.size()] = RedoInput{c.rank, 0, ring_offset, c.record->seq};
+      parts.push_back(SlicePart{part.grad, part.lo, part.n, part.scale, c.rank});
+    }
+    parts_ = parts;
+    mode_ = mode;
+    const std::uint64_t steps = parts.empty() ? 0 : mode == RedoMode::each ? parts.size() : 1;
+    step_ += steps;
+    updates_ = steps;
+    return true;
   }
 
   // State array a of the redo entry, elements [lo, lo + n), as T (float or bf16 bits).
@@ -246,6 +289,9 @@ class SliceUpdate {
   const float* slice_values_ = nullptr;  // the current values, in the segment
   const std::byte* slice_state_[2] = {nullptr, nullptr};
   bool in_redo_ = false;  // the redo entry holds the slice's current values and state
+  RedoMode mode_ = RedoMode::whole;  // how commit() gets the update in
+  std::span<const SlicePart> parts_;  // the chunked path's inputs
+  float scale_ = 1.0f;                // RedoMode::sums: the factor on the step sums
   std::uint64_t updates_ = 0, floats_ = 0, skipped_ = 0;
   std::uint64_t sum_step_ = 0, clock_after_ = 0;
 };

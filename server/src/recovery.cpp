@@ -5,6 +5,7 @@
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
 
+#include "apply_chunks.hpp"
 #include "consistency.hpp"
 #include "redo.hpp"
 
@@ -43,13 +44,17 @@ void recover_segment(Segment& segment, const ServerOptions& options, std::uint64
   const ModelSpec& spec = options.spec;
   check_same_model(segment, spec, spec_hash);
   SegmentHeader& h = segment.header();
-  // A redo entry still marked valid: the previous server died while copying a slice in. Copy it
-  // in again (idempotent) so the slice holds exactly its new values and its exactly-once row.
+  // A redo entry still marked valid: the previous server died while writing a slice. Finish the
+  // write (a whole-slice copy again, idempotent; a chunked update from its pending chunk on) so
+  // the slice holds exactly its new values and its exactly-once row.
   std::uint64_t replayed = 0;
   for (std::uint32_t i = 0; i < h.redo_count; ++i) {
     RedoEntry& e = segment.redo(i);
     if (load_acquire(e.valid) == 0) continue;
-    copy_in(segment, e);
+    if (e.mode == RedoMode::whole)
+      copy_in(segment, e);
+    else
+      finish_chunked(segment, e);  // computes the rest of the slice from the inputs the entry names
     ++replayed;
   }
   // With the redo log every odd word has a valid entry; an odd word without one is damage.

@@ -171,7 +171,8 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   offset = align_up(offset + plan.slice_count * request.max_workers * sizeof(std::uint64_t), kCacheLine);
   plan.redo_offset = offset;
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
-                                  plan.slice_floats * sizeof(float) + request.state_arrays * plan.slice_floats * state_elem,
+                                  redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
+                                  request.state_arrays * plan.slice_floats * state_elem,
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;

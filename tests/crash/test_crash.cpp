@@ -115,6 +115,16 @@ TEST(ServerCrash, KilledInTheMiddleOfCopyingASliceInTheNextServerRedoesItOnce) {
       "event=redo");
 }
 
+TEST(ServerCrash, KilledBetweenTheChunksOfASliceTheNextServerFinishesItFromItsInputsOnce) {
+  // Half of a slice holds its new values, half its old ones; the redo entry names the pushes,
+  // which the next server finds in the rings and applies to the rest (apply_chunks.hpp).
+  kill_server_at("apply.mid_chunks:40", expect_torn_slices_covered_by_redo, "event=redo");
+}
+
+TEST(StreamedPush, ServerKilledBetweenTheChunksOfASliceFinishesItOnce) {
+  kill_server_at("apply.mid_chunks:40", expect_torn_slices_covered_by_redo, "event=redo", kStreamed);
+}
+
 TEST(ServerCrash, KilledBetweenApplyAndCursorAdvanceAppliesNothingTwice) {
   kill_server_at(
       "apply.before_release:25",

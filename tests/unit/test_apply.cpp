@@ -11,6 +11,7 @@
 #include <span>
 #include <vector>
 
+#include <shmps/error.hpp>
 #include <shmps/server/initialise.hpp>
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
@@ -18,6 +19,7 @@
 #include <shmps/shm/ring.hpp>
 
 #include "apply.hpp"
+#include "apply_chunks.hpp"
 #include "bootstrap.hpp"
 #include "collect.hpp"
 #include "redo.hpp"
@@ -385,4 +387,188 @@ TEST(Collect, StepDiscardsTheOpenGroupOfADeadGeneration) {
   EXPECT_EQ(plan.ranks[0].last_seq, 2u);
   ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::sum);
   for (const float v : m.values()) ASSERT_EQ(v, 9.0f);
+}
+
+// ---- The chunked apply (apply_chunks.hpp) and its recovery ------------------------------------
+
+namespace {
+
+// 5000 floats in slices of 4096 (the last one 904): slice 0 is four 1024-float chunks. Adam, so
+// that recovery must also get the optimizer state and each update's step count right.
+constexpr const char* kAdamChunks = R"(
+max_workers = 2
+slice_bytes = 16384
+ring_bytes = 65536
+[optimizer]
+kind = "adam"
+lr = 0.01
+[[param]]
+name = "p"
+shape = [5000]
+init = { kind = "constant", value = 1.0 }
+)";
+
+// A whole-parameter push of rank `rank` in its ring, with gradients that differ per element.
+const PushRecord& push_varied(Segment& s, std::uint32_t rank, std::uint64_t seq) {
+  RingProducer ring(&s.ring(rank), s.ring_data(rank));
+  PushRecord* rec = ring.try_claim(5000);
+  EXPECT_NE(rec, nullptr);
+  rec->param = 0;
+  rec->offset = 0;
+  rec->count = 5000;
+  rec->seq = seq;
+  rec->generation = 1;
+  for (std::size_t k = 0; k < 5000; ++k)
+    record_payload(rec)[k] = static_cast<float>((k * 7 + rank * 3 + seq) % 23) * 0.25f - 2.5f;
+  ring.commit();
+  return *rec;
+}
+
+struct SliceState {
+  std::vector<float> values, m, v;
+  std::uint64_t version = 0, step = 0, row0 = 0, row1 = 0;
+  bool operator==(const SliceState&) const = default;
+};
+
+float* state_of(Segment& s, int array) { return reinterpret_cast<float*>(s.state_bytes(s.param(0), array)); }
+float* redo_state_of(Segment& s, RedoEntry& e, int array) { return reinterpret_cast<float*>(s.redo_state(e, array)); }
+
+SliceState slice0(Model& m) {
+  Segment& s = m.segment;
+  const ParamEntry& p = s.param(0);
+  const std::uint64_t n = s.slice(0).count;
+  return {std::vector<float>(s.values(p), s.values(p) + n), std::vector<float>(state_of(s, 0), state_of(s, 0) + n),
+          std::vector<float>(state_of(s, 1), state_of(s, 1) + n), m.version(0), s.slice(0).step,
+          s.last_applied(0, 0), s.last_applied(0, 1)};
+}
+
+}  // namespace
+
+TEST(ChunkedApply, AServerKilledAfterAnyChunkIsFinishedFromTheInputsAsIfNeverKilled) {
+  // Model `done` runs two rounds of two ranks' pushes. Model `killed` runs the first round, then
+  // is left as a server killed in round two's apply of slice 0 leaves it: chunks below `done_chunks`
+  // written, optionally the next one half copied (its new values in the redo entry), the rest old.
+  // finish_chunked must then leave slice 0 exactly (bit for bit) as the finished model has it.
+  constexpr std::uint64_t kChunk = server::kApplyChunkFloats;
+  for (const Aggregation how : {Aggregation::each, Aggregation::mean}) {
+    Model done(kAdamChunks);
+    ApplyEngine done_engine(done.segment, done.arena);
+    for (std::uint64_t round = 1; round <= 2; ++round) {
+      RoundPlan plan = plan_of(done, {{0, &push_varied(done.segment, 0, round)}, {1, &push_varied(done.segment, 1, round)}});
+      done_engine.apply(plan.contributions, how);
+    }
+    const SliceState want = slice0(done);
+    ASSERT_EQ(done.segment.slice(0).count, 4 * kChunk);
+    ASSERT_EQ(want.step, how == Aggregation::each ? 4u : 2u);
+
+    for (std::uint64_t done_chunks = 0; done_chunks < 4; ++done_chunks)
+      for (const bool pending : {false, true}) {
+        SCOPED_TRACE(testing::Message() << (how == Aggregation::each ? "each" : "mean") << ", " << done_chunks
+                                        << " chunks written" << (pending ? ", the next one half copied" : ""));
+        Model killed(kAdamChunks);
+        ApplyEngine engine(killed.segment, killed.arena);
+        RoundPlan first = plan_of(killed, {{0, &push_varied(killed.segment, 0, 1)}, {1, &push_varied(killed.segment, 1, 1)}});
+        engine.apply(first.contributions, how);
+        const PushRecord& a = push_varied(killed.segment, 0, 2);
+        const PushRecord& b = push_varied(killed.segment, 1, 2);
+        Segment& s = killed.segment;
+        const ParamEntry& p = s.param(0);
+        RedoEntry& e = s.redo(1);
+        e.target = RedoTarget::values;
+        e.mode = how == Aggregation::each ? RedoMode::each : RedoMode::mean;
+        e.slice = 0;
+        e.count = 4 * kChunk;
+        e.version_after = want.version;
+        e.step_after = want.step;
+        e.clock_after = 0;
+        e.inputs = 2;
+        const auto ring_offset = [&](std::uint32_t rank, const PushRecord& rec) {
+          return static_cast<std::uint64_t>(reinterpret_cast<const std::byte*>(&rec) - s.ring_data(rank));
+        };
+        s.redo_inputs(e)[0] = RedoInput{0, 0, ring_offset(0, a), 2};
+        s.redo_inputs(e)[1] = RedoInput{1, 0, ring_offset(1, b), 2};
+        s.redo_last_applied(e)[0] = want.row0;
+        s.redo_last_applied(e)[1] = want.row1;
+        // The slice as the killed server left it.
+        store_release(s.slice(0).version, load_acquire(s.slice(0).version) + 1);
+        const std::uint64_t written = done_chunks * kChunk;
+        std::copy_n(want.values.begin(), written, s.values(p));
+        std::copy_n(want.m.begin(), written, state_of(s, 0));
+        std::copy_n(want.v.begin(), written, state_of(s, 1));
+        store_release(e.done, written);
+        store_release(e.chunk_lo, kNoChunk);
+        if (pending) {
+          std::copy_n(want.values.begin() + written, kChunk, s.redo_values(e));
+          std::copy_n(want.m.begin() + written, kChunk, redo_state_of(s, e, 0));
+          std::copy_n(want.v.begin() + written, kChunk, redo_state_of(s, e, 1));
+          std::copy_n(want.values.begin() + written, kChunk / 2, s.values(p) + written);  // torn
+          e.chunk_count = kChunk;
+          store_release(e.chunk_lo, written);
+        }
+        store_release(e.valid, 1U);
+
+        server::finish_chunked(s, e);
+        EXPECT_EQ(load_acquire(e.valid), 0u);
+        const SliceState got = slice0(killed);
+        EXPECT_EQ(got.version, want.version);
+        EXPECT_EQ(got.step, want.step);
+        EXPECT_EQ(got.row0, want.row0);
+        EXPECT_EQ(got.row1, want.row1);
+        for (std::size_t k = 0; k < want.values.size(); ++k) {
+          ASSERT_EQ(got.values[k], want.values[k]) << "element " << k;
+          ASSERT_EQ(got.m[k], want.m[k]) << "element " << k;
+          ASSERT_EQ(got.v[k], want.v[k]) << "element " << k;
+        }
+      }
+  }
+}
+
+TEST(ChunkedApply, ARedoEntryNamingAPushItsRingNoLongerHoldsIsReportedAsDamage) {
+  Model m(kAdamChunks);
+  Segment& s = m.segment;
+  const PushRecord& a = push_varied(s, 0, 1);
+  RedoEntry& e = s.redo(0);
+  e.target = RedoTarget::values;
+  e.mode = RedoMode::each;
+  e.slice = 0;
+  e.count = s.slice(0).count;
+  e.version_after = 2;
+  e.step_after = 1;
+  e.inputs = 1;
+  const auto offset = static_cast<std::uint64_t>(reinterpret_cast<const std::byte*>(&a) - s.ring_data(0));
+  s.redo_inputs(e)[0] = RedoInput{0, 0, offset, 7};  // the ring holds push 1 there
+  store_release(e.done, std::uint64_t{0});
+  store_release(e.chunk_lo, kNoChunk);
+  store_release(e.valid, 1U);
+  const std::vector<float> before(m.values().begin(), m.values().end());
+  try {
+    server::finish_chunked(s, e);
+    FAIL() << "no error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("names push 7 of worker 0, but its ring no longer holds that push"),
+              std::string::npos)
+        << error.what();
+    EXPECT_NE(std::string(error.what()).find("shmps-ctl destroy"), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(std::vector<float>(m.values().begin(), m.values().end()), before) << "nothing changed";
+}
+
+TEST(ApplyEngine, ARunWithMoreContributionsThanTheRedoEntryNamesGoesInWhole) {
+  // kSgd has 4 worker slots: a redo entry names up to 2 * 4 + 16 = 24 inputs. Thirty pushes of
+  // one rank to slice 0 in one round take the whole-slice redo instead, with the same result.
+  Model m(kSgd);
+  Records r;
+  RoundPlan plan;
+  plan.ranks.resize(4);
+  for (std::uint64_t seq = 1; seq <= 30; ++seq)
+    ASSERT_TRUE(server::add_contributions(m.segment, 0, r.push(0, filled(256, 1.0f), seq), plan.contributions));
+  ASSERT_GT(plan.contributions.size(), redo_input_capacity(4));
+  const server::ApplyTotals totals = ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::each);
+  EXPECT_EQ(totals.floats, 30u * 256u);
+  const auto v = m.values();
+  for (std::size_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], i < 256 ? 10.0f - 30.0f : 10.0f) << "element " << i;
+  EXPECT_EQ(m.version(0), 60u);
+  EXPECT_EQ(m.segment.slice(0).step, 30u);
+  EXPECT_EQ(m.segment.last_applied(0, 0), 30u);
+  EXPECT_EQ(m.segment.redo(0).mode, RedoMode::whole);
 }

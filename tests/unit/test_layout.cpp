@@ -128,6 +128,7 @@ TEST(LayoutFields, EveryListTilesItsStructByteForByte) {
   EXPECT_EQ(untiled_field<SliceEntry>(), "");
   EXPECT_EQ(untiled_field<ParamStats>(), "");
   EXPECT_EQ(untiled_field<RedoEntry>(), "");
+  EXPECT_EQ(untiled_field<RedoInput>(), "");
   EXPECT_EQ(untiled_field<WorkerSlot>(), "");
   EXPECT_EQ(untiled_field<RingHeader>(), "");
   EXPECT_EQ(untiled_field<PushRecord>(), "");
@@ -290,7 +291,8 @@ TEST(Memory, Bf16StateWithStreamedBspStepsKeepsTheStepSumsFloat32) {
   EXPECT_EQ(plan.step_sums_offset % kHugePageBytes, 0u);
   EXPECT_LE(plan.step_sums_offset + plan.step_sums_bytes, plan.total_bytes);
   EXPECT_EQ(plan.redo_stride, align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
-                                           plan.slice_floats * sizeof(float) + 2 * plan.slice_floats * 2,
+                                           redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
+                                           2 * plan.slice_floats * 2,
                                        kCacheLine));
 }
 

@@ -101,8 +101,9 @@ namespace shmps::shm {
 inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1" little-endian
 // 3: pushes stream through bounded rings (WorkerSlot::stream_*), BSP step sums;
-// 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it)
-inline constexpr std::uint32_t kLayoutVersion = 4;
+// 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it);
+// 5: chunked apply (RedoEntry modes and inputs, RedoInput)
+inline constexpr std::uint32_t kLayoutVersion = 5;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -426,17 +427,36 @@ struct alignas(kCacheLine) ParamStats {
   FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
-// RedoEntry: one per server apply thread, server only. The thread computes a slice's new values,
-// optimizer state and redo-table row here, marks the entry valid, copies them into the slice
-// under its seqlock, and clears the mark. A server killed in between leaves the entry valid (and
-// the slice's version word odd); the next server copies the entry in again, which is idempotent,
-// so no slice stays torn and no push is applied twice.
+// RedoEntry: one per server apply thread, server only. Two ways to get a slice's update in:
 //
-//   RedoEntry | u64 last_applied[max_workers] | float values[slice_floats] | state[state_arrays][slice_floats]
+// Whole slice (mode whole): the thread computes the slice's new values, optimizer state and
+// exactly-once row here, marks the entry valid, copies them into the slice under its seqlock,
+// and clears the mark. A server killed in between leaves the entry valid (and the slice's
+// version word odd); the next server copies the entry in again, which is idempotent.
+//
+// Chunked (modes each, sum, mean, sums; server/src/apply_chunks.hpp): the slice is updated in
+// place a chunk of a few KiB at a time, so the new values never leave the thread's L1 cache
+// before they reach the slice (a whole-slice copy is a second pass over the slice through L2).
+// The entry names the update's inputs (the push records, still in their rings until the round
+// is published, or the slice's step sums), `done` says how many of the slice's elements hold the
+// new values, and `chunk_lo` (when not kNoChunk) says the entry's arrays hold the new values of
+// elements [chunk_lo, chunk_lo + chunk_count). A server killed mid-slice leaves the entry valid;
+// the next server copies the pending chunk in and computes the rest from the same inputs, so the
+// slice ends exactly as if the first server had finished (apply_chunks.hpp, finish_chunked).
+//
+// Either way no slice stays torn and no push is applied twice.
+//
+//   RedoEntry | u64 last_applied[max_workers] | RedoInput inputs[redo_input_capacity]
+//             | float values[slice_floats] | state[state_arrays][slice_floats]
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
-//   no state.
+//   no state; a chunked entry uses the first chunk of each array.
 enum class RedoTarget : std::uint32_t { values = 0, step_sums = 1 };
+// How the entry's update is computed: copied in whole, or chunk by chunk from its inputs with one
+// optimizer step per input (each), one step with their sum or mean, or one step with the slice's
+// step sums times `scale` (sums).
+enum class RedoMode : std::uint32_t { whole = 0, each = 1, sum = 2, mean = 3, sums = 4 };
+inline constexpr std::uint64_t kNoChunk = ~std::uint64_t{0};
 
 struct alignas(kCacheLine) RedoEntry {
   SHMPS_SHARED_IN_PLACE(RedoEntry);
@@ -450,10 +470,37 @@ struct alignas(kCacheLine) RedoEntry {
   std::uint64_t clock_after;    // values of a streamed BSP step: the slice's clock after it (0: unchanged)
   std::uint64_t sum_step_after; // step sums: the slice's sum_step once the copy is done
   std::uint64_t reserved;
+  // Chunked apply (mode != whole): see above.
+  RedoMode mode;
+  std::uint32_t inputs;                 // RedoInputs in use
+  std::atomic<std::uint64_t> done;      // the slice's elements [0, done) hold the new values
+  std::atomic<std::uint64_t> chunk_lo;  // the arrays hold elements [chunk_lo, chunk_lo + chunk_count), or kNoChunk
+  std::uint64_t chunk_count;
+  float scale;                          // mode sums: the factor on the step sums (1, or 1 / ranks)
+  std::uint32_t reserved1;
+  std::uint64_t reserved2[3];
 };
 #define SHMPS_REDO_ENTRY_FIELDS(FIELD, PAD) \
   FIELD(valid) FIELD(target) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(clock_after) \
-  FIELD(sum_step_after) FIELD(reserved)
+  FIELD(sum_step_after) FIELD(reserved) FIELD(mode) FIELD(inputs) FIELD(done) FIELD(chunk_lo) FIELD(chunk_count) \
+  FIELD(scale) FIELD(reserved1) FIELD(reserved2)
+
+// One input of a chunked update: the push record of worker `rank` with sequence number `seq`, at
+// byte `ring_offset` of that worker's ring data.
+struct RedoInput {
+  std::uint32_t rank;
+  std::uint32_t reserved;
+  std::uint64_t ring_offset;
+  std::uint64_t seq;
+};
+#define SHMPS_REDO_INPUT_FIELDS(FIELD, PAD) FIELD(rank) FIELD(reserved) FIELD(ring_offset) FIELD(seq)
+
+// How many inputs a redo entry holds: one whole-model push per worker in a BSP step twice over,
+// and some. A slice's round with more contributions than this goes in whole (mode whole).
+constexpr std::uint64_t redo_input_capacity(std::uint64_t max_workers) noexcept { return 2 * max_workers + 16; }
+constexpr std::uint64_t redo_inputs_bytes(std::uint64_t max_workers) noexcept {
+  return align_up(redo_input_capacity(max_workers) * sizeof(RedoInput), kCacheLine);
+}
 
 // ---------------------------------------------------------------------------------------------
 // WorkerSlot: one per rank. The worker holding the slot (proven by its lock on byte `rank` of
@@ -626,7 +673,8 @@ static_assert(sizeof(SliceEntry) == kCacheLine);
 static_assert(sizeof(WorkerSlot) % kCacheLine == 0);
 static_assert(sizeof(RingHeader) == 3 * kCacheLine);
 static_assert(sizeof(PushRecord) == kCacheLine);
-static_assert(sizeof(RedoEntry) == kCacheLine);
+static_assert(sizeof(RedoEntry) == 2 * kCacheLine);
+static_assert(sizeof(RedoInput) == 24);
 static_assert(sizeof(ParamStats) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
 
@@ -674,6 +722,7 @@ SHMPS_DESCRIBE_FIELDS(ParamEntry, SHMPS_PARAM_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(SliceEntry, SHMPS_SLICE_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(ParamStats, SHMPS_PARAM_STATS_FIELDS);
 SHMPS_DESCRIBE_FIELDS(RedoEntry, SHMPS_REDO_ENTRY_FIELDS);
+SHMPS_DESCRIBE_FIELDS(RedoInput, SHMPS_REDO_INPUT_FIELDS);
 SHMPS_DESCRIBE_FIELDS(WorkerSlot, SHMPS_WORKER_SLOT_FIELDS);
 SHMPS_DESCRIBE_FIELDS(RingHeader, SHMPS_RING_HEADER_FIELDS);
 SHMPS_DESCRIBE_FIELDS(PushRecord, SHMPS_PUSH_RECORD_FIELDS);
@@ -692,7 +741,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
   for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{BOOST_VERSION}, std::uint64_t{__GNUC__},
                           std::uint64_t{__GNUC_MINOR__}})
     h = detail::fnv1a(h, v);
-  h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, RedoEntry,
+  h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, RedoEntry, RedoInput,
                                  WorkerSlot, RingHeader, PushRecord>(h);
   return detail::fnv1a_str(h, __VERSION__);
 }();

@@ -191,8 +191,12 @@ class Segment {
 
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
   std::uint64_t* redo_last_applied(RedoEntry& e) noexcept { return reinterpret_cast<std::uint64_t*>(&e + 1); }
+  RedoInput* redo_inputs(RedoEntry& e) noexcept {
+    return reinterpret_cast<RedoInput*>(redo_last_applied(e) + align_up(header().max_workers, 8));
+  }
   float* redo_values(RedoEntry& e) noexcept {
-    return reinterpret_cast<float*>(redo_last_applied(e) + align_up(header().max_workers, 8));
+    return reinterpret_cast<float*>(reinterpret_cast<std::byte*>(redo_inputs(e)) +
+                                    redo_inputs_bytes(header().max_workers));
   }
   // The entry's state arrays, in the segment's state dtype (state_elem_bytes() per element).
   std::byte* redo_state(RedoEntry& e, int array) noexcept {
