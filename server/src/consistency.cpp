@@ -45,6 +45,26 @@ bool complete_step(Segment& segment, std::uint64_t step, const RoundPlan& plan) 
   return true;
 }
 
+bool apply_step_sums_left_by_a_switch(Segment& segment, ApplyEngine& engine, std::uint64_t step) {
+  SegmentHeader& h = segment.header();
+  bool pending = false;
+  for (std::uint64_t i = 0; i < h.slice_count && !pending; ++i) {
+    const SliceEntry& slice = segment.slice(i);
+    pending = slice.sum_step == step + 1 && load_own(slice.clock) <= step;
+  }
+  if (pending) {
+    RoundPlan none;
+    none.ranks.resize(h.max_workers);
+    engine.apply_step_sums(step, streamed_step_scale(segment, step, none));
+    for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, step + 1);
+    store_release(h.model_clock, step + 1);
+    bump_counter(h.steps, std::uint64_t{1});
+  }
+  for (std::uint64_t i = 0; i < h.slice_count; ++i) segment.slice(i).sum_step = 0;
+  for (std::uint32_t r = 0; r < h.max_workers; ++r) store_release(segment.slot(r).streamed_step, std::uint64_t{0});
+  return pending;
+}
+
 void switch_consistency(Segment& segment, Consistency mode, std::uint32_t staleness) {
   SegmentHeader& h = segment.header();
   const auto old = static_cast<Consistency>(load_own(h.consistency));

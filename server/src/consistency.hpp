@@ -35,6 +35,15 @@ float streamed_step_scale(const shm::Segment& segment, std::uint64_t step, const
 // when nobody pushed; with no worker at all there is no step. True if the clocks moved.
 bool complete_step(shm::Segment& segment, std::uint64_t step, const RoundPlan& plan);
 
+// A live switch out of BSP in the middle of a streamed step (a round whose policy no longer
+// streams steps, on a segment that has step sums): the pushes already in step `step`'s sums are
+// applied as that step, once (a slice whose clock says it has the step is skipped), the slices'
+// and the model clock move past it, and the sums are forgotten (every slice's sum_step and every
+// slot's streamed_step back to 0), so that a later switch back to BSP starts its steps from zero.
+// The rest of the step's pushes, sent after the switch, are then applied as they come. Idempotent:
+// a server killed in the middle does it again. True if there were sums to apply.
+bool apply_step_sums_left_by_a_switch(shm::Segment& segment, ApplyEngine& engine, std::uint64_t step);
+
 // Switches a live job to `mode` (and SSP bound). Entering BSP starts at the clock of the slowest
 // worker that counts, so faster workers wait for it at their next pull and nobody's finished
 // steps are collected twice. Call between rounds only.

@@ -51,6 +51,9 @@ struct Server::Impl {
   std::optional<CheckpointScheduler> checkpoints;
   std::optional<Commands> commands;
   std::atomic<bool> stop_requested{false};
+  // The step sums may hold part of a step that a switch out of BSP left (consistency.hpp,
+  // apply_step_sums_left_by_a_switch): looked at in the first round after each switch, and the first round.
+  bool step_sums_may_hold_a_step = true;
 
   Segment& segment() { return boot.segment; }
   SegmentHeader& header() { return boot.segment.header(); }
@@ -120,6 +123,15 @@ std::uint64_t Server::apply_round() {
   s.membership->admit_new_workers();
 
   const RoundPolicy policy = policy_for_round(s.header());
+  if (policy.streamed_steps) {
+    s.step_sums_may_hold_a_step = true;
+  } else if (s.step_sums_may_hold_a_step && segment.streams_bsp_steps()) {
+    s.step_sums_may_hold_a_step = false;  // checked once after each switch out of BSP (and at start)
+    if (apply_step_sums_left_by_a_switch(segment, *s.engine, policy.step))
+      spdlog::info("event=step_sums_applied segment={} step={} reason=\"the job left BSP in the middle of the step: "
+                   "the pushes already summed are applied as that step, the rest as they come\"",
+                   s.header().name, policy.step);
+  }
   bool step_complete = false;
   if (policy.whole_steps)
     step_complete = collect_step(segment, s.rings, policy.step, s.plan);

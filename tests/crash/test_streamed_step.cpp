@@ -14,9 +14,11 @@
 #include <thread>
 #include <vector>
 
+#include <shmps/error.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
 
 #include "../support/exact.hpp"
 #include "../support/harness.hpp"
@@ -79,6 +81,45 @@ TEST(StreamedStep, TheRingsHoldLessThanAPushAndEveryStepIsTheExactSum) {
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 15u);
 }
 
+// A live switch out of BSP in the middle of a streamed step: the pushes already summed are
+// applied as that step, once; the step's other pushes, sent after the switch, as they come; and a
+// switch back to BSP at the same step starts from zero sums, so nothing is applied twice.
+TEST(StreamedStep, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLosesNothing) {
+  Watchdog watchdog(90s);
+  Job job("stream-switch", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const std::size_t n = shmps::test::kPatternW;
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+  shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 30s});
+  const auto set = [&](const std::string& setting) {
+    Process ctl({"shmps-ctl", "set", job.name(), setting});
+    ASSERT_EQ(ctl.wait(20s), 0) << ctl.output();
+  };
+  const auto expect_w = [&](float want, const char* when) {
+    std::vector<float> w(n);
+    w0.pull("w", w);
+    for (std::size_t k = 0; k < n; ++k) ASSERT_EQ(w[k], want) << when << ", element " << k;
+  };
+  // Step 0: rank 0's push of "w" (it streams: the ring holds less) is summed; rank 1 has not pushed.
+  w0.push("w", std::vector<float>(n, 1.0f));
+  ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.header().floats_applied) >= n; }));
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+  set("consistency=asp");
+  w1.wait_applied(w1.push("w", std::vector<float>(n, 2.0f)));
+  expect_w(-3.0f, "rank 0's summed push and rank 1's, after the switch to ASP");
+  // Back to BSP before either worker ended step 0: the job starts again at step 0.
+  set("consistency=bsp");
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+  w0.push("w", std::vector<float>(n, 3.0f));
+  w0.clock();
+  w1.push("w", std::vector<float>(n, 3.0f));
+  w1.clock();
+  expect_w(-9.0f, "one more BSP step of both (its sums must not start from the old ones)");
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 1u);
+}
+
 // A worker killed after its push of "w" for step 5 was summed (but before it pushed "b" and ended
 // the step) holds the step: the others wait, whatever on_worker_death says. Its successor repeats
 // the step, skips the chunks already summed, and every check still holds.
@@ -98,6 +139,22 @@ TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) 
   victim.wait(10s);
   std::this_thread::sleep_for(500ms);  // the server proves the death; the step must not end without it
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 5u);
+  {
+    // What a waiting worker is told when its pull times out: the dead worker that holds the
+    // step, and what to do about it.
+    shmps::Worker late(shmps::WorkerOptions{.segment = job.name(), .rank = 3, .timeout = 2s});
+    late.clock();  // joins at step 5 and ends it at once
+    std::vector<float> b(shmps::test::kPatternB);
+    try {
+      late.pull("b", b);
+      ADD_FAILURE() << "the pull did not wait for step 5";
+    } catch (const shmps::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("workers behind: 0 (gone with part of step 5 summed: start rank 0 again"),
+                std::string::npos)
+          << e.what();
+    }
+    late.leave();
+  }
   auto& successor = start_stepper(job, 0, 3, 12);
   expect_finished(successor);
   for (auto* w : others) expect_finished(*w);
@@ -144,22 +201,25 @@ TEST_P(StreamedStepServerKill, TheNextServerAddsNoChunkTwiceAndAppliesNoStepTwic
 }
 
 INSTANTIATE_TEST_SUITE_P(KillPoints, StreamedStepServerKill,
-                         ::testing::Values("apply.mid_sum:30", "apply.mid_copy:20", "apply.before_release:15"));
+                         ::testing::Values("apply.mid_sum:30", "apply.mid_copy:20", "apply.mid_chunks:20",
+                                           "apply.before_release:15"));
 
 // The same with Adam and bf16 state (state_dtype = "bf16"): the step sums stay float32 while the
-// redo entries carry bf16 state, and a server killed mid-copy has its successor copy that state
-// in again. Adam is not exact, so the steppers run without --check; instead every slice must
+// redo entries carry bf16 state, and a server killed mid-copy or between a slice's chunks has
+// its successor copy that state in again and compute the rest. Adam is not exact, so the steppers run without --check; instead every slice must
 // have had exactly 12 optimizer steps, and the values must match 12 steps of the bf16 Adam
 // kernel over the exact step sums, computed here (the kernel is element-wise, so slicing does
 // not change it; a step applied twice or a chunk lost moves values by about lr).
-TEST(StreamedStepBf16, AServerKilledMidCopyLeavesAdamWithBf16StateAsIfNeverKilled) {
+class StreamedStepBf16 : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(StreamedStepBf16, AServerKilledMidApplyLeavesAdamWithBf16StateAsIfNeverKilled) {
   Watchdog watchdog(120s);
   const std::string spec =
       "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nslice_bytes = 65536\nmax_workers = 8\n" + kSmallRing +
       "[optimizer]\nkind = \"adam\"\nlr = 0.01\nstate_dtype = \"bf16\"\n"
       "[[param]]\nname = \"w\"\nshape = [3, 40000]\n[[param]]\nname = \"b\"\nshape = [7]\n";
   Job job("stream-bf16", spec);
-  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", "apply.mid_copy:20"}});
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
   job.wait_ready();
   constexpr int kWorkers = 3, kSteps = 12;
   std::vector<Process*> workers;
@@ -193,3 +253,5 @@ TEST(StreamedStepBf16, AServerKilledMidCopyLeavesAdamWithBf16StateAsIfNeverKille
     EXPECT_LT(worst, 1e-3) << name << ": values differ from 12 bf16 Adam steps by up to " << worst;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(KillPoints, StreamedStepBf16, ::testing::Values("apply.mid_copy:20", "apply.mid_chunks:20"));

@@ -758,10 +758,15 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
         std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
     if (!ok) {
       std::string behind;
-      for (std::uint32_t r = 0; r < h.max_workers; ++r)
+      for (std::uint32_t r = 0; r < h.max_workers; ++r) {
         if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
                     std::to_string(load_acquire(segment.slot(r).clock)) + ")";
+        else if (static_cast<int>(r) != rank && !counts(r) && load_acquire(segment.slot(r).streamed_step) == clock)
+          // A streamed BSP step waits for a dead worker whose part of it is already summed.
+          behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (gone with part of step " +
+                    std::to_string(clock - 1) + " summed: start rank " + std::to_string(r) + " again to finish it)";
+      }
       throw Error(std::string(what) + " '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
                   std::to_string(options.timeout.count()) + " ms for " +
                   (static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp
