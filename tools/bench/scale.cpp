@@ -1,6 +1,7 @@
 // scale: W = 1, 2, 4, 8, 16 worker processes (--quick: 1, 2) training against one server, in ASP
-// and in BSP. Each worker does what a trainer does with the 16M-float model: pulls all of it into
-// its own copy, pushes a whole-model gradient, ends its step; `--rounds` steps. Per W and mode:
+// and in BSP. Each worker does what the example trainers do with the 16M-float model: reads all
+// of it (ASP: pulls it into its own copy; BSP: reads it in place through Worker::view, no copy),
+// pushes a whole-model gradient, ends its step; `--rounds` steps. Per W and mode:
 //   scale.<mode>.<W>.applied      Gfloat/s the server applied (its floats_applied over the run)
 //   scale.<mode>.<W>.busy         the fraction of the run the server spent in apply rounds
 //   scale.<mode>.<W>.shm          MiB of /dev/shm the segment holds (allocated pages)
@@ -53,12 +54,21 @@ ScaleResult scale_run(const Config& cfg, const std::string& mode, int workers) {
     pids.push_back(spawn("scale worker " + std::to_string(r), [&, r] {
       const double anon0 = status_kib("RssAnon:");
       Worker w(WorkerOptions{.segment = job.name(), .rank = r});
+      const bool views = mode == "bsp";
       std::vector<Floats> model;
-      for (std::size_t i = 0; i < params; ++i) model.emplace_back(per_param);
+      if (!views)
+        for (std::size_t i = 0; i < params; ++i) model.emplace_back(per_param);
       Floats grad(per_param, 1.0f / static_cast<float>(workers));
       std::uint64_t last = 0;
       for (int step = 0; step < cfg.rounds; ++step) {
-        for (std::size_t i = 0; i < params; ++i) w.pull(Job::param(i), {model[i].data(), per_param});
+        if (views) {
+          float sum = 0;  // the reads a forward pass makes, straight from the segment
+          for (std::size_t i = 0; i < params; ++i)
+            for (const float v : w.view(Job::param(i))) sum += v;
+          keep(sum);
+        } else {
+          for (std::size_t i = 0; i < params; ++i) w.pull(Job::param(i), {model[i].data(), per_param});
+        }
         for (std::size_t i = 0; i < params; ++i) last = w.push(Job::param(i), {grad.data(), per_param});
         w.clock();
       }
