@@ -1,6 +1,7 @@
 #include "apply_chunks.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -65,13 +66,18 @@ class Chunks {
       if (compute(lo, n)) {
         entry_.chunk_count = n;
         store_release(entry_.chunk_lo, lo);  // the entry's arrays hold the chunk
+        keep_order();                        // ... before any of it reaches the slice
         copy_pending();
         if (value_sq_norm != nullptr) *value_sq_norm += squared_norm(std::span<const float>(new_values_, n));
         // Killed between chunks: the slice holds new values below lo + n and old ones above.
         if (lo < count / 2 && count / 2 <= lo + n) kill_point("apply.mid_chunks");
+      } else if (value_sq_norm != nullptr) {
+        *value_sq_norm += squared_norm(std::span<const float>(values_ + lo, n));  // unchanged, still counted
       }
+      keep_order();  // the chunk is in the slice before the entry says so
       store_release(entry_.done, lo + n);
       store_release(entry_.chunk_lo, kNoChunk);
+      keep_order();  // ... and the entry lets go of its arrays before the next chunk is computed into them
     }
     begin_write();  // a slice no input touched (each) still gets its new row and version
     std::memcpy(&segment_.last_applied(entry_.slice, 0), segment_.redo_last_applied(entry_),
@@ -83,6 +89,10 @@ class Chunks {
   }
 
  private:
+  // What a kill can see is the order of this thread's stores in the program: release stores order
+  // only the stores before them, so the stores after them must not be moved up by the compiler.
+  static void keep_order() noexcept { std::atomic_signal_fence(std::memory_order_seq_cst); }
+
   // The slice's version word goes odd before the first element changes (a replay finds it odd).
   void begin_write() {
     if ((load_own(slice_.version) & 1U) == 0) seqlock_write_begin(slice_.version);
@@ -218,13 +228,13 @@ SlicePart part_from_input(Segment& segment, RedoEntry& entry, const RedoInput& i
                  ": the segment is damaged. Restore the job from a checkpoint (shmps-server --restore), or remove the "
                  "segment with `shmps-ctl destroy " + std::string(h.name) + "`");
   };
-  if (input.rank >= h.max_workers || input.ring_offset % kCacheLine != 0 ||
-      input.ring_offset + sizeof(PushRecord) > h.ring_bytes)
+  if (input.rank >= h.max_workers || input.ring_offset % kCacheLine != 0 || input.ring_offset >= h.ring_bytes ||
+      h.ring_bytes - input.ring_offset < sizeof(PushRecord))
     throw damaged("that input's place is outside the rings");
   const RingConsumer ring(&segment.ring(input.rank), segment.ring_data(input.rank));
   const PushRecord* rec = ring.record_at(input.ring_offset);
   if (rec->kind != RecordKind::push || rec->seq != input.seq || rec->param != slice.param ||
-      record_bytes_for(rec->count) != rec->record_bytes || input.ring_offset + rec->record_bytes > h.ring_bytes ||
+      record_bytes_for(rec->count) != rec->record_bytes || rec->record_bytes > h.ring_bytes - input.ring_offset ||
       rec->offset >= slice.first + slice.count || rec->offset + rec->count <= slice.first)
     throw damaged("its ring no longer holds that push");
   SlicePart part;
@@ -243,9 +253,22 @@ void run_chunks(Segment& segment, RedoEntry& entry, std::span<const SlicePart> p
 }
 
 void finish_chunked(Segment& segment, RedoEntry& entry) {
-  if (entry.inputs > redo_input_capacity(segment.header().max_workers))
-    throw Error("segment '" + std::string(segment.header().name) + "': a redo entry names " +
-                std::to_string(entry.inputs) + " inputs, more than it holds: the segment is damaged");
+  const SegmentHeader& h = segment.header();
+  const auto damaged = [&](const std::string& what) {
+    return Error("segment '" + std::string(h.name) + "': a redo entry left by the previous server " + what +
+                 ": the segment is damaged. Restore the job from a checkpoint (shmps-server --restore), or remove the "
+                 "segment with `shmps-ctl destroy " + std::string(h.name) + "`");
+  };
+  if (entry.inputs > redo_input_capacity(h.max_workers))
+    throw damaged("names " + std::to_string(entry.inputs) + " inputs, more than it holds");
+  if (entry.slice >= h.slice_count || entry.count != segment.slice(entry.slice).count)
+    throw damaged("names slice " + std::to_string(entry.slice) + " of " + std::to_string(entry.count) + " elements");
+  const std::uint64_t chunk = std::min<std::uint64_t>(kApplyChunkFloats, h.slice_floats);
+  const std::uint64_t lo = load_own(entry.chunk_lo), done = load_own(entry.done);
+  if (done > entry.count || (lo != kNoChunk && (lo >= entry.count || entry.chunk_count > chunk ||
+                                                entry.chunk_count > entry.count - lo)))
+    throw damaged("has chunk " + std::to_string(lo) + " + " + std::to_string(entry.chunk_count) + " and done " +
+                  std::to_string(done) + " in a slice of " + std::to_string(entry.count));
   std::vector<SlicePart> parts;
   for (std::uint32_t i = 0; i < entry.inputs; ++i)
     parts.push_back(part_from_input(segment, entry, segment.redo_inputs(entry)[i]));

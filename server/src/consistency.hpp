@@ -41,7 +41,8 @@ bool complete_step(shm::Segment& segment, std::uint64_t step, const RoundPlan& p
 // and the model clock move past it, and the sums are forgotten (every slice's sum_step and every
 // slot's streamed_step back to 0), so that a later switch back to BSP starts its steps from zero.
 // The rest of the step's pushes, sent after the switch, are then applied as they come. Idempotent:
-// a server killed in the middle does it again. True if there were sums to apply.
+// a server killed in the middle does it again (the sums' step marks stay until the clocks have
+// moved). True if there were sums of the step.
 bool apply_step_sums_left_by_a_switch(shm::Segment& segment, ApplyEngine& engine, std::uint64_t step);
 
 // Switches a live job to `mode` (and SSP bound). Entering BSP starts at the clock of the slowest

@@ -84,10 +84,15 @@ TEST(StreamedStep, TheRingsHoldLessThanAPushAndEveryStepIsTheExactSum) {
 // A live switch out of BSP in the middle of a streamed step: the pushes already summed are
 // applied as that step, once; the step's other pushes, sent after the switch, as they come; and a
 // switch back to BSP at the same step starts from zero sums, so nothing is applied twice.
-TEST(StreamedStep, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLosesNothing) {
+// With kill = true the server is SIGKILLed after it applied the summed pushes but before it moved
+// the clocks past the step; the next server must finish exactly that.
+class StreamedStepSwitch : public ::testing::TestWithParam<bool> {};
+
+TEST_P(StreamedStepSwitch, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLosesNothing) {
   Watchdog watchdog(90s);
+  const bool kill = GetParam();
   Job job("stream-switch", kSpec + shmps::test::pattern_spec(8, kSmallRing));
-  job.start_server();
+  auto& first = kill ? job.start_server({}, {{"SHMPS_KILL_AT", "switch.after_step_sums"}}) : job.start_server();
   job.wait_ready();
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   const std::size_t n = shmps::test::kPatternW;
@@ -107,6 +112,13 @@ TEST(StreamedStep, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLosesNothing
   ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.header().floats_applied) >= n; }));
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
   set("consistency=asp");
+  if (kill) {
+    EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+    job.start_server();
+    job.wait_ready();
+  }
+  ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.header().model_clock) == 1; }))
+      << "the summed step was applied and the clocks moved past it";
   w1.wait_applied(w1.push("w", std::vector<float>(n, 2.0f)));
   expect_w(-3.0f, "rank 0's summed push and rank 1's, after the switch to ASP");
   // Back to BSP before either worker ended step 0: the job starts again at step 0.
@@ -119,6 +131,8 @@ TEST(StreamedStep, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLosesNothing
   expect_w(-9.0f, "one more BSP step of both (its sums must not start from the old ones)");
   EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 1u);
 }
+
+INSTANTIATE_TEST_SUITE_P(KilledOrNot, StreamedStepSwitch, ::testing::Bool());
 
 // A worker killed after its push of "w" for step 5 was summed (but before it pushed "b" and ended
 // the step) holds the step: the others wait, whatever on_worker_death says. Its successor repeats

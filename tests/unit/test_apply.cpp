@@ -572,3 +572,25 @@ TEST(ApplyEngine, ARunWithMoreContributionsThanTheRedoEntryNamesGoesInWhole) {
   EXPECT_EQ(m.segment.last_applied(0, 0), 30u);
   EXPECT_EQ(m.segment.redo(0).mode, RedoMode::whole);
 }
+
+TEST(ChunkedApply, TheMonitorsNormSampleCoversTheWholeSliceWhenAPushTouchesPartOfIt) {
+  // An ASP push of elements [0, 100) changes one chunk of slice 0; the sample (taken at a slice's
+  // first update) is the squared norm of all 4096 values, the unchanged chunks included.
+  Model m(kAdamChunks);
+  RingProducer ring(&m.segment.ring(0), m.segment.ring_data(0));
+  PushRecord* rec = ring.try_claim(100);
+  ASSERT_NE(rec, nullptr);
+  rec->param = 0;
+  rec->count = 100;
+  rec->seq = 1;
+  rec->generation = 1;
+  for (std::size_t k = 0; k < 100; ++k) record_payload(rec)[k] = 1.0f;
+  ring.commit();
+  RoundPlan plan = plan_of(m, {{0, rec}});
+  ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::each);
+  double want = 0;
+  for (std::uint64_t k = 0; k < m.segment.slice(0).count; ++k) want += double(m.values()[k]) * double(m.values()[k]);
+  const double got = std::bit_cast<double>(load_acquire(m.segment.slice(0).value_sq_norm));
+  EXPECT_NEAR(got, want, want * 1e-6);
+  EXPECT_GT(got, 4000.0) << "the 3996 unchanged values of 1.0 count";
+}

@@ -762,8 +762,10 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
         if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
                     std::to_string(load_acquire(segment.slot(r).clock)) + ")";
-        else if (static_cast<int>(r) != rank && !counts(r) && load_acquire(segment.slot(r).streamed_step) == clock)
-          // A streamed BSP step waits for a dead worker whose part of it is already summed.
+        else if (static_cast<int>(r) != rank && !counts(r) && load_acquire(segment.slot(r).streamed_step) == clock &&
+                 load_acquire(segment.slot(r).clock) < clock && load_acquire(segment.slot(r).consumed_clock) < clock)
+          // A streamed BSP step waits for a dead worker whose part of it is summed but that did
+          // not end it (collect_streamed_step's test).
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (gone with part of step " +
                     std::to_string(clock - 1) + " summed: start rank " + std::to_string(r) + " again to finish it)";
       }
