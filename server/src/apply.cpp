@@ -203,14 +203,10 @@ class SliceUpdate {
     return part;
   }
 
-  // Whether the redo entry can name every input of a run of `contributions` (the chunked path).
-  bool chunked_possible(std::size_t contributions = 0) const noexcept {
-    return contributions <= redo_input_capacity(segment_.header().max_workers);
-  }
   // The chunked path: takes the run's inputs (their parts, and their names in the redo entry)
-  // and leaves the update to commit(); false if there are too many for the entry.
+  // and leaves the update to commit(); false if there are too many for the entry to name.
   bool take_inputs(std::span<const Contribution> contributions, RedoMode mode) {
-    if (!chunked_possible(contributions.size())) return false;
+    if (contributions.size() > redo_input_capacity(segment_.header().max_workers)) return false;
     thread_local std::vector<SlicePart> parts;
     parts.clear();
     RedoInput* inputs = segment_.redo_inputs(redo_);
