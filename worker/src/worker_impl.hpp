@@ -1,6 +1,6 @@
 // Internal to the worker library: the state of a Worker (Worker::Impl) and the waits that
-// pull(), view() and push() share. Included by worker.cpp (worker life, pull, push, clock) and
-// view.cpp (zero-copy reads); not installed.
+// pull(), view() and push() share. Included by the worker library's source files (attach.cpp,
+// push.cpp, worker.cpp, view.cpp); not installed.
 #pragma once
 
 #include <pthread.h>
@@ -32,7 +32,7 @@
 
 namespace shmps {
 
-// The worker library's two source files use the segment's types unqualified; so does this header.
+// The worker library's source files use the segment's types unqualified; so does this header.
 using namespace shmps::shm;
 
 namespace worker_detail {
