@@ -19,6 +19,7 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/bf16.hpp>
 #include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
 
 #include "../support/exact.hpp"
 #include "../support/expect.hpp"
@@ -399,6 +400,60 @@ TEST(Checkpoint, RestoreThenContinueEqualsUninterruptedInBsp) {
   expect_same_model(uninterrupted, continued);
   // The steps between the checkpoint and the crash were done twice, and counted once.
   std::cout << "checkpoint at clock " << snapshot.model_clock << ", crash at clock " << at_crash << "\n";
+}
+
+// BSP steps that stream through rings smaller than a push (the step's pushes are summed as they
+// come): a checkpoint taken after one worker's push of a step was summed, before the step ended,
+// holds the values of the step's start and not the sums. Restored, both workers repeat the step:
+// the summed push must count once (the repeat), not twice and not never.
+TEST(Checkpoint, TakenInTheMiddleOfAStreamedStepTheRestoredJobRepeatsTheStepOnce) {
+  Watchdog wd(120s);
+  TempDir dir("midstep");
+  const std::string spec = "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\n" + pattern_spec(8, "ring_bytes = 262144\n");
+  Job job("ckpt-midstep", spec);
+  auto& server = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  const std::size_t n = shmps::test::kPatternW;
+  {
+    shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+    shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 30s});
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    ASSERT_TRUE(seg.streams_bsp_steps()) << "the ring must hold less than a push of w";
+    w0.push("w", std::vector<float>(n, 1.0f));  // step 0: rank 0's part, summed; rank 1 has not pushed
+    const auto until = std::chrono::steady_clock::now() + 30s;
+    while (shm::load_acquire(seg.header().floats_applied) < n && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(2ms);
+    ASSERT_GE(shm::load_acquire(seg.header().floats_applied), n) << "rank 0's push was not summed";
+    ASSERT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+    const Ran made = run({"shmps-ctl", "checkpoint", job.name()});
+    ASSERT_EQ(made.code, 0) << made.out << server.output();
+    server.kill(SIGKILL);
+    server.wait(10s);
+  }
+  shmps::test::remove_segment(job.name());
+  const auto files = shmps::server::CheckpointDir(dir.path, job.name()).list();
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_EQ(shmps::server::read_checkpoint(files[0]).model_clock, 0u);
+
+  auto& second = job.start_server({"--checkpoint-dir", dir.path.string()});
+  job.wait_ready();
+  EXPECT_HAS(second.output(), "event=restored");
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+  shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 30s});
+  std::vector<float> w(n);
+  w0.pull("w", w);
+  for (std::size_t k = 0; k < n; k += 997) ASSERT_EQ(w[k], 0.0f) << "restored: the values of step 0's start, element " << k;
+  // Both repeat step 0 in full.
+  w0.push("w", std::vector<float>(n, 1.0f));
+  w0.clock();
+  w1.push("w", std::vector<float>(n, 2.0f));
+  w1.clock();
+  w0.pull("w", w);  // waits for step 0
+  std::size_t wrong = 0;
+  for (std::size_t k = 0; k < n; ++k) wrong += w[k] != -3.0f ? 1 : 0;
+  EXPECT_EQ(wrong, 0u) << "w[0] = " << w[0] << ", expected -3 (-4: the summed push counted twice; -2: the repeat skipped)";
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 1u);
 }
 
 TEST(Checkpoint, GracefulStopAndPeriodicCheckpointsKeepTheNewestK) {
