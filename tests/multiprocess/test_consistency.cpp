@@ -16,6 +16,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/expect.hpp"
 #include "../support/harness.hpp"
 #include "../support/pattern.hpp"
 
@@ -268,4 +269,60 @@ TEST(Bsp, WorkersJoiningWhileStepsCompleteNeitherHangNorCountTwice) {
     // Whoever joined when, every push counted once ("sum" and lr 1 make the total exact).
     expect_exact(pull_values(job.name()), 3, [](std::uint64_t, std::uint64_t k) { return k < 40; }, 40);
   }
+}
+
+// The start barrier: a worker that calls wait_for_workers(2) before its first BSP step shares
+// step 0 with a worker whose process starts later; without the barrier it would end step 0 alone
+// (b = -1 after it) and the late worker's push would be step 1's.
+TEST(Bsp, WaitForWorkersPutsALateStartingWorkerInStepZero) {
+  Watchdog watchdog(60s);
+  Job job("bsp-barrier", "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nmax_workers = 4\n"
+                         "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n");
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  std::string late_error;
+  std::thread late([&] {
+    try {
+      std::this_thread::sleep_for(300ms);  // starts after rank 0 is already waiting
+      shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+      w1.wait_for_workers(2);
+      w1.push("b", std::vector<float>(7, 2.0f));
+      w1.clock();
+    } catch (const std::exception& e) {
+      late_error = e.what();
+    }
+  });
+  w0.wait_for_workers(2);
+  EXPECT_EQ(w0.current_clock(), 0u);
+  w0.push("b", std::vector<float>(7, 1.0f));
+  w0.clock();
+  std::vector<float> b(7);
+  w0.pull("b", b);  // waits for step 0
+  late.join();
+  EXPECT_EQ(late_error, "");
+  for (float v : b) EXPECT_EQ(v, -3.0f) << "step 0 must hold both workers' pushes (-1: rank 0 ended it alone)";
+}
+
+TEST(Bsp, WaitForWorkersNamesTheRanksThatNeverCameAndRefusesBadCounts) {
+  Watchdog watchdog(60s);
+  Job job("bsp-barrier-bad", "consistency = \"bsp\"\nmax_workers = 4\n"
+                             "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n");
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  shmps::Worker w2(shmps::WorkerOptions{.segment = job.name(), .rank = 2, .timeout = 20s});
+  const auto message = [&](std::size_t count, std::chrono::milliseconds timeout) -> std::string {
+    try {
+      w0.wait_for_workers(count, timeout);
+    } catch (const shmps::Error& e) {
+      return e.what();
+    }
+    return "(returned)";
+  };
+  EXPECT_HAS(message(4, 300ms), "ranks 1, 3 of segment");
+  EXPECT_HAS(message(0, 300ms), "pass a count from 1 to 4");
+  EXPECT_HAS(message(5, 300ms), "has 4 worker slots");
+  EXPECT_EQ(message(1, 300ms), "(returned)");
+  EXPECT_EQ(w0.current_clock(), 0u) << "a failed wait changes nothing";
 }

@@ -623,6 +623,9 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
                     "--consistency", "bsp", "--samples", "20000", "--after", "shmps-worker --evaluate"});
     ASSERT_EQ(launch.wait(100s), 0) << launch.output();
     const std::string out = launch.output();
+    // The start barrier (Worker::wait_for_workers): without it a worker that starts late can
+    // find step 0 ended by the other alone, and the weights differ from run to run.
+    EXPECT_HAS(out, "[w1] waiting for all 2 workers to join step 0");
     const auto at = out.find("[after] weights-hash ");
     ASSERT_NE(at, std::string::npos) << out;
     hashes.push_back(out.substr(at + 21, 18));

@@ -214,3 +214,25 @@ def test_threads_sharing_one_worker_are_serialised_and_lose_nothing(make_job):
         values, version = w.pull("w")
         assert version == 100
         np.testing.assert_array_equal(values.ravel(), np.full(PATTERN_W, -25.0 * (1 + 2 + 3 + 4), np.float32))
+
+
+def test_wait_for_workers_is_a_start_barrier_and_names_who_is_missing(make_job):
+    job = make_job(SPEC)
+    with shmps.Worker(job.name, rank=0) as w0:
+        with pytest.raises(shmps.Error, match=r"ranks 1, 2, 3 of segment"):
+            w0.wait_for_workers(4, timeout=0.3)
+        with pytest.raises(shmps.Error, match=r"pass a count from 1 to 4"):
+            w0.wait_for_workers(0)
+        joined = []
+
+        def late():
+            time.sleep(0.3)
+            with shmps.Worker(job.name, rank=1) as w1:
+                w1.wait_for_workers(2, timeout=20.0)
+                joined.append(w1.rank)
+
+        t = threading.Thread(target=late)
+        t.start()
+        w0.wait_for_workers(2, timeout=20.0)  # returns once rank 1 is in (the GIL is released meanwhile)
+        t.join()
+        assert joined == [1]

@@ -303,6 +303,19 @@ worker's ring. All-or-nothing; a gradient holding NaN or Inf is refused (shmps.E
 nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)")
       .def("wait_applied", [](PyWorker& w, std::uint64_t seq) { w.unlocked([&](shmps::Worker& x) { x.wait_applied(seq); }); },
            py::arg("seq"), "Block until the server has applied every push up to sequence number seq.")
+      .def("wait_for_workers",
+           [](PyWorker& w, std::size_t count, std::optional<double> timeout) {
+             w.unlocked([&](shmps::Worker& x) {
+               if (timeout)
+                 x.wait_for_workers(count, std::chrono::milliseconds(static_cast<std::int64_t>(*timeout * 1000.0)));
+               else
+                 x.wait_for_workers(count);
+             });
+           },
+           py::arg("count"), py::arg("timeout") = py::none(),
+           "Start barrier: block until worker slots 0..count-1 have each been taken and admitted (in BSP, every worker in "
+           "step 0 however late it starts); raises after timeout seconds (default: the worker's) naming the "
+           "ranks still missing.")
       .def("clock", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.clock(); }); },
            "End this worker's step (committing the state given to save_state with it); returns the new clock.")
       .def("save_state", &PyWorker::save_state, py::arg("state"),

@@ -99,6 +99,44 @@ std::uint64_t Worker::clock() {
   return s.clock;
 }
 
+void Worker::wait_for_workers(std::size_t count) { wait_for_workers(count, impl_->options.timeout); }
+
+void Worker::wait_for_workers(std::size_t count, std::chrono::milliseconds timeout) {
+  Impl& s = *impl_;
+  s.refuse_if_detached("wait for workers");
+  const std::uint32_t slots = s.segment.header().max_workers;
+  if (count == 0 || count > slots)
+    throw Error("wait_for_workers(" + std::to_string(count) + "): segment '" + s.segment.name() + "' has " +
+                std::to_string(slots) + " worker slots; pass a count from 1 to " + std::to_string(slots));
+  if (static_cast<std::size_t>(s.rank) >= count)
+    throw Error("wait_for_workers(" + std::to_string(count) + "): this worker is rank " + std::to_string(s.rank) +
+                ", outside ranks 0 to " + std::to_string(count - 1) + " it would wait for; pass the number of workers");
+  // Joined: the server has admitted the generation now in the slot, at the clock it entered at.
+  // Whether it is still attached does not matter: a fast worker may join, end its step and leave
+  // between two looks of a slow one, and it did take part.
+  const auto joined = [&](std::size_t r) {
+    const WorkerSlot& slot = s.segment.slot(r);
+    const std::uint64_t generation = load_acquire(slot.generation);
+    return generation != 0 && load_acquire(slot.admitted_generation) == generation;
+  };
+  const auto all = [&] {
+    for (std::size_t r = 0; r < count; ++r)
+      if (!joined(r)) return false;
+    return true;
+  };
+  if (!wait_for(all, Clock::now() + timeout, nullptr, nullptr)) {
+    std::string missing;
+    for (std::size_t r = 0; r < count; ++r)
+      if (!joined(r)) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+    throw Error("wait_for_workers(" + std::to_string(count) + "): after " + std::to_string(timeout.count()) +
+                " ms, ranks " + missing + " of segment '" + s.segment.name() +
+                "' have not joined (or the server has not admitted them): start them, or wait for fewer; " +
+                s.server_state());
+  }
+  s.await_admission();  // enter at the clock the server admitted this worker at
+  s.heartbeat();
+}
+
 std::uint64_t Worker::current_clock() const { return impl_->clock; }
 
 void Worker::save_state(std::span<const std::byte> state) {

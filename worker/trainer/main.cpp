@@ -332,6 +332,14 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
 
+    // BSP from the start: every worker in step 0, however late its process starts (else the first
+    // one up could finish step 0 alone, and runs would differ). A restarted worker joins at once.
+    if (w.consistency() == "bsp" && start_batch == 0 && w.current_clock() == 0) {
+      std::printf("waiting for all %" PRIu64 " workers to join step 0\n", sched.workers);
+      std::fflush(stdout);
+      w.wait_for_workers(sched.workers, std::chrono::minutes(2));
+    }
+
     std::optional<mlp::Tensors> copy;  // a private copy of the model, made only where one is needed
     std::optional<std::uint64_t> last_seq;
     const TrainStats st = train(

@@ -169,6 +169,15 @@ class Worker {
   // in BSP, discarded because this slot's previous process died before finishing their step).
   void wait_applied(std::uint64_t seq);
 
+  // A start barrier: blocks until the worker slots 0 .. count-1 have each been taken by a process
+  // that the server has admitted (this one included; one that has left since counts too), or
+  // throws Error after `timeout` naming the ranks still missing. In BSP a job whose workers all call it before their first step starts
+  // with every one of them in step 0, however late a process starts; without it the first worker
+  // up can finish step 0 alone, and the run is not the same run to run. Returns at once when the
+  // slots are already held, so a restarted worker can call it too.
+  void wait_for_workers(std::size_t count, std::chrono::milliseconds timeout);
+  void wait_for_workers(std::size_t count);  // with the worker's timeout
+
   // Ends this worker's current step and returns the new clock. In BSP the pushes of a step count
   // only once the step is ended, so a worker killed mid-step contributes none of it. A worker
   // enters at the job's current clock (or the clock its slot had, if later).

@@ -283,6 +283,11 @@ def run_worker(args) -> None:
         if start_batch > 0:
             print(f"resuming: generation {w.generation} of slot {w.rank} continues at batch {start_batch + 1} of "
                   f"{sched.worker_total_batches()} ({w.published()} pushes committed before)", flush=True)
+        # BSP from the start: every worker in step 0, however late its process starts (else the
+        # first one up could finish step 0 alone). A restarted worker joins at once.
+        if w.consistency == "bsp" and start_batch == 0 and w.current_clock == 0:
+            print(f"waiting for all {sched.workers} workers to join step 0", flush=True)
+            w.wait_for_workers(sched.workers, timeout=120.0)
 
         model = MLP(onednn=args.matmul == "onednn")
         names = [name for name, _ in model.named()]
