@@ -269,9 +269,12 @@ int main(int argc, char** argv) {
                  "restart a worker that dies, with the same rank, at most this many times per rank")
       ->check(CLI::Range(0, 1000));
   app.add_flag("--chaos", chaos,
-               "demonstrate crash safety: SIGKILL the last worker once, --chaos-after seconds in, and restart it "
-               "(implies --max-restarts 1 at least)");
-  app.add_option("--chaos-after", chaos_after, "seconds after the workers start (default 1.5)")->check(CLI::PositiveNumber);
+               "demonstrate crash safety: SIGKILL the last worker once, --chaos-after seconds after its first push, "
+               "and restart it (implies --max-restarts 1 at least)");
+  app.add_option("--chaos-after", chaos_after,
+                 "seconds after the last worker's first push (default 1.5): counted from its first push, not from "
+                 "its start, so that a worker slow to start (a Python import) has made progress to lose")
+      ->check(CLI::PositiveNumber);
   app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
                                    "(e.g. \"shmps-worker --evaluate\")");
   app.footer("After --: the worker program and its arguments (default: shmps-worker). Options before -- that "
@@ -383,15 +386,27 @@ int main(int argc, char** argv) {
     std::vector<Child*> ranks;
     std::vector<int> restarts(static_cast<std::size_t>(workers), 0);
     for (int r = 0; r < workers; ++r) ranks.push_back(start_worker(r));
-    const auto workers_started = std::chrono::steady_clock::now();
     bool chaos_done = !chaos;
+    // --chaos counts from the victim's first push: its slot's published count passing what it was
+    // when the job started (a joined job's slot may hold an earlier process's pushes).
+    std::optional<shm::Segment> watched;
+    if (chaos) watched = shm::Segment::open(name, shm::Access::read_only);
+    const auto victim_published = [&] {
+      return shm::load_acquire(watched->slot(static_cast<std::uint32_t>(workers - 1)).published);
+    };
+    const std::uint64_t published_at_start = chaos ? victim_published() : 0;
+    std::optional<std::chrono::steady_clock::time_point> victim_first_push;
 
     // Run until every worker is done, one fails for good, or we are interrupted.
     bool failed = false, stopping = false;
     while (true) {
       launcher.pump(std::chrono::milliseconds(chaos_done ? 200 : 20));
+      if (!chaos_done && !victim_first_push && victim_published() > published_at_start)
+        victim_first_push = std::chrono::steady_clock::now();
+      const bool victim_gone = !chaos_done && !launcher.running(*ranks.back());
       if (!chaos_done && !stopping &&
-          std::chrono::steady_clock::now() - workers_started >= std::chrono::duration<double>(chaos_after)) {
+          (victim_gone || (victim_first_push && std::chrono::steady_clock::now() - *victim_first_push >=
+                                                    std::chrono::duration<double>(chaos_after)))) {
         chaos_done = true;
         Child& victim = *ranks.back();
         if (launcher.running(victim)) {

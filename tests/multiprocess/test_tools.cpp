@@ -546,9 +546,9 @@ TEST(Ctl, InspectAndListChangeNothing) {
 TEST(Launch, AKilledWorkerIsRestartedWithItsRankAndResumesExactly) {
   Watchdog wd(std::chrono::seconds(90));
   Job job("restart", kSpec);
-  // --chaos SIGKILLs the last worker 0.2 s in; --max-restarts brings it back with the same rank,
+  // --chaos SIGKILLs the last worker 0.05 s after its first push; --max-restarts brings it back with the same rank,
   // and the pusher continues after the last push its slot committed.
-  Process launch(launch_argv(job, 2, {"--keep", "--chaos", "--chaos-after", "0.2", "--", "shmps-test-pusher",
+  Process launch(launch_argv(job, 2, {"--keep", "--chaos", "--chaos-after", "0.05", "--", "shmps-test-pusher",
                                       "exact", "--pushes", "3000"}));
   const int code = launch.wait(60s);
   const std::string out = launch.output();
