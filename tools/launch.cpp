@@ -368,6 +368,20 @@ int main(int argc, char** argv) {
       std::cout << "shmps-launch: joining the running server of segment '" << name << "'\n";
     }
 
+    // The segment, mapped read-only before any worker starts: its slot count (a joined job's spec
+    // is not read), and for --chaos the victim's published count, which the clock counts from:
+    // its first push (a joined job's slot may hold an earlier process's pushes).
+    const shm::Segment watched = shm::Segment::open(name, shm::Access::read_only);
+    if (static_cast<std::uint64_t>(workers) > watched.header().max_workers)
+      throw Error("--workers " + std::to_string(workers) + " is more than the " +
+                  std::to_string(watched.header().max_workers) + " worker slots of segment '" + name +
+                  "': start fewer workers, or a job with more slots");
+    const auto victim_published = [&] {
+      return shm::load_acquire(watched.slot(static_cast<std::uint32_t>(workers - 1)).published);
+    };
+    const std::uint64_t published_at_start = victim_published();
+    std::optional<std::chrono::steady_clock::time_point> victim_first_push;
+
     std::cout << "shmps-launch: segment '" << name << "' ready; starting " << workers << " worker"
               << (workers == 1 ? "" : "s") << ":";
     for (int r = 0; r < workers; ++r)
@@ -387,15 +401,6 @@ int main(int argc, char** argv) {
     std::vector<int> restarts(static_cast<std::size_t>(workers), 0);
     for (int r = 0; r < workers; ++r) ranks.push_back(start_worker(r));
     bool chaos_done = !chaos;
-    // --chaos counts from the victim's first push: its slot's published count passing what it was
-    // when the job started (a joined job's slot may hold an earlier process's pushes).
-    std::optional<shm::Segment> watched;
-    if (chaos) watched = shm::Segment::open(name, shm::Access::read_only);
-    const auto victim_published = [&] {
-      return shm::load_acquire(watched->slot(static_cast<std::uint32_t>(workers - 1)).published);
-    };
-    const std::uint64_t published_at_start = chaos ? victim_published() : 0;
-    std::optional<std::chrono::steady_clock::time_point> victim_first_push;
 
     // Run until every worker is done, one fails for good, or we are interrupted.
     bool failed = false, stopping = false;
@@ -414,8 +419,10 @@ int main(int argc, char** argv) {
                     << ") with SIGKILL" << std::endl;
           kill(victim.pid, SIGKILL);
         } else {
-          std::cout << "shmps-launch: --chaos: worker " << victim.label << " had already finished; nothing killed"
-                    << std::endl;
+          std::cout << "shmps-launch: --chaos: worker " << victim.label << " "
+                    << (victim.status ? describe(*victim.status) : std::string("ended"))
+                    << (victim_first_push ? " before --chaos-after had passed" : " before its first push")
+                    << "; nothing killed" << std::endl;
         }
       }
       bool any_running = false;

@@ -271,18 +271,22 @@ TEST(Bsp, WorkersJoiningWhileStepsCompleteNeitherHangNorCountTwice) {
   }
 }
 
+// BSP, 4 slots, SGD at lr 1 with summed steps over one small parameter: exact values.
+const std::string kBarrierSpec =
+    "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nmax_workers = 4\n"
+    "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n";
+
 // The start barrier: a worker that calls wait_for_workers(2) before its first BSP step shares
 // step 0 with a worker whose process starts later; without the barrier it would end step 0 alone
 // (b = -1 after it) and the late worker's push would be step 1's.
 TEST(Bsp, WaitForWorkersPutsALateStartingWorkerInStepZero) {
   Watchdog watchdog(60s);
-  Job job("bsp-barrier", "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nmax_workers = 4\n"
-                         "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n");
+  Job job("bsp-barrier", kBarrierSpec);
   job.start_server();
   job.wait_ready();
   shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
   std::string late_error;
-  std::thread late([&] {
+  std::jthread late([&] {  // joined also when an expectation below throws
     try {
       std::this_thread::sleep_for(300ms);  // starts after rank 0 is already waiting
       shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
@@ -306,12 +310,20 @@ TEST(Bsp, WaitForWorkersPutsALateStartingWorkerInStepZero) {
 
 TEST(Bsp, WaitForWorkersNamesTheRanksThatNeverCameAndRefusesBadCounts) {
   Watchdog watchdog(60s);
-  Job job("bsp-barrier-bad", "consistency = \"bsp\"\nmax_workers = 4\n"
-                             "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n");
+  Job job("bsp-barrier-bad", kBarrierSpec);
   job.start_server();
   job.wait_ready();
   shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
   shmps::Worker w2(shmps::WorkerOptions{.segment = job.name(), .rank = 2, .timeout = 20s});
+  // Both admitted before the short waits below (a loaded machine's server may take a while).
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  const auto admitted = [&](std::uint32_t r) {
+    return shmps::shm::load_acquire(seg.slot(r).admitted_generation) == shmps::shm::load_acquire(seg.slot(r).generation);
+  };
+  for (const auto until = std::chrono::steady_clock::now() + 20s;
+       !(admitted(0) && admitted(2)) && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(2ms);
+  ASSERT_TRUE(admitted(0) && admitted(2));
   const auto message = [&](std::size_t count, std::chrono::milliseconds timeout) -> std::string {
     try {
       w0.wait_for_workers(count, timeout);
@@ -325,4 +337,36 @@ TEST(Bsp, WaitForWorkersNamesTheRanksThatNeverCameAndRefusesBadCounts) {
   EXPECT_HAS(message(5, 300ms), "has 4 worker slots");
   EXPECT_EQ(message(1, 300ms), "(returned)");
   EXPECT_EQ(w0.current_clock(), 0u) << "a failed wait changes nothing";
+}
+
+// The barrier counts the workers of this run only: a slot whose process ended its steps and left
+// before this worker entered (a kept segment, a job joined again) does not make it return.
+TEST(Bsp, WaitForWorkersDoesNotCountAWorkerThatLeftBeforeThisOneEntered) {
+  Watchdog watchdog(60s);
+  Job job("bsp-barrier-old", kBarrierSpec);
+  job.start_server();
+  job.wait_ready();
+  {
+    shmps::Worker a(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    shmps::Worker b(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+    std::jthread other([&] { b.wait_for_workers(2); });
+    a.wait_for_workers(2);
+    other.join();
+    a.push("b", std::vector<float>(7, 1.0f));
+    a.clock();
+    b.push("b", std::vector<float>(7, 1.0f));
+    b.clock();
+    std::vector<float> v(7);
+    a.pull("b", v);
+    ASSERT_EQ(v[0], -2.0f);
+  }  // both leave after step 0
+  shmps::Worker again(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  again.wait_for_workers(1, 20s);  // admitted, at step 1
+  EXPECT_EQ(again.current_clock(), 1u);
+  try {
+    again.wait_for_workers(2, 300ms);
+    ADD_FAILURE() << "returned although rank 1's process left before this one entered";
+  } catch (const shmps::Error& e) {
+    EXPECT_HAS(std::string(e.what()), "ranks 1 of segment");
+  }
 }

@@ -219,20 +219,28 @@ def test_threads_sharing_one_worker_are_serialised_and_lose_nothing(make_job):
 def test_wait_for_workers_is_a_start_barrier_and_names_who_is_missing(make_job):
     job = make_job(SPEC)
     with shmps.Worker(job.name, rank=0) as w0:
+        w0.wait_for_workers(1, timeout=20.0)  # admitted (a loaded machine's server may take a while)
         with pytest.raises(shmps.Error, match=r"ranks 1, 2, 3 of segment"):
             w0.wait_for_workers(4, timeout=0.3)
         with pytest.raises(shmps.Error, match=r"pass a count from 1 to 4"):
             w0.wait_for_workers(0)
-        joined = []
+        with pytest.raises(shmps.Error, match=r"timeout must be positive"):
+            w0.wait_for_workers(1, timeout=-1.0)
+        attached = []
+        w0_returned = threading.Event()
 
         def late():
             time.sleep(0.3)
             with shmps.Worker(job.name, rank=1) as w1:
+                attached.append(w1.rank)
                 w1.wait_for_workers(2, timeout=20.0)
-                joined.append(w1.rank)
+                w0_returned.wait(20.0)  # stays attached until rank 0 has seen it
 
         t = threading.Thread(target=late)
         t.start()
-        w0.wait_for_workers(2, timeout=20.0)  # returns once rank 1 is in (the GIL is released meanwhile)
-        t.join()
-        assert joined == [1]
+        try:
+            w0.wait_for_workers(2, timeout=20.0)  # returns once rank 1 is in (the GIL is released meanwhile)
+            assert attached == [1], "returned before rank 1 had even attached"
+        finally:
+            w0_returned.set()
+            t.join()

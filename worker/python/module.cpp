@@ -305,6 +305,9 @@ nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)
            py::arg("seq"), "Block until the server has applied every push up to sequence number seq.")
       .def("wait_for_workers",
            [](PyWorker& w, std::size_t count, std::optional<double> timeout) {
+             if (timeout && !(*timeout > 0 && *timeout < 1e9))
+               throw Error("wait_for_workers: timeout must be positive and finite (seconds), got " +
+                           std::to_string(*timeout));
              w.unlocked([&](shmps::Worker& x) {
                if (timeout)
                  x.wait_for_workers(count, std::chrono::milliseconds(static_cast<std::int64_t>(*timeout * 1000.0)));
@@ -313,9 +316,10 @@ nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)
              });
            },
            py::arg("count"), py::arg("timeout") = py::none(),
-           "Start barrier: block until worker slots 0..count-1 have each been taken and admitted (in BSP, every worker in "
-           "step 0 however late it starts); raises after timeout seconds (default: the worker's) naming the "
-           "ranks still missing.")
+           "Start barrier, called by every worker before its first pull or push: block until worker slots "
+           "0..count-1 are each held by a live, admitted process (or one that left after ending a step at or past "
+           "this one's), so that in BSP every worker is in step 0 however late it starts; raises after timeout "
+           "seconds (default: the worker's) naming the ranks still missing.")
       .def("clock", [](PyWorker& w) { return w.unlocked([](shmps::Worker& x) { return x.clock(); }); },
            "End this worker's step (committing the state given to save_state with it); returns the new clock.")
       .def("save_state", &PyWorker::save_state, py::arg("state"),

@@ -111,13 +111,21 @@ void Worker::wait_for_workers(std::size_t count, std::chrono::milliseconds timeo
   if (static_cast<std::size_t>(s.rank) >= count)
     throw Error("wait_for_workers(" + std::to_string(count) + "): this worker is rank " + std::to_string(s.rank) +
                 ", outside ranks 0 to " + std::to_string(count - 1) + " it would wait for; pass the number of workers");
-  // Joined: the server has admitted the generation now in the slot, at the clock it entered at.
-  // Whether it is still attached does not matter: a fast worker may join, end its step and leave
-  // between two looks of a slow one, and it did take part.
+  // This worker's own admission first (BSP waits for it), and the clock it entered at.
+  s.await_admission();
+  const std::uint64_t entered = s.clock;
+  // Joined: the generation now in the slot was admitted and is alive (attached, not proven dead),
+  // or it has left after ending a step at or past the one this worker entered at (a fast worker
+  // may join, end its step and leave between two looks of a slow one). Slots of earlier runs (a
+  // restored checkpoint, a kept segment) hold admitted generations too, but dead or left at older
+  // clocks: they do not count.
   const auto joined = [&](std::size_t r) {
     const WorkerSlot& slot = s.segment.slot(r);
     const std::uint64_t generation = load_acquire(slot.generation);
-    return generation != 0 && load_acquire(slot.admitted_generation) == generation;
+    if (generation == 0 || load_acquire(slot.admitted_generation) != generation) return false;
+    const auto state = static_cast<SlotState>(load_acquire(slot.state));
+    if (state == SlotState::attached) return load_acquire(slot.dead_generation) != generation;
+    return state == SlotState::left && load_acquire(slot.clock) > entered;
   };
   const auto all = [&] {
     for (std::size_t r = 0; r < count; ++r)
@@ -133,7 +141,6 @@ void Worker::wait_for_workers(std::size_t count, std::chrono::milliseconds timeo
                 "' have not joined (or the server has not admitted them): start them, or wait for fewer; " +
                 s.server_state());
   }
-  s.await_admission();  // enter at the clock the server admitted this worker at
   s.heartbeat();
 }
 
