@@ -3,29 +3,11 @@
 // chunks that are each committed on their own.
 #include "shmps/worker.hpp"
 
-#include <pthread.h>
-#include <unistd.h>
-
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
 #include <optional>
-#include <thread>
-#include <unordered_map>
+#include <string>
 
-#include <shmps/shm/atomics.hpp>
-#include <shmps/shm/futex.hpp>
 #include <shmps/shm/killpoint.hpp>
-#include <shmps/shm/liveness.hpp>
-#include <shmps/shm/membership.hpp>
-#include <shmps/shm/names.hpp>
-#include <shmps/shm/proc.hpp>
-#include <shmps/shm/reader.hpp>
-#include <shmps/shm/ring.hpp>
-#include <shmps/shm/segment.hpp>
-#include <shmps/shm/worker_slot.hpp>
 
 #include "gradient_copy.hpp"
 #include "worker_impl.hpp"
@@ -71,13 +53,7 @@ std::uint64_t Worker::Impl::push_streamed(std::uint32_t i, std::size_t offset, s
   check_range("push to", i, offset, grad.size());
   double sum_sq = 0.0;
   const std::size_t bad = check_gradient(grad.data(), grad.size(), sum_sq);
-  if (bad != grad.size()) {
-    slot.count_rejected_push();
-    bump_counter(segment.rejected(static_cast<unsigned>(rank), i));
-    throw Error("push to '" + params[i].name + "' rejected: element " + std::to_string(offset + bad) + " is " +
-                (std::isnan(grad[bad]) ? "NaN" : "infinite") +
-                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
-  }
+  if (bad != grad.size()) refuse_non_finite("push to", i, offset + bad, grad[bad]);
   const std::uint64_t end = offset + grad.size();
   std::uint64_t begin = offset;
   const bool resumes = unfinished && unfinished->name == params[i].name && unfinished->offset == offset &&
@@ -226,10 +202,14 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
 void Worker::Impl::reject_push(const char* what, std::size_t bad, float value) {
   const Claim refused = claim;
   give_back();
+  refuse_non_finite(what, refused.param, refused.offset + bad, value);
+}
+
+void Worker::Impl::refuse_non_finite(const char* what, std::uint32_t param, std::uint64_t element, float value) {
   slot.count_rejected_push();
-  bump_counter(segment.rejected(static_cast<unsigned>(rank), refused.param));
-  throw Error(std::string(what) + " '" + params[refused.param].name + "' rejected: element " +
-              std::to_string(refused.offset + bad) + " is " + (std::isnan(value) ? "NaN" : "infinite") +
+  bump_counter(segment.rejected(static_cast<unsigned>(rank), param));
+  throw Error(std::string(what) + " '" + params[param].name + "' rejected: element " + std::to_string(element) +
+              " is " + (std::isnan(value) ? "NaN" : "infinite") +
               "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
 }
 

@@ -8,29 +8,10 @@
 // <name>.slots.lock) only proves it is alive.
 #include "shmps/worker.hpp"
 
-#include <pthread.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <optional>
-#include <thread>
-#include <unordered_map>
+#include <string>
 
-#include <shmps/shm/atomics.hpp>
-#include <shmps/shm/futex.hpp>
-#include <shmps/shm/killpoint.hpp>
-#include <shmps/shm/liveness.hpp>
-#include <shmps/shm/membership.hpp>
-#include <shmps/shm/names.hpp>
-#include <shmps/shm/proc.hpp>
 #include <shmps/shm/reader.hpp>
-#include <shmps/shm/ring.hpp>
-#include <shmps/shm/segment.hpp>
-#include <shmps/shm/worker_slot.hpp>
 
 #include "worker_impl.hpp"
 

@@ -148,6 +148,8 @@ struct Worker::Impl {
     return std::min(end, (begin / c + 1) * c);
   }
   [[noreturn]] void reject_push(const char* what, std::size_t bad, float value);
+  // Counts a push refused for the non-finite `value` of parameter `param` at `element`, and throws.
+  [[noreturn]] void refuse_non_finite(const char* what, std::uint32_t param, std::uint64_t element, float value);
   // Forgets the claim: its bytes past the ring's tail stay invisible and are reused.
   void give_back() noexcept {
     claim = {};

@@ -169,14 +169,14 @@ class Worker {
   // in BSP, discarded because this slot's previous process died before finishing their step).
   void wait_applied(std::uint64_t seq);
 
-  // A start barrier: blocks until the worker slots 0 .. count-1 are each held by a live process
-  // that the server has admitted (this one included), or by one that has left after ending a step
-  // at or past the one this worker entered at; else throws Error after `timeout`, naming the ranks
-  // still missing. Slots of an earlier run (a restored checkpoint, a kept segment) do not count.
-  // Every one of the workers calls it, before its first pull or push. In BSP a job whose workers all call it before their first step starts
-  // with every one of them in step 0, however late a process starts; without it the first worker
-  // up can finish step 0 alone, and the run is not the same run to run. Returns at once when the
-  // slots are already held, so a restarted worker can call it too.
+  // A start barrier, called by every worker before its first pull or push: blocks until worker
+  // slots 0 .. count-1 are each held by a live process that the server has admitted (this one
+  // included), or by one that has left after ending a step at or past the one this worker entered
+  // at; else throws Error after `timeout`, naming the ranks still missing. Slots of an earlier run
+  // (a restored checkpoint, a kept segment) do not count. In BSP it puts every worker in step 0,
+  // however late a process starts; without it the first worker up can end step 0 alone, and the
+  // run is not the same run to run. Returns at once when the slots are already held, so a
+  // restarted worker can call it too.
   void wait_for_workers(std::size_t count, std::chrono::milliseconds timeout);
   void wait_for_workers(std::size_t count);  // with the worker's timeout
 
