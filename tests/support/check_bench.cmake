@@ -11,7 +11,8 @@ check_figures("shmps-bench --quick" "${OUT}"
   limit.memcpy limit.sgd limit.sgd.2threads limit.pingpong.rtt
   pull.ratio push.ratio push.zero-copy.ratio push.fill-then-push push.zero-copy.commit
   latency.p50 latency.p99 latency.ratio latency.p99.ratio
-  apply.sgd.ratio apply.sgd.2threads.ratio apply.adam.vs_sgd apply.adam.2threads.vs_sgd
+  apply.sgd.ratio apply.sgd.same_memory.ratio apply.sgd.2threads.ratio apply.adam.vs_sgd apply.adam.2threads.vs_sgd
+  apply.design.out_of_place.ratio apply.design.chunk_copy.ratio
   push-to-apply.1.ratio push-to-apply.2.ratio push-to-apply.zero-copy.1.ratio push-to-apply.zero-copy.2.ratio
   bsp-round.ratio bsp-round.checkpointing.ratio checkpoint.time
   train.local train.asp.1.ratio train.asp.2.ratio train.bsp.2.ratio train.ssp2.2.ratio

@@ -4,7 +4,10 @@
 // with 1 and 2 apply threads; Gfloat/s next to
 // the plain p -= lr * g loop with as many threads. The round is everything the server does for
 // it: taking the records, the per-slice redo copy that makes a crash mid-apply recoverable
-// (layout.hpp, RedoEntry), the optimizer, the seqlock and the metrics.
+// (layout.hpp, RedoEntry), the optimizer, the seqlock and the metrics. On one thread the plain
+// loop is also timed over the segment's own values and the queued gradients (same_memory), so
+// that the segment's memory is not mistaken for the apply's cost. The apply.design figures
+// (apply_designs.cpp) run in this group too.
 //
 // push-to-apply: 1 and 2 worker processes push whole-model gradients continuously (--rounds each)
 // to a real server (ASP, SGD, all cores, default ring); applied Gfloat/s from the earliest
@@ -20,6 +23,7 @@
 #include <shmps/error.hpp>
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
+#include <shmps/shm/ring.hpp>
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
@@ -35,7 +39,22 @@ namespace {
 struct ApplyTimes {
   double apply_s = 0;
   double plain_s = 0;
+  double plain_same_memory_s = 0;  // the plain loop over the segment's values and the queued gradients
 };
+
+// The plain loop over what the round is about to apply: each queued record's gradient, from the
+// ring, into its parameter's values in the segment (a mapping of the bench's own). The round then
+// applies the same records: the values differ from what the round alone would give, which does
+// not matter here.
+void plain_sgd_over_segment(shm::Segment& segment, int threads) {
+  const shm::RingConsumer ring(&segment.ring(0), segment.ring_data(0));
+  ring.read([&](std::uint64_t, const shm::PushRecord& record) {
+    if (record.kind == shm::RecordKind::push)
+      plain_sgd_pass(segment.values(segment.param(record.param)) + record.offset, shm::record_payload(&record),
+                     record.count, threads);
+    return true;
+  });
+}
 
 ApplyTimes time_apply(const Config& cfg, const std::string& optimizer, int threads, const std::string& state_dtype = "") {
   const std::string name = job_name();
@@ -49,23 +68,27 @@ ApplyTimes time_apply(const Config& cfg, const std::string& optimizer, int threa
   server::ServerOptions options;
   options.spec = server::parse_model_spec(job_spec(job, name), "<shmps-bench apply>");
   options.remove_on_stop = true;
-  std::vector<double> t, plain;
+  std::vector<double> t, plain, plain_same_memory;
   {
     server::Server srv(std::move(options));
     srv.start();
     Worker w(WorkerOptions{.segment = name, .rank = 0});
     Floats grad(cfg.per_param, 0.5f);
     Floats p(cfg.floats(), 1.0f), g(cfg.floats(), 0.5f);
+    shm::Segment segment = shm::Segment::open(name, shm::Access::read_write);
     for (int rep = -1; rep < cfg.reps; ++rep) {  // rep -1 warms up
       for (std::size_t i = 0; i < cfg.params; ++i) w.push(Job::param(i), {grad.data(), cfg.per_param});
       const double t0 = now_s();
       plain_sgd_pass(p.data(), g.data(), cfg.floats(), threads);
       const double t1 = now_s();
-      const std::uint64_t records = srv.apply_round();
+      if (threads == 1) plain_sgd_over_segment(segment, threads);
       const double t2 = now_s();
+      const std::uint64_t records = srv.apply_round();
+      const double t3 = now_s();
       if (rep >= 0) {
         plain.push_back(t1 - t0);
-        t.push_back(t2 - t1);
+        plain_same_memory.push_back(t2 - t1);
+        t.push_back(t3 - t2);
       }
       if (records != cfg.params)
         throw Error("apply: a round applied " + std::to_string(records) + " records, not " + std::to_string(cfg.params));
@@ -74,7 +97,7 @@ ApplyTimes time_apply(const Config& cfg, const std::string& optimizer, int threa
     w.leave();
   }
   shm::Segment::remove(name);
-  return {median(t), median(plain)};
+  return {median(t), median(plain), median(plain_same_memory)};
 }
 
 struct PushShared {
@@ -140,6 +163,8 @@ void run_apply(const Config& cfg, const Limits&, Report& r) {
   r.add("apply.sgd", gf / sgd1.apply_s, "Gfloat/s", "one server apply round of a queued whole-model gradient, SGD, one thread");
   r.add("apply.sgd.ratio", sgd1.plain_s / sgd1.apply_s, "x",
         "apply.sgd / the plain loop timed in turns with it, one thread (target >= 0.9)");
+  r.add("apply.sgd.same_memory.ratio", sgd1.plain_same_memory_s / sgd1.apply_s, "x",
+        "apply.sgd / the plain loop over the segment's values and the queued gradients, in turns, one thread");
   r.add("apply.sgd.2threads", gf / sgd2.apply_s, "Gfloat/s", "the same on two threads");
   r.add("apply.sgd.2threads.ratio", sgd2.plain_s / sgd2.apply_s, "x",
         "/ the plain loop timed in turns with it, two threads (target >= 0.9)");

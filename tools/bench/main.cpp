@@ -66,7 +66,10 @@ int main(int argc, char** argv) {
     const Limits lim = measure_limits(cfg, report);
     if (wanted("transfer")) run_pull_push(cfg, lim, report);
     if (wanted("latency")) run_latency(cfg, lim, report);
-    if (wanted("apply")) run_apply(cfg, lim, report);
+    if (wanted("apply")) {
+      run_apply(cfg, lim, report);
+      run_apply_designs(cfg, report);
+    }
     if (wanted("push-to-apply")) run_push_to_apply(cfg, lim, report);
     if (wanted("bsp-round")) run_bsp_round(cfg, lim, report);
     if (wanted("train")) run_train(cfg, report);

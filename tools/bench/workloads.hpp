@@ -10,6 +10,7 @@ Limits measure_limits(const Config& cfg, Report& report);          // limits.cpp
 void run_pull_push(const Config& cfg, const Limits& lim, Report& report);   // transfer.cpp
 void run_latency(const Config& cfg, const Limits& lim, Report& report);     // latency.cpp
 void run_apply(const Config& cfg, const Limits& lim, Report& report);       // apply.cpp
+void run_apply_designs(const Config& cfg, Report& report);                  // apply_designs.cpp
 void run_push_to_apply(const Config& cfg, const Limits& lim, Report& report);  // apply.cpp
 void run_bsp_round(const Config& cfg, const Limits& lim, Report& report);   // bsp_round.cpp
 void run_train(const Config& cfg, Report& report);                          // train.cpp
