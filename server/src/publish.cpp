@@ -39,12 +39,17 @@ void count_round(SegmentHeader& h, const RoundPlan& plan, const RoundResult& res
 // Tells each worker what the round did for it, and wakes the ones that sleep on it.
 void tell_workers(Segment& segment, const RoundPlan& plan, bool step_advanced, Metrics& metrics,
                   std::uint64_t applied_at) {
+  const bool applied_any = plan.records() != 0;
+  // The round's slice versions before our look at each `waiting` (pairs with the worker's fence
+  // between setting it and its last look at the versions, wait_for): no wake-up is missed.
+  if (applied_any) fence_store_load();
   for (std::uint32_t r = 0; r < plan.ranks.size(); ++r) {
     const RankRound& round = plan.ranks[r];
     WorkerSlotServerView slot(segment.slot(r));
     if (round.records) metrics.sample_latency(r, round.last_seq, applied_at);
     if (round.records || round.discarded) slot.count_round(round.records, round.discarded, round.last_seq);
-    if (round.moved || step_advanced) slot.wake_worker();
+    // A worker asleep on another's progress (get by version) is woken by any round that applied.
+    if (round.moved || step_advanced || (applied_any && slot.worker_waiting())) slot.wake_worker();
   }
 }
 

@@ -244,3 +244,29 @@ def test_wait_for_workers_is_a_start_barrier_and_names_who_is_missing(make_job):
         finally:
             w0_returned.set()
             t.join()
+
+
+def test_pull_with_min_version_waits_for_the_version_and_times_out_with_its_message(make_job):
+    job = make_job(SPEC)
+    with shmps.Worker(job.name, rank=0, timeout=0.4) as w:
+        with pytest.raises(shmps.Error, match=r"pull of 'b' at version 1: slice 0 of it .* has had 0 updates"):
+            w.pull("b", min_version=1)
+        done = threading.Event()
+
+        def pusher():
+            time.sleep(0.2)
+            with shmps.Worker(job.name, rank=1) as p:
+                for _ in range(2):
+                    p.wait_applied(p.push("b", np.ones(7, np.float32)))
+            done.set()
+
+        t = threading.Thread(target=pusher)
+        t.start()
+        try:
+            with shmps.Worker(job.name, rank=2, timeout=20.0) as reader:
+                values, version = reader.pull("b", min_version=2)  # the GIL is released while it waits
+                assert version >= 2
+                np.testing.assert_array_equal(values, np.full(7, -2.0, np.float32))
+        finally:
+            t.join()
+        assert done.is_set()

@@ -124,7 +124,7 @@ class PyWorker {
 
   const shmps::ParamInfo& param(const std::string& name) { return worker_->param(name); }
 
-  py::tuple pull(const std::string& name, py::object out, std::optional<std::size_t> offset) {
+  py::tuple pull(const std::string& name, py::object out, std::optional<std::size_t> offset, std::uint64_t min_version) {
     const shmps::ParamInfo& p = param(name);
     const std::size_t first = offset.value_or(0);
     if (first > p.size)
@@ -151,7 +151,7 @@ class PyWorker {
       result = out;
     }
     const std::uint64_t version =
-        unlocked([&](shmps::Worker& w) { return w.pull(name, first, std::span<float>(data, count)); });
+        unlocked([&](shmps::Worker& w) { return w.pull(name, first, std::span<float>(data, count), min_version); });
     return py::make_tuple(result, version);
   }
 
@@ -193,7 +193,7 @@ class PyWorker {
   py::dict pull_all() {
     py::dict all;
     for (const shmps::ParamInfo& p : worker_->params()) {
-      py::tuple pulled = pull(p.name, py::none(), std::nullopt);
+      py::tuple pulled = pull(p.name, py::none(), std::nullopt, 0);
       all[py::str(p.name)] = pulled[0];
     }
     return all;
@@ -275,14 +275,16 @@ fails changes nothing in the job.)")
            },
            "The model's parameters, in the segment's order: a list of Param (name, shape, dtype, size).")
       .def("pull", &PyWorker::pull, py::arg("name"), py::arg("out") = py::none(), py::arg("offset") = py::none(),
+           py::arg("min_version") = 0,
            R"(Pull a parameter: returns (array, version).
 
 out=None: a new float32 array of the parameter's shape. out=ARRAY: filled in place and returned
 (a C-contiguous float32 numpy array, or a CPU torch tensor, of the parameter's size; with offset=K
 the elements K..K+out.size-1). Each slice is copied whole from one version; version is the update
 count of the least-updated slice. Waits first as the consistency model requires (BSP: until the
-previous step is applied; SSP: within the staleness bound). The GIL is released while it waits
-and copies.)")
+previous step is applied; SSP: within the staleness bound). min_version=N (get by version): then
+waits, bounded by the worker's timeout, until every slice of the range has had N updates. The GIL
+is released while it waits and copies.)")
       .def("view", &PyWorker::view, py::arg("name"), py::arg("offset") = py::none(), py::arg("count") = py::none(),
            R"(A read-only numpy array over the parameter's values in shared memory: no copy.
 

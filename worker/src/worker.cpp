@@ -33,22 +33,29 @@ std::string Worker::consistency() const {
 }
 std::uint64_t Worker::applied() const { return impl_->slot.applied(); }
 
-std::uint64_t Worker::pull(std::string_view name, std::span<float> out) {
+std::uint64_t Worker::pull(std::string_view name, std::span<float> out) { return pull(name, out, 0); }
+
+std::uint64_t Worker::pull(std::string_view name, std::span<float> out, std::uint64_t min_version) {
   const std::uint32_t i = impl_->find(name);
   if (out.size() != impl_->params[i].size)
     throw Error("pull of '" + std::string(name) + "': the output has " + std::to_string(out.size()) +
                 " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
                 shape_string(impl_->segment.param(i)) + "; pass a buffer of that size, or pull a range with an offset");
-  return pull(name, 0, out);
+  return pull(name, 0, out, min_version);
 }
 
 std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<float> out) {
+  return pull(name, offset, out, 0);
+}
+
+std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<float> out, std::uint64_t min_version) {
   Impl& s = *impl_;
   s.refuse_if_detached("pull");
   const std::uint32_t i = s.find(name);
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
   s.wait_for_consistency("pull of", name);
+  s.wait_for_version("pull of", i, offset, out.size(), min_version);
   const SliceReadResult read = read_param(seg, seg.param(i), offset, out, s.options.timeout);
   if (read.stuck_slice)
     throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
@@ -173,6 +180,33 @@ void Worker::Impl::end_step() {
   slot.set_clock(clock);
   heartbeat();
   wake_server();
+}
+
+void Worker::Impl::wait_for_version(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count,
+                                    std::uint64_t min_version) {
+  if (min_version == 0) return;
+  const ParamEntry& p = segment.param(param);
+  const std::uint64_t slice_floats = segment.header().slice_floats;
+  const std::uint64_t first = offset / slice_floats, last = (offset + count - 1) / slice_floats;
+  // The first slice still behind, or last + 1 once none is: versions only grow, so a slice once
+  // seen at min_version need not be looked at again.
+  std::uint64_t behind = first;
+  const auto reached = [&] {
+    while (behind <= last && load_acquire(segment.slice(p.first_slice + behind).version) / 2 >= min_version) ++behind;
+    return behind > last;
+  };
+  if (reached()) return;
+  const auto started = Clock::now();
+  const bool ok = wait_for(reached, deadline(), &slot.progress_word(), &slot.waiting_flag());
+  slot.add_wait_ns(static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
+  if (!ok)
+    throw Error(std::string(what) + " '" + params[param].name + "' at version " + std::to_string(min_version) +
+                ": slice " + std::to_string(behind) + " of it (elements from " +
+                std::to_string(behind * slice_floats) + ") has had " +
+                std::to_string(load_acquire(segment.slice(p.first_slice + behind).version) / 2) + " updates after " +
+                std::to_string(options.timeout.count()) + " ms of waiting; " + server_state() +
+                "; ask for a version the job reaches (pull() returns the version it copied)");
 }
 
 void Worker::Impl::wait_for_consistency(const char* what, std::string_view name) {

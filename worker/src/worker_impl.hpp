@@ -222,6 +222,11 @@ struct Worker::Impl {
   // Waits until this worker may read the values its clock needs (see Worker::pull), and records
   // the staleness it saw. `what` ("pull of", "view of") starts the timeout's message.
   void wait_for_consistency(const char* what, std::string_view name);
+  // Get by version: waits (bounded) until every slice of elements [offset, offset + count) of
+  // parameter `param` has had at least `min_version` updates. The server wakes waiting workers
+  // after every round that applied anything (publish.cpp).
+  void wait_for_version(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count,
+                        std::uint64_t min_version);
   // Writes a clock record (end of step `clock`) and moves to clock + 1.
   void end_step();
   void wake_server() const {

@@ -100,6 +100,13 @@ class Worker {
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
 
+  // Get by version (SINGA's Get): as pull(), but first waits, bounded by the timeout, until every
+  // slice of the range has had at least `min_version` updates (the version pull() returns), then
+  // copies. Returns the smallest version it copied, which may be higher. Throws Error after the
+  // timeout, naming the slice that is behind and its version; 0 waits for nothing.
+  std::uint64_t pull(std::string_view name, std::span<float> out, std::uint64_t min_version);
+  std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out, std::uint64_t min_version);
+
   // Zero-copy read: the parameter's values (or `count` elements from `offset`) in the segment
   // itself, no copy. Waits exactly as pull() does for the job's consistency model (BSP: until
   // step clock()-1 is applied, after this worker's admission; SSP s: the bound; ASP: not at all),

@@ -218,6 +218,8 @@ class WorkerSlotServerView {
   }
   // Bumps the progress futex and wakes the worker if it sleeps on it. The fence pairs with the
   // worker's between setting `waiting` and its last look at its condition (no lost wake-up).
+  // Whether the slot's worker sleeps on its progress word now.
+  bool worker_waiting() const noexcept { return load_acquire(slot_->waiting) != 0; }
   void wake_worker() noexcept {
     store_release(slot_->progress, load_own(slot_->progress) + 1);
     fence_store_load();
