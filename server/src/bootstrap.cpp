@@ -39,6 +39,7 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
     h = shm::detail::fnv1a_str(h, p.name.c_str());
     mix(p.shape.size());
     for (auto d : p.shape) mix(d);
+    if (p.init_put) mix(0x9074ULL);  // pulls wait for a put: part of the layout; others keep their hash
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
@@ -259,7 +260,7 @@ void lay_out_segment(Segment& segment, const ModelSpec& spec, const LayoutReques
 LayoutRequest layout_request(const ServerOptions& options) {
   const ModelSpec& spec = options.spec;
   LayoutRequest request;
-  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape});
+  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape, p.init.kind == InitSpec::Kind::put});
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
   request.ring_bytes = spec.ring_bytes;

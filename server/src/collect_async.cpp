@@ -12,14 +12,20 @@ void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rin
     const RingConsumer& ring = rings[r];
     RankRound& round = plan.ranks[r];
     const std::uint64_t tail = ring.committed();
+    bool pushes = false;  // a push taken this round: a put after it waits for the next round
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
-      if (rec.kind == RecordKind::clock) {
+      if (rec.kind == RecordKind::put) {
+        if (pushes) return false;
+        plan.puts.push_back({r, &rec});
+        round.take_put(rec);
+      } else if (rec.kind == RecordKind::clock) {
         keep_resume_state(segment, r, rec);  // before the head moves past it
         round.clock = std::max(round.clock, rec.clock + 1);
       } else if (rec.kind == RecordKind::push) {
         add_contributions(segment, r, rec, plan.contributions);
         round.last_seq = rec.seq;
         ++round.records;
+        pushes = true;
       }
       return true;
     });

@@ -19,7 +19,7 @@ class StepScan {
  public:
   StepScan(Segment& segment, const RingConsumer& ring, std::uint32_t rank, std::uint64_t step, RoundPlan& plan)
       : segment_(segment), ring_(ring), rank_(rank), step_(step), round_(plan.ranks[rank]),
-        contributions_(plan.contributions) {}
+        contributions_(plan.contributions), plan_puts_(plan.puts) {}
 
   bool run() {
     const WorkerSlot& slot = segment_.slot(rank_);
@@ -58,6 +58,17 @@ class StepScan {
     // Padding in front of everything else carries nothing: give it back even if the step is not
     // complete (a ring that starts over puts one in front of a step, RingProducer).
     if (rec.kind == RecordKind::padding && pos == free_to_) free_to_ = next;
+    // A put in front of everything else is taken at once, as padding is given back: its worker
+    // put before its step's first push (Worker::put), and other workers may wait for it. One
+    // behind records of the step waits until they are taken.
+    if (rec.kind == RecordKind::put) {
+      if (pos != free_to_ || group_records_ != 0) return false;
+      plan_puts_.push_back({rank_, &rec});
+      round_.take_put(rec);
+      free_to_ = next;
+      consumed_ = std::max(consumed_, next);
+      return true;
+    }
     if (rec.kind == RecordKind::push) {
       if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);  // its writer died mid-step
       if (group_records_ == 0) group_begin_ = contributions_.size();
@@ -102,6 +113,7 @@ class StepScan {
   const std::uint64_t step_;
   RankRound& round_;
   std::vector<Contribution>& contributions_;
+  std::vector<PutTake>& plan_puts_;
   std::uint64_t consumed_ = 0;  // the end of the groups taken (counted or discarded)
   std::uint64_t free_to_ = 0;   // the end of the padding in front of the first group
   // The open group: pushes not yet closed by a clock record.

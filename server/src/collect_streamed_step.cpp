@@ -24,9 +24,17 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t streamed_before = load_acquire(slot.streamed_step);
     const std::uint64_t tail = ring.committed();
+    bool pushes = false;  // a push taken this round: a put after it waits for the next round
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
       if (rec.kind == RecordKind::padding) return true;
       if (rec.clock > step) return false;  // a later step: it waits for this one to end
+      if (rec.kind == RecordKind::put) {
+        if (pushes) return false;
+        plan.puts.push_back({r, &rec});
+        round.take_put(rec);
+        return true;
+      }
+      pushes = pushes || rec.kind == RecordKind::push;
       if (rec.kind == RecordKind::clock) {
         keep_resume_state(segment, r, rec);  // before the head moves past it
         round.clock = std::max(round.clock, rec.clock + 1);

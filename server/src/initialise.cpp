@@ -153,6 +153,7 @@ void initialise(const ParamSpec& param, std::span<float> values, const Pretraine
 void initialise(const InitSpec& init, std::span<float> values) {
   switch (init.kind) {
     case InitSpec::Kind::zeros:
+    case InitSpec::Kind::put:  // zeros until a worker puts the values
       std::fill(values.begin(), values.end(), 0.0f);
       return;
     case InitSpec::Kind::constant:

@@ -36,6 +36,8 @@ std::string_view to_string(InitSpec::Kind kind) noexcept {
       return "u24";
     case InitSpec::Kind::pretrained:
       return "pretrained";
+    case InitSpec::Kind::put:
+      return "put";
   }
   return "?";
 }

@@ -1,4 +1,4 @@
-// The model spec parser's `init` of a [[param]]: "zeros", or a table of kind zeros, constant,
+// The model spec parser's `init` of a [[param]]: "zeros", "put", or a table of kind zeros, put, constant,
 // u24 or pretrained, each with the keys that kind needs. The pretrained file is only named
 // here (resolved against the spec's directory); load_pretrained (initialise.hpp) reads it.
 #include <cmath>
@@ -15,8 +15,9 @@ namespace shmps::server::spec_detail {
 
 namespace {
 
-constexpr std::string_view kInitKindsList[] = {"zeros", "constant", "u24", "pretrained"};
+constexpr std::string_view kInitKindsList[] = {"zeros", "constant", "u24", "pretrained", "put"};
 constexpr std::string_view kZerosKeys[] = {"kind"};
+constexpr std::string_view kPutKeys[] = {"kind"};
 constexpr std::string_view kConstantKeys[] = {"kind", "value"};
 constexpr std::string_view kU24Keys[] = {"kind", "stream", "scale", "scale_divisor"};
 constexpr std::string_view kPretrainedKeys[] = {"kind", "file", "tensor"};
@@ -24,7 +25,7 @@ constexpr Keys kInitKinds{kInitKindsList};
 
 // Every form of init, for "expected ..." messages.
 constexpr std::string_view kInitExample =
-    "\"zeros\", { kind = \"constant\", value = 0.5 }, { kind = \"u24\", stream = 11, "
+    "\"zeros\", \"put\", { kind = \"constant\", value = 0.5 }, { kind = \"u24\", stream = 11, "
     "scale_divisor = 28 } or { kind = \"pretrained\", file = \"weights.safetensors\" }";
 
 }  // namespace
@@ -34,6 +35,10 @@ InitSpec Parser::read_init(const toml::node& n, const std::string& field,
   InitSpec init;
   if (const auto* s = n.as_string()) {
     if (s->get() == "zeros") return init;
+    if (s->get() == "put") {
+      init.kind = InitSpec::Kind::put;
+      return init;
+    }
     fail_init_word(n, field, s->get());
   }
   const toml::table* t = n.as_table();
@@ -57,6 +62,9 @@ InitSpec Parser::read_init(const toml::node& n, const std::string& field,
     check_keys(*t, field + ".", kU24Keys, " for init kind \"u24\"");
     init.kind = InitSpec::Kind::u24;
     read_u24(*t, field, init);
+  } else if (kind == "put") {
+    check_keys(*t, field + ".", kPutKeys, " for init kind \"put\"");
+    init.kind = InitSpec::Kind::put;
   } else if (kind == "pretrained") {
     check_keys(*t, field + ".", kPretrainedKeys, " for init kind \"pretrained\"");
     init.kind = InitSpec::Kind::pretrained;

@@ -104,6 +104,7 @@ std::string shape_problem(const ParamSpec& p, const std::string& at, std::uint64
 std::string init_problem(const InitSpec& init, const std::string& at) {
   switch (init.kind) {
     case InitSpec::Kind::zeros:
+    case InitSpec::Kind::put:
       break;
     case InitSpec::Kind::constant:
       if (!std::isfinite(init.value)) return at + ".init.value: must be finite";

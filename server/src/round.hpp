@@ -8,6 +8,7 @@
 // and the exactly-once table handle the slices it had written, redo.hpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -22,6 +23,14 @@ struct Contribution {
   const shm::PushRecord* record;
 };
 
+// A put record (Worker::put) a round takes: applied before the round's contributions
+// (apply_put.hpp). A collector takes one only when no push of its ring comes before it in the
+// round, so that order is the ring's.
+struct PutTake {
+  std::uint32_t rank;
+  const shm::PushRecord* record;
+};
+
 // What a round takes from one worker's ring. Reset at the start of every round (begin()).
 struct RankRound {
   std::uint64_t seen_tail = 0;  // the committed tail the round looked at
@@ -31,6 +40,8 @@ struct RankRound {
   std::uint64_t records = 0;    // pushes applied
   std::uint64_t discarded = 0;  // pushes discarded (a BSP step whose writer died in it)
   std::uint64_t clock = 0;      // the clock after the newest clock record the round consumes
+  std::uint64_t puts = 0;       // put records taken (they stay taken when a BSP step is not complete)
+  std::uint64_t put_last_seq = 0;
   std::uint64_t streamed_step = 0;  // streamed BSP: step + 1 when the round sums pushes of the step
   // BSP: the newest clock record of the step that carries resume state (kept once the step is
   // complete).
@@ -44,21 +55,31 @@ struct RankRound {
     free_to = head;
   }
   // Takes nothing after all (an incomplete BSP step): only leading padding is given back.
+  // Puts in front of the step were taken with that padding (collect_step) and stay taken.
   void take_nothing() noexcept {
-    const std::uint64_t keep_tail = seen_tail, keep_free = free_to;
+    const std::uint64_t keep_tail = seen_tail, keep_free = free_to, keep_puts = puts, keep_put_seq = put_last_seq;
     *this = RankRound{};
     seen_tail = keep_tail;
     end = free_to = keep_free;
+    puts = keep_puts;
+    put_last_seq = keep_put_seq;
+  }
+  // Takes a put record: counted with the round's records.
+  void take_put(const shm::PushRecord& record) noexcept {
+    ++puts;
+    put_last_seq = std::max(put_last_seq, record.seq);
   }
 };
 
 struct RoundPlan {
   std::vector<RankRound> ranks;            // one per worker slot
   std::vector<Contribution> contributions; // in collection order; the apply engine sorts them
+  std::vector<PutTake> puts;               // in collection order; applied first
 
+  // Records taken: pushes applied and puts.
   std::uint64_t records() const noexcept {
     std::uint64_t n = 0;
-    for (const auto& r : ranks) n += r.records;
+    for (const auto& r : ranks) n += r.records + r.puts;
     return n;
   }
   std::uint64_t discarded() const noexcept {

@@ -24,6 +24,7 @@
 #include <shmps/shm/ring.hpp>
 
 #include "apply.hpp"
+#include "apply_put.hpp"
 #include "bootstrap.hpp"
 #include "checkpoint_scheduler.hpp"
 #include "collect.hpp"
@@ -120,6 +121,7 @@ std::uint64_t Server::apply_round() {
   Segment& segment = s.segment();
   for (std::uint32_t r = 0; r < s.rings.size(); ++r) s.plan.ranks[r].begin(s.rings[r].head(), s.rings[r].committed());
   s.plan.contributions.clear();
+  s.plan.puts.clear();
   s.membership->admit_new_workers();
 
   const RoundPolicy policy = policy_for_round(s.header());
@@ -140,8 +142,9 @@ std::uint64_t Server::apply_round() {
   else
     collect_as_they_come(segment, s.rings, s.plan);
   RoundResult result;
-  result.started_ns = s.plan.contributions.empty() && !step_complete ? 0 : monotonic_ns();
+  result.started_ns = s.plan.contributions.empty() && s.plan.puts.empty() && !step_complete ? 0 : monotonic_ns();
   s.metrics->count_pushes(s.plan);
+  const std::uint64_t put_floats = s.plan.puts.empty() ? 0 : apply_puts(segment, s.plan, segment.redo(0));
   if (policy.streamed_steps) {
     // The step's pushes go into its sums as they come; once it is complete, one optimizer step.
     result.totals = s.engine->add_to_step_sums(s.plan.contributions, policy.step);
@@ -150,6 +153,7 @@ std::uint64_t Server::apply_round() {
   } else {
     result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
   }
+  result.totals.floats += put_floats;
   result.step_advanced = step_complete && complete_step(segment, policy.step, s.plan);
   const std::uint64_t taken = publish_round(segment, s.rings, s.plan, result, *s.metrics);
   if (const std::uint64_t discarded = s.plan.discarded())

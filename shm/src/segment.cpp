@@ -113,6 +113,7 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     std::memcpy(entry.name, p.name.data(), p.name.size());
     entry.dtype = DType::f32;
     entry.ndim = static_cast<std::uint32_t>(p.shape.size());
+    entry.init_put = p.init_put ? 1U : 0U;
     std::uint64_t size = 1;
     for (std::size_t d = 0; d < p.shape.size(); ++d) {
       if (p.shape[d] == 0) throw Error("parameter '" + p.name + "' has a zero dimension");

@@ -4,6 +4,11 @@
 //
 // SGD with learning rate 1 and small-integer values: every value is exact.
 #include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cmath>
+#include <span>
 
 #include <chrono>
 #include <string>
@@ -84,4 +89,200 @@ TEST(GetByVersion, TimesOutNamingTheSliceBehindAndChangesNothing) {
   for (float v : out) EXPECT_EQ(v, 7.0f) << "a failed get copies nothing";
   std::vector<float> b(4);
   EXPECT_EQ(w.pull("b", b, 0), 0u);
+}
+
+namespace {
+
+std::vector<float> iota_values(std::size_t n, float first) {
+  std::vector<float> v(n);
+  for (std::size_t k = 0; k < n; ++k) v[k] = first + static_cast<float>(k % 97);
+  return v;
+}
+
+// "w" with init = "put" (pulls wait for a put), and "b" as usual.
+std::string put_spec(const std::string& consistency) {
+  return "max_workers = 3\nslice_bytes = 64\nconsistency = \"" + consistency +
+         "\"\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+         "[[param]]\nname = \"w\"\nshape = [32]\ninit = \"put\"\n"
+         "[[param]]\nname = \"b\"\nshape = [4]\n";
+}
+
+}  // namespace
+
+TEST(Put, SetsTheValuesOnceThenUpdatesApplyOnTopAndALaterPutIsRefused) {
+  Watchdog watchdog(60s);
+  Job job("put", kSpec);
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+  const std::vector<float> first = iota_values(32, 10.0f), second = iota_values(32, 50.0f);
+  w0.put("w", first);
+  std::vector<float> w(32);
+  EXPECT_EQ(w1.pull("w", w), 1u) << "a put counts as one update of each slice";
+  EXPECT_EQ(w, first);
+  w0.put("w", second);  // the same worker, before any update: allowed
+  w1.pull("w", w);
+  EXPECT_EQ(w, second);
+  EXPECT_HAS(error_of([&] { w1.put("w", first); }), "put of 'w' refused: worker 0 put it first");
+  w1.wait_applied(w1.push("w", std::vector<float>(32, 1.0f)));
+  w1.pull("w", w);
+  for (std::size_t k = 0; k < 32; ++k) EXPECT_EQ(w[k], second[k] - 1.0f);
+  const std::string late = error_of([&] { w0.put("w", first); });
+  EXPECT_HAS(late, "put of 'w' refused: the parameter had an optimizer update before the put reached the server");
+  EXPECT_HAS(late, "nothing was put");
+  w1.pull("w", w);
+  for (std::size_t k = 0; k < 32; ++k) EXPECT_EQ(w[k], second[k] - 1.0f) << "a refused put changes nothing";
+  // A range of another parameter, and the errors that change nothing.
+  w0.put("b", 2, std::vector<float>{7.0f, 8.0f});
+  std::vector<float> b(4);
+  w0.pull("b", b);
+  EXPECT_EQ(b, (std::vector<float>{0.0f, 0.0f, 7.0f, 8.0f}));
+  EXPECT_HAS(error_of([&] { w0.put("b", std::vector<float>{1.0f, NAN, 1.0f, 1.0f}); }),
+             "put of 'b' refused: element 1 is NaN; nothing was put");
+  EXPECT_HAS(error_of([&] { w0.put("b", std::vector<float>(3, 1.0f)); }), "the values have 3 elements but the parameter has 4");
+  w0.pull("b", b);
+  EXPECT_EQ(b, (std::vector<float>{0.0f, 0.0f, 7.0f, 8.0f}));
+}
+
+TEST(Put, OfTwoWorkersPuttingAtOnceExactlyOneWinsEverySlice) {
+  Watchdog watchdog(60s);
+  for (int round = 0; round < 5; ++round) {
+    Job job("put-race", kSpec);
+    job.start_server();
+    job.wait_ready();
+    std::string errors[2];
+    {
+      std::vector<std::jthread> putters;
+      for (int rank = 0; rank < 2; ++rank)
+        putters.emplace_back([&, rank] {
+          shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = rank, .timeout = 20s});
+          errors[rank] = error_of([&] { w.put("w", std::vector<float>(32, static_cast<float>(rank + 1))); });
+        });
+    }
+    const int winners = (errors[0] == "(no error)") + (errors[1] == "(no error)");
+    ASSERT_EQ(winners, 1) << errors[0] << " / " << errors[1];
+    const int winner = errors[0] == "(no error)" ? 0 : 1;
+    EXPECT_HAS(errors[1 - winner], "put it first");
+    shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 2, .timeout = 20s});
+    std::vector<float> w(32);
+    EXPECT_EQ(reader.pull("w", w), 1u) << "the loser's put was applied to no slice";
+    for (float v : w) EXPECT_EQ(v, static_cast<float>(winner + 1));
+  }
+}
+
+TEST(Put, InitPutMakesPullsAndViewsWaitAndRefusesPushesBeforeIt) {
+  Watchdog watchdog(60s);
+  Job job("put-init", put_spec("asp"));
+  job.start_server();
+  job.wait_ready();
+  shmps::Worker early(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 300ms});
+  std::vector<float> w(32);
+  EXPECT_HAS(error_of([&] { early.pull("w", w); }), "its spec says init = \"put\": a worker must put it first");
+  EXPECT_HAS(error_of([&] { early.view("w"); }), "view of 'w' at version 1");
+  EXPECT_HAS(error_of([&] { early.push("w", std::vector<float>(32, 1.0f)); }),
+             "push to 'w': slice 0 has not been put yet");
+  std::vector<float> b(4);
+  EXPECT_EQ(early.pull("b", b), 0u) << "a parameter without init = \"put\" does not wait";
+  const std::vector<float> values = iota_values(32, 3.0f);
+  std::jthread putter([&] {
+    std::this_thread::sleep_for(200ms);
+    shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    w0.put("w", values);
+  });
+  shmps::Worker waiting(shmps::WorkerOptions{.segment = job.name(), .rank = 2, .timeout = 20s});
+  EXPECT_EQ(waiting.pull("w", w), 1u);
+  EXPECT_EQ(w, values);
+  const std::span<const float> view = waiting.view("w");
+  EXPECT_TRUE(std::equal(view.begin(), view.end(), values.begin()));
+  putter.join();
+  early.wait_applied(early.push("w", std::vector<float>(32, 1.0f)));  // allowed once put
+}
+
+// The PyTorch pattern in BSP: rank 0 puts its freshly initialised model before its first push,
+// the others wait for it in their first pull, and every step applies on top of it, exactly.
+TEST(Put, InBspRankZeroPutsAtTheStartAndEveryStepAppliesOnTopOfIt) {
+  Watchdog watchdog(60s);
+  Job job("put-bsp", put_spec("bsp"));
+  job.start_server();
+  job.wait_ready();
+  const std::vector<float> values = iota_values(32, 100.0f);
+  constexpr int kSteps = 4;
+  std::string errors[2];
+  std::vector<float> final_w(32);
+  std::uint64_t final_version = 0;
+  {
+    std::vector<std::jthread> workers;
+    for (int rank = 0; rank < 2; ++rank)
+      workers.emplace_back([&, rank] {
+        errors[rank] = error_of([&] {
+          shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = rank, .timeout = 20s});
+          w.wait_for_workers(2);
+          if (rank == 0) w.put("w", values);
+          std::vector<float> mine(32);
+          for (int step = 0; step < kSteps; ++step) {
+            w.pull("w", mine);
+            w.push("w", std::vector<float>(32, static_cast<float>(rank + 1)));
+            w.clock();
+          }
+          // In step kSteps now: the pull waits until the last step is applied. (A worker that
+          // joined now would be admitted to a step still open and hold it: BSP counts it.)
+          if (rank == 0) final_version = w.pull("w", final_w);
+        });
+      });
+  }
+  EXPECT_EQ(errors[0], "(no error)");
+  EXPECT_EQ(errors[1], "(no error)");
+  EXPECT_EQ(final_version, 1u + kSteps) << "the put and one update per step";
+  for (std::size_t k = 0; k < 32; ++k) EXPECT_EQ(final_w[k], values[k] - 3.0f * kSteps) << "element " << k;
+}
+
+TEST(Put, ServerKilledMidPutFinishesItAndAppliesNoSliceTwice) {
+  Watchdog watchdog(90s);
+  Job job("put-kill-server", kSpec);
+  job.start_server({}, {{"SHMPS_KILL_AT", "put.mid_slice:2"}});  // killed writing the put's second slice
+  job.wait_ready();
+  shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+  const std::vector<float> values = iota_values(32, 20.0f);
+  std::string error;
+  std::jthread putter([&] { error = error_of([&] { w0.put("w", values); }); });
+  EXPECT_EQ(job.server().wait(20s), 128 + SIGKILL);
+  job.start_server();
+  job.wait_ready();
+  putter.join();
+  EXPECT_EQ(error, "(no error)");
+  shmps::Worker reader(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+  std::vector<float> w(32);
+  EXPECT_EQ(reader.pull("w", w), 1u) << "each slice put exactly once (version 2 would mean twice)";
+  EXPECT_EQ(w, values);
+  std::vector<float> head(16);
+  EXPECT_EQ(reader.pull("w", 0, head), 1u);
+}
+
+// A put bigger than one ring record goes in pieces: a worker killed between them leaves the
+// pieces it committed, no other worker may put the parameter meanwhile, and its restarted
+// process puts it again whole.
+TEST(Put, WorkerKilledBetweenRecordsLeavesWhatItCommittedAndItsSuccessorPutsAgain) {
+  Watchdog watchdog(90s);
+  constexpr std::size_t kFloats = 300000;  // three records of a 1 MiB ring
+  Job job("put-kill-worker",
+          "max_workers = 2\nring_bytes = 1048576\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+          "[[param]]\nname = \"big\"\nshape = [300000]\ninit = \"put\"\n");
+  job.start_server();
+  job.wait_ready();
+  const std::vector<float> first = iota_values(kFloats, 1.0f), second = iota_values(kFloats, 500.0f);
+  auto& victim = job.start({"shmps-test-pusher", "put"}, {{"SHMPS_SEGMENT", job.name()}, {"SHMPS_RANK", "0"},
+                                                         {"SHMPS_KILL_AT", "put.between_records:1"}});
+  ASSERT_EQ(victim.wait(), 128 + SIGKILL) << "the worker was not killed between records: " << victim.output();
+  shmps::Worker other(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+  // The first record was committed and applied (the server runs); the rest never existed.
+  std::vector<float> head(1000);
+  EXPECT_EQ(other.pull("big", 0, head, 0), 1u);
+  EXPECT_TRUE(std::equal(head.begin(), head.end(), first.begin()));
+  EXPECT_HAS(error_of([&] { other.put("big", second); }), "refused: worker 0 put it first");
+  shmps::Worker successor(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  successor.put("big", second);
+  std::vector<float> all(kFloats);
+  other.pull("big", all);
+  EXPECT_EQ(all, second);
 }

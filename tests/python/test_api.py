@@ -270,3 +270,82 @@ def test_pull_with_min_version_waits_for_the_version_and_times_out_with_its_mess
         finally:
             t.join()
         assert done.is_set()
+
+
+PUT_SPEC = """max_workers = 3
+consistency = "bsp"
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "fc.weight"
+shape = [4, 3]
+init = "put"
+[[param]]
+name = "fc.bias"
+shape = [4]
+init = "put"
+"""
+
+
+def test_rank_zero_puts_a_freshly_initialised_model_and_the_others_train_on_it(make_job):
+    """The PyTorch pattern (DDP broadcasts rank 0's weights): rank 0 puts its module's parameters,
+    the other ranks' first pulls wait for them, and every BSP step applies on top of them."""
+    job = make_job(PUT_SPEC)
+    try:  # a torch module where torch is installed (CPU tensors are put in place), else numpy arrays
+        import torch
+
+        torch.manual_seed(7)
+        fresh = {n: p.detach() for n, p in torch.nn.Linear(3, 4).named_parameters()}
+        initial = {n: t.numpy().copy() for n, t in fresh.items()}
+    except ImportError:
+        rng = np.random.default_rng(7)
+        fresh = {"fc.weight": rng.standard_normal((4, 3)).astype(np.float32),
+                 "fc.bias": rng.standard_normal(4).astype(np.float32)}
+        initial = {n: a.copy() for n, a in fresh.items()}
+    errors = []
+    final = {}
+
+    def trainer(rank):
+        try:
+            with shmps.Worker(job.name, rank=rank, timeout=20.0) as w:
+                w.wait_for_workers(2)
+                if rank == 0:
+                    for name, values in fresh.items():
+                        w.put(name, values)
+                for _ in range(3):
+                    for name, shape in (("fc.weight", (4, 3)), ("fc.bias", (4,))):
+                        w.pull(name)
+                        w.push(name, np.full(shape, rank + 1, np.float32))
+                    w.clock()
+                if rank == 0:  # in step 3 now: the pulls wait until the last step is applied
+                    final.update({name: w.pull(name) for name in initial})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"rank {rank}: {e}")
+
+    threads = [threading.Thread(target=trainer, args=(r,)) for r in (1, 0)]  # rank 1 first: it waits
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for name, values in initial.items():
+        got, version = final[name]
+        want = values
+        for _ in range(3):  # three steps of 1 + 2, rounded to float32 each, as the server does
+            want = want - np.float32(3)
+        np.testing.assert_array_equal(got, want)
+        assert version == 4  # the put, then three steps
+
+
+def test_put_refusals_raise_shmps_error_saying_why(make_job):
+    job = make_job(SPEC)
+    with shmps.Worker(job.name, rank=0) as w0, shmps.Worker(job.name, rank=1) as w1:
+        w0.put("b", np.arange(7, dtype=np.float32))
+        np.testing.assert_array_equal(w1.pull("b")[0], np.arange(7, dtype=np.float32))
+        with pytest.raises(shmps.Error, match=r"refused: worker 0 put it first"):
+            w1.put("b", np.zeros(7, np.float32))
+        with pytest.raises(shmps.Error, match=r"element 2 is NaN; nothing was put"):
+            w0.put("b", np.array([0, 0, np.nan, 0, 0, 0, 0], np.float32))
+        w0.put("b", np.ones(2, np.float32), offset=5)
+        np.testing.assert_array_equal(w1.pull("b")[0], np.array([0, 1, 2, 3, 4, 1, 1], np.float32))

@@ -11,6 +11,7 @@
 //       --hold: then borrows push K+1 (zero-copy), fills it, prints "holding" and sleeps without
 //       committing (a process to be killed while it holds a filled buffer).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
+//   shmps-test-pusher put                  puts "big" whole: element k = 1 + k % 97 (Worker::put)
 //   shmps-test-pusher puller  --millis T   pulls "u" slice by slice for T ms and checks that every
 //                                          slice is whole: all its values equal -(its version)
 //   shmps-test-pusher steps   --workers P --steps B [--extra E] [--check] [--slow-ms X]
@@ -162,6 +163,13 @@ int main(int argc, char** argv) {
         std::this_thread::sleep_for(std::chrono::hours(1));
       }
       std::cout << "rank " << rank << " pushed " << last << " applied " << w.applied() << "\n";
+      return 0;
+    }
+    if (mode == "put") {
+      std::vector<float> values(w.param("big").size);
+      for (std::size_t k = 0; k < values.size(); ++k) values[k] = 1.0f + static_cast<float>(k % 97);
+      w.put("big", values);
+      std::cout << "put\n";
       return 0;
     }
     if (mode == "uniform") {

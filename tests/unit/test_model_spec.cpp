@@ -218,6 +218,16 @@ TEST(ModelSpec, Defaults) {
   EXPECT_EQ(spec.params[0].init.kind, InitSpec::Kind::zeros);
 }
 
+TEST(ModelSpec, PutInit) {
+  const ModelSpec spec = parse_model_spec(std::string(kMinimal) + "init = \"put\"\n[[param]]\nname = \"b\"\nshape = [3]\n"
+                                                                   "init = { kind = \"put\" }\n", "");
+  ASSERT_EQ(spec.params.size(), 2u);
+  EXPECT_EQ(spec.params[0].init.kind, InitSpec::Kind::put);
+  EXPECT_EQ(spec.params[1].init.kind, InitSpec::Kind::put);
+  EXPECT_EQ(initial_value(spec.params[0].init, 4), 0.0f) << "zeros until a worker puts the values";
+  EXPECT_EQ(to_string(InitSpec::Kind::put), "put");
+}
+
 TEST(ModelSpec, PretrainedInit) {
   const ModelSpec spec = parse_model_spec(R"(name = "m"
 [optimizer]
@@ -639,6 +649,8 @@ TEST(ModelSpecErrors, Inits) {
   EXPECT_SPEC_ERROR(head + "init = { kind = \"normal\" }\n", "spec.toml:7:17", "param[0].init.kind",
                     "unknown init kind \"normal\"",
                     "valid kinds: \"zeros\", \"constant\", \"u24\"");
+  EXPECT_SPEC_ERROR(head + "init = { kind = \"put\", value = 1.0 }\n", "spec.toml:7:24", "param[0].init.value",
+                    "for init kind \"put\"");
   EXPECT_SPEC_ERROR(head + "init = \"u24\"\n", "spec.toml:7:8", "param[0].init", "needs its stream",
                     "{ kind = \"u24\", stream = ");
   EXPECT_SPEC_ERROR(head + "init = { scale = 2.0 }\n", "spec.toml:7:8", "param[0].init.kind",
@@ -660,7 +672,7 @@ TEST(ModelSpecErrors, Inits) {
   EXPECT_SPEC_ERROR(head + "init = { kind = \"constant\", value = 1e39 }\n", "spec.toml:7:37",
                     "param[0].init.value", "finite float32");
   EXPECT_SPEC_ERROR(head + "init = 3\n", "spec.toml:7:8", "param[0].init",
-                    "expected \"zeros\", { kind = \"constant\"", "got an integer (3)");
+                    "expected \"zeros\", \"put\", { kind = \"constant\"", "got an integer (3)");
 }
 
 TEST(ModelSpecErrors, PretrainedInits) {

@@ -166,6 +166,16 @@ class PyWorker {
     return unlocked([&](shmps::Worker& w) { return w.push(name, offset.value_or(0), values); });
   }
 
+  void put(const std::string& name, py::handle values, std::optional<std::size_t> offset) {
+    const shmps::ParamInfo& p = param(name);
+    const FloatView view = float_view(values, false, [&] { return "put('" + name + "', values): values"; });
+    if (!offset && view.size != p.size)
+      throw Error("put('" + name + "', values): values has " + std::to_string(view.size) + " elements, the parameter " +
+                  std::to_string(p.size) + " " + shape_text(p.shape) + "; pass values of that size, or offset= to put a range");
+    const std::span<const float> data(view.data, view.size);
+    unlocked([&](shmps::Worker& w) { w.put(name, offset.value_or(0), data); });
+  }
+
   // A read-only numpy array over the parameter's values in the segment (Worker::view): no copy.
   // Its base is the Python Worker object, so the mapping outlives every array taken from it.
   static py::array view(py::object self, const std::string& name, std::optional<std::size_t> offset,
@@ -303,6 +313,15 @@ grad: a C-contiguous float32 numpy array (or CPU torch tensor) of the parameter'
 offset=K a range starting at element K. It is read in place: the only copy is the one into this
 worker's ring. All-or-nothing; a gradient holding NaN or Inf is refused (shmps.Error) and
 nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)")
+      .def("put", &PyWorker::put, py::arg("name"), py::arg("values"), py::arg("offset") = py::none(),
+           R"(Put a parameter's values (SINGA's Put), as rank 0 sets a freshly initialised model.
+
+values: a C-contiguous float32 numpy array (or CPU torch tensor) of the parameter's size, or with
+offset=K a range starting at element K. Allowed until the parameter's first optimizer update,
+for the first worker whose put the server applies (that rank may put it again before the first
+update). Returns once applied; raises shmps.Error saying why if the server refused it, and for
+NaN or Inf (nothing is put). A spec's init = "put" makes pulls wait for it. The GIL is released
+meanwhile.)")
       .def("wait_applied", [](PyWorker& w, std::uint64_t seq) { w.unlocked([&](shmps::Worker& x) { x.wait_applied(seq); }); },
            py::arg("seq"), "Block until the server has applied every push up to sequence number seq.")
       .def("wait_for_workers",

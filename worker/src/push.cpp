@@ -107,12 +107,15 @@ PushBuffer Worker::borrow_push(std::string_view name, std::size_t offset, std::s
   return PushBuffer(&s, data, count, offset);
 }
 
-// Checks the range, waits for room as the consistency model allows, and claims a record.
-float* Worker::Impl::claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count) {
+// Checks the range, waits for room as the consistency model allows, and claims a record (for a
+// push, or with `put` for Worker::put).
+float* Worker::Impl::claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count,
+                                bool put) {
   refuse_if_detached("push");
   const std::uint32_t i = find(name);
   if (borrower != nullptr) refuse_if_borrowed(std::string(what) + " '" + std::string(name) + "'", "nothing was pushed");
   check_range(what, i, offset, count);
+  if (!put) refuse_push_before_put(what, i, offset, count);
   await_admission();
   if (count > ring.max_record_floats())
     throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(count) +

@@ -48,6 +48,7 @@ std::span<const float> Worker::view(std::string_view name, std::size_t offset, s
   const std::uint32_t i = s.find(name);
   s.check_range("view of", i, offset, count);
   s.wait_for_consistency("view of", name);
+  s.wait_for_put("view of", i, offset, count);
   const Segment& seg = s.segment;
   const ParamEntry& p = seg.param(i);
   if (load_acquire(seg.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {

@@ -55,6 +55,7 @@ std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<
   s.check_range("pull of", i, offset, out.size());
   const Segment& seg = s.segment;
   s.wait_for_consistency("pull of", name);
+  s.wait_for_put("pull of", i, offset, out.size());
   s.wait_for_version("pull of", i, offset, out.size(), min_version);
   const SliceReadResult read = read_param(seg, seg.param(i), offset, out, s.options.timeout);
   if (read.stuck_slice)
@@ -183,7 +184,7 @@ void Worker::Impl::end_step() {
 }
 
 void Worker::Impl::wait_for_version(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count,
-                                    std::uint64_t min_version) {
+                                    std::uint64_t min_version, const char* hint) {
   if (min_version == 0) return;
   const ParamEntry& p = segment.param(param);
   const std::uint64_t slice_floats = segment.header().slice_floats;
@@ -205,8 +206,7 @@ void Worker::Impl::wait_for_version(const char* what, std::uint32_t param, std::
                 ": slice " + std::to_string(behind) + " of it (elements from " +
                 std::to_string(behind * slice_floats) + ") has had " +
                 std::to_string(load_acquire(segment.slice(p.first_slice + behind).version) / 2) + " updates after " +
-                std::to_string(options.timeout.count()) + " ms of waiting; " + server_state() +
-                "; ask for a version the job reaches (pull() returns the version it copied)");
+                std::to_string(options.timeout.count()) + " ms of waiting; " + server_state() + "; " + hint);
 }
 
 void Worker::Impl::wait_for_consistency(const char* what, std::string_view name) {

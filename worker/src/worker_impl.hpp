@@ -132,8 +132,14 @@ struct Worker::Impl {
 
   // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
   // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
-  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count);
+  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count, bool put = false);
   std::uint64_t commit_push(double sum_sq);
+  // Publishes the claimed record as a put (Worker::put; put.cpp).
+  std::uint64_t commit_put();
+  // Init "put": waits (bounded) until every slice of the range has been put (version >= 1).
+  void wait_for_put(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count);
+  // Init "put": a push to a slice not yet put would be applied to zeros; refuses it.
+  void refuse_push_before_put(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count) const;
   // A push bigger than one ring record, streamed through the ring in chunks (push()).
   std::uint64_t push_streamed(std::uint32_t param, std::size_t offset, std::span<const float> grad);
   // The elements per chunk of a streamed push: whole slices, as many as one record holds.
@@ -226,7 +232,8 @@ struct Worker::Impl {
   // parameter `param` has had at least `min_version` updates. The server wakes waiting workers
   // after every round that applied anything (publish.cpp).
   void wait_for_version(const char* what, std::uint32_t param, std::uint64_t offset, std::uint64_t count,
-                        std::uint64_t min_version);
+                        std::uint64_t min_version,
+                        const char* hint = "ask for a version the job reaches (pull() returns the version it copied)");
   // Writes a clock record (end of step `clock`) and moves to clock + 1.
   void end_step();
   void wake_server() const {

@@ -100,6 +100,20 @@ class Worker {
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
 
+  // Put (SINGA's Put): sets the parameter's values (or those of [offset, offset + values.size()))
+  // to `values`, as a job's rank 0 sets its freshly initialised model. Allowed while the
+  // parameter has had no optimizer update, for the first worker whose put the server applies:
+  // that worker (its rank, also after a restart) may put it again before the first update, any
+  // other worker's put is refused. Returns once the server has applied it; throws Error, saying
+  // why, if it refused it (another rank put it first; an update came first). Travels through
+  // the ring as records, each all-or-nothing and applied exactly once like a push; a put bigger
+  // than one record goes in record-sized pieces (a worker killed between them leaves the pieces
+  // it committed: put again). NaN or Inf is refused and puts nothing. In BSP, put before the
+  // step's first push (a put behind pushes of an open step waits for the step). A spec's
+  // init = "put" makes pulls and views of the parameter wait until it has been put.
+  void put(std::string_view name, std::span<const float> values);
+  void put(std::string_view name, std::size_t offset, std::span<const float> values);
+
   // Get by version (SINGA's Get): as pull(), but first waits, bounded by the timeout, until every
   // slice of the range has had at least `min_version` updates (the version pull() returns), then
   // copies. Returns the smallest version it copied, which may be higher. Throws Error after the

@@ -49,7 +49,8 @@
 //   name = "fc1.weight"     # required, unique. 1 to 63 bytes, no spaces or control characters.
 //   shape = [256, 784]      # required. 1 to 8 positive integers, row-major; at most 2^48 bytes
 //                           #   (2^46 float32 elements) per parameter and in total.
-//   init = "zeros"          # optional, default "zeros". Or a table:
+//   init = "zeros"          # optional, default "zeros". Or "put": zeros until a worker puts the
+//                           #   values (Worker::put); pulls and views wait for it. Or a table:
 //                           #   { kind = "zeros" }
 //                           #   { kind = "constant", value = 0.5 }
 //                           #   { kind = "u24", stream = 11, scale = 0.0625 }  # scale default 1
@@ -92,7 +93,8 @@
 namespace shmps::server {
 
 struct InitSpec {
-  enum class Kind { zeros, constant, u24, pretrained } kind = Kind::zeros;
+  // put: zeros until a worker puts the values (Worker::put); pulls wait for the put.
+  enum class Kind { zeros, constant, u24, pretrained, put } kind = Kind::zeros;
   float value = 0;             // constant
   std::uint64_t stream = 0;    // u24
   float scale = 1;             // u24
@@ -116,6 +118,8 @@ inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
       return u24(splitmix_draw(init.stream, k)) * init.scale;
     case InitSpec::Kind::pretrained:
       return 0.0f;  // not known here: see load_pretrained
+    case InitSpec::Kind::put:
+      return 0.0f;  // until a worker puts it
   }
   return 0.0f;
 }

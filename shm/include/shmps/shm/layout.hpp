@@ -103,7 +103,8 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 3: pushes stream through bounded rings (WorkerSlot::stream_*), BSP step sums;
 // 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it);
 // 5: chunked apply (RedoEntry modes and inputs, RedoInput)
-inline constexpr std::uint32_t kLayoutVersion = 5;
+// 6: put (RecordKind::put, ParamEntry::init_put, ParamStats::put_rank, WorkerSlot::puts_refused)
+inline constexpr std::uint32_t kLayoutVersion = 6;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -385,10 +386,14 @@ struct ParamEntry {
   std::uint64_t slice_count;
   std::uint64_t values_offset;  // 64-byte aligned
   std::uint64_t state_offset[2];  // optimizer state arrays (0 when unused), 64-byte aligned
+  // 1: the spec says init = "put": a worker puts the first values, and pulls and views wait for
+  // every slice of their range to have version 1 or more (Worker::put).
+  std::uint32_t init_put;
+  std::uint32_t reserved;
 };
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
-  FIELD(values_offset) FIELD(state_offset)
+  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -421,10 +426,14 @@ struct alignas(kCacheLine) ParamStats {
   std::atomic<std::uint64_t> floats_applied;
   std::atomic<std::uint64_t> last_grad_sq_norm;  // bits of a double: the newest push's squared L2 norm
   std::atomic<std::uint64_t> last_grad_floats;   //   and how many elements it covered
-  std::uint64_t reserved[3];
+  // Put: rank + 1 of the worker whose put of this parameter the server applied first (0: none).
+  // Stored before that put's first slice is written; only that rank's puts are applied after.
+  std::atomic<std::uint64_t> put_rank;
+  std::uint64_t reserved[2];
 };
 #define SHMPS_PARAM_STATS_FIELDS(FIELD, PAD) \
-  FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) FIELD(reserved)
+  FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) \
+  FIELD(put_rank) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // RedoEntry: one per server apply thread, server only. Two ways to get a slice's update in:
@@ -557,7 +566,7 @@ struct WorkerSlot {
   // worker reads it (wait_applied, back-pressure, its futex).
   alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number the server is done with (applied, or discarded)
   std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
-  std::atomic<std::uint32_t> reserved0;
+  std::atomic<std::uint32_t> puts_refused;     // put records the server refused (Worker::put says why)
   std::atomic<std::uint64_t> records_applied;
   std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
   // The clock after the newest clock record the server consumed from this ring (its step + 1):
@@ -596,7 +605,7 @@ struct WorkerSlot {
   FIELD(stream_first_seq) FIELD(stream_offset) FIELD(stream_count) FIELD(step_first_seq)                          \
   FIELD(heartbeat_ns) FIELD(pulls) FIELD(pull_bytes) FIELD(push_bytes) FIELD(pushes_rejected)                  \
   FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
-  FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \
+  FIELD(applied) FIELD(progress) FIELD(puts_refused) FIELD(records_applied) FIELD(records_discarded)              \
   FIELD(consumed_clock) FIELD(streamed_step) PAD(16)                                                                                 \
   FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) PAD(40)                              \
   FIELD(resume_version) FIELD(resume_clock) FIELD(resume_bytes) FIELD(resume_reserved) FIELD(resume) PAD(40)
@@ -631,7 +640,8 @@ struct RingHeader {
 // the middle of a step contributes all of that step or none of it. A clock record may carry the
 // worker's resume blob as its payload (`offset` holds its length in bytes), committed with the
 // end of the step it describes. padding: filler to the end.
-enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3 };
+// put: the payload is values to set, not a gradient (Worker::put); numbered like a push.
+enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
 // next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the

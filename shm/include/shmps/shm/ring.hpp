@@ -119,7 +119,7 @@ class RingConsumer {
     return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
            r->record_bytes <= to_end && position + r->record_bytes <= end &&
            (r->kind == RecordKind::padding ||
-            (r->kind == RecordKind::push && record_bytes_for(r->count) == r->record_bytes) ||
+            ((r->kind == RecordKind::push || r->kind == RecordKind::put) && record_bytes_for(r->count) == r->record_bytes) ||
             (r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
              r->offset <= r->count * sizeof(float) && r->offset <= kResumeBlobBytes));
   }

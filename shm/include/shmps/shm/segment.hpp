@@ -24,6 +24,7 @@ struct LayoutRequest {
   struct Param {
     std::string name;
     std::vector<std::uint64_t> shape;
+    bool init_put = false;  // ParamEntry::init_put
   };
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;

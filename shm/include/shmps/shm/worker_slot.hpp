@@ -145,6 +145,7 @@ class WorkerSlotWorkerView {
 
   // ---- Reads of the server's lines.
   std::uint64_t applied() const noexcept { return load_acquire(slot_->applied); }
+  std::uint32_t puts_refused() const noexcept { return load_acquire(slot_->puts_refused); }
   std::uint64_t admitted_generation() const noexcept { return load_acquire(slot_->admitted_generation); }
   std::uint64_t admitted_clock() const noexcept { return load_acquire(slot_->admitted_clock); }
 
@@ -216,10 +217,12 @@ class WorkerSlotServerView {
     bump_counter(slot_->records_discarded, discarded);
     store_release(slot_->applied, std::max(load_own(slot_->applied), last_seq));
   }
-  // Bumps the progress futex and wakes the worker if it sleeps on it. The fence pairs with the
-  // worker's between setting `waiting` and its last look at its condition (no lost wake-up).
+  // A put record of this slot refused (Worker::put): counted before the round releases `applied`.
+  void count_refused_put() noexcept { store_release(slot_->puts_refused, load_own(slot_->puts_refused) + 1); }
   // Whether the slot's worker sleeps on its progress word now.
   bool worker_waiting() const noexcept { return load_acquire(slot_->waiting) != 0; }
+  // Bumps the progress futex and wakes the worker if it sleeps on it. The fence pairs with the
+  // worker's between setting `waiting` and its last look at its condition (no lost wake-up).
   void wake_worker() noexcept {
     store_release(slot_->progress, load_own(slot_->progress) + 1);
     fence_store_load();
