@@ -211,7 +211,13 @@ int cmd_inspect(const std::string& name) {
       hi = std::max(hi, v);
     }
     std::cout << std::left << std::setw(param_width) << param_names[i] << std::setw(shape_width) << shapes[i] << std::setw(12)
-              << p.size << std::setw(8) << p.slice_count << lo << ".." << hi << "\n";
+              << p.size << std::setw(8) << p.slice_count << lo << ".." << hi;
+    // Put (Worker::put): who put it; init = "put" and nobody yet: pulls of it wait.
+    if (const std::uint64_t put_rank = load_acquire(seg.param_stats(i).put_rank); put_rank != 0)
+      std::cout << "  put by worker " << put_rank - 1;
+    else if (p.init_put != 0)
+      std::cout << "  waiting for a put (init = \"put\")";
+    std::cout << "\n";
   }
 
   std::cout << "\n";

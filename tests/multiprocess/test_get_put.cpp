@@ -184,6 +184,7 @@ TEST(Put, InitPutMakesPullsAndViewsWaitAndRefusesPushesBeforeIt) {
              "push to 'w': slice 0 has not been put yet");
   std::vector<float> b(4);
   EXPECT_EQ(early.pull("b", b), 0u) << "a parameter without init = \"put\" does not wait";
+  EXPECT_HAS(shmps::test::run({"shmps-ctl", "inspect", job.name()}).out, "waiting for a put (init = \"put\")");
   const std::vector<float> values = iota_values(32, 3.0f);
   std::jthread putter([&] {
     std::this_thread::sleep_for(200ms);
@@ -196,6 +197,7 @@ TEST(Put, InitPutMakesPullsAndViewsWaitAndRefusesPushesBeforeIt) {
   const std::span<const float> view = waiting.view("w");
   EXPECT_TRUE(std::equal(view.begin(), view.end(), values.begin()));
   putter.join();
+  EXPECT_HAS(shmps::test::run({"shmps-ctl", "inspect", job.name()}).out, "put by worker 0");
   early.wait_applied(early.push("w", std::vector<float>(32, 1.0f)));  // allowed once put
 }
 
