@@ -18,17 +18,21 @@ using namespace shmps::shm;
 
 namespace {
 
-// Why the server refuses a put record, or nullptr if it applies it.
+// Why the server refuses a put record, or nullptr if it applies it. The same answer for the same
+// record after a restart: a refused one is remembered in the slot; an applied one left its mark
+// on every slice (a collector takes nothing after a put from its ring in the same round, so no
+// later push of the rank can have moved those marks before the round was published).
 const char* refusal(Segment& segment, std::uint32_t rank, const PushRecord& rec) {
   const SegmentHeader& h = segment.header();
-  if (rec.param >= h.param_count || rec.count == 0 || rec.offset + rec.count > segment.param(rec.param).size)
+  if (rec.param >= h.param_count || rec.count == 0 || rec.offset > segment.param(rec.param).size ||
+      rec.count > segment.param(rec.param).size - rec.offset)
     return "its range is outside its parameter";
-  // Applied to every slice before a restart (and updated since, maybe): not refused now.
+  if (WorkerSlotServerView(segment.slot(rank)).put_refused_seq() >= rec.seq) return "it was refused before a restart";
   const ParamEntry& param = segment.param(rec.param);
   bool applied = true;
   for (std::uint64_t k = rec.offset / h.slice_floats; k <= (rec.offset + rec.count - 1) / h.slice_floats; ++k)
     applied = applied && segment.last_applied(param.first_slice + k, rank) >= rec.seq;
-  if (applied) return nullptr;
+  if (applied) return nullptr;  // before a restart: put_slice skips every slice
   const std::uint64_t owner = load_acquire(segment.param_stats(rec.param).put_rank);
   if (owner != 0 && owner != std::uint64_t{rank} + 1) return "another worker put the parameter first";
   const ParamEntry& p = segment.param(rec.param);
@@ -78,7 +82,7 @@ std::uint64_t apply_puts(Segment& segment, const RoundPlan& plan, RedoEntry& red
   for (const PutTake& put : plan.puts) {
     const PushRecord& rec = *put.record;
     if (const char* why = refusal(segment, put.rank, rec)) {
-      WorkerSlotServerView(segment.slot(put.rank)).count_refused_put();
+      WorkerSlotServerView(segment.slot(put.rank)).refuse_put(rec.seq);
       spdlog::warn("event=put_refused segment={} rank={} seq={} param={} reason=\"{}\"", h.name, put.rank, rec.seq,
                    rec.param < h.param_count ? segment.param(rec.param).name : "?", why);
       continue;

@@ -3,7 +3,7 @@
 // A put record is applied only while every slice it covers has had no optimizer update
 // (SliceEntry::step == 0) and only for the first rank whose put the server applied
 // (ParamStats::put_rank, stored before that put's first slice is written); otherwise it is
-// refused: counted in its slot (puts_refused, which Worker::put reads) and logged, and nothing
+// refused: remembered in its slot (put_refused_seq, which Worker::put reads) and logged, and nothing
 // changes. An applied put writes each slice through the redo entry (redo.hpp) with its
 // exactly-once row, so a server killed mid-put finishes the slice it was copying and skips the
 // ones it had done when it takes the record again; it bumps the slice's version by one update

@@ -13,7 +13,8 @@ using namespace shmps::shm;
 bool add_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
                        std::vector<Contribution>& out) {
   const SegmentHeader& h = segment.header();
-  if (rec.param >= h.param_count || rec.count == 0 || rec.offset + rec.count > segment.param(rec.param).size) {
+  if (rec.param >= h.param_count || rec.count == 0 || rec.offset > segment.param(rec.param).size ||
+      rec.count > segment.param(rec.param).size - rec.offset) {
     spdlog::error("event=bad_record segment={} rank={} seq={} reason=\"range outside its parameter\"", h.name, rank,
                   rec.seq);
     return false;

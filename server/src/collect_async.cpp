@@ -12,8 +12,11 @@ void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rin
     const RingConsumer& ring = rings[r];
     RankRound& round = plan.ranks[r];
     const std::uint64_t tail = ring.committed();
-    bool pushes = false;  // a push taken this round: a put after it waits for the next round
+    // A put is applied before the round's pushes, so it is taken only with no push of its ring
+    // before it, and nothing of its ring after it (apply_put.hpp relies on that after a restart).
+    bool pushes = false;
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
+      if (round.puts != 0) return false;
       if (rec.kind == RecordKind::put) {
         if (pushes) return false;
         plan.puts.push_back({r, &rec});

@@ -48,7 +48,9 @@ class StepScan {
     }
     round_.end = std::max(consumed_, free_to_);
     round_.free_to = free_to_;
-    return finished_ || worker_clock > step_;
+    // The worker's clock says its step's records are all in [head, tail) only if the walk read
+    // them: not if it stopped at or after a put.
+    return finished_ || (worker_clock > step_ && !stopped_by_put_);
   }
 
  private:
@@ -59,19 +61,28 @@ class StepScan {
     // complete (a ring that starts over puts one in front of a step, RingProducer).
     if (rec.kind == RecordKind::padding && pos == free_to_) free_to_ = next;
     // A put in front of everything else is taken at once, as padding is given back: its worker
-    // put before its step's first push (Worker::put), and other workers may wait for it. One
-    // behind records of the step waits until they are taken.
+    // put before its step's first push (Worker::put), and other workers may wait for it. It is
+    // alone in the round (nothing after it is read: apply_put.hpp relies on that after a
+    // restart). One behind records of the step waits until they are taken.
     if (rec.kind == RecordKind::put) {
+      // An open group of another generation: its writer died mid-step (as for a push, below).
+      // In front, it is garbage given back with the put: the restarted worker puts before it
+      // repeats the step.
+      if (group_records_ != 0 && rec.generation != group_generation_ && group_pos_ == free_to_) drop_front_group(pos);
+      stopped_by_put_ = true;
       if (pos != free_to_ || group_records_ != 0) return false;
       plan_puts_.push_back({rank_, &rec});
       round_.take_put(rec);
       free_to_ = next;
       consumed_ = std::max(consumed_, next);
-      return true;
+      return false;
     }
     if (rec.kind == RecordKind::push) {
       if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);  // its writer died mid-step
-      if (group_records_ == 0) group_begin_ = contributions_.size();
+      if (group_records_ == 0) {
+        group_begin_ = contributions_.size();
+        group_pos_ = pos;
+      }
       if (add_contributions(segment_, rank_, rec, contributions_)) {
         ++group_records_;
         group_generation_ = rec.generation;
@@ -98,6 +109,16 @@ class StepScan {
     return true;
   }
 
+  // Discards the open group, which starts in front of everything else, as padding: kept given
+  // back even when the step is not complete (RankRound::take_nothing).
+  void drop_front_group(std::uint64_t end) {
+    contributions_.resize(group_begin_);
+    round_.front_discarded += group_records_;
+    round_.front_last_seq = std::max(round_.front_last_seq, group_last_seq_);
+    consumed_ = free_to_ = end;
+    group_records_ = 0;
+  }
+
   // Discards the open group (its writer died before closing it): the head may pass it.
   void drop_group(std::uint64_t end) {
     contributions_.resize(group_begin_);
@@ -119,7 +140,9 @@ class StepScan {
   // The open group: pushes not yet closed by a clock record.
   std::size_t group_begin_ = 0;
   std::uint64_t group_generation_ = 0, group_records_ = 0, group_last_seq_ = 0;
+  std::uint64_t group_pos_ = 0;  // where the open group's first push is
   bool finished_ = false;
+  bool stopped_by_put_ = false;  // the walk stopped at or just after a put
 };
 
 }  // namespace

@@ -24,12 +24,15 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t streamed_before = load_acquire(slot.streamed_step);
     const std::uint64_t tail = ring.committed();
-    bool pushes = false;  // a push taken this round: a put after it waits for the next round
+    // A put is taken only with no push of its ring before it and nothing after it in the round
+    // (as collect_as_they_come); a walk stopped at or after one has not read the ring to its end.
+    bool pushes = false, stopped_by_put = false;
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
+      if (round.puts != 0) return !(stopped_by_put = true);
       if (rec.kind == RecordKind::padding) return true;
       if (rec.clock > step) return false;  // a later step: it waits for this one to end
       if (rec.kind == RecordKind::put) {
-        if (pushes) return false;
+        if (pushes) return !(stopped_by_put = true);
         plan.puts.push_back({r, &rec});
         round.take_put(rec);
         return true;
@@ -51,7 +54,9 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     });
     if (read.malformed) log_bad_record(segment, r, read.stopped_at);
     round.end = read.malformed ? tail : read.stopped_at;
-    const bool finished = std::max(load_acquire(slot.consumed_clock), round.clock) > step || worker_clock > step;
+    // The worker's clock says the step's records are all in [head, tail) only if the walk read them.
+    const bool finished = std::max(load_acquire(slot.consumed_clock), round.clock) > step ||
+                          (worker_clock > step && !stopped_by_put);
     const bool must = counts_for_group(h, slot) || streamed_before == step + 1 || round.streamed_step != 0;
     if (must && !finished) everyone_finished = false;
   }

@@ -47,8 +47,8 @@ void tell_workers(Segment& segment, const RoundPlan& plan, bool step_advanced, M
     const RankRound& round = plan.ranks[r];
     WorkerSlotServerView slot(segment.slot(r));
     if (round.records) metrics.sample_latency(r, round.last_seq, applied_at);
-    if (round.records || round.discarded || round.puts)
-      slot.count_round(round.records + round.puts, round.discarded, std::max(round.last_seq, round.put_last_seq));
+    if (round.records || round.discarded || round.puts || round.front_discarded)
+      slot.count_round(round.records + round.puts, round.discarded + round.front_discarded, round.done_seq());
     // A worker asleep on another's progress (get by version) is woken by any round that applied.
     if (round.moved || step_advanced || (applied_any && slot.worker_waiting())) slot.wake_worker();
   }

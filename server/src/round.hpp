@@ -40,8 +40,10 @@ struct RankRound {
   std::uint64_t records = 0;    // pushes applied
   std::uint64_t discarded = 0;  // pushes discarded (a BSP step whose writer died in it)
   std::uint64_t clock = 0;      // the clock after the newest clock record the round consumes
-  std::uint64_t puts = 0;       // put records taken (they stay taken when a BSP step is not complete)
-  std::uint64_t put_last_seq = 0;
+  // Taken in front of everything else, so kept when a BSP step is not complete (take_nothing):
+  std::uint64_t puts = 0;            // put records
+  std::uint64_t front_discarded = 0; // pushes of a dead generation's open group, in front of a put
+  std::uint64_t front_last_seq = 0;  // the newest sequence number of those
   std::uint64_t streamed_step = 0;  // streamed BSP: step + 1 when the round sums pushes of the step
   // BSP: the newest clock record of the step that carries resume state (kept once the step is
   // complete).
@@ -55,20 +57,23 @@ struct RankRound {
     free_to = head;
   }
   // Takes nothing after all (an incomplete BSP step): only leading padding is given back.
-  // Puts in front of the step were taken with that padding (collect_step) and stay taken.
+  // What was taken in front of the step with that padding (collect_step) stays taken.
   void take_nothing() noexcept {
-    const std::uint64_t keep_tail = seen_tail, keep_free = free_to, keep_puts = puts, keep_put_seq = put_last_seq;
-    *this = RankRound{};
-    seen_tail = keep_tail;
-    end = free_to = keep_free;
-    puts = keep_puts;
-    put_last_seq = keep_put_seq;
+    RankRound kept{};
+    kept.seen_tail = seen_tail;
+    kept.end = kept.free_to = free_to;
+    kept.puts = puts;
+    kept.front_discarded = front_discarded;
+    kept.front_last_seq = front_last_seq;
+    *this = kept;
   }
   // Takes a put record: counted with the round's records.
   void take_put(const shm::PushRecord& record) noexcept {
     ++puts;
-    put_last_seq = std::max(put_last_seq, record.seq);
+    front_last_seq = std::max(front_last_seq, record.seq);
   }
+  // The last sequence number the server is done with after this round.
+  std::uint64_t done_seq() const noexcept { return std::max(last_seq, front_last_seq); }
 };
 
 struct RoundPlan {
@@ -84,7 +89,7 @@ struct RoundPlan {
   }
   std::uint64_t discarded() const noexcept {
     std::uint64_t n = 0;
-    for (const auto& r : ranks) n += r.discarded;
+    for (const auto& r : ranks) n += r.discarded + r.front_discarded;
     return n;
   }
 };

@@ -5,6 +5,8 @@
 // SGD with learning rate 1 and small-integer values: every value is exact.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,12 +29,13 @@ using shmps::test::Watchdog;
 
 namespace {
 
-// Two parameters: "w" of two slices (slice_bytes 64 = 16 floats), "b" of one.
+// "w" of two slices (slice_bytes 64 = 16 floats), "b" and "c" of one.
 const std::string kSpec =
     "max_workers = 3\nslice_bytes = 64\n"
     "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
     "[[param]]\nname = \"w\"\nshape = [32]\n"
-    "[[param]]\nname = \"b\"\nshape = [4]\n";
+    "[[param]]\nname = \"b\"\nshape = [4]\n"
+    "[[param]]\nname = \"c\"\nshape = [4]\n";
 
 template <class F>
 std::string error_of(F&& f) {
@@ -143,6 +146,13 @@ TEST(Put, SetsTheValuesOnceThenUpdatesApplyOnTopAndALaterPutIsRefused) {
   EXPECT_HAS(error_of([&] { w0.put("b", std::vector<float>(3, 1.0f)); }), "the values have 3 elements but the parameter has 4");
   w0.pull("b", b);
   EXPECT_EQ(b, (std::vector<float>{0.0f, 0.0f, 7.0f, 8.0f}));
+  // A parameter nobody put, updated: a put names the update (there is no owner to name).
+  w1.wait_applied(w1.push("c", std::vector<float>(4, 1.0f)));
+  const std::string after_update = error_of([&] { w1.put("c", std::vector<float>(4, 5.0f)); });
+  EXPECT_HAS(after_update, "put of 'c' refused: the parameter had an optimizer update");
+  std::vector<float> c(4);
+  w0.pull("c", c);
+  EXPECT_EQ(c, std::vector<float>(4, -1.0f));
 }
 
 TEST(Put, OfTwoWorkersPuttingAtOnceExactlyOneWinsEverySlice) {
@@ -287,4 +297,57 @@ TEST(Put, WorkerKilledBetweenRecordsLeavesWhatItCommittedAndItsSuccessorPutsAgai
   std::vector<float> all(kFloats);
   other.pull("big", all);
   EXPECT_EQ(all, second);
+}
+
+// BSP: a worker that put, pushed in step 0 and was killed before ending it leaves that push in
+// its ring. Its restarted process puts again before repeating the step: the server discards the
+// dead push with the put (it would jam the ring otherwise), and the step holds only the new pushes.
+TEST(Put, InBspARestartedWorkerPutsAgainInFrontOfItsPredecessorsOpenStep) {
+  Watchdog watchdog(90s);
+  Job job("put-bsp-restart", put_spec("bsp"));
+  job.start_server();
+  job.wait_ready();
+  const std::vector<float> first = iota_values(32, 10.0f), second = iota_values(32, 60.0f);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = fork();  // no Worker is alive in this process now
+  ASSERT_NE(child, -1);
+  if (child == 0) {
+    ::close(ready[0]);
+    try {
+      shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+      w.put("w", first);
+      w.push("w", std::vector<float>(32, 100.0f));  // step 0, never ended
+      (void)!::write(ready[1], "r", 1);
+    } catch (...) {
+    }
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the first process did not put and push";
+  ::close(ready[0]);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  std::string errors[2];
+  std::vector<float> after(32);
+  {
+    std::vector<std::jthread> workers;
+    for (int rank = 0; rank < 2; ++rank)
+      workers.emplace_back([&, rank] {
+        errors[rank] = error_of([&] {
+          shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = rank, .timeout = 20s});
+          w.wait_for_workers(2);              // step 0 waits for both (else rank 1 could end it alone)
+          if (rank == 0) w.put("w", second);  // the successor, in front of the dead step's push
+          std::vector<float> mine(32);
+          w.pull("w", mine);
+          w.push("w", std::vector<float>(32, static_cast<float>(rank + 1)));
+          w.clock();
+          if (rank == 0) w.pull("w", after);  // waits for step 0
+        });
+      });
+  }
+  EXPECT_EQ(errors[0], "(no error)");
+  EXPECT_EQ(errors[1], "(no error)");
+  for (std::size_t k = 0; k < 32; ++k) EXPECT_EQ(after[k], second[k] - 3.0f) << "element " << k;
 }

@@ -160,7 +160,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     const PushRecord* newest_state = nullptr;
     const std::uint64_t head = view.head_acquire();
     view.read(head, view.committed(), [&](std::uint64_t, const PushRecord& record) {
-      if (record.kind == RecordKind::push) published = std::max(published, record.seq);
+      if (record.kind == RecordKind::push || record.kind == RecordKind::put) published = std::max(published, record.seq);
       if (record.kind == RecordKind::clock && record.offset != 0) newest_state = &record;
       if (record.kind == RecordKind::clock) closed_clock = std::max(closed_clock, record.clock + 1);
       return true;  // a malformed record ends the walk: nothing after it can be trusted

@@ -51,6 +51,7 @@ std::uint64_t Worker::Impl::push_streamed(std::uint32_t i, std::size_t offset, s
   refuse_if_detached("push");
   if (borrower != nullptr) refuse_if_borrowed("push to '" + params[i].name + "'", "nothing was pushed");
   check_range("push to", i, offset, grad.size());
+  refuse_push_before_put("push to", i, offset, grad.size());  // the whole range, before the first chunk
   double sum_sq = 0.0;
   const std::size_t bad = check_gradient(grad.data(), grad.size(), sum_sq);
   if (bad != grad.size()) refuse_non_finite("push to", i, offset + bad, grad[bad]);

@@ -1,8 +1,8 @@
 // Put (SINGA's HandlePut): a worker sets a parameter's values, as a job's rank 0 sets its freshly
 // initialised model, through its ring as records of kind put. The server applies a put record
 // only while every slice it covers has had no optimizer update, and only for the first rank
-// whose put it applied (ParamStats::put_rank); it counts a refused one in the slot
-// (puts_refused). So put() publishes, waits until applied, and reads the count to say what
+// whose put it applied (ParamStats::put_rank); it notes a refused one in the slot
+// (put_refused_seq). So put() publishes, waits until applied, and reads that to say what
 // happened.
 #include "shmps/worker.hpp"
 
@@ -41,7 +41,7 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
     return load_acquire(s.segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp);
   };
   if (bsp() && (s.pushed_in_step || s.step_skip != 0))
-    throw Error(what + ": this worker has pushed in its open BSP step " + std::to_string(s.clock) +
+    throw Error(what + ": this worker (or its previous process) has pushed in its open BSP step " + std::to_string(s.clock) +
                 ", and the server takes that step's records only once every worker has ended it; put before the "
                 "step's first push (before any push, at the start); nothing was put");
   const auto owner = [&] { return load_acquire(s.segment.param_stats(i).put_rank); };
@@ -52,13 +52,13 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
   if (const std::uint64_t first = owner(); first != 0 && first != static_cast<std::uint64_t>(s.rank) + 1)
     refuse_owner(first, "nothing was put");
 
-  const std::uint32_t refused_before = s.slot.puts_refused();
-  std::uint64_t seq = 0, records = 0;
+  std::uint64_t seq = 0, first_seq = 0, records = 0;
   for (std::size_t begin = 0; begin < values.size(); ++records) {
     const std::size_t n = std::min<std::size_t>(values.size() - begin, s.ring.max_record_floats());
     float* dst = s.claim_push("put of", name, offset + begin, n, true);
     std::copy_n(values.data() + begin, n, dst);
     seq = s.commit_put();
+    if (first_seq == 0) first_seq = seq;
     // The open step begins after the put: the server takes the put at once (nothing of the step
     // comes before it), so the ring's head passing it does not mean the step fills the ring.
     s.step_start = s.ring.tail();
@@ -70,12 +70,13 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
   if (!applied)
     throw Error(what + ": committed, but not applied after " + std::to_string(s.options.timeout.count()) + " ms; " +
                 s.server_state() + "; it is applied once a server runs (put() again to learn the outcome)");
-  const std::uint32_t refused = s.slot.puts_refused() - refused_before;
-  if (refused == 0) return;
-  const std::string done = refused == records ? "nothing was put"
-                                              : std::to_string(records - refused) + " of its " +
-                                                    std::to_string(records) + " records were applied";
-  if (const std::uint64_t first = owner(); first != static_cast<std::uint64_t>(s.rank) + 1) refuse_owner(first, done);
+  if (s.slot.put_refused_seq() < first_seq) return;  // none of this put's records was refused
+  const std::string done = records == 1 ? "nothing was put"
+                                        : "of its " + std::to_string(records) +
+                                              " records (a put bigger than one ring record goes in pieces) the "
+                                              "ones from the first refused on were not applied";
+  if (const std::uint64_t first = owner(); first != 0 && first != static_cast<std::uint64_t>(s.rank) + 1)
+    refuse_owner(first, done);
   throw Error(what + " refused: the parameter had an optimizer update before the put reached the server, and a "
               "parameter can be put only before its first update; " + done);
 }

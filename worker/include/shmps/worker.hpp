@@ -109,8 +109,9 @@ class Worker {
   // the ring as records, each all-or-nothing and applied exactly once like a push; a put bigger
   // than one record goes in record-sized pieces (a worker killed between them leaves the pieces
   // it committed: put again). NaN or Inf is refused and puts nothing. In BSP, put before the
-  // step's first push (a put behind pushes of an open step waits for the step). A spec's
-  // init = "put" makes pulls and views of the parameter wait until it has been put.
+  // step's first push (after one, put() throws: the server would take the put only once the
+  // step ends). A spec's init = "put" makes pulls and views of the parameter wait until it has
+  // been put.
   void put(std::string_view name, std::span<const float> values);
   void put(std::string_view name, std::size_t offset, std::span<const float> values);
 

@@ -103,7 +103,7 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 3: pushes stream through bounded rings (WorkerSlot::stream_*), BSP step sums;
 // 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it);
 // 5: chunked apply (RedoEntry modes and inputs, RedoInput)
-// 6: put (RecordKind::put, ParamEntry::init_put, ParamStats::put_rank, WorkerSlot::puts_refused)
+// 6: put (RecordKind::put, ParamEntry::init_put, ParamStats::put_rank, WorkerSlot::put_refused_seq)
 inline constexpr std::uint32_t kLayoutVersion = 6;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
@@ -566,7 +566,7 @@ struct WorkerSlot {
   // worker reads it (wait_applied, back-pressure, its futex).
   alignas(kCacheLine) std::atomic<std::uint64_t> applied;  // last push sequence number the server is done with (applied, or discarded)
   std::atomic<std::uint32_t> progress;         // futex word, bumped after each apply round
-  std::atomic<std::uint32_t> puts_refused;     // put records the server refused (Worker::put says why)
+  std::atomic<std::uint32_t> reserved0;
   std::atomic<std::uint64_t> records_applied;
   std::atomic<std::uint64_t> records_discarded;  // pushes of a BSP step its generation never finished
   // The clock after the newest clock record the server consumed from this ring (its step + 1):
@@ -578,6 +578,9 @@ struct WorkerSlot {
   // in the sums counts for that step's barrier, alive or dead, until it (or its successor)
   // finishes the step.
   std::atomic<std::uint64_t> streamed_step;
+  // The newest put record (sequence number) the server refused (Worker::put says why), stored
+  // before `applied` passes it. Re-refusing the same record after a restart changes nothing.
+  std::atomic<std::uint64_t> put_refused_seq;
 
   // Server line: membership, written when the server admits a generation or proves its holder
   // dead; every worker reads it on every pull (membership.hpp), so it is kept apart from the
@@ -605,8 +608,8 @@ struct WorkerSlot {
   FIELD(stream_first_seq) FIELD(stream_offset) FIELD(stream_count) FIELD(step_first_seq)                          \
   FIELD(heartbeat_ns) FIELD(pulls) FIELD(pull_bytes) FIELD(push_bytes) FIELD(pushes_rejected)                  \
   FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
-  FIELD(applied) FIELD(progress) FIELD(puts_refused) FIELD(records_applied) FIELD(records_discarded)              \
-  FIELD(consumed_clock) FIELD(streamed_step) PAD(16)                                                                                 \
+  FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \
+  FIELD(consumed_clock) FIELD(streamed_step) FIELD(put_refused_seq) PAD(8)                                                                                 \
   FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) PAD(40)                              \
   FIELD(resume_version) FIELD(resume_clock) FIELD(resume_bytes) FIELD(resume_reserved) FIELD(resume) PAD(40)
 

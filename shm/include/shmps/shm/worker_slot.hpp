@@ -145,7 +145,7 @@ class WorkerSlotWorkerView {
 
   // ---- Reads of the server's lines.
   std::uint64_t applied() const noexcept { return load_acquire(slot_->applied); }
-  std::uint32_t puts_refused() const noexcept { return load_acquire(slot_->puts_refused); }
+  std::uint64_t put_refused_seq() const noexcept { return load_acquire(slot_->put_refused_seq); }
   std::uint64_t admitted_generation() const noexcept { return load_acquire(slot_->admitted_generation); }
   std::uint64_t admitted_clock() const noexcept { return load_acquire(slot_->admitted_clock); }
 
@@ -183,6 +183,7 @@ class WorkerSlotServerView {
 
   // ---- Reads of its own lines (it is their only writer).
   std::uint64_t applied() const noexcept { return load_own(slot_->applied); }
+  std::uint64_t put_refused_seq() const noexcept { return load_own(slot_->put_refused_seq); }
   std::uint64_t dead_generation() const noexcept { return load_own(slot_->dead_generation); }
   std::uint64_t admitted_generation() const noexcept { return load_own(slot_->admitted_generation); }
   std::uint64_t consumed_clock() const noexcept { return load_own(slot_->consumed_clock); }
@@ -217,8 +218,10 @@ class WorkerSlotServerView {
     bump_counter(slot_->records_discarded, discarded);
     store_release(slot_->applied, std::max(load_own(slot_->applied), last_seq));
   }
-  // A put record of this slot refused (Worker::put): counted before the round releases `applied`.
-  void count_refused_put() noexcept { store_release(slot_->puts_refused, load_own(slot_->puts_refused) + 1); }
+  // A put record of this slot refused (Worker::put), before the round releases `applied`.
+  void refuse_put(std::uint64_t seq) noexcept {
+    if (seq > load_own(slot_->put_refused_seq)) store_release(slot_->put_refused_seq, seq);
+  }
   // Whether the slot's worker sleeps on its progress word now.
   bool worker_waiting() const noexcept { return load_acquire(slot_->waiting) != 0; }
   // Bumps the progress futex and wakes the worker if it sleeps on it. The fence pairs with the
