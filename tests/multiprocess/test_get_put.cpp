@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <span>
 
 #include <chrono>
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
 #include "../support/expect.hpp"
@@ -300,54 +303,50 @@ TEST(Put, WorkerKilledBetweenRecordsLeavesWhatItCommittedAndItsSuccessorPutsAgai
 }
 
 // BSP: a worker that put, pushed in step 0 and was killed before ending it leaves that push in
-// its ring. Its restarted process puts again before repeating the step: the server discards the
-// dead push with the put (it would jam the ring otherwise), and the step holds only the new pushes.
+// its ring, and step 0 stays open (rank 1 is in it). Its restarted process puts again before
+// repeating the step: the server discards the dead push with the put (the ring would jam
+// otherwise: the put could never be taken), and step 0 holds only the new pushes.
 TEST(Put, InBspARestartedWorkerPutsAgainInFrontOfItsPredecessorsOpenStep) {
   Watchdog watchdog(90s);
   Job job("put-bsp-restart", put_spec("bsp"));
   job.start_server();
   job.wait_ready();
-  const std::vector<float> first = iota_values(32, 10.0f), second = iota_values(32, 60.0f);
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const pid_t child = fork();  // no Worker is alive in this process now
-  ASSERT_NE(child, -1);
-  if (child == 0) {
-    ::close(ready[0]);
-    try {
-      shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
-      w.put("w", first);
-      w.push("w", std::vector<float>(32, 100.0f));  // step 0, never ended
-      (void)!::write(ready[1], "r", 1);
-    } catch (...) {
-    }
-    for (;;) ::pause();
-  }
-  ::close(ready[1]);
-  char byte = 0;
-  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the first process did not put and push";
-  ::close(ready[0]);
-  ::kill(child, SIGKILL);
-  ::waitpid(child, nullptr, 0);
-  std::string errors[2];
+  const std::vector<float> second = iota_values(32, 60.0f);
+  shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  const auto until = [](auto done) {
+    for (const auto end = std::chrono::steady_clock::now() + 20s; !done() && std::chrono::steady_clock::now() < end;)
+      std::this_thread::sleep_for(2ms);
+    return done();
+  };
+  using shmps::shm::load_acquire;
+  ASSERT_TRUE(until([&] { return load_acquire(seg.slot(1).admitted_generation) == load_acquire(seg.slot(1).generation); }))
+      << "rank 1 is in step 0, so step 0 cannot end without it";
+  auto& first = job.start({"shmps-test-pusher", "put-push-hold"}, {{"SHMPS_SEGMENT", job.name()}, {"SHMPS_RANK", "0"}});
+  ASSERT_TRUE(until([&] { return first.output().find("holding") != std::string::npos || !first.running(); }));
+  ASSERT_NE(first.output().find("holding"), std::string::npos) << first.output();
+  first.kill(SIGKILL);
+  first.wait();
+  ASSERT_TRUE(until([&] { return load_acquire(seg.slot(0).dead_generation) == load_acquire(seg.slot(0).generation); }))
+      << "the server proves the first process dead";
+  std::string error;
   std::vector<float> after(32);
   {
-    std::vector<std::jthread> workers;
-    for (int rank = 0; rank < 2; ++rank)
-      workers.emplace_back([&, rank] {
-        errors[rank] = error_of([&] {
-          shmps::Worker w(shmps::WorkerOptions{.segment = job.name(), .rank = rank, .timeout = 20s});
-          w.wait_for_workers(2);              // step 0 waits for both (else rank 1 could end it alone)
-          if (rank == 0) w.put("w", second);  // the successor, in front of the dead step's push
-          std::vector<float> mine(32);
-          w.pull("w", mine);
-          w.push("w", std::vector<float>(32, static_cast<float>(rank + 1)));
-          w.clock();
-          if (rank == 0) w.pull("w", after);  // waits for step 0
-        });
+    std::jthread successor([&] {
+      error = error_of([&] {
+        shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+        w0.put("w", second);  // in front of the dead step's push
+        w0.push("w", std::vector<float>(32, 1.0f));
+        w0.clock();
+        w0.pull("w", after);  // waits for step 0
       });
+    });
+    w1.wait_for_workers(2);  // the successor is in step 0 (the first process, dead, no longer counts)
+    std::vector<float> mine(32);
+    w1.pull("w", mine);
+    w1.push("w", std::vector<float>(32, 2.0f));
+    w1.clock();
   }
-  EXPECT_EQ(errors[0], "(no error)");
-  EXPECT_EQ(errors[1], "(no error)");
+  EXPECT_EQ(error, "(no error)");
   for (std::size_t k = 0; k < 32; ++k) EXPECT_EQ(after[k], second[k] - 3.0f) << "element " << k;
 }

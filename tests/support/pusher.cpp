@@ -12,6 +12,8 @@
 //       committing (a process to be killed while it holds a filled buffer).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher put                  puts "big" whole: element k = 1 + k % 97 (Worker::put)
+//   shmps-test-pusher put-push-hold        puts "w" (element k = 10 + k % 97), pushes 100s to all of it
+//                                          (its open step), prints "holding" and sleeps, attached
 //   shmps-test-pusher puller  --millis T   pulls "u" slice by slice for T ms and checks that every
 //                                          slice is whole: all its values equal -(its version)
 //   shmps-test-pusher steps   --workers P --steps B [--extra E] [--check] [--slow-ms X]
@@ -164,6 +166,14 @@ int main(int argc, char** argv) {
       }
       std::cout << "rank " << rank << " pushed " << last << " applied " << w.applied() << "\n";
       return 0;
+    }
+    if (mode == "put-push-hold") {
+      std::vector<float> values(w.param("w").size);
+      for (std::size_t k = 0; k < values.size(); ++k) values[k] = 10.0f + static_cast<float>(k % 97);
+      w.put("w", values);
+      w.push("w", std::vector<float>(values.size(), 100.0f));
+      std::cout << "holding" << std::endl;
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
     }
     if (mode == "put") {
       std::vector<float> values(w.param("big").size);
