@@ -6,6 +6,7 @@
 // happened.
 #include "shmps/worker.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
