@@ -163,10 +163,11 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
   return record_payload(record);
 }
 
-// Fills the claimed record's header and publishes it with one release store.
-std::uint64_t Worker::Impl::commit_push(double sum_sq) {
+// Fills the claimed record's header (a push, or a put: put.cpp); returns its sequence number.
+std::uint64_t Worker::Impl::fill_claimed(RecordKind kind, double sum_sq) {
   PushRecord* record = claim.record;
   const std::uint64_t seq = published + 1;
+  record->kind = kind;
   record->param = claim.param;
   record->offset = claim.offset;
   record->count = claim.count;
@@ -174,30 +175,41 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
   record->generation = generation;
   record->clock = clock;
   record->grad_sq_norm = sum_sq;
+  return seq;
+}
+
+// Publishes the filled record `seq` with one release store, after letting go of the claim (and
+// of an unfinished streamed push's words, which another record in between no longer adds up to).
+void Worker::Impl::publish_claimed(std::uint64_t seq, const char* point) {
   const std::uint64_t bytes = claim.count * sizeof(float);
+  claim = {};
+  if (stream_words_open) {
+    slot.end_stream();
+    stream_words_open = false;
+  }
+  kill_point(point);
+  ring.commit();  // one release store: the record now exists, whole
+  published = seq;
+  slot.publish(seq, monotonic_ns());
+  slot.count_push_bytes(bytes);
+  heartbeat();
+  wake_server();
+}
+
+std::uint64_t Worker::Impl::commit_push(double sum_sq) {
+  const std::uint64_t seq = fill_claimed(RecordKind::push, sum_sq);
   if (step_skip != 0) {  // committed by this slot's previous process, and in the step sums already
     --step_skip;
     give_back();
     pushed_in_step = true;
     return skipped_seq++;
   }
-  claim = {};
-  if (stream_words_open) {  // another push comes between: the unfinished stream's words no longer add up
-    slot.end_stream();
-    stream_words_open = false;
-  }
   if (!pushed_in_step && !step_first_written) {
     slot.set_step_first_seq(seq);  // before the commit: a successor must find it with the push
     step_first_written = true;
   }
-  kill_point("push.before_commit");
-  ring.commit();  // one release store: the record now exists, whole
-  published = seq;
+  publish_claimed(seq, "push.before_commit");
   pushed_in_step = true;
-  slot.publish(seq, monotonic_ns());
-  slot.count_push_bytes(bytes);
-  heartbeat();
-  wake_server();
   return seq;
 }
 

@@ -83,29 +83,8 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
 }
 
 std::uint64_t Worker::Impl::commit_put() {
-  PushRecord* record = claim.record;
-  const std::uint64_t seq = published + 1;
-  record->kind = RecordKind::put;
-  record->param = claim.param;
-  record->offset = claim.offset;
-  record->count = claim.count;
-  record->seq = seq;
-  record->generation = generation;
-  record->clock = clock;
-  record->grad_sq_norm = 0.0;
-  const std::uint64_t bytes = claim.count * sizeof(float);
-  claim = {};
-  if (stream_words_open) {  // a put between: an unfinished streamed push's words no longer add up
-    slot.end_stream();
-    stream_words_open = false;
-  }
-  kill_point("put.before_commit");
-  ring.commit();  // one release store: the record now exists, whole
-  published = seq;
-  slot.publish(seq, monotonic_ns());
-  slot.count_push_bytes(bytes);
-  heartbeat();
-  wake_server();
+  const std::uint64_t seq = fill_claimed(RecordKind::put, 0.0);
+  publish_claimed(seq, "put.before_commit");
   return seq;
 }
 

@@ -134,6 +134,9 @@ struct Worker::Impl {
   // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
   float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count, bool put = false);
   std::uint64_t commit_push(double sum_sq);
+  // The two halves of committing the claimed record (push.cpp): its header, then the release.
+  std::uint64_t fill_claimed(RecordKind kind, double sum_sq);
+  void publish_claimed(std::uint64_t seq, const char* point);  // point: its kill point
   // Publishes the claimed record as a put (Worker::put; put.cpp).
   std::uint64_t commit_put();
   // Init "put": waits (bounded) until every slice of the range has been put (version >= 1).
