@@ -66,8 +66,11 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                      std::to_string(plan.slice_count) + " slices x " + std::to_string(plan.max_workers) + " workers x 8 B"});
   m.parts.push_back({"redo log", plan.param_stats_offset - plan.redo_offset,
                      x(plan.redo_count, human_bytes(plan.redo_stride)) + " (one per server apply thread)"});
-  m.parts.push_back({"metrics tables", plan.slots_offset - plan.param_stats_offset,
+  m.parts.push_back({"metrics tables", plan.groups_offset - plan.param_stats_offset,
                      "per-parameter statistics, per-worker rejected counts"});
+  m.parts.push_back({"group table", plan.slots_offset - plan.groups_offset,
+                     x(plan.group_count, std::to_string(sizeof(GroupEntry)) + " B") + " (" +
+                         std::to_string(plan.workers_per_group) + " workers per group)"});
   m.parts.push_back({"parameter table", plan.slices_offset - plan.params_offset,
                      x(plan.params.size(), std::to_string(sizeof(ParamEntry)) + " B")});
   m.parts.push_back({"header", plan.params_offset, "identity, policy, counters, ctl mailbox"});

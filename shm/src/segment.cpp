@@ -90,12 +90,17 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     throw Error("slice_bytes must be a positive multiple of 64, got " + std::to_string(request.slice_bytes));
   if (request.max_workers == 0 || request.max_workers > 1024)
     throw Error("max_workers must be between 1 and 1024, got " + std::to_string(request.max_workers));
+  if (request.workers_per_group > request.max_workers)
+    throw Error("workers_per_group (" + std::to_string(request.workers_per_group) + ") must be at most max_workers (" +
+                std::to_string(request.max_workers) + "): a group cannot have more workers than the job has slots");
   if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
   if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
 
   LayoutPlan plan;
   plan.slice_floats = request.slice_bytes / sizeof(float);
   plan.max_workers = request.max_workers;
+  plan.workers_per_group = request.workers_per_group == 0 ? request.max_workers : request.workers_per_group;
+  plan.group_count = (plan.max_workers + plan.workers_per_group - 1) / plan.workers_per_group;
   plan.state_arrays = request.state_arrays;
   plan.state_dtype = request.state_dtype;
   if (static_cast<std::uint32_t>(request.state_dtype) > static_cast<std::uint32_t>(StateDType::bf16))
@@ -155,6 +160,13 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       plan.ring_rule = "automatic: the minimum of 1 MiB";
   }
   if (plan.ring_bytes < 4 * kCacheLine) throw Error("ring_bytes must be at least 256");
+  // Several worker groups each step on their own: one model's worth of step sums serves one step
+  // at a time, so their BSP steps cannot stream; each ring must hold a whole step.
+  if (request.bsp && plan.group_count > 1 && plan.ring_bytes < bsp_step_ring_bytes(plan.params))
+    throw Error("a BSP job with " + std::to_string(plan.group_count) + " worker groups needs rings that hold a whole step (" +
+                std::to_string(bsp_step_ring_bytes(plan.params)) + " bytes each; the rings would hold " +
+                std::to_string(plan.ring_bytes) + "): set ring_bytes = " + std::to_string(bsp_step_ring_bytes(plan.params)) +
+                " (max_workers rings of that size), or run the job as one group (no workers_per_group)");
   plan.ring_stride = sizeof(RingHeader) + plan.ring_bytes;
   // A big ring starts on a huge-page boundary (its worker's pages are then its own huge pages).
   if (plan.ring_stride >= kBigRegionBytes) plan.ring_stride = align_up(plan.ring_stride, kHugePageBytes);
@@ -181,6 +193,8 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.rejected_offset = offset;
   plan.rejected_stride = align_up(plan.params.size() * sizeof(std::uint64_t), kCacheLine);
   offset += request.max_workers * plan.rejected_stride;
+  plan.groups_offset = offset;
+  offset += plan.group_count * sizeof(GroupEntry);
   plan.slots_offset = offset;
   offset += request.max_workers * sizeof(WorkerSlot);
   const std::uint64_t rings_bytes = request.max_workers * plan.ring_stride;
@@ -229,6 +243,8 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.slice_floats = h.slice_floats;
   plan.slice_count = h.slice_count;
   plan.max_workers = h.max_workers;
+  plan.workers_per_group = h.workers_per_group;
+  plan.group_count = h.group_count;
   plan.state_arrays = h.state_arrays;
   plan.state_dtype = h.optimizer.state_dtype;
   plan.redo_count = h.redo_count;
@@ -247,6 +263,7 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.param_stats_offset = h.param_stats_offset;
   plan.rejected_offset = h.rejected_offset;
   plan.rejected_stride = h.rejected_stride;
+  plan.groups_offset = h.groups_offset;
   plan.step_sums_offset = h.step_sums_offset;
   plan.step_sums_bytes = h.step_sums_bytes;
   for (std::uint32_t i = 0; i < h.param_count; ++i) plan.params.push_back(segment.param(i));

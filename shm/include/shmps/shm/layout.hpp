@@ -31,6 +31,9 @@
 //   rejected_offset +--------------------------------------------+
 //                   | u64 rejected[max_workers][param_count]      |  each worker its own row
 //                   |   (NaN/Inf gradients refused), rows padded to 64 bytes |  (monitor)
+//   groups_offset   +--------------------------------------------+
+//                   | GroupEntry[group_count]   a worker group's   |  server writes
+//                   |                           step clock, counts |
 //   slots_offset    +--------------------------------------------+
 //                   | WorkerSlot[max_workers]   worker-owned lines | each worker its own slot;
 //                   |                           + server-owned line| the server its own line
@@ -61,9 +64,8 @@
 // that another process reads on a hot path has its own line (static_asserts at the end):
 //
 //   SegmentHeader  identity and geometry: written once before "ready", read by all: shared freely.
-//                  policy line: the server writes model_clock once per BSP step (and the mode
-//                    at a live switch); workers read consistency on every push and pull and
-//                    model_clock on BSP pulls (true sharing: they need the new value).
+//                  policy line: the server writes the mode at a live switch; workers read
+//                    consistency on every push and pull.
 //                  liveness line: the server writes its heartbeat every loop; only tools read
 //                    it (a worker reads `state` once, when it attaches).
 //                  sleep line: the server writes server_sleeping around each sleep; workers read
@@ -75,6 +77,9 @@
 //   applied table  server only. (Rows of fewer than 8 workers share lines between slices: two
 //                  apply threads of the one server may then write one line; not cross-process.)
 //   ParamStats     server only (its apply threads add; the monitor reads).
+//   GroupEntry     one line per worker group: the server writes its clock once per BSP step of
+//                  the group; the group's workers read it on BSP pulls (true sharing: they need
+//                  the new value); other groups' workers never touch it.
 //   rejected rows  one 64-byte-padded row per worker, written by that worker only.
 //   WorkerSlot     six groups, each on its own line(s), see below: the worker's identity, its
 //                  step clock (read by every other worker on every pull), its hand-off to the
@@ -104,7 +109,9 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 4: optimizer state in bf16 (OptimizerSettings::state_dtype; state arrays and redo entries sized by it);
 // 5: chunked apply (RedoEntry modes and inputs, RedoInput)
 // 6: put (RecordKind::put, ParamEntry::init_put, ParamStats::put_rank, WorkerSlot::put_refused_seq)
-inline constexpr std::uint32_t kLayoutVersion = 6;
+// 7: worker groups (GroupEntry, SegmentHeader::workers_per_group; the header's model_clock is
+//    now each group's GroupEntry::clock)
+inline constexpr std::uint32_t kLayoutVersion = 7;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -269,7 +276,9 @@ struct SegmentHeader {
   std::uint64_t redo_offset;
   std::uint64_t redo_stride;     // bytes per RedoEntry with its arrays
   std::uint32_t redo_count;      // the most apply threads a server may use on this segment
-  std::uint32_t reserved1;
+  // Worker groups (SINGA's): rank r is in group r / workers_per_group. BSP and SSP hold each
+  // group to its own clock (GroupEntry); groups run asynchronously to each other.
+  std::uint32_t workers_per_group;
   std::uint64_t param_stats_offset;  // ParamStats[param_count]
   std::uint64_t rejected_offset;     // u64 rejected[max_workers][param_count], one padded row per worker
   std::uint64_t rejected_stride;     // bytes per row
@@ -279,16 +288,14 @@ struct SegmentHeader {
   std::uint64_t step_sums_bytes;
   OptimizerSettings optimizer;
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
-  std::uint32_t reserved0;
+  std::uint32_t group_count;     // ceil(max_workers / workers_per_group)
+  std::uint64_t groups_offset;   // GroupEntry[group_count]
 
   // Consistency policy (server writes, at a clock boundary; workers read before every pull).
   alignas(kCacheLine) std::atomic<std::uint32_t> consistency;  // Consistency
   std::atomic<std::uint32_t> staleness;                        // SSP bound, in clocks
   std::atomic<std::uint32_t> bsp_aggregate;                    // BspAggregate
   std::atomic<std::uint32_t> on_worker_death;                  // OnWorkerDeath
-  // BSP: the step being collected. Every slice holds the values after step model_clock - 1;
-  // a pull for clock c waits until model_clock >= c.
-  std::atomic<std::uint64_t> model_clock;
 
   // Server liveness and state (server writes; everyone reads). Death of the server is proven by
   // its lock file (<name>.server.lock), not by the heartbeat; the heartbeat is for display.
@@ -352,10 +359,10 @@ struct SegmentHeader {
   FIELD(created_unix_ns) FIELD(name) FIELD(param_count) FIELD(max_workers) FIELD(slice_count) FIELD(slice_floats) \
   FIELD(ring_bytes) FIELD(params_offset) FIELD(slices_offset) FIELD(applied_offset) FIELD(slots_offset)         \
   FIELD(rings_offset) FIELD(ring_stride) FIELD(values_offset) FIELD(state_offset) FIELD(redo_offset)             \
-  FIELD(redo_stride) FIELD(redo_count) FIELD(reserved1) FIELD(param_stats_offset) FIELD(rejected_offset)        \
+  FIELD(redo_stride) FIELD(redo_count) FIELD(workers_per_group) FIELD(param_stats_offset) FIELD(rejected_offset)        \
   FIELD(rejected_stride) FIELD(step_sums_offset) FIELD(step_sums_bytes) FIELD(optimizer) FIELD(state_arrays)   \
-  FIELD(reserved0) PAD(40)                          \
-  FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) FIELD(model_clock) PAD(40)   \
+  FIELD(group_count) FIELD(groups_offset) PAD(32)                                                                 \
+  FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) PAD(48)                        \
   FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
   FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
   FIELD(server_wake) FIELD(server_sleeping) PAD(56)                                                             \
@@ -434,6 +441,22 @@ struct alignas(kCacheLine) ParamStats {
 #define SHMPS_PARAM_STATS_FIELDS(FIELD, PAD) \
   FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) \
   FIELD(put_rank) FIELD(reserved)
+
+// ---------------------------------------------------------------------------------------------
+// GroupEntry: one per worker group, on its own line; the server writes, the group's workers read.
+struct alignas(kCacheLine) GroupEntry {
+  SHMPS_SHARED_IN_PLACE(GroupEntry);
+
+  // BSP: the step the group is collecting. Every push of the group's steps before it has been
+  // applied; a pull of one of its workers for clock c waits until clock >= c. (Between groups
+  // there is no barrier: the values also hold whatever steps the other groups have completed.)
+  std::atomic<std::uint64_t> clock;
+  std::atomic<std::uint64_t> steps;      // BSP steps of this group completed
+  std::atomic<std::uint64_t> records;    // pushes applied in those steps
+  std::atomic<std::uint64_t> discarded;  // pushes of its steps discarded (their worker died mid-step)
+  std::uint64_t reserved[4];
+};
+#define SHMPS_GROUP_ENTRY_FIELDS(FIELD, PAD) FIELD(clock) FIELD(steps) FIELD(records) FIELD(discarded) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // RedoEntry: one per server apply thread, server only. Two ways to get a slice's update in:
@@ -714,14 +737,13 @@ static_assert(line_of(offsetof(WorkerSlot, admitted_generation)) < line_of(offse
 static_assert(offsetof(RingHeader, head) - offsetof(RingHeader, tail) == 2 * kCacheLine,
               "tail and head: separate lines, and separate 128-byte pairs");
 // SegmentHeader: the groups on separate lines.
-static_assert(line_of(offsetof(SegmentHeader, model_clock)) == line_of(offsetof(SegmentHeader, consistency)));
 static_assert(line_of(offsetof(SegmentHeader, huge_bytes)) == line_of(offsetof(SegmentHeader, state)),
               "the huge-page words fit the server's liveness line");
 static_assert(line_of(offsetof(SegmentHeader, server_heartbeat_ns)) != line_of(offsetof(SegmentHeader, consistency)) &&
                   line_of(offsetof(SegmentHeader, server_heartbeat_ns)) != line_of(offsetof(SegmentHeader, server_sleeping)),
               "the server's heartbeat, written every loop, is not on a line workers read per push or pull");
 static_assert(line_of(offsetof(SegmentHeader, records_applied)) != line_of(offsetof(SegmentHeader, server_sleeping)) &&
-                  line_of(offsetof(SegmentHeader, records_applied)) != line_of(offsetof(SegmentHeader, model_clock)),
+                  line_of(offsetof(SegmentHeader, records_applied)) != line_of(offsetof(SegmentHeader, consistency)),
               "per-round counters are not on a line workers read");
 static_assert(offsetof(SegmentHeader, mailbox_state) % kCacheLine == 0);
 
@@ -734,6 +756,7 @@ SHMPS_DESCRIBE_FIELDS(SegmentHeader, SHMPS_SEGMENT_HEADER_FIELDS);
 SHMPS_DESCRIBE_FIELDS(ParamEntry, SHMPS_PARAM_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(SliceEntry, SHMPS_SLICE_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(ParamStats, SHMPS_PARAM_STATS_FIELDS);
+SHMPS_DESCRIBE_FIELDS(GroupEntry, SHMPS_GROUP_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(RedoEntry, SHMPS_REDO_ENTRY_FIELDS);
 SHMPS_DESCRIBE_FIELDS(RedoInput, SHMPS_REDO_INPUT_FIELDS);
 SHMPS_DESCRIBE_FIELDS(WorkerSlot, SHMPS_WORKER_SLOT_FIELDS);
@@ -754,7 +777,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
   for (std::uint64_t v : {std::uint64_t{kLayoutVersion}, std::uint64_t{BOOST_VERSION}, std::uint64_t{__GNUC__},
                           std::uint64_t{__GNUC_MINOR__}})
     h = detail::fnv1a(h, v);
-  h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, RedoEntry, RedoInput,
+  h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, GroupEntry, RedoEntry, RedoInput,
                                  WorkerSlot, RingHeader, PushRecord>(h);
   return detail::fnv1a_str(h, __VERSION__);
 }();

@@ -29,6 +29,7 @@ struct LayoutRequest {
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
   std::uint32_t max_workers = 8;
+  std::uint32_t workers_per_group = 0;  // 0: every worker in one group (SegmentHeader::workers_per_group)
   std::uint64_t ring_bytes = 0;  // 0: automatic (see kMinRingBytes and plan_layout)
   // The job starts in BSP: an automatic ring then holds one whole step (bsp_step_ring_bytes).
   bool bsp = false;
@@ -43,6 +44,7 @@ struct LayoutPlan {
   std::uint64_t slice_floats = 0;
   std::uint64_t slice_count = 0;
   std::uint32_t max_workers = 0;
+  std::uint32_t workers_per_group = 0, group_count = 0;
   std::uint32_t state_arrays = 0;
   StateDType state_dtype = StateDType::f32;
   std::uint32_t redo_count = 0;
@@ -52,7 +54,7 @@ struct LayoutPlan {
   std::uint64_t params_offset = 0, slices_offset = 0, applied_offset = 0, slots_offset = 0;
   std::uint64_t rings_offset = 0, values_offset = 0, state_offset = 0, total_bytes = 0;
   std::uint64_t redo_offset = 0, redo_stride = 0;
-  std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0;
+  std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0, groups_offset = 0;
   std::uint64_t step_sums_offset = 0, step_sums_bytes = 0;  // 0: the rings hold a whole BSP step
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
@@ -188,6 +190,20 @@ class Segment {
   }
   const std::atomic<std::uint64_t>& rejected(std::uint64_t r, std::uint64_t p) const noexcept {
     return at<std::atomic<std::uint64_t>>(base_, header().rejected_offset + r * header().rejected_stride)[p];
+  }
+
+  // Worker groups: rank r is in group r / workers_per_group; group g has ranks [first, end).
+  GroupEntry& group(std::uint64_t g) noexcept { return at<GroupEntry>(base_, header().groups_offset)[g]; }
+  const GroupEntry& group(std::uint64_t g) const noexcept { return at<GroupEntry>(base_, header().groups_offset)[g]; }
+  std::uint32_t group_of(std::uint64_t rank) const noexcept {
+    return static_cast<std::uint32_t>(rank / header().workers_per_group);
+  }
+  std::uint32_t group_first_rank(std::uint64_t g) const noexcept {
+    return static_cast<std::uint32_t>(g * header().workers_per_group);
+  }
+  std::uint32_t group_end_rank(std::uint64_t g) const noexcept {
+    const std::uint64_t end = (g + 1) * header().workers_per_group;
+    return static_cast<std::uint32_t>(end < header().max_workers ? end : header().max_workers);
   }
 
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
