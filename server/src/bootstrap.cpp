@@ -43,6 +43,8 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
+  // Groups change the layout (the group table); one group adds nothing, so older jobs keep their hash.
+  if (plan.group_count > 1) mix(0x67700000ULL + plan.workers_per_group);
   mix(request.state_arrays);
   // The state dtype changes the layout; f32 adds nothing, so f32 segments keep their hash.
   if (request.state_dtype != StateDType::f32) mix(0x5d7e0000ULL + static_cast<std::uint64_t>(request.state_dtype));
@@ -159,6 +161,9 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   std::memcpy(h.name, spec.name.data(), std::min(spec.name.size(), kMaxNameBytes - 1));
   h.param_count = static_cast<std::uint32_t>(plan.params.size());
   h.max_workers = request.max_workers;
+  h.workers_per_group = plan.workers_per_group;
+  h.group_count = plan.group_count;
+  h.groups_offset = plan.groups_offset;
   h.slice_count = plan.slice_count;
   h.slice_floats = plan.slice_floats;
   h.ring_bytes = plan.ring_bytes;
@@ -263,6 +268,7 @@ LayoutRequest layout_request(const ServerOptions& options) {
   for (const auto& p : spec.params) request.params.push_back({p.name, p.shape, p.init.kind == InitSpec::Kind::put});
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
+  request.workers_per_group = spec.workers_per_group;
   request.ring_bytes = spec.ring_bytes;
   request.bsp = spec.consistency == Consistency::bsp;
   request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));

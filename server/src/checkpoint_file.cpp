@@ -167,6 +167,7 @@ std::map<std::string, std::string> metadata_of(const Snapshot& snap) {
       {"shmps.taken_unix_ns", std::to_string(snap.taken_unix_ns)},
       {"shmps.epoch", std::to_string(snap.epoch)},
       {"shmps.model_clock", std::to_string(snap.model_clock)},
+      {"shmps.group_clocks", json(snap.group_clocks).dump()},
       {"shmps.consistency", consistency_text(snap.consistency, snap.staleness)},
       {"shmps.bsp_aggregate", std::string(to_string(snap.bsp_aggregate))},
       {"shmps.on_worker_death", std::string(to_string(snap.on_worker_death))},
@@ -219,6 +220,16 @@ void read_settings(const std::filesystem::path& path, const std::map<std::string
   snap.taken_unix_ns = parse_u64(path, meta, "shmps.taken_unix_ns");
   snap.epoch = parse_u64(path, meta, "shmps.epoch");
   snap.model_clock = parse_u64(path, meta, "shmps.model_clock");
+  snap.group_clocks.clear();
+  if (meta.count("shmps.group_clocks") != 0) {
+    const json clocks = meta_json(path, meta, "shmps.group_clocks");
+    try {
+      if (!clocks.is_array() || clocks.size() > kMaxWorkersLimit) throw std::invalid_argument("not a list of clocks");
+      for (const auto& c : clocks) snap.group_clocks.push_back(c.get<std::uint64_t>());
+    } catch (const std::exception& e) {
+      fail(path, std::string("metadata \"shmps.group_clocks\": ") + e.what() + " (expected a list like [12, 9])");
+    }
+  }
   if (auto p = parse_consistency(meta_string(path, meta, "shmps.consistency"), snap.consistency, snap.staleness); !p.empty())
     fail(path, "metadata \"shmps.consistency\": " + p);
   if (auto p = parse_bsp_aggregate(meta_string(path, meta, "shmps.bsp_aggregate"), snap.bsp_aggregate); !p.empty())

@@ -26,11 +26,11 @@ void CheckpointScheduler::request(const std::filesystem::path& path) {
   request_pending_ = true;
 }
 
-// The clock a periodic "every N clocks" counts: BSP's model clock; in ASP and SSP the clock of
-// the slowest worker that counts (what the staleness bound is about).
+// The clock a periodic "every N clocks" counts: in BSP the slowest worker group's clock; in ASP and
+// SSP the clock of the slowest worker that counts (what the staleness bound is about).
 std::uint64_t CheckpointScheduler::job_clock() const {
   const SegmentHeader& h = segment_.header();
-  if (load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) return load_own(h.model_clock);
+  if (load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) return slowest_group_clock(segment_);
   std::uint64_t slowest = UINT64_MAX;
   for (std::uint32_t r = 0; r < h.max_workers; ++r)
     if (counts_for_group(h, segment_.slot(r))) slowest = std::min(slowest, load_own(segment_.slot(r).consumed_clock));
@@ -40,8 +40,9 @@ std::uint64_t CheckpointScheduler::job_clock() const {
 // Changes whenever the state a checkpoint holds may have changed.
 std::uint64_t CheckpointScheduler::work_done() const {
   const SegmentHeader& h = segment_.header();
-  return load_own(h.records_applied) + load_own(h.records_discarded) + load_own(h.steps) + load_own(h.model_clock) +
-         load_own(h.consistency);
+  std::uint64_t clocks = 0;
+  for (std::uint32_t g = 0; g < h.group_count; ++g) clocks += load_own(segment_.group(g).clock);
+  return load_own(h.records_applied) + load_own(h.records_discarded) + load_own(h.steps) + clocks + load_own(h.consistency);
 }
 
 void CheckpointScheduler::start(const std::filesystem::path& path, bool in_dir, bool requested) {

@@ -6,6 +6,7 @@
 
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/bf16.hpp>
 #include <shmps/shm/proc.hpp>
 
@@ -49,7 +50,9 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
   out.segment = h.name;
   out.taken_unix_ns = unix_ns();
   out.epoch = load_acquire(h.server_epoch);
-  out.model_clock = load_acquire(h.model_clock);
+  out.model_clock = slowest_group_clock(segment);
+  out.group_clocks.resize(h.group_count);
+  for (std::uint32_t g = 0; g < h.group_count; ++g) out.group_clocks[g] = group_clock(segment, g);
   out.consistency = static_cast<Consistency>(load_acquire(h.consistency));
   out.staleness = load_acquire(h.staleness);
   out.bsp_aggregate = static_cast<BspAggregate>(load_acquire(h.bsp_aggregate));

@@ -21,17 +21,20 @@ namespace shmps::server {
 // over the resume state they carry).
 void collect_as_they_come(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, RoundPlan& plan);
 
-// BSP: the pushes of step `step` from every ring, if every worker that counts for the barrier
-// (membership.hpp) has finished that step: true. Otherwise false, and the plan takes nothing
-// but padding in front of the rings' first records.
+// BSP: the pushes of step `step` of worker group `group` from each of its workers' rings, if
+// every worker of the group that counts for the barrier (membership.hpp) has finished that step:
+// true. Otherwise false, and the plan takes nothing from those rings but padding (and puts) in
+// front of their first records. Only the group's rings are read: a step counts the group's own
+// workers, so workers of two groups never complete each other's step. A group with no worker
+// that counts and nothing of the step in its rings has no step: false.
 //
-// A ring holds groups of pushes, each closed by the clock record of the step it belongs to. A
-// group counts in the step its clock record names (an older step's late group counts in the
-// current one). A group with no clock record counts only once it gets one; if its generation
+// A ring holds runs of pushes, each closed by the clock record of the step it belongs to. A
+// run counts in the step its clock record names (an older step's late run counts in the
+// current one). A run with no clock record counts only once it gets one; if its generation
 // died (the slot's holder is proven dead, or a newer generation wrote after it) it is discarded
 // whole: a worker killed in the middle of a step contributes none of that step.
-bool collect_step(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, std::uint64_t step,
-                  RoundPlan& plan);
+bool collect_step(shm::Segment& segment, const std::vector<shm::RingConsumer>& rings, std::uint32_t group,
+                  std::uint64_t step, RoundPlan& plan);
 
 // Streamed BSP (the rings hold less than a step, Segment::streams_bsp_steps): takes every
 // committed push of step `step` (or an earlier one) as it comes, to be added to the step sums,

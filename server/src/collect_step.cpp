@@ -1,5 +1,5 @@
-// The whole-step collector (BSP): step t from every ring, or nothing (collect.hpp says how a
-// ring's records form groups, and when a group counts).
+// The whole-step collector (BSP): step t of one worker group from each of its rings, or nothing
+// (collect.hpp says how a ring's records form runs of pushes, and when a run counts).
 #include <algorithm>
 
 #include <shmps/shm/atomics.hpp>
@@ -13,8 +13,8 @@ using namespace shmps::shm;
 
 namespace {
 
-// Reads one ring for step `step`: takes the groups that end in that step (or an earlier one),
-// discards groups whose writer died, and says whether the ring shows the worker finished it.
+// Reads one ring for step `step`: takes the runs of pushes that end in that step (or an earlier one),
+// discards runs whose writer died, and says whether the ring shows the worker finished it.
 class StepScan {
  public:
   StepScan(Segment& segment, const RingConsumer& ring, std::uint32_t rank, std::uint64_t step, RoundPlan& plan)
@@ -29,22 +29,22 @@ class StepScan {
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t tail = ring_.committed();
     consumed_ = free_to_ = ring_.head();
-    group_begin_ = contributions_.size();
+    run_begin_ = contributions_.size();
     const auto read = ring_.read(consumed_, tail, [this](std::uint64_t pos, const PushRecord& rec) { return take(pos, rec); });
     std::uint64_t pos = read.stopped_at;
     if (read.malformed) {
       log_bad_record(segment_, rank_, pos);
-      drop_group(tail);
+      drop_run(tail);
       pos = tail;
     }
-    if (group_records_ != 0) {
-      // An open group: its clock record may still come, unless its generation is dead.
-      const bool writer_dead = load_acquire(slot.dead_generation) == group_generation_ ||
-                               load_acquire(slot.generation) != group_generation_;
+    if (run_records_ != 0) {
+      // An open run: its clock record may still come, unless its generation is dead.
+      const bool writer_dead = load_acquire(slot.dead_generation) == run_generation_ ||
+                               load_acquire(slot.generation) != run_generation_;
       if (writer_dead && pos == tail)
-        drop_group(tail);
+        drop_run(tail);
       else
-        contributions_.resize(group_begin_);
+        contributions_.resize(run_begin_);
     }
     round_.end = std::max(consumed_, free_to_);
     round_.free_to = free_to_;
@@ -65,12 +65,12 @@ class StepScan {
     // alone in the round (nothing after it is read: apply_put.hpp relies on that after a
     // restart). One behind records of the step waits until they are taken.
     if (rec.kind == RecordKind::put) {
-      // An open group of another generation: its writer died mid-step (as for a push, below).
+      // An open run of another generation: its writer died mid-step (as for a push, below).
       // In front, it is garbage given back with the put: the restarted worker puts before it
       // repeats the step.
-      if (group_records_ != 0 && rec.generation != group_generation_ && group_pos_ == free_to_) drop_front_group(pos);
+      if (run_records_ != 0 && rec.generation != run_generation_ && run_pos_ == free_to_) drop_front_run(pos);
       stopped_by_put_ = true;
-      if (pos != free_to_ || group_records_ != 0) return false;
+      if (pos != free_to_ || run_records_ != 0) return false;
       plan_puts_.push_back({rank_, &rec});
       round_.take_put(rec);
       free_to_ = next;
@@ -78,29 +78,29 @@ class StepScan {
       return false;
     }
     if (rec.kind == RecordKind::push) {
-      if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);  // its writer died mid-step
-      if (group_records_ == 0) {
-        group_begin_ = contributions_.size();
-        group_pos_ = pos;
+      if (run_records_ != 0 && rec.generation != run_generation_) drop_run(pos);  // its writer died mid-step
+      if (run_records_ == 0) {
+        run_begin_ = contributions_.size();
+        run_pos_ = pos;
       }
       if (add_contributions(segment_, rank_, rec, contributions_)) {
-        ++group_records_;
-        group_generation_ = rec.generation;
-        group_last_seq_ = rec.seq;
+        ++run_records_;
+        run_generation_ = rec.generation;
+        run_last_seq_ = rec.seq;
       }
     } else if (rec.kind == RecordKind::clock) {
       // A clock record closes only its own generation's pushes.
-      if (group_records_ != 0 && rec.generation != group_generation_) drop_group(pos);
+      if (run_records_ != 0 && rec.generation != run_generation_) drop_run(pos);
       if (rec.clock > step_) {  // a later step: the worker has finished this one
-        contributions_.resize(group_begin_);  // the open group belongs to that later step
-        group_records_ = 0;
+        contributions_.resize(run_begin_);  // the open run belongs to that later step
+        run_records_ = 0;
         finished_ = true;
         return false;
       }
-      round_.records += group_records_;
-      round_.last_seq = std::max(round_.last_seq, group_last_seq_);
-      group_records_ = 0;
-      group_begin_ = contributions_.size();
+      round_.records += run_records_;
+      round_.last_seq = std::max(round_.last_seq, run_last_seq_);
+      run_records_ = 0;
+      run_begin_ = contributions_.size();
       consumed_ = next;
       round_.clock = std::max(round_.clock, rec.clock + 1);
       if (rec.offset != 0) round_.step_state = &rec;
@@ -109,23 +109,23 @@ class StepScan {
     return true;
   }
 
-  // Discards the open group, which starts in front of everything else, as padding: kept given
+  // Discards the open run, which starts in front of everything else, as padding: kept given
   // back even when the step is not complete (RankRound::take_nothing).
-  void drop_front_group(std::uint64_t end) {
-    contributions_.resize(group_begin_);
-    round_.front_discarded += group_records_;
-    round_.front_last_seq = std::max(round_.front_last_seq, group_last_seq_);
+  void drop_front_run(std::uint64_t end) {
+    contributions_.resize(run_begin_);
+    round_.front_discarded += run_records_;
+    round_.front_last_seq = std::max(round_.front_last_seq, run_last_seq_);
     consumed_ = free_to_ = end;
-    group_records_ = 0;
+    run_records_ = 0;
   }
 
-  // Discards the open group (its writer died before closing it): the head may pass it.
-  void drop_group(std::uint64_t end) {
-    contributions_.resize(group_begin_);
-    round_.discarded += group_records_;
-    round_.last_seq = std::max(round_.last_seq, group_last_seq_);
+  // Discards the open run (its writer died before closing it): the head may pass it.
+  void drop_run(std::uint64_t end) {
+    contributions_.resize(run_begin_);
+    round_.discarded += run_records_;
+    round_.last_seq = std::max(round_.last_seq, run_last_seq_);
     consumed_ = end;
-    group_records_ = 0;
+    run_records_ = 0;
   }
 
   Segment& segment_;
@@ -135,31 +135,37 @@ class StepScan {
   RankRound& round_;
   std::vector<Contribution>& contributions_;
   std::vector<PutTake>& plan_puts_;
-  std::uint64_t consumed_ = 0;  // the end of the groups taken (counted or discarded)
-  std::uint64_t free_to_ = 0;   // the end of the padding in front of the first group
-  // The open group: pushes not yet closed by a clock record.
-  std::size_t group_begin_ = 0;
-  std::uint64_t group_generation_ = 0, group_records_ = 0, group_last_seq_ = 0;
-  std::uint64_t group_pos_ = 0;  // where the open group's first push is
+  std::uint64_t consumed_ = 0;  // the end of the runs taken (counted or discarded)
+  std::uint64_t free_to_ = 0;   // the end of the padding in front of the first run
+  // The open run: pushes not yet closed by a clock record.
+  std::size_t run_begin_ = 0;
+  std::uint64_t run_generation_ = 0, run_records_ = 0, run_last_seq_ = 0;
+  std::uint64_t run_pos_ = 0;  // where the open run's first push is
   bool finished_ = false;
   bool stopped_by_put_ = false;  // the walk stopped at or just after a put
 };
 
 }  // namespace
 
-bool collect_step(Segment& segment, const std::vector<RingConsumer>& rings, std::uint64_t step, RoundPlan& plan) {
+bool collect_step(Segment& segment, const std::vector<RingConsumer>& rings, std::uint32_t group, std::uint64_t step,
+                  RoundPlan& plan) {
   const SegmentHeader& h = segment.header();
-  bool everyone_finished = true;
-  for (std::uint32_t r = 0; r < rings.size(); ++r) {
+  const std::uint32_t first = segment.group_first_rank(group), end = segment.group_end_rank(group);
+  const std::size_t contributions_before = plan.contributions.size();
+  bool everyone_finished = true, anyone = false;
+  for (std::uint32_t r = first; r < end; ++r) {
     const bool finished = StepScan(segment, rings[r], r, step, plan).run();
-    if (!finished && counts_for_group(h, segment.slot(r))) everyone_finished = false;
+    const bool counts = counts_for_group(h, segment.slot(r));
+    if (!finished && counts) everyone_finished = false;
+    anyone = anyone || counts || plan.ranks[r].records != 0 || plan.ranks[r].discarded != 0;
   }
-  if (!everyone_finished) {
-    plan.contributions.clear();
-    for (auto& round : plan.ranks) round.take_nothing();
+  // A group with nobody in it and nothing of its step in the rings has no step to complete.
+  if (!everyone_finished || !anyone) {
+    plan.contributions.resize(contributions_before);
+    for (std::uint32_t r = first; r < end; ++r) plan.ranks[r].take_nothing();
     return false;
   }
-  for (std::uint32_t r = 0; r < rings.size(); ++r)
+  for (std::uint32_t r = first; r < end; ++r)
     if (plan.ranks[r].step_state != nullptr) keep_resume_state(segment, r, *plan.ranks[r].step_state);
   return true;
 }

@@ -72,7 +72,7 @@ std::string Commands::set(const std::string& key, const std::string& value, int&
     switch_consistency(*segment_, mode, bound);
     status = 0;
     std::string reply = "consistency is now " + value + " (was " + std::string(to_string(old)) + ")" +
-                        (mode == Consistency::bsp ? ", from clock " + std::to_string(load_own(h.model_clock)) : "");
+                        (mode == Consistency::bsp ? ", from " + group_clocks_text(*segment_) : "");
     if (mode == Consistency::bsp) {
       if (const std::string note = bsp_ring_note(*segment_); !note.empty()) reply += "; note: " + note;
     }

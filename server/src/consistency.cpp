@@ -11,13 +11,14 @@ namespace shmps::server {
 
 using namespace shmps::shm;
 
-RoundPolicy policy_for_round(const SegmentHeader& h) {
+RoundPolicy policy_for_round(const Segment& segment) {
+  const SegmentHeader& h = segment.header();
   RoundPolicy policy;
   policy.whole_steps = load_acquire(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
-  policy.step = load_own(h.model_clock);
-  if (policy.whole_steps && h.step_sums_offset != 0) {
+  if (policy.whole_steps && h.step_sums_offset != 0) {  // one worker group (plan_layout)
     policy.whole_steps = false;
     policy.streamed_steps = true;
+    policy.step = load_own(segment.group(0).clock);
   }
   if (policy.whole_steps || policy.streamed_steps)
     policy.aggregation = load_acquire(h.bsp_aggregate) == static_cast<std::uint32_t>(BspAggregate::mean)
@@ -35,13 +36,26 @@ float streamed_step_scale(const Segment& segment, std::uint64_t step, const Roun
   return ranks == 0 ? 1.0f : 1.0f / static_cast<float>(ranks);
 }
 
-bool complete_step(Segment& segment, std::uint64_t step, const RoundPlan& plan) {
+bool complete_step(Segment& segment, std::uint32_t group, std::uint64_t step, const RoundPlan& plan) {
   SegmentHeader& h = segment.header();
-  bool anyone = plan.records() != 0 || plan.discarded() != 0;
-  for (std::uint32_t r = 0; r < h.max_workers && !anyone; ++r) anyone = counts_for_group(h, segment.slot(r));
-  if (!anyone) return false;
-  for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, step + 1);
-  store_release(h.model_clock, step + 1);
+  const std::uint32_t first = segment.group_first_rank(group), end = segment.group_end_rank(group);
+  std::uint64_t records = 0, discarded = 0;
+  bool anyone = false;
+  for (std::uint32_t r = first; r < end; ++r) {
+    records += plan.ranks[r].records;
+    discarded += plan.ranks[r].discarded;
+    anyone = anyone || counts_for_group(h, segment.slot(r));
+  }
+  if (!anyone && records == 0 && discarded == 0) return false;
+  // One group: the slices hold exactly its steps, and say which (checkpoints, the monitor). With
+  // several, a slice holds whatever steps of each group are done: only the groups' clocks say.
+  if (h.group_count == 1)
+    for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, step + 1);
+  GroupEntry& g = segment.group(group);
+  bump_counter(g.records, records);
+  bump_counter(g.discarded, discarded);
+  bump_counter(g.steps, std::uint64_t{1});
+  store_release(g.clock, step + 1);
   bump_counter(h.steps, std::uint64_t{1});
   return true;
 }
@@ -60,7 +74,8 @@ bool apply_step_sums_left_by_a_switch(Segment& segment, ApplyEngine& engine, std
     engine.apply_step_sums(step, streamed_step_scale(segment, step, none));
     kill_point("switch.after_step_sums");  // applied, the clocks not moved yet
     for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, step + 1);
-    store_release(h.model_clock, step + 1);
+    bump_counter(segment.group(0).steps, std::uint64_t{1});
+    store_release(segment.group(0).clock, step + 1);
     bump_counter(h.steps, std::uint64_t{1});
   }
   for (std::uint64_t i = 0; i < h.slice_count; ++i) segment.slice(i).sum_step = 0;
@@ -72,12 +87,15 @@ void switch_consistency(Segment& segment, Consistency mode, std::uint32_t stalen
   SegmentHeader& h = segment.header();
   const auto old = static_cast<Consistency>(load_own(h.consistency));
   if (mode == Consistency::bsp && old != Consistency::bsp) {
-    std::uint64_t start = UINT64_MAX;
-    for (std::uint32_t r = 0; r < h.max_workers; ++r)
-      if (counts_for_group(h, segment.slot(r))) start = std::min(start, load_acquire(segment.slot(r).clock));
-    if (start == UINT64_MAX) start = load_own(h.model_clock);
-    for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, start);
-    store_release(h.model_clock, start);
+    for (std::uint32_t g = 0; g < h.group_count; ++g) {
+      std::uint64_t start = UINT64_MAX;
+      for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r)
+        if (counts_for_group(h, segment.slot(r))) start = std::min(start, load_acquire(segment.slot(r).clock));
+      if (start == UINT64_MAX) start = load_own(segment.group(g).clock);
+      if (h.group_count == 1)
+        for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, start);
+      store_release(segment.group(g).clock, start);
+    }
   }
   store_release(h.staleness, staleness);
   store_release(h.consistency, static_cast<std::uint32_t>(mode));

@@ -1,8 +1,9 @@
 // The consistency policy: ASP, BSP or SSP (and BSP's sum or mean), as the segment header says.
 //
 // It decides, for each round, which collector runs (collect.hpp) and how the apply engine
-// combines a slice's contributions (apply.hpp); it advances BSP's step; and it switches the
-// policy of a live job (shmps-ctl set, commands.hpp) at a clock boundary. SSP's bound is not
+// combines a slice's contributions (apply.hpp); it advances BSP's steps, one clock per worker
+// group (GroupEntry); and it switches the policy of a live job (shmps-ctl set, commands.hpp) at a
+// clock boundary. SSP's bound is not
 // enforced here: it is the workers' pulls that wait (the server applies SSP pushes as they come).
 #pragma once
 
@@ -21,19 +22,23 @@ namespace shmps::server {
 struct RoundPolicy {
   bool whole_steps = false;  // BSP: collect a whole step or nothing
   bool streamed_steps = false;  // BSP with rings smaller than a step: sum the step's pushes as they come
-  std::uint64_t step = 0;    // BSP: the step being collected (the model clock)
+  // Streamed BSP: the step being collected (its one worker group's clock). Whole steps read each
+  // group's clock as they collect it (Server::apply_round).
+  std::uint64_t step = 0;
   Aggregation aggregation = Aggregation::each;
 };
-RoundPolicy policy_for_round(const shm::SegmentHeader& header);
+RoundPolicy policy_for_round(const shm::Segment& segment);
 
 // Streamed BSP: the factor of step `step`'s sums: 1 for "sum", 1 / (the workers whose pushes are
 // in the step's sums) for "mean".
 float streamed_step_scale(const shm::Segment& segment, std::uint64_t step, const RoundPlan& plan);
 
-// BSP: after a round that found step `step` complete, moves every slice's clock and the model
-// clock to step + 1 (the workers' pulls for the next step wait for that). A step is complete even
-// when nobody pushed; with no worker at all there is no step. True if the clocks moved.
-bool complete_step(shm::Segment& segment, std::uint64_t step, const RoundPlan& plan);
+// BSP: after a round that found step `step` of worker group `group` complete, moves the group's
+// clock to step + 1 (its workers' pulls for the next step wait for that) and counts the step and
+// its pushes in the group's entry; with one group, every slice's clock moves too. A step is
+// complete even when nobody pushed; with no worker in the group there is no step. True if the
+// clock moved.
+bool complete_step(shm::Segment& segment, std::uint32_t group, std::uint64_t step, const RoundPlan& plan);
 
 // A live switch out of BSP in the middle of a streamed step (a round whose policy no longer
 // streams steps, on a segment that has step sums): the pushes already in step `step`'s sums are
@@ -45,9 +50,9 @@ bool complete_step(shm::Segment& segment, std::uint64_t step, const RoundPlan& p
 // moved). True if there were sums of the step.
 bool apply_step_sums_left_by_a_switch(shm::Segment& segment, ApplyEngine& engine, std::uint64_t step);
 
-// Switches a live job to `mode` (and SSP bound). Entering BSP starts at the clock of the slowest
-// worker that counts, so faster workers wait for it at their next pull and nobody's finished
-// steps are collected twice. Call between rounds only.
+// Switches a live job to `mode` (and SSP bound). Entering BSP starts each worker group at the
+// clock of its slowest worker that counts, so faster workers wait for it at their next pull and
+// nobody's finished steps are collected twice. Call between rounds only.
 void switch_consistency(shm::Segment& segment, Consistency mode, std::uint32_t staleness);
 
 // Sets the spec's consistency, bsp_aggregate and on_worker_death on a segment (a restored or

@@ -33,7 +33,7 @@ struct CommandLine {
   std::string checkpoint_dir, checkpoint_every, restore;
   std::size_t keep = 3;
   std::uint64_t ring_bytes = 0;
-  std::uint32_t max_workers = 0;
+  std::uint32_t max_workers = 0, workers_per_group = 0;
   bool plan_only = false;
 };
 
@@ -65,6 +65,9 @@ void add_options(CLI::App& app, CommandLine& cl) {
                  "pushes of the largest parameter, or one whole step in BSP, at most 32 MiB: bigger pushes and steps "
                  "stream)");
   app.add_option("--max-workers", cl.max_workers, "worker slots (overrides the spec's max_workers)");
+  app.add_option("--workers-per-group", cl.workers_per_group,
+                 "workers per worker group: rank r is in group r / N; BSP and SSP hold inside each group, groups "
+                 "run asynchronously (overrides the spec's workers_per_group; 0: one group)");
   app.add_flag("--plan", cl.plan_only,
                "print what the segment would cost, part by part, and whether huge pages are offered; create nothing");
   app.add_option("--log-level", cl.log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
@@ -119,6 +122,11 @@ void apply_overrides(const CLI::App& app, const CommandLine& cl, shmps::server::
     if (auto problem = shmps::server::validate_model_spec(options.spec); !problem.empty())
       throw shmps::Error("--max-workers: " + problem.substr(problem.find(':') + 2));
   }
+  if (app.count("--workers-per-group") != 0) {
+    options.spec.workers_per_group = cl.workers_per_group;
+    if (auto problem = shmps::server::validate_model_spec(options.spec); !problem.empty())
+      throw shmps::Error("--workers-per-group: " + problem.substr(problem.find(':') + 2));
+  }
   options.threads = cl.threads;
 }
 
@@ -129,7 +137,11 @@ void print_plan(const shmps::server::ServerOptions& options, const std::string& 
   const auto& spec = options.spec;
   std::cout << "plan of segment '" << spec.name << "' (" << spec_path << "): " << plan.params.size()
             << " parameters, " << plan.slice_count << " slices of " << plan.slice_floats << " floats, "
-            << plan.max_workers << " worker slots, " << to_string(spec.optimizer.kind)
+            << plan.max_workers << " worker slots"
+            << (plan.group_count > 1 ? " in " + std::to_string(plan.group_count) + " groups of " +
+                                           std::to_string(plan.workers_per_group)
+                                     : std::string())
+            << ", " << to_string(spec.optimizer.kind)
             << (plan.state_arrays > 0 && plan.state_dtype == shmps::StateDType::bf16 ? " (bf16 state)" : "") << ", "
             << to_string(spec.consistency) << ", " << plan.redo_count << " redo entries\n"
             << "ring_bytes " << plan.ring_bytes << " per worker: " << plan.ring_rule << "; a push of up to "

@@ -39,7 +39,7 @@ void Membership::admit_new_workers() {
     if (slot.admitted_generation() == generation) continue;
     std::uint64_t entry = slot.clock();
     if (load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp))
-      entry = std::max(entry, load_own(h.model_clock));
+      entry = std::max(entry, load_own(segment_->group(segment_->group_of(r)).clock));
     slot.admit(generation, entry);
   }
 }

@@ -19,8 +19,8 @@ class Membership {
   // (dead_generation) and logs them.
   void probe_deaths();
 
-  // Admits every newly attached generation: its entry clock is the step being collected (BSP) or
-  // the clock it brought (never lower than the one its slot reached). Wakes the worker.
+  // Admits every newly attached generation: its entry clock is the step its worker group is
+  // collecting (BSP) or the clock it brought (never lower than the one its slot reached). Wakes the worker.
   void admit_new_workers();
 
   // Whether `rank` counts for a BSP barrier or an SSP bound now.

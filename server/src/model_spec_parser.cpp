@@ -186,6 +186,14 @@ void Parser::read_top_level(const toml::table& root, ModelSpec& spec) const {
     spec.max_workers =
         static_cast<std::uint32_t>(unsigned_int(*n, "max_workers", kMaxWorkersRule));
   }
+  if (const toml::node* n = root.get("workers_per_group")) {
+    spec.workers_per_group =
+        static_cast<std::uint32_t>(unsigned_int(*n, "workers_per_group", kWorkersPerGroupRule));
+    if (spec.workers_per_group > spec.max_workers)
+      fail(n->source(), "workers_per_group",
+           "must be at most max_workers (" + std::to_string(spec.max_workers) + "), got " +
+               std::to_string(spec.workers_per_group) + ": a group cannot have more workers than the job has slots");
+  }
   if (const toml::node* n = root.get("ring_bytes")) {
     spec.ring_bytes = unsigned_int(*n, "ring_bytes", kRingBytesRule);
   }

@@ -23,7 +23,7 @@ namespace shmps::server::spec_detail {
 // The top-level keys: also named when a table's unknown key is one of them (it came after a
 // [table] header).
 inline constexpr std::string_view kRootKeysList[] = {"name",          "slice_bytes",     "max_workers",
-                                              "ring_bytes",    "server_threads",  "consistency",
+                                              "workers_per_group", "ring_bytes",    "server_threads",  "consistency",
                                               "bsp_aggregate", "on_worker_death", "optimizer",
                                               "param"};
 inline constexpr Keys kRootKeys{kRootKeysList};

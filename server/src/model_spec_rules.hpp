@@ -43,6 +43,7 @@ struct IntRule {
 
 inline constexpr IntRule kSliceBytesRule{64, kMaxSliceBytes, 64, ""};
 inline constexpr IntRule kMaxWorkersRule{1, kMaxWorkersLimit, 1, ""};
+inline constexpr IntRule kWorkersPerGroupRule{0, kMaxWorkersLimit, 1, " (0 = every worker in one group)"};
 inline constexpr IntRule kRingBytesRule{0, kMaxRingBytes, 64, " (0 = sized by the server)"};
 inline constexpr IntRule kServerThreadsRule{0, kMaxServerThreads, 1, " (0 = all cores)"};
 

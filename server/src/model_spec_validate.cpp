@@ -64,6 +64,10 @@ std::string settings_problem(const ModelSpec& spec) {
   };
   if (auto p = int_field("slice_bytes", kSliceBytesRule, spec.slice_bytes); !p.empty()) return p;
   if (auto p = int_field("max_workers", kMaxWorkersRule, spec.max_workers); !p.empty()) return p;
+  if (auto p = int_field("workers_per_group", kWorkersPerGroupRule, spec.workers_per_group); !p.empty()) return p;
+  if (spec.workers_per_group > spec.max_workers)
+    return "workers_per_group: must be at most max_workers (" + std::to_string(spec.max_workers) + "), got " +
+           std::to_string(spec.workers_per_group);
   if (auto p = int_field("ring_bytes", kRingBytesRule, spec.ring_bytes); !p.empty()) return p;
   if (auto p = int_field("server_threads", kServerThreadsRule, spec.server_threads); !p.empty()) {
     return p;

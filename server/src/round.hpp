@@ -35,14 +35,14 @@ struct PutTake {
 struct RankRound {
   std::uint64_t seen_tail = 0;  // the committed tail the round looked at
   std::uint64_t end = 0;        // where the ring's head moves to once the round is applied
-  std::uint64_t free_to = 0;    // BSP: the end of the padding in front of the ring's first group
+  std::uint64_t free_to = 0;    // BSP: the end of the padding in front of the ring's first run of pushes
   std::uint64_t last_seq = 0;   // the last push sequence number the server is then done with
   std::uint64_t records = 0;    // pushes applied
   std::uint64_t discarded = 0;  // pushes discarded (a BSP step whose writer died in it)
   std::uint64_t clock = 0;      // the clock after the newest clock record the round consumes
   // Taken in front of everything else, so kept when a BSP step is not complete (take_nothing):
   std::uint64_t puts = 0;            // put records
-  std::uint64_t front_discarded = 0; // pushes of a dead generation's open group, in front of a put
+  std::uint64_t front_discarded = 0; // pushes of a dead generation's open run, in front of a put
   std::uint64_t front_last_seq = 0;  // the newest sequence number of those
   std::uint64_t streamed_step = 0;  // streamed BSP: step + 1 when the round sums pushes of the step
   // BSP: the newest clock record of the step that carries resume state (kept once the step is

@@ -55,6 +55,10 @@ struct Server::Impl {
   // The step sums may hold part of a step that a switch out of BSP left (consistency.hpp,
   // apply_step_sums_left_by_a_switch): looked at in the first round after each switch, and the first round.
   bool step_sums_may_hold_a_step = true;
+  // BSP with several worker groups: the group whose step the next round tries first (a round
+  // completes at most one group's step; starting after the last one that completed keeps a fast
+  // group from starving a slow one).
+  std::uint32_t next_group = 0;
 
   Segment& segment() { return boot.segment; }
   SegmentHeader& header() { return boot.segment.header(); }
@@ -124,23 +128,35 @@ std::uint64_t Server::apply_round() {
   s.plan.puts.clear();
   s.membership->admit_new_workers();
 
-  const RoundPolicy policy = policy_for_round(s.header());
+  const RoundPolicy policy = policy_for_round(segment);
   if (policy.streamed_steps) {
     s.step_sums_may_hold_a_step = true;
   } else if (s.step_sums_may_hold_a_step && segment.streams_bsp_steps()) {
     s.step_sums_may_hold_a_step = false;  // checked once after each switch out of BSP (and at start)
-    if (apply_step_sums_left_by_a_switch(segment, *s.engine, policy.step))
+    const std::uint64_t step = load_own(segment.group(0).clock);  // step sums: one group (plan_layout)
+    if (apply_step_sums_left_by_a_switch(segment, *s.engine, step))
       spdlog::info("event=step_sums_applied segment={} step={} reason=\"the job left BSP in the middle of the step: "
                    "the pushes already summed are applied as that step, the rest as they come\"",
-                   s.header().name, policy.step);
+                   s.header().name, step);
   }
   bool step_complete = false;
-  if (policy.whole_steps)
-    step_complete = collect_step(segment, s.rings, policy.step, s.plan);
-  else if (policy.streamed_steps)
+  std::uint32_t group = 0;     // whole steps: the worker group whose step is complete
+  std::uint64_t step = policy.step;
+  if (policy.whole_steps) {
+    // Each group's step on its own: one optimizer step per group step, summed in rank order
+    // within the group, so a group's steps are reproducible whatever the other groups do.
+    const std::uint32_t groups = s.header().group_count;
+    for (std::uint32_t i = 0; i < groups && !step_complete; ++i) {
+      group = (s.next_group + i) % groups;
+      step = load_own(segment.group(group).clock);
+      step_complete = collect_step(segment, s.rings, group, step, s.plan);
+    }
+    if (step_complete) s.next_group = (group + 1) % groups;
+  } else if (policy.streamed_steps) {
     step_complete = collect_streamed_step(segment, s.rings, policy.step, s.plan);
-  else
+  } else {
     collect_as_they_come(segment, s.rings, s.plan);
+  }
   RoundResult result;
   result.started_ns = s.plan.contributions.empty() && s.plan.puts.empty() && !step_complete ? 0 : monotonic_ns();
   s.metrics->count_pushes(s.plan);
@@ -154,11 +170,12 @@ std::uint64_t Server::apply_round() {
     result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
   }
   result.totals.floats += put_floats;
-  result.step_advanced = step_complete && complete_step(segment, policy.step, s.plan);
+  result.step_advanced = step_complete && complete_step(segment, group, step, s.plan);
   const std::uint64_t taken = publish_round(segment, s.rings, s.plan, result, *s.metrics);
   if (const std::uint64_t discarded = s.plan.discarded())
-    spdlog::warn("event=step_discarded segment={} step={} records={} reason=\"their worker died before finishing the step\"",
-                 s.header().name, policy.step, discarded);
+    spdlog::warn("event=step_discarded segment={} group={} step={} records={} reason=\"their worker died before finishing "
+                 "the step\"",
+                 s.header().name, group, step, discarded);
   return taken + (result.step_advanced ? 1 : 0);
 }
 

@@ -20,7 +20,9 @@
 //   shmps.segment         the job's segment name
 //   shmps.taken_unix_ns   when the snapshot was taken
 //   shmps.epoch           the server epoch that took it
-//   shmps.model_clock     BSP: the step the job was collecting (every slice holds step - 1)
+//   shmps.model_clock     BSP: the step the slowest worker group was collecting
+//   shmps.group_clocks    [12, 9]: BSP: the step each worker group was collecting (every push
+//                         of its earlier steps is in the values); absent in older checkpoints
 //   shmps.consistency     "asp", "bsp" or "ssp:N"; shmps.bsp_aggregate; shmps.on_worker_death
 //   shmps.optimizer       {"kind": "adam", "lr": 0.001, ...} every OptimizerSettings field
 //   shmps.slice_floats    elements per slice; shmps.max_workers: worker slots
@@ -33,8 +35,9 @@
 //   shmps.version.<param> "lo..hi": the smallest and largest update count of its slices
 //
 // The snapshot is taken by the server between two apply rounds, so it is one consistent state
-// of the whole job in every mode: in BSP it is at a clock boundary (every slice at the same
-// clock); in ASP and SSP every slice holds whole updates and its version is recorded.
+// of the whole job in every mode: in BSP it is at a clock boundary of every worker group (with
+// one group, every slice at the same clock); in ASP and SSP every slice holds whole updates and
+// its version is recorded.
 #pragma once
 
 #include <chrono>
@@ -76,7 +79,8 @@ struct Snapshot {
   std::string segment;
   std::uint64_t taken_unix_ns = 0;
   std::uint64_t epoch = 0;
-  std::uint64_t model_clock = 0;
+  std::uint64_t model_clock = 0;           // the slowest group's clock
+  std::vector<std::uint64_t> group_clocks;  // one per worker group (empty: every group at model_clock)
   Consistency consistency = Consistency::asp;
   std::uint32_t staleness = 0;
   BspAggregate bsp_aggregate = BspAggregate::sum;

@@ -9,6 +9,10 @@
 //   slice_bytes = 65536     # optional, default 65536. Bytes per slice (the unit of versioning,
 //                           #   locking and parallel apply): a multiple of 64, 64 to 2^30.
 //   max_workers = 8         # optional, default 16. Worker slots: 1 to 1024.
+//   workers_per_group = 4   # optional, default 0 = every worker in one group. Worker groups
+//                           #   (SINGA's nworkers_per_group): rank r is in group
+//                           #   r / workers_per_group; BSP steps and SSP bounds hold inside a
+//                           #   group, groups run asynchronously. 1 to max_workers.
 //   ring_bytes = 0          # optional, default 0 = sized by the server: room for two pushes
 //                           #   of the largest parameter (a push may use at most half a ring),
 //                           #   for one whole step in BSP, at least 1 MiB and at most 32 MiB
@@ -135,6 +139,7 @@ struct ModelSpec {
   std::string name;  // segment name
   std::uint64_t slice_bytes = 65536;
   std::uint32_t max_workers = 16;
+  std::uint32_t workers_per_group = 0;  // 0 = every worker in one group
   std::uint64_t ring_bytes = 0;      // per worker ring; 0 = automatic (the server sizes it)
   std::uint32_t server_threads = 0;  // 0 = all cores
   Consistency consistency = Consistency::asp;
