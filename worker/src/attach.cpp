@@ -186,8 +186,8 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
                                     done - stream.offset};
     s.stream_words_open = s.unfinished.has_value();
   }
-  // Enter at the job's current clock: BSP's step in progress, or the slowest live worker's clock
-  // (so nobody waits for us); never below the clock this slot had reached.
+  // Enter at our worker group's current clock: its BSP step in progress, or its slowest live
+  // worker's clock (so nobody waits for us); never below the clock this slot had reached.
   {
     const SegmentHeader& hdr = s.segment.header();
     s.clock = slot.previous_clock();
@@ -195,7 +195,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
       // Streamed steps: the step the last holder was in, unless it ended it (its clock record is
       // in the ring or was consumed: it may have died before storing its new clock).
       const std::uint64_t open_step = s.clock;
-      s.clock = std::max({s.clock, closed_clock, slot.consumed_clock(), load_acquire(hdr.model_clock)});
+      s.clock = std::max({s.clock, closed_clock, slot.consumed_clock(), s.group_clock()});
       // Still that step, and part of it committed: those pushes are in the sums or on their way,
       // so this process skips them when it repeats the step (commit_push).
       const std::uint64_t first = slot.previous_step_first_seq();
@@ -207,10 +207,11 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
         s.stream_words_open = true;
       }
     } else if (load_acquire(hdr.consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
-      s.clock = std::max(s.clock, load_acquire(hdr.model_clock));
+      s.clock = std::max(s.clock, s.group_clock());
     } else {
       std::uint64_t slowest = UINT64_MAX;
-      for (std::uint32_t r = 0; r < hdr.max_workers; ++r)
+      const std::uint32_t g = s.group();
+      for (std::uint32_t r = s.segment.group_first_rank(g); r < s.segment.group_end_rank(g); ++r)
         if (static_cast<int>(r) != s.rank && s.counts(r)) slowest = std::min(slowest, load_acquire(s.segment.slot(r).clock));
       if (slowest != UINT64_MAX) s.clock = std::max(s.clock, slowest);
     }

@@ -225,7 +225,7 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
   // Fresh enough yet? Re-read the mode every time: a live switch may change it while we wait.
   auto fresh = [&] {
     const auto now_mode = static_cast<Consistency>(load_acquire(h.consistency));
-    if (now_mode == Consistency::bsp) return load_acquire(h.model_clock) >= clock;
+    if (now_mode == Consistency::bsp) return group_clock() >= clock;
     if (now_mode == Consistency::ssp) {
       const std::uint64_t bound = load_acquire(h.staleness);
       return clock <= bound || slowest_clock() >= clock - bound;
@@ -242,7 +242,8 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
         std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
     if (!ok) {
       std::string behind;
-      for (std::uint32_t r = 0; r < h.max_workers; ++r) {
+      const std::uint32_t g = group();
+      for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r) {
         if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
           behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
                     std::to_string(load_acquire(segment.slot(r).clock)) + ")";
@@ -256,8 +257,10 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
       throw Error(std::string(what) + " '" + std::string(name) + "' at clock " + std::to_string(clock) + " waited " +
                   std::to_string(options.timeout.count()) + " ms for " +
                   (static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp
-                       ? "the server to finish step " + std::to_string(clock - 1) + " (model clock " +
-                             std::to_string(load_acquire(h.model_clock)) + ")"
+                       ? "the server to finish step " + std::to_string(clock - 1) +
+                             (h.group_count > 1 ? " of worker group " + std::to_string(g) + " (group clock "
+                                                : std::string(" (model clock ")) +
+                             std::to_string(group_clock()) + ")"
                        : "the slowest workers to come within the staleness bound") +
                   "; workers behind: " + (behind.empty() ? "none" : behind) + "; " + server_state());
     }

@@ -218,11 +218,16 @@ struct Worker::Impl {
   Clock::time_point deadline() const { return Clock::now() + options.timeout; }
 
   bool counts(std::uint32_t r) const { return counts_for_group(segment.header(), segment.slot(r)); }
-  // The smallest clock among the workers that count (ourselves included), or our own clock.
+  // This worker's group (SegmentHeader::workers_per_group): BSP and SSP hold inside it.
+  std::uint32_t group() const { return segment.group_of(static_cast<std::uint32_t>(rank)); }
+  // BSP: the step this worker's group is collecting.
+  std::uint64_t group_clock() const { return shm::group_clock(segment, group()); }
+  // The smallest clock among the workers of this worker's group that count (ourselves included),
+  // or our own clock.
   std::uint64_t slowest_clock() const {
     std::uint64_t slowest = clock;
-    const std::uint32_t n = segment.header().max_workers;
-    for (std::uint32_t r = 0; r < n; ++r)
+    const std::uint32_t g = group();
+    for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r)
       if (static_cast<int>(r) != rank && counts(r)) slowest = std::min(slowest, load_acquire(segment.slot(r).clock));
     return slowest;
   }
