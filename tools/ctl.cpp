@@ -36,6 +36,7 @@
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/mailbox.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/pages.hpp>
@@ -67,15 +68,34 @@ std::string seconds(std::uint64_t ns) {
   return out.str();
 }
 
-// "bsp (sum, model clock 12, on worker death: proceed)", "ssp:3", "asp".
-std::string consistency_text(const SegmentHeader& h) {
+// "bsp (sum, model clock 12, 12 steps), on worker death: proceed", "ssp:3, ...", "asp, ...";
+// with several worker groups "bsp (sum, group clocks 12, 9, 21 steps), ...".
+std::string consistency_text(const Segment& seg) {
+  const SegmentHeader& h = seg.header();
   const auto mode = static_cast<Consistency>(load_acquire(h.consistency));
   std::string text(to_string(mode));
   if (mode == Consistency::ssp) text += ":" + std::to_string(load_acquire(h.staleness));
   if (mode == Consistency::bsp)
-    text += " (" + std::string(to_string(static_cast<BspAggregate>(load_acquire(h.bsp_aggregate)))) + ", model clock " +
-            std::to_string(load_acquire(h.model_clock)) + ", " + std::to_string(load_counter(h.steps)) + " steps)";
+    text += " (" + std::string(to_string(static_cast<BspAggregate>(load_acquire(h.bsp_aggregate)))) + ", " +
+            (h.group_count == 1 ? "model " : "") + group_clocks_text(seg) + ", " +
+            std::to_string(load_counter(h.steps)) + " steps)";
   text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
+  return text;
+}
+
+// "one (every worker)" or "2 of 2 workers: 0 at clock 12 (12 steps, 24 pushes), 1 at clock 9 (...)".
+std::string groups_text(const Segment& seg) {
+  const SegmentHeader& h = seg.header();
+  if (h.group_count == 1) return "one (all " + std::to_string(h.max_workers) + " worker slots)";
+  std::string text = std::to_string(h.group_count) + " of " + std::to_string(h.workers_per_group) +
+                     " workers (rank r in group r / " + std::to_string(h.workers_per_group) + ")";
+  for (std::uint32_t g = 0; g < h.group_count; ++g) {
+    const GroupEntry& e = seg.group(g);
+    text += "\n             group " + std::to_string(g) + ": ranks " + std::to_string(seg.group_first_rank(g)) + ".." +
+            std::to_string(seg.group_end_rank(g) - 1) + ", clock " + std::to_string(load_acquire(e.clock)) + ", " +
+            std::to_string(load_counter(e.steps)) + " steps of " + std::to_string(load_counter(e.records)) + " pushes" +
+            (load_counter(e.discarded) ? ", " + std::to_string(load_counter(e.discarded)) + " discarded" : std::string());
+  }
   return text;
 }
 
@@ -92,7 +112,8 @@ int column_width(const Values& values, std::size_t minimum) {
 // alone: a stale heartbeat only makes a live worker "suspect"), and what each slot has done.
 void print_slots(const Segment& seg, const LockFile* slots, bool all) {
   const auto& h = seg.header();
-  std::cout << std::left << std::setw(6) << "RANK" << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
+  const bool groups = h.group_count > 1;
+  std::cout << std::left << std::setw(6) << "RANK" << (groups ? "GROUP " : "") << std::setw(9) << "STATUS" << std::setw(9) << "PID" << std::setw(6)
             << "GEN" << std::setw(12) << "PUBLISHED" << std::setw(12) << "APPLIED" << std::setw(12) << "RING"
             << std::setw(10) << "REJECTED" << std::setw(8) << "CLOCK" << std::setw(10) << "STALENESS"
             << std::setw(10) << "WAITED" << "HEARTBEAT\n";
@@ -101,7 +122,9 @@ void print_slots(const Segment& seg, const LockFile* slots, bool all) {
     const std::string status = slot_status(seg, r, slots);
     if (status == "free" && !all) continue;
     const std::uint64_t depth = load_acquire(seg.ring(r).tail) - load_acquire(seg.ring(r).head);
-    std::cout << std::left << std::setw(6) << r << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
+    std::cout << std::left << std::setw(6) << r;
+    if (groups) std::cout << std::setw(6) << seg.group_of(r);
+    std::cout << std::setw(9) << status << std::setw(9) << load_acquire(slot.pid)
               << std::setw(6) << load_acquire(slot.generation) << std::setw(12) << load_acquire(slot.published)
               << std::setw(12) << load_acquire(slot.applied) << std::setw(12) << human_bytes(depth) << std::setw(10)
               << load_counter(slot.pushes_rejected) << std::setw(8) << load_acquire(slot.clock) << std::setw(10)
@@ -176,7 +199,8 @@ int cmd_inspect(const std::string& name) {
             << "state        " << state_name(load_acquire(h.state)) << ", epoch " << load_acquire(h.server_epoch) << "\n"
             << "server       " << (server_alive ? "alive" : "not running") << ", pid " << load_acquire(h.server_pid)
             << ", heartbeat " << age(load_acquire(h.server_heartbeat_ns)) << " ago\n"
-            << "consistency  " << consistency_text(h) << "\n"
+            << "consistency  " << consistency_text(seg) << "\n"
+            << "groups       " << groups_text(seg) << "\n"
             << "optimizer    " << to_string(h.optimizer.kind) << " lr=" << h.optimizer.lr
             << " weight_decay=" << h.optimizer.weight_decay << " clip_value=" << h.optimizer.clip_value
             << " clip_norm=" << h.optimizer.clip_norm
@@ -302,8 +326,8 @@ int cmd_export(const std::string& name, const std::string& path) {
   std::map<std::string, std::string> metadata{
       {"shmps.segment", name},
       {"shmps.epoch", std::to_string(load_acquire(h.server_epoch))},
-      {"shmps.consistency", consistency_text(h)},
-      {"shmps.model_clock", std::to_string(load_acquire(h.model_clock))},
+      {"shmps.consistency", consistency_text(seg)},
+      {"shmps.model_clock", std::to_string(slowest_group_clock(seg))},
   };
   std::uint64_t bytes = 0;
   for (std::uint32_t i = 0; i < h.param_count; ++i) {

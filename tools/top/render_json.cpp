@@ -24,10 +24,25 @@ double decimal(float f) {
   return std::strtod(std::string(buf, end).c_str(), nullptr);
 }
 
+// [{"group", "first_rank", "ranks", "clock", "steps", "records", "discarded"}], group 0 first.
+json groups_json(const Sample& s) {
+  json groups = json::array();
+  for (std::size_t g = 0; g < s.groups.size(); ++g)
+    groups.push_back({{"group", g},
+                      {"first_rank", g * s.workers_per_group},
+                      {"ranks", std::min<std::uint64_t>(s.workers_per_group, s.max_workers - g * s.workers_per_group)},
+                      {"clock", s.groups[g].clock},
+                      {"steps", s.groups[g].steps},
+                      {"records", s.groups[g].records},
+                      {"discarded", s.groups[g].discarded}});
+  return groups;
+}
+
 json worker_json(const WorkerMetrics& w) {
   const SlotSample& s = w.now;
   return {
       {"rank", s.rank},
+      {"group", s.group},
       {"state", s.status},
       {"pid", s.pid},
       {"generation", s.generation},
@@ -123,6 +138,8 @@ std::string render_json(const Metrics& m) {
         {"on_worker_death", std::string(to_string(s.on_worker_death))},
         {"model_clock", s.model_clock},
         {"steps", s.steps}}},
+      {"workers_per_group", s.workers_per_group},
+      {"groups", groups_json(s)},
       {"optimizer",
        {{"kind", std::string(to_string(s.optimizer.kind))},
         {"lr", decimal(s.optimizer.lr)},

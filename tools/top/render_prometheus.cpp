@@ -118,7 +118,16 @@ std::string render_prometheus(const Metrics& m) {
               {"on_worker_death", std::string(to_string(s.on_worker_death))}},
              u(1)}});
   e.family("shmps_staleness_bound", "gauge", "SSP staleness bound, in clocks", one(u(s.staleness)));
-  e.family("shmps_model_clock", "gauge", "BSP: the step being collected", one(s.model_clock));
+  e.family("shmps_model_clock", "gauge", "BSP: the step the slowest worker group is collecting", one(s.model_clock));
+  {
+    std::vector<std::pair<Labels, Value>> clocks, steps;
+    for (std::size_t g = 0; g < s.groups.size(); ++g) {
+      clocks.push_back({Labels{{"segment", s.segment}, {"group", std::to_string(g)}}, Value(s.groups[g].clock)});
+      steps.push_back({Labels{{"segment", s.segment}, {"group", std::to_string(g)}}, Value(s.groups[g].steps)});
+    }
+    e.family("shmps_group_clock", "gauge", "BSP: the step each worker group is collecting", std::move(clocks));
+    e.family("shmps_group_steps_total", "counter", "BSP steps each worker group completed", std::move(steps));
+  }
   e.family("shmps_bsp_steps_total", "counter", "BSP steps completed", one(s.steps));
   e.family("shmps_optimizer_info", "gauge", "the server's optimizer (label kind), always 1",
            {{{{"segment", s.segment}, {"kind", std::string(to_string(s.optimizer.kind))}}, u(1)}});

@@ -25,11 +25,29 @@ std::vector<std::string> summary_lines(const Metrics& m) {
     server += ": waiting for a server to start (shmps-server --spec FILE)";
   }
   lines.push_back(server);
-  std::string job = "job         " + consistency_text(s) + ", model clock " + std::to_string(s.model_clock);
+  std::string job = "job         " + consistency_text(s) + (s.groups.size() > 1 ? ", slowest group clock " : ", model clock ") +
+                    std::to_string(s.model_clock);
   if (s.consistency == Consistency::bsp) job += ", " + std::to_string(s.steps) + " steps";
   job += "; optimizer " + std::string(to_string(s.optimizer.kind)) + " lr=" + general(s.optimizer.lr);
   job += "; workers " + std::to_string(m.workers_alive) + " alive of " + std::to_string(s.max_workers);
   lines.push_back(job);
+  if (s.groups.size() > 1) {
+    std::string groups = "groups      ";
+    groups += std::to_string(s.groups.size());
+    groups += " of ";
+    groups += std::to_string(s.workers_per_group);
+    groups += " workers:";
+    for (std::size_t g = 0; g < s.groups.size(); ++g) {
+      groups += g ? ", " : " ";
+      groups += std::to_string(g);
+      groups += " at clock ";
+      groups += std::to_string(s.groups[g].clock);
+      groups += " (";
+      groups += std::to_string(s.groups[g].steps);
+      groups += " steps)";
+    }
+    lines.push_back(groups);
+  }
   std::string apply = "apply       " + opt(m.records_per_s, human_count) + " pushes/s, " + opt(m.floats_per_s, human_count) +
                       " floats/s, busy " + opt(m.apply_busy_fraction, percent) + "; latency ";
   if (m.latency.p50_ns)

@@ -9,6 +9,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
@@ -81,7 +82,13 @@ Sample read_sample(const Segment& seg) {
   s.staleness = load_acquire(h.staleness);
   s.bsp_aggregate = static_cast<BspAggregate>(load_acquire(h.bsp_aggregate));
   s.on_worker_death = static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death));
-  s.model_clock = load_acquire(h.model_clock);
+  s.model_clock = slowest_group_clock(seg);
+  s.workers_per_group = h.workers_per_group;
+  s.groups.resize(h.group_count);
+  for (std::uint32_t g = 0; g < h.group_count; ++g) {
+    const GroupEntry& e = seg.group(g);
+    s.groups[g] = {load_acquire(e.clock), load_counter(e.steps), load_counter(e.records), load_counter(e.discarded)};
+  }
   s.steps = load_counter(h.steps);
   s.optimizer = h.optimizer;
   s.records_applied = load_counter(h.records_applied);
@@ -112,6 +119,7 @@ Sample read_sample(const Segment& seg) {
     const RingHeader& ring = seg.ring(r);
     SlotSample w;
     w.rank = r;
+    w.group = seg.group_of(r);
     w.status = tools::slot_status(seg, r, slots_lock.get());
     w.pid = load_acquire(slot.pid);
     w.generation = load_acquire(slot.generation);

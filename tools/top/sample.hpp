@@ -22,6 +22,7 @@ namespace shmps::top {
 
 struct SlotSample {
   unsigned rank = 0;
+  unsigned group = 0;  // its worker group (rank / workers_per_group)
   std::string status;  // free, alive, suspect, dead, left (as shmps-ctl workers says)
   std::int32_t pid = 0;
   std::uint64_t generation = 0;
@@ -92,8 +93,14 @@ struct Sample {
   std::uint32_t staleness = 0;
   BspAggregate bsp_aggregate = BspAggregate::sum;
   OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
-  std::uint64_t model_clock = 0;
+  std::uint64_t model_clock = 0;  // BSP: the slowest worker group's clock
   std::uint64_t steps = 0;
+  // Worker groups (GroupEntry): BSP steps and SSP bounds hold inside each.
+  struct Group {
+    std::uint64_t clock = 0, steps = 0, records = 0, discarded = 0;
+  };
+  std::uint32_t workers_per_group = 0;
+  std::vector<Group> groups;
   OptimizerSettings optimizer;
   std::uint64_t records_applied = 0;
   std::uint64_t floats_applied = 0;
