@@ -78,7 +78,7 @@ TEST(StreamedStep, TheRingsHoldLessThanAPushAndEveryStepIsTheExactSum) {
   for (int r = 0; r < 4; ++r) workers.push_back(&start_stepper(job, r, 4, 15));
   for (auto* w : workers) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 15u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 15u);
 }
 
 // A live switch out of BSP in the middle of a streamed step: the pushes already summed are
@@ -110,26 +110,26 @@ TEST_P(StreamedStepSwitch, ASwitchOutOfBspMidStepAppliesWhatWasSummedOnceAndLose
   // Step 0: rank 0's push of "w" (it streams: the ring holds less) is summed; rank 1 has not pushed.
   w0.push("w", std::vector<float>(n, 1.0f));
   ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.header().floats_applied) >= n; }));
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 0u);
   set("consistency=asp");
   if (kill) {
     EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
     job.start_server();
     job.wait_ready();
   }
-  ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.header().model_clock) == 1; }))
+  ASSERT_TRUE(wait_until([&] { return shm::load_acquire(seg.group(0).clock) == 1; }))
       << "the summed step was applied and the clocks moved past it";
   w1.wait_applied(w1.push("w", std::vector<float>(n, 2.0f)));
   expect_w(-3.0f, "rank 0's summed push and rank 1's, after the switch to ASP");
   // Back to BSP before either worker ended step 0: the job starts again at step 0.
   set("consistency=bsp");
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 0u);
   w0.push("w", std::vector<float>(n, 3.0f));
   w0.clock();
   w1.push("w", std::vector<float>(n, 3.0f));
   w1.clock();
   expect_w(-9.0f, "one more BSP step of both (its sums must not start from the old ones)");
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 1u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 1u);
 }
 
 INSTANTIATE_TEST_SUITE_P(KilledOrNot, StreamedStepSwitch, ::testing::Bool());
@@ -152,7 +152,7 @@ TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) 
   victim.kill(SIGKILL);
   victim.wait(10s);
   std::this_thread::sleep_for(500ms);  // the server proves the death; the step must not end without it
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 5u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 5u);
   {
     // What a waiting worker is told when its pull times out: the dead worker that holds the
     // step, and what to do about it.
@@ -172,7 +172,7 @@ TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) 
   auto& successor = start_stepper(job, 0, 3, 12);
   expect_finished(successor);
   for (auto* w : others) expect_finished(*w);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 12u);
 }
 
 // Killed between two chunks of the streamed push: the successor skips exactly the chunks its
@@ -190,7 +190,7 @@ TEST(StreamedStep, AWorkerKilledBetweenChunksIsFinishedByItsSuccessor) {
   expect_finished(successor);
   for (auto* w : others) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 10u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 10u);
 }
 
 // The server killed while it adds a chunk to a slice's sums, or while it copies a step's new
@@ -210,7 +210,7 @@ TEST_P(StreamedStepServerKill, TheNextServerAddsNoChunkTwiceAndAppliesNoStepTwic
   job.wait_ready();
   for (auto* w : workers) expect_finished(*w);
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 12u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 12u);
   for (std::uint32_t e = 0; e < seg.header().redo_count; ++e) EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u);
 }
 
@@ -245,7 +245,7 @@ TEST_P(StreamedStepBf16, AServerKilledMidApplyLeavesAdamWithBf16StateAsIfNeverKi
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   ASSERT_TRUE(seg.streams_bsp_steps());
   ASSERT_EQ(seg.header().optimizer.state_dtype, shmps::StateDType::bf16);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), std::uint64_t{kSteps});
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), std::uint64_t{kSteps});
   for (std::uint32_t e = 0; e < seg.header().redo_count; ++e) EXPECT_EQ(shm::load_acquire(seg.redo(e).valid), 0u);
   for (std::uint64_t s = 0; s < seg.header().slice_count; ++s) EXPECT_EQ(seg.slice(s).step, std::uint64_t{kSteps}) << s;
   const shmps::OptimizerSettings settings = seg.header().optimizer;

@@ -113,7 +113,7 @@ JobState capture(const std::string& name) {
                        shm::load_acquire(slot.consumed_clock), shm::load_acquire(slot.resume_clock),
                        std::vector<std::uint8_t>(blob, blob + shm::load_acquire(slot.resume_bytes))});
   }
-  s.model_clock = shm::load_acquire(h.model_clock);
+  s.model_clock = shm::load_acquire(seg.group(0).clock);
   s.epoch = shm::load_acquire(h.server_epoch);
   s.steps = shm::load_acquire(h.steps);
   s.records_applied = shm::load_acquire(h.records_applied);
@@ -123,7 +123,7 @@ JobState capture(const std::string& name) {
 
 std::uint64_t model_clock(const std::string& name) {
   auto seg = shm::Segment::open(name, shm::Access::read_only);
-  return shm::load_acquire(seg.header().model_clock);
+  return shm::load_acquire(seg.group(0).clock);
 }
 
 // The model's bytes (values, optimizer state, slice versions and steps) must be equal.
@@ -424,7 +424,7 @@ TEST(Checkpoint, TakenInTheMiddleOfAStreamedStepTheRestoredJobRepeatsTheStepOnce
     while (shm::load_acquire(seg.header().floats_applied) < n && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(2ms);
     ASSERT_GE(shm::load_acquire(seg.header().floats_applied), n) << "rank 0's push was not summed";
-    ASSERT_EQ(shm::load_acquire(seg.header().model_clock), 0u);
+    ASSERT_EQ(shm::load_acquire(seg.group(0).clock), 0u);
     const Ran made = run({"shmps-ctl", "checkpoint", job.name()});
     ASSERT_EQ(made.code, 0) << made.out << server.output();
     server.kill(SIGKILL);
@@ -453,7 +453,7 @@ TEST(Checkpoint, TakenInTheMiddleOfAStreamedStepTheRestoredJobRepeatsTheStepOnce
   for (std::size_t k = 0; k < n; ++k) wrong += w[k] != -3.0f ? 1 : 0;
   EXPECT_EQ(wrong, 0u) << "w[0] = " << w[0] << ", expected -3 (-4: the summed push counted twice; -2: the repeat skipped)";
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  EXPECT_EQ(shm::load_acquire(seg.header().model_clock), 1u);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 1u);
 }
 
 TEST(Checkpoint, GracefulStopAndPeriodicCheckpointsKeepTheNewestK) {

@@ -108,7 +108,7 @@ TEST(Bsp, EveryPullSeesExactlyTheSumOfAllEarlierStepsAndTwoRunsAgreeBitForBit) {
     expect_exact(result, 3, [](std::uint64_t, std::uint64_t k) { return k < 25; }, 25);
     auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
     EXPECT_EQ(shmps::shm::load_counter(seg.header().steps), 25u);
-    EXPECT_EQ(shmps::shm::load_acquire(seg.header().model_clock), 25u);
+    EXPECT_EQ(shmps::shm::load_acquire(seg.group(0).clock), 25u);
   }
   EXPECT_TRUE(runs[0] == runs[1]);
 }
@@ -181,7 +181,7 @@ TEST(Bsp, AWorkerWhoseDeathIsAwaitedIsReplacedAndTheStepCompletes) {
   std::this_thread::sleep_for(500ms);
   EXPECT_TRUE(ps[1]->running());
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
-  EXPECT_EQ(shmps::shm::load_acquire(seg.header().model_clock), 3u);
+  EXPECT_EQ(shmps::shm::load_acquire(seg.group(0).clock), 3u);
   // A new process takes slot 0: it enters at the current clock and the barrier moves on.
   shmps::Worker replacement(shmps::WorkerOptions{.segment = job.name(), .rank = 0});
   EXPECT_EQ(replacement.current_clock(), 3u);

@@ -106,5 +106,5 @@ TEST(ManyWorkers, SixteenBspWorkersSeeTheExactSumOfEveryEarlierStep) {
   for (auto* w : workers) EXPECT_EQ(w->wait(90s), 0) << w->output();
   auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
   EXPECT_EQ(shmps::shm::load_counter(seg.header().steps), static_cast<std::uint64_t>(kSteps));
-  EXPECT_EQ(shmps::shm::load_acquire(seg.header().model_clock), static_cast<std::uint64_t>(kSteps));
+  EXPECT_EQ(shmps::shm::load_acquire(seg.group(0).clock), static_cast<std::uint64_t>(kSteps));
 }

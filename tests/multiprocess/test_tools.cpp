@@ -652,7 +652,7 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
           auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
           if (state_of(seg) == static_cast<std::uint32_t>(shm::SegmentState::ready)) mapped = std::move(seg);
         }
-        if (mapped) clock = shm::load_acquire(mapped->header().model_clock);
+        if (mapped) clock = shm::load_acquire(mapped->group(0).clock);
       } catch (const shmps::Error&) {
       }
       std::this_thread::sleep_for(1ms);
@@ -666,8 +666,8 @@ TEST(Launch, TheTrainerInBspGivesBitIdenticalWeightsRunAfterRunAndAfterARestore)
     EXPECT_EQ(state_of(*mapped), kStopped) << log;
     EXPECT_GE(shm::load_acquire(h.checkpoints), 1u) << log;
     EXPECT_EQ(shm::load_acquire(h.checkpoint_failures), 0u) << log;
-    EXPECT_EQ(shm::load_acquire(h.last_checkpoint_clock), shm::load_acquire(h.model_clock)) << log;
-    EXPECT_GE(shm::load_acquire(h.model_clock), 40u) << log;
+    EXPECT_EQ(shm::load_acquire(h.last_checkpoint_clock), shm::load_acquire(mapped->group(0).clock)) << log;
+    EXPECT_GE(shm::load_acquire(mapped->group(0).clock), 40u) << log;
     std::size_t files = 0;
     for (const auto& e : std::filesystem::directory_iterator(dir)) files += e.path().extension() == ".safetensors";
     EXPECT_GE(files, 1u) << log;

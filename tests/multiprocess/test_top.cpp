@@ -408,7 +408,8 @@ TEST(Top, JsonSnapshotOfAJob) {
                              "apply", "checkpoints", "workers", "params"}));
   EXPECT_EQ(keys(doc["server"]), (Keys{"alive", "pid", "epoch", "started_unix_ns", "uptime_s", "heartbeat_age_s"}));
   EXPECT_EQ(keys(doc["job"]), (Keys{"state", "size_bytes", "layout_version", "created_unix_ns", "max_workers", "workers_alive",
-                                    "slices", "slice_bytes", "ring_bytes", "consistency", "optimizer"}));
+                                    "slices", "slice_bytes", "ring_bytes", "consistency", "workers_per_group", "groups",
+                                    "optimizer"}));
   EXPECT_EQ(keys(doc["job"]["consistency"]), (Keys{"mode", "staleness", "bsp_aggregate", "on_worker_death", "model_clock", "steps"}));
   EXPECT_EQ(keys(doc["job"]["optimizer"]), (Keys{"kind", "lr", "momentum", "weight_decay", "clip_value", "clip_norm", "state_dtype"}));
   EXPECT_EQ(keys(doc["apply"]), (Keys{"records_applied", "records_per_s", "floats_applied", "floats_per_s", "rounds",
@@ -439,7 +440,7 @@ TEST(Top, JsonSnapshotOfAJob) {
   EXPECT_TRUE(doc["checkpoints"]["last_age_s"].is_null());
 
   ASSERT_EQ(doc["workers"].size(), 4u);
-  const Keys worker_keys{"rank", "state", "pid", "generation", "clock", "pushes", "pushes_per_s", "push_bytes",
+  const Keys worker_keys{"rank", "group", "state", "pid", "generation", "clock", "pushes", "pushes_per_s", "push_bytes",
                          "push_bytes_per_s", "pulls", "pulls_per_s", "pull_bytes", "pull_bytes_per_s", "applied",
                          "pushes_rejected", "last_staleness", "max_staleness", "wait_ns", "wait_fraction",
                          "backpressure_ns", "backpressure_fraction", "heartbeat_age_s", "ring_depth_bytes",

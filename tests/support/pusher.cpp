@@ -35,6 +35,9 @@
 //       pattern gradients of (rank, step), sleeps X ms (the other workers end their steps
 //       meanwhile), checks the whole views against the copies again, and only then calls clock().
 //       The views must also keep their addresses from step to step. Prints "view_mismatches N".
+//   shmps-test-pusher group-steps --workers P --steps B [--check] [--slow-ms X] [--hang-at S]
+//                                 [--absent R:S]
+//       BSP in a job with worker groups: group_steps.cpp.
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
 #include <chrono>
 #include <cstdlib>
@@ -50,6 +53,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "group_steps.hpp"
 #include "pattern.hpp"
 
 int main(int argc, char** argv) {
@@ -347,6 +351,9 @@ int main(int argc, char** argv) {
                 << " view_mismatches " << mismatches << std::endl;
       return mismatches == 0 ? 0 : 1;
     }
+    if (mode == "group-steps")
+      return shmps::test::run_group_steps(w, {.workers = workers, .steps = steps, .slow_ms = slow_ms, .hang_at = hang_at,
+                                              .absent_rank = absent_rank, .absent_step = absent_step, .check = check});
     std::cerr << "unknown mode " << mode << "\n";
     return 2;
   } catch (const shmps::Error& e) {

@@ -349,7 +349,7 @@ TEST(Collect, StepWaitsForEveryWorkerThatCounts) {
   w0.clock(0);
   auto rings = consumers(m.segment);
   RoundPlan plan = begin_round(rings);
-  EXPECT_FALSE(server::collect_step(m.segment, rings, 0, plan)) << "rank 1 has not finished step 0";
+  EXPECT_FALSE(server::collect_step(m.segment, rings, 0, 0, plan)) << "rank 1 has not finished step 0";
   EXPECT_TRUE(plan.contributions.empty());
   EXPECT_EQ(plan.ranks[0].end, 0u) << "nothing is taken from an incomplete step";
   EXPECT_EQ(plan.records(), 0u);
@@ -358,7 +358,7 @@ TEST(Collect, StepWaitsForEveryWorkerThatCounts) {
   w1.clock(0);
   w0.push(0, 1000, 5.0f, 2);  // step 1 of rank 0, not finished: not part of step 0
   plan = begin_round(rings);
-  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, plan));
+  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, 0, plan));
   EXPECT_EQ(plan.ranks[0].records, 1u);
   EXPECT_EQ(plan.ranks[1].records, 1u);
   EXPECT_EQ(plan.ranks[0].last_seq, 1u);
@@ -381,7 +381,7 @@ TEST(Collect, StepDiscardsTheOpenGroupOfADeadGeneration) {
   w0.clock(0, 2);
   auto rings = consumers(m.segment);
   RoundPlan plan = begin_round(rings);
-  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, plan));
+  ASSERT_TRUE(server::collect_step(m.segment, rings, 0, 0, plan));
   EXPECT_EQ(plan.ranks[0].discarded, 1u);
   EXPECT_EQ(plan.ranks[0].records, 1u);
   EXPECT_EQ(plan.ranks[0].last_seq, 2u);

@@ -208,6 +208,7 @@ TEST(ModelSpec, Defaults) {
   EXPECT_EQ(spec.source, "<string>");
   EXPECT_EQ(spec.slice_bytes, 65536u);
   EXPECT_EQ(spec.max_workers, 16u);
+  EXPECT_EQ(spec.workers_per_group, 0u) << "one group of every worker";
   EXPECT_EQ(spec.ring_bytes, 0u);
   EXPECT_EQ(spec.server_threads, 0u);
   EXPECT_EQ(spec.consistency, Consistency::asp);
@@ -226,6 +227,19 @@ TEST(ModelSpec, PutInit) {
   EXPECT_EQ(spec.params[1].init.kind, InitSpec::Kind::put);
   EXPECT_EQ(initial_value(spec.params[0].init, 4), 0.0f) << "zeros until a worker puts the values";
   EXPECT_EQ(to_string(InitSpec::Kind::put), "put");
+}
+
+TEST(ModelSpec, WorkerGroups) {
+  const ModelSpec spec = parse_model_spec("name = \"m\"\nmax_workers = 8\nworkers_per_group = 2\n[optimizer]\nlr = 1\n"
+                                          "[[param]]\nname = \"w\"\nshape = [4]\n", "");
+  EXPECT_EQ(spec.workers_per_group, 2u);
+}
+
+TEST(ModelSpecErrors, WorkerGroupsLargerThanTheJob) {
+  EXPECT_SPEC_ERROR("name = \"m\"\nmax_workers = 4\nworkers_per_group = 5\n[optimizer]\nlr = 1\n", "spec.toml:3:21",
+                    "workers_per_group", "must be at most max_workers (4), got 5");
+  EXPECT_SPEC_ERROR("name = \"m\"\nworkers_per_group = -1\n[optimizer]\nlr = 1\n", "spec.toml:2:21", "workers_per_group",
+                    "(0 = every worker in one group)");
 }
 
 TEST(ModelSpec, PretrainedInit) {
@@ -360,7 +374,7 @@ TEST(ModelSpecErrors, UnknownTopLevelKey) {
 max_worker = 4
 )",
                     "spec.toml:2:1", "max_worker", "unknown key", "did you mean \"max_workers\"?",
-                    "valid keys: name, slice_bytes, max_workers, ring_bytes, server_threads, "
+                    "valid keys: name, slice_bytes, max_workers, workers_per_group, ring_bytes, server_threads, "
                     "consistency, bsp_aggregate, on_worker_death, optimizer, param");
 }
 
