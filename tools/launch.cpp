@@ -253,7 +253,9 @@ int main(int argc, char** argv) {
   std::string consistency, on_worker_death;
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
   app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
-  std::string ring_bytes, max_workers;
+  std::string ring_bytes, max_workers, workers_per_group;
+  app.add_option("--workers-per-group", workers_per_group,
+                 "workers in each worker group, for the server it starts (default: the spec's; 0 = one group)");
   app.add_option("--ring-bytes", ring_bytes, "bytes of each worker's push ring, for the server it starts (default: the spec's)");
   app.add_option("--max-workers", max_workers, "worker slots, for the server it starts (default: the spec's)");
   std::string checkpoint_dir, checkpoint_every, checkpoint_keep;
@@ -346,6 +348,7 @@ int main(int argc, char** argv) {
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
       if (!ring_bytes.empty()) args.insert(args.end(), {"--ring-bytes", ring_bytes});
       if (!max_workers.empty()) args.insert(args.end(), {"--max-workers", max_workers});
+      if (!workers_per_group.empty()) args.insert(args.end(), {"--workers-per-group", workers_per_group});
       if (!checkpoint_dir.empty()) args.insert(args.end(), {"--checkpoint-dir", checkpoint_dir});
       if (!checkpoint_every.empty()) args.insert(args.end(), {"--checkpoint-every", checkpoint_every});
       if (!checkpoint_keep.empty()) args.insert(args.end(), {"--keep", checkpoint_keep});
