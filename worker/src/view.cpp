@@ -1,9 +1,11 @@
 // Zero-copy reads (Worker::view): the values in the segment itself, after the same wait as a pull.
 //
 // Why a BSP view is a consistent snapshot without a copy: a worker at clock c reads only once
-// model_clock >= c, i.e. once step c-1 is applied whole (the server stores model_clock after the
-// last slice's copy and the clearing of its redo mark). The server then collects step c, and it
-// takes it only when every worker that counts has ended step c (collect_step.cpp); this worker
+// its worker group's clock >= c, i.e. once the group's step c-1 is applied whole (the server
+// stores the group clock after the last slice's copy and the clearing of its redo mark). The
+// server then collects the group's step c, and it takes it only when every worker of the group
+// that counts has ended step c (collect_step.cpp); with one group nothing else writes, and with
+// several the other groups' steps write under the view (Hogwild between groups). This worker
 // counts (attached, admitted: the wait includes the admission, and alive: it holds its lock
 // byte), so no value changes before its clock() or leave(). A server killed and restarted in
 // between replays only redo entries still marked valid, which belong to a step being applied,
