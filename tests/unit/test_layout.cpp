@@ -78,6 +78,44 @@ TEST(Layout, ImpossibleRequestsAreRefused) {
   EXPECT_THROW(plan_layout(r), shmps::Error);
 }
 
+// Worker groups: one 64-byte line per group, rounding up (rank r is in group r / K), and a group
+// table sized from the request, not from a fixed number.
+TEST(Layout, WorkerGroupsGetOneLineEachRoundingUp) {
+  LayoutRequest r = mlp_request();
+  const LayoutPlan one = plan_layout(r);
+  EXPECT_EQ(one.workers_per_group, 8u) << "0 means every worker in one group";
+  EXPECT_EQ(one.group_count, 1u);
+  r.workers_per_group = 3;
+  const LayoutPlan three = plan_layout(r);
+  EXPECT_EQ(three.workers_per_group, 3u);
+  EXPECT_EQ(three.group_count, 3u) << "8 ranks in groups of 3: 0..2, 3..5, 6..7";
+  EXPECT_EQ(three.groups_offset % kCacheLine, 0u);
+  EXPECT_EQ(sizeof(GroupEntry), kCacheLine);
+  EXPECT_GE(three.slots_offset - three.groups_offset, 3 * sizeof(GroupEntry));
+  r.workers_per_group = 9;
+  EXPECT_THROW(plan_layout(r), shmps::Error) << "a group larger than the job";
+}
+
+// Several BSP groups cannot stream their steps (one array of step sums), so a ring that cannot
+// hold a whole step is refused up front, naming the ring size that would do; one group streams.
+TEST(Layout, BspGroupsNeedRingsThatHoldAWholeStep) {
+  LayoutRequest r = mlp_request();
+  r.bsp = true;
+  r.ring_bytes = 1 << 16;  // far less than a step of the MLP (~800 KB)
+  EXPECT_NO_THROW(plan_layout(r)) << "one group streams its steps";
+  r.workers_per_group = 4;
+  try {
+    plan_layout(r);
+    ADD_FAILURE() << "two BSP groups with rings smaller than a step were accepted";
+  } catch (const shmps::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("worker groups needs rings that hold a whole step"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("set ring_bytes = "), std::string::npos) << e.what();
+  }
+  r.ring_bytes = 0;  // automatic: a BSP ring holds a whole step of this small model
+  EXPECT_NO_THROW(plan_layout(r));
+}
+
 TEST(Layout, FingerprintIsStableAndNonTrivial) {
   static_assert(kLayoutFingerprint != 0);
   constexpr std::uint64_t again = kLayoutFingerprint;
