@@ -28,11 +28,26 @@ inline std::uint64_t group_clock(const Segment& segment, std::uint32_t g) noexce
   return load_acquire(segment.group(g).clock);
 }
 
-// The slowest worker group's clock: every group has completed every step before it. With one
-// group it is that group's clock (what the monitor calls the model clock).
+// Whether any worker of group g counts: a group nobody has joined never steps, so it must not
+// hold back what is measured against every group.
+inline bool group_has_workers(const Segment& segment, std::uint32_t g) noexcept {
+  for (std::uint64_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r)
+    if (counts_for_group(segment.header(), segment.slot(r))) return true;
+  return false;
+}
+
+// The slowest clock among the worker groups that have workers: each of them has completed every
+// step before it. With no worker anywhere (a stopped job), the slowest of all groups, which is
+// safe to resume every group from. With one group it is that group's clock (what the monitor
+// calls the model clock).
 inline std::uint64_t slowest_group_clock(const Segment& segment) noexcept {
-  std::uint64_t slowest = UINT64_MAX;
-  for (std::uint32_t g = 0; g < segment.header().group_count; ++g) slowest = std::min(slowest, group_clock(segment, g));
+  std::uint64_t slowest_with_workers = UINT64_MAX, slowest = UINT64_MAX;
+  for (std::uint32_t g = 0; g < segment.header().group_count; ++g) {
+    const std::uint64_t clock = group_clock(segment, g);
+    slowest = std::min(slowest, clock);
+    if (group_has_workers(segment, g)) slowest_with_workers = std::min(slowest_with_workers, clock);
+  }
+  if (slowest_with_workers != UINT64_MAX) return slowest_with_workers;
   return slowest == UINT64_MAX ? 0 : slowest;
 }
 
