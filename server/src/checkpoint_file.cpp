@@ -168,6 +168,7 @@ std::map<std::string, std::string> metadata_of(const Snapshot& snap) {
       {"shmps.epoch", std::to_string(snap.epoch)},
       {"shmps.model_clock", std::to_string(snap.model_clock)},
       {"shmps.group_clocks", json(snap.group_clocks).dump()},
+      {"shmps.workers_per_group", std::to_string(snap.workers_per_group)},
       {"shmps.consistency", consistency_text(snap.consistency, snap.staleness)},
       {"shmps.bsp_aggregate", std::string(to_string(snap.bsp_aggregate))},
       {"shmps.on_worker_death", std::string(to_string(snap.on_worker_death))},
@@ -229,6 +230,13 @@ void read_settings(const std::filesystem::path& path, const std::map<std::string
     } catch (const std::exception& e) {
       fail(path, std::string("metadata \"shmps.group_clocks\": ") + e.what() + " (expected a list like [12, 9])");
     }
+  }
+  snap.workers_per_group = 0;
+  if (meta.count("shmps.workers_per_group") != 0) {
+    const std::uint64_t k = parse_u64(path, meta, "shmps.workers_per_group");
+    if (k > kMaxWorkersLimit)
+      fail(path, "metadata \"shmps.workers_per_group\": " + std::to_string(k) + " is more than any job's workers");
+    snap.workers_per_group = static_cast<std::uint32_t>(k);
   }
   if (auto p = parse_consistency(meta_string(path, meta, "shmps.consistency"), snap.consistency, snap.staleness); !p.empty())
     fail(path, "metadata \"shmps.consistency\": " + p);

@@ -61,11 +61,12 @@ void restore_into(Segment& segment, const Snapshot& snap) {
   const StateDType dtype = h.optimizer.state_dtype;
   h.optimizer = snap.optimizer;
   h.optimizer.state_dtype = dtype;
-  // Each worker group at its clock; a checkpoint of another grouping (or an older one) starts
-  // every group at the slowest group's clock.
+  // Each worker group at its clock; a checkpoint of another grouping (another group size, even
+  // with the same number of groups, or one that does not say) starts every group at the
+  // slowest group's clock.
+  const bool same_grouping = snap.workers_per_group == h.workers_per_group && snap.group_clocks.size() == h.group_count;
   for (std::uint32_t g = 0; g < h.group_count; ++g)
-    store_release(segment.group(g).clock,
-                  snap.group_clocks.size() == h.group_count ? snap.group_clocks[g] : snap.model_clock);
+    store_release(segment.group(g).clock, same_grouping ? snap.group_clocks[g] : snap.model_clock);
   store_release(h.consistency, static_cast<std::uint32_t>(snap.consistency));
   store_release(h.staleness, snap.staleness);
   store_release(h.bsp_aggregate, static_cast<std::uint32_t>(snap.bsp_aggregate));

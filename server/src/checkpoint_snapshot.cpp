@@ -51,6 +51,7 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
   out.taken_unix_ns = unix_ns();
   out.epoch = load_acquire(h.server_epoch);
   out.model_clock = slowest_group_clock(segment);
+  out.workers_per_group = h.workers_per_group;
   out.group_clocks.resize(h.group_count);
   for (std::uint32_t g = 0; g < h.group_count; ++g) out.group_clocks[g] = group_clock(segment, g);
   out.consistency = static_cast<Consistency>(load_acquire(h.consistency));

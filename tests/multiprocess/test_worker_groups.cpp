@@ -111,9 +111,22 @@ TEST(WorkerGroups, EachGroupStepsOnItsOwnAndAStuckWorkerHoldsOnlyItsGroup) {
   const auto made = shmps::test::run({"shmps-ctl", "checkpoint", job.name(), file.string()});
   ASSERT_EQ(made.code, 0) << made.out << server.output();
   const auto snapshot = shmps::server::read_checkpoint(file);
-  std::filesystem::remove(file);
   EXPECT_EQ(snapshot.group_clocks, (std::vector<std::uint64_t>{kSteps, 5, 0}));
+  EXPECT_EQ(snapshot.workers_per_group, 2u);
   EXPECT_EQ(snapshot.model_clock, 5u) << "the slowest clock of the groups with workers (group 2 has none)";
+  {
+    // Restored into another grouping with as many groups (7 slots in groups of 3): the clocks
+    // belong to other ranks there, so every group starts at the model clock.
+    std::string regrouped = spec("bsp", "kind = \"sgd\"\nlr = 1.0", "3");
+    regrouped.replace(regrouped.find("max_workers = 6"), 15, "max_workers = 7");
+    Job other("groups-regroup", regrouped);
+    auto& restored = other.start_server({"--restore", file.string()});
+    other.wait_ready();
+    auto seg3 = shm::Segment::open(other.name(), shm::Access::read_only);
+    ASSERT_EQ(seg3.header().group_count, 3u) << restored.output();
+    for (std::uint32_t g = 0; g < 3; ++g) EXPECT_EQ(clock_of(seg3, g), 5u) << "group " << g;
+  }
+  std::filesystem::remove(file);
 
   // The monitor and the inspector show the groups and their clocks.
   const auto inspect = shmps::test::run({"shmps-ctl", "inspect", job.name()});

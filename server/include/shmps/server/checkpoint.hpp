@@ -81,6 +81,7 @@ struct Snapshot {
   std::uint64_t epoch = 0;
   std::uint64_t model_clock = 0;           // the slowest group's clock
   std::vector<std::uint64_t> group_clocks;  // one per worker group (empty: every group at model_clock)
+  std::uint32_t workers_per_group = 0;      // the grouping group_clocks belong to (0: not recorded)
   Consistency consistency = Consistency::asp;
   std::uint32_t staleness = 0;
   BspAggregate bsp_aggregate = BspAggregate::sum;
