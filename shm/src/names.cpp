@@ -22,6 +22,9 @@ std::string segment_name_problem(std::string_view name) {
     return "segment name '" + std::string(name) + "' starts with '" + name.front() + "': start it with a letter or digit";
   if (name.size() >= 5 && name.substr(name.size() - 5) == ".lock")
     return "segment name '" + std::string(name) + "' ends in '.lock', which shmps keeps for its lock files: choose another name";
+  if (name.size() >= 5 && name.substr(name.size() - 5) == ".sync")
+    return "segment name '" + std::string(name) + "' ends in '.sync', which shmps keeps for the sync segments of server "
+           "groups: choose another name";
   return {};
 }
 
@@ -33,5 +36,8 @@ std::string shm_object_name(std::string_view name) { return std::string(kShmPref
 std::string segment_path(std::string_view name) { return std::string(kShmDir) + "/" + shm_object_name(name); }
 std::string server_lock_path(std::string_view name) { return segment_path(name) + ".server.lock"; }
 std::string slots_lock_path(std::string_view name) { return segment_path(name) + ".slots.lock"; }
+
+std::string replica_name(std::string_view job, std::uint32_t group) { return std::string(job) + ".g" + std::to_string(group); }
+std::string sync_segment_name(std::string_view job, std::uint32_t group) { return replica_name(job, group) + ".sync"; }
 
 }  // namespace shmps::shm

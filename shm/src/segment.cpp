@@ -95,6 +95,12 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                 std::to_string(request.max_workers) + "): a group cannot have more workers than the job has slots");
   if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
   if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
+  if (request.server_groups == 0 || request.server_groups > kMaxServerGroups)
+    throw Error("server_groups must be between 1 and " + std::to_string(kMaxServerGroups) + ", got " +
+                std::to_string(request.server_groups));
+  if (request.server_group >= request.server_groups)
+    throw Error("server group " + std::to_string(request.server_group) + " is not below server_groups " +
+                std::to_string(request.server_groups));
 
   LayoutPlan plan;
   plan.slice_floats = request.slice_bytes / sizeof(float);
@@ -107,6 +113,9 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     throw Error("unknown optimizer state dtype " + std::to_string(static_cast<std::uint32_t>(request.state_dtype)));
   const std::uint64_t state_elem = state_dtype_bytes(request.state_dtype);
   plan.redo_count = request.redo_entries;
+  plan.server_group = request.server_group;
+  plan.server_groups = request.server_groups;
+  const bool sync = request.server_groups > 1;
   std::uint64_t largest = 0;
   std::string largest_name;
   for (const auto& p : request.params) {
@@ -185,7 +194,8 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.redo_offset = offset;
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
                                   redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
-                                  request.state_arrays * plan.slice_floats * state_elem,
+                                  request.state_arrays * plan.slice_floats * state_elem +
+                                  (sync ? plan.slice_floats * sizeof(float) : 0),  // sync_take: the fresh values
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
@@ -231,6 +241,24 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     offset += values_bytes;
     last_region = values_bytes;
   }
+  // Server groups: per slice its sync state and the home's exactly-once row, then a slice's
+  // values at its last sync and its delta in flight, each laid out as the values are.
+  if (sync) {
+    offset = align_up(offset, 4096);
+    const std::uint64_t tables_start = offset;
+    plan.sync_offset = offset;
+    offset = align_up(offset + plan.slice_count * sizeof(SyncSlice), kCacheLine);
+    plan.sync_applied_offset = offset;
+    offset = align_up(offset + plan.slice_count * request.server_groups * sizeof(std::uint64_t), kCacheLine);
+    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    plan.sync_base_offset = offset;
+    offset += values_bytes;
+    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    plan.sync_sent_offset = offset;
+    offset += values_bytes;
+    plan.sync_bytes = offset - tables_start;
+    last_region = values_bytes;
+  }
   // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
   // where the file covers it whole).
   plan.total_bytes = last_region >= kBigRegionBytes ? align_up(offset, kHugePageBytes) : align_up(offset, 4096);
@@ -266,6 +294,17 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.groups_offset = h.groups_offset;
   plan.step_sums_offset = h.step_sums_offset;
   plan.step_sums_bytes = h.step_sums_bytes;
+  plan.server_group = h.server_group;
+  plan.server_groups = h.server_groups;
+  plan.sync_offset = h.sync_offset;
+  plan.sync_applied_offset = h.sync_applied_offset;
+  plan.sync_base_offset = h.sync_base_offset;
+  plan.sync_sent_offset = h.sync_sent_offset;
+  if (h.sync_offset != 0) {
+    std::uint64_t values_bytes = 0;
+    for (std::uint32_t i = 0; i < h.param_count; ++i) values_bytes += align_up(segment.param(i).size * sizeof(float), kCacheLine);
+    plan.sync_bytes = h.sync_sent_offset + values_bytes - h.sync_offset;
+  }
   for (std::uint32_t i = 0; i < h.param_count; ++i) plan.params.push_back(segment.param(i));
   return plan;
 }
@@ -460,6 +499,8 @@ bool Segment::exists(std::string_view name) {
 void Segment::remove(std::string_view name) {
   check_segment_name(name);
   bip::shared_memory_object::remove(shm_object_name(name).c_str());
+  // A server group's replica has a sync segment beside it (sync_segment.hpp; ".sync" is reserved).
+  bip::shared_memory_object::remove(shm_object_name(std::string(name) + ".sync").c_str());
   std::error_code ignored;
   std::filesystem::remove(server_lock_path(name), ignored);
   std::filesystem::remove(slots_lock_path(name), ignored);

@@ -46,7 +46,18 @@
 //   state_offset    +--------------------------------------------+
 //                   | optimizer state arrays, float32 or bf16     |  server only
 //                   |   (optimizer.state_dtype), 64-byte aligned  |
+//   sync_offset     +--------------------------------------------+  only in a replica of a job
+//                   | SyncSlice[slice_count]  home group, seqs    |  with server groups
+//                   | u64 sync_applied[slice_count][server_groups]|  (server_groups > 1):
+//                   |   home: last delta sequence added per origin|  server only
+//                   | float sync_base[values], sync_sent[values]  |
+//                   |   non-home slices: values at the last sync, |
+//                   |   and the delta in flight to the home group |
 //                   +--------------------------------------------+  total_bytes
+//
+// Server groups (SINGA's): one replica segment per group (<job>.g0, <job>.g1, ...), and one sync
+// segment per group (SyncSegmentHeader, below: <job>.g<k>.sync, written by servers only) that
+// carries its sync records to the other groups' servers.
 //
 // Rules (ARCHITECTURE.md): workers take no lock; a worker writes only its own slot's worker lines
 // and its own ring's records and tail; tools map the segment read-only. Everything here is
@@ -111,7 +122,12 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 6: put (RecordKind::put, ParamEntry::init_put, ParamStats::put_rank, WorkerSlot::put_refused_seq)
 // 7: worker groups (GroupEntry, SegmentHeader::workers_per_group; the header's model_clock is
 //    now each group's GroupEntry::clock)
-inline constexpr std::uint32_t kLayoutVersion = 7;
+// 8: server groups (SegmentHeader::server_group(s), sync tables and counters, SyncSlice,
+//    RedoTarget::sync_add / sync_take, RecordKind::sync_delta / sync_fresh, SyncSegmentHeader)
+inline constexpr std::uint32_t kLayoutVersion = 8;
+// The most server groups one job may have (each replica keeps one exactly-once entry per group
+// and slice; each sync segment one ring per group).
+inline constexpr std::uint32_t kMaxServerGroups = 64;
 inline constexpr std::size_t kMaxNameBytes = 64;  // including the terminating NUL
 inline constexpr std::size_t kMaxDims = 8;
 inline constexpr std::size_t kResumeBlobBytes = 1024;
@@ -290,6 +306,14 @@ struct SegmentHeader {
   std::uint32_t state_arrays;    // optimizer state arrays per parameter
   std::uint32_t group_count;     // ceil(max_workers / workers_per_group)
   std::uint64_t groups_offset;   // GroupEntry[group_count]
+  // Server groups (SINGA's): this segment is the replica of server group `server_group` of
+  // `server_groups` (1: no server groups, and the sync offsets below are 0).
+  std::uint32_t server_group;
+  std::uint32_t server_groups;
+  std::uint64_t sync_offset;          // SyncSlice[slice_count]
+  std::uint64_t sync_applied_offset;  // u64[slice_count][server_groups]: home's last delta seq added per origin
+  std::uint64_t sync_base_offset;     // float, laid out as the values: a slice's values at its last sync
+  std::uint64_t sync_sent_offset;     // float, laid out as the values: the delta in flight to the home group
 
   // Consistency policy (server writes, at a clock boundary; workers read before every pull).
   alignas(kCacheLine) std::atomic<std::uint32_t> consistency;  // Consistency
@@ -334,6 +358,19 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> last_checkpoint_duration_ns;
   std::atomic<std::uint64_t> last_checkpoint_clock;
 
+  // Server groups: the sync counters (server writes; tools read). sync_seq is the sequence
+  // number of this group's newest sync request (one per sync round, over all its servers'
+  // lives); a slice is in flight from sending its delta until the home group's fresh values
+  // for it are taken.
+  alignas(kCacheLine) std::atomic<std::uint64_t> sync_seq;
+  std::atomic<std::uint64_t> sync_rounds;      // sync rounds begun (each sends every changed non-home slice)
+  std::atomic<std::uint64_t> sync_sent;        // slice deltas sent to their home groups
+  std::atomic<std::uint64_t> sync_taken;       // fresh slices taken back from their home groups
+  std::atomic<std::uint64_t> sync_added;       // as home: deltas of other groups added
+  std::atomic<std::uint64_t> sync_duplicates;  // as home: deltas that were added before (a restart), answered only
+  std::atomic<std::uint64_t> sync_bytes;       // bytes of sync records sent (deltas and fresh values)
+  std::atomic<std::uint64_t> last_sync_unix_ns;  // when the last sync round had every answer back
+
   // Apply latency, push commit -> applied, sampled once per worker per round (the newest push a
   // round applies): a histogram with power-of-two buckets of nanoseconds. And the time the
   // server spent in rounds that applied something (its busy time). Server writes.
@@ -361,7 +398,8 @@ struct SegmentHeader {
   FIELD(rings_offset) FIELD(ring_stride) FIELD(values_offset) FIELD(state_offset) FIELD(redo_offset)             \
   FIELD(redo_stride) FIELD(redo_count) FIELD(workers_per_group) FIELD(param_stats_offset) FIELD(rejected_offset)        \
   FIELD(rejected_stride) FIELD(step_sums_offset) FIELD(step_sums_bytes) FIELD(optimizer) FIELD(state_arrays)   \
-  FIELD(group_count) FIELD(groups_offset) PAD(32)                                                                 \
+  FIELD(group_count) FIELD(groups_offset) FIELD(server_group) FIELD(server_groups) FIELD(sync_offset)          \
+  FIELD(sync_applied_offset) FIELD(sync_base_offset) FIELD(sync_sent_offset) PAD(56)                            \
   FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) PAD(48)                        \
   FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
   FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
@@ -370,6 +408,8 @@ struct SegmentHeader {
   FIELD(records_discarded) FIELD(steps) PAD(16)                                                                 \
   FIELD(checkpoints) FIELD(checkpoint_failures) FIELD(last_checkpoint_unix_ns) FIELD(last_checkpoint_duration_ns) \
   FIELD(last_checkpoint_clock) PAD(24)                                                                          \
+  FIELD(sync_seq) FIELD(sync_rounds) FIELD(sync_sent) FIELD(sync_taken) FIELD(sync_added) FIELD(sync_duplicates) \
+  FIELD(sync_bytes) FIELD(last_sync_unix_ns)                                                                     \
   FIELD(latency_buckets) FIELD(latency_samples) FIELD(apply_busy_ns) PAD(48)                                    \
   FIELD(mailbox_state) FIELD(mailbox_pid) FIELD(mailbox_claimed_ns) FIELD(mailbox_status) FIELD(mailbox_reserved) \
   FIELD(mailbox_request) FIELD(mailbox_reply) PAD(40)
@@ -422,6 +462,25 @@ struct alignas(kCacheLine) SliceEntry {
 };
 #define SHMPS_SLICE_ENTRY_FIELDS(FIELD, PAD) \
   FIELD(version) FIELD(clock) FIELD(param) FIELD(first) FIELD(count) FIELD(step) FIELD(value_sq_norm) FIELD(sum_step)
+
+// ---------------------------------------------------------------------------------------------
+// SyncSlice: one per slice in a replica of a job with server groups; server only (tools read).
+//
+// A slice's home group holds its true values; every other group applies its own workers'
+// pushes to its replica and, each sync round, sends the home the delta (values - sync_base)
+// with the round's sequence number, keeping the delta in sync_sent. The home adds it once
+// (sync_applied[slice][origin] < seq) and answers with its values F; the requester then sets
+// values = F + (values - sync_base - sync_sent) and sync_base = F (server/src/sync_engine.hpp).
+struct SyncSlice {
+  SHMPS_SHARED_IN_PLACE(SyncSlice);
+
+  std::uint32_t home;            // the slice's home server group (slices spread round-robin)
+  std::uint32_t reserved;
+  std::atomic<std::uint64_t> sent_seq;    // the sequence number of the delta in sync_sent (0: none yet)
+  std::atomic<std::uint64_t> synced_seq;  // the newest sequence number whose fresh values were taken
+  std::uint64_t clean_version;  // the slice's version word when its values last equalled sync_base + sync_sent
+};
+#define SHMPS_SYNC_SLICE_FIELDS(FIELD, PAD) FIELD(home) FIELD(reserved) FIELD(sent_seq) FIELD(synced_seq) FIELD(clean_version)
 
 // ---------------------------------------------------------------------------------------------
 // ParamStats: one per parameter, for the monitor; the server writes (its apply threads add).
@@ -483,7 +542,12 @@ struct alignas(kCacheLine) GroupEntry {
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
 //   no state; a chunked entry uses the first chunk of each array.
-enum class RedoTarget : std::uint32_t { values = 0, step_sums = 1 };
+//
+// Server groups: an entry whose target is sync_add (the home group adds a delta of group
+// `sync_origin` with sequence number `sync_seq`) carries the slice's new values; one whose
+// target is sync_take (the requester takes the home's fresh values F) carries the new values and,
+// after the state arrays, F (the slice's new sync_base). Both go in whole, under the seqlock.
+enum class RedoTarget : std::uint32_t { values = 0, step_sums = 1, sync_add = 2, sync_take = 3 };
 // How the entry's update is computed: copied in whole, or chunk by chunk from its inputs with one
 // optimizer step per input (each), one step with their sum or mean, or one step with the slice's
 // step sums times `scale` (sums).
@@ -501,7 +565,7 @@ struct alignas(kCacheLine) RedoEntry {
   std::uint64_t step_after;     // values: the slice's optimizer step count once the copy is done
   std::uint64_t clock_after;    // values of a streamed BSP step: the slice's clock after it (0: unchanged)
   std::uint64_t sum_step_after; // step sums: the slice's sum_step once the copy is done
-  std::uint64_t reserved;
+  std::uint64_t sync_seq;       // sync_add, sync_take: the delta's sequence number
   // Chunked apply (mode != whole): see above.
   RedoMode mode;
   std::uint32_t inputs;                 // RedoInputs in use
@@ -509,13 +573,13 @@ struct alignas(kCacheLine) RedoEntry {
   std::atomic<std::uint64_t> chunk_lo;  // the arrays hold elements [chunk_lo, chunk_lo + chunk_count), or kNoChunk
   std::uint64_t chunk_count;
   float scale;                          // mode sums: the factor on the step sums (1, or 1 / ranks)
-  std::uint32_t reserved1;
+  std::uint32_t sync_origin;            // sync_add: the server group the delta came from
   std::uint64_t reserved2[3];
 };
 #define SHMPS_REDO_ENTRY_FIELDS(FIELD, PAD) \
   FIELD(valid) FIELD(target) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(clock_after) \
-  FIELD(sum_step_after) FIELD(reserved) FIELD(mode) FIELD(inputs) FIELD(done) FIELD(chunk_lo) FIELD(chunk_count) \
-  FIELD(scale) FIELD(reserved1) FIELD(reserved2)
+  FIELD(sum_step_after) FIELD(sync_seq) FIELD(mode) FIELD(inputs) FIELD(done) FIELD(chunk_lo) FIELD(chunk_count) \
+  FIELD(scale) FIELD(sync_origin) FIELD(reserved2)
 
 // One input of a chunked update: the push record of worker `rank` with sequence number `seq`, at
 // byte `ring_offset` of that worker's ring data.
@@ -667,7 +731,11 @@ struct RingHeader {
 // worker's resume blob as its payload (`offset` holds its length in bytes), committed with the
 // end of the step it describes. padding: filler to the end.
 // put: the payload is values to set, not a gradient (Worker::put); numbered like a push.
-enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4 };
+//
+// Between servers (sync segments): sync_delta carries a slice's delta from group `generation`
+// to the slice's home group, sync_fresh the home's values back; `offset` is the slice index,
+// `count` its elements, `seq` the sync sequence number.
+enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4, sync_delta = 5, sync_fresh = 6 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
 // next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the
@@ -697,6 +765,33 @@ constexpr std::uint64_t record_bytes_for(std::uint64_t count) noexcept {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SyncSegmentHeader: the sync segment of server group `origin` (<job>.g<origin>.sync), which only
+// servers map. It holds one ring per server group (the one of `origin` itself unused): server
+// `origin` produces sync records into ring d (RingProducer) and server d consumes them
+// (RingConsumer): deltas to the slices' home groups, and fresh values back to requesters. The
+// records are PushRecords of kind sync_delta and sync_fresh; the rings are the workers' rings.
+//
+//   SyncSegmentHeader | per group: RingHeader + ring_bytes of records (ring_stride apart)
+struct alignas(kCacheLine) SyncSegmentHeader {
+  SHMPS_SHARED_IN_PLACE(SyncSegmentHeader);
+
+  std::uint64_t magic;           // kSyncMagic
+  std::uint32_t layout_version;  // kLayoutVersion
+  std::uint32_t server_groups;
+  std::uint64_t fingerprint;     // kLayoutFingerprint
+  std::uint64_t total_bytes;
+  std::uint64_t ring_bytes;
+  std::uint64_t ring_stride;
+  std::uint32_t origin;          // the server group that produces into its rings
+  std::atomic<std::uint32_t> state;  // SegmentState: "ready" once the rings are laid out
+  std::uint64_t rings_offset;
+};
+#define SHMPS_SYNC_SEGMENT_HEADER_FIELDS(FIELD, PAD)                                                       \
+  FIELD(magic) FIELD(layout_version) FIELD(server_groups) FIELD(fingerprint) FIELD(total_bytes) FIELD(ring_bytes) \
+  FIELD(ring_stride) FIELD(origin) FIELD(state) FIELD(rings_offset)
+inline constexpr std::uint64_t kSyncMagic = 0x3153594e53530a7fULL;  // "\x7f\nSSNYS1" little-endian
+
+// ---------------------------------------------------------------------------------------------
 // Static checks: sizes, alignment, standard layout.
 static_assert(std::is_standard_layout_v<SegmentHeader>);
 static_assert(std::is_standard_layout_v<ParamEntry>);
@@ -710,6 +805,8 @@ static_assert(sizeof(WorkerSlot) % kCacheLine == 0);
 static_assert(sizeof(RingHeader) == 3 * kCacheLine);
 static_assert(sizeof(PushRecord) == kCacheLine);
 static_assert(sizeof(RedoEntry) == 2 * kCacheLine);
+static_assert(sizeof(SyncSlice) == 32);
+static_assert(sizeof(SyncSegmentHeader) == kCacheLine);
 static_assert(sizeof(RedoInput) == 24);
 static_assert(sizeof(ParamStats) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
@@ -762,6 +859,8 @@ SHMPS_DESCRIBE_FIELDS(RedoInput, SHMPS_REDO_INPUT_FIELDS);
 SHMPS_DESCRIBE_FIELDS(WorkerSlot, SHMPS_WORKER_SLOT_FIELDS);
 SHMPS_DESCRIBE_FIELDS(RingHeader, SHMPS_RING_HEADER_FIELDS);
 SHMPS_DESCRIBE_FIELDS(PushRecord, SHMPS_PUSH_RECORD_FIELDS);
+SHMPS_DESCRIBE_FIELDS(SyncSlice, SHMPS_SYNC_SLICE_FIELDS);
+SHMPS_DESCRIBE_FIELDS(SyncSegmentHeader, SHMPS_SYNC_SEGMENT_HEADER_FIELDS);
 
 namespace detail {
 template <class... Types>
@@ -778,7 +877,7 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{__GNUC_MINOR__}})
     h = detail::fnv1a(h, v);
   h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, GroupEntry, RedoEntry, RedoInput,
-                                 WorkerSlot, RingHeader, PushRecord>(h);
+                                 WorkerSlot, RingHeader, PushRecord, SyncSlice, SyncSegmentHeader>(h);
   return detail::fnv1a_str(h, __VERSION__);
 }();
 

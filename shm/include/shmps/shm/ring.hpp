@@ -99,6 +99,12 @@ class RingConsumer {
   RingConsumer() = default;
   RingConsumer(RingHeader* header, const std::byte* data) noexcept
       : header_(header), data_(data), capacity_(header->capacity) {}
+  // A ring of a sync segment (sync_segment.hpp): its records are sync records, never a worker's.
+  static RingConsumer for_sync(RingHeader* header, const std::byte* data) noexcept {
+    RingConsumer c(header, data);
+    c.sync_ = true;
+    return c;
+  }
 
   // The head as its owner, the server, reads it back (it is the only writer).
   std::uint64_t head() const noexcept { return load_own(header_->head); }
@@ -119,8 +125,11 @@ class RingConsumer {
     return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
            r->record_bytes <= to_end && position + r->record_bytes <= end &&
            (r->kind == RecordKind::padding ||
-            ((r->kind == RecordKind::push || r->kind == RecordKind::put) && record_bytes_for(r->count) == r->record_bytes) ||
-            (r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
+            (!sync_ && (r->kind == RecordKind::push || r->kind == RecordKind::put) &&
+             record_bytes_for(r->count) == r->record_bytes) ||
+            (sync_ && (r->kind == RecordKind::sync_delta || r->kind == RecordKind::sync_fresh) &&
+             record_bytes_for(r->count) == r->record_bytes) ||
+            (!sync_ && r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
              r->offset <= r->count * sizeof(float) && r->offset <= kResumeBlobBytes));
   }
   // The one consumer walk over a ring (Aeron's read(handler)): calls
@@ -157,6 +166,7 @@ class RingConsumer {
   RingHeader* header_ = nullptr;
   const std::byte* data_ = nullptr;
   std::uint64_t capacity_ = 0;
+  bool sync_ = false;  // a sync segment's ring: sync records only
 };
 
 inline const float* record_payload(const PushRecord* record) noexcept {

@@ -36,6 +36,9 @@ struct LayoutRequest {
   std::uint32_t state_arrays = 0;
   StateDType state_dtype = StateDType::f32;  // how the state arrays are stored (bf16: 2 bytes an element)
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
+  // Server groups: this segment is the replica of group server_group of server_groups (1: none).
+  std::uint32_t server_group = 0;
+  std::uint32_t server_groups = 1;
 };
 
 // Where everything goes. Computed once by the server and stored in the header; plan_of() gives
@@ -56,6 +59,9 @@ struct LayoutPlan {
   std::uint64_t redo_offset = 0, redo_stride = 0;
   std::uint64_t param_stats_offset = 0, rejected_offset = 0, rejected_stride = 0, groups_offset = 0;
   std::uint64_t step_sums_offset = 0, step_sums_bytes = 0;  // 0: the rings hold a whole BSP step
+  std::uint32_t server_group = 0, server_groups = 1;
+  // Server groups: SyncSlice[], the home's exactly-once table, and the base and sent arrays (0: none).
+  std::uint64_t sync_offset = 0, sync_applied_offset = 0, sync_base_offset = 0, sync_sent_offset = 0, sync_bytes = 0;
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 
@@ -136,7 +142,8 @@ class Segment {
   static bool exists(std::string_view name);
   // Throws shmps::Error, saying what to do, if /dev/shm has no room for `total_bytes`.
   static void check_room(std::string_view name, std::uint64_t total_bytes);
-  // Removes the segment and its lock files (whoever still maps it keeps its mapping).
+  // Removes the segment, its lock files and, for a server group's replica, its sync segment
+  // (whoever still maps them keeps the mapping).
   static void remove(std::string_view name);
 
   Segment();
@@ -206,6 +213,27 @@ class Segment {
     return static_cast<std::uint32_t>(end < header().max_workers ? end : header().max_workers);
   }
 
+  // Server groups (SegmentHeader::server_groups > 1; SyncSlice in layout.hpp).
+  bool has_server_groups() const noexcept { return header().server_groups > 1; }
+  SyncSlice& sync_slice(std::uint64_t s) noexcept { return at<SyncSlice>(base_, header().sync_offset)[s]; }
+  const SyncSlice& sync_slice(std::uint64_t s) const noexcept { return at<SyncSlice>(base_, header().sync_offset)[s]; }
+  // The home group's exactly-once table: the last delta sequence number of group g added to slice s.
+  std::uint64_t& sync_applied(std::uint64_t s, std::uint64_t g) noexcept {
+    return at<std::uint64_t>(base_, header().sync_applied_offset)[s * header().server_groups + g];
+  }
+  std::uint64_t sync_applied(std::uint64_t s, std::uint64_t g) const noexcept {
+    return at<std::uint64_t>(base_, header().sync_applied_offset)[s * header().server_groups + g];
+  }
+  // A slice's values at its last sync, and its delta in flight, laid out as the values are.
+  float* sync_base(const ParamEntry& p) noexcept {
+    return at<float>(base_, header().sync_base_offset + (p.values_offset - header().values_offset));
+  }
+  const float* sync_base(const ParamEntry& p) const noexcept {
+    return at<float>(base_, header().sync_base_offset + (p.values_offset - header().values_offset));
+  }
+  float* sync_sent(const ParamEntry& p) noexcept {
+    return at<float>(base_, header().sync_sent_offset + (p.values_offset - header().values_offset));
+  }
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
   std::uint64_t* redo_last_applied(RedoEntry& e) noexcept { return reinterpret_cast<std::uint64_t*>(&e + 1); }
   RedoInput* redo_inputs(RedoEntry& e) noexcept {
@@ -221,6 +249,10 @@ class Segment {
            static_cast<std::uint64_t>(array) * header().slice_floats * state_elem_bytes();
   }
 
+  // A sync_take entry's fresh values (the slice's new sync_base), after the state arrays.
+  float* redo_sync_base(RedoEntry& e) noexcept {
+    return reinterpret_cast<float*>(redo_state(e, static_cast<int>(header().state_arrays)));
+  }
   // Index of the parameter called `name`, or -1.
   std::int64_t find_param(std::string_view name) const noexcept;
 
