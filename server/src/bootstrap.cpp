@@ -46,6 +46,8 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   // Groups change the layout (the group table); one group adds nothing, so older jobs keep their hash.
   if (plan.group_count > 1) mix(0x67700000ULL + plan.workers_per_group);
   mix(request.state_arrays);
+  // Server groups add the sync tables; none adds nothing.
+  if (plan.server_groups > 1) mix(0x5e7960000ULL + plan.server_groups);
   // The state dtype changes the layout; f32 adds nothing, so f32 segments keep their hash.
   if (request.state_dtype != StateDType::f32) mix(0x5d7e0000ULL + static_cast<std::uint64_t>(request.state_dtype));
   return h;
@@ -182,6 +184,12 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   h.rejected_stride = plan.rejected_stride;
   h.step_sums_offset = plan.step_sums_offset;
   h.step_sums_bytes = plan.step_sums_bytes;
+  h.server_group = plan.server_group;
+  h.server_groups = plan.server_groups;
+  h.sync_offset = plan.sync_offset;
+  h.sync_applied_offset = plan.sync_applied_offset;
+  h.sync_base_offset = plan.sync_base_offset;
+  h.sync_sent_offset = plan.sync_sent_offset;
   h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
   h.state_arrays = request.state_arrays;
@@ -189,6 +197,18 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   store_release(h.staleness, spec.staleness);
   store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
   store_release(h.on_worker_death, static_cast<std::uint32_t>(spec.on_worker_death));
+}
+
+// Server groups: every slice's home group (round-robin over the slices, SINGA's slice2group
+// spreading them evenly), and its sync base: the values every replica starts from (the spec's
+// initialisers are deterministic, and a restore gives each group the same file).
+void lay_out_sync_tables(Segment& segment) {
+  const SegmentHeader& h = segment.header();
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) segment.sync_slice(s).home = static_cast<std::uint32_t>(s % h.server_groups);
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    std::memcpy(segment.sync_base(p), segment.values(p), p.size * sizeof(float));
+  }
 }
 
 // The parameter and slice tables.
@@ -233,6 +253,7 @@ Segment create_segment(const ServerOptions& options, const LayoutRequest& reques
     restore_into(segment, *restore);
     if (options.override_policy) apply_spec_policy(segment, spec);
   }
+  if (segment.has_server_groups()) lay_out_sync_tables(segment);
   h.magic = kMagic;  // identity complete; "ready" is stored by announce_ready() after the epoch
   return segment;
 }
@@ -273,6 +294,8 @@ LayoutRequest layout_request(const ServerOptions& options) {
   request.bsp = spec.consistency == Consistency::bsp;
   request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
   request.state_dtype = spec.optimizer.state_dtype;
+  request.server_group = options.server_group;
+  request.server_groups = options.server_groups;
   // One redo entry per apply thread a server may ever use here (a later server with more
   // threads than that uses only as many).
   request.redo_entries = std::clamp<std::uint32_t>(

@@ -8,6 +8,7 @@
 
 #include "checkpoint_scheduler.hpp"
 #include "consistency.hpp"
+#include "sync_engine.hpp"
 
 namespace shmps::server {
 
@@ -24,6 +25,7 @@ void Commands::answer(int status, const std::string& reply) {
 bool Commands::waiting() const {
   if (checkpoints_->has_outcome()) return true;     // to be answered
   if (checkpoints_->request_open()) return false;  // being done
+  if (sync_ && sync_->full_sync_open()) return false;  // answered by poll() once done
   return mailbox::take_request(segment_->header()).has_value();
 }
 
@@ -34,11 +36,25 @@ void Commands::answer_checkpoint() {
 void Commands::poll() {
   answer_checkpoint();
   if (checkpoints_->request_open()) return;  // answered when the file is durable
+  if (sync_ && sync_->full_sync_open()) {
+    if (sync_->take_full_sync_done())
+      answer(0, "synced: every slice this group is not home of sent to its home group, and its values taken back "
+                "(sync round " + std::to_string(shm::load_counter(segment_->header().sync_seq)) + ")");
+    return;
+  }
   const SegmentHeader& h = segment_->header();
   const std::optional<std::string> request = mailbox::take_request(h);
   if (!request) return;
   const auto eq = request->find('=');
   const std::string key = request->substr(0, eq), value = eq == std::string::npos ? "" : request->substr(eq + 1);
+  if (key == "sync") {
+    if (!sync_)
+      answer(1, "segment '" + std::string(h.name) + "' has no server groups: there is nothing to sync (shmps-launch "
+                "--server-groups S starts a job with S of them)");
+    else
+      sync_->request_full_sync();  // answered once its answers are back
+    return;
+  }
   if (key == "checkpoint") {
     // "checkpoint" (into the checkpoint directory) or "checkpoint=/absolute/path".
     if (value.empty() && !checkpoints_->has_directory()) {

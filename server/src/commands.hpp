@@ -6,6 +6,8 @@
 //   bsp_aggregate=sum|mean         how a BSP step combines its workers' gradients
 //   on_worker_death=proceed|wait   whether barriers wait for a dead worker's slot to be retaken
 //   checkpoint[=/absolute/path]    a checkpoint now (checkpoint_scheduler.hpp), answered when durable
+//   sync                           server groups: a full sync round (sync_engine.hpp), answered
+//                                  when every answer of it is back
 #pragma once
 
 #include <string>
@@ -15,10 +17,12 @@
 namespace shmps::server {
 
 class CheckpointScheduler;
+class SyncEngine;
 
 class Commands {
  public:
-  Commands(shm::Segment& segment, CheckpointScheduler& checkpoints) : segment_(&segment), checkpoints_(&checkpoints) {}
+  Commands(shm::Segment& segment, CheckpointScheduler& checkpoints, SyncEngine* sync = nullptr)
+      : segment_(&segment), checkpoints_(&checkpoints), sync_(sync) {}
 
   // Answers a checkpoint request whose file is now durable (or failed); then does the request
   // waiting in the mailbox, if any, and answers it (a checkpoint is answered once durable, by a
@@ -36,6 +40,7 @@ class Commands {
   void answer(int status, const std::string& reply);
   shm::Segment* segment_;
   CheckpointScheduler* checkpoints_;
+  SyncEngine* sync_;  // null: no server groups
 };
 
 }  // namespace shmps::server

@@ -13,6 +13,7 @@
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
 #include <shmps/shm/memory.hpp>
+#include <shmps/shm/names.hpp>
 #include <shmps/shm/pages.hpp>
 
 namespace {
@@ -34,6 +35,8 @@ struct CommandLine {
   std::size_t keep = 3;
   std::uint64_t ring_bytes = 0;
   std::uint32_t max_workers = 0, workers_per_group = 0;
+  std::uint32_t server_groups = 1, server_group = 0;
+  std::string sync_every;
   bool plan_only = false;
 };
 
@@ -68,6 +71,14 @@ void add_options(CLI::App& app, CommandLine& cl) {
   app.add_option("--workers-per-group", cl.workers_per_group,
                  "workers per worker group: rank r is in group r / N; BSP and SSP hold inside each group, groups "
                  "run asynchronously (overrides the spec's workers_per_group; 0: one group)");
+  app.add_option("--server-groups", cl.server_groups,
+                 "server groups of the job (SINGA's): each serves its replica <name>.g<K> and syncs slices with "
+                 "the others (shmps-launch --server-groups starts them; default 1: none)")
+      ->check(CLI::Range(1U, shmps::shm::kMaxServerGroups));
+  app.add_option("--server-group", cl.server_group, "which server group this server serves, 0 to --server-groups - 1");
+  app.add_option("--sync-every", cl.sync_every,
+                 "server groups: how often this group sends its changed slices' deltas to their home groups, "
+                 "a period (100ms, 2s) or a number of applied pushes (50updates) (overrides the spec's sync_every)");
   app.add_flag("--plan", cl.plan_only,
                "print what the segment would cost, part by part, and whether huge pages are offered; create nothing");
   app.add_option("--log-level", cl.log_level, "trace, debug, info, warn, error")->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
@@ -126,6 +137,26 @@ void apply_overrides(const CLI::App& app, const CommandLine& cl, shmps::server::
     options.spec.workers_per_group = cl.workers_per_group;
     if (auto problem = shmps::server::validate_model_spec(options.spec); !problem.empty())
       throw shmps::Error("--workers-per-group: " + problem.substr(problem.find(':') + 2));
+  }
+  if (!cl.sync_every.empty()) {
+    if (auto problem = shmps::server::parse_sync_every(cl.sync_every, options.spec.sync_every); !problem.empty())
+      throw shmps::Error("--sync-every: " + problem);
+  }
+  if (cl.server_group >= cl.server_groups)
+    throw shmps::Error("--server-group " + std::to_string(cl.server_group) + " must be below --server-groups " +
+                       std::to_string(cl.server_groups) + " (groups are numbered from 0)");
+  if (cl.server_groups > 1) {
+    if (options.spec.consistency == shmps::Consistency::bsp && options.spec.workers_per_group != 0 &&
+        options.spec.workers_per_group < options.spec.max_workers)
+      throw shmps::Error("server groups in BSP need one worker group per server group (a server group writes synced "
+                         "values at its step boundary, which must be every worker's): drop workers_per_group, or run "
+                         "ASP or SSP");
+    options.job = options.spec.name;
+    options.server_group = cl.server_group;
+    options.server_groups = cl.server_groups;
+    options.spec.name = shmps::shm::replica_name(options.job, cl.server_group);
+    if (auto problem = shmps::server::validate_segment_name(options.spec.name); !problem.empty())
+      throw shmps::Error("--server-groups: the replica's name: " + problem);
   }
   options.threads = cl.threads;
 }

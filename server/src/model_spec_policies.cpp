@@ -55,3 +55,34 @@ std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out) {
 }
 
 }  // namespace shmps::server
+
+namespace shmps::server {
+
+std::string parse_sync_every(std::string_view text, SyncEvery& out) {
+  const std::string usage = "expected a period (\"100ms\", \"2s\", \"1m\") or a number of applied pushes (\"50updates\"), got \"" +
+                            std::string(text) + "\"";
+  std::size_t digits = 0;
+  std::uint64_t n = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') {
+    if (n > 1'000'000'000'000ULL) return "is too large: \"" + std::string(text) + "\"";
+    n = n * 10 + static_cast<std::uint64_t>(text[digits++] - '0');
+  }
+  if (digits == 0) return usage;
+  if (n == 0) return "must be more than 0, got \"" + std::string(text) + "\"";
+  const std::string_view unit = text.substr(digits);
+  SyncEvery every{std::chrono::milliseconds(0), 0};
+  if (unit == "updates" || unit == "update") every.updates = n;
+  else if (unit == "ms") every.period = std::chrono::milliseconds(n);
+  else if (unit == "s") every.period = std::chrono::milliseconds(n * 1000);
+  else if (unit == "m") every.period = std::chrono::milliseconds(n * 60'000);
+  else return usage;
+  out = every;
+  return {};
+}
+
+std::string sync_every_text(const SyncEvery& every) {
+  if (every.updates != 0) return std::to_string(every.updates) + "updates";
+  return std::to_string(every.period.count()) + "ms";
+}
+
+}  // namespace shmps::server

@@ -25,6 +25,28 @@ void copy_in(Segment& segment, RedoEntry& e) {
     slice.sum_step = e.sum_step_after;
     return;
   }
+  if (e.target == RedoTarget::sync_add || e.target == RedoTarget::sync_take) {
+    // Server groups (sync_engine.hpp): the slice's new values, and with them the home's
+    // exactly-once entry of the delta's origin (sync_add) or the requester's new sync base and
+    // sequence (sync_take), under the seqlock.
+    const std::uint64_t word = load_own(slice.version);
+    if ((word & 1U) == 0) seqlock_write_begin(slice.version);
+    float* values = segment.values(p) + slice.first;
+    const std::uint64_t half = e.count / 2;
+    std::memcpy(values, segment.redo_values(e), half * sizeof(float));
+    kill_point(e.target == RedoTarget::sync_add ? "sync.mid_add" : "sync.mid_take");
+    std::memcpy(values + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+    SyncSlice& sync = segment.sync_slice(e.slice);
+    if (e.target == RedoTarget::sync_add) {
+      segment.sync_applied(e.slice, e.sync_origin) = e.sync_seq;
+    } else {
+      std::memcpy(segment.sync_base(p) + slice.first, segment.redo_sync_base(e), e.count * sizeof(float));
+      sync.clean_version = e.version_after;
+      store_release(sync.synced_seq, e.sync_seq);
+    }
+    store_release(slice.version, e.version_after);
+    return;
+  }
   const int arrays = static_cast<int>(segment.header().state_arrays);
   const std::uint64_t half = e.count / 2;
   const std::uint64_t word = load_own(slice.version);

@@ -9,6 +9,7 @@
 //   metrics.hpp               what the monitor sees besides counters
 //   commands.hpp              shmps-ctl's requests (the mailbox)
 //   checkpoint_scheduler.hpp  when to write checkpoints, in the background
+//   sync_engine.hpp           server groups: deltas to the slices' home groups, fresh values back
 //   idle.hpp                  sleeping on the server's futex word when there is nothing to do
 #include "shmps/server/server.hpp"
 
@@ -22,6 +23,7 @@
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/proc.hpp>
 #include <shmps/shm/ring.hpp>
+#include <shmps/shm/sync_segment.hpp>
 
 #include "apply.hpp"
 #include "apply_put.hpp"
@@ -35,6 +37,7 @@
 #include "metrics.hpp"
 #include "publish.hpp"
 #include "round.hpp"
+#include "sync_engine.hpp"
 
 namespace shmps::server {
 
@@ -51,6 +54,7 @@ struct Server::Impl {
   std::optional<Metrics> metrics;
   std::optional<CheckpointScheduler> checkpoints;
   std::optional<Commands> commands;
+  std::optional<SyncEngine> sync;  // server groups only
   std::atomic<bool> stop_requested{false};
   // The step sums may hold part of a step that a switch out of BSP left (consistency.hpp,
   // apply_step_sums_left_by_a_switch): looked at in the first round after each switch, and the first round.
@@ -67,7 +71,16 @@ struct Server::Impl {
   bool work_waiting() const {
     for (std::size_t r = 0; r < rings.size(); ++r)
       if (rings[r].committed() != plan.ranks[r].seen_tail) return true;
-    return commands->waiting();
+    return commands->waiting() || (sync && sync->busy());
+  }
+  // Server groups: whether synced values may be written now. In BSP a step's values must stay
+  // as its workers view them, so only while no worker counts (between jobs' phases, at the end);
+  // the step boundary itself is handled in apply_round.
+  bool sync_may_write() const {
+    if (load_own(boot.segment.header().consistency) != static_cast<std::uint32_t>(Consistency::bsp)) return true;
+    for (std::uint32_t r = 0; r < boot.segment.header().max_workers; ++r)
+      if (membership->counts(r)) return false;
+    return true;
   }
   void log_ready() {
     const SegmentHeader& h = header();
@@ -109,7 +122,14 @@ void Server::start() {
   s.metrics.emplace(segment);
   s.checkpoints.emplace(segment, *s.boot.arena, std::move(s.boot.checkpoint_dir), s.options.checkpoint_every,
                         s.options.keep);
-  s.commands.emplace(segment, *s.checkpoints);
+  if (s.options.server_groups > 1) {
+    const std::uint64_t ring_bytes = SyncSegment::ring_bytes_for(segment.header().slice_floats);
+    s.sync.emplace(segment,
+                   make_shm_sync_transport(s.options.job, s.options.server_group, s.options.server_groups, ring_bytes,
+                                           s.options.mode),
+                   s.options.spec.sync_every);
+  }
+  s.commands.emplace(segment, *s.checkpoints, s.sync ? &*s.sync : nullptr);
 
   announce_ready(segment);
   s.membership->probe_deaths();
@@ -170,12 +190,22 @@ std::uint64_t Server::apply_round() {
     result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
   }
   result.totals.floats += put_floats;
+  // Server groups in BSP: synced values go in at the step boundary, before the new step's clock
+  // lets the workers read.
+  if (step_complete && s.sync) s.sync->receive();
   result.step_advanced = step_complete && complete_step(segment, group, step, s.plan);
   const std::uint64_t taken = publish_round(segment, s.rings, s.plan, result, *s.metrics);
-  if (const std::uint64_t discarded = s.plan.discarded())
-    spdlog::warn("event=step_discarded segment={} group={} step={} records={} reason=\"their worker died before finishing "
-                 "the step\"",
-                 s.header().name, group, step, discarded);
+  if (const std::uint64_t discarded = s.plan.discarded()) {
+    // The group and step are known only when the round completed one; pushes of a dead worker's
+    // open step found in front of a put are discarded in any round.
+    if (step_complete)
+      spdlog::warn("event=step_discarded segment={} group={} step={} records={} reason=\"their worker died before "
+                   "finishing the step\"",
+                   s.header().name, group, step, discarded);
+    else
+      spdlog::warn("event=step_discarded segment={} records={} reason=\"their worker died before finishing its step\"",
+                   s.header().name, discarded);
+  }
   return taken + (result.step_advanced ? 1 : 0);
 }
 
@@ -194,7 +224,8 @@ void Server::run() {
       s.membership->probe_deaths();
       next_liveness = now + s.options.liveness_interval;
     }
-    const std::uint64_t applied = apply_round();
+    std::uint64_t applied = apply_round();
+    if (s.sync && s.sync->tick(s.sync_may_write())) ++applied;
     s.checkpoints->tick();
     if (applied) {
       idle = false;

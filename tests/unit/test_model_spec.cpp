@@ -242,6 +242,29 @@ TEST(ModelSpecErrors, WorkerGroupsLargerThanTheJob) {
                     "(0 = every worker in one group)");
 }
 
+TEST(ModelSpec, SyncEveryIsAPeriodOrANumberOfUpdates) {
+  const auto parse = [](const std::string& every) {
+    return parse_model_spec("name = \"m\"\nsync_every = \"" + every + "\"\n[optimizer]\nlr = 1\n"
+                            "[[param]]\nname = \"w\"\nshape = [4]\n", "");
+  };
+  const ModelSpec fallback = parse_model_spec("name = \"m\"\n[optimizer]\nlr = 1\n[[param]]\nname = \"w\"\nshape = [4]\n", "");
+  EXPECT_EQ(fallback.sync_every.period, std::chrono::milliseconds(100));
+  EXPECT_EQ(fallback.sync_every.updates, 0u);
+  EXPECT_EQ(parse("250ms").sync_every.period, std::chrono::milliseconds(250));
+  EXPECT_EQ(parse("2s").sync_every.period, std::chrono::milliseconds(2000));
+  const ModelSpec by_updates = parse("50updates");
+  EXPECT_EQ(by_updates.sync_every.updates, 50u);
+  EXPECT_EQ(by_updates.sync_every.period, std::chrono::milliseconds(0));
+  EXPECT_EQ(sync_every_text(by_updates.sync_every), "50updates");
+}
+
+TEST(ModelSpecErrors, SyncEveryNeedsAUnit) {
+  EXPECT_SPEC_ERROR("name = \"m\"\nsync_every = \"100\"\n[optimizer]\nlr = 1\n", "spec.toml:2:14", "sync_every",
+                    "expected a period (\"100ms\", \"2s\", \"1m\") or a number of applied pushes (\"50updates\")");
+  EXPECT_SPEC_ERROR("name = \"m\"\nsync_every = \"0ms\"\n[optimizer]\nlr = 1\n", "spec.toml:2:14", "sync_every",
+                    "must be more than 0");
+}
+
 TEST(ModelSpec, PretrainedInit) {
   const ModelSpec spec = parse_model_spec(R"(name = "m"
 [optimizer]
@@ -375,7 +398,7 @@ max_worker = 4
 )",
                     "spec.toml:2:1", "max_worker", "unknown key", "did you mean \"max_workers\"?",
                     "valid keys: name, slice_bytes, max_workers, workers_per_group, ring_bytes, server_threads, "
-                    "consistency, bsp_aggregate, on_worker_death, optimizer, param");
+                    "consistency, bsp_aggregate, on_worker_death, sync_every, optimizer, param");
 }
 
 TEST(ModelSpecErrors, UnknownOptimizerKey) {

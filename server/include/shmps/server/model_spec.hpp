@@ -29,6 +29,11 @@
 //   on_worker_death = "proceed"  # optional. When a worker's death is proven, BSP barriers and
 //                           #   SSP bounds go on without it ("proceed"), or wait until a process
 //                           #   takes its slot again ("wait").
+//   sync_every = "100ms"    # optional, default "100ms". Server groups (shmps-launch
+//                           #   --server-groups): how often a group sends the deltas of its
+//                           #   changed slices to their home groups: a period ("100ms", "2s") or
+//                           #   a number of applied pushes ("50updates"). In BSP a group's
+//                           #   writes of synced values wait for its next step boundary.
 //
 //   [optimizer]             # required (lr has no default)
 //   kind = "sgd"            # optional, default "sgd". sgd | momentum | nesterov | adagrad |
@@ -84,6 +89,7 @@
 // ---------------------------------------------------------------------------------------------
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <stdexcept>
@@ -128,6 +134,12 @@ inline float initial_value(const InitSpec& init, std::uint64_t k) noexcept {
   return 0.0f;
 }
 
+// Server groups: when a group sends its deltas to the slices' home groups (sync_every).
+struct SyncEvery {
+  std::chrono::milliseconds period{100};  // 0: not by time
+  std::uint64_t updates = 0;              // 0: not by updates: sync after this many applied pushes
+};
+
 struct ParamSpec {
   std::string name;
   std::vector<std::uint64_t> shape;
@@ -146,6 +158,7 @@ struct ModelSpec {
   std::uint32_t staleness = 0;  // ssp only
   BspAggregate bsp_aggregate = BspAggregate::sum;
   OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
+  SyncEvery sync_every;
   OptimizerSettings optimizer;
   std::vector<ParamSpec> params;
   std::string source;  // file path or "<string>", for messages
@@ -192,6 +205,9 @@ std::string parse_consistency(std::string_view text, Consistency& mode, std::uin
 std::string parse_bsp_aggregate(std::string_view text, BspAggregate& out);
 // "proceed" | "wait"
 std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out);
+// "100ms", "2s", "1m" (a period) | "50updates" (applied pushes). Shared by the spec and --sync-every.
+std::string parse_sync_every(std::string_view text, SyncEvery& out);
+std::string sync_every_text(const SyncEvery& every);
 
 // Edit distance between two names, ignoring ASCII case: how "did you mean ...?" suggestions
 // rank candidates (the spec parser's keys, a pretrained file's tensor names).

@@ -40,6 +40,13 @@ struct ServerOptions {
   // Restore the job from this checkpoint file instead of initialising it from the spec. Refused
   // when the segment exists (its state is newer than any file).
   std::filesystem::path restore;
+
+  // Server groups (SINGA's; server/src/sync_engine.hpp): this server serves group server_group
+  // of server_groups of job `job`; its segment (spec.name) is the group's replica,
+  // shm::replica_name(job, server_group). server_groups = 1: no server groups.
+  std::string job;
+  std::uint32_t server_group = 0;
+  std::uint32_t server_groups = 1;
 };
 
 // The layout a server started with these options gives a new segment (Server::start() creates
