@@ -7,7 +7,10 @@
 //                                  on_worker_death of a live job, through the server
 //   shmps-ctl export NAME FILE     every parameter to a safetensors file, from the live job
 //   shmps-ctl checkpoint NAME [FILE]  a full checkpoint by the live server (into its
-//                                  --checkpoint-dir, or FILE); returns once the file is durable
+//                                  --checkpoint-dir, or FILE); returns once the file is durable.
+//                                  For a job with server groups (NAME.g0, ...): synced first,
+//                                  then one file from group 0's replica
+//   shmps-ctl sync NAME            server groups: make every replica of job NAME equal
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
@@ -46,6 +49,7 @@
 #include <shmps/shm/segment.hpp>
 
 #include "status.hpp"  // holder, state_name, slot_status (shared with shmps-top)
+#include "sync_job.hpp"
 
 using namespace shmps;
 using namespace shmps::shm;
@@ -60,6 +64,12 @@ std::string age(std::uint64_t then_ns) {
   std::ostringstream out;
   out << std::fixed << std::setprecision(1) << static_cast<double>(now - then_ns) / 1e9 << "s";
   return out.str();
+}
+
+std::string seconds(std::uint64_t ns);
+std::string age_unix(std::uint64_t then_unix_ns) {
+  const std::uint64_t now = unix_ns();
+  return seconds(then_unix_ns > now ? 0 : now - then_unix_ns);
 }
 
 std::string seconds(std::uint64_t ns) {
@@ -139,6 +149,7 @@ int cmd_list() {
     const std::string file = entry.path().filename().string();
     if (file.rfind(kShmPrefix, 0) != 0 || file.size() <= kShmPrefix.size()) continue;
     if (file.size() >= 5 && file.substr(file.size() - 5) == ".lock") continue;
+    if (file.size() >= 5 && file.substr(file.size() - 5) == ".sync") continue;  // a server group's sync segment
     names.push_back(file.substr(kShmPrefix.size()));
   }
   std::sort(names.begin(), names.end());
@@ -180,7 +191,32 @@ int cmd_list() {
   return 0;
 }
 
+// Server groups: which group this replica is, how many slices it is home of, and its sync state.
+std::string server_groups_text(const Segment& seg) {
+  const SegmentHeader& h = seg.header();
+  if (!seg.has_server_groups()) return {};
+  std::uint64_t homed = 0, in_flight = 0;
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) {
+    const SyncSlice& sync = seg.sync_slice(s);
+    homed += sync.home == h.server_group;
+    in_flight += load_acquire(sync.sent_seq) > load_acquire(sync.synced_seq);
+  }
+  const std::uint64_t last = load_acquire(h.last_sync_unix_ns);
+  std::ostringstream out;
+  out << "server group " << h.server_group << " of " << h.server_groups << ", home of " << homed << " of " << h.slice_count
+      << " slices (slice s is homed at group s mod " << h.server_groups << ")\n"
+      << "sync         round " << load_counter(h.sync_seq) << ", " << load_counter(h.sync_sent) << " deltas sent, "
+      << load_counter(h.sync_taken) << " answers taken, " << in_flight << " in flight; as home: "
+      << load_counter(h.sync_added) << " deltas added, " << load_counter(h.sync_duplicates) << " duplicates answered; "
+      << human_bytes(load_counter(h.sync_bytes)) << " sent; last complete round "
+      << (last == 0 ? std::string("never") : age_unix(last) + " ago") << "\n";
+  return out.str();
+}
+
 int cmd_inspect(const std::string& name) {
+  if (!Segment::exists(name) && tools::server_groups_of(name) > 1)
+    throw Error("'" + name + "' is a job with " + std::to_string(tools::server_groups_of(name)) +
+                " server groups: inspect one of its replicas, e.g. shmps-ctl inspect " + replica_name(name, 0));
   Segment seg = Segment::open(name, Access::read_only);
   const auto& h = seg.header();
   if (load_acquire(h.state) == static_cast<std::uint32_t>(SegmentState::creating)) {
@@ -201,6 +237,7 @@ int cmd_inspect(const std::string& name) {
             << ", heartbeat " << age(load_acquire(h.server_heartbeat_ns)) << " ago\n"
             << "consistency  " << consistency_text(seg) << "\n"
             << "groups       " << groups_text(seg) << "\n"
+            << server_groups_text(seg)
             << "optimizer    " << to_string(h.optimizer.kind) << " lr=" << h.optimizer.lr
             << " weight_decay=" << h.optimizer.weight_decay << " clip_value=" << h.optimizer.clip_value
             << " clip_norm=" << h.optimizer.clip_norm
@@ -236,6 +273,13 @@ int cmd_inspect(const std::string& name) {
     }
     std::cout << std::left << std::setw(param_width) << param_names[i] << std::setw(shape_width) << shapes[i] << std::setw(12)
               << p.size << std::setw(8) << p.slice_count << lo << ".." << hi;
+    // Server groups: each slice's home group (SINGA's slice2group), e.g. "homes 0,1,0,1".
+    if (seg.has_server_groups()) {
+      std::cout << "  homes ";
+      const std::uint64_t shown = std::min<std::uint64_t>(p.slice_count, 16);
+      for (std::uint64_t k = 0; k < shown; ++k) std::cout << (k ? "," : "") << seg.sync_slice(p.first_slice + k).home;
+      if (shown < p.slice_count) std::cout << ",... (" << p.slice_count << " slices)";
+    }
     // Put (Worker::put): who put it; init = "put" and nobody yet: pulls of it wait.
     if (const std::uint64_t put_rank = load_acquire(seg.param_stats(i).put_rank); put_rank != 0)
       std::cout << "  put by worker " << put_rank - 1;
@@ -294,8 +338,30 @@ int cmd_set(const std::string& name, const std::string& setting) {
   return 0;
 }
 
-// Asks the live server for a checkpoint and returns once the file is durable (or failed).
-int cmd_checkpoint(const std::string& name, const std::string& path) {
+// Server groups: every replica of job `job` made equal (sync_job.hpp).
+int cmd_sync(const std::string& job) {
+  const std::uint32_t groups = tools::server_groups_of(job);
+  if (groups < 2) {
+    if (Segment::exists(job))
+      throw Error("segment '" + job + "' has no server groups: there is nothing to sync (shmps-launch --server-groups S "
+                  "starts a job with S of them)");
+    throw Error("no job '" + job + "' with server groups here (no segment " + replica_name(job, 0) +
+                "): see `shmps-ctl list`");
+  }
+  std::cout << tools::sync_job(job, groups, std::chrono::seconds(60)) << "\n";
+  return 0;
+}
+
+// Asks the live server for a checkpoint and returns once the file is durable (or failed). A job
+// with server groups is synced first, and its checkpoint is group 0's replica: one file, which
+// a restore gives every group.
+int cmd_checkpoint(std::string name, const std::string& path) {
+  if (!Segment::exists(name)) {
+    if (const std::uint32_t groups = tools::server_groups_of(name); groups > 1) {
+      std::cout << tools::sync_job(name, groups, std::chrono::seconds(60)) << "\n";
+      name = replica_name(name, 0);
+    }
+  }
   std::string request = "checkpoint";
   if (!path.empty()) {
     std::error_code ec;
@@ -407,6 +473,9 @@ int main(int argc, char** argv) {
                                                "state, clocks, worker resume state); returns once it is durable");
   ckpt->add_option("name", name, "segment name")->required();
   ckpt->add_option("file", out_path, "output file (default: the next file in the server's --checkpoint-dir)");
+  auto* sync = app.add_subcommand("sync", "server groups: make every replica of a job equal (each group sends its "
+                                          "updates home and takes the homes' values back)");
+  sync->add_option("name", name, "job name (its replicas are NAME.g0, NAME.g1, ...)")->required();
   auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
   destroy->add_option("name", name, "segment name")->required();
   destroy->add_flag("--force", force, "remove it even while its server is alive");
@@ -418,6 +487,7 @@ int main(int argc, char** argv) {
     if (set->parsed()) return cmd_set(name, setting);
     if (exp->parsed()) return cmd_export(name, out_path);
     if (ckpt->parsed()) return cmd_checkpoint(name, out_path);
+    if (sync->parsed()) return cmd_sync(name);
     if (destroy->parsed()) return cmd_destroy(name, force);
   } catch (const Error& e) {
     std::cerr << "shmps-ctl: error: " << e.what() << "\n";

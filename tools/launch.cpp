@@ -12,6 +12,11 @@
 // that dies is started again with the same rank (it resumes from its slot), at most K times per
 // rank; after that the job stops. Exits non-zero if any worker failed for good. Options it does
 // not know, before `--`, are passed on to the worker program.
+//
+// With --server-groups S it starts S servers, one per server group, each with its replica
+// <name>.g<k>; rank r works with group r mod S (as its slot r / S, with SHMPS_GLOBAL_RANK = r).
+// A server that dies is started again (it resumes from its replica). When the workers are done
+// it syncs the groups (every replica then holds the same values) before --after and the stop.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/prctl.h>
@@ -38,6 +43,8 @@
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/segment.hpp>
+
+#include "sync_job.hpp"
 
 using namespace shmps;
 
@@ -264,6 +271,17 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-every", checkpoint_every, "30s, 5m or 100clocks: between checkpoints (with --checkpoint-dir)");
   app.add_option("--checkpoint-keep", checkpoint_keep, "checkpoints to keep in --checkpoint-dir (server's --keep; default 3)");
   app.add_flag("--keep", keep, "keep the segment (and its values) when the job ends");
+  std::uint32_t server_groups = 1;
+  std::string sync_every, restore;
+  app.add_option("--server-groups", server_groups,
+                 "server groups (SINGA's): S servers, each with its replica <name>.g<k> that syncs slices with the "
+                 "others; rank r works with group r mod S (default 1)")
+      ->check(CLI::Range(1U, shm::kMaxServerGroups));
+  app.add_option("--sync-every", sync_every,
+                 "server groups: how often a group sends its updates to the slices' home groups, 100ms or 50updates "
+                 "(default: the spec's sync_every)");
+  app.add_option("--restore", restore, "start the server(s) from this checkpoint (every server group from the same file)")
+      ->check(CLI::ExistingFile);
   int max_restarts = 0;
   bool chaos = false;
   double chaos_after = 1.5;
@@ -307,9 +325,11 @@ int main(int argc, char** argv) {
         slots = std::strtoull(max_workers.c_str(), &end, 10);
         if (*end != '\0' || max_workers.empty()) throw Error("--max-workers: not a number: '" + max_workers + "'");
       }
-      if (static_cast<std::uint64_t>(workers) > slots)
+      const std::uint64_t per_group = (static_cast<std::uint64_t>(workers) + server_groups - 1) / server_groups;
+      if (per_group > slots)
         throw Error("--workers " + std::to_string(workers) + " is more than the " + std::to_string(slots) +
                     " worker slots of " + (max_workers.empty() ? spec_path : "--max-workers") +
+                    (server_groups > 1 ? " in each of the " + std::to_string(server_groups) + " server groups" : "") +
                     ": raise max_workers, or start fewer workers");
     }
     if (name.empty()) throw Error("no segment: give --spec FILE (to start a server) or --name NAME (to join one)");
@@ -337,12 +357,46 @@ int main(int argc, char** argv) {
     if (const char* outer = std::getenv("PYTHONPATH"); outer && *outer)
       python_path = python_path.empty() ? outer : python_path + ":" + outer;
 
+    if (server_groups > 1 && !checkpoint_dir.empty())
+      throw Error("--checkpoint-dir with --server-groups: a job with server groups is checkpointed as one file after a "
+                  "sync, with `shmps-ctl checkpoint " + name + " FILE`, and restored with --restore FILE");
+    // The segment of server group g: the job's own, or the group's replica.
+    const auto segment_of = [&](std::uint32_t g) { return server_groups > 1 ? shm::replica_name(name, g) : name; };
+    const auto server_label = [&](std::uint32_t g) { return server_groups > 1 ? "server" + std::to_string(g) : std::string("server"); };
     Launcher launcher;
-    Child* server = nullptr;
-    if (!server_alive(name)) {
+    std::vector<Child*> servers(server_groups, nullptr);  // the servers this launcher started
+    std::vector<int> server_restarts(server_groups, 0);
+    std::vector<std::vector<std::string>> server_args(server_groups);
+    const auto start_and_wait = [&](std::uint32_t g) {
+      const std::string seg_name = segment_of(g);
+      Child* server = &launcher.spawn(server_label(g), server_args[g], {});
+      servers[g] = server;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (!segment_ready(seg_name) || !server_alive(seg_name)) {
+        launcher.pump(std::chrono::milliseconds(20));
+        if (!launcher.running(*server))
+          throw Error("the server " + describe(launcher.wait(*server, std::chrono::milliseconds(0))) +
+                      " before the segment was ready (its messages are above)");
+        if (launcher.interrupted() || std::chrono::steady_clock::now() > deadline) {
+          launcher.signal(*server, SIGTERM);
+          launcher.wait(*server, std::chrono::seconds(10));
+          throw Error(launcher.interrupted() ? "interrupted while the server was starting"
+                                             : "the server did not make segment '" + seg_name + "' ready within 60 s");
+        }
+      }
+    };
+    for (std::uint32_t g = 0; g < server_groups; ++g) {
+      if (server_alive(segment_of(g))) {
+        std::cout << "shmps-launch: joining the running server of segment '" << segment_of(g) << "'\n";
+        continue;
+      }
       if (spec_path.empty())
-        throw Error("no server is running for segment '" + name + "': give --spec FILE so that shmps-launch starts one");
+        throw Error("no server is running for segment '" + segment_of(g) + "': give --spec FILE so that shmps-launch starts one");
       std::vector<std::string> args{resolve("shmps-server"), "--spec", spec_path, "--name", name};
+      if (server_groups > 1)
+        args.insert(args.end(), {"--server-groups", std::to_string(server_groups), "--server-group", std::to_string(g)});
+      if (!sync_every.empty()) args.insert(args.end(), {"--sync-every", sync_every});
+      if (!restore.empty() && !shm::Segment::exists(segment_of(g))) args.insert(args.end(), {"--restore", restore});
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
       if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
@@ -353,39 +407,28 @@ int main(int argc, char** argv) {
       if (!checkpoint_every.empty()) args.insert(args.end(), {"--checkpoint-every", checkpoint_every});
       if (!checkpoint_keep.empty()) args.insert(args.end(), {"--keep", checkpoint_keep});
       if (!keep) args.push_back("--remove-on-stop");
-      server = &launcher.spawn("server", args, {});
-      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-      while (!segment_ready(name) || !server_alive(name)) {
-        launcher.pump(std::chrono::milliseconds(20));
-        if (!launcher.running(*server))
-          throw Error("the server " + describe(launcher.wait(*server, std::chrono::milliseconds(0))) +
-                      " before the segment was ready (its messages are above)");
-        if (launcher.interrupted() || std::chrono::steady_clock::now() > deadline) {
-          launcher.signal(*server, SIGTERM);
-          launcher.wait(*server, std::chrono::seconds(10));
-          throw Error(launcher.interrupted() ? "interrupted while the server was starting"
-                                             : "the server did not make segment '" + name + "' ready within 60 s");
-        }
-      }
-    } else {
-      std::cout << "shmps-launch: joining the running server of segment '" << name << "'\n";
+      server_args[g] = std::move(args);
+      start_and_wait(g);
     }
+    const bool started_servers = servers[0] != nullptr;
 
     // The segment, mapped read-only before any worker starts: its slot count (a joined job's spec
     // is not read), and for --chaos the victim's published count, which the clock counts from:
     // its first push (a joined job's slot may hold an earlier process's pushes).
-    const shm::Segment watched = shm::Segment::open(name, shm::Access::read_only);
-    if (static_cast<std::uint64_t>(workers) > watched.header().max_workers)
+    const auto group_of_rank = [&](int r) { return static_cast<std::uint32_t>(r) % server_groups; };
+    const auto slot_of_rank = [&](int r) { return static_cast<std::uint32_t>(r) / server_groups; };
+    const shm::Segment watched = shm::Segment::open(segment_of(group_of_rank(workers - 1)), shm::Access::read_only);
+    if (slot_of_rank(workers - 1) >= watched.header().max_workers)
       throw Error("--workers " + std::to_string(workers) + " is more than the " +
-                  std::to_string(watched.header().max_workers) + " worker slots of segment '" + name +
+                  std::to_string(watched.header().max_workers) + " worker slots of segment '" + watched.name() +
                   "': start fewer workers, or a job with more slots");
-    const auto victim_published = [&] {
-      return shm::load_acquire(watched.slot(static_cast<std::uint32_t>(workers - 1)).published);
-    };
+    const auto victim_published = [&] { return shm::load_acquire(watched.slot(slot_of_rank(workers - 1)).published); };
     const std::uint64_t published_at_start = victim_published();
     std::optional<std::chrono::steady_clock::time_point> victim_first_push;
 
-    std::cout << "shmps-launch: segment '" << name << "' ready; starting " << workers << " worker"
+    std::cout << "shmps-launch: segment '" << name << "'"
+              << (server_groups > 1 ? " (" + std::to_string(server_groups) + " server groups: " + segment_of(0) + " ...)" : "")
+              << " ready; starting " << workers << " worker"
               << (workers == 1 ? "" : "s") << ":";
     for (int r = 0; r < workers; ++r)
       if (r == 0 || programs[static_cast<std::size_t>(r)][0] != programs[static_cast<std::size_t>(r) - 1][0])
@@ -394,9 +437,13 @@ int main(int argc, char** argv) {
     std::cout << "\n";
     if (chaos) max_restarts = std::max(max_restarts, 1);
     auto start_worker = [&](int r) {
-      std::vector<std::pair<std::string, std::string>> env{{"SHMPS_SEGMENT", name},
-                                                           {"SHMPS_RANK", std::to_string(r)},
+      std::vector<std::pair<std::string, std::string>> env{{"SHMPS_SEGMENT", segment_of(group_of_rank(r))},
+                                                           {"SHMPS_RANK", std::to_string(slot_of_rank(r))},
                                                            {"SHMPS_WORLD_SIZE", std::to_string(workers)}};
+      if (server_groups > 1) {
+        env.emplace_back("SHMPS_GLOBAL_RANK", std::to_string(r));  // the rank in the whole job (data shards)
+        env.emplace_back("SHMPS_SERVER_GROUP", std::to_string(group_of_rank(r)));
+      }
       if (!python_path.empty()) env.emplace_back("PYTHONPATH", python_path);
       return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env);
     };
@@ -452,22 +499,42 @@ int main(int argc, char** argv) {
           }
         }
       }
-      if (server && !launcher.running(*server) && any_running && !stopping) {
-        std::cerr << "shmps-launch: the server " << describe(*server->status) << "; stopping the job\n";
+      for (std::uint32_t g = 0; g < server_groups; ++g) {
+        Child* server = servers[g];
+        if (!server || launcher.running(*server) || !any_running || stopping) continue;
+        if (server_groups > 1 && server_restarts[g] < 10 && !launcher.interrupted()) {
+          // A server group's server resumes from its replica; its peers and workers wait for it.
+          ++server_restarts[g];
+          std::cout << "shmps-launch: the server of group " << g << " " << describe(*server->status)
+                    << "; starting it again (restart " << server_restarts[g] << " of 10)" << std::endl;
+          try {
+            start_and_wait(g);
+          } catch (const Error& e) {
+            std::cerr << "shmps-launch: " << e.what() << "; stopping the job\n";
+            failed = true;
+          }
+          continue;
+        }
+        std::cerr << "shmps-launch: the server" << (server_groups > 1 ? " of group " + std::to_string(g) : "") << " "
+                  << describe(*server->status) << "; stopping the job\n";
         failed = true;
       }
       if ((failed || launcher.interrupted()) && !stopping) {
         stopping = true;
-        if (launcher.interrupted() && server && launcher.running(*server)) {
+        const bool servers_running =
+            std::all_of(servers.begin(), servers.end(), [&](Child* c) { return c && launcher.running(*c); });
+        if (launcher.interrupted() && servers_running) {
           // Stop the job where it stands: freeze the workers, let the server apply what is
           // whole and write its last checkpoint, then end the workers. Ending them first would
           // let the server see them die one by one; with on_worker_death = "proceed" a BSP step
           // could then complete without the worker that died first, and a restore from that
           // checkpoint would not continue the run exactly. A frozen worker is alive to the server.
           for (Child* c : ranks) launcher.signal(*c, SIGSTOP);
-          launcher.signal(*server, SIGTERM);
-          const int status = launcher.wait(*server, std::chrono::seconds(30));
-          if (!succeeded(status)) std::cerr << "shmps-launch: the server " << describe(status) << "\n";
+          for (Child* server : servers) launcher.signal(*server, SIGTERM);
+          for (Child* server : servers) {
+            const int status = launcher.wait(*server, std::chrono::seconds(30));
+            if (!succeeded(status)) std::cerr << "shmps-launch: the " << server->label << " " << describe(status) << "\n";
+          }
           for (Child* c : ranks) {
             launcher.signal(*c, SIGTERM);
             launcher.signal(*c, SIGCONT);
@@ -480,9 +547,18 @@ int main(int argc, char** argv) {
     }
     for (Child* c : ranks) launcher.wait(*c, std::chrono::seconds(10));
 
+    // Server groups: every replica made equal (each group's updates home, the homes' values back).
+    if (server_groups > 1 && !failed && !launcher.interrupted()) {
+      try {
+        std::cout << "shmps-launch: " << tools::sync_job(name, server_groups, std::chrono::seconds(120)) << std::endl;
+      } catch (const Error& e) {
+        std::cerr << "shmps-launch: the final sync failed: " << e.what() << "\n";
+        failed = true;
+      }
+    }
     if (!failed && !launcher.interrupted() && !after.empty()) {
       Child& post = launcher.spawn("after", {"/bin/sh", "-c", after},
-                                   {{"SHMPS_SEGMENT", name}, {"PATH", self_dir() + ":" + (getenv("PATH") ? getenv("PATH") : "")}});
+                                   {{"SHMPS_SEGMENT", segment_of(0)}, {"PATH", self_dir() + ":" + (getenv("PATH") ? getenv("PATH") : "")}});
       // No time limit, but Ctrl-C and SIGTERM stop it (it is in its own process group, so the
       // terminal's signal does not reach it by itself).
       while (launcher.running(post)) {
@@ -498,17 +574,20 @@ int main(int argc, char** argv) {
         failed = true;
       }
     }
-    if (server && launcher.running(*server)) {
-      launcher.signal(*server, SIGTERM);
+    for (Child* server : servers)
+      if (server && launcher.running(*server)) launcher.signal(*server, SIGTERM);
+    for (Child* server : servers) {
+      if (!server || !launcher.running(*server)) continue;
       const int status = launcher.wait(*server, std::chrono::seconds(30));
       if (!succeeded(status)) {
-        std::cerr << "shmps-launch: the server " << describe(status) << "\n";
+        std::cerr << "shmps-launch: the " << server->label << " " << describe(status) << "\n";
         failed = true;
       }
     }
     if (launcher.interrupted()) return 128 + launcher.interrupted();
     if (failed) return 1;
-    std::cout << "shmps-launch: job finished" << (server && !keep ? "; segment removed" : "") << "\n";
+    std::cout << "shmps-launch: job finished"
+              << (started_servers && !keep ? (server_groups > 1 ? "; segments removed" : "; segment removed") : "") << "\n";
     return 0;
   } catch (const server::SpecError& e) {
     std::cerr << "shmps-launch: error: " << e.what() << "\n";

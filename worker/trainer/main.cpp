@@ -313,6 +313,16 @@ int main(int argc, char** argv) {
                          std::to_string(sched.workers) + "; pass --workers (or set SHMPS_WORLD_SIZE)");
     }
     sched.rank = static_cast<std::uint64_t>(w.rank());
+    // Server groups (shmps-launch --server-groups): the slot is the rank within the worker's
+    // group's replica; the data shard follows the rank in the whole job.
+    if (const char* global = std::getenv("SHMPS_GLOBAL_RANK"); global != nullptr && *global != '\0' && rank < 0) {
+      char* end = nullptr;
+      const unsigned long long g = std::strtoull(global, &end, 10);
+      if (*end != '\0' || g >= sched.workers)
+        throw shmps::Error(std::string("SHMPS_GLOBAL_RANK='") + global + "' is not a rank below the number of workers " +
+                           std::to_string(sched.workers));
+      sched.rank = g;
+    }
     if (!consistency.empty() && consistency != w.consistency())
       throw shmps::Error("--consistency " + consistency + " asked, but the job runs " + w.consistency() +
                          " (set it on the server: shmps-server --consistency, or shmps-ctl set " + w.segment() +
