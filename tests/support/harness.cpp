@@ -1,5 +1,6 @@
 #include "harness.hpp"
 
+#include <algorithm>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -76,6 +77,14 @@ void remove_segment(const std::string& name) {
   std::filesystem::remove(shm::segment_path(name), ec);
   std::filesystem::remove(shm::server_lock_path(name), ec);
   std::filesystem::remove(shm::slots_lock_path(name), ec);
+  // A job with server groups: its replicas (<name>.g<k>) and their sync segments.
+  for (std::uint32_t g = 0; g < 8; ++g) {
+    const std::string replica = name + ".g" + std::to_string(g);
+    std::filesystem::remove(shm::segment_path(replica), ec);
+    std::filesystem::remove(shm::segment_path(replica + ".sync"), ec);
+    std::filesystem::remove(shm::server_lock_path(replica), ec);
+    std::filesystem::remove(shm::slots_lock_path(replica), ec);
+  }
 }
 
 Process::Process(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env) {
@@ -185,32 +194,39 @@ Process& Job::start_server(std::vector<std::string> extra_args, std::vector<std:
 
 void Job::wait_ready(std::chrono::milliseconds timeout) {
   if (server_ == nullptr) FAIL() << "wait_ready() before start_server()";
+  wait_segment_ready(name_, *server_, epoch_before_server_, timeout);
+}
+
+std::uint64_t server_epoch_of(const std::string& segment) { return epoch_of(segment); }
+
+void wait_segment_ready(const std::string& name, Process& server, std::uint64_t epoch_before,
+                        std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::string seen = "no segment";  // what the segment said last, for the failure message
   while (std::chrono::steady_clock::now() < deadline) {
     try {
-      if (shm::Segment::exists(name_)) {
+      if (shm::Segment::exists(name)) {
         // Re-mapped on every try: the server may still be creating (or recreating) the file.
-        const auto seg = shm::Segment::open(name_, shm::Access::read_only);
+        const auto seg = shm::Segment::open(name, shm::Access::read_only);
         const auto& h = seg.header();
         const std::uint32_t state = shm::load_acquire(h.state);
         const pid_t pid = shm::load_acquire(h.server_pid);
         const std::uint64_t epoch = shm::load_acquire(h.server_epoch);
         // The server stores its pid, then the new epoch, then "ready", last.
-        if (state == kReady && pid == server_->pid() && epoch > epoch_before_server_) return;
+        if (state == kReady && pid == server.pid() && epoch > epoch_before) return;
         seen = "state " + std::to_string(state) + ", server_pid " + std::to_string(pid) + ", server_epoch " +
-               std::to_string(epoch) + " (before this server: " + std::to_string(epoch_before_server_) + ")";
+               std::to_string(epoch) + " (before this server: " + std::to_string(epoch_before) + ")";
       }
     } catch (const Error& e) {
       seen = e.what();
     }
-    if (!server_->running()) {
-      FAIL() << "the server exited before the segment was ready:\n" << server_->output();
+    if (!server.running()) {
+      FAIL() << "the server exited before the segment was ready:\n" << server.output();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  FAIL() << "segment " << name_ << " not ready for server pid " << server_->pid() << " within " << timeout.count()
-         << " ms; the segment said: " << seen << "\nserver output:\n" << server_->output();
+  FAIL() << "segment " << name << " not ready for server pid " << server.pid() << " within " << timeout.count()
+         << " ms; the segment said: " << seen << "\nserver output:\n" << server.output();
 }
 
 std::optional<shm::Segment> map_when_ready(const std::string& name, Process& owner, std::chrono::milliseconds timeout) {
@@ -239,7 +255,9 @@ std::optional<shm::Segment> map_when_ready(const std::string& name, Process& own
 }
 
 Process& Job::start(std::vector<std::string> argv, std::vector<std::pair<std::string, std::string>> env) {
-  env.emplace_back("SHMPS_SEGMENT", name_);
+  // The job's segment, unless the caller names one (a server group's replica).
+  if (std::none_of(env.begin(), env.end(), [](const auto& kv) { return kv.first == "SHMPS_SEGMENT"; }))
+    env.emplace_back("SHMPS_SEGMENT", name_);
   processes_.push_back(std::make_unique<Process>(std::move(argv), std::move(env)));
   return *processes_.back();
 }

@@ -98,7 +98,15 @@ class Watchdog {
   std::shared_ptr<State> state_;
 };
 
-// Removes a segment and its lock files if they exist.
+// Waits until segment `name` is ready and served by `server` with an epoch past
+// `epoch_before` (Job::wait_ready for a segment the Job does not name: a server group's replica).
+void wait_segment_ready(const std::string& name, Process& server, std::uint64_t epoch_before,
+                        std::chrono::milliseconds timeout = std::chrono::seconds(20));
+// The segment's server_epoch now (0 if it does not exist): what a restarted server must pass.
+std::uint64_t server_epoch_of(const std::string& segment);
+
+// Removes a segment and its lock files if they exist (and a job's server-group replicas and
+// their sync segments).
 void remove_segment(const std::string& name);
 
 // Runs a program to its end (as Process does, bounded by `timeout`): its exit code and output.

@@ -1,0 +1,274 @@
+// Server groups (SINGA's): one job served by S servers, each with its replica (<job>.g<k>), that
+// sync slices with each slice's home group. Real server, worker and tool processes.
+//
+// The exact checks use SGD with learning rate 1 and small-integer gradients (pattern.hpp): after
+// `shmps-ctl sync`, every replica must equal minus the sum of every committed push of every
+// group, element by element, whatever was SIGKILLed on the way.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/server/checkpoint.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/names.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/exact.hpp"
+#include "../support/expect.hpp"
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using shmps::test::expect_exact_sum;
+using shmps::test::Job;
+using shmps::test::pattern_spec;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+namespace shm = shmps::shm;
+
+namespace {
+
+constexpr int kReader = 7;  // pattern_spec(8): slot 7 of every replica reads, the others push
+
+// A job with S server groups: the servers of its groups, and exact-sum pushers; rank r pushes
+// through group r mod S, in its slot r / S, with its job-wide rank as the pattern's rank.
+class ServerGroups {
+ public:
+  ServerGroups(const std::string& tag, std::uint32_t groups, const std::string& spec_extra = "",
+               std::vector<std::string> server_args = {"--sync-every", "20ms"})
+      : job_(tag, pattern_spec(8, spec_extra)), groups_(groups), server_args_(std::move(server_args)), servers_(groups) {}
+
+  std::string replica(std::uint32_t g) const { return shm::replica_name(job_.name(), g); }
+  const std::string& name() const { return job_.name(); }
+  Job& job() { return job_; }
+
+  Process& start_server(std::uint32_t g, std::vector<std::pair<std::string, std::string>> env = {},
+                        std::vector<std::string> extra = {}) {
+    const std::uint64_t epoch_before = shmps::test::server_epoch_of(replica(g));
+    std::vector<std::string> args{"--server-groups", std::to_string(groups_), "--server-group", std::to_string(g)};
+    args.insert(args.end(), server_args_.begin(), server_args_.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    servers_[g] = &job_.start_server(args, std::move(env));
+    if (env.empty() || env.front().first != "SHMPS_KILL_AT") shmps::test::wait_segment_ready(replica(g), *servers_[g], epoch_before);
+    return *servers_[g];
+  }
+  void start_all(std::vector<std::string> extra = {}) {
+    for (std::uint32_t g = 0; g < groups_; ++g) start_server(g, {}, extra);
+  }
+  Process& server(std::uint32_t g) { return *servers_[g]; }
+
+  Process& start_pusher(std::uint32_t rank, std::uint64_t pushes, std::uint64_t pause_us = 0) {
+    return job_.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(pushes), "--pause-us", std::to_string(pause_us)},
+                      {{"SHMPS_SEGMENT", replica(rank % groups_)},
+                       {"SHMPS_RANK", std::to_string(rank / groups_)},
+                       {"SHMPS_GLOBAL_RANK", std::to_string(rank)}});
+  }
+
+  // shmps-ctl sync: every replica made equal.
+  void sync() {
+    const auto synced = shmps::test::run({"shmps-ctl", "sync", name()}, 60s);
+    ASSERT_EQ(synced.code, 0) << synced.out;
+    EXPECT_HAS(synced.out, "every replica holds the same values");
+  }
+
+  // Every replica holds minus the sum of the first pushes[r] pushes of every rank r, and no slice
+  // is torn or in flight.
+  void expect_every_replica_exact(const std::vector<std::uint64_t>& pushes) {
+    for (std::uint32_t g = 0; g < groups_; ++g) {
+      SCOPED_TRACE("replica " + replica(g));
+      expect_exact_sum(replica(g), pushes, kReader);
+      auto seg = shm::Segment::open(replica(g), shm::Access::read_only);
+      for (std::uint64_t s = 0; s < seg.header().slice_count; ++s) {
+        EXPECT_EQ(shm::load_acquire(seg.slice(s).version) & 1U, 0u) << "slice " << s;
+        EXPECT_EQ(shm::load_acquire(seg.sync_slice(s).sent_seq), shm::load_acquire(seg.sync_slice(s).synced_seq))
+            << "slice " << s << " still in flight after the sync";
+      }
+    }
+  }
+
+ private:
+  Job job_;
+  std::uint32_t groups_;
+  std::vector<std::string> server_args_;
+  std::vector<Process*> servers_;
+};
+
+}  // namespace
+
+// Two groups, four pushers, no failure: after a sync both replicas hold every push exactly; the
+// slices are spread over the groups and inspect shows it; a checkpoint of the job is one file,
+// from which a new job of two groups starts with both replicas equal to it.
+TEST(ServerGroups, TwoGroupsConvergeToTheExactSumAndCheckpointAsOneFile) {
+  Watchdog watchdog(120s);
+  ServerGroups job("sgroups2", 2);
+  job.start_all();
+  std::vector<Process*> pushers;
+  for (std::uint32_t r = 0; r < 4; ++r) pushers.push_back(&job.start_pusher(r, 150));
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  job.sync();
+  job.expect_every_replica_exact({150, 150, 150, 150});
+
+  // Both groups did work as home: each added the other's deltas.
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    auto seg = shm::Segment::open(job.replica(g), shm::Access::read_only);
+    EXPECT_GT(shm::load_counter(seg.header().sync_added), 0u) << "group " << g;
+    EXPECT_GT(shm::load_counter(seg.header().sync_taken), 0u) << "group " << g;
+  }
+  const auto inspect = shmps::test::run({"shmps-ctl", "inspect", job.replica(1)});
+  EXPECT_HAS(inspect.out, "server group 1 of 2, home of 4 of 9 slices");
+  EXPECT_HAS(inspect.out, "homes 0,1,0,1,0,1,0,1");
+  EXPECT_HAS(inspect.out, "0 in flight");
+  const auto of_job = shmps::test::run({"shmps-ctl", "inspect", job.name()});
+  EXPECT_NE(of_job.code, 0);
+  EXPECT_HAS(of_job.out, "is a job with 2 server groups: inspect one of its replicas");
+
+  // One checkpoint file for the job (synced first), restored into every group of a new job.
+  const std::filesystem::path file =
+      std::filesystem::temp_directory_path() / ("shmps-sgroups-" + std::to_string(::getpid()) + ".safetensors");
+  const auto made = shmps::test::run({"shmps-ctl", "checkpoint", job.name(), file.string()}, 60s);
+  ASSERT_EQ(made.code, 0) << made.out;
+  {
+    ServerGroups restored("sgroups2-restored", 2);
+    restored.start_all({"--restore", file.string()});
+    restored.expect_every_replica_exact({150, 150, 150, 150});
+  }
+  std::filesystem::remove(file);
+}
+
+// Three groups through SIGKILLs of servers (any of them, at any moment, also mid-sync) and of
+// pushers, each restarted: after a final sync all three replicas hold every committed push
+// exactly once.
+TEST(ServerGroups, ThreeGroupsLoseNothingThroughServerAndWorkerKills) {
+  Watchdog watchdog(200s);
+  constexpr std::uint32_t kGroups = 3, kRanks = 6;
+  constexpr std::uint64_t kPushes = 400;
+  ServerGroups job("sgroups3", kGroups, "", {"--sync-every", "5ms"});
+  job.start_all();
+  std::vector<Process*> pushers;
+  for (std::uint32_t r = 0; r < kRanks; ++r) pushers.push_back(&job.start_pusher(r, kPushes, 5000));
+  std::mt19937 rng(20261206);
+  int server_kills = 0, worker_kills = 0;
+  const auto all_done = [&] {
+    for (auto* p : pushers)
+      if (p->running()) return false;
+    return true;
+  };
+  for (int round = 0; round < 14 && !all_done(); ++round) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100 + rng() % 150));
+    if (round % 2 == 0) {
+      const auto g = static_cast<std::uint32_t>(rng() % kGroups);
+      job.server(g).kill(SIGKILL);
+      job.server(g).wait(10s);
+      ++server_kills;
+      job.start_server(g);
+    } else {
+      const auto r = static_cast<std::uint32_t>(rng() % kRanks);
+      if (!pushers[r]->running()) continue;
+      pushers[r]->kill(SIGKILL);
+      pushers[r]->wait(10s);
+      ++worker_kills;
+      pushers[r] = &job.start_pusher(r, kPushes, 5000);
+    }
+  }
+  for (auto* p : pushers) EXPECT_EQ(p->wait(120s), 0) << p->output();
+  EXPECT_GE(server_kills, 3);
+  job.sync();
+  job.expect_every_replica_exact(std::vector<std::uint64_t>(kRanks, kPushes));
+}
+
+// A server killed at each step of the sync protocol (adding a delta halfway, taking an answer
+// halfway, before a delta's record is sent, before an answer is sent) and restarted: nothing is
+// lost or added twice, and what it was writing is repaired (no torn slice, no redo entry left).
+TEST(ServerGroups, KilledAtEveryPointOfTheSyncAndRestartedNothingIsLostOrDoubled) {
+  Watchdog watchdog(240s);
+  for (const char* point : {"sync.mid_add", "sync.mid_take", "sync.before_send", "sync.before_answer"}) {
+    SCOPED_TRACE(point);
+    ServerGroups job("sgroups-kp", 2, "", {"--sync-every", "2ms"});
+    job.start_server(0);
+    Process& doomed = job.start_server(1, {{"SHMPS_KILL_AT", std::string(point) + ":3"}});
+    shmps::test::wait_segment_ready(job.replica(1), doomed, 0);
+    std::vector<Process*> pushers;
+    for (std::uint32_t r = 0; r < 4; ++r) pushers.push_back(&job.start_pusher(r, 90, 2000));
+    EXPECT_EQ(doomed.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << doomed.output();
+    {
+      auto seg = shm::Segment::open(job.replica(1), shm::Access::read_only);
+      bool mid_write = false;
+      for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
+        mid_write |= shm::load_acquire(const_cast<shm::Segment&>(seg).redo(e).valid) != 0;
+      const bool writes_a_slice = std::string(point).find("mid_") != std::string::npos;
+      EXPECT_EQ(mid_write, writes_a_slice) << "a kill mid-write leaves its redo entry for the next server";
+    }
+    job.start_server(1);
+    for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+    job.sync();
+    job.expect_every_replica_exact({90, 90, 90, 90});
+    auto seg = shm::Segment::open(job.replica(1), shm::Access::read_only);
+    for (std::uint32_t e = 0; e < seg.header().redo_count; ++e)
+      EXPECT_EQ(shm::load_acquire(const_cast<shm::Segment&>(seg).redo(e).valid), 0u) << "redo entry " << e;
+  }
+}
+
+// BSP with server groups: synced values go in only at a step boundary, so a worker's zero-copy
+// view stays what it pulled for its whole step (the pusher checks every element against a
+// copy), and the final sums are exact on both replicas.
+TEST(ServerGroups, BspViewsStayConsistentWhileGroupsSync) {
+  Watchdog watchdog(120s);
+  ServerGroups job("sgroups-bsp", 2, "consistency = \"bsp\"\n", {"--sync-every", "2ms"});
+  job.start_all();
+  constexpr std::uint64_t kSteps = 15;
+  std::vector<Process*> workers;
+  for (std::uint32_t r = 0; r < 4; ++r)
+    workers.push_back(&job.job().start({"shmps-test-pusher", "views", "--steps", std::to_string(kSteps), "--slow-ms", "3"},
+                                       {{"SHMPS_SEGMENT", job.replica(r % 2)}, {"SHMPS_RANK", std::to_string(r / 2)}}));
+  for (auto* w : workers) {
+    EXPECT_EQ(w->wait(60s), 0) << w->output();
+    EXPECT_HAS(w->output(), "view_mismatches 0");
+  }
+  job.sync();
+  // Each group's ranks 0 and 1 pushed pattern(rank, step) to the whole of "w" and "b" every step.
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    shmps::Worker reader(shmps::WorkerOptions{.segment = job.replica(g), .rank = kReader});
+    std::vector<float> w(shmps::test::kPatternW);
+    reader.pull("w", w);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      double want = 0;
+      for (std::uint64_t r = 0; r < 2; ++r)
+        for (std::uint64_t k = 0; k < kSteps; ++k) want -= 2 * shmps::test::pattern(r, k, i);
+      wrong += static_cast<double>(w[i]) != want;
+    }
+    EXPECT_EQ(wrong, 0u) << "replica " << g;
+  }
+}
+
+// Wrong use gets a clear error and changes nothing.
+TEST(ServerGroups, WrongUseIsRefusedWithAClearMessage) {
+  Watchdog watchdog(60s);
+  Job plain("sgroups-plain", pattern_spec(8));
+  plain.start_server();
+  plain.wait_ready();
+  const auto no_groups = shmps::test::run({"shmps-ctl", "sync", plain.name()});
+  EXPECT_NE(no_groups.code, 0);
+  EXPECT_HAS(no_groups.out, "has no server groups: there is nothing to sync");
+
+  const auto bad_group = shmps::test::run({"shmps-server", "--spec", plain.spec_path(), "--server-groups", "2", "--server-group", "2"});
+  EXPECT_NE(bad_group.code, 0);
+  EXPECT_HAS(bad_group.out, "--server-group 2 must be below --server-groups 2");
+
+  Job bsp("sgroups-bspg", pattern_spec(8, "consistency = \"bsp\"\nworkers_per_group = 2\n"));
+  const auto groups_in_groups = shmps::test::run({"shmps-server", "--spec", bsp.spec_path(), "--server-groups", "2"});
+  EXPECT_NE(groups_in_groups.code, 0);
+  EXPECT_HAS(groups_in_groups.out, "server groups in BSP need one worker group per server group");
+  EXPECT_FALSE(shm::Segment::exists(shm::replica_name(bsp.name(), 0)));
+
+  const auto reserved = shmps::test::run({"shmps-server", "--spec", plain.spec_path(), "--name", "x.sync"});
+  EXPECT_NE(reserved.code, 0);
+  EXPECT_HAS(reserved.out, "ends in '.sync', which shmps keeps for the sync segments");
+}
