@@ -272,3 +272,31 @@ TEST(ServerGroups, WrongUseIsRefusedWithAClearMessage) {
   EXPECT_NE(reserved.code, 0);
   EXPECT_HAS(reserved.out, "ends in '.sync', which shmps keeps for the sync segments");
 }
+
+// shmps-launch --server-groups 2: one server per group, rank r at group r mod 2 (its job-wide rank
+// given to the worker), a SIGKILLed server started again by the launcher, and a final sync before
+// the job ends: every replica holds every push exactly.
+TEST(ServerGroups, TheLauncherStartsTheGroupsRestartsAKilledServerAndSyncsAtTheEnd) {
+  Watchdog watchdog(120s);
+  Job job("sgroups-launch", pattern_spec(8));
+  Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "4", "--server-groups",
+                  "2", "--sync-every", "5ms", "--keep", "--", "shmps-test-pusher", "exact", "--pushes", "300",
+                  "--pause-us", "4000"});
+  const std::string g1 = shm::replica_name(job.name(), 1);
+  auto seg = shmps::test::map_when_ready(g1, launch);
+  ASSERT_TRUE(seg.has_value());
+  std::this_thread::sleep_for(300ms);
+  const pid_t first = shm::load_acquire(seg->header().server_pid);
+  ASSERT_GT(first, 0);
+  ::kill(first, SIGKILL);
+  ASSERT_EQ(launch.wait(100s), 0) << launch.output();
+  const std::string out = launch.output();
+  EXPECT_HAS(out, "the server of group 1 was killed by signal 9");
+  EXPECT_HAS(out, "starting it again (restart 1 of 10)");
+  EXPECT_HAS(out, "synced the 2 server groups of '" + job.name() + "'");
+  EXPECT_NE(shm::load_acquire(seg->header().server_pid), first) << "a new server serves group 1";
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    SCOPED_TRACE("replica " + std::to_string(g));
+    expect_exact_sum(shm::replica_name(job.name(), g), {300, 300, 300, 300}, kReader);
+  }
+}
