@@ -71,24 +71,27 @@ bool SyncEngine::round_due() const {
   return std::chrono::steady_clock::now() - last_round_ >= every_.period;
 }
 
-// Every non-home slice not in flight that changed since its last sync (or every one): its delta
-// into sync_sent, then its sequence number (a server killed in between has sent nothing: the
-// slice is not in flight, and the next round computes its delta again).
+// Every non-home slice not in flight that changed since its last sync, or was last synced
+// kRefreshRounds rounds ago (its delta may be zero: the home's values come back, so that a group
+// whose workers do not touch a slice still sees the others' updates of it), or every one: its
+// delta into sync_sent, then its sequence number (a server killed in between has sent nothing:
+// the slice is not in flight, and the next round computes its delta again).
 bool SyncEngine::begin_round(bool every_slice) {
   SegmentHeader& h = segment_.header();
   last_round_ = std::chrono::steady_clock::now();
   records_at_last_round_ = load_counter(h.records_applied);
+  // Every round takes a number, also one that sends nothing: a slice's staleness is counted in
+  // rounds (kRefreshRounds), and numbers are never reused.
   const std::uint64_t seq = load_own(h.sync_seq) + 1;
+  store_release(h.sync_seq, seq);
   bool any = false;
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {
     SyncSlice& sync = segment_.sync_slice(s);
     if (sync.home == group_ || load_own(sync.sent_seq) > load_own(sync.synced_seq)) continue;
     const SliceEntry& slice = segment_.slice(s);
-    if (!every_slice && load_own(slice.version) == sync.clean_version) continue;
-    if (!any) {
-      store_release(h.sync_seq, seq);  // before any slice carries it: numbers are never reused
-      any = true;
-    }
+    const bool stale = seq - load_own(sync.synced_seq) >= kRefreshRounds;
+    if (!every_slice && !stale && load_own(slice.version) == sync.clean_version) continue;
+    any = true;
     const ParamEntry& p = segment_.param(slice.param);
     const float* values = segment_.values(p) + slice.first;
     const float* base = segment_.sync_base(p) + slice.first;

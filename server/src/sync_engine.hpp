@@ -25,7 +25,9 @@
 // When: a round begins only when no slice is in flight, so a round's answers all come back
 // before the next one. Writes (adding deltas, taking answers) happen between apply rounds; in
 // BSP only at the group's step boundary or while no worker is attached, so that a step's values
-// stay what its workers view (ARCHITECTURE.md, Pull).
+// stay what its workers view (ARCHITECTURE.md, Pull). A slice this group's workers did not change
+// is synced too once every kRefreshRounds rounds (a zero delta): its home's values come back, so
+// a group sees the other groups' updates of every slice, not only of those it pushes to.
 //
 // shmps-ctl sync NAME: a full round (every non-home slice, changed or not) once nothing is in
 // flight; done when its answers are back. After a full round of every group in turn, every delta
@@ -75,6 +77,8 @@ class SyncEngine {
   bool round_due() const;
 
   enum class Full { none, waiting, running, done };
+  // A slice nobody here changed is still synced every this many rounds, to take the home's values.
+  static constexpr std::uint64_t kRefreshRounds = 8;
 
   shm::Segment& segment_;
   std::unique_ptr<SyncTransport> transport_;

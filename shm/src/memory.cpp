@@ -55,6 +55,12 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   if (plan.step_sums_bytes != 0)
     m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
                        "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});
+  if (plan.sync_bytes != 0)
+    m.parts.push_back({"server-group sync", plan.sync_bytes,
+                       "group " + std::to_string(plan.server_group) + " of " + std::to_string(plan.server_groups) +
+                           ": per slice its home and sequence numbers, the home's exactly-once table (" +
+                           std::to_string(plan.server_groups) + " groups x 8 B per slice), and two arrays of the "
+                           "values' size (the values at the last sync, the delta in flight)"});
   m.parts.push_back({"rings", rings,
                      x(plan.max_workers, human_bytes(m.ring_each_bytes)) + " (ring_bytes " + std::to_string(plan.ring_bytes) +
                          " and a " + std::to_string(sizeof(RingHeader)) + "-byte header each)"});

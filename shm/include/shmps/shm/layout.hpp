@@ -358,12 +358,12 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> last_checkpoint_duration_ns;
   std::atomic<std::uint64_t> last_checkpoint_clock;
 
-  // Server groups: the sync counters (server writes; tools read). sync_seq is the sequence
-  // number of this group's newest sync request (one per sync round, over all its servers'
-  // lives); a slice is in flight from sending its delta until the home group's fresh values
-  // for it are taken.
+  // Server groups: the sync counters (server writes; tools read). sync_seq is the number of
+  // this group's newest sync round (one per sync_every, over all its servers' lives; a round
+  // that has nothing to send takes a number too); a slice is in flight from sending its delta
+  // until the home group's fresh values for it are taken.
   alignas(kCacheLine) std::atomic<std::uint64_t> sync_seq;
-  std::atomic<std::uint64_t> sync_rounds;      // sync rounds begun (each sends every changed non-home slice)
+  std::atomic<std::uint64_t> sync_rounds;      // sync rounds that sent something
   std::atomic<std::uint64_t> sync_sent;        // slice deltas sent to their home groups
   std::atomic<std::uint64_t> sync_taken;       // fresh slices taken back from their home groups
   std::atomic<std::uint64_t> sync_added;       // as home: deltas of other groups added
