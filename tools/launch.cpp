@@ -443,6 +443,9 @@ int main(int argc, char** argv) {
       if (server_groups > 1) {
         env.emplace_back("SHMPS_GLOBAL_RANK", std::to_string(r));  // the rank in the whole job (data shards)
         env.emplace_back("SHMPS_SERVER_GROUP", std::to_string(group_of_rank(r)));
+        // The workers of its group, who share its replica (a BSP start barrier waits for them).
+        const std::uint32_t g = group_of_rank(r);
+        env.emplace_back("SHMPS_GROUP_SIZE", std::to_string((static_cast<std::uint32_t>(workers) - g + server_groups - 1) / server_groups));
       }
       if (!python_path.empty()) env.emplace_back("PYTHONPATH", python_path);
       return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env);

@@ -37,6 +37,28 @@ namespace {
 
 constexpr int kReader = 7;  // pattern_spec(8): slot 7 of every replica reads, the others push
 
+// The reference MLP (docs/workloads.md §2), for the example trainer.
+constexpr const char* kMlpSpec = R"(
+max_workers = 4
+[optimizer]
+kind = "sgd"
+lr = 0.05
+[[param]]
+name = "fc1.weight"
+shape = [256, 784]
+init = { kind = "u24", stream = 11, scale_divisor = 28 }
+[[param]]
+name = "fc1.bias"
+shape = [256]
+[[param]]
+name = "fc2.weight"
+shape = [10, 256]
+init = { kind = "u24", stream = 12, scale_divisor = 16 }
+[[param]]
+name = "fc2.bias"
+shape = [10]
+)";
+
 // A job with S server groups: the servers of its groups, and exact-sum pushers; rank r pushes
 // through group r mod S, in its slot r / S, with its job-wide rank as the pattern's rank.
 class ServerGroups {
@@ -315,4 +337,26 @@ TEST(ServerGroups, APutReachesEveryReplica) {
     for (std::size_t k = 0; k < big.size(); ++k) wrong += big[k] != 1.0f + static_cast<float>(k % 97);
     EXPECT_EQ(wrong, 0u) << "replica " << g;
   }
+}
+
+// The example trainer with two server groups in BSP: each group's start barrier waits for its own
+// workers (SHMPS_GROUP_SIZE), the data is sharded by the job-wide rank, and the job ends synced.
+TEST(ServerGroups, TheTrainerRunsInBspWithTwoServerGroups) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  GTEST_SKIP() << "the Eigen trainer runs ~100x slower under sanitizers; the pusher tests above cover the protocol";
+#endif
+  Watchdog watchdog(120s);
+  Job job("sgroups-mlp", kMlpSpec);
+  Process launch({"shmps-launch", "--spec", job.spec_path(), "--name", job.name(), "--workers", "4", "--server-groups",
+                  "2", "--consistency", "bsp", "--samples", "20000"});
+  ASSERT_EQ(launch.wait(100s), 0) << launch.output();
+  const std::string out = launch.output();
+  EXPECT_HAS(out, "[w0] waiting for all 2 workers to join step 0");
+  EXPECT_HAS(out, "[w1] segment " + shm::replica_name(job.name(), 1) + " (bsp), worker 1/4");
+  EXPECT_HAS(out, "[w3] segment " + shm::replica_name(job.name(), 1) + " (bsp), worker 3/4");
+  EXPECT_HAS(out, "synced the 2 server groups");
+  EXPECT_HAS(out, "job finished; segments removed");
+  shmps::test::expect_no_files(shm::replica_name(job.name(), 0));
+  shmps::test::expect_no_files(shm::replica_name(job.name(), 1));
+  EXPECT_FALSE(std::filesystem::exists(shm::segment_path(shm::sync_segment_name(job.name(), 1))));
 }

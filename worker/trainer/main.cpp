@@ -345,9 +345,14 @@ int main(int argc, char** argv) {
     // BSP from the start: every worker in step 0, however late its process starts (else the first
     // one up could finish step 0 alone, and runs would differ). A restarted worker joins at once.
     if (w.consistency() == "bsp" && start_batch == 0 && w.current_clock() == 0) {
-      std::printf("waiting for all %" PRIu64 " workers to join step 0\n", sched.workers);
+      // With server groups (shmps-launch --server-groups) the step is its group's: the barrier
+      // waits for the workers of this worker's replica.
+      std::uint64_t joining = sched.workers;
+      if (const char* group = std::getenv("SHMPS_GROUP_SIZE"); group != nullptr && *group != '\0')
+        joining = std::min<std::uint64_t>(sched.workers, std::strtoull(group, nullptr, 10));
+      std::printf("waiting for all %" PRIu64 " workers to join step 0\n", joining);
       std::fflush(stdout);
-      w.wait_for_workers(sched.workers, std::chrono::minutes(2));
+      w.wait_for_workers(joining, std::chrono::minutes(2));
     }
 
     std::optional<mlp::Tensors> copy;  // a private copy of the model, made only where one is needed

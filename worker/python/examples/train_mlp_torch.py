@@ -270,7 +270,10 @@ def run_worker(args) -> None:
         if w.rank < 0 or w.rank >= workers:
             raise ValueError(f"worker slot {w.rank} is not below the number of workers {workers}; "
                              f"pass --workers (or set SHMPS_WORLD_SIZE)")
-        sched = ref.Schedule(batch=args.batch, samples=args.samples, workers=workers, rank=w.rank)
+        # With server groups (shmps-launch --server-groups) the slot is the rank within the
+        # worker's group's replica; the data shard follows the rank in the whole job.
+        job_rank = int(os.environ.get("SHMPS_GLOBAL_RANK", w.rank))
+        sched = ref.Schedule(batch=args.batch, samples=args.samples, workers=workers, rank=job_rank)
         if args.consistency and args.consistency != w.consistency:
             raise ValueError(f"--consistency {args.consistency} asked, but the job runs {w.consistency} (set it on "
                              f"the server: shmps-server --consistency, or shmps-ctl set {w.segment} "
@@ -286,8 +289,10 @@ def run_worker(args) -> None:
         # BSP from the start: every worker in step 0, however late its process starts (else the
         # first one up could finish step 0 alone). A restarted worker joins at once.
         if w.consistency == "bsp" and start_batch == 0 and w.current_clock == 0:
-            print(f"waiting for all {sched.workers} workers to join step 0", flush=True)
-            w.wait_for_workers(sched.workers, timeout=120.0)
+            # With server groups, the step is the group's: wait for the workers of this replica.
+            joining = min(sched.workers, int(os.environ.get("SHMPS_GROUP_SIZE", sched.workers)))
+            print(f"waiting for all {joining} workers to join step 0", flush=True)
+            w.wait_for_workers(joining, timeout=120.0)
 
         model = MLP(onednn=args.matmul == "onednn")
         names = [name for name, _ in model.named()]
