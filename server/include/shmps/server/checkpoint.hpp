@@ -23,6 +23,8 @@
 //   shmps.model_clock     BSP: the step the slowest worker group was collecting
 //   shmps.group_clocks    [12, 9]: BSP: the step each worker group was collecting (every push
 //                         of its earlier steps is in the values); absent in older checkpoints
+//   shmps.workers_per_group  the grouping of group_clocks: a restore gives them to the groups
+//                         only when its grouping is the same (else every group at model_clock)
 //   shmps.consistency     "asp", "bsp" or "ssp:N"; shmps.bsp_aggregate; shmps.on_worker_death
 //   shmps.optimizer       {"kind": "adam", "lr": 0.001, ...} every OptimizerSettings field
 //   shmps.slice_floats    elements per slice; shmps.max_workers: worker slots
