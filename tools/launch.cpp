@@ -44,6 +44,7 @@
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/segment.hpp>
 
+#include "numa_binding.hpp"
 #include "sync_job.hpp"
 
 using namespace shmps;
@@ -97,8 +98,9 @@ class Launcher {
   }
 
   // Starts `argv` with extra environment `env`, output piped and prefixed with `label`.
+  // `node`: bind the child to that NUMA node's CPUs and memory (server groups), or nothing.
   Child& spawn(const std::string& label, const std::vector<std::string>& argv,
-               const std::vector<std::pair<std::string, std::string>>& env) {
+               const std::vector<std::pair<std::string, std::string>>& env, const tools::NumaNode* node = nullptr) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) throw Error(std::string("pipe: ") + std::strerror(errno));
     const pid_t parent = getpid();
@@ -116,6 +118,9 @@ class Launcher {
       dup2(fds[1], STDOUT_FILENO);
       dup2(fds[1], STDERR_FILENO);
       for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+      if (node != nullptr && !tools::bind_to_node(*node))
+        std::fprintf(stderr, "shmps-launch: could not bind %s to NUMA %s: %s; it runs unbound\n", label.c_str(),
+                     tools::describe(*node).c_str(), std::strerror(errno));
       std::vector<char*> args;
       for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
@@ -280,6 +285,11 @@ int main(int argc, char** argv) {
   app.add_option("--sync-every", sync_every,
                  "server groups: how often a group sends its updates to the slices' home groups, 100ms or 50updates "
                  "(default: the spec's sync_every)");
+  std::string numa = "auto";
+  app.add_option("--numa", numa,
+                 "server groups: auto binds each group's server and workers to one NUMA node where the machine has "
+                 "several (group g on node g mod nodes); off binds nothing (default auto)")
+      ->check(CLI::IsMember({"auto", "off"}));
   app.add_option("--restore", restore, "start the server(s) from this checkpoint (every server group from the same file)")
       ->check(CLI::ExistingFile);
   int max_restarts = 0;
@@ -357,19 +367,41 @@ int main(int argc, char** argv) {
     if (const char* outer = std::getenv("PYTHONPATH"); outer && *outer)
       python_path = python_path.empty() ? outer : python_path + ":" + outer;
 
+    if (server_groups > 1 && !restore.empty())
+      for (std::uint32_t g = 0; g < server_groups; ++g)
+        if (shm::Segment::exists(shm::replica_name(name, g)))
+          throw Error("--restore: replica " + shm::replica_name(name, g) + " exists, and its state is newer than any "
+                      "checkpoint; to go back to " + restore + ", stop the job and remove its replicas (shmps-ctl destroy " +
+                      shm::replica_name(name, g) + ", ...), then restore every group");
     if (server_groups > 1 && !checkpoint_dir.empty())
       throw Error("--checkpoint-dir with --server-groups: a job with server groups is checkpointed as one file after a "
                   "sync, with `shmps-ctl checkpoint " + name + " FILE`, and restored with --restore FILE");
     // The segment of server group g: the job's own, or the group's replica.
     const auto segment_of = [&](std::uint32_t g) { return server_groups > 1 ? shm::replica_name(name, g) : name; };
     const auto server_label = [&](std::uint32_t g) { return server_groups > 1 ? "server" + std::to_string(g) : std::string("server"); };
+    // Server groups on NUMA nodes: each group's server and workers on one node, where there are several.
+    std::vector<tools::NumaNode> nodes;
+    std::vector<int> node_of_group;
+    if (server_groups > 1 && numa == "auto") {
+      nodes = tools::numa_nodes();
+      node_of_group = tools::plan_numa_binding(nodes, server_groups);
+      if (node_of_group.empty())
+        std::cout << "shmps-launch: " << (nodes.empty() ? std::string("no NUMA nodes found (libnuma)") : "one NUMA " + tools::describe(nodes[0]))
+                  << ": the server groups are not bound to memory nodes\n";
+      for (std::uint32_t g = 0; g < node_of_group.size(); ++g)
+        std::cout << "shmps-launch: server group " << g << " and its workers run on NUMA "
+                  << tools::describe(nodes[static_cast<std::size_t>(node_of_group[g])]) << "\n";
+    }
+    const auto node_for = [&](std::uint32_t g) -> const tools::NumaNode* {
+      return g < node_of_group.size() ? &nodes[static_cast<std::size_t>(node_of_group[g])] : nullptr;
+    };
     Launcher launcher;
     std::vector<Child*> servers(server_groups, nullptr);  // the servers this launcher started
     std::vector<int> server_restarts(server_groups, 0);
     std::vector<std::vector<std::string>> server_args(server_groups);
     const auto start_and_wait = [&](std::uint32_t g) {
       const std::string seg_name = segment_of(g);
-      Child* server = &launcher.spawn(server_label(g), server_args[g], {});
+      Child* server = &launcher.spawn(server_label(g), server_args[g], {}, node_for(g));
       servers[g] = server;
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
       while (!segment_ready(seg_name) || !server_alive(seg_name)) {
@@ -396,7 +428,7 @@ int main(int argc, char** argv) {
       if (server_groups > 1)
         args.insert(args.end(), {"--server-groups", std::to_string(server_groups), "--server-group", std::to_string(g)});
       if (!sync_every.empty()) args.insert(args.end(), {"--sync-every", sync_every});
-      if (!restore.empty() && !shm::Segment::exists(segment_of(g))) args.insert(args.end(), {"--restore", restore});
+      if (!restore.empty()) args.insert(args.end(), {"--restore", restore});
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
       if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
@@ -448,7 +480,7 @@ int main(int argc, char** argv) {
         env.emplace_back("SHMPS_GROUP_SIZE", std::to_string((static_cast<std::uint32_t>(workers) - g + server_groups - 1) / server_groups));
       }
       if (!python_path.empty()) env.emplace_back("PYTHONPATH", python_path);
-      return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env);
+      return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env, node_for(group_of_rank(r)));
     };
     std::vector<Child*> ranks;
     std::vector<int> restarts(static_cast<std::size_t>(workers), 0);
@@ -553,7 +585,21 @@ int main(int argc, char** argv) {
     // Server groups: every replica made equal (each group's updates home, the homes' values back).
     if (server_groups > 1 && !failed && !launcher.interrupted()) {
       try {
-        std::cout << "shmps-launch: " << tools::sync_job(name, server_groups, std::chrono::seconds(120)) << std::endl;
+        // A group's server that died after the last worker ended is started again first: the sync
+        // needs every group.
+        for (std::uint32_t g = 0; g < server_groups; ++g)
+          if (servers[g] && !launcher.running(*servers[g])) {
+            std::cout << "shmps-launch: the server of group " << g << " " << describe(*servers[g]->status)
+                      << "; starting it again for the final sync" << std::endl;
+            start_and_wait(g);
+          }
+        std::cout << "shmps-launch: "
+                  << tools::sync_job(name, server_groups, std::chrono::seconds(120),
+                                     [&launcher] {
+                                       launcher.pump(std::chrono::milliseconds(0));
+                                       if (launcher.interrupted()) throw Error("interrupted");
+                                     })
+                  << std::endl;
       } catch (const Error& e) {
         std::cerr << "shmps-launch: the final sync failed: " << e.what() << "\n";
         failed = true;

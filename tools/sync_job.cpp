@@ -16,11 +16,13 @@ std::uint32_t server_groups_of(const std::string& job) {
   return 0;
 }
 
-std::string sync_job(const std::string& job, std::uint32_t groups, std::chrono::seconds limit) {
+std::string sync_job(const std::string& job, std::uint32_t groups, std::chrono::seconds limit,
+                     const std::function<void()>& while_waiting) {
   for (int pass = 0; pass < 2; ++pass) {
     for (std::uint32_t g = 0; g < groups; ++g) {
       const std::string name = shm::replica_name(job, g);
-      const auto alive = [&name] {
+      const auto alive = [&name, &while_waiting] {
+        if (while_waiting) while_waiting();
         bool a = false;
         holder(shm::server_lock_path(name), 0, a);
         return a;

@@ -84,6 +84,10 @@ std::string Commands::set(const std::string& key, const std::string& value, int&
     Consistency mode{};
     std::uint32_t bound = 0;
     if (std::string problem = parse_consistency(value, mode, bound); !problem.empty()) return "consistency: " + problem;
+    if (mode == Consistency::bsp && segment_->has_server_groups() && h.group_count > 1)
+      return "consistency: server groups in BSP need one worker group per server group (a server group writes synced "
+             "values at its step boundary, which must be every worker's); this replica has " +
+             std::to_string(h.group_count) + " worker groups";
     const auto old = static_cast<Consistency>(load_own(h.consistency));
     switch_consistency(*segment_, mode, bound);
     status = 0;

@@ -41,7 +41,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
       segment.sync_applied(e.slice, e.sync_origin) = e.sync_seq;
     } else {
       std::memcpy(segment.sync_base(p) + slice.first, segment.redo_sync_base(e), e.count * sizeof(float));
-      sync.clean_version = e.version_after;
+      sync.clean_version = e.sync_clean_version;
       store_release(sync.synced_seq, e.sync_seq);
     }
     store_release(slice.version, e.version_after);

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include <shmps/shm/atomics.hpp>
@@ -18,7 +19,9 @@ using namespace shmps::shm;
 SyncEngine::SyncEngine(Segment& segment, std::unique_ptr<SyncTransport> transport, SyncEvery every)
     : segment_(segment), transport_(std::move(transport)), every_(every), group_(segment.header().server_group),
       groups_(segment.header().server_groups), last_round_(std::chrono::steady_clock::now()),
-      records_at_last_round_(load_counter(segment.header().records_applied)) {
+      records_at_last_round_(load_counter(segment.header().records_applied)),
+      refresh_after_ns_(static_cast<std::uint64_t>(
+          std::max<std::int64_t>(kRefreshRounds * every.period.count(), kMinRefreshMs) * 1'000'000)) {
   // Slices in flight when the last server of this replica died: their deltas are sent again (the
   // home adds each at most once, and answers again).
   for (std::uint64_t s = 0; s < segment.header().slice_count; ++s) {
@@ -34,6 +37,7 @@ SyncEngine::SyncEngine(Segment& segment, std::unique_ptr<SyncTransport> transpor
 
 bool SyncEngine::tick(bool may_write) {
   bool did = false;
+  may_write_ = may_write;
   if (may_write) did |= receive();
   if (in_flight_ == 0) {
     if (full_ == Full::waiting) {
@@ -63,7 +67,7 @@ bool SyncEngine::take_full_sync_done() {
   return true;
 }
 
-bool SyncEngine::busy() const { return full_ == Full::waiting || transport_->waiting(); }
+bool SyncEngine::busy() const { return full_ == Full::waiting || (may_write_ && transport_->waiting()); }
 
 bool SyncEngine::round_due() const {
   if (every_.updates != 0)
@@ -72,24 +76,26 @@ bool SyncEngine::round_due() const {
 }
 
 // Every non-home slice not in flight that changed since its last sync, or was last synced
-// kRefreshRounds rounds ago (its delta may be zero: the home's values come back, so that a group
+// refresh_after_ns_ ago (its delta may be zero: the home's values come back, so that a group
 // whose workers do not touch a slice still sees the others' updates of it), or every one: its
 // delta into sync_sent, then its sequence number (a server killed in between has sent nothing:
 // the slice is not in flight, and the next round computes its delta again).
+//
+// A round's number is the time it began (unix ns), or the last number + 1 if the clock went
+// back: numbers only grow, over every life of the replica and also when it is made again from
+// scratch (a home's exactly-once table then still accepts its deltas).
 bool SyncEngine::begin_round(bool every_slice) {
   SegmentHeader& h = segment_.header();
   last_round_ = std::chrono::steady_clock::now();
   records_at_last_round_ = load_counter(h.records_applied);
-  // Every round takes a number, also one that sends nothing: a slice's staleness is counted in
-  // rounds (kRefreshRounds), and numbers are never reused.
-  const std::uint64_t seq = load_own(h.sync_seq) + 1;
+  const std::uint64_t seq = std::max(load_own(h.sync_seq) + 1, unix_ns());
   store_release(h.sync_seq, seq);
   bool any = false;
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {
     SyncSlice& sync = segment_.sync_slice(s);
     if (sync.home == group_ || load_own(sync.sent_seq) > load_own(sync.synced_seq)) continue;
     const SliceEntry& slice = segment_.slice(s);
-    const bool stale = seq - load_own(sync.synced_seq) >= kRefreshRounds;
+    const bool stale = seq - load_own(sync.synced_seq) >= refresh_after_ns_;
     if (!every_slice && !stale && load_own(slice.version) == sync.clean_version) continue;
     any = true;
     const ParamEntry& p = segment_.param(slice.param);
@@ -115,14 +121,14 @@ bool SyncEngine::send_pending() {
     const SyncSlice& sync = segment_.sync_slice(s);
     if (load_own(sync.sent_seq) <= load_own(sync.synced_seq)) continue;  // answered already (sent by an earlier server)
     const SliceEntry& slice = segment_.slice(s);
-    float* payload = transport_->try_claim(sync.home, RecordKind::sync_delta, s, load_own(sync.sent_seq), slice.count);
+    float* payload = transport_->try_claim(sync.home, RecordKind::sync_delta, s, load_own(sync.sent_seq), slice.count, 0);
     if (payload == nullptr) {  // no room yet (or the home's server has never been up): later
       to_send_[kept++] = s;
       continue;
     }
     std::memcpy(payload, segment_.sync_sent(segment_.param(slice.param)) + slice.first, slice.count * sizeof(float));
     kill_point("sync.before_send");
-    transport_->commit(sync.home);
+    transport_->commit(sync.home, RecordKind::sync_delta);
     h.sync_sent.fetch_add(1, std::memory_order_relaxed);
     h.sync_bytes.fetch_add(record_bytes_for(slice.count), std::memory_order_relaxed);
     did = true;
@@ -153,17 +159,26 @@ bool SyncEngine::handle(std::uint32_t from, const PushRecord& r) {
 }
 
 // As home: adds the delta once (atomically with its exactly-once entry), then answers with the
-// slice's values, also for a delta added before (its requester lost the answer, or sent again).
+// slice's values and version, also for a delta added before (its requester lost the answer, or
+// sent it again). The answer's room is claimed first: without it nothing is done, and the delta
+// is handed again later. A zero delta (a refresh) writes nothing: a slice nobody wrote keeps
+// version 0, which an init = "put" parameter's pulls wait on.
 bool SyncEngine::add_delta(std::uint32_t from, const PushRecord& r) {
   SegmentHeader& h = segment_.header();
   const std::uint64_t s = r.offset;
   SliceEntry& slice = segment_.slice(s);
   const ParamEntry& p = segment_.param(slice.param);
   float* values = segment_.values(p) + slice.first;
-  if (segment_.sync_applied(s, from) < r.seq) {
+  float* answer = transport_->try_claim(from, RecordKind::sync_fresh, s, r.seq, slice.count, 0);
+  if (answer == nullptr) return false;  // no room to answer yet: handed again once the requester took some
+  const float* delta = record_payload(&r);
+  const bool zero = std::all_of(delta, delta + slice.count, [](float d) { return d == 0.0f; });
+  if (segment_.sync_applied(s, from) >= r.seq) {
+    h.sync_duplicates.fetch_add(1, std::memory_order_relaxed);
+  } else if (!zero) {
     RedoEntry& e = segment_.redo(0);
+    store_release(e.valid, 0U);  // never filled while marked valid
     float* next = segment_.redo_values(e);
-    const float* delta = record_payload(&r);
     for (std::uint64_t k = 0; k < slice.count; ++k) next[k] = values[k] + delta[k];
     e.target = RedoTarget::sync_add;
     e.mode = RedoMode::whole;
@@ -178,14 +193,11 @@ bool SyncEngine::add_delta(std::uint32_t from, const PushRecord& r) {
     copy_in(segment_, e);
     store_release(e.valid, 0U);
     h.sync_added.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    h.sync_duplicates.fetch_add(1, std::memory_order_relaxed);
   }
-  float* answer = transport_->try_claim(from, RecordKind::sync_fresh, s, r.seq, slice.count);
-  if (answer == nullptr) return false;  // no room to answer: the delta is handed again (and only answered)
   std::memcpy(answer, values, slice.count * sizeof(float));
+  reinterpret_cast<PushRecord*>(answer)[-1].clock = load_own(slice.version);  // the answer's header
   kill_point("sync.before_answer");
-  transport_->commit(from);
+  transport_->commit(from, RecordKind::sync_fresh);
   h.sync_bytes.fetch_add(record_bytes_for(slice.count), std::memory_order_relaxed);
   return true;
 }
@@ -197,14 +209,27 @@ void SyncEngine::take_fresh(const PushRecord& r) {
   SyncSlice& sync = segment_.sync_slice(s);
   if (r.seq != load_own(sync.sent_seq) || load_own(sync.synced_seq) >= r.seq) return;  // an answer taken before
   SliceEntry& slice = segment_.slice(s);
+  if (r.clock == 0 && load_own(slice.version) == 0) {
+    // Nobody has written the slice, here or at home (an init = "put" parameter not put yet):
+    // nothing to take, and its version stays 0 so that its pulls still wait.
+    store_release(sync.synced_seq, r.seq);
+    if (--in_flight_ == 0) store_release(h.last_sync_unix_ns, unix_ns());
+    return;
+  }
   const ParamEntry& p = segment_.param(slice.param);
   const float* values = segment_.values(p) + slice.first;
   const float* base = segment_.sync_base(p) + slice.first;
   const float* sent = segment_.sync_sent(p) + slice.first;
   const float* fresh = record_payload(&r);
   RedoEntry& e = segment_.redo(0);
+  store_release(e.valid, 0U);  // never filled while marked valid
   float* next = segment_.redo_values(e);
-  for (std::uint64_t k = 0; k < slice.count; ++k) next[k] = fresh[k] + (values[k] - base[k] - sent[k]);
+  bool unchanged = true;  // this group's workers wrote nothing to the slice while its delta was away
+  for (std::uint64_t k = 0; k < slice.count; ++k) {
+    const float local = values[k] - base[k] - sent[k];
+    unchanged = unchanged && local == 0.0f;
+    next[k] = fresh[k] + local;
+  }
   std::memcpy(segment_.redo_sync_base(e), fresh, slice.count * sizeof(float));
   e.target = RedoTarget::sync_take;
   e.mode = RedoMode::whole;
@@ -215,6 +240,7 @@ void SyncEngine::take_fresh(const PushRecord& r) {
   e.clock_after = 0;
   e.sync_seq = r.seq;
   e.sync_origin = static_cast<std::uint32_t>(r.generation);
+  e.sync_clean_version = unchanged ? e.version_after : 0;  // 0: still changed, sent in the next round
   store_release(e.valid, 1U);  // from here on, a restarted server finishes this take
   copy_in(segment_, e);
   store_release(e.valid, 0U);

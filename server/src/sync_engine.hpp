@@ -26,8 +26,9 @@
 // before the next one. Writes (adding deltas, taking answers) happen between apply rounds; in
 // BSP only at the group's step boundary or while no worker is attached, so that a step's values
 // stay what its workers view (ARCHITECTURE.md, Pull). A slice this group's workers did not change
-// is synced too once every kRefreshRounds rounds (a zero delta): its home's values come back, so
-// a group sees the other groups' updates of every slice, not only of those it pushes to.
+// is synced too after kRefreshRounds rounds' time, at least a second (a zero delta, which the home
+// does not write): its home's values come back, so a group sees the other groups' updates of every
+// slice, not only of those it pushes to.
 //
 // shmps-ctl sync NAME: a full round (every non-home slice, changed or not) once nothing is in
 // flight; done when its answers are back. After a full round of every group in turn, every delta
@@ -77,8 +78,10 @@ class SyncEngine {
   bool round_due() const;
 
   enum class Full { none, waiting, running, done };
-  // A slice nobody here changed is still synced every this many rounds, to take the home's values.
-  static constexpr std::uint64_t kRefreshRounds = 8;
+  // A slice nobody here changed is still synced after this many rounds' time (at least
+  // kMinRefreshMs), to take the home's values.
+  static constexpr std::int64_t kRefreshRounds = 8;
+  static constexpr std::int64_t kMinRefreshMs = 1000;
 
   shm::Segment& segment_;
   std::unique_ptr<SyncTransport> transport_;
@@ -89,6 +92,8 @@ class SyncEngine {
   std::chrono::steady_clock::time_point last_round_;
   std::uint64_t records_at_last_round_ = 0;
   Full full_ = Full::none;
+  std::uint64_t refresh_after_ns_;
+  bool may_write_ = true;  // the last tick could receive: records waiting are work then
   std::uint64_t warned_bad_records_ = 0;
 };
 

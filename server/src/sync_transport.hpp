@@ -4,8 +4,11 @@
 //
 // A record is a shm::PushRecord of kind sync_delta (a slice's delta, to its home group) or
 // sync_fresh (the home's values, back): `offset` is the slice, `count` its elements, `seq` the
-// sync sequence number, `generation` the sending group. Per pair of groups records arrive in
-// the order they were committed, each whole; a record stays until the receiver has handled it
+// sync sequence number, `generation` the sending group, `clock` (answers) the home's version
+// word of the slice. Deltas and answers travel on separate channels, so that answers never wait
+// behind deltas (a receiver always takes its answers, which needs no room anywhere; a home that
+// has no room to answer waits for that, and cannot deadlock with another home). Per pair of
+// groups and channel records arrive in the order they were committed, each whole; a record stays until the receiver has handled it
 // (a receiver killed mid-way is handed it again: handling must be idempotent, and is).
 #pragma once
 
@@ -22,12 +25,12 @@ class SyncTransport {
  public:
   virtual ~SyncTransport() = default;
 
-  // Room for a record of `count` floats to group `to`: its payload, to be filled, or nullptr if
-  // there is no room now (or `to`'s server has never been up): try again later. The record is
-  // invisible until commit(to).
+  // Room for a record of `kind` and `count` floats to group `to`: its payload, to be filled, or
+  // nullptr if there is no room now: try again later. The record is invisible until
+  // commit(to, kind). `version`: an answer's home version word (0 for a delta).
   virtual float* try_claim(std::uint32_t to, shm::RecordKind kind, std::uint64_t slice, std::uint64_t seq,
-                           std::uint64_t count) = 0;
-  virtual void commit(std::uint32_t to) = 0;
+                           std::uint64_t count, std::uint64_t version) = 0;
+  virtual void commit(std::uint32_t to, shm::RecordKind kind) = 0;
 
   // Calls handler(from, record) for the records received from every other group, in order per
   // group. The handler returns false to stop at a record (it is handed again next time). Records
@@ -39,9 +42,12 @@ class SyncTransport {
   virtual bool waiting() = 0;
 };
 
-// Between the servers of one host: each group's sync segment (shm/sync_segment.hpp) holds a ring
-// to every other group; group `group` produces into its own and consumes its ring in the others'.
+// Between the servers of one host: each group's sync segment (shm/sync_segment.hpp) holds two
+// rings to every other group; group `group` produces into its own and consumes its rings in the
+// others'. `spec_hash`: the replica's, which every peer's must equal. `fresh`: the replica was
+// made just now, so its sync segment is made anew too.
 std::unique_ptr<SyncTransport> make_shm_sync_transport(const std::string& job, std::uint32_t group, std::uint32_t groups,
-                                                       std::uint64_t ring_bytes, unsigned mode);
+                                                       std::uint64_t ring_bytes, std::uint64_t spec_hash, bool fresh,
+                                                       unsigned mode);
 
 }  // namespace shmps::server

@@ -13,6 +13,7 @@
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/names.hpp>
+#include <shmps/shm/proc.hpp>
 #include <shmps/shm/segment.hpp>
 
 namespace shmps::shm {
@@ -27,19 +28,23 @@ struct Mapping {
 };
 
 std::uint64_t total_bytes_for(std::uint32_t groups, std::uint64_t ring_bytes) {
-  return sizeof(SyncSegmentHeader) + groups * (sizeof(RingHeader) + ring_bytes);
+  return sizeof(SyncSegmentHeader) + 2 * groups * (sizeof(RingHeader) + ring_bytes);
 }
 
 // Whether the header describes a ready sync segment of this build for `groups` groups, produced
 // by `origin`, of `size` bytes; "" if so, else what is wrong.
-std::string header_problem(const SyncSegmentHeader& h, std::uint64_t size, std::uint32_t origin, std::uint32_t groups) {
+std::string header_problem(const SyncSegmentHeader& h, std::uint64_t size, std::uint32_t origin, std::uint32_t groups,
+                           std::uint64_t spec_hash) {
   if (h.magic != kSyncMagic) return "is not a shmps sync segment (bad magic)";
   if (h.layout_version != kLayoutVersion || h.fingerprint != kLayoutFingerprint)
     return "was made by another shmps build (layout version " + std::to_string(h.layout_version) + ")";
-  if (h.total_bytes != size) return "is damaged (its size is not the one its header says)";
+  if (h.total_bytes != size || h.total_bytes != total_bytes_for(h.server_groups, h.ring_bytes) ||
+      h.rings_offset != sizeof(SyncSegmentHeader) || h.ring_stride != sizeof(RingHeader) + h.ring_bytes)
+    return "is damaged (its geometry does not match its size)";
   if (h.origin != origin) return "belongs to server group " + std::to_string(h.origin);
   if (h.server_groups != groups)
     return "is for " + std::to_string(h.server_groups) + " server groups, not " + std::to_string(groups);
+  if (h.spec_hash != spec_hash) return "serves another model (its spec differs from this server's)";
   return {};
 }
 
@@ -58,7 +63,8 @@ void SyncSegment::remove(std::string_view job, std::uint32_t group) {
   bip::shared_memory_object::remove(shm_object_name(sync_segment_name(job, group)).c_str());
 }
 
-std::optional<SyncSegment> SyncSegment::open_peer(std::string_view job, std::uint32_t group, std::uint32_t groups) {
+std::optional<SyncSegment> SyncSegment::open_peer(std::string_view job, std::uint32_t group, std::uint32_t groups,
+                                                  std::uint64_t spec_hash) {
   const std::string name = sync_segment_name(job, group);
   SyncSegment s;
   try {
@@ -78,17 +84,25 @@ std::optional<SyncSegment> SyncSegment::open_peer(std::string_view job, std::uin
   }
   s.name_ = name;
   if (load_acquire(s.header().state) != static_cast<std::uint32_t>(SegmentState::ready)) return std::nullopt;
-  if (auto problem = header_problem(s.header(), s.size_, group, groups); !problem.empty())
+  if (auto problem = header_problem(s.header(), s.size_, group, groups, spec_hash); !problem.empty())
     throw Error("the sync segment of server group " + std::to_string(group) + " (" + segment_path(name) + ") " + problem +
                 ": stop the job's servers and remove it (shmps-ctl destroy removes a job's segments)");
+  for (std::uint32_t r = 0; r < 2 * groups; ++r)
+    if (at<RingHeader>(s.base_, s.header().rings_offset + r * s.header().ring_stride)->capacity != s.header().ring_bytes)
+      throw Error("the sync segment of server group " + std::to_string(group) + " (" + segment_path(name) +
+                  ") is damaged (a ring's capacity is not its header's): stop the job's servers and remove it");
   return s;
 }
 
 SyncSegment SyncSegment::create_or_reuse(std::string_view job, std::uint32_t group, std::uint32_t groups,
-                                         std::uint64_t ring_bytes, unsigned mode) {
+                                         std::uint64_t ring_bytes, std::uint64_t spec_hash, unsigned mode) {
   const std::uint64_t total = total_bytes_for(groups, ring_bytes);
-  if (auto existing = open_peer(job, group, groups)) {
-    if (existing->header().ring_bytes == ring_bytes) return std::move(*existing);
+  try {
+    if (auto existing = open_peer(job, group, groups, spec_hash)) {
+      if (existing->header().ring_bytes == ring_bytes) return std::move(*existing);
+    }
+  } catch (const Error&) {
+    // Not this job's (another model, another build): only this group's server makes it; replaced.
   }
   // Nothing usable there: only this group's server (holding its replica's server lock) makes it.
   remove(job, group);
@@ -123,7 +137,10 @@ SyncSegment SyncSegment::create_or_reuse(std::string_view job, std::uint32_t gro
   h.ring_stride = sizeof(RingHeader) + ring_bytes;
   h.origin = group;
   h.rings_offset = sizeof(SyncSegmentHeader);
-  for (std::uint32_t d = 0; d < groups; ++d) s.ring(d).capacity = ring_bytes;
+  h.created_unix_ns = unix_ns();
+  h.spec_hash = spec_hash;
+  for (std::uint32_t d = 0; d < groups; ++d)
+    for (std::uint32_t c = 0; c < 2; ++c) s.ring(d, c).capacity = ring_bytes;
   store_release(h.state, static_cast<std::uint32_t>(SegmentState::ready));
   return s;
 }

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <random>
@@ -327,6 +328,16 @@ TEST(ServerGroups, APutReachesEveryReplica) {
   Watchdog watchdog(60s);
   ServerGroups job("sgroups-put", 2, "[[param]]\nname = \"big\"\nshape = [300000]\ninit = \"put\"\n");
   job.start_all();
+  // Before the put, the groups' periodic refreshes (every second here) must not make "big" look
+  // written: its slices stay at version 0 in both replicas, so that pulls of it still wait.
+  std::this_thread::sleep_for(1500ms);
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    auto seg = shm::Segment::open(job.replica(g), shm::Access::read_only);
+    const shm::ParamEntry& big = seg.param(static_cast<std::uint64_t>(seg.find_param("big")));
+    for (std::uint64_t k = 0; k < big.slice_count; ++k)
+      EXPECT_EQ(shm::load_acquire(seg.slice(big.first_slice + k).version), 0u) << "replica " << g << " slice " << k;
+    EXPECT_GT(shm::load_counter(seg.header().sync_sent), 0u) << "the refreshes did run";
+  }
   auto& putter = job.job().start({"shmps-test-pusher", "put"}, {{"SHMPS_SEGMENT", job.replica(1)}, {"SHMPS_RANK", "0"}});
   ASSERT_EQ(putter.wait(30s), 0) << putter.output();
   for (std::uint32_t g = 0; g < 2; ++g) {
@@ -359,4 +370,44 @@ TEST(ServerGroups, TheTrainerRunsInBspWithTwoServerGroups) {
   shmps::test::expect_no_files(shm::replica_name(job.name(), 0));
   shmps::test::expect_no_files(shm::replica_name(job.name(), 1));
   EXPECT_FALSE(std::filesystem::exists(shm::segment_path(shm::sync_segment_name(job.name(), 1))));
+}
+
+// On a machine with several NUMA nodes the launcher binds each server group's server and workers
+// to one node. This machine has one, so a topology of two single-CPU nodes is given
+// (SHMPS_NUMA_TOPOLOGY): group 0's worker must run on CPU 0 only, group 1's on CPU 1 only.
+TEST(ServerGroups, TheLauncherBindsEachGroupToANumaNode) {
+  Watchdog watchdog(60s);
+  Job job("sgroups-numa", pattern_spec(8));
+  Process launch({"/usr/bin/env", "SHMPS_NUMA_TOPOLOGY=0:0;1:1", shmps::test::bin("shmps-launch"), "--spec",
+                  job.spec_path(), "--name", job.name(), "--workers", "2", "--server-groups", "2", "--", "/bin/grep",
+                  "Cpus_allowed_list", "/proc/self/status"});
+  ASSERT_EQ(launch.wait(60s), 0) << launch.output();
+  const std::string out = launch.output();
+  EXPECT_HAS(out, "server group 0 and its workers run on NUMA node 0 (cpus 0)");
+  EXPECT_HAS(out, "server group 1 and its workers run on NUMA node 1 (cpus 1)");
+  EXPECT_HAS(out, "[w0] Cpus_allowed_list:\t0\n");
+  EXPECT_HAS(out, "[w1] Cpus_allowed_list:\t1\n");
+}
+
+// A sync round whose deltas do not fit the rings (a 12 MiB parameter: each group sends about 6 MiB
+// of deltas into 4 MiB rings, both at once): answers travel apart from deltas, so neither home
+// waits on the other for room, and the job ends synced and exact.
+TEST(ServerGroups, DeltasBiggerThanTheRingsDoNotDeadlockTheGroups) {
+  Watchdog watchdog(120s);
+  ServerGroups job("sgroups-big", 2, "[[param]]\nname = \"u\"\nshape = [3000000]\n", {"--sync-every", "1ms"});
+  job.start_all();
+  std::vector<Process*> pushers;
+  for (std::uint32_t r = 0; r < 2; ++r)
+    pushers.push_back(&job.job().start({"shmps-test-pusher", "uniform", "--pushes", "12"},
+                                       {{"SHMPS_SEGMENT", job.replica(r)}, {"SHMPS_RANK", "0"}}));
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  job.sync();
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    shmps::Worker reader(shmps::WorkerOptions{.segment = job.replica(g), .rank = kReader});
+    std::vector<float> u(3000000);
+    reader.pull("u", u);
+    EXPECT_EQ(std::count(u.begin(), u.end(), -24.0f), static_cast<long>(u.size())) << "replica " << g;
+    auto seg = shm::Segment::open(job.replica(g), shm::Access::read_only);
+    EXPECT_GT(shm::load_counter(seg.header().sync_added), 0u);
+  }
 }

@@ -4,7 +4,7 @@
 //                                 [--absent R:S]
 //
 // The job's parameters: "mark" (one element per worker slot), "w" (shared by every group), and
-// "own<g>" for each group g (pushed by group g only). Waits until P workers are attached, then
+// "own<g>" for each group g (pushed by group g only). Waits until P workers are admitted, then
 // does B steps: pull "mark", "own<g>" and "w" (each pull waits for the group's step, BSP), push
 // -1 to element <rank> of "mark", pushes ugly(rank, step) to the whole of "own<g>" and
 // pattern(rank, step) to the whole of "w", clock(). --check (SGD, lr 1, bsp_aggregate "sum"):
@@ -44,7 +44,11 @@ int run_group_steps(Worker& w, const GroupStepsOptions& o) {
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   for (bool all = false; !all;) {
     all = true;
-    for (std::uint64_t r = 0; r < o.workers; ++r) all = all && shm::load_acquire(seg.slot(r).state) == attached;
+    // Attached and admitted by the server: only then does a worker count for its group's bounds
+    // (shm::counts_for_group), so nobody runs ahead of a mate the server has not admitted yet.
+    for (std::uint64_t r = 0; r < o.workers; ++r)
+      all = all && shm::load_acquire(seg.slot(r).state) == attached &&
+            shm::load_acquire(seg.slot(r).admitted_generation) == shm::load_acquire(seg.slot(r).generation);
     if (std::chrono::steady_clock::now() > until) throw Error("the other workers did not attach");
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }

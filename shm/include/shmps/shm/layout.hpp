@@ -537,6 +537,9 @@ struct alignas(kCacheLine) GroupEntry {
 //
 // Either way no slice stays torn and no push is applied twice.
 //
+// A sync_take also sets the slice's SyncSlice::clean_version to sync_clean_version: its new
+// version if its own workers changed nothing while the delta was away, else 0 (still changed).
+//
 //   RedoEntry | u64 last_applied[max_workers] | RedoInput inputs[redo_input_capacity]
 //             | float values[slice_floats] | state[state_arrays][slice_floats]
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
@@ -574,12 +577,13 @@ struct alignas(kCacheLine) RedoEntry {
   std::uint64_t chunk_count;
   float scale;                          // mode sums: the factor on the step sums (1, or 1 / ranks)
   std::uint32_t sync_origin;            // sync_add: the server group the delta came from
-  std::uint64_t reserved2[3];
+  std::uint64_t sync_clean_version;     // sync_take: the slice's clean_version once the copy is done
+  std::uint64_t reserved2[2];
 };
 #define SHMPS_REDO_ENTRY_FIELDS(FIELD, PAD) \
   FIELD(valid) FIELD(target) FIELD(slice) FIELD(count) FIELD(version_after) FIELD(step_after) FIELD(clock_after) \
   FIELD(sum_step_after) FIELD(sync_seq) FIELD(mode) FIELD(inputs) FIELD(done) FIELD(chunk_lo) FIELD(chunk_count) \
-  FIELD(scale) FIELD(sync_origin) FIELD(reserved2)
+  FIELD(scale) FIELD(sync_origin) FIELD(sync_clean_version) FIELD(reserved2)
 
 // One input of a chunked update: the push record of worker `rank` with sequence number `seq`, at
 // byte `ring_offset` of that worker's ring data.
@@ -734,7 +738,8 @@ struct RingHeader {
 //
 // Between servers (sync segments): sync_delta carries a slice's delta from group `generation`
 // to the slice's home group, sync_fresh the home's values back; `offset` is the slice index,
-// `count` its elements, `seq` the sync sequence number.
+// `count` its elements, `seq` the sync sequence number, and in sync_fresh `clock` the home's
+// version word of the slice (0: nobody has written it there yet).
 enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4, sync_delta = 5, sync_fresh = 6 };
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
@@ -766,12 +771,16 @@ constexpr std::uint64_t record_bytes_for(std::uint64_t count) noexcept {
 
 // ---------------------------------------------------------------------------------------------
 // SyncSegmentHeader: the sync segment of server group `origin` (<job>.g<origin>.sync), which only
-// servers map. It holds one ring per server group (the one of `origin` itself unused): server
-// `origin` produces sync records into ring d (RingProducer) and server d consumes them
-// (RingConsumer): deltas to the slices' home groups, and fresh values back to requesters. The
-// records are PushRecords of kind sync_delta and sync_fresh; the rings are the workers' rings.
+// servers map. It holds two rings per server group d (those of `origin` itself unused): server
+// `origin` produces sync records into them (RingProducer) and server d consumes them
+// (RingConsumer): channel 0 carries deltas to the slices' home group d, channel 1 answers (fresh
+// values) to requester d. Two channels, so that answers never wait behind deltas: a server
+// always drains its answers (taking them needs no room anywhere), so a home always finds room
+// to answer eventually, and two groups full of each other's deltas cannot deadlock. The records
+// are PushRecords of kind sync_delta and sync_fresh; the rings are the workers' rings.
 //
-//   SyncSegmentHeader | per group: RingHeader + ring_bytes of records (ring_stride apart)
+//   SyncSegmentHeader | per group d, per channel c: RingHeader + ring_bytes of records, at
+//                       rings_offset + (2 d + c) ring_stride
 struct alignas(kCacheLine) SyncSegmentHeader {
   SHMPS_SHARED_IN_PLACE(SyncSegmentHeader);
 
@@ -785,10 +794,17 @@ struct alignas(kCacheLine) SyncSegmentHeader {
   std::uint32_t origin;          // the server group that produces into its rings
   std::atomic<std::uint32_t> state;  // SegmentState: "ready" once the rings are laid out
   std::uint64_t rings_offset;
+  // Second line: which sync segment this is. A peer that maps it notices from created_unix_ns
+  // that it was replaced (its group's replica was made again) and maps the new one; spec_hash
+  // is the replica's (SegmentHeader::spec_hash): a peer serving another model refuses it.
+  std::uint64_t created_unix_ns;
+  std::uint64_t spec_hash;
+  std::uint64_t reserved[6];
 };
 #define SHMPS_SYNC_SEGMENT_HEADER_FIELDS(FIELD, PAD)                                                       \
   FIELD(magic) FIELD(layout_version) FIELD(server_groups) FIELD(fingerprint) FIELD(total_bytes) FIELD(ring_bytes) \
-  FIELD(ring_stride) FIELD(origin) FIELD(state) FIELD(rings_offset)
+  FIELD(ring_stride) FIELD(origin) FIELD(state) FIELD(rings_offset) FIELD(created_unix_ns) FIELD(spec_hash)        \
+  FIELD(reserved)
 inline constexpr std::uint64_t kSyncMagic = 0x3153594e53530a7fULL;  // "\x7f\nSSNYS1" little-endian
 
 // ---------------------------------------------------------------------------------------------
@@ -806,7 +822,7 @@ static_assert(sizeof(RingHeader) == 3 * kCacheLine);
 static_assert(sizeof(PushRecord) == kCacheLine);
 static_assert(sizeof(RedoEntry) == 2 * kCacheLine);
 static_assert(sizeof(SyncSlice) == 32);
-static_assert(sizeof(SyncSegmentHeader) == kCacheLine);
+static_assert(sizeof(SyncSegmentHeader) == 2 * kCacheLine);
 static_assert(sizeof(RedoInput) == 24);
 static_assert(sizeof(ParamStats) == kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);

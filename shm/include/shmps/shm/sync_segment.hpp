@@ -4,8 +4,9 @@
 //   own:   SyncSegment::create_or_reuse(job, k, groups, ...)  server k, holding its replica's lock
 //   peer:  SyncSegment::open_peer(job, j)                      server k reads group j's records
 //
-// Server k produces into ring d of its own sync segment (records for group d) and consumes ring
-// k of every other group's sync segment. Only servers map these segments; workers never do.
+// Server k produces into the rings for group d of its own sync segment (deltas on channel 0,
+// answers on channel 1) and consumes the rings for k of every other group's sync segment. Only
+// servers map these segments; workers never do.
 #pragma once
 
 #include <cstdint>
@@ -28,10 +29,12 @@ class SyncSegment {
   // way is reused (a restarted server finds the records it had committed and its peers' positions
   // in them); anything else there (left half-created) is replaced. Throws shmps::Error.
   static SyncSegment create_or_reuse(std::string_view job, std::uint32_t group, std::uint32_t groups,
-                                     std::uint64_t ring_bytes, unsigned mode);
+                                     std::uint64_t ring_bytes, std::uint64_t spec_hash, unsigned mode);
   // Group `group`'s sync segment, once its server has made it ready; nullopt before that. Throws
-  // shmps::Error if what is there is not a sync segment of this build, or has another group count.
-  static std::optional<SyncSegment> open_peer(std::string_view job, std::uint32_t group, std::uint32_t groups);
+  // shmps::Error if what is there is not a sync segment of this build for this model (spec_hash)
+  // and group count, or its geometry does not fit its size.
+  static std::optional<SyncSegment> open_peer(std::string_view job, std::uint32_t group, std::uint32_t groups,
+                                              std::uint64_t spec_hash);
   static void remove(std::string_view job, std::uint32_t group);
 
   SyncSegment();
@@ -42,11 +45,13 @@ class SyncSegment {
   const std::string& name() const noexcept { return name_; }
   SyncSegmentHeader& header() noexcept { return *reinterpret_cast<SyncSegmentHeader*>(base_); }
   const SyncSegmentHeader& header() const noexcept { return *reinterpret_cast<const SyncSegmentHeader*>(base_); }
-  // The ring of records for group `to`, and its records.
-  RingHeader& ring(std::uint32_t to) noexcept {
-    return *at<RingHeader>(base_, header().rings_offset + to * header().ring_stride);
+  // The ring of records for group `to` on `channel` (0: deltas, 1: answers), and its records.
+  RingHeader& ring(std::uint32_t to, std::uint32_t channel) noexcept {
+    return *at<RingHeader>(base_, header().rings_offset + (2 * to + channel) * header().ring_stride);
   }
-  std::byte* ring_data(std::uint32_t to) noexcept { return reinterpret_cast<std::byte*>(&ring(to) + 1); }
+  std::byte* ring_data(std::uint32_t to, std::uint32_t channel) noexcept {
+    return reinterpret_cast<std::byte*>(&ring(to, channel) + 1);
+  }
 
  private:
   std::string name_;
