@@ -32,7 +32,7 @@ else()
   # Without dpkg-shlibdeps: the libraries the programs link on Debian 12, named by hand.
   message(STATUS "dpkg-shlibdeps or file not found: the .deb's library dependencies are the listed ones")
   list(APPEND _depends libc6 libstdc++6 libgcc-s1 libtbb12 libspdlog1.10 libfmt9 libncursesw6 libtinfo6
-       libcpp-httplib0.11 libtomlplusplus3)
+       libcpp-httplib0.11 libtomlplusplus3 libnuma1)
 endif()
 if(SHMPS_PYTHON)
   # The extension is built for this python3 (its ABI tag names the minor version) and uses numpy.
