@@ -144,6 +144,12 @@ TEST(ServerGroups, TwoGroupsConvergeToTheExactSumAndCheckpointAsOneFile) {
   const auto inspect = shmps::test::run({"shmps-ctl", "inspect", job.replica(1)});
   EXPECT_HAS(inspect.out, "server group 1 of 2, home of 4 of 9 slices");
   EXPECT_HAS(inspect.out, "homes 0,1,0,1,0,1,0,1");
+  const auto top = shmps::test::run({"shmps-top", job.replica(1), "--json"});
+  EXPECT_HAS(top.out, "\"server_groups\": {");
+  EXPECT_HAS(top.out, "\"home_slices\": 4");
+  EXPECT_HAS(top.out, "\"deltas_added\": ");
+  const auto top_text = shmps::test::run({"shmps-top", job.replica(0), "--once"});
+  EXPECT_HAS(top_text.out, "sync        server group 0 of 2, home of 5 slices");
   const auto of_job = shmps::test::run({"shmps-ctl", "inspect", job.name()});
   EXPECT_NE(of_job.code, 0);
   EXPECT_HAS(of_job.out, "is a job with 2 server groups: inspect one of its replicas");

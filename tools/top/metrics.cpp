@@ -63,6 +63,7 @@ Metrics compute_metrics(const Sample* before, const Sample& now) {
   if (now.server_started_unix_ns != 0) m.uptime_s = age_s(now.unix_ns, now.server_started_unix_ns);
   m.server_heartbeat_age_s = age_s(now.mono_ns, now.server_heartbeat_ns);
   m.checkpoint_age_s = age_s(now.unix_ns, now.last_checkpoint_unix_ns);
+  m.sync_age_s = age_s(now.unix_ns, now.last_sync_unix_ns);
   if (now.last_checkpoint_unix_ns != 0) m.checkpoint_duration_s = static_cast<double>(now.last_checkpoint_duration_ns) / 1e9;
 
   if (comparable) {

@@ -47,6 +47,7 @@ struct Metrics {
   std::optional<double> pushes_per_s;         // over every worker
   Latency latency;
   std::optional<double> checkpoint_age_s, checkpoint_duration_s;
+  std::optional<double> sync_age_s;  // server groups: since the last sync round had every answer back
   unsigned workers_alive = 0;  // alive or suspect
   std::vector<WorkerMetrics> workers;  // every slot, free ones too
   std::vector<ParamMetrics> params;

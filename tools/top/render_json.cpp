@@ -25,6 +25,23 @@ double decimal(float f) {
 }
 
 // [{"group", "first_rank", "ranks", "clock", "steps", "records", "discarded"}], group 0 first.
+// Server groups: null without them.
+json server_groups_json(const Sample& s, const Metrics& m) {
+  if (s.server_groups < 2) return nullptr;
+  return {{"group", s.server_group},
+          {"of", s.server_groups},
+          {"home_slices", s.home_slices},
+          {"sync",
+           {{"rounds", s.sync_rounds},
+            {"deltas_sent", s.sync_sent},
+            {"answers_taken", s.sync_taken},
+            {"in_flight", s.sync_in_flight},
+            {"deltas_added", s.sync_added},
+            {"duplicates_answered", s.sync_duplicates},
+            {"bytes_sent", s.sync_bytes},
+            {"last_age_s", value(m.sync_age_s)}}}};
+}
+
 json groups_json(const Sample& s) {
   json groups = json::array();
   for (std::size_t g = 0; g < s.groups.size(); ++g)
@@ -140,6 +157,7 @@ std::string render_json(const Metrics& m) {
         {"steps", s.steps}}},
       {"workers_per_group", s.workers_per_group},
       {"groups", groups_json(s)},
+      {"server_groups", server_groups_json(s, m)},
       {"optimizer",
        {{"kind", std::string(to_string(s.optimizer.kind))},
         {"lr", decimal(s.optimizer.lr)},

@@ -48,6 +48,13 @@ std::vector<std::string> summary_lines(const Metrics& m) {
     }
     lines.push_back(groups);
   }
+  if (s.server_groups > 1)
+    lines.push_back("sync        server group " + std::to_string(s.server_group) + " of " +
+                    std::to_string(s.server_groups) + ", home of " + std::to_string(s.home_slices) + " slices; " +
+                    std::to_string(s.sync_sent) + " deltas sent, " + std::to_string(s.sync_taken) + " answers taken, " +
+                    std::to_string(s.sync_in_flight) + " in flight; " + std::to_string(s.sync_added) +
+                    " deltas added as home; last complete round " +
+                    (m.sync_age_s ? human_duration(*m.sync_age_s) + " ago" : std::string("never")));
   std::string apply = "apply       " + opt(m.records_per_s, human_count) + " pushes/s, " + opt(m.floats_per_s, human_count) +
                       " floats/s, busy " + opt(m.apply_busy_fraction, percent) + "; latency ";
   if (m.latency.p50_ns)

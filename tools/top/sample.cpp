@@ -89,6 +89,22 @@ Sample read_sample(const Segment& seg) {
     const GroupEntry& e = seg.group(g);
     s.groups[g] = {load_acquire(e.clock), load_counter(e.steps), load_counter(e.records), load_counter(e.discarded)};
   }
+  s.server_group = h.server_group;
+  s.server_groups = h.server_groups;
+  if (seg.has_server_groups()) {
+    for (std::uint64_t i = 0; i < h.slice_count; ++i) {
+      const SyncSlice& sync = seg.sync_slice(i);
+      s.home_slices += sync.home == h.server_group;
+      s.sync_in_flight += load_acquire(sync.sent_seq) > load_acquire(sync.synced_seq);
+    }
+    s.sync_rounds = load_counter(h.sync_rounds);
+    s.sync_sent = load_counter(h.sync_sent);
+    s.sync_taken = load_counter(h.sync_taken);
+    s.sync_added = load_counter(h.sync_added);
+    s.sync_duplicates = load_counter(h.sync_duplicates);
+    s.sync_bytes = load_counter(h.sync_bytes);
+    s.last_sync_unix_ns = load_acquire(h.last_sync_unix_ns);
+  }
   s.steps = load_counter(h.steps);
   s.optimizer = h.optimizer;
   s.records_applied = load_counter(h.records_applied);

@@ -101,6 +101,12 @@ struct Sample {
   };
   std::uint32_t workers_per_group = 0;
   std::vector<Group> groups;
+  // Server groups: this segment is the replica of group server_group of server_groups (1: none),
+  // home of home_slices slices; its sync counters (SegmentHeader) and slices in flight now.
+  std::uint32_t server_group = 0, server_groups = 1;
+  std::uint64_t home_slices = 0, sync_in_flight = 0;
+  std::uint64_t sync_rounds = 0, sync_sent = 0, sync_taken = 0, sync_added = 0, sync_duplicates = 0, sync_bytes = 0;
+  std::uint64_t last_sync_unix_ns = 0;
   OptimizerSettings optimizer;
   std::uint64_t records_applied = 0;
   std::uint64_t floats_applied = 0;
