@@ -409,7 +409,8 @@ TEST(Top, JsonSnapshotOfAJob) {
   EXPECT_EQ(keys(doc["server"]), (Keys{"alive", "pid", "epoch", "started_unix_ns", "uptime_s", "heartbeat_age_s"}));
   EXPECT_EQ(keys(doc["job"]), (Keys{"state", "size_bytes", "layout_version", "created_unix_ns", "max_workers", "workers_alive",
                                     "slices", "slice_bytes", "ring_bytes", "consistency", "workers_per_group", "groups",
-                                    "optimizer"}));
+                                    "server_groups", "optimizer"}));
+  EXPECT_TRUE(doc["job"]["server_groups"].is_null()) << "a job without server groups";
   EXPECT_EQ(keys(doc["job"]["consistency"]), (Keys{"mode", "staleness", "bsp_aggregate", "on_worker_death", "model_clock", "steps"}));
   EXPECT_EQ(keys(doc["job"]["optimizer"]), (Keys{"kind", "lr", "momentum", "weight_decay", "clip_value", "clip_norm", "state_dtype"}));
   EXPECT_EQ(keys(doc["apply"]), (Keys{"records_applied", "records_per_s", "floats_applied", "floats_per_s", "rounds",
