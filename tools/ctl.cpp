@@ -11,7 +11,8 @@
 //                                  For a job with server groups (NAME.g0, ...): synced first,
 //                                  then one file from group 0's replica
 //   shmps-ctl sync NAME            server groups: make every replica of job NAME equal
-//   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force)
+//   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force);
+//                                  for a job with server groups, every replica
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
 #include <algorithm>
@@ -417,8 +418,26 @@ int cmd_export(const std::string& name, const std::string& path) {
   return 0;
 }
 
+int cmd_destroy(const std::string& name, bool force);
+
+// A job with server groups: every replica (and its sync segment), each as `destroy` would.
+int cmd_destroy_job(const std::string& job, std::uint32_t groups, bool force) {
+  for (std::uint32_t g = 0; g < groups; ++g) {
+    bool alive = false;
+    holder(server_lock_path(replica_name(job, g)), 0, alive);
+    if (alive && !force)
+      throw Error("'" + job + "' is a job with " + std::to_string(groups) + " server groups, and the server of group " +
+                  std::to_string(g) + " is alive: stop the job's servers first, or pass --force; nothing was removed");
+  }
+  for (std::uint32_t g = 0; g < groups; ++g)
+    if (Segment::exists(replica_name(job, g))) cmd_destroy(replica_name(job, g), force);
+  return 0;
+}
+
 int cmd_destroy(const std::string& name, bool force) {
   check_segment_name(name);
+  if (!Segment::exists(name))
+    if (const std::uint32_t groups = tools::server_groups_of(name); groups > 1) return cmd_destroy_job(name, groups, force);
   bool server_alive = false;
   holder(server_lock_path(name), 0, server_alive);
   if (!Segment::exists(name)) {

@@ -150,6 +150,9 @@ TEST(ServerGroups, TwoGroupsConvergeToTheExactSumAndCheckpointAsOneFile) {
   EXPECT_HAS(top.out, "\"deltas_added\": ");
   const auto top_text = shmps::test::run({"shmps-top", job.replica(0), "--once"});
   EXPECT_HAS(top_text.out, "sync        server group 0 of 2, home of 5 slices");
+  const auto destroy_live = shmps::test::run({"shmps-ctl", "destroy", job.name()});
+  EXPECT_NE(destroy_live.code, 0);
+  EXPECT_HAS(destroy_live.out, "is alive: stop the job's servers first, or pass --force; nothing was removed");
   const auto of_job = shmps::test::run({"shmps-ctl", "inspect", job.name()});
   EXPECT_NE(of_job.code, 0);
   EXPECT_HAS(of_job.out, "is a job with 2 server groups: inspect one of its replicas");
@@ -323,6 +326,13 @@ TEST(ServerGroups, TheLauncherStartsTheGroupsRestartsAKilledServerAndSyncsAtTheE
   for (std::uint32_t g = 0; g < 2; ++g) {
     SCOPED_TRACE("replica " + std::to_string(g));
     expect_exact_sum(shm::replica_name(job.name(), g), {300, 300, 300, 300}, kReader);
+  }
+  // --keep kept the replicas; shmps-ctl destroy of the job removes all of them, sync segments too.
+  const auto destroyed = shmps::test::run({"shmps-ctl", "destroy", job.name()});
+  EXPECT_EQ(destroyed.code, 0) << destroyed.out;
+  for (std::uint32_t g = 0; g < 2; ++g) {
+    shmps::test::expect_no_files(shm::replica_name(job.name(), g));
+    EXPECT_FALSE(std::filesystem::exists(shm::segment_path(shm::sync_segment_name(job.name(), g))));
   }
 }
 
