@@ -158,6 +158,27 @@ bool SyncEngine::handle(std::uint32_t from, const PushRecord& r) {
   return true;
 }
 
+// Completes a sync write whose new values (and, for a take, fresh base) are in `e`: names it in the
+// entry, marks it valid (from here on a restarted server finishes it), copies it in under the
+// slice's seqlock with its table entries (redo.hpp), and clears the mark.
+void SyncEngine::copy_in_through_redo(RedoEntry& e, RedoTarget target, std::uint64_t s, std::uint64_t seq,
+                                      std::uint32_t origin, std::uint64_t clean_version) {
+  const SliceEntry& slice = segment_.slice(s);
+  e.target = target;
+  e.mode = RedoMode::whole;
+  e.slice = s;
+  e.count = slice.count;
+  e.version_after = load_own(slice.version) + 2;
+  e.step_after = slice.step;
+  e.clock_after = 0;
+  e.sync_seq = seq;
+  e.sync_origin = origin;
+  e.sync_clean_version = clean_version;
+  store_release(e.valid, 1U);
+  copy_in(segment_, e);
+  store_release(e.valid, 0U);
+}
+
 // As home: adds the delta once (atomically with its exactly-once entry), then answers with the
 // slice's values and version, also for a delta added before (its requester lost the answer, or
 // sent it again). The answer's room is claimed first: without it nothing is done, and the delta
@@ -180,18 +201,7 @@ bool SyncEngine::add_delta(std::uint32_t from, const PushRecord& r) {
     store_release(e.valid, 0U);  // never filled while marked valid
     float* next = segment_.redo_values(e);
     for (std::uint64_t k = 0; k < slice.count; ++k) next[k] = values[k] + delta[k];
-    e.target = RedoTarget::sync_add;
-    e.mode = RedoMode::whole;
-    e.slice = s;
-    e.count = slice.count;
-    e.version_after = load_own(slice.version) + 2;
-    e.step_after = slice.step;
-    e.clock_after = 0;
-    e.sync_seq = r.seq;
-    e.sync_origin = from;
-    store_release(e.valid, 1U);  // from here on, a restarted server finishes this add
-    copy_in(segment_, e);
-    store_release(e.valid, 0U);
+    copy_in_through_redo(e, RedoTarget::sync_add, s, r.seq, from, 0);
     h.sync_added.fetch_add(1, std::memory_order_relaxed);
   }
   std::memcpy(answer, values, slice.count * sizeof(float));
@@ -231,19 +241,9 @@ void SyncEngine::take_fresh(const PushRecord& r) {
     next[k] = fresh[k] + local;
   }
   std::memcpy(segment_.redo_sync_base(e), fresh, slice.count * sizeof(float));
-  e.target = RedoTarget::sync_take;
-  e.mode = RedoMode::whole;
-  e.slice = s;
-  e.count = slice.count;
-  e.version_after = load_own(slice.version) + 2;
-  e.step_after = slice.step;
-  e.clock_after = 0;
-  e.sync_seq = r.seq;
-  e.sync_origin = static_cast<std::uint32_t>(r.generation);
-  e.sync_clean_version = unchanged ? e.version_after : 0;  // 0: still changed, sent in the next round
-  store_release(e.valid, 1U);  // from here on, a restarted server finishes this take
-  copy_in(segment_, e);
-  store_release(e.valid, 0U);
+  // clean_version 0: still changed, so the slice goes in the next round.
+  copy_in_through_redo(e, RedoTarget::sync_take, s, r.seq, static_cast<std::uint32_t>(r.generation),
+                       unchanged ? load_own(slice.version) + 2 : 0);
   h.sync_taken.fetch_add(1, std::memory_order_relaxed);
   if (--in_flight_ == 0) store_release(h.last_sync_unix_ns, unix_ns());
 }

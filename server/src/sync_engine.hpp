@@ -73,6 +73,8 @@ class SyncEngine {
   bool handle(std::uint32_t from, const shm::PushRecord& record);
   bool add_delta(std::uint32_t from, const shm::PushRecord& record);
   void take_fresh(const shm::PushRecord& record);
+  void copy_in_through_redo(shm::RedoEntry& e, shm::RedoTarget target, std::uint64_t slice, std::uint64_t seq,
+                            std::uint32_t origin, std::uint64_t clean_version);
   bool begin_round(bool every_slice);
   bool send_pending();
   bool round_due() const;

@@ -54,6 +54,17 @@ std::uint64_t SyncSegment::ring_bytes_for(std::uint64_t slice_floats) noexcept {
   return std::max<std::uint64_t>(std::uint64_t{4} << 20, 8 * record_bytes_for(slice_floats));
 }
 
+// Maps the whole object read-write; the mapping keeps it (and its handle) alive.
+void SyncSegment::map(void* shared_memory_object) {
+  auto& shm = *static_cast<bip::shared_memory_object*>(shared_memory_object);
+  auto mapping = std::make_shared<Mapping>();
+  mapping->region = bip::mapped_region(shm, bip::read_write);
+  mapping->shm.swap(shm);
+  base_ = static_cast<std::byte*>(mapping->region.get_address());
+  size_ = mapping->region.get_size();
+  mapping_ = mapping;
+}
+
 SyncSegment::SyncSegment() = default;
 SyncSegment::~SyncSegment() = default;
 SyncSegment::SyncSegment(SyncSegment&&) noexcept = default;
@@ -71,12 +82,7 @@ std::optional<SyncSegment> SyncSegment::open_peer(std::string_view job, std::uin
     bip::shared_memory_object shm(bip::open_only, shm_object_name(name).c_str(), bip::read_write);
     bip::offset_t size = 0;
     if (!shm.get_size(size) || static_cast<std::uint64_t>(size) < sizeof(SyncSegmentHeader)) return std::nullopt;
-    auto mapping = std::make_shared<Mapping>();
-    mapping->region = bip::mapped_region(shm, bip::read_write);
-    mapping->shm.swap(shm);
-    s.base_ = static_cast<std::byte*>(mapping->region.get_address());
-    s.size_ = mapping->region.get_size();
-    s.mapping_ = mapping;
+    s.map(&shm);
   } catch (const bip::interprocess_exception& e) {
     if (e.get_error_code() == bip::not_found_error) return std::nullopt;
     throw Error("cannot open the sync segment of server group " + std::to_string(group) + " (" + segment_path(name) +
@@ -116,12 +122,7 @@ SyncSegment SyncSegment::create_or_reuse(std::string_view job, std::uint32_t gro
     const int fd = shm.get_mapping_handle().handle;
     ::fchmod(fd, static_cast<mode_t>(mode));
     if (::ftruncate(fd, static_cast<off_t>(total)) != 0) throw Error("cannot size it: " + std::string(std::strerror(errno)));
-    auto mapping = std::make_shared<Mapping>();
-    mapping->region = bip::mapped_region(shm, bip::read_write);
-    mapping->shm.swap(shm);
-    s.base_ = static_cast<std::byte*>(mapping->region.get_address());
-    s.size_ = mapping->region.get_size();
-    s.mapping_ = mapping;
+    s.map(&shm);
   } catch (const bip::interprocess_exception& e) {
     throw Error("cannot create the sync segment of server group " + std::to_string(group) + " (" + segment_path(name) +
                 "): " + e.what());

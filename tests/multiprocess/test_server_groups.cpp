@@ -24,6 +24,7 @@
 #include "../support/exact.hpp"
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
+#include "../support/mlp_spec.hpp"
 #include "../support/pattern.hpp"
 
 using namespace std::chrono_literals;
@@ -38,27 +39,7 @@ namespace {
 
 constexpr int kReader = 7;  // pattern_spec(8): slot 7 of every replica reads, the others push
 
-// The reference MLP (docs/workloads.md §2), for the example trainer.
-constexpr const char* kMlpSpec = R"(
-max_workers = 4
-[optimizer]
-kind = "sgd"
-lr = 0.05
-[[param]]
-name = "fc1.weight"
-shape = [256, 784]
-init = { kind = "u24", stream = 11, scale_divisor = 28 }
-[[param]]
-name = "fc1.bias"
-shape = [256]
-[[param]]
-name = "fc2.weight"
-shape = [10, 256]
-init = { kind = "u24", stream = 12, scale_divisor = 16 }
-[[param]]
-name = "fc2.bias"
-shape = [10]
-)";
+using shmps::test::kMlpSpec;
 
 // A job with S server groups: the servers of its groups, and exact-sum pushers; rank r pushes
 // through group r mod S, in its slot r / S, with its job-wide rank as the pattern's rank.

@@ -25,6 +25,7 @@
 
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
+#include "../support/mlp_spec.hpp"
 #include <shmps/server/safetensors.hpp>
 
 #include "../support/exact.hpp"
@@ -44,28 +45,7 @@ using shmps::test::run;
 
 namespace {
 
-// The reference MLP of models/mlp.toml, with 4 worker slots.
-constexpr const char* kMlpSpec = R"(
-slice_bytes = 65536
-max_workers = 4
-[optimizer]
-kind = "sgd"
-lr = 0.05
-[[param]]
-name = "fc1.weight"
-shape = [256, 784]
-init = { kind = "u24", stream = 11, scale_divisor = 28 }
-[[param]]
-name = "fc1.bias"
-shape = [256]
-[[param]]
-name = "fc2.weight"
-shape = [10, 256]
-init = { kind = "u24", stream = 12, scale_divisor = 16 }
-[[param]]
-name = "fc2.bias"
-shape = [10]
-)";
+using shmps::test::kMlpSpec;
 
 // "u" is for the puller (shmps-test-pusher puller); "w" and "b" for the exact pusher.
 const std::string kSpec = shmps::test::pattern_spec(4) + "[[param]]\nname = \"u\"\nshape = [50000]\n";

@@ -54,6 +54,8 @@ class SyncSegment {
   }
 
  private:
+  void map(void* shared_memory_object);  // a boost::interprocess::shared_memory_object (kept out of this header)
+
   std::string name_;
   std::shared_ptr<void> mapping_;
   std::byte* base_ = nullptr;
