@@ -13,6 +13,8 @@
 //   shmps-ctl sync NAME            server groups: make every replica of job NAME equal
 //   shmps-ctl destroy NAME         remove a segment (refused while its server lives, unless --force);
 //                                  for a job with server groups, every replica
+//   mpirun ... shmps-ctl sync|checkpoint|destroy --mpi NAME ...
+//                                  the same for a job on several hosts (ctl_mpi.hpp)
 //
 // list and inspect map segments read-only and take no lock: they can never block or corrupt a job.
 #include <algorithm>
@@ -50,6 +52,7 @@
 #include <shmps/shm/segment.hpp>
 
 #include "status.hpp"  // holder, state_name, slot_status (shared with shmps-top)
+#include "ctl_mpi.hpp"
 #include "sync_job.hpp"
 
 using namespace shmps;
@@ -498,6 +501,10 @@ int main(int argc, char** argv) {
   auto* destroy = app.add_subcommand("destroy", "remove a segment and its lock files");
   destroy->add_option("name", name, "segment name")->required();
   destroy->add_flag("--force", force, "remove it even while its server is alive");
+  bool mpi = false;
+  const char* mpi_help = "a job on several hosts (shmps-launch --mpi): run by mpirun with one rank per host, placed "
+                         "as the job's servers; each rank acts on its host's replica NAME.h<rank>";
+  for (auto* sub : {ckpt, sync, destroy}) sub->add_flag("--mpi", mpi, mpi_help);
   CLI11_PARSE(app, argc, argv);
   try {
     if (list->parsed()) return cmd_list();
@@ -505,6 +512,13 @@ int main(int argc, char** argv) {
     if (workers->parsed()) return cmd_workers(name);
     if (set->parsed()) return cmd_set(name, setting);
     if (exp->parsed()) return cmd_export(name, out_path);
+    if (mpi) {
+      if (ckpt->parsed() && out_path.empty())
+        throw Error("checkpoint --mpi NAME DIR: give the directory (on every host) for the parts and the manifest");
+      if (ckpt->parsed()) return tools::mpi_checkpoint(name, out_path);
+      if (sync->parsed()) return tools::mpi_sync(name);
+      if (destroy->parsed()) return tools::mpi_destroy(name, [force](const std::string& replica) { cmd_destroy(replica, force); });
+    }
     if (ckpt->parsed()) return cmd_checkpoint(name, out_path);
     if (sync->parsed()) return cmd_sync(name);
     if (destroy->parsed()) return cmd_destroy(name, force);

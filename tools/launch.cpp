@@ -44,206 +44,14 @@
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/segment.hpp>
 
+#include "launch_mpi.hpp"
+#include "launcher.hpp"
 #include "numa_binding.hpp"
 #include "sync_job.hpp"
 
 using namespace shmps;
 
-namespace {
-
-struct Child {
-  std::string label;  // "w0", "server", "after"
-  pid_t pid = -1;
-  int out_fd = -1;    // read end of its stdout+stderr
-  std::string pending;
-  std::optional<int> status;  // waitpid status once it exited
-  bool reported = false;      // its failure was handled (restarted or reported)
-};
-
-std::string self_dir() {
-  std::error_code ec;
-  auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : exe.parent_path().string();
-}
-
-// A program name without '/' is looked up next to shmps-launch first, then on PATH.
-std::string resolve(const std::string& program) {
-  if (program.find('/') != std::string::npos) return program;
-  const std::string local = self_dir() + "/" + program;
-  if (::access(local.c_str(), X_OK) == 0) return local;
-  return program;
-}
-
-std::string describe(int status) {
-  if (WIFEXITED(status)) return "exited with code " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("was killed by signal ") + std::to_string(WTERMSIG(status)) + " (" +
-                                  strsignal(WTERMSIG(status)) + ")";
-  return "ended with status " + std::to_string(status);
-}
-
-bool succeeded(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
-
-class Launcher {
- public:
-  Launcher() {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGHUP);
-    sigprocmask(SIG_BLOCK, &set, nullptr);
-    signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
-    if (signal_fd_ < 0) throw Error(std::string("signalfd: ") + std::strerror(errno));
-  }
-
-  // Starts `argv` with extra environment `env`, output piped and prefixed with `label`.
-  // `node`: bind the child to that NUMA node's CPUs and memory (server groups), or nothing.
-  Child& spawn(const std::string& label, const std::vector<std::string>& argv,
-               const std::vector<std::pair<std::string, std::string>>& env, const tools::NumaNode* node = nullptr) {
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) throw Error(std::string("pipe: ") + std::strerror(errno));
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    if (pid < 0) throw Error(std::string("fork: ") + std::strerror(errno));
-    if (pid == 0) {
-      // Own process group: the terminal's Ctrl-C reaches only the launcher, which stops the job
-      // in order (see the stopping branch of main). Die with the launcher.
-      setpgid(0, 0);
-      prctl(PR_SET_PDEATHSIG, SIGTERM);
-      if (getppid() != parent) _exit(1);
-      sigset_t none;
-      sigemptyset(&none);
-      sigprocmask(SIG_SETMASK, &none, nullptr);
-      dup2(fds[1], STDOUT_FILENO);
-      dup2(fds[1], STDERR_FILENO);
-      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
-      if (node != nullptr && !tools::bind_to_node(*node))
-        std::fprintf(stderr, "shmps-launch: could not bind %s to NUMA %s: %s; it runs unbound\n", label.c_str(),
-                     tools::describe(*node).c_str(), std::strerror(errno));
-      std::vector<char*> args;
-      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execvp(args[0], args.data());
-      std::fprintf(stderr, "shmps-launch: cannot run %s: %s\n", args[0], std::strerror(errno));
-      _exit(127);
-    }
-    // Also here, not only in the child: a signal sent to the group right after fork must reach it.
-    setpgid(pid, pid);
-    close(fds[1]);
-    fcntl(fds[0], F_SETFL, O_NONBLOCK);
-    children_.push_back(std::make_unique<Child>(Child{label, pid, fds[0], {}, std::nullopt}));
-    return *children_.back();
-  }
-
-  // Pumps output and signals for up to `timeout`; returns early when something exited.
-  void pump(std::chrono::milliseconds timeout) {
-    std::vector<pollfd> fds;
-    fds.push_back({signal_fd_, POLLIN, 0});
-    std::vector<Child*> owners{nullptr};
-    for (auto& c : children_)
-      if (c->out_fd >= 0) {
-        fds.push_back({c->out_fd, POLLIN, 0});
-        owners.push_back(c.get());
-      }
-    if (poll(fds.data(), fds.size(), static_cast<int>(timeout.count())) <= 0) return;
-    for (std::size_t i = 1; i < fds.size(); ++i)
-      if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) read_output(*owners[i]);
-    if (fds[0].revents & POLLIN) {
-      signalfd_siginfo info{};
-      while (read(signal_fd_, &info, sizeof info) == sizeof info) {
-        if (info.ssi_signo == SIGCHLD) continue;
-        if (!interrupted_) {
-          std::cerr << "shmps-launch: " << strsignal(static_cast<int>(info.ssi_signo)) << ": stopping the job\n";
-          interrupted_ = static_cast<int>(info.ssi_signo);
-        }
-      }
-    }
-    reap();
-  }
-
-  void reap() {
-    int status = 0;
-    pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-      for (auto& c : children_)
-        if (c->pid == pid) {
-          c->status = status;
-          if (c->out_fd >= 0) {
-            read_output(*c);
-            flush(*c);
-            close(c->out_fd);
-            c->out_fd = -1;
-          }
-        }
-    }
-  }
-
-  bool running(const Child& c) const { return !c.status.has_value(); }
-  int interrupted() const { return interrupted_; }
-
-  // Signals the child's whole process group, so that what it started (a shell's commands, a
-  // trainer's data loaders) stops with it instead of being left behind.
-  void signal(Child& c, int sig) {
-    if (!running(c)) return;
-    if (kill(-c.pid, sig) != 0) kill(c.pid, sig);
-  }
-
-  // Waits for `c` to exit, pumping output; escalates to SIGKILL after `grace`.
-  int wait(Child& c, std::chrono::milliseconds grace) {
-    const auto deadline = std::chrono::steady_clock::now() + grace;
-    while (running(c)) {
-      pump(std::chrono::milliseconds(50));
-      if (running(c) && std::chrono::steady_clock::now() > deadline) {
-        std::cerr << "shmps-launch: " << c.label << " did not stop within " << grace.count() / 1000
-                  << " s; killing it\n";
-        signal(c, SIGKILL);
-        while (running(c)) pump(std::chrono::milliseconds(50));
-      }
-    }
-    return *c.status;
-  }
-
- private:
-  void read_output(Child& c) {
-    char buf[8192];
-    ssize_t n;
-    while (c.out_fd >= 0 && (n = read(c.out_fd, buf, sizeof buf)) > 0) {
-      c.pending.append(buf, static_cast<std::size_t>(n));
-      std::size_t nl;
-      while ((nl = c.pending.find('\n')) != std::string::npos) {
-        std::cout << "[" << c.label << "] " << c.pending.substr(0, nl) << "\n";
-        c.pending.erase(0, nl + 1);
-      }
-      std::cout.flush();
-    }
-  }
-  void flush(Child& c) {
-    if (!c.pending.empty()) std::cout << "[" << c.label << "] " << c.pending << "\n";
-    c.pending.clear();
-  }
-
-  int signal_fd_ = -1;
-  int interrupted_ = 0;
-  std::vector<std::unique_ptr<Child>> children_;
-};
-
-bool server_alive(const std::string& name) {
-  if (!std::filesystem::exists(shm::server_lock_path(name))) return false;
-  return shm::LockFile::open_for_probe(shm::server_lock_path(name)).probe(0) == shm::Holder::alive;
-}
-
-bool segment_ready(const std::string& name) {
-  try {
-    if (!shm::Segment::exists(name)) return false;
-    auto seg = shm::Segment::open(name, shm::Access::read_only);
-    return shm::load_acquire(seg.header().state) == static_cast<std::uint32_t>(shm::SegmentState::ready);
-  } catch (const Error&) {
-    return false;
-  }
-}
-
-}  // namespace
+using namespace shmps::tools;
 
 int main(int argc, char** argv) {
   CLI::App app{"shmps-launch: start a server (if needed) and N worker processes for one job"};
@@ -290,8 +98,10 @@ int main(int argc, char** argv) {
                  "server groups: auto binds each group's server and workers to one NUMA node where the machine has "
                  "several (group g on node g mod nodes); off binds nothing (default auto)")
       ->check(CLI::IsMember({"auto", "off"}));
-  app.add_option("--restore", restore, "start the server(s) from this checkpoint (every server group from the same file)")
-      ->check(CLI::ExistingFile);
+  app.add_option("--restore", restore,
+                 "start the server(s) from this checkpoint (every server group from the same file); with --mpi, the "
+                 "directory of a checkpoint written by shmps-ctl checkpoint --mpi (each host restores its part)")
+      ->check(CLI::ExistingPath);
   int max_restarts = 0;
   bool chaos = false;
   double chaos_after = 1.5;
@@ -305,6 +115,20 @@ int main(int argc, char** argv) {
                  "seconds after the last worker's first push (default 1.5): counted from its first push, not from "
                  "its start, so that a worker slow to start (a Python import) has made progress to lose")
       ->check(CLI::PositiveNumber);
+  bool mpi = false, mpi_agent = false;
+  std::string hosts, hostfile;
+  int mpi_ranks = 0;
+  app.add_flag("--mpi", mpi,
+               "server groups on several hosts, one per host, kept in step over MPI: starts the servers and each "
+               "host's --workers through mpirun (see --hosts, --hostfile, --ranks; README, Several hosts)");
+  app.add_option("--hosts", hosts, "with --mpi: the hosts, a,b,c (one server and its workers on each)");
+  app.add_option("--hostfile", hostfile, "with --mpi: an Open MPI hostfile; one rank per host in it")
+      ->check(CLI::ExistingFile);
+  app.add_option("--ranks", mpi_ranks,
+                 "with --mpi and no hosts: this many ranks on this machine, each with its own replica <name>.h<K> "
+                 "as if on its own host (default 2)")
+      ->check(CLI::Range(1, static_cast<int>(shm::kMaxServerGroups)));
+  app.add_flag("--mpi-agent", mpi_agent, "(internal) started by --mpi through mpirun: this host's workers")->group("");
   app.add_option("--after", after, "a command run once after every worker succeeded, while the server still runs "
                                    "(e.g. \"shmps-worker --evaluate\")");
   app.footer("After --: the worker program and its arguments (default: shmps-worker). Options before -- that "
@@ -366,6 +190,45 @@ int main(int argc, char** argv) {
     if (::access(python_path.c_str(), R_OK) != 0) python_path.clear();
     if (const char* outer = std::getenv("PYTHONPATH"); outer && *outer)
       python_path = python_path.empty() ? outer : python_path + ":" + outer;
+
+    if (mpi_agent) return tools::run_host_agent(name, workers, max_restarts, programs[0], python_path);
+    if (mpi) {
+      if (spec_path.empty()) throw Error("--mpi starts the job's servers: give --spec FILE");
+      if (server_groups > 1) throw Error("--mpi makes one server group per host: drop --server-groups");
+      if (!worker_commands.empty()) throw Error("--mpi runs the same worker program on every host: give it after --, not with --worker");
+      if (!checkpoint_dir.empty() || !checkpoint_every.empty())
+        throw Error("--checkpoint-dir with --mpi: a job on several hosts is checkpointed with `mpirun ... shmps-ctl "
+                    "checkpoint --mpi " + name + " DIR` (README, Several hosts) and restored with --restore DIR");
+      if (chaos) throw Error("--chaos is for a job on one host; kill a worker or a server by hand to see --mpi ride through");
+      if (!hosts.empty() && !hostfile.empty()) throw Error("give --hosts or --hostfile, not both");
+      tools::MpiJob job;
+      job.spec_path = spec_path;
+      job.name = name;
+      job.workers_per_host = workers;
+      for (std::size_t at = 0; !hosts.empty() && at != std::string::npos;) {
+        const std::size_t comma = hosts.find(',', at);
+        job.hosts.push_back(hosts.substr(at, comma == std::string::npos ? comma : comma - at));
+        at = comma == std::string::npos ? comma : comma + 1;
+      }
+      if (!job.hosts.empty() && mpi_ranks != 0 && mpi_ranks != static_cast<int>(job.hosts.size()))
+        throw Error("--ranks " + std::to_string(mpi_ranks) + " with " + std::to_string(job.hosts.size()) + " --hosts: one rank per host");
+      job.hostfile = hostfile;
+      job.ranks = mpi_ranks != 0 ? mpi_ranks : (hostfile.empty() ? 2 : 0);
+      job.restore = restore;
+      job.keep = keep;
+      job.max_restarts = max_restarts;
+      job.after = after;
+      job.program = programs[0];
+      job.python_path = python_path;
+      if (!sync_every.empty()) job.server_args.insert(job.server_args.end(), {"--sync-every", sync_every});
+      if (server_threads) job.server_args.insert(job.server_args.end(), {"--threads", std::to_string(server_threads)});
+      if (!consistency.empty()) job.server_args.insert(job.server_args.end(), {"--consistency", consistency});
+      if (!on_worker_death.empty()) job.server_args.insert(job.server_args.end(), {"--on-worker-death", on_worker_death});
+      if (!ring_bytes.empty()) job.server_args.insert(job.server_args.end(), {"--ring-bytes", ring_bytes});
+      if (!max_workers.empty()) job.server_args.insert(job.server_args.end(), {"--max-workers", max_workers});
+      if (!workers_per_group.empty()) job.server_args.insert(job.server_args.end(), {"--workers-per-group", workers_per_group});
+      return tools::run_mpi_job(job);
+    }
 
     if (server_groups > 1 && !restore.empty())
       for (std::uint32_t g = 0; g < server_groups; ++g)
@@ -441,6 +304,9 @@ int main(int argc, char** argv) {
       if (!keep) args.push_back("--remove-on-stop");
       server_args[g] = std::move(args);
       start_and_wait(g);
+      // A restart resumes from the replica it made (a restore over it would be refused).
+      if (const auto at = std::find(server_args[g].begin(), server_args[g].end(), "--restore"); at != server_args[g].end())
+        server_args[g].erase(at, at + 2);
     }
     const bool started_servers = servers[0] != nullptr;
 

@@ -253,7 +253,10 @@ Segment create_segment(const ServerOptions& options, const LayoutRequest& reques
     restore_into(segment, *restore);
     if (options.override_policy) apply_spec_policy(segment, spec);
   }
-  if (segment.has_server_groups()) lay_out_sync_tables(segment);
+  if (segment.has_server_groups()) {
+    lay_out_sync_tables(segment);
+    if (restore && options.restore_sync_tables) restore_sync_tables(segment, *restore);
+  }
   h.magic = kMagic;  // identity complete; "ready" is stored by announce_ready() after the epoch
   return segment;
 }

@@ -345,6 +345,32 @@ void read_slice_tables(const std::filesystem::path& path, const st::File& file, 
                      std::to_string(s));
 }
 
+// Server groups: the replica's sync tables, if the file has them ("shmps.sync").
+void read_sync_tables(const std::filesystem::path& path, const st::File& file, std::uint64_t slices, Snapshot& snap) {
+  const auto& meta = file.metadata();
+  if (!meta.contains("shmps.sync")) return;
+  Snapshot::Sync& sync = snap.sync.emplace();
+  try {
+    const json j = meta_json(path, meta, "shmps.sync");
+    sync.server_group = j.at("server_group").get<std::uint32_t>();
+    sync.server_groups = j.at("server_groups").get<std::uint32_t>();
+    sync.seq = j.at("seq").get<std::uint64_t>();
+  } catch (const json::exception& e) {
+    fail(path, std::string("metadata \"shmps.sync\": ") + e.what());
+  }
+  if (sync.server_groups < 2 || sync.server_group >= sync.server_groups || sync.server_groups > kMaxServerGroups)
+    fail(path, "metadata \"shmps.sync\" names group " + std::to_string(sync.server_group) + " of " +
+                   std::to_string(sync.server_groups) + ": impossible");
+  sync.sent_seq = i64(file, "shmps/sync_sent_seq", {slices});
+  sync.synced_seq = i64(file, "shmps/sync_synced_seq", {slices});
+  sync.clean_version = i64(file, "shmps/sync_clean_version", {slices});
+  sync.applied = i64(file, "shmps/sync_applied", {slices, sync.server_groups});
+  for (auto& p : snap.params) {
+    p.sync_base = file.f32(p.name + "/sync.base", p.shape);
+    p.sync_sent = file.f32(p.name + "/sync.sent", p.shape);
+  }
+}
+
 }  // namespace
 
 void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path) {
@@ -373,6 +399,22 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path) {
   tensors.push_back({"shmps/slice_step", "I64", {slices}, std::as_bytes(std::span<const std::int64_t>(snap.slice_step))});
   tensors.push_back({"shmps/last_applied", "I64", {slices, snap.max_workers},
                      std::as_bytes(std::span<const std::int64_t>(snap.last_applied))});
+  if (snap.sync) {
+    const Snapshot::Sync& sync = *snap.sync;
+    meta["shmps.sync"] =
+        json{{"server_group", sync.server_group}, {"server_groups", sync.server_groups}, {"seq", sync.seq}}.dump();
+    for (const auto& p : snap.params) {
+      tensors.push_back({p.name + "/sync.base", "F32", p.shape, std::as_bytes(std::span<const float>(p.sync_base))});
+      tensors.push_back({p.name + "/sync.sent", "F32", p.shape, std::as_bytes(std::span<const float>(p.sync_sent))});
+    }
+    const auto i64_tensor = [&](const char* name, const std::vector<std::int64_t>& v, std::vector<std::uint64_t> shape) {
+      tensors.push_back({name, "I64", std::move(shape), std::as_bytes(std::span<const std::int64_t>(v))});
+    };
+    i64_tensor("shmps/sync_sent_seq", sync.sent_seq, {slices});
+    i64_tensor("shmps/sync_synced_seq", sync.synced_seq, {slices});
+    i64_tensor("shmps/sync_clean_version", sync.clean_version, {slices});
+    i64_tensor("shmps/sync_applied", sync.applied, {slices, sync.server_groups});
+  }
   st::write_file(path, tensors, meta, [](std::string_view stage) {
     if (stage == "mid_write") kill_point("checkpoint.mid_write");
     if (stage == "before_rename") kill_point("checkpoint.before_rename");
@@ -389,6 +431,7 @@ Snapshot read_checkpoint(const std::filesystem::path& path) {
   read_slots(path, meta, snap);
   const std::uint64_t slices = read_params(path, file, snap);
   read_slice_tables(path, file, slices, snap);
+  read_sync_tables(path, file, slices, snap);
   return snap;
 }
 

@@ -114,4 +114,24 @@ void restore_into(Segment& segment, const Snapshot& snap) {
   }
 }
 
+void restore_sync_tables(Segment& segment, const Snapshot& snap) {
+  SegmentHeader& h = segment.header();
+  if (!snap.sync || snap.sync->server_group != h.server_group || snap.sync->server_groups != h.server_groups) return;
+  const Snapshot::Sync& sync = *snap.sync;
+  store_release(h.sync_seq, sync.seq);
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) {
+    SyncSlice& slice = segment.sync_slice(s);
+    store_release(slice.sent_seq, static_cast<std::uint64_t>(sync.sent_seq[s]));
+    store_release(slice.synced_seq, static_cast<std::uint64_t>(sync.synced_seq[s]));
+    slice.clean_version = static_cast<std::uint64_t>(sync.clean_version[s]);
+    for (std::uint32_t g = 0; g < h.server_groups; ++g)
+      segment.sync_applied(s, g) = static_cast<std::uint64_t>(sync.applied[s * h.server_groups + g]);
+  }
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    std::memcpy(segment.sync_base(p), snap.params[i].sync_base.data(), p.size * sizeof(float));
+    std::memcpy(segment.sync_sent(p), snap.params[i].sync_sent.data(), p.size * sizeof(float));
+  }
+}
+
 }  // namespace shmps::server

@@ -36,12 +36,41 @@ void parallel_widen(tbb::task_arena& arena, float* dst, const std::uint16_t* src
   });
 }
 
+// A replica's sync tables (server groups), taken between rounds like the rest: the sync engine
+// runs on the same thread.
+void take_sync_tables(const Segment& segment, Snapshot& out) {
+  out.sync.reset();
+  if (!segment.has_server_groups()) return;
+  const SegmentHeader& h = segment.header();
+  Snapshot::Sync& sync = out.sync.emplace();
+  sync.server_group = h.server_group;
+  sync.server_groups = h.server_groups;
+  sync.seq = load_acquire(h.sync_seq);
+  for (std::uint64_t s = 0; s < h.slice_count; ++s) {
+    const SyncSlice& slice = segment.sync_slice(s);
+    sync.sent_seq.push_back(static_cast<std::int64_t>(load_acquire(slice.sent_seq)));
+    sync.synced_seq.push_back(static_cast<std::int64_t>(load_acquire(slice.synced_seq)));
+    sync.clean_version.push_back(static_cast<std::int64_t>(slice.clean_version));
+    for (std::uint32_t g = 0; g < h.server_groups; ++g)
+      sync.applied.push_back(static_cast<std::int64_t>(segment.sync_applied(s, g)));
+  }
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    out.params[i].sync_base.assign(segment.sync_base(p), segment.sync_base(p) + p.size);
+    out.params[i].sync_sent.assign(segment.sync_sent(p), segment.sync_sent(p) + p.size);
+  }
+}
+
 }  // namespace
 
 std::uint64_t Snapshot::data_bytes() const noexcept {
   std::uint64_t bytes = 0;
   for (const auto& p : params) bytes += (p.values.size() + p.state[0].size() + p.state[1].size()) * sizeof(float);
   bytes += (slice_version.size() + slice_clock.size() + slice_step.size() + last_applied.size()) * sizeof(std::int64_t);
+  if (sync) {
+    for (const auto& p : params) bytes += (p.sync_base.size() + p.sync_sent.size()) * sizeof(float);
+    bytes += (sync->sent_seq.size() * 3 + sync->applied.size()) * sizeof(std::int64_t);
+  }
   return bytes;
 }
 
@@ -100,6 +129,7 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
     out.slice_step[s] = static_cast<std::int64_t>(slice.step);
   }
   std::memcpy(out.last_applied.data(), table, out.last_applied.size() * sizeof(std::int64_t));
+  take_sync_tables(segment, out);
 
   out.slots.clear();
   for (std::uint32_t r = 0; r < h.max_workers; ++r) {

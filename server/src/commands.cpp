@@ -1,5 +1,8 @@
 #include "commands.hpp"
 
+#include <chrono>
+#include <cstdlib>
+
 #include <spdlog/spdlog.h>
 
 #include <shmps/shm/atomics.hpp>
@@ -53,6 +56,27 @@ void Commands::poll() {
                 "--server-groups S starts a job with S of them)");
     else
       sync_->request_full_sync();  // answered once its answers are back
+    return;
+  }
+  if (key == "sync_pause" || key == "sync_resume") {
+    // A checkpoint of a job on several hosts (shmps-ctl checkpoint --mpi): no group adds a delta
+    // or takes an answer between the first part's snapshot and the last one's, so the parts are
+    // one consistent cut. The pause ends by itself after its lease, should its caller die.
+    if (!sync_) {
+      answer(1, "segment '" + std::string(h.name) + "' has no server groups: there is no sync to pause");
+    } else if (key == "sync_resume") {
+      sync_->resume();
+      answer(0, "sync resumed");
+    } else {
+      char* end = nullptr;
+      const unsigned long ms = std::strtoul(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || ms == 0 || ms > 600'000) {
+        answer(1, "sync_pause=MS: a lease in milliseconds, 1 to 600000, got '" + value + "'");
+      } else {
+        sync_->pause_for(std::chrono::milliseconds(ms));
+        answer(0, "sync paused for at most " + std::to_string(ms) + " ms");
+      }
+    }
     return;
   }
   if (key == "checkpoint") {

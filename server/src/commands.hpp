@@ -8,6 +8,8 @@
 //   checkpoint[=/absolute/path]    a checkpoint now (checkpoint_scheduler.hpp), answered when durable
 //   sync                           server groups: a full sync round (sync_engine.hpp), answered
 //                                  when every answer of it is back
+//   sync_pause=MS, sync_resume     server groups: no delta added and no answer taken for at most
+//                                  MS ms (a multi-host checkpoint's consistent cut)
 #pragma once
 
 #include <string>

@@ -2,6 +2,7 @@
 // SIGINT or SIGTERM, then drains the rings and exits (leaving the segment for a later server,
 // unless --remove-on-stop). With --plan it prints what the segment would cost and exits.
 #include <atomic>
+#include <filesystem>
 #include <csignal>
 #include <iostream>
 
@@ -10,11 +11,14 @@
 #include <spdlog/spdlog.h>
 
 #include <shmps/error.hpp>
+#include <shmps/server/checkpoint_manifest.hpp>
 #include <shmps/server/model_spec.hpp>
 #include <shmps/server/server.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/pages.hpp>
+
+#include "mpi_comm.hpp"
 
 namespace {
 std::atomic<shmps::server::Server*> g_server{nullptr};
@@ -37,6 +41,7 @@ struct CommandLine {
   std::uint32_t max_workers = 0, workers_per_group = 0;
   std::uint32_t server_groups = 1, server_group = 0;
   std::string sync_every;
+  bool mpi = false;
   bool plan_only = false;
 };
 
@@ -57,7 +62,9 @@ void add_options(CLI::App& app, CommandLine& cl) {
                  "a period (30s, 5m, 500ms) or a number of clocks (100clocks) between checkpoints (needs --checkpoint-dir)");
   app.add_option("--keep", cl.keep, "checkpoints to keep in --checkpoint-dir, the newest (0: all; default 3)");
   app.add_option("--restore", cl.restore,
-                 "recreate the job from this checkpoint file (refused if the segment exists)")->check(CLI::ExistingFile);
+                 "recreate the job from this checkpoint file (refused if the segment exists); with --mpi, the "
+                 "directory of a multi-host checkpoint (its manifest.json): each rank restores its part")
+      ->check(CLI::ExistingPath);
   app.add_option("--idle-poll-us", cl.idle_poll_us,
                  "microseconds the server keeps polling for pushes before it sleeps (lower latency for a "
                  "little CPU; 0: sleep at once)")
@@ -76,6 +83,9 @@ void add_options(CLI::App& app, CommandLine& cl) {
                  "the others (shmps-launch --server-groups starts them; default 1: none)")
       ->check(CLI::Range(1U, shmps::shm::kMaxServerGroups));
   app.add_option("--server-group", cl.server_group, "which server group this server serves, 0 to --server-groups - 1");
+  app.add_flag("--mpi", cl.mpi,
+               "server groups on several hosts: started by mpirun (shmps-launch --mpi does), one rank per host; rank "
+               "K serves group K of the MPI job's size, its replica <name>.h<K>, and syncs over MPI");
   app.add_option("--sync-every", cl.sync_every,
                  "server groups: how often this group sends its changed slices' deltas to their home groups, "
                  "a period (100ms, 2s) or a number of applied pushes (50updates) (overrides the spec's sync_every)");
@@ -85,8 +95,11 @@ void add_options(CLI::App& app, CommandLine& cl) {
 }
 
 // Structured log lines on stderr: time, program, level, then key=value pairs.
-void set_up_logging(const std::string& level) {
-  auto logger = spdlog::stderr_logger_mt("shmps-server");
+// Under MPI the program name carries the host and the rank, so that the lines of every rank, which
+// mpirun brings together, say where they come from.
+void set_up_logging(const std::string& level, const std::string& where = {}) {
+  spdlog::drop("shmps-server");
+  auto logger = spdlog::stderr_logger_mt(where.empty() ? "shmps-server" : "shmps-server[" + where + "]");
   logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %n %l %v");
   logger->set_level(spdlog::level::from_str(level));
   spdlog::set_default_logger(logger);
@@ -142,6 +155,29 @@ void apply_overrides(const CLI::App& app, const CommandLine& cl, shmps::server::
     if (auto problem = shmps::server::parse_sync_every(cl.sync_every, options.spec.sync_every); !problem.empty())
       throw shmps::Error("--sync-every: " + problem);
   }
+  if (options.mpi != nullptr) {
+    if (app.count("--server-groups") != 0 || app.count("--server-group") != 0)
+      throw shmps::Error("--mpi takes the server groups from mpirun (one per rank): drop --server-groups and "
+                         "--server-group");
+    const auto rank = static_cast<std::uint32_t>(options.mpi->rank());
+    const auto size = static_cast<std::uint32_t>(options.mpi->size());
+    if (size > shmps::shm::kMaxServerGroups)
+      throw shmps::Error("--mpi: " + std::to_string(size) + " ranks, but a job has at most " +
+                         std::to_string(shmps::shm::kMaxServerGroups) + " server groups: start fewer ranks");
+    options.job = options.spec.name;
+    options.server_group = rank;
+    options.server_groups = size;
+    options.spec.name = shmps::shm::host_replica_name(options.job, rank);
+    if (auto problem = shmps::server::validate_segment_name(options.spec.name); !problem.empty())
+      throw shmps::Error("--mpi: the replica's name: " + problem);
+    if (size > 1 && options.spec.consistency == shmps::Consistency::bsp && options.spec.workers_per_group != 0 &&
+        options.spec.workers_per_group < options.spec.max_workers)
+      throw shmps::Error("server groups in BSP need one worker group per server group (a server group writes synced "
+                         "values at its step boundary, which must be every worker's): drop workers_per_group, or run "
+                         "ASP or SSP");
+    options.threads = cl.threads;
+    return;
+  }
   if (cl.server_group >= cl.server_groups)
     throw shmps::Error("--server-group " + std::to_string(cl.server_group) + " must be below --server-groups " +
                        std::to_string(cl.server_groups) + " (groups are numbered from 0)");
@@ -192,6 +228,46 @@ void install_stop_handlers() {
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
 }
+// --mpi --restore DIR (or DIR/manifest.json): a checkpoint of a job on several hosts. Every rank
+// checks its own part against the manifest, and no rank restores unless every part is whole.
+void restore_own_part(shmps::server::MpiComm& mpi, shmps::server::ServerOptions& options) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::is_directory(options.restore) ? options.restore : options.restore.parent_path();
+  std::string problem;
+  shmps::server::Manifest manifest;
+  try {
+    manifest = shmps::server::read_manifest(options.restore);
+    if (manifest.ranks != static_cast<std::uint32_t>(mpi.size()))
+      problem = "the checkpoint has parts for " + std::to_string(manifest.ranks) + " ranks, and " +
+                std::to_string(mpi.size()) + " were started: start as many ranks as it has parts";
+    else
+      problem = shmps::server::check_part(dir, manifest, static_cast<std::uint32_t>(mpi.rank()));
+  } catch (const shmps::Error& e) {
+    problem = e.what();
+  }
+  const std::vector<std::uint64_t> whole = mpi.allgather(problem.empty() ? 1 : 0);
+  std::string bad;
+  for (std::size_t k = 0; k < whole.size(); ++k)
+    if (whole[k] == 0) bad += (bad.empty() ? "" : ", ") + std::to_string(k);
+  if (!problem.empty()) throw shmps::Error("--restore " + options.restore.string() + ": " + problem);
+  if (!bad.empty())
+    throw shmps::Error("--restore " + options.restore.string() + ": the part of rank " + bad +
+                       " is missing or damaged (that rank says why): nothing was restored");
+  options.restore = dir / manifest.parts[static_cast<std::size_t>(mpi.rank())].file;
+  options.restore_sync_tables = true;
+}
+
+// The error, and the exit code. Under MPI the process leaves without finalising: the other ranks
+// may wait in a collective for this one, and mpirun ends them all when a rank exits this way.
+int fail(shmps::server::MpiComm* mpi, const char* what, int code) {
+  std::cerr << "shmps-server" << (mpi ? "[" + mpi->host() + "/r" + std::to_string(mpi->rank()) + "]" : std::string())
+            << ": error: " << what << "\n";
+  if (mpi != nullptr) {
+    std::cerr.flush();
+    std::_Exit(code);
+  }
+  return code;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -201,9 +277,15 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   set_up_logging(cl.log_level);
 
+  std::unique_ptr<shmps::server::MpiComm> mpi;
   try {
     shmps::server::ServerOptions options;
     options.spec = shmps::server::load_model_spec(cl.spec_path);
+    if (cl.mpi && !cl.plan_only) {
+      mpi = std::make_unique<shmps::server::MpiComm>();
+      options.mpi = mpi.get();
+      set_up_logging(cl.log_level, mpi->host() + "/r" + std::to_string(mpi->rank()));
+    }
     apply_overrides(app, cl, options);
     if (cl.plan_only) {
       print_plan(options, cl.spec_path);
@@ -212,6 +294,7 @@ int main(int argc, char** argv) {
     options.checkpoint_dir = cl.checkpoint_dir;
     options.keep = cl.keep;
     options.restore = cl.restore;
+    if (mpi && !cl.restore.empty()) restore_own_part(*mpi, options);
     options.idle_poll = std::chrono::microseconds(cl.idle_poll_us);
     options.remove_on_stop = cl.remove_on_stop;
     options.mode = cl.group ? 0660 : 0600;
@@ -224,10 +307,8 @@ int main(int argc, char** argv) {
     g_server.store(nullptr);
     return 0;
   } catch (const shmps::server::SpecError& e) {
-    std::cerr << "shmps-server: error: " << e.what() << "\n";
-    return 2;
+    return fail(mpi.get(), e.what(), 2);
   } catch (const shmps::Error& e) {
-    std::cerr << "shmps-server: error: " << e.what() << "\n";
-    return 1;
+    return fail(mpi.get(), e.what(), 1);
   }
 }

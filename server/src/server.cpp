@@ -125,8 +125,11 @@ void Server::start() {
   if (s.options.server_groups > 1) {
     const std::uint64_t ring_bytes = SyncSegment::ring_bytes_for(segment.header().slice_floats);
     s.sync.emplace(segment,
-                   make_shm_sync_transport(s.options.job, s.options.server_group, s.options.server_groups, ring_bytes,
-                                           segment.header().spec_hash, !s.boot.recovered, s.options.mode),
+                   s.options.mpi ? make_mpi_sync_transport(*s.options.mpi, segment.header(), ring_bytes)
+                                 : make_shm_sync_transport(s.options.job, s.options.server_group,
+                                                           s.options.server_groups, ring_bytes,
+                                                           segment.header().spec_hash, !s.boot.recovered,
+                                                           s.options.mode),
                    s.options.spec.sync_every);
   }
   s.commands.emplace(segment, *s.checkpoints, s.sync ? &*s.sync : nullptr);

@@ -36,6 +36,7 @@ SyncEngine::SyncEngine(Segment& segment, std::unique_ptr<SyncTransport> transpor
 }
 
 bool SyncEngine::tick(bool may_write) {
+  if (paused()) return false;
   bool did = false;
   may_write_ = may_write;
   if (may_write) did |= receive();
@@ -49,12 +50,17 @@ bool SyncEngine::tick(bool may_write) {
     }
   }
   did |= send_pending();
+  transport_->flush();
   if (full_ == Full::running && in_flight_ == 0) full_ = Full::done;
   return did;
 }
 
 bool SyncEngine::receive() {
-  return transport_->receive([this](std::uint32_t from, const PushRecord& r) { return handle(from, r); }) != 0;
+  if (paused()) return false;
+  const bool did =
+      transport_->receive([this](std::uint32_t from, const PushRecord& r) { return handle(from, r); }) != 0;
+  transport_->flush();  // the answers
+  return did;
 }
 
 void SyncEngine::request_full_sync() {
@@ -67,7 +73,9 @@ bool SyncEngine::take_full_sync_done() {
   return true;
 }
 
-bool SyncEngine::busy() const { return full_ == Full::waiting || (may_write_ && transport_->waiting()); }
+bool SyncEngine::busy() const {
+  return !paused() && (full_ == Full::waiting || (may_write_ && transport_->waiting()));
+}
 
 bool SyncEngine::round_due() const {
   if (every_.updates != 0)

@@ -64,6 +64,14 @@ class SyncEngine {
   // The full round asked for is done: true once, then the request is closed.
   bool take_full_sync_done();
 
+  // A multi-host checkpoint (shmps-ctl checkpoint --mpi): for at most `lease`, or until resume(),
+  // this group adds no delta, takes no answer and begins no round, so that the replicas' parts
+  // taken meanwhile are one consistent cut (a delta added at its home is in the home's part, and
+  // in flight or taken in the requester's part).
+  void pause_for(std::chrono::milliseconds lease) { paused_until_ = std::chrono::steady_clock::now() + lease; }
+  void resume() { paused_until_ = {}; }
+  bool paused() const { return std::chrono::steady_clock::now() < paused_until_; }
+
   // Records wait to be received, or a full round to begin: no reason to sleep. (Answers still
   // to come are not: the server's sleeps are short, and a dead peer must not make it spin.)
   bool busy() const;
@@ -97,6 +105,7 @@ class SyncEngine {
   std::uint64_t refresh_after_ns_;
   bool may_write_ = true;  // the last tick could receive: records waiting are work then
   std::uint64_t warned_bad_records_ = 0;
+  std::chrono::steady_clock::time_point paused_until_{};
 };
 
 }  // namespace shmps::server

@@ -1,6 +1,6 @@
 // How the servers of one job's server groups exchange sync records: one small interface, so that
-// another transport (MPI between hosts) can replace shared memory without touching the protocol
-// (sync_engine.hpp) or its exactly-once tables.
+// the transport (shared memory on one host, MPI between hosts) changes without touching the
+// protocol (sync_engine.hpp) or its exactly-once tables.
 //
 // A record is a shm::PushRecord of kind sync_delta (a slice's delta, to its home group) or
 // sync_fresh (the home's values, back): `offset` is the slice, `count` its elements, `seq` the
@@ -31,6 +31,9 @@ class SyncTransport {
   virtual float* try_claim(std::uint32_t to, shm::RecordKind kind, std::uint64_t slice, std::uint64_t seq,
                            std::uint64_t count, std::uint64_t version) = 0;
   virtual void commit(std::uint32_t to, shm::RecordKind kind) = 0;
+  // Committed records may wait to be batched with the next ones (MPI): send them now. Called at
+  // the end of each of the engine's turns.
+  virtual void flush() {}
 
   // Calls handler(from, record) for the records received from every other group, in order per
   // group. The handler returns false to stop at a record (it is handed again next time). Records
@@ -49,5 +52,14 @@ class SyncTransport {
 std::unique_ptr<SyncTransport> make_shm_sync_transport(const std::string& job, std::uint32_t group, std::uint32_t groups,
                                                        std::uint64_t ring_bytes, std::uint64_t spec_hash, bool fresh,
                                                        unsigned mode);
+
+class MpiComm;
+
+// Between hosts: group K is MPI rank K of `comm` (mpi_comm.hpp), records travel in batches.
+// `header`: this replica's, whose server the communication thread wakes when records arrive.
+// `budget_bytes`: per peer and channel, what may wait to be sent (and, received, to be handled)
+// before try_claim says there is no room.
+std::unique_ptr<SyncTransport> make_mpi_sync_transport(MpiComm& comm, shm::SegmentHeader& header,
+                                                       std::uint64_t budget_bytes);
 
 }  // namespace shmps::server

@@ -38,6 +38,9 @@ std::string server_lock_path(std::string_view name) { return segment_path(name) 
 std::string slots_lock_path(std::string_view name) { return segment_path(name) + ".slots.lock"; }
 
 std::string replica_name(std::string_view job, std::uint32_t group) { return std::string(job) + ".g" + std::to_string(group); }
+std::string host_replica_name(std::string_view job, std::uint32_t rank) {
+  return std::string(job) + ".h" + std::to_string(rank);
+}
 std::string sync_segment_name(std::string_view job, std::uint32_t group) { return replica_name(job, group) + ".sync"; }
 
 }  // namespace shmps::shm

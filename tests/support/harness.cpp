@@ -77,13 +77,15 @@ void remove_segment(const std::string& name) {
   std::filesystem::remove(shm::segment_path(name), ec);
   std::filesystem::remove(shm::server_lock_path(name), ec);
   std::filesystem::remove(shm::slots_lock_path(name), ec);
-  // A job with server groups: its replicas (<name>.g<k>) and their sync segments.
+  // A job with server groups: its replicas (<name>.g<k>) and their sync segments, and a job on
+  // several hosts' replicas (<name>.h<k>).
   for (std::uint32_t g = 0; g < 8; ++g) {
-    const std::string replica = name + ".g" + std::to_string(g);
-    std::filesystem::remove(shm::segment_path(replica), ec);
-    std::filesystem::remove(shm::segment_path(replica + ".sync"), ec);
-    std::filesystem::remove(shm::server_lock_path(replica), ec);
-    std::filesystem::remove(shm::slots_lock_path(replica), ec);
+    for (const std::string& replica : {shm::replica_name(name, g), shm::host_replica_name(name, g)}) {
+      std::filesystem::remove(shm::segment_path(replica), ec);
+      std::filesystem::remove(shm::segment_path(replica + ".sync"), ec);
+      std::filesystem::remove(shm::server_lock_path(replica), ec);
+      std::filesystem::remove(shm::slots_lock_path(replica), ec);
+    }
   }
 }
 

@@ -15,6 +15,15 @@
 //   shmps/slice_step        I64 [slices]                      optimizer steps of every slice
 //   shmps/last_applied      I64 [slices, max_workers]         the exactly-once table
 //
+// A replica of a job with server groups also holds its sync tables (sync_engine.hpp), with
+// metadata shmps.server_group, shmps.server_groups and shmps.sync_seq:
+//   <param>/sync.base, <param>/sync.sent   F32, the parameter's shape   values at the last sync,
+//                                                             and the delta in flight
+//   shmps/sync_sent_seq, shmps/sync_synced_seq, shmps/sync_clean_version   I64 [slices]
+//   shmps/sync_applied      I64 [slices, server_groups]       the home's exactly-once table
+// A restore into the same group of a job with as many groups takes them; any other restore
+// starts the replica's sync afresh from its values (every replica restored from one file).
+//
 // Everything else is in "__metadata__" (strings; JSON where it is a structure):
 //   shmps.format          "shmps-checkpoint-1"
 //   shmps.segment         the job's segment name
@@ -66,6 +75,15 @@ struct Snapshot {
     std::vector<std::uint64_t> shape;
     std::vector<float> values;
     std::vector<float> state[2];  // optimizer_state_arrays(optimizer.kind) of them are used
+    std::vector<float> sync_base, sync_sent;  // server groups (`sync` below), else empty
+  };
+  // A replica of a job with server groups: its sync tables (sync_engine.hpp), so that a restore
+  // of this replica alone (a multi-host checkpoint's part) goes on syncing where it stopped.
+  struct Sync {
+    std::uint32_t server_group = 0, server_groups = 0;
+    std::uint64_t seq = 0;                                          // the last round's number
+    std::vector<std::int64_t> sent_seq, synced_seq, clean_version;  // per slice
+    std::vector<std::int64_t> applied;                              // [slice][server_groups]
   };
   struct Slot {
     std::uint32_t rank = 0;
@@ -97,6 +115,7 @@ struct Snapshot {
   std::vector<std::int64_t> slice_version, slice_clock, slice_step;  // per slice, segment order
   std::vector<std::int64_t> last_applied;                            // [slice][max_workers]
   std::vector<Slot> slots;                                           // slots ever used
+  std::optional<Sync> sync;                                          // server groups only
 
   // Bytes of tensor data in the file (parameters, optimizer state, slice tables).
   std::uint64_t data_bytes() const noexcept;
@@ -129,6 +148,10 @@ void check_restorable(const Snapshot& snapshot, const std::filesystem::path& pat
 // the optimizer settings, the counters and the worker slots (their holders are gone: each slot is
 // marked dead, so a restarted worker takes it over and resumes from its resume blob).
 void restore_into(shm::Segment& segment, const Snapshot& snapshot);
+// Server groups: the snapshot's sync tables into the replica being created, if the snapshot is of
+// the same group of as many groups (a multi-host checkpoint's part); otherwise nothing, and the
+// replica syncs afresh from its values (as lay_out_sync_tables left it).
+void restore_sync_tables(shm::Segment& segment, const Snapshot& snapshot);
 
 // The checkpoints of one job in a directory: "<segment>.<serial>.safetensors", serial 8 digits,
 // increasing. Writing one picks the next serial; pruning keeps the newest `keep`.

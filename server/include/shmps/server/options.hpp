@@ -11,6 +11,8 @@
 
 namespace shmps::server {
 
+class MpiComm;
+
 struct ServerOptions {
   ModelSpec spec;
   unsigned threads = 0;          // apply threads; 0: spec.server_threads, else all cores
@@ -40,6 +42,10 @@ struct ServerOptions {
   // Restore the job from this checkpoint file instead of initialising it from the spec. Refused
   // when the segment exists (its state is newer than any file).
   std::filesystem::path restore;
+  // `restore` is this replica's own part of a multi-host checkpoint (checkpoint_manifest.hpp):
+  // its sync tables are restored too. Otherwise (one file for every group) the replica syncs
+  // afresh from the restored values.
+  bool restore_sync_tables = false;
 
   // Server groups (SINGA's; server/src/sync_engine.hpp): this server serves group server_group
   // of server_groups of job `job`; its segment (spec.name) is the group's replica,
@@ -47,6 +53,10 @@ struct ServerOptions {
   std::string job;
   std::uint32_t server_group = 0;
   std::uint32_t server_groups = 1;
+  // Server groups on several hosts (docs/several-hosts.md): the MPI communication thread
+  // (server/src/mpi_comm.hpp) of this server, one MPI rank per group; server_group is its rank and
+  // server_groups its size. Null: the groups sync through shared memory on this host.
+  MpiComm* mpi = nullptr;
 };
 
 // The layout a server started with these options gives a new segment (Server::start() creates

@@ -27,5 +27,8 @@ std::string slots_lock_path(std::string_view name);  // "/dev/shm/shmps.<name>.s
 // segment ("<job>.g<g>.sync", the object /dev/shm/shmps.<job>.g<g>.sync; sync_segment.hpp).
 std::string replica_name(std::string_view job, std::uint32_t group);
 std::string sync_segment_name(std::string_view job, std::uint32_t group);
+// Server groups on several hosts (shmps-server --mpi): the replica of MPI rank `rank` on its host,
+// <job>.h<rank> (so that several ranks can share one machine, each with its own).
+std::string host_replica_name(std::string_view job, std::uint32_t rank);
 
 }  // namespace shmps::shm

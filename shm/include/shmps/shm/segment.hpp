@@ -234,6 +234,9 @@ class Segment {
   float* sync_sent(const ParamEntry& p) noexcept {
     return at<float>(base_, header().sync_sent_offset + (p.values_offset - header().values_offset));
   }
+  const float* sync_sent(const ParamEntry& p) const noexcept {
+    return at<float>(base_, header().sync_sent_offset + (p.values_offset - header().values_offset));
+  }
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
   std::uint64_t* redo_last_applied(RedoEntry& e) noexcept { return reinterpret_cast<std::uint64_t*>(&e + 1); }
   RedoInput* redo_inputs(RedoEntry& e) noexcept {
