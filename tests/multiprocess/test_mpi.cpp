@@ -198,6 +198,19 @@ TEST(Mpi, TwoAndThreeRanksLoseNothingThroughKillsOfWorkersAndOfAServerRank) {
     EXPECT_GE(worker_kills, 1);
     job.sync();
     job.expect_every_replica_exact(std::vector<std::uint64_t>(pushers_n, kPushes));
+
+    // shmps-top on any host: its group, the sync, and per peer the lag of its slices here.
+    const std::string last = job.replica(ranks - 1);
+    const auto text = shmps::test::run({"shmps-top", last, "--once"});
+    EXPECT_HAS(text.out, "sync        server group " + std::to_string(ranks - 1) + " of " + std::to_string(ranks));
+    EXPECT_HAS(text.out, "  peer      group 0: home of ");
+    EXPECT_HAS(text.out, "slices here, values from ");
+    const auto json = shmps::test::run({"shmps-top", last, "--json"});
+    EXPECT_HAS(json.out, "\"peers\": [");
+    EXPECT_HAS(json.out, "\"lag_s\": ");
+    const auto prom = shmps::test::run({"shmps-top", last, "--prometheus"});
+    EXPECT_HAS(prom.out, "shmps_sync_peer_lag_seconds{segment=\"" + last + "\",peer_group=\"0\"} ");
+    EXPECT_HAS(prom.out, "shmps_sync_bytes_sent_total{segment=\"" + last + "\"} ");
   }
 }
 

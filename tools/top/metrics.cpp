@@ -64,6 +64,8 @@ Metrics compute_metrics(const Sample* before, const Sample& now) {
   m.server_heartbeat_age_s = age_s(now.mono_ns, now.server_heartbeat_ns);
   m.checkpoint_age_s = age_s(now.unix_ns, now.last_checkpoint_unix_ns);
   m.sync_age_s = age_s(now.unix_ns, now.last_sync_unix_ns);
+  for (const Sample::Peer& peer : now.peers)
+    m.peers.push_back({age_s(now.unix_ns, peer.last_answer_round_unix_ns), age_s(now.unix_ns, peer.oldest_in_flight_unix_ns)});
   if (now.last_checkpoint_unix_ns != 0) m.checkpoint_duration_s = static_cast<double>(now.last_checkpoint_duration_ns) / 1e9;
 
   if (comparable) {

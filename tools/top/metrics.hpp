@@ -48,6 +48,13 @@ struct Metrics {
   Latency latency;
   std::optional<double> checkpoint_age_s, checkpoint_duration_s;
   std::optional<double> sync_age_s;  // server groups: since the last sync round had every answer back
+  // Per peer (Sample::peers, same order): how old this replica's copy of the slices homed at the
+  // peer is (since the round whose answer came back last began: the sync's lag), and how long the
+  // oldest delta to it has been in flight.
+  struct PeerLag {
+    std::optional<double> lag_s, oldest_in_flight_s;
+  };
+  std::vector<PeerLag> peers;
   unsigned workers_alive = 0;  // alive or suspect
   std::vector<WorkerMetrics> workers;  // every slot, free ones too
   std::vector<ParamMetrics> params;

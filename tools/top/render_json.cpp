@@ -25,6 +25,18 @@ double decimal(float f) {
 }
 
 // [{"group", "first_rank", "ranks", "clock", "steps", "records", "discarded"}], group 0 first.
+// [{"group", "home_slices", "in_flight", "lag_s", "oldest_in_flight_s"}]: the other groups.
+json peers_json(const Sample& s, const Metrics& m) {
+  json out = json::array();
+  for (std::size_t i = 0; i < s.peers.size(); ++i)
+    out.push_back({{"group", s.peers[i].group},
+                   {"home_slices", s.peers[i].home_slices},
+                   {"in_flight", s.peers[i].in_flight},
+                   {"lag_s", i < m.peers.size() ? value(m.peers[i].lag_s) : json(nullptr)},
+                   {"oldest_in_flight_s", i < m.peers.size() ? value(m.peers[i].oldest_in_flight_s) : json(nullptr)}});
+  return out;
+}
+
 // Server groups: null without them.
 json server_groups_json(const Sample& s, const Metrics& m) {
   if (s.server_groups < 2) return nullptr;
@@ -39,7 +51,8 @@ json server_groups_json(const Sample& s, const Metrics& m) {
             {"deltas_added", s.sync_added},
             {"duplicates_answered", s.sync_duplicates},
             {"bytes_sent", s.sync_bytes},
-            {"last_age_s", value(m.sync_age_s)}}}};
+            {"last_age_s", value(m.sync_age_s)}}},
+          {"peers", peers_json(s, m)}};
 }
 
 json groups_json(const Sample& s) {

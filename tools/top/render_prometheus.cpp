@@ -156,6 +156,35 @@ std::string render_prometheus(const Metrics& m) {
   e.family("shmps_last_checkpoint_duration_seconds", "gauge", "how long the last checkpoint took until durable",
            one(from(m.checkpoint_duration_s)));
 
+  // Server groups (also on several hosts): the sync, and its lag per peer group.
+  if (s.server_groups > 1) {
+    e.family("shmps_server_group", "gauge", "the server group this replica belongs to (of shmps_server_groups)",
+             one(u(s.server_group)));
+    e.family("shmps_server_groups", "gauge", "server groups of the job", one(u(s.server_groups)));
+    e.family("shmps_sync_rounds_total", "counter", "sync rounds begun", one(s.sync_rounds));
+    e.family("shmps_sync_deltas_sent_total", "counter", "slice deltas sent to their home groups", one(s.sync_sent));
+    e.family("shmps_sync_answers_taken_total", "counter", "home values taken back", one(s.sync_taken));
+    e.family("shmps_sync_deltas_added_total", "counter", "other groups' deltas added as home", one(s.sync_added));
+    e.family("shmps_sync_duplicates_total", "counter", "deltas answered again without adding (sent twice)",
+             one(s.sync_duplicates));
+    e.family("shmps_sync_bytes_sent_total", "counter", "bytes of deltas and answers sent", one(s.sync_bytes));
+    e.family("shmps_sync_in_flight", "gauge", "slices whose delta awaits its answer", one(s.sync_in_flight));
+    e.family("shmps_sync_last_round_age_seconds", "gauge", "time since a sync round last had every answer back",
+             one(from(m.sync_age_s)));
+    std::vector<std::pair<Labels, Value>> lag, in_flight;
+    for (std::size_t i = 0; i < s.peers.size() && i < m.peers.size(); ++i) {
+      const Labels peer{{"segment", s.segment}, {"peer_group", std::to_string(s.peers[i].group)}};
+      lag.push_back({peer, from(m.peers[i].lag_s)});
+      in_flight.push_back({peer, u(s.peers[i].in_flight)});
+    }
+    e.family("shmps_sync_peer_lag_seconds", "gauge",
+             "age of this replica's copy of the slices homed at the peer group (since the round whose answer came "
+             "back last began)",
+             std::move(lag));
+    e.family("shmps_sync_peer_in_flight", "gauge", "slices whose delta to the peer group awaits its answer",
+             std::move(in_flight));
+  }
+
   // Worker slots (the used ones).
   using W = WorkerMetrics;
   const std::vector<Family<W>> worker_families{

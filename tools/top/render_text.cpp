@@ -54,7 +54,15 @@ std::vector<std::string> summary_lines(const Metrics& m) {
                     std::to_string(s.sync_sent) + " deltas sent, " + std::to_string(s.sync_taken) + " answers taken, " +
                     std::to_string(s.sync_in_flight) + " in flight; " + std::to_string(s.sync_added) +
                     " deltas added as home; last complete round " +
-                    (m.sync_age_s ? human_duration(*m.sync_age_s) + " ago" : std::string("never")));
+                    (m.sync_age_s ? human_duration(*m.sync_age_s) + " ago" : std::string("never")) + "; " +
+                    human_bytes(static_cast<double>(s.sync_bytes)) + " sent");
+  for (std::size_t i = 0; i < s.peers.size() && i < m.peers.size(); ++i)
+    lines.push_back("  peer      group " + std::to_string(s.peers[i].group) + ": home of " +
+                    std::to_string(s.peers[i].home_slices) + " slices here, values from " +
+                    (m.peers[i].lag_s ? human_duration(*m.peers[i].lag_s) + " ago" : std::string("never")) + ", " +
+                    std::to_string(s.peers[i].in_flight) + " in flight" +
+                    (m.peers[i].oldest_in_flight_s ? " (oldest " + human_duration(*m.peers[i].oldest_in_flight_s) + ")"
+                                                   : std::string()));
   std::string apply = "apply       " + opt(m.records_per_s, human_count) + " pushes/s, " + opt(m.floats_per_s, human_count) +
                       " floats/s, busy " + opt(m.apply_busy_fraction, percent) + "; latency ";
   if (m.latency.p50_ns)

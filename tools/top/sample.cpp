@@ -92,11 +92,23 @@ Sample read_sample(const Segment& seg) {
   s.server_group = h.server_group;
   s.server_groups = h.server_groups;
   if (seg.has_server_groups()) {
+    s.peers.resize(h.server_groups);
+    for (std::uint32_t g = 0; g < h.server_groups; ++g) s.peers[g].group = g;
     for (std::uint64_t i = 0; i < h.slice_count; ++i) {
       const SyncSlice& sync = seg.sync_slice(i);
+      const std::uint64_t sent = load_acquire(sync.sent_seq), synced = load_acquire(sync.synced_seq);
       s.home_slices += sync.home == h.server_group;
-      s.sync_in_flight += load_acquire(sync.sent_seq) > load_acquire(sync.synced_seq);
+      s.sync_in_flight += sent > synced;
+      if (sync.home >= h.server_groups || sync.home == h.server_group) continue;
+      Sample::Peer& peer = s.peers[sync.home];
+      ++peer.home_slices;
+      if (sent > synced) {
+        ++peer.in_flight;
+        if (peer.oldest_in_flight_unix_ns == 0 || sent < peer.oldest_in_flight_unix_ns) peer.oldest_in_flight_unix_ns = sent;
+      }
+      peer.last_answer_round_unix_ns = std::max(peer.last_answer_round_unix_ns, synced);
     }
+    s.peers.erase(s.peers.begin() + h.server_group);
     s.sync_rounds = load_counter(h.sync_rounds);
     s.sync_sent = load_counter(h.sync_sent);
     s.sync_taken = load_counter(h.sync_taken);

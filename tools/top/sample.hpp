@@ -107,6 +107,15 @@ struct Sample {
   std::uint64_t home_slices = 0, sync_in_flight = 0;
   std::uint64_t sync_rounds = 0, sync_sent = 0, sync_taken = 0, sync_added = 0, sync_duplicates = 0, sync_bytes = 0;
   std::uint64_t last_sync_unix_ns = 0;
+  // Per peer group (the other groups; on several hosts, the other ranks): the slices homed there,
+  // those of them in flight now, the round of the oldest one in flight, and the round whose answer
+  // from that peer came back last (round numbers are their start times, unix ns; 0: none).
+  struct Peer {
+    std::uint32_t group = 0;
+    std::uint64_t home_slices = 0, in_flight = 0;
+    std::uint64_t oldest_in_flight_unix_ns = 0, last_answer_round_unix_ns = 0;
+  };
+  std::vector<Peer> peers;
   OptimizerSettings optimizer;
   std::uint64_t records_applied = 0;
   std::uint64_t floats_applied = 0;
