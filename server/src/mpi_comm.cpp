@@ -40,6 +40,22 @@ struct MpiComm::Impl {
   std::deque<std::function<void()>> tasks;
   std::function<void()> wake;
   std::vector<PeerTraffic> traffic;
+  std::vector<Batch> free;  // for reuse
+  static constexpr std::size_t kMaxFree = 64;
+
+  Batch reuse(std::size_t capacity) {  // with the mutex held
+    for (std::size_t i = free.size(); i-- > 0;)
+      if (free[i].capacity() >= capacity) {
+        Batch b = std::move(free[i]);
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+        b.size = 0;
+        return b;
+      }
+    return Batch{};
+  }
+  void keep(Batch b) {  // with the mutex held
+    if (free.size() < kMaxFree) free.push_back(std::move(b));
+  }
 
   // thread only
   struct InFlight {
@@ -71,16 +87,33 @@ MpiComm::~MpiComm() {
 
 std::vector<std::uint64_t> MpiComm::allgather(std::uint64_t value) {
   std::vector<std::uint64_t> all(static_cast<std::size_t>(size_));
+  run([&] { MPI_Allgather(&value, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD); });
+  return all;
+}
+
+void MpiComm::run(const std::function<void()>& task) {
   std::promise<void> done;
   {
     std::lock_guard lock(impl_->mutex);
     impl_->tasks.push_back([&] {
-      MPI_Allgather(&value, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD);
+      task();
       done.set_value();
     });
   }
   done.get_future().wait();
-  return all;
+}
+
+Batch MpiComm::batch(std::size_t capacity) {
+  {
+    std::lock_guard lock(impl_->mutex);
+    if (Batch b = impl_->reuse(capacity)) return b;
+  }
+  return Batch(capacity);
+}
+
+void MpiComm::recycle(Batch batch) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->keep(std::move(batch));
 }
 
 void MpiComm::send(int to, int tag, Batch batch) {
@@ -180,12 +213,13 @@ void MpiComm::loop() {
     // the next server (its segment says what is in flight).
     if (stopping && (s.in_flight.empty() || std::chrono::steady_clock::now() > stop_deadline)) break;
     bool did = !tasks.empty() || !outs.empty();
-    for (auto& task : tasks) task();
+    // Sends first: a task (a collective) may wait for a peer that waits for them.
     for (auto& out : outs) {
       s.in_flight.push_back({MPI_REQUEST_NULL, out.to, out.tag, std::move(out.batch)});
       Impl::InFlight& f = s.in_flight.back();
       MPI_Isend(f.batch.data(), static_cast<int>(f.batch.size), MPI_BYTE, f.to, f.tag, MPI_COMM_WORLD, &f.request);
     }
+    for (auto& task : tasks) task();
     // Completed sends.
     for (std::size_t i = 0; i < s.in_flight.size();) {
       int flag = 0;
@@ -200,6 +234,7 @@ void MpiComm::loop() {
         s.pending_bytes[to][static_cast<std::size_t>(s.in_flight[i].tag)] -= s.in_flight[i].batch.size;
         s.traffic[to].bytes_sent += s.in_flight[i].batch.size;
         ++s.traffic[to].batches_sent;
+        s.keep(std::move(s.in_flight[i].batch));
       }
       s.in_flight[i] = std::move(s.in_flight.back());
       s.in_flight.pop_back();
@@ -216,7 +251,12 @@ void MpiComm::loop() {
         if (!flag) break;
         int bytes = 0;
         MPI_Get_count(&status, MPI_BYTE, &bytes);
-        Batch batch(static_cast<std::size_t>(bytes));
+        Batch batch;
+        {
+          std::lock_guard lock(s.mutex);
+          batch = s.reuse(static_cast<std::size_t>(bytes));
+        }
+        if (!batch) batch = Batch(static_cast<std::size_t>(bytes));
         MPI_Mrecv(batch.data(), bytes, MPI_BYTE, &message, MPI_STATUS_IGNORE);
         batch.size = static_cast<std::size_t>(bytes);
         std::lock_guard lock(s.mutex);
@@ -236,10 +276,13 @@ void MpiComm::loop() {
     if (received && wake) wake();
     did |= received;
     // Idle: poll often for a while (a sync round's records come in bursts), then back off to a
-    // millisecond, which still drives progress of the sends under way.
+    // millisecond. Not while sends are under way: a large message moves only while its sender
+    // calls into MPI (rendezvous), so their progress would crawl at a fragment per sleep.
     const auto now = std::chrono::steady_clock::now();
     if (did) {
       idle_since = now;
+    } else if (!s.in_flight.empty()) {
+      std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(now - idle_since < std::chrono::milliseconds(20) ? std::chrono::microseconds(20)
                                                                                    : std::chrono::microseconds(1000));

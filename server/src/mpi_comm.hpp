@@ -69,8 +69,16 @@ class MpiComm {
   // Every rank's `value`, by rank (MPI_Allgather on the communication thread; every rank must call
   // it, in the same order). Waits for it.
   std::vector<std::uint64_t> allgather(std::uint64_t value);
+  // Runs `task` on the communication thread (where every MPI call must be made: a benchmark's
+  // ping-pong, a collective) and waits for it. Sends and receives wait meanwhile.
+  void run(const std::function<void()>& task);
 
-  // Hands `batch` to the thread, to be sent to `to` with `tag`.
+  // A batch of at least `capacity` bytes, size 0: one given back earlier if there is one (fresh
+  // pages cost a fault each; a sync round moves many batches), else a new one.
+  Batch batch(std::size_t capacity);
+  // Gives a batch whose records were handled back for reuse.
+  void recycle(Batch batch);
+  // Hands `batch` to the thread, to be sent to `to` with `tag` (then recycled).
   void send(int to, int tag, Batch batch);
   // Bytes handed to send() for (to, tag) whose sends have not completed.
   std::uint64_t bytes_pending(int to, int tag) const;

@@ -125,7 +125,9 @@ void Server::start() {
   if (s.options.server_groups > 1) {
     const std::uint64_t ring_bytes = SyncSegment::ring_bytes_for(segment.header().slice_floats);
     s.sync.emplace(segment,
-                   s.options.mpi ? make_mpi_sync_transport(*s.options.mpi, segment.header(), ring_bytes)
+                   s.options.mpi ? make_mpi_sync_transport(*s.options.mpi, s.options.spec.name,
+                                                           segment.header().spec_hash, segment.header().server_wake,
+                                                           mpi_sync_budget(segment.header().slice_floats))
                                  : make_shm_sync_transport(s.options.job, s.options.server_group,
                                                            s.options.server_groups, ring_bytes,
                                                            segment.header().spec_hash, !s.boot.recovered,

@@ -10,8 +10,10 @@
 #include <spdlog/spdlog.h>
 
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <deque>
+#include <string>
 #include <vector>
 
 #include <shmps/error.hpp>
@@ -33,18 +35,19 @@ constexpr RecordKind kind_of(int channel) { return channel == 1 ? RecordKind::sy
 
 class MpiSyncTransport final : public SyncTransport {
  public:
-  MpiSyncTransport(MpiComm& comm, SegmentHeader& header, std::uint64_t budget_bytes)
-      : comm_(comm), header_(header), group_(static_cast<std::uint32_t>(comm.rank())),
+  MpiSyncTransport(MpiComm& comm, std::string name, std::uint64_t spec_hash, std::atomic<std::uint32_t>& wake_word,
+                   std::uint64_t budget_bytes)
+      : comm_(comm), name_(std::move(name)), group_(static_cast<std::uint32_t>(comm.rank())),
         groups_(static_cast<std::uint32_t>(comm.size())), budget_(budget_bytes), out_(groups_), in_(groups_) {
     // Every rank must serve the same model: its slices are what the records name.
-    const std::vector<std::uint64_t> hashes = comm_.allgather(header.spec_hash);
+    const std::vector<std::uint64_t> hashes = comm_.allgather(spec_hash);
     for (std::uint32_t k = 0; k < groups_; ++k)
-      if (hashes[k] != header.spec_hash)
+      if (hashes[k] != spec_hash)
         throw Error("MPI rank " + std::to_string(k) + " serves another model than rank " + std::to_string(group_) +
-                    " (spec hash " + std::to_string(hashes[k]) + " against " + std::to_string(header.spec_hash) +
+                    " (spec hash " + std::to_string(hashes[k]) + " against " + std::to_string(spec_hash) +
                     "): give every rank the same model spec (and remove a replica left by another job)");
     comm_.set_receive_limit(0, budget_bytes);
-    comm_.on_received([&word = header_.server_wake] {
+    comm_.on_received([&word = wake_word] {
       word.fetch_add(1, std::memory_order_acq_rel);
       futex_wake_all(word);
     });
@@ -60,7 +63,7 @@ class MpiSyncTransport final : public SyncTransport {
     if (open && open.size + need > open.capacity()) send(to, c);
     const std::uint64_t pending = comm_.bytes_pending(static_cast<int>(to), c) + (open ? open.size : 0);
     if (pending != 0 && pending + need > budget_) return nullptr;  // one record always goes, however large
-    if (!open) open = Batch(std::max<std::uint64_t>(kBatchBytes, need));
+    if (!open) open = comm_.batch(std::max<std::uint64_t>(kBatchBytes, need));
     auto* record = reinterpret_cast<PushRecord*>(open.data() + open.size);
     std::memset(static_cast<void*>(record), 0, sizeof(PushRecord));
     record->kind = kind;
@@ -103,7 +106,7 @@ class MpiSyncTransport final : public SyncTransport {
             if (r == nullptr) {
               spdlog::error("event=sync_record_malformed segment={} from_group={} channel={} position={} reason=\"a "
                             "batch from group {} holds a record that is not well formed; the rest of the batch is "
-                            "skipped\"", header_.name, from, c, in.position, from);
+                            "skipped\"", name_, from, c, in.position, from);
               in.position = b.size;
               break;
             }
@@ -115,6 +118,7 @@ class MpiSyncTransport final : public SyncTransport {
             in.position += r->record_bytes;
           }
           if (stopped) break;
+          comm_.recycle(std::move(in.batches.front()));
           in.batches.pop_front();
           in.position = 0;
         }
@@ -159,7 +163,7 @@ class MpiSyncTransport final : public SyncTransport {
   }
 
   MpiComm& comm_;
-  SegmentHeader& header_;
+  std::string name_;
   std::uint32_t group_, groups_;
   std::uint64_t budget_;
   std::uint64_t claimed_ = 0;
@@ -169,8 +173,9 @@ class MpiSyncTransport final : public SyncTransport {
 
 }  // namespace
 
-std::unique_ptr<SyncTransport> make_mpi_sync_transport(MpiComm& comm, SegmentHeader& header, std::uint64_t budget_bytes) {
-  return std::make_unique<MpiSyncTransport>(comm, header, budget_bytes);
+std::unique_ptr<SyncTransport> make_mpi_sync_transport(MpiComm& comm, const std::string& name, std::uint64_t spec_hash,
+                                                       std::atomic<std::uint32_t>& wake_word, std::uint64_t budget_bytes) {
+  return std::make_unique<MpiSyncTransport>(comm, name, spec_hash, wake_word, budget_bytes);
 }
 
 }  // namespace shmps::server

@@ -12,6 +12,8 @@
 // (a receiver killed mid-way is handed it again: handling must be idempotent, and is).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -56,10 +58,17 @@ std::unique_ptr<SyncTransport> make_shm_sync_transport(const std::string& job, s
 class MpiComm;
 
 // Between hosts: group K is MPI rank K of `comm` (mpi_comm.hpp), records travel in batches.
-// `header`: this replica's, whose server the communication thread wakes when records arrive.
-// `budget_bytes`: per peer and channel, what may wait to be sent (and, received, to be handled)
-// before try_claim says there is no room.
-std::unique_ptr<SyncTransport> make_mpi_sync_transport(MpiComm& comm, shm::SegmentHeader& header,
+// `name` (for messages) and `spec_hash` (which every rank's must equal: checked at once, a
+// collective): this replica's. `wake_word`: the futex word of this replica's server, woken when
+// records arrive. `budget_bytes`: per peer and channel, what may wait to be sent (and, received,
+// to be handled) before try_claim says there is no room.
+// What may wait per peer and channel between hosts: at least 16 MiB (16 batches in flight keep a
+// link busy), and 8 records of the largest slice.
+constexpr std::uint64_t mpi_sync_budget(std::uint64_t slice_floats) {
+  return std::max<std::uint64_t>(std::uint64_t{16} << 20, 8 * shm::record_bytes_for(slice_floats));
+}
+std::unique_ptr<SyncTransport> make_mpi_sync_transport(MpiComm& comm, const std::string& name, std::uint64_t spec_hash,
+                                                       std::atomic<std::uint32_t>& wake_word,
                                                        std::uint64_t budget_bytes);
 
 }  // namespace shmps::server

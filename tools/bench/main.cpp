@@ -8,7 +8,8 @@
 // a two-process ping-pong over a shared atomic.
 // Workloads: pull, push, push.zero-copy (transfer.cpp); latency (latency.cpp); apply,
 // push-to-apply, push-to-apply.zero-copy (apply.cpp); bsp-round, bsp-round.checkpointing
-// (bsp_round.cpp); train (train.cpp).
+// (bsp_round.cpp); train (train.cpp); scale (scale.cpp); mpi: MPI's ping-pong against the sync
+// transport between two ranks, and the reference MLP on 2 and 3 ranks (mpi.cpp).
 //
 // Prints a table, and one "name value unit" line per figure (also to --out FILE).
 // --quick: small sizes, a few seconds, for CI (checks that everything runs; the figures mean
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
   app.add_option("--mlp-spec", cfg.mlp_spec, "the reference MLP's model spec, for train")->capture_default_str();
   app.add_option("--train-samples", cfg.train_samples, "samples per train run (default 400000, --quick 6400)");
   app.add_option("--only", only,
-                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale "
+                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi "
                  "(the limits always run)");
   CLI11_PARSE(app, argc, argv);
 
@@ -74,6 +75,7 @@ int main(int argc, char** argv) {
     if (wanted("bsp-round")) run_bsp_round(cfg, lim, report);
     if (wanted("train")) run_train(cfg, report);
     if (wanted("scale")) run_scale(cfg, lim, report);
+    if (wanted("mpi")) run_mpi(cfg, report);
   } catch (const std::exception& e) {
     report.print(out_path);
     std::cerr << "shmps-bench: " << e.what() << "\n";

@@ -101,4 +101,30 @@ void run_train(const Config& cfg, Report& rep) {
   add(rep, "train.ssp2.2", ssp2, "2 workers, SSP bound 2", &asp2, "asp.2");
 }
 
+// The reference MLP on 2 and 3 MPI ranks on this machine (shmps-launch --mpi --ranks K, one
+// worker per rank: server groups kept in step over MPI), each next to one rank (one server, no
+// MPI) with the same total workers. Both ASP.
+void run_train_mpi(const Config& cfg, Report& rep) {
+  const std::string dir = self_dir();
+  const std::string samples = std::to_string(cfg.train_samples);
+  const std::string eval = cfg.quick ? " --eval-rows 2000" : "";
+  int job = 0;
+  auto launch = [&](int ranks, int workers) {
+    const std::string name = "bench-mpi-train-" + std::to_string(::getpid()) + "-" + std::to_string(job++);
+    return run(dir + "/shmps-launch --spec '" + cfg.mlp_spec + "' --name " + name +
+                   (ranks > 1 ? " --mpi --ranks " + std::to_string(ranks) : std::string()) + " --workers " +
+                   std::to_string(workers) + " --consistency asp --after '" + dir + "/shmps-worker --evaluate" + eval +
+                   "' --samples " + samples + eval,
+               "[after] ");
+  };
+  for (const int ranks : {2, 3}) {
+    const std::string k = std::to_string(ranks);
+    const TrainResult one = launch(1, ranks);
+    add(rep, "train.mpi.1rank." + k + "workers", one, k + " workers on one server (no MPI), ASP", nullptr, "");
+    const TrainResult many = launch(ranks, 1);
+    add(rep, "train.mpi." + k + "ranks", many, k + " MPI ranks with 1 worker each, ASP, synced every 100 ms", &one,
+        "1rank." + k + "workers");
+  }
+}
+
 }  // namespace shmps::bench

@@ -14,6 +14,8 @@ void run_apply_designs(const Config& cfg, Report& report);                  // a
 void run_push_to_apply(const Config& cfg, const Limits& lim, Report& report);  // apply.cpp
 void run_bsp_round(const Config& cfg, const Limits& lim, Report& report);   // bsp_round.cpp
 void run_train(const Config& cfg, Report& report);                          // train.cpp
+void run_train_mpi(const Config& cfg, Report& report);                      // train.cpp
+void run_mpi(const Config& cfg, Report& report);                            // mpi.cpp
 void run_scale(const Config& cfg, const Limits& lim, Report& report);       // scale.cpp
 
 }  // namespace shmps::bench
