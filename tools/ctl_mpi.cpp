@@ -50,7 +50,7 @@ class MpiSession {
     int ok = 1;
     try {
       step();
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // shmps::Error, and std::filesystem's
       std::cerr << "shmps-ctl[" << host_ << "/r" << rank_ << "]: " << what << ": " << e.what() << "\n";
       ok = 0;
     }
@@ -144,14 +144,16 @@ int mpi_checkpoint(const std::string& job, const std::string& dir_text) {
     return 1;
   if (!sync_passes(mpi, replica)) return 1;
   // One consistent cut: no group adds or takes a delta from the first part's snapshot to the last
-  // one's (the lease ends the pause should this command die).
-  const bool paused = mpi.all("pausing the sync", [&] { ask(replica, "sync_pause=120000", std::chrono::seconds(30)); });
-  const bool written = paused && mpi.all("writing this host's part", [&] { ask(replica, "checkpoint=" + part.string(), std::nullopt); });
+  // one's (the ten-minute lease ends the pause should this command die).
+  // The server refuses a part unless paused, and fails it if the pause ended before it was durable.
+  const bool paused = mpi.all("pausing the sync", [&] { ask(replica, "sync_pause=600000", std::chrono::seconds(30)); });
+  const bool written =
+      paused && mpi.all("writing this host's part", [&] { ask(replica, "checkpoint_part=" + part.string(), std::nullopt); });
   try {
     ask(replica, "sync_resume", std::chrono::seconds(30));
   } catch (const Error& e) {
     std::cerr << "shmps-ctl[" << mpi.host() << "/r" << mpi.rank() << "]: resuming the sync: " << e.what()
-              << " (it resumes by itself within two minutes)\n";
+              << " (it resumes by itself within ten minutes)\n";
   }
   if (!written) return 1;
   server::Manifest manifest;

@@ -1,6 +1,7 @@
 #include "launch_mpi.hpp"
 
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -81,6 +82,9 @@ int run_mpi_job(const MpiJob& job) {
                                         job.server_args;
   const std::vector<std::string> first_start =
       job.restore.empty() ? server_cmd : server_cmd + std::vector<std::string>{"--restore", fs::absolute(job.restore)};
+  // A restart of a restored job resumes from the replicas if every rank has its own, restores if
+  // none has (the first start failed before restoring), and refuses a mix (a restore cut short).
+  if (!job.restore.empty()) server_cmd = first_start + std::vector<std::string>{"--restore-once"};
   const std::string where = !job.hosts.empty()      ? "on hosts " + text(job.hosts)
                             : !job.hostfile.empty() ? "on the hosts of " + job.hostfile
                                                     : std::to_string(job.ranks) + " ranks on this machine";
@@ -108,7 +112,7 @@ int run_mpi_job(const MpiJob& job) {
     if (launcher.running(*servers)) continue;
     if (server_restarts < kMaxServerRestarts) {
       // Open MPI ended every server when one died: start them all again; each resumes from its
-      // replica (no --restore: the replicas exist now), and the workers wait for them.
+      // replica, and the workers wait for them.
       ++server_restarts;
       std::cout << "shmps-launch: the servers' mpirun " << describe(*servers->status)
                 << "; starting every rank's server again (restart " << server_restarts << " of " << kMaxServerRestarts
@@ -156,10 +160,17 @@ int run_mpi_job(const MpiJob& job) {
     }
   }
   if (launcher.running(*servers)) {
+    // mpirun exits with code 1 whenever it is told to stop (it forwards SIGTERM to every rank, and
+    // each server stops gracefully, keeping its replica): only a kill says something went wrong.
     const int status = stop(*servers, 60s);
-    if (!succeeded(status)) std::cerr << "shmps-launch: the servers' mpirun " << describe(status) << " when stopped\n";
+    if (WIFSIGNALED(status)) std::cerr << "shmps-launch: the servers' mpirun " << describe(status) << " when stopped\n";
   }
-  if (!job.keep && !failed) run_ctl(launcher, job, {"destroy", "--mpi", job.name}, 60s);
+  if (!job.keep && !failed && !run_ctl(launcher, job, {"destroy", "--mpi", job.name}, 60s)) {
+    std::cerr << "shmps-launch: the replicas were not all removed (see above): shmps-ctl destroy --mpi " << job.name
+              << " under mpirun removes them\n";
+    failed = true;
+  }
+  if (launcher.interrupted()) return 128 + launcher.interrupted();
   if (failed) return 1;
   std::cout << "shmps-launch: job finished" << (job.keep ? "; replicas kept" : "; replicas removed") << std::endl;
   return 0;

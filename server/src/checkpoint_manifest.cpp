@@ -58,7 +58,9 @@ void write_manifest(const std::filesystem::path& dir, const Manifest& m) {
   // Several ranks may share the directory (one file system): each writes its own temporary file
   // and renames it; the contents are the same.
   const std::filesystem::path final_path = dir / kManifestFile;
-  const std::filesystem::path tmp = dir / (".manifest." + std::to_string(::getpid()) + ".tmp");
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  const std::filesystem::path tmp = dir / (".manifest." + std::string(host) + "." + std::to_string(::getpid()) + ".tmp");
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) throw Error(tmp.string() + ": cannot be created: " + std::strerror(errno));
   const bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;

@@ -116,7 +116,10 @@ void restore_into(Segment& segment, const Snapshot& snap) {
 
 void restore_sync_tables(Segment& segment, const Snapshot& snap) {
   SegmentHeader& h = segment.header();
-  if (!snap.sync || snap.sync->server_group != h.server_group || snap.sync->server_groups != h.server_groups) return;
+  if (!snap.sync || snap.sync->server_group != h.server_group || snap.sync->server_groups != h.server_groups)
+    throw Error(std::string("checkpoint of segment '") + snap.segment + "' holds no sync tables of server group " +
+                std::to_string(h.server_group) + " of " + std::to_string(h.server_groups) +
+                ": it is not this rank's part of a checkpoint of this job");
   const Snapshot::Sync& sync = *snap.sync;
   store_release(h.sync_seq, sync.seq);
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {

@@ -33,7 +33,17 @@ bool Commands::waiting() const {
 }
 
 void Commands::answer_checkpoint() {
-  if (auto done = checkpoints_->take_outcome()) answer(done->status, done->reply);
+  auto done = checkpoints_->take_outcome();
+  if (!done) return;
+  if (part_pending_ && done->status == 0 && !(sync_ && sync_->paused())) {
+    // The lease ran out before the part was durable: adds and takes may have happened after
+    // another rank's part was taken, so the parts would not be one cut.
+    done->status = 1;
+    done->reply = "the sync pause ended before this part was durable, so the parts may not be one consistent cut: "
+                  "take the checkpoint again (with a longer pause)";
+  }
+  part_pending_ = false;
+  answer(done->status, done->reply);
 }
 
 void Commands::poll() {
@@ -76,6 +86,20 @@ void Commands::poll() {
         sync_->pause_for(std::chrono::milliseconds(ms));
         answer(0, "sync paused for at most " + std::to_string(ms) + " ms");
       }
+    }
+    return;
+  }
+  if (key == "checkpoint_part") {
+    // A part of a multi-host checkpoint (shmps-ctl checkpoint --mpi): only while this group's
+    // sync is paused, which a restarted server's is not.
+    if (!sync_ || !sync_->paused()) {
+      answer(1, "this server's sync is not paused (was it restarted since the pause?): a part of a multi-host "
+                "checkpoint is taken only while every rank's sync is paused; take the checkpoint again");
+    } else if (value.empty() || value.front() != '/') {
+      answer(1, "checkpoint_part path must be absolute, got '" + value + "'");
+    } else {
+      part_pending_ = true;
+      checkpoints_->request(value);
     }
     return;
   }

@@ -10,6 +10,8 @@
 //                                  when every answer of it is back
 //   sync_pause=MS, sync_resume     server groups: no delta added and no answer taken for at most
 //                                  MS ms (a multi-host checkpoint's consistent cut)
+//   checkpoint_part=/absolute/path a part of a multi-host checkpoint: refused unless the sync is
+//                                  paused, and failed if the pause ended before it was durable
 #pragma once
 
 #include <string>
@@ -43,6 +45,7 @@ class Commands {
   shm::Segment* segment_;
   CheckpointScheduler* checkpoints_;
   SyncEngine* sync_;  // null: no server groups
+  bool part_pending_ = false;  // the checkpoint requested is a part of a multi-host one
 };
 
 }  // namespace shmps::server

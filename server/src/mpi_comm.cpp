@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <future>
 #include <new>
@@ -16,7 +17,10 @@ namespace shmps::server {
 
 namespace {
 constexpr std::align_val_t kAlign{64};
-}
+constexpr std::size_t kMiB = std::size_t{1} << 20;
+// Whole MiB, at least one.
+std::size_t batch_capacity(std::size_t bytes) { return std::max<std::size_t>(1, (bytes + kMiB - 1) / kMiB) * kMiB; }
+}  // namespace
 
 Batch::Batch(std::size_t capacity)
     : data_(static_cast<std::byte*>(::operator new[](std::max<std::size_t>(capacity, 64), kAlign))),
@@ -26,8 +30,8 @@ void Batch::Free::operator()(std::byte* p) const noexcept { ::operator delete[](
 
 struct MpiComm::Impl {
   mutable std::mutex mutex;  // guards everything below up to `thread only`; never held across an MPI call
-  std::condition_variable started_cv;
-  bool started = false, stop = false;
+  std::condition_variable started_cv, finalized_cv;
+  bool started = false, stop = false, finalized = false;
   std::string start_error;
   struct Out {
     int to, tag;
@@ -40,21 +44,29 @@ struct MpiComm::Impl {
   std::deque<std::function<void()>> tasks;
   std::function<void()> wake;
   std::vector<PeerTraffic> traffic;
-  std::vector<Batch> free;  // for reuse
-  static constexpr std::size_t kMaxFree = 64;
+  // Batches for reuse. Capacities come in whole MiB (batch_capacity), so that a batch received
+  // (as big as its message) serves a batch to send and the other way round; at most kMaxFreeBytes
+  // are kept.
+  std::vector<Batch> free;
+  std::size_t free_bytes = 0;
+  static constexpr std::size_t kMaxFreeBytes = std::size_t{64} << 20;
 
   Batch reuse(std::size_t capacity) {  // with the mutex held
+    const std::size_t want = batch_capacity(capacity);
     for (std::size_t i = free.size(); i-- > 0;)
-      if (free[i].capacity() >= capacity) {
+      if (free[i].capacity() == want) {
         Batch b = std::move(free[i]);
         free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+        free_bytes -= b.capacity();
         b.size = 0;
         return b;
       }
-    return Batch{};
+    return Batch(want);
   }
   void keep(Batch b) {  // with the mutex held
-    if (free.size() < kMaxFree) free.push_back(std::move(b));
+    if (free_bytes + b.capacity() > kMaxFreeBytes) return;
+    free_bytes += b.capacity();
+    free.push_back(std::move(b));
   }
 
   // thread only
@@ -81,8 +93,22 @@ MpiComm::~MpiComm() {
   {
     std::lock_guard lock(impl_->mutex);
     impl_->stop = true;
+    impl_->wake = nullptr;
   }
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  // MPI_Finalize waits for every rank. When the whole job stops (mpirun forwards the signal to
+  // every rank) they all get there; a server stopped alone would wait forever, holding its lock,
+  // and its peers would wait for its answers. So it leaves without finalising after a while, and
+  // mpirun ends the job, which the launcher starts again.
+  std::unique_lock lock(impl_->mutex);
+  if (!impl_->finalized_cv.wait_for(lock, std::chrono::seconds(10), [this] { return impl_->finalized; })) {
+    std::fprintf(stderr, "shmps-server: MPI_Finalize did not return within 10 s (the other ranks go on): leaving "
+                         "without it; mpirun ends the job\n");
+    std::fflush(stderr);
+    std::_Exit(0);
+  }
+  lock.unlock();
+  thread_.join();
 }
 
 std::vector<std::uint64_t> MpiComm::allgather(std::uint64_t value) {
@@ -104,11 +130,8 @@ void MpiComm::run(const std::function<void()>& task) {
 }
 
 Batch MpiComm::batch(std::size_t capacity) {
-  {
-    std::lock_guard lock(impl_->mutex);
-    if (Batch b = impl_->reuse(capacity)) return b;
-  }
-  return Batch(capacity);
+  std::lock_guard lock(impl_->mutex);
+  return impl_->reuse(capacity);
 }
 
 void MpiComm::recycle(Batch batch) {
@@ -194,7 +217,6 @@ void MpiComm::loop() {
   for (;;) {
     std::deque<std::function<void()>> tasks;
     std::deque<Impl::Out> outs;
-    std::function<void()> wake;
     std::array<bool, kTags> may_receive{};
     {
       std::lock_guard lock(s.mutex);
@@ -204,14 +226,10 @@ void MpiComm::loop() {
       }
       tasks.swap(s.tasks);
       outs.swap(s.to_send);
-      wake = s.wake;
       for (int t = 0; t < kTags; ++t)
         may_receive[static_cast<std::size_t>(t)] =
             s.limit[static_cast<std::size_t>(t)] == 0 || s.inbox_bytes[static_cast<std::size_t>(t)] < s.limit[static_cast<std::size_t>(t)];
     }
-    // Stopping: what is queued is given up to a second to leave; what does not is sent again by
-    // the next server (its segment says what is in flight).
-    if (stopping && (s.in_flight.empty() || std::chrono::steady_clock::now() > stop_deadline)) break;
     bool did = !tasks.empty() || !outs.empty();
     // Sends first: a task (a collective) may wait for a peer that waits for them.
     for (auto& out : outs) {
@@ -219,6 +237,9 @@ void MpiComm::loop() {
       Impl::InFlight& f = s.in_flight.back();
       MPI_Isend(f.batch.data(), static_cast<int>(f.batch.size), MPI_BYTE, f.to, f.tag, MPI_COMM_WORLD, &f.request);
     }
+    // Stopping: what is queued is given up to a second to leave; what does not is sent again by
+    // the next server (its segment says what is in flight).
+    if (stopping && (s.in_flight.empty() || std::chrono::steady_clock::now() > stop_deadline)) break;
     for (auto& task : tasks) task();
     // Completed sends.
     for (std::size_t i = 0; i < s.in_flight.size();) {
@@ -256,7 +277,6 @@ void MpiComm::loop() {
           std::lock_guard lock(s.mutex);
           batch = s.reuse(static_cast<std::size_t>(bytes));
         }
-        if (!batch) batch = Batch(static_cast<std::size_t>(bytes));
         MPI_Mrecv(batch.data(), bytes, MPI_BYTE, &message, MPI_STATUS_IGNORE);
         batch.size = static_cast<std::size_t>(bytes);
         std::lock_guard lock(s.mutex);
@@ -273,22 +293,36 @@ void MpiComm::loop() {
         may_receive[static_cast<std::size_t>(tag)] = limit == 0 || inbox_bytes < limit;
       }
     }
-    if (received && wake) wake();
+    if (received) {
+      // Under the mutex: the transport's destructor clears `wake` before its server's segment
+      // goes, and must not race with a call under way.
+      std::lock_guard lock(s.mutex);
+      if (s.wake) s.wake();
+    }
     did |= received;
     // Idle: poll often for a while (a sync round's records come in bursts), then back off to a
-    // millisecond. Not while sends are under way: a large message moves only while its sender
-    // calls into MPI (rendezvous), so their progress would crawl at a fragment per sleep.
+    // millisecond. Sends under way are polled more eagerly (a large message moves only while its
+    // sender calls into MPI, rendezvous): yielding for 2 ms after the last progress, then every
+    // 50 us (a receiver holding deltas back can keep them waiting for long).
     const auto now = std::chrono::steady_clock::now();
     if (did) {
       idle_since = now;
     } else if (!s.in_flight.empty()) {
-      std::this_thread::yield();
+      if (now - idle_since < std::chrono::milliseconds(2))
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
     } else {
       std::this_thread::sleep_for(now - idle_since < std::chrono::milliseconds(20) ? std::chrono::microseconds(20)
                                                                                    : std::chrono::microseconds(1000));
     }
   }
   MPI_Finalize();
+  {
+    std::lock_guard lock(s.mutex);
+    s.finalized = true;
+  }
+  s.finalized_cv.notify_all();
 }
 
 }  // namespace shmps::server

@@ -73,8 +73,9 @@ class MpiComm {
   // ping-pong, a collective) and waits for it. Sends and receives wait meanwhile.
   void run(const std::function<void()>& task);
 
-  // A batch of at least `capacity` bytes, size 0: one given back earlier if there is one (fresh
-  // pages cost a fault each; a sync round moves many batches), else a new one.
+  // A batch of at least `capacity` bytes (rounded up to whole MiB), size 0: one given back
+  // earlier if there is one (fresh pages cost a fault each; a sync round moves many batches),
+  // else a new one.
   Batch batch(std::size_t capacity);
   // Gives a batch whose records were handled back for reuse.
   void recycle(Batch batch);

@@ -97,7 +97,13 @@ class MpiSyncTransport final : public SyncTransport {
       if (from == group_) continue;
       for (int c : {1, 0}) {  // answers first: taking them frees room for the peer's answers to come
         Incoming& in = in_[from][static_cast<std::size_t>(c)];
-        comm_.take(static_cast<int>(from), c, in.batches);
+        // Deltas held here count toward the receive limit: while as many wait as the budget, the
+        // communication thread's inbox fills, it stops receiving, and the sender's budget fills.
+        if (c == 1 || in.bytes < budget_) {
+          const std::size_t had = in.batches.size();
+          comm_.take(static_cast<int>(from), c, in.batches);
+          for (std::size_t i = had; i < in.batches.size(); ++i) in.bytes += in.batches[i].size;
+        }
         while (!in.batches.empty()) {
           Batch& b = in.batches.front();
           bool stopped = false;
@@ -118,6 +124,7 @@ class MpiSyncTransport final : public SyncTransport {
             in.position += r->record_bytes;
           }
           if (stopped) break;
+          in.bytes -= in.batches.front().size;
           comm_.recycle(std::move(in.batches.front()));
           in.batches.pop_front();
           in.position = 0;
@@ -143,6 +150,7 @@ class MpiSyncTransport final : public SyncTransport {
   struct Incoming {
     std::deque<Batch> batches;
     std::size_t position = 0;  // in batches.front()
+    std::uint64_t bytes = 0;   // of the batches
   };
 
   void send(std::uint32_t to, int c) {

@@ -306,6 +306,20 @@ TEST(Mpi, WrongUseIsRefusedWithAClearError) {
       60s);
   EXPECT_NE(no_manifest.code, 0);
   EXPECT_HAS(no_manifest.out, "no manifest here");
+
+  // The launcher's restart of a restored job (--restore-once): every replica there, they resume
+  // (the restore is not done again); only some there (a restore cut short), refused.
+  job.start_servers();
+  job.stop_servers();
+  const std::vector<std::string> restart{server, "--mpi", "--spec", job.spec_path(), "--name", job.name(),
+                                         "--restore", fs::temp_directory_path(), "--restore-once"};
+  job.start_servers({"--restore", fs::temp_directory_path(), "--restore-once"});
+  EXPECT_HAS(job.servers().output(), "event=restore_skipped");
+  job.stop_servers();
+  shmps::test::remove_segment(job.replica(1));
+  const auto mixed_replicas = shmps::test::run(job.mpirun(restart), 60s);
+  EXPECT_NE(mixed_replicas.code, 0);
+  EXPECT_HAS(mixed_replicas.out, "1 of 2 ranks' replicas exist: a restore was interrupted");
 }
 
 // shmps-launch --mpi: servers and each host's workers through mpirun, a server rank SIGKILLed

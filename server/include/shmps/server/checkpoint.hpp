@@ -148,9 +148,9 @@ void check_restorable(const Snapshot& snapshot, const std::filesystem::path& pat
 // the optimizer settings, the counters and the worker slots (their holders are gone: each slot is
 // marked dead, so a restarted worker takes it over and resumes from its resume blob).
 void restore_into(shm::Segment& segment, const Snapshot& snapshot);
-// Server groups: the snapshot's sync tables into the replica being created, if the snapshot is of
-// the same group of as many groups (a multi-host checkpoint's part); otherwise nothing, and the
-// replica syncs afresh from its values (as lay_out_sync_tables left it).
+// Server groups: the snapshot's sync tables into the replica being created (a multi-host
+// checkpoint's part). Throws shmps::Error if the snapshot holds none of the same group of as many
+// groups: without them, deltas in flight would be lost.
 void restore_sync_tables(shm::Segment& segment, const Snapshot& snapshot);
 
 // The checkpoints of one job in a directory: "<segment>.<serial>.safetensors", serial 8 digits,
