@@ -2,7 +2,8 @@
 // one run and on the communication thread the servers use (server/src/mpi_comm.hpp):
 //
 //   pingpong   MPI's own point-to-point bandwidth: rank 0 sends a message of N bytes, rank 1 sends
-//              it back (MPI_Send/MPI_Recv), N = 64 KiB, 1 MiB, 4 MiB; bytes one way per second
+//              it back (MPI_Send/MPI_Recv), N = 64 KiB, 1 MiB, 4 MiB; bytes one way per second;
+//              the same buffer each time (cache-hot), and 1 MiB messages taken in turn from 64 MiB
 //   sync       the sync protocol's traffic through the MPI transport (sync_mpi_transport.cpp):
 //              rank 0 sends a delta of every slice of a 64 MiB model (rounds of them), rank 1 adds
 //              each (values += delta) and answers with the slice's values, rank 0 takes each
@@ -16,7 +17,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -37,19 +37,25 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Bytes one way per second of a ping-pong of `bytes`-byte messages.
-double pingpong(MpiComm& comm, std::size_t bytes, double budget_s) {
-  std::vector<char> buffer(bytes, 1);
+// Bytes one way per second of a ping-pong of `bytes`-byte messages, each from the next `bytes` of
+// a buffer of `span` bytes (span = bytes: the same, cache-hot message every time; a span as big as
+// the model: messages from memory, as the sync's are).
+double pingpong(MpiComm& comm, std::size_t bytes, std::size_t span, double budget_s) {
+  std::vector<char> memory(std::max(span, bytes), 1);
+  std::size_t next = 0;
+  char* buffer_at = memory.data();
   double result = 0;
   comm.run([&] {
     const int me = comm.rank(), peer = 1 - me;
     const auto once = [&] {
+      buffer_at = memory.data() + next;
+      next = (next + bytes) % (memory.size() - bytes + 1);
       if (me == 0) {
-        MPI_Send(buffer.data(), static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD);
-        MPI_Recv(buffer.data(), static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        MPI_Send(buffer_at, static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD);
+        MPI_Recv(buffer_at, static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
       } else {
-        MPI_Recv(buffer.data(), static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-        MPI_Send(buffer.data(), static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD);
+        MPI_Recv(buffer_at, static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        MPI_Send(buffer_at, static_cast<int>(bytes), MPI_BYTE, peer, 7, MPI_COMM_WORLD);
       }
     };
     for (int i = 0; i < 5; ++i) once();  // warm-up (connections, registration)
@@ -151,23 +157,31 @@ int main(int argc, char** argv) {
     const auto figure = [&](const std::string& name, double value, const char* unit, const std::string& what) {
       if (comm.rank() == 0) std::printf("figure %s %.6g %s %s\n", name.c_str(), value, unit, what.c_str());
     };
-    double pp_1mib = 0;
+    double pp_1mib = 0, pp_1mib_model = 0;
+    constexpr std::size_t kModel = std::size_t{64} << 20;
     for (const std::size_t kib : {64UL, 1024UL, 4096UL}) {
-      if (std::getenv("SYNC_ONLY")) { pp_1mib = 1; break; }
-      const double bw = pingpong(comm, kib << 10, budget);
+      const double bw = pingpong(comm, kib << 10, kib << 10, budget);
       if (kib == 1024) pp_1mib = bw;
       figure("mpi.pingpong." + std::to_string(kib) + "KiB", bw / 1e9, "GB/s",
-             "MPI_Send/MPI_Recv ping-pong of " + std::to_string(kib) + " KiB messages, bytes one way per second");
+             "MPI_Send/MPI_Recv ping-pong of " + std::to_string(kib) + " KiB messages, the same buffer every time "
+             "(cache-hot), bytes one way per second");
     }
+    pp_1mib_model = pingpong(comm, 1 << 20, kModel, budget);
+    figure("mpi.pingpong.1024KiB.from_64MiB", pp_1mib_model / 1e9, "GB/s",
+           "the same with 1 MiB messages taken in turn from 64 MiB (from memory, as a sync round's)");
     const int rounds = quick ? 2 : 8;
     const double small = sync_throughput(comm, 16384, 1024, rounds);  // 64 KiB slices, 64 MiB model
     figure("mpi.sync.64KiB_slices", small / 1e9, "GB/s",
            "delta bytes per second through the MPI sync transport (rank 1 adds each and answers), 64 KiB slices "
            "batched into 1 MiB messages, 64 MiB per round");
     figure("mpi.sync.64KiB_slices.vs_pingpong_1MiB", small / pp_1mib, "x", "/ mpi.pingpong.1024KiB");
+    figure("mpi.sync.64KiB_slices.vs_pingpong_1MiB_from_64MiB", small / pp_1mib_model, "x",
+           "/ mpi.pingpong.1024KiB.from_64MiB");
     const double big = sync_throughput(comm, 262144, 64, rounds);  // 1 MiB slices
     figure("mpi.sync.1MiB_slices", big / 1e9, "GB/s", "the same with 1 MiB slices, one message each");
     figure("mpi.sync.1MiB_slices.vs_pingpong_1MiB", big / pp_1mib, "x", "/ mpi.pingpong.1024KiB");
+    figure("mpi.sync.1MiB_slices.vs_pingpong_1MiB_from_64MiB", big / pp_1mib_model, "x",
+           "/ mpi.pingpong.1024KiB.from_64MiB");
     std::fflush(stdout);
     return 0;
   } catch (const shmps::Error& e) {
