@@ -135,7 +135,11 @@ int mpi_checkpoint(const std::string& job, const std::string& dir_text) {
   MpiSession mpi;
   const std::string replica = shm::host_replica_name(job, mpi.rank());
   const fs::path dir = fs::absolute(dir_text).lexically_normal();  // the server has its own cwd
-  const fs::path part = dir / server::part_file_name(job, mpi.rank());
+  // Each checkpoint's parts have names of their own (rank 0's clock), so that a checkpoint that
+  // fails half-way leaves the previous one whole: its parts are removed only once the new
+  // manifest is written.
+  const std::uint64_t stamp = mpi.allgather(shm::unix_ns())[0];
+  const fs::path part = dir / server::part_file_name(job, mpi.rank(), stamp);
   if (!mpi.all("the checkpoint directory", [&] {
         std::error_code ec;
         fs::create_directories(dir, ec);
@@ -169,13 +173,23 @@ int mpi_checkpoint(const std::string& job, const std::string& dir_text) {
   const auto hosts = mpi.allgather(mpi.host(), MPI_MAX_PROCESSOR_NAME + 1);
   manifest.job = job;
   manifest.ranks = mpi.size();
-  manifest.taken_unix_ns = mpi.allgather(shm::unix_ns())[0];
+  manifest.taken_unix_ns = stamp;
   for (std::uint32_t k = 0; k < mpi.size(); ++k)
-    manifest.parts.push_back({k, hosts[k], server::part_file_name(job, k), sizes[k], hashes[k]});
+    manifest.parts.push_back({k, hosts[k], server::part_file_name(job, k, stamp), sizes[k], hashes[k]});
+  std::optional<server::Manifest> previous;
+  try {
+    previous = server::read_manifest(dir);
+  } catch (const Error&) {  // none, or not readable: nothing to remove afterwards
+  }
   if (!mpi.all("writing the manifest", [&] { server::write_manifest(dir, manifest); })) return 1;
+  if (previous && previous->job == job && mpi.rank() < previous->parts.size() &&
+      previous->parts[mpi.rank()].file != manifest.parts[mpi.rank()].file) {
+    std::error_code ec;  // the previous checkpoint's part, now replaced
+    fs::remove(dir / previous->parts[mpi.rank()].file, ec);
+  }
   if (mpi.rank() == 0)
     std::cout << "checkpoint of '" << job << "' on " << mpi.size() << " ranks: " << (dir / server::kManifestFile).string()
-              << " names " << mpi.size() << " parts (" << server::part_file_name(job, 0) << " ...), each written on "
+              << " names " << mpi.size() << " parts (" << manifest.parts[0].file << " ...), each written on "
               << "its host; restore with shmps-launch --mpi --restore " << dir.string() << "\n";
   return 0;
 }

@@ -214,6 +214,9 @@ int main(int argc, char** argv) {
         throw Error("--ranks " + std::to_string(mpi_ranks) + " with " + std::to_string(job.hosts.size()) + " --hosts: one rank per host");
       job.hostfile = hostfile;
       job.ranks = mpi_ranks != 0 ? mpi_ranks : (hostfile.empty() ? 2 : 0);
+      if (job.ranks == 1 || job.hosts.size() == 1)
+        throw Error("--mpi with one rank has no server groups to keep in step: run the job without --mpi, or give "
+                    "two hosts or more");
       job.restore = restore;
       job.keep = keep;
       job.max_restarts = max_restarts;

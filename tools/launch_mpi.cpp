@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -19,6 +20,9 @@ namespace shmps::tools {
 namespace {
 
 using namespace std::chrono_literals;
+
+// A server that could not finalise MPI in time (server/src/mpi_comm.cpp) leaves with this code.
+constexpr int kLeftWithoutFinalize = 3;
 
 // mpirun with the job's placement: one rank per host, or `ranks` on this machine.
 std::vector<std::string> mpirun(const MpiJob& job) {
@@ -82,9 +86,6 @@ int run_mpi_job(const MpiJob& job) {
                                         job.server_args;
   const std::vector<std::string> first_start =
       job.restore.empty() ? server_cmd : server_cmd + std::vector<std::string>{"--restore", fs::absolute(job.restore)};
-  // A restart of a restored job resumes from the replicas if every rank has its own, restores if
-  // none has (the first start failed before restoring), and refuses a mix (a restore cut short).
-  if (!job.restore.empty()) server_cmd = first_start + std::vector<std::string>{"--restore-once"};
   const std::string where = !job.hosts.empty()      ? "on hosts " + text(job.hosts)
                             : !job.hostfile.empty() ? "on the hosts of " + job.hostfile
                                                     : std::to_string(job.ranks) + " ranks on this machine";
@@ -98,6 +99,20 @@ int run_mpi_job(const MpiJob& job) {
                                              std::to_string(job.max_restarts), "--"} +
       job.program;
   Child* agents = &launcher.spawn("", agent_cmd, {});
+  // Each host agent says once when its replica is ready ("... ready; rank K of S"). A restore is
+  // done once every rank's is: a restart from then on resumes from the replicas. A servers' job
+  // that ends before that (a part refused, replicas of an earlier run in the way, a rank that
+  // died mid-restore) is not restarted: a restart would resume from whatever replicas exist.
+  int ready_ranks = 0, rank_count = 0;
+  agents->on_line = [&](const std::string& line) {
+    const auto at = line.find(" ready; rank ");
+    int k = 0, of = 0;
+    if (at != std::string::npos && std::sscanf(line.c_str() + at, " ready; rank %d of %d", &k, &of) == 2) {
+      ++ready_ranks;
+      rank_count = of;
+    }
+  };
+  const auto every_rank_ready = [&] { return rank_count > 0 && ready_ranks >= rank_count; };
 
   bool failed = false;
   int server_restarts = 0;
@@ -110,6 +125,15 @@ int run_mpi_job(const MpiJob& job) {
     launcher.pump(200ms);
     if (launcher.interrupted()) break;
     if (launcher.running(*servers)) continue;
+    if (!job.restore.empty() && !every_rank_ready()) {
+      std::cerr << "shmps-launch: the servers' mpirun " << describe(*servers->status) << " before every rank's "
+                << "replica was restored from " << job.restore << " (see above: a part refused, replicas of an "
+                << "earlier run in the way, or a rank that died restoring); nothing is restarted. Remove every "
+                << "replica (mpirun ... shmps-ctl destroy --mpi " << job.name << ") and restore again\n";
+      failed = true;
+      stop(*agents, 30s);
+      break;
+    }
     if (server_restarts < kMaxServerRestarts) {
       // Open MPI ended every server when one died: start them all again; each resumes from its
       // replica, and the workers wait for them.
@@ -163,7 +187,8 @@ int run_mpi_job(const MpiJob& job) {
     // mpirun exits with code 1 whenever it is told to stop (it forwards SIGTERM to every rank, and
     // each server stops gracefully, keeping its replica): only a kill says something went wrong.
     const int status = stop(*servers, 60s);
-    if (WIFSIGNALED(status)) std::cerr << "shmps-launch: the servers' mpirun " << describe(status) << " when stopped\n";
+    if (WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) == kLeftWithoutFinalize))
+      std::cerr << "shmps-launch: the servers' mpirun " << describe(status) << " when stopped\n";
   }
   if (!job.keep && !failed && !run_ctl(launcher, job, {"destroy", "--mpi", job.name}, 60s)) {
     std::cerr << "shmps-launch: the replicas were not all removed (see above): shmps-ctl destroy --mpi " << job.name
@@ -197,6 +222,8 @@ int run_host_agent(const std::string& name, int workers, int max_restarts, const
     if (std::chrono::steady_clock::now() > deadline)
       throw Error("[" + where + "] replica '" + replica + "' was not ready within 120 s: see the servers' messages");
   }
+  std::cout << "[" << where << "] replica " << replica << " ready; rank " << rank << " of " << size << ", starting "
+            << workers << " worker" << (workers == 1 ? "" : "s") << std::endl;
   const auto start = [&](int i) {
     const int global = i * size + rank;  // as with server groups on one host: rank r in group r mod S
     std::vector<std::pair<std::string, std::string>> env{

@@ -88,7 +88,7 @@ Child& Launcher::spawn(const std::string& label, const std::vector<std::string>&
   setpgid(pid, pid);
   close(fds[1]);
   fcntl(fds[0], F_SETFL, O_NONBLOCK);
-  children_.push_back(std::make_unique<Child>(Child{label, pid, fds[0], {}, std::nullopt}));
+  children_.push_back(std::make_unique<Child>(Child{label, pid, fds[0], {}, std::nullopt, false, nullptr}));
   return *children_.back();
 }
 
@@ -163,6 +163,7 @@ void Launcher::read_output(Child& c) {
     std::size_t nl;
     while ((nl = c.pending.find('\n')) != std::string::npos) {
       std::cout << prefix(c) << c.pending.substr(0, nl) << "\n";
+      if (c.on_line) c.on_line(c.pending.substr(0, nl));
       c.pending.erase(0, nl + 1);
     }
     std::cout.flush();

@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -23,6 +24,7 @@ struct Child {
   std::string pending;
   std::optional<int> status;  // waitpid status once it exited
   bool reported = false;      // its failure was handled (restarted or reported)
+  std::function<void(const std::string&)> on_line;  // called with each line of its output, if set
 };
 
 // The directory of the running program (shmps-launch's own, to find the other programs).

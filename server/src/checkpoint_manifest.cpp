@@ -25,8 +25,8 @@ namespace shmps::server {
 
 using json = nlohmann::json;
 
-std::string part_file_name(std::string_view job, std::uint32_t rank) {
-  return std::string(job) + ".h" + std::to_string(rank) + ".safetensors";
+std::string part_file_name(std::string_view job, std::uint32_t rank, std::uint64_t stamp) {
+  return std::string(job) + ".h" + std::to_string(rank) + "." + std::to_string(stamp) + ".safetensors";
 }
 
 std::string file_xxh3(const std::filesystem::path& path) {

@@ -42,7 +42,7 @@ struct CommandLine {
   std::uint32_t max_workers = 0, workers_per_group = 0;
   std::uint32_t server_groups = 1, server_group = 0;
   std::string sync_every;
-  bool mpi = false, restore_once = false;
+  bool mpi = false;
   bool plan_only = false;
 };
 
@@ -84,9 +84,6 @@ void add_options(CLI::App& app, CommandLine& cl) {
                  "the others (shmps-launch --server-groups starts them; default 1: none)")
       ->check(CLI::Range(1U, shmps::shm::kMaxServerGroups));
   app.add_option("--server-group", cl.server_group, "which server group this server serves, 0 to --server-groups - 1");
-  app.add_flag("--restore-once", cl.restore_once,
-               "with --mpi --restore DIR: a restart of a restored job (shmps-launch passes it): resume if every "
-               "rank's replica exists, restore if none does, refuse if only some do");
   app.add_flag("--mpi", cl.mpi,
                "server groups on several hosts: started by mpirun (shmps-launch --mpi does), one rank per host; rank "
                "K serves group K of the MPI job's size, its replica <name>.h<K>, and syncs over MPI");
@@ -235,32 +232,12 @@ void install_stop_handlers() {
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
 }
-// --restore-once: whether every rank's replica exists (then they resume, and the restore is not
-// done again); none may, and then the restore goes ahead; some but not all is refused, as a
-// restore over a job that went on would be.
-bool every_replica_exists(shmps::server::MpiComm& mpi, shmps::server::ServerOptions& options) {
-  const bool mine = shmps::shm::Segment::exists(options.spec.name);
-  const std::vector<std::uint64_t> all = mpi.allgather(mine ? 1 : 0);
-  std::size_t present = 0;
-  for (const std::uint64_t e : all) present += e;
-  if (present == all.size()) {
-    spdlog::info("event=restore_skipped segment={} reason=\"every rank's replica exists: a restart of a restored job "
-                 "resumes from them\"", options.spec.name);
-    options.restore.clear();
-    return true;
-  }
-  if (present != 0)
-    throw shmps::Error("--restore-once: " + std::to_string(present) + " of " + std::to_string(all.size()) +
-                       " ranks' replicas exist: a restore was interrupted, or the job went on without some ranks; "
-                       "remove every replica (shmps-ctl destroy --mpi) and restore again");
-  return false;
-}
-
 // --mpi --restore DIR (or DIR/manifest.json): a checkpoint of a job on several hosts. Every rank
 // checks its own part against the manifest, and no rank restores unless every part is whole.
 void restore_own_part(shmps::server::MpiComm& mpi, shmps::server::ServerOptions& options) {
   namespace fs = std::filesystem;
-  const fs::path dir = fs::is_directory(options.restore) ? options.restore : options.restore.parent_path();
+  std::error_code ec;
+  const fs::path dir = fs::is_directory(options.restore, ec) ? options.restore : options.restore.parent_path();
   std::string problem;
   shmps::server::Manifest manifest;
   try {
@@ -324,8 +301,7 @@ int main(int argc, char** argv) {
     options.checkpoint_dir = cl.checkpoint_dir;
     options.keep = cl.keep;
     options.restore = cl.restore;
-    if (mpi && !cl.restore.empty() && !(cl.restore_once && every_replica_exists(*mpi, options)))
-      restore_own_part(*mpi, options);
+    if (mpi && !cl.restore.empty()) restore_own_part(*mpi, options);
     options.idle_poll = std::chrono::microseconds(cl.idle_poll_us);
     options.remove_on_stop = cl.remove_on_stop;
     options.mode = cl.group ? 0660 : 0600;

@@ -102,7 +102,7 @@ class MpiSyncTransport final : public SyncTransport {
         if (c == 1 || in.bytes < budget_) {
           const std::size_t had = in.batches.size();
           comm_.take(static_cast<int>(from), c, in.batches);
-          for (std::size_t i = had; i < in.batches.size(); ++i) in.bytes += in.batches[i].size;
+          for (std::size_t i = had; i < in.batches.size(); ++i) in.bytes += in.batches[i].capacity();
         }
         while (!in.batches.empty()) {
           Batch& b = in.batches.front();
@@ -124,7 +124,7 @@ class MpiSyncTransport final : public SyncTransport {
             in.position += r->record_bytes;
           }
           if (stopped) break;
-          in.bytes -= in.batches.front().size;
+          in.bytes -= in.batches.front().capacity();
           comm_.recycle(std::move(in.batches.front()));
           in.batches.pop_front();
           in.position = 0;
@@ -150,7 +150,7 @@ class MpiSyncTransport final : public SyncTransport {
   struct Incoming {
     std::deque<Batch> batches;
     std::size_t position = 0;  // in batches.front()
-    std::uint64_t bytes = 0;   // of the batches
+    std::uint64_t bytes = 0;   // the batches' capacities: the memory they hold
   };
 
   void send(std::uint32_t to, int c) {

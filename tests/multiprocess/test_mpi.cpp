@@ -246,7 +246,7 @@ TEST(Mpi, ACheckpointOfEveryHostRestoresAndContinuesToTheExactSums) {
     // A part changed after the checkpoint: refused on every rank before anything is created.
     fs::copy(dir, damaged, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
     {
-      std::fstream part(damaged / shmps::server::part_file_name(job.name(), 1), std::ios::in | std::ios::out | std::ios::binary);
+      std::fstream part(damaged / manifest.parts[1].file, std::ios::in | std::ios::out | std::ios::binary);
       part.seekp(-4, std::ios::end);
       part.put('\x7f');
     }
@@ -307,19 +307,18 @@ TEST(Mpi, WrongUseIsRefusedWithAClearError) {
   EXPECT_NE(no_manifest.code, 0);
   EXPECT_HAS(no_manifest.out, "no manifest here");
 
-  // The launcher's restart of a restored job (--restore-once): every replica there, they resume
-  // (the restore is not done again); only some there (a restore cut short), refused.
+  // shmps-launch --mpi --restore whose servers fail before every rank's replica is restored (here:
+  // no manifest) is not restarted: a restart would resume from whatever replicas exist.
   job.start_servers();
   job.stop_servers();
-  const std::vector<std::string> restart{server, "--mpi", "--spec", job.spec_path(), "--name", job.name(),
-                                         "--restore", fs::temp_directory_path(), "--restore-once"};
-  job.start_servers({"--restore", fs::temp_directory_path(), "--restore-once"});
-  EXPECT_HAS(job.servers().output(), "event=restore_skipped");
-  job.stop_servers();
-  shmps::test::remove_segment(job.replica(1));
-  const auto mixed_replicas = shmps::test::run(job.mpirun(restart), 60s);
-  EXPECT_NE(mixed_replicas.code, 0);
-  EXPECT_HAS(mixed_replicas.out, "1 of 2 ranks' replicas exist: a restore was interrupted");
+  const auto restore_refused = shmps::test::run(
+      {shmps::test::bin("shmps-launch"), "--mpi", "--ranks", "2", "--spec", job.spec_path(), "--name", job.name(),
+       "--workers", "1", "--restore", fs::temp_directory_path(), "--", "shmps-test-pusher", "exact", "--pushes", "10"},
+      120s);
+  EXPECT_NE(restore_refused.code, 0);
+  EXPECT_HAS(restore_refused.out, "before every rank's replica was restored from");
+  EXPECT_HAS(restore_refused.out, "nothing is restarted");
+  EXPECT_EQ(restore_refused.out.find("starting every rank's server again"), std::string::npos) << restore_refused.out;
 }
 
 // shmps-launch --mpi: servers and each host's workers through mpirun, a server rank SIGKILLed

@@ -1,14 +1,14 @@
 // A checkpoint of a job on several hosts (docs/several-hosts.md): one part per host, and one
 // manifest naming them all.
 //
-//   DIR/<job>.h<K>.safetensors   the part of MPI rank K: its replica's full checkpoint
+//   DIR/<job>.h<K>.<stamp>.safetensors   the part of MPI rank K: its replica's full checkpoint
 //                                (checkpoint.hpp), sync tables included, written by that
 //                                host's server into DIR on that host
 //   DIR/manifest.json            the same on every host (written by every rank of
 //                                `shmps-ctl checkpoint --mpi`, atomically):
 //     {"format": "shmps-multihost-checkpoint-1", "job": "mlp", "ranks": 3,
 //      "taken_unix_ns": 1765000000000000000,
-//      "parts": [{"rank": 0, "host": "a", "file": "mlp.h0.safetensors", "bytes": 123,
+//      "parts": [{"rank": 0, "host": "a", "file": "mlp.h0.1765000000000000000.safetensors", "bytes": 123,
 //                 "xxh3": "0123456789abcdef"}, ...]}
 //
 // The parts are one consistent cut of the job: taken after a full sync, while no group adds a
@@ -43,8 +43,9 @@ struct Manifest {
   std::vector<ManifestPart> parts;  // one per rank, by rank
 };
 
-// "<job>.h<rank>.safetensors"
-std::string part_file_name(std::string_view job, std::uint32_t rank);
+// "<job>.h<rank>.<stamp>.safetensors": each checkpoint's parts have names of their own (`stamp`:
+// when it was taken), so that one that fails half-way leaves the previous one whole.
+std::string part_file_name(std::string_view job, std::uint32_t rank, std::uint64_t stamp);
 // XXH3-64 of a whole file, 16 hex digits. Throws shmps::Error if it cannot be read.
 std::string file_xxh3(const std::filesystem::path& path);
 // DIR/manifest.json, written to a temporary file, flushed and renamed over the old one (mode 0600).
