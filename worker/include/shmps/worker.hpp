@@ -66,6 +66,11 @@ struct ParamInfo {
   std::string name;
   std::vector<std::size_t> shape;
   std::size_t size = 0;  // number of elements (float32)
+  // A table ([[table]] in the model spec): shape {rows, dim}, read and written by row with
+  // pull_rows() / push_rows() only. 0 and 0 for a dense parameter.
+  std::size_t rows = 0;
+  std::size_t dim = 0;
+  bool is_table() const noexcept { return dim != 0; }
 };
 
 class Worker {
@@ -187,6 +192,30 @@ class Worker {
   PushBuffer borrow_push(std::string_view name);
   PushBuffer borrow_push(std::string_view name, std::size_t offset, std::size_t count);
 
+  // Tables ([[table]] in the model spec: an embedding table of `rows` rows of `dim` floats, read
+  // and written by row; ParamInfo::is_table()).
+  //
+  // pull_rows copies rows ids[k] into out[k * dim, (k + 1) * dim) (out: ids.size() x dim,
+  // row-major). Each row is copied whole from one version of its slice (a seqlock read); it
+  // waits first as pull() does for the job's consistency model. Returns the smallest slice
+  // version seen.
+  //
+  // push_rows publishes the gradient rows grads[k * dim, (k + 1) * dim) for rows ids[k], as one
+  // record: all-or-nothing, exactly once, NaN/Inf refused, back-pressure and errors as push().
+  // An id may repeat: the server sums its rows (within a push in the order given, across workers
+  // in rank order) and updates each row touched in a round once. The push must fit one ring
+  // record (half the ring): split a bigger one. Returns the sequence number.
+  //
+  // Ids are in [0, rows). Every bad input (an id out of range, a wrong row width, a dense
+  // parameter's name, NaN) throws Error and changes nothing; pull() and push() of a table's name
+  // throw too.
+  std::uint64_t pull_rows(std::string_view table, std::span<const std::uint64_t> ids, std::span<float> out);
+  std::uint64_t push_rows(std::string_view table, std::span<const std::uint64_t> ids, std::span<const float> grads);
+  // Zero-copy push_rows: room for `rows` ids and their gradient rows in the ring, to be filled in
+  // place (PushBuffer::ids() and span(), rows x dim) and published with commit(), which checks
+  // the ids and the values first. Rules as borrow_push().
+  PushBuffer borrow_push_rows(std::string_view table, std::size_t rows);
+
   // Blocks until the server is done with every push up to sequence number `seq` (applied; or,
   // in BSP, discarded because this slot's previous process died before finishing their step).
   void wait_applied(std::uint64_t seq);
@@ -266,6 +295,9 @@ class PushBuffer {
   float* data() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
   std::span<float> span() const noexcept { return {data_, size_}; }
+  // borrow_push_rows: the ids of the rows, to be written in place (span() holds their gradient
+  // rows, ids().size() x dim); empty for a dense push.
+  std::span<std::uint64_t> ids() const noexcept { return {ids_, rows_}; }
   // The parameter's element that data()[0] stands for.
   std::size_t offset() const noexcept { return offset_; }
   // True while it holds a borrowed record that is neither committed nor dropped.
@@ -279,13 +311,16 @@ class PushBuffer {
  private:
   friend class Worker;
   friend struct Worker::Impl;
-  PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset) noexcept;
+  PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset,
+             std::uint64_t* ids = nullptr, std::size_t rows = 0) noexcept;
   void detach() noexcept;  // forgets the worker and the memory; does not touch the ring
 
   Worker::Impl* owner_ = nullptr;
   float* data_ = nullptr;
   std::size_t size_ = 0;
   std::size_t offset_ = 0;
+  std::uint64_t* ids_ = nullptr;  // borrow_push_rows
+  std::size_t rows_ = 0;
 };
 
 }  // namespace shmps
