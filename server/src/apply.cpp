@@ -90,6 +90,61 @@ class SliceUpdate {
     updates_ = 1;
   }
 
+  // A table's slice: the rows of all contributions merged (a row's gradients summed in rank
+  // order, within a record in its order; each scaled for clip_norm; `mean`: divided by the
+  // ranks that contributed), then one optimizer step of each touched row, and no other row
+  // (a lazy update). The slice goes in whole through the redo entry, as computed.
+  void apply_rows(std::span<const Contribution> contributions, std::span<const std::uint32_t> row_refs, bool mean) {
+    const std::uint64_t dim = param_.table_dim;
+    const std::uint64_t first_row = slice_.first / dim;
+    thread_local std::vector<float> sum;
+    thread_local std::vector<std::uint8_t> seen;
+    thread_local std::vector<std::uint32_t> touched;
+    sum.resize(slice_.count);
+    seen.assign(slice_.count / dim, 0);
+    touched.clear();
+    std::uint64_t ranks = 0;
+    std::int64_t last_rank = -1;
+    for (const Contribution& c : contributions) {
+      if (c.record->seq <= last_[c.rank]) {  // applied to this slice before a server restart
+        ++skipped_;
+        continue;
+      }
+      last_[c.rank] = c.record->seq;
+      if (static_cast<std::int64_t>(c.rank) != last_rank) {
+        ++ranks;
+        last_rank = c.rank;
+      }
+      const float scale = static_cast<float>(clip_norm_scale(settings_, c.record->grad_sq_norm));
+      const float* grads = record_payload(c.record);
+      const std::uint64_t* ids = record_ids(c.record);
+      for (std::uint32_t j = 0; j < c.rows_count; ++j) {
+        const std::uint32_t k = row_refs[c.rows_begin + j];
+        const std::uint64_t local = ids[k] - first_row;
+        float* dst = sum.data() + local * dim;
+        const float* g = grads + k * dim;
+        if (!seen[local]) {
+          seen[local] = 1;
+          touched.push_back(static_cast<std::uint32_t>(local));
+          for (std::uint64_t d = 0; d < dim; ++d) dst[d] = scale * g[d];
+        } else {
+          for (std::uint64_t d = 0; d < dim; ++d) dst[d] += scale * g[d];
+        }
+      }
+      floats_ += c.rows_count * dim;
+    }
+    if (touched.empty()) return;  // every contribution was applied before a restart
+    if (mean && ranks > 1) {
+      const float inv = 1.0f / static_cast<float>(ranks);
+      for (const std::uint32_t local : touched)
+        for (std::uint64_t d = 0; d < dim; ++d) sum[local * dim + d] *= inv;
+    }
+    copy_slice_to_redo();
+    const std::uint64_t step = ++step_;
+    for (const std::uint32_t local : touched) update_in_redo(sum.data() + local * dim, local * dim, dim, step);
+    updates_ = 1;
+  }
+
   // Streamed BSP: adds the contributions (each scaled for clip_norm) to the slice's sums of step
   // `step`, in rank order; the sums start from zero at a slice's first contribution of the step.
   void add_to_sums(std::span<const Contribution> contributions, std::uint64_t step) {
@@ -262,6 +317,18 @@ class SliceUpdate {
     }
   }
 
+  // One optimizer step of `grad` over the redo entry's elements [lo, lo + n), in place, as step
+  // number `step` of the slice (a table's row: apply_rows).
+  void update_in_redo(const float* grad, std::uint64_t lo, std::size_t n, std::uint64_t step) {
+    const std::span<float> values(values_ + lo, n);
+    const std::span<const float> g(grad, n);
+    if (bf16_)
+      apply_update_bf16(settings_, values, g, state_span<std::uint16_t>(0, lo, n), state_span<std::uint16_t>(1, lo, n),
+                        step, 1.0f);
+    else
+      apply_update(settings_, values, g, state_span<float>(0, lo, n), state_span<float>(1, lo, n), step, 1.0f);
+  }
+
   void copy_slice_to_redo() {
     if (in_redo_) return;
     std::memcpy(values_, slice_values_, slice_.count * sizeof(float));
@@ -318,9 +385,12 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
   return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
 }
 
-ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation) {
+ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
+                               std::span<const std::uint32_t> row_refs) {
   return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
-    if (aggregation == Aggregation::each)
+    if (mine.front().record->kind == RecordKind::rows)  // a table's slice gets rows only (collect.hpp)
+      update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);
+    else if (aggregation == Aggregation::each)
       update.apply_each(mine);
     else
       update.apply_sum(mine, aggregation == Aggregation::mean);

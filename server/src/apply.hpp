@@ -14,6 +14,7 @@
 #include <tbb/task_arena.h>
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include <shmps/shm/segment.hpp>
@@ -43,7 +44,11 @@ class ApplyEngine {
   // Applies `contributions` (sorted here by slice, stably) with the optimizer in the segment's
   // header. Updates each slice's version, step and value-norm sample, and the per-parameter
   // monitor counters.
-  ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation);
+  // A table's slices (rows records) are merged per round instead: each touched row gets one
+  // step of its rows' sum (or mean, with Aggregation::mean), whatever the aggregation; their
+  // rows are in `row_refs` (RoundPlan::row_refs).
+  ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation,
+                    std::span<const std::uint32_t> row_refs = {});
 
   // Streamed BSP steps (the rings hold less than a step): the step's pushes are added, as they
   // come, to the slices' step sums (exactly once, through the redo protocol, like values); once

@@ -40,6 +40,7 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
     mix(p.shape.size());
     for (auto d : p.shape) mix(d);
     if (p.init_put) mix(0x9074ULL);  // pulls wait for a put: part of the layout; others keep their hash
+    if (p.table_dim != 0) mix(0x7ab1e0000ULL + p.table_dim);  // a table: reached by row
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
@@ -289,7 +290,8 @@ void lay_out_segment(Segment& segment, const ModelSpec& spec, const LayoutReques
 LayoutRequest layout_request(const ServerOptions& options) {
   const ModelSpec& spec = options.spec;
   LayoutRequest request;
-  for (const auto& p : spec.params) request.params.push_back({p.name, p.shape, p.init.kind == InitSpec::Kind::put});
+  for (const auto& p : spec.params)
+    request.params.push_back({p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim)});
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
   request.workers_per_group = spec.workers_per_group;

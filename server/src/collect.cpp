@@ -2,6 +2,9 @@
 // clock record hands to its slot, and the log line of a malformed record.
 #include "collect.hpp"
 
+#include <algorithm>
+#include <utility>
+
 #include <spdlog/spdlog.h>
 
 #include <shmps/shm/worker_slot.hpp>
@@ -10,9 +13,59 @@ namespace shmps::server {
 
 using namespace shmps::shm;
 
+namespace {
+
+void log_refused(const Segment& segment, std::uint32_t rank, const PushRecord& rec, const char* reason) {
+  spdlog::error("event=bad_record segment={} rank={} seq={} reason=\"{}\"", segment.header().name, rank, rec.seq, reason);
+}
+
+// A rows record: its rows sorted by id (a repeated id keeps the record's order), then one
+// contribution per slice they fall in. A round merges all of a slice's rows (apply.cpp), so a
+// hot row is one update per round, whoever pushed it how often.
+bool add_row_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
+                           std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs) {
+  const ParamEntry& p = segment.param(rec.param);
+  const std::uint64_t n = rec.offset, dim = p.table_dim, rows = p.shape[0];
+  if (dim == 0) {
+    log_refused(segment, rank, rec, "rows pushed to a dense parameter");
+    return false;
+  }
+  if (rec.count != n * dim) {
+    log_refused(segment, rank, rec, "rows of another width than the table's");
+    return false;
+  }
+  const std::uint64_t* ids = record_ids(&rec);
+  thread_local std::vector<std::pair<std::uint64_t, std::uint32_t>> order;
+  order.clear();
+  for (std::uint64_t k = 0; k < n; ++k) {
+    if (ids[k] >= rows) {
+      log_refused(segment, rank, rec, "a row id outside the table");
+      return false;
+    }
+    order.emplace_back(ids[k], static_cast<std::uint32_t>(k));
+  }
+  std::sort(order.begin(), order.end());
+  const std::uint64_t rows_per_slice = segment.header().slice_floats / dim;
+  for (std::size_t i = 0; i < order.size();) {
+    const std::uint64_t slice = order[i].first / rows_per_slice;
+    const auto begin = static_cast<std::uint32_t>(row_refs.size());
+    for (; i < order.size() && order[i].first / rows_per_slice == slice; ++i) row_refs.push_back(order[i].second);
+    out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
+  }
+  return true;
+}
+
+}  // namespace
+
 bool add_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
-                       std::vector<Contribution>& out) {
+                       std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs) {
   const SegmentHeader& h = segment.header();
+  if (rec.param < h.param_count && rec.kind == RecordKind::rows)
+    return add_row_contributions(segment, rank, rec, out, row_refs);
+  if (rec.param < h.param_count && segment.param(rec.param).table_dim != 0) {
+    log_refused(segment, rank, rec, "a dense push to a table");
+    return false;
+  }
   if (rec.param >= h.param_count || rec.count == 0 || rec.offset > segment.param(rec.param).size ||
       rec.count > segment.param(rec.param).size - rec.offset) {
     spdlog::error("event=bad_record segment={} rank={} seq={} reason=\"range outside its parameter\"", h.name, rank,

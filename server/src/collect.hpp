@@ -49,10 +49,12 @@ bool collect_streamed_step(shm::Segment& segment, const std::vector<shm::RingCon
 
 // ---- Shared by the collectors (collect.cpp) ---------------------------------------------------
 
-// Adds the slices a push record touches; false (nothing added, logged) if the record's range is
-// outside its parameter.
+// Adds the slices a push record touches (a rows record: the slices of its rows, with the rows in
+// row_refs); false (nothing added, logged) if the record's range is outside its parameter, its
+// ids outside its table, or its kind not the parameter's (a dense push to a table, rows to a
+// dense parameter).
 bool add_contributions(const shm::Segment& segment, std::uint32_t rank, const shm::PushRecord& record,
-                       std::vector<Contribution>& out);
+                       std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs);
 
 // Keeps the resume state a clock record carries in its worker's slot, for a restarted worker.
 // Called before the ring's head moves past the record.

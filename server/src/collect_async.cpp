@@ -24,8 +24,8 @@ void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rin
       } else if (rec.kind == RecordKind::clock) {
         keep_resume_state(segment, r, rec);  // before the head moves past it
         round.clock = std::max(round.clock, rec.clock + 1);
-      } else if (rec.kind == RecordKind::push) {
-        add_contributions(segment, r, rec, plan.contributions);
+      } else if (is_gradient(rec.kind)) {
+        add_contributions(segment, r, rec, plan.contributions, plan.row_refs);
         round.last_seq = rec.seq;
         ++round.records;
         pushes = true;

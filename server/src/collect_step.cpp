@@ -19,7 +19,7 @@ class StepScan {
  public:
   StepScan(Segment& segment, const RingConsumer& ring, std::uint32_t rank, std::uint64_t step, RoundPlan& plan)
       : segment_(segment), ring_(ring), rank_(rank), step_(step), round_(plan.ranks[rank]),
-        contributions_(plan.contributions), plan_puts_(plan.puts) {}
+        contributions_(plan.contributions), row_refs_(plan.row_refs), plan_puts_(plan.puts) {}
 
   bool run() {
     const WorkerSlot& slot = segment_.slot(rank_);
@@ -77,13 +77,13 @@ class StepScan {
       consumed_ = std::max(consumed_, next);
       return false;
     }
-    if (rec.kind == RecordKind::push) {
+    if (is_gradient(rec.kind)) {
       if (run_records_ != 0 && rec.generation != run_generation_) drop_run(pos);  // its writer died mid-step
       if (run_records_ == 0) {
         run_begin_ = contributions_.size();
         run_pos_ = pos;
       }
-      if (add_contributions(segment_, rank_, rec, contributions_)) {
+      if (add_contributions(segment_, rank_, rec, contributions_, row_refs_)) {
         ++run_records_;
         run_generation_ = rec.generation;
         run_last_seq_ = rec.seq;
@@ -134,6 +134,7 @@ class StepScan {
   const std::uint64_t step_;
   RankRound& round_;
   std::vector<Contribution>& contributions_;
+  std::vector<std::uint32_t>& row_refs_;  // the rows of rows records (orphans of a dropped run are never read)
   std::vector<PutTake>& plan_puts_;
   std::uint64_t consumed_ = 0;  // the end of the runs taken (counted or discarded)
   std::uint64_t free_to_ = 0;   // the end of the padding in front of the first run

@@ -37,7 +37,7 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
         round.take_put(rec);
         return true;
       }
-      pushes = pushes || rec.kind == RecordKind::push;
+      pushes = pushes || is_gradient(rec.kind);
       if (rec.kind == RecordKind::clock) {
         keep_resume_state(segment, r, rec);  // before the head moves past it
         round.clock = std::max(round.clock, rec.clock + 1);
@@ -45,7 +45,7 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
         // A step that was completed without its writer: none of it is in any sum.
         ++round.discarded;
         round.last_seq = std::max(round.last_seq, rec.seq);
-      } else if (add_contributions(segment, r, rec, plan.contributions)) {
+      } else if (add_contributions(segment, r, rec, plan.contributions, plan.row_refs)) {
         ++round.records;
         round.last_seq = std::max(round.last_seq, rec.seq);
         round.streamed_step = step + 1;

@@ -90,6 +90,7 @@ ModelSpec Parser::parse(std::string_view text) {
   read_top_level(root, spec);
   read_optimizer(root, spec.optimizer);
   read_params(root, spec);
+  read_tables(root, spec);
   // Safety net: everything above should already have been caught, with its position.
   if (std::string problem = validate_model_spec(spec); !problem.empty()) {
     throw SpecError(source_ + ": " + problem);
@@ -233,6 +234,7 @@ void Parser::read_policies(const toml::table& root, ModelSpec& spec) const {
 void Parser::read_params(const toml::table& root, ModelSpec& spec) const {
   const toml::node* pn = root.get("param");
   const std::string_view how = "add a [[param]] table with name and shape for each parameter";
+  if (pn == nullptr && root.get("table") != nullptr) return;  // a model of tables only
   if (pn == nullptr) {
     fail(root.source(), "param",
          "no [[param]] tables; a model needs at least one parameter: " + std::string(how));

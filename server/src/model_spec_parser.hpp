@@ -25,7 +25,7 @@ namespace shmps::server::spec_detail {
 inline constexpr std::string_view kRootKeysList[] = {"name",          "slice_bytes",     "max_workers",
                                               "workers_per_group", "ring_bytes",    "server_threads",  "consistency",
                                               "bsp_aggregate", "on_worker_death", "sync_every", "optimizer",
-                                              "param"};
+                                              "param", "table"};
 inline constexpr Keys kRootKeys{kRootKeysList};
 
 // " (did you mean "lr"?)" for a near miss among candidates, else "".
@@ -63,6 +63,7 @@ class Parser {
   void read_consistency(const toml::node& n, ModelSpec& spec) const;
   void read_policies(const toml::table& root, ModelSpec& spec) const;
   void read_params(const toml::table& root, ModelSpec& spec) const;
+  void read_tables(const toml::table& root, ModelSpec& spec) const;  // model_spec_parse_table.cpp
   std::vector<std::uint64_t> read_shape(const toml::node& n, const std::string& field) const;
 
   // model_spec_parse_optimizer.cpp

@@ -49,6 +49,10 @@ inline constexpr IntRule kServerThreadsRule{0, kMaxServerThreads, 1, " (0 = all 
 
 // "" if `name` can be a parameter name, else what is wrong with it.
 std::string param_name_problem(std::string_view name);
+
+// "" or "<at>...: <problem>" for a [[table]] (p.table_dim != 0) that the job cannot serve: rows
+// that would straddle slices, an optimizer that tables do not support, an init they do not take.
+std::string table_problem(const ModelSpec& spec, const ParamSpec& p, const std::string& at);
 // "" if `text` can be a pretrained file path or tensor name (not empty, no NUL byte).
 std::string text_problem(std::string_view text, std::string_view what);
 // Elements of a shape, or nullopt if its float32 bytes would exceed kMaxParamBytes.

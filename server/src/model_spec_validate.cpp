@@ -134,6 +134,23 @@ std::string init_problem(const InitSpec& init, const std::string& at) {
 
 }  // namespace
 
+std::string spec_detail::table_problem(const ModelSpec& spec, const ParamSpec& p, const std::string& at) {
+  if (p.table_dim == 0) return {};
+  if (p.shape.size() != 2 || p.shape[1] != p.table_dim)
+    return at + ": a table's shape must be {rows, dim}";
+  if ((spec.slice_bytes / sizeof(float)) % p.table_dim != 0)
+    return at + ".dim: " + std::to_string(p.table_dim) + " floats per row do not divide a slice of " +
+           std::to_string(spec.slice_bytes) + " bytes (slice_bytes), and a row must not straddle two slices: " +
+           "make slice_bytes a multiple of " + std::to_string(4 * p.table_dim);
+  if (spec.optimizer.kind == OptimizerKind::adam)
+    return at + ": tables are updated lazily (only the rows a round touches), and adam's bias correction would "
+                "need a step count per row, which is not kept yet: use sgd, momentum, nesterov, adagrad or rmsprop "
+                "(each updates a touched row element by element)";
+  if (p.init.kind == InitSpec::Kind::put)
+    return at + ".init: \"put\" is not supported for tables yet; use zeros, constant, u24 or pretrained";
+  return {};
+}
+
 std::string validate_model_spec(const ModelSpec& spec) {
   if (std::string p = validate_segment_name(spec.name); !p.empty()) return "name: " + p;
   if (std::string p = settings_problem(spec); !p.empty()) return p;
@@ -152,6 +169,7 @@ std::string validate_model_spec(const ModelSpec& spec) {
     }
     if (std::string problem = shape_problem(p, at, total); !problem.empty()) return problem;
     if (std::string problem = init_problem(p.init, at); !problem.empty()) return problem;
+    if (std::string problem = table_problem(spec, p, at); !problem.empty()) return problem;
   }
   return {};
 }

@@ -151,6 +151,7 @@ std::uint64_t Server::apply_round() {
   for (std::uint32_t r = 0; r < s.rings.size(); ++r) s.plan.ranks[r].begin(s.rings[r].head(), s.rings[r].committed());
   s.plan.contributions.clear();
   s.plan.puts.clear();
+  s.plan.row_refs.clear();
   s.membership->admit_new_workers();
 
   const RoundPolicy policy = policy_for_round(segment);
@@ -192,7 +193,7 @@ std::uint64_t Server::apply_round() {
     if (step_complete)
       s.engine->apply_step_sums(policy.step, streamed_step_scale(segment, policy.step, s.plan));
   } else {
-    result.totals = s.engine->apply(s.plan.contributions, policy.aggregation);
+    result.totals = s.engine->apply(s.plan.contributions, policy.aggregation, s.plan.row_refs);
   }
   result.totals.floats += put_floats;
   // Server groups in BSP: synced values go in at the step boundary, before the new step's clock

@@ -38,4 +38,32 @@ SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_
   return result;
 }
 
+SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                          std::span<float> out, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  SliceReadResult result;
+  result.min_version = UINT64_MAX;
+  const std::uint64_t dim = p.table_dim, slice_floats = seg.header().slice_floats;
+  const float* values = seg.values(p);
+  for (std::size_t k = 0; k < ids.size(); ++k) {
+    const std::uint64_t first = ids[k] * dim;
+    const SliceEntry& slice = seg.slice(p.first_slice + first / slice_floats);
+    std::uint64_t version = 0;
+    const auto copy = [&] { racy_copy_floats(out.data() + k * dim, values + first, dim); };
+    int attempts = 0;
+    Clock::time_point deadline{};
+    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
+      if (++attempts < 64) continue;
+      if (attempts == 64) deadline = Clock::now() + timeout;
+      if (Clock::now() >= deadline) {
+        result.stuck_slice = first / slice_floats;
+        return result;
+      }
+      std::this_thread::yield();
+    }
+    result.min_version = std::min(result.min_version, version / 2);
+  }
+  return result;
+}
+
 }  // namespace shmps::shm

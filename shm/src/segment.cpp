@@ -78,6 +78,7 @@ void advise_huge_pages(std::byte* base, std::uint64_t size) noexcept {
 std::uint64_t bsp_step_ring_bytes(std::span<const ParamEntry> params) noexcept {
   std::uint64_t step = sizeof(PushRecord), largest = 0;  // the clock record
   for (const auto& p : params) {
+    if (p.table_dim != 0) continue;  // a table is pushed by rows, whose size a step does not fix
     step += record_bytes_for(p.size);
     largest = std::max(largest, p.size);
   }
@@ -128,6 +129,14 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.dtype = DType::f32;
     entry.ndim = static_cast<std::uint32_t>(p.shape.size());
     entry.init_put = p.init_put ? 1U : 0U;
+    entry.table_dim = p.table_dim;
+    if (p.table_dim != 0 && (p.shape.size() != 2 || p.shape[1] != p.table_dim))
+      throw Error("table '" + p.name + "' must have shape {rows, dim} with dim " + std::to_string(p.table_dim));
+    if (p.table_dim != 0 && plan.slice_floats % p.table_dim != 0)
+      throw Error("table '" + p.name + "': its rows of " + std::to_string(p.table_dim) +
+                  " floats must not straddle slices, but the slices hold " + std::to_string(plan.slice_floats) +
+                  " floats (slice_bytes " + std::to_string(request.slice_bytes) +
+                  "): make slice_bytes a multiple of 4 x dim");
     std::uint64_t size = 1;
     for (std::size_t d = 0; d < p.shape.size(); ++d) {
       if (p.shape[d] == 0) throw Error("parameter '" + p.name + "' has a zero dimension");
@@ -139,7 +148,7 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.first_slice = plan.slice_count;
     entry.slice_count = (size + plan.slice_floats - 1) / plan.slice_floats;
     plan.slice_count += entry.slice_count;
-    if (size > largest) {
+    if (size > largest && p.table_dim == 0) {  // a table's pushes are rows, not the table
       largest = size;
       largest_name = p.name;
     }
@@ -235,6 +244,12 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   // sums, float32 whatever the state dtype (they are gradients). (An ASP or SSP job pays nothing
   // for it; switched to BSP live, its steps must fit its rings, bsp_ring_note.)
   if (request.bsp && plan.ring_bytes < bsp_step_ring_bytes(plan.params)) {
+    for (const auto& entry : plan.params)
+      if (entry.table_dim != 0)
+        throw Error("a BSP job with a table (" + std::string(entry.name) + ") needs rings that hold a whole step: set "
+                    "ring_bytes to at least " + std::to_string(bsp_step_ring_bytes(plan.params)) +
+                    " plus the bytes of a step's push_rows (steps that stream through the rings are summed densely, "
+                    "which a table's rows are not)");
     offset = big_region_at(align_up(offset, 4096), values_bytes);
     plan.step_sums_offset = offset;
     plan.step_sums_bytes = values_bytes;

@@ -35,4 +35,18 @@ inline std::uint64_t stream_chunks(std::uint64_t offset, std::uint64_t count, st
   return n;
 }
 
+// Tables: push k of a rows pusher (shmps-test-pusher rows) sends kRowsPerPush rows of table "t".
+// Id j of it: every fourth the hot row 0, then a row anywhere in the table, the same row again
+// (an id repeated within a push), and one of the warm rows 0 to 7; row j's element d is
+// pattern(rank, k, j * dim + d).
+inline constexpr std::uint64_t kRowsPerPush = 64;
+inline std::uint64_t rows_push_id(std::uint64_t rank, std::uint64_t k, std::uint64_t j, std::uint64_t rows) {
+  switch (j % 4) {
+    case 0: return 0;
+    case 1:
+    case 2: return 1 + (k * 131 + rank * 977 + (j / 4) * 37) % (rows - 1);
+    default: return (k * 7 + j) % 8;
+  }
+}
+
 }  // namespace shmps::test

@@ -41,6 +41,7 @@
 //                                 [--absent R:S]
 //       BSP in a job with worker groups: group_steps.cpp.
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -189,6 +190,51 @@ int main(int argc, char** argv) {
       for (std::size_t k = 0; k < values.size(); ++k) values[k] = 1.0f + static_cast<float>(k % 97);
       w.put("big", values);
       std::cout << "put\n";
+      return 0;
+    }
+    if (mode == "rows") {
+      // Tables: pattern.hpp's rows pushes to "t", continuing after the slot's last committed
+      // push (push k has sequence number k + 1), borrowed in place with --zero-copy.
+      const std::uint64_t rows = w.param("t").rows, dim = w.param("t").dim;
+      const auto rank = static_cast<std::uint64_t>(w.rank());
+      std::vector<std::uint64_t> ids(shmps::test::kRowsPerPush);
+      std::vector<float> grads(ids.size() * dim);
+      std::uint64_t last = w.published();
+      for (std::uint64_t k = w.published(); k < pushes; ++k) {
+        for (std::uint64_t j = 0; j < ids.size(); ++j) {
+          ids[j] = shmps::test::rows_push_id(rank, k, j, rows);
+          for (std::uint64_t d = 0; d < dim; ++d) grads[j * dim + d] = shmps::test::pattern(rank, k, j * dim + d);
+        }
+        if (zero_copy) {
+          shmps::PushBuffer buf = w.borrow_push_rows("t", ids.size());
+          std::copy(ids.begin(), ids.end(), buf.ids().begin());
+          std::copy(grads.begin(), grads.end(), buf.span().begin());
+          last = buf.commit();
+        } else {
+          last = w.push_rows("t", ids, grads);
+        }
+        if (last != k + 1) {
+          std::cerr << "push " << k << " got sequence number " << last << "\n";
+          return 1;
+        }
+        if (pause_us != 0) std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+      }
+      if (last != 0) w.wait_applied(last);
+      std::cout << "pushed " << last << "\n";
+      return 0;
+    }
+    if (mode == "hot-rows") {
+      // Pushes all-ones rows to the hot rows 0 to 7 of "t" (each twice per push) for --millis ms:
+      // every element of a row always holds the same value, so a torn row read shows.
+      const std::uint64_t dim = w.param("t").dim;
+      std::vector<std::uint64_t> ids;
+      for (std::uint64_t j = 0; j < 16; ++j) ids.push_back(j % 8);
+      const std::vector<float> ones(ids.size() * dim, 1.0f);
+      std::uint64_t last = 0;
+      const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(millis);
+      while (std::chrono::steady_clock::now() < end) last = w.push_rows("t", ids, ones);
+      if (last != 0) w.wait_applied(last);
+      std::cout << "pushed " << last << "\n";
       return 0;
     }
     if (mode == "uniform") {

@@ -160,7 +160,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     const PushRecord* newest_state = nullptr;
     const std::uint64_t head = view.head_acquire();
     view.read(head, view.committed(), [&](std::uint64_t, const PushRecord& record) {
-      if (record.kind == RecordKind::push || record.kind == RecordKind::put) published = std::max(published, record.seq);
+      if (is_gradient(record.kind) || record.kind == RecordKind::put) published = std::max(published, record.seq);
       if (record.kind == RecordKind::clock && record.offset != 0) newest_state = &record;
       if (record.kind == RecordKind::clock) closed_clock = std::max(closed_clock, record.clock + 1);
       return true;  // a malformed record ends the walk: nothing after it can be trusted
@@ -234,6 +234,10 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     info.name = std::string(param_name(p));
     for (std::uint32_t d = 0; d < p.ndim; ++d) info.shape.push_back(p.shape[d]);
     info.size = p.size;
+    if (p.table_dim != 0) {
+      info.rows = p.shape[0];
+      info.dim = p.table_dim;
+    }
     s.index.emplace(info.name, i);
     s.params.push_back(std::move(info));
   }

@@ -20,6 +20,7 @@ using worker_detail::copy_gradient;
 
 std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
   const std::uint32_t i = impl_->find(name);
+  impl_->refuse_kind("push to", i, false);
   if (grad.size() != impl_->params[i].size)
     throw Error("push to '" + std::string(name) + "': the gradient has " + std::to_string(grad.size()) +
                 " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
@@ -111,13 +112,24 @@ PushBuffer Worker::borrow_push(std::string_view name, std::size_t offset, std::s
 // Checks the range, waits for room as the consistency model allows, and claims a record (for a
 // push, or with `put` for Worker::put).
 float* Worker::Impl::claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count,
-                                bool put) {
+                                bool put, std::size_t rows) {
   refuse_if_detached("push");
   const std::uint32_t i = find(name);
   if (borrower != nullptr) refuse_if_borrowed(std::string(what) + " '" + std::string(name) + "'", "nothing was pushed");
-  check_range(what, i, offset, count);
-  if (!put) refuse_push_before_put(what, i, offset, count);
+  if (rows == 0) {
+    check_range(what, i, offset, count);
+    if (!put) refuse_push_before_put(what, i, offset, count);
+  }
   await_admission();
+  // A rows record holds its ids after the rows: its bytes, in floats, for the size checks.
+  const std::uint64_t need = rows != 0 ? rows_record_bytes(rows, count) : record_bytes_for(count);
+  if (rows != 0 && need > record_bytes_for(ring.max_record_floats()))
+    throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(rows) + " rows (" +
+                std::to_string(need) + " bytes with their ids) do not fit one ring record (at most " +
+                std::to_string(record_bytes_for(ring.max_record_floats())) + " bytes, half of ring_bytes = " +
+                std::to_string(ring.capacity()) +
+                "): push the rows in several smaller push_rows calls, or raise ring_bytes in the model spec; nothing "
+                "was pushed");
   if (count > ring.max_record_floats())
     throw Error(std::string(what) + " '" + std::string(name) + "': " + std::to_string(count) +
                 " elements do not fit one ring record (at most " + std::to_string(ring.max_record_floats()) +
@@ -133,17 +145,17 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
            load_acquire(segment.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp) &&
            ring.head() >= ring.past_start_over(step_start);
   };
-  PushRecord* record = ring.try_claim(count);
+  PushRecord* record = ring.try_claim_bytes(need);
   if (record == nullptr) {
     const std::uint64_t waited_from = monotonic_ns();
     bool overflow = false;
     const bool ok = wait_for(
         [&] {
-          if ((record = ring.try_claim(count)) != nullptr) return true;
+          if ((record = ring.try_claim_bytes(need)) != nullptr) return true;
           if (!step_overflows()) return false;
           // The server may have freed the room between the claim and that look: claim once more
           // before calling it an overflow (once the ring holds only this step, nothing frees it).
-          if ((record = ring.try_claim(count)) != nullptr) return true;
+          if ((record = ring.try_claim_bytes(need)) != nullptr) return true;
           return overflow = true;
         },
         deadline(), &slot.progress_word(), &slot.waiting_flag());
@@ -159,7 +171,7 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
                   " has been full for " + std::to_string(options.timeout.count()) + " ms; " + server_state() +
                   "; nothing was pushed");
   }
-  claim = Claim{record, i, offset, count};
+  claim = Claim{record, i, rows != 0 ? rows : offset, count, rows};
   return record_payload(record);
 }
 
@@ -196,8 +208,8 @@ void Worker::Impl::publish_claimed(std::uint64_t seq, const char* point) {
   wake_server();
 }
 
-std::uint64_t Worker::Impl::commit_push(double sum_sq) {
-  const std::uint64_t seq = fill_claimed(RecordKind::push, sum_sq);
+std::uint64_t Worker::Impl::commit_push(double sum_sq, RecordKind kind) {
+  const std::uint64_t seq = fill_claimed(kind, sum_sq);
   if (step_skip != 0) {  // committed by this slot's previous process, and in the step sums already
     --step_skip;
     give_back();
@@ -218,6 +230,15 @@ std::uint64_t Worker::Impl::commit_push(double sum_sq) {
 void Worker::Impl::reject_push(const char* what, std::size_t bad, float value) {
   const Claim refused = claim;
   give_back();
+  if (refused.rows != 0) {  // a rows record: say which of the given rows
+    const std::uint64_t dim = refused.count / refused.rows;
+    slot.count_rejected_push();
+    bump_counter(segment.rejected(static_cast<unsigned>(rank), refused.param));
+    throw Error(std::string(what) + " '" + params[refused.param].name + "' rejected: element " +
+                std::to_string(bad % dim) + " of row " + std::to_string(bad / dim) + " (the " +
+                std::to_string(bad / dim) + "th id given) is " + (std::isnan(value) ? "NaN" : "infinite") +
+                "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
+  }
   refuse_non_finite(what, refused.param, refused.offset + bad, value);
 }
 
@@ -229,13 +250,15 @@ void Worker::Impl::refuse_non_finite(const char* what, std::uint32_t param, std:
               "; nothing was pushed (check the loss and learning rate, or clip gradients before pushing)");
 }
 
-PushBuffer::PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset) noexcept
-    : owner_(owner), data_(data), size_(size), offset_(offset) {
+PushBuffer::PushBuffer(Worker::Impl* owner, float* data, std::size_t size, std::size_t offset, std::uint64_t* ids,
+                       std::size_t rows) noexcept
+    : owner_(owner), data_(data), size_(size), offset_(offset), ids_(ids), rows_(rows) {
   owner_->borrower = this;
 }
 
 PushBuffer::PushBuffer(PushBuffer&& other) noexcept
-    : owner_(other.owner_), data_(other.data_), size_(other.size_), offset_(other.offset_) {
+    : owner_(other.owner_), data_(other.data_), size_(other.size_), offset_(other.offset_), ids_(other.ids_),
+      rows_(other.rows_) {
   if (owner_ != nullptr) owner_->borrower = this;
   other.detach();
 }
@@ -247,6 +270,8 @@ PushBuffer& PushBuffer::operator=(PushBuffer&& other) noexcept {
   data_ = other.data_;
   size_ = other.size_;
   offset_ = other.offset_;
+  ids_ = other.ids_;
+  rows_ = other.rows_;
   if (owner_ != nullptr) owner_->borrower = this;
   other.detach();
   return *this;
@@ -259,6 +284,8 @@ void PushBuffer::detach() noexcept {
   data_ = nullptr;
   size_ = 0;
   offset_ = 0;
+  ids_ = nullptr;
+  rows_ = 0;
 }
 
 void PushBuffer::drop() noexcept {
@@ -277,13 +304,24 @@ std::uint64_t PushBuffer::commit() {
     s.refuse_if_detached("push");
   }
   const std::size_t n = size_;
+  const bool rows = ids_ != nullptr;
+  if (rows) {
+    try {
+      s.check_ids("borrowed push_rows to", s.claim.param, {ids_, rows_});
+    } catch (const Error&) {
+      s.borrower = nullptr;
+      detach();
+      s.give_back();
+      throw;
+    }
+  }
   double sum_sq = 0.0;
   const std::size_t bad = check_gradient(data_, n, sum_sq);
   const float value = bad != n ? data_[bad] : 0.0f;
   s.borrower = nullptr;  // this buffer is done with, whatever happens next
   detach();
-  if (bad != n) s.reject_push("borrowed push to", bad, value);
-  return s.commit_push(sum_sq);
+  if (bad != n) s.reject_push(rows ? "borrowed push_rows to" : "borrowed push to", bad, value);
+  return s.commit_push(sum_sq, rows ? RecordKind::rows : RecordKind::push);
 }
 
 }  // namespace shmps

@@ -37,6 +37,7 @@ std::uint64_t Worker::pull(std::string_view name, std::span<float> out) { return
 
 std::uint64_t Worker::pull(std::string_view name, std::span<float> out, std::uint64_t min_version) {
   const std::uint32_t i = impl_->find(name);
+  impl_->refuse_kind("pull of", i, false);
   if (out.size() != impl_->params[i].size)
     throw Error("pull of '" + std::string(name) + "': the output has " + std::to_string(out.size()) +
                 " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +

@@ -114,6 +114,7 @@ struct Worker::Impl {
     std::uint32_t param = 0;
     std::uint64_t offset = 0;
     std::uint64_t count = 0;
+    std::uint64_t rows = 0;  // a rows record (push_rows): its rows; offset is then rows too
   };
   Claim claim;
   PushBuffer* borrower = nullptr;  // the PushBuffer that holds `claim`, if it is lent out
@@ -132,8 +133,14 @@ struct Worker::Impl {
 
   // The three steps of every push, shared by push() (claim, copy, commit) and borrow_push() /
   // PushBuffer::commit() (claim, lend, check in place, commit). `what` starts error messages.
-  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count, bool put = false);
-  std::uint64_t commit_push(double sum_sq);
+  // `rows` != 0: a rows record of that many rows (push_rows; count = rows x dim) instead of a range.
+  float* claim_push(const char* what, std::string_view name, std::size_t offset, std::size_t count, bool put = false,
+                    std::size_t rows = 0);
+  std::uint64_t commit_push(double sum_sq, RecordKind kind = RecordKind::push);
+  // Tables (rows.cpp): throws unless parameter i is a table (for_rows) or is not (a dense call).
+  void refuse_kind(const char* what, std::uint32_t i, bool for_rows) const;
+  // Throws (and counts nothing) unless every id is below the table's rows.
+  void check_ids(const char* what, std::uint32_t i, std::span<const std::uint64_t> ids) const;
   // The two halves of committing the claimed record (push.cpp): its header, then the release.
   std::uint64_t fill_claimed(RecordKind kind, double sum_sq);
   void publish_claimed(std::uint64_t seq, const char* point);  // point: its kill point
@@ -205,6 +212,7 @@ struct Worker::Impl {
 
   void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
     const ParamEntry& p = segment.param(i);
+    refuse_kind(what, i, false);
     if (count == 0)
       throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
     if (offset > p.size || count > p.size - offset)

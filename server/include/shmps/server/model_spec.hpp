@@ -144,6 +144,8 @@ struct ParamSpec {
   std::string name;
   std::vector<std::uint64_t> shape;
   InitSpec init;
+  // A [[table]]: the row width (shape is {rows, table_dim}); 0 for a [[param]].
+  std::uint64_t table_dim = 0;
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };
 

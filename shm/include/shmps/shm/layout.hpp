@@ -124,7 +124,8 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 //    now each group's GroupEntry::clock)
 // 8: server groups (SegmentHeader::server_group(s), sync tables and counters, SyncSlice,
 //    RedoTarget::sync_add / sync_take, RecordKind::sync_delta / sync_fresh, SyncSegmentHeader)
-inline constexpr std::uint32_t kLayoutVersion = 8;
+// 9: tables (ParamEntry::table_dim, RecordKind::rows)
+inline constexpr std::uint32_t kLayoutVersion = 9;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -436,11 +437,14 @@ struct ParamEntry {
   // 1: the spec says init = "put": a worker puts the first values, and pulls and views wait for
   // every slice of their range to have version 1 or more (Worker::put).
   std::uint32_t init_put;
-  std::uint32_t reserved;
+  // A table ([[table]] in the spec): 0 for a dense parameter, else the row width. A table has
+  // shape {rows, table_dim}, its slices hold whole rows (table_dim divides the slice size), and
+  // it is pushed by row (RecordKind::rows) and pulled by row, never whole.
+  std::uint32_t table_dim;
 };
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
-  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(reserved)
+  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -735,12 +739,18 @@ struct RingHeader {
 // worker's resume blob as its payload (`offset` holds its length in bytes), committed with the
 // end of the step it describes. padding: filler to the end.
 // put: the payload is values to set, not a gradient (Worker::put); numbered like a push.
+// rows: gradient rows of a table (Worker::push_rows), numbered like a push: `offset` is the
+// number of rows n, `count` their floats (n x the table's dim); the payload is the n rows, then,
+// from the next 64-byte boundary, their n row ids (u64, record_ids). An id may repeat.
 //
 // Between servers (sync segments): sync_delta carries a slice's delta from group `generation`
 // to the slice's home group, sync_fresh the home's values back; `offset` is the slice index,
 // `count` its elements, `seq` the sync sequence number, and in sync_fresh `clock` the home's
 // version word of the slice (0: nobody has written it there yet).
-enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4, sync_delta = 5, sync_fresh = 6 };
+enum class RecordKind : std::uint32_t { push = 1, padding = 2, clock = 3, put = 4, sync_delta = 5, sync_fresh = 6, rows = 7 };
+
+// A gradient: applied to the values (a push of a dense range, or rows of a table).
+constexpr bool is_gradient(RecordKind kind) noexcept { return kind == RecordKind::push || kind == RecordKind::rows; }
 
 // A record in a ring: this 64-byte header, then `count` float32 gradient values, padded so the
 // next record starts on a 64-byte boundary. A record never wraps: if it does not fit before the
@@ -767,6 +777,16 @@ struct alignas(kCacheLine) PushRecord {
 
 constexpr std::uint64_t record_bytes_for(std::uint64_t count) noexcept {
   return sizeof(PushRecord) + align_up(count * sizeof(float), kCacheLine);
+}
+// A rows record of `rows` ids and `floats` gradient floats: header, rows, ids.
+constexpr std::uint64_t rows_record_bytes(std::uint64_t rows, std::uint64_t floats) noexcept {
+  return record_bytes_for(floats) + align_up(rows * sizeof(std::uint64_t), kCacheLine);
+}
+// Whether a record's sizes are those of a well-formed rows record (the server checks the ids and
+// the row width against the table separately).
+constexpr bool rows_record_plausible(const PushRecord& r) noexcept {
+  return r.offset != 0 && r.offset <= (std::uint64_t{1} << 40) && r.count % r.offset == 0 &&
+         r.count / r.offset <= (std::uint64_t{1} << 20) && rows_record_bytes(r.offset, r.count) == r.record_bytes;
 }
 
 // ---------------------------------------------------------------------------------------------

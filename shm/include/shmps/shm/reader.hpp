@@ -22,4 +22,9 @@ struct SliceReadResult {
 SliceReadResult read_param(const Segment& segment, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
                            std::chrono::milliseconds timeout);
 
+// Copies rows ids[k] of table `p` (ParamEntry::table_dim floats each) into out[k * dim, ...),
+// each row whole from one version of its slice. The ids must be in range (the caller checks).
+SliceReadResult read_rows(const Segment& segment, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                          std::span<float> out, std::chrono::milliseconds timeout);
+
 }  // namespace shmps::shm

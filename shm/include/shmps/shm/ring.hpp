@@ -34,8 +34,9 @@ class RingProducer {
   // walking the whole ring through the caches and the TLB. The price: until the server has
   // consumed that padding (its next round), only the bytes before the old position are free, so
   // a worker whose server is stalled can queue less than a whole ring after a start-over.
-  PushRecord* try_claim(std::uint64_t count) noexcept {
-    const std::uint64_t need = record_bytes_for(count);
+  PushRecord* try_claim(std::uint64_t count) noexcept { return try_claim_bytes(record_bytes_for(count)); }
+  // The same for a record of `need` bytes (a multiple of 64): a rows record (rows_record_bytes).
+  PushRecord* try_claim_bytes(std::uint64_t need) noexcept {
     std::uint64_t pos = tail_;
     const std::uint64_t to_end = capacity_ - pos % capacity_;
     const std::uint64_t head = load_acquire(header_->head);  // bytes before head are free again
@@ -127,6 +128,7 @@ class RingConsumer {
            (r->kind == RecordKind::padding ||
             (!sync_ && (r->kind == RecordKind::push || r->kind == RecordKind::put) &&
              record_bytes_for(r->count) == r->record_bytes) ||
+            (!sync_ && r->kind == RecordKind::rows && rows_record_plausible(*r)) ||
             (sync_ && (r->kind == RecordKind::sync_delta || r->kind == RecordKind::sync_fresh) &&
              record_bytes_for(r->count) == r->record_bytes) ||
             (!sync_ && r->kind == RecordKind::clock && record_bytes_for(r->count) == r->record_bytes &&
@@ -173,5 +175,12 @@ inline const float* record_payload(const PushRecord* record) noexcept {
   return reinterpret_cast<const float*>(record + 1);
 }
 inline float* record_payload(PushRecord* record) noexcept { return reinterpret_cast<float*>(record + 1); }
+// A rows record's ids, after its rows (layout.hpp, RecordKind::rows).
+inline const std::uint64_t* record_ids(const PushRecord* record) noexcept {
+  return reinterpret_cast<const std::uint64_t*>(reinterpret_cast<const std::byte*>(record) + record_bytes_for(record->count));
+}
+inline std::uint64_t* record_ids(PushRecord* record) noexcept {
+  return reinterpret_cast<std::uint64_t*>(reinterpret_cast<std::byte*>(record) + record_bytes_for(record->count));
+}
 
 }  // namespace shmps::shm

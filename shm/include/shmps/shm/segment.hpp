@@ -25,6 +25,7 @@ struct LayoutRequest {
     std::string name;
     std::vector<std::uint64_t> shape;
     bool init_put = false;  // ParamEntry::init_put
+    std::uint32_t table_dim = 0;  // ParamEntry::table_dim: a table's row width (shape {rows, dim}), 0 if dense
   };
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;

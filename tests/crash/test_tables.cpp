@@ -1,0 +1,348 @@
+// Tables ([[table]], Worker::pull_rows / push_rows) with real server and worker processes:
+// repeated ids summed, the lazy row-wise optimizer step against hand-computed values, every bad
+// input refused with its message and nothing changed, hot rows never read torn, and exact sums
+// through SIGKILLs of workers and of the server (also in the middle of writing a table's slice).
+//
+// SGD with learning rate 1 and small-integer gradients: every value is exact, so the final table
+// must equal minus the sum of every committed push, element by element.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/error.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using namespace shmps;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+
+namespace {
+
+// "t": 512 rows of 8 (8 rows per 256-byte slice: 64 slices), and a dense "h" beside it.
+std::string rows_spec(const std::string& optimizer = "kind = \"sgd\"\nlr = 1.0\n", const std::string& extra = "") {
+  return "max_workers = 8\nslice_bytes = 256\n" + extra + "[optimizer]\n" + optimizer +
+         "[[param]]\nname = \"h\"\nshape = [4]\n"
+         "[[table]]\nname = \"t\"\nrows = 512\ndim = 8\n";
+}
+constexpr std::uint64_t kRows = 512, kDim = 8;
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+Process& start_rows_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::string> extra = {},
+                           std::vector<std::pair<std::string, std::string>> env = {}) {
+  env.emplace_back("SHMPS_RANK", std::to_string(rank));
+  std::vector<std::string> args{"shmps-test-pusher", "rows", "--pushes", std::to_string(pushes)};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return job.start(args, env);
+}
+
+// The whole table, read as worker `reader_rank`.
+std::vector<float> pull_table(const std::string& segment, int reader_rank) {
+  Worker reader(WorkerOptions{.segment = segment, .rank = reader_rank, .timeout = 20s});
+  std::vector<std::uint64_t> ids(kRows);
+  for (std::uint64_t r = 0; r < kRows; ++r) ids[r] = r;
+  std::vector<float> table(kRows * kDim);
+  reader.pull_rows("t", ids, table);
+  reader.leave();
+  return table;
+}
+
+// Expects the table to hold minus the sum of the first pushes[r] rows pushes of every rank r.
+void expect_exact_table(const std::string& segment, const std::vector<std::uint64_t>& pushes, int reader_rank = 7) {
+  std::vector<double> want(kRows * kDim, 0.0);
+  for (std::uint64_t r = 0; r < pushes.size(); ++r)
+    for (std::uint64_t k = 0; k < pushes[r]; ++k)
+      for (std::uint64_t j = 0; j < test::kRowsPerPush; ++j) {
+        const std::uint64_t id = test::rows_push_id(r, k, j, kRows);
+        for (std::uint64_t d = 0; d < kDim; ++d) want[id * kDim + d] -= test::pattern(r, k, j * kDim + d);
+      }
+  const std::vector<float> table = pull_table(segment, reader_rank);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < table.size(); ++i)
+    if (table[i] != static_cast<float>(want[i]) && ++wrong <= 5)
+      ADD_FAILURE() << "row " << i / kDim << " element " << i % kDim << ": " << table[i] << ", want " << want[i];
+  EXPECT_EQ(wrong, 0u);
+}
+
+}  // namespace
+
+TEST(Tables, PullRowsGivesTheInitialRowsAndPushRowsSumsRepeatedIds) {
+  Watchdog watchdog(60s);
+  Job job("rows-basic",
+          "max_workers = 2\nslice_bytes = 64\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+          "[[param]]\nname = \"h\"\nshape = [4]\n"
+          "[[table]]\nname = \"t\"\nrows = 64\ndim = 4\ninit = { kind = \"constant\", value = 0.5 }\n");
+  job.start_server();
+  job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  const ParamInfo& t = w.param("t");
+  EXPECT_TRUE(t.is_table());
+  EXPECT_EQ(t.rows, 64u);
+  EXPECT_EQ(t.dim, 4u);
+  EXPECT_FALSE(w.param("h").is_table());
+
+  std::vector<float> rows(3 * 4);
+  const std::vector<std::uint64_t> some{5, 0, 5};
+  EXPECT_EQ(w.pull_rows("t", some, rows), 0u);
+  for (float v : rows) EXPECT_EQ(v, 0.5f);
+
+  // Row 3 twice in one push and once more in another push of the same round or the next: summed.
+  const std::vector<std::uint64_t> ids{3, 3, 63, 17};
+  const std::vector<float> grads{1, 2, 3, 4, 10, 20, 30, 40, -1, -1, -1, -1, 2, 2, 2, 2};
+  w.push_rows("t", ids, grads);
+  const std::vector<std::uint64_t> again{3};
+  const std::vector<float> more{100, 100, 100, 100};
+  const std::uint64_t seq = w.push_rows("t", again, more);
+  const std::vector<float> h_grad{1, 1, 1, 1};
+  w.wait_applied(w.push("h", h_grad));
+  w.wait_applied(seq);
+
+  const std::vector<std::uint64_t> check{3, 63, 17, 4};
+  std::vector<float> out(4 * 4);
+  w.pull_rows("t", check, out);
+  for (int d = 0; d < 4; ++d) {
+    EXPECT_EQ(out[d], 0.5f - static_cast<float>(11 * (1 + d) + 100)) << d;
+    EXPECT_EQ(out[4 + d], 1.5f) << d;
+    EXPECT_EQ(out[8 + d], -1.5f) << d;
+    EXPECT_EQ(out[12 + d], 0.5f) << "an untouched row";
+  }
+  std::vector<float> h(4);
+  w.pull("h", h);
+  for (float v : h) EXPECT_EQ(v, -1.0f);
+}
+
+TEST(Tables, ARoundUpdatesOnlyTheTouchedRowsWithTheirOwnAdagradState) {
+  Watchdog watchdog(60s);
+  Job job("rows-adagrad", rows_spec("kind = \"adagrad\"\nlr = 0.5\neps = 1e-8\n"));
+  job.start_server();
+  job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  // Row 9 gets gradient 2 (every element) twice, in two rounds; row 10 once; the rest never.
+  const std::vector<std::uint64_t> row9{9}, rows9and10{9, 10};
+  const std::vector<float> g2(kDim, 2.0f), g2x2(2 * kDim, 2.0f);
+  w.wait_applied(w.push_rows("t", row9, g2));
+  w.wait_applied(w.push_rows("t", rows9and10, g2x2));
+  // By hand (float32, as the server computes): s = g^2, p -= lr g / (sqrt(s) + eps).
+  float p9 = 0, s9 = 0, p10 = 0, s10 = 0;
+  s9 += 4.0f;
+  p9 -= 0.5f * 2.0f / (std::sqrt(s9) + 1e-8f);
+  s9 += 4.0f;
+  p9 -= 0.5f * 2.0f / (std::sqrt(s9) + 1e-8f);
+  s10 += 4.0f;
+  p10 -= 0.5f * 2.0f / (std::sqrt(s10) + 1e-8f);
+  const std::vector<std::uint64_t> ids{9, 10, 11, 0};
+  std::vector<float> out(ids.size() * kDim);
+  w.pull_rows("t", ids, out);
+  for (std::uint64_t d = 0; d < kDim; ++d) {
+    EXPECT_FLOAT_EQ(out[d], p9);
+    EXPECT_FLOAT_EQ(out[kDim + d], p10);
+    EXPECT_EQ(out[2 * kDim + d], 0.0f) << "untouched";
+    EXPECT_EQ(out[3 * kDim + d], 0.0f) << "untouched";
+  }
+  // Lazy: the state of an untouched row stays zero (it would not be after a dense step).
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::ParamEntry* t = nullptr;
+  for (std::uint32_t i = 0; i < seg.header().param_count; ++i)
+    if (std::string(seg.param(i).name) == "t") t = &seg.param(i);
+  ASSERT_NE(t, nullptr);
+  const float* s = reinterpret_cast<const float*>(seg.state_bytes(*t, 0));
+  EXPECT_EQ(s[9 * kDim], 8.0f);
+  EXPECT_EQ(s[10 * kDim], 4.0f);
+  EXPECT_EQ(s[11 * kDim], 0.0f);
+}
+
+TEST(Tables, EveryBadInputIsRefusedWithItsMessageAndChangesNothing) {
+  Watchdog watchdog(60s);
+  Job job("rows-bad", rows_spec());
+  job.start_server();
+  job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  const std::vector<std::uint64_t> good{1, 2}, outside{1, 512};
+  const std::vector<float> grads(2 * kDim, 1.0f), narrow(2 * (kDim - 1), 1.0f);
+  std::vector<float> out(2 * kDim), dense(4);
+
+  EXPECT_NE(error_of([&] { w.push_rows("t", outside, grads); }).find("id 512 (the 1th given) is outside the table, whose ids are 0 to 511"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { w.pull_rows("t", outside, out); }).find("id 512"), std::string::npos);
+  EXPECT_NE(error_of([&] { w.push_rows("t", good, narrow); }).find("2 rows of 8 need 16 (row width 8)"), std::string::npos);
+  EXPECT_NE(error_of([&] { w.pull_rows("t", good, dense); }).find("pass ids.size() x dim floats"), std::string::npos);
+  EXPECT_NE(error_of([&] { w.push("t", std::span<const float>(grads.data(), 4)); }).find("it is a table (512 rows of 8), reached by row"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { w.pull("t", dense); }).find("use pull_rows() and push_rows()"), std::string::npos);
+  EXPECT_NE(error_of([&] { w.push_rows("h", good, grads); }).find("it is a dense parameter [4], not a table"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { w.pull_rows("nope", good, out); }).find("unknown parameter 'nope'"), std::string::npos);
+  std::vector<float> nan = grads;
+  nan[kDim + 3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_NE(error_of([&] { w.push_rows("t", good, nan); }).find("element 3 of row 1 (the 1th id given) is NaN"),
+            std::string::npos);
+  {
+    PushBuffer b = w.borrow_push_rows("t", 2);
+    b.ids()[0] = 5;
+    b.ids()[1] = 9999;
+    std::fill(b.span().begin(), b.span().end(), 1.0f);
+    EXPECT_NE(error_of([&] { b.commit(); }).find("id 9999"), std::string::npos);
+    EXPECT_FALSE(b.active());
+  }
+  {
+    PushBuffer b = w.borrow_push_rows("t", 2);
+    b.ids()[0] = 5;
+    b.ids()[1] = 6;
+    std::fill(b.span().begin(), b.span().end(), std::numeric_limits<float>::infinity());
+    EXPECT_NE(error_of([&] { b.commit(); }).find("is infinite"), std::string::npos);
+  }
+  EXPECT_EQ(w.published(), 0u) << "nothing was pushed";
+  // And the worker goes on: a good push after all that is applied, and the table holds only it.
+  w.wait_applied(w.push_rows("t", good, grads));
+  EXPECT_EQ(w.published(), 1u);
+  const std::vector<float> table = pull_table(job.name(), 1);
+  for (std::uint64_t i = 0; i < table.size(); ++i)
+    EXPECT_EQ(table[i], (i / kDim == 1 || i / kDim == 2) ? -1.0f : 0.0f) << i;
+}
+
+TEST(Tables, ZeroCopyRowsPushesEqualCopiedOnes) {
+  Watchdog watchdog(90s);
+  Job job("rows-zero-copy", rows_spec());
+  job.start_server();
+  job.wait_ready();
+  auto& a = start_rows_pusher(job, 0, 200, {"--zero-copy"});
+  auto& b = start_rows_pusher(job, 1, 200);
+  EXPECT_EQ(a.wait(60s), 0) << a.output();
+  EXPECT_EQ(b.wait(60s), 0) << b.output();
+  expect_exact_table(job.name(), {200, 200});
+}
+
+TEST(Tables, HotRowsAreNeverReadTorn) {
+  Watchdog watchdog(60s);
+  Job job("rows-torn", rows_spec());
+  job.start_server();
+  job.wait_ready();
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 2; ++r)
+    pushers.push_back(&job.start({"shmps-test-pusher", "hot-rows", "--millis", "1500"}, {{"SHMPS_RANK", std::to_string(r)}}));
+  Worker reader(WorkerOptions{.segment = job.name(), .rank = 5, .timeout = 20s});
+  const std::vector<std::uint64_t> hot{0, 1, 2, 3, 4, 5, 6, 7};
+  std::vector<float> rows(hot.size() * kDim);
+  std::uint64_t reads = 0, torn = 0;
+  float lowest = 0;
+  while (pushers[0]->running() || pushers[1]->running()) {
+    reader.pull_rows("t", hot, rows);
+    for (std::size_t k = 0; k < hot.size(); ++k)
+      for (std::uint64_t d = 1; d < kDim; ++d)
+        if (rows[k * kDim + d] != rows[k * kDim]) ++torn;
+    lowest = std::min(lowest, rows[0]);
+    ++reads;
+  }
+  for (auto* p : pushers) EXPECT_EQ(p->wait(30s), 0) << p->output();
+  std::cout << reads << " reads of 8 hot rows, lowest value seen " << lowest << "\n";
+  EXPECT_EQ(torn, 0u);
+  EXPECT_LT(lowest, -10.0f) << "the rows were being updated while read";
+}
+
+// The server SIGKILLed while it copies a table's slice in (apply.mid_copy: the redo entry's
+// whole copy), or once it has applied a round's rows but not yet moved the rings' heads
+// (apply.before_release: the next server reads those records again): the next server finishes
+// the copy from the entry and applies no rows record twice.
+class TableServerKill : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(TableServerKill, TheNextServerFinishesTheSliceAndAppliesNoRowsTwice) {
+  Watchdog watchdog(90s);
+  Job job("rows-kill", rows_spec());
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
+  job.wait_ready();
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 3; ++r) pushers.push_back(&start_rows_pusher(job, r, 300, {"--pause-us", "200"}));
+  EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  job.start_server();
+  job.wait_ready();
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  expect_exact_table(job.name(), {300, 300, 300});
+}
+
+INSTANTIATE_TEST_SUITE_P(KillPoints, TableServerKill, ::testing::Values("apply.mid_copy:40", "apply.before_release:10"),
+                         [](const ::testing::TestParamInfo<const char*>& point) {
+                           return std::string(point.param).find("mid_copy") != std::string::npos ? "MidCopy" : "BeforeRelease";
+                         });
+
+// Chaos: rows pushers with hot rows while workers and the server are SIGKILLed and restarted at
+// random; every committed push counts exactly once.
+TEST(Tables, ExactSumsWithHotRowsThroughRandomKillsOfWorkersAndServer) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  const std::uint64_t target = 8000;
+#else
+  const std::uint64_t target = 40000;
+#endif
+  constexpr int kSeconds = 10, kWorkers = 4;
+  Watchdog watchdog(std::chrono::seconds(kSeconds + 120));
+  Job job("rows-chaos", rows_spec());
+  job.start_server();
+  job.wait_ready();
+  const unsigned seed = std::random_device{}();
+  std::cout << "chaos seed " << seed << "\n";
+  std::mt19937 rng(seed);
+  std::vector<Process*> pushers(kWorkers);
+  std::vector<bool> done(kWorkers, false);
+  std::uint64_t worker_kills = 0, server_kills = 0;
+  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_rows_pusher(job, r, target, {"--pause-us", "100"});
+  const auto start = std::chrono::steady_clock::now();
+  auto next_server_kill = start + std::chrono::milliseconds(300 + rng() % 600);
+  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(kSeconds)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
+    const int r = static_cast<int>(rng() % kWorkers);
+    if (!done[r] && pushers[r]->running()) {
+      pushers[r]->kill(SIGKILL);
+      pushers[r]->wait(10s);
+      ++worker_kills;
+    }
+    if (!pushers[r]->running() && !done[r]) {
+      if (pushers[r]->wait(1s) == 0)
+        done[r] = true;
+      else
+        pushers[r] = &start_rows_pusher(job, r, target, {"--pause-us", "100"});
+    }
+    if (std::chrono::steady_clock::now() > next_server_kill) {
+      job.server().kill(SIGKILL);
+      job.server().wait(10s);
+      ++server_kills;
+      job.start_server();
+      job.wait_ready();
+      next_server_kill = std::chrono::steady_clock::now() + std::chrono::milliseconds(800 + rng() % 1500);
+    }
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+  }
+  for (int r = 0; r < kWorkers; ++r)
+    if (!done[r] && !pushers[r]->running() && pushers[r]->wait(1s) != 0) pushers[r] = &start_rows_pusher(job, r, target);
+  for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(pushers[r]->wait(120s), 0) << pushers[r]->output();
+  {
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(shm::load_acquire(seg.slot(r).published), target) << r;
+  }
+  expect_exact_table(job.name(), std::vector<std::uint64_t>(kWorkers, target));
+  std::cout << "table chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, exact\n";
+  EXPECT_GT(worker_kills, 0u);
+  EXPECT_GT(server_kills, 0u);
+}
