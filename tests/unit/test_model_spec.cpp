@@ -854,3 +854,34 @@ TEST(ModelSpecErrors, StateDtype) {
   EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nstate_dtype = \"bf16\"\n", "spec.toml:4:1",
                     "optimizer.state_dtype", "not used by kind \"sgd\"", "momentum, nesterov, adagrad, rmsprop, adam");
 }
+
+TEST(ModelSpec, TablesBecomeParametersOfRowsByDim) {
+  const ModelSpec spec = parse_model_spec(
+      "name = \"m\"\nslice_bytes = 1024\n[optimizer]\nlr = 1\n[[param]]\nname = \"head\"\nshape = [16]\n"
+      "[[table]]\nname = \"emb\"\nrows = 1048576\ndim = 16\ninit = { kind = \"u24\", stream = 24, scale_divisor = 64 }\n",
+      "");
+  ASSERT_EQ(spec.params.size(), 2u);
+  EXPECT_EQ(spec.params[0].table_dim, 0u);
+  EXPECT_EQ(spec.params[1].name, "emb");
+  EXPECT_EQ(spec.params[1].table_dim, 16u);
+  EXPECT_EQ(spec.params[1].shape, (std::vector<std::uint64_t>{1048576, 16}));
+  EXPECT_EQ(spec.params[1].init.kind, InitSpec::Kind::u24);
+  // A model of tables only needs no [[param]].
+  EXPECT_EQ(parse_model_spec("name = \"m\"\n[optimizer]\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n", "")
+                .params.size(),
+            1u);
+}
+
+TEST(ModelSpecErrors, TablesThatTheJobCannotServe) {
+  const std::string top = "name = \"m\"\nslice_bytes = 64\n[optimizer]\nlr = 1\n";
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 5\n", "spec.toml:5:1", "table[0].dim",
+                    "make slice_bytes a multiple of 20");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\n", "spec.toml:5:1", "table[0].dim", "missing");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 0\ndim = 4\n", "spec.toml:7:8", "table[0].rows", "from 1");
+  EXPECT_SPEC_ERROR(top + "[[param]]\nname = \"t\"\nshape = [4]\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n",
+                    "spec.toml:9:8", "table[0].name", "parameters and tables share one namespace");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u64\"\n", "spec.toml:9:8",
+                    "table[0].keys", "not supported yet");
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n",
+                    "spec.toml:5:1", "table[0]", "updated lazily");
+}
