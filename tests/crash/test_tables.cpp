@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 #include <limits>
 #include <random>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include <shmps/error.hpp>
+#include <shmps/server/safetensors.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
@@ -345,4 +347,88 @@ TEST(Tables, ExactSumsWithHotRowsThroughRandomKillsOfWorkersAndServer) {
   std::cout << "table chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, exact\n";
   EXPECT_GT(worker_kills, 0u);
   EXPECT_GT(server_kills, 0u);
+}
+
+// A checkpoint holds the table as the tensor "t" [rows, dim] and its row-wise state as
+// "t/adagrad.s"; restored into a new segment (the old one lost), it gives back every row and the
+// state, and training goes on from there.
+TEST(Tables, ACheckpointHoldsTheTableAndItsStateAndRestoresThem) {
+  Watchdog watchdog(90s);
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / test::unique_segment("rows-ckpt");
+  fs::create_directories(dir);
+  struct Cleanup {
+    fs::path dir;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
+  } cleanup{dir};
+  Job job("rows-ckpt", rows_spec("kind = \"adagrad\"\nlr = 0.25\n"));
+  auto& server = job.start_server();
+  job.wait_ready();
+  auto& pusher = start_rows_pusher(job, 0, 50);
+  ASSERT_EQ(pusher.wait(60s), 0) << pusher.output();
+  const std::vector<float> before = pull_table(job.name(), 1);
+  const fs::path file = dir / "rows.safetensors";
+  const test::Ran made = test::run({"shmps-ctl", "checkpoint", job.name(), file.string()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+
+  namespace st = shmps::server::safetensors;
+  const auto f = st::File::read(file);
+  EXPECT_EQ(f.f32("t", {kRows, kDim}), before);
+  const std::vector<float> state = f.f32("t/adagrad.s", {kRows, kDim});
+  EXPECT_GT(state[0], 0.0f) << "the hot row's accumulator";
+  std::vector<bool> touched(kRows, false);
+  for (std::uint64_t k = 0; k < 50; ++k)
+    for (std::uint64_t j = 0; j < test::kRowsPerPush; ++j) touched[test::rows_push_id(0, k, j, kRows)] = true;
+  const auto untouched = static_cast<std::uint64_t>(std::find(touched.begin(), touched.end(), false) - touched.begin());
+  ASSERT_LT(untouched, kRows);
+  for (std::uint64_t d = 0; d < kDim; ++d)
+    EXPECT_EQ(state[kDim * untouched + d], 0.0f) << "row " << untouched << ", which no push touched, keeps a zero state";
+
+  server.kill(SIGKILL);
+  server.wait(10s);
+  test::remove_segment(job.name());
+  job.start_server({"--restore", file.string()});
+  job.wait_ready();
+  EXPECT_EQ(pull_table(job.name(), 2), before);
+  auto& more = start_rows_pusher(job, 0, 60);  // its slot says 50 were committed: pushes 50..59
+  ASSERT_EQ(more.wait(60s), 0) << more.output();
+  const std::vector<float> after = pull_table(job.name(), 3);
+  EXPECT_NE(after, before);
+}
+
+// BSP: a step's rows of every worker are summed (or averaged over the ranks that pushed the row's
+// slice, with bsp_aggregate = "mean") and applied once the step has ended; a pull of the next
+// step sees exactly that.
+TEST(Tables, BspAppliesAStepsRowsOfEveryWorkerTogether) {
+  Watchdog watchdog(60s);
+  for (const std::string aggregate : {"sum", "mean"}) {
+    Job job("rows-bsp", rows_spec("kind = \"sgd\"\nlr = 1.0\n", "consistency = \"bsp\"\nbsp_aggregate = \"" + aggregate + "\"\n"));
+    job.start_server();
+    job.wait_ready();
+    Worker w0(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    Worker w1(WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+    w0.wait_for_workers(2);
+    w1.wait_for_workers(2);
+    const std::vector<std::uint64_t> row3{3}, rows3and4{3, 4};
+    const std::vector<float> ones(kDim, 1.0f), twos(2 * kDim, 2.0f);
+    w0.push_rows("t", row3, ones);
+    w0.clock();
+    std::vector<float> out(2 * kDim);
+    w1.pull_rows("t", rows3and4, out);  // w1 is still in step 0: nothing of it applied yet
+    EXPECT_EQ(out[0], 0.0f);
+    w1.push_rows("t", rows3and4, twos);
+    w1.clock();
+    w0.pull_rows("t", rows3and4, out);  // waits for step 0
+    const float row3_value = aggregate == "sum" ? -3.0f : -1.5f;
+    const float row4_value = aggregate == "sum" ? -2.0f : -1.0f;  // both ranks pushed to its slice
+    for (std::uint64_t d = 0; d < kDim; ++d) {
+      EXPECT_EQ(out[d], row3_value) << aggregate;
+      EXPECT_EQ(out[kDim + d], row4_value) << aggregate;
+    }
+    w0.leave();
+    w1.leave();
+  }
 }
