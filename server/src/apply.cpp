@@ -143,6 +143,7 @@ class SliceUpdate {
     const std::uint64_t step = ++step_;
     for (const std::uint32_t local : touched) update_in_redo(sum.data() + local * dim, local * dim, dim, step);
     updates_ = 1;
+    rows_ = touched.size();
   }
 
   // Streamed BSP: adds the contributions (each scaled for clip_norm) to the slice's sums of step
@@ -228,6 +229,7 @@ class SliceUpdate {
     ParamStats& stats = segment_.param_stats(slice_.param);
     stats.slice_updates.fetch_add(updates_, std::memory_order_relaxed);
     stats.floats_applied.fetch_add(floats_, std::memory_order_relaxed);
+    if (rows_ != 0) stats.rows_updated.fetch_add(rows_, std::memory_order_relaxed);
   }
 
   std::uint64_t floats() const noexcept { return floats_; }
@@ -356,6 +358,7 @@ class SliceUpdate {
   std::span<const SlicePart> parts_;  // the chunked path's inputs
   float scale_ = 1.0f;                // RedoMode::sums: the factor on the step sums
   std::uint64_t updates_ = 0, floats_ = 0, skipped_ = 0;
+  std::uint64_t rows_ = 0;  // a table's slice: the distinct rows updated (apply_rows)
   std::uint64_t sum_step_ = 0, clock_after_ = 0;
 };
 
@@ -387,7 +390,19 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
 
 ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
                                std::span<const std::uint32_t> row_refs) {
-  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
+  if (row_refs.empty())
+    return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
+      if (aggregation == Aggregation::each)
+        update.apply_each(mine);
+      else
+        update.apply_sum(mine, aggregation == Aggregation::mean);
+      update.commit();
+    });
+  // A round with rows: each table's distinct rows of this round, for the monitor.
+  const std::uint32_t params = segment_->header().param_count;
+  std::vector<std::uint64_t> rows_before(params);
+  for (std::uint32_t i = 0; i < params; ++i) rows_before[i] = load_own(segment_->param_stats(i).rows_updated);
+  const ApplyTotals totals = for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (mine.front().record->kind == RecordKind::rows)  // a table's slice gets rows only (collect.hpp)
       update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);
     else if (aggregation == Aggregation::each)
@@ -396,6 +411,12 @@ ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggrega
       update.apply_sum(mine, aggregation == Aggregation::mean);
     update.commit();
   });
+  for (std::uint32_t i = 0; i < params; ++i) {
+    ParamStats& stats = segment_->param_stats(i);
+    const std::uint64_t rows = load_own(stats.rows_updated) - rows_before[i];
+    if (rows != 0) store_release(stats.round_rows, rows);
+  }
+  return totals;
 }
 
 ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step) {

@@ -6,6 +6,7 @@
 // SGD with learning rate 1 and small-integer gradients: every value is exact, so the final table
 // must equal minus the sum of every committed push, element by element.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <signal.h>
 
 #include <algorithm>
@@ -431,4 +432,38 @@ TEST(Tables, BspAppliesAStepsRowsOfEveryWorkerTogether) {
     w0.leave();
     w1.leave();
   }
+}
+
+// shmps-top shows per table the rows updated, the distinct rows of the newest round, and the
+// most updated slices (as row ranges): the hot row 0 of the rows pushers is in the first.
+TEST(Tables, TopShowsRowsUpdatedAndTheHottestRows) {
+  Watchdog watchdog(60s);
+  Job job("rows-top", rows_spec());
+  job.start_server();
+  job.wait_ready();
+  auto& pusher = start_rows_pusher(job, 0, 100);
+  ASSERT_EQ(pusher.wait(60s), 0) << pusher.output();
+  const test::Ran r = test::run({"shmps-top", job.name(), "--json"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  const nlohmann::json* t = nullptr;
+  for (const auto& p : j.at("params"))
+    if (p.at("name") == "t") t = &p;
+  ASSERT_NE(t, nullptr) << r.out;
+  const auto& table = t->at("table");
+  EXPECT_EQ(table.at("rows"), kRows);
+  EXPECT_EQ(table.at("dim"), kDim);
+  EXPECT_GT(table.at("rows_updated").get<std::uint64_t>(), 100u);
+  EXPECT_GT(table.at("round_rows").get<std::uint64_t>(), 0u);
+  ASSERT_FALSE(table.at("hottest_slices").empty());
+  EXPECT_EQ(table.at("hottest_slices")[0].at("first_row"), 0u) << "row 0 is in every push";
+  EXPECT_EQ(table.at("hottest_slices")[0].at("last_row"), 7u) << "8 rows per slice";
+  for (const auto& p : j.at("params")) {
+    if (p.at("name") == "h") {
+      EXPECT_FALSE(p.contains("table"));
+    }
+  }
+  const test::Ran prom = test::run({"shmps-top", job.name(), "--prometheus"});
+  EXPECT_NE(prom.out.find("shmps_table_rows_updated_total{segment=\"" + job.name() + "\",param=\"t\"}"), std::string::npos)
+      << prom.out;
 }

@@ -124,6 +124,7 @@ Metrics compute_metrics(const Sample* before, const Sample& now) {
     if (old) {
       p.updates_per_s = iv.rate(old->slice_updates, param.slice_updates);
       p.pushes_per_s = iv.rate(old->pushes, param.pushes);
+      if (param.table_rows != 0) p.rows_per_s = iv.rate(old->rows_updated, param.rows_updated);
     }
     p.grad_norm = std::sqrt(std::max(param.grad_sq_norm, 0.0));
     p.value_norm = std::sqrt(std::max(param.value_sq_norm, 0.0));

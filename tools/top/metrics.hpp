@@ -26,6 +26,7 @@ struct WorkerMetrics {
 struct ParamMetrics {
   ParamSample now;
   std::optional<double> updates_per_s, pushes_per_s;
+  std::optional<double> rows_per_s;  // a table: rows updated per second
   double grad_norm = 0;   // L2 norm of the newest push
   double value_norm = 0;  // L2 norm of the values (sampled by the server)
 };

@@ -102,7 +102,7 @@ json worker_json(const WorkerMetrics& w) {
 
 json param_json(const ParamMetrics& p) {
   const ParamSample& s = p.now;
-  return {
+  json out = {
       {"name", s.name},
       {"shape", s.shape},
       {"elements", s.elements},
@@ -120,6 +120,14 @@ json param_json(const ParamMetrics& p) {
       {"norm", p.value_norm},
       {"rejected", s.rejected},
   };
+  if (s.table_rows != 0) {
+    json hottest = json::array();
+    for (const auto& h : s.hottest) hottest.push_back({{"first_row", h.first_row}, {"last_row", h.last_row}, {"updates", h.updates}});
+    out["table"] = {{"rows", s.table_rows},          {"dim", s.table_dim},
+                    {"rows_updated", s.rows_updated}, {"rows_per_s", value(p.rows_per_s)},
+                    {"round_rows", s.round_rows},     {"hottest_slices", hottest}};
+  }
+  return out;
 }
 
 }  // namespace

@@ -244,6 +244,19 @@ std::string render_prometheus(const Metrics& m) {
     for (const auto& p : m.params) rows.push_back({{{"segment", s.segment}, {"param", p.now.name}}, f.value(p)});
     e.family(f.name, f.type, f.help, rows);
   }
+  // Tables only.
+  const std::vector<Family<P>> table_families{
+      {"shmps_table_rows_updated_total", "counter", "rows of the table updated (one per distinct row per round)",
+       [](const P& p) { return Value(p.now.rows_updated); }},
+      {"shmps_table_round_rows", "gauge", "distinct rows updated by the newest round that touched the table",
+       [](const P& p) { return Value(p.now.round_rows); }},
+  };
+  for (const auto& f : table_families) {
+    std::vector<std::pair<Labels, Value>> rows;
+    for (const auto& p : m.params)
+      if (p.now.table_rows != 0) rows.push_back({{{"segment", s.segment}, {"param", p.now.name}}, f.value(p)});
+    if (!rows.empty()) e.family(f.name, f.type, f.help, rows);
+  }
   return e.take();
 }
 

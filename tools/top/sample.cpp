@@ -180,9 +180,17 @@ Sample read_sample(const Segment& seg) {
     ps.elements = p.size;
     ps.slices = p.slice_count;
     ps.version_min = ps.clock_min = UINT64_MAX;
+    constexpr std::size_t kHottest = 5;
     for (std::uint64_t k = 0; k < p.slice_count; ++k) {
       const SliceEntry& slice = seg.slice(p.first_slice + k);
       const std::uint64_t version = load_acquire(slice.version) / 2;
+      if (p.table_dim != 0 && version != 0 &&
+          (ps.hottest.size() < kHottest || version > ps.hottest.back().updates)) {
+        const ParamSample::HotSlice hot{slice.first / p.table_dim, (slice.first + slice.count) / p.table_dim - 1, version};
+        auto at = std::find_if(ps.hottest.begin(), ps.hottest.end(), [&](const auto& other) { return other.updates < version; });
+        ps.hottest.insert(at, hot);
+        if (ps.hottest.size() > kHottest) ps.hottest.pop_back();
+      }
       const std::uint64_t clock = load_acquire(slice.clock);
       ps.version_min = std::min(ps.version_min, version);
       ps.version_max = std::max(ps.version_max, version);
@@ -195,6 +203,12 @@ Sample read_sample(const Segment& seg) {
     ps.slice_updates = load_counter(stats.slice_updates);
     ps.floats_applied = load_counter(stats.floats_applied);
     ps.grad_sq_norm = as_double(load_acquire(stats.last_grad_sq_norm));
+    if (p.table_dim != 0) {
+      ps.table_rows = p.shape[0];
+      ps.table_dim = p.table_dim;
+      ps.rows_updated = load_counter(stats.rows_updated);
+      ps.round_rows = load_acquire(stats.round_rows);
+    }
     for (unsigned r = 0; r < h.max_workers; ++r) ps.rejected += load_counter(seg.rejected(r, i));
     s.params.push_back(std::move(ps));
   }

@@ -56,6 +56,15 @@ struct ParamSample {
   double grad_sq_norm = 0;   // of the newest push
   double value_sq_norm = 0;  // sum over its slices, as last sampled by the server
   std::uint64_t rejected = 0;  // NaN/Inf gradients refused, over every worker
+  // A table (0 rows for a dense parameter): rows updated in all (one per distinct row per round),
+  // distinct rows of the newest round that touched it, and its most updated slices (whole rows:
+  // the hot rows are in them), most updated first.
+  std::uint64_t table_rows = 0, table_dim = 0;
+  std::uint64_t rows_updated = 0, round_rows = 0;
+  struct HotSlice {
+    std::uint64_t first_row = 0, last_row = 0, updates = 0;
+  };
+  std::vector<HotSlice> hottest;
 };
 
 // Where the segment stands, as far as the monitor can tell.

@@ -101,6 +101,11 @@ const std::vector<Column<ParamMetrics>>& param_columns() {
       {"UPD/S", false, [](const P& p) { return opt(p.updates_per_s, human_count); }, [](const P& p) { return num(p.updates_per_s); }},
       {"PUSH/S", false, [](const P& p) { return opt(p.pushes_per_s, human_count); }, [](const P& p) { return num(p.pushes_per_s); }},
       {"PUSHES", false, [](const P& p) { return std::to_string(p.now.pushes); }, [](const P& p) { return num(p.now.pushes); }},
+      // Tables: rows updated per second, and the distinct rows of the newest round.
+      {"ROWS/S", false, [](const P& p) { return p.now.table_rows ? opt(p.rows_per_s, human_count) : std::string("-"); },
+       [](const P& p) { return num(p.rows_per_s); }},
+      {"RND ROWS", false, [](const P& p) { return p.now.table_rows ? std::to_string(p.now.round_rows) : std::string("-"); },
+       [](const P& p) { return num(p.now.round_rows); }},
       {"GRAD NORM", false, [](const P& p) { return fixed(p.grad_norm, 4); }, [](const P& p) { return p.grad_norm; }},
       {"NORM", false, [](const P& p) { return fixed(p.value_norm, 4); }, [](const P& p) { return p.value_norm; }},
       {"REJ", false, [](const P& p) { return std::to_string(p.now.rejected); }, [](const P& p) { return num(p.now.rejected); }},

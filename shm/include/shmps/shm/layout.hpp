@@ -499,11 +499,14 @@ struct alignas(kCacheLine) ParamStats {
   // Put: rank + 1 of the worker whose put of this parameter the server applied first (0: none).
   // Stored before that put's first slice is written; only that rank's puts are applied after.
   std::atomic<std::uint64_t> put_rank;
-  std::uint64_t reserved[2];
+  // A table: rows updated (one per distinct row per round), and how many distinct rows the
+  // newest round that touched the table updated.
+  std::atomic<std::uint64_t> rows_updated;
+  std::atomic<std::uint64_t> round_rows;
 };
 #define SHMPS_PARAM_STATS_FIELDS(FIELD, PAD) \
   FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) \
-  FIELD(put_rank) FIELD(reserved)
+  FIELD(put_rank) FIELD(rows_updated) FIELD(round_rows)
 
 // ---------------------------------------------------------------------------------------------
 // GroupEntry: one per worker group, on its own line; the server writes, the group's workers read.
