@@ -104,7 +104,7 @@ std::vector<float> filled(std::size_t n, float v) { return std::vector<float>(n,
 RoundPlan plan_of(Model& m, std::initializer_list<std::pair<std::uint32_t, const PushRecord*>> records) {
   RoundPlan plan;
   plan.ranks.resize(m.segment.header().max_workers);
-  for (const auto& [rank, rec] : records) EXPECT_TRUE(server::add_contributions(m.segment, rank, *rec, plan.contributions));
+  for (const auto& [rank, rec] : records) EXPECT_TRUE(server::add_contributions(m.segment, rank, *rec, plan.contributions, plan.row_refs));
   return plan;
 }
 
@@ -561,7 +561,7 @@ TEST(ApplyEngine, ARunWithMoreContributionsThanTheRedoEntryNamesGoesInWhole) {
   RoundPlan plan;
   plan.ranks.resize(4);
   for (std::uint64_t seq = 1; seq <= 30; ++seq)
-    ASSERT_TRUE(server::add_contributions(m.segment, 0, r.push(0, filled(256, 1.0f), seq), plan.contributions));
+    ASSERT_TRUE(server::add_contributions(m.segment, 0, r.push(0, filled(256, 1.0f), seq), plan.contributions, plan.row_refs));
   ASSERT_GT(plan.contributions.size(), redo_input_capacity(4));
   const server::ApplyTotals totals = ApplyEngine(m.segment, m.arena).apply(plan.contributions, Aggregation::each);
   EXPECT_EQ(totals.floats, 30u * 256u);

@@ -73,10 +73,12 @@ std::string job_spec(const JobOptions& o, const std::string& name) {
        << "\"\n";
   if (o.ring_bytes != 0) spec << "ring_bytes = " << o.ring_bytes << "\n";
   if (o.threads != 0) spec << "server_threads = " << o.threads << "\n";
+  if (o.slice_bytes != 0) spec << "slice_bytes = " << o.slice_bytes << "\n";
   spec << "[optimizer]\nkind = \"" << o.optimizer << "\"\nlr = 1e-6\n";
   if (!o.state_dtype.empty()) spec << "state_dtype = \"" << o.state_dtype << "\"\n";
   for (std::size_t i = 0; i < o.params; ++i)
     spec << "[[param]]\nname = \"" << Job::param(i) << "\"\nshape = [" << o.per_param << "]\n";
+  spec << o.extra_spec;
   return spec.str();
 }
 

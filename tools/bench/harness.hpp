@@ -81,6 +81,8 @@ struct JobOptions {
   std::uint64_t ring_bytes = 0;  // 0: sized by the server
   int threads = 0;               // apply threads; 0: all cores
   std::string checkpoint_dir{};  // non-empty: checkpoints back to back into it
+  std::uint64_t slice_bytes = 0;  // 0: the spec's default
+  std::string extra_spec{};       // appended to the spec (a [[table]], say)
 };
 
 // The model spec of such a job, named `name`.

@@ -9,7 +9,9 @@
 // Workloads: pull, push, push.zero-copy (transfer.cpp); latency (latency.cpp); apply,
 // push-to-apply, push-to-apply.zero-copy (apply.cpp); bsp-round, bsp-round.checkpointing
 // (bsp_round.cpp); train (train.cpp); scale (scale.cpp); mpi: MPI's ping-pong against the sync
-// transport between two ranks, and the reference MLP on 2 and 3 ranks (mpi.cpp).
+// transport between two ranks, and the reference MLP on 2 and 3 ranks (mpi.cpp); sparse: rows of
+// the click-through table pulled and pushed against a plain gather and scatter-add, and the
+// click-through model trained (sparse.cpp).
 //
 // Prints a table, and one "name value unit" line per figure (also to --out FILE).
 // --quick: small sizes, a few seconds, for CI (checks that everything runs; the figures mean
@@ -46,7 +48,7 @@ int main(int argc, char** argv) {
   app.add_option("--mlp-spec", cfg.mlp_spec, "the reference MLP's model spec, for train")->capture_default_str();
   app.add_option("--train-samples", cfg.train_samples, "samples per train run (default 400000, --quick 6400)");
   app.add_option("--only", only,
-                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi "
+                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi, sparse "
                  "(the limits always run)");
   CLI11_PARSE(app, argc, argv);
 
@@ -76,6 +78,7 @@ int main(int argc, char** argv) {
     if (wanted("train")) run_train(cfg, report);
     if (wanted("scale")) run_scale(cfg, lim, report);
     if (wanted("mpi")) run_mpi(cfg, report);
+    if (wanted("sparse")) run_sparse(cfg, report);
   } catch (const std::exception& e) {
     report.print(out_path);
     std::cerr << "shmps-bench: " << e.what() << "\n";

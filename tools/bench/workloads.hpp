@@ -17,5 +17,6 @@ void run_train(const Config& cfg, Report& report);                          // t
 void run_train_mpi(const Config& cfg, Report& report);                      // train.cpp
 void run_mpi(const Config& cfg, Report& report);                            // mpi.cpp
 void run_scale(const Config& cfg, const Limits& lim, Report& report);       // scale.cpp
+void run_sparse(const Config& cfg, Report& report);                         // sparse.cpp
 
 }  // namespace shmps::bench

@@ -1,6 +1,7 @@
 // shmps-worker: the example trainer. Trains the reference MLP on the reference synthetic data
 // (docs/workloads.md) through a shmps parameter server, or locally (--local, the
-// single-process reference), or evaluates the server's current model (--evaluate).
+// single-process reference), or evaluates the server's current model (--evaluate). With
+// --model ctr, the same for the sparse click-through model (docs/workloads.md §4, run_ctr).
 //
 // Per batch (server mode): read the four parameters (BSP: zero-copy views of the segment; ASP
 // and SSP: a pull into a private copy), forward/backward, push the four gradients; the server
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <optional>
@@ -21,6 +23,8 @@
 
 #include <shmps/worker.hpp>
 
+#include "ctr.hpp"
+#include "ctr_data.hpp"
 #include "mlp.hpp"
 #include "synthetic_data.hpp"
 
@@ -220,10 +224,308 @@ void check_model(const shmps::Worker& w) {
   }
 }
 
+// Joins the job with the worker's slot, for either model: this worker's share of the schedule
+// (--workers, else $SHMPS_WORLD_SIZE; the rank is the slot's, or $SHMPS_GLOBAL_RANK under server
+// groups), the consistency check, the resume cursor, and in BSP the start barrier. Returns how
+// many of this worker's batches the slot's previous processes already did.
+std::uint64_t join_job(shmps::Worker& w, shmps::data::Schedule& sched, int rank, std::uint64_t workers,
+                       const std::string& consistency) {
+  sched.workers = workers > 0 ? workers : world_size_from_env();
+  if (w.rank() < 0 || static_cast<std::uint64_t>(w.rank()) >= sched.workers) {
+    throw shmps::Error("worker slot " + std::to_string(w.rank()) + " is not below the number of workers " +
+                       std::to_string(sched.workers) + "; pass --workers (or set SHMPS_WORLD_SIZE)");
+  }
+  sched.rank = static_cast<std::uint64_t>(w.rank());
+  // Server groups (shmps-launch --server-groups): the slot is the rank within the worker's
+  // group's replica; the data shard follows the rank in the whole job.
+  if (const char* global = std::getenv("SHMPS_GLOBAL_RANK"); global != nullptr && *global != '\0' && rank < 0) {
+    char* end = nullptr;
+    const unsigned long long g = std::strtoull(global, &end, 10);
+    if (*end != '\0' || g >= sched.workers)
+      throw shmps::Error(std::string("SHMPS_GLOBAL_RANK='") + global + "' is not a rank below the number of workers " +
+                         std::to_string(sched.workers));
+    sched.rank = g;
+  }
+  if (!consistency.empty() && consistency != w.consistency())
+    throw shmps::Error("--consistency " + consistency + " asked, but the job runs " + w.consistency() +
+                       " (set it on the server: shmps-server --consistency, or shmps-ctl set " + w.segment() +
+                       " consistency=" + consistency + ")");
+  std::printf("segment %s (%s), worker %" PRIu64 "/%" PRIu64 ": %" PRIu64 " samples, batch %" PRIu64 ", %" PRIu64
+              " epoch(s), %" PRIu64 " batches\n",
+              w.segment().c_str(), w.consistency().c_str(), sched.rank, sched.workers, sched.samples, sched.batch,
+              sched.epochs(), sched.worker_total_batches());
+  std::fflush(stdout);
+
+  // Resume: the data cursor the slot's previous process committed with its last step.
+  const std::uint64_t start_batch = resume_cursor(w, sched);
+  if (start_batch > 0) {
+    std::printf("resuming: generation %" PRIu64 " of slot %d continues at batch %" PRIu64 " of %" PRIu64
+                " (%" PRIu64 " pushes committed before)\n",
+                w.generation(), w.rank(), start_batch + 1, sched.worker_total_batches(), w.published());
+    std::fflush(stdout);
+  }
+
+  // BSP from the start: every worker in step 0, however late its process starts (else the first
+  // one up could finish step 0 alone, and runs would differ). A restarted worker joins at once.
+  if (w.consistency() == "bsp" && start_batch == 0 && w.current_clock() == 0) {
+    // With server groups (shmps-launch --server-groups) the step is its group's: the barrier
+    // waits for the workers of this worker's replica.
+    std::uint64_t joining = sched.workers;
+    if (const char* group = std::getenv("SHMPS_GROUP_SIZE"); group != nullptr && *group != '\0')
+      joining = std::min<std::uint64_t>(sched.workers, std::strtoull(group, nullptr, 10));
+    std::printf("waiting for all %" PRIu64 " workers to join step 0\n", joining);
+    std::fflush(stdout);
+    w.wait_for_workers(joining, std::chrono::minutes(2));
+  }
+  return start_batch;
+}
+
+// ---- The sparse click-through model (--model ctr, docs/workloads.md §4) -----------------------
+
+// The reference schedule of the click-through model for one worker: the training rows in order,
+// global batch j = rows j*batch .. (no shuffle). Per batch, `fetch` fills the batch's distinct
+// rows (batch.unique().size() x 16) and the head (a pull_rows and two pulls, or a gather from a
+// local table); `apply` consumes the gradients (a push_rows and two pushes, or a local SGD step)
+// and is told how many of this worker's batches are then done. The first `start_batch` batches
+// of the schedule are skipped, as train() does.
+using CtrFetch = std::function<void(const shmps::ctr::Batch&, std::span<float>, shmps::ctr::Head&)>;
+using CtrApply = std::function<void(const shmps::ctr::Batch&, const shmps::ctr::Grads&, std::uint64_t)>;
+
+TrainStats train_ctr(const shmps::data::Schedule& sched, const shmps::ctr::Labeler& labeler, const CtrFetch& fetch,
+                     const CtrApply& apply, std::uint64_t start_batch = 0) {
+  namespace ctr = shmps::ctr;
+  const auto batch = static_cast<std::size_t>(sched.batch);
+  std::vector<std::uint64_t> ids(batch * ctr::kFields);
+  std::vector<std::int32_t> y(batch);
+  std::vector<float> rows;
+  ctr::Batch b;
+  ctr::Head head;
+  ctr::Grads grads;
+
+  const std::uint64_t epochs = sched.epochs();
+  const std::uint64_t total = sched.worker_total_batches();
+  TrainStats st;
+  const auto t0 = Clock::now();
+  auto last_print = t0;
+  std::uint64_t next_decile = 1;
+
+  for (std::uint64_t e = 0; e < epochs; ++e) {
+    const std::vector<std::uint64_t> js = sched.worker_batches(e);
+    double loss_sum = 0.0;
+    std::uint64_t correct = 0, seen = 0, k = 0;
+    for (const std::uint64_t j : js) {
+      ++k;
+      if (st.batches_done < start_batch) {  // done by this slot's previous process
+        ++st.batches_done;
+        continue;
+      }
+      const std::uint64_t first = j * sched.batch;
+      const auto n = static_cast<std::size_t>(std::min(sched.batch, sched.n - first));
+      const std::span<const std::int32_t> ys(y.data(), n);
+      ctr::fill_samples(labeler, first, std::span(ids.data(), n * ctr::kFields), std::span(y.data(), n));
+      b.assign(std::span(ids.data(), n * ctr::kFields), ys);
+      rows.resize(b.unique().size() * ctr::kDim);
+      fetch(b, rows, head);
+      const ctr::BatchResult r = ctr::forward_backward(b, rows, head, grads);
+      apply(b, grads, ++st.batches_done);
+      loss_sum += r.loss * static_cast<double>(n);
+      correct += r.correct;
+      seen += n;
+      ++st.batches;
+      st.samples += n;
+
+      const auto now = Clock::now();
+      const bool decile = st.batches_done * 10 >= next_decile * total;
+      if (decile || now - last_print >= std::chrono::seconds(2)) {
+        while (next_decile <= 10 && st.batches_done * 10 >= next_decile * total) ++next_decile;
+        last_print = now;
+        const double secs = seconds_since(t0);
+        std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64
+                    "%% loss %.3f acc %.3f %.0f samples/s\n",
+                    e + 1, epochs, k, js.size(), st.batches_done * 100 / total,
+                    loss_sum / static_cast<double>(seen), static_cast<double>(correct) / static_cast<double>(seen),
+                    secs > 0 ? static_cast<double>(st.samples) / secs : 0.0);
+        std::fflush(stdout);
+      }
+    }
+    if (seen == 0) continue;  // the whole epoch was done before a restart
+    st.last_epoch_loss = loss_sum / static_cast<double>(seen);
+    st.last_epoch_acc = static_cast<double>(correct) / static_cast<double>(seen);
+    st.last_epoch_samples = seen;
+  }
+  st.seconds = seconds_since(t0);
+  return st;
+}
+
+void print_eval(const char* what, const shmps::ctr::EvalResult& r, std::uint64_t first) {
+  std::printf("%s loss %.4f acc %.4f (rows %" PRIu64 "..%" PRIu64 ")\n", what, r.loss, r.accuracy, first,
+              first + r.rows - 1);
+}
+
+void print_ctr_model_eval(const shmps::ctr::Model& model, const shmps::ctr::Labeler& labeler, bool eval_train) {
+  namespace ctr = shmps::ctr;
+  if (eval_train) print_eval("train", ctr::evaluate(model, labeler, 0, eval_rows(ctr::kTrainRows)), 0);
+  print_eval("test", ctr::evaluate(model, labeler, ctr::kTestFirstRow, eval_rows(ctr::kTestRows)), ctr::kTestFirstRow);
+  std::printf("weights-hash 0x%016" PRIx64 "\n", ctr::weights_hash(model));
+}
+
+// The training figures, then (when this worker has the model: --local, or rank 0) its evaluation.
+void print_final_ctr(const TrainStats& st, const shmps::ctr::Model* model, const shmps::ctr::Labeler& labeler,
+                     bool eval_train) {
+  std::printf("trained %" PRIu64 " batches, %" PRIu64 " samples in %.2f s: %.0f samples/s\n", st.batches,
+              st.samples, st.seconds, st.seconds > 0 ? static_cast<double>(st.samples) / st.seconds : 0.0);
+  if (st.last_epoch_samples > 0) {
+    std::printf("running train loss %.4f acc %.4f (this worker's last epoch, %" PRIu64 " samples)\n",
+                st.last_epoch_loss, st.last_epoch_acc, st.last_epoch_samples);
+  }
+  if (model != nullptr) print_ctr_model_eval(*model, labeler, eval_train);
+  std::fflush(stdout);
+}
+
+// The segment must hold the click-through model: the table emb [2^20, 16], head.weight [1, 16]
+// and head.bias [1] (models/ctr.toml).
+void check_ctr_model(const shmps::Worker& w) {
+  namespace ctr = shmps::ctr;
+  const auto fail = [&w](const std::string& what) {
+    throw shmps::Error("segment '" + w.segment() + "': " + what +
+                       "; start the server with the click-through model spec (models/ctr.toml)");
+  };
+  const shmps::ParamInfo& emb = w.param(ctr::kEmbName);  // throws Error if missing
+  if (!emb.is_table() || emb.rows != ctr::kRows || emb.dim != ctr::kDim)
+    fail("emb is not a table of 1048576 rows of 16 values");
+  if (w.param(ctr::kHeadWeightName).size != ctr::kDim) fail("head.weight does not have 16 elements");
+  if (w.param(ctr::kHeadBiasName).size != 1) fail("head.bias does not have 1 element");
+}
+
+// The whole model: every row of the table and the head.
+void pull_ctr_model(shmps::Worker& w, shmps::ctr::Model& model) {
+  namespace ctr = shmps::ctr;
+  std::vector<std::uint64_t> all(ctr::kRows);
+  for (std::uint64_t r = 0; r < ctr::kRows; ++r) all[r] = r;
+  model.emb.resize(ctr::kRows * ctr::kDim);
+  w.pull_rows(ctr::kEmbName, all, model.emb);
+  w.pull(ctr::kHeadWeightName, model.head.weight_span());
+  w.pull(ctr::kHeadBiasName, model.head.bias_span());
+}
+
+// What main() parsed, for the click-through model.
+struct CtrOptions {
+  std::string segment;
+  int rank = -1;
+  std::uint64_t samples = 0, batch = 0, workers = 0;
+  double lr = 0.0;
+  bool evaluate = false, local = false, eval_train = false;
+  std::string consistency;
+  std::optional<std::uint64_t> max_unapplied;  // none: no bound
+};
+
+// shmps-worker --model ctr: as the MLP's main() path, with the click-through model. Per batch
+// (server mode): the batch's distinct ids, pull_rows of them and pulls of the head,
+// forward/backward, push_rows of one gradient row per distinct id and pushes of the head's
+// gradients; the server applies its optimizer to the touched rows only.
+int run_ctr(const CtrOptions& o) {
+  namespace data = shmps::data;
+  namespace ctr = shmps::ctr;
+  const ctr::Labeler labeler;
+
+  if (o.evaluate) {
+    if (o.rank < 0) ::unsetenv("SHMPS_RANK");  // SHMPS_RANK belongs to the training worker
+    shmps::Worker w(shmps::WorkerOptions{.segment = o.segment, .rank = o.rank});
+    check_ctr_model(w);
+    ctr::Model model;
+    pull_ctr_model(w, model);
+    w.leave();
+    const auto t0 = Clock::now();
+    print_ctr_model_eval(model, labeler, true);
+    std::printf("evaluated in %.2f s\n", seconds_since(t0));
+    return 0;
+  }
+
+  data::Schedule sched;
+  sched.n = ctr::kTrainRows;
+  sched.batch = o.batch;
+  sched.samples = o.samples;
+
+  if (o.local) {
+    sched.workers = o.workers > 0 ? o.workers : 1;
+    sched.rank = o.rank >= 0 ? static_cast<std::uint64_t>(o.rank) : 0;
+    if (sched.rank >= sched.workers) {
+      throw shmps::Error("--rank " + std::to_string(sched.rank) + " must be below --workers " +
+                         std::to_string(sched.workers));
+    }
+    const auto lr = static_cast<float>(o.lr);
+    ctr::Model model = ctr::reference_init();
+    std::printf("local ctr: %" PRIu64 " samples, batch %" PRIu64 ", SGD lr %g, %" PRIu64 " epoch(s), worker %" PRIu64
+                "/%" PRIu64 ", %" PRIu64 " batches\n",
+                sched.samples, sched.batch, o.lr, sched.epochs(), sched.rank, sched.workers,
+                sched.worker_total_batches());
+    std::fflush(stdout);
+    // The same data path as against a server: the batch's distinct rows are copied out (a local
+    // pull_rows), and only those rows are updated (a local push_rows and apply).
+    const TrainStats st = train_ctr(
+        sched, labeler,
+        [&model](const ctr::Batch& b, std::span<float> rows, ctr::Head& head) {
+          ctr::gather_rows(model.emb, b.unique(), rows);
+          head = model.head;
+        },
+        [&model, lr](const ctr::Batch& b, const ctr::Grads& g, std::uint64_t) {
+          ctr::sgd_rows(model.emb, b.unique(), g.rows, lr);
+          ctr::sgd_head(model.head, g.head, lr);
+        });
+    print_final_ctr(st, &model, labeler, true);
+    return 0;
+  }
+
+  shmps::Worker w(shmps::WorkerOptions{.segment = o.segment, .rank = o.rank});
+  check_ctr_model(w);
+  const std::uint64_t start_batch = join_job(w, sched, o.rank, o.workers, o.consistency);
+
+  std::optional<std::uint64_t> last_seq;
+  std::deque<std::uint64_t> unapplied;  // the last push of each of this worker's recent steps
+  const TrainStats st = train_ctr(
+      sched, labeler,
+      [&w, &o, &unapplied](const ctr::Batch& b, std::span<float> rows, ctr::Head& head) {
+        // --max-unapplied: in ASP and SSP the pull does not wait for the server, and a worker
+        // faster than the server's applies trains on a model a ring's worth of its own steps
+        // old; with plain SGD at learning rate 1.0 that diverges. Waiting until at most N of its
+        // own steps are pending bounds that (in BSP the pull waits for more anyway).
+        if (o.max_unapplied) {
+          while (unapplied.size() > *o.max_unapplied) {
+            w.wait_applied(unapplied.front());
+            unapplied.pop_front();
+          }
+        }
+        w.pull_rows(ctr::kEmbName, b.unique(), rows);
+        w.pull(ctr::kHeadWeightName, head.weight_span());
+        w.pull(ctr::kHeadBiasName, head.bias_span());
+      },
+      [&w, &o, &last_seq, &unapplied, &sched](const ctr::Batch& b, const ctr::Grads& g, std::uint64_t batches_done) {
+        w.push_rows(ctr::kEmbName, b.unique(), g.rows);
+        w.push(ctr::kHeadWeightName, g.head.weight_span());
+        last_seq = w.push(ctr::kHeadBiasName, g.head.bias_span());
+        if (o.max_unapplied) unapplied.push_back(*last_seq);
+        // The end of this worker's step: its three pushes and the cursor past them are committed
+        // together (in BSP the step counts whole or not at all).
+        w.save_state(cursor_bytes(sched, batches_done));
+        w.clock();
+      },
+      start_batch);
+  if (last_seq) w.wait_applied(*last_seq);
+  // Rank 0 evaluates the model as it stands once its last push is applied: a pull of every row
+  // (64 MiB) rather than of the test rows' only, so that the weights hash covers the whole model.
+  std::optional<ctr::Model> model;
+  if (sched.rank == 0) pull_ctr_model(w, model.emplace());
+  w.leave();  // done: the others no longer wait for this worker
+  print_final_ctr(st, model ? &*model : nullptr, labeler, o.eval_train);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"shmps example trainer: the reference 784-256-10 MLP on the reference synthetic data"};
+  CLI::App app{"shmps example trainer: the reference 784-256-10 MLP on the reference synthetic data, or the "
+               "sparse click-through model (--model ctr)"};
+  std::string model = "mlp";
   std::string segment;
   int rank = -1;
   std::uint64_t samples = 400000;
@@ -233,13 +535,19 @@ int main(int argc, char** argv) {
   bool evaluate = false;
   bool local = false;
   bool eval_train = false;
+  app.add_option("--model", model,
+                 "mlp: the reference MLP (models/mlp.toml); ctr: the sparse click-through model (models/ctr.toml)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mlp", "ctr"}));
   app.add_option("--segment", segment, "job segment name (default: $SHMPS_SEGMENT)");
   app.add_option("--rank", rank, "worker slot (default: $SHMPS_RANK, else the first free slot)")
       ->check(CLI::Range(-1, 1 << 20));
-  app.add_option("--samples", samples, "training samples over the whole run (all workers)")
+  app.add_option("--samples", samples, "training samples over the whole run (all workers; ctr: default 4000000)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--batch", batch, "global batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch", batch, "global batch size (ctr: default 256)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--workers", workers,
                  "P: workers sharing the schedule; this one takes the batches j = rank (mod P) "
                  "(default: $SHMPS_WORLD_SIZE, else 1)")
@@ -250,18 +558,40 @@ int main(int argc, char** argv) {
   auto* eval_flag = app.add_flag("--evaluate", evaluate,
                                  "attach, pull the model, print train/test loss and accuracy and the weights hash");
   auto* local_flag = app.add_flag("--local", local, "no parameter server: train a local model with plain SGD");
-  app.add_option("--lr", lr, "learning rate of --local")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--lr", lr, "learning rate of --local (ctr: default 1.0)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_flag("--eval-train", eval_train,
                "at the end also evaluate the final model on the whole training set (always with --local)");
   app.add_option("--eval-rows", g_eval_rows,
                  "evaluate on the first N rows of the training and of the test set only (a quick check; default: all)")
       ->check(CLI::PositiveNumber);
+  std::uint64_t max_unapplied = 0;
+  app.add_option("--max-unapplied", max_unapplied,
+                 "--model ctr in ASP or SSP: pull only once at most N of this worker's own steps are not yet applied "
+                 "by the server (0: all of them applied; default: no bound)");
   eval_flag->excludes(local_flag);
   CLI11_PARSE(app, argc, argv);
 
   try {
     namespace data = shmps::data;
     namespace mlp = shmps::mlp;
+
+    if (model == "ctr") {
+      // The click-through model's reference run where an option is not given (docs/workloads.md §4).
+      const auto given = [&app](const char* option) { return app.count(option) > 0; };
+      return run_ctr({.segment = segment,
+                      .rank = rank,
+                      .samples = given("--samples") ? samples : shmps::ctr::kTrainRows,
+                      .batch = given("--batch") ? batch : shmps::ctr::kBatch,
+                      .workers = workers,
+                      .lr = given("--lr") ? lr : 1.0,
+                      .evaluate = evaluate,
+                      .local = local,
+                      .eval_train = eval_train,
+                      .consistency = consistency,
+                      .max_unapplied = given("--max-unapplied") ? std::optional(max_unapplied) : std::nullopt});
+    }
 
     if (evaluate) {
       // Any free slot unless --rank says otherwise (SHMPS_RANK belongs to the training worker).
@@ -307,53 +637,7 @@ int main(int argc, char** argv) {
 
     shmps::Worker w(shmps::WorkerOptions{.segment = segment, .rank = rank});
     check_model(w);
-    sched.workers = workers > 0 ? workers : world_size_from_env();
-    if (w.rank() < 0 || static_cast<std::uint64_t>(w.rank()) >= sched.workers) {
-      throw shmps::Error("worker slot " + std::to_string(w.rank()) + " is not below the number of workers " +
-                         std::to_string(sched.workers) + "; pass --workers (or set SHMPS_WORLD_SIZE)");
-    }
-    sched.rank = static_cast<std::uint64_t>(w.rank());
-    // Server groups (shmps-launch --server-groups): the slot is the rank within the worker's
-    // group's replica; the data shard follows the rank in the whole job.
-    if (const char* global = std::getenv("SHMPS_GLOBAL_RANK"); global != nullptr && *global != '\0' && rank < 0) {
-      char* end = nullptr;
-      const unsigned long long g = std::strtoull(global, &end, 10);
-      if (*end != '\0' || g >= sched.workers)
-        throw shmps::Error(std::string("SHMPS_GLOBAL_RANK='") + global + "' is not a rank below the number of workers " +
-                           std::to_string(sched.workers));
-      sched.rank = g;
-    }
-    if (!consistency.empty() && consistency != w.consistency())
-      throw shmps::Error("--consistency " + consistency + " asked, but the job runs " + w.consistency() +
-                         " (set it on the server: shmps-server --consistency, or shmps-ctl set " + w.segment() +
-                         " consistency=" + consistency + ")");
-    std::printf("segment %s (%s), worker %" PRIu64 "/%" PRIu64 ": %" PRIu64 " samples, batch %" PRIu64 ", %" PRIu64
-                " epoch(s), %" PRIu64 " batches\n",
-                w.segment().c_str(), w.consistency().c_str(), sched.rank, sched.workers, samples, batch, sched.epochs(),
-                sched.worker_total_batches());
-    std::fflush(stdout);
-
-    // Resume: the data cursor the slot's previous process committed with its last step.
-    const std::uint64_t start_batch = resume_cursor(w, sched);
-    if (start_batch > 0) {
-      std::printf("resuming: generation %" PRIu64 " of slot %d continues at batch %" PRIu64 " of %" PRIu64
-                  " (%" PRIu64 " pushes committed before)\n",
-                  w.generation(), w.rank(), start_batch + 1, sched.worker_total_batches(), w.published());
-      std::fflush(stdout);
-    }
-
-    // BSP from the start: every worker in step 0, however late its process starts (else the first
-    // one up could finish step 0 alone, and runs would differ). A restarted worker joins at once.
-    if (w.consistency() == "bsp" && start_batch == 0 && w.current_clock() == 0) {
-      // With server groups (shmps-launch --server-groups) the step is its group's: the barrier
-      // waits for the workers of this worker's replica.
-      std::uint64_t joining = sched.workers;
-      if (const char* group = std::getenv("SHMPS_GROUP_SIZE"); group != nullptr && *group != '\0')
-        joining = std::min<std::uint64_t>(sched.workers, std::strtoull(group, nullptr, 10));
-      std::printf("waiting for all %" PRIu64 " workers to join step 0\n", joining);
-      std::fflush(stdout);
-      w.wait_for_workers(joining, std::chrono::minutes(2));
-    }
+    const std::uint64_t start_batch = join_job(w, sched, rank, workers, consistency);
 
     std::optional<mlp::Tensors> copy;  // a private copy of the model, made only where one is needed
     std::optional<std::uint64_t> last_seq;

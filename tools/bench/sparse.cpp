@@ -1,0 +1,130 @@
+// sparse: the click-through table of docs/workloads.md §4 (2^20 rows of 16 floats, 64 MiB) in a
+// job of its own (slice_bytes 1024: 16 rows a slice, as models/ctr.toml), reached by row.
+//
+//   sparse-pull   Worker::pull_rows of each batch's distinct rows (about 1,350 of the 256
+//                 samples' 2,048 ids), over consecutive batches of the data, next to a plain
+//                 gather of the same rows out of a table in this process (the limit).
+//   sparse-push   Worker::push_rows of the same rows, until the server has applied them all
+//                 (push, ring, merge, SGD step of each row, the slice's redo copy), next to a
+//                 plain scatter-add p[id] -= lr * g over the same rows in this process.
+//   sparse-round  one push of N distinct rows, pushed and waited for alone, N from 64 to 16384:
+//                 the round's time against the number of distinct rows; and the same number of
+//                 ids all on the one hot row 0 (which the merge makes one row update).
+//   sparse-train  the click-through model trained (train.cpp's runner): local, 1 and 2 workers.
+// Rows/s and GB/s count each row's 64 bytes once.
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <shmps/worker.hpp>
+
+#include "ctr_data.hpp"
+#include "workloads.hpp"
+
+namespace shmps::bench {
+namespace {
+
+constexpr std::uint64_t kDim = ctr::kDim, kRows = ctr::kRows;
+
+// The distinct ids of global batch j (sorted).
+std::vector<std::uint64_t> batch_rows(std::uint64_t j) {
+  std::vector<std::uint64_t> ids(ctr::kBatch * ctr::kFields);
+  ctr::fill_ids(j * ctr::kBatch, ctr::kBatch, ids);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
+}  // namespace
+
+void run_sparse(const Config& cfg, Report& r) {
+  const std::uint64_t batches = cfg.quick ? 20 : 500;
+  std::vector<std::vector<std::uint64_t>> rows(batches);
+  std::uint64_t total_rows = 0, widest = 0;
+  for (std::uint64_t j = 0; j < batches; ++j) {
+    rows[j] = batch_rows(j);
+    total_rows += rows[j].size();
+    widest = std::max<std::uint64_t>(widest, rows[j].size());
+  }
+  const double gb = static_cast<double>(total_rows * kDim * sizeof(float)) / 1e9;
+  r.add("sparse.batch_rows", static_cast<double>(total_rows) / static_cast<double>(batches), "rows",
+        "distinct rows per batch of 256 samples (docs/workloads.md §4: about 1,350)");
+
+  Job job(JobOptions{.params = 1,
+                     .per_param = kDim,
+                     .max_workers = 2,
+                     .ring_bytes = std::uint64_t{8} << 20,
+                     .slice_bytes = 1024,
+                     .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
+                                   std::to_string(kDim) + "\n"});
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0});
+  std::vector<float> out(widest * kDim), grads(widest * kDim, 0.001f);
+  Floats table(kRows * kDim, 0.5f);  // the limit's own table, in this process
+
+  // Pull against a gather.
+  std::vector<double> t_pull, t_gather;
+  for (int rep = -1; rep < cfg.reps; ++rep) {
+    double t0 = now_s();
+    for (const auto& ids : rows) w.pull_rows("emb", ids, {out.data(), ids.size() * kDim});
+    if (rep >= 0) t_pull.push_back(now_s() - t0);
+    t0 = now_s();
+    for (const auto& ids : rows)
+      for (std::size_t k = 0; k < ids.size(); ++k)
+        std::copy_n(table.data() + ids[k] * kDim, kDim, out.data() + k * kDim);
+    if (rep >= 0) t_gather.push_back(now_s() - t0);
+  }
+  const double pull_rows_s = static_cast<double>(total_rows) / median(t_pull);
+  const double gather_rows_s = static_cast<double>(total_rows) / median(t_gather);
+  r.add("sparse-pull", pull_rows_s, "rows/s", "pull_rows of each batch's distinct rows, one worker");
+  r.add("sparse-pull.gbs", gb / median(t_pull), "GB/s", "the same, in bytes of rows");
+  r.add("sparse-pull.gather", gather_rows_s, "rows/s", "limit: a plain gather of the same rows, in this process");
+  r.add("sparse-pull.ratio", pull_rows_s / gather_rows_s, "x", "sparse-pull / gather");
+
+  // Push (until applied) against a scatter-add.
+  std::vector<double> t_push, t_scatter;
+  for (int rep = -1; rep < cfg.reps; ++rep) {
+    double t0 = now_s();
+    std::uint64_t seq = 0;
+    for (const auto& ids : rows) seq = w.push_rows("emb", ids, {grads.data(), ids.size() * kDim});
+    w.wait_applied(seq);
+    if (rep >= 0) t_push.push_back(now_s() - t0);
+    t0 = now_s();
+    for (const auto& ids : rows)
+      for (std::size_t k = 0; k < ids.size(); ++k) {
+        float* p = table.data() + ids[k] * kDim;
+        const float* g = grads.data() + k * kDim;
+        for (std::uint64_t d = 0; d < kDim; ++d) p[d] -= 1e-6f * g[d];
+      }
+    if (rep >= 0) t_scatter.push_back(now_s() - t0);
+  }
+  const double push_rows_s = static_cast<double>(total_rows) / median(t_push);
+  const double scatter_rows_s = static_cast<double>(total_rows) / median(t_scatter);
+  r.add("sparse-push", push_rows_s, "rows/s", "push_rows of each batch's distinct rows until applied, one worker");
+  r.add("sparse-push.gbs", gb / median(t_push), "GB/s", "the same, in bytes of gradient rows");
+  r.add("sparse-push.scatter", scatter_rows_s, "rows/s", "limit: p[id] -= lr * g over the same rows, in this process");
+  r.add("sparse-push.ratio", push_rows_s / scatter_rows_s, "x", "sparse-push / scatter-add");
+
+  // One round's time against its distinct rows (spread over the table), and against the same
+  // number of ids on one hot row.
+  for (const std::uint64_t n : {std::uint64_t{64}, std::uint64_t{1024}, std::uint64_t{4096}, std::uint64_t{16384}}) {
+    if (cfg.quick && n > 1024) break;
+    std::vector<std::uint64_t> spread(n), hot(n, 0);
+    for (std::uint64_t k = 0; k < n; ++k) spread[k] = (k * 2654435761ULL) % kRows;
+    std::vector<float> g(n * kDim, 0.001f);
+    for (const bool on_hot : {false, true}) {
+      std::vector<double> t;
+      for (int rep = -1; rep < cfg.reps; ++rep) {
+        const double t0 = now_s();
+        w.wait_applied(w.push_rows("emb", on_hot ? hot : spread, g));
+        if (rep >= 0) t.push_back(now_s() - t0);
+      }
+      r.add("sparse-round." + std::string(on_hot ? "hot." : "") + std::to_string(n), median(t) * 1e6, "us",
+            on_hot ? std::to_string(n) + " ids all on row 0, push to applied"
+                   : std::to_string(n) + " distinct rows spread over the table, push to applied");
+    }
+  }
+  w.leave();
+}
+
+}  // namespace shmps::bench
