@@ -139,11 +139,26 @@ class SliceUpdate {
       for (const std::uint32_t local : touched)
         for (std::uint64_t d = 0; d < dim; ++d) sum[local * dim + d] *= inv;
     }
-    copy_slice_to_redo();
     const std::uint64_t step = ++step_;
-    for (const std::uint32_t local : touched) update_in_redo(sum.data() + local * dim, local * dim, dim, step);
     updates_ = 1;
     rows_ = touched.size();
+    if (touched.size() * (dim + 1) > slice_.count) {  // most of the slice: it goes in whole
+      copy_slice_to_redo();
+      for (const std::uint32_t local : touched) update_in_redo(sum.data() + local * dim, local * dim, dim, step);
+      return;
+    }
+    // Only the touched rows, packed in the entry (RedoMode::rows), each read from the slice,
+    // stepped, and (commit) written back: a row costs its own cache lines, not its slice's.
+    mode_ = RedoMode::rows;
+    auto* where = reinterpret_cast<std::uint32_t*>(values_ + touched.size() * dim);
+    for (std::size_t i = 0; i < touched.size(); ++i) {
+      const std::uint64_t local = touched[i];
+      where[i] = static_cast<std::uint32_t>(local);
+      std::memcpy(values_ + i * dim, slice_values_ + local * dim, dim * sizeof(float));
+      for (int a = 0; a < arrays_; ++a)
+        std::memcpy(state_[a] + i * dim * elem_, slice_state_[a] + local * dim * elem_, dim * elem_);
+      update_in_redo(sum.data() + local * dim, i * dim, dim, step);
+    }
   }
 
   // Streamed BSP: adds the contributions (each scaled for clip_norm) to the slice's sums of step
@@ -210,9 +225,15 @@ class SliceUpdate {
     redo_.clock_after = clock_after_;
     // For the monitor: the slice's value norm, sampled every 8th update (and the first), from
     // the new values while they are still in this thread's cache.
-    const bool sample = version_before == 0 || version_before / 16 != redo_.version_after / 16;
+    const bool sample = mode_ != RedoMode::rows &&  // (rows: the entry holds no whole slice to sample)
+                        (version_before == 0 || version_before / 16 != redo_.version_after / 16);
     double sq = 0;
-    if (mode_ != RedoMode::whole) {
+    if (mode_ == RedoMode::rows) {
+      redo_.inputs = static_cast<std::uint32_t>(rows_);
+      store_release(redo_.valid, 1U);  // from here on, a restarted server finishes this copy
+      copy_in(segment_, redo_);
+      store_release(redo_.valid, 0U);
+    } else if (mode_ != RedoMode::whole) {
       redo_.inputs = static_cast<std::uint32_t>(parts_.size());
       redo_.scale = scale_;
       store_release(redo_.done, std::uint64_t{0});

@@ -147,7 +147,8 @@ class Chunks {
         update(segment_.step_sums(param_) + slice_.first + lo, lo, 0, n, step_before_ + 1, entry_.scale, true);
         return true;
       }
-      case RedoMode::whole: break;
+      case RedoMode::whole:
+      case RedoMode::rows: break;
     }
     throw Error("redo entry of slice " + std::to_string(entry_.slice) + " has no chunked mode");
   }

@@ -35,17 +35,28 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
     return false;
   }
   const std::uint64_t* ids = record_ids(&rec);
-  thread_local std::vector<std::pair<std::uint64_t, std::uint32_t>> order;
-  order.clear();
+  const std::uint64_t rows_per_slice = segment.header().slice_floats / dim;
+  bool sorted = true;
   for (std::uint64_t k = 0; k < n; ++k) {
     if (ids[k] >= rows) {
       log_refused(segment, rank, rec, "a row id outside the table");
       return false;
     }
-    order.emplace_back(ids[k], static_cast<std::uint32_t>(k));
+    sorted = sorted && (k == 0 || ids[k - 1] <= ids[k]);
   }
+  if (sorted) {  // the usual push (a batch's distinct ids, sorted): grouped as they are
+    for (std::uint64_t k = 0; k < n;) {
+      const std::uint64_t slice = ids[k] / rows_per_slice;
+      const auto begin = static_cast<std::uint32_t>(row_refs.size());
+      for (; k < n && ids[k] / rows_per_slice == slice; ++k) row_refs.push_back(static_cast<std::uint32_t>(k));
+      out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
+    }
+    return true;
+  }
+  thread_local std::vector<std::pair<std::uint64_t, std::uint32_t>> order;
+  order.clear();
+  for (std::uint64_t k = 0; k < n; ++k) order.emplace_back(ids[k], static_cast<std::uint32_t>(k));
   std::sort(order.begin(), order.end());
-  const std::uint64_t rows_per_slice = segment.header().slice_floats / dim;
   for (std::size_t i = 0; i < order.size();) {
     const std::uint64_t slice = order[i].first / rows_per_slice;
     const auto begin = static_cast<std::uint32_t>(row_refs.size());

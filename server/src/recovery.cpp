@@ -51,7 +51,7 @@ void recover_segment(Segment& segment, const ServerOptions& options, std::uint64
   for (std::uint32_t i = 0; i < h.redo_count; ++i) {
     RedoEntry& e = segment.redo(i);
     if (load_acquire(e.valid) == 0) continue;
-    if (e.mode == RedoMode::whole) {
+    if (e.mode == RedoMode::whole || e.mode == RedoMode::rows) {
       copy_in(segment, e);
       // Done: an entry left marked valid would be replayed again by a later server, over
       // whatever this one writes meanwhile (and its next writer would fill a "valid" entry).

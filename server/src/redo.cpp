@@ -48,6 +48,26 @@ void copy_in(Segment& segment, RedoEntry& e) {
     return;
   }
   const int arrays = static_cast<int>(segment.header().state_arrays);
+  if (e.mode == RedoMode::rows) {
+    // A table's touched rows (RedoMode::rows): each to its place in the slice.
+    const std::uint64_t dim = p.table_dim, n = e.inputs, elem = segment.state_elem_bytes();
+    const float* rows = segment.redo_values(e);
+    const auto* where = reinterpret_cast<const std::uint32_t*>(rows + n * dim);
+    const std::uint64_t word = load_own(slice.version);
+    if ((word & 1U) == 0) seqlock_write_begin(slice.version);
+    float* values = segment.values(p) + slice.first;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      if (i == n / 2) kill_point("apply.mid_copy");
+      std::memcpy(values + where[i] * dim, rows + i * dim, dim * sizeof(float));
+      for (int a = 0; a < arrays; ++a)
+        std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,
+                    segment.redo_state(e, a) + i * dim * elem, dim * elem);
+    }
+    std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
+    slice.step = e.step_after;
+    store_release(slice.version, e.version_after);
+    return;
+  }
   const std::uint64_t half = e.count / 2;
   const std::uint64_t word = load_own(slice.version);
   if ((word & 1U) == 0) seqlock_write_begin(slice.version);  // a replay finds it odd already

@@ -1,6 +1,7 @@
 #include "shmps/shm/reader.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <thread>
 
 #include <shmps/shm/seqlock.hpp>
@@ -45,18 +46,28 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
   result.min_version = UINT64_MAX;
   const std::uint64_t dim = p.table_dim, slice_floats = seg.header().slice_floats;
   const float* values = seg.values(p);
-  for (std::size_t k = 0; k < ids.size(); ++k) {
-    const std::uint64_t first = ids[k] * dim;
-    const SliceEntry& slice = seg.slice(p.first_slice + first / slice_floats);
+  // Consecutive ids in one slice (a sorted batch's hot rows) are read under one seqlock read.
+  // Rows per slice is a power of two whenever the slice and dim are (a shift, not a division).
+  const std::uint64_t rows_per_slice = slice_floats / dim;
+  const bool shift = std::has_single_bit(rows_per_slice);
+  const int bits = std::countr_zero(rows_per_slice);
+  const auto slice_of = [&](std::uint64_t id) { return shift ? id >> bits : id / rows_per_slice; };
+  for (std::size_t k = 0, end = 0; k < ids.size(); k = end) {
+    const std::uint64_t slice_index = slice_of(ids[k]);
+    for (end = k + 1; end < ids.size() && slice_of(ids[end]) == slice_index; ++end) {
+    }
+    const SliceEntry& slice = seg.slice(p.first_slice + slice_index);
     std::uint64_t version = 0;
-    const auto copy = [&] { racy_copy_floats(out.data() + k * dim, values + first, dim); };
+    const auto copy = [&] {
+      for (std::size_t i = k; i < end; ++i) racy_copy_floats(out.data() + i * dim, values + ids[i] * dim, dim);
+    };
     int attempts = 0;
     Clock::time_point deadline{};
     while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
       if (++attempts < 64) continue;
       if (attempts == 64) deadline = Clock::now() + timeout;
       if (Clock::now() >= deadline) {
-        result.stuck_slice = first / slice_floats;
+        result.stuck_slice = slice_index;
         return result;
       }
       std::this_thread::yield();

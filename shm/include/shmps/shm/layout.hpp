@@ -560,8 +560,11 @@ struct alignas(kCacheLine) GroupEntry {
 enum class RedoTarget : std::uint32_t { values = 0, step_sums = 1, sync_add = 2, sync_take = 3 };
 // How the entry's update is computed: copied in whole, or chunk by chunk from its inputs with one
 // optimizer step per input (each), one step with their sum or mean, or one step with the slice's
-// step sums times `scale` (sums).
-enum class RedoMode : std::uint32_t { whole = 0, each = 1, sum = 2, mean = 3, sums = 4 };
+// step sums times `scale` (sums). rows: a table's touched rows only, copied in like whole: the
+// entry's `inputs` rows of the table's dim packed in `values` (and in each state array), then,
+// in `values` right after them, their row numbers within the slice (u32); used when they fit
+// (rows x (dim + 1) floats at most the slice's), else the table's slice goes in whole.
+enum class RedoMode : std::uint32_t { whole = 0, each = 1, sum = 2, mean = 3, sums = 4, rows = 5 };
 inline constexpr std::uint64_t kNoChunk = ~std::uint64_t{0};
 
 struct alignas(kCacheLine) RedoEntry {
