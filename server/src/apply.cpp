@@ -247,12 +247,17 @@ class SliceUpdate {
       if (sample) sq = squared_norm(std::span<const float>(values_, slice_.count));
     }
     if (sample) store_release(slice_.value_sq_norm, std::bit_cast<std::uint64_t>(sq));
-    ParamStats& stats = segment_.param_stats(slice_.param);
-    stats.slice_updates.fetch_add(updates_, std::memory_order_relaxed);
-    stats.floats_applied.fetch_add(floats_, std::memory_order_relaxed);
-    if (rows_ != 0) stats.rows_updated.fetch_add(rows_, std::memory_order_relaxed);
   }
 
+  // What this update adds to its parameter's monitor counters (ParamStats), which the engine
+  // sums per thread and adds once per round (an atomic add per slice, from every apply thread
+  // onto one line, costs more than a table's row).
+  void count_into(ApplyEngine::ParamCounts& c) const noexcept {
+    c.slice_updates += updates_;
+    c.floats += floats_;
+    c.rows += rows_;
+  }
+  std::uint64_t param() const noexcept { return slice_.param; }
   std::uint64_t floats() const noexcept { return floats_; }
   std::uint64_t skipped() const noexcept { return skipped_; }
 
@@ -394,36 +399,74 @@ void ApplyEngine::sort_into_runs(std::vector<Contribution>& contributions) {
   run_starts_.push_back(contributions.size());
 }
 
+void ApplyEngine::begin_counts() {
+  const std::size_t threads = static_cast<std::size_t>(arena_->max_concurrency()) + 1;
+  const std::uint32_t params = segment_->header().param_count;
+  if (counts_.size() != threads) counts_.resize(threads);
+  for (ThreadCounts& t : counts_) {
+    t.floats = t.skipped = 0;
+    t.params.assign(params, ParamCounts{});
+  }
+}
+
+ApplyTotals ApplyEngine::end_counts() {
+  ApplyTotals totals;
+  const std::uint32_t params = segment_->header().param_count;
+  for (std::uint32_t i = 0; i < params; ++i) {
+    ParamCounts sum;
+    for (const ThreadCounts& t : counts_) {
+      sum.slice_updates += t.params[i].slice_updates;
+      sum.floats += t.params[i].floats;
+      sum.rows += t.params[i].rows;
+    }
+    if (sum.slice_updates == 0 && sum.floats == 0) continue;
+    ParamStats& stats = segment_->param_stats(i);
+    stats.slice_updates.fetch_add(sum.slice_updates, std::memory_order_relaxed);
+    stats.floats_applied.fetch_add(sum.floats, std::memory_order_relaxed);
+    if (sum.rows != 0) {  // a table: also the distinct rows of this round
+      stats.rows_updated.fetch_add(sum.rows, std::memory_order_relaxed);
+      store_release(stats.round_rows, sum.rows);
+    }
+  }
+  for (const ThreadCounts& t : counts_) {
+    totals.floats += t.floats;
+    totals.skipped += t.skipped;
+  }
+  return totals;
+}
+
 template <class Update>
 ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice) {
   sort_into_runs(contributions);
-  std::atomic<std::uint64_t> floats{0}, skipped{0};
-  parallel_for_index(*arena_, run_starts_.size() - 1, [&](std::size_t run, std::size_t thread) {
-    const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
-    const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
-    SliceUpdate update(*segment_, mine.front().slice, thread);
-    update_slice(update, mine);
-    floats.fetch_add(update.floats(), std::memory_order_relaxed);
-    skipped.fetch_add(update.skipped(), std::memory_order_relaxed);
+  begin_counts();
+  const std::size_t runs = run_starts_.size() - 1;
+  const std::uint64_t workers = segment_->header().max_workers;
+  parallel_for_ranges(*arena_, runs, [&](std::size_t first, std::size_t last, std::size_t thread) {
+    ThreadCounts& mine_counts = counts_[std::min(thread, counts_.size() - 1)];
+    for (std::size_t run = first; run < last; ++run) {
+      // Many small slices (a table's rows, scattered): each costs a few cache misses (its slice
+      // entry, its exactly-once row, its values), so fetch those of a slice a few runs ahead.
+      if (run + kPrefetchRuns < last) {
+        const std::uint64_t ahead = contributions[run_starts_[run + kPrefetchRuns]].slice;
+        __builtin_prefetch(&segment_->slice(ahead));
+        __builtin_prefetch(&segment_->last_applied(ahead, 0));
+        if (workers > 8) __builtin_prefetch(&segment_->last_applied(ahead, 8));
+      }
+      const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
+      const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
+      SliceUpdate update(*segment_, mine.front().slice, thread);
+      update_slice(update, mine);
+      mine_counts.floats += update.floats();
+      mine_counts.skipped += update.skipped();
+      update.count_into(mine_counts.params[update.param()]);
+    }
   });
-  return {floats.load(std::memory_order_relaxed), skipped.load(std::memory_order_relaxed)};
+  return end_counts();
 }
 
 ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
                                std::span<const std::uint32_t> row_refs) {
-  if (row_refs.empty())
-    return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
-      if (aggregation == Aggregation::each)
-        update.apply_each(mine);
-      else
-        update.apply_sum(mine, aggregation == Aggregation::mean);
-      update.commit();
-    });
-  // A round with rows: each table's distinct rows of this round, for the monitor.
-  const std::uint32_t params = segment_->header().param_count;
-  std::vector<std::uint64_t> rows_before(params);
-  for (std::uint32_t i = 0; i < params; ++i) rows_before[i] = load_own(segment_->param_stats(i).rows_updated);
-  const ApplyTotals totals = for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
+  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (mine.front().record->kind == RecordKind::rows)  // a table's slice gets rows only (collect.hpp)
       update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);
     else if (aggregation == Aggregation::each)
@@ -432,12 +475,6 @@ ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggrega
       update.apply_sum(mine, aggregation == Aggregation::mean);
     update.commit();
   });
-  for (std::uint32_t i = 0; i < params; ++i) {
-    ParamStats& stats = segment_->param_stats(i);
-    const std::uint64_t rows = load_own(stats.rows_updated) - rows_before[i];
-    if (rows != 0) store_release(stats.round_rows, rows);
-  }
-  return totals;
 }
 
 ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step) {
@@ -448,15 +485,17 @@ ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributio
 }
 
 ApplyTotals ApplyEngine::apply_step_sums(std::uint64_t step, float scale) {
-  std::atomic<std::uint64_t> floats{0};
+  begin_counts();
   parallel_for_index(*arena_, segment_->header().slice_count, [&](std::size_t slice, std::size_t thread) {
     if (segment_->slice(slice).sum_step != step + 1) return;  // no push of the step touched it
     SliceUpdate update(*segment_, slice, thread);
     update.apply_sums(step, scale);
     update.commit();
-    floats.fetch_add(update.floats(), std::memory_order_relaxed);
+    ThreadCounts& mine_counts = counts_[std::min(thread, counts_.size() - 1)];
+    mine_counts.floats += update.floats();
+    update.count_into(mine_counts.params[update.param()]);
   });
-  return {floats.load(std::memory_order_relaxed), 0};
+  return end_counts();
 }
 
 }  // namespace shmps::server

@@ -58,7 +58,22 @@ class ApplyEngine {
   ApplyTotals add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step);
   ApplyTotals apply_step_sums(std::uint64_t step, float scale);
 
+  // One apply thread's additions to one parameter's monitor counters in a round (apply.cpp).
+  struct ParamCounts {
+    std::uint64_t slice_updates = 0, floats = 0, rows = 0;
+  };
+
  private:
+  // Per apply thread (on lines of their own): what its slices added, summed by end_counts() and
+  // added to the segment's counters once per round (begin_counts() zeroes them).
+  struct alignas(64) ThreadCounts {
+    std::uint64_t floats = 0, skipped = 0;
+    std::vector<ParamCounts> params;
+  };
+  void begin_counts();
+  ApplyTotals end_counts();
+  std::vector<ThreadCounts> counts_;
+  static constexpr std::size_t kPrefetchRuns = 6;  // how far ahead a thread fetches a slice's lines
   void sort_into_runs(std::vector<Contribution>& contributions);
   // Sorts the contributions into runs of one slice and calls update_slice(SliceUpdate&, run) for
   // each run, in parallel (one task per slice: the task is the slice's lock).

@@ -3,6 +3,7 @@
 #include "collect.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -36,6 +37,10 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   }
   const std::uint64_t* ids = record_ids(&rec);
   const std::uint64_t rows_per_slice = segment.header().slice_floats / dim;
+  // A shift, not a division, whenever rows per slice is a power of two (the usual case).
+  const bool shift = std::has_single_bit(rows_per_slice);
+  const int bits = std::countr_zero(rows_per_slice);
+  const auto slice_of = [&](std::uint64_t id) { return shift ? id >> bits : id / rows_per_slice; };
   bool sorted = true;
   for (std::uint64_t k = 0; k < n; ++k) {
     if (ids[k] >= rows) {
@@ -46,9 +51,9 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   }
   if (sorted) {  // the usual push (a batch's distinct ids, sorted): grouped as they are
     for (std::uint64_t k = 0; k < n;) {
-      const std::uint64_t slice = ids[k] / rows_per_slice;
+      const std::uint64_t slice = slice_of(ids[k]);
       const auto begin = static_cast<std::uint32_t>(row_refs.size());
-      for (; k < n && ids[k] / rows_per_slice == slice; ++k) row_refs.push_back(static_cast<std::uint32_t>(k));
+      for (; k < n && slice_of(ids[k]) == slice; ++k) row_refs.push_back(static_cast<std::uint32_t>(k));
       out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
     }
     return true;
@@ -58,9 +63,9 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   for (std::uint64_t k = 0; k < n; ++k) order.emplace_back(ids[k], static_cast<std::uint32_t>(k));
   std::sort(order.begin(), order.end());
   for (std::size_t i = 0; i < order.size();) {
-    const std::uint64_t slice = order[i].first / rows_per_slice;
+    const std::uint64_t slice = slice_of(order[i].first);
     const auto begin = static_cast<std::uint32_t>(row_refs.size());
-    for (; i < order.size() && order[i].first / rows_per_slice == slice; ++i) row_refs.push_back(order[i].second);
+    for (; i < order.size() && slice_of(order[i].first) == slice; ++i) row_refs.push_back(order[i].second);
     out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
   }
   return true;

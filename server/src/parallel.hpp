@@ -4,6 +4,7 @@
 // With std::threads TSan checks the bodies (the apply of disjoint slices) for real.
 #pragma once
 
+#include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
@@ -39,6 +40,26 @@ void parallel_for_index(tbb::task_arena& arena, std::size_t n, Body&& body) {
   arena.execute([&] {
     tbb::parallel_for(std::size_t{0}, n, [&](std::size_t i) {
       body(i, static_cast<std::size_t>(tbb::this_task_arena::current_thread_index()));
+    });
+  });
+#endif
+}
+
+// The same over [0, n) in contiguous ranges: body(begin, end, thread) for each, so that a body
+// can look ahead within its range (prefetching the data of the items it takes next).
+template <class Body>
+void parallel_for_ranges(tbb::task_arena& arena, std::size_t n, Body&& body) {
+  if (n == 0) return;
+#if defined(__SANITIZE_THREAD__)
+  parallel_for_index(arena, n, [&](std::size_t i, std::size_t thread) { body(i, i + 1, thread); });
+#else
+  if (n < 4) {
+    body(std::size_t{0}, n, std::size_t{0});
+    return;
+  }
+  arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n), [&](const tbb::blocked_range<std::size_t>& r) {
+      body(r.begin(), r.end(), static_cast<std::size_t>(tbb::this_task_arena::current_thread_index()));
     });
   });
 #endif
