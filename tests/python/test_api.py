@@ -296,7 +296,7 @@ def test_rank_zero_puts_a_freshly_initialised_model_and_the_others_train_on_it(m
         import torch
 
         torch.manual_seed(7)
-        fresh = {n: p.detach() for n, p in torch.nn.Linear(3, 4).named_parameters()}
+        fresh = {"fc." + n: p.detach() for n, p in torch.nn.Linear(3, 4).named_parameters()}
         initial = {n: t.numpy().copy() for n, t in fresh.items()}
     except ImportError:
         rng = np.random.default_rng(7)

@@ -7,6 +7,8 @@
 //       view = w.view("fc1.weight")                     # read-only array over the segment, no copy
 //       seq = w.push("fc1.weight", grad)                # grad: C-contiguous float32, not copied
 //       w.wait_applied(seq)
+//       rows, version = w.pull_rows("emb", ids)         # a table's rows ids[k]: float32 (len(ids), dim)
+//       seq = w.push_rows("emb", ids, grads)            # ids int64/uint64, grads float32 (len(ids), dim)
 //
 // What a Python user relies on, and how it is kept:
 // - No copy beyond the C++ one. An array given to pull(out=) or push() is used in place
@@ -30,6 +32,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <shmps/worker.hpp>
@@ -40,11 +43,14 @@ namespace {
 
 using shmps::Error;
 
-// A parameter as params() describes it.
+// A parameter as params() describes it. A table ([[table]] in the spec) has rows and dim
+// (its shape is (rows, dim)); a dense parameter has 0 and 0.
 struct Param {
   std::string name;
   py::tuple shape;
   std::size_t size;
+  std::size_t rows = 0;
+  std::size_t dim = 0;
 };
 
 std::string shape_text(const std::vector<std::size_t>& shape) {
@@ -57,11 +63,11 @@ std::string shape_text(const std::vector<std::size_t>& shape) {
 // array, a memoryview, ...), else a torch tensor's numpy view (shares its memory; a tensor on a
 // GPU makes torch raise its own clear error).
 template <class What>
-py::buffer as_buffer(py::handle object, const What& what) {
+py::buffer as_buffer(py::handle object, const What& what, const char* expected = "a float32 numpy array") {
   if (py::isinstance<py::buffer>(object)) return py::reinterpret_borrow<py::buffer>(object);
   if (py::hasattr(object, "detach") && py::hasattr(object, "numpy"))
     return object.attr("detach")().attr("numpy")().cast<py::buffer>();
-  throw Error(what() + " must be a float32 numpy array (or a torch tensor on the CPU), got " +
+  throw Error(what() + " must be " + expected + " (or a torch tensor on the CPU), got " +
               py::str(py::type::handle_of(object).attr("__name__")).cast<std::string>());
 }
 
@@ -100,6 +106,50 @@ FloatView float_view(py::handle object, bool writable, const What& what) {
   return v;
 }
 
+// The row ids of a C-contiguous int64 or uint64 buffer, read in place as uint64 (no copy): an
+// int64 array is checked for negative ids first (a read), then reinterpreted, which keeps the
+// value of every non-negative id. Any shape, taken flat in C order: a 1-D array, or a sparse
+// gradient's indices() of shape (1, n).
+struct IdsView {
+  py::buffer_info info;
+  const std::uint64_t* data = nullptr;
+  std::size_t size = 0;
+};
+
+template <class What>
+IdsView ids_view(py::handle object, const What& what) {
+  py::buffer buffer = as_buffer(object, what, "an int64 or uint64 numpy array");
+  IdsView v;
+  v.info = buffer.request(false);
+  std::string_view format = v.info.format;
+  if (!format.empty() && (format[0] == '@' || format[0] == '=' || format[0] == '<')) format.remove_prefix(1);
+  const bool is_signed = format == "q" || format == "l";
+  const bool is_unsigned = format == "Q" || format == "L";
+  if (v.info.itemsize != 8 || !(is_signed || is_unsigned))
+    throw Error(what() + " must have dtype int64 or uint64, got format '" + v.info.format + "' (" +
+                std::to_string(v.info.itemsize) + " bytes an element); build the ids as int64 (torch's "
+                "default) or uint64 outside the training loop");
+  py::ssize_t expected = 8;
+  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
+    const auto i = static_cast<std::size_t>(d);
+    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
+      throw Error(what() + " must be C-contiguous (shmps reads the ids in place, never a copy); use "
+                         "numpy.ascontiguousarray(...) or tensor.contiguous()");
+    expected *= v.info.shape[i];
+  }
+  v.size = static_cast<std::size_t>(v.info.size);
+  if (is_signed) {
+    const auto* s = static_cast<const std::int64_t*>(v.info.ptr);
+    for (std::size_t k = 0; k < v.size; ++k)
+      if (s[k] < 0)
+        throw Error(what() + " holds a negative id, " + std::to_string(s[k]) + " at position " + std::to_string(k) +
+                    "; row ids are in [0, rows)");
+  }
+  // int64 and uint64 may alias each other; a non-negative int64 is the same uint64.
+  v.data = static_cast<const std::uint64_t*>(v.info.ptr);
+  return v;
+}
+
 // One Worker and the mutex that serialises the Python threads using it.
 class PyWorker {
  public:
@@ -124,8 +174,24 @@ class PyWorker {
 
   const shmps::ParamInfo& param(const std::string& name) { return worker_->param(name); }
 
+  // pull(), push() and put() are for dense parameters; a table's name is refused here, before
+  // anything is allocated or checked against its (rows, dim) size.
+  static void refuse_table(const shmps::ParamInfo& p, const char* call) {
+    if (p.is_table())
+      throw Error(std::string(call) + "('" + p.name + "'): '" + p.name + "' is a table (" + std::to_string(p.rows) +
+                  " rows of " + std::to_string(p.dim) + "), read and written by row: use pull_rows('" + p.name +
+                  "', ids) and push_rows('" + p.name + "', ids, grads)");
+  }
+  // pull_rows() and push_rows() are for tables.
+  static void require_table(const shmps::ParamInfo& p, const char* call) {
+    if (!p.is_table())
+      throw Error(std::string(call) + "('" + p.name + "'): '" + p.name + "' is a dense parameter " +
+                  shape_text(p.shape) + ", not a table; use pull('" + p.name + "') and push('" + p.name + "', grad)");
+  }
+
   py::tuple pull(const std::string& name, py::object out, std::optional<std::size_t> offset, std::uint64_t min_version) {
     const shmps::ParamInfo& p = param(name);
+    refuse_table(p, "pull");
     const std::size_t first = offset.value_or(0);
     if (first > p.size)
       throw Error("pull('" + name + "'): offset " + std::to_string(first) + " is past its " + std::to_string(p.size) +
@@ -157,6 +223,7 @@ class PyWorker {
 
   std::uint64_t push(const std::string& name, py::handle grad, std::optional<std::size_t> offset) {
     const shmps::ParamInfo& p = param(name);
+    refuse_table(p, "push");
     const FloatView view = float_view(grad, false, [&] { return "push('" + name + "', grad): grad"; });
     if (!offset && view.size != p.size)
       throw Error("push('" + name + "', grad): grad has " + std::to_string(view.size) + " elements, the parameter " +
@@ -164,6 +231,52 @@ class PyWorker {
                   "; pass a gradient of that size, or offset= to push a range");
     const std::span<const float> values(view.data, view.size);
     return unlocked([&](shmps::Worker& w) { return w.push(name, offset.value_or(0), values); });
+  }
+
+  // A table's rows ids[k] into a new float32 array (len(ids), dim), or into `out` in place.
+  py::tuple pull_rows(const std::string& name, py::handle ids, py::object out) {
+    const shmps::ParamInfo& p = param(name);
+    require_table(p, "pull_rows");
+    const IdsView id = ids_view(ids, [&] { return "pull_rows('" + name + "', ids): ids"; });
+    const std::size_t count = id.size * p.dim;
+    py::object result;
+    float* data = nullptr;
+    std::optional<FloatView> view;
+    if (out.is_none()) {
+      py::array_t<float> fresh({static_cast<py::ssize_t>(id.size), static_cast<py::ssize_t>(p.dim)});
+      data = fresh.mutable_data();
+      result = fresh;
+    } else {
+      view.emplace(float_view(out, true, [&] { return "pull_rows('" + name + "', ids, out=...): out"; }));
+      if (view->size != count)
+        throw Error("pull_rows('" + name + "', ids, out=...): out has " + std::to_string(view->size) +
+                    " elements, " + std::to_string(id.size) + " rows of " + std::to_string(p.dim) + " need " +
+                    std::to_string(count) + "; pass an array of shape (len(ids), " + std::to_string(p.dim) + ")");
+      data = view->data;
+      result = out;
+    }
+    const std::span<const std::uint64_t> rows(id.data, id.size);
+    const std::uint64_t version =
+        unlocked([&](shmps::Worker& w) { return w.pull_rows(name, rows, std::span<float>(data, count)); });
+    return py::make_tuple(result, version);
+  }
+
+  // Gradient rows grads[k] for rows ids[k], as one record.
+  std::uint64_t push_rows(const std::string& name, py::handle ids, py::handle grads) {
+    const shmps::ParamInfo& p = param(name);
+    require_table(p, "push_rows");
+    const IdsView id = ids_view(ids, [&] { return "push_rows('" + name + "', ids, grads): ids"; });
+    const FloatView g = float_view(grads, false, [&] { return "push_rows('" + name + "', ids, grads): grads"; });
+    const bool rows_wrong = g.info.ndim == 2 && static_cast<std::size_t>(g.info.shape[1]) != p.dim;
+    if (rows_wrong || g.size != id.size * p.dim)
+      throw Error("push_rows('" + name + "', ids, grads): grads has shape " +
+                  shape_text(std::vector<std::size_t>(g.info.shape.begin(), g.info.shape.end())) + " for " +
+                  std::to_string(id.size) + " ids; the table's rows have " + std::to_string(p.dim) +
+                  " values, so grads must be (" + std::to_string(id.size) + ", " + std::to_string(p.dim) +
+                  ") or flat with " + std::to_string(id.size * p.dim) + " elements");
+    const std::span<const std::uint64_t> rows(id.data, id.size);
+    const std::span<const float> values(g.data, g.size);
+    return unlocked([&](shmps::Worker& w) { return w.push_rows(name, rows, values); });
   }
 
   void put(const std::string& name, py::handle values, std::optional<std::size_t> offset) {
@@ -203,6 +316,13 @@ class PyWorker {
   py::dict pull_all() {
     py::dict all;
     for (const shmps::ParamInfo& p : worker_->params()) {
+      if (p.is_table()) {  // every row, pulled by row: (rows, dim)
+        py::array_t<std::uint64_t> ids(static_cast<py::ssize_t>(p.rows));
+        std::uint64_t* id = ids.mutable_data();
+        for (std::size_t r = 0; r < p.rows; ++r) id[r] = r;
+        all[py::str(p.name)] = pull_rows(p.name, ids, py::none())[0];
+        continue;
+      }
       py::tuple pulled = pull(p.name, py::none(), std::nullopt, 0);
       all[py::str(p.name)] = pulled[0];
     }
@@ -241,13 +361,19 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<Param>(m, "Param", "A parameter of the model: name, shape, dtype (always float32) and size.")
+  py::class_<Param>(m, "Param", "A parameter of the model: name, shape, dtype (always float32) and size; "
+                                 "a table also rows and dim (is_table).")
       .def_readonly("name", &Param::name)
       .def_readonly("shape", &Param::shape)
       .def_readonly("size", &Param::size, "number of elements")
+      .def_readonly("rows", &Param::rows, "a table's number of rows; 0 for a dense parameter")
+      .def_readonly("dim", &Param::dim, "the values in each row of a table; 0 for a dense parameter")
+      .def_property_readonly("is_table", [](const Param& p) { return p.dim != 0; },
+                             "True for a table ([[table]] in the spec: pull_rows/push_rows), False for a dense parameter")
       .def_property_readonly("dtype", [](const Param&) { return py::dtype::of<float>(); })
       .def("__repr__", [](const Param& p) {
-        return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=float32)";
+        return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=float32" +
+               (p.dim != 0 ? ", table)" : ")");
       });
 
   py::class_<PyWorker>(m, "Worker", R"(A worker of a shmps job: a process that pulls parameters and pushes gradients.
@@ -279,11 +405,12 @@ fails changes nothing in the job.)")
              for (const shmps::ParamInfo& p : w.local().params()) {
                py::tuple shape(p.shape.size());
                for (std::size_t i = 0; i < p.shape.size(); ++i) shape[i] = p.shape[i];
-               list.append(Param{p.name, shape, p.size});
+               list.append(Param{p.name, shape, p.size, p.rows, p.dim});
              }
              return list;
            },
-           "The model's parameters, in the segment's order: a list of Param (name, shape, dtype, size).")
+           "The model's parameters, in the segment's order: a list of Param (name, shape, dtype, size; rows, dim "
+           "and is_table for a table).")
       .def("pull", &PyWorker::pull, py::arg("name"), py::arg("out") = py::none(), py::arg("offset") = py::none(),
            py::arg("min_version") = 0,
            R"(Pull a parameter: returns (array, version).
@@ -305,7 +432,27 @@ in ASP and SSP the server keeps writing under it (each float whole, a range may 
 Call view() again each step: that call is the wait, and it returns the same memory. The array
 is not writeable (never write to the server's values) and keeps this Worker's mapping alive.
 For torch: torch.from_numpy(a) shares it but warns that it is not writeable; see docs/python.md.)")
-      .def("pull_all", &PyWorker::pull_all, "Pull every parameter: a dict name -> new float32 array.")
+      .def("pull_all", &PyWorker::pull_all,
+           "Pull every parameter: a dict name -> new float32 array (a table's every row, (rows, dim)).")
+      .def("pull_rows", &PyWorker::pull_rows, py::arg("name"), py::arg("ids"), py::arg("out") = py::none(),
+           R"(Pull rows of a table: returns (rows, version).
+
+ids: the row numbers, a C-contiguous int64 or uint64 numpy array (or CPU torch tensor), read in
+place (any shape, taken flat; a negative int64 id raises shmps.Error). out=None: a new float32
+array of shape (len(ids), dim), row k holding row ids[k]; out=ARRAY: filled in place and returned
+(C-contiguous float32 of len(ids)*dim elements). An id may repeat. Each row is copied whole from
+one version; version is the update count of the least-updated slice seen. Waits first as pull()
+does for the consistency model. The GIL is released meanwhile.)")
+      .def("push_rows", &PyWorker::push_rows, py::arg("name"), py::arg("ids"), py::arg("grads"),
+           R"(Push gradient rows of a table: returns the sequence number.
+
+ids: as pull_rows (int64 or uint64, C-contiguous, read in place). grads: C-contiguous float32 of
+shape (len(ids), dim), or flat with len(ids)*dim elements; row k is the gradient of row ids[k].
+An id may repeat: the server sums its rows. One record, all-or-nothing: an id out of range, NaN
+or Inf raises shmps.Error and pushes nothing; it must fit one ring record (half the ring), so
+split a bigger push. A PyTorch sparse gradient goes as it is:
+    g = emb.weight.grad.coalesce(); w.push_rows("emb", g.indices()[0], g.values())
+The GIL is released meanwhile.)")
       .def("push", &PyWorker::push, py::arg("name"), py::arg("grad"), py::arg("offset") = py::none(),
            R"(Push a gradient: returns its sequence number.
 
