@@ -569,7 +569,9 @@ int main(int argc, char** argv) {
   std::uint64_t max_unapplied = 0;
   app.add_option("--max-unapplied", max_unapplied,
                  "--model ctr in ASP or SSP: pull only once at most N of this worker's own steps are not yet applied "
-                 "by the server (0: all of them applied; default: no bound)");
+                 "by the server (default 0: all of them, so one worker trains exactly as --local does; 1: one step in "
+                 "flight, faster; a worker faster than the server's applies and bound by nothing trains on its own "
+                 "stale rows, which at learning rate 1.0 diverges)");
   eval_flag->excludes(local_flag);
   CLI11_PARSE(app, argc, argv);
 
@@ -590,7 +592,7 @@ int main(int argc, char** argv) {
                       .local = local,
                       .eval_train = eval_train,
                       .consistency = consistency,
-                      .max_unapplied = given("--max-unapplied") ? std::optional(max_unapplied) : std::nullopt});
+                      .max_unapplied = given("--max-unapplied") ? max_unapplied : 0});
     }
 
     if (evaluate) {
