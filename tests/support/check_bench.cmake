@@ -18,4 +18,6 @@ check_figures("shmps-bench --quick" "${OUT}"
   train.local train.asp.1.ratio train.asp.2.ratio train.bsp.2.ratio train.ssp2.2.ratio
   train.local.test_acc train.asp.1.test_acc train.asp.2.test_acc train.bsp.2.test_acc train.ssp2.2.test_acc
   scale.asp.1.applied scale.asp.2.applied scale.bsp.1.applied scale.bsp.2.applied scale.asp.2.busy scale.bsp.2.busy
-  scale.asp.2.shm scale.bsp.2.shm scale.asp.2.worker_rss scale.bsp.2.worker_rss)
+  scale.asp.2.shm scale.bsp.2.shm scale.asp.2.worker_rss scale.bsp.2.worker_rss
+  sparse-pull.ratio sparse-push.ratio sparse-round.64 sparse-round.hot.64
+  sparse-train.local.cpp sparse-train.1.cpp.ratio sparse-train.2.cpp.ratio sparse-train.2.cpp.test_acc)

@@ -10,9 +10,17 @@
 //   sparse-round  one push of N distinct rows, pushed and waited for alone, N from 64 to 16384:
 //                 the round's time against the number of distinct rows; and the same number of
 //                 ids all on the one hot row 0 (which the merge makes one row update).
-//   sparse-train  the click-through model trained (train.cpp's runner): local, 1 and 2 workers.
+//   sparse-train  the click-through model, plain SGD at learning rate 1.0, all in this run:
+//                 shmps-worker --model ctr --local and through shmps (1 and 2 workers, ASP, each
+//                 pulling once its own steps are applied); the PyTorch example
+//                 (worker/python/examples/ctr_torch.py: nn.EmbeddingBag(sparse=True)) --local, through
+//                 shmps (1 and 2 workers), and as 2 Hogwild processes; samples/s and test accuracy.
+//                 The Python runs need /usr/bin/python3 with torch, else they are skipped (said so).
 // Rows/s and GB/s count each row's 64 bytes once.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -34,6 +42,51 @@ std::vector<std::uint64_t> batch_rows(std::uint64_t j) {
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   return ids;
+}
+
+void add_train(Report& r, const std::string& name, const TrainResult& t, const std::string& what,
+               const TrainResult* base = nullptr, const std::string& base_name = "") {
+  r.add(name, t.samples_per_s, "samples/s", what);
+  if (base != nullptr) r.add(name + ".ratio", t.samples_per_s / base->samples_per_s, "x", "/ " + base_name);
+  r.add(name + ".test_acc", t.test_acc, "fraction", "final model, the 100,000 test samples");
+}
+
+void run_sparse_train(const Config& cfg, Report& r) {
+  const std::string bin = self_dir(), source = SHMPS_SOURCE_DIR;
+  const std::string spec = source + "/models/ctr.toml";
+  const std::string samples = std::to_string(cfg.quick ? 51200 : 4000000);
+  int job = 0;
+  const auto launch = [&](int workers, const std::string& program) {
+    const std::string name = "bench-ctr-" + std::to_string(::getpid()) + "-" + std::to_string(job++);
+    return run_training(bin + "/shmps-launch --spec '" + spec + "' --name " + name + " --workers " +
+                            std::to_string(workers) + " --consistency asp --samples " + samples + " -- " + program,
+                        "[w0] ");
+  };
+  const std::string cpp = bin + "/shmps-worker --model ctr";
+  const TrainResult local = run_training(cpp + " --local --samples " + samples, "");
+  add_train(r, "sparse-train.local.cpp", local, "shmps-worker --model ctr --local, " + samples + " samples");
+  const TrainResult one = launch(1, cpp);
+  add_train(r, "sparse-train.1.cpp", one, "1 worker through shmps, ASP", &local, "local.cpp");
+  const TrainResult two = launch(2, cpp);
+  add_train(r, "sparse-train.2.cpp", two, "2 workers through shmps, ASP", &one, "1.cpp");
+
+  const std::string python = "/usr/bin/python3";
+  const std::string example = source + "/worker/python/examples/ctr_torch.py";
+  const std::string env = "PYTHONPATH='" + bin + "/../python' ";
+  if (std::system((env + python + " -c 'import torch, numpy, shmps' > /dev/null 2>&1").c_str()) != 0) {
+    r.add("sparse-train.py.skipped", 1, "", "no torch for /usr/bin/python3 (apt-get install python3-torch), or no shmps module in this build");
+    return;
+  }
+  const std::string py = python + " '" + example + "'";
+  const TrainResult py_local = run_training(env + py + " --local --samples " + samples, "");
+  add_train(r, "sparse-train.local.py", py_local, "ctr_torch.py --local (nn.EmbeddingBag(sparse=True), SGD)");
+  const TrainResult py_one = launch(1, py);
+  add_train(r, "sparse-train.1.py", py_one, "1 PyTorch worker through shmps, ASP", &py_local, "local.py");
+  const TrainResult py_two = launch(2, py);
+  add_train(r, "sparse-train.2.py", py_two, "2 PyTorch workers through shmps, ASP", &py_one, "1.py");
+  const TrainResult hogwild = run_training(env + py + " --hogwild 2 --samples " + samples, "");
+  add_train(r, "sparse-train.hogwild2.py", hogwild, "ctr_torch.py --hogwild 2: PyTorch Hogwild, 2 processes", &py_two,
+            "2.py (so below 1: shmps is faster)");
 }
 
 }  // namespace
@@ -125,6 +178,7 @@ void run_sparse(const Config& cfg, Report& r) {
     }
   }
   w.leave();
+  run_sparse_train(cfg, r);
 }
 
 }  // namespace shmps::bench

@@ -19,16 +19,8 @@
 #include "workloads.hpp"
 
 namespace shmps::bench {
-namespace {
 
-struct TrainResult {
-  double samples_per_s = 0;
-  double train_loss = -1, test_acc = -1;
-};
-
-// Runs `command` (through /bin/sh) and parses its output. Evaluation lines count only with
-// `eval_prefix` ("[after] " for shmps-launch, "" for a local run).
-TrainResult run(const std::string& command, const std::string& eval_prefix) {
+TrainResult run_training(const std::string& command, const std::string& eval_prefix) {
   FILE* f = popen((command + " 2>&1").c_str(), "r");
   if (f == nullptr) throw Error("cannot run " + command);
   TrainResult r;
@@ -65,6 +57,10 @@ TrainResult run(const std::string& command, const std::string& eval_prefix) {
   r.samples_per_s = static_cast<double>(total_samples) / longest;
   return r;
 }
+
+namespace {
+
+TrainResult run(const std::string& command, const std::string& eval_prefix) { return run_training(command, eval_prefix); }
 
 void add(Report& rep, const std::string& name, const TrainResult& t, const std::string& what, const TrainResult* base,
          const std::string& base_name) {

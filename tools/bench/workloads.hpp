@@ -19,4 +19,15 @@ void run_mpi(const Config& cfg, Report& report);                            // m
 void run_scale(const Config& cfg, const Limits& lim, Report& report);       // scale.cpp
 void run_sparse(const Config& cfg, Report& report);                         // sparse.cpp
 
+// A training run's figures (train.cpp): all workers' samples over the longest worker's time, and
+// the final model's losses and accuracy (-1 where not printed).
+struct TrainResult {
+  double samples_per_s = 0;
+  double train_loss = -1, test_acc = -1;
+};
+// Runs `command` (through /bin/sh) and parses the trainers' "trained N batches, S samples in T s"
+// lines and the evaluation lines that start with `eval_prefix` ("[after] " for shmps-launch
+// --after, "[w0] " for its rank 0, "" for a local run). Throws if it fails or prints no figures.
+TrainResult run_training(const std::string& command, const std::string& eval_prefix);
+
 }  // namespace shmps::bench
