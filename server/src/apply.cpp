@@ -447,10 +447,15 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
       // Many small slices (a table's rows, scattered): each costs a few cache misses (its slice
       // entry, its exactly-once row, its values), so fetch those of a slice a few runs ahead.
       if (run + kPrefetchRuns < last) {
-        const std::uint64_t ahead = contributions[run_starts_[run + kPrefetchRuns]].slice;
-        __builtin_prefetch(&segment_->slice(ahead));
-        __builtin_prefetch(&segment_->last_applied(ahead, 0));
-        if (workers > 8) __builtin_prefetch(&segment_->last_applied(ahead, 8));
+        const Contribution& next = contributions[run_starts_[run + kPrefetchRuns]];
+        __builtin_prefetch(&segment_->slice(next.slice));
+        __builtin_prefetch(&segment_->last_applied(next.slice, 0));
+        if (workers > 8) __builtin_prefetch(&segment_->last_applied(next.slice, 8));
+        if (next.record->kind == RecordKind::rows && next.rows_count != 0) {  // its first row's values
+          const ParamEntry& table = segment_->param(next.record->param);
+          const std::uint64_t id = record_ids(next.record)[row_refs_[next.rows_begin]];
+          __builtin_prefetch(segment_->values(table) + id * table.table_dim);
+        }
       }
       const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
       const std::span<const Contribution> mine(contributions.data() + begin, end - begin);
@@ -466,6 +471,7 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
 
 ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
                                std::span<const std::uint32_t> row_refs) {
+  row_refs_ = row_refs;
   return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (mine.front().record->kind == RecordKind::rows)  // a table's slice gets rows only (collect.hpp)
       update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);

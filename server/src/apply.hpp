@@ -74,6 +74,7 @@ class ApplyEngine {
   ApplyTotals end_counts();
   std::vector<ThreadCounts> counts_;
   static constexpr std::size_t kPrefetchRuns = 6;  // how far ahead a thread fetches a slice's lines
+  std::span<const std::uint32_t> row_refs_;        // apply(): the round's rows (RoundPlan::row_refs)
   void sort_into_runs(std::vector<Contribution>& contributions);
   // Sorts the contributions into runs of one slice and calls update_slice(SliceUpdate&, run) for
   // each run, in parallel (one task per slice: the task is the slice's lock).

@@ -52,7 +52,18 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
   const bool shift = std::has_single_bit(rows_per_slice);
   const int bits = std::countr_zero(rows_per_slice);
   const auto slice_of = [&](std::uint64_t id) { return shift ? id >> bits : id / rows_per_slice; };
+  // Scattered rows each miss the cache twice (the slice's version word, the row): fetch both a
+  // few rows ahead, so the misses overlap instead of following one another.
+  constexpr std::size_t kAhead = 8;
+  for (std::size_t k = 0; k < std::min(kAhead, ids.size()); ++k) {
+    __builtin_prefetch(&seg.slice(p.first_slice + slice_of(ids[k])));
+    __builtin_prefetch(values + ids[k] * dim);
+  }
   for (std::size_t k = 0, end = 0; k < ids.size(); k = end) {
+    if (k + kAhead < ids.size()) {
+      __builtin_prefetch(&seg.slice(p.first_slice + slice_of(ids[k + kAhead])));
+      __builtin_prefetch(values + ids[k + kAhead] * dim);
+    }
     const std::uint64_t slice_index = slice_of(ids[k]);
     for (end = k + 1; end < ids.size() && slice_of(ids[end]) == slice_index; ++end) {
     }
