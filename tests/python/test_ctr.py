@@ -313,3 +313,57 @@ def test_example_as_two_shmps_workers_compact_and_sparse(make_job):
     e = job.python(EXAMPLE, "--evaluate", env={"SHMPS_RANK": "0"})
     assert e.wait(60) == 0, e.output()
     assert accuracy(e.output()) > 0.7, e.output()
+
+
+def read_f32_tensors(path):
+    """{name: array} of a safetensors file's F32 tensors, read with struct, json and numpy only
+    (a checkpoint also holds integer tensors of the job's state, which are not needed here)."""
+    import json
+    import struct
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name != "__metadata__" and t["dtype"] == "F32":
+            begin, end = t["data_offsets"]
+            out[name] = np.frombuffer(data[8 + n + begin:8 + n + end], dtype="<f4").reshape(t["shape"]).copy()
+    return out
+
+
+@needs_tables
+@needs_torch
+def test_a_checkpoint_of_the_table_loads_into_the_pytorch_module(make_job, tmp_path):
+    """Trained through shmps, checkpointed live (shmps-ctl checkpoint), read back with a plain
+    safetensors reader: the file's `emb` [2^20, 16] and the head load into the example's module
+    (nn.EmbeddingBag + nn.Linear) with load_state_dict(strict=True), equal the job's values bit
+    for bit, and the module scores the test samples as the job's own evaluation does."""
+    import subprocess
+
+    from conftest import BIN_DIR
+
+    example = _load("ctr_torch_under_test", EXAMPLE)
+    job = make_job(ctr_spec_text(), tag="ctr")
+    trainer = job.python(EXAMPLE, "--rank", "0", "--samples", "102400", "--workers", "1", "--no-eval")
+    assert trainer.wait(120) == 0, trainer.output()
+    path = tmp_path / "ctr.safetensors"
+    made = subprocess.run([BIN_DIR / "shmps-ctl", "checkpoint", job.name, path], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    tensors = read_f32_tensors(path)
+    assert tensors["emb"].shape == (1 << 20, 16)
+    model = example.CTR()
+    model.load_state_dict({"emb.weight": torch.from_numpy(tensors["emb"]),
+                           "head.weight": torch.from_numpy(tensors["head.weight"]),
+                           "head.bias": torch.from_numpy(tensors["head.bias"])}, strict=True)
+    with shmps.Worker(job.name, rank=1) as w:
+        rows, _ = w.pull_rows("emb", np.arange(1 << 20, dtype=np.uint64))
+        head, _ = w.pull("head.weight")
+    np.testing.assert_array_equal(model.emb.weight.detach().numpy(), rows)
+    np.testing.assert_array_equal(model.head.weight.detach().numpy(), head)
+    assert not np.array_equal(rows, C.reference_init()["emb"]), "the table was trained"
+    # The module's logits on test samples: the bag sum and the head, as the data module computes them.
+    ids = C.ids_range(C.TEST_FIRST_ROW, 64)
+    with torch.no_grad():
+        got = model(torch.from_numpy(ids)).numpy()
+    want = C.logits(rows, ids, head, tensors["head.bias"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
