@@ -54,7 +54,7 @@
 //   # error, so that a forgotten `kind` does not silently ignore it. Numbers may be written as
 //   # integers (lr = 1). Values are stored as float32 and checked after rounding.
 //
-//   [[param]]               # one table per parameter, at least one, in segment order
+//   [[param]]               # one table per parameter, at least one (or a [[table]]), in segment order
 //   name = "fc1.weight"     # required, unique. 1 to 63 bytes, no spaces or control characters.
 //   shape = [256, 784]      # required. 1 to 8 positive integers, row-major; at most 2^48 bytes
 //                           #   (2^46 float32 elements) per parameter and in total.
@@ -78,6 +78,15 @@
 //                           #   tensor must exist, have dtype F32, exactly the parameter's
 //                           #   shape and finite values. The parser does not open the file:
 //                           #   load_pretrained (initialise.hpp) reads and checks it.
+//
+//   [[table]]               # optional, any number: an embedding table, reached by row
+//   name = "emb"            # required; parameters and tables share one namespace
+//   rows = 1048576          # required, 1 to 2^40
+//   dim = 16                # required, 1 to 2^20 floats per row; must divide slice_bytes / 4
+//   init = ...              # as a [[param]]'s, row-major (not "put")
+//                           # A table is a parameter of shape [rows, dim] (ParamSpec::table_dim);
+//                           # a job with one cannot use adam. Not taken yet, each refused with a
+//                           # message: a table's own `optimizer`, `keys = "u64"`.
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads
