@@ -1,5 +1,5 @@
 // sparse: the click-through table of docs/workloads.md §4 (2^20 rows of 16 floats, 64 MiB) in a
-// job of its own (slice_bytes 1024: 16 rows a slice, as models/ctr.toml), reached by row.
+// job of its own (slices of 64 KiB: 1,024 rows each, as models/ctr.toml), reached by row.
 //
 //   sparse-pull   Worker::pull_rows of each batch's distinct rows (about 1,350 of the 256
 //                 samples' 2,048 ids), over consecutive batches of the data, next to a plain
@@ -108,7 +108,7 @@ void run_sparse(const Config& cfg, Report& r) {
                      .per_param = kDim,
                      .max_workers = 2,
                      .ring_bytes = std::uint64_t{8} << 20,
-                     .slice_bytes = 1024,
+                     .slice_bytes = 65536,
                      .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
                                    std::to_string(kDim) + "\n"});
   Worker w(WorkerOptions{.segment = job.name(), .rank = 0});
