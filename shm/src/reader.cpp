@@ -2,15 +2,38 @@
 
 #include <algorithm>
 #include <bit>
+#include <optional>
 #include <thread>
 
 #include <shmps/shm/seqlock.hpp>
 
 namespace shmps::shm {
 
+namespace {
+
+// One seqlock read of `slice` (copy() between two looks at its version word), retried until it
+// succeeds: a slice is written for microseconds at a time, so spin a little, then yield, bounded
+// by `timeout`. The version word read, or nullopt if the slice stayed mid-update that long (a
+// server died writing it).
+template <class Copy>
+std::optional<std::uint64_t> read_slice(const SliceEntry& slice, Copy&& copy, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  std::uint64_t version = 0;
+  int attempts = 0;
+  Clock::time_point deadline{};
+  while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
+    if (++attempts < 64) continue;
+    if (attempts == 64) deadline = Clock::now() + timeout;
+    if (Clock::now() >= deadline) return std::nullopt;
+    std::this_thread::yield();
+  }
+  return version;
+}
+
+}  // namespace
+
 SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
                            std::chrono::milliseconds timeout) {
-  using Clock = std::chrono::steady_clock;
   SliceReadResult result;
   result.min_version = UINT64_MAX;
   const std::uint64_t slice_floats = seg.header().slice_floats;
@@ -20,33 +43,27 @@ SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_
     const SliceEntry& slice = seg.slice(p.first_slice + k);
     const std::uint64_t lo = std::max<std::uint64_t>(offset, slice.first);
     const std::uint64_t hi = std::min<std::uint64_t>(end, slice.first + slice.count);
-    std::uint64_t version = 0;
-    const auto copy = [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); };
-    // A slice is written for microseconds at a time: spin a little, then yield, with a bound.
-    int attempts = 0;
-    Clock::time_point deadline{};
-    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
-      if (++attempts < 64) continue;
-      if (attempts == 64) deadline = Clock::now() + timeout;
-      if (Clock::now() >= deadline) {
-        result.stuck_slice = k;
-        return result;
-      }
-      std::this_thread::yield();
+    const auto version =
+        read_slice(slice, [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); }, timeout);
+    if (!version) {
+      result.stuck_slice = k;
+      return result;
     }
-    result.min_version = std::min(result.min_version, version / 2);
+    result.min_version = std::min(result.min_version, *version / 2);
   }
   return result;
 }
 
 SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
                           std::span<float> out, std::chrono::milliseconds timeout) {
-  using Clock = std::chrono::steady_clock;
   SliceReadResult result;
   result.min_version = UINT64_MAX;
   const std::uint64_t dim = p.table_dim, slice_floats = seg.header().slice_floats;
   const float* values = seg.values(p);
-  // Consecutive ids in one slice (a sorted batch's hot rows) are read under one seqlock read.
+  // Consecutive ids in one slice (a sorted batch's hot rows) are read under one seqlock read, at
+  // most kGroup of them: a longer read would more often overlap the server's write of a hot slice
+  // and start again.
+  constexpr std::size_t kGroup = 64;
   // Rows per slice is a power of two whenever the slice and dim are (a shift, not a division).
   const std::uint64_t rows_per_slice = slice_floats / dim;
   const bool shift = std::has_single_bit(rows_per_slice);
@@ -65,25 +82,19 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
       __builtin_prefetch(values + ids[k + kAhead] * dim);
     }
     const std::uint64_t slice_index = slice_of(ids[k]);
-    for (end = k + 1; end < ids.size() && slice_of(ids[end]) == slice_index; ++end) {
+    for (end = k + 1; end < ids.size() && end - k < kGroup && slice_of(ids[end]) == slice_index; ++end) {
     }
-    const SliceEntry& slice = seg.slice(p.first_slice + slice_index);
-    std::uint64_t version = 0;
-    const auto copy = [&] {
-      for (std::size_t i = k; i < end; ++i) racy_copy_floats(out.data() + i * dim, values + ids[i] * dim, dim);
-    };
-    int attempts = 0;
-    Clock::time_point deadline{};
-    while (seqlock_try_read(slice.version, version, copy) != SeqlockRead::ok) {
-      if (++attempts < 64) continue;
-      if (attempts == 64) deadline = Clock::now() + timeout;
-      if (Clock::now() >= deadline) {
-        result.stuck_slice = slice_index;
-        return result;
-      }
-      std::this_thread::yield();
+    const auto version = read_slice(
+        seg.slice(p.first_slice + slice_index),
+        [&] {
+          for (std::size_t i = k; i < end; ++i) racy_copy_floats(out.data() + i * dim, values + ids[i] * dim, dim);
+        },
+        timeout);
+    if (!version) {
+      result.stuck_slice = slice_index;
+      return result;
     }
-    result.min_version = std::min(result.min_version, version / 2);
+    result.min_version = std::min(result.min_version, *version / 2);
   }
   return result;
 }

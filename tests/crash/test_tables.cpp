@@ -26,11 +26,13 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/expect.hpp"
 #include "../support/harness.hpp"
 #include "../support/pattern.hpp"
 
 using namespace std::chrono_literals;
 using namespace shmps;
+using shmps::test::error_of;
 using shmps::test::Job;
 using shmps::test::Process;
 using shmps::test::Watchdog;
@@ -44,16 +46,6 @@ std::string rows_spec(const std::string& optimizer = "kind = \"sgd\"\nlr = 1.0\n
          "[[table]]\nname = \"t\"\nrows = 512\ndim = 8\n";
 }
 constexpr std::uint64_t kRows = 512, kDim = 8;
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 Process& start_rows_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::string> extra = {},
                            std::vector<std::pair<std::string, std::string>> env = {}) {
