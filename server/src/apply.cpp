@@ -93,10 +93,11 @@ class SliceUpdate {
   // A table's slice: the rows of all contributions merged (a row's gradients summed in rank
   // order, within a record in its order; each scaled for clip_norm; `mean`: divided by the
   // ranks that contributed), then one optimizer step of each touched row, and no other row
-  // (a lazy update). The slice goes in whole through the redo entry, as computed.
-  void apply_rows(std::span<const Contribution> contributions, std::span<const std::uint32_t> row_refs, bool mean) {
+  // (a lazy update). The touched rows go in through the redo entry (RedoMode::rows), or the
+  // slice whole when the packed rows and their places would not fit the entry (nearly every
+  // row touched).
+  void apply_rows(std::span<const Contribution> contributions, std::span<const RowRef> row_refs, bool mean) {
     const std::uint64_t dim = param_.table_dim;
-    const std::uint64_t first_row = slice_.first / dim;
     thread_local std::vector<float> sum;
     thread_local std::vector<std::uint8_t> seen;
     thread_local std::vector<std::uint32_t> touched;
@@ -117,12 +118,12 @@ class SliceUpdate {
       }
       const float scale = static_cast<float>(clip_norm_scale(settings_, c.record->grad_sq_norm));
       const float* grads = record_payload(c.record);
-      const std::uint64_t* ids = record_ids(c.record);
       for (std::uint32_t j = 0; j < c.rows_count; ++j) {
-        const std::uint32_t k = row_refs[c.rows_begin + j];
-        const std::uint64_t local = ids[k] - first_row;
+        // Both from the collector's checks (RowRef), not from the ring again.
+        const RowRef ref = row_refs[c.rows_begin + j];
+        const std::uint64_t local = ref.row;
         float* dst = sum.data() + local * dim;
-        const float* g = grads + k * dim;
+        const float* g = grads + std::uint64_t{ref.index} * dim;
         if (!seen[local]) {
           seen[local] = 1;
           touched.push_back(static_cast<std::uint32_t>(local));
@@ -258,6 +259,7 @@ class SliceUpdate {
     c.rows += rows_;
   }
   std::uint64_t param() const noexcept { return slice_.param; }
+  bool table() const noexcept { return param_.table_dim != 0; }
   std::uint64_t floats() const noexcept { return floats_; }
   std::uint64_t skipped() const noexcept { return skipped_; }
 
@@ -436,7 +438,9 @@ ApplyTotals ApplyEngine::end_counts() {
 }
 
 template <class Update>
-ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice) {
+ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice,
+                                            bool count_params) {
+  if (contributions.empty()) return {};
   sort_into_runs(contributions);
   begin_counts();
   const std::size_t runs = run_starts_.size() - 1;
@@ -451,10 +455,10 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
         __builtin_prefetch(&segment_->slice(next.slice));
         __builtin_prefetch(&segment_->last_applied(next.slice, 0));
         if (workers > 8) __builtin_prefetch(&segment_->last_applied(next.slice, 8));
-        if (next.record->kind == RecordKind::rows && next.rows_count != 0) {  // its first row's values
-          const ParamEntry& table = segment_->param(next.record->param);
-          const std::uint64_t id = record_ids(next.record)[row_refs_[next.rows_begin]];
-          __builtin_prefetch(segment_->values(table) + id * table.table_dim);
+        if (next.rows_count != 0) {  // a table's slice: its first row's values (all from the segment and the plan)
+          const SliceEntry& slice = segment_->slice(next.slice);
+          const ParamEntry& table = segment_->param(slice.param);
+          __builtin_prefetch(segment_->values(table) + slice.first + row_refs_[next.rows_begin].row * table.table_dim);
         }
       }
       const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];
@@ -463,17 +467,17 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
       update_slice(update, mine);
       mine_counts.floats += update.floats();
       mine_counts.skipped += update.skipped();
-      update.count_into(mine_counts.params[update.param()]);
+      if (count_params) update.count_into(mine_counts.params[update.param()]);
     }
   });
   return end_counts();
 }
 
 ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
-                               std::span<const std::uint32_t> row_refs) {
+                               std::span<const RowRef> row_refs) {
   row_refs_ = row_refs;
   return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
-    if (mine.front().record->kind == RecordKind::rows)  // a table's slice gets rows only (collect.hpp)
+    if (update.table())  // a table's slice gets rows only (collect.hpp); asked of the segment, not the ring
       update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);
     else if (aggregation == Aggregation::each)
       update.apply_each(mine);
@@ -484,10 +488,14 @@ ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggrega
 }
 
 ApplyTotals ApplyEngine::add_to_step_sums(std::vector<Contribution>& contributions, std::uint64_t step) {
-  return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
-    update.add_to_sums(mine, step);
-    update.commit_sums();
-  });
+  // Summing is not an optimizer step: the parameters' counters count the step (apply_step_sums).
+  return for_each_slice_run(
+      contributions,
+      [&](SliceUpdate& update, std::span<const Contribution> mine) {
+        update.add_to_sums(mine, step);
+        update.commit_sums();
+      },
+      false);
 }
 
 ApplyTotals ApplyEngine::apply_step_sums(std::uint64_t step, float scale) {

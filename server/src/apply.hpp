@@ -48,7 +48,7 @@ class ApplyEngine {
   // step of its rows' sum (or mean, with Aggregation::mean), whatever the aggregation; their
   // rows are in `row_refs` (RoundPlan::row_refs).
   ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation,
-                    std::span<const std::uint32_t> row_refs = {});
+                    std::span<const RowRef> row_refs = {});
 
   // Streamed BSP steps (the rings hold less than a step): the step's pushes are added, as they
   // come, to the slices' step sums (exactly once, through the redo protocol, like values); once
@@ -74,12 +74,14 @@ class ApplyEngine {
   ApplyTotals end_counts();
   std::vector<ThreadCounts> counts_;
   static constexpr std::size_t kPrefetchRuns = 6;  // how far ahead a thread fetches a slice's lines
-  std::span<const std::uint32_t> row_refs_;        // apply(): the round's rows (RoundPlan::row_refs)
+  std::span<const RowRef> row_refs_;        // apply(): the round's rows (RoundPlan::row_refs)
   void sort_into_runs(std::vector<Contribution>& contributions);
   // Sorts the contributions into runs of one slice and calls update_slice(SliceUpdate&, run) for
   // each run, in parallel (one task per slice: the task is the slice's lock).
+  // count_params: add each slice's optimizer steps, floats and rows to its parameter's counters.
   template <class Update>
-  ApplyTotals for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice);
+  ApplyTotals for_each_slice_run(std::vector<Contribution>& contributions, Update&& update_slice,
+                                 bool count_params = true);
   shm::Segment* segment_;
   tbb::task_arena* arena_;
   std::vector<std::size_t> run_starts_;  // where each slice's contributions begin (reused)

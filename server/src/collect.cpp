@@ -24,7 +24,7 @@ void log_refused(const Segment& segment, std::uint32_t rank, const PushRecord& r
 // contribution per slice they fall in. A round merges all of a slice's rows (apply.cpp), so a
 // hot row is one update per round, whoever pushed it how often.
 bool add_row_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
-                           std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs) {
+                           std::vector<Contribution>& out, std::vector<RowRef>& row_refs) {
   const ParamEntry& p = segment.param(rec.param);
   const std::uint64_t n = rec.offset, dim = p.table_dim, rows = p.shape[0];
   if (dim == 0) {
@@ -52,8 +52,9 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   if (sorted) {  // the usual push (a batch's distinct ids, sorted): grouped as they are
     for (std::uint64_t k = 0; k < n;) {
       const std::uint64_t slice = slice_of(ids[k]);
-      const auto begin = static_cast<std::uint32_t>(row_refs.size());
-      for (; k < n && slice_of(ids[k]) == slice; ++k) row_refs.push_back(static_cast<std::uint32_t>(k));
+      const std::uint64_t begin = row_refs.size(), first_row = slice * rows_per_slice;
+      for (; k < n && slice_of(ids[k]) == slice; ++k)
+        row_refs.push_back({static_cast<std::uint32_t>(k), static_cast<std::uint32_t>(ids[k] - first_row)});
       out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
     }
     return true;
@@ -64,8 +65,9 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   std::sort(order.begin(), order.end());
   for (std::size_t i = 0; i < order.size();) {
     const std::uint64_t slice = slice_of(order[i].first);
-    const auto begin = static_cast<std::uint32_t>(row_refs.size());
-    for (; i < order.size() && slice_of(order[i].first) == slice; ++i) row_refs.push_back(order[i].second);
+    const std::uint64_t begin = row_refs.size(), first_row = slice * rows_per_slice;
+    for (; i < order.size() && slice_of(order[i].first) == slice; ++i)
+      row_refs.push_back({order[i].second, static_cast<std::uint32_t>(order[i].first - first_row)});
     out.push_back({p.first_slice + slice, rank, &rec, begin, static_cast<std::uint32_t>(row_refs.size() - begin)});
   }
   return true;
@@ -74,7 +76,7 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
 }  // namespace
 
 bool add_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
-                       std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs) {
+                       std::vector<Contribution>& out, std::vector<RowRef>& row_refs) {
   const SegmentHeader& h = segment.header();
   if (rec.param < h.param_count && rec.kind == RecordKind::rows)
     return add_row_contributions(segment, rank, rec, out, row_refs);

@@ -54,7 +54,7 @@ bool collect_streamed_step(shm::Segment& segment, const std::vector<shm::RingCon
 // ids outside its table, or its kind not the parameter's (a dense push to a table, rows to a
 // dense parameter).
 bool add_contributions(const shm::Segment& segment, std::uint32_t rank, const shm::PushRecord& record,
-                       std::vector<Contribution>& out, std::vector<std::uint32_t>& row_refs);
+                       std::vector<Contribution>& out, std::vector<RowRef>& row_refs);
 
 // Keeps the resume state a clock record carries in its worker's slot, for a restarted worker.
 // Called before the ring's head moves past the record.

@@ -134,7 +134,7 @@ class StepScan {
   const std::uint64_t step_;
   RankRound& round_;
   std::vector<Contribution>& contributions_;
-  std::vector<std::uint32_t>& row_refs_;  // the rows of rows records (orphans of a dropped run are never read)
+  std::vector<RowRef>& row_refs_;  // the rows of rows records (orphans of a dropped run are never read)
   std::vector<PutTake>& plan_puts_;
   std::uint64_t consumed_ = 0;  // the end of the runs taken (counted or discarded)
   std::uint64_t free_to_ = 0;   // the end of the padding in front of the first run

@@ -57,7 +57,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
     if ((word & 1U) == 0) seqlock_write_begin(slice.version);
     float* values = segment.values(p) + slice.first;
     for (std::uint64_t i = 0; i < n; ++i) {
-      if (i == n / 2) kill_point("apply.mid_copy");
+      if (i == n / 2) kill_point(n >= 2 ? "apply.mid_rows" : "apply.mid_copy");  // mid_rows: some rows in, some not
       std::memcpy(values + where[i] * dim, rows + i * dim, dim * sizeof(float));
       for (int a = 0; a < arrays; ++a)
         std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,

@@ -16,17 +16,26 @@
 
 namespace shmps::server {
 
+// A row of a rows record in one slice, as the collector checked it: its index in the record (its
+// gradient row) and its row within the slice. The apply takes both from here, never from the
+// ring again: a worker can still write its ring's bytes after the commit (a borrowed buffer's
+// ids kept by mistake), and an id read a second time could point anywhere.
+struct RowRef {
+  std::uint32_t index;  // in the record: gradient row `index`
+  std::uint32_t row;    // within the slice: its row `row` (the slice's first row + row is the id)
+};
+
 // One piece of apply work: the part of one push record that falls into one slice. For a rows
 // record (a table's), the rows of the record in that slice: RoundPlan::row_refs[rows_begin,
-// rows_begin + rows_count) are their indices in the record, in the order of their ids (and, for
-// a repeated id, in the record's order).
+// rows_begin + rows_count), in the order of their ids (and, for a repeated id, in the record's
+// order).
 struct Contribution {
   std::uint64_t slice;
   std::uint32_t rank;
   const shm::PushRecord* record;
-  std::uint32_t rows_begin = 0;
+  std::uint64_t rows_begin = 0;
   std::uint32_t rows_count = 0;
-}; 
+};
 
 // A put record (Worker::put) a round takes: applied before the round's contributions
 // (apply_put.hpp). A collector takes one only when no push of its ring comes before it in the
@@ -85,7 +94,7 @@ struct RoundPlan {
   std::vector<RankRound> ranks;            // one per worker slot
   std::vector<Contribution> contributions; // in collection order; the apply engine sorts them
   std::vector<PutTake> puts;               // in collection order; applied first
-  std::vector<std::uint32_t> row_refs;     // the rows of the rows records' contributions (Contribution)
+  std::vector<RowRef> row_refs;            // the rows of the rows records' contributions (Contribution)
 
   // Records taken: pushes applied and puts.
   std::uint64_t records() const noexcept {

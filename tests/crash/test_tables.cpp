@@ -278,9 +278,15 @@ TEST_P(TableServerKill, TheNextServerFinishesTheSliceAndAppliesNoRowsTwice) {
   expect_exact_table(job.name(), {300, 300, 300});
 }
 
-INSTANTIATE_TEST_SUITE_P(KillPoints, TableServerKill, ::testing::Values("apply.mid_copy:40", "apply.before_release:10"),
+// mid_rows: some of a slice's touched rows copied in, the others not; mid_copy: a slice copied in
+// whole (most of its rows touched), or the first of one touched row's copy.
+INSTANTIATE_TEST_SUITE_P(KillPoints, TableServerKill,
+                         ::testing::Values("apply.mid_rows:5", "apply.mid_copy:40", "apply.before_release:10"),
                          [](const ::testing::TestParamInfo<const char*>& point) {
-                           return std::string(point.param).find("mid_copy") != std::string::npos ? "MidCopy" : "BeforeRelease";
+                           const std::string p = point.param;
+                           return p.find("mid_rows") != std::string::npos   ? std::string("MidRows")
+                                  : p.find("mid_copy") != std::string::npos ? std::string("MidCopy")
+                                                                             : std::string("BeforeRelease");
                          });
 
 // Chaos: rows pushers with hot rows while workers and the server are SIGKILLed and restarted at

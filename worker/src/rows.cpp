@@ -89,6 +89,11 @@ PushBuffer Worker::borrow_push_rows(std::string_view name, std::size_t rows) {
   const std::uint32_t i = s.find(name);
   s.refuse_kind("borrowed push_rows to", i, true);
   if (rows == 0) throw Error("borrow_push_rows to '" + std::string(name) + "': 0 rows asked for; nothing to lend");
+  if (rows > s.ring.max_record_floats())  // before any multiplication: no row takes less than a float
+    throw Error("borrow_push_rows to '" + std::string(name) + "': " + std::to_string(rows) +
+                " rows do not fit one ring record (at most " + std::to_string(s.ring.max_record_floats()) +
+                " floats with their ids, half of ring_bytes = " + std::to_string(s.ring.capacity()) +
+                "); borrow fewer rows; nothing was lent");
   const std::size_t count = rows * s.params[i].dim;
   float* data = s.claim_push("borrowed push_rows to", name, 0, count, false, rows);
   // fill_claimed writes the header at commit; the record's size (its ids' place) is fixed now.

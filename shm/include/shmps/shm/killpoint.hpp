@@ -4,6 +4,7 @@
 // Without the variable a kill point costs one predictable branch.
 //
 // Points: server "apply.mid_copy" (half of a slice copied in from its redo entry),
+//         server "apply.mid_rows" (half of a table slice's touched rows, two or more, copied in),
 //         server "apply.before_release" (slices applied, ring cursors not yet moved),
 //         worker "push.before_commit" (record and payload written, tail not yet stored),
 //         server "checkpoint.mid_write" (about half of a checkpoint written to its temporary

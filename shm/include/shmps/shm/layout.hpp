@@ -791,7 +791,7 @@ constexpr std::uint64_t rows_record_bytes(std::uint64_t rows, std::uint64_t floa
 // Whether a record's sizes are those of a well-formed rows record (the server checks the ids and
 // the row width against the table separately).
 constexpr bool rows_record_plausible(const PushRecord& r) noexcept {
-  return r.offset != 0 && r.offset <= (std::uint64_t{1} << 40) && r.count % r.offset == 0 &&
+  return r.offset != 0 && r.offset < (std::uint64_t{1} << 32) && r.count % r.offset == 0 &&
          r.count / r.offset <= (std::uint64_t{1} << 20) && rows_record_bytes(r.offset, r.count) == r.record_bytes;
 }
 
