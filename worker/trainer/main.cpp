@@ -47,6 +47,58 @@ struct TrainStats {
   std::uint64_t batches_done = 0;  // of this worker's schedule, including those skipped on resume
 };
 
+// What both models' training loops report, the same way: each trained batch's loss and hits into
+// the epoch's running figures and `st`, a progress line at every tenth of the run and at least
+// every 2 s, and at the end of an epoch its means as the last epoch's.
+class Progress {
+ public:
+  Progress(TrainStats& st, std::uint64_t epochs, std::uint64_t total)
+      : st_(st), epochs_(epochs), total_(total), t0_(Clock::now()), last_print_(t0_) {}
+
+  // A batch of n samples trained (its mean loss and how many it got right).
+  void add(double loss, std::uint64_t correct, std::uint64_t n) {
+    loss_sum_ += loss * static_cast<double>(n);
+    correct_ += correct;
+    seen_ += n;
+    ++st_.batches;
+    st_.samples += n;
+  }
+  // After batch k (1-based) of epoch e's `batches`: prints a line when one is due.
+  void batch(std::uint64_t e, std::uint64_t k, std::size_t batches) {
+    const auto now = Clock::now();
+    const bool decile = st_.batches_done * 10 >= next_decile_ * total_;
+    if (!decile && now - last_print_ < std::chrono::seconds(2)) return;
+    while (next_decile_ <= 10 && st_.batches_done * 10 >= next_decile_ * total_) ++next_decile_;
+    last_print_ = now;
+    const double secs = seconds();
+    std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64 "%% loss %.3f acc %.3f %.0f samples/s\n",
+                e + 1, epochs_, k, batches, st_.batches_done * 100 / total_, loss_sum_ / static_cast<double>(seen_),
+                static_cast<double>(correct_) / static_cast<double>(seen_),
+                secs > 0 ? static_cast<double>(st_.samples) / secs : 0.0);
+    std::fflush(stdout);
+  }
+  // The epoch's running figures become the last epoch's (unless it was all done before a restart).
+  void end_epoch() {
+    if (seen_ != 0) {
+      st_.last_epoch_loss = loss_sum_ / static_cast<double>(seen_);
+      st_.last_epoch_acc = static_cast<double>(correct_) / static_cast<double>(seen_);
+      st_.last_epoch_samples = seen_;
+    }
+    loss_sum_ = 0.0;
+    correct_ = seen_ = 0;
+  }
+  double seconds() const { return seconds_since(t0_); }
+
+ private:
+  TrainStats& st_;
+  const std::uint64_t epochs_, total_;
+  const Clock::time_point t0_;
+  Clock::time_point last_print_;
+  std::uint64_t next_decile_ = 1;
+  double loss_sum_ = 0.0;
+  std::uint64_t correct_ = 0, seen_ = 0;
+};
+
 // The reference schedule for one worker. `fetch` gives the parameters before each batch (views of
 // the segment, a pull into a copy, or a local model); `apply` consumes the gradients (a push, or a
 // local SGD step) and is told how many of this worker's batches are then done. The first
@@ -66,16 +118,13 @@ TrainStats train(const shmps::data::Schedule& sched, const std::function<shmps::
   const std::uint64_t epochs = sched.epochs();
   const std::uint64_t total = sched.worker_total_batches();
   TrainStats st;
-  const auto t0 = Clock::now();
-  auto last_print = t0;
-  std::uint64_t next_decile = 1;
+  Progress progress(st, epochs, total);
 
   for (std::uint64_t e = 0; e < epochs; ++e) {
     const std::vector<std::uint64_t> js = sched.worker_batches(e);
     if (js.empty()) continue;
     const std::vector<std::uint64_t> order = data::epoch_order(e, sched.n);
-    double loss_sum = 0.0;
-    std::uint64_t correct = 0, seen = 0, k = 0;
+    std::uint64_t k = 0;
     for (const std::uint64_t j : js) {
       if (st.batches_done < start_batch) {  // done by this slot's previous process
         ++st.batches_done;
@@ -90,33 +139,14 @@ TrainStats train(const shmps::data::Schedule& sched, const std::function<shmps::
       labeler.label(rows, xs, ys);
       const mlp::BatchResult r = net.forward_backward(fetch(), xs, ys, grads);
       apply(grads, ++st.batches_done);
-      loss_sum += r.loss * static_cast<double>(b);
-      correct += r.correct;
-      seen += b;
       ++k;
-      ++st.batches;
-      st.samples += b;
+      progress.add(r.loss, r.correct, b);
 
-      const auto now = Clock::now();
-      const bool decile = st.batches_done * 10 >= next_decile * total;
-      if (decile || now - last_print >= std::chrono::seconds(2)) {
-        while (next_decile <= 10 && st.batches_done * 10 >= next_decile * total) ++next_decile;
-        last_print = now;
-        const double secs = seconds_since(t0);
-        std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64
-                    "%% loss %.3f acc %.3f %.0f samples/s\n",
-                    e + 1, epochs, k, js.size(), st.batches_done * 100 / total,
-                    loss_sum / static_cast<double>(seen), static_cast<double>(correct) / static_cast<double>(seen),
-                    secs > 0 ? static_cast<double>(st.samples) / secs : 0.0);
-        std::fflush(stdout);
-      }
+      progress.batch(e, k, js.size());
     }
-    if (seen == 0) continue;  // the whole epoch was done before a restart
-    st.last_epoch_loss = loss_sum / static_cast<double>(seen);
-    st.last_epoch_acc = static_cast<double>(correct) / static_cast<double>(seen);
-    st.last_epoch_samples = seen;
+    progress.end_epoch();
   }
-  st.seconds = seconds_since(t0);
+  st.seconds = progress.seconds();
   return st;
 }
 
@@ -305,14 +335,11 @@ TrainStats train_ctr(const shmps::data::Schedule& sched, const shmps::ctr::Label
   const std::uint64_t epochs = sched.epochs();
   const std::uint64_t total = sched.worker_total_batches();
   TrainStats st;
-  const auto t0 = Clock::now();
-  auto last_print = t0;
-  std::uint64_t next_decile = 1;
+  Progress progress(st, epochs, total);
 
   for (std::uint64_t e = 0; e < epochs; ++e) {
     const std::vector<std::uint64_t> js = sched.worker_batches(e);
-    double loss_sum = 0.0;
-    std::uint64_t correct = 0, seen = 0, k = 0;
+    std::uint64_t k = 0;
     for (const std::uint64_t j : js) {
       ++k;
       if (st.batches_done < start_batch) {  // done by this slot's previous process
@@ -328,32 +355,13 @@ TrainStats train_ctr(const shmps::data::Schedule& sched, const shmps::ctr::Label
       fetch(b, rows, head);
       const ctr::BatchResult r = ctr::forward_backward(b, rows, head, grads);
       apply(b, grads, ++st.batches_done);
-      loss_sum += r.loss * static_cast<double>(n);
-      correct += r.correct;
-      seen += n;
-      ++st.batches;
-      st.samples += n;
+      progress.add(r.loss, r.correct, n);
 
-      const auto now = Clock::now();
-      const bool decile = st.batches_done * 10 >= next_decile * total;
-      if (decile || now - last_print >= std::chrono::seconds(2)) {
-        while (next_decile <= 10 && st.batches_done * 10 >= next_decile * total) ++next_decile;
-        last_print = now;
-        const double secs = seconds_since(t0);
-        std::printf("epoch %" PRIu64 "/%" PRIu64 " batch %" PRIu64 "/%zu %3" PRIu64
-                    "%% loss %.3f acc %.3f %.0f samples/s\n",
-                    e + 1, epochs, k, js.size(), st.batches_done * 100 / total,
-                    loss_sum / static_cast<double>(seen), static_cast<double>(correct) / static_cast<double>(seen),
-                    secs > 0 ? static_cast<double>(st.samples) / secs : 0.0);
-        std::fflush(stdout);
-      }
+      progress.batch(e, k, js.size());
     }
-    if (seen == 0) continue;  // the whole epoch was done before a restart
-    st.last_epoch_loss = loss_sum / static_cast<double>(seen);
-    st.last_epoch_acc = static_cast<double>(correct) / static_cast<double>(seen);
-    st.last_epoch_samples = seen;
+    progress.end_epoch();
   }
-  st.seconds = seconds_since(t0);
+  st.seconds = progress.seconds();
   return st;
 }
 
