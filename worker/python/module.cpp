@@ -51,6 +51,7 @@ struct Param {
   std::size_t size;
   std::size_t rows = 0;
   std::size_t dim = 0;
+  bool init_put = false;
 };
 
 std::string shape_text(const std::vector<std::size_t>& shape) {
@@ -150,6 +151,16 @@ IdsView ids_view(py::handle object, const What& what) {
   return v;
 }
 
+// The Worker library's interrupt check (set_interrupt_check): runs Python's signal handlers, so
+// that Ctrl-C interrupts any wait. Taking the GIL here is safe: no thread waits for a Worker's
+// mutex while it holds the GIL (see the top of this file). The handler's exception stays set in
+// this thread and is raised by PyWorker::unlocked; in other threads than the main one Python runs
+// no handlers, and this returns false.
+bool python_signal_pending() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
 // One Worker and the mutex that serialises the Python threads using it.
 class PyWorker {
  public:
@@ -158,16 +169,28 @@ class PyWorker {
     shmps::WorkerOptions options{.segment = segment.value_or(""),
                                  .rank = rank,
                                  .timeout = std::chrono::milliseconds(static_cast<std::int64_t>(timeout_s * 1000))};
-    py::gil_scoped_release unlocked;  // attaching may wait for the segment to become ready
-    worker_.emplace(std::move(options));
+    try {
+      py::gil_scoped_release unlocked;  // attaching may wait for the segment to become ready
+      worker_.emplace(std::move(options));
+    } catch (const shmps::Interrupted&) {
+      if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+      throw;
+    }
   }
 
-  // Runs `f(worker)` with the GIL released and this Worker's mutex held.
+  // Runs `f(worker)` with the GIL released and this Worker's mutex held. A wait that Python's
+  // signal handlers interrupted (interrupt_check below) raises what they raised, KeyboardInterrupt
+  // for Ctrl-C, once the GIL is back.
   template <class F>
   auto unlocked(F&& f) {
-    py::gil_scoped_release release;
-    std::lock_guard lock(mutex_);
-    return f(*worker_);
+    try {
+      py::gil_scoped_release release;
+      std::lock_guard lock(mutex_);
+      return f(*worker_);
+    } catch (const shmps::Interrupted&) {
+      if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+      throw;
+    }
   }
   // For what does not change once attached (rank, segment, generation, the parameters): no lock.
   shmps::Worker& local() { return *worker_; }
@@ -349,6 +372,7 @@ class PyWorker {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "shmps: join a shmps job (a shared-memory parameter server) as a worker. See help(shmps.Worker).";
+  shmps::set_interrupt_check(&python_signal_pending);  // Ctrl-C interrupts any wait
 
   // shmps.Error, an Exception carrying the C++ message unchanged.
   static py::exception<Error> error(m, "Error");
@@ -370,6 +394,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("dim", &Param::dim, "the values in each row of a table; 0 for a dense parameter")
       .def_property_readonly("is_table", [](const Param& p) { return p.dim != 0; },
                              "True for a table ([[table]] in the spec: pull_rows/push_rows), False for a dense parameter")
+      .def_readonly("init_put", &Param::init_put,
+                    "True when the spec says init = \"put\": a worker puts the first values, pulls wait for it")
       .def_property_readonly("dtype", [](const Param&) { return py::dtype::of<float>(); })
       .def("__repr__", [](const Param& p) {
         return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=float32" +
@@ -405,7 +431,7 @@ fails changes nothing in the job.)")
              for (const shmps::ParamInfo& p : w.local().params()) {
                py::tuple shape(p.shape.size());
                for (std::size_t i = 0; i < p.shape.size(); ++i) shape[i] = p.shape[i];
-               list.append(Param{p.name, shape, p.size, p.rows, p.dim});
+               list.append(Param{p.name, shape, p.size, p.rows, p.dim, p.init_put});
              }
              return list;
            },
@@ -469,6 +495,11 @@ for the first worker whose put the server applies (that rank may put it again be
 update). Returns once applied; raises shmps.Error saying why if the server refused it, and for
 NaN or Inf (nothing is put). A spec's init = "put" makes pulls wait for it. The GIL is released
 meanwhile.)")
+      .def("is_put", [](PyWorker& w, const std::string& name) { return w.local().is_put(name); }, py::arg("name"),
+           "Whether every slice of the parameter has been put (always True for one that is not init = \"put\"). "
+           "Does not wait.")
+      .def("put_rank", [](PyWorker& w, const std::string& name) { return w.local().put_rank(name); }, py::arg("name"),
+           "The rank whose put of the parameter the server applied first, or -1 if none yet.")
       .def("wait_applied", [](PyWorker& w, std::uint64_t seq) { w.unlocked([&](shmps::Worker& x) { x.wait_applied(seq); }); },
            py::arg("seq"), "Block until the server has applied every push up to sequence number seq.")
       .def("wait_for_workers",

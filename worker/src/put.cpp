@@ -82,6 +82,22 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
               "parameter can be put only before its first update; " + done);
 }
 
+bool Worker::is_put(std::string_view name) const {
+  const Impl& s = *impl_;
+  const std::uint32_t i = s.find(name);
+  const ParamEntry& p = s.segment.param(i);
+  if (p.init_put == 0) return true;
+  const std::uint64_t slices = (p.size + s.segment.header().slice_floats - 1) / s.segment.header().slice_floats;
+  for (std::uint64_t k = 0; k < slices; ++k)
+    if (load_acquire(s.segment.slice(p.first_slice + k).version) < 2) return false;  // version counts 2 per update
+  return true;
+}
+
+int Worker::put_rank(std::string_view name) const {
+  const std::uint64_t rank_plus_one = load_acquire(impl_->segment.param_stats(impl_->find(name)).put_rank);
+  return static_cast<int>(rank_plus_one) - 1;
+}
+
 std::uint64_t Worker::Impl::commit_put() {
   const std::uint64_t seq = fill_claimed(RecordKind::put, 0.0);
   publish_claimed(seq, "put.before_commit");

@@ -19,6 +19,10 @@ namespace shmps {
 
 using namespace shmps::shm;
 
+std::atomic<bool (*)()> worker_detail::interrupt_check{nullptr};
+
+void set_interrupt_check(bool (*check)()) noexcept { worker_detail::interrupt_check.store(check, std::memory_order_release); }
+
 int Worker::rank() const { return impl_->rank; }
 const std::string& Worker::segment() const { return impl_->segment.name(); }
 const std::vector<ParamInfo>& Worker::params() const { return impl_->params; }

@@ -39,8 +39,16 @@ namespace worker_detail {
 
 using Clock = std::chrono::steady_clock;
 
+// The check set_interrupt_check() installs (worker.cpp), or nullptr.
+extern std::atomic<bool (*)()> interrupt_check;
+// How often a wait calls it: often enough that Ctrl-C feels immediate, rarely enough to cost
+// nothing next to a wait.
+inline constexpr std::chrono::milliseconds kInterruptEvery{50};
+
 // Waits with back-off: spin a little (the common wait is microseconds), then sleep on `word`
-// (a futex the server bumps) when given, else in short naps. Returns false on timeout.
+// (a futex the server bumps) when given, else in short naps. Returns false on timeout; throws
+// Interrupted when the interrupt check says so (before it marks this worker as waiting, so
+// nothing is left to undo).
 template <class Done>
 inline bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<std::uint32_t>* word,
                      std::atomic<std::uint32_t>* waiting_flag) {
@@ -48,10 +56,16 @@ inline bool wait_for(Done&& done, Clock::time_point deadline, const std::atomic<
     if (done()) return true;
     if (spin > 20) std::this_thread::yield();
   }
+  auto next_check = Clock::now() + kInterruptEvery;
   while (true) {
     if (done()) return true;
     const auto now = Clock::now();
     if (now >= deadline) return false;
+    if (now >= next_check) {
+      next_check = now + kInterruptEvery;
+      if (auto* check = interrupt_check.load(std::memory_order_acquire); check != nullptr && check())
+        throw Interrupted("interrupted while waiting for the server (the process's interrupt check, e.g. Ctrl-C)");
+    }
     if (word != nullptr) {
       const std::uint32_t seen = load_acquire(*word);
       store_own(*waiting_flag, 1U);

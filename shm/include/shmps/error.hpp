@@ -10,4 +10,11 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Thrown by a Worker call whose wait the process's interrupt check stopped (see
+// set_interrupt_check in <shmps/worker.hpp>): it changed no more than a timeout would have.
+class Interrupted : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace shmps

@@ -52,6 +52,15 @@ struct WorkerOptions {
   std::chrono::milliseconds timeout{30000};
 };
 
+// A process-wide check that every wait of every Worker (a full ring, a BSP barrier, a pull that
+// waits for a put or a version, wait_applied, wait_for_workers, attaching) calls about every
+// 50 ms; when it returns true the waiting call throws shmps::Interrupted, having changed no more
+// than a timeout would have. For interactive front ends: the Python module sets one that runs
+// Python's signal handlers, so that Ctrl-C interrupts any wait. nullptr (the default): none.
+// The check runs on the waiting thread, with whatever that thread holds; it must not call the
+// Worker that waits.
+void set_interrupt_check(bool (*check)()) noexcept;
+
 // A push that streams through the ring (bigger than one ring record, see Worker::push) and was
 // cut short: elements [offset, offset + committed) of the range [offset, offset + count) of
 // parameter `name` were committed, the rest not.
@@ -71,6 +80,8 @@ struct ParamInfo {
   std::size_t rows = 0;
   std::size_t dim = 0;
   bool is_table() const noexcept { return dim != 0; }
+  // init = "put" in the spec: a worker puts its first values (Worker::put), and pulls wait for it.
+  bool init_put = false;
 };
 
 class Worker {
@@ -119,6 +130,12 @@ class Worker {
   // been put.
   void put(std::string_view name, std::span<const float> values);
   void put(std::string_view name, std::size_t offset, std::span<const float> values);
+  // Whether every slice of the parameter has been put (or, for a parameter that is not
+  // init = "put", always true): what a restarted rank 0 asks before it puts its fresh module
+  // again, which would be refused once training has updated it. Does not wait.
+  bool is_put(std::string_view name) const;
+  // The rank whose put of the parameter the server applied first, or -1 if none yet.
+  int put_rank(std::string_view name) const;
 
   // Get by version (SINGA's Get): as pull(), but first waits, bounded by the timeout, until every
   // slice of the range has had at least `min_version` updates (the version pull() returns), then
