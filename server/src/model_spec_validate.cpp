@@ -146,8 +146,6 @@ std::string spec_detail::table_problem(const ModelSpec& spec, const ParamSpec& p
     return at + ": tables are updated lazily (only the rows a round touches), and adam's bias correction would "
                 "need a step count per row, which is not kept yet: use sgd, momentum, nesterov, adagrad or rmsprop "
                 "(each updates a touched row element by element)";
-  if (p.init.kind == InitSpec::Kind::put)
-    return at + ".init: \"put\" is not supported for tables yet; use zeros, constant, u24 or pretrained";
   return {};
 }
 

@@ -50,6 +50,7 @@ std::uint64_t Worker::pull_rows(std::string_view name, std::span<const std::uint
   s.check_ids("pull_rows of", i, ids);
   if (ids.empty()) return 0;
   s.wait_for_consistency("pull_rows of", name);
+  s.wait_for_put("pull_rows of", i, 0, s.params[i].size);  // an init = "put" table: once, all of it
   const SliceReadResult read = read_rows(s.segment, s.segment.param(i), ids, out, s.options.timeout);
   if (read.stuck_slice)
     throw Error("pull_rows of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +

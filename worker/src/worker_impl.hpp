@@ -224,9 +224,11 @@ struct Worker::Impl {
     return it->second;
   }
 
-  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count) const {
+  // A range of a dense parameter; with tables_too (put), of a table's row-major elements too.
+  void check_range(const char* what, std::uint32_t i, std::size_t offset, std::size_t count,
+                   bool tables_too = false) const {
     const ParamEntry& p = segment.param(i);
-    refuse_kind(what, i, false);
+    if (!tables_too) refuse_kind(what, i, false);
     if (count == 0)
       throw Error(std::string(what) + " '" + params[i].name + "': the range is empty (0 elements); nothing to do");
     if (offset > p.size || count > p.size - offset)
