@@ -117,7 +117,7 @@ float* Worker::Impl::claim_push(const char* what, std::string_view name, std::si
   const std::uint32_t i = find(name);
   if (borrower != nullptr) refuse_if_borrowed(std::string(what) + " '" + std::string(name) + "'", "nothing was pushed");
   if (rows == 0) {
-    check_range(what, i, offset, count);
+    check_range(what, i, offset, count, put);  // a put may cover a table's rows, a push may not
     if (!put) refuse_push_before_put(what, i, offset, count);
   }
   await_admission();

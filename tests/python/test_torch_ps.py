@@ -1,0 +1,184 @@
+"""PyTorch-native use: a spec written from a module (shmps.spec), Put from rank 0, and
+shmps.torch.ParameterServer pulling and pushing a module with several layer kinds."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="python3-torch is not installed (apt-get install python3-torch): the shmps.torch tests are skipped")
+
+import shmps  # noqa: E402
+import shmps.torch  # noqa: E402
+from conftest import HERE, PYTHON, child_env  # noqa: E402
+from torch_ps_model import EMBEDDINGS, batches, make_model  # noqa: E402
+
+
+def job_spec(model, **options):
+    """The module's spec without its name line (the test's Job names the segment)."""
+    text = shmps.torch.spec(model, name="unused", **options)
+    assert 'name = "unused"\n' in text
+    return text.replace('name = "unused"\n', "", 1)
+
+
+def spec_cli(*args, cwd=HERE):
+    return subprocess.run([PYTHON, "-m", "shmps.spec", *args], cwd=cwd, env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_spec_names_every_parameter_with_its_shape_and_makes_sparse_embeddings_tables(tmp_path):
+    out = spec_cli("torch_ps_model.py:factory", "--name", "mixed", "--optimizer", "momentum", "--lr", "0.1",
+                   "--momentum", "0.5", "--consistency", "bsp")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    import tomllib
+
+    spec = tomllib.loads(text)
+    model = make_model()
+    dense = {n: list(p.shape) for n, p in model.named_parameters() if n != "emb.weight"}
+    assert {p["name"]: p["shape"] for p in spec["param"]} == dense
+    assert all(p["init"] == "put" for p in spec["param"] + spec["table"])
+    assert spec["table"] == [{"name": "emb.weight", "rows": EMBEDDINGS, "dim": 8, "init": "put"}]
+    assert spec["optimizer"] == {"kind": "momentum", "lr": 0.1, "momentum": 0.5}
+    assert spec["name"] == "mixed" and spec["consistency"] == "bsp"
+    assert "bn.running_mean" in text and "not served" in text  # the buffers stay local, and it says so
+    assert shmps.torch.spec(model, name="mixed", optimizer="momentum", lr=0.1, momentum=0.5,
+                            consistency="bsp") == text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no_such_module:f"], "cannot import module 'no_such_module'"),
+    (["torch_ps_model.py:nothing"], "has no 'nothing'; it defines"),
+    (["torch_ps_model.py:not_a_module"], "returned a dict, not a torch.nn.Module"),
+    (["torch_ps_model.py:batches"], "the factory must build the module with no arguments"),
+    (["torch_ps_model.py"], "is not MODULE:FACTORY"),
+    (["missing/file.py:f"], "no such file: missing/file.py"),
+    (["torch_ps_model.py:factory", "--optimizer", "adam"], "adam is not supported for tables"),
+    (["torch_ps_model.py:factory", "--momentum", "0.9"], "'momentum' is not used by 'sgd'"),
+    (["torch_ps_model.py:factory", "--name", "a/b"], "cannot be a segment name"),
+])
+def test_spec_errors_say_what_is_wrong(args, message):
+    out = spec_cli(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr, out.stderr
+    assert out.stderr.startswith("shmps.spec: error: ")
+
+
+def sgd_reference(lr, steps, fused):
+    """The same module trained locally on the same batches: p <- p - lr * g per element in float32,
+    as the server's SGD (the sparse embedding's untouched rows stay as they are). The server's
+    build (-march=native) lets the compiler fuse the multiply and the subtraction where the CPU has
+    FMA, rounding once: `fused` computes it so (lr * g is exact in float64, and the one rounding of
+    the difference to float32 is the FMA's but for double-rounding ties, which these values do not
+    hit); else lr * g is rounded first."""
+    model = make_model(0)
+    lr32 = torch.tensor(lr, dtype=torch.float32)
+    for x, ids, offsets, y in batches(7, steps):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x, ids, offsets), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                g = p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad
+                if fused:
+                    p.copy_((p.double() - lr32.double() * g.double()).float())
+                else:
+                    p.copy_(p - lr32 * g)
+    return model
+
+
+def differences(model, reference):
+    return {name: (got - want).abs().max().item()
+            for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters())
+            if not torch.equal(got, want)}
+
+
+@pytest.mark.parametrize("consistency", ["bsp", "asp"])
+def test_n_steps_through_the_server_equal_n_local_sgd_steps_exactly(make_job, consistency):
+    lr, steps = 0.05, 12
+    job = make_job(job_spec(make_model(0), lr=lr, consistency=consistency))
+    model = make_model(0)
+    with shmps.Worker(job.name, rank=0) as w:
+        ps = shmps.torch.ParameterServer(model, worker=w)
+        assert ps.rank == 0 and all(w.is_put(p.name) for p in w.params())
+        for x, ids, offsets, y in batches(7, steps):
+            ps.zero_grad()
+            torch.nn.functional.cross_entropy(model(x, ids, offsets), y).backward()
+            ps.step()
+            if consistency == "asp":
+                ps.finish()  # one worker in ASP: wait for the push, so that the next pull sees it
+            ps.pull()
+        if consistency == "bsp":  # the module's parameters are the segment's values (views)
+            fc = dict(model.named_parameters())["fc.weight"]
+            assert np.shares_memory(fc.detach().numpy(), w.view("fc.weight"))
+        ps.finish()
+        ps.close()  # gives the module storage of its own again (BSP) before the worker leaves
+        # Bit for bit equal to one of the two ways float32 SGD can round (see sgd_reference).
+        reference = sgd_reference(lr, steps, fused=True)
+        if differences(model, reference):
+            unfused = sgd_reference(lr, steps, fused=False)
+            assert not differences(model, unfused), (differences(model, reference), differences(model, unfused))
+            reference = unfused
+        # The embedding rows no batch touched still hold rank 0's initial values.
+        untouched = make_model(0).emb.weight[EMBEDDINGS // 2:]
+        assert torch.equal(model.emb.weight[EMBEDDINGS // 2:], untouched)
+        # The buffers stayed in the module, and were updated there.
+        assert model.bn.num_batches_tracked.item() == steps
+        rows, _ = w.pull_rows("emb.weight", np.arange(EMBEDDINGS))
+        assert np.array_equal(rows, reference.emb.weight.detach().numpy())
+
+
+def test_rank_0_puts_the_others_wait_and_a_restarted_rank_0_does_not_put_again(make_job):
+    job = make_job(job_spec(make_model(0), lr=0.05, consistency="asp"))
+    # Rank 1 first, with another seed: it waits for rank 0's put, then holds rank 0's values.
+    r1 = job.python("torch_ps_worker.py", "init", "--seed", "1", env={"SHMPS_RANK": "1"})
+    time.sleep(1.0)
+    assert r1.running(), r1.output()
+    r0 = job.python("torch_ps_worker.py", "init", "--seed", "0", env={"SHMPS_RANK": "0"})
+    assert r0.wait(60) == 0, r0.output()
+    assert r1.wait(60) == 0, r1.output()
+    values = [line for line in r0.output().splitlines() if line.startswith("values ")]
+    assert values and values == [line for line in r1.output().splitlines() if line.startswith("values ")]
+    # Train a few steps (rank 0, with a DataLoader of 2 worker processes), then a fresh rank 0 with
+    # another seed: it must not put its new module over the trained values.
+    t0 = job.python("torch_ps_worker.py", "train", "--seed", "0", "--steps", "5", "--loader-workers", "2",
+                    env={"SHMPS_RANK": "0"})
+    assert t0.wait(90) == 0, t0.output()
+    assert "trained 5" in t0.output()
+    with shmps.Worker(job.name, rank=2) as w:
+        trained, _ = w.pull("fc.weight")
+    again = job.python("torch_ps_worker.py", "init", "--seed", "5", env={"SHMPS_RANK": "0"})
+    assert again.wait(60) == 0, again.output()
+    with shmps.Worker(job.name, rank=2) as w:
+        after, _ = w.pull("fc.weight")
+        assert w.put_rank("fc.weight") == 0
+    assert np.array_equal(trained, after)
+    assert not np.array_equal(after, make_model(5).fc.weight.detach().numpy())
+
+
+def test_a_module_that_does_not_match_the_job_is_refused_and_nothing_is_put(make_job):
+    job = make_job(job_spec(make_model(0), lr=0.05))
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with shmps.Worker(job.name, rank=0) as w:
+        with pytest.raises(shmps.Error, match=r"'0.weight' \(2, 3\) is not in job .*python3 -m shmps.spec"):
+            shmps.torch.ParameterServer(other, worker=w)
+        assert not any(w.is_put(p.name) for p in w.params())
+
+
+def test_ctrl_c_interrupts_a_wait(make_job):
+    job = make_job(job_spec(make_model(0), lr=0.05))
+    p = job.python("torch_ps_worker.py", "wait-forever", env={"SHMPS_RANK": "3"})
+    deadline = time.monotonic() + 30
+    while "waiting" not in p.output():
+        assert p.running() and time.monotonic() < deadline, p.output()
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the pull's wait
+    p.popen.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    code = p.wait(10)
+    assert code is not None, "the wait was not interrupted within 10 s"
+    assert time.monotonic() - start < 2.0
+    assert code != 0 and "KeyboardInterrupt" in p.output(), p.output()
