@@ -81,7 +81,14 @@ Child& Launcher::spawn(const std::string& label, const std::vector<std::string>&
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     execvp(args[0], args.data());
-    std::fprintf(stderr, "shmps-launch: cannot run %s: %s\n", args[0], std::strerror(errno));
+    // A Python script without its execute bit (as a file someone else wrote often is): run it
+    // with Debian's python3, which has numpy and torch.
+    if (errno == EACCES && argv[0].ends_with(".py")) {
+      args.insert(args.begin(), const_cast<char*>("/usr/bin/python3"));
+      execv(args[0], args.data());
+      errno = EACCES;
+    }
+    std::fprintf(stderr, "shmps-launch: cannot run %s: %s\n", argv[0].c_str(), std::strerror(errno));
     _exit(127);
   }
   // Also here, not only in the child: a signal sent to the group right after fork must reach it.

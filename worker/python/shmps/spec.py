@@ -103,7 +103,8 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         raise SpecError(f"optimizer {optimizer!r} is not one of the server's: {', '.join(OPTIMIZER_KEYS)}")
     if not (lr > 0):
         raise SpecError(f"lr must be a positive number, got {lr}")
-    allowed = OPTIMIZER_KEYS[optimizer] + _COMMON_KEYS + ("state_dtype",)
+    # state_dtype only for the kinds that keep state (plain SGD keeps none).
+    allowed = OPTIMIZER_KEYS[optimizer] + _COMMON_KEYS + (("state_dtype",) if optimizer != "sgd" else ())
     given = {k: v for k, v in optimizer_options.items() if v is not None}
     for key in given:
         if key not in allowed:
