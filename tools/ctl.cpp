@@ -39,6 +39,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/futex.hpp>
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/mailbox.hpp>
@@ -284,6 +285,8 @@ int cmd_inspect(const std::string& name) {
       for (std::uint64_t k = 0; k < shown; ++k) std::cout << (k ? "," : "") << seg.sync_slice(p.first_slice + k).home;
       if (shown < p.slice_count) std::cout << ",... (" << p.slice_count << " slices)";
     }
+    // Values stored in 2 bytes (dtype = "bf16" / "fp16"); float32 says nothing.
+    if (p.dtype != DType::f32) std::cout << "  dtype " << to_string(p.dtype) << " (2 bytes an element)";
     // Put (Worker::put): who put it; init = "put" and nobody yet: pulls of it wait.
     if (const std::uint64_t put_rank = load_acquire(seg.param_stats(i).put_rank); put_rank != 0)
       std::cout << "  put by worker " << put_rank - 1;
@@ -384,7 +387,7 @@ int cmd_checkpoint(std::string name, const std::string& path) {
 }
 
 // Writes every parameter of a live job to a safetensors file (PyTorch's and numpy's format, one
-// F32 tensor per parameter under its own name), without stopping or slowing the job: each slice
+// F32 tensor per parameter under its own name; BF16 / F16 for a parameter of dtype bf16 / fp16), without stopping or slowing the job: each slice
 // is copied whole (seqlock), the file is written atomically. Versions go into the metadata.
 int cmd_export(const std::string& name, const std::string& path) {
   Segment seg = Segment::open(name, Access::read_only);
@@ -392,6 +395,7 @@ int cmd_export(const std::string& name, const std::string& path) {
   if (load_acquire(h.state) == static_cast<std::uint32_t>(SegmentState::creating))
     throw Error("segment '" + name + "' is still being created; nothing to export yet");
   std::vector<std::vector<float>> values(h.param_count);
+  std::vector<std::vector<std::uint16_t>> halves(h.param_count);  // bf16 / fp16 parameters: their stored bytes
   std::vector<server::safetensors::TensorView> tensors;
   std::map<std::string, std::string> metadata{
       {"shmps.segment", name},
@@ -402,8 +406,13 @@ int cmd_export(const std::string& name, const std::string& path) {
   std::uint64_t bytes = 0;
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = seg.param(i);
-    values[i].resize(p.size);
-    const SliceReadResult read = read_param(seg, p, 0, values[i], std::chrono::seconds(10));
+    if (p.dtype == DType::f32)
+      values[i].resize(p.size);
+    else
+      halves[i].resize(p.size);
+    const SliceReadResult read = p.dtype == DType::f32
+                                     ? read_param(seg, p, 0, values[i], std::chrono::seconds(10))
+                                     : read_param_raw(seg, p, 0, halves[i], std::chrono::seconds(10));
     if (read.stuck_slice)
       throw Error("slice " + std::to_string(*read.stuck_slice) + " of '" + std::string(param_name(p)) +
                   "' has been mid-update for 10 s (a server died while writing it): start the server again, which "
@@ -412,8 +421,12 @@ int cmd_export(const std::string& name, const std::string& path) {
     for (std::uint64_t k = 0; k < p.slice_count; ++k) hi = std::max(hi, load_acquire(seg.slice(p.first_slice + k).version) / 2);
     metadata["shmps.version." + std::string(param_name(p))] = std::to_string(read.min_version) + ".." + std::to_string(hi);
     std::vector<std::uint64_t> shape(p.shape, p.shape + p.ndim);
-    tensors.push_back({std::string(param_name(p)), "F32", shape, std::as_bytes(std::span<const float>(values[i]))});
-    bytes += p.size * sizeof(float);
+    if (p.dtype == DType::f32)
+      tensors.push_back({std::string(param_name(p)), "F32", shape, std::as_bytes(std::span<const float>(values[i]))});
+    else  // BF16 / F16, the stored values as they are
+      tensors.push_back({std::string(param_name(p)), std::string(safetensors_dtype(p.dtype)), shape,
+                         std::as_bytes(std::span<const std::uint16_t>(halves[i]))});
+    bytes += p.size * dtype_bytes(p.dtype);
   }
   server::safetensors::write_file(path, tensors, metadata);
   std::cout << "exported " << h.param_count << " parameters (" << human_bytes(bytes) << ") of '" << name << "' to "

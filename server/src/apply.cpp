@@ -8,6 +8,7 @@
 
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/ring.hpp>
 
 #include "apply_chunks.hpp"
@@ -29,19 +30,31 @@ class SliceUpdate {
       : segment_(segment), settings_(segment.header().optimizer), slice_index_(slice_index),
         slice_(segment.slice(slice_index)), param_(segment.param(slice_.param)), redo_(segment.redo(thread)),
         arrays_(static_cast<int>(segment.header().state_arrays)), elem_(segment.state_elem_bytes()),
-        bf16_(settings_.state_dtype == StateDType::bf16), step_(slice_.step) {
+        bf16_(settings_.state_dtype == StateDType::bf16), dtype_(param_.dtype), step_(slice_.step) {
     last_ = segment.redo_last_applied(redo_);
     values_ = segment.redo_values(redo_);
     for (int a = 0; a < 2; ++a) {
       state_[a] = a < arrays_ ? segment.redo_state(redo_, a) : nullptr;
       slice_state_[a] = a < arrays_ ? segment.state_bytes(param_, a) + slice_.first * elem_ : nullptr;
     }
-    slice_values_ = segment.values(param_) + slice_.first;
+    // A bf16 / fp16 parameter's values are 2-byte elements: never read as float32 in place
+    // (copy_slice_to_redo widens them), so no float pointer into them.
+    slice_values_ = dtype_ == DType::f32 ? segment.values(param_) + slice_.first : nullptr;
     std::memcpy(last_, &segment.last_applied(slice_index, 0), segment.header().max_workers * sizeof(std::uint64_t));
   }
 
   // ASP/SSP: one optimizer step per contribution, in order.
   void apply_each(std::span<const Contribution> contributions) {
+    if (dtype_ != DType::f32) {  // 2-byte values: widened into the entry, each step rounded there
+      for (const Contribution& c : contributions) {
+        const Part part = part_of(c);
+        if (!part.grad) continue;
+        copy_slice_to_redo();
+        update(part.grad, part.lo, part.n, part.scale, false);
+        ++updates_;
+      }
+      return;
+    }
     if (take_inputs(contributions, RedoMode::each)) return;
     for (const Contribution& c : contributions) {
       const Part part = part_of(c);
@@ -61,7 +74,8 @@ class SliceUpdate {
 
   // BSP: the contributions summed in rank order (or their mean over the ranks), one step.
   void apply_sum(std::span<const Contribution> contributions, bool mean) {
-    if (take_inputs(contributions, mean ? RedoMode::mean : RedoMode::sum)) return;
+    // (2-byte values go in whole: the chunked path reads and writes the slice as float32.)
+    if (dtype_ == DType::f32 && take_inputs(contributions, mean ? RedoMode::mean : RedoMode::sum)) return;
     thread_local std::vector<float> sum;
     std::uint64_t ranks = 0;
     std::int64_t last_rank = -1;
@@ -86,7 +100,12 @@ class SliceUpdate {
       const float inv = 1.0f / static_cast<float>(ranks);
       for (float& g : sum) g *= inv;
     }
-    update(sum.data(), 0, slice_.count, 1.0f, true);
+    if (dtype_ != DType::f32) {
+      copy_slice_to_redo();
+      update(sum.data(), 0, slice_.count, 1.0f, false);
+    } else {
+      update(sum.data(), 0, slice_.count, 1.0f, true);
+    }
     updates_ = 1;
   }
 
@@ -193,11 +212,16 @@ class SliceUpdate {
   // applied already (a server that died mid-step: its clock says so).
   void apply_sums(std::uint64_t step, float scale) {
     if (slice_.sum_step != step + 1 || load_own(slice_.clock) > step) return;
-    mode_ = RedoMode::sums;  // always chunked: its only input is the step sums
-    scale_ = scale;
-    ++step_;
     updates_ = 1;  // its floats were counted when they were summed
     clock_after_ = step + 1;
+    if (dtype_ != DType::f32) {  // 2-byte values: computed whole in the entry, copied in whole
+      copy_slice_to_redo();
+      update(segment_.step_sums(param_) + slice_.first, 0, slice_.count, scale, false);
+      return;
+    }
+    mode_ = RedoMode::sums;  // chunked: its only input is the step sums
+    scale_ = scale;
+    ++step_;
   }
 
   // Publishes the new sums through the redo entry (add_to_sums).
@@ -345,6 +369,10 @@ class SliceUpdate {
       else
         apply_update(settings_, values, g, s0, s1, step, scale);
     }
+    // A bf16 / fp16 parameter: the new values rounded to nearest even, once per optimizer step
+    // (so the result does not depend on how pushes fall into rounds), and the entry then holds
+    // exactly what copy_in narrows into the slice.
+    round_to(dtype_, values.data(), n);
   }
 
   // One optimizer step of `grad` over the redo entry's elements [lo, lo + n), in place, as step
@@ -361,7 +389,7 @@ class SliceUpdate {
 
   void copy_slice_to_redo() {
     if (in_redo_) return;
-    std::memcpy(values_, slice_values_, slice_.count * sizeof(float));
+    read_slice_values(segment_, param_, slice_, values_);  // a 2-byte dtype widened, exactly
     for (int a = 0; a < arrays_; ++a) std::memcpy(state_[a], slice_state_[a], slice_.count * elem_);
     in_redo_ = true;
   }
@@ -374,7 +402,8 @@ class SliceUpdate {
   RedoEntry& redo_;
   const int arrays_;
   const std::uint64_t elem_;  // bytes per state element
-  const bool bf16_;
+  const bool bf16_;   // the optimizer state in bf16
+  const DType dtype_;  // the values' dtype
   std::uint64_t step_;
   std::uint64_t* last_ = nullptr;  // the slice's exactly-once row, being updated in the redo entry
   float* values_ = nullptr;        // the new values, in the redo entry

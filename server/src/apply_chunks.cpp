@@ -264,6 +264,8 @@ void finish_chunked(Segment& segment, RedoEntry& entry) {
     throw damaged("names " + std::to_string(entry.inputs) + " inputs, more than it holds");
   if (entry.slice >= h.slice_count || entry.count != segment.slice(entry.slice).count)
     throw damaged("names slice " + std::to_string(entry.slice) + " of " + std::to_string(entry.count) + " elements");
+  if (segment.param(segment.slice(entry.slice).param).dtype != DType::f32)  // never chunked (layout.hpp, RedoEntry)
+    throw damaged("updates slice " + std::to_string(entry.slice) + " of a bf16 / fp16 parameter chunk by chunk");
   const std::uint64_t chunk = std::min<std::uint64_t>(kApplyChunkFloats, h.slice_floats);
   const std::uint64_t lo = load_own(entry.chunk_lo), done = load_own(entry.done);
   if (done > entry.count || (lo != kNoChunk && (lo >= entry.count || entry.chunk_count > chunk ||

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/worker_slot.hpp>
@@ -51,8 +52,9 @@ std::uint64_t put_slice(Segment& segment, std::uint32_t rank, const PushRecord& 
   const ParamEntry& p = segment.param(slice.param);
   const std::uint64_t lo = std::max(slice.first, rec.offset), hi = std::min(slice.first + slice.count, rec.offset + rec.count);
   float* values = segment.redo_values(redo);
-  std::memcpy(values, segment.values(p) + slice.first, slice.count * sizeof(float));
+  read_slice_values(segment, p, slice, values);
   std::memcpy(values + (lo - slice.first), record_payload(&rec) + (lo - rec.offset), (hi - lo) * sizeof(float));
+  round_to(p.dtype, values + (lo - slice.first), hi - lo);  // a bf16 / fp16 parameter stores them rounded
   const std::uint64_t elem = segment.state_elem_bytes();
   for (std::uint32_t a = 0; a < h.state_arrays; ++a)
     std::memcpy(segment.redo_state(redo, static_cast<int>(a)), segment.state_bytes(p, static_cast<int>(a)) + slice.first * elem,

@@ -13,6 +13,7 @@
 #include <shmps/server/initialise.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/pages.hpp>
@@ -41,6 +42,7 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
     for (auto d : p.shape) mix(d);
     if (p.init_put) mix(0x9074ULL);  // pulls wait for a put: part of the layout; others keep their hash
     if (p.table_dim != 0) mix(0x7ab1e0000ULL + p.table_dim);  // a table: reached by row
+    if (p.dtype != DType::f32) mix(0xd7e00000ULL + static_cast<std::uint64_t>(p.dtype));  // f32 keeps its hash
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
@@ -72,19 +74,21 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     const SliceEntry& s1 = segment.slice(last - 1);
     const ParamEntry& p0 = segment.param(s0.param);
     const ParamEntry& p1 = segment.param(s1.param);
-    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, std::uint64_t elem, const char* what) {
-      const std::uint64_t begin = offset0 + s0.first * elem;
-      const std::uint64_t end = offset1 + (s1.first + s1.count) * elem;
+    // elem0, elem1: bytes per element where the block starts and ends (the values' dtype may differ).
+    auto reserve = [&](std::uint64_t offset0, std::uint64_t offset1, std::uint64_t elem0, std::uint64_t elem1,
+                       const char* what) {
+      const std::uint64_t begin = offset0 + s0.first * elem0;
+      const std::uint64_t end = offset1 + (s1.first + s1.count) * elem1;
       segment.reserve(begin, end - begin, what);
     };
     try {
-      reserve(p0.values_offset, p1.values_offset, sizeof(float), "its values");
+      reserve(p0.values_offset, p1.values_offset, dtype_bytes(p0.dtype), dtype_bytes(p1.dtype), "its values");
+      const std::uint64_t state_elem = segment.state_elem_bytes();
       for (std::uint32_t a = 0; a < h.state_arrays; ++a)
-        reserve(p0.state_offset[a], p1.state_offset[a], segment.state_elem_bytes(), "optimizer state");
-      if (h.step_sums_offset != 0) {  // float32 gradient sums, laid out as the values are
-        const std::uint64_t shift = h.step_sums_offset - h.values_offset;
-        reserve(p0.values_offset + shift, p1.values_offset + shift, sizeof(float), "BSP step sums");
-      }
+        reserve(p0.state_offset[a], p1.state_offset[a], state_elem, state_elem, "optimizer state");
+      if (h.step_sums_offset != 0)  // float32 gradient sums, at the parameters' f32_offset
+        reserve(h.step_sums_offset + p0.f32_offset, h.step_sums_offset + p1.f32_offset, sizeof(float), sizeof(float),
+                "BSP step sums");
     } catch (const Error& e) {
       const std::lock_guard lock(mutex);
       if (error.empty()) error = e.what();
@@ -248,7 +252,14 @@ Segment create_segment(const ServerOptions& options, const LayoutRequest& reques
   prefault_model(segment, arena);  // before anything writes a value: first touch by the apply threads
   for (std::size_t i = 0; i < plan.params.size() && !restore; ++i) {
     const ParamEntry& p = segment.param(i);
-    initialise(spec.params[i], std::span<float>(segment.values(p), p.size), pretrained);
+    if (p.dtype == DType::f32) {
+      initialise(spec.params[i], std::span<float>(segment.values(p), p.size), pretrained);
+      continue;
+    }
+    // A bf16 or fp16 parameter: the initial values computed in float32, rounded to nearest even.
+    std::vector<float> values(p.size);
+    initialise(spec.params[i], std::span<float>(values), pretrained);
+    narrow(p.dtype, values.data(), segment.values16(p), p.size);
   }
   if (restore) {
     restore_into(segment, *restore);
@@ -291,7 +302,8 @@ LayoutRequest layout_request(const ServerOptions& options) {
   const ModelSpec& spec = options.spec;
   LayoutRequest request;
   for (const auto& p : spec.params)
-    request.params.push_back({p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim)});
+    request.params.push_back(
+        {p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim), p.dtype});
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
   request.workers_per_group = spec.workers_per_group;

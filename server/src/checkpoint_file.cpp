@@ -12,6 +12,7 @@
 #include <shmps/shape.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/server/safetensors.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/killpoint.hpp>
 
 namespace shmps::server {
@@ -318,7 +319,19 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
     Snapshot::Param p;
     p.name = name;
     p.shape = t.shape;
-    p.values = file.f32(name, t.shape);
+    if (t.dtype == "BF16" || t.dtype == "F16") {  // a bf16 / fp16 parameter's stored values
+      p.dtype = t.dtype == "BF16" ? DType::bf16 : DType::fp16;
+      const auto bytes = file.data(t);
+      std::vector<std::uint16_t> stored(bytes.size() / sizeof(std::uint16_t));
+      if (!stored.empty()) std::memcpy(stored.data(), bytes.data(), bytes.size());
+      p.values.resize(stored.size());
+      widen(p.dtype, stored.data(), p.values.data(), stored.size());
+    } else if (t.dtype == "F32") {
+      p.values = file.f32(name, t.shape);
+    } else {
+      fail(path, "tensor \"" + name + "\": expected dtype F32 (or BF16 / F16: the values of a parameter of dtype bf16 / "
+                 "fp16), found " + t.dtype);
+    }
     for (std::size_t a = 0; a < names.size(); ++a) {
       const std::string state = name + "/" + names[a];
       if (!file.tensors().contains(state))
@@ -379,8 +392,19 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path) {
   std::map<std::string, std::string> meta = metadata_of(snap);
 
   std::uint64_t first_slice = 0;
+  // bf16 / fp16 parameters: their values narrowed back into the stored bytes (exact), kept here
+  // until the file is written.
+  std::vector<std::vector<std::uint16_t>> stored;
+  stored.reserve(snap.params.size());
   for (const auto& p : snap.params) {
-    tensors.push_back({p.name, "F32", p.shape, std::as_bytes(std::span<const float>(p.values))});
+    if (p.dtype == DType::f32) {
+      tensors.push_back({p.name, "F32", p.shape, std::as_bytes(std::span<const float>(p.values))});
+    } else {
+      std::vector<std::uint16_t>& s = stored.emplace_back(p.values.size());
+      narrow(p.dtype, p.values.data(), s.data(), s.size());
+      tensors.push_back({p.name, std::string(safetensors_dtype(p.dtype)), p.shape,
+                         std::as_bytes(std::span<const std::uint16_t>(s))});
+    }
     const std::uint64_t slices = (p.values.size() + snap.slice_floats - 1) / snap.slice_floats;
     std::int64_t lo = INT64_MAX, hi = 0;
     for (std::uint64_t k = 0; k < slices; ++k) {

@@ -9,6 +9,7 @@
 #include <shmps/server/checkpoint.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/bf16.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/worker_slot.hpp>
 
 namespace shmps::server {
@@ -33,6 +34,12 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
     if (it->shape != want.shape)
       fail(path, "tensor \"" + want.name + "\" has shape " + shape_text(it->shape) + ", but " + spec.source + " says " +
                      shape_text(want.shape));
+    if (it->dtype != want.dtype)
+      fail(path, "tensor \"" + want.name + "\" holds " + std::string(safetensors_dtype(it->dtype)) + " values (dtype " +
+                     std::string(to_string(it->dtype)) + "), but " + spec.source + " says dtype = \"" +
+                     std::string(to_string(want.dtype)) + "\": a checkpoint restores into the dtype it was taken in; set "
+                     "dtype = \"" + std::string(to_string(it->dtype)) + "\" (to change a parameter's dtype, export it "
+                     "and start from it as pretrained values)");
     if (it != snap.params.begin() + static_cast<std::ptrdiff_t>(i))
       fail(path, "parameter \"" + want.name + "\" is at position " + std::to_string(it - snap.params.begin()) +
                      " in the checkpoint, " + std::to_string(i) + " in " + spec.source + ": list them in the same order");
@@ -82,7 +89,10 @@ void restore_into(Segment& segment, const Snapshot& snap) {
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = segment.param(i);
     const Snapshot::Param& sp = snap.params[i];
-    std::memcpy(segment.values(p), sp.values.data(), p.size * sizeof(float));
+    if (p.dtype == DType::f32)
+      std::memcpy(segment.values(p), sp.values.data(), p.size * sizeof(float));
+    else  // exact: the snapshot's values are a bf16 / fp16 segment's, widened (check_restorable)
+      narrow(p.dtype, sp.values.data(), segment.values16(p), p.size);
     for (int a = 0; a < arrays; ++a) {
       if (dtype == StateDType::bf16)  // round to nearest even: exact for a checkpoint of a bf16 segment
         to_bf16(sp.state[a].data(), reinterpret_cast<std::uint16_t*>(segment.state_bytes(p, a)), p.size);

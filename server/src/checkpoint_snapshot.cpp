@@ -8,6 +8,7 @@
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/membership.hpp>
 #include <shmps/shm/bf16.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/proc.hpp>
 
 #include "parallel.hpp"
@@ -27,12 +28,13 @@ void parallel_copy(tbb::task_arena& arena, float* dst, const float* src, std::si
   });
 }
 
-// The same, widening bf16 state to float32 (exact).
-void parallel_widen(tbb::task_arena& arena, float* dst, const std::uint16_t* src, std::size_t n) {
+// The same, widening bf16 state or bf16 / fp16 values to float32 (exact).
+void parallel_widen(tbb::task_arena& arena, float* dst, const std::uint16_t* src, std::size_t n,
+                    DType dtype = DType::bf16) {
   constexpr std::size_t kChunk = 1 << 20;
   parallel_for_index(arena, (n + kChunk - 1) / kChunk, [&](std::size_t chunk, std::size_t) {
     const std::size_t begin = chunk * kChunk, count = std::min(kChunk, n - begin);
-    from_bf16(src + begin, dst + begin, count);
+    widen(dtype, src + begin, dst + begin, count);
   });
 }
 
@@ -105,7 +107,11 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
     sp.name = std::string(param_name(p));
     sp.shape.assign(p.shape, p.shape + p.ndim);
     sp.values.resize(p.size);
-    parallel_copy(arena, sp.values.data(), segment.values(p), p.size);
+    sp.dtype = p.dtype;
+    if (p.dtype == DType::f32)
+      parallel_copy(arena, sp.values.data(), segment.values(p), p.size);
+    else
+      parallel_widen(arena, sp.values.data(), segment.values16(p), p.size, p.dtype);
     for (int a = 0; a < 2; ++a) {
       sp.state[a].resize(a < arrays ? p.size : 0);
       if (a >= arrays) continue;

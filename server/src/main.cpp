@@ -219,8 +219,14 @@ void print_plan(const shmps::server::ServerOptions& options, const std::string& 
             << (plan.ring_bytes / 2 - sizeof(shmps::shm::PushRecord)) / sizeof(float)
             << " floats fits one record, bigger ones stream through the ring in chunks\n"
             << "huge pages " << shmps::shm::huge_page_text(shmps::shm::huge_page_support(), 0, m.total_bytes)
-            << "\n\n"
-            << shmps::shm::memory_table(m);
+            << "\n";
+  // Parameters whose values are stored in 2 bytes (dtype = "bf16" / "fp16"), each with its size.
+  for (const auto& p : plan.params)
+    if (p.dtype != shmps::shm::DType::f32)
+      std::cout << "dtype " << shmps::shm::to_string(p.dtype) << " " << p.name << ": " << p.size << " elements, "
+                << shmps::shm::human_bytes(p.size * shmps::shm::dtype_bytes(p.dtype)) << " (float32: "
+                << shmps::shm::human_bytes(p.size * sizeof(float)) << ")\n";
+  std::cout << "\n" << shmps::shm::memory_table(m);
 }
 
 // Handlers first: a SIGTERM that arrives while start() runs (or right after "ready") must

@@ -17,7 +17,7 @@
 namespace shmps::server::spec_detail {
 
 namespace {
-constexpr std::string_view kTableKeysList[] = {"name", "rows", "dim", "init", "optimizer", "keys"};
+constexpr std::string_view kTableKeysList[] = {"name", "rows", "dim", "init", "optimizer", "keys", "dtype"};
 constexpr Keys kTableKeys{kTableKeysList};
 constexpr IntRule kRowsRule{1, std::uint64_t{1} << 40, 1, ""};
 constexpr IntRule kDimRule{1, std::uint64_t{1} << 20, 1, ""};
@@ -45,6 +45,9 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     if (const toml::node* k = t->get("keys"))
       fail(k->source(), at + ".keys",
            "open-ended 64-bit keys are not supported yet: ids are row numbers in [0, rows); remove it");
+    if (const toml::node* d = t->get("dtype"))
+      fail(d->source(), at + ".dtype",
+           "a table's values are float32 only (bf16 and fp16 values are for [[param]]s, docs/tables.md); remove it");
     ParamSpec p;
     const toml::node* name = t->get("name");
     if (name == nullptr) fail(t->source(), at + ".name", "missing; every [[table]] needs a name");

@@ -19,7 +19,9 @@ namespace shmps::server::spec_detail {
 
 namespace {
 
-constexpr std::string_view kParamKeysList[] = {"name", "shape", "init"};
+constexpr std::string_view kParamKeysList[] = {"name", "shape", "init", "dtype"};
+constexpr std::string_view kDTypesList[] = {"f32", "bf16", "fp16"};
+constexpr Keys kDTypes{kDTypesList};
 constexpr Keys kParamKeys{kParamKeysList};
 
 std::string type_name(toml::node_type t) {
@@ -293,6 +295,15 @@ void Parser::read_params(const toml::table& root, ModelSpec& spec) const {
     total_bytes += bytes;
 
     if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
+    if (const toml::node* d = t->get("dtype")) {
+      const std::string text = str_value(*d, at + ".dtype");
+      const auto dtype = shm::dtype_from_string(text);
+      if (!dtype)
+        fail(d->source(), at + ".dtype",
+             "unknown dtype " + quote(text) + did_you_mean(text, kDTypes) +
+                 "; write \"f32\" (float32, the default), \"bf16\" (bfloat16) or \"fp16\" (IEEE half)");
+      p.dtype = *dtype;
+    }
     spec.params.push_back(std::move(p));
   }
 }

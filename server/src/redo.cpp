@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/seqlock.hpp>
 
@@ -71,10 +72,18 @@ void copy_in(Segment& segment, RedoEntry& e) {
   const std::uint64_t half = e.count / 2;
   const std::uint64_t word = load_own(slice.version);
   if ((word & 1U) == 0) seqlock_write_begin(slice.version);  // a replay finds it odd already
-  float* values = segment.values(p) + slice.first;
-  std::memcpy(values, segment.redo_values(e), half * sizeof(float));
-  kill_point("apply.mid_copy");
-  std::memcpy(values + half, segment.redo_values(e) + half, (e.count - half) * sizeof(float));
+  const float* from = segment.redo_values(e);
+  if (p.dtype == DType::f32) {
+    float* values = segment.values(p) + slice.first;
+    std::memcpy(values, from, half * sizeof(float));
+    kill_point("apply.mid_copy");
+    std::memcpy(values + half, from + half, (e.count - half) * sizeof(float));
+  } else {  // 2-byte values: narrowed (exactly: the entry's values are rounded to the dtype already)
+    std::uint16_t* values = segment.values16(p) + slice.first;
+    narrow(p.dtype, from, values, half);
+    kill_point("apply.mid_copy");
+    narrow(p.dtype, from + half, values + half, e.count - half);
+  }
   const std::uint64_t elem = segment.state_elem_bytes();  // the entry holds the segment's state dtype
   for (int a = 0; a < arrays; ++a)
     std::memcpy(segment.state_bytes(p, a) + slice.first * elem, segment.redo_state(e, a), e.count * elem);
@@ -82,6 +91,13 @@ void copy_in(Segment& segment, RedoEntry& e) {
   slice.step = e.step_after;
   if (e.clock_after != 0) store_release(slice.clock, e.clock_after);
   store_release(slice.version, e.version_after);
+}
+
+void read_slice_values(const Segment& segment, const ParamEntry& p, const SliceEntry& slice, float* out) {
+  if (p.dtype == DType::f32)
+    std::memcpy(out, segment.values(p) + slice.first, slice.count * sizeof(float));
+  else
+    widen(p.dtype, segment.values16(p) + slice.first, out, slice.count);
 }
 
 }  // namespace shmps::server

@@ -5,6 +5,9 @@
 // RedoEntry (layout.hpp), marks the entry valid, copies it in (copy_in), and clears the mark. A
 // server killed in between leaves the entry valid and the slice's version word odd; the next
 // server copies the entry in again (recovery.hpp), which is idempotent.
+//
+// A bf16 or fp16 parameter: the entry holds float32 values already rounded to the dtype, and the
+// copy narrows them into the slice's 2-byte elements (exact, so a replay writes the same bytes).
 #pragma once
 
 #include <shmps/shm/segment.hpp>
@@ -16,5 +19,9 @@ namespace shmps::server {
 // word. An entry for the slice's step sums (streamed BSP) copies the sums, the exactly-once row
 // and the sums' step instead, with no seqlock (only the server reads sums). Idempotent.
 void copy_in(shm::Segment& segment, shm::RedoEntry& entry);
+
+// The values of slice `slice` of parameter p (p.dtype: float32, or bf16 / fp16 widened exactly)
+// into out[0, slice.count): how an update reads the current values into its redo entry.
+void read_slice_values(const shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice, float* out);
 
 }  // namespace shmps::server

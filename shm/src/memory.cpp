@@ -33,9 +33,12 @@ std::uint64_t MemoryBreakdown::bytes_of(std::string_view name) const noexcept {
 MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   MemoryBreakdown m;
   m.total_bytes = plan.total_bytes;
-  std::uint64_t floats = 0;
-  for (const auto& p : plan.params) floats += p.size;
-  m.values_bytes = floats * sizeof(float);
+  std::uint64_t floats = 0, halves = 0;  // elements in all; those stored in 2 bytes (bf16, fp16)
+  for (const auto& p : plan.params) {
+    floats += p.size;
+    m.values_bytes += p.size * dtype_bytes(p.dtype);
+    if (p.dtype != DType::f32) halves += p.size;
+  }
   const std::uint64_t state_elem = state_dtype_bytes(plan.state_dtype);
   m.state_bytes = plan.state_arrays * floats * state_elem;
   m.ring_each_bytes = sizeof(RingHeader) + plan.ring_bytes;  // a big ring's padding to 2 MiB is padding
@@ -45,13 +48,15 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
 
   m.parts.push_back({"values", m.values_bytes,
                      std::to_string(plan.params.size()) + (plan.params.size() == 1 ? " parameter, " : " parameters, ") +
-                         std::to_string(floats) + " floats"});
+                         (halves == 0 ? std::to_string(floats) + " floats"
+                                      : std::to_string(floats) + " elements, " + std::to_string(halves) +
+                                            " of them in 2 bytes (bf16, fp16)")});
   m.parts.push_back({"optimizer state", m.state_bytes,
                      plan.state_arrays == 0
                          ? "none (plain SGD)"
                          : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
-                               (plan.state_dtype == StateDType::bf16 ? " of bf16, each half the values' size"
-                                                                     : " of the values' size")});
+                               (plan.state_dtype == StateDType::bf16 ? " of bf16, 2 bytes per element"
+                                                                     : " of float32, 4 bytes per element")});
   if (plan.step_sums_bytes != 0)
     m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
                        "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});

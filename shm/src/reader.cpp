@@ -5,6 +5,7 @@
 #include <optional>
 #include <thread>
 
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/seqlock.hpp>
 
 namespace shmps::shm {
@@ -30,21 +31,20 @@ std::optional<std::uint64_t> read_slice(const SliceEntry& slice, Copy&& copy, st
   return version;
 }
 
-}  // namespace
-
-SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
-                           std::chrono::milliseconds timeout) {
+// Elements [offset, offset + count) of p, slice by slice: copy(lo, hi) copies elements [lo, hi)
+// of one slice, under that slice's seqlock read.
+template <class CopyRange>
+SliceReadResult read_slices(const Segment& seg, const ParamEntry& p, std::uint64_t offset, std::uint64_t count,
+                            CopyRange&& copy, std::chrono::milliseconds timeout) {
   SliceReadResult result;
   result.min_version = UINT64_MAX;
   const std::uint64_t slice_floats = seg.header().slice_floats;
-  const float* values = seg.values(p);
-  const std::uint64_t end = offset + out.size();
+  const std::uint64_t end = offset + count;
   for (std::uint64_t k = offset / slice_floats; k * slice_floats < end; ++k) {
     const SliceEntry& slice = seg.slice(p.first_slice + k);
     const std::uint64_t lo = std::max<std::uint64_t>(offset, slice.first);
     const std::uint64_t hi = std::min<std::uint64_t>(end, slice.first + slice.count);
-    const auto version =
-        read_slice(slice, [&] { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); }, timeout);
+    const auto version = read_slice(slice, [&] { copy(lo, hi); }, timeout);
     if (!version) {
       result.stuck_slice = k;
       return result;
@@ -52,6 +52,43 @@ SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_
     result.min_version = std::min(result.min_version, *version / 2);
   }
   return result;
+}
+
+}  // namespace
+
+SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
+                           std::chrono::milliseconds timeout) {
+  if (p.dtype == DType::f32) {
+    const float* values = seg.values(p);
+    return read_slices(
+        seg, p, offset, out.size(),
+        [&](std::uint64_t lo, std::uint64_t hi) { racy_copy_floats(out.data() + (lo - offset), values + lo, hi - lo); },
+        timeout);
+  }
+  // 2-byte values: copied a block at a time into a small buffer (the racy copy), then widened
+  // into out (exact); the copy and the widening of a block stay in L1.
+  const std::uint16_t* values = seg.values16(p);
+  return read_slices(
+      seg, p, offset, out.size(),
+      [&](std::uint64_t lo, std::uint64_t hi) {
+        constexpr std::uint64_t kBlock = 2048;
+        alignas(64) std::uint16_t block[kBlock];
+        for (std::uint64_t b = lo; b < hi; b += kBlock) {
+          const std::uint64_t n = std::min(kBlock, hi - b);
+          racy_copy_halves(block, values + b, n);
+          widen(p.dtype, block, out.data() + (b - offset), n);
+        }
+      },
+      timeout);
+}
+
+SliceReadResult read_param_raw(const Segment& seg, const ParamEntry& p, std::uint64_t offset,
+                               std::span<std::uint16_t> out, std::chrono::milliseconds timeout) {
+  const std::uint16_t* values = seg.values16(p);
+  return read_slices(
+      seg, p, offset, out.size(),
+      [&](std::uint64_t lo, std::uint64_t hi) { racy_copy_halves(out.data() + (lo - offset), values + lo, hi - lo); },
+      timeout);
 }
 
 SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,

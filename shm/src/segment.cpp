@@ -18,6 +18,7 @@
 
 #include <shmps/error.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/memory.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shape.hpp>
@@ -126,7 +127,17 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       throw Error("parameter '" + p.name + "' must have 1 to " + std::to_string(kMaxDims) + " dimensions");
     ParamEntry entry{};
     std::memcpy(entry.name, p.name.data(), p.name.size());
-    entry.dtype = DType::f32;
+    entry.dtype = p.dtype;
+    if (static_cast<std::uint32_t>(p.dtype) > static_cast<std::uint32_t>(DType::fp16))
+      throw Error("parameter '" + p.name + "': unknown dtype " + std::to_string(static_cast<std::uint32_t>(p.dtype)));
+    if (p.dtype != DType::f32 && p.table_dim != 0)
+      throw Error("table '" + p.name + "': a table's values are float32 only (dtype " + std::string(to_string(p.dtype)) +
+                  " is for a [[param]]); drop its dtype");
+    if (p.dtype != DType::f32 && sync)
+      throw Error("parameter '" + p.name + "' has dtype " + std::string(to_string(p.dtype)) +
+                  ", and server groups (" + std::to_string(request.server_groups) +
+                  " of them, or several hosts) sync float32 values only: run the job as one server group, or make "
+                  "the parameter dtype = \"f32\"");
     entry.ndim = static_cast<std::uint32_t>(p.shape.size());
     entry.init_put = p.init_put ? 1U : 0U;
     entry.table_dim = p.table_dim;
@@ -220,14 +231,20 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.rings_offset = big_region_at(offset, rings_bytes);
   offset = plan.rings_offset + rings_bytes;
 
-  std::uint64_t values_bytes = 0;
-  for (const auto& entry : plan.params) values_bytes += align_up(entry.size * sizeof(float), kCacheLine);
+  // The values, each parameter in its dtype; and the same parameters as float32 (f32_offset, for
+  // the step sums and the sync arrays, which hold float32 whatever the dtype).
+  std::uint64_t values_bytes = 0, f32_bytes = 0;
+  for (auto& entry : plan.params) {
+    values_bytes += align_up(entry.size * dtype_bytes(entry.dtype), kCacheLine);
+    entry.f32_offset = f32_bytes;
+    f32_bytes += align_up(entry.size * sizeof(float), kCacheLine);
+  }
   // Values start on a page so that big parameters can be backed by whole pages.
   offset = big_region_at(align_up(offset, 4096), values_bytes);
   plan.values_offset = offset;
   for (auto& entry : plan.params) {
     entry.values_offset = offset;
-    offset += align_up(entry.size * sizeof(float), kCacheLine);
+    offset += align_up(entry.size * dtype_bytes(entry.dtype), kCacheLine);
   }
   std::uint64_t state_array_bytes = 0;  // one state array of every parameter
   for (const auto& entry : plan.params) state_array_bytes += align_up(entry.size * state_elem, kCacheLine);
@@ -250,11 +267,11 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                     "ring_bytes to at least " + std::to_string(bsp_step_ring_bytes(plan.params)) +
                     " plus the bytes of a step's push_rows (steps that stream through the rings are summed densely, "
                     "which a table's rows are not)");
-    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    offset = big_region_at(align_up(offset, 4096), f32_bytes);
     plan.step_sums_offset = offset;
-    plan.step_sums_bytes = values_bytes;
-    offset += values_bytes;
-    last_region = values_bytes;
+    plan.step_sums_bytes = f32_bytes;
+    offset += f32_bytes;
+    last_region = f32_bytes;
   }
   // Server groups: per slice its sync state and the home's exactly-once row, then a slice's
   // values at its last sync and its delta in flight, each laid out as the values are.
@@ -265,14 +282,14 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     offset = align_up(offset + plan.slice_count * sizeof(SyncSlice), kCacheLine);
     plan.sync_applied_offset = offset;
     offset = align_up(offset + plan.slice_count * request.server_groups * sizeof(std::uint64_t), kCacheLine);
-    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    offset = big_region_at(align_up(offset, 4096), f32_bytes);
     plan.sync_base_offset = offset;
-    offset += values_bytes;
-    offset = big_region_at(align_up(offset, 4096), values_bytes);
+    offset += f32_bytes;
+    offset = big_region_at(align_up(offset, 4096), f32_bytes);
     plan.sync_sent_offset = offset;
-    offset += values_bytes;
+    offset += f32_bytes;
     plan.sync_bytes = offset - tables_start;
-    last_region = values_bytes;
+    last_region = f32_bytes;
   }
   // A big last region ends on a huge-page boundary too (huge=within_size makes a huge page only
   // where the file covers it whole).

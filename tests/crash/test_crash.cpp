@@ -40,9 +40,23 @@ namespace {
 struct Pushes {
   std::string spec_extra;
   std::vector<std::string> pusher_args;
+  std::string dtype;  // the values' dtype ("": float32)
 };
 const Pushes kWhole{};
-const Pushes kStreamed{"ring_bytes = 262144\n", {"--chunk-floats", "16384"}};
+const Pushes kStreamed{"ring_bytes = 262144\n", {"--chunk-floats", "16384"}, ""};
+// Values in bf16 (dtype = "bf16" on "w" and "b"): small integers are exact in bf16 up to 256, and
+// the pattern's sums stay below that (at most 223 in magnitude for 300 pushes of each of 3
+// workers, in any order: the sum of each rank's largest partial sum), so the exact sum holds.
+const Pushes kBf16{"", {}, "bf16"};
+
+// pattern_spec with every parameter's values in `dtype` ("": as it is).
+std::string spec_of(const Pushes& how) {
+  std::string spec = shmps::test::pattern_spec(8, how.spec_extra);
+  if (how.dtype.empty()) return spec;
+  for (const std::string shape : {"shape = [3, 40000]\n", "shape = [7]\n"})
+    spec.replace(spec.find(shape), shape.size(), shape + "dtype = \"" + how.dtype + "\"\n");
+  return spec;
+}
 
 Process& start_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::pair<std::string, std::string>> env = {},
                       const Pushes& how = kWhole) {
@@ -57,7 +71,7 @@ Process& start_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std:
 void kill_server_at(const std::string& point, const std::function<void(const shm::Segment&)>& check_crash_state,
                     const std::string& expect_in_restart_log, const Pushes& how = kWhole) {
   Watchdog watchdog(90s);
-  Job job("kill-server", pattern_spec(8, how.spec_extra));
+  Job job("kill-server", spec_of(how));
   auto& first = job.start_server({}, {{"SHMPS_KILL_AT", point}});
   job.wait_ready();
   std::vector<Process*> pushers;
@@ -66,6 +80,9 @@ void kill_server_at(const std::string& point, const std::function<void(const shm
   {
     auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
     check_crash_state(seg);
+    if (!how.dtype.empty()) {  // the job's values are 2 bytes an element, as asked
+      for (std::uint32_t i = 0; i < seg.header().param_count; ++i) EXPECT_NE(seg.param(i).dtype, shm::DType::f32);
+    }
   }
   auto& second = job.start_server();
   job.wait_ready();
@@ -123,6 +140,24 @@ TEST(ServerCrash, KilledBetweenTheChunksOfASliceTheNextServerFinishesItFromItsIn
 
 TEST(StreamedPush, ServerKilledBetweenTheChunksOfASliceFinishesItOnce) {
   kill_server_at("apply.mid_chunks:40", expect_torn_slices_covered_by_redo, "event=redo", kStreamed);
+}
+
+// bf16 values: the redo entry holds the slice's new values as float32, the copy narrows them into
+// the slice's 2-byte elements, and the next server's replay writes the same bytes (the exact sum).
+TEST(ServerCrash, Bf16ValuesKilledInTheMiddleOfCopyingASliceAreRedoneOnce) {
+  kill_server_at("apply.mid_copy:40", expect_torn_slices_covered_by_redo, "event=redo", kBf16);
+}
+
+TEST(ServerCrash, Bf16ValuesKilledBetweenApplyAndCursorAdvanceApplyNothingTwice) {
+  kill_server_at(
+      "apply.before_release:25",
+      [](const shm::Segment& seg) {
+        std::uint64_t pending = 0;
+        for (std::uint32_t r = 0; r < 3; ++r)
+          pending += shm::load_acquire(seg.ring(r).tail) - shm::load_acquire(seg.ring(r).head);
+        EXPECT_GT(pending, 0u);
+      },
+      "", kBf16);
 }
 
 TEST(ServerCrash, KilledBetweenApplyAndCursorAdvanceAppliesNothingTwice) {

@@ -48,8 +48,8 @@ int main(int argc, char** argv) {
   app.add_option("--mlp-spec", cfg.mlp_spec, "the reference MLP's model spec, for train")->capture_default_str();
   app.add_option("--train-samples", cfg.train_samples, "samples per train run (default 400000, --quick 6400)");
   app.add_option("--only", only,
-                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi, sparse "
-                 "(the limits always run)");
+                 "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi, sparse, "
+                 "bf16 (the limits always run)");
   CLI11_PARSE(app, argc, argv);
 
   if (cfg.quick) {
@@ -79,6 +79,7 @@ int main(int argc, char** argv) {
     if (wanted("scale")) run_scale(cfg, lim, report);
     if (wanted("mpi")) run_mpi(cfg, report);
     if (wanted("sparse")) run_sparse(cfg, report);
+    if (wanted("bf16")) run_bf16(cfg, report);
   } catch (const std::exception& e) {
     report.print(out_path);
     std::cerr << "shmps-bench: " << e.what() << "\n";

@@ -18,6 +18,7 @@ void run_train_mpi(const Config& cfg, Report& report);                      // t
 void run_mpi(const Config& cfg, Report& report);                            // mpi.cpp
 void run_scale(const Config& cfg, const Limits& lim, Report& report);       // scale.cpp
 void run_sparse(const Config& cfg, Report& report);                         // sparse.cpp
+void run_bf16(const Config& cfg, Report& report);                           // bf16.cpp
 
 // A training run's figures (train.cpp): all workers' samples over the longest worker's time, and
 // the final model's losses and accuracy (-1 where not printed).

@@ -52,7 +52,27 @@ struct Param {
   std::size_t rows = 0;
   std::size_t dim = 0;
   bool init_put = false;
+  shmps::ValueDType dtype = shmps::ValueDType::f32;
 };
+
+// A parameter's stored type: the numpy dtype of view() and of a raw pull (float32; float16 for
+// fp16; uint16 bit patterns for bf16, which numpy has no type for), and its name.
+py::dtype numpy_dtype(shmps::ValueDType d) {
+  switch (d) {
+    case shmps::ValueDType::f32: return py::dtype::of<float>();
+    case shmps::ValueDType::bf16: return py::dtype::of<std::uint16_t>();
+    case shmps::ValueDType::fp16: return py::dtype("float16");
+  }
+  return py::dtype::of<float>();
+}
+const char* dtype_name(shmps::ValueDType d) {
+  switch (d) {
+    case shmps::ValueDType::f32: return "float32";
+    case shmps::ValueDType::bf16: return "bfloat16";
+    case shmps::ValueDType::fp16: return "float16";
+  }
+  return "?";
+}
 
 std::string shape_text(const std::vector<std::size_t>& shape) {
   std::string s = "(";
@@ -105,6 +125,55 @@ FloatView float_view(py::handle object, bool writable, const What& what) {
   v.data = static_cast<float*>(v.info.ptr);
   v.size = static_cast<std::size_t>(v.info.size);
   return v;
+}
+
+// The 2-byte memory of a C-contiguous buffer for a raw pull of a bf16 / fp16 parameter: uint16
+// or int16 (bit patterns; a torch.bfloat16 tensor is taken as its int16 view), or float16 for an
+// fp16 parameter. Anything else is a clear error.
+struct HalfView {
+  py::buffer_info info;
+  std::uint16_t* data = nullptr;
+  std::size_t size = 0;
+};
+
+template <class What>
+HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what) {
+  py::object holder = py::reinterpret_borrow<py::object>(object);
+  if (py::hasattr(object, "dtype") && py::str(object.attr("dtype")).cast<std::string>() == "torch.bfloat16")
+    holder = object.attr("view")(py::module_::import("torch").attr("int16"));
+  py::buffer buffer = as_buffer(holder, what, "a uint16 numpy array");
+  HalfView v;
+  try {
+    v.info = buffer.request(true);
+  } catch (const py::error_already_set&) {
+    throw Error(what() + " must be writeable (pull fills it in place); pass a writeable array or out=None");
+  }
+  std::string_view format = v.info.format;
+  if (!format.empty() && (format[0] == '<' || format[0] == '=')) format.remove_prefix(1);
+  const bool bits = format == "H" || format == "h";
+  if (v.info.itemsize != 2 || !(bits || (format == "e" && dtype == shmps::ValueDType::fp16)))
+    throw Error(what() + " must have dtype " +
+                (dtype == shmps::ValueDType::fp16 ? "float16 or uint16" : "uint16 (bfloat16 bit patterns)") +
+                " for the stored values, or float32 for converted ones; got format '" + v.info.format + "'");
+  py::ssize_t expected = 2;
+  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
+    const auto i = static_cast<std::size_t>(d);
+    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
+      throw Error(what() + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
+                         "or tensor.contiguous()");
+    expected *= v.info.shape[i];
+  }
+  v.data = static_cast<std::uint16_t*>(v.info.ptr);
+  v.size = static_cast<std::size_t>(v.info.size);
+  return v;
+}
+
+// Whether `out` (an array given to pull) has 2-byte elements: a raw pull of a bf16 / fp16 parameter.
+bool two_byte_elements(py::handle out) {
+  if (py::hasattr(out, "dtype") && py::str(out.attr("dtype")).cast<std::string>() == "torch.bfloat16") return true;
+  if (py::hasattr(out, "itemsize")) return py::cast<py::ssize_t>(out.attr("itemsize")) == 2;  // numpy
+  if (py::hasattr(out, "element_size")) return py::cast<py::ssize_t>(out.attr("element_size")()) == 2;  // torch
+  return false;
 }
 
 // The row ids of a C-contiguous int64 or uint64 buffer, read in place as uint64 (no copy): an
@@ -219,6 +288,17 @@ class PyWorker {
     if (first > p.size)
       throw Error("pull('" + name + "'): offset " + std::to_string(first) + " is past its " + std::to_string(p.size) +
                   " elements");
+    if (!out.is_none() && p.dtype != shmps::ValueDType::f32 && two_byte_elements(out)) {
+      // A bf16 / fp16 parameter's stored values as they are (Worker::pull into 2-byte elements).
+      const HalfView half = half_view(out, p.dtype, [&] { return "pull('" + name + "', out=...): out"; });
+      if (!offset && half.size != p.size)
+        throw Error("pull('" + name + "', out=...): out has " + std::to_string(half.size) + " elements, the parameter " +
+                    std::to_string(p.size) + " " + shape_text(p.shape) +
+                    "; pass an array of that size, or offset= to pull a range into it");
+      const std::uint64_t version = unlocked(
+          [&](shmps::Worker& w) { return w.pull(name, first, std::span<std::uint16_t>(half.data, half.size), min_version); });
+      return py::make_tuple(out, version);
+    }
     py::object result;
     float* data = nullptr;
     std::size_t count = 0;
@@ -323,15 +403,18 @@ class PyWorker {
       throw Error("view('" + name + "'): offset " + std::to_string(first) + " is past its " + std::to_string(p.size) +
                   " elements");
     const std::size_t n = count.value_or(p.size - first);
-    const std::span<const float> values =
-        me.unlocked([&](shmps::Worker& w) { return w.view(name, first, n); });
+    // A bf16 / fp16 parameter: its stored 2-byte values (uint16 bit patterns for bf16, float16).
+    const void* values = me.unlocked([&](shmps::Worker& w) -> const void* {
+      if (p.dtype == shmps::ValueDType::f32) return w.view(name, first, n).data();
+      return w.view_raw(name, first, n).data();
+    });
     std::vector<py::ssize_t> shape;
     if (offset || count)
       shape.push_back(static_cast<py::ssize_t>(n));
     else
       shape.assign(p.shape.begin(), p.shape.end());
     // pybind11 marks an array over foreign memory writeable; its base (self) keeps it alive.
-    py::array array(py::dtype::of<float>(), shape, {}, values.data(), self);
+    py::array array(numpy_dtype(p.dtype), shape, {}, values, self);
     array.attr("setflags")(py::arg("write") = false);
     return array;
   }
@@ -385,8 +468,8 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<Param>(m, "Param", "A parameter of the model: name, shape, dtype (always float32) and size; "
-                                 "a table also rows and dim (is_table).")
+  py::class_<Param>(m, "Param", "A parameter of the model: name, shape, dtype (how the segment stores it: "
+                                 "dtype_name) and size; a table also rows and dim (is_table).")
       .def_readonly("name", &Param::name)
       .def_readonly("shape", &Param::shape)
       .def_readonly("size", &Param::size, "number of elements")
@@ -396,10 +479,15 @@ PYBIND11_MODULE(_core, m) {
                              "True for a table ([[table]] in the spec: pull_rows/push_rows), False for a dense parameter")
       .def_readonly("init_put", &Param::init_put,
                     "True when the spec says init = \"put\": a worker puts the first values, pulls wait for it")
-      .def_property_readonly("dtype", [](const Param&) { return py::dtype::of<float>(); })
+      .def_property_readonly("dtype", [](const Param& p) { return numpy_dtype(p.dtype); },
+                             "the numpy dtype of view() and of a raw pull(out=...): float32, float16 (dtype \"fp16\"), "
+                             "or uint16 for dtype \"bf16\" (numpy has no bfloat16: the arrays hold its bit patterns; "
+                             "torch.from_numpy(a.view(numpy.int16)).view(torch.bfloat16) reads them as bfloat16)")
+      .def_property_readonly("dtype_name", [](const Param& p) { return dtype_name(p.dtype); },
+                             "how the segment stores the values: 'float32', 'bfloat16' or 'float16'")
       .def("__repr__", [](const Param& p) {
-        return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=float32" +
-               (p.dim != 0 ? ", table)" : ")");
+        return "Param(name='" + p.name + "', shape=" + py::repr(p.shape).cast<std::string>() + ", dtype=" +
+               dtype_name(p.dtype) + (p.dim != 0 ? ", table)" : ")");
       });
 
   py::class_<PyWorker>(m, "Worker", R"(A worker of a shmps job: a process that pulls parameters and pushes gradients.
@@ -431,7 +519,7 @@ fails changes nothing in the job.)")
              for (const shmps::ParamInfo& p : w.local().params()) {
                py::tuple shape(p.shape.size());
                for (std::size_t i = 0; i < p.shape.size(); ++i) shape[i] = p.shape[i];
-               list.append(Param{p.name, shape, p.size, p.rows, p.dim, p.init_put});
+               list.append(Param{p.name, shape, p.size, p.rows, p.dim, p.init_put, p.dtype});
              }
              return list;
            },
@@ -443,7 +531,9 @@ fails changes nothing in the job.)")
 
 out=None: a new float32 array of the parameter's shape. out=ARRAY: filled in place and returned
 (a C-contiguous float32 numpy array, or a CPU torch tensor, of the parameter's size; with offset=K
-the elements K..K+out.size-1). Each slice is copied whole from one version; version is the update
+the elements K..K+out.size-1). A bf16 or fp16 parameter (Param.dtype_name) is converted into
+float32 exactly; or, given out of 2-byte elements (uint16 or int16; float16 for fp16; a
+torch.bfloat16 tensor for bf16), its stored values are copied as they are (half the bytes). Each slice is copied whole from one version; version is the update
 count of the least-updated slice. Waits first as the consistency model requires (BSP: until the
 previous step is applied; SSP: within the staleness bound). min_version=N (get by version): then
 waits, bounded by the worker's timeout, until every slice of the range has had N updates. The GIL
@@ -457,7 +547,10 @@ counts as a pull. In BSP the values are a consistent snapshot until this worker'
 in ASP and SSP the server keeps writing under it (each float whole, a range may be mid-update).
 Call view() again each step: that call is the wait, and it returns the same memory. The array
 is not writeable (never write to the server's values) and keeps this Worker's mapping alive.
-For torch: torch.from_numpy(a) shares it but warns that it is not writeable; see docs/python.md.)")
+For torch: torch.from_numpy(a) shares it but warns that it is not writeable; see docs/python.md.
+Its dtype is the stored one (Param.dtype): float32; float16 for a parameter of dtype fp16;
+uint16 bit patterns for bf16, read as bfloat16 with
+torch.from_numpy(a.view(numpy.int16)).view(torch.bfloat16) (torch.from_numpy takes no uint16).)")
       .def("pull_all", &PyWorker::pull_all,
            "Pull every parameter: a dict name -> new float32 array (a table's every row, (rows, dim)).")
       .def("pull_rows", &PyWorker::pull_rows, py::arg("name"), py::arg("ids"), py::arg("out") = py::none(),

@@ -234,6 +234,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     info.name = std::string(param_name(p));
     for (std::uint32_t d = 0; d < p.ndim; ++d) info.shape.push_back(p.shape[d]);
     info.size = p.size;
+    info.dtype = static_cast<ValueDType>(p.dtype);  // the same numbering (static_assert in view.cpp)
     info.init_put = p.init_put != 0;
     if (p.table_dim != 0) {
       info.rows = p.shape[0];

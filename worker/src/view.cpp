@@ -19,6 +19,8 @@
 #include <cstring>
 #include <string>
 
+#include <shmps/shm/dtype.hpp>
+
 #include "worker_impl.hpp"
 
 namespace shmps {
@@ -40,14 +42,42 @@ void Worker::Impl::protect_values() {
                 std::strerror(errno) + "); nothing was changed");
 }
 
+static_assert(static_cast<int>(ValueDType::f32) == static_cast<int>(DType::f32) &&
+              static_cast<int>(ValueDType::bf16) == static_cast<int>(DType::bf16) &&
+              static_cast<int>(ValueDType::fp16) == static_cast<int>(DType::fp16));
+
 std::span<const float> Worker::view(std::string_view name) {
   return view(name, 0, impl_->params[impl_->find(name)].size);
 }
 
 std::span<const float> Worker::view(std::string_view name, std::size_t offset, std::size_t count) {
-  Impl& s = *impl_;
+  const std::uint32_t i = impl_->find(name);
+  const ParamEntry& p = impl_->segment.param(i);
+  if (p.dtype != DType::f32)
+    throw Error("view of '" + std::string(name) + "': its values are " + std::string(to_string(p.dtype)) +
+                " (2 bytes an element, dtype in the model spec), not float32: use view_raw() for the stored values, "
+                "or pull() into a float buffer");
+  impl_->view_range(name, i, offset, count);
+  return {impl_->segment.values(p) + offset, count};
+}
+
+std::span<const std::uint16_t> Worker::view_raw(std::string_view name) {
+  return view_raw(name, 0, impl_->params[impl_->find(name)].size);
+}
+
+std::span<const std::uint16_t> Worker::view_raw(std::string_view name, std::size_t offset, std::size_t count) {
+  const std::uint32_t i = impl_->find(name);
+  const ParamEntry& p = impl_->segment.param(i);
+  if (p.dtype == DType::f32)
+    throw Error("view_raw of '" + std::string(name) + "': its values are float32 (dtype f32), not 2-byte elements: "
+                "use view()");
+  impl_->view_range(name, i, offset, count);
+  return {impl_->segment.values16(p) + offset, count};
+}
+
+void Worker::Impl::view_range(std::string_view name, std::uint32_t i, std::size_t offset, std::size_t count) {
+  Impl& s = *this;
   s.refuse_if_detached("view parameters");
-  const std::uint32_t i = s.find(name);
   s.check_range("view of", i, offset, count);
   s.wait_for_consistency("view of", name);
   s.wait_for_put("view of", i, offset, count);
@@ -69,7 +99,6 @@ std::span<const float> Worker::view(std::string_view name, std::size_t offset, s
   }
   s.slot.count_view();
   s.heartbeat();
-  return {seg.values(p) + offset, count};
 }
 
 }  // namespace shmps

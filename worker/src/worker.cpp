@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/reader.hpp>
 
 #include "worker_impl.hpp"
@@ -37,7 +38,42 @@ std::string Worker::consistency() const {
 }
 std::uint64_t Worker::applied() const { return impl_->slot.applied(); }
 
+std::string_view to_string(ValueDType dtype) noexcept { return shm::to_string(static_cast<DType>(dtype)); }
+
 std::uint64_t Worker::pull(std::string_view name, std::span<float> out) { return pull(name, out, 0); }
+
+std::uint64_t Worker::pull(std::string_view name, std::span<std::uint16_t> out) {
+  const std::uint32_t i = impl_->find(name);
+  impl_->refuse_kind("pull of", i, false);
+  if (out.size() != impl_->params[i].size)
+    throw Error("pull of '" + std::string(name) + "': the output has " + std::to_string(out.size()) +
+                " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
+                shape_string(impl_->segment.param(i)) + "; pass a buffer of that size, or pull a range with an offset");
+  return pull(name, 0, out);
+}
+
+std::uint64_t Worker::pull(std::string_view name, std::size_t offset, std::span<std::uint16_t> out,
+                           std::uint64_t min_version) {
+  Impl& s = *impl_;
+  s.refuse_if_detached("pull");
+  const std::uint32_t i = s.find(name);
+  const Segment& seg = s.segment;
+  if (seg.param(i).dtype == DType::f32)
+    throw Error("pull of '" + std::string(name) + "' into 2-byte elements: the parameter's values are float32 (its "
+                "dtype is f32); pull it into a float buffer");
+  s.check_range("pull of", i, offset, out.size());
+  s.wait_for_consistency("pull of", name);
+  s.wait_for_put("pull of", i, offset, out.size());
+  s.wait_for_version("pull of", i, offset, out.size(), min_version);
+  const SliceReadResult read = read_param_raw(seg, seg.param(i), offset, out, s.options.timeout);
+  if (read.stuck_slice)
+    throw Error("pull of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
+                " has been mid-update for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+                "; a restarted server repairs it");
+  s.slot.count_pull(static_cast<std::uint64_t>(out.size_bytes()));
+  s.heartbeat();
+  return read.min_version;
+}
 
 std::uint64_t Worker::pull(std::string_view name, std::span<float> out, std::uint64_t min_version) {
   const std::uint32_t i = impl_->find(name);

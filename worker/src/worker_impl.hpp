@@ -153,6 +153,8 @@ struct Worker::Impl {
   std::uint64_t commit_push(double sum_sq, RecordKind kind = RecordKind::push);
   // Tables (rows.cpp): throws unless parameter i is a table (for_rows) or is not (a dense call).
   void refuse_kind(const char* what, std::uint32_t i, bool for_rows) const;
+  // The checks and the wait of a view of parameter i's [offset, offset + count) (view.cpp).
+  void view_range(std::string_view name, std::uint32_t i, std::size_t offset, std::size_t count);
   // Throws (and counts nothing) unless every id is below the table's rows.
   void check_ids(const char* what, std::uint32_t i, std::span<const std::uint64_t> ids) const;
   // The two halves of committing the claimed record (push.cpp): its header, then the release.

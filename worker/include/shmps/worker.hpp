@@ -71,10 +71,20 @@ struct UnfinishedPush {
   std::size_t committed = 0;
 };
 
+// How a parameter's values are stored in the segment (the model spec's `dtype`): float32, or
+// 2-byte bfloat16 / IEEE half. Gradients are float32 for every dtype (push, push_rows, put), and
+// pull() into floats works for every dtype (a 2-byte value widens exactly); the 2-byte forms of
+// pull() and view_raw() hand out the stored bits of a bf16 / fp16 parameter as they are.
+enum class ValueDType { f32 = 0, bf16 = 1, fp16 = 2 };
+// "f32", "bf16", "fp16" (the spec's spelling).
+std::string_view to_string(ValueDType dtype) noexcept;
+
 struct ParamInfo {
   std::string name;
   std::vector<std::size_t> shape;
-  std::size_t size = 0;  // number of elements (float32)
+  std::size_t size = 0;  // number of elements
+  ValueDType dtype = ValueDType::f32;  // how the segment stores them
+  std::size_t element_bytes() const noexcept { return dtype == ValueDType::f32 ? 4 : 2; }
   // A table ([[table]] in the model spec): shape {rows, dim}, read and written by row with
   // pull_rows() / push_rows() only. 0 and 0 for a dense parameter.
   std::size_t rows = 0;
@@ -113,8 +123,17 @@ class Worker {
   //   ASP    not at all.
   // The staleness it saw (this worker's clock minus the slowest live worker's) is recorded in
   // its slot (shmps-ctl inspect shows it).
+  //
+  // A bf16 or fp16 parameter (ParamInfo::dtype) is widened into the floats exactly.
   std::uint64_t pull(std::string_view name, std::span<float> out);
   std::uint64_t pull(std::string_view name, std::size_t offset, std::span<float> out);
+  // The raw form, for a bf16 or fp16 parameter only: copies its stored 2-byte values as they are
+  // (bfloat16 or IEEE half bits, as ParamInfo::dtype says: torch.bfloat16 / numpy.float16
+  // memory), half the bytes of a float pull; otherwise as pull() above (min_version: as the get
+  // by version below). Throws Error for a float32 parameter (pull it into floats).
+  std::uint64_t pull(std::string_view name, std::span<std::uint16_t> out);
+  std::uint64_t pull(std::string_view name, std::size_t offset, std::span<std::uint16_t> out,
+                     std::uint64_t min_version = 0);
 
   // Put (SINGA's Put): sets the parameter's values (or those of [offset, offset + values.size()))
   // to `values`, as a job's rank 0 sets its freshly initialised model. Allowed while the
@@ -170,8 +189,15 @@ class Worker {
   // and across a move of the Worker; the values are those of the segment this Worker attached.
   // Never write through it (const_cast): the values belong to the server, and a worker maps them
   // read-only, so such a write is a SIGSEGV of this process (the job survives it like any death).
+  //
+  // A bf16 or fp16 parameter has no float32 values to point at: view() of one throws Error
+  // (saying to use view_raw(), or pull() into floats). view_raw() is view() for those: the stored
+  // 2-byte values (bfloat16 or IEEE half bits, ParamInfo::dtype) in the segment itself, with every
+  // rule above; it throws Error for a float32 parameter.
   std::span<const float> view(std::string_view name);
   std::span<const float> view(std::string_view name, std::size_t offset, std::size_t count);
+  std::span<const std::uint16_t> view_raw(std::string_view name);
+  std::span<const std::uint16_t> view_raw(std::string_view name, std::size_t offset, std::size_t count);
 
   // Publishes a gradient for the parameter (or for a range of it). All-or-nothing: the record
   // becomes visible to the server with one release store, or not at all. Rejects (throws, pushes

@@ -6,7 +6,9 @@
 // to 8 bytes, FNV-1a checksum "shmps.checksum" over the data section) that PyTorch, numpy and
 // `safetensors.torch.load_file` open as they are. Tensors, in segment order:
 //
-//   <param>                 F32, the parameter's shape        its values ("fc1.weight")
+//   <param>                 F32, the parameter's shape        its values ("fc1.weight"); BF16 or
+//                                                             F16 for a parameter of dtype bf16 or
+//                                                             fp16 (its stored bytes)
 //   <param>/<kind>.<array>  F32, the parameter's shape        optimizer state: momentum.v,
 //                                                             nesterov.v, adagrad.s, rmsprop.s,
 //                                                             adam.m and adam.v
@@ -73,7 +75,10 @@ struct Snapshot {
   struct Param {
     std::string name;
     std::vector<std::uint64_t> shape;
+    // The values as float32; a bf16 or fp16 parameter's widened exactly (`dtype` says which, and
+    // the file stores them as BF16 / F16 tensors again).
     std::vector<float> values;
+    shm::DType dtype = shm::DType::f32;
     std::vector<float> state[2];  // optimizer_state_arrays(optimizer.kind) of them are used
     std::vector<float> sync_base, sync_sent;  // server groups (`sync` below), else empty
   };

@@ -78,6 +78,13 @@
 //                           #   tensor must exist, have dtype F32, exactly the parameter's
 //                           #   shape and finite values. The parser does not open the file:
 //                           #   load_pretrained (initialise.hpp) reads and checks it.
+//   dtype = "f32"           # optional, default "f32". How the segment stores the values:
+//                           #   "f32", "bf16" (bfloat16) or "fp16" (IEEE half): 2 bytes an
+//                           #   element, half the memory and the pull traffic. Gradients are
+//                           #   pushed as float32, the optimizer runs in float32 (its state in
+//                           #   optimizer.state_dtype), and the new values are rounded to nearest
+//                           #   even once per update; initial values are rounded the same way.
+//                           #   Not with server groups (refused at start). Not on a [[table]].
 //
 //   [[table]]               # optional, any number: an embedding table, reached by row
 //   name = "emb"            # required; parameters and tables share one namespace
@@ -86,7 +93,7 @@
 //   init = ...              # as a [[param]]'s, row-major (not "put")
 //                           # A table is a parameter of shape [rows, dim] (ParamSpec::table_dim);
 //                           # a job with one cannot use adam. Not taken yet, each refused with a
-//                           # message: a table's own `optimizer`, `keys = "u64"`.
+//                           # message: a table's own `optimizer`, `keys = "u64"`, `dtype`.
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads
@@ -106,6 +113,7 @@
 #include <string_view>
 #include <vector>
 
+#include "shmps/shm/dtype.hpp"
 #include "shmps/shm/settings.hpp"
 #include "shmps/splitmix.hpp"
 
@@ -155,6 +163,8 @@ struct ParamSpec {
   InitSpec init;
   // A [[table]]: the row width (shape is {rows, table_dim}); 0 for a [[param]].
   std::uint64_t table_dim = 0;
+  // How the segment stores the values (`dtype`): float32, bf16 or fp16. [[param]] only.
+  shm::DType dtype = shm::DType::f32;
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };
 

@@ -42,7 +42,8 @@
 //                   |   (PushRecord header + float payload)       | tail; server writes head.
 //                   |   A worker allocates its ring's pages itself, when it attaches (first touch)
 //   values_offset   +--------------------------------------------+
-//                   | parameter values, float32, 64-byte aligned per parameter | server writes
+//                   | parameter values, 64-byte aligned per parameter, each in |  server writes
+//                   |   its ParamEntry::dtype: float32, or bf16 / fp16 (2 bytes) |
 //   state_offset    +--------------------------------------------+
 //                   | optimizer state arrays, float32 or bf16     |  server only
 //                   |   (optimizer.state_dtype), 64-byte aligned  |
@@ -53,6 +54,7 @@
 //                   | float sync_base[values], sync_sent[values]  |
 //                   |   non-home slices: values at the last sync, |
 //                   |   and the delta in flight to the home group |
+//                   |   (float32 for every parameter: at ParamEntry::f32_offset) |
 //                   +--------------------------------------------+  total_bytes
 //
 // Server groups (SINGA's): one replica segment per group (<job>.g0, <job>.g1, ...), and one sync
@@ -125,7 +127,8 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 8: server groups (SegmentHeader::server_group(s), sync tables and counters, SyncSlice,
 //    RedoTarget::sync_add / sync_take, RecordKind::sync_delta / sync_fresh, SyncSegmentHeader)
 // 9: tables (ParamEntry::table_dim, RecordKind::rows)
-inline constexpr std::uint32_t kLayoutVersion = 9;
+// 10: values in bf16 or fp16 (DType::bf16 / fp16, ParamEntry::f32_offset)
+inline constexpr std::uint32_t kLayoutVersion = 10;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -422,7 +425,18 @@ enum class MailboxState : std::uint32_t { free = 0, claimed = 1, submitted = 2, 
 // purpose (unlike the other shared types): plan_layout() builds the entries in a std::vector
 // (LayoutPlan::params), and the server copies each into the segment before it is "ready", when
 // no other process can read it; after that nobody writes one.
-enum class DType : std::uint32_t { f32 = 0 };
+// How a parameter's values are stored (the spec's `dtype`): float32, or 2-byte bfloat16 (the
+// upper half of a float32) or IEEE binary16. A 2-byte parameter keeps its values in that type in
+// the values region (half the memory, half the traffic of pulls, views and the apply); the server
+// widens them to float32 for the optimizer and rounds the new values to nearest even once per
+// optimizer step (shm/dtype.hpp). Everything else stays float32 and is sized by elements: the
+// ring's gradients, the BSP step sums, the redo entry's values (float32 holding values the dtype
+// represents exactly), the sync arrays, the optimizer state (its own state_dtype). A slice is
+// slice_floats *elements* whatever the dtype (so a bf16 slice is half as many bytes): slices,
+// versions, the exactly-once table, the redo log and the collectors stay element-indexed and
+// shared by every dtype; only the code that touches the values region looks at the dtype.
+enum class DType : std::uint32_t { f32 = 0, bf16 = 1, fp16 = 2 };
+constexpr std::uint64_t dtype_bytes(DType d) noexcept { return d == DType::f32 ? 4 : 2; }
 
 struct ParamEntry {
   char name[kMaxNameBytes];  // NUL-terminated
@@ -432,7 +446,7 @@ struct ParamEntry {
   std::uint64_t size;           // elements
   std::uint64_t first_slice;    // index of its first SliceEntry
   std::uint64_t slice_count;
-  std::uint64_t values_offset;  // 64-byte aligned
+  std::uint64_t values_offset;  // 64-byte aligned; size x dtype_bytes(dtype) bytes
   std::uint64_t state_offset[2];  // optimizer state arrays (0 when unused), 64-byte aligned
   // 1: the spec says init = "put": a worker puts the first values, and pulls and views wait for
   // every slice of their range to have version 1 or more (Worker::put).
@@ -441,10 +455,14 @@ struct ParamEntry {
   // shape {rows, table_dim}, its slices hold whole rows (table_dim divides the slice size), and
   // it is pushed by row (RecordKind::rows) and pulled by row, never whole.
   std::uint32_t table_dim;
+  // Where the parameter sits in the regions laid out as float32 values whatever its dtype (the
+  // BSP step sums, the sync base and sent arrays), relative to their start: its values_offset
+  // minus the values' start for a float32-only model, but a bf16 parameter's values take half.
+  std::uint64_t f32_offset;
 };
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
-  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim)
+  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -552,6 +570,11 @@ struct alignas(kCacheLine) GroupEntry {
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
 //   no state; a chunked entry uses the first chunk of each array.
+//   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
+//   rounded to the dtype (so it holds one exactly), and the copy-in narrows them into the slice's
+//   count x 2 bytes: a replay writes the same bytes again. Such a parameter's slices are updated
+//   whole only (mode whole or rows, never chunked): the chunked modes read and write the slice as
+//   float32 in place.
 //
 // Server groups: an entry whose target is sync_add (the home group adds a delta of group
 // `sync_origin` with sequence number `sync_seq`) carries the slice's new values; one whose

@@ -18,9 +18,14 @@ struct SliceReadResult {
 
 // Copies elements [offset, offset + out.size()) of parameter `p` into `out`, each slice from one
 // version. A version word that stays odd for `timeout` (a server died mid-write and no server
-// has repaired it yet) stops the read and names the slice; `out` is then incomplete.
+// has repaired it yet) stops the read and names the slice; `out` is then incomplete. A bf16 or
+// fp16 parameter's values are widened to float32 (exactly) on the way.
 SliceReadResult read_param(const Segment& segment, const ParamEntry& p, std::uint64_t offset, std::span<float> out,
                            std::chrono::milliseconds timeout);
+// The same for a bf16 or fp16 parameter, copying its stored 2-byte values as they are (the caller
+// checks p.dtype != DType::f32).
+SliceReadResult read_param_raw(const Segment& segment, const ParamEntry& p, std::uint64_t offset,
+                               std::span<std::uint16_t> out, std::chrono::milliseconds timeout);
 
 // Copies rows ids[k] of table `p` (ParamEntry::table_dim floats each) into out[k * dim, ...),
 // each row whole from one version of its slice. The ids must be in range (the caller checks).

@@ -26,6 +26,7 @@ struct LayoutRequest {
     std::vector<std::uint64_t> shape;
     bool init_put = false;  // ParamEntry::init_put
     std::uint32_t table_dim = 0;  // ParamEntry::table_dim: a table's row width (shape {rows, dim}), 0 if dense
+    DType dtype = DType::f32;     // ParamEntry::dtype: how its values are stored
   };
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
@@ -170,8 +171,12 @@ class Segment {
   const RingHeader& ring(std::uint64_t r) const noexcept { return *at<RingHeader>(base_, header().rings_offset + r * header().ring_stride); }
   std::byte* ring_data(std::uint64_t r) noexcept { return reinterpret_cast<std::byte*>(&ring(r) + 1); }
   const std::byte* ring_data(std::uint64_t r) const noexcept { return reinterpret_cast<const std::byte*>(&ring(r) + 1); }
+  // The values of a float32 parameter (p.dtype == DType::f32). A bf16 or fp16 parameter's values
+  // are 2-byte elements: values16().
   float* values(const ParamEntry& p) noexcept { return at<float>(base_, p.values_offset); }
   const float* values(const ParamEntry& p) const noexcept { return at<float>(base_, p.values_offset); }
+  std::uint16_t* values16(const ParamEntry& p) noexcept { return at<std::uint16_t>(base_, p.values_offset); }
+  const std::uint16_t* values16(const ParamEntry& p) const noexcept { return at<std::uint16_t>(base_, p.values_offset); }
   // Optimizer state array `array` of p: header().optimizer.state_dtype elements (float32 or bf16),
   // state_elem_bytes() each.
   std::byte* state_bytes(const ParamEntry& p, int array) noexcept { return at<std::byte>(base_, p.state_offset[array]); }
@@ -179,12 +184,10 @@ class Segment {
     return at<std::byte>(base_, p.state_offset[array]);
   }
   std::uint64_t state_elem_bytes() const noexcept { return state_dtype_bytes(header().optimizer.state_dtype); }
-  // Streamed BSP steps: the sums of the step's pushes, laid out as the values are (float32, whatever
-  // the state dtype: they are gradients).
+  // Streamed BSP steps: the sums of the step's pushes, laid out as float32 values (at
+  // ParamEntry::f32_offset), whatever the values' or the state's dtype: they are gradients.
   bool streams_bsp_steps() const noexcept { return header().step_sums_offset != 0; }
-  float* step_sums(const ParamEntry& p) noexcept {
-    return at<float>(base_, header().step_sums_offset + (p.values_offset - header().values_offset));
-  }
+  float* step_sums(const ParamEntry& p) noexcept { return at<float>(base_, header().step_sums_offset + p.f32_offset); }
   // The exactly-once redo table: last push sequence number of slot r applied to slice s.
   std::uint64_t& last_applied(std::uint64_t s, std::uint64_t r) noexcept {
     return at<std::uint64_t>(base_, header().applied_offset)[s * header().max_workers + r];
@@ -225,18 +228,18 @@ class Segment {
   std::uint64_t sync_applied(std::uint64_t s, std::uint64_t g) const noexcept {
     return at<std::uint64_t>(base_, header().sync_applied_offset)[s * header().server_groups + g];
   }
-  // A slice's values at its last sync, and its delta in flight, laid out as the values are.
+  // A slice's values at its last sync, and its delta in flight, laid out as float32 values (f32_offset).
   float* sync_base(const ParamEntry& p) noexcept {
-    return at<float>(base_, header().sync_base_offset + (p.values_offset - header().values_offset));
+    return at<float>(base_, header().sync_base_offset + p.f32_offset);
   }
   const float* sync_base(const ParamEntry& p) const noexcept {
-    return at<float>(base_, header().sync_base_offset + (p.values_offset - header().values_offset));
+    return at<float>(base_, header().sync_base_offset + p.f32_offset);
   }
   float* sync_sent(const ParamEntry& p) noexcept {
-    return at<float>(base_, header().sync_sent_offset + (p.values_offset - header().values_offset));
+    return at<float>(base_, header().sync_sent_offset + p.f32_offset);
   }
   const float* sync_sent(const ParamEntry& p) const noexcept {
-    return at<float>(base_, header().sync_sent_offset + (p.values_offset - header().values_offset));
+    return at<float>(base_, header().sync_sent_offset + p.f32_offset);
   }
   RedoEntry& redo(std::uint64_t i) noexcept { return *at<RedoEntry>(base_, header().redo_offset + i * header().redo_stride); }
   std::uint64_t* redo_last_applied(RedoEntry& e) noexcept { return reinterpret_cast<std::uint64_t*>(&e + 1); }

@@ -53,5 +53,13 @@ inline void racy_copy_floats(float* dst, const float* src, std::size_t n) noexce
   std::memcpy(dst, src, n * sizeof(float));
 #endif
 }
+// The same for 2-byte elements (the values of a bf16 or fp16 parameter).
+inline void racy_copy_halves(std::uint16_t* dst, const std::uint16_t* src, std::size_t n) noexcept {
+#if defined(__SANITIZE_THREAD__)
+  for (std::size_t i = 0; i < n; ++i) dst[i] = __atomic_load_n(src + i, __ATOMIC_RELAXED);
+#else
+  std::memcpy(dst, src, n * sizeof(std::uint16_t));
+#endif
+}
 
 }  // namespace shmps::shm
