@@ -182,3 +182,49 @@ def test_ctrl_c_interrupts_a_wait(make_job):
     assert code is not None, "the wait was not interrupted within 10 s"
     assert time.monotonic() - start < 2.0
     assert code != 0 and "KeyboardInterrupt" in p.output(), p.output()
+
+
+def bf16_model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(torch.bfloat16)
+
+
+def bf16_batches(count):
+    g = torch.Generator().manual_seed(11)
+    for _ in range(count):
+        yield torch.randn(5, 6, generator=g).to(torch.bfloat16), torch.randint(0, 3, (5,), generator=g)
+
+
+@pytest.mark.parametrize("consistency", ["bsp", "asp"])
+def test_a_bfloat16_module_is_served_in_bf16_and_updated_as_float32_rounded_once(make_job, consistency):
+    """lr = 1/8 makes lr * g exact in float32, so the server's step is p - lr * g rounded to
+    float32 (with or without FMA alike), then to bf16 once: the local reference does the same."""
+    lr, steps = 0.125, 8
+    text = job_spec(bf16_model(), lr=lr, consistency=consistency)
+    assert text.count('dtype = "bf16"') == 4
+    job = make_job(text)
+    model = bf16_model()
+    with shmps.Worker(job.name, rank=0) as w:
+        assert {p.name: p.dtype_name for p in w.params()} == {n: "bfloat16" for n, _ in model.named_parameters()}
+        ps = shmps.torch.ParameterServer(model, worker=w)
+        for x, y in bf16_batches(steps):
+            ps.zero_grad()
+            torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+            ps.step()
+            if consistency == "asp":
+                ps.finish()
+            ps.pull()
+        if consistency == "bsp":  # bf16 views: the module's bfloat16 parameters are the segment's 2-byte values
+            assert model[0].weight.dtype == torch.bfloat16
+            assert np.shares_memory(model[0].weight.detach().view(torch.int16).numpy(), w.view("0.weight"))
+        ps.finish()
+        ps.close()
+    reference = bf16_model()
+    for x, y in bf16_batches(steps):
+        reference.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(reference(x).float(), y).backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.copy_((p.float() - lr * p.grad.float()).to(torch.bfloat16))
+    assert not differences(model, reference), differences(model, reference)
+    assert not torch.equal(model[0].weight, bf16_model()[0].weight)  # it did train

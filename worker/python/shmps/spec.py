@@ -66,13 +66,18 @@ def sparse_tables(model):
     return tables
 
 
-def _dtype_key(param, where):
+def _dtype_key(param, where, table):
+    """The spec's dtype for a parameter of this torch dtype (None: float32, the default)."""
     import torch
 
-    if param.dtype == torch.float32:
-        return None
-    raise SpecError(f"{where} is {str(param.dtype).replace('torch.', '')}; shmps keeps parameters as float32: "
-                    f"build the module in float32 (model.float())")
+    key = {torch.float32: None, torch.bfloat16: "bf16", torch.float16: "fp16"}.get(param.dtype, "other")
+    if key == "other":
+        raise SpecError(f"{where} is {str(param.dtype).replace('torch.', '')}; shmps keeps parameters as float32, "
+                        f"bfloat16 or float16: convert the module (model.float())")
+    if key is not None and table:
+        raise SpecError(f"{where} is a sparse embedding (a table) in {str(param.dtype).replace('torch.', '')}; "
+                        f"tables are float32 only: keep the embedding in float32")
+    return key
 
 
 def _slice_bytes(requested, table_dims):
@@ -123,10 +128,10 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
                             f"{_MAX_NAME_BYTES}: shorten the module's attribute names")
         if p.dim() > _MAX_DIMS:
             raise SpecError(f"{where}: {p.dim()} dimensions, shmps takes at most {_MAX_DIMS}")
-        _dtype_key(p, where)
+        dtype = _dtype_key(p, where, pname in tables)
         if pname in tables:
             table_dims.append(p.shape[1])
-        params.append((pname, p))
+        params.append((pname, p, dtype))
     if not params:
         raise SpecError(f"the module ({type(model).__name__}) has no parameters: there is nothing to serve")
 
@@ -151,7 +156,7 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
     lines += ["", "[optimizer]", f"kind = {_toml_string(optimizer)}", f"lr = {_number(lr)}"]
     for key, value in given.items():
         lines.append(f"{key} = {_toml_string(value) if isinstance(value, str) else _number(value)}")
-    for pname, p in params:
+    for pname, p, dtype in params:
         lines.append("")
         if pname in tables:
             lines += ["[[table]]", f"name = {_toml_string(pname)}", f"rows = {p.shape[0]}", f"dim = {p.shape[1]}"]
@@ -159,6 +164,8 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
             # A 0-dimensional parameter (a learnt scalar) is served as one element, shape [1].
             shape = list(p.shape) or [1]
             lines += ["[[param]]", f"name = {_toml_string(pname)}", f"shape = [{', '.join(map(str, shape))}]"]
+        if dtype is not None:
+            lines.append(f'dtype = "{dtype}"  # as the module\'s {str(p.dtype).replace("torch.", "")}: 2 bytes in the segment')
         lines.append('init = "put"')
     return "\n".join(lines) + "\n"
 

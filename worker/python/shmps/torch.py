@@ -29,6 +29,11 @@ their sparse gradients as rows (only the rows the batch touched), and pull(ids={
 pulls only the given rows of a table (pull() without ids pulls all of it).
 
 Buffers (batch-norm running statistics) are not served: each worker keeps its own.
+
+bfloat16 and float16 modules: the spec stores such parameters in that type (dtype = "bf16" /
+"fp16", half the memory and traffic); pulls and views hand out the stored values as they are,
+gradients are pushed as float32, and the server's optimizer computes in float32 and rounds each
+update once. A float32 module may also bind to a 2-byte job: its pulls convert (no views then).
 """
 
 import warnings
@@ -99,8 +104,12 @@ class ParameterServer:
             if info is None:
                 raise _core.Error(f"{where} is not in job {self.worker.segment!r}, whose parameters are "
                                   f"{', '.join(sorted(job))}; {hint}")
-            if p.dtype != torch.float32 or p.device.type != "cpu":
-                raise _core.Error(f"{where} is {p.dtype} on {p.device}; shmps serves float32 parameters on the CPU")
+            stored = _STORED.get(p.dtype)
+            if p.device.type != "cpu" or stored is None:
+                raise _core.Error(f"{where} is {p.dtype} on {p.device}; shmps serves float32, bfloat16 and float16 "
+                                  f"parameters on the CPU")
+            if stored != info.dtype_name and p.dtype != torch.float32:
+                raise _core.Error(f"{where} is {p.dtype}, but the job stores {name!r} as {info.dtype_name}; {hint}")
             if info.is_table:
                 if tuple(p.shape) != (info.rows, info.dim):
                     raise _core.Error(f"{where} does not match the job's table {name!r} of {info.rows} rows of "
@@ -122,7 +131,7 @@ class ParameterServer:
         update, for the first rank that puts; raises shmps.Error otherwise (see Worker.put)."""
         with torch.no_grad():
             for name, p in self._dense + self._tables:
-                self.worker.put(name, _flat(p))
+                self.worker.put(name, _flat(p.float()))  # exact: a bf16/fp16 value is a float32 one
 
     def _put_first(self):
         with torch.no_grad():
@@ -131,7 +140,7 @@ class ParameterServer:
                     continue
                 if self.worker.put_rank(name) not in (-1, self.worker.rank):
                     continue  # another rank put it first; the pull waits for the rest of its put
-                self.worker.put(name, _flat(p))
+                self.worker.put(name, _flat(p.float()))
 
     # -- pull --------------------------------------------------------------------------------
 
@@ -148,7 +157,7 @@ class ParameterServer:
         else:
             for name, p in self._dense:
                 self._own_storage(name, p)
-                self.worker.pull(name, out=p.detach().numpy().reshape(-1))
+                self.worker.pull(name, out=_out(p))
         for name, p in self._tables:
             rows = ids.get(name)
             if rows is None:
@@ -161,21 +170,32 @@ class ParameterServer:
                         p[torch.from_numpy(rows)] = torch.from_numpy(values)
 
     def _bind_views(self):
-        arrays = [self.worker.view(name) for name, _ in self._dense]
+        # A float32 module over a 2-byte job cannot alias the segment: it pulls a converted copy.
+        viewed = [(n, p) for n, p in self._dense if _STORED[p.dtype] == self._job[n].dtype_name]
+        viewed_names = {n for n, _ in viewed}
+        arrays = [self.worker.view(name) for name, _ in viewed]
         with warnings.catch_warnings():
             # torch has no read-only tensors and warns about the read-only arrays. Nothing writes
             # to them: autograd writes p.grad, and the server's optimizer does the update.
             warnings.simplefilter("ignore", UserWarning)
-            for (name, p), a in zip(self._dense, arrays):
+            for (name, p), a in zip(viewed, arrays):
                 if name in self._on_segment and p.data_ptr() == a.__array_interface__["data"][0]:
                     continue  # view() gives the same memory every step: bound once
-                p.data = torch.from_numpy(a).view(p.shape)
+                if p.dtype == torch.bfloat16:  # uint16 bit patterns; torch takes no uint16 array
+                    t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+                else:
+                    t = torch.from_numpy(a)
+                p.data = t.view(p.shape)
                 self._on_segment.add(name)
+        for name, p in self._dense:
+            if name not in viewed_names:
+                self._own_storage(name, p)
+                self.worker.pull(name, out=_out(p))
 
     def _own_storage(self, name, p):
         """A parameter of its own again (after views) to pull into."""
         if name in self._on_segment:
-            p.data = torch.empty(p.shape, dtype=torch.float32)
+            p.data = torch.empty(p.shape, dtype=p.dtype)
             self._on_segment.discard(name)
         elif not p.data.is_contiguous():
             p.data = p.data.contiguous()
@@ -198,7 +218,7 @@ class ParameterServer:
                     continue
                 if g.is_sparse:
                     g = g.to_dense()
-                self._last_seq = w.push(name, _flat(g))
+                self._last_seq = w.push(name, _flat(g.float()))  # gradients travel as float32
             for name, p in self._tables:
                 g = p.grad
                 if g is None:
@@ -229,7 +249,7 @@ class ParameterServer:
         copy, also in BSP): for evaluating or saving the module after the job, or while others train."""
         for name, p in self._dense:
             self._own_storage(name, p)
-            self.worker.pull(name, out=p.detach().numpy().reshape(-1))
+            self.worker.pull(name, out=_out(p))
         for name, p in self._tables:  # tables are always copies
             self.worker.pull_rows(name, np.arange(p.shape[0], dtype=np.int64), out=p.detach().numpy())
 
@@ -246,6 +266,19 @@ class ParameterServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# How the segment stores a parameter of each torch dtype (Param.dtype_name).
+_STORED = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _out(p):
+    """A pull's `out` over the parameter's own storage: float32 as it is (the job's 2-byte values
+    converted), a bfloat16 or float16 parameter's stored bits as they are."""
+    t = p.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().reshape(-1)
+    return t.numpy().reshape(-1)
 
 
 def _flat(t):
