@@ -11,7 +11,7 @@
 // Checks: the round returns (no crash, no sanitizer report: nothing is read or written outside
 // the segment); the ring's head never passes what was committed; and when the first record is
 // plainly malformed (a kind that does not exist, or a size that is not whole 64-byte lines
-// inside the ring), the server refuses it: no value of any parameter changes, and it logs
+// inside the ring), or the tail is more than a ring ahead of the head, the server refuses it: no value of any parameter changes, and it logs
 // event=bad_record.
 //
 // SHMPS_FUZZ_MAKE_SEEDS=DIR: writes rings of real pushes (dense, rows, clock, put) into DIR.
@@ -173,8 +173,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     before[i].assign(seg.values(p), seg.values(p) + p.size);
   }
   const std::uint64_t logged_before = g_sink->bad_records.load();
-  const bool malformed_first = tail > 0 && plainly_malformed(*reinterpret_cast<const shm::PushRecord*>(seg.ring_data(0)),
-                                                             tail, capacity);
+  // A tail more than the ring's capacity past the head (0) is malformed too: no producer commits it.
+  const auto* first = reinterpret_cast<const shm::PushRecord*>(seg.ring_data(0));
+  const bool malformed_first = tail > capacity || (tail > 0 && plainly_malformed(*first, tail, capacity));
 
   shm::store_release(ring.tail, tail);
   try {
