@@ -5,6 +5,7 @@
 // aborts when one of its checks fails, as under the fuzzer. SHMPS_FUZZ_TARGET names the target.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
