@@ -30,8 +30,8 @@ inline const std::filesystem::path& scratch_dir(const char* target) {
     std::filesystem::create_directories(d);
     static const std::filesystem::path to_remove = d;
     std::atexit([] {
-      std::error_code ec;
-      std::filesystem::remove_all(to_remove, ec);
+      std::error_code ignored;
+      std::filesystem::remove_all(to_remove, ignored);
     });
     return d;
   }();
