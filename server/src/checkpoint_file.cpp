@@ -362,7 +362,8 @@ void read_slice_tables(const std::filesystem::path& path, const st::File& file, 
 void read_sync_tables(const std::filesystem::path& path, const st::File& file, std::uint64_t slices, Snapshot& snap) {
   const auto& meta = file.metadata();
   if (!meta.contains("shmps.sync")) return;
-  Snapshot::Sync& sync = snap.sync.emplace();
+  snap.sync = Snapshot::Sync{};  // not emplace(): see take_sync_tables (checkpoint_snapshot.cpp)
+  Snapshot::Sync& sync = *snap.sync;
   try {
     const json j = meta_json(path, meta, "shmps.sync");
     sync.server_group = j.at("server_group").get<std::uint32_t>();

@@ -44,7 +44,10 @@ void take_sync_tables(const Segment& segment, Snapshot& out) {
   out.sync.reset();
   if (!segment.has_server_groups()) return;
   const SegmentHeader& h = segment.header();
-  Snapshot::Sync& sync = out.sync.emplace();
+  // Assigned rather than emplace()d: clang rejects optional<Sync>::emplace() with no arguments
+  // (Sync's default member initialisers make is_constructible_v false inside Snapshot).
+  out.sync = Snapshot::Sync{};
+  Snapshot::Sync& sync = *out.sync;
   sync.server_group = h.server_group;
   sync.server_groups = h.server_groups;
   sync.seq = load_acquire(h.sync_seq);

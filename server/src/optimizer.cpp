@@ -48,16 +48,17 @@ constexpr int kAligned = Eigen::Aligned64;
 constexpr int kUnaligned = Eigen::Unaligned;
 constexpr Index kChunk = 1024;  // floats: 4 KiB per array, 16 KiB for adam's four
 
-// sqrt, correctly rounded, vectorised on every packet type Eigen may use here.
+// sqrt, correctly rounded, vectorised on every packet type Eigen may use here. Only the packet
+// type Eigen picks for this CPU is called: [[maybe_unused]] for clang's -Wunused-function.
 inline float exact_sqrt(float x) { return std::sqrt(x); }
 #if defined(__SSE__)
-inline __m128 exact_sqrt(__m128 x) { return _mm_sqrt_ps(x); }
+[[maybe_unused]] inline __m128 exact_sqrt(__m128 x) { return _mm_sqrt_ps(x); }
 #endif
 #if defined(__AVX__)
-inline __m256 exact_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }
+[[maybe_unused]] inline __m256 exact_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }
 #endif
 #if defined(__AVX512F__)
-inline __m512 exact_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+[[maybe_unused]] inline __m512 exact_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
 #endif
 
 struct ExactSqrt {
