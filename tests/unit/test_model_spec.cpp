@@ -398,7 +398,7 @@ max_worker = 4
 )",
                     "spec.toml:2:1", "max_worker", "unknown key", "did you mean \"max_workers\"?",
                     "valid keys: name, slice_bytes, max_workers, workers_per_group, ring_bytes, server_threads, "
-                    "consistency, bsp_aggregate, on_worker_death, sync_every, optimizer, param");
+                    "consistency, bsp_aggregate, on_worker_death, straggler_timeout, sync_every, optimizer, param");
 }
 
 TEST(ModelSpecErrors, UnknownOptimizerKey) {
