@@ -155,7 +155,8 @@ TEST(Stragglers, AnEvictedWorkerThatIsContinuedGetsAClearErrorAndCorruptsNothing
   const auto until = std::chrono::steady_clock::now() + 30s;
   while (shm::load_counter(seg.header().stragglers_evicted) == 0 && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(5ms);
-  ASSERT_EQ(shm::load_counter(seg.header().stragglers_evicted), 1u) << job.server().output();
+  ASSERT_EQ(shm::load_counter(seg.header().stragglers_evicted), 1u)
+      << job.server().output() << "\nrank 2 (running " << ps[2]->running() << "):\n" << ps[2]->output();
   ps[2]->kill(SIGCONT);
   // It goes on with its step: its next call (the push of "b") is refused, and it exits non-zero.
   EXPECT_EQ(ps[2]->wait(20s), 1) << ps[2]->output();
