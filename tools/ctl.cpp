@@ -83,7 +83,8 @@ std::string seconds(std::uint64_t ns) {
   return out.str();
 }
 
-// "bsp (sum, model clock 12, 12 steps), on worker death: proceed", "ssp:3, ...", "asp, ...";
+// "bsp (sum, model clock 12, 12 steps), on worker death: proceed, stragglers: evicted after 10.0s
+// (0 evicted)", "ssp:3, ...", "asp, ...";
 // with several worker groups "bsp (sum, group clocks 12, 9, 21 steps), ...".
 std::string consistency_text(const Segment& seg) {
   const SegmentHeader& h = seg.header();
@@ -95,6 +96,13 @@ std::string consistency_text(const Segment& seg) {
             (h.group_count == 1 ? "model " : "") + group_clocks_text(seg) + ", " +
             std::to_string(load_counter(h.steps)) + " steps)";
   text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
+  // BSP: "stragglers: evicted after 10.0s (1 evicted)", or "stragglers: never evicted (0 evicted)".
+  const std::uint32_t straggler_ms = load_acquire(h.straggler_timeout_ms);
+  if (mode == Consistency::bsp || load_counter(h.stragglers_evicted) != 0)
+    text += ", stragglers: " +
+            (straggler_ms == 0 ? std::string("never evicted")
+                               : "evicted after " + seconds(std::uint64_t{straggler_ms} * 1'000'000ULL)) +
+            " (" + std::to_string(load_counter(h.stragglers_evicted)) + " evicted)";
   return text;
 }
 
@@ -493,11 +501,12 @@ int main(int argc, char** argv) {
   auto* inspect = app.add_subcommand("inspect", "header, parameters, slice versions, worker slots and memory (part by "
                                                 "part) of a segment");
   inspect->add_option("name", name, "segment name")->required();
-  auto* workers = app.add_subcommand("workers", "every worker slot: free, alive, suspect, dead or left, and what it did");
+  auto* workers = app.add_subcommand("workers", "every worker slot: free, alive, suspect, dead, left or evicted, and what it did");
   workers->add_option("name", name, "segment name")->required();
   std::string setting;
   auto* set = app.add_subcommand("set", "change a setting of a live job: consistency=bsp|ssp:N|asp, "
-                                        "bsp_aggregate=sum|mean, on_worker_death=proceed|wait");
+                                        "bsp_aggregate=sum|mean, on_worker_death=proceed|wait, "
+                                        "straggler_timeout=10s|500ms|off");
   set->add_option("name", name, "segment name")->required();
   set->add_option("setting", setting, "KEY=VALUE")->required();
   std::string out_path;

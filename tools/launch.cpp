@@ -10,7 +10,9 @@
 // are frozen, the server applies what is whole and writes its last checkpoint, then the workers
 // are ended. With --max-restarts K a worker
 // that dies is started again with the same rank (it resumes from its slot), at most K times per
-// rank; after that the job stops. Exits non-zero if any worker failed for good. Options it does
+// rank; after that the job stops. With --kill-stragglers a worker the server evicted from its BSP
+// barrier as a straggler (--straggler-timeout) is SIGKILLed and started again with the same rank,
+// where it rejoins. Exits non-zero if any worker failed for good. Options it does
 // not know, before `--`, are passed on to the worker program.
 //
 // With --server-groups S it starts S servers, one per server group, each with its replica
@@ -41,6 +43,7 @@
 #include <shmps/server/model_spec.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/liveness.hpp>
+#include <shmps/shm/membership.hpp>
 #include <shmps/shm/names.hpp>
 #include <shmps/shm/segment.hpp>
 
@@ -70,9 +73,16 @@ int main(int argc, char** argv) {
                  "i-th), e.g. --worker worker/python/examples/train_mlp_torch.py --worker shmps-worker")
       ->excludes(workers_option);
   app.add_option("--server-threads", server_threads, "apply threads of the server it starts");
-  std::string consistency, on_worker_death;
+  std::string consistency, on_worker_death, straggler_timeout;
   app.add_option("--consistency", consistency, "bsp, ssp:N or asp, for the server it starts (default: the spec's)");
   app.add_option("--on-worker-death", on_worker_death, "proceed or wait, for the server it starts");
+  app.add_option("--straggler-timeout", straggler_timeout,
+                 "BSP: the server it starts evicts a live worker that alone holds its group's barrier this long "
+                 "(10s, 500ms; 0 or off: never; default: the spec's straggler_timeout, 10s)");
+  bool kill_stragglers = false;
+  app.add_flag("--kill-stragglers", kill_stragglers,
+               "SIGKILL a worker the server evicted from its BSP barrier as a straggler and start it again with the "
+               "same rank, where it rejoins (at most 10 times per rank; not counted in --max-restarts)");
   std::string ring_bytes, max_workers, workers_per_group;
   app.add_option("--workers-per-group", workers_per_group,
                  "workers in each worker group, for the server it starts (default: the spec's; 0 = one group)");
@@ -199,6 +209,9 @@ int main(int argc, char** argv) {
       if (!checkpoint_dir.empty() || !checkpoint_every.empty())
         throw Error("--checkpoint-dir with --mpi: a job on several hosts is checkpointed with `mpirun ... shmps-ctl "
                     "checkpoint --mpi " + name + " DIR` (README, Several hosts) and restored with --restore DIR");
+      if (kill_stragglers || !straggler_timeout.empty())
+        throw Error("--kill-stragglers and --straggler-timeout are for a job on one host; with --mpi, set "
+                    "straggler_timeout in the spec");
       if (chaos) throw Error("--chaos is for a job on one host; kill a worker or a server by hand to see --mpi ride through");
       if (!hosts.empty() && !hostfile.empty()) throw Error("give --hosts or --hostfile, not both");
       tools::MpiJob job;
@@ -298,6 +311,7 @@ int main(int argc, char** argv) {
       if (server_threads) args.insert(args.end(), {"--threads", std::to_string(server_threads)});
       if (!consistency.empty()) args.insert(args.end(), {"--consistency", consistency});
       if (!on_worker_death.empty()) args.insert(args.end(), {"--on-worker-death", on_worker_death});
+      if (!straggler_timeout.empty()) args.insert(args.end(), {"--straggler-timeout", straggler_timeout});
       if (!ring_bytes.empty()) args.insert(args.end(), {"--ring-bytes", ring_bytes});
       if (!max_workers.empty()) args.insert(args.end(), {"--max-workers", max_workers});
       if (!workers_per_group.empty()) args.insert(args.end(), {"--workers-per-group", workers_per_group});
@@ -351,6 +365,15 @@ int main(int argc, char** argv) {
       if (!python_path.empty()) env.emplace_back("PYTHONPATH", python_path);
       return &launcher.spawn("w" + std::to_string(r), programs[static_cast<std::size_t>(r)], env, node_for(group_of_rank(r)));
     };
+    // --kill-stragglers: every group's segment, read-only, to see which slots the server evicted;
+    // per rank, the straggler restarts so far and whether its current process was killed for it.
+    constexpr int kMaxStragglerRestarts = 10;
+    std::vector<shm::Segment> straggler_segments;
+    if (kill_stragglers)
+      for (std::uint32_t g = 0; g < server_groups; ++g)
+        straggler_segments.push_back(shm::Segment::open(segment_of(g), shm::Access::read_only));
+    std::vector<int> straggler_restarts(static_cast<std::size_t>(workers), 0);
+    std::vector<bool> killed_as_straggler(static_cast<std::size_t>(workers), false);
     std::vector<Child*> ranks;
     std::vector<int> restarts(static_cast<std::size_t>(workers), 0);
     for (int r = 0; r < workers; ++r) ranks.push_back(start_worker(r));
@@ -379,11 +402,44 @@ int main(int argc, char** argv) {
                     << "; nothing killed" << std::endl;
         }
       }
+      if (kill_stragglers && !stopping) {
+        for (std::size_t r = 0; r < ranks.size(); ++r) {
+          Child* c = ranks[r];
+          if (killed_as_straggler[r] || !launcher.running(*c)) continue;
+          const shm::WorkerSlot& slot =
+              straggler_segments[group_of_rank(static_cast<int>(r))].slot(slot_of_rank(static_cast<int>(r)));
+          if (!shm::evicted(slot)) continue;
+          // Its process, or one in its process group (a shell that runs it).
+          const pid_t pid = shm::load_acquire(slot.pid);
+          if (pid != c->pid && ::getpgid(pid) != c->pid) continue;
+          killed_as_straggler[r] = true;
+          std::cout << "shmps-launch: worker " << c->label << " (pid " << pid
+                    << ") was evicted from the BSP barrier as a straggler ("
+                    << shm::load_acquire(slot.evicted_behind_ms) << " ms behind); --kill-stragglers: killing it "
+                    << "with SIGKILL" << std::endl;
+          launcher.signal(*c, SIGKILL);
+        }
+      }
       bool any_running = false;
       for (std::size_t r = 0; r < ranks.size(); ++r) {
         Child* c = ranks[r];
         if (launcher.running(*c)) {
           any_running = true;
+        } else if (killed_as_straggler[r] && !stopping && !c->reported) {
+          c->reported = true;
+          killed_as_straggler[r] = false;
+          if (straggler_restarts[r] < kMaxStragglerRestarts && !launcher.interrupted()) {
+            ++straggler_restarts[r];
+            std::cout << "shmps-launch: worker " << c->label << " " << describe(*c->status)
+                      << " as a straggler; restarting it with the same rank, where it rejoins (straggler restart "
+                      << straggler_restarts[r] << " of " << kMaxStragglerRestarts << ")" << std::endl;
+            ranks[r] = start_worker(static_cast<int>(r));
+            any_running = true;
+          } else {
+            std::cerr << "shmps-launch: worker " << c->label << " was evicted as a straggler "
+                      << kMaxStragglerRestarts + 1 << " times; stopping the job\n";
+            failed = true;
+          }
         } else if (!succeeded(*c->status) && !stopping && !c->reported) {
           c->reported = true;
           if (restarts[r] < max_restarts && !launcher.interrupted()) {

@@ -43,7 +43,8 @@ inline std::string state_name(std::uint32_t s) {
 }
 
 // What a worker slot is, from its own words and the kernel's lock (never from time alone):
-// free, left, dead, suspect or alive.
+// free, left, evicted (from its BSP barrier as a straggler, alive or not: that generation never
+// counts again; a new process taking the rank does), dead, suspect or alive.
 inline std::string slot_status(const shm::Segment& seg, unsigned r, const shm::LockFile* slots_lock) {
   using namespace shm;
   const WorkerSlot& slot = seg.slot(r);
@@ -51,6 +52,7 @@ inline std::string slot_status(const shm::Segment& seg, unsigned r, const shm::L
   if (state == SlotState::free) return "free";
   if (state == SlotState::left) return "left";
   const std::uint64_t generation = load_acquire(slot.generation);
+  if (load_acquire(slot.evicted_generation) == generation) return "evicted";
   if (load_acquire(slot.dead_generation) == generation) return "dead";
   if (slots_lock && slots_lock->probe(r) == Holder::none) return "dead";
   if (monotonic_ns() - load_acquire(slot.heartbeat_ns) > kSuspectAfterNs) return "suspect";

@@ -1,6 +1,8 @@
 // The as-they-come collector (ASP and SSP): every committed record of every ring, this round.
 #include <algorithm>
 
+#include <shmps/shm/atomics.hpp>
+
 #include "collect.hpp"
 
 namespace shmps::server {
@@ -12,11 +14,21 @@ void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rin
     const RingConsumer& ring = rings[r];
     RankRound& round = plan.ranks[r];
     const std::uint64_t tail = ring.committed();
+    // A straggler evicted from a BSP barrier (a live switch may follow): what it commits after
+    // the eviction counts for nothing here either.
+    const std::uint64_t evicted = load_acquire(segment.slot(r).evicted_generation);
     // A put is applied before the round's pushes, so it is taken only with no push of its ring
     // before it, and nothing of its ring after it (apply_put.hpp relies on that after a restart).
     bool pushes = false;
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
       if (round.puts != 0) return false;
+      if (evicted != 0 && rec.generation == evicted && rec.kind != RecordKind::put) {
+        if (is_gradient(rec.kind)) {
+          ++round.discarded;
+          round.last_seq = std::max(round.last_seq, rec.seq);
+        }
+        return true;
+      }
       if (rec.kind == RecordKind::put) {
         if (pushes) return false;
         plan.puts.push_back({r, &rec});

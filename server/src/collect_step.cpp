@@ -28,6 +28,7 @@ class StepScan {
     // earlier (in ASP or SSP, before a switch to BSP).
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t tail = ring_.committed();
+    evicted_ = load_acquire(slot.evicted_generation);
     consumed_ = free_to_ = ring_.head();
     run_begin_ = contributions_.size();
     const auto read = ring_.read(consumed_, tail, [this](std::uint64_t pos, const PushRecord& rec) { return take(pos, rec); });
@@ -40,7 +41,7 @@ class StepScan {
     if (run_records_ != 0) {
       // An open run: its clock record may still come, unless its generation is dead.
       const bool writer_dead = load_acquire(slot.dead_generation) == run_generation_ ||
-                               load_acquire(slot.generation) != run_generation_;
+                               load_acquire(slot.generation) != run_generation_ || evicted(run_generation_);
       if (writer_dead && pos == tail)
         drop_run(tail);
       else
@@ -91,6 +92,13 @@ class StepScan {
     } else if (rec.kind == RecordKind::clock) {
       // A clock record closes only its own generation's pushes.
       if (run_records_ != 0 && rec.generation != run_generation_) drop_run(pos);
+      // A straggler evicted from the barrier: its step (open when it was evicted, or ended
+      // after) counts for nothing, and its state is not kept. Its worker fails at its next call.
+      if (evicted(rec.generation)) {
+        if (run_records_ != 0) drop_run(pos);
+        consumed_ = next;
+        return true;
+      }
       if (rec.clock > step_) {  // a later step: the worker has finished this one
         contributions_.resize(run_begin_);  // the open run belongs to that later step
         run_records_ = 0;
@@ -144,6 +152,8 @@ class StepScan {
   std::uint64_t run_pos_ = 0;  // where the open run's first push is
   bool finished_ = false;
   bool stopped_by_put_ = false;  // the walk stopped at or just after a put
+  std::uint64_t evicted_ = 0;    // the slot's evicted generation (a straggler's), 0: none
+  bool evicted(std::uint64_t generation) const noexcept { return evicted_ != 0 && generation == evicted_; }
 };
 
 }  // namespace

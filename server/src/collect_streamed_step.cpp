@@ -23,6 +23,9 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     // ended step `step` (if it did) is in [head, tail) or was consumed before.
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t streamed_before = load_acquire(slot.streamed_step);
+    // A straggler's generation evicted from the barrier (never with part of its step summed,
+    // Membership::evict_stragglers): whatever it commits counts for nothing.
+    const std::uint64_t evicted = load_acquire(slot.evicted_generation);
     const std::uint64_t tail = ring.committed();
     // A put is taken only with no push of its ring before it and nothing after it in the round
     // (as collect_as_they_come); a walk stopped at or after one has not read the ring to its end.
@@ -30,6 +33,13 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     const auto read = ring.read(ring.head(), tail, [&](std::uint64_t, const PushRecord& rec) {
       if (round.puts != 0) return !(stopped_by_put = true);
       if (rec.kind == RecordKind::padding) return true;
+      if (evicted != 0 && rec.generation == evicted && rec.kind != RecordKind::put) {
+        if (is_gradient(rec.kind)) {
+          ++round.discarded;
+          round.last_seq = std::max(round.last_seq, rec.seq);
+        }
+        return true;
+      }
       if (rec.clock > step) return false;  // a later step: it waits for this one to end
       if (rec.kind == RecordKind::put) {
         if (pushes) return !(stopped_by_put = true);

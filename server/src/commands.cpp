@@ -118,7 +118,8 @@ void Commands::poll() {
   int status = 1;
   std::string reply;
   if (eq == std::string::npos)
-    reply = "expected KEY=VALUE (consistency=bsp|ssp:N|asp, bsp_aggregate=sum|mean, on_worker_death=proceed|wait), got '" +
+    reply = "expected KEY=VALUE (consistency=bsp|ssp:N|asp, bsp_aggregate=sum|mean, on_worker_death=proceed|wait, "
+            "straggler_timeout=10s|off), got '" +
             *request + "'";
   else
     reply = set(key, value, status);
@@ -160,7 +161,14 @@ std::string Commands::set(const std::string& key, const std::string& value, int&
     status = 0;
     return "on_worker_death is now " + value;
   }
-  return "unknown setting '" + key + "': settable are consistency, bsp_aggregate, on_worker_death";
+  if (key == "straggler_timeout") {
+    std::chrono::milliseconds t{};
+    if (std::string problem = parse_straggler_timeout(value, t); !problem.empty()) return "straggler_timeout: " + problem;
+    store_release(h.straggler_timeout_ms, static_cast<std::uint32_t>(t.count()));
+    status = 0;
+    return "straggler_timeout is now " + straggler_timeout_text(t) + " (until the server restarts)";
+  }
+  return "unknown setting '" + key + "': settable are consistency, bsp_aggregate, on_worker_death, straggler_timeout";
 }
 
 }  // namespace shmps::server

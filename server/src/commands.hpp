@@ -5,6 +5,7 @@
 //   consistency=asp|bsp|ssp:N      switch the live job (consistency.hpp)
 //   bsp_aggregate=sum|mean         how a BSP step combines its workers' gradients
 //   on_worker_death=proceed|wait   whether barriers wait for a dead worker's slot to be retaken
+//   straggler_timeout=10s|off      when a BSP straggler is evicted (until the server restarts)
 //   checkpoint[=/absolute/path]    a checkpoint now (checkpoint_scheduler.hpp), answered when durable
 //   sync                           server groups: a full sync round (sync_engine.hpp), answered
 //                                  when every answer of it is back

@@ -35,7 +35,7 @@ struct CommandLine {
   unsigned threads = 0;
   unsigned idle_poll_us = static_cast<unsigned>(shmps::server::ServerOptions{}.idle_poll.count());
   bool remove_on_stop = false, group = false;
-  std::string consistency, bsp_aggregate, on_worker_death;
+  std::string consistency, bsp_aggregate, on_worker_death, straggler_timeout;
   std::string checkpoint_dir, checkpoint_every, restore;
   std::size_t keep = 3;
   std::uint64_t ring_bytes = 0;
@@ -56,6 +56,10 @@ void add_options(CLI::App& app, CommandLine& cl) {
   app.add_option("--bsp-aggregate", cl.bsp_aggregate, "sum or mean: how a BSP step combines the workers' gradients");
   app.add_option("--on-worker-death", cl.on_worker_death,
                  "proceed or wait: whether barriers go on without a dead worker or wait for its restart");
+  app.add_option("--straggler-timeout", cl.straggler_timeout,
+                 "BSP: evict a live worker that alone holds its group's barrier this long (10s, 500ms; 0 or off: "
+                 "never); its open step is discarded and a restart of its rank rejoins (overrides the spec's "
+                 "straggler_timeout, default 10s)");
   app.add_option("--checkpoint-dir", cl.checkpoint_dir,
                  "write checkpoints here (periodically, on `shmps-ctl checkpoint NAME`, at a graceful stop); with no "
                  "segment, restore the newest valid one found here");
@@ -130,6 +134,11 @@ void apply_overrides(const CLI::App& app, const CommandLine& cl, shmps::server::
         !problem.empty())
       throw shmps::Error("--on-worker-death: " + problem);
     options.override_policy = true;
+  }
+  if (!cl.straggler_timeout.empty()) {
+    if (auto problem = shmps::server::parse_straggler_timeout(cl.straggler_timeout, options.spec.straggler_timeout);
+        !problem.empty())
+      throw shmps::Error("--straggler-timeout: " + problem);
   }
   if (!cl.checkpoint_every.empty()) {
     if (cl.checkpoint_dir.empty())

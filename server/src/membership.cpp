@@ -44,6 +44,62 @@ void Membership::admit_new_workers() {
   }
 }
 
+void Membership::evict_stragglers(std::chrono::milliseconds timeout, std::uint64_t now_ns) {
+  SegmentHeader& h = segment_->header();
+  const std::uint32_t groups = h.group_count;
+  held_.resize(groups);
+  const bool bsp = load_own(h.consistency) == static_cast<std::uint32_t>(Consistency::bsp);
+  const bool streamed = segment_->streams_bsp_steps();
+  for (std::uint32_t g = 0; g < groups; ++g) {
+    GroupEntry& entry = segment_->group(g);
+    Held& held = held_[g];
+    const std::uint64_t step = load_own(entry.clock);
+    // Who holds the barrier: counting members that have not ended `step`. A straggler is live
+    // and alone with that: a dead member that still counts (on_worker_death = wait) holds it by
+    // the user's choice, and in a streamed step a member with part of the step in the sums
+    // cannot be taken out of them (collect_streamed_step): neither is evicted, nor anyone with them.
+    std::vector<std::uint32_t> behind;
+    bool someone_ended = false, evictable = bsp;
+    for (std::uint32_t r = segment_->group_first_rank(g); r < segment_->group_end_rank(g); ++r) {
+      WorkerSlot& slot = segment_->slot(r);
+      if (!counts_for_group(h, slot)) continue;
+      if (load_acquire(slot.clock) > step) {
+        someone_ended = true;
+        continue;
+      }
+      behind.push_back(r);
+      const std::uint64_t generation = load_acquire(slot.generation);
+      if (load_own(slot.dead_generation) == generation) evictable = false;
+      if (streamed && load_own(slot.streamed_step) == step + 1) evictable = false;
+    }
+    if (!evictable || !someone_ended || behind.empty()) {
+      held.by.clear();
+      if (load_own(entry.straggler_since_ns) != 0) store_release(entry.straggler_since_ns, std::uint64_t{0});
+      continue;
+    }
+    if (held.by != behind || held.step != step || held.since_ns == 0) {
+      held = Held{step, behind, now_ns};
+      store_release(entry.straggler_since_ns, now_ns);
+      continue;
+    }
+    const std::uint64_t behind_ms = (now_ns - held.since_ns) / 1'000'000ULL;
+    if (timeout.count() == 0 || behind_ms < static_cast<std::uint64_t>(timeout.count())) continue;
+    for (std::uint32_t r : behind) {
+      WorkerSlotServerView slot(segment_->slot(r));
+      const std::uint64_t generation = slot.generation();
+      slot.evict(generation, behind_ms);
+      store_release(h.stragglers_evicted, load_own(h.stragglers_evicted) + 1);
+      store_release(entry.evictions, load_own(entry.evictions) + 1);
+      spdlog::warn("event=straggler_evicted segment={} rank={} pid={} generation={} group={} step={} behind_ms={} "
+                   "straggler_timeout_ms={} reason=\"alive but it alone held the barrier of step {} for {} ms; the "
+                   "step goes on without it, its open step is discarded, and its rank may be restarted\"",
+                   h.name, r, slot.pid(), generation, g, step, behind_ms, timeout.count(), step, behind_ms);
+    }
+    held = Held{};
+    store_release(entry.straggler_since_ns, std::uint64_t{0});
+  }
+}
+
 bool Membership::counts(std::uint32_t rank) const {
   return counts_for_group(segment_->header(), segment_->slot(rank));
 }

@@ -4,7 +4,9 @@
 // the server and the workers share (membership.hpp in shm/).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <vector>
 
 #include <shmps/shm/liveness.hpp>
 #include <shmps/shm/segment.hpp>
@@ -23,6 +25,15 @@ class Membership {
   // collecting (BSP) or the clock it brought (never lower than the one its slot reached). Wakes the worker.
   void admit_new_workers();
 
+  // BSP stragglers (docs/consistency.md#stragglers): in each worker group, the live members that
+  // have not ended the step the group is collecting while another live member has. Once the
+  // same ones have held the barrier alone for `timeout` (0: never), they are evicted
+  // (WorkerSlot::evicted_generation): they stop counting, so the step completes without them and
+  // their open step is discarded (collect.hpp). Logged (event=straggler_evicted) and counted.
+  // Keeps each group's GroupEntry::straggler_since_ns, which the waiting workers' messages use.
+  // `now_ns`: CLOCK_MONOTONIC.
+  void evict_stragglers(std::chrono::milliseconds timeout, std::uint64_t now_ns);
+
   // Whether `rank` counts for a BSP barrier or an SSP bound now.
   bool counts(std::uint32_t rank) const;
 
@@ -32,6 +43,13 @@ class Membership {
   shm::Segment* segment_;
   shm::LockFile* slots_lock_;
   std::uint64_t deaths_seen_ = 0;
+  // Per worker group: the step and the members holding its barrier when first seen so, and when.
+  struct Held {
+    std::uint64_t step = 0;
+    std::vector<std::uint32_t> by;
+    std::uint64_t since_ns = 0;
+  };
+  std::vector<Held> held_;
 };
 
 }  // namespace shmps::server

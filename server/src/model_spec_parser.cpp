@@ -225,6 +225,11 @@ void Parser::read_policies(const toml::table& root, ModelSpec& spec) const {
     if (auto problem = parse_on_worker_death(text, spec.on_worker_death); !problem.empty())
       fail(n->source(), "on_worker_death", problem);
   }
+  if (const toml::node* n = root.get("straggler_timeout")) {
+    const std::string text = str_value(*n, "straggler_timeout");
+    if (auto problem = parse_straggler_timeout(text, spec.straggler_timeout); !problem.empty())
+      fail(n->source(), "straggler_timeout", problem);
+  }
   if (const toml::node* n = root.get("sync_every")) {
     const std::string text = str_value(*n, "sync_every");
     if (auto problem = parse_sync_every(text, spec.sync_every); !problem.empty()) fail(n->source(), "sync_every", problem);

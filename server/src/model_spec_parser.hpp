@@ -24,7 +24,7 @@ namespace shmps::server::spec_detail {
 // [table] header).
 inline constexpr std::string_view kRootKeysList[] = {"name",          "slice_bytes",     "max_workers",
                                               "workers_per_group", "ring_bytes",    "server_threads",  "consistency",
-                                              "bsp_aggregate", "on_worker_death", "sync_every", "optimizer",
+                                              "bsp_aggregate", "on_worker_death", "straggler_timeout", "sync_every", "optimizer",
                                               "param", "table"};
 inline constexpr Keys kRootKeys{kRootKeysList};
 

@@ -80,6 +80,39 @@ std::string parse_sync_every(std::string_view text, SyncEvery& out) {
   return {};
 }
 
+std::string parse_straggler_timeout(std::string_view text, std::chrono::milliseconds& out) {
+  if (text == "off" || text == "0") {
+    out = std::chrono::milliseconds(0);
+    return {};
+  }
+  const std::string usage = "expected a period (\"10s\", \"500ms\", \"1m\"), or \"0\" or \"off\" to never evict "
+                            "stragglers, got \"" + std::string(text) + "\"";
+  std::size_t digits = 0;
+  std::uint64_t n = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') {
+    if (n > 1'000'000'000'000ULL) return "is too large: \"" + std::string(text) + "\"";
+    n = n * 10 + static_cast<std::uint64_t>(text[digits++] - '0');
+  }
+  if (digits == 0) return usage;
+  const std::string_view unit = text.substr(digits);
+  std::uint64_t ms = 0;
+  if (unit == "ms") ms = n;
+  else if (unit == "s") ms = n * 1000;
+  else if (unit == "m") ms = n * 60'000;
+  else return usage;
+  // The segment keeps it in 32 bits of milliseconds.
+  if (ms > 2'000'000'000ULL) return "is too large (at most 24 days): \"" + std::string(text) + "\"";
+  out = std::chrono::milliseconds(ms);
+  return {};
+}
+
+std::string straggler_timeout_text(std::chrono::milliseconds timeout) {
+  const auto ms = timeout.count();
+  if (ms == 0) return "off";
+  if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
 std::string sync_every_text(const SyncEvery& every) {
   if (every.updates != 0) return std::to_string(every.updates) + "updates";
   return std::to_string(every.period.count()) + "ms";

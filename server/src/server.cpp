@@ -86,12 +86,13 @@ struct Server::Impl {
     const SegmentHeader& h = header();
     spdlog::info("event=ready segment={} epoch={} recovered={} params={} slices={} slice_floats={} workers={} "
                  "ring_bytes={} segment_bytes={} optimizer={} lr={} threads={} consistency={} staleness={} "
-                 "bsp_aggregate={} on_worker_death={}",
+                 "bsp_aggregate={} on_worker_death={} straggler_timeout={}",
                  options.spec.name, load_own(h.server_epoch), boot.recovered, h.param_count, h.slice_count,
                  h.slice_floats, h.max_workers, h.ring_bytes, h.total_bytes, to_string(h.optimizer.kind),
                  h.optimizer.lr, boot.threads, to_string(static_cast<Consistency>(load_own(h.consistency))),
                  load_own(h.staleness), to_string(static_cast<BspAggregate>(load_own(h.bsp_aggregate))),
-                 to_string(static_cast<OnWorkerDeath>(load_own(h.on_worker_death))));
+                 to_string(static_cast<OnWorkerDeath>(load_own(h.on_worker_death))),
+                 straggler_timeout_text(options.spec.straggler_timeout));
   }
 };
 
@@ -136,6 +137,10 @@ void Server::start() {
   }
   s.commands.emplace(segment, *s.checkpoints, s.sync ? &*s.sync : nullptr);
 
+  // The straggler policy is the running server's (spec or --straggler-timeout), not the segment's:
+  // written at every start, for the tools and the waiting workers' messages.
+  store_release(segment.header().straggler_timeout_ms,
+                static_cast<std::uint32_t>(s.options.spec.straggler_timeout.count()));
   announce_ready(segment);
   s.membership->probe_deaths();
   if (load_own(s.header().consistency) == static_cast<std::uint32_t>(Consistency::bsp)) {
@@ -205,11 +210,12 @@ std::uint64_t Server::apply_round() {
     // The group and step are known only when the round completed one; pushes of a dead worker's
     // open step found in front of a put are discarded in any round.
     if (step_complete)
-      spdlog::warn("event=step_discarded segment={} group={} step={} records={} reason=\"their worker died before "
-                   "finishing the step\"",
+      spdlog::warn("event=step_discarded segment={} group={} step={} records={} reason=\"their worker died (or was "
+                   "evicted as a straggler) before finishing the step\"",
                    s.header().name, group, step, discarded);
     else
-      spdlog::warn("event=step_discarded segment={} records={} reason=\"their worker died before finishing its step\"",
+      spdlog::warn("event=step_discarded segment={} records={} reason=\"their worker died (or was "
+                   "evicted as a straggler) before finishing its step\"",
                    s.header().name, discarded);
   }
   return taken + (result.step_advanced ? 1 : 0);
@@ -228,6 +234,8 @@ void Server::run() {
     const auto now = clock::now();
     if (now >= next_liveness) {
       s.membership->probe_deaths();
+      // The header's copy: the spec's or --straggler-timeout, or what shmps-ctl set since.
+      s.membership->evict_stragglers(std::chrono::milliseconds(load_own(h.straggler_timeout_ms)), monotonic_ns());
       next_liveness = now + s.options.liveness_interval;
     }
     std::uint64_t applied = apply_round();

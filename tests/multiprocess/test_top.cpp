@@ -411,7 +411,7 @@ TEST(Top, JsonSnapshotOfAJob) {
                                     "slices", "slice_bytes", "ring_bytes", "consistency", "workers_per_group", "groups",
                                     "server_groups", "optimizer"}));
   EXPECT_TRUE(doc["job"]["server_groups"].is_null()) << "a job without server groups";
-  EXPECT_EQ(keys(doc["job"]["consistency"]), (Keys{"mode", "staleness", "bsp_aggregate", "on_worker_death", "model_clock", "steps"}));
+  EXPECT_EQ(keys(doc["job"]["consistency"]), (Keys{"mode", "staleness", "bsp_aggregate", "on_worker_death", "straggler_timeout_ms", "stragglers_evicted", "model_clock", "steps"}));
   EXPECT_EQ(keys(doc["job"]["optimizer"]), (Keys{"kind", "lr", "momentum", "weight_decay", "clip_value", "clip_norm", "state_dtype"}));
   EXPECT_EQ(keys(doc["apply"]), (Keys{"records_applied", "records_per_s", "floats_applied", "floats_per_s", "rounds",
                                       "records_skipped", "records_discarded", "busy_ns", "busy_fraction", "latency"}));

@@ -27,7 +27,10 @@
 //       every rank that took part in it (rank R stops taking part at step S with --absent R:S).
 //       --slow-ms sleeps that long per step. --hang-at S: at step S push "w" only, then sleep
 //       forever (a worker to be killed in the middle of a step). Prints its clocks and the
-//       largest staleness its pulls saw. --resume: keep the next step in the resume state
+//       largest staleness its pulls saw. --stop-at R:S: rank R, at step S, pushes "w" only, then SIGSTOPs
+//       itself (a straggler, alive but stuck); once continued, go on with the step. Only the
+//       slot's first process does (generation 1), and only it waits for its peers: a restarted
+//       one (shmps-launch --kill-stragglers) runs its steps from 0 without stopping. --resume: keep the next step in the resume state
 //       (save_state before every clock()) and start from it (a restarted or restored worker
 //       continues its schedule).
 //   shmps-test-pusher views  --steps B [--slow-ms X]
@@ -41,8 +44,11 @@
 //                                 [--absent R:S]
 //       BSP in a job with worker groups: group_steps.cpp.
 // Segment and rank come from SHMPS_SEGMENT / SHMPS_RANK. Exit code 0 on success.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <span>
@@ -66,7 +72,7 @@ int main(int argc, char** argv) {
   }
   const std::string mode = argv[1];
   std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0, pause_us = 0;
-  std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1;
+  std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1, stop_rank = -1, stop_at = -1;
   bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
   for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
@@ -101,6 +107,10 @@ int main(int argc, char** argv) {
     else if (key == "--slow-ms") slow_ms = std::stoull(value);
     else if (key == "--pause-us") pause_us = std::stoull(value);
     else if (key == "--hang-at") hang_at = std::stoll(value);
+    else if (key == "--stop-at") {
+      stop_rank = std::stoll(value.substr(0, value.find(':')));
+      stop_at = std::stoll(value.substr(value.find(':') + 1));
+    }
     else if (key == "--absent") {
       absent_rank = std::stoll(value.substr(0, value.find(':')));
       absent_step = std::stoll(value.substr(value.find(':') + 1));
@@ -271,6 +281,11 @@ int main(int argc, char** argv) {
       const std::size_t w_size = w.param("w").size, b_size = w.param("b").size;
       const auto rank = static_cast<std::uint64_t>(w.rank());
       // Start together, so that every rank takes part from step 0 (unless told to join whenever).
+      if (stop_at >= 0 && static_cast<std::int64_t>(rank) != stop_rank) stop_at = -1;
+      if (stop_at >= 0 && w.generation() > 1) {  // restarted: it stops no more, and its peers may be done
+        stop_at = -1;
+        wait_for_peers = false;
+      }
       if (wait_for_peers) {
         auto seg = shmps::shm::Segment::open(w.segment(), shmps::shm::Access::read_only);
         const auto attached = static_cast<std::uint32_t>(shmps::shm::SlotState::attached);
@@ -328,6 +343,11 @@ int main(int argc, char** argv) {
         if (static_cast<std::int64_t>(k) == hang_at) {
           std::cout << "hanging in step " << k << std::endl;
           std::this_thread::sleep_for(std::chrono::hours(1));
+        }
+        if (static_cast<std::int64_t>(k) == stop_at) {
+          std::cout << "stopping in step " << k << " (pid " << ::getpid() << ")" << std::endl;
+          ::raise(SIGSTOP);
+          std::cout << "continued in step " << k << std::endl;
         }
         last = w.push("b", gb);
         if (resume) {

@@ -26,6 +26,7 @@ using shmps::OptimizerKind;
 using shmps::server::InitSpec;
 using shmps::server::load_model_spec;
 using shmps::server::ModelSpec;
+using shmps::server::straggler_timeout_text;
 using shmps::server::ParamSpec;
 using shmps::server::parse_model_spec;
 using shmps::server::SpecError;
@@ -265,6 +266,29 @@ TEST(ModelSpecErrors, SyncEveryNeedsAUnit) {
                     "must be more than 0");
 }
 
+TEST(ModelSpec, StragglerTimeoutIsAPeriodOrOffWithADefaultBelowTheWorkersTimeout) {
+  const auto parse = [](const std::string& timeout) {
+    return parse_model_spec("name = \"m\"\nstraggler_timeout = \"" + timeout + "\"\n[optimizer]\nlr = 1\n"
+                            "[[param]]\nname = \"w\"\nshape = [4]\n", "");
+  };
+  const ModelSpec fallback = parse_model_spec("name = \"m\"\n[optimizer]\nlr = 1\n[[param]]\nname = \"w\"\nshape = [4]\n", "");
+  EXPECT_EQ(fallback.straggler_timeout, std::chrono::milliseconds(10'000));
+  // Below WorkerOptions::timeout (30 s): stragglers go before the healthy workers time out.
+  EXPECT_LT(fallback.straggler_timeout, std::chrono::seconds(30));
+  EXPECT_EQ(parse("2s").straggler_timeout, std::chrono::milliseconds(2000));
+  EXPECT_EQ(parse("750ms").straggler_timeout, std::chrono::milliseconds(750));
+  EXPECT_EQ(parse("1m").straggler_timeout, std::chrono::milliseconds(60'000));
+  EXPECT_EQ(parse("off").straggler_timeout, std::chrono::milliseconds(0));
+  EXPECT_EQ(parse("0").straggler_timeout, std::chrono::milliseconds(0));
+  EXPECT_EQ(straggler_timeout_text(std::chrono::milliseconds(10'000)), "10s");
+  EXPECT_EQ(straggler_timeout_text(std::chrono::milliseconds(1500)), "1500ms");
+  EXPECT_EQ(straggler_timeout_text(std::chrono::milliseconds(0)), "off");
+  EXPECT_SPEC_ERROR("name = \"m\"\nstraggler_timeout = \"10\"\n[optimizer]\nlr = 1\n", "spec.toml:2:21",
+                    "straggler_timeout", "expected a period (\"10s\", \"500ms\", \"1m\"), or \"0\" or \"off\"");
+  EXPECT_SPEC_ERROR("name = \"m\"\nstraggler_timeout = \"30d\"\n[optimizer]\nlr = 1\n", "spec.toml:2:21",
+                    "straggler_timeout", "expected a period");
+}
+
 TEST(ModelSpec, PretrainedInit) {
   const ModelSpec spec = parse_model_spec(R"(name = "m"
 [optimizer]
@@ -398,7 +422,7 @@ max_worker = 4
 )",
                     "spec.toml:2:1", "max_worker", "unknown key", "did you mean \"max_workers\"?",
                     "valid keys: name, slice_bytes, max_workers, workers_per_group, ring_bytes, server_threads, "
-                    "consistency, bsp_aggregate, on_worker_death, sync_every, optimizer, param");
+                    "consistency, bsp_aggregate, on_worker_death, straggler_timeout, sync_every, optimizer, param");
 }
 
 TEST(ModelSpecErrors, UnknownOptimizerKey) {

@@ -174,6 +174,8 @@ std::string render_json(const Metrics& m) {
         {"staleness", s.staleness},
         {"bsp_aggregate", std::string(to_string(s.bsp_aggregate))},
         {"on_worker_death", std::string(to_string(s.on_worker_death))},
+        {"straggler_timeout_ms", s.straggler_timeout_ms},
+        {"stragglers_evicted", s.stragglers_evicted},
         {"model_clock", s.model_clock},
         {"steps", s.steps}}},
       {"workers_per_group", s.workers_per_group},

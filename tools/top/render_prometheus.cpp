@@ -117,6 +117,10 @@ std::string render_prometheus(const Metrics& m) {
               {"bsp_aggregate", std::string(to_string(s.bsp_aggregate))},
               {"on_worker_death", std::string(to_string(s.on_worker_death))}},
              u(1)}});
+  e.family("shmps_straggler_timeout_seconds", "gauge", "BSP: a straggler is evicted from its barrier after this (0: never)",
+           one(static_cast<double>(s.straggler_timeout_ms) / 1e3));
+  e.family("shmps_stragglers_evicted_total", "counter", "live workers evicted from a BSP barrier as stragglers",
+           one(s.stragglers_evicted));
   e.family("shmps_staleness_bound", "gauge", "SSP staleness bound, in clocks", one(u(s.staleness)));
   e.family("shmps_model_clock", "gauge", "BSP: the step the slowest worker group is collecting", one(s.model_clock));
   {
@@ -213,7 +217,7 @@ std::string render_prometheus(const Metrics& m) {
   {
     std::vector<std::pair<Labels, Value>> rows;
     for (const W* w : used)
-      for (const char* state : {"alive", "suspect", "dead", "left"})
+      for (const char* state : {"alive", "suspect", "dead", "left", "evicted"})
         rows.push_back({{{"segment", s.segment}, {"rank", std::to_string(w->now.rank)}, {"state", state}},
                         u(w->now.status == state ? 1 : 0)});
     e.family("shmps_worker_state", "gauge", "the slot's state (1 for the current one), as shmps-ctl workers says", rows);

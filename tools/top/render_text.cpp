@@ -28,6 +28,8 @@ std::vector<std::string> summary_lines(const Metrics& m) {
   std::string job = "job         " + consistency_text(s) + (s.groups.size() > 1 ? ", slowest group clock " : ", model clock ") +
                     std::to_string(s.model_clock);
   if (s.consistency == Consistency::bsp) job += ", " + std::to_string(s.steps) + " steps";
+  if (s.stragglers_evicted != 0)
+    job += ", " + std::to_string(s.stragglers_evicted) + " straggler" + (s.stragglers_evicted == 1 ? "" : "s") + " evicted";
   job += "; optimizer " + std::string(to_string(s.optimizer.kind)) + " lr=" + general(s.optimizer.lr);
   job += "; workers " + std::to_string(m.workers_alive) + " alive of " + std::to_string(s.max_workers);
   lines.push_back(job);

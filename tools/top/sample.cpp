@@ -82,6 +82,8 @@ Sample read_sample(const Segment& seg) {
   s.staleness = load_acquire(h.staleness);
   s.bsp_aggregate = static_cast<BspAggregate>(load_acquire(h.bsp_aggregate));
   s.on_worker_death = static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death));
+  s.straggler_timeout_ms = load_acquire(h.straggler_timeout_ms);
+  s.stragglers_evicted = load_counter(h.stragglers_evicted);
   s.model_clock = slowest_group_clock(seg);
   s.workers_per_group = h.workers_per_group;
   s.groups.resize(h.group_count);

@@ -102,6 +102,8 @@ struct Sample {
   std::uint32_t staleness = 0;
   BspAggregate bsp_aggregate = BspAggregate::sum;
   OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
+  std::uint32_t straggler_timeout_ms = 0;  // BSP: stragglers are evicted after this (0: never)
+  std::uint64_t stragglers_evicted = 0;
   std::uint64_t model_clock = 0;  // BSP: the slowest worker group's clock
   std::uint64_t steps = 0;
   // Worker groups (GroupEntry): BSP steps and SSP bounds hold inside each.

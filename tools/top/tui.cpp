@@ -320,7 +320,7 @@ class Ui {
       sort_rows(used, worker_sort_, worker_desc_);
       const TextTable workers = layout(used);
       std::vector<Colour> colours;  // a dead worker's row in red, a suspect one's in yellow
-      for (const auto& w : used) colours.push_back(w.now.status == "dead" ? kBad : w.now.status == "suspect" ? kWarn : kGood);
+      for (const auto& w : used) colours.push_back(w.now.status == "dead" ? kBad : (w.now.status == "suspect" || w.now.status == "evicted") ? kWarn : kGood);
       std::vector<ParamMetrics> param_rows = shown->params;
       sort_rows(param_rows, param_sort_, param_desc_);
       const TextTable params = layout(param_rows);

@@ -76,6 +76,19 @@ void Worker::Impl::refuse_if_detached(const char* to) const {
                 std::to_string(::getpid()) + ", forked from it: a worker slot belongs to one process. Create a "
                 "new Worker in the child (with another rank) if it must " + to + "; nothing was changed");
   if (!attached) throw Error(std::string("this worker has left the job; create a new Worker to ") + to);
+  refuse_if_evicted(to);
+}
+
+void Worker::Impl::refuse_if_evicted(const char* to) const {
+  const WorkerSlot& s = segment.slot(static_cast<std::uint32_t>(rank));
+  if (load_acquire(s.evicted_generation) != generation) return;
+  const std::uint64_t behind_ms = load_acquire(s.evicted_behind_ms);
+  throw Error("worker " + std::to_string(rank) + " (pid " + std::to_string(::getpid()) +
+              ") was evicted from the BSP barrier as a straggler after " + std::to_string(behind_ms / 1000) + "." +
+              std::to_string(behind_ms % 1000 / 100) + " s (straggler_timeout " +
+              std::to_string(load_acquire(segment.header().straggler_timeout_ms)) +
+              " ms): the other workers went on without it and its open step (clock " + std::to_string(clock) +
+              ") was discarded, so it cannot " + to + "; restart it (it rejoins with its rank)");
 }
 
 Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
@@ -257,6 +270,14 @@ void Worker::leave() {
   Impl& s = *impl_;
   if (!s.attached) return;
   s.refuse_if_borrowed("leave()", "the worker is still attached");
+  if (load_acquire(s.segment.slot(static_cast<std::uint32_t>(s.rank)).evicted_generation) == s.generation) {
+    // Evicted as a straggler: its open step counts for nothing, and the slot stays marked
+    // evicted (the tools show it) until a new process takes the rank. Only the lock is let go.
+    s.slots_lock.unlock(static_cast<unsigned>(s.rank));
+    s.slots_lock = LockFile();
+    s.attached = false;
+    return;
+  }
   if (s.pushed_in_step || s.state_staged) {
     try {
       s.end_step();  // a finished worker's last pushes and state count (BSP counts a step only once ended)

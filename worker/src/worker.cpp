@@ -264,7 +264,9 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
     return;
   }
   // Fresh enough yet? Re-read the mode every time: a live switch may change it while we wait.
+  const WorkerSlot& own = segment.slot(static_cast<std::uint32_t>(rank));
   auto fresh = [&] {
+    if (load_acquire(own.evicted_generation) == generation) return true;  // refused below
     const auto now_mode = static_cast<Consistency>(load_acquire(h.consistency));
     if (now_mode == Consistency::bsp) return group_clock() >= clock;
     if (now_mode == Consistency::ssp) {
@@ -281,14 +283,19 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
     const bool ok = wait_for(fresh, deadline(), bsp ? &slot.progress_word() : nullptr, bsp ? &slot.waiting_flag() : nullptr);
     slot.add_wait_ns(static_cast<std::uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - started).count()));
+    refuse_if_evicted("go on");
     if (!ok) {
-      std::string behind;
+      std::string behind, waiting;
       const std::uint32_t g = group();
+      const bool bsp_now = static_cast<Consistency>(load_acquire(h.consistency)) == Consistency::bsp;
       for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r) {
-        if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock)
-          behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
-                    std::to_string(load_acquire(segment.slot(r).clock)) + ")";
-        else if (static_cast<int>(r) != rank && !counts(r) && load_acquire(segment.slot(r).streamed_step) == clock &&
+        if (static_cast<int>(r) != rank && counts(r) && load_acquire(segment.slot(r).clock) < clock) {
+          if (bsp_now)  // the barrier waits for it: say who it is, and why
+            waiting += (waiting.empty() ? "" : "; ") + describe_behind(r, load_acquire(segment.slot(r).clock));
+          else
+            behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (clock " +
+                      std::to_string(load_acquire(segment.slot(r).clock)) + ")";
+        } else if (static_cast<int>(r) != rank && !counts(r) && load_acquire(segment.slot(r).streamed_step) == clock &&
                  load_acquire(segment.slot(r).clock) < clock && load_acquire(segment.slot(r).consumed_clock) < clock)
           // A streamed BSP step waits for a dead worker whose part of it is summed but that did
           // not end it (collect_streamed_step's test).
@@ -303,7 +310,9 @@ void Worker::Impl::wait_for_consistency(const char* what, std::string_view name)
                                                 : std::string(" (model clock ")) +
                              std::to_string(group_clock()) + ")"
                        : "the slowest workers to come within the staleness bound") +
-                  "; workers behind: " + (behind.empty() ? "none" : behind) + "; " + server_state());
+                  (waiting.empty() ? "" : "; waiting for " + waiting) +
+                  (behind.empty() && !waiting.empty() ? "" : "; workers behind: " + (behind.empty() ? "none" : behind)) +
+                  "; " + (waiting.empty() ? server_state() : waiting_server_state()));
     }
   }
   record_staleness();

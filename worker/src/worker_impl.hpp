@@ -140,6 +140,9 @@ struct Worker::Impl {
   ~Impl();
   // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
   void refuse_if_detached(const char* to) const;
+  // Throws the error for a worker the server evicted from its BSP barrier as a straggler
+  // (WorkerSlot::evicted_generation): it may do nothing more; a restart of its rank rejoins.
+  void refuse_if_evicted(const char* to) const;
   // fork() safety (see below): the Impls of this process that hold a slot.
   static std::vector<Impl*>& holding_slots();
   static void register_for_fork(Impl* impl);
@@ -274,6 +277,40 @@ struct Worker::Impl {
     fence_store_load();  // our commit must be visible before we look at server_sleeping
     const SegmentHeader& h = segment.header();
     if (load_acquire(h.server_sleeping)) futex_wake_all(h.server_wake);
+  }
+
+  // Why this worker's BSP barrier waits for worker r (of its group, counting, not past step
+  // `step`): "worker 2 (pid 1234), alive but 12.0 s behind in step 7; the server evicts
+  // stragglers after 10 s (straggler_timeout)", or dead and waited for (on_worker_death = wait).
+  std::string describe_behind(std::uint32_t r, std::uint64_t step) const {
+    const WorkerSlot& s = segment.slot(r);
+    const SegmentHeader& h = segment.header();
+    std::string text = "worker " + std::to_string(r) + " (pid " + std::to_string(load_acquire(s.pid)) + ")";
+    if (load_acquire(s.dead_generation) == load_acquire(s.generation))
+      return text + ", dead in step " + std::to_string(step) +
+             "; on_worker_death = wait keeps the barrier until a process takes rank " + std::to_string(r) + " again";
+    const std::uint64_t now = monotonic_ns();
+    const std::uint64_t since = load_acquire(segment.group(segment.group_of(r)).straggler_since_ns);
+    const std::uint64_t heard = load_acquire(s.heartbeat_ns);
+    const auto secs = [](std::uint64_t ns) {
+      const std::uint64_t tenths = ns / 100'000'000ULL;
+      return std::to_string(tenths / 10) + "." + std::to_string(tenths % 10) + " s";
+    };
+    text += since != 0 && now > since ? ", alive but " + secs(now - since) + " behind in step " + std::to_string(step)
+                                      : ", alive, in step " + std::to_string(step);
+    if (heard != 0 && now > heard) text += " (last heard from " + secs(now - heard) + " ago)";
+    const std::uint32_t timeout_ms = load_acquire(h.straggler_timeout_ms);
+    text += timeout_ms == 0 ? "; straggler_timeout is off: the server waits for it"
+                            : "; the server evicts stragglers after " + secs(std::uint64_t{timeout_ms} * 1'000'000ULL) +
+                                  " (straggler_timeout)";
+    return text;
+  }
+
+  // The end of a timeout's message when the barrier waits for named workers.
+  std::string waiting_server_state() const {
+    LockFile probe = LockFile::open_for_probe(server_lock_path(segment.name()));
+    return probe.probe(0) == Holder::alive ? "the server is alive and waits for them"
+                                           : "no server is running for it (start shmps-server again)";
   }
 
   std::string server_state() const {

@@ -29,6 +29,14 @@
 //   on_worker_death = "proceed"  # optional. When a worker's death is proven, BSP barriers and
 //                           #   SSP bounds go on without it ("proceed"), or wait until a process
 //                           #   takes its slot again ("wait").
+//   straggler_timeout = "10s"  # optional, default "10s". BSP: a live worker that alone holds its
+//                           #   group's barrier this long (every other live member has ended the
+//                           #   step) is evicted as a straggler: the barrier goes on without it,
+//                           #   its open step is discarded, and its next call fails; a new
+//                           #   process of its rank rejoins (docs/consistency.md#stragglers).
+//                           #   "500ms", "2s", "1m", or "0" / "off" (never evict). Below the
+//                           #   workers' 30 s call timeout, so that healthy workers do not fail
+//                           #   first. At most 24 days.
 //   sync_every = "100ms"    # optional, default "100ms". Server groups (shmps-launch
 //                           #   --server-groups): how often a group sends the deltas of its
 //                           #   changed slices to their home groups: a period ("100ms", "2s") or
@@ -168,6 +176,10 @@ struct ParamSpec {
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };
 
+// The documented default of straggler_timeout: below the workers' 30 s call timeout
+// (WorkerOptions::timeout), so that a stuck worker is evicted before the healthy ones fail.
+inline constexpr std::chrono::milliseconds kDefaultStragglerTimeout{10'000};
+
 struct ModelSpec {
   std::string name;  // segment name
   std::uint64_t slice_bytes = 65536;
@@ -179,6 +191,8 @@ struct ModelSpec {
   std::uint32_t staleness = 0;  // ssp only
   BspAggregate bsp_aggregate = BspAggregate::sum;
   OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
+  // BSP: a straggler is evicted from its group's barrier after this long; 0: never.
+  std::chrono::milliseconds straggler_timeout = kDefaultStragglerTimeout;
   SyncEvery sync_every;
   OptimizerSettings optimizer;
   std::vector<ParamSpec> params;
@@ -229,6 +243,11 @@ std::string parse_on_worker_death(std::string_view text, OnWorkerDeath& out);
 // "100ms", "2s", "1m" (a period) | "50updates" (applied pushes). Shared by the spec and --sync-every.
 std::string parse_sync_every(std::string_view text, SyncEvery& out);
 std::string sync_every_text(const SyncEvery& every);
+// "10s", "500ms", "1m" | "0" | "off" (never). Shared by the spec, shmps-server and shmps-launch's
+// --straggler-timeout.
+std::string parse_straggler_timeout(std::string_view text, std::chrono::milliseconds& out);
+// "10s", "1500ms", "off".
+std::string straggler_timeout_text(std::chrono::milliseconds timeout);
 
 // Edit distance between two names, ignoring ASCII case: how "did you mean ...?" suggestions
 // rank candidates (the spec parser's keys, a pretrained file's tensor names).

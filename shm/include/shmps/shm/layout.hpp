@@ -128,7 +128,9 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 //    RedoTarget::sync_add / sync_take, RecordKind::sync_delta / sync_fresh, SyncSegmentHeader)
 // 9: tables (ParamEntry::table_dim, RecordKind::rows)
 // 10: values in bf16 or fp16 (DType::bf16 / fp16, ParamEntry::f32_offset)
-inline constexpr std::uint32_t kLayoutVersion = 10;
+// 11: stragglers (SegmentHeader::straggler_timeout_ms and stragglers_evicted,
+//     WorkerSlot::evicted_generation and evicted_behind_ms, GroupEntry::straggler_since_ns and evictions)
+inline constexpr std::uint32_t kLayoutVersion = 11;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -324,6 +326,10 @@ struct SegmentHeader {
   std::atomic<std::uint32_t> staleness;                        // SSP bound, in clocks
   std::atomic<std::uint32_t> bsp_aggregate;                    // BspAggregate
   std::atomic<std::uint32_t> on_worker_death;                  // OnWorkerDeath
+  // BSP: a live worker that alone holds its group's barrier this long is evicted (a straggler,
+  // docs/consistency.md#stragglers); 0: never. Written at every server start; shown by the tools
+  // and named in the waiting workers' messages.
+  std::atomic<std::uint32_t> straggler_timeout_ms;
 
   // Server liveness and state (server writes; everyone reads). Death of the server is proven by
   // its lock file (<name>.server.lock), not by the heartbeat; the heartbeat is for display.
@@ -353,6 +359,7 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> records_skipped;  // already applied before a server restart
   std::atomic<std::uint64_t> records_discarded;  // of a step the worker died in (BSP)
   std::atomic<std::uint64_t> steps;            // BSP steps completed
+  std::atomic<std::uint64_t> stragglers_evicted;  // live workers evicted from a BSP barrier (straggler_timeout)
 
   // Checkpoints (server writes): how many were written by this segment's servers, when the last
   // one was taken (its snapshot), how long it took until durable, and the model clock it holds.
@@ -404,12 +411,12 @@ struct SegmentHeader {
   FIELD(rejected_stride) FIELD(step_sums_offset) FIELD(step_sums_bytes) FIELD(optimizer) FIELD(state_arrays)   \
   FIELD(group_count) FIELD(groups_offset) FIELD(server_group) FIELD(server_groups) FIELD(sync_offset)          \
   FIELD(sync_applied_offset) FIELD(sync_base_offset) FIELD(sync_sent_offset) PAD(56)                            \
-  FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) PAD(48)                        \
+  FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) FIELD(straggler_timeout_ms) PAD(44)                        \
   FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
   FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
   FIELD(server_wake) FIELD(server_sleeping) PAD(56)                                                             \
   FIELD(records_applied) FIELD(floats_applied) FIELD(apply_rounds) FIELD(records_skipped)                      \
-  FIELD(records_discarded) FIELD(steps) PAD(16)                                                                 \
+  FIELD(records_discarded) FIELD(steps) FIELD(stragglers_evicted) PAD(8)                                                                 \
   FIELD(checkpoints) FIELD(checkpoint_failures) FIELD(last_checkpoint_unix_ns) FIELD(last_checkpoint_duration_ns) \
   FIELD(last_checkpoint_clock) PAD(24)                                                                          \
   FIELD(sync_seq) FIELD(sync_rounds) FIELD(sync_sent) FIELD(sync_taken) FIELD(sync_added) FIELD(sync_duplicates) \
@@ -538,9 +545,15 @@ struct alignas(kCacheLine) GroupEntry {
   std::atomic<std::uint64_t> steps;      // BSP steps of this group completed
   std::atomic<std::uint64_t> records;    // pushes applied in those steps
   std::atomic<std::uint64_t> discarded;  // pushes of its steps discarded (their worker died mid-step)
-  std::uint64_t reserved[4];
+  // Stragglers: since when (CLOCK_MONOTONIC ns) the barrier of step `clock` has waited only for
+  // live workers that have not ended it while another live member has (0: it does not); the
+  // server evicts them once this is straggler_timeout_ms old. And how many it has evicted.
+  std::atomic<std::uint64_t> straggler_since_ns;
+  std::atomic<std::uint64_t> evictions;
+  std::uint64_t reserved[2];
 };
-#define SHMPS_GROUP_ENTRY_FIELDS(FIELD, PAD) FIELD(clock) FIELD(steps) FIELD(records) FIELD(discarded) FIELD(reserved)
+#define SHMPS_GROUP_ENTRY_FIELDS(FIELD, PAD) \
+  FIELD(clock) FIELD(steps) FIELD(records) FIELD(discarded) FIELD(straggler_since_ns) FIELD(evictions) FIELD(reserved)
 
 // ---------------------------------------------------------------------------------------------
 // RedoEntry: one per server apply thread, server only. Two ways to get a slice's update in:
@@ -716,6 +729,13 @@ struct WorkerSlot {
   // decided around a worker that is half-way in.
   std::atomic<std::uint64_t> admitted_clock;
   std::atomic<std::uint64_t> admitted_generation;
+  // Stragglers (BSP): the generation the server evicted from its group's barrier for holding it
+  // straggler_timeout_ms alone (docs/consistency.md#stragglers), and how far behind it was then.
+  // An evicted generation never counts again (membership.hpp), the server discards its open
+  // step and every record it commits afterwards, and its worker's next call fails; a new
+  // process taking the rank (a new generation) rejoins.
+  std::atomic<std::uint64_t> evicted_generation;
+  std::atomic<std::uint64_t> evicted_behind_ms;
 
   // Server line: the resume blob (a trainer's data cursor) of the last clock record that carried
   // one, copied here when the server consumed that record. A seqlock word guards the copy.
@@ -734,7 +754,8 @@ struct WorkerSlot {
   FIELD(last_staleness) FIELD(max_staleness) FIELD(wait_ns) FIELD(backpressure_ns) PAD(56)                     \
   FIELD(applied) FIELD(progress) FIELD(reserved0) FIELD(records_applied) FIELD(records_discarded)              \
   FIELD(consumed_clock) FIELD(streamed_step) FIELD(put_refused_seq) PAD(8)                                                                                 \
-  FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) PAD(40)                              \
+  FIELD(dead_generation) FIELD(admitted_clock) FIELD(admitted_generation) FIELD(evicted_generation)     \
+  FIELD(evicted_behind_ms) PAD(24)                              \
   FIELD(resume_version) FIELD(resume_clock) FIELD(resume_bytes) FIELD(resume_reserved) FIELD(resume) PAD(40)
 
 // ---------------------------------------------------------------------------------------------

@@ -12,13 +12,22 @@
 
 namespace shmps::shm {
 
+// Whether the slot's holder was evicted from its BSP barrier as a straggler (its generation is the
+// evicted one; a new process taking the rank is not).
+inline bool evicted(const WorkerSlot& slot) noexcept {
+  const std::uint64_t generation = load_acquire(slot.generation);
+  return generation != 0 && load_acquire(slot.evicted_generation) == generation;
+}
+
 // A worker slot counts while its holder is attached, has been admitted by the server (see
-// WorkerSlot::admitted_generation), and is not proven dead; with on_worker_death = wait a dead
-// holder still counts until a process takes the slot again.
+// WorkerSlot::admitted_generation), is not proven dead and was not evicted as a straggler; with
+// on_worker_death = wait a dead holder still counts until a process takes the slot again (an
+// evicted one does not: evicting is the server's decision to go on without it).
 inline bool counts_for_group(const SegmentHeader& h, const WorkerSlot& slot) noexcept {
   if (load_acquire(slot.state) != static_cast<std::uint32_t>(SlotState::attached)) return false;
   const std::uint64_t generation = load_acquire(slot.generation);
   if (load_acquire(slot.admitted_generation) != generation) return false;
+  if (load_acquire(slot.evicted_generation) == generation) return false;
   if (load_acquire(slot.dead_generation) != generation) return true;
   return load_acquire(h.on_worker_death) == static_cast<std::uint32_t>(OnWorkerDeath::wait);
 }

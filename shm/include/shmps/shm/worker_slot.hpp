@@ -186,6 +186,7 @@ class WorkerSlotServerView {
   std::uint64_t put_refused_seq() const noexcept { return load_own(slot_->put_refused_seq); }
   std::uint64_t dead_generation() const noexcept { return load_own(slot_->dead_generation); }
   std::uint64_t admitted_generation() const noexcept { return load_own(slot_->admitted_generation); }
+  std::uint64_t evicted_generation() const noexcept { return load_own(slot_->evicted_generation); }
   std::uint64_t consumed_clock() const noexcept { return load_own(slot_->consumed_clock); }
   std::uint64_t streamed_step() const noexcept { return load_own(slot_->streamed_step); }
 
@@ -197,6 +198,14 @@ class WorkerSlotServerView {
   void admit(std::uint64_t generation, std::uint64_t clock) noexcept {
     store_release(slot_->admitted_clock, clock);
     store_release(slot_->admitted_generation, generation);
+    wake_worker();
+  }
+
+  // The live holder of `generation` held its group's BSP barrier alone for `behind_ms`: it is
+  // evicted (a straggler; membership.hpp stops counting it), and woken in case it waits.
+  void evict(std::uint64_t generation, std::uint64_t behind_ms) noexcept {
+    store_release(slot_->evicted_behind_ms, behind_ms);
+    store_release(slot_->evicted_generation, generation);
     wake_worker();
   }
 
