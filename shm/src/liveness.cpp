@@ -45,7 +45,8 @@ void check_lock_file(int fd, const std::string& path, bool must_be_ours) {
 }
 
 [[noreturn]] void throw_open_error(const std::string& path, int err) {
-  if (err == ELOOP)
+  struct stat st {};
+  if (err == ELOOP || (::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode)))
     throw Error("lock file " + path + " is a symbolic link: refusing to follow it (shmps never makes one; someone "
                 "else may have put it there to redirect the server's writes; remove it)");
   if (err == EACCES)
