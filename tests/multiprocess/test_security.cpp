@@ -67,7 +67,7 @@ Ran run_as_nobody(std::vector<std::string> argv) {
     fs::permissions(dir, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read |
                              fs::perms::others_exec);
     const fs::path copy = dir / (argv[0] + "." + std::to_string(::getpid()));
-    if (!fs::exists(copy)) fs::copy_file(shmps::test::bin(argv[0]), copy, fs::copy_options::overwrite_existing);
+    fs::copy_file(shmps::test::bin(argv[0]), copy, fs::copy_options::overwrite_existing);
     fs::permissions(copy, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read |
                               fs::perms::others_exec);
     argv[0] = copy.string();
@@ -97,6 +97,10 @@ Ran run_as_nobody(std::vector<std::string> argv) {
   ::close(fds[0]);
   int status = 0;
   ::waitpid(child, &status, 0);
+  if (argv[0].rfind((fs::temp_directory_path() / "shmps-test-nobody-bin").string(), 0) == 0) {
+    std::error_code ec;
+    fs::remove(argv[0], ec);  // the copy: nothing of the test is left in /tmp
+  }
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
 }
 
@@ -371,7 +375,9 @@ TEST(Security, CheckpointAndExportFilesAre0600Or0640WithGroup) {
       ++files;
       EXPECT_EQ(mode_of(entry.path()), want) << entry.path();
     }
-    EXPECT_GE(files, 4u);  // periodic or asked in the directory, asked to a file, the export, the last one
+    // At least the one asked in the directory, the one asked to a file and the export (a periodic
+    // one and the one at the stop are skipped when nothing changed since the one before).
+    EXPECT_GE(files, 3u);
   }
 }
 
