@@ -397,7 +397,7 @@ int cmd_checkpoint(std::string name, const std::string& path) {
 // Writes every parameter of a live job to a safetensors file (PyTorch's and numpy's format, one
 // F32 tensor per parameter under its own name; BF16 / F16 for a parameter of dtype bf16 / fp16), without stopping or slowing the job: each slice
 // is copied whole (seqlock), the file is written atomically. Versions go into the metadata.
-int cmd_export(const std::string& name, const std::string& path) {
+int cmd_export(const std::string& name, const std::string& path, unsigned mode) {
   Segment seg = Segment::open(name, Access::read_only);
   const auto& h = seg.header();
   if (load_acquire(h.state) == static_cast<std::uint32_t>(SegmentState::creating))
@@ -436,7 +436,7 @@ int cmd_export(const std::string& name, const std::string& path) {
                          std::as_bytes(std::span<const std::uint16_t>(halves[i]))});
     bytes += p.size * dtype_bytes(p.dtype);
   }
-  server::safetensors::write_file(path, tensors, metadata);
+  server::safetensors::write_file(path, tensors, metadata, {}, mode);
   std::cout << "exported " << h.param_count << " parameters (" << human_bytes(bytes) << ") of '" << name << "' to "
             << path << "\n";
   return 0;
@@ -460,6 +460,11 @@ int cmd_destroy_job(const std::string& job, std::uint32_t groups, bool force) {
 
 int cmd_destroy(const std::string& name, bool force) {
   check_segment_name(name);
+  // In the sticky /dev/shm only a file's owner (or root) can remove it: say so first, before
+  // anything else is looked at (another user cannot probe the job's locks either).
+  if (struct stat st {}; ::lstat(segment_path(name).c_str(), &st) == 0 && st.st_uid != ::geteuid() && ::geteuid() != 0)
+    throw Error("segment '" + name + "' (" + segment_path(name) + ") belongs to another user (uid " +
+                std::to_string(st.st_uid) + "): only its owner can destroy it; nothing was removed");
   if (!Segment::exists(name))
     if (const std::uint32_t groups = tools::server_groups_of(name); groups > 1) return cmd_destroy_job(name, groups, force);
   bool server_alive = false;
@@ -513,6 +518,8 @@ int main(int argc, char** argv) {
   auto* exp = app.add_subcommand("export", "write every parameter of a live job to a safetensors file, without stopping it");
   exp->add_option("name", name, "segment name")->required();
   exp->add_option("file", out_path, "output file (.safetensors)")->required();
+  bool export_group = false;
+  exp->add_flag("--group", export_group, "make the file readable by the group too (0640; default 0600, the owner's only)");
   auto* ckpt = app.add_subcommand("checkpoint", "have the live server write a full checkpoint (parameters, optimizer "
                                                "state, clocks, worker resume state); returns once it is durable");
   ckpt->add_option("name", name, "segment name")->required();
@@ -533,7 +540,7 @@ int main(int argc, char** argv) {
     if (inspect->parsed()) return cmd_inspect(name);
     if (workers->parsed()) return cmd_workers(name);
     if (set->parsed()) return cmd_set(name, setting);
-    if (exp->parsed()) return cmd_export(name, out_path);
+    if (exp->parsed()) return cmd_export(name, out_path, export_group ? 0640U : 0600U);
     if (mpi) {
       if (ckpt->parsed() && out_path.empty())
         throw Error("checkpoint --mpi NAME DIR: give the directory (on every host) for the parts and the manifest");

@@ -1,6 +1,7 @@
 #include "bootstrap.hpp"
 
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -138,6 +139,19 @@ RestoreSource find_restore(const ServerOptions& options, const LayoutPlan& plan,
     source.snapshot = std::move(found->snapshot);
   }
   return source;
+}
+
+// A server continues only a segment of its own user: one of another user at the job's path was
+// not made by this job's servers (even --group shares a segment with the group's workers and
+// tools, not its serving), and taking it would let that user feed this server a forged header.
+void refuse_foreign_segment(const std::string& name) {
+  struct stat st {};
+  const std::string path = segment_path(name);
+  if (::lstat(path.c_str(), &st) != 0 || S_ISLNK(st.st_mode)) return;  // Segment::open says why for a link
+  if (st.st_uid != ::geteuid())
+    throw Error("segment '" + name + "' (" + path + ") belongs to another user (uid " + std::to_string(st.st_uid) +
+                ", not " + std::to_string(::geteuid()) + "): a server continues only its own user's segments; refusing "
+                "it (run the server as that user, or have that user remove it)");
 }
 
 LockFile take_server_lock(const ServerOptions& options) {
@@ -368,6 +382,7 @@ Bootstrapped bootstrap(const ServerOptions& options) {
   if (!Segment::exists(spec.name)) {
     create();
   } else {
+    refuse_foreign_segment(spec.name);
     Segment existing = Segment::open(spec.name, Access::read_write);
     if (load_acquire(existing.header().state) == static_cast<std::uint32_t>(SegmentState::creating)) {
       // We hold the server lock, so nobody is creating it now: its creator died midway.

@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
+#include <cstring>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <shmps/error.hpp>
 #include <shmps/server/checkpoint.hpp>
@@ -27,12 +31,26 @@ std::int64_t serial_of(const std::string& file, const std::string& segment) {
 
 CheckpointDir::CheckpointDir(std::filesystem::path dir, std::string segment) : dir_(std::move(dir)), segment_(std::move(segment)) {}
 
-std::vector<std::filesystem::path> CheckpointDir::list() const {
+// Why a file named like a checkpoint is not one of this job's: a symbolic link (never followed),
+// not a regular file, or another user's file (someone else put it there). Empty if it is ours.
+std::string CheckpointDir::foreign(const std::filesystem::path& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return "cannot stat it: " + std::string(std::strerror(errno));
+  if (S_ISLNK(st.st_mode)) return "a symbolic link: not followed, not restored";
+  if (!S_ISREG(st.st_mode)) return "not a regular file";
+  if (st.st_uid != ::geteuid())
+    return "belongs to another user (uid " + std::to_string(st.st_uid) + "): not restored, not pruned";
+  return "";
+}
+
+std::vector<std::filesystem::path> CheckpointDir::list() const { return scan(true); }
+
+std::vector<std::filesystem::path> CheckpointDir::scan(bool own_only) const {
   std::vector<std::pair<std::int64_t, std::filesystem::path>> found;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
     const std::int64_t serial = serial_of(entry.path().filename().string(), segment_);
-    if (serial >= 0 && entry.is_regular_file(ec)) found.emplace_back(serial, entry.path());
+    if (serial >= 0 && (!own_only || foreign(entry.path()).empty())) found.emplace_back(serial, entry.path());
   }
   std::sort(found.begin(), found.end());
   std::vector<std::filesystem::path> out;
@@ -41,7 +59,7 @@ std::vector<std::filesystem::path> CheckpointDir::list() const {
 }
 
 std::filesystem::path CheckpointDir::next_path() const {
-  const auto files = list();
+  const auto files = scan(false);  // past every name taken, ours or not
   const std::int64_t next = files.empty() ? 1 : serial_of(files.back().filename().string(), segment_) + 1;
   char digits[32];
   std::snprintf(digits, sizeof digits, "%08lld", static_cast<long long>(next));
@@ -66,6 +84,7 @@ std::size_t CheckpointDir::remove_temporaries() const {
     const std::string file = entry.path().filename().string();
     const auto tmp = file.rfind(".tmp-");
     if (tmp == std::string::npos || serial_of(file.substr(0, tmp), segment_) < 0) continue;
+    if (!foreign(entry.path()).empty()) continue;  // not ours: left alone
     std::error_code rm;
     if (std::filesystem::remove(entry.path(), rm)) ++removed;
   }
@@ -73,6 +92,8 @@ std::size_t CheckpointDir::remove_temporaries() const {
 }
 
 std::optional<CheckpointDir::Found> CheckpointDir::newest_valid(std::vector<std::string>& skipped) const {
+  for (const auto& f : scan(false))
+    if (const std::string why = foreign(f); !why.empty()) skipped.push_back(f.string() + ": " + why);
   auto files = list();
   if (files.empty()) return std::nullopt;
   for (auto it = files.rbegin(); it != files.rend(); ++it) {

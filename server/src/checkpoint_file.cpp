@@ -387,7 +387,7 @@ void read_sync_tables(const std::filesystem::path& path, const st::File& file, s
 
 }  // namespace
 
-void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path) {
+void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, unsigned mode) {
   std::vector<st::TensorView> tensors;
   const auto names = state_names(snap.optimizer.kind);
   std::map<std::string, std::string> meta = metadata_of(snap);
@@ -443,7 +443,7 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path) {
   st::write_file(path, tensors, meta, [](std::string_view stage) {
     if (stage == "mid_write") kill_point("checkpoint.mid_write");
     if (stage == "before_rename") kill_point("checkpoint.before_rename");
-  });
+  }, mode);
 }
 
 Snapshot read_checkpoint(const std::filesystem::path& path) {

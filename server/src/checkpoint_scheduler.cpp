@@ -14,8 +14,8 @@ namespace shmps::server {
 using namespace shmps::shm;
 
 CheckpointScheduler::CheckpointScheduler(Segment& segment, tbb::task_arena& arena, std::optional<CheckpointDir> dir,
-                                         CheckpointEvery every, std::size_t keep)
-    : segment_(segment), arena_(arena), dir_(std::move(dir)), every_(every), keep_(keep) {}
+                                         CheckpointEvery every, std::size_t keep, unsigned file_mode)
+    : segment_(segment), arena_(arena), dir_(std::move(dir)), every_(every), keep_(keep), file_mode_(file_mode) {}
 
 CheckpointScheduler::~CheckpointScheduler() {
   if (busy()) thread_.join();
@@ -64,7 +64,7 @@ void CheckpointScheduler::start(const std::filesystem::path& path, bool in_dir, 
   finished_.store(false, std::memory_order_release);
   thread_ = std::thread([this] {
     try {
-      write_checkpoint(snapshot_, path_);
+      write_checkpoint(snapshot_, path_, file_mode_);
     } catch (const std::exception& e) {
       error_ = e.what();
     }

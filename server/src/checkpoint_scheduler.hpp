@@ -28,7 +28,7 @@ namespace shmps::server {
 class CheckpointScheduler {
  public:
   CheckpointScheduler(shm::Segment& segment, tbb::task_arena& arena, std::optional<CheckpointDir> dir,
-                      CheckpointEvery every, std::size_t keep);
+                      CheckpointEvery every, std::size_t keep, unsigned file_mode = 0600);
   ~CheckpointScheduler();
   CheckpointScheduler(const CheckpointScheduler&) = delete;
   CheckpointScheduler& operator=(const CheckpointScheduler&) = delete;
@@ -72,6 +72,7 @@ class CheckpointScheduler {
   std::optional<CheckpointDir> dir_;
   const CheckpointEvery every_;
   const std::size_t keep_;
+  const unsigned file_mode_;  // of the checkpoint files: 0600, or 0640 with --group
 
   // The checkpoint being written (its snapshot's buffers are reused from one to the next).
   Snapshot snapshot_;

@@ -89,8 +89,18 @@ void switch_consistency(Segment& segment, Consistency mode, std::uint32_t stalen
   if (mode == Consistency::bsp && old != Consistency::bsp) {
     for (std::uint32_t g = 0; g < h.group_count; ++g) {
       std::uint64_t start = UINT64_MAX;
-      for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r)
-        if (counts_for_group(h, segment.slot(r))) start = std::min(start, load_acquire(segment.slot(r).clock));
+      // A worker's clock counts the clock records it wrote, but its ring may still hold records of
+      // earlier steps that the old mode has not consumed yet (a fast pusher in ASP runs a ring's
+      // length ahead). BSP starts at the oldest of those steps: started at the worker's clock, it
+      // would hold them in the ring until that step ends, and a worker whose next step no longer
+      // fits beside them would wait for room forever (found by the soak, tests/crash/test_soak.cpp).
+      for (std::uint32_t r = segment.group_first_rank(g); r < segment.group_end_rank(g); ++r) {
+        if (!counts_for_group(h, segment.slot(r))) continue;
+        std::uint64_t at = load_acquire(segment.slot(r).clock);
+        const RingHeader& ring = segment.ring(r);
+        if (load_acquire(ring.tail) != load_own(ring.head)) at = std::min(at, load_own(segment.slot(r).consumed_clock));
+        start = std::min(start, at);
+      }
       if (start == UINT64_MAX) start = load_own(segment.group(g).clock);
       if (h.group_count == 1)
         for (std::uint64_t i = 0; i < h.slice_count; ++i) store_release(segment.slice(i).clock, start);

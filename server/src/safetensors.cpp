@@ -43,7 +43,10 @@ constexpr std::string_view kMetadataKey = "__metadata__";
 }
 
 [[noreturn]] void fail_errno(const std::filesystem::path& path, const std::string& what, int err) {
-  fail(path, what + ": " + std::strerror(err));
+  fail(path, what + ": " + std::strerror(err) +
+                 (err == ENOSPC || err == EDQUOT ? " (the disk is full: free some space; the temporary file is removed "
+                                                   "and any previous file at this path is intact)"
+                                                 : ""));
 }
 
 std::string hex64(std::uint64_t v) {
@@ -106,7 +109,7 @@ std::string checksum(std::span<const std::byte> bytes) {
 
 void write_file(const std::filesystem::path& path, const std::vector<TensorView>& tensors,
                 const std::map<std::string, std::string>& metadata,
-                const std::function<void(std::string_view stage)>& on_stage) {
+                const std::function<void(std::string_view stage)>& on_stage, unsigned mode) {
   // Validate everything before touching the file system.
   json header = json::object();
   std::set<std::string_view> names;
@@ -149,8 +152,21 @@ void write_file(const std::filesystem::path& path, const std::vector<TensorView>
 
   // Write to a temporary file next to the target, make it durable, rename it over the target.
   const std::filesystem::path tmp = path.string() + ".tmp-" + std::to_string(::getpid());
-  Fd fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
+  // Created new, not followed: a leftover of our own (a process with this pid killed while
+  // writing) is removed and the file made again; anything else there is refused.
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW;
+  Fd fd{::open(tmp.c_str(), flags, static_cast<mode_t>(mode))};
+  if (fd.fd < 0 && errno == EEXIST) {
+    struct stat st {};
+    if (::lstat(tmp.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() && ::unlink(tmp.c_str()) == 0)
+      fd.fd = ::open(tmp.c_str(), flags, static_cast<mode_t>(mode));
+    else
+      fail(path, "cannot create " + tmp.string() + ": it exists and is " +
+                     (S_ISLNK(st.st_mode) ? std::string("a symbolic link") : std::string("not a file of this user")) +
+                     ": refusing to write through it (someone else may have put it there; remove it)");
+  }
   if (fd.fd < 0) fail_errno(path, "cannot create " + tmp.string(), errno);
+  ::fchmod(fd.fd, static_cast<mode_t>(mode));  // exactly `mode`, whatever the umask
   try {
     write_all(fd.fd, len, sizeof len, path, tmp);
     write_all(fd.fd, reinterpret_cast<const std::byte*>(text.data()), text.size(), path, tmp);

@@ -121,8 +121,10 @@ void Server::start() {
   s.membership.emplace(segment, s.slots_lock);
   s.engine.emplace(segment, *s.boot.arena);
   s.metrics.emplace(segment);
+  // Checkpoint files are the owner's only (0600), or readable by the group with --group (0640:
+  // the group may read the model; only the owner's server writes it).
   s.checkpoints.emplace(segment, *s.boot.arena, std::move(s.boot.checkpoint_dir), s.options.checkpoint_every,
-                        s.options.keep);
+                        s.options.keep, (s.options.mode & 0060U) != 0 ? 0640U : 0600U);
   if (s.options.server_groups > 1) {
     const std::uint64_t ring_bytes = SyncSegment::ring_bytes_for(segment.header().slice_floats);
     s.sync.emplace(segment,

@@ -24,18 +24,45 @@ struct flock byte_lock(short type, unsigned byte) {
 }
 }  // namespace
 
+namespace {
+// What a lock file opened without following symbolic links (O_NOFOLLOW) must be: a regular file,
+// and one nobody else can have put there for us: ours (the server, which creates them), or at
+// least not writable by every user (a worker of a job shared with --group opens its owner's).
+// Throws shmps::Error naming the file.
+void check_lock_file(int fd, const std::string& path, bool must_be_ours) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw Error("cannot stat lock file " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    throw Error("lock file " + path + " is not a regular file: refusing to use it (shmps makes only regular files "
+                "there; remove it)");
+  if (must_be_ours && st.st_uid != ::geteuid())
+    throw Error("lock file " + path + " belongs to another user (uid " + std::to_string(st.st_uid) + ", not " +
+                std::to_string(::geteuid()) + "): refusing to use it (someone else made it; remove it, or run the "
+                "server as that user)");
+  if ((st.st_mode & S_IWOTH) != 0 && st.st_uid != ::geteuid())
+    throw Error("lock file " + path + " belongs to another user and is writable by every user: refusing to use it "
+                "(shmps makes lock files 0600 or 0660; remove it)");
+}
+
+[[noreturn]] void throw_open_error(const std::string& path, int err) {
+  struct stat st {};
+  if (err == ELOOP || (::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode)))
+    throw Error("lock file " + path + " is a symbolic link: refusing to follow it (shmps never makes one; someone "
+                "else may have put it there to redirect the server's writes; remove it)");
+  if (err == EACCES)
+    throw Error("cannot open lock file " + path + ": permission denied (it belongs to another user or group; run as "
+                "the job's user, or have the server widen access with --group)");
+  if (err == ENOENT) throw Error("lock file " + path + " does not exist: is the server for this segment running?");
+  throw Error("cannot open lock file " + path + ": " + std::strerror(err));
+}
+}  // namespace
+
 LockFile LockFile::open(const std::string& path, bool create, unsigned mode) {
   LockFile file;
-  const int flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0);
+  const int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0);
   file.fd_ = ::open(path.c_str(), flags, static_cast<mode_t>(mode));
-  if (file.fd_ < 0) {
-    const int err = errno;
-    if (err == EACCES)
-      throw Error("cannot open lock file " + path + ": permission denied (it belongs to another user or group; run as "
-                  "the job's user, or have the server widen access with --group)");
-    if (err == ENOENT) throw Error("lock file " + path + " does not exist: is the server for this segment running?");
-    throw Error("cannot open lock file " + path + ": " + std::strerror(err));
-  }
+  if (file.fd_ < 0) throw_open_error(path, errno);
+  check_lock_file(file.fd_, path, create);  // on a throw, the destructor closes it
   if (create) ::fchmod(file.fd_, static_cast<mode_t>(mode));  // the umask must not widen or narrow it
   file.path_ = path;
   return file;
@@ -43,8 +70,9 @@ LockFile LockFile::open(const std::string& path, bool create, unsigned mode) {
 
 LockFile LockFile::open_for_probe(const std::string& path) {
   LockFile file;
-  file.fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (file.fd_ < 0) throw Error("cannot open lock file " + path + ": " + std::strerror(errno));
+  file.fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (file.fd_ < 0) throw_open_error(path, errno);
+  check_lock_file(file.fd_, path, false);
   file.path_ = path;
   return file;
 }

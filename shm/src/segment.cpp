@@ -12,6 +12,7 @@
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -49,6 +50,32 @@ std::uint64_t page_bytes() {
     return p > 0 ? static_cast<std::uint64_t>(p) : std::uint64_t{4096};
   }();
   return page;
+}
+
+// A symbolic link at a segment's path is never shmps's: someone else put it there, maybe to
+// make a server write through it. shm_open (O_NOFOLLOW) would refuse it too; this says why.
+void refuse_symlink(std::string_view name, const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode))
+    throw Error("segment '" + std::string(name) + "' (" + path + ") is a symbolic link: refusing to follow it (shmps "
+                "never makes one; someone else may have put it there; remove it)");
+}
+
+// An opened segment file must be a regular file that is not open to every user: shmps makes
+// segments 0600, or 0660 with --group. One readable or writable by every user is not a shmps
+// job's (another user may have put it there for a worker or tool to take for a job).
+void check_opened(std::string_view name, const std::string& path, int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw Error("cannot stat segment '" + std::string(name) + "' (" + path + "): " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    throw Error("segment '" + std::string(name) + "' (" + path + ") is not a regular file: refusing it");
+  if ((st.st_mode & (S_IROTH | S_IWOTH)) != 0 && st.st_uid != ::geteuid()) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    throw Error("segment '" + std::string(name) + "' (" + path + ") belongs to another user (uid " +
+                std::to_string(st.st_uid) + ") and is open to every user (mode " + mode +
+                "): refusing it (shmps makes segments 0600, or 0660 with --group; someone else may have put it there)");
+  }
 }
 
 // madvise(MADV_POPULATE_*) over [begin, end) widened to whole pages: 0 or the errno.
@@ -364,6 +391,7 @@ Segment Segment::create(std::string_view name, std::uint64_t total_bytes, unsign
   check_segment_name(name);
   const std::string path = segment_path(name);
   check_room(name, total_bytes);  // first, so that a too-large model changes nothing
+  refuse_symlink(name, path);
   bip::permissions perms;
   perms.set_permissions(static_cast<int>(mode));
   Segment segment;
@@ -466,9 +494,11 @@ Segment Segment::open(std::string_view name, Access access) {
   check_segment_name(name);
   const std::string path = segment_path(name);
   const auto mode = access == Access::read_write ? bip::read_write : bip::read_only;
+  refuse_symlink(name, path);
   Segment segment;
   try {
     bip::shared_memory_object shm(bip::open_only, shm_object_name(name).c_str(), mode);
+    check_opened(name, path, shm.get_mapping_handle().handle);
     bip::offset_t size = 0;
     if (!shm.get_size(size) || static_cast<std::uint64_t>(size) < sizeof(SegmentHeader))
       throw Error("segment '" + std::string(name) + "' (" + path +
@@ -530,12 +560,19 @@ bool Segment::exists(std::string_view name) {
 
 void Segment::remove(std::string_view name) {
   check_segment_name(name);
-  bip::shared_memory_object::remove(shm_object_name(name).c_str());
+  // unlink() removes a name, never what a symbolic link points to. In /dev/shm (sticky) only the
+  // owner (or root) may remove a file: anyone else gets EPERM, said, and nothing is removed.
+  const auto unlink_path = [&](const std::string& path) {
+    if (::unlink(path.c_str()) == 0 || errno == ENOENT) return;
+    const int err = errno;
+    throw Error("cannot remove segment '" + std::string(name) + "': " + path + ": " + std::strerror(err) +
+                (err == EPERM || err == EACCES ? " (it belongs to another user: only its owner can remove it)" : ""));
+  };
+  unlink_path(segment_path(name));
   // A server group's replica has a sync segment beside it (sync_segment.hpp; ".sync" is reserved).
-  bip::shared_memory_object::remove(shm_object_name(std::string(name) + ".sync").c_str());
-  std::error_code ignored;
-  std::filesystem::remove(server_lock_path(name), ignored);
-  std::filesystem::remove(slots_lock_path(name), ignored);
+  unlink_path(segment_path(std::string(name) + ".sync"));
+  unlink_path(server_lock_path(name));
+  unlink_path(slots_lock_path(name));
 }
 
 std::int64_t Segment::find_param(std::string_view name) const noexcept {

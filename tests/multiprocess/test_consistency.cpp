@@ -16,6 +16,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/exact.hpp"
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
 #include "../support/pattern.hpp"
@@ -369,4 +370,60 @@ TEST(Bsp, WaitForWorkersDoesNotCountAWorkerThatLeftBeforeThisOneEntered) {
   } catch (const shmps::Error& e) {
     EXPECT_HAS(std::string(e.what()), "ranks 1 of segment");
   }
+}
+
+// A switch to BSP while fast pushers are a ring's length ahead of the server (ASP lets a ring
+// hold many finished steps not yet applied): BSP must start at the oldest step still in a ring,
+// not at the slowest worker's clock. Started there, the records of the earlier steps stayed in
+// the rings until that step ended, and a worker whose next step no longer fit beside them waited
+// for room forever: every worker stopped (found by the soak, tests/crash/test_soak.cpp).
+TEST(Consistency, ASwitchToBspWhileTheRingsHoldEarlierStepsGoesOnAndLosesNothing) {
+  Watchdog watchdog(180s);
+  Job job("switch-backlog", shmps::test::pattern_spec(8));
+  job.start_server();
+  job.wait_ready();
+  constexpr int kWorkers = 4;
+  std::vector<Process*> ps;
+  for (int r = 0; r < kWorkers; ++r)
+    ps.push_back(&job.start({"shmps-test-pusher", "exact", "--pushes", "1000000000", "--clock-every", "1"},
+                            {{"SHMPS_RANK", std::to_string(r)}}));
+  auto seg = shmps::shm::Segment::open(job.name(), shmps::shm::Access::read_only);
+  auto published = [&] {
+    std::uint64_t sum = 0;
+    for (int r = 0; r < kWorkers; ++r) sum += shmps::shm::load_acquire(seg.slot(r).published);
+    return sum;
+  };
+  auto wait_until = [](const std::function<bool()>& done, std::chrono::seconds limit) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (!done() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(5ms);
+    return done();
+  };
+  // Every ring full of steps the server has not taken yet.
+  ASSERT_TRUE(wait_until([&] { return published() >= 4000; }, 60s));
+  std::this_thread::sleep_for(1s);
+  auto set = [&](const std::string& setting) {
+    Process ctl({"shmps-ctl", "set", job.name(), setting});
+    EXPECT_EQ(ctl.wait(20s), 0) << ctl.output();
+  };
+  set("consistency=bsp");
+  const std::uint64_t at_switch = published();
+  const std::uint64_t steps_at_switch = shmps::shm::load_counter(seg.header().steps);
+  // Steps complete in BSP, and the workers go on pushing.
+  EXPECT_TRUE(wait_until([&] { return published() >= at_switch + 60; }, 30s))
+      << "no worker got on in BSP: published " << published() << ", at the switch " << at_switch;
+  EXPECT_GT(shmps::shm::load_counter(seg.header().steps), steps_at_switch);
+  set("consistency=asp");
+  // Every worker stops at what its slot committed, and a new one waits until all is applied.
+  std::vector<std::uint64_t> final_target(kWorkers);
+  for (int r = 0; r < kWorkers; ++r) {
+    ps[r]->kill(SIGKILL);
+    ps[r]->wait(10s);
+    final_target[r] = shmps::shm::load_acquire(seg.slot(r).published);
+  }
+  for (int r = 0; r < kWorkers; ++r) {
+    auto& p = job.start({"shmps-test-pusher", "exact", "--pushes", std::to_string(final_target[r])},
+                        {{"SHMPS_RANK", std::to_string(r)}});
+    EXPECT_EQ(p.wait(60s), 0) << p.output();
+  }
+  shmps::test::expect_exact_sum(job.name(), final_target);
 }

@@ -45,6 +45,7 @@ class Process {
   int wait(std::chrono::milliseconds timeout = std::chrono::seconds(60));
   void kill(int signal);
   std::string output() const;  // stdout and stderr so far
+  const std::string& log_path() const { return log_path_; }  // removed by the destructor
 
  private:
   pid_t pid_ = -1;

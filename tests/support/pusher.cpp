@@ -11,6 +11,8 @@
 //       --hold: then borrows push K+1 (zero-copy), fills it, prints "holding" and sleeps without
 //       committing (a process to be killed while it holds a filled buffer).
 //       --pause-us U: sleeps U microseconds after each push (a run long enough to kill things in).
+//       --clock-every N: calls clock() after every N-th push (a step of N pushes in BSP: the
+//       soak switches consistency live under these pushers).
 //       With server groups the pattern's rank is SHMPS_GLOBAL_RANK (the rank in the whole job).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher put                  puts "big" whole: element k = 1 + k % 97 (Worker::put)
@@ -71,7 +73,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string mode = argv[1];
-  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0, pause_us = 0;
+  std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0, pause_us = 0, clock_every = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1, stop_rank = -1, stop_at = -1;
   bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
   for (int i = 2; i < argc; ++i) {
@@ -106,6 +108,7 @@ int main(int argc, char** argv) {
     else if (key == "--extra") extra = std::stoull(value);
     else if (key == "--slow-ms") slow_ms = std::stoull(value);
     else if (key == "--pause-us") pause_us = std::stoull(value);
+    else if (key == "--clock-every") clock_every = std::stoull(value);
     else if (key == "--hang-at") hang_at = std::stoll(value);
     else if (key == "--stop-at") {
       stop_rank = std::stoll(value.substr(0, value.find(':')));
@@ -176,6 +179,7 @@ int main(int argc, char** argv) {
         const auto plan = shmps::test::plan_push(rank, k, w_size, b_size);
         for (std::uint64_t j = 0; j < plan.count; ++j) grad[j] = shmps::test::pattern(rank, k, plan.offset + j);
         last = w.push(plan.param, plan.offset, std::span<const float>(grad.data(), plan.count));
+        if (clock_every != 0 && (k + 1) % clock_every == 0) w.clock();
         if (pause_us) std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
       }
       if (last) w.wait_applied(last);

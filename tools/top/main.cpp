@@ -32,14 +32,15 @@ using namespace shmps::top;
 
 namespace {
 
-// "127.0.0.1:9184", "[::1]:9184", ":9184" (all addresses).
+// "127.0.0.1:9184", "[::1]:9184", "0.0.0.0:9184" (every address: only when asked for), and
+// ":9184" or "9184", which mean 127.0.0.1: the metrics name the job's parameters and workers, so
+// they are served to this machine only unless an address says otherwise (SECURITY.md).
 bool parse_listen(const std::string& text, std::string& host, int& port) {
   const auto colon = text.rfind(':');
-  if (colon == std::string::npos) return false;
-  host = text.substr(0, colon);
+  host = colon == std::string::npos ? "" : text.substr(0, colon);
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  if (host.empty()) host = "0.0.0.0";
-  const std::string digits = text.substr(colon + 1);
+  if (host.empty()) host = "127.0.0.1";
+  const std::string digits = colon == std::string::npos ? text : text.substr(colon + 1);
   if (digits.empty() || digits.size() > 5 || digits.find_first_not_of("0123456789") != std::string::npos) return false;
   port = std::stoi(digits);
   return port <= 65535;
@@ -61,7 +62,7 @@ int main(int argc, char** argv) {
   auto* once_opt = app.add_flag("--once", once, "print one plain-text snapshot and exit");
   auto* json_opt = app.add_flag("--json", json, "print one JSON document and exit");
   auto* prom_opt = app.add_flag("--prometheus", prometheus, "print the Prometheus text exposition format and exit");
-  auto* listen_opt = app.add_option("--listen", listen, "serve the Prometheus metrics over HTTP at http://HOST:PORT/metrics");
+  auto* listen_opt = app.add_option("--listen", listen, "serve the Prometheus metrics over HTTP at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; 0.0.0.0 serves every address)");
   once_opt->excludes(json_opt, prom_opt, listen_opt);
   json_opt->excludes(prom_opt, listen_opt);
   prom_opt->excludes(listen_opt);
@@ -75,7 +76,7 @@ int main(int argc, char** argv) {
     std::string host;
     int port = 0;
     if (!listen.empty() && !parse_listen(listen, host, port))
-      throw Error("--listen " + listen + ": expected HOST:PORT (e.g. 127.0.0.1:9184, [::1]:9184, :9184)");
+      throw Error("--listen " + listen + ": expected [HOST:]PORT (e.g. 9184 or :9184 for 127.0.0.1:9184, [::1]:9184, 0.0.0.0:9184 for every address)");
 
     Source source(name);
     Sample first = source.sample();

@@ -135,7 +135,7 @@ void take_snapshot(const shm::Segment& segment, tbb::task_arena& arena, Snapshot
 // Writes `snapshot` to `path` atomically and durably (temporary file, fsync, rename, fsync of
 // the directory). On failure the previous file at `path` is intact. Kill points (tests):
 // "checkpoint.mid_write" (half of the data written), "checkpoint.before_rename".
-void write_checkpoint(const Snapshot& snapshot, const std::filesystem::path& path);
+void write_checkpoint(const Snapshot& snapshot, const std::filesystem::path& path, unsigned mode = 0600);
 
 // Reads and validates a checkpoint file: the safetensors format and checksum, the shmps
 // metadata, every companion tensor's dtype and shape, every parameter's optimizer state.
@@ -166,7 +166,11 @@ class CheckpointDir {
   const std::filesystem::path& dir() const noexcept { return dir_; }
 
   // The job's checkpoint files, oldest first (by serial).
+  // Only this user's regular files: a symbolic link or another user's file named like a
+  // checkpoint is never listed, so never restored or pruned (newest_valid reports it skipped).
   std::vector<std::filesystem::path> list() const;
+  // Why `path` is not one of this user's checkpoint files ("" if it is).
+  static std::string foreign(const std::filesystem::path& path);
   std::filesystem::path next_path() const;
   // Removes the oldest checkpoints beyond `keep` (keep 0: keep all); returns how many.
   std::size_t prune(std::size_t keep) const;
@@ -186,6 +190,7 @@ class CheckpointDir {
  private:
   std::filesystem::path dir_;
   std::string segment_;
+  std::vector<std::filesystem::path> scan(bool own_only) const;
 };
 
 // "30s", "5m", "2h", "500ms" (a period) or "100clocks" (every 100 clocks). Returns "" or what is

@@ -54,9 +54,13 @@ struct TensorView {
 // new file already in place.)
 // `on_stage`, when given, is called with "mid_write" once about half of the data is written and
 // with "before_rename" once the temporary file is durable (crash tests put kill points there).
+// The file gets exactly `mode` (0600 by default: the owner's only; 0640 to share it with the
+// group), whatever the umask. The temporary file is created new (O_EXCL) without following a
+// symbolic link (O_NOFOLLOW): a link or another user's file at its path is refused, never
+// written through. A full disk fails with ENOSPC said, and leaves the previous file intact.
 void write_file(const std::filesystem::path& path, const std::vector<TensorView>& tensors,
                 const std::map<std::string, std::string>& metadata,
-                const std::function<void(std::string_view stage)>& on_stage = {});
+                const std::function<void(std::string_view stage)>& on_stage = {}, unsigned mode = 0600);
 
 struct Tensor {
   std::string dtype;
