@@ -405,10 +405,16 @@ int main(int argc, char** argv) {
       if (kill_stragglers && !stopping) {
         for (std::size_t r = 0; r < ranks.size(); ++r) {
           Child* c = ranks[r];
-          if (killed_as_straggler[r] || !launcher.running(*c)) continue;
+          if (killed_as_straggler[r]) continue;
           const shm::WorkerSlot& slot =
               straggler_segments[group_of_rank(static_cast<int>(r))].slot(slot_of_rank(static_cast<int>(r)));
           if (!shm::evicted(slot)) continue;
+          if (!launcher.running(*c)) {
+            // Evicted and gone by itself: a slow (not stopped) straggler gets an error at its next
+            // call and exits. That is a straggler restart too, not a failure of the job.
+            if (!c->reported && c->status && !succeeded(*c->status)) killed_as_straggler[r] = true;
+            continue;
+          }
           // Its process, or one in its process group (a shell that runs it).
           const pid_t pid = shm::load_acquire(slot.pid);
           if (pid != c->pid && ::getpgid(pid) != c->pid) continue;

@@ -132,8 +132,14 @@ RestoreSource find_restore(const ServerOptions& options, const LayoutPlan& plan,
   dir.emplace(options.checkpoint_dir, spec.name);
   if (source.snapshot || Segment::exists(spec.name)) return source;
   std::vector<std::string> skipped;
-  if (auto found = dir->newest_valid(skipped)) {
-    for (const auto& why : skipped) spdlog::warn("event=checkpoint_skipped segment={} reason=\"{}\"", spec.name, why);
+  auto found = dir->newest_valid(skipped);
+  // Said also when nothing was usable: a directory of unreadable or foreign checkpoints must not
+  // look like an empty one while the job starts afresh.
+  for (const auto& why : skipped) spdlog::warn("event=checkpoint_skipped segment={} reason=\"{}\"", spec.name, why);
+  if (!found && !skipped.empty())
+    spdlog::warn("event=checkpoint_none_usable segment={} dir={} skipped={} action=\"starting from the spec's initial "
+                 "values\"", spec.name, options.checkpoint_dir.string(), skipped.size());
+  if (found) {
     check_restorable(found->snapshot, found->path, spec, plan);
     source.path = found->path;
     source.snapshot = std::move(found->snapshot);

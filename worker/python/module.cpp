@@ -26,6 +26,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -33,6 +34,8 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <shmps/worker.hpp>
@@ -248,16 +251,34 @@ class PyWorker {
   }
 
   // Runs `f(worker)` with the GIL released and this Worker's mutex held. A wait that Python's
-  // signal handlers interrupted (interrupt_check below) raises what they raised, KeyboardInterrupt
-  // for Ctrl-C, once the GIL is back.
+  // signal handlers interrupted (python_signal_pending) raises what they raised, KeyboardInterrupt
+  // for Ctrl-C, once the GIL is back; so does a call that returned normally with a handler's
+  // exception pending (leave() ends its work whatever a wait says).
   template <class F>
   auto unlocked(F&& f) {
-    try {
+    // A signal handler that the interrupt check ran on this thread, calling this Worker again,
+    // would lock the mutex this thread holds: refuse it rather than deadlock.
+    if (owner_.load() == std::this_thread::get_id())
+      throw Error("a shmps.Worker call from a Python signal handler that ran while the same worker waited (its "
+                  "waits run Python's handlers, so that Ctrl-C works): call the worker after the wait instead, "
+                  "e.g. set a flag in the handler");
+    const auto call = [&] {
       py::gil_scoped_release release;
       std::lock_guard lock(mutex_);
+      const Owner owned(owner_);
       return f(*worker_);
+    };
+    try {
+      if constexpr (std::is_void_v<std::invoke_result_t<F&, shmps::Worker&>>) {
+        call();
+        raise_pending();
+      } else {
+        auto result = call();
+        raise_pending();
+        return result;
+      }
     } catch (const shmps::Interrupted&) {
-      if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+      raise_pending();
       throw;
     }
   }
@@ -447,8 +468,21 @@ class PyWorker {
   }
 
  private:
+  // The thread holding mutex_ while it runs a call, for unlocked()'s re-entry check.
+  struct Owner {
+    explicit Owner(std::atomic<std::thread::id>& o) : owner(o) { owner.store(std::this_thread::get_id()); }
+    ~Owner() { owner.store(std::thread::id{}); }
+    Owner(const Owner&) = delete;
+    Owner& operator=(const Owner&) = delete;
+    std::atomic<std::thread::id>& owner;
+  };
+  static void raise_pending() {
+    if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+  }
+
   std::optional<shmps::Worker> worker_;
   std::mutex mutex_;
+  std::atomic<std::thread::id> owner_{};
 };
 
 }  // namespace

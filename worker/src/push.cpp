@@ -90,9 +90,13 @@ std::uint64_t Worker::Impl::push_streamed(std::uint32_t i, std::size_t offset, s
     }
     // Cut short (the server gone for the whole timeout): what was committed stays committed.
     unfinished = UnfinishedPush{params[i].name, offset, grad.size(), begin - offset};
-    throw Error(std::string(e.what()) + " (this push streams through the ring in chunks: elements [" +
-                std::to_string(offset) + ", " + std::to_string(begin) +
-                ") were committed; push the same gradient again to send only the rest, see unfinished_push())");
+    const std::string message = std::string(e.what()) + " (this push streams through the ring in chunks: elements [" +
+                                std::to_string(offset) + ", " + std::to_string(begin) +
+                                ") were committed; push the same gradient again to send only the rest, see "
+                                "unfinished_push())";
+    // An interrupted wait stays an Interrupted (Python raises KeyboardInterrupt for it).
+    if (dynamic_cast<const Interrupted*>(&e) != nullptr) throw Interrupted(message);
+    throw Error(message);
   }
   return seq;
 }

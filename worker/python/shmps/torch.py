@@ -256,16 +256,25 @@ class ParameterServer:
     def close(self):
         """Leaves the job if this ParameterServer attached the worker itself. The module keeps
         values of its own (own_copy) when it was bound to the segment."""
-        if self._on_segment:
-            self.own_copy()
-        if self._own_worker:
-            self.worker.leave()
+        try:
+            if self._on_segment:
+                self.own_copy()
+        finally:
+            if self._own_worker:
+                self.worker.leave()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        # Leaving while an exception propagates: never hide it behind a failed pull.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the propagating exception is the one that matters
+            pass
 
 
 # How the segment stores a parameter of each torch dtype (Param.dtype_name).

@@ -124,7 +124,7 @@ class RingConsumer {
     const PushRecord* r = record_at(position);
     const std::uint64_t to_end = capacity_ - position % capacity_;
     return r->record_bytes >= sizeof(PushRecord) && r->record_bytes % kCacheLine == 0 &&
-           r->record_bytes <= to_end && position + r->record_bytes <= end &&
+           r->record_bytes <= to_end && r->record_bytes <= end - position &&  // position < end: no wrap past 2^64
            (r->kind == RecordKind::padding ||
             (!sync_ && (r->kind == RecordKind::push || r->kind == RecordKind::put) &&
              record_bytes_for(r->count) == r->record_bytes) ||
