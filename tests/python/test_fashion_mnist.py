@@ -152,9 +152,10 @@ def test_a_truncated_images_file_is_refused_too(tmp_path):
 # ---- the example through shmps ----------------------------------------------------------------
 
 # One epoch of the first 12,000 training images (6,000 a worker), batch 32, plain SGD at 0.1, scored
-# on the first 2,000 test images: 5 to 15 s of training on this 2-core machine (busy with other
-# builds), about 25 s for the whole job, and a test accuracy of 0.78-0.80 in ASP, 0.75 in BSP (whose
-# steps sum the two gradients: half as many updates, as large); the untrained model is at chance, 0.1.
+# on the first 2,000 test images: 1.5 s of training on this 2-core machine when it is quiet (6 s for
+# the whole job; 15 s and 35 s with other builds running), and a test accuracy of 0.81-0.83 in ASP,
+# 0.75 in BSP (whose steps sum the two gradients: half as many updates, twice as large); the
+# untrained model is at chance, 0.1.
 TRAIN_SAMPLES, TEST_SAMPLES, BATCH, LR = 12000, 2000, 32, 0.1
 
 

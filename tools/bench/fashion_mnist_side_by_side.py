@@ -15,13 +15,21 @@ the same number of processes, one torch thread each (docs/fashion-mnist.md):
              the example's --evaluate as its --after step
   shmps-bsp  the same with consistency bsp
 
-For each it reads the example's --json lines and prints one row: the processes, the training
-throughput (all processes' samples over the slowest process's training loop, the same clock in
-every mode: from the moment it is set up to its last batch, so the start of Python and torch,
-the data loading and the evaluation are not in it), the test accuracy of the final model on the
-10,000 test images, and the whole command's wall-clock seconds (with those). Then the command
-line that produced the table. Exits non-zero if a run fails. Each shmps job has its own segment,
-removed at the end (also on an error or Ctrl-C).
+For each it reads the example's --json lines and prints one row:
+  - the processes;
+  - samples/s: all processes' samples over the slowest process's training loop, the same clock
+    in every mode, from the moment it is set up to its last batch (the start of Python and
+    torch, the data loading and the evaluation are not in it);
+  - the test accuracy of the final model on the 10,000 test images;
+  - training CPU s: the CPU time of the training loops (all processes, all their threads), which
+    what else runs on the machine moves less than the clock;
+  - all CPU s: the CPU time of every process of the command from start to end (with the shmps
+    server, the start, the data loading and the evaluation);
+  - the whole command's wall-clock seconds;
+  - the machine's 1-minute load average at the start and at the end of the mode's run (this
+    run's own N processes count about N once they are up).
+Then the command line that produced the table. Exits non-zero if a run fails. Each shmps job
+has its own segment, removed at the end (also on an error or Ctrl-C).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -64,6 +73,11 @@ def run(argv, env, log) -> tuple[str, float]:
     return out, seconds
 
 
+def load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def figures(out: str) -> dict:
     """From the example's JSON lines: samples, training seconds (the slowest process), accuracy."""
     workers, result = [], None
@@ -78,7 +92,15 @@ def figures(out: str) -> dict:
     samples = sum(w["samples"] for w in workers)
     seconds = max(w["seconds"] for w in workers)
     return {"processes": len(workers), "samples": samples, "train_s": seconds,
-            "samples_per_s": samples / seconds, "accuracy": result["test_accuracy"]}
+            "samples_per_s": samples / seconds, "accuracy": result["test_accuracy"],
+            "train_cpu_s": sum(w["cpu_s"] for w in workers)}
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every descendant waited for so far (shmps-launch waits for
+    its server and workers, the example for its processes)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None) -> int:
@@ -109,6 +131,7 @@ def main(argv=None) -> int:
     rows = []
     for mode in modes:
         print(f"running {mode} ...", file=sys.stderr, flush=True)
+        load_before, cpu_before = load_average(), children_cpu()
         if mode in ("hogwild", "ddp"):
             out, wall = run([PYTHON, EXAMPLE, "--mode", mode, "--workers", str(args.workers), "--lr", str(args.lr),
                              *common], env, log)
@@ -129,7 +152,8 @@ def main(argv=None) -> int:
                 subprocess.run([build / "bin" / "shmps-ctl", "destroy", name], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         f = figures(out)
-        f["mode"], f["wall_s"] = mode, wall
+        f["mode"], f["wall_s"], f["load"] = mode, wall, (load_before, load_average())
+        f["all_cpu_s"] = children_cpu() - cpu_before
         rows.append(f)
         print(f"  {mode}: {f['samples_per_s']:.0f} samples/s, test accuracy {f['accuracy']:.4f}, {wall:.0f} s",
               file=sys.stderr, flush=True)
@@ -138,11 +162,13 @@ def main(argv=None) -> int:
           f"process, SGD lr {args.lr:g}{' (a tenth of it in the last epoch)' if args.epochs > 1 else ''}, "
           f"1 torch thread a process, {os.cpu_count()} CPUs")
     print()
-    print("| mode | processes | samples/s | test accuracy | training s | wall-clock s |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | processes | samples/s | test accuracy | training s | training CPU s | all CPU s | wall-clock s "
+          "| load average |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for f in rows:
         print(f"| {f['mode']} | {f['processes']} | {f['samples_per_s']:,.0f} | {f['accuracy']:.4f} | "
-              f"{f['train_s']:.1f} | {f['wall_s']:.1f} |")
+              f"{f['train_s']:.1f} | {f['train_cpu_s']:.1f} | {f['all_cpu_s']:.1f} | {f['wall_s']:.1f} | "
+              f"{f['load'][0]:.1f} → {f['load'][1]:.1f} |")
     print()
     print(f"command: {command}")
     return 0

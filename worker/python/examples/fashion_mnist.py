@@ -13,7 +13,8 @@ Modes (--mode):
                      --worker worker/python/examples/fashion_mnist.py \\
                      --after "worker/python/examples/fashion_mnist.py --evaluate" --no-eval
              Each batch: forward and backward on the module, ps.step() (push every .grad and end
-             the step), ps.pull(); the server's optimizer (the spec's) updates the parameters.
+             the step), in ASP ps.finish() (until the server has applied that push: see
+             --no-wait-own), ps.pull(); the server's optimizer (the spec's) updates the parameters.
              (tools/quickstart fashion-demo runs this.)
   hogwild    --workers N processes (torch.multiprocessing), no server: one model in shared memory
              (model.share_memory()), each process runs its own local SGD optimizer on it with no lock.
@@ -46,6 +47,7 @@ machine-readable line per process and per result (tools/bench/fashion_mnist_side
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -63,6 +65,27 @@ HERE = Path(__file__).resolve().parent
 # Standardisation of the inputs: Fashion-MNIST's mean and standard deviation of its training
 # pixels (in [0, 1]); plain SGD converges faster on centred inputs.
 MEAN, STD = 0.2860, 0.3530
+
+
+def tune_malloc() -> bool:
+    """Keeps glibc's malloc from giving every large tensor its own mmap.
+
+    By default glibc serves an allocation above its mmap threshold (128 KiB, raised only as big
+    blocks are freed) with a fresh mmap, and gives it back with munmap when it is freed: every
+    batch's activations (a 32-image batch's first convolution alone is 1.6 MB) are then mapped,
+    page-faulted in and unmapped again, batch after batch. Page faults are expensive on this VM:
+    measured here, the same training loop used 20-45 ms of CPU a batch so, 9-10 ms with these
+    settings. Whether a process got the raised threshold depended on its history (Hogwild's spawned
+    processes did, the others not), so the modes were not compared on the same footing: every
+    process of every mode calls this first. 32 MiB is glibc's largest mmap threshold; the heap is
+    trimmed only above 128 MiB of free space at its top. Returns False where it had no effect
+    (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _import_data():
@@ -165,6 +188,7 @@ class Progress:
         self.batches = 0
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
         self.t0 = time.monotonic()
+        self.cpu0 = time.process_time()  # CPU time, as a measure that other programs' load moves less
 
     def add(self, epoch: int, k: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         b = len(y)
@@ -175,13 +199,17 @@ class Progress:
         self.seen += b
         if k % self.every == 0 or k == self.per_epoch:
             secs = time.monotonic() - self.t0
-            print(f"{self.tag} epoch {epoch + 1}/{self.epochs} batch {k}/{self.per_epoch} "
-                  f"loss {self.loss_sum / self.seen:.4f} acc {self.correct / self.seen:.4f} "
-                  f"{self.samples / secs if secs > 0 else 0.0:.0f} samples/s", flush=True)
+            say(f"{self.tag} epoch {epoch + 1}/{self.epochs} batch {k}/{self.per_epoch} "
+                f"loss {self.loss_sum / self.seen:.4f} acc {self.correct / self.seen:.4f} "
+                f"{self.samples / secs if secs > 0 else 0.0:.0f} samples/s")
             self.loss_sum, self.correct, self.seen = 0.0, 0, 0
 
     def seconds(self) -> float:
         return time.monotonic() - self.t0
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this whole process (all its threads) since the start of training."""
+        return time.process_time() - self.cpu0
 
 
 def train(model: torch.nn.Module, train_set: Data, args, workers: int, rank: int, after_backward) -> Progress:
@@ -221,8 +249,8 @@ def lr_factor(args, epoch: int) -> float:
 
 
 def evaluate(model: torch.nn.Module, test_set: Data, chunk: int = 100) -> tuple[float, float]:
-    """(mean loss, accuracy) over the test set, in chunks of 100 images: on this machine chunks of
-    1000 (activations of 50 MB a layer instead of 5) made the evaluation several times slower."""
+    """(mean loss, accuracy) over the test set, in chunks of 100 images: a layer's activations
+    (5 MB) stay under tune_malloc's mmap threshold."""
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(test_set), chunk):
@@ -235,8 +263,8 @@ def evaluate(model: torch.nn.Module, test_set: Data, chunk: int = 100) -> tuple[
 
 def print_trained(rank: int, workers: int, prog: Progress, seconds: float) -> None:
     rate = prog.samples / seconds if seconds > 0 else 0.0
-    print(f"rank {rank}/{workers} trained {prog.batches} batches, {prog.samples} samples in {seconds:.2f} s: "
-          f"{rate:.0f} samples/s", flush=True)
+    say(f"rank {rank}/{workers} trained {prog.batches} batches, {prog.samples} samples in {seconds:.2f} s: "
+        f"{rate:.0f} samples/s")
 
 
 def print_result(args, mode: str, processes: int | None, loss: float, accuracy: float, samples: int | None = None,
@@ -254,13 +282,17 @@ def print_result(args, mode: str, processes: int | None, loss: float, accuracy: 
                   samples_per_s=None if not seconds or samples is None else round(samples / seconds, 1))
 
 
+def say(line: str) -> None:
+    """A line to stdout in one write with its newline: the processes of hogwild and ddp share the
+    same stdout, and print() writes the line and its end separately, so two lines could mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def emit_json(**fields) -> None:
     """One line the bench reads: {"fashion_mnist": kind, ...}."""
     kind = fields.pop("kind")
-    # One write with its newline: the processes of hogwild and ddp share the same stdout, and
-    # print() writes the line and its end separately, so two lines could interleave.
-    sys.stdout.write(json.dumps({"fashion_mnist": kind, **fields}) + "\n")
-    sys.stdout.flush()
+    say(json.dumps({"fashion_mnist": kind, **fields}))
 
 
 def describe(args, workers: int, mode: str, lr_note: str = "") -> str:
@@ -287,12 +319,16 @@ def _hogwild_worker(rank: int, workers: int, model: FashionCNN, args, ready, go,
     seconds = prog.seconds()
     print_trained(rank, workers, prog, seconds)
     if args.json:
-        emit_json(kind="worker", mode="hogwild", rank=rank, samples=prog.samples, seconds=round(seconds, 3))
+        emit_json(kind="worker", mode="hogwild", rank=rank, samples=prog.samples, seconds=round(seconds, 3),
+                  cpu_s=round(prog.cpu_seconds(), 3))
     results.put((rank, prog.samples, seconds))
 
 
-def _child(target, rank: int, *rest) -> None:
-    """A spawned process's body: our own errors (the data's) as one line, not a traceback."""
+def _child(target, malloc: bool, rank: int, *rest) -> None:
+    """A spawned process's body: malloc as in the parent (tune_malloc), and our own errors (the
+    data's) as one line, not a traceback."""
+    if malloc:
+        tune_malloc()
     try:
         target(rank, *rest)
     except (ValueError, FileNotFoundError) as e:
@@ -324,7 +360,8 @@ def run_hogwild(args) -> None:
     model.share_memory()  # the parameters move to shared memory, where every process writes them
     print(describe(args, args.workers, "hogwild"), flush=True)
     ready, go, results = mp.Queue(), mp.Event(), mp.SimpleQueue()
-    procs = [mp.Process(target=_child, args=(_hogwild_worker, r, args.workers, model, args, ready, go, results))
+    procs = [mp.Process(target=_child, args=(_hogwild_worker, not args.default_malloc, r, args.workers, model, args,
+                                             ready, go, results))
              for r in range(args.workers)]
     for p in procs:
         p.start()
@@ -366,10 +403,11 @@ def _ddp_worker(rank: int, workers: int, port: int, args) -> None:
         dist.barrier()  # every process set up: the clock starts
         prog = train(ddp, train_set, args, workers, rank, opt.step)
         dist.barrier()  # until the last process ends (they run in lock step: a few ms)
-        seconds = prog.seconds()
+        seconds, cpu = prog.seconds(), prog.cpu_seconds()
         print_trained(rank, workers, prog, seconds)
         if args.json:
-            emit_json(kind="worker", mode="ddp", rank=rank, samples=prog.samples, seconds=round(seconds, 3))
+            emit_json(kind="worker", mode="ddp", rank=rank, samples=prog.samples, seconds=round(seconds, 3),
+                      cpu_s=round(cpu, 3))
         if rank == 0:
             # Every rank holds the same model after each synchronous step: rank 0 scores it.
             loss, acc = evaluate(model, Data("test", args.test_samples))
@@ -383,7 +421,8 @@ def run_ddp(args) -> None:
     port = _free_port()  # a race with another program taking it is possible, and then reported by gloo
     print(describe(args, args.workers, "ddp", f" (x{args.workers} in the optimizer: DDP averages the gradients)"),
           flush=True)
-    procs = [mp.Process(target=_child, args=(_ddp_worker, r, args.workers, port, args)) for r in range(args.workers)]
+    procs = [mp.Process(target=_child, args=(_ddp_worker, not args.default_malloc, r, args.workers, port, args))
+             for r in range(args.workers)]
     for p in procs:
         p.start()
     # A process that fails leaves the others waiting for it in a collective (gloo's timeout is
@@ -455,14 +494,30 @@ def run_shmps(args) -> None:
             print(f"rank {rank}/{workers} waiting for all {joining} workers to join step 0", flush=True)
             w.wait_for_workers(joining, timeout=120.0)
 
+        spent = {"step": 0.0, "wait": 0.0, "pull": 0.0}  # seconds in ps.step(), ps.finish(), ps.pull()
+
         def push_and_pull():
             # Push every .grad and end the step (the server applies its optimizer), then pull
             # the values for the next batch (in BSP: once every worker has ended this step).
+            t0 = time.monotonic()
             ps.step()
+            t1 = time.monotonic()
+            spent["step"] += t1 - t0
+            if not args.no_wait_own and w.consistency != "bsp":
+                # ASP: wait until the server has applied this worker's own push before the pull,
+                # so that its next gradient is taken on values that include its last update, as a
+                # Hogwild process's own step is in place at once (the others' may still be
+                # missing, in both). An ASP pull does not wait for it otherwise, and the gradient
+                # after it then misses the worker's own last step more often than not: 0.903-0.906
+                # test accuracy in three runs here, 0.909 with the wait. A BSP pull waits anyway.
+                ps.finish()
+            t2 = time.monotonic()
+            spent["wait"] += t2 - t1
             ps.pull()
+            spent["pull"] += time.monotonic() - t2
 
         prog = train(model, train_set, args, workers, rank, push_and_pull)
-        seconds = prog.seconds()
+        seconds, cpu = prog.seconds(), prog.cpu_seconds()
         ps.finish()  # every push of this worker applied
         result = None
         if rank == 0 and not args.no_eval:
@@ -474,8 +529,15 @@ def run_shmps(args) -> None:
     finally:
         w.leave()  # done: the others no longer wait for this worker
     print_trained(rank, workers, prog, seconds)
+    # A push waits while the worker's ring is full, until the server has applied earlier pushes;
+    # a BSP pull waits for the other workers' step: the time the job, not the model, costs.
+    total = sum(spent.values())
+    say(f"rank {rank}/{workers} in ps.step() (push, clock) {spent['step']:.2f} s, ps.finish() {spent['wait']:.2f} s, "
+        f"ps.pull() {spent['pull']:.2f} s: {total / seconds * 100 if seconds > 0 else 0:.0f}% of its training time")
     if args.json:
-        emit_json(kind="worker", mode="shmps", rank=rank, samples=prog.samples, seconds=round(seconds, 3))
+        emit_json(kind="worker", mode="shmps", rank=rank, samples=prog.samples, seconds=round(seconds, 3),
+                  cpu_s=round(cpu, 3), step_s=round(spent["step"], 3), wait_s=round(spent["wait"], 3),
+                  pull_s=round(spent["pull"], 3))
     if result is not None:
         print(f"rank 0 at its end: test accuracy {result[1]:.4f} loss {result[0]:.4f}"
               f"{'' if w.consistency == 'bsp' else ' (the others may still be ending their last batches)'}",
@@ -530,7 +592,13 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0, help="initial values and data order (default 0)")
     ap.add_argument("--log-every", type=int, default=200, help="a progress line every N batches (default 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads a process (default 1: one core each)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc settings as they are (see tune_malloc: each large tensor then gets "
+                         "an mmap of its own, about 2-3x the CPU a batch on this machine)")
     ap.add_argument("--json", action="store_true", help="also print machine-readable result lines (JSON)")
+    ap.add_argument("--no-wait-own", action="store_true",
+                    help="shmps, ASP: pull at once after the push, without waiting until the server has applied "
+                         "it (by default a worker's next gradient is taken on values with its own last step)")
     ap.add_argument("--no-eval", action="store_true",
                     help="shmps: rank 0 does not score the model at its end (use --evaluate after the job)")
     ap.add_argument("--segment", default="", help="shmps: job segment name (default $SHMPS_SEGMENT)")
@@ -562,6 +630,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.default_malloc:
+        tune_malloc()
     torch.set_num_threads(args.threads)
     try:
         if args.evaluate:
