@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
   app.add_option("--train-samples", cfg.train_samples, "samples per train run (default 400000, --quick 6400)");
   app.add_option("--only", only,
                  "comma-separated groups to run: transfer, latency, apply, push-to-apply, bsp-round, train, scale, mpi, sparse, "
-                 "bf16 (the limits always run)");
+                 "bf16, train-bf16 (the limits always run)");
   CLI11_PARSE(app, argc, argv);
 
   if (cfg.quick) {
@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
     if (wanted("mpi")) run_mpi(cfg, report);
     if (wanted("sparse")) run_sparse(cfg, report);
     if (wanted("bf16")) run_bf16(cfg, report);
+    if (wanted("train-bf16")) run_train_bf16(cfg, report);
   } catch (const std::exception& e) {
     report.print(out_path);
     std::cerr << "shmps-bench: " << e.what() << "\n";

@@ -10,7 +10,10 @@
 // --evaluate run by shmps-launch --after (or, for local, from its own final evaluation).
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -70,6 +73,28 @@ void add(Report& rep, const std::string& name, const TrainResult& t, const std::
   rep.add(name + ".test_acc", t.test_acc, "fraction", "final model, test set (--quick: 2000 rows of each)");
 }
 
+// The spec at `path` with dtype = "bf16" on every [[param]]: written next to it in /tmp, for
+// run_train_bf16. Only the values' storage changes; names, shapes, inits and optimizer stay.
+std::string bf16_copy_of(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("train-bf16: cannot read the model spec " + path);
+  std::ostringstream out;
+  int params = 0;
+  for (std::string line; std::getline(in, line);) {
+    out << line << "\n";
+    if (line.rfind("[[param]]", 0) == 0) {
+      out << "dtype = \"bf16\"\n";
+      ++params;
+    }
+  }
+  if (params == 0) throw Error("train-bf16: " + path + " has no [[param]]");
+  const std::string copy = "/tmp/shmps-bench-bf16-" + std::to_string(::getpid()) + ".toml";
+  std::ofstream f(copy);
+  f << out.str();
+  if (!f.flush()) throw Error("train-bf16: cannot write " + copy);
+  return copy;
+}
+
 }  // namespace
 
 void run_train(const Config& cfg, Report& rep) {
@@ -95,6 +120,53 @@ void run_train(const Config& cfg, Report& rep) {
   add(rep, "train.bsp.2", bsp2, "2 workers, BSP", &asp2, "asp.2");
   const TrainResult ssp2 = launch(2, "ssp:2");
   add(rep, "train.ssp2.2", ssp2, "2 workers, SSP bound 2", &asp2, "asp.2");
+}
+
+// The reference MLP with its values stored as bf16 (dtype = "bf16" on every parameter) against
+// float32, 2 workers, ASP and BSP, the two dtypes run in turns cfg.reps times (at most 5; once
+// with --quick) so that both see the same machine: the median samples/s, and the lowest and
+// highest test accuracy over the runs (BSP's is the same in every run, ASP's varies).
+void run_train_bf16(const Config& cfg, Report& rep) {
+  const std::string dir = self_dir();
+  const std::string samples = std::to_string(cfg.train_samples);
+  const std::string eval = cfg.quick ? " --eval-rows 2000" : "";
+  const std::string bf16_spec = bf16_copy_of(cfg.mlp_spec);
+  int job = 0;
+  auto launch = [&](const std::string& spec, const std::string& consistency) {
+    const std::string name = "bench-train-bf16-" + std::to_string(::getpid()) + "-" + std::to_string(job++);
+    return run(dir + "/shmps-launch --spec '" + spec + "' --name " + name + " --workers 2 --consistency " +
+                   consistency + " --after '" + dir + "/shmps-worker --evaluate" + eval + "' --samples " + samples +
+                   eval,
+               "[after] ");
+  };
+  const int reps = cfg.quick ? 1 : std::max(1, std::min(cfg.reps, 5));
+  try {
+    for (const std::string consistency : {"asp", "bsp"}) {
+      std::vector<double> f32_rate, bf16_rate, f32_acc, bf16_acc;
+      for (int r = 0; r < reps; ++r) {
+        const TrainResult a = launch(cfg.mlp_spec, consistency);
+        const TrainResult b = launch(bf16_spec, consistency);
+        f32_rate.push_back(a.samples_per_s);
+        bf16_rate.push_back(b.samples_per_s);
+        f32_acc.push_back(a.test_acc);
+        bf16_acc.push_back(b.test_acc);
+      }
+      const std::string k = "train.bf16." + consistency + ".2";
+      const std::string f = "train.f32." + consistency + ".2";
+      const std::string runs = std::to_string(reps) + " runs in turns, median";
+      rep.add(f, median(f32_rate), "samples/s", "2 workers, float32 values, " + runs);
+      rep.add(k, median(bf16_rate), "samples/s", "2 workers, bf16 values, " + runs);
+      rep.add(k + ".ratio", median(bf16_rate) / median(f32_rate), "x", "/ " + f);
+      rep.add(f + ".test_acc.min", *std::min_element(f32_acc.begin(), f32_acc.end()), "fraction", "over the runs");
+      rep.add(f + ".test_acc.max", *std::max_element(f32_acc.begin(), f32_acc.end()), "fraction", "over the runs");
+      rep.add(k + ".test_acc.min", *std::min_element(bf16_acc.begin(), bf16_acc.end()), "fraction", "over the runs");
+      rep.add(k + ".test_acc.max", *std::max_element(bf16_acc.begin(), bf16_acc.end()), "fraction", "over the runs");
+    }
+  } catch (...) {
+    ::unlink(bf16_spec.c_str());
+    throw;
+  }
+  ::unlink(bf16_spec.c_str());
 }
 
 // The reference MLP on 2 and 3 MPI ranks on this machine (shmps-launch --mpi --ranks K, one

@@ -15,6 +15,7 @@ void run_push_to_apply(const Config& cfg, const Limits& lim, Report& report);  /
 void run_bsp_round(const Config& cfg, const Limits& lim, Report& report);   // bsp_round.cpp
 void run_train(const Config& cfg, Report& report);                          // train.cpp
 void run_train_mpi(const Config& cfg, Report& report);                      // train.cpp
+void run_train_bf16(const Config& cfg, Report& report);                     // train.cpp
 void run_mpi(const Config& cfg, Report& report);                            // mpi.cpp
 void run_scale(const Config& cfg, const Limits& lim, Report& report);       // scale.cpp
 void run_sparse(const Config& cfg, Report& report);                         // sparse.cpp

@@ -218,6 +218,12 @@ std::uint64_t resume_cursor(const shmps::Worker& w, const shmps::data::Schedule&
   return c.batches_done;
 }
 
+bool all_float32(const shmps::Worker& w) {
+  for (const auto& spec : shmps::mlp::kParams)
+    if (w.param(spec.name).dtype != shmps::ValueDType::f32) return false;
+  return true;
+}
+
 void pull_all(shmps::Worker& w, shmps::mlp::Tensors& params) {
   for (std::size_t i = 0; i < shmps::mlp::kParamCount; ++i) w.pull(shmps::mlp::kParams[i].name, params[i]);
 }
@@ -229,11 +235,13 @@ void pull_all(shmps::Worker& w, shmps::mlp::Tensors& params) {
 // writes under a view, and one forward/backward would read a model changing mid-batch (Hogwild),
 // which is not the reference trainer's behaviour. The mode is read at each batch, so a live switch
 // takes effect at the next one (one landing between this check and the views gives that batch
-// Hogwild reads; a switch away from BSP in mid-batch likewise).
+// Hogwild reads; a switch away from BSP in mid-batch likewise). Values stored as bf16 or fp16
+// (dtype in the spec) are pulled, widened, into `copy` in every mode: the trainer computes in
+// float32, and a view hands out the stored 2-byte elements.
 shmps::mlp::ParamViews read_params(shmps::Worker& w, std::optional<shmps::mlp::Tensors>& copy) {
   namespace mlp = shmps::mlp;
   mlp::ParamViews params;
-  if (w.consistency() == "bsp") {
+  if (w.consistency() == "bsp" && all_float32(w)) {
     for (std::size_t i = 0; i < mlp::kParamCount; ++i) params[i] = w.view(mlp::kParams[i].name);
     return params;
   }
