@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -13,6 +14,7 @@
 #include <shmps/error.hpp>
 #include <shmps/shape.hpp>
 #include <shmps/server/safetensors.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/splitmix.hpp>
 
 #include "parallel.hpp"
@@ -70,9 +72,12 @@ std::vector<float> extract(const safetensors::File& file, const ParamSpec& param
   const auto it = file.tensors().find(name);
   if (it == file.tensors().end()) fail(param, missing_text(file, param));
   const safetensors::Tensor& t = it->second;
-  if (t.dtype != "F32") {
+  // F32 as it is; BF16 and F16 widened, exactly (every bf16 / fp16 value is a float32 one): a
+  // half-precision export or checkpoint of this or another job, or bf16 weights from elsewhere.
+  const bool half = t.dtype == "BF16" || t.dtype == "F16";
+  if (t.dtype != "F32" && !half) {
     fail(param, "tensor " + dq(name) + " has dtype " + t.dtype +
-                    "; parameters are float32, so only F32 tensors can initialise them (convert it to F32)");
+                    "; initial values are read from F32, BF16 or F16 tensors only (convert it to one of them)");
   }
   if (t.shape != param.shape) {
     std::string msg =
@@ -84,8 +89,16 @@ std::vector<float> extract(const safetensors::File& file, const ParamSpec& param
     fail(param, msg);
   }
   const std::span<const std::byte> bytes = file.data(t);
-  std::vector<float> values(bytes.size() / sizeof(float));
-  if (!bytes.empty()) std::memcpy(values.data(), bytes.data(), bytes.size());
+  std::vector<float> values;
+  if (half) {
+    std::vector<std::uint16_t> stored(bytes.size() / sizeof(std::uint16_t));
+    if (!bytes.empty()) std::memcpy(stored.data(), bytes.data(), bytes.size());
+    values.resize(stored.size());
+    shm::widen(t.dtype == "BF16" ? shm::DType::bf16 : shm::DType::fp16, stored.data(), values.data(), stored.size());
+  } else {
+    values.resize(bytes.size() / sizeof(float));
+    if (!bytes.empty()) std::memcpy(values.data(), bytes.data(), bytes.size());
+  }
   for (std::size_t k = 0; k < values.size(); ++k) {
     if (!std::isfinite(values[k])) {
       fail(param, "tensor " + dq(name) + " holds " + (std::isnan(values[k]) ? "NaN" : "an infinity") +

@@ -223,18 +223,45 @@ TEST_F(PretrainedTest, ShapeMismatch) {
 TEST_F(PretrainedTest, DtypeMismatch) {
   const std::vector<double> d(6, 0.5);
   const std::vector<std::int32_t> i(6, 3);
-  const std::vector<std::uint16_t> h(6, 0x3c00);
+  const std::vector<std::uint16_t> u(6, 7);
   st::write_file(dir_ / "w.safetensors",
-                 {{"d", "F64", {2, 3}, bytes_of(d)}, {"i", "I32", {2, 3}, bytes_of(i)}, {"h", "F16", {2, 3}, bytes_of(h)}},
+                 {{"d", "F64", {2, 3}, bytes_of(d)}, {"i", "I32", {2, 3}, bytes_of(i)}, {"u", "U16", {2, 3}, bytes_of(u)}},
                  {});
   const std::string file = (dir_ / "w.safetensors").string();
-  const std::map<std::string, std::string> dtype_of{{"d", "F64"}, {"i", "I32"}, {"h", "F16"}};
+  const std::map<std::string, std::string> dtype_of{{"d", "F64"}, {"i", "I32"}, {"u", "U16"}};
   for (const auto& [name, dtype] : dtype_of) {
     const std::string msg = load_error(spec("[[param]]\nname = \"p\"\nshape = [2, 3]\ninit = { kind = \"pretrained\", "
                                             "file = \"w.safetensors\", tensor = \"" + name + "\" }\n"));
     EXPECT_THAT(msg, HasSubstr("param \"p\": init from " + file + ": tensor \"" + name + "\" has dtype " + dtype));
-    EXPECT_THAT(msg, HasSubstr("only F32 tensors"));
+    EXPECT_THAT(msg, HasSubstr("from F32, BF16 or F16 tensors only"));
   }
+}
+
+// BF16 and F16 tensors (a bf16 job's export, half-precision weights from elsewhere) are widened
+// exactly, whatever the parameter's own dtype; hand-computed bit patterns.
+TEST_F(PretrainedTest, HalfPrecisionTensorsAreWidenedExactly) {
+  // bf16: 1.5, -2.25, 0, -0, the smallest normal (2^-126), 65280 (0x477f: 0xff << 8).
+  const std::vector<std::uint16_t> bf{0x3fc0, 0xc010, 0x0000, 0x8000, 0x0080, 0x477f};
+  const std::vector<float> bf_want{1.5f, -2.25f, 0.0f, -0.0f, 0x1p-126f, 65280.0f};
+  // fp16: 1, -2, 0.5, the smallest subnormal (2^-24), 65504 (the largest), 0.333251953125.
+  const std::vector<std::uint16_t> h{0x3c00, 0xc000, 0x3800, 0x0001, 0x7bff, 0x3555};
+  const std::vector<float> h_want{1.0f, -2.0f, 0.5f, 0x1p-24f, 65504.0f, 0.333251953125f};
+  st::write_file(dir_ / "w.safetensors", {{"b", "BF16", {2, 3}, bytes_of(bf)}, {"h", "F16", {2, 3}, bytes_of(h)}}, {});
+  const ModelSpec s = spec(
+      "[[param]]\nname = \"b\"\nshape = [2, 3]\ninit = { kind = \"pretrained\", file = \"w.safetensors\" }\n"
+      "[[param]]\nname = \"h\"\nshape = [2, 3]\ndtype = \"bf16\"\n"
+      "init = { kind = \"pretrained\", file = \"w.safetensors\" }\n");
+  const PretrainedValues pv = load_pretrained(s);
+  expect_bits_equal(pv.by_param.at("b"), bf_want);
+  expect_bits_equal(pv.by_param.at("h"), h_want);
+
+  // A NaN or an infinity in a half-precision tensor is refused as in an F32 one.
+  const std::vector<std::uint16_t> nan{0x3f80, 0x3f80, 0x7fc0, 0x3f80, 0x3f80, 0x3f80};
+  const std::vector<std::uint16_t> inf{0x3c00, 0xfc00, 0x3c00, 0x3c00, 0x3c00, 0x3c00};
+  st::write_file(dir_ / "w.safetensors", {{"b", "BF16", {2, 3}, bytes_of(nan)}, {"h", "F16", {2, 3}, bytes_of(inf)}}, {});
+  EXPECT_THAT(load_error(s), HasSubstr("tensor \"b\" holds NaN at element 2"));
+  st::write_file(dir_ / "w.safetensors", {{"b", "BF16", {2, 3}, bytes_of(bf)}, {"h", "F16", {2, 3}, bytes_of(inf)}}, {});
+  EXPECT_THAT(load_error(s), HasSubstr("tensor \"h\" holds an infinity at element 1"));
 }
 
 TEST_F(PretrainedTest, NonFiniteValues) {

@@ -83,8 +83,10 @@
 //                           #   parameter's own name) of a safetensors file. `file` is
 //                           #   resolved relative to the directory of the spec file (for a
 //                           #   spec parsed from a string: to the current directory); the
-//                           #   tensor must exist, have dtype F32, exactly the parameter's
-//                           #   shape and finite values. The parser does not open the file:
+//                           #   tensor must exist, have dtype F32, BF16 or F16 (widened
+//                           #   exactly), exactly the parameter's shape and finite values
+//                           #   (so an export of a bf16 job can start another job of any
+//                           #   dtype). The parser does not open the file:
 //                           #   load_pretrained (initialise.hpp) reads and checks it.
 //   dtype = "f32"           # optional, default "f32". How the segment stores the values:
 //                           #   "f32", "bf16" (bfloat16) or "fp16" (IEEE half): 2 bytes an
