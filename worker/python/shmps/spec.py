@@ -136,7 +136,7 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         raise SpecError(f"the module ({type(model).__name__}) has no parameters: there is nothing to serve")
 
     lines = [
-        f"# The model spec of a {type(model).__name__}, written by shmps.spec from the module itself:",
+        f"# The model spec of the module {type(model).__name__}, written by shmps.spec from the module itself:",
         "# every parameter under its named_parameters() name and shape, each with init = \"put\" (rank 0",
         "# puts its freshly initialised module; the others wait for it).",
     ]
