@@ -64,6 +64,22 @@ std::vector<Process*> start_workers(Job& job, std::uint64_t workers, std::uint64
   return ps;
 }
 
+// The elements of "w" (shared by every group) that are not exactly minus the sum of pattern(r, k)
+// over the steps k < steps that rank r (of 0-3) took part in.
+template <class TakesPart>
+std::size_t wrong_in_w(const std::string& segment, std::uint64_t steps, TakesPart takes_part) {
+  const std::vector<float> w = pull(segment, "w", kW);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < kW; ++i) {
+    double want = 0;
+    for (std::uint64_t r = 0; r < 4; ++r)
+      for (std::uint64_t k = 0; k < steps; ++k)
+        if (takes_part(r, k)) want -= shmps::test::pattern(r, k, i);
+    wrong += static_cast<double>(w[i]) != want;
+  }
+  return wrong;
+}
+
 std::uint64_t clock_of(const shm::Segment& seg, std::uint32_t g) { return shm::load_acquire(seg.group(g).clock); }
 
 template <class Pred>
@@ -161,16 +177,41 @@ TEST(WorkerGroups, EachGroupStepsOnItsOwnAndAStuckWorkerHoldsOnlyItsGroup) {
   const auto takes_part = [](std::uint64_t r, std::uint64_t k) { return !(r == 2 && k >= 5); };
   const std::vector<float> mark = pull(job.name(), "mark", kSlots);
   EXPECT_EQ(mark, (std::vector<float>{30, 30, 5, 30, 0, 0}));
-  const std::vector<float> w = pull(job.name(), "w", kW);
-  std::size_t wrong = 0;
-  for (std::size_t i = 0; i < kW; ++i) {
-    double want = 0;
-    for (std::uint64_t r = 0; r < 4; ++r)
-      for (std::uint64_t k = 0; k < kSteps; ++k)
-        if (takes_part(r, k)) want -= shmps::test::pattern(r, k, i);
-    wrong += static_cast<double>(w[i]) != want;
-  }
-  EXPECT_EQ(wrong, 0u);
+  EXPECT_EQ(wrong_in_w(job.name(), kSteps, takes_part), 0u);
+}
+
+// A straggler policy per group (docs/consistency.md#stragglers): rank 2 gets stuck in the middle of
+// step 5 (alive, part of its step pushed). With straggler_timeout 2s the server evicts it from
+// group 1's barrier, and only from that one: group 1 goes on with rank 3 alone, its step 5 without
+// rank 2's pushes (discarded whole), while group 0, which never waited for it, is untouched. Every
+// worker checks each step's membership (--check --absent 2:5); the sums are exact.
+TEST(WorkerGroups, AStuckWorkerIsEvictedFromItsOwnGroupOnly) {
+  Watchdog watchdog(120s);
+  Job job("groups-evict", spec("bsp", "kind = \"sgd\"\nlr = 1.0", "2"));
+  auto& server = job.start_server({"--straggler-timeout", "2s"});
+  job.wait_ready();
+  constexpr std::uint64_t kSteps = 20;
+  std::vector<std::vector<std::string>> per_rank(4, {"--check", "--absent", "2:5"});
+  per_rank[2].insert(per_rank[2].end(), {"--hang-at", "5"});
+  auto ps = start_workers(job, 4, kSteps, per_rank);
+  for (int r : {0, 1, 3}) EXPECT_EQ(ps[r]->wait(60s), 0) << "rank " << r << ": " << ps[r]->output();
+  EXPECT_TRUE(ps[2]->running()) << "the straggler is still there, stuck";
+
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(clock_of(seg, 0), kSteps);
+  EXPECT_EQ(clock_of(seg, 1), kSteps) << "group 1 went on without its stuck member";
+  EXPECT_EQ(shm::load_counter(seg.header().stragglers_evicted), 1u) << server.output();
+  EXPECT_EQ(shm::load_counter(seg.group(0).evictions), 0u);
+  EXPECT_EQ(shm::load_counter(seg.group(1).evictions), 1u);
+  EXPECT_EQ(shm::load_acquire(seg.slot(2).evicted_generation), shm::load_acquire(seg.slot(2).generation));
+  for (std::uint32_t r : {0u, 1u, 3u}) EXPECT_EQ(shm::load_acquire(seg.slot(r).evicted_generation), 0u) << r;
+  // Rank 2's open step 5 ("mark" and "own1" pushed, no clock) discarded whole: two records.
+  EXPECT_EQ(shm::load_counter(seg.header().records_discarded), 2u);
+  EXPECT_HAS(server.output(), "event=straggler_evicted");
+  EXPECT_HAS(server.output(), "rank=2 pid=" + std::to_string(ps[2]->pid()));
+
+  EXPECT_EQ(pull(job.name(), "mark", kSlots), (std::vector<float>{20, 20, 5, 20, 0, 0}));
+  EXPECT_EQ(wrong_in_w(job.name(), kSteps, [](std::uint64_t r, std::uint64_t k) { return !(r == 2 && k >= 5); }), 0u);
 }
 
 // A group's weights depend on its own pushes only: two runs in which the groups run at different

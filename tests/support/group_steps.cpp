@@ -4,8 +4,8 @@
 //                                 [--absent R:S]
 //
 // The job's parameters: "mark" (one element per worker slot), "w" (shared by every group), and
-// "own<g>" for each group g (pushed by group g only). Waits until P workers are admitted, then
-// does B steps: pull "mark", "own<g>" and "w" (each pull waits for the group's step, BSP), push
+// "own<g>" for each group g (pushed by group g only). Waits until its group's mates among ranks
+// 0 to P-1 are admitted, then does B steps: pull "mark", "own<g>" and "w" (each pull waits for the group's step, BSP), push
 // -1 to element <rank> of "mark", pushes ugly(rank, step) to the whole of "own<g>" and
 // pattern(rank, step) to the whole of "w", clock(). --check (SGD, lr 1, bsp_aggregate "sum"):
 // before step k, mark[m] must be exactly the number of steps before k that member m of this
@@ -13,6 +13,7 @@
 // a push of another step, shows. --absent R:S: rank R takes part in steps before S only (it is
 // killed in step S). --hang-at S: in step S, push "mark" and "own<g>", then sleep forever (a
 // worker stuck in the middle of a step, alive). Prints "rank R group G steps B wrong_steps N".
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <iostream>
@@ -46,7 +47,11 @@ int run_group_steps(Worker& w, const GroupStepsOptions& o) {
     all = true;
     // Attached and admitted by the server: only then does a worker count for its group's bounds
     // (shm::counts_for_group), so nobody runs ahead of a mate the server has not admitted yet.
-    for (std::uint64_t r = 0; r < o.workers; ++r)
+    // Its own group's mates only: those cannot end their steps without this worker, while another
+    // group's workers may have finished and left before this one first looks (it then waited for
+    // them in vain, a flaky "did not attach" when the machine was busy).
+    const std::uint64_t end = std::min<std::uint64_t>(seg.group_end_rank(group), o.workers);
+    for (std::uint64_t r = seg.group_first_rank(group); r < end; ++r)
       all = all && shm::load_acquire(seg.slot(r).state) == attached &&
             shm::load_acquire(seg.slot(r).admitted_generation) == shm::load_acquire(seg.slot(r).generation);
     if (std::chrono::steady_clock::now() > until) throw Error("the other workers did not attach");
