@@ -96,9 +96,9 @@ std::string consistency_text(const Segment& seg) {
             (h.group_count == 1 ? "model " : "") + group_clocks_text(seg) + ", " +
             std::to_string(load_counter(h.steps)) + " steps)";
   text += ", on worker death: " + std::string(to_string(static_cast<OnWorkerDeath>(load_acquire(h.on_worker_death))));
-  // BSP: "stragglers: evicted after 10.0s (1 evicted)", or "stragglers: never evicted (0 evicted)".
+  // BSP and SSP: "stragglers: evicted after 10.0s (1 evicted)", or "stragglers: never evicted (0 evicted)".
   const std::uint32_t straggler_ms = load_acquire(h.straggler_timeout_ms);
-  if (mode == Consistency::bsp || load_counter(h.stragglers_evicted) != 0)
+  if (mode != Consistency::asp || load_counter(h.stragglers_evicted) != 0)
     text += ", stragglers: " +
             (straggler_ms == 0 ? std::string("never evicted")
                                : "evicted after " + seconds(std::uint64_t{straggler_ms} * 1'000'000ULL)) +

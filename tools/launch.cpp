@@ -11,7 +11,7 @@
 // are ended. With --max-restarts K a worker
 // that dies is started again with the same rank (it resumes from its slot), at most K times per
 // rank; after that the job stops. With --kill-stragglers a worker the server evicted from its BSP
-// barrier as a straggler (--straggler-timeout) is SIGKILLed and started again with the same rank,
+// barrier or SSP bound as a straggler (--straggler-timeout) is SIGKILLed and started again with the same rank,
 // where it rejoins. Exits non-zero if any worker failed for good. Options it does
 // not know, before `--`, are passed on to the worker program.
 //
@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
                  "(10s, 500ms; 0 or off: never; default: the spec's straggler_timeout, 10s)");
   bool kill_stragglers = false;
   app.add_flag("--kill-stragglers", kill_stragglers,
-               "SIGKILL a worker the server evicted from its BSP barrier as a straggler and start it again with the "
+               "SIGKILL a worker the server evicted from its BSP barrier or SSP bound as a straggler and start it again with the "
                "same rank, where it rejoins (at most 10 times per rank; not counted in --max-restarts)");
   std::string ring_bytes, max_workers, workers_per_group;
   app.add_option("--workers-per-group", workers_per_group,
@@ -420,7 +420,12 @@ int main(int argc, char** argv) {
           if (pid != c->pid && ::getpgid(pid) != c->pid) continue;
           killed_as_straggler[r] = true;
           std::cout << "shmps-launch: worker " << c->label << " (pid " << pid
-                    << ") was evicted from the BSP barrier as a straggler ("
+                    << ") was evicted from the "
+                    << (shm::load_acquire(straggler_segments[group_of_rank(static_cast<int>(r))].header().consistency) ==
+                                    static_cast<std::uint32_t>(Consistency::ssp)
+                            ? "SSP bound"
+                            : "BSP barrier")
+                    << " as a straggler ("
                     << shm::load_acquire(slot.evicted_behind_ms) << " ms behind); --kill-stragglers: killing it "
                     << "with SIGKILL" << std::endl;
           launcher.signal(*c, SIGKILL);

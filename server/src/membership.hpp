@@ -25,11 +25,13 @@ class Membership {
   // collecting (BSP) or the clock it brought (never lower than the one its slot reached). Wakes the worker.
   void admit_new_workers();
 
-  // BSP stragglers (docs/consistency.md#stragglers): in each worker group, the live members that
-  // have not ended the step the group is collecting while another live member has. Once the
-  // same ones have held the barrier alone for `timeout` (0: never), they are evicted
-  // (WorkerSlot::evicted_generation): they stop counting, so the step completes without them and
-  // their open step is discarded (collect.hpp). Logged (event=straggler_evicted) and counted.
+  // Stragglers (docs/consistency.md#stragglers), in each worker group. BSP: the live members that
+  // have not ended the step the group is collecting while another live member has. SSP: the live
+  // members at the group's slowest clock while another is past the bound. Once the same ones
+  // have held the others alone for `timeout` (0: never), they are evicted
+  // (WorkerSlot::evicted_generation), in SSP only once their rings are drained: they stop
+  // counting, so the step or the bound goes on without them, and in BSP their open step is
+  // discarded (collect.hpp). Logged (event=straggler_evicted) and counted.
   // Keeps each group's GroupEntry::straggler_since_ns, which the waiting workers' messages use.
   // `now_ns`: CLOCK_MONOTONIC.
   void evict_stragglers(std::chrono::milliseconds timeout, std::uint64_t now_ns);

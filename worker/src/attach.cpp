@@ -83,11 +83,17 @@ void Worker::Impl::refuse_if_evicted(const char* to) const {
   const WorkerSlot& s = segment.slot(static_cast<std::uint32_t>(rank));
   if (load_acquire(s.evicted_generation) != generation) return;
   const std::uint64_t behind_ms = load_acquire(s.evicted_behind_ms);
+  const std::string after = std::to_string(behind_ms / 1000) + "." + std::to_string(behind_ms % 1000 / 100) +
+                            " s (straggler_timeout " +
+                            std::to_string(load_acquire(segment.header().straggler_timeout_ms)) + " ms)";
+  if (static_cast<Consistency>(load_acquire(segment.header().consistency)) == Consistency::ssp)
+    throw Error("worker " + std::to_string(rank) + " (pid " + std::to_string(::getpid()) +
+                ") was evicted as a straggler holding the SSP bound at clock " + std::to_string(clock) + " after " +
+                after + ": the other workers went on without it; the pushes it committed before were applied, "
+                "anything it commits now is discarded, so it cannot " + to + "; restart it (it rejoins with its rank)");
   throw Error("worker " + std::to_string(rank) + " (pid " + std::to_string(::getpid()) +
-              ") was evicted from the BSP barrier as a straggler after " + std::to_string(behind_ms / 1000) + "." +
-              std::to_string(behind_ms % 1000 / 100) + " s (straggler_timeout " +
-              std::to_string(load_acquire(segment.header().straggler_timeout_ms)) +
-              " ms): the other workers went on without it and its open step (clock " + std::to_string(clock) +
+              ") was evicted from the BSP barrier as a straggler after " + after +
+              ": the other workers went on without it and its open step (clock " + std::to_string(clock) +
               ") was discarded, so it cannot " + to + "; restart it (it rejoins with its rank)");
 }
 

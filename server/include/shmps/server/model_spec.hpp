@@ -34,6 +34,8 @@
 //                           #   step) is evicted as a straggler: the barrier goes on without it,
 //                           #   its open step is discarded, and its next call fails; a new
 //                           #   process of its rank rejoins (docs/consistency.md#stragglers).
+//                           #   SSP: the same for the slowest members while another is past
+//                           #   the bound (every push they committed is applied first).
 //                           #   "500ms", "2s", "1m", or "0" / "off" (never evict). Below the
 //                           #   workers' 30 s call timeout, so that healthy workers do not fail
 //                           #   first. At most 24 days.
@@ -193,7 +195,7 @@ struct ModelSpec {
   std::uint32_t staleness = 0;  // ssp only
   BspAggregate bsp_aggregate = BspAggregate::sum;
   OnWorkerDeath on_worker_death = OnWorkerDeath::proceed;
-  // BSP: a straggler is evicted from its group's barrier after this long; 0: never.
+  // BSP and SSP: a straggler is evicted from its group's barrier or bound after this long; 0: never.
   std::chrono::milliseconds straggler_timeout = kDefaultStragglerTimeout;
   SyncEvery sync_every;
   OptimizerSettings optimizer;

@@ -326,9 +326,9 @@ struct SegmentHeader {
   std::atomic<std::uint32_t> staleness;                        // SSP bound, in clocks
   std::atomic<std::uint32_t> bsp_aggregate;                    // BspAggregate
   std::atomic<std::uint32_t> on_worker_death;                  // OnWorkerDeath
-  // BSP: a live worker that alone holds its group's barrier this long is evicted (a straggler,
-  // docs/consistency.md#stragglers); 0: never. Written at every server start; shown by the tools
-  // and named in the waiting workers' messages.
+  // BSP and SSP: a live worker that alone holds its group's barrier (or bound) this long is
+  // evicted (a straggler, docs/consistency.md#stragglers); 0: never. Written at every server
+  // start; shown by the tools and named in the waiting workers' messages.
   std::atomic<std::uint32_t> straggler_timeout_ms;
 
   // Server liveness and state (server writes; everyone reads). Death of the server is proven by
@@ -359,7 +359,7 @@ struct SegmentHeader {
   std::atomic<std::uint64_t> records_skipped;  // already applied before a server restart
   std::atomic<std::uint64_t> records_discarded;  // of a step the worker died in (BSP)
   std::atomic<std::uint64_t> steps;            // BSP steps completed
-  std::atomic<std::uint64_t> stragglers_evicted;  // live workers evicted from a BSP barrier (straggler_timeout)
+  std::atomic<std::uint64_t> stragglers_evicted;  // live workers evicted from a BSP barrier or SSP bound (straggler_timeout)
 
   // Checkpoints (server writes): how many were written by this segment's servers, when the last
   // one was taken (its snapshot), how long it took until durable, and the model clock it holds.
@@ -729,11 +729,11 @@ struct WorkerSlot {
   // decided around a worker that is half-way in.
   std::atomic<std::uint64_t> admitted_clock;
   std::atomic<std::uint64_t> admitted_generation;
-  // Stragglers (BSP): the generation the server evicted from its group's barrier for holding it
-  // straggler_timeout_ms alone (docs/consistency.md#stragglers), and how far behind it was then.
-  // An evicted generation never counts again (membership.hpp), the server discards its open
-  // step and every record it commits afterwards, and its worker's next call fails; a new
-  // process taking the rank (a new generation) rejoins.
+  // Stragglers (BSP, SSP): the generation the server evicted from its group's barrier or bound
+  // for holding it straggler_timeout_ms alone (docs/consistency.md#stragglers), and how far
+  // behind it was then. An evicted generation never counts again (membership.hpp), the server
+  // discards its open BSP step and every record it commits afterwards, and its worker's next
+  // call fails; a new process taking the rank (a new generation) rejoins.
   std::atomic<std::uint64_t> evicted_generation;
   std::atomic<std::uint64_t> evicted_behind_ms;
 

@@ -12,7 +12,7 @@
 
 namespace shmps::shm {
 
-// Whether the slot's holder was evicted from its BSP barrier as a straggler (its generation is the
+// Whether the slot's holder was evicted from its BSP barrier or SSP bound as a straggler (its generation is the
 // evicted one; a new process taking the rank is not).
 inline bool evicted(const WorkerSlot& slot) noexcept {
   const std::uint64_t generation = load_acquire(slot.generation);
