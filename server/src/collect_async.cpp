@@ -14,8 +14,9 @@ void collect_as_they_come(Segment& segment, const std::vector<RingConsumer>& rin
     const RingConsumer& ring = rings[r];
     RankRound& round = plan.ranks[r];
     const std::uint64_t tail = ring.committed();
-    // A straggler evicted from a BSP barrier (a live switch may follow): what it commits after
-    // the eviction counts for nothing here either.
+    // A straggler evicted from an SSP bound, or from a BSP barrier before a live switch: what it
+    // commits after the eviction counts for nothing here either (membership.cpp evicts in SSP
+    // only with its ring drained).
     const std::uint64_t evicted = load_acquire(segment.slot(r).evicted_generation);
     // A put is applied before the round's pushes, so it is taken only with no push of its ring
     // before it, and nothing of its ring after it (apply_put.hpp relies on that after a restart).

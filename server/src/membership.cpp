@@ -71,8 +71,8 @@ void Membership::evict_stragglers(std::chrono::milliseconds timeout, std::uint64
     // (on_worker_death = wait) holds it by the user's choice, and in a streamed step a member with
     // part of the step in the sums cannot be taken out of them (collect_streamed_step): neither is
     // evicted, nor anyone with them. In SSP a member's pushes are applied as they come, and its
-    // committed ones must all be applied: one whose ring still holds records is evicted only once
-    // the server has drained it (a stopped worker adds none).
+    // committed ones must all be applied: the timeout runs only while the server has drained the
+    // rings of those behind (a stopped worker adds nothing to its own).
     std::vector<std::uint32_t> behind;
     bool someone_waits = false, evictable = bsp || ssp, drained = true;
     for (std::uint32_t r = segment_->group_first_rank(g); r < segment_->group_end_rank(g); ++r) {
@@ -96,13 +96,16 @@ void Membership::evict_stragglers(std::chrono::milliseconds timeout, std::uint64
       if (load_own(entry.straggler_since_ns) != 0) store_release(entry.straggler_since_ns, std::uint64_t{0});
       continue;
     }
-    if (held.by != behind || held.step != step || held.since_ns == 0) {
-      held = Held{step, behind, now_ns};
+    // SSP: the wait counts only from when the server has drained the rings of those behind, so
+    // that a healthy worker held back by a full ring (a slow server) is not taken for a straggler.
+    if (held.by != behind || held.step != step || held.since_ns == 0 ||
+        held.mode != static_cast<std::uint32_t>(mode) || !drained) {
+      held = Held{step, behind, now_ns, static_cast<std::uint32_t>(mode)};
       store_release(entry.straggler_since_ns, now_ns);
       continue;
     }
     const std::uint64_t behind_ms = (now_ns - held.since_ns) / 1'000'000ULL;
-    if (timeout.count() == 0 || behind_ms < static_cast<std::uint64_t>(timeout.count()) || !drained) continue;
+    if (timeout.count() == 0 || behind_ms < static_cast<std::uint64_t>(timeout.count())) continue;
     for (std::uint32_t r : behind) {
       WorkerSlotServerView slot(segment_->slot(r));
       const std::uint64_t generation = slot.generation();

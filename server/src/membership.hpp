@@ -50,6 +50,7 @@ class Membership {
     std::uint64_t step = 0;
     std::vector<std::uint32_t> by;
     std::uint64_t since_ns = 0;
+    std::uint32_t mode = 0;  // Consistency: a live switch starts the wait anew
   };
   std::vector<Held> held_;
 };

@@ -140,7 +140,7 @@ struct Worker::Impl {
   ~Impl();
   // Throws the error for a Worker that cannot act any more: it left, or it is a forked copy.
   void refuse_if_detached(const char* to) const;
-  // Throws the error for a worker the server evicted from its BSP barrier as a straggler
+  // Throws the error for a worker the server evicted from its BSP barrier or SSP bound as a straggler
   // (WorkerSlot::evicted_generation): it may do nothing more; a restart of its rank rejoins.
   void refuse_if_evicted(const char* to) const;
   // fork() safety (see below): the Impls of this process that hold a slot.

@@ -201,8 +201,9 @@ class WorkerSlotServerView {
     wake_worker();
   }
 
-  // The live holder of `generation` held its group's BSP barrier alone for `behind_ms`: it is
-  // evicted (a straggler; membership.hpp stops counting it), and woken in case it waits.
+  // The live holder of `generation` held its group's BSP barrier (or SSP bound) alone for
+  // `behind_ms`: it is evicted (a straggler; membership.hpp stops counting it), and woken in case
+  // it waits.
   void evict(std::uint64_t generation, std::uint64_t behind_ms) noexcept {
     store_release(slot_->evicted_behind_ms, behind_ms);
     store_release(slot_->evicted_generation, generation);
