@@ -11,8 +11,8 @@
 // are ended. With --max-restarts K a worker
 // that dies is started again with the same rank (it resumes from its slot), at most K times per
 // rank; after that the job stops. With --kill-stragglers a worker the server evicted from its BSP
-// barrier or SSP bound as a straggler (--straggler-timeout) is SIGKILLed and started again with the same rank,
-// where it rejoins. Exits non-zero if any worker failed for good. Options it does
+// barrier or SSP bound as a straggler (--straggler-timeout) is SIGKILLed and started again with
+// the same rank, where it rejoins. Exits non-zero if any worker failed for good. Options it does
 // not know, before `--`, are passed on to the worker program.
 //
 // With --server-groups S it starts S servers, one per server group, each with its replica
@@ -81,8 +81,8 @@ int main(int argc, char** argv) {
                  "(10s, 500ms; 0 or off: never; default: the spec's straggler_timeout, 10s)");
   bool kill_stragglers = false;
   app.add_flag("--kill-stragglers", kill_stragglers,
-               "SIGKILL a worker the server evicted from its BSP barrier or SSP bound as a straggler and start it again with the "
-               "same rank, where it rejoins (at most 10 times per rank; not counted in --max-restarts)");
+               "SIGKILL a worker the server evicted from its BSP barrier or SSP bound as a straggler and start it "
+               "again with the same rank, where it rejoins (at most 10 times per rank; not counted in --max-restarts)");
   std::string ring_bytes, max_workers, workers_per_group;
   app.add_option("--workers-per-group", workers_per_group,
                  "workers in each worker group, for the server it starts (default: the spec's; 0 = one group)");

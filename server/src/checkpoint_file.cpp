@@ -321,11 +321,7 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
     p.shape = t.shape;
     if (t.dtype == "BF16" || t.dtype == "F16") {  // a bf16 / fp16 parameter's stored values
       p.dtype = t.dtype == "BF16" ? DType::bf16 : DType::fp16;
-      const auto bytes = file.data(t);
-      std::vector<std::uint16_t> stored(bytes.size() / sizeof(std::uint16_t));
-      if (!stored.empty()) std::memcpy(stored.data(), bytes.data(), bytes.size());
-      p.values.resize(stored.size());
-      widen(p.dtype, stored.data(), p.values.data(), stored.size());
+      p.values = file.floats(t);
     } else if (t.dtype == "F32") {
       p.values = file.f32(name, t.shape);
     } else {

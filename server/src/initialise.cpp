@@ -14,7 +14,6 @@
 #include <shmps/error.hpp>
 #include <shmps/shape.hpp>
 #include <shmps/server/safetensors.hpp>
-#include <shmps/shm/dtype.hpp>
 #include <shmps/splitmix.hpp>
 
 #include "parallel.hpp"
@@ -88,17 +87,7 @@ std::vector<float> extract(const safetensors::File& file, const ParamSpec& param
     if (!overflow && n == param.size()) msg += " (the same number of elements, but the shape must match exactly)";
     fail(param, msg);
   }
-  const std::span<const std::byte> bytes = file.data(t);
-  std::vector<float> values;
-  if (half) {
-    std::vector<std::uint16_t> stored(bytes.size() / sizeof(std::uint16_t));
-    if (!bytes.empty()) std::memcpy(stored.data(), bytes.data(), bytes.size());
-    values.resize(stored.size());
-    shm::widen(t.dtype == "BF16" ? shm::DType::bf16 : shm::DType::fp16, stored.data(), values.data(), stored.size());
-  } else {
-    values.resize(bytes.size() / sizeof(float));
-    if (!bytes.empty()) std::memcpy(values.data(), bytes.data(), bytes.size());
-  }
+  const std::vector<float> values = file.floats(t);
   for (std::size_t k = 0; k < values.size(); ++k) {
     if (!std::isfinite(values[k])) {
       fail(param, "tensor " + dq(name) + " holds " + (std::isnan(values[k]) ? "NaN" : "an infinity") +

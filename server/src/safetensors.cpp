@@ -18,6 +18,7 @@
 
 #include "shmps/error.hpp"
 #include "shmps/shape.hpp"
+#include "shmps/shm/dtype.hpp"
 
 // xxHash, header-only (Debian's libxxhash-dev): XXH3 hashes at memory speed, so the checksum
 // does not slow down checkpoints of big models.
@@ -417,9 +418,21 @@ std::vector<float> File::f32(std::string_view name, const std::vector<std::uint6
     fail(path_, "tensor '" + std::string(name) + "': expected shape " + shape_text(expected_shape) + ", found " +
                     shape_text(t.shape));
   }
+  return floats(t);
+}
+
+std::vector<float> File::floats(const Tensor& t) const {
   const std::span<const std::byte> bytes = data(t);
-  std::vector<float> out(bytes.size() / sizeof(float));
-  if (!bytes.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
+  if (t.dtype == "F32") {
+    std::vector<float> out(bytes.size() / sizeof(float));
+    if (!bytes.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+  }
+  if (t.dtype != "BF16" && t.dtype != "F16") fail(path_, "a tensor of dtype " + t.dtype + " read as floats");
+  std::vector<std::uint16_t> stored(bytes.size() / sizeof(std::uint16_t));
+  if (!bytes.empty()) std::memcpy(stored.data(), bytes.data(), bytes.size());
+  std::vector<float> out(stored.size());
+  shm::widen(t.dtype == "BF16" ? shm::DType::bf16 : shm::DType::fp16, stored.data(), out.data(), stored.size());
   return out;
 }
 

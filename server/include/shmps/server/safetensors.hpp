@@ -93,6 +93,11 @@ class File {
   // `expected_shape`; throws shmps::Error with the file, the tensor, expected vs found.
   std::vector<float> f32(std::string_view name, const std::vector<std::uint64_t>& expected_shape) const;
 
+  // Tensor `t`'s values as float32: F32 as stored, BF16 and F16 widened (exactly: each of their
+  // values is a float32 one). Throws for any other dtype (callers check it first, with their own
+  // message).
+  std::vector<float> floats(const Tensor& t) const;
+
  private:
   File() = default;
 
