@@ -174,7 +174,10 @@ class SliceUpdate {
     for (std::size_t i = 0; i < touched.size(); ++i) {
       const std::uint64_t local = touched[i];
       where[i] = static_cast<std::uint32_t>(local);
-      std::memcpy(values_ + i * dim, slice_values_ + local * dim, dim * sizeof(float));
+      if (dtype_ == DType::f32)
+        std::memcpy(values_ + i * dim, slice_values_ + local * dim, dim * sizeof(float));
+      else  // a 2-byte table's row, widened exactly
+        widen(dtype_, segment_.values16(param_) + slice_.first + local * dim, values_ + i * dim, dim);
       for (int a = 0; a < arrays_; ++a)
         std::memcpy(state_[a] + i * dim * elem_, slice_state_[a] + local * dim * elem_, dim * elem_);
       update_in_redo(sum.data() + local * dim, i * dim, dim, step);
@@ -376,7 +379,8 @@ class SliceUpdate {
   }
 
   // One optimizer step of `grad` over the redo entry's elements [lo, lo + n), in place, as step
-  // number `step` of the slice (a table's row: apply_rows).
+  // number `step` of the slice (a table's row: apply_rows). A 2-byte table's row is rounded to
+  // nearest even once per step, as update() rounds a parameter's values.
   void update_in_redo(const float* grad, std::uint64_t lo, std::size_t n, std::uint64_t step) {
     const std::span<float> values(values_ + lo, n);
     const std::span<const float> g(grad, n);
@@ -385,6 +389,7 @@ class SliceUpdate {
                         step, 1.0f);
     else
       apply_update(settings_, values, g, state_span<float>(0, lo, n), state_span<float>(1, lo, n), step, 1.0f);
+    round_to(dtype_, values.data(), n);
   }
 
   void copy_slice_to_redo() {
@@ -487,7 +492,8 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
         if (next.rows_count != 0) {  // a table's slice: its first row's values (all from the segment and the plan)
           const SliceEntry& slice = segment_->slice(next.slice);
           const ParamEntry& table = segment_->param(slice.param);
-          __builtin_prefetch(segment_->values(table) + slice.first + row_refs_[next.rows_begin].row * table.table_dim);
+          __builtin_prefetch(reinterpret_cast<const std::byte*>(segment_->values16(table)) +
+                             (slice.first + row_refs_[next.rows_begin].row * table.table_dim) * dtype_bytes(table.dtype));
         }
       }
       const std::size_t begin = run_starts_[run], end = run_starts_[run + 1];

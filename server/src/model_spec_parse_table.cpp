@@ -45,9 +45,6 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     if (const toml::node* k = t->get("keys"))
       fail(k->source(), at + ".keys",
            "open-ended 64-bit keys are not supported yet: ids are row numbers in [0, rows); remove it");
-    if (const toml::node* d = t->get("dtype"))
-      fail(d->source(), at + ".dtype",
-           "a table's values are float32 only (bf16 and fp16 values are for [[param]]s, docs/tables.md); remove it");
     ParamSpec p;
     const toml::node* name = t->get("name");
     if (name == nullptr) fail(t->source(), at + ".name", "missing; every [[table]] needs a name");
@@ -66,6 +63,7 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     p.shape = {r, p.table_dim};
     if (!checked_elements(p.shape)) fail(rows->source(), at + ".rows", too_large_text(p.shape));
     if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
+    if (const toml::node* d = t->get("dtype")) p.dtype = read_dtype(*d, at + ".dtype");
     if (std::string problem = table_problem(spec, p, at); !problem.empty()) {
       const std::size_t colon = problem.find(": ");  // "<field>: <problem>"
       fail(t->source(), problem.substr(0, colon), problem.substr(colon + 2));

@@ -300,17 +300,19 @@ void Parser::read_params(const toml::table& root, ModelSpec& spec) const {
     total_bytes += bytes;
 
     if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
-    if (const toml::node* d = t->get("dtype")) {
-      const std::string text = str_value(*d, at + ".dtype");
-      const auto dtype = shm::dtype_from_string(text);
-      if (!dtype)
-        fail(d->source(), at + ".dtype",
-             "unknown dtype " + quote(text) + did_you_mean(text, kDTypes) +
-                 "; write \"f32\" (float32, the default), \"bf16\" (bfloat16) or \"fp16\" (IEEE half)");
-      p.dtype = *dtype;
-    }
+    if (const toml::node* d = t->get("dtype")) p.dtype = read_dtype(*d, at + ".dtype");
     spec.params.push_back(std::move(p));
   }
+}
+
+shm::DType Parser::read_dtype(const toml::node& n, const std::string& field) const {
+  const std::string text = str_value(n, field);
+  const auto dtype = shm::dtype_from_string(text);
+  if (!dtype)
+    fail(n.source(), field,
+         "unknown dtype " + quote(text) + did_you_mean(text, kDTypes) +
+             "; write \"f32\" (float32, the default), \"bf16\" (bfloat16) or \"fp16\" (IEEE half)");
+  return *dtype;
 }
 
 std::vector<std::uint64_t> Parser::read_shape(const toml::node& n, const std::string& field) const {

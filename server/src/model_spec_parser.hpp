@@ -65,6 +65,7 @@ class Parser {
   void read_params(const toml::table& root, ModelSpec& spec) const;
   void read_tables(const toml::table& root, ModelSpec& spec) const;  // model_spec_parse_table.cpp
   std::vector<std::uint64_t> read_shape(const toml::node& n, const std::string& field) const;
+  shm::DType read_dtype(const toml::node& n, const std::string& field) const;  // a [[param]]'s or [[table]]'s
 
   // model_spec_parse_optimizer.cpp
   void read_optimizer(const toml::table& root, OptimizerSettings& s) const;

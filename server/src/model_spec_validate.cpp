@@ -171,8 +171,6 @@ std::string validate_model_spec(const ModelSpec& spec) {
     if (static_cast<std::uint32_t>(p.dtype) > static_cast<std::uint32_t>(shm::DType::fp16))
       return at + ".dtype: unknown dtype " + std::to_string(static_cast<std::uint32_t>(p.dtype)) +
              "; use f32, bf16 or fp16";
-    if (p.dtype != shm::DType::f32 && p.table_dim != 0)
-      return at + ".dtype: a table's values are float32 only (bf16 and fp16 values are for parameters)";
   }
   return {};
 }

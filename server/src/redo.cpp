@@ -56,10 +56,12 @@ void copy_in(Segment& segment, RedoEntry& e) {
     const auto* where = reinterpret_cast<const std::uint32_t*>(rows + n * dim);
     const std::uint64_t word = load_own(slice.version);
     if ((word & 1U) == 0) seqlock_write_begin(slice.version);
-    float* values = segment.values(p) + slice.first;
     for (std::uint64_t i = 0; i < n; ++i) {
       if (i == n / 2) kill_point(n >= 2 ? "apply.mid_rows" : "apply.mid_copy");  // mid_rows: some rows in, some not
-      std::memcpy(values + where[i] * dim, rows + i * dim, dim * sizeof(float));
+      if (p.dtype == DType::f32)
+        std::memcpy(segment.values(p) + slice.first + where[i] * dim, rows + i * dim, dim * sizeof(float));
+      else  // a 2-byte table's row: narrowed, exactly (the entry's rows are rounded to the dtype already)
+        narrow(p.dtype, rows + i * dim, segment.values16(p) + slice.first + where[i] * dim, dim);
       for (int a = 0; a < arrays; ++a)
         std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,
                     segment.redo_state(e, a) + i * dim * elem, dim * elem);

@@ -96,7 +96,24 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
   SliceReadResult result;
   result.min_version = UINT64_MAX;
   const std::uint64_t dim = p.table_dim, slice_floats = seg.header().slice_floats;
-  const float* values = seg.values(p);
+  const float* values = p.dtype == DType::f32 ? seg.values(p) : nullptr;
+  const std::uint16_t* values16 = p.dtype == DType::f32 ? nullptr : seg.values16(p);
+  const std::uint64_t row_bytes = dim * dtype_bytes(p.dtype);
+  const auto* bytes = reinterpret_cast<const std::byte*>(seg.values16(p));
+  // One row into out: a 2-byte row copied (racily) into a small buffer, then widened, exactly.
+  const auto copy_row = [&](float* to, std::uint64_t id) {
+    if (values != nullptr) {
+      racy_copy_floats(to, values + id * dim, dim);
+      return;
+    }
+    constexpr std::uint64_t kBlock = 2048;
+    alignas(64) std::uint16_t block[kBlock];
+    for (std::uint64_t b = 0; b < dim; b += kBlock) {
+      const std::uint64_t n = std::min(kBlock, dim - b);
+      racy_copy_halves(block, values16 + id * dim + b, n);
+      widen(p.dtype, block, to + b, n);
+    }
+  };
   // Consecutive ids in one slice (a sorted batch's hot rows) are read under one seqlock read, at
   // most kGroup of them: a longer read would more often overlap the server's write of a hot slice
   // and start again.
@@ -111,12 +128,12 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
   constexpr std::size_t kAhead = 8;
   for (std::size_t k = 0; k < std::min(kAhead, ids.size()); ++k) {
     __builtin_prefetch(&seg.slice(p.first_slice + slice_of(ids[k])));
-    __builtin_prefetch(values + ids[k] * dim);
+    __builtin_prefetch(bytes + ids[k] * row_bytes);
   }
   for (std::size_t k = 0, end = 0; k < ids.size(); k = end) {
     if (k + kAhead < ids.size()) {
       __builtin_prefetch(&seg.slice(p.first_slice + slice_of(ids[k + kAhead])));
-      __builtin_prefetch(values + ids[k + kAhead] * dim);
+      __builtin_prefetch(bytes + ids[k + kAhead] * row_bytes);
     }
     const std::uint64_t slice_index = slice_of(ids[k]);
     for (end = k + 1; end < ids.size() && end - k < kGroup && slice_of(ids[end]) == slice_index; ++end) {
@@ -124,7 +141,7 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
     const auto version = read_slice(
         seg.slice(p.first_slice + slice_index),
         [&] {
-          for (std::size_t i = k; i < end; ++i) racy_copy_floats(out.data() + i * dim, values + ids[i] * dim, dim);
+          for (std::size_t i = k; i < end; ++i) copy_row(out.data() + i * dim, ids[i]);
         },
         timeout);
     if (!version) {

@@ -157,9 +157,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.dtype = p.dtype;
     if (static_cast<std::uint32_t>(p.dtype) > static_cast<std::uint32_t>(DType::fp16))
       throw Error("parameter '" + p.name + "': unknown dtype " + std::to_string(static_cast<std::uint32_t>(p.dtype)));
-    if (p.dtype != DType::f32 && p.table_dim != 0)
-      throw Error("table '" + p.name + "': a table's values are float32 only (dtype " + std::string(to_string(p.dtype)) +
-                  " is for a [[param]]); drop its dtype");
     if (p.dtype != DType::f32 && sync)
       throw Error("parameter '" + p.name + "' has dtype " + std::string(to_string(p.dtype)) +
                   ", and server groups (" + std::to_string(request.server_groups) +

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -39,11 +40,13 @@ using shmps::test::Watchdog;
 
 namespace {
 
-// "t": 512 rows of 8 (8 rows per 256-byte slice: 64 slices), and a dense "h" beside it.
-std::string rows_spec(const std::string& optimizer = "kind = \"sgd\"\nlr = 1.0\n", const std::string& extra = "") {
+// "t": 512 rows of 8 (8 rows per 256-byte slice: 64 slices), and a dense "h" beside it; `dtype`:
+// the table's values ("f32", "bf16", "fp16").
+std::string rows_spec(const std::string& optimizer = "kind = \"sgd\"\nlr = 1.0\n", const std::string& extra = "",
+                      const std::string& dtype = "f32") {
   return "max_workers = 8\nslice_bytes = 256\n" + extra + "[optimizer]\n" + optimizer +
          "[[param]]\nname = \"h\"\nshape = [4]\n"
-         "[[table]]\nname = \"t\"\nrows = 512\ndim = 8\n";
+         "[[table]]\nname = \"t\"\nrows = 512\ndim = 8\ndtype = \"" + dtype + "\"\n";
 }
 constexpr std::uint64_t kRows = 512, kDim = 8;
 
@@ -128,6 +131,85 @@ TEST(Tables, PullRowsGivesTheInitialRowsAndPushRowsSumsRepeatedIds) {
   std::vector<float> h(4);
   w.pull("h", h);
   for (float v : h) EXPECT_EQ(v, -1.0f);
+}
+
+// A bf16 table: a row's step is computed in float32 from the widened row and rounded to nearest
+// even, by hand: 1 - 2^-9 lies halfway between 1 - 2^-8 and 1 and goes to 1 (the even one);
+// 1 - 3 * 2^-10 goes to 1 - 2^-8; 1 - 0.1 (0x3F666666 as a float32) to 0x3F66 = 0.8984375. A
+// second 2^-9 in a later round is a step of its own and rounds to 1 again (summed into one step,
+// the two would give 1 - 2^-8). pull_rows widens exactly; a checkpoint holds the table as a BF16
+// tensor of those bits, and a restore into a new segment gives them back.
+TEST(Tables, ABf16TableRoundsEachRowStepAndCheckpointsItsBits) {
+  Watchdog watchdog(90s);
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / test::unique_segment("rows-bf16");
+  fs::create_directories(dir);
+  struct Cleanup {
+    fs::path dir;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
+  } cleanup{dir};
+  Job job("rows-bf16",
+          "max_workers = 2\nslice_bytes = 64\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+          "[[param]]\nname = \"h\"\nshape = [4]\n"
+          "[[table]]\nname = \"t\"\nrows = 64\ndim = 4\ndtype = \"bf16\"\ninit = { kind = \"constant\", value = 1.0 }\n");
+  auto& server = job.start_server();
+  job.wait_ready();
+  std::vector<float> table(64 * 4);
+  std::vector<std::uint64_t> all(64);
+  for (std::uint64_t r = 0; r < 64; ++r) all[r] = r;
+  {
+    Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    EXPECT_EQ(w.param("t").dtype, ValueDType::bf16);
+    const float tie = std::ldexp(1.0f, -9), below = 3 * std::ldexp(1.0f, -10);
+    const std::vector<std::uint64_t> ids{2, 5, 9};
+    const std::vector<float> grads{tie, tie, tie, tie, below, below, below, below, 0.1f, 0.1f, 0.1f, 0.1f};
+    w.wait_applied(w.push_rows("t", ids, grads));
+    const std::vector<std::uint64_t> again{2};
+    w.wait_applied(w.push_rows("t", again, std::vector<float>(4, tie)));
+    const std::vector<std::uint64_t> check{2, 5, 9, 0};
+    std::vector<float> out(4 * 4);
+    w.pull_rows("t", check, out);
+    for (int d = 0; d < 4; ++d) {
+      EXPECT_EQ(out[d], 1.0f) << "two ties, each its own step, each rounded to even";
+      EXPECT_EQ(out[4 + d], 0.99609375f) << d;
+      EXPECT_EQ(out[8 + d], 0.8984375f) << d;
+      EXPECT_EQ(out[12 + d], 1.0f) << "an untouched row";
+    }
+    w.pull_rows("t", all, table);
+    w.leave();
+  }
+  const fs::path file = dir / "bf16.safetensors";
+  const test::Ran made = test::run({"shmps-ctl", "checkpoint", job.name(), file.string()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+  namespace st = shmps::server::safetensors;
+  const auto f = st::File::read(file);
+  const st::Tensor& t = f.tensors().at("t");
+  EXPECT_EQ(t.dtype, "BF16");
+  EXPECT_EQ(t.shape, (std::vector<std::uint64_t>{64, 4}));
+  const std::span<const std::byte> bits = f.data(t);
+  ASSERT_EQ(bits.size(), 64u * 4 * 2);
+  const auto bits_at = [&](std::uint64_t row) {
+    std::uint16_t b = 0;
+    std::memcpy(&b, bits.data() + row * 4 * 2, 2);
+    return b;
+  };
+  EXPECT_EQ(bits_at(0), 0x3F80);
+  EXPECT_EQ(bits_at(5), 0x3F7F);
+  EXPECT_EQ(bits_at(9), 0x3F66);
+  EXPECT_EQ(f.floats(t), table);
+
+  server.kill(SIGKILL);
+  server.wait(10s);
+  test::remove_segment(job.name());
+  job.start_server({"--restore", file.string()});
+  job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+  std::vector<float> restored(64 * 4);
+  w.pull_rows("t", all, restored);
+  EXPECT_EQ(restored, table);
 }
 
 TEST(Tables, ARoundUpdatesOnlyTheTouchedRowsWithTheirOwnAdagradState) {
@@ -262,12 +344,19 @@ TEST(Tables, HotRowsAreNeverReadTorn) {
 // whole copy), or once it has applied a round's rows but not yet moved the rings' heads
 // (apply.before_release: the next server reads those records again): the next server finishes
 // the copy from the entry and applies no rows record twice.
-class TableServerKill : public ::testing::TestWithParam<const char*> {};
+// The same for a bf16 table: its rows are widened into the entry, stepped, rounded there, and
+// narrowed in by the copy (every partial sum of the pattern stays within bf16's exact integers).
+struct TableKill {
+  const char* point;
+  const char* dtype;
+};
+
+class TableServerKill : public ::testing::TestWithParam<TableKill> {};
 
 TEST_P(TableServerKill, TheNextServerFinishesTheSliceAndAppliesNoRowsTwice) {
   Watchdog watchdog(90s);
-  Job job("rows-kill", rows_spec());
-  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
+  Job job("rows-kill", rows_spec("kind = \"sgd\"\nlr = 1.0\n", "", GetParam().dtype));
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam().point}});
   job.wait_ready();
   std::vector<Process*> pushers;
   for (int r = 0; r < 3; ++r) pushers.push_back(&start_rows_pusher(job, r, 300, {"--pause-us", "200"}));
@@ -283,25 +372,24 @@ TEST_P(TableServerKill, TheNextServerFinishesTheSliceAndAppliesNoRowsTwice) {
 INSTANTIATE_TEST_SUITE_P(KillPoints, TableServerKill,
                          // Early passes: under TSan the pushers are slow and a round takes many
                          // records, so a later pass may never come before they finish.
-                         ::testing::Values("apply.mid_rows:3", "apply.mid_copy:10", "apply.before_release:3"),
-                         [](const ::testing::TestParamInfo<const char*>& point) {
-                           const std::string p = point.param;
-                           return p.find("mid_rows") != std::string::npos   ? std::string("MidRows")
-                                  : p.find("mid_copy") != std::string::npos ? std::string("MidCopy")
-                                                                             : std::string("BeforeRelease");
+                         ::testing::Values(TableKill{"apply.mid_rows:3", "f32"}, TableKill{"apply.mid_copy:10", "f32"},
+                                           TableKill{"apply.before_release:3", "f32"},
+                                           TableKill{"apply.mid_rows:3", "bf16"}, TableKill{"apply.mid_copy:10", "bf16"}),
+                         [](const ::testing::TestParamInfo<TableKill>& kill) {
+                           const std::string p = kill.param.point;
+                           const std::string name = p.find("mid_rows") != std::string::npos   ? "MidRows"
+                                                    : p.find("mid_copy") != std::string::npos ? "MidCopy"
+                                                                                               : "BeforeRelease";
+                           return name + (std::string(kill.param.dtype) == "f32" ? "" : "Bf16");
                          });
 
 // Chaos: rows pushers with hot rows while workers and the server are SIGKILLed and restarted at
-// random; every committed push counts exactly once.
-TEST(Tables, ExactSumsWithHotRowsThroughRandomKillsOfWorkersAndServer) {
-#if defined(SHMPS_SANITIZER_BUILD)
-  const std::uint64_t target = 8000;
-#else
-  const std::uint64_t target = 40000;
-#endif
-  constexpr int kSeconds = 10, kWorkers = 4;
+// random for `seconds`; every committed push counts exactly once.
+static void rows_chaos(const std::string& dtype, std::uint64_t target, int seconds) {
+  const int kSeconds = seconds;
+  constexpr int kWorkers = 4;
   Watchdog watchdog(std::chrono::seconds(kSeconds + 120));
-  Job job("rows-chaos", rows_spec());
+  Job job("rows-chaos", rows_spec("kind = \"sgd\"\nlr = 1.0\n", "", dtype));
   job.start_server();
   job.wait_ready();
   const unsigned seed = std::random_device{}();
@@ -345,9 +433,28 @@ TEST(Tables, ExactSumsWithHotRowsThroughRandomKillsOfWorkersAndServer) {
     for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(shm::load_acquire(seg.slot(r).published), target) << r;
   }
   expect_exact_table(job.name(), std::vector<std::uint64_t>(kWorkers, target));
-  std::cout << "table chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, exact\n";
+  std::cout << dtype << " table chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, exact\n";
   EXPECT_GT(worker_kills, 0u);
   EXPECT_GT(server_kills, 0u);
+}
+
+TEST(Tables, ExactSumsWithHotRowsThroughRandomKillsOfWorkersAndServer) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  rows_chaos("f32", 8000, 10);
+#else
+  rows_chaos("f32", 40000, 10);
+#endif
+}
+
+// A bf16 table: each row's step is computed in float32 and rounded; the pattern's partial sums
+// stay within 117 in magnitude (4 ranks of up to 40000 pushes, at most 31 each), which bf16
+// holds exactly (integers up to 256), so the sums must be exact here too.
+TEST(Tables, ExactSumsInABf16TableThroughRandomKillsOfWorkersAndServer) {
+#if defined(SHMPS_SANITIZER_BUILD)
+  rows_chaos("bf16", 4000, 6);
+#else
+  rows_chaos("bf16", 20000, 6);
+#endif
 }
 
 // A checkpoint holds the table as the tensor "t" [rows, dim] and its row-wise state as

@@ -188,7 +188,7 @@ std::string spec_error(const std::string& text) {
 
 }  // namespace
 
-TEST(ValueDType, TheSpecTakesDTypeOnAParamAndRefusesItElsewhere) {
+TEST(ValueDType, TheSpecTakesDTypeOnAParamOrATableAndNamesAMistake) {
   const auto spec = server::parse_model_spec(
       "name = \"d\"\n[optimizer]\nlr = 1\n[[param]]\nname = \"a\"\nshape = [4]\ndtype = \"bf16\"\n"
       "[[param]]\nname = \"b\"\nshape = [4]\ndtype = \"fp16\"\n[[param]]\nname = \"c\"\nshape = [4]\n",
@@ -202,9 +202,30 @@ TEST(ValueDType, TheSpecTakesDTypeOnAParamAndRefusesItElsewhere) {
             "m.toml:7:9: param[0].dtype: unknown dtype \"bf17\" (did you mean \"bf16\"?); write \"f32\" (float32, the "
             "default), \"bf16\" (bfloat16) or \"fp16\" (IEEE half)");
   EXPECT_NE(spec_error(head + "dtype = 16\n").find("param[0].dtype: expected a string, got an integer (16)"), std::string::npos);
-  EXPECT_NE(spec_error(head + "[[table]]\nname = \"t\"\nrows = 8\ndim = 4\ndtype = \"bf16\"\n")
-                .find("table[0].dtype: a table's values are float32 only"),
+  // A table takes a dtype too, with the same words for a mistake.
+  EXPECT_NE(spec_error(head + "[[table]]\nname = \"t\"\nrows = 8\ndim = 4\ndtype = \"bf17\"\n")
+                .find("table[0].dtype: unknown dtype \"bf17\" (did you mean \"bf16\"?)"),
             std::string::npos);
+}
+
+TEST(ValueDType, ATableTakesADTypeAndItsRowsTakeTwoBytesEach) {
+  const auto spec = server::parse_model_spec(
+      "name = \"d\"\nslice_bytes = 64\n[optimizer]\nlr = 1\n[[param]]\nname = \"a\"\nshape = [4]\n"
+      "[[table]]\nname = \"t\"\nrows = 64\ndim = 4\ndtype = \"bf16\"\n"
+      "[[table]]\nname = \"u\"\nrows = 8\ndim = 4\ndtype = \"fp16\"\n",
+      "m.toml");
+  ASSERT_EQ(spec.params.size(), 3u);
+  EXPECT_EQ(spec.params[1].dtype, DType::bf16);
+  EXPECT_EQ(spec.params[1].table_dim, 4u);
+  EXPECT_EQ(spec.params[2].dtype, DType::fp16);
+  EXPECT_EQ(server::validate_model_spec(spec), "");
+  LayoutRequest request;
+  request.params = {{"t", {64, 4}, false, 4, DType::bf16}, {"h", {4}, false, 0, DType::f32}};
+  request.slice_bytes = 64;  // 16 elements: 4 rows of 4 per slice, whatever the dtype
+  request.ring_bytes = 4096;
+  const LayoutPlan plan = plan_layout(request);
+  EXPECT_EQ(plan.params[0].slice_count, 16u);
+  EXPECT_EQ(memory_breakdown(plan).values_bytes, 64u * 4 * 2 + 4 * 4);
 }
 
 // ---- The layout ---------------------------------------------------------------------------------
@@ -227,10 +248,7 @@ TEST(ValueDType, A2ByteParameterTakesHalfTheValuesAndTheF32RegionsStayFloat32) {
   const MemoryBreakdown m = memory_breakdown(plan);
   EXPECT_EQ(m.values_bytes, 2000u + 4000u + 2000u);
   EXPECT_NE(memory_table(m).find("3000 elements, 2000 of them in 2 bytes"), std::string::npos) << memory_table(m);
-  // Refused: a table's values in 2 bytes; server groups (they sync float32 values).
-  LayoutRequest table = request;
-  table.params = {{"t", {64, 4}, false, 4, DType::bf16}};
-  EXPECT_THROW(plan_layout(table), Error);
+  // Refused: server groups (they sync float32 values).
   LayoutRequest groups = request;
   groups.server_groups = 2;
   try {

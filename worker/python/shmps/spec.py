@@ -74,9 +74,6 @@ def _dtype_key(param, where, table):
     if key == "other":
         raise SpecError(f"{where} is {str(param.dtype).replace('torch.', '')}; shmps keeps parameters as float32, "
                         f"bfloat16 or float16: convert the module (model.float())")
-    if key is not None and table:
-        raise SpecError(f"{where} is a sparse embedding (a table) in {str(param.dtype).replace('torch.', '')}; "
-                        f"tables are float32 only: keep the embedding in float32")
     return key
 
 

@@ -161,13 +161,13 @@ class ParameterServer:
         for name, p in self._tables:
             rows = ids.get(name)
             if rows is None:
-                self.worker.pull_rows(name, np.arange(p.shape[0], dtype=np.int64), out=p.detach().numpy())
+                _pull_table(self.worker, name, p)
             else:
                 rows = _ids(rows)
                 if len(rows):
                     values, _ = self.worker.pull_rows(name, rows)
                     with torch.no_grad():
-                        p[torch.from_numpy(rows)] = torch.from_numpy(values)
+                        p[torch.from_numpy(rows)] = torch.from_numpy(values).to(p.dtype)
 
     def _bind_views(self):
         # A float32 module over a 2-byte job cannot alias the segment: it pulls a converted copy.
@@ -230,7 +230,8 @@ class ParameterServer:
                     rows = torch.nonzero(g.abs().sum(dim=1)).flatten().numpy()
                     values = g[torch.from_numpy(rows)]
                 if len(rows):
-                    self._last_seq = w.push_rows(name, rows, values.contiguous().numpy())
+                    # gradients travel as float32 (a bf16 / fp16 table's widened, exactly)
+                    self._last_seq = w.push_rows(name, rows, values.float().contiguous().numpy())
         if state is not None:
             w.save_state(state)
         w.clock()
@@ -251,7 +252,7 @@ class ParameterServer:
             self._own_storage(name, p)
             self.worker.pull(name, out=_out(p))
         for name, p in self._tables:  # tables are always copies
-            self.worker.pull_rows(name, np.arange(p.shape[0], dtype=np.int64), out=p.detach().numpy())
+            _pull_table(self.worker, name, p)
 
     def close(self):
         """Leaves the job if this ParameterServer attached the worker itself. The module keeps
@@ -288,6 +289,19 @@ def _out(p):
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().reshape(-1)
     return t.numpy().reshape(-1)
+
+
+def _pull_table(worker, name, p):
+    """Every row of table `name` into the embedding's weight p: straight into its storage when it
+    is float32; a bfloat16 or float16 weight gets the rows as float32 (the job's values widened
+    exactly), converted back exactly."""
+    ids = np.arange(p.shape[0], dtype=np.int64)
+    if p.dtype == torch.float32:
+        worker.pull_rows(name, ids, out=p.detach().numpy())
+        return
+    values, _ = worker.pull_rows(name, ids)
+    with torch.no_grad():
+        p.copy_(torch.from_numpy(values))
 
 
 def _flat(t):

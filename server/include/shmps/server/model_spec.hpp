@@ -102,10 +102,11 @@
 //   name = "emb"            # required; parameters and tables share one namespace
 //   rows = 1048576          # required, 1 to 2^40
 //   dim = 16                # required, 1 to 2^20 floats per row; must divide slice_bytes / 4
-//   init = ...              # as a [[param]]'s, row-major (not "put")
+//   init = ...              # as a [[param]]'s, row-major
+//   dtype = "f32"           # optional, as a [[param]]'s: "bf16" / "fp16" rows in 2 bytes
 //                           # A table is a parameter of shape [rows, dim] (ParamSpec::table_dim);
 //                           # a job with one cannot use adam. Not taken yet, each refused with a
-//                           # message: a table's own `optimizer`, `keys = "u64"`, `dtype`.
+//                           # message: a table's own `optimizer`, `keys = "u64"`.
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads
@@ -175,7 +176,7 @@ struct ParamSpec {
   InitSpec init;
   // A [[table]]: the row width (shape is {rows, table_dim}); 0 for a [[param]].
   std::uint64_t table_dim = 0;
-  // How the segment stores the values (`dtype`): float32, bf16 or fp16. [[param]] only.
+  // How the segment stores the values (`dtype`): float32, bf16 or fp16.
   shm::DType dtype = shm::DType::f32;
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };

@@ -27,7 +27,8 @@ SliceReadResult read_param(const Segment& segment, const ParamEntry& p, std::uin
 SliceReadResult read_param_raw(const Segment& segment, const ParamEntry& p, std::uint64_t offset,
                                std::span<std::uint16_t> out, std::chrono::milliseconds timeout);
 
-// Copies rows ids[k] of table `p` (ParamEntry::table_dim floats each) into out[k * dim, ...),
+// Copies rows ids[k] of table `p` (ParamEntry::table_dim values each; a bf16 / fp16 table's widened
+// exactly to float32) into out[k * dim, ...),
 // each row whole from one version of its slice. The ids must be in range (the caller checks).
 SliceReadResult read_rows(const Segment& segment, const ParamEntry& p, std::span<const std::uint64_t> ids,
                           std::span<float> out, std::chrono::milliseconds timeout);
