@@ -178,6 +178,15 @@ TEST(Tables, ABf16TableRoundsEachRowStepAndCheckpointsItsBits) {
       EXPECT_EQ(out[8 + d], 0.8984375f) << d;
       EXPECT_EQ(out[12 + d], 1.0f) << "an untouched row";
     }
+    // Gradient rows in the table's own type (bf16 bits, widened exactly): 1 - 1.5 = -0.5.
+    const std::vector<std::uint64_t> twenty{20};
+    const std::vector<std::uint16_t> one_and_a_half(4, 0x3FC0);
+    w.wait_applied(w.push_rows("t", twenty, one_and_a_half));
+    std::vector<float> row(4);
+    w.pull_rows("t", twenty, row);
+    EXPECT_EQ(row, std::vector<float>(4, -0.5f));
+    EXPECT_HAS(error_of([&] { w.push("h", std::vector<std::uint16_t>(4, 0x3F80)); }),
+               "push to 'h': 2-byte gradients are for a bf16 or fp16 parameter, and this one stores float32 values");
     w.pull_rows("t", all, table);
     w.leave();
   }

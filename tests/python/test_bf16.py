@@ -153,3 +153,51 @@ def test_export_writes_bf16_and_f16_tensors_that_torch_loads(make_job, tmp_path)
     assert loaded["w"].dtype == torch.bfloat16 and loaded["h"].dtype == torch.float16
     assert torch.equal(loaded["w"].float(), torch.from_numpy(values))
     assert torch.equal(loaded["h"].float(), torch.from_numpy(h))
+
+
+TABLE_SPEC = SPEC + """[[table]]
+name = "t"
+rows = 16
+dim = 4
+dtype = "bf16"
+"""
+
+
+def test_a_2_byte_gradient_is_pushed_in_the_parameters_own_type(make_job):
+    """bf16 bits (uint16), float16 values, and a bf16 table's rows: each widened exactly, so SGD at
+    lr 1 from 0.1 gives 0.1 - g rounded once, as a float32 push of the same values; a NaN's bits are
+    refused and change nothing; 2-byte gradients for a float32 parameter are refused with a hint."""
+    job = make_job(TABLE_SPEC)
+
+    def pulled(w, name):
+        return w.pull(name)[0].reshape(-1)
+
+    with shmps.Worker(job.name, rank=0) as w:
+        g = np.arange(1500, dtype=np.float32).reshape(3, 500) % 7 - 3  # small integers: exact in bf16
+        w.wait_applied(w.push("w", bf16_bits(g)))
+        start = from_bf16_bits(bf16_bits(np.full(1500, 0.1, dtype=np.float32)))
+        assert np.array_equal(pulled(w, "w"), from_bf16_bits(bf16_bits(start - g.reshape(-1))))
+        h = (np.arange(700) % 5 - 2).astype(np.float16) * np.float16(0.25)
+        w.wait_applied(w.push("h", h))
+        want = (np.full(700, 0.1, dtype=np.float16).astype(np.float32) - h.astype(np.float32)).astype(np.float16)
+        assert np.array_equal(pulled(w, "h"), want.astype(np.float32))
+        w.wait_applied(w.push("h", h.view(np.uint16)))  # the same values as their bits
+        want = (want.astype(np.float32) - h.astype(np.float32)).astype(np.float16)
+        assert np.array_equal(pulled(w, "h"), want.astype(np.float32))
+
+        before = pulled(w, "w")
+        bad = bf16_bits(g).reshape(-1)
+        bad[777] = 0x7FC0  # a bf16 NaN
+        with pytest.raises(shmps.Error, match=r"push to 'w'.*element 777"):
+            w.push("w", bad)
+        with pytest.raises(shmps.Error, match=r"'f' stores float32 values \(dtype f32\): pass a float32 gradient"):
+            w.push("f", np.zeros(7, dtype=np.float16))
+        w.wait_applied(w.push("f", np.ones(7, dtype=np.float32)))
+        assert np.array_equal(pulled(w, "w"), before), "a refused push changes nothing"
+
+        ids = np.array([3, 3, 9], dtype=np.int64)
+        rows = np.array([[1, 2, 3, 4], [0.5, 0.5, 0.5, 0.5], [-8, 0, 8, 16]], dtype=np.float32)
+        w.wait_applied(w.push_rows("t", ids, bf16_bits(rows)))
+        got, _ = w.pull_rows("t", np.array([3, 9, 0], dtype=np.int64))
+        assert np.array_equal(got, np.array([[-1.5, -2.5, -3.5, -4.5], [8, 0, -8, -16], [0, 0, 0, 0]],
+                                            dtype=np.float32))

@@ -140,14 +140,14 @@ struct HalfView {
 };
 
 template <class What>
-HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what) {
+HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what, bool writable = true) {
   py::object holder = py::reinterpret_borrow<py::object>(object);
   if (py::hasattr(object, "dtype") && py::str(object.attr("dtype")).cast<std::string>() == "torch.bfloat16")
     holder = object.attr("view")(py::module_::import("torch").attr("int16"));
   py::buffer buffer = as_buffer(holder, what, "a uint16 numpy array");
   HalfView v;
   try {
-    v.info = buffer.request(true);
+    v.info = buffer.request(writable);
   } catch (const py::error_already_set&) {
     throw Error(what() + " must be writeable (pull fills it in place); pass a writeable array or out=None");
   }
@@ -177,6 +177,13 @@ bool two_byte_elements(py::handle out) {
   if (py::hasattr(out, "itemsize")) return py::cast<py::ssize_t>(out.attr("itemsize")) == 2;  // numpy
   if (py::hasattr(out, "element_size")) return py::cast<py::ssize_t>(out.attr("element_size")()) == 2;  // torch
   return false;
+}
+
+// A 2-byte gradient given for a float32 parameter: said before the array is looked at further.
+void refuse_two_bytes_for_f32(const shmps::ParamInfo& p, const char* call) {
+  if (p.dtype == shmps::ValueDType::f32)
+    throw Error(std::string(call) + "('" + p.name + "', ...): the gradient has 2-byte elements, but '" + p.name +
+                "' stores float32 values (dtype f32): pass a float32 gradient (tensor.float()); nothing was pushed");
 }
 
 // The row ids of a C-contiguous int64 or uint64 buffer, read in place as uint64 (no copy): an
@@ -348,6 +355,16 @@ class PyWorker {
   std::uint64_t push(const std::string& name, py::handle grad, std::optional<std::size_t> offset) {
     const shmps::ParamInfo& p = param(name);
     refuse_table(p, "push");
+    if (two_byte_elements(grad)) {  // a bf16 / fp16 parameter's gradient in its own type
+      refuse_two_bytes_for_f32(p, "push");
+      const HalfView half = half_view(grad, p.dtype, [&] { return "push('" + name + "', grad): grad"; }, false);
+      if (!offset && half.size != p.size)
+        throw Error("push('" + name + "', grad): grad has " + std::to_string(half.size) + " elements, the parameter " +
+                    std::to_string(p.size) + " " + shape_text(p.shape) +
+                    "; pass a gradient of that size, or offset= to push a range");
+      const std::span<const std::uint16_t> bits(half.data, half.size);
+      return unlocked([&](shmps::Worker& w) { return w.push(name, offset.value_or(0), bits); });
+    }
     const FloatView view = float_view(grad, false, [&] { return "push('" + name + "', grad): grad"; });
     if (!offset && view.size != p.size)
       throw Error("push('" + name + "', grad): grad has " + std::to_string(view.size) + " elements, the parameter " +
@@ -390,15 +407,26 @@ class PyWorker {
     const shmps::ParamInfo& p = param(name);
     require_table(p, "push_rows");
     const IdsView id = ids_view(ids, [&] { return "push_rows('" + name + "', ids, grads): ids"; });
-    const FloatView g = float_view(grads, false, [&] { return "push_rows('" + name + "', ids, grads): grads"; });
-    const bool rows_wrong = g.info.ndim == 2 && static_cast<std::size_t>(g.info.shape[1]) != p.dim;
-    if (rows_wrong || g.size != id.size * p.dim)
-      throw Error("push_rows('" + name + "', ids, grads): grads has shape " +
-                  shape_text(std::vector<std::size_t>(g.info.shape.begin(), g.info.shape.end())) + " for " +
-                  std::to_string(id.size) + " ids; the table's rows have " + std::to_string(p.dim) +
-                  " values, so grads must be (" + std::to_string(id.size) + ", " + std::to_string(p.dim) +
-                  ") or flat with " + std::to_string(id.size * p.dim) + " elements");
+    const auto what = [&] { return "push_rows('" + name + "', ids, grads): grads"; };
+    const auto check_rows = [&](const py::buffer_info& info, std::size_t size) {
+      const bool rows_wrong = info.ndim == 2 && static_cast<std::size_t>(info.shape[1]) != p.dim;
+      if (rows_wrong || size != id.size * p.dim)
+        throw Error("push_rows('" + name + "', ids, grads): grads has shape " +
+                    shape_text(std::vector<std::size_t>(info.shape.begin(), info.shape.end())) + " for " +
+                    std::to_string(id.size) + " ids; the table's rows have " + std::to_string(p.dim) +
+                    " values, so grads must be (" + std::to_string(id.size) + ", " + std::to_string(p.dim) +
+                    ") or flat with " + std::to_string(id.size * p.dim) + " elements");
+    };
     const std::span<const std::uint64_t> rows(id.data, id.size);
+    if (two_byte_elements(grads)) {  // a bf16 / fp16 table's gradient rows in its own type
+      refuse_two_bytes_for_f32(p, "push_rows");
+      const HalfView half = half_view(grads, p.dtype, what, false);
+      check_rows(half.info, half.size);
+      const std::span<const std::uint16_t> bits(half.data, half.size);
+      return unlocked([&](shmps::Worker& w) { return w.push_rows(name, rows, bits); });
+    }
+    const FloatView g = float_view(grads, false, what);
+    check_rows(g.info, g.size);
     const std::span<const float> values(g.data, g.size);
     return unlocked([&](shmps::Worker& w) { return w.push_rows(name, rows, values); });
   }
@@ -601,7 +629,7 @@ does for the consistency model. The GIL is released meanwhile.)")
 
 ids: as pull_rows (int64 or uint64, C-contiguous, read in place). grads: C-contiguous float32 of
 shape (len(ids), dim), or flat with len(ids)*dim elements; row k is the gradient of row ids[k].
-An id may repeat: the server sums its rows. One record, all-or-nothing: an id out of range, NaN
+A bf16 / fp16 table also takes them in its own type, as push() does. An id may repeat: the server sums its rows. One record, all-or-nothing: an id out of range, NaN
 or Inf raises shmps.Error and pushes nothing; it must fit one ring record (half the ring), so
 split a bigger push. A PyTorch sparse gradient goes as it is:
     g = emb.weight.grad.coalesce(); w.push_rows("emb", g.indices()[0], g.values())
@@ -611,7 +639,9 @@ The GIL is released meanwhile.)")
 
 grad: a C-contiguous float32 numpy array (or CPU torch tensor) of the parameter's size, or with
 offset=K a range starting at element K. It is read in place: the only copy is the one into this
-worker's ring. All-or-nothing; a gradient holding NaN or Inf is refused (shmps.Error) and
+worker's ring. A bf16 / fp16 parameter also takes its gradient in its own type: a torch.bfloat16
+or float16 tensor, a numpy float16 (fp16) or uint16 array (the stored type's bits), widened
+exactly to float32 on the way into the ring. All-or-nothing; a gradient holding NaN or Inf is refused (shmps.Error) and
 nothing is pushed. Waits while the ring is full. The GIL is released meanwhile.)")
       .def("put", &PyWorker::put, py::arg("name"), py::arg("values"), py::arg("offset") = py::none(),
            R"(Put a parameter's values (SINGA's Put), as rank 0 sets a freshly initialised model.

@@ -72,9 +72,11 @@ struct UnfinishedPush {
 };
 
 // How a parameter's values are stored in the segment (the model spec's `dtype`): float32, or
-// 2-byte bfloat16 / IEEE half. Gradients are float32 for every dtype (push, push_rows, put), and
-// pull() into floats works for every dtype (a 2-byte value widens exactly); the 2-byte forms of
-// pull() and view_raw() hand out the stored bits of a bf16 / fp16 parameter as they are.
+// 2-byte bfloat16 / IEEE half. Gradients are pushed as float32 for every dtype, or as the
+// parameter's own 2-byte type (the push overloads taking std::uint16_t), which the worker widens
+// exactly to float32 on its way into the ring; put() takes float32. pull() into floats works for
+// every dtype (a 2-byte value widens exactly); the 2-byte forms of pull() and view_raw() hand out
+// the stored bits of a bf16 / fp16 parameter as they are.
 enum class ValueDType { f32 = 0, bf16 = 1, fp16 = 2 };
 // "f32", "bf16", "fp16" (the spec's spelling).
 std::string_view to_string(ValueDType dtype) noexcept;
@@ -217,6 +219,15 @@ class Worker {
   // what was left.
   std::uint64_t push(std::string_view name, std::span<const float> grad);
   std::uint64_t push(std::string_view name, std::size_t offset, std::span<const float> grad);
+  // A bf16 / fp16 parameter's gradient in the parameter's own type (bit patterns, as pull() into
+  // std::uint16_t hands out its values, e.g. a torch.bfloat16 tensor's): widened exactly to
+  // float32 into the ring, then pushed as the float overloads push (the same checks: NaN and Inf
+  // refused, nothing published; the same guarantees). A float32 parameter's name throws Error:
+  // push floats. The rows form is for a bf16 / fp16 table, as push_rows.
+  std::uint64_t push(std::string_view name, std::span<const std::uint16_t> grad);
+  std::uint64_t push(std::string_view name, std::size_t offset, std::span<const std::uint16_t> grad);
+  std::uint64_t push_rows(std::string_view table, std::span<const std::uint64_t> ids,
+                          std::span<const std::uint16_t> grads);
   // The streamed push an earlier process of this slot (or a push of this one cut short by an
   // error) left unfinished, if any; cleared once a push of the same parameter and range finishes it.
   std::optional<UnfinishedPush> unfinished_push() const;

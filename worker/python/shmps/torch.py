@@ -218,7 +218,7 @@ class ParameterServer:
                     continue
                 if g.is_sparse:
                     g = g.to_dense()
-                self._last_seq = w.push(name, _flat(g.float()))  # gradients travel as float32
+                self._last_seq = w.push(name, _grad(g))
             for name, p in self._tables:
                 g = p.grad
                 if g is None:
@@ -230,8 +230,7 @@ class ParameterServer:
                     rows = torch.nonzero(g.abs().sum(dim=1)).flatten().numpy()
                     values = g[torch.from_numpy(rows)]
                 if len(rows):
-                    # gradients travel as float32 (a bf16 / fp16 table's widened, exactly)
-                    self._last_seq = w.push_rows(name, rows, values.float().contiguous().numpy())
+                    self._last_seq = w.push_rows(name, rows, _grad(values))
         if state is not None:
             w.save_state(state)
         w.clock()
@@ -302,6 +301,14 @@ def _pull_table(worker, name, p):
     values, _ = worker.pull_rows(name, ids)
     with torch.no_grad():
         p.copy_(torch.from_numpy(values))
+
+
+def _grad(g):
+    """A gradient as push() takes it: a bfloat16 / float16 one as it is (the worker widens its bits
+    exactly to float32 on the way into the ring), any other as a flat float32 array."""
+    if g.dtype in (torch.bfloat16, torch.float16):
+        return g.detach().contiguous().reshape(-1)
+    return _flat(g.float())
 
 
 def _flat(t):
