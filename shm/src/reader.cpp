@@ -91,29 +91,18 @@ SliceReadResult read_param_raw(const Segment& seg, const ParamEntry& p, std::uin
       timeout);
 }
 
-SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
-                          std::span<float> out, std::chrono::milliseconds timeout) {
+namespace {
+
+// Rows ids[k] of table p, each whole from one version of its slice: copy_row(k, id) copies row
+// `id` into the caller's out[k * dim, ...) inside the slice's seqlock read.
+template <class CopyRow>
+SliceReadResult read_rows_by(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                             std::chrono::milliseconds timeout, CopyRow&& copy_row) {
   SliceReadResult result;
   result.min_version = UINT64_MAX;
   const std::uint64_t dim = p.table_dim, slice_floats = seg.header().slice_floats;
-  const float* values = p.dtype == DType::f32 ? seg.values(p) : nullptr;
-  const std::uint16_t* values16 = p.dtype == DType::f32 ? nullptr : seg.values16(p);
   const std::uint64_t row_bytes = dim * dtype_bytes(p.dtype);
   const auto* bytes = reinterpret_cast<const std::byte*>(seg.values16(p));
-  // One row into out: a 2-byte row copied (racily) into a small buffer, then widened, exactly.
-  const auto copy_row = [&](float* to, std::uint64_t id) {
-    if (values != nullptr) {
-      racy_copy_floats(to, values + id * dim, dim);
-      return;
-    }
-    constexpr std::uint64_t kBlock = 2048;
-    alignas(64) std::uint16_t block[kBlock];
-    for (std::uint64_t b = 0; b < dim; b += kBlock) {
-      const std::uint64_t n = std::min(kBlock, dim - b);
-      racy_copy_halves(block, values16 + id * dim + b, n);
-      widen(p.dtype, block, to + b, n);
-    }
-  };
   // Consecutive ids in one slice (a sorted batch's hot rows) are read under one seqlock read, at
   // most kGroup of them: a longer read would more often overlap the server's write of a hot slice
   // and start again.
@@ -141,7 +130,7 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
     const auto version = read_slice(
         seg.slice(p.first_slice + slice_index),
         [&] {
-          for (std::size_t i = k; i < end; ++i) copy_row(out.data() + i * dim, ids[i]);
+          for (std::size_t i = k; i < end; ++i) copy_row(i, ids[i]);
         },
         timeout);
     if (!version) {
@@ -151,6 +140,39 @@ SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<con
     result.min_version = std::min(result.min_version, *version / 2);
   }
   return result;
+}
+
+}  // namespace
+
+SliceReadResult read_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                          std::span<float> out, std::chrono::milliseconds timeout) {
+  const std::uint64_t dim = p.table_dim;
+  if (p.dtype == DType::f32) {
+    const float* values = seg.values(p);
+    return read_rows_by(seg, p, ids, timeout, [&](std::size_t k, std::uint64_t id) {
+      racy_copy_floats(out.data() + k * dim, values + id * dim, dim);
+    });
+  }
+  // A 2-byte row: copied (racily) into a small buffer, then widened into out, exactly.
+  const std::uint16_t* values = seg.values16(p);
+  return read_rows_by(seg, p, ids, timeout, [&](std::size_t k, std::uint64_t id) {
+    constexpr std::uint64_t kBlock = 2048;
+    alignas(64) std::uint16_t block[kBlock];
+    for (std::uint64_t b = 0; b < dim; b += kBlock) {
+      const std::uint64_t n = std::min(kBlock, dim - b);
+      racy_copy_halves(block, values + id * dim + b, n);
+      widen(p.dtype, block, out.data() + k * dim + b, n);
+    }
+  });
+}
+
+SliceReadResult read_rows_raw(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                              std::span<std::uint16_t> out, std::chrono::milliseconds timeout) {
+  const std::uint64_t dim = p.table_dim;
+  const std::uint16_t* values = seg.values16(p);
+  return read_rows_by(seg, p, ids, timeout, [&](std::size_t k, std::uint64_t id) {
+    racy_copy_halves(out.data() + k * dim, values + id * dim, dim);
+  });
 }
 
 }  // namespace shmps::shm

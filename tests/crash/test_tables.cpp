@@ -185,6 +185,12 @@ TEST(Tables, ABf16TableRoundsEachRowStepAndCheckpointsItsBits) {
     std::vector<float> row(4);
     w.pull_rows("t", twenty, row);
     EXPECT_EQ(row, std::vector<float>(4, -0.5f));
+    // The stored bits as they are: row 5's 0x3F7F, row 9's 0x3F66.
+    const std::vector<std::uint16_t> want_bits{0x3F7F, 0x3F7F, 0x3F7F, 0x3F7F, 0x3F66, 0x3F66, 0x3F66, 0x3F66};
+    std::vector<std::uint16_t> raw(8);
+    const std::vector<std::uint64_t> five_nine{5, 9};
+    w.pull_rows("t", five_nine, std::span<std::uint16_t>(raw));
+    EXPECT_EQ(raw, want_bits);
     EXPECT_HAS(error_of([&] { w.push("h", std::vector<std::uint16_t>(4, 0x3F80)); }),
                "push to 'h': 2-byte gradients are for a bf16 or fp16 parameter, and this one stores float32 values");
     w.pull_rows("t", all, table);

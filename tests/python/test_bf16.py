@@ -201,3 +201,8 @@ def test_a_2_byte_gradient_is_pushed_in_the_parameters_own_type(make_job):
         got, _ = w.pull_rows("t", np.array([3, 9, 0], dtype=np.int64))
         assert np.array_equal(got, np.array([[-1.5, -2.5, -3.5, -4.5], [8, 0, -8, -16], [0, 0, 0, 0]],
                                             dtype=np.float32))
+        raw = np.empty((3, 4), dtype=np.uint16)
+        out, _ = w.pull_rows("t", np.array([3, 9, 0], dtype=np.int64), out=raw)
+        assert out is raw and np.array_equal(raw, bf16_bits(got))  # the stored bits, as they are
+        with pytest.raises(shmps.Error, match=r"pull_rows\('t', ids, out=...\): out has 8 elements, 3 rows of 4 need 12"):
+            w.pull_rows("t", np.array([3, 9, 0], dtype=np.int64), out=np.empty(8, dtype=np.uint16))

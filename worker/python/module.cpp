@@ -380,6 +380,22 @@ class PyWorker {
     require_table(p, "pull_rows");
     const IdsView id = ids_view(ids, [&] { return "pull_rows('" + name + "', ids): ids"; });
     const std::size_t count = id.size * p.dim;
+    const auto wrong_size = [&](std::size_t size) {
+      return Error("pull_rows('" + name + "', ids, out=...): out has " + std::to_string(size) + " elements, " +
+                   std::to_string(id.size) + " rows of " + std::to_string(p.dim) + " need " + std::to_string(count) +
+                   "; pass an array of shape (len(ids), " + std::to_string(p.dim) + ")");
+    };
+    const std::span<const std::uint64_t> rows(id.data, id.size);
+    if (!out.is_none() && two_byte_elements(out)) {  // a bf16 / fp16 table's stored values, as they are
+      if (p.dtype == shmps::ValueDType::f32)
+        throw Error("pull_rows('" + name + "', ids, out=...): out has 2-byte elements, but '" + name +
+                    "' stores float32 values (dtype f32): pass a float32 out, or none");
+      const HalfView half = half_view(out, p.dtype, [&] { return "pull_rows('" + name + "', ids, out=...): out"; });
+      if (half.size != count) throw wrong_size(half.size);
+      const std::uint64_t version = unlocked(
+          [&](shmps::Worker& w) { return w.pull_rows(name, rows, std::span<std::uint16_t>(half.data, count)); });
+      return py::make_tuple(out, version);
+    }
     py::object result;
     float* data = nullptr;
     std::optional<FloatView> view;
@@ -389,14 +405,10 @@ class PyWorker {
       result = fresh;
     } else {
       view.emplace(float_view(out, true, [&] { return "pull_rows('" + name + "', ids, out=...): out"; }));
-      if (view->size != count)
-        throw Error("pull_rows('" + name + "', ids, out=...): out has " + std::to_string(view->size) +
-                    " elements, " + std::to_string(id.size) + " rows of " + std::to_string(p.dim) + " need " +
-                    std::to_string(count) + "; pass an array of shape (len(ids), " + std::to_string(p.dim) + ")");
+      if (view->size != count) throw wrong_size(view->size);
       data = view->data;
       result = out;
     }
-    const std::span<const std::uint64_t> rows(id.data, id.size);
     const std::uint64_t version =
         unlocked([&](shmps::Worker& w) { return w.pull_rows(name, rows, std::span<float>(data, count)); });
     return py::make_tuple(result, version);
@@ -621,7 +633,9 @@ torch.from_numpy(a.view(numpy.int16)).view(torch.bfloat16) (torch.from_numpy tak
 ids: the row numbers, a C-contiguous int64 or uint64 numpy array (or CPU torch tensor), read in
 place (any shape, taken flat; a negative int64 id raises shmps.Error). out=None: a new float32
 array of shape (len(ids), dim), row k holding row ids[k]; out=ARRAY: filled in place and returned
-(C-contiguous float32 of len(ids)*dim elements). An id may repeat. Each row is copied whole from
+(C-contiguous float32 of len(ids)*dim elements; a bf16 / fp16 table's rows are widened exactly).
+A bf16 / fp16 table's stored values as they are: out= a uint16 array (float16 for fp16) or a
+torch.bfloat16 tensor. An id may repeat. Each row is copied whole from
 one version; version is the update count of the least-updated slice seen. Waits first as pull()
 does for the consistency model. The GIL is released meanwhile.)")
       .def("push_rows", &PyWorker::push_rows, py::arg("name"), py::arg("ids"), py::arg("grads"),

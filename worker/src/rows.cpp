@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include <shmps/shm/reader.hpp>
 
@@ -38,20 +39,40 @@ void Worker::Impl::check_ids(const char* what, std::uint32_t i, std::span<const 
 }
 
 std::uint64_t Worker::pull_rows(std::string_view name, std::span<const std::uint64_t> ids, std::span<float> out) {
-  Impl& s = *impl_;
+  return impl_->pull_rows(name, ids, out);
+}
+
+std::uint64_t Worker::pull_rows(std::string_view name, std::span<const std::uint64_t> ids,
+                                std::span<std::uint16_t> out) {
+  return impl_->pull_rows(name, ids, out);
+}
+
+// Both forms: float32 rows (a 2-byte table's widened) or a 2-byte table's stored values.
+template <class T>
+std::uint64_t Worker::Impl::pull_rows(std::string_view name, std::span<const std::uint64_t> ids, std::span<T> out) {
+  Impl& s = *this;
+  constexpr bool raw = std::is_same_v<T, std::uint16_t>;
   s.refuse_if_detached("pull");
   const std::uint32_t i = s.find(name);
   s.refuse_kind("pull_rows of", i, true);
+  if (raw && s.params[i].dtype == ValueDType::f32)
+    throw Error("pull_rows of '" + std::string(name) +
+                "' into 2-byte values: the table stores float32 values (dtype f32); pull its rows into floats");
   const std::size_t dim = s.params[i].dim;
   if (out.size() != ids.size() * dim)
     throw Error("pull_rows of '" + std::string(name) + "': the output has " + std::to_string(out.size()) +
-                " floats, but " + std::to_string(ids.size()) + " rows of " + std::to_string(dim) + " need " +
-                std::to_string(ids.size() * dim) + "; pass ids.size() x dim floats; nothing was done");
+                (raw ? " elements" : " floats") + ", but " + std::to_string(ids.size()) + " rows of " +
+                std::to_string(dim) + " need " + std::to_string(ids.size() * dim) + "; pass ids.size() x dim " +
+                (raw ? "elements" : "floats") + "; nothing was done");
   s.check_ids("pull_rows of", i, ids);
   if (ids.empty()) return 0;
   s.wait_for_consistency("pull_rows of", name);
   s.wait_for_put("pull_rows of", i, 0, s.params[i].size);  // an init = "put" table: once, all of it
-  const SliceReadResult read = read_rows(s.segment, s.segment.param(i), ids, out, s.options.timeout);
+  SliceReadResult read;
+  if constexpr (raw)
+    read = read_rows_raw(s.segment, s.segment.param(i), ids, out, s.options.timeout);
+  else
+    read = read_rows(s.segment, s.segment.param(i), ids, out, s.options.timeout);
   if (read.stuck_slice)
     throw Error("pull_rows of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
                 " has been mid-update for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +

@@ -252,7 +252,8 @@ class Worker {
   // pull_rows copies rows ids[k] into out[k * dim, (k + 1) * dim) (out: ids.size() x dim,
   // row-major). Each row is copied whole from one version of its slice (a seqlock read); it
   // waits first as pull() does for the job's consistency model. Returns the smallest slice
-  // version seen.
+  // version seen. Into floats for every dtype (a bf16 / fp16 table's rows widened exactly), or
+  // into std::uint16_t a bf16 / fp16 table's stored values as they are (a float32 table refuses).
   //
   // push_rows publishes the gradient rows grads[k * dim, (k + 1) * dim) for rows ids[k], as one
   // record: all-or-nothing, exactly once, NaN/Inf refused, back-pressure and errors as push().
@@ -264,6 +265,7 @@ class Worker {
   // parameter's name, NaN) throws Error and changes nothing; pull() and push() of a table's name
   // throw too.
   std::uint64_t pull_rows(std::string_view table, std::span<const std::uint64_t> ids, std::span<float> out);
+  std::uint64_t pull_rows(std::string_view table, std::span<const std::uint64_t> ids, std::span<std::uint16_t> out);
   std::uint64_t push_rows(std::string_view table, std::span<const std::uint64_t> ids, std::span<const float> grads);
   // Zero-copy push_rows: room for `rows` ids and their gradient rows in the ring, to be filled in
   // place (PushBuffer::ids() and span(), rows x dim) and published with commit(), which checks

@@ -291,16 +291,10 @@ def _out(p):
 
 
 def _pull_table(worker, name, p):
-    """Every row of table `name` into the embedding's weight p: straight into its storage when it
-    is float32; a bfloat16 or float16 weight gets the rows as float32 (the job's values widened
-    exactly), converted back exactly."""
+    """Every row of table `name` into the embedding's weight p, in place: float32 rows (a 2-byte
+    table's widened), or a bfloat16 / float16 table's stored values as they are."""
     ids = np.arange(p.shape[0], dtype=np.int64)
-    if p.dtype == torch.float32:
-        worker.pull_rows(name, ids, out=p.detach().numpy())
-        return
-    values, _ = worker.pull_rows(name, ids)
-    with torch.no_grad():
-        p.copy_(torch.from_numpy(values))
+    worker.pull_rows(name, ids, out=p.detach() if p.dtype == torch.bfloat16 else p.detach().numpy())
 
 
 def _grad(g):

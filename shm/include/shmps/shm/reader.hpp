@@ -33,4 +33,9 @@ SliceReadResult read_param_raw(const Segment& segment, const ParamEntry& p, std:
 SliceReadResult read_rows(const Segment& segment, const ParamEntry& p, std::span<const std::uint64_t> ids,
                           std::span<float> out, std::chrono::milliseconds timeout);
 
+// The same, copying a bf16 / fp16 table's stored 2-byte values as they are (the caller checks
+// p.dtype != DType::f32).
+SliceReadResult read_rows_raw(const Segment& segment, const ParamEntry& p, std::span<const std::uint64_t> ids,
+                              std::span<std::uint16_t> out, std::chrono::milliseconds timeout);
+
 }  // namespace shmps::shm
