@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/membership.hpp>
 
 #include "collect.hpp"
@@ -165,8 +166,13 @@ bool collect_step(Segment& segment, const std::vector<RingConsumer>& rings, std:
   const std::size_t contributions_before = plan.contributions.size();
   bool everyone_finished = true, anyone = false;
   for (std::uint32_t r = first; r < end; ++r) {
-    const bool finished = StepScan(segment, rings[r], r, step, plan).run();
+    // Who counts is read before the ring: a worker that ends its step and leaves between the two
+    // looks (it stores its tail, then its clock, then state = left) would otherwise be missed by
+    // the scan and then not count, and the step would complete without it. Read first, `left`
+    // means the scan sees its clock record; `attached` means it is waited for.
     const bool counts = counts_for_group(h, segment.slot(r));
+    const bool finished = StepScan(segment, rings[r], r, step, plan).run();
+    if (r + 1 == end) pause_point("collect.after_scan");  // tests: a worker acts between ring and decision
     if (!finished && counts) everyone_finished = false;
     anyone = anyone || counts || plan.ranks[r].records != 0 || plan.ranks[r].discarded != 0;
   }

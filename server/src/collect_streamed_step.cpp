@@ -19,8 +19,11 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     const RingConsumer& ring = rings[r];
     RankRound& round = plan.ranks[r];
     WorkerSlot& slot = segment.slot(r);
-    // As in collect_step: the worker's clock read before the tail means the clock record that
-    // ended step `step` (if it did) is in [head, tail) or was consumed before.
+    // As in collect_step: who counts is read before anything of the ring (a worker that ends its
+    // step and leaves in between must not be missed), and the worker's clock before the tail
+    // means the clock record that ended step `step` (if it did) is in [head, tail) or was
+    // consumed before.
+    const bool counts = counts_for_group(h, slot);
     const std::uint64_t worker_clock = load_acquire(slot.clock);
     const std::uint64_t streamed_before = load_acquire(slot.streamed_step);
     // A straggler's generation evicted from the barrier (never with part of its step summed,
@@ -67,7 +70,7 @@ bool collect_streamed_step(Segment& segment, const std::vector<RingConsumer>& ri
     // The worker's clock says the step's records are all in [head, tail) only if the walk read them.
     const bool finished = std::max(load_acquire(slot.consumed_clock), round.clock) > step ||
                           (worker_clock > step && !stopped_by_put);
-    const bool must = counts_for_group(h, slot) || streamed_before == step + 1 || round.streamed_step != 0;
+    const bool must = counts || streamed_before == step + 1 || round.streamed_step != 0;
     if (must && !finished) everyone_finished = false;
   }
   return everyone_finished;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -307,6 +308,39 @@ TEST(Bsp, WaitForWorkersPutsALateStartingWorkerInStepZero) {
   late.join();
   EXPECT_EQ(late_error, "");
   for (float v : b) EXPECT_EQ(v, -3.0f) << "step 0 must hold both workers' pushes (-1: rank 0 ended it alone)";
+}
+
+// A worker that ends its step and leaves while the server reads the rings still counts for that
+// step: the server decides who counts before it reads a ring (collect_step), so it either sees the
+// worker attached and waits for its clock record, or sees it left and finds that record in the
+// ring. The server pauses 200 ms after reading the group's last ring (SHMPS_PAUSE_AT); rank 0 ends
+// step 0 once the server is idle again after its push, so that the round that reads rank 0's
+// clock record starts then, and rank 1 pushes, ends step 0 and leaves inside that pause. Read the
+// other way round (a ring first, then whether its worker counts), step 0 ended with rank 0's push
+// alone (b = -1), as a loaded machine did now and then without the pause.
+TEST(Bsp, AWorkerThatEndsItsStepAndLeavesWhileTheServerReadsTheRingsStillCounts) {
+  Watchdog watchdog(120s);
+  const std::string spec = "consistency = \"bsp\"\nbsp_aggregate = \"sum\"\nmax_workers = 2\n"
+                           "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n[[param]]\nname = \"b\"\nshape = [7]\n";
+  for (const int offset_ms : {40, 120}) {
+    Job job("bsp-leave-mid-scan", spec);
+    job.start_server({}, {{"SHMPS_PAUSE_AT", "collect.after_scan:200"}});
+    job.wait_ready();
+    shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    std::optional<shmps::Worker> w1(std::in_place, shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 20s});
+    w0.wait_for_workers(2);
+    w1->wait_for_workers(2);
+    w0.push("b", std::vector<float>(7, 1.0f));
+    std::this_thread::sleep_for(500ms);  // the round the push woke is over
+    w0.clock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(offset_ms));
+    w1->push("b", std::vector<float>(7, 2.0f));
+    w1->clock();
+    w1.reset();  // leaves at once
+    std::vector<float> b(7);
+    w0.pull("b", b);  // waits for step 0
+    for (float v : b) ASSERT_EQ(v, -3.0f) << "offset " << offset_ms << " ms: step 0 must hold both workers' pushes";
+  }
 }
 
 TEST(Bsp, WaitForWorkersNamesTheRanksThatNeverCameAndRefusesBadCounts) {

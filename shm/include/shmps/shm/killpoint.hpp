@@ -15,4 +15,10 @@ namespace shmps::shm {
 
 void kill_point(const char* point) noexcept;
 
+// Test-only widening of a race window: with SHMPS_PAUSE_AT=<point>:<ms>, the process sleeps <ms>
+// milliseconds every time it passes pause_point("<point>"), so that a test can make another
+// process act inside the window every time. Points: server "collect.after_scan" (the last ring of
+// a BSP step's group read, the step not yet decided).
+void pause_point(const char* point) noexcept;
+
 }  // namespace shmps::shm
