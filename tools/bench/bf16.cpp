@@ -5,8 +5,9 @@
 //   bf16.<dtype>.pull        Worker::pull into a float32 buffer, the whole model (a bf16
 //                            parameter's 2-byte values widened on the way)
 //   bf16.bf16.pull-raw       Worker::pull into uint16: the stored values as they are
-//   bf16.<dtype>.push        Worker::push of a whole-model float32 gradient into the ring (the
-//                            gradients are float32 for every dtype)
+//   bf16.<dtype>.push        Worker::push of a whole-model float32 gradient into the ring
+//   bf16.bf16.push-raw       Worker::push of the gradient as bf16 (std::uint16_t): widened to
+//                            float32 into a buffer of the thread, then pushed as floats
 //   bf16.<dtype>.apply       one apply round of that gradient, SGD and Adam: values read (widened),
 //                            the float32 step, the new values rounded and narrowed, through the redo
 //                            entry (a 2-byte parameter's slices always go in whole)
@@ -40,7 +41,7 @@ std::string spec_with_dtype(const JobOptions& job, const std::string& name, cons
 }
 
 struct Times {
-  std::vector<double> pull, pull_raw, push, apply;
+  std::vector<double> pull, pull_raw, push, push_raw, apply;
 };
 
 // One rep of every figure for one dtype and optimizer, on a server of its own.
@@ -86,7 +87,15 @@ class Bench {
     if (records != cfg_.params)
       throw Error("bf16: a round applied " + std::to_string(records) + " records, not " + std::to_string(cfg_.params));
     keep(values_.data()[cfg_.floats() / 2]);
+    double t5 = t4;
+    if (raw_) {  // the same gradient as bf16 bits (0.5 is 0x3F00), applied untimed
+      for (std::size_t i = 0; i < cfg_.params; ++i)
+        worker_->push(Job::param(i), std::span<const std::uint16_t>(raw_grad_.data(), cfg_.per_param));
+      t5 = now_s();
+      if (server_->apply_round() != cfg_.params) throw Error("bf16: a round of bf16 gradients lost records");
+    }
     if (!record) return;
+    if (raw_) t.push_raw.push_back(t5 - t4);
     t.pull.push_back(t1 - t0);
     if (raw_) t.pull_raw.push_back(t2 - t1);
     t.push.push_back(t3 - t2);
@@ -102,6 +111,7 @@ class Bench {
   Floats values_{cfg_.floats(), 0.0f};
   std::vector<std::uint16_t> raw_values_ = std::vector<std::uint16_t>(cfg_.floats());
   Floats grad_{cfg_.per_param, 0.5f};
+  std::vector<std::uint16_t> raw_grad_ = std::vector<std::uint16_t>(cfg_.per_param, 0x3F00);
 };
 
 }  // namespace
@@ -123,6 +133,7 @@ void run_bf16(const Config& cfg, Report& report) {
       report.add("bf16.bf16.pull-raw", rate(tb.pull_raw), "Gelem/s", "Worker::pull of bf16 values into uint16 (as stored)");
       report.add("bf16.f32.push", rate(tf.push), "Gelem/s", "Worker::push of a float32 gradient, float32 values");
       report.add("bf16.bf16.push", rate(tb.push), "Gelem/s", "Worker::push of a float32 gradient, bf16 values");
+      report.add("bf16.bf16.push-raw", rate(tb.push_raw), "Gelem/s", "Worker::push of a bf16 gradient (widened), bf16 values");
     }
     report.add("bf16.f32.apply." + optimizer, rate(tf.apply), "Gelem/s",
                "one apply round, " + optimizer + ", float32 values, 1 thread");

@@ -6,6 +6,8 @@
 #include <cstring>
 #if defined(__SSE__)
 #include <immintrin.h>
+
+#include <shmps/shm/dtype.hpp>
 #endif
 
 namespace shmps::worker_detail {
@@ -56,7 +58,9 @@ inline void store16(float* dst, const Floats16& v) noexcept {
   }
 }
 
-template <Store kStore>
+// kFence = false: the caller fences once after many calls (a fence per call of a few KiB would
+// wait for the write-combining buffers every time).
+template <Store kStore, bool kFence = true>
 std::size_t scan_gradient(float* __restrict dst, const float* __restrict src, std::size_t n, double& sum_sq) {
   constexpr std::size_t kBlock = 1024;  // floats per block: the sums go into a double per block
   double total = 0.0;
@@ -92,7 +96,7 @@ std::size_t scan_gradient(float* __restrict dst, const float* __restrict src, st
     total += static_cast<double>(block_sq);
   }
 #if defined(__SSE__)
-  if constexpr (kStore == Store::streaming) _mm_sfence();  // streaming stores are weakly ordered
+  if constexpr (kStore == Store::streaming && kFence) _mm_sfence();  // streaming stores are weakly ordered
 #endif
   sum_sq = total;
   return n;
@@ -107,6 +111,29 @@ std::size_t check_gradient(const float* src, std::size_t n, double& sum_sq) {
 std::size_t copy_gradient(float* dst, const float* src, std::size_t n, double& sum_sq) {
   if (n * sizeof(float) >= kStreamingBytes) return scan_gradient<Store::streaming>(dst, src, n, sum_sq);
   return scan_gradient<Store::cached>(dst, src, n, sum_sq);
+}
+
+std::size_t widen_gradient(shm::DType dtype, float* dst, const std::uint16_t* src, std::size_t n, double& sum_sq) {
+  // A block at a time through a buffer in L1: widened there, then checked and stored as
+  // copy_gradient stores (streaming for a big record), so the ring sees one pass of writes.
+  constexpr std::size_t kBlock = 4096;  // a multiple of scan_gradient's block: the same sums
+  alignas(64) float block[kBlock];
+  const bool streaming = n * sizeof(float) >= kStreamingBytes;
+  double total = 0.0;
+  for (std::size_t b = 0; b < n; b += kBlock) {
+    const std::size_t m = std::min(kBlock, n - b);
+    shm::widen(dtype, src + b, block, m);
+    double block_sq = 0.0;
+    const std::size_t bad = streaming ? scan_gradient<Store::streaming, false>(dst + b, block, m, block_sq)
+                                      : scan_gradient<Store::cached>(dst + b, block, m, block_sq);
+    if (bad != m) return b + bad;  // (nothing will be published: no fence needed)
+    total += block_sq;
+  }
+#if defined(__SSE__)
+  if (streaming) _mm_sfence();  // streaming stores are weakly ordered: before the commit publishes them
+#endif
+  sum_sq = total;
+  return n;
 }
 
 }  // namespace shmps::worker_detail

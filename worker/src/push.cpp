@@ -19,13 +19,17 @@ using worker_detail::check_gradient;
 using worker_detail::copy_gradient;
 
 std::uint64_t Worker::push(std::string_view name, std::span<const float> grad) {
-  const std::uint32_t i = impl_->find(name);
-  impl_->refuse_kind("push to", i, false);
-  if (grad.size() != impl_->params[i].size)
-    throw Error("push to '" + std::string(name) + "': the gradient has " + std::to_string(grad.size()) +
-                " elements but the parameter has " + std::to_string(impl_->params[i].size) + " " +
-                shape_string(impl_->segment.param(i)) + "; nothing was pushed");
+  impl_->check_whole_push(name, grad.size());
   return push(name, 0, grad);
+}
+
+void Worker::Impl::check_whole_push(std::string_view name, std::size_t size) const {
+  const std::uint32_t i = find(name);
+  refuse_kind("push to", i, false);
+  if (size != params[i].size)
+    throw Error("push to '" + std::string(name) + "': the gradient has " + std::to_string(size) +
+                " elements but the parameter has " + std::to_string(params[i].size) + " " +
+                shape_string(segment.param(i)) + "; nothing was pushed");
 }
 
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const float> grad) {

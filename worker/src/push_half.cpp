@@ -1,6 +1,7 @@
-// Pushes of 2-byte gradients (a bf16 / fp16 parameter's own type): widened exactly to float32,
-// then pushed as float gradients are, so the ring, the server and every guarantee see float32
-// gradients as before.
+// Pushes of 2-byte gradients (a bf16 / fp16 parameter's own type): widened exactly to float32
+// (straight into the ring when the push is one record, else into a buffer of the thread that the
+// float push then streams), so the ring, the server and every guarantee see float32 gradients as
+// before.
 #include "shmps/worker.hpp"
 
 #include <string>
@@ -8,11 +9,13 @@
 
 #include <shmps/shm/dtype.hpp>
 
+#include "gradient_copy.hpp"
 #include "worker_impl.hpp"
 
 namespace shmps {
 
 using namespace shmps::shm;
+using worker_detail::widen_gradient;
 
 namespace {
 
@@ -33,11 +36,26 @@ std::span<const float> widened(const ParamInfo& p, std::string_view what, std::s
 }  // namespace
 
 std::uint64_t Worker::push(std::string_view name, std::span<const std::uint16_t> grad) {
-  return push(name, widened(impl_->params[impl_->find(name)], "push to", name, grad));
+  impl_->check_whole_push(name, grad.size());
+  return push(name, 0, grad);
 }
 
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const std::uint16_t> grad) {
-  return push(name, offset, widened(impl_->params[impl_->find(name)], "push to", name, grad));
+  Impl& s = *impl_;
+  s.refuse_if_detached("push");
+  const ParamInfo& p = s.params[s.find(name)];
+  if (p.dtype == ValueDType::f32 || grad.size() > s.ring.max_record_floats())  // refused, or streamed
+    return push(name, offset, widened(p, "push to", name, grad));
+  // One record: widened straight into the ring, checked as push() checks.
+  float* dst = s.claim_push("push to", name, offset, grad.size());
+  double sum_sq = 0.0;
+  const std::size_t bad = widen_gradient(static_cast<DType>(p.dtype), dst, grad.data(), grad.size(), sum_sq);
+  if (bad != grad.size()) {
+    float value = 0.0f;  // from the caller's gradient (the ring's copy may still be in flight)
+    widen(static_cast<DType>(p.dtype), grad.data() + bad, &value, 1);
+    s.reject_push("push to", bad, value);
+  }
+  return s.commit_push(sum_sq);
 }
 
 std::uint64_t Worker::push_rows(std::string_view table, std::span<const std::uint64_t> ids,

@@ -160,6 +160,8 @@ struct Worker::Impl {
   void view_range(std::string_view name, std::uint32_t i, std::size_t offset, std::size_t count);
   // Throws (and counts nothing) unless every id is below the table's rows.
   void check_ids(const char* what, std::uint32_t i, std::span<const std::uint64_t> ids) const;
+  // push(name, grad) of the whole parameter: a dense one, and grad of its size (push.cpp).
+  void check_whole_push(std::string_view name, std::size_t size) const;
   // Worker::pull_rows, into floats or (a bf16 / fp16 table) its stored 2-byte values (rows.cpp).
   template <class T>
   std::uint64_t pull_rows(std::string_view name, std::span<const std::uint64_t> ids, std::span<T> out);
