@@ -45,27 +45,17 @@ class SliceUpdate {
 
   // ASP/SSP: one optimizer step per contribution, in order.
   void apply_each(std::span<const Contribution> contributions) {
-    if (dtype_ != DType::f32) {  // 2-byte values: widened into the entry, each step rounded there
-      for (const Contribution& c : contributions) {
-        const Part part = part_of(c);
-        if (!part.grad) continue;
-        copy_slice_to_redo();
-        update(part.grad, part.lo, part.n, part.scale, false);
-        ++updates_;
-      }
-      return;
-    }
     if (take_inputs(contributions, RedoMode::each)) return;
     for (const Contribution& c : contributions) {
       const Part part = part_of(c);
       if (!part.grad) continue;
-      if (!in_redo_ && part.n == slice_.count) {
+      if (!in_redo_ && part.n == slice_.count && dtype_ == DType::f32) {
         // The first update that covers the whole slice reads the old values and state straight
         // from the segment and writes the new ones into the redo entry (one pass over the slice).
         update(part.grad, 0, part.n, part.scale, true);
         in_redo_ = true;
       } else {
-        copy_slice_to_redo();  // any other first update needs the slice in the entry before it
+        copy_slice_to_redo();  // any other first update (or 2-byte values: widened) needs the slice in the entry
         update(part.grad, part.lo, part.n, part.scale, false);
       }
       ++updates_;
@@ -74,8 +64,7 @@ class SliceUpdate {
 
   // BSP: the contributions summed in rank order (or their mean over the ranks), one step.
   void apply_sum(std::span<const Contribution> contributions, bool mean) {
-    // (2-byte values go in whole: the chunked path reads and writes the slice as float32.)
-    if (dtype_ == DType::f32 && take_inputs(contributions, mean ? RedoMode::mean : RedoMode::sum)) return;
+    if (take_inputs(contributions, mean ? RedoMode::mean : RedoMode::sum)) return;
     thread_local std::vector<float> sum;
     std::uint64_t ranks = 0;
     std::int64_t last_rank = -1;
@@ -217,11 +206,6 @@ class SliceUpdate {
     if (slice_.sum_step != step + 1 || load_own(slice_.clock) > step) return;
     updates_ = 1;  // its floats were counted when they were summed
     clock_after_ = step + 1;
-    if (dtype_ != DType::f32) {  // 2-byte values: computed whole in the entry, copied in whole
-      copy_slice_to_redo();
-      update(segment_.step_sums(param_) + slice_.first, 0, slice_.count, scale, false);
-      return;
-    }
     mode_ = RedoMode::sums;  // chunked: its only input is the step sums
     scale_ = scale;
     ++step_;

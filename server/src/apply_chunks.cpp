@@ -10,6 +10,7 @@
 #include <shmps/error.hpp>
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
+#include <shmps/shm/dtype.hpp>
 #include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/ring.hpp>
 #include <shmps/shm/seqlock.hpp>
@@ -27,9 +28,14 @@ class Chunks {
   Chunks(Segment& segment, RedoEntry& entry, std::span<const SlicePart> parts)
       : segment_(segment), entry_(entry), slice_(segment.slice(entry.slice)), param_(segment.param(slice_.param)),
         settings_(segment.header().optimizer), arrays_(static_cast<int>(segment.header().state_arrays)),
-        elem_(segment.state_elem_bytes()), bf16_(settings_.state_dtype == StateDType::bf16), parts_(parts),
-        step_before_(slice_.step) {
-    values_ = segment.values(param_) + slice_.first;
+        elem_(segment.state_elem_bytes()), bf16_(settings_.state_dtype == StateDType::bf16), dtype_(param_.dtype),
+        parts_(parts), step_before_(slice_.step) {
+    // A bf16 / fp16 parameter's values are 2-byte elements: read through old_values() (widened),
+    // written by copy_pending() (narrowed); no float pointer into them.
+    if (dtype_ == DType::f32)
+      values_ = segment.values(param_) + slice_.first;
+    else
+      values16_ = segment.values16(param_) + slice_.first;
     new_values_ = segment.redo_values(entry);
     for (int a = 0; a < arrays_; ++a) {
       state_[a] = segment.state_bytes(param_, a) + slice_.first * elem_;
@@ -50,10 +56,10 @@ class Chunks {
     const std::uint64_t n = entry_.chunk_count;
     begin_write();
     const std::uint64_t half = n / 2;
-    std::memcpy(values_ + lo, new_values_, half * sizeof(float));
+    copy_values(lo, 0, half);
     // Killed here: the slice is torn inside this chunk; the next server copies it again.
     if (lo <= entry_.count / 2 && entry_.count / 2 < lo + n) kill_point("apply.mid_copy");
-    std::memcpy(values_ + lo + half, new_values_ + half, (n - half) * sizeof(float));
+    copy_values(lo, half, n - half);
     for (int a = 0; a < arrays_; ++a) std::memcpy(state_[a] + lo * elem_, new_state_[a], n * elem_);
   }
 
@@ -72,7 +78,7 @@ class Chunks {
         // Killed between chunks: the slice holds new values below lo + n and old ones above.
         if (lo < count / 2 && count / 2 <= lo + n) kill_point("apply.mid_chunks");
       } else if (value_sq_norm != nullptr) {
-        *value_sq_norm += squared_norm(std::span<const float>(values_ + lo, n));  // unchanged, still counted
+        *value_sq_norm += squared_norm(std::span<const float>(old_values(lo, n), n));  // unchanged, still counted
       }
       keep_order();  // the chunk is in the slice before the entry says so
       store_release(entry_.done, lo + n);
@@ -98,16 +104,38 @@ class Chunks {
     if ((load_own(slice_.version) & 1U) == 0) seqlock_write_begin(slice_.version);
   }
 
+  // The slice's (old) values [lo, lo + n) as float32: in place, or a 2-byte dtype's widened
+  // (exactly) into old_.
+  const float* old_values(std::uint64_t lo, std::uint64_t n) {
+    if (values_ != nullptr) return values_ + lo;
+    widen(dtype_, values16_ + lo, old_, n);
+    return old_;
+  }
+
+  // The entry's new values [k, k + n) into slice elements [lo + k, ...): copied, or a 2-byte
+  // dtype's narrowed (rounded to nearest even: the step's one rounding, see update()).
+  void copy_values(std::uint64_t lo, std::uint64_t k, std::uint64_t n) {
+    if (values_ != nullptr)
+      std::memcpy(values_ + lo + k, new_values_ + k, n * sizeof(float));
+    else
+      narrow(dtype_, new_values_ + k, values16_ + lo + k, n);
+  }
+
   void copy_old_to_entry(std::uint64_t lo, std::uint64_t n) {
-    std::memcpy(new_values_, values_ + lo, n * sizeof(float));
+    std::memcpy(new_values_, old_values(lo, n), n * sizeof(float));
     for (int a = 0; a < arrays_; ++a) std::memcpy(new_state_[a], state_[a] + lo * elem_, n * elem_);
   }
 
   // One optimizer step of `grad` over the entry's chunk elements [k, k + m), for slice elements
   // [lo + k, lo + k + m): from the old values and state in the slice (from_slice: the whole
   // chunk, k = 0), or in place in the entry.
+  // A bf16 / fp16 parameter's values are rounded to its dtype once per step, as the whole path
+  // rounds them (apply.cpp): a step in place in the entry first rounds what an earlier step left
+  // there, and copy_values narrows the last step's values (rounding them, the same bytes on a
+  // replay, which narrows the same entry). One rounding a step, not two.
   void update(const float* grad, std::uint64_t lo, std::uint64_t k, std::uint64_t m, std::uint64_t step, float scale,
               bool from_slice) {
+    if (!from_slice) round_to(dtype_, new_values_ + k, m);
     if (bf16_)
       update_as<std::uint16_t, UpdateInputsBf16>(grad, lo, k, m, step, scale, from_slice);
     else
@@ -129,7 +157,7 @@ class Chunks {
         apply_update_bf16(settings_, values, g, s0, s1, step, scale);
       return;
     }
-    const Inputs old{{values_ + lo, m}, state(state_, 0, lo), state(state_, 1, lo)};
+    const Inputs old{{old_values(lo, m), m}, state(state_, 0, lo), state(state_, 1, lo)};
     if constexpr (std::is_same_v<T, float>)
       apply_update(settings_, values, g, s0, s1, step, scale, old);
     else
@@ -208,14 +236,17 @@ class Chunks {
   const int arrays_;
   const std::uint64_t elem_;  // bytes per state element: the segment's state dtype
   const bool bf16_;
+  const DType dtype_;  // the values' dtype
   const std::span<const SlicePart> parts_;
   const std::uint64_t step_before_;  // the slice's step count: it changes only once the slice is done
   std::uint64_t ranks_ = 0;          // mode mean: the ranks among the inputs
-  float* values_ = nullptr;
+  float* values_ = nullptr;              // the slice's values: float32
+  std::uint16_t* values16_ = nullptr;    // ... or a bf16 / fp16 parameter's
   std::byte* state_[2] = {nullptr, nullptr};  // the slice's state arrays, in the state dtype
   float* new_values_ = nullptr;
   std::byte* new_state_[2] = {nullptr, nullptr};
   alignas(64) float sum_[kApplyChunkFloats];
+  alignas(64) float old_[kApplyChunkFloats];  // a 2-byte dtype's old values of one chunk, widened
 };
 
 // The slice's part of input i of the entry, found in its ring; throws if the ring no longer holds it.
@@ -264,8 +295,6 @@ void finish_chunked(Segment& segment, RedoEntry& entry) {
     throw damaged("names " + std::to_string(entry.inputs) + " inputs, more than it holds");
   if (entry.slice >= h.slice_count || entry.count != segment.slice(entry.slice).count)
     throw damaged("names slice " + std::to_string(entry.slice) + " of " + std::to_string(entry.count) + " elements");
-  if (segment.param(segment.slice(entry.slice).param).dtype != DType::f32)  // never chunked (layout.hpp, RedoEntry)
-    throw damaged("updates slice " + std::to_string(entry.slice) + " of a bf16 / fp16 parameter chunk by chunk");
   const std::uint64_t chunk = std::min<std::uint64_t>(kApplyChunkFloats, h.slice_floats);
   const std::uint64_t lo = load_own(entry.chunk_lo), done = load_own(entry.done);
   if (done > entry.count || (lo != kNoChunk && (lo >= entry.count || entry.chunk_count > chunk ||

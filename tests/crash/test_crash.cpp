@@ -148,6 +148,12 @@ TEST(ServerCrash, Bf16ValuesKilledInTheMiddleOfCopyingASliceAreRedoneOnce) {
   kill_server_at("apply.mid_copy:40", expect_torn_slices_covered_by_redo, "event=redo", kBf16);
 }
 
+// bf16 values chunk by chunk: chunks below the kill hold their new values (narrowed), the entry
+// names the pushes, and the next server widens the rest from the slice and finishes it once.
+TEST(ServerCrash, Bf16ValuesKilledBetweenTheChunksOfASliceAreFinishedFromTheirInputsOnce) {
+  kill_server_at("apply.mid_chunks:40", expect_torn_slices_covered_by_redo, "event=redo", kBf16);
+}
+
 TEST(ServerCrash, Bf16ValuesKilledBetweenApplyAndCursorAdvanceApplyNothingTwice) {
   kill_server_at(
       "apply.before_release:25",

@@ -218,6 +218,34 @@ INSTANTIATE_TEST_SUITE_P(KillPoints, StreamedStepServerKill,
                          ::testing::Values("apply.mid_sum:30", "apply.mid_copy:20", "apply.mid_chunks:20",
                                            "apply.before_release:15"));
 
+// The same with bf16 values (dtype = "bf16" on both parameters): a step's chunks widen the old
+// values from the slice and narrow the new ones in, and the next server finishes a slice from the
+// same step sums. SGD at lr 1: the pattern's sums over 12 steps of 3 workers stay within 144 in
+// magnitude, which bf16 holds exactly, so the steppers' checks still hold value by value.
+class StreamedStepServerKillBf16Values : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(StreamedStepServerKillBf16Values, TheNextServerFinishesTheSliceFromTheSameSums) {
+  Watchdog watchdog(120s);
+  std::string spec = kSpec + shmps::test::pattern_spec(8, kSmallRing);
+  for (const std::string shape : {"shape = [3, 40000]\n", "shape = [7]\n"})
+    spec.replace(spec.find(shape), shape.size(), shape + "dtype = \"bf16\"\n");
+  Job job("stream-bf16-values", spec);
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
+  job.wait_ready();
+  std::vector<Process*> workers;
+  for (int r = 0; r < 3; ++r) workers.push_back(&start_stepper(job, r, 3, 12));
+  EXPECT_EQ(first.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  job.start_server();
+  job.wait_ready();
+  for (auto* w : workers) expect_finished(*w);
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_EQ(seg.param(0).dtype, shm::DType::bf16);
+  EXPECT_EQ(shm::load_acquire(seg.group(0).clock), 12u);
+}
+
+INSTANTIATE_TEST_SUITE_P(KillPoints, StreamedStepServerKillBf16Values,
+                         ::testing::Values("apply.mid_copy:20", "apply.mid_chunks:20"));
+
 // The same with Adam and bf16 state (state_dtype = "bf16"): the step sums stay float32 while the
 // redo entries carry bf16 state, and a server killed mid-copy or between a slice's chunks has
 // its successor copy that state in again and compute the rest. Adam is not exact, so the steppers run without --check; instead every slice must

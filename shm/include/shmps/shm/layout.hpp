@@ -130,7 +130,10 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 10: values in bf16 or fp16 (DType::bf16 / fp16, ParamEntry::f32_offset)
 // 11: stragglers (SegmentHeader::straggler_timeout_ms and stragglers_evicted,
 //     WorkerSlot::evicted_generation and evicted_behind_ms, GroupEntry::straggler_since_ns and evictions)
-inline constexpr std::uint32_t kLayoutVersion = 11;
+// 12: bf16 / fp16 tables (ParamEntry::dtype on a table), and a 2-byte parameter's slices updated
+//     chunk by chunk (RedoEntry): no field changed, but a server of version 11 would read such a
+//     table's rows, or replay such an entry, as float32
+inline constexpr std::uint32_t kLayoutVersion = 12;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -585,9 +588,9 @@ struct alignas(kCacheLine) GroupEntry {
 //   no state; a chunked entry uses the first chunk of each array.
 //   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
 //   rounded to the dtype (so it holds one exactly), and the copy-in narrows them into the slice's
-//   count x 2 bytes: a replay writes the same bytes again. Such a parameter's slices are updated
-//   whole only (mode whole or rows, never chunked): the chunked modes read and write the slice as
-//   float32 in place.
+//   count x 2 bytes: a replay writes the same bytes again. Chunked, the same holds per chunk: its
+//   old values are widened from the slice, its new values go into the entry's first chunk (not yet
+//   rounded: copying the chunk in narrows them, which rounds, the same way on a replay).
 //
 // Server groups: an entry whose target is sync_add (the home group adds a delta of group
 // `sync_origin` with sequence number `sync_seq`) carries the slice's new values; one whose
