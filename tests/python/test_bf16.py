@@ -206,3 +206,47 @@ def test_a_2_byte_gradient_is_pushed_in_the_parameters_own_type(make_job):
         assert out is raw and np.array_equal(raw, bf16_bits(got))  # the stored bits, as they are
         with pytest.raises(shmps.Error, match=r"pull_rows\('t', ids, out=...\): out has 8 elements, 3 rows of 4 need 12"):
             w.pull_rows("t", np.array([3, 9, 0], dtype=np.int64), out=np.empty(8, dtype=np.uint16))
+
+
+BIG_SPEC = """slice_bytes = 65536
+max_workers = 2
+{ring}[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "big"
+shape = [300000]
+dtype = "bf16"
+[[param]]
+name = "half"
+shape = [8]
+dtype = "fp16"
+"""
+
+
+@pytest.mark.parametrize("ring", ["", "ring_bytes = 262144\n"], ids=["one-record", "streamed"])
+def test_a_big_2_byte_push_is_checked_whole_and_lands_exactly(make_job, ring):
+    """300,000 bf16 elements (1.2 MB as float32): one ring record written with streaming stores,
+    or, in a 256 KiB ring, a push streamed in chunks. A NaN far into it (element 250,001) refuses
+    the whole push; then the same gradient without it lands exactly. A torch.bfloat16 tensor for
+    an fp16 parameter, or an int16 array as a gradient, is refused rather than read as bits."""
+    job = make_job(BIG_SPEC.format(ring=ring))
+    with shmps.Worker(job.name, rank=0) as w:
+        g = (np.arange(300000) % 9 - 4).astype(np.float32)
+        bits = bf16_bits(g)
+        bad = bits.copy()
+        bad[250001] = 0x7F80  # +inf in bf16
+        with pytest.raises(shmps.Error, match=r"push to 'big' rejected: element 250001 is infinite"):
+            w.push("big", bad)
+        w.wait_applied(w.push("big", bits))
+        values, version = w.pull("big")
+        assert version == 1 and np.array_equal(values, -g)
+        try:
+            import torch
+        except ImportError:  # the rest needs no torch
+            torch = None
+        if torch is not None:
+            with pytest.raises(shmps.Error, match=r"is a torch.bfloat16 tensor, but the parameter stores float16"):
+                w.push("half", torch.zeros(8, dtype=torch.bfloat16))
+        with pytest.raises(shmps.Error, match=r"must have dtype float16 or uint16"):
+            w.push("half", np.zeros(8, dtype=np.int16))

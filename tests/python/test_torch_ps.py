@@ -251,7 +251,8 @@ def bf16_embedded_model():
 @pytest.mark.parametrize("consistency", ["bsp", "asp"])
 def test_a_bfloat16_sparse_embedding_is_a_bf16_table_updated_as_float32_rounded_once(make_job, consistency):
     """The table's rows and the linear layer in bf16; its sparse gradient, coalesced (repeated ids
-    summed by torch, as the local reference sums them), is pushed as float32 rows; each row's step
+    summed by torch, as the local reference sums them), is pushed as bf16 rows (the worker widens
+    them exactly); each row's step
     is p - lr * g in float32 (lr = 1/8: exact), rounded to bf16 once, as the reference does."""
     lr, steps = 0.125, 6
     text = job_spec(bf16_embedded_model(), lr=lr, consistency=consistency)

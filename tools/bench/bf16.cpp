@@ -7,7 +7,7 @@
 //   bf16.bf16.pull-raw       Worker::pull into uint16: the stored values as they are
 //   bf16.<dtype>.push        Worker::push of a whole-model float32 gradient into the ring
 //   bf16.bf16.push-raw       Worker::push of the gradient as bf16 (std::uint16_t): widened to
-//                            float32 into a buffer of the thread, then pushed as floats
+//                            float32 straight into the ring record
 //   bf16.<dtype>.apply       one apply round of that gradient, SGD and Adam: values read (widened),
 //                            the float32 step, the new values rounded and narrowed, through the redo
 //                            entry (a 2-byte parameter's slices always go in whole)

@@ -130,9 +130,10 @@ FloatView float_view(py::handle object, bool writable, const What& what) {
   return v;
 }
 
-// The 2-byte memory of a C-contiguous buffer for a raw pull of a bf16 / fp16 parameter: uint16
-// or int16 (bit patterns; a torch.bfloat16 tensor is taken as its int16 view), or float16 for an
-// fp16 parameter. Anything else is a clear error.
+// The 2-byte memory of a C-contiguous buffer for a raw pull (writable) or a 2-byte push of a
+// bf16 / fp16 parameter: uint16 (bit patterns; int16 too for a pull), a torch.bfloat16 tensor
+// for a bf16 parameter only (taken as its int16 view), or float16 for an fp16 parameter.
+// Anything else is a clear error.
 struct HalfView {
   py::buffer_info info;
   std::uint16_t* data = nullptr;
@@ -142,8 +143,15 @@ struct HalfView {
 template <class What>
 HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what, bool writable = true) {
   py::object holder = py::reinterpret_borrow<py::object>(object);
-  if (py::hasattr(object, "dtype") && py::str(object.attr("dtype")).cast<std::string>() == "torch.bfloat16")
+  const bool torch_bf16 =
+      py::hasattr(object, "dtype") && py::str(object.attr("dtype")).cast<std::string>() == "torch.bfloat16";
+  if (torch_bf16) {  // its bits are bfloat16: never taken for another dtype's
+    if (dtype != shmps::ValueDType::bf16)
+      throw Error(what() + " is a torch.bfloat16 tensor, but the parameter stores " +
+                  (dtype == shmps::ValueDType::fp16 ? "float16" : "float32") +
+                  " values: pass its own type (a torch.float16 tensor or a numpy float16 / uint16 array), or float32");
     holder = object.attr("view")(py::module_::import("torch").attr("int16"));
+  }
   py::buffer buffer = as_buffer(holder, what, "a uint16 numpy array");
   HalfView v;
   try {
@@ -153,7 +161,9 @@ HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what,
   }
   std::string_view format = v.info.format;
   if (!format.empty() && (format[0] == '<' || format[0] == '=')) format.remove_prefix(1);
-  const bool bits = format == "H" || format == "h";
+  // Bit patterns: uint16; int16 too for a pull's out (and a torch.bfloat16 tensor's own view),
+  // but not as a gradient, where an int16 array is more likely integers than bits.
+  const bool bits = format == "H" || (format == "h" && (torch_bf16 || writable));
   if (v.info.itemsize != 2 || !(bits || (format == "e" && dtype == shmps::ValueDType::fp16)))
     throw Error(what() + " must have dtype " +
                 (dtype == shmps::ValueDType::fp16 ? "float16 or uint16" : "uint16 (bfloat16 bit patterns)") +

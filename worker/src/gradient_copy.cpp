@@ -6,9 +6,9 @@
 #include <cstring>
 #if defined(__SSE__)
 #include <immintrin.h>
+#endif
 
 #include <shmps/shm/dtype.hpp>
-#endif
 
 namespace shmps::worker_detail {
 
@@ -116,7 +116,7 @@ std::size_t copy_gradient(float* dst, const float* src, std::size_t n, double& s
 std::size_t widen_gradient(shm::DType dtype, float* dst, const std::uint16_t* src, std::size_t n, double& sum_sq) {
   // A block at a time through a buffer in L1: widened there, then checked and stored as
   // copy_gradient stores (streaming for a big record), so the ring sees one pass of writes.
-  constexpr std::size_t kBlock = 4096;  // a multiple of scan_gradient's block: the same sums
+  constexpr std::size_t kBlock = 4096;  // a multiple of scan_gradient's block (its float sums line up)
   alignas(64) float block[kBlock];
   const bool streaming = n * sizeof(float) >= kStreamingBytes;
   double total = 0.0;

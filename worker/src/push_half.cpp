@@ -43,7 +43,9 @@ std::uint64_t Worker::push(std::string_view name, std::span<const std::uint16_t>
 std::uint64_t Worker::push(std::string_view name, std::size_t offset, std::span<const std::uint16_t> grad) {
   Impl& s = *impl_;
   s.refuse_if_detached("push");
-  const ParamInfo& p = s.params[s.find(name)];
+  const std::uint32_t i = s.find(name);
+  s.refuse_kind("push to", i, false);  // a table's name: push_rows (before any word on its dtype)
+  const ParamInfo& p = s.params[i];
   if (p.dtype == ValueDType::f32 || grad.size() > s.ring.max_record_floats())  // refused, or streamed
     return push(name, offset, widened(p, "push to", name, grad));
   // One record: widened straight into the ring, checked as push() checks.

@@ -93,7 +93,7 @@ std::uint64_t Worker::push_rows(std::string_view name, std::span<const std::uint
     throw Error("push_rows to '" + std::string(name) + "': no ids given (0 rows); nothing to do");
   if (grads.size() != ids.size() * dim)
     throw Error("push_rows to '" + std::string(name) + "': the gradient has " + std::to_string(grads.size()) +
-                " floats, but " + std::to_string(ids.size()) + " rows of " + std::to_string(dim) + " need " +
+                " values, but " + std::to_string(ids.size()) + " rows of " + std::to_string(dim) + " need " +
                 std::to_string(ids.size() * dim) + " (row width " + std::to_string(dim) + "); nothing was pushed");
   s.check_ids("push_rows to", i, ids);
   float* dst = s.claim_push("push_rows to", name, 0, grads.size(), false, ids.size());
