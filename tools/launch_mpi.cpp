@@ -93,6 +93,17 @@ int run_mpi_job(const MpiJob& job) {
             << "), " << job.workers_per_host << " worker" << (job.workers_per_host == 1 ? "" : "s") << " per host"
             << std::endl;
   Child* servers = &launcher.spawn("", first_start, {});
+  // Two mpiruns started at the same moment can race to create Open MPI's session directory
+  // (/tmp/ompi.<host>.<uid>, removed again when the last job on the host ends), and the loser
+  // fails in orte_init with "mkdir ... File exists". So the workers' mpirun starts once the
+  // servers' one is up: a first line from its ranks (their session directories exist by then),
+  // its end, or 30 s.
+  bool servers_spoke = false;
+  servers->on_line = [&](const std::string&) { servers_spoke = true; };
+  for (const auto until = std::chrono::steady_clock::now() + 30s;
+       !servers_spoke && launcher.running(*servers) && !launcher.interrupted() && std::chrono::steady_clock::now() < until;)
+    launcher.pump(50ms);
+  servers->on_line = nullptr;
   std::vector<std::string> agent_cmd =
       mpirun(job) + std::vector<std::string>{resolve("shmps-launch"), "--mpi-agent", "--name", job.name, "--workers",
                                              std::to_string(job.workers_per_host), "--max-restarts",
