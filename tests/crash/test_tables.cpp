@@ -142,15 +142,8 @@ TEST(Tables, PullRowsGivesTheInitialRowsAndPushRowsSumsRepeatedIds) {
 TEST(Tables, ABf16TableRoundsEachRowStepAndCheckpointsItsBits) {
   Watchdog watchdog(90s);
   namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / test::unique_segment("rows-bf16");
-  fs::create_directories(dir);
-  struct Cleanup {
-    fs::path dir;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  } cleanup{dir};
+  const test::TempDir temp("rows-bf16");
+  const fs::path& dir = temp.path();
   Job job("rows-bf16",
           "max_workers = 2\nslice_bytes = 64\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
           "[[param]]\nname = \"h\"\nshape = [4]\n"
@@ -478,15 +471,8 @@ TEST(Tables, ExactSumsInABf16TableThroughRandomKillsOfWorkersAndServer) {
 TEST(Tables, ACheckpointHoldsTheTableAndItsStateAndRestoresThem) {
   Watchdog watchdog(90s);
   namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / test::unique_segment("rows-ckpt");
-  fs::create_directories(dir);
-  struct Cleanup {
-    fs::path dir;
-    ~Cleanup() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  } cleanup{dir};
+  const test::TempDir temp("rows-ckpt");
+  const fs::path& dir = temp.path();
   Job job("rows-ckpt", rows_spec("kind = \"adagrad\"\nlr = 0.25\n"));
   auto& server = job.start_server();
   job.wait_ready();

@@ -72,6 +72,15 @@ std::string unique_segment(const std::string& tag) {
   return "t-" + tag + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
 }
 
+TempDir::TempDir(const std::string& tag) : path_(std::filesystem::temp_directory_path() / unique_segment(tag)) {
+  std::filesystem::create_directories(path_);
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
 void remove_segment(const std::string& name) {
   std::error_code ec;
   std::filesystem::remove(shm::segment_path(name), ec);

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,6 +30,20 @@ std::string bin(const std::string& program);
 
 // A segment name no other test (or test run) uses: "t-<tag>-<pid>-<n>".
 std::string unique_segment(const std::string& tag);
+
+// A directory of its own under the system's temporary directory (named like unique_segment),
+// removed with everything in it when the object goes, also when the test fails.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& tag);
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
 
 class Process {
  public:
