@@ -151,9 +151,16 @@ class SliceUpdate {
     const std::uint64_t step = ++step_;
     updates_ = 1;
     rows_ = touched.size();
+    // Lazy Adam: each touched row takes its own next step (its bias correction counts the rounds
+    // that touched it), kept per row (ParamEntry::row_steps_offset); other optimizers need no step.
+    const bool per_row = param_.row_steps_offset != 0;
+    const std::uint64_t* slice_steps = per_row ? segment_.row_steps(param_) + slice_.first / dim : nullptr;
+    std::uint64_t* new_steps = per_row ? segment_.redo_row_steps(redo_) : nullptr;
     if (touched.size() * (dim + 1) > slice_.count) {  // most of the slice: it goes in whole
       copy_slice_to_redo();
-      for (const std::uint32_t local : touched) update_in_redo(sum.data() + local * dim, local * dim, dim, step);
+      read_slice_row_steps(segment_, param_, slice_, redo_);  // every row's, the touched ones stepped below
+      for (const std::uint32_t local : touched)
+        update_in_redo(sum.data() + local * dim, local * dim, dim, per_row ? ++new_steps[local] : step);
       return;
     }
     // Only the touched rows, packed in the entry (RedoMode::rows), each read from the slice,
@@ -169,7 +176,8 @@ class SliceUpdate {
         widen(dtype_, segment_.values16(param_) + slice_.first + local * dim, values_ + i * dim, dim);
       for (int a = 0; a < arrays_; ++a)
         std::memcpy(state_[a] + i * dim * elem_, slice_state_[a] + local * dim * elem_, dim * elem_);
-      update_in_redo(sum.data() + local * dim, i * dim, dim, step);
+      if (per_row) new_steps[i] = slice_steps[local] + 1;
+      update_in_redo(sum.data() + local * dim, i * dim, dim, per_row ? new_steps[i] : step);
     }
   }
 

@@ -59,6 +59,7 @@ std::uint64_t put_slice(Segment& segment, std::uint32_t rank, const PushRecord& 
   for (std::uint32_t a = 0; a < h.state_arrays; ++a)
     std::memcpy(segment.redo_state(redo, static_cast<int>(a)), segment.state_bytes(p, static_cast<int>(a)) + slice.first * elem,
                 slice.count * elem);
+  read_slice_row_steps(segment, p, slice, redo);  // a table with lazy Adam: its row steps unchanged
   std::uint64_t* row = segment.redo_last_applied(redo);
   std::memcpy(row, &segment.last_applied(index, 0), h.max_workers * sizeof(std::uint64_t));
   row[rank] = rec.seq;

@@ -54,6 +54,12 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   if (plan.server_groups > 1) mix(0x5e7960000ULL + plan.server_groups);
   // The state dtype changes the layout; f32 adds nothing, so f32 segments keep their hash.
   if (request.state_dtype != StateDType::f32) mix(0x5d7e0000ULL + static_cast<std::uint64_t>(request.state_dtype));
+  // Lazy Adam's row steps on the tables; a job without them adds nothing.
+  for (const auto& p : plan.params)
+    if (p.row_steps_offset != 0) {
+      mix(0x5057e9500ULL);
+      break;
+    }
   return h;
 }
 
@@ -331,6 +337,7 @@ LayoutRequest layout_request(const ServerOptions& options) {
   request.bsp = spec.consistency == Consistency::bsp;
   request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
   request.state_dtype = spec.optimizer.state_dtype;
+  request.row_steps = spec.optimizer.kind == OptimizerKind::adam;  // lazy Adam: a step count per table row
   request.server_group = options.server_group;
   request.server_groups = options.server_groups;
   // One redo entry per apply thread a server may ever use here (a later server with more

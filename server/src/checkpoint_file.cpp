@@ -335,6 +335,13 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
                        " optimizer's state of \"" + name + "\"");
       p.state[a] = file.f32(state, t.shape);
     }
+    // Lazy Adam's row steps: a table's, when the job had Adam (checked against the spec on restore).
+    if (const std::string steps = name + "/adam.step"; file.tensors().contains(steps)) {
+      if (t.shape.size() != 2) fail(path, "tensor \"" + steps + "\" belongs to a table, but \"" + name + "\" is not one");
+      p.row_steps = i64(file, steps, {t.shape[0]});
+      for (const std::int64_t s : p.row_steps)
+        if (s < 0) fail(path, "tensor \"" + steps + "\" holds a negative step count: the file is damaged");
+    }
     slices += (p.values.size() + snap.slice_floats - 1) / snap.slice_floats;
     snap.params.push_back(std::move(p));
   }
@@ -411,9 +418,13 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, u
     first_slice += slices;
     meta["shmps.version." + p.name] = std::to_string(slices ? lo : 0) + ".." + std::to_string(hi);
   }
-  for (const auto& p : snap.params)
+  for (const auto& p : snap.params) {
     for (std::size_t a = 0; a < names.size(); ++a)
       tensors.push_back({p.name + "/" + names[a], "F32", p.shape, std::as_bytes(std::span<const float>(p.state[a]))});
+    if (!p.row_steps.empty())
+      tensors.push_back({p.name + "/adam.step", "I64", {p.row_steps.size()},
+                         std::as_bytes(std::span<const std::int64_t>(p.row_steps))});
+  }
   const std::uint64_t slices = snap.slice_version.size();
   tensors.push_back({"shmps/slice_version", "I64", {slices}, std::as_bytes(std::span<const std::int64_t>(snap.slice_version))});
   tensors.push_back({"shmps/slice_clock", "I64", {slices}, std::as_bytes(std::span<const std::int64_t>(snap.slice_clock))});

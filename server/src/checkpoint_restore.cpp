@@ -51,6 +51,12 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
     fail(path, "was written with optimizer " + std::string(to_string(snap.optimizer.kind)) + ", " + spec.source +
                    " asks for " + std::string(to_string(spec.optimizer.kind)) + ": the optimizer state cannot carry over; "
                    "set kind = \"" + std::string(to_string(snap.optimizer.kind)) + "\"");
+  for (const ParamSpec& want : spec.params) {
+    const auto it = std::find_if(snap.params.begin(), snap.params.end(), [&](const auto& p) { return p.name == want.name; });
+    if (want.table_dim != 0 && spec.optimizer.kind == OptimizerKind::adam && it->row_steps.size() != want.shape[0])
+      fail(path, "has no tensor \"" + want.name + "/adam.step\" of " + std::to_string(want.shape[0]) +
+                     " row step counts, which lazy Adam keeps for each row of a table: the file is damaged");
+  }
   if (snap.slice_floats != plan.slice_floats)
     fail(path, "was sliced at " + std::to_string(snap.slice_floats * sizeof(float)) + " bytes per slice, " + spec.source +
                    " at " + std::to_string(plan.slice_floats * sizeof(float)) + ": set slice_bytes = " +
@@ -99,6 +105,8 @@ void restore_into(Segment& segment, const Snapshot& snap) {
       else
         std::memcpy(segment.state_bytes(p, a), sp.state[a].data(), p.size * sizeof(float));
     }
+    if (p.row_steps_offset != 0)  // lazy Adam's row steps (check_restorable made sure there is one per row)
+      for (std::uint64_t r = 0; r < p.shape[0]; ++r) segment.row_steps(p)[r] = static_cast<std::uint64_t>(sp.row_steps[r]);
   }
   const std::uint32_t columns = std::min(h.max_workers, snap.max_workers);
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {

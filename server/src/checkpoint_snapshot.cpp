@@ -125,6 +125,12 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
       else
         parallel_copy(arena, sp.state[a].data(), at<float>(segment.base(), p.state_offset[a]), p.size);
     }
+    if (p.row_steps_offset != 0) {
+      const std::uint64_t* steps = segment.row_steps(p);
+      sp.row_steps.assign(steps, steps + p.shape[0]);
+    } else {
+      sp.row_steps.clear();
+    }
   }
   out.slice_version.resize(h.slice_count);
   out.slice_clock.resize(h.slice_count);

@@ -142,10 +142,6 @@ std::string spec_detail::table_problem(const ModelSpec& spec, const ParamSpec& p
     return at + ".dim: " + std::to_string(p.table_dim) + " floats per row do not divide a slice of " +
            std::to_string(spec.slice_bytes) + " bytes (slice_bytes), and a row must not straddle two slices: " +
            "make slice_bytes a multiple of " + std::to_string(4 * p.table_dim);
-  if (spec.optimizer.kind == OptimizerKind::adam)
-    return at + ": tables are updated lazily (only the rows a round touches), and adam's bias correction would "
-                "need a step count per row, which is not kept yet: use sgd, momentum, nesterov, adagrad or rmsprop "
-                "(each updates a touched row element by element)";
   return {};
 }
 

@@ -8,6 +8,7 @@
 //
 // A bf16 or fp16 parameter: the entry holds float32 values already rounded to the dtype, and the
 // copy narrows them into the slice's 2-byte elements (exact, so a replay writes the same bytes).
+// A table with lazy Adam: the entry also holds the rows' new step counts, copied in with them.
 #pragma once
 
 #include <shmps/shm/segment.hpp>
@@ -23,5 +24,11 @@ void copy_in(shm::Segment& segment, shm::RedoEntry& entry);
 // The values of slice `slice` of parameter p (p.dtype: float32, or bf16 / fp16 widened exactly)
 // into out[0, slice.count): how an update reads the current values into its redo entry.
 void read_slice_values(const shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice, float* out);
+
+// A table of a job with lazy Adam (p.row_steps_offset != 0): the slice's rows' step counts into
+// the entry's row steps, as they are, so that a whole copy-in keeps them (or the caller steps
+// some). Nothing for any other parameter.
+void read_slice_row_steps(shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice,
+                          shm::RedoEntry& entry);
 
 }  // namespace shmps::server

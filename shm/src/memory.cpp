@@ -57,6 +57,15 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                          : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
                                (plan.state_dtype == StateDType::bf16 ? " of bf16, 2 bytes per element"
                                                                      : " of float32, 4 bytes per element")});
+  std::uint64_t row_steps = 0, step_rows = 0;  // lazy Adam on tables: 8 bytes per row
+  for (const auto& p : plan.params)
+    if (p.row_steps_offset != 0) {
+      row_steps += p.shape[0] * sizeof(std::uint64_t);
+      step_rows += p.shape[0];
+    }
+  if (row_steps != 0)
+    m.parts.push_back({"table row steps", row_steps,
+                       std::to_string(step_rows) + " rows x 8 B: lazy Adam's step count per table row"});
   if (plan.step_sums_bytes != 0)
     m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
                        "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});

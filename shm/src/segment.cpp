@@ -145,6 +145,9 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.server_group = request.server_group;
   plan.server_groups = request.server_groups;
   const bool sync = request.server_groups > 1;
+  // Lazy Adam's row step counts: only a job whose optimizer keeps them and that has a table.
+  const bool row_steps = request.row_steps && std::any_of(request.params.begin(), request.params.end(),
+                                                          [](const LayoutRequest::Param& p) { return p.table_dim != 0; });
   std::uint64_t largest = 0;
   std::string largest_name;
   for (const auto& p : request.params) {
@@ -239,7 +242,8 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
                                   redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
                                   request.state_arrays * plan.slice_floats * state_elem +
-                                  (sync ? plan.slice_floats * sizeof(float) : 0),  // sync_take: the fresh values
+                                  (sync ? plan.slice_floats * sizeof(float) : 0) +  // sync_take: the fresh values
+                                  (row_steps ? plan.slice_floats * sizeof(std::uint64_t) : 0),  // a table's row steps
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
@@ -281,6 +285,19 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     }
   }
   std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * state_array_bytes : values_bytes;
+  // Lazy Adam on tables: each table's rows' step counts.
+  if (row_steps) {
+    std::uint64_t row_steps_bytes = 0;
+    for (const auto& entry : plan.params)
+      if (entry.table_dim != 0) row_steps_bytes += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
+    offset = big_region_at(align_up(offset, 4096), row_steps_bytes);
+    for (auto& entry : plan.params) {
+      if (entry.table_dim == 0) continue;
+      entry.row_steps_offset = offset;
+      offset += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
+    }
+    last_region = row_steps_bytes;
+  }
   // A BSP job whose rings cannot hold a step: the step's pushes stream into one model's worth of
   // sums, float32 whatever the state dtype (they are gradients). (An ASP or SSP job pays nothing
   // for it; switched to BSP live, its steps must fit its rings, bsp_ring_note.)

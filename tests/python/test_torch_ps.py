@@ -57,7 +57,6 @@ def test_the_spec_names_every_parameter_with_its_shape_and_makes_sparse_embeddin
     (["torch_ps_model.py:batches"], "the factory must build the module with no arguments"),
     (["torch_ps_model.py"], "is not MODULE:FACTORY"),
     (["missing/file.py:f"], "no such file: missing/file.py"),
-    (["torch_ps_model.py:factory", "--optimizer", "adam"], "adam is not supported for tables"),
     (["torch_ps_model.py:factory", "--momentum", "0.9"], "'momentum' is not used by 'sgd'"),
     (["torch_ps_model.py:factory", "--name", "a/b"], "cannot be a segment name"),
 ])

@@ -112,9 +112,6 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         if key not in allowed:
             raise SpecError(f"optimizer option {key!r} is not used by {optimizer!r} (it takes "
                             f"{', '.join(allowed)})")
-    if optimizer == "adam" and sparse_tables(model):
-        raise SpecError("the module has sparse embeddings (tables), which the server updates lazily, and adam is not "
-                        "supported for tables yet: use sgd, momentum, nesterov, adagrad or rmsprop")
 
     tables = sparse_tables(model)
     params, table_dims = [], []

@@ -12,6 +12,7 @@
 //   <param>/<kind>.<array>  F32, the parameter's shape        optimizer state: momentum.v,
 //                                                             nesterov.v, adagrad.s, rmsprop.s,
 //                                                             adam.m and adam.v
+//   <table>/adam.step       I64 [rows]                        lazy Adam: each table row's steps
 //   shmps/slice_version     I64 [slices]                      seqlock word of every slice (even)
 //   shmps/slice_clock       I64 [slices]                      BSP clock of every slice
 //   shmps/slice_step        I64 [slices]                      optimizer steps of every slice
@@ -80,6 +81,9 @@ struct Snapshot {
     std::vector<float> values;
     shm::DType dtype = shm::DType::f32;
     std::vector<float> state[2];  // optimizer_state_arrays(optimizer.kind) of them are used
+    // A table of a job with Adam (lazy: ParamEntry::row_steps_offset): each row's step count;
+    // empty otherwise.
+    std::vector<std::int64_t> row_steps;
     std::vector<float> sync_base, sync_sent;  // server groups (`sync` below), else empty
   };
   // A replica of a job with server groups: its sync tables (sync_engine.hpp), so that a restore

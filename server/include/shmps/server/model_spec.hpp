@@ -105,8 +105,9 @@
 //   init = ...              # as a [[param]]'s, row-major
 //   dtype = "f32"           # optional, as a [[param]]'s: "bf16" / "fp16" rows in 2 bytes
 //                           # A table is a parameter of shape [rows, dim] (ParamSpec::table_dim);
-//                           # a job with one cannot use adam. Not taken yet, each refused with a
-//                           # message: a table's own `optimizer`, `keys = "u64"`.
+//                           # with adam it is stepped as lazy Adam (a step count per row). Not
+//                           # taken yet, each refused with a message: a table's own `optimizer`,
+//                           # `keys = "u64"`.
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads

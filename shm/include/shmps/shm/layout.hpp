@@ -130,9 +130,9 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 10: values in bf16 or fp16 (DType::bf16 / fp16, ParamEntry::f32_offset)
 // 11: stragglers (SegmentHeader::straggler_timeout_ms and stragglers_evicted,
 //     WorkerSlot::evicted_generation and evicted_behind_ms, GroupEntry::straggler_since_ns and evictions)
-// 12: bf16 / fp16 tables (ParamEntry::dtype on a table), and a 2-byte parameter's slices updated
-//     chunk by chunk (RedoEntry): no field changed, but a server of version 11 would read such a
-//     table's rows, or replay such an entry, as float32
+// 12: bf16 / fp16 tables (ParamEntry::dtype on a table), a 2-byte parameter's slices updated
+//     chunk by chunk (RedoEntry), and lazy Adam on tables (ParamEntry::row_steps_offset, a redo
+//     entry's row steps)
 inline constexpr std::uint32_t kLayoutVersion = 12;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
@@ -469,10 +469,13 @@ struct ParamEntry {
   // BSP step sums, the sync base and sent arrays), relative to their start: its values_offset
   // minus the values' start for a float32-only model, but a bf16 parameter's values take half.
   std::uint64_t f32_offset;
+  // A table of a job whose optimizer is Adam (lazy: a round steps only the rows it touches): its
+  // rows' step counts, one std::uint64_t per row, for each row's bias correction; 0 otherwise.
+  std::uint64_t row_steps_offset;
 };
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
-  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset)
+  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset) FIELD(row_steps_offset)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -586,6 +589,10 @@ struct alignas(kCacheLine) GroupEntry {
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
 //   no state; a chunked entry uses the first chunk of each array.
+//   A job with Adam and a table: after those (and after a sync_take's fresh values, when the job
+//   has server groups) u64 row_steps[slice_floats]: a table slice's new row step counts, in
+//   RedoMode::rows one per packed row (in their order), in RedoMode::whole one per row of the
+//   slice; the copy-in writes them with the rows (Segment::redo_row_steps).
 //   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
 //   rounded to the dtype (so it holds one exactly), and the copy-in narrows them into the slice's
 //   count x 2 bytes: a replay writes the same bytes again. Chunked, the same holds per chunk: its

@@ -37,6 +37,8 @@ struct LayoutRequest {
   bool bsp = false;
   std::uint32_t state_arrays = 0;
   StateDType state_dtype = StateDType::f32;  // how the state arrays are stored (bf16: 2 bytes an element)
+  // The optimizer keeps a step count per table row (Adam: ParamEntry::row_steps_offset).
+  bool row_steps = false;
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
   // Server groups: this segment is the replica of group server_group of server_groups (1: none).
   std::uint32_t server_group = 0;
@@ -254,6 +256,17 @@ class Segment {
   std::byte* redo_state(RedoEntry& e, int array) noexcept {
     return reinterpret_cast<std::byte*>(redo_values(e) + header().slice_floats) +
            static_cast<std::uint64_t>(array) * header().slice_floats * state_elem_bytes();
+  }
+  // A table slice's new row step counts (a job with Adam and a table; layout.hpp, RedoEntry).
+  std::uint64_t* redo_row_steps(RedoEntry& e) noexcept {
+    std::byte* after = redo_state(e, static_cast<int>(header().state_arrays));
+    if (header().server_groups > 1) after += header().slice_floats * sizeof(float);  // a sync_take's fresh values
+    return reinterpret_cast<std::uint64_t*>(after);
+  }
+  // Table p's row step counts (p.row_steps_offset != 0), one per row.
+  std::uint64_t* row_steps(const ParamEntry& p) noexcept { return at<std::uint64_t>(base_, p.row_steps_offset); }
+  const std::uint64_t* row_steps(const ParamEntry& p) const noexcept {
+    return at<std::uint64_t>(base_, p.row_steps_offset);
   }
 
   // A sync_take entry's fresh values (the slice's new sync_base), after the state arrays.
