@@ -102,6 +102,11 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     }
   });
   if (!error.empty()) throw Error(error);
+  // Lazy Adam's row step counts (8 bytes a table row): small, reserved whole, one table at a time.
+  for (std::uint32_t i = 0; i < h.param_count; ++i) {
+    const ParamEntry& p = segment.param(i);
+    if (p.row_steps_offset != 0) segment.reserve(p.row_steps_offset, p.shape[0] * sizeof(std::uint64_t), "row step counts");
+  }
 }
 
 [[noreturn]] void refuse_restore_over_segment(const ServerOptions& options) {

@@ -337,7 +337,9 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
     }
     // Lazy Adam's row steps: a table's, when the job had Adam (checked against the spec on restore).
     if (const std::string steps = name + "/adam.step"; file.tensors().contains(steps)) {
-      if (t.shape.size() != 2) fail(path, "tensor \"" + steps + "\" belongs to a table, but \"" + name + "\" is not one");
+      if (snap.optimizer.kind != OptimizerKind::adam || t.shape.size() != 2)
+        fail(path, "tensor \"" + steps + "\" holds a table's lazy Adam step counts, but \"" + name +
+                       "\" is not a table of an Adam job in this checkpoint: the file is damaged");
       p.row_steps = i64(file, steps, {t.shape[0]});
       for (const std::int64_t s : p.row_steps)
         if (s < 0) fail(path, "tensor \"" + steps + "\" holds a negative step count: the file is damaged");

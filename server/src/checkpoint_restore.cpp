@@ -55,7 +55,10 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
     const auto it = std::find_if(snap.params.begin(), snap.params.end(), [&](const auto& p) { return p.name == want.name; });
     if (want.table_dim != 0 && spec.optimizer.kind == OptimizerKind::adam && it->row_steps.size() != want.shape[0])
       fail(path, "has no tensor \"" + want.name + "/adam.step\" of " + std::to_string(want.shape[0]) +
-                     " row step counts, which lazy Adam keeps for each row of a table: the file is damaged");
+                     " row step counts, which lazy Adam keeps for each row of a table: \"" + want.name +
+                     "\" was not a table of this job when the checkpoint was taken (or the file is damaged); make it a "
+                     "[[param]] as it was, or start the table afresh from the exported values (init = { kind = "
+                     "\"pretrained\", ... })");
   }
   if (snap.slice_floats != plan.slice_floats)
     fail(path, "was sliced at " + std::to_string(snap.slice_floats * sizeof(float)) + " bytes per slice, " + spec.source +

@@ -145,9 +145,12 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.server_group = request.server_group;
   plan.server_groups = request.server_groups;
   const bool sync = request.server_groups > 1;
-  // Lazy Adam's row step counts: only a job whose optimizer keeps them and that has a table.
-  const bool row_steps = request.row_steps && std::any_of(request.params.begin(), request.params.end(),
-                                                          [](const LayoutRequest::Param& p) { return p.table_dim != 0; });
+  // Lazy Adam's row step counts: only a job whose optimizer keeps them and that has a table. A
+  // redo entry holds those of one slice: at most slice_floats / (the narrowest table's dim).
+  std::uint32_t narrowest_table = 0;
+  for (const auto& p : request.params)
+    if (p.table_dim != 0 && (narrowest_table == 0 || p.table_dim < narrowest_table)) narrowest_table = p.table_dim;
+  const bool row_steps = request.row_steps && narrowest_table != 0;
   std::uint64_t largest = 0;
   std::string largest_name;
   for (const auto& p : request.params) {
@@ -243,7 +246,7 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                                   redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
                                   request.state_arrays * plan.slice_floats * state_elem +
                                   (sync ? plan.slice_floats * sizeof(float) : 0) +  // sync_take: the fresh values
-                                  (row_steps ? plan.slice_floats * sizeof(std::uint64_t) : 0),  // a table's row steps
+                                  (row_steps ? plan.slice_floats / narrowest_table * sizeof(std::uint64_t) : 0),  // row steps
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;

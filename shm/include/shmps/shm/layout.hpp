@@ -590,7 +590,8 @@ struct alignas(kCacheLine) GroupEntry {
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
 //   no state; a chunked entry uses the first chunk of each array.
 //   A job with Adam and a table: after those (and after a sync_take's fresh values, when the job
-//   has server groups) u64 row_steps[slice_floats]: a table slice's new row step counts, in
+//   has server groups) u64 row_steps[slice_floats / the narrowest table's dim]: a table slice's
+//   new row step counts, in
 //   RedoMode::rows one per packed row (in their order), in RedoMode::whole one per row of the
 //   slice; the copy-in writes them with the rows (Segment::redo_row_steps).
 //   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
