@@ -41,6 +41,20 @@ py::buffer as_buffer(py::handle object, const What& what, const char* expected =
               py::str(py::type::handle_of(object).attr("__name__")).cast<std::string>());
 }
 
+// Refuses a buffer that is not C-contiguous (its elements `itemsize` bytes each): shmps reads or
+// writes it as one block. `why` says what shmps does with it.
+template <class What>
+void require_c_contiguous(const py::buffer_info& info, py::ssize_t itemsize, const What& what, const char* why) {
+  py::ssize_t expected = itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    const auto i = static_cast<std::size_t>(d);
+    if (info.shape[i] != 1 && info.strides[i] != expected)
+      throw Error(what() + " must be C-contiguous (" + why + "); use numpy.ascontiguousarray(...) or "
+                  "tensor.contiguous()");
+    expected *= info.shape[i];
+  }
+}
+
 // The float32 memory of a C-contiguous buffer, or a clear error naming what is wrong with it.
 struct FloatView {
   py::buffer_info info;
@@ -63,14 +77,7 @@ FloatView float_view(py::handle object, bool writable, const What& what) {
     throw Error(what() + " must have dtype float32, got format '" + v.info.format + "' (" +
                 std::to_string(v.info.itemsize) + " bytes an element); convert it once with .astype(numpy.float32)"
                 " outside the training loop, or allocate it as float32");
-  py::ssize_t expected = 4;
-  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
-    const auto i = static_cast<std::size_t>(d);
-    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
-      throw Error(what() + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
-                         "or tensor.contiguous()");
-    expected *= v.info.shape[i];
-  }
+  require_c_contiguous(v.info, 4, what, "shmps copies it as one block");
   v.data = static_cast<float*>(v.info.ptr);
   v.size = static_cast<std::size_t>(v.info.size);
   return v;
@@ -114,14 +121,7 @@ HalfView half_view(py::handle object, shmps::ValueDType dtype, const What& what,
     throw Error(what() + " must have dtype " +
                 (dtype == shmps::ValueDType::fp16 ? "float16 or uint16" : "uint16 (bfloat16 bit patterns)") +
                 " for the stored values, or float32 for converted ones; got format '" + v.info.format + "'");
-  py::ssize_t expected = 2;
-  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
-    const auto i = static_cast<std::size_t>(d);
-    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
-      throw Error(what() + " must be C-contiguous (shmps copies it as one block); use numpy.ascontiguousarray(...) "
-                         "or tensor.contiguous()");
-    expected *= v.info.shape[i];
-  }
+  require_c_contiguous(v.info, 2, what, "shmps copies it as one block");
   v.data = static_cast<std::uint16_t*>(v.info.ptr);
   v.size = static_cast<std::size_t>(v.info.size);
   return v;
@@ -165,14 +165,7 @@ IdsView ids_view(py::handle object, const What& what) {
     throw Error(what() + " must have dtype int64 or uint64, got format '" + v.info.format + "' (" +
                 std::to_string(v.info.itemsize) + " bytes an element); build the ids as int64 (torch's "
                 "default) or uint64 outside the training loop");
-  py::ssize_t expected = 8;
-  for (py::ssize_t d = v.info.ndim - 1; d >= 0; --d) {
-    const auto i = static_cast<std::size_t>(d);
-    if (v.info.shape[i] != 1 && v.info.strides[i] != expected)
-      throw Error(what() + " must be C-contiguous (shmps reads the ids in place, never a copy); use "
-                         "numpy.ascontiguousarray(...) or tensor.contiguous()");
-    expected *= v.info.shape[i];
-  }
+  require_c_contiguous(v.info, 8, what, "shmps reads the ids in place, never a copy");
   v.size = static_cast<std::size_t>(v.info.size);
   if (is_signed) {
     const auto* s = static_cast<const std::int64_t*>(v.info.ptr);

@@ -83,11 +83,6 @@ TrainStats train(const shmps::data::Schedule& sched, const std::function<shmps::
   return st;
 }
 
-void print_eval(const char* what, const shmps::mlp::EvalResult& r, std::uint64_t first) {
-  std::printf("%s loss %.4f acc %.4f (rows %" PRIu64 "..%" PRIu64 ")\n", what, r.loss, r.accuracy, first,
-              first + r.rows - 1);
-}
-
 // The final figures. `eval_train`: also evaluate the final model on the whole training set (the
 // reference training loss/accuracy of docs/workloads.md §2 are defined that way).
 void print_final(const TrainStats& st, const shmps::mlp::Tensors& params, bool eval_train) {

@@ -89,6 +89,13 @@ class Progress {
 inline std::uint64_t g_eval_rows = 0;
 inline std::uint64_t eval_rows(std::uint64_t all) { return g_eval_rows == 0 ? all : std::min(all, g_eval_rows); }
 
+// One evaluation's line, for either model's EvalResult (loss, accuracy, rows from `first`).
+template <class EvalResult>
+void print_eval(const char* what, const EvalResult& r, std::uint64_t first) {
+  std::printf("%s loss %.4f acc %.4f (rows %" PRIu64 "..%" PRIu64 ")\n", what, r.loss, r.accuracy, first,
+              first + r.rows - 1);
+}
+
 // The figures of a finished run both models print first: batches, samples and samples/s, and the
 // running loss and accuracy of this worker's last epoch.
 void print_training_figures(const TrainStats& st);

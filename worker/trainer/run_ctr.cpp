@@ -71,11 +71,6 @@ TrainStats train_ctr(const shmps::data::Schedule& sched, const shmps::ctr::Label
   return st;
 }
 
-void print_eval(const char* what, const shmps::ctr::EvalResult& r, std::uint64_t first) {
-  std::printf("%s loss %.4f acc %.4f (rows %" PRIu64 "..%" PRIu64 ")\n", what, r.loss, r.accuracy, first,
-              first + r.rows - 1);
-}
-
 void print_ctr_model_eval(const shmps::ctr::Model& model, const shmps::ctr::Labeler& labeler, bool eval_train) {
   namespace ctr = shmps::ctr;
   if (eval_train) print_eval("train", ctr::evaluate(model, labeler, 0, eval_rows(ctr::kTrainRows)), 0);
