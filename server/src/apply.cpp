@@ -371,8 +371,9 @@ class SliceUpdate {
   }
 
   // One optimizer step of `grad` over the redo entry's elements [lo, lo + n), in place, as step
-  // number `step` of the slice (a table's row: apply_rows). A 2-byte table's row is rounded to
-  // nearest even once per step, as update() rounds a parameter's values.
+  // number `step` of the slice (a table's row: apply_rows). A 2-byte table's row is left
+  // unrounded: it takes one step a round, and copy_in's narrowing is that step's one rounding (a
+  // replay narrows the same entry to the same bytes), as the chunked path does.
   void update_in_redo(const float* grad, std::uint64_t lo, std::size_t n, std::uint64_t step) {
     const std::span<float> values(values_ + lo, n);
     const std::span<const float> g(grad, n);
@@ -381,7 +382,6 @@ class SliceUpdate {
                         step, 1.0f);
     else
       apply_update(settings_, values, g, state_span<float>(0, lo, n), state_span<float>(1, lo, n), step, 1.0f);
-    round_to(dtype_, values.data(), n);
   }
 
   void copy_slice_to_redo() {

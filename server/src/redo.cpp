@@ -60,7 +60,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
       if (i == n / 2) kill_point(n >= 2 ? "apply.mid_rows" : "apply.mid_copy");  // mid_rows: some rows in, some not
       if (p.dtype == DType::f32)
         std::memcpy(segment.values(p) + slice.first + where[i] * dim, rows + i * dim, dim * sizeof(float));
-      else  // a 2-byte table's row: narrowed, exactly (the entry's rows are rounded to the dtype already)
+      else  // a 2-byte table's row: narrowed, which rounds its step's result (the same bytes on a replay)
         narrow(p.dtype, rows + i * dim, segment.values16(p) + slice.first + where[i] * dim, dim);
       for (int a = 0; a < arrays; ++a)
         std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,
