@@ -295,6 +295,9 @@ int cmd_inspect(const std::string& name) {
     }
     // Values stored in 2 bytes (dtype = "bf16" / "fp16"); float32 says nothing.
     if (p.dtype != DType::f32) std::cout << "  dtype " << to_string(p.dtype) << " (2 bytes an element)";
+    // A table with its own optimizer (another kind or other settings than the job's).
+    if (std::memcmp(&p.optimizer, &h.optimizer, sizeof(OptimizerSettings)) != 0)
+      std::cout << "  optimizer " << to_string(p.optimizer.kind) << " lr=" << p.optimizer.lr;
     // Put (Worker::put): who put it; init = "put" and nobody yet: pulls of it wait.
     if (const std::uint64_t put_rank = load_acquire(seg.param_stats(i).put_rank); put_rank != 0)
       std::cout << "  put by worker " << put_rank - 1;

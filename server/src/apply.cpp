@@ -27,9 +27,9 @@ namespace {
 class SliceUpdate {
  public:
   SliceUpdate(Segment& segment, std::uint64_t slice_index, std::size_t thread)
-      : segment_(segment), settings_(segment.header().optimizer), slice_index_(slice_index),
-        slice_(segment.slice(slice_index)), param_(segment.param(slice_.param)), redo_(segment.redo(thread)),
-        arrays_(static_cast<int>(segment.header().state_arrays)), elem_(segment.state_elem_bytes()),
+      : segment_(segment), slice_index_(slice_index), slice_(segment.slice(slice_index)),
+        param_(segment.param(slice_.param)), settings_(param_.optimizer), redo_(segment.redo(thread)),
+        arrays_(state_arrays_of(param_)), elem_(segment.state_elem_bytes()),
         bf16_(settings_.state_dtype == StateDType::bf16), dtype_(param_.dtype), step_(slice_.step) {
     last_ = segment.redo_last_applied(redo_);
     values_ = segment.redo_values(redo_);
@@ -151,16 +151,17 @@ class SliceUpdate {
     const std::uint64_t step = ++step_;
     updates_ = 1;
     rows_ = touched.size();
-    // Lazy Adam: each touched row takes its own next step (its bias correction counts the rounds
-    // that touched it), kept per row (ParamEntry::row_steps_offset); other optimizers need no step.
-    const bool per_row = param_.row_steps_offset != 0;
-    const std::uint64_t* slice_steps = per_row ? segment_.row_steps(param_) + slice_.first / dim : nullptr;
-    std::uint64_t* new_steps = per_row ? segment_.redo_row_steps(redo_) : nullptr;
+    // Row words (ParamEntry::row_words_offset): lazy Adam's per-row step counts (each touched row
+    // takes its own next step, so its bias correction counts the rounds that touched it), or
+    // row-wise AdaGrad's per-row accumulators. They go through the redo entry with the rows.
+    const bool words = param_.row_words_offset != 0;
+    const std::uint64_t* slice_words = words ? segment_.row_words(param_) + slice_.first / dim : nullptr;
+    std::uint64_t* new_words = words ? segment_.redo_row_words(redo_) : nullptr;
     if (touched.size() * (dim + 1) > slice_.count) {  // most of the slice: it goes in whole
       copy_slice_to_redo();
-      read_slice_row_steps(segment_, param_, slice_, redo_);  // every row's, the touched ones stepped below
+      read_slice_row_words(segment_, param_, slice_, redo_);  // every row's, the touched ones stepped below
       for (const std::uint32_t local : touched)
-        update_in_redo(sum.data() + local * dim, local * dim, dim, per_row ? ++new_steps[local] : step);
+        update_row(sum.data() + local * dim, local * dim, dim, words ? &new_words[local] : nullptr, step);
       return;
     }
     // Only the touched rows, packed in the entry (RedoMode::rows), each read from the slice,
@@ -176,8 +177,8 @@ class SliceUpdate {
         widen(dtype_, segment_.values16(param_) + slice_.first + local * dim, values_ + i * dim, dim);
       for (int a = 0; a < arrays_; ++a)
         std::memcpy(state_[a] + i * dim * elem_, slice_state_[a] + local * dim * elem_, dim * elem_);
-      if (per_row) new_steps[i] = slice_steps[local] + 1;
-      update_in_redo(sum.data() + local * dim, i * dim, dim, per_row ? new_steps[i] : step);
+      if (words) new_words[i] = slice_words[local];
+      update_row(sum.data() + local * dim, i * dim, dim, words ? &new_words[i] : nullptr, step);
     }
   }
 
@@ -370,8 +371,22 @@ class SliceUpdate {
     round_to(dtype_, values.data(), n);
   }
 
+  // One optimizer step of a table's row, `grad` over the redo entry's elements [lo, lo + n), in
+  // place. `word`: the row's word in the redo entry (lazy Adam: its step count, taken one further
+  // here; row-wise AdaGrad: its accumulator), or nullptr for an optimizer that keeps none (then
+  // the slice's step number `step`).
+  void update_row(const float* grad, std::uint64_t lo, std::size_t n, std::uint64_t* word, std::uint64_t step) {
+    if (settings_.kind == OptimizerKind::rowwise_adagrad) {
+      auto accumulator = std::bit_cast<double>(*word);
+      apply_rowwise_adagrad(settings_, std::span<float>(values_ + lo, n), std::span<const float>(grad, n), accumulator);
+      *word = std::bit_cast<std::uint64_t>(accumulator);
+      return;
+    }
+    update_in_redo(grad, lo, n, word != nullptr ? ++*word : step);
+  }
+
   // One optimizer step of `grad` over the redo entry's elements [lo, lo + n), in place, as step
-  // number `step` of the slice (a table's row: apply_rows). A 2-byte table's row is left
+  // number `step` of the slice (a table's row: apply_rows, through update_row). A 2-byte table's row is left
   // unrounded: it takes one step a round, and copy_in's narrowing is that step's one rounding (a
   // replay narrows the same entry to the same bytes), as the chunked path does.
   void update_in_redo(const float* grad, std::uint64_t lo, std::size_t n, std::uint64_t step) {
@@ -392,10 +407,10 @@ class SliceUpdate {
   }
 
   Segment& segment_;
-  const OptimizerSettings settings_;
   const std::uint64_t slice_index_;
   SliceEntry& slice_;
   const ParamEntry& param_;
+  const OptimizerSettings settings_;  // the parameter's: the job's, or a table's own
   RedoEntry& redo_;
   const int arrays_;
   const std::uint64_t elem_;  // bytes per state element

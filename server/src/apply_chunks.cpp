@@ -27,7 +27,7 @@ class Chunks {
  public:
   Chunks(Segment& segment, RedoEntry& entry, std::span<const SlicePart> parts)
       : segment_(segment), entry_(entry), slice_(segment.slice(entry.slice)), param_(segment.param(slice_.param)),
-        settings_(segment.header().optimizer), arrays_(static_cast<int>(segment.header().state_arrays)),
+        settings_(param_.optimizer), arrays_(state_arrays_of(param_)),
         elem_(segment.state_elem_bytes()), bf16_(settings_.state_dtype == StateDType::bf16), dtype_(param_.dtype),
         parts_(parts), step_before_(slice_.step) {
     // A bf16 / fp16 parameter's values are 2-byte elements: read through old_values() (widened),
@@ -273,7 +273,7 @@ SlicePart part_from_input(Segment& segment, RedoEntry& entry, const RedoInput& i
   part.lo = std::max(slice.first, rec->offset) - slice.first;
   part.n = std::min(slice.first + slice.count, rec->offset + rec->count) - slice.first - part.lo;
   part.grad = record_payload(rec) + (slice.first + part.lo - rec->offset);
-  part.scale = static_cast<float>(clip_norm_scale(h.optimizer, rec->grad_sq_norm));
+  part.scale = static_cast<float>(clip_norm_scale(segment.param(slice.param).optimizer, rec->grad_sq_norm));
   part.rank = input.rank;
   return part;
 }

@@ -56,10 +56,9 @@ std::uint64_t put_slice(Segment& segment, std::uint32_t rank, const PushRecord& 
   std::memcpy(values + (lo - slice.first), record_payload(&rec) + (lo - rec.offset), (hi - lo) * sizeof(float));
   round_to(p.dtype, values + (lo - slice.first), hi - lo);  // a bf16 / fp16 parameter stores them rounded
   const std::uint64_t elem = segment.state_elem_bytes();
-  for (std::uint32_t a = 0; a < h.state_arrays; ++a)
-    std::memcpy(segment.redo_state(redo, static_cast<int>(a)), segment.state_bytes(p, static_cast<int>(a)) + slice.first * elem,
-                slice.count * elem);
-  read_slice_row_steps(segment, p, slice, redo);  // a table with lazy Adam: its row steps unchanged
+  for (int a = 0; a < state_arrays_of(p); ++a)
+    std::memcpy(segment.redo_state(redo, a), segment.state_bytes(p, a) + slice.first * elem, slice.count * elem);
+  read_slice_row_words(segment, p, slice, redo);  // a table's row words unchanged
   std::uint64_t* row = segment.redo_last_applied(redo);
   std::memcpy(row, &segment.last_applied(index, 0), h.max_workers * sizeof(std::uint64_t));
   row[rank] = rec.seq;

@@ -49,17 +49,14 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
   mix(request.max_workers);
   // Groups change the layout (the group table); one group adds nothing, so older jobs keep their hash.
   if (plan.group_count > 1) mix(0x67700000ULL + plan.workers_per_group);
-  mix(request.state_arrays);
+  mix(plan.state_arrays);
   // Server groups add the sync tables; none adds nothing.
   if (plan.server_groups > 1) mix(0x5e7960000ULL + plan.server_groups);
   // The state dtype changes the layout; f32 adds nothing, so f32 segments keep their hash.
   if (request.state_dtype != StateDType::f32) mix(0x5d7e0000ULL + static_cast<std::uint64_t>(request.state_dtype));
-  // Lazy Adam's row steps on the tables; a job without them adds nothing.
-  for (const auto& p : plan.params)
-    if (p.row_steps_offset != 0) {
-      mix(0x5057e9500ULL);
-      break;
-    }
+  // Each parameter's optimizer kind (the job's, or a table's own): it fixes the parameter's state
+  // arrays and a table's row words.
+  for (const auto& p : plan.params) mix(0x0b7000000ULL + static_cast<std::uint64_t>(p.optimizer.kind));
   return h;
 }
 
@@ -90,9 +87,19 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     };
     try {
       reserve(p0.values_offset, p1.values_offset, dtype_bytes(p0.dtype), dtype_bytes(p1.dtype), "its values");
+      // State array a of the block's parameters that keep it (laid out one after the other): from
+      // the first one's part in the block to the last one's.
       const std::uint64_t state_elem = segment.state_elem_bytes();
-      for (std::uint32_t a = 0; a < h.state_arrays; ++a)
-        reserve(p0.state_offset[a], p1.state_offset[a], state_elem, state_elem, "optimizer state");
+      for (int a = 0; a < static_cast<int>(h.state_arrays); ++a) {
+        std::uint64_t begin = 0, end = 0;
+        for (std::uint64_t i = s0.param; i <= s1.param; ++i) {
+          const ParamEntry& p = segment.param(i);
+          if (a >= state_arrays_of(p)) continue;
+          if (begin == 0) begin = p.state_offset[a] + (i == s0.param ? s0.first : 0) * state_elem;
+          end = p.state_offset[a] + (i == s1.param ? s1.first + s1.count : p.size) * state_elem;
+        }
+        if (begin != 0) segment.reserve(begin, end - begin, "optimizer state");
+      }
       if (h.step_sums_offset != 0)  // float32 gradient sums, at the parameters' f32_offset
         reserve(h.step_sums_offset + p0.f32_offset, h.step_sums_offset + p1.f32_offset, sizeof(float), sizeof(float),
                 "BSP step sums");
@@ -102,10 +109,10 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     }
   });
   if (!error.empty()) throw Error(error);
-  // Lazy Adam's row step counts (8 bytes a table row): small, reserved whole, one table at a time.
+  // The tables' row words (8 bytes a row): small, reserved whole, one table at a time.
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = segment.param(i);
-    if (p.row_steps_offset != 0) segment.reserve(p.row_steps_offset, p.shape[0] * sizeof(std::uint64_t), "row step counts");
+    if (p.row_words_offset != 0) segment.reserve(p.row_words_offset, p.shape[0] * sizeof(std::uint64_t), "table row words");
   }
 }
 
@@ -228,7 +235,7 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   h.sync_sent_offset = plan.sync_sent_offset;
   h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
-  h.state_arrays = request.state_arrays;
+  h.state_arrays = plan.state_arrays;
   store_release(h.consistency, static_cast<std::uint32_t>(spec.consistency));
   store_release(h.staleness, spec.staleness);
   store_release(h.bsp_aggregate, static_cast<std::uint32_t>(spec.bsp_aggregate));
@@ -334,15 +341,14 @@ LayoutRequest layout_request(const ServerOptions& options) {
   LayoutRequest request;
   for (const auto& p : spec.params)
     request.params.push_back(
-        {p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim), p.dtype});
+        {p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim), p.dtype,
+         p.optimizer.value_or(spec.optimizer)});
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
   request.workers_per_group = spec.workers_per_group;
   request.ring_bytes = spec.ring_bytes;
   request.bsp = spec.consistency == Consistency::bsp;
-  request.state_arrays = static_cast<std::uint32_t>(optimizer_state_arrays(spec.optimizer.kind));
   request.state_dtype = spec.optimizer.state_dtype;
-  request.row_steps = spec.optimizer.kind == OptimizerKind::adam;  // lazy Adam: a step count per table row
   request.server_group = options.server_group;
   request.server_groups = options.server_groups;
   // One redo entry per apply thread a server may ever use here (a later server with more

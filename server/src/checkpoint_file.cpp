@@ -3,7 +3,9 @@
 #include "shmps/server/checkpoint.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -32,7 +34,16 @@ std::vector<std::string> state_names(OptimizerKind kind) {
     case OptimizerKind::adagrad: return {"adagrad.s"};
     case OptimizerKind::rmsprop: return {"rmsprop.s"};
     case OptimizerKind::adam: return {"adam.m", "adam.v"};
+    case OptimizerKind::rowwise_adagrad: return {};  // its state is a word per row (row_word_name)
   }
+  return {};
+}
+
+// The tensor of a table's row words, and its dtype: lazy Adam's step counts, row-wise AdaGrad's
+// accumulators; "" for an optimizer that keeps none.
+std::pair<std::string, std::string> row_word_name(OptimizerKind kind) {
+  if (kind == OptimizerKind::adam) return {"adam.step", "I64"};
+  if (kind == OptimizerKind::rowwise_adagrad) return {"rowwise_adagrad.s", "F64"};
   return {};
 }
 
@@ -108,6 +119,25 @@ std::vector<std::int64_t> i64(const st::File& file, const std::string& name, con
   return out;
 }
 
+// A table's row words, tensor `name` of `rows` elements and dtype I64 (lazy Adam's step counts,
+// none negative) or F64 (row-wise AdaGrad's accumulators, finite and none negative), as 8-byte words.
+std::vector<std::int64_t> row_word_tensor(const st::File& file, const std::string& name, const std::string& dtype,
+                                          std::uint64_t rows) {
+  const auto it = file.tensors().find(name);
+  if (it->second.dtype != dtype) fail(file.path(), "tensor \"" + name + "\" has dtype " + it->second.dtype + ", expected " + dtype);
+  if (it->second.shape != std::vector<std::uint64_t>{rows})
+    fail(file.path(), "tensor \"" + name + "\" has shape " + shape_text(it->second.shape) + ", expected [" +
+                          std::to_string(rows) + "]: one per row of the table");
+  const auto bytes = file.data(it->second);
+  std::vector<std::int64_t> out(rows);
+  if (rows != 0) std::memcpy(out.data(), bytes.data(), rows * sizeof(std::int64_t));
+  for (const std::int64_t w : out) {
+    const bool bad = dtype == "I64" ? w < 0 : !(std::bit_cast<double>(w) >= 0 && std::isfinite(std::bit_cast<double>(w)));
+    if (bad) fail(file.path(), "tensor \"" + name + "\" holds an impossible value (a negative step count or accumulator): the file is damaged");
+  }
+  return out;
+}
+
 json optimizer_json(const OptimizerSettings& o) {
   return json{{"kind", std::string(to_string(o.kind))},
               {"lr", o.lr},
@@ -122,18 +152,19 @@ json optimizer_json(const OptimizerSettings& o) {
               {"state_dtype", std::string(to_string(o.state_dtype))}};
 }
 
-OptimizerSettings optimizer_from_json(const std::filesystem::path& path, const json& j) {
+// The optimizer settings in metadata entry `key` ("shmps.optimizer", or a table's own).
+OptimizerSettings optimizer_from_json(const std::filesystem::path& path, const json& j,
+                                      const std::string& key = "shmps.optimizer") {
   OptimizerSettings o;
   try {
     const std::string kind = j.at("kind").get<std::string>();
     bool known = false;
-    for (auto k : {OptimizerKind::sgd, OptimizerKind::momentum, OptimizerKind::nesterov, OptimizerKind::adagrad,
-                   OptimizerKind::rmsprop, OptimizerKind::adam})
-      if (to_string(k) == kind) {
-        o.kind = k;
+    for (int k = 0; k <= static_cast<int>(kLastOptimizerKind); ++k)
+      if (to_string(static_cast<OptimizerKind>(k)) == kind) {
+        o.kind = static_cast<OptimizerKind>(k);
         known = true;
       }
-    if (!known) fail(path, "metadata \"shmps.optimizer\": unknown kind \"" + kind + "\"");
+    if (!known) fail(path, "metadata \"" + key + "\": unknown kind \"" + kind + "\"");
     // float -> JSON double -> float is exact: the JSON number reads back as the same double.
     o.lr = static_cast<float>(j.at("lr").get<double>());
     o.momentum = static_cast<float>(j.at("momentum").get<double>());
@@ -149,12 +180,12 @@ OptimizerSettings optimizer_from_json(const std::filesystem::path& path, const j
     if (dtype == "bf16")
       o.state_dtype = StateDType::bf16;
     else if (dtype != "f32")
-      fail(path, "metadata \"shmps.optimizer\": unknown state_dtype \"" + dtype + "\" (f32 or bf16)");
+      fail(path, "metadata \"" + key + "\": unknown state_dtype \"" + dtype + "\" (f32 or bf16)");
   } catch (const json::exception& e) {
-    fail(path, std::string("metadata \"shmps.optimizer\": ") + e.what());
+    fail(path, std::string("metadata \"" + key + "\": ") + e.what());
   }
   if (auto problem = validate_optimizer_settings(o); !problem.empty())
-    fail(path, "metadata \"shmps.optimizer\": " + problem);
+    fail(path, "metadata \"" + key + "\": " + problem);
   return o;
 }
 
@@ -308,7 +339,6 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
   } catch (const json::exception& e) {
     fail(path, std::string("metadata \"shmps.params\": ") + e.what());
   }
-  const auto names = state_names(snap.optimizer.kind);
   std::uint64_t slices = 0;
   for (const std::string& name : order) {
     const auto found = file.tensors().find(name);
@@ -328,21 +358,31 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
       fail(path, "tensor \"" + name + "\": expected dtype F32 (or BF16 / F16: the values of a parameter of dtype bf16 / "
                  "fp16), found " + t.dtype);
     }
+    // Its optimizer: a table's own when the metadata names one, else the job's.
+    const std::string own = "shmps.optimizer." + name;
+    p.optimizer = meta.contains(own) ? optimizer_from_json(path, meta_json(path, meta, own), own) : snap.optimizer;
+    if (p.optimizer.kind == OptimizerKind::rowwise_adagrad && t.shape.size() != 2)
+      fail(path, "metadata \"" + own + "\" gives \"" + name + "\" row-wise AdaGrad, which only a table has: the file "
+                 "is damaged");
+    const auto names = state_names(p.optimizer.kind);
     for (std::size_t a = 0; a < names.size(); ++a) {
       const std::string state = name + "/" + names[a];
       if (!file.tensors().contains(state))
-        fail(path, "tensor \"" + state + "\" is missing: the " + std::string(to_string(snap.optimizer.kind)) +
+        fail(path, "tensor \"" + state + "\" is missing: the " + std::string(to_string(p.optimizer.kind)) +
                        " optimizer's state of \"" + name + "\"");
       p.state[a] = file.f32(state, t.shape);
     }
-    // Lazy Adam's row steps: a table's, when the job had Adam (checked against the spec on restore).
-    if (const std::string steps = name + "/adam.step"; file.tensors().contains(steps)) {
-      if (snap.optimizer.kind != OptimizerKind::adam || t.shape.size() != 2)
-        fail(path, "tensor \"" + steps + "\" holds a table's lazy Adam step counts, but \"" + name +
-                       "\" is not a table of an Adam job in this checkpoint: the file is damaged");
-      p.row_steps = i64(file, steps, {t.shape[0]});
-      for (const std::int64_t s : p.row_steps)
-        if (s < 0) fail(path, "tensor \"" + steps + "\" holds a negative step count: the file is damaged");
+    // A table's row words: lazy Adam's step counts, row-wise AdaGrad's accumulators (whether the
+    // parameter is a table is checked against the spec on restore).
+    for (const OptimizerKind kind : {OptimizerKind::adam, OptimizerKind::rowwise_adagrad}) {
+      const auto [suffix, dtype] = row_word_name(kind);
+      const std::string words = name + "/" + suffix;
+      if (!file.tensors().contains(words)) continue;
+      if (p.optimizer.kind != kind || t.shape.size() != 2)
+        fail(path, "tensor \"" + words + "\" holds a table's " + std::string(to_string(kind)) + " row state, but \"" +
+                       name + "\" is not a table updated with " + std::string(to_string(kind)) +
+                       " in this checkpoint: the file is damaged");
+      p.row_words = row_word_tensor(file, words, dtype, t.shape[0]);
     }
     slices += (p.values.size() + snap.slice_floats - 1) / snap.slice_floats;
     snap.params.push_back(std::move(p));
@@ -394,7 +434,6 @@ void read_sync_tables(const std::filesystem::path& path, const st::File& file, s
 
 void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, unsigned mode) {
   std::vector<st::TensorView> tensors;
-  const auto names = state_names(snap.optimizer.kind);
   std::map<std::string, std::string> meta = metadata_of(snap);
 
   std::uint64_t first_slice = 0;
@@ -421,11 +460,16 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, u
     meta["shmps.version." + p.name] = std::to_string(slices ? lo : 0) + ".." + std::to_string(hi);
   }
   for (const auto& p : snap.params) {
+    const auto names = state_names(p.optimizer.kind);
     for (std::size_t a = 0; a < names.size(); ++a)
       tensors.push_back({p.name + "/" + names[a], "F32", p.shape, std::as_bytes(std::span<const float>(p.state[a]))});
-    if (!p.row_steps.empty())
-      tensors.push_back({p.name + "/adam.step", "I64", {p.row_steps.size()},
-                         std::as_bytes(std::span<const std::int64_t>(p.row_steps))});
+    if (!p.row_words.empty()) {
+      const auto [suffix, dtype] = row_word_name(p.optimizer.kind);
+      tensors.push_back({p.name + "/" + suffix, dtype, {p.row_words.size()},
+                         std::as_bytes(std::span<const std::int64_t>(p.row_words))});
+    }
+    if (optimizer_json(p.optimizer) != optimizer_json(snap.optimizer))  // a table's own
+      meta["shmps.optimizer." + p.name] = optimizer_json(p.optimizer).dump();
   }
   const std::uint64_t slices = snap.slice_version.size();
   tensors.push_back({"shmps/slice_version", "I64", {slices}, std::as_bytes(std::span<const std::int64_t>(snap.slice_version))});

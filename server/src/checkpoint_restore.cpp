@@ -51,11 +51,21 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
     fail(path, "was written with optimizer " + std::string(to_string(snap.optimizer.kind)) + ", " + spec.source +
                    " asks for " + std::string(to_string(spec.optimizer.kind)) + ": the optimizer state cannot carry over; "
                    "set kind = \"" + std::string(to_string(snap.optimizer.kind)) + "\"");
-  for (const ParamSpec& want : spec.params) {
-    const auto it = std::find_if(snap.params.begin(), snap.params.end(), [&](const auto& p) { return p.name == want.name; });
-    if (want.table_dim != 0 && spec.optimizer.kind == OptimizerKind::adam && it->row_steps.size() != want.shape[0])
-      fail(path, "has no tensor \"" + want.name + "/adam.step\" of " + std::to_string(want.shape[0]) +
-                     " row step counts, which lazy Adam keeps for each row of a table: \"" + want.name +
+  for (std::size_t i = 0; i < spec.params.size(); ++i) {
+    const ParamSpec& want = spec.params[i];
+    const Snapshot::Param& have = snap.params[i];  // the same parameter (checked above)
+    const OptimizerKind want_kind = want.optimizer.value_or(spec.optimizer).kind;
+    if (have.optimizer.kind != want_kind)
+      fail(path, "updated \"" + want.name + "\" with optimizer " + std::string(to_string(have.optimizer.kind)) + ", " +
+                     spec.source + " asks for " + std::string(to_string(want_kind)) +
+                     ": its optimizer state cannot carry over; give it kind = \"" +
+                     std::string(to_string(have.optimizer.kind)) + "\" (" +
+                     (want.table_dim != 0 ? "in its own optimizer = { ... }, or the job's [optimizer]" : "in [optimizer]") +
+                     "), or start it afresh from the exported values (init = { kind = \"pretrained\", ... })");
+    if (want.table_dim != 0 && optimizer_row_words(want_kind) && have.row_words.size() != want.shape[0])
+      fail(path, "has no tensor \"" + want.name + "/" + (want_kind == OptimizerKind::adam ? "adam.step" : "rowwise_adagrad.s") +
+                     "\" of " + std::to_string(want.shape[0]) + " row words, which " + std::string(to_string(want_kind)) +
+                     " keeps for each row of a table: \"" + want.name +
                      "\" was not a table of this job when the checkpoint was taken (or the file is damaged); make it a "
                      "[[param]] as it was, or start the table afresh from the exported values (init = { kind = "
                      "\"pretrained\", ... })");
@@ -94,10 +104,15 @@ void restore_into(Segment& segment, const Snapshot& snap) {
   store_release(h.records_discarded, snap.records_discarded);
   store_release(h.floats_applied, snap.floats_applied);
   store_release(h.apply_rounds, snap.apply_rounds);
-  const int arrays = static_cast<int>(h.state_arrays);
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
-    const ParamEntry& p = segment.param(i);
+    // The segment is not ready yet: nobody else reads its parameter table. Each parameter takes
+    // its optimizer's settings from the checkpoint as the job's do (its kind is the spec's,
+    // check_restorable).
+    ParamEntry& p = segment.param(i);
     const Snapshot::Param& sp = snap.params[i];
+    p.optimizer = sp.optimizer;
+    p.optimizer.state_dtype = dtype;
+    const int arrays = state_arrays_of(p);
     if (p.dtype == DType::f32)
       std::memcpy(segment.values(p), sp.values.data(), p.size * sizeof(float));
     else  // exact: the snapshot's values are a bf16 / fp16 segment's, widened (check_restorable)
@@ -108,8 +123,8 @@ void restore_into(Segment& segment, const Snapshot& snap) {
       else
         std::memcpy(segment.state_bytes(p, a), sp.state[a].data(), p.size * sizeof(float));
     }
-    if (p.row_steps_offset != 0)  // lazy Adam's row steps (check_restorable made sure there is one per row)
-      for (std::uint64_t r = 0; r < p.shape[0]; ++r) segment.row_steps(p)[r] = static_cast<std::uint64_t>(sp.row_steps[r]);
+    if (p.row_words_offset != 0)  // a table's row words (check_restorable made sure there is one per row)
+      for (std::uint64_t r = 0; r < p.shape[0]; ++r) segment.row_words(p)[r] = static_cast<std::uint64_t>(sp.row_words[r]);
   }
   const std::uint32_t columns = std::min(h.max_workers, snap.max_workers);
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {

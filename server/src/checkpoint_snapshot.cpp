@@ -102,7 +102,6 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
   out.floats_applied = load_acquire(h.floats_applied);
   out.apply_rounds = load_acquire(h.apply_rounds);
 
-  const int arrays = static_cast<int>(h.state_arrays);
   out.params.resize(h.param_count);
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = segment.param(i);
@@ -111,6 +110,8 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
     sp.shape.assign(p.shape, p.shape + p.ndim);
     sp.values.resize(p.size);
     sp.dtype = p.dtype;
+    sp.optimizer = p.optimizer;
+    const int arrays = state_arrays_of(p);
     if (p.dtype == DType::f32)
       parallel_copy(arena, sp.values.data(), segment.values(p), p.size);
     else
@@ -125,11 +126,11 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
       else
         parallel_copy(arena, sp.state[a].data(), at<float>(segment.base(), p.state_offset[a]), p.size);
     }
-    if (p.row_steps_offset != 0) {
-      const std::uint64_t* steps = segment.row_steps(p);
-      sp.row_steps.assign(steps, steps + p.shape[0]);
+    if (p.row_words_offset != 0) {
+      const std::uint64_t* words = segment.row_words(p);
+      sp.row_words.assign(words, words + p.shape[0]);
     } else {
-      sp.row_steps.clear();
+      sp.row_words.clear();
     }
   }
   out.slice_version.resize(h.slice_count);

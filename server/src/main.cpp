@@ -235,6 +235,14 @@ void print_plan(const shmps::server::ServerOptions& options, const std::string& 
       std::cout << "dtype " << shmps::shm::to_string(p.dtype) << " " << p.name << ": " << p.size << " elements, "
                 << shmps::shm::human_bytes(p.size * shmps::shm::dtype_bytes(p.dtype)) << " (float32: "
                 << shmps::shm::human_bytes(p.size * sizeof(float)) << ")\n";
+  // Tables with their own optimizer, each with what it keeps per row.
+  for (const auto& p : spec.params)
+    if (p.optimizer)
+      std::cout << "optimizer " << to_string(p.optimizer->kind) << " lr=" << p.optimizer->lr << " for table " << p.name
+                << (p.optimizer->kind == shmps::OptimizerKind::rowwise_adagrad ? ": one accumulator per row (8 bytes)"
+                    : p.optimizer->kind == shmps::OptimizerKind::adam          ? ": lazy, a step count per row (8 bytes)"
+                                                                                : "")
+                << "\n";
   std::cout << "\n" << shmps::shm::memory_table(m);
 }
 

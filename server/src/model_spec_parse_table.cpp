@@ -5,6 +5,7 @@
 //   rows = 1048576    # required, >= 1
 //   dim = 16          # required, >= 1: floats per row; must divide the slice (slice_bytes / 4)
 //   init = { kind = "u24", stream = 24, scale_divisor = 64 }  # as a [[param]]'s, row-major
+//   optimizer = { kind = "rowwise_adagrad", lr = 0.1 }  # optional: its own (else the job's)
 //
 // A table becomes a parameter of shape [rows, dim] (checkpoints, export and restore treat it as
 // one); what differs is how workers reach it (Worker::pull_rows / push_rows) and how the server
@@ -39,9 +40,6 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     const toml::table* t = e.as_table();
     if (t == nullptr) fail(e.source(), at, "expected a table, got " + describe(e));
     check_keys(*t, at + ".", kTableKeys, "");
-    if (const toml::node* o = t->get("optimizer"))
-      fail(o->source(), at + ".optimizer",
-           "a table's own optimizer is not supported yet: tables are updated with the job's [optimizer]; remove it");
     if (const toml::node* k = t->get("keys"))
       fail(k->source(), at + ".keys",
            "open-ended 64-bit keys are not supported yet: ids are row numbers in [0, rows); remove it");
@@ -64,6 +62,7 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     if (!checked_elements(p.shape)) fail(rows->source(), at + ".rows", too_large_text(p.shape));
     if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
     if (const toml::node* d = t->get("dtype")) p.dtype = read_dtype(*d, at + ".dtype");
+    if (const toml::node* o = t->get("optimizer")) p.optimizer = read_table_optimizer(*o, at + ".optimizer", spec.optimizer);
     if (std::string problem = table_problem(spec, p, at); !problem.empty()) {
       const std::size_t colon = problem.find(": ");  // "<field>: <problem>"
       fail(t->source(), problem.substr(0, colon), problem.substr(colon + 2));

@@ -93,6 +93,7 @@ ModelSpec Parser::parse(std::string_view text) {
   read_optimizer(root, spec.optimizer);
   read_params(root, spec);
   read_tables(root, spec);
+  check_state_dtype_used(root, spec);
   // Safety net: everything above should already have been caught, with its position.
   if (std::string problem = validate_model_spec(spec); !problem.empty()) {
     throw SpecError(source_ + ": " + problem);

@@ -68,7 +68,13 @@ class Parser {
   shm::DType read_dtype(const toml::node& n, const std::string& field) const;  // a [[param]]'s or [[table]]'s
 
   // model_spec_parse_optimizer.cpp
-  void read_optimizer(const toml::table& root, OptimizerSettings& s) const;
+  void read_optimizer(const toml::table& root, OptimizerSettings& s) const;  // the job's [optimizer]
+  // A [[table]]'s own `optimizer = { ... }` (field: "table[0].optimizer"); its state_dtype is the job's.
+  OptimizerSettings read_table_optimizer(const toml::node& n, const std::string& field, const OptimizerSettings& job) const;
+  // [optimizer]'s state_dtype, if given, is used by some parameter's optimizer (run after read_tables).
+  void check_state_dtype_used(const toml::table& root, const ModelSpec& spec) const;
+  // The keys of one optimizer table `t`, named field + "." + key in messages.
+  void read_optimizer_keys(const toml::table& t, const std::string& field, bool table, OptimizerSettings& s) const;
 
   // model_spec_parse_init.cpp
   InitSpec read_init(const toml::node& n, const std::string& field,

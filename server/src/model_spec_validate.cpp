@@ -83,6 +83,8 @@ std::string settings_problem(const ModelSpec& spec) {
   if (std::string p = validate_optimizer_settings(spec.optimizer); !p.empty()) {
     return "optimizer." + p;
   }
+  if (spec.optimizer.kind == OptimizerKind::rowwise_adagrad)
+    return "optimizer.kind: rowwise_adagrad is a table's optimizer only (one accumulator per table row)";
   return {};
 }
 
@@ -138,6 +140,13 @@ std::string spec_detail::table_problem(const ModelSpec& spec, const ParamSpec& p
   if (p.table_dim == 0) return {};
   if (p.shape.size() != 2 || p.shape[1] != p.table_dim)
     return at + ": a table's shape must be {rows, dim}";
+  if (p.optimizer) {
+    if (std::string problem = validate_optimizer_settings(*p.optimizer); !problem.empty())
+      return at + ".optimizer." + problem;
+    if (p.optimizer->state_dtype != spec.optimizer.state_dtype)
+      return at + ".optimizer.state_dtype: must be the job's (" + std::string(to_string(spec.optimizer.state_dtype)) +
+             ", set in [optimizer]): the optimizer state has one dtype per job";
+  }
   if ((spec.slice_bytes / sizeof(float)) % p.table_dim != 0)
     return at + ".dim: " + std::to_string(p.table_dim) + " floats per row do not divide a slice of " +
            std::to_string(spec.slice_bytes) + " bytes (slice_bytes), and a row must not straddle two slices: " +
@@ -164,6 +173,8 @@ std::string validate_model_spec(const ModelSpec& spec) {
     if (std::string problem = shape_problem(p, at, total); !problem.empty()) return problem;
     if (std::string problem = init_problem(p.init, at); !problem.empty()) return problem;
     if (std::string problem = table_problem(spec, p, at); !problem.empty()) return problem;
+    if (p.optimizer && p.table_dim == 0)
+      return at + ".optimizer: only a table may have its own optimizer; a dense parameter takes the job's [optimizer]";
     if (static_cast<std::uint32_t>(p.dtype) > static_cast<std::uint32_t>(shm::DType::fp16))
       return at + ".dtype: unknown dtype " + std::to_string(static_cast<std::uint32_t>(p.dtype)) +
              "; use f32, bf16 or fp16";

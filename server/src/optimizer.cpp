@@ -380,6 +380,8 @@ void dispatch_bf16(OptimizerKind kind, const Coeffs& c, const Bf16Arrays& x, con
       return run_bf16<OptimizerKind::rmsprop, A>(c, x, g, n);
     case OptimizerKind::adam:
       return run_bf16<OptimizerKind::adam, A>(c, x, g, n);
+    case OptimizerKind::rowwise_adagrad:  // a row at a time (apply_rowwise_adagrad); checked_coeffs refuses it
+      return;
   }
 }
 
@@ -398,6 +400,8 @@ void dispatch(OptimizerKind kind, const Coeffs& c, const Arrays& x, const float*
       return run<OptimizerKind::rmsprop, A>(c, x, g, n);
     case OptimizerKind::adam:
       return run<OptimizerKind::adam, A>(c, x, g, n);
+    case OptimizerKind::rowwise_adagrad:  // a row at a time (apply_rowwise_adagrad); checked_coeffs refuses it
+      return;
   }
 }
 
@@ -449,6 +453,8 @@ namespace {
 Coeffs checked_coeffs(const OptimizerSettings& s, std::size_t n, std::size_t grad_n, std::size_t state0_n,
                       std::size_t state1_n, std::size_t old_values_n, std::size_t old0_n, std::size_t old1_n,
                       std::uint64_t step, float grad_scale) {
+  if (s.kind == OptimizerKind::rowwise_adagrad)
+    throw std::invalid_argument("apply_update: rowwise_adagrad steps a table row (apply_rowwise_adagrad)");
   if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(OptimizerKind::adam)) {
     throw std::invalid_argument("apply_update: unknown optimizer kind " +
                                 std::to_string(static_cast<std::uint32_t>(s.kind)));
@@ -555,6 +561,32 @@ void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std:
   } else {
     dispatch_bf16<kUnaligned>(s.kind, c, x, g, len);
   }
+}
+
+void apply_rowwise_adagrad(const OptimizerSettings& s, std::span<float> row, std::span<const float> grad,
+                           double& accumulator) {
+  if (s.kind != OptimizerKind::rowwise_adagrad)
+    throw std::invalid_argument("apply_rowwise_adagrad: the optimizer is " + std::string(to_string(s.kind)));
+  if (grad.size() != row.size())
+    throw std::invalid_argument("apply_rowwise_adagrad: gradient has " + std::to_string(grad.size()) +
+                                " elements, the row " + std::to_string(row.size()));
+  if (row.empty()) return;
+  // A row is a few dozen elements: the gradient after clamping and weight decay is formed twice
+  // (for the mean of squares, then for the step) rather than kept in a buffer.
+  const auto g_of = [&](std::size_t i) {
+    float g = grad[i];
+    if (s.clip_value > 0.0f) g = std::clamp(g, -s.clip_value, s.clip_value);
+    if (s.weight_decay > 0.0f) g += s.weight_decay * row[i];
+    return g;
+  };
+  double sum_sq = 0;
+  for (std::size_t i = 0; i < row.size(); ++i) {
+    const double g = g_of(i);
+    sum_sq += g * g;
+  }
+  accumulator += sum_sq / static_cast<double>(row.size());
+  const auto factor = static_cast<float>(static_cast<double>(s.lr) / (std::sqrt(accumulator) + static_cast<double>(s.eps)));
+  for (std::size_t i = 0; i < row.size(); ++i) row[i] -= factor * g_of(i);
 }
 
 }  // namespace shmps::server

@@ -48,7 +48,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
     store_release(slice.version, e.version_after);
     return;
   }
-  const int arrays = static_cast<int>(segment.header().state_arrays);
+  const int arrays = state_arrays_of(p);  // the parameter's optimizer's (the entry has room for the most any keeps)
   if (e.mode == RedoMode::rows) {
     // A table's touched rows (RedoMode::rows): each to its place in the slice.
     const std::uint64_t dim = p.table_dim, n = e.inputs, elem = segment.state_elem_bytes();
@@ -65,7 +65,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
       for (int a = 0; a < arrays; ++a)
         std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,
                     segment.redo_state(e, a) + i * dim * elem, dim * elem);
-      if (p.row_steps_offset != 0) segment.row_steps(p)[slice.first / dim + where[i]] = segment.redo_row_steps(e)[i];
+      if (p.row_words_offset != 0) segment.row_words(p)[slice.first / dim + where[i]] = segment.redo_row_words(e)[i];
     }
     std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
     slice.step = e.step_after;
@@ -90,8 +90,8 @@ void copy_in(Segment& segment, RedoEntry& e) {
   const std::uint64_t elem = segment.state_elem_bytes();  // the entry holds the segment's state dtype
   for (int a = 0; a < arrays; ++a)
     std::memcpy(segment.state_bytes(p, a) + slice.first * elem, segment.redo_state(e, a), e.count * elem);
-  if (p.row_steps_offset != 0)  // a table slice in whole: every row's step count (read_slice_row_steps)
-    std::memcpy(segment.row_steps(p) + slice.first / p.table_dim, segment.redo_row_steps(e),
+  if (p.row_words_offset != 0)  // a table slice in whole: every row's word (read_slice_row_words)
+    std::memcpy(segment.row_words(p) + slice.first / p.table_dim, segment.redo_row_words(e),
                 e.count / p.table_dim * sizeof(std::uint64_t));
   std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
   slice.step = e.step_after;
@@ -99,9 +99,9 @@ void copy_in(Segment& segment, RedoEntry& e) {
   store_release(slice.version, e.version_after);
 }
 
-void read_slice_row_steps(Segment& segment, const ParamEntry& p, const SliceEntry& slice, RedoEntry& entry) {
-  if (p.row_steps_offset == 0) return;
-  std::memcpy(segment.redo_row_steps(entry), segment.row_steps(p) + slice.first / p.table_dim,
+void read_slice_row_words(Segment& segment, const ParamEntry& p, const SliceEntry& slice, RedoEntry& entry) {
+  if (p.row_words_offset == 0) return;
+  std::memcpy(segment.redo_row_words(entry), segment.row_words(p) + slice.first / p.table_dim,
               slice.count / p.table_dim * sizeof(std::uint64_t));
 }
 

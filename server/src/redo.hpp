@@ -25,10 +25,10 @@ void copy_in(shm::Segment& segment, shm::RedoEntry& entry);
 // into out[0, slice.count): how an update reads the current values into its redo entry.
 void read_slice_values(const shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice, float* out);
 
-// A table of a job with lazy Adam (p.row_steps_offset != 0): the slice's rows' step counts into
-// the entry's row steps, as they are, so that a whole copy-in keeps them (or the caller steps
-// some). Nothing for any other parameter.
-void read_slice_row_steps(shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice,
+// A table whose optimizer keeps row words (p.row_words_offset != 0: lazy Adam's step counts,
+// row-wise AdaGrad's accumulators): the slice's rows' words into the entry's, as they are, so
+// that a whole copy-in keeps them (or the caller steps some). Nothing for any other parameter.
+void read_slice_row_words(shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice,
                           shm::RedoEntry& entry);
 
 }  // namespace shmps::server

@@ -32,7 +32,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   if (request.workers_per_group > request.max_workers)
     throw Error("workers_per_group (" + std::to_string(request.workers_per_group) + ") must be at most max_workers (" +
                 std::to_string(request.max_workers) + "): a group cannot have more workers than the job has slots");
-  if (request.state_arrays > 2) throw Error("at most two optimizer state arrays are supported");
   if (request.redo_entries == 0 || request.redo_entries > 1024) throw Error("redo_entries must be between 1 and 1024");
   if (request.server_groups == 0 || request.server_groups > kMaxServerGroups)
     throw Error("server_groups must be between 1 and " + std::to_string(kMaxServerGroups) + ", got " +
@@ -46,7 +45,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.max_workers = request.max_workers;
   plan.workers_per_group = request.workers_per_group == 0 ? request.max_workers : request.workers_per_group;
   plan.group_count = (plan.max_workers + plan.workers_per_group - 1) / plan.workers_per_group;
-  plan.state_arrays = request.state_arrays;
   plan.state_dtype = request.state_dtype;
   if (static_cast<std::uint32_t>(request.state_dtype) > static_cast<std::uint32_t>(StateDType::bf16))
     throw Error("unknown optimizer state dtype " + std::to_string(static_cast<std::uint32_t>(request.state_dtype)));
@@ -55,12 +53,14 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.server_group = request.server_group;
   plan.server_groups = request.server_groups;
   const bool sync = request.server_groups > 1;
-  // Lazy Adam's row step counts: only a job whose optimizer keeps them and that has a table. A
-  // redo entry holds those of one slice: at most slice_floats / (the narrowest table's dim).
+  // Row words (lazy Adam's step counts, row-wise AdaGrad's accumulators): only tables whose
+  // optimizer keeps them. A redo entry holds those of one slice: at most slice_floats / (the
+  // narrowest such table's dim).
   std::uint32_t narrowest_table = 0;
   for (const auto& p : request.params)
-    if (p.table_dim != 0 && (narrowest_table == 0 || p.table_dim < narrowest_table)) narrowest_table = p.table_dim;
-  const bool row_steps = request.row_steps && narrowest_table != 0;
+    if (p.table_dim != 0 && optimizer_row_words(p.optimizer.kind) && (narrowest_table == 0 || p.table_dim < narrowest_table))
+      narrowest_table = p.table_dim;
+  const bool row_words = narrowest_table != 0;
   std::uint64_t largest = 0;
   std::string largest_name;
   for (const auto& p : request.params) {
@@ -78,6 +78,14 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                   ", and server groups (" + std::to_string(request.server_groups) +
                   " of them, or several hosts) sync float32 values only: run the job as one server group, or make "
                   "the parameter dtype = \"f32\"");
+    if (static_cast<std::uint32_t>(p.optimizer.kind) > static_cast<std::uint32_t>(kLastOptimizerKind))
+      throw Error("parameter '" + p.name + "': unknown optimizer kind " + std::to_string(static_cast<std::uint32_t>(p.optimizer.kind)));
+    if (p.optimizer.kind == OptimizerKind::rowwise_adagrad && p.table_dim == 0)
+      throw Error("parameter '" + p.name + "': rowwise_adagrad keeps one accumulator per table row, and '" + p.name +
+                  "' is not a table");
+    entry.optimizer = p.optimizer;
+    entry.optimizer.state_dtype = request.state_dtype;
+    plan.state_arrays = std::max(plan.state_arrays, static_cast<std::uint32_t>(optimizer_state_arrays(p.optimizer.kind)));
     entry.ndim = static_cast<std::uint32_t>(p.shape.size());
     entry.init_put = p.init_put ? 1U : 0U;
     entry.table_dim = p.table_dim;
@@ -154,9 +162,9 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   plan.redo_offset = offset;
   plan.redo_stride = align_up(sizeof(RedoEntry) + align_up(request.max_workers, 8) * sizeof(std::uint64_t) +
                                   redo_inputs_bytes(request.max_workers) + plan.slice_floats * sizeof(float) +
-                                  request.state_arrays * plan.slice_floats * state_elem +
+                                  plan.state_arrays * plan.slice_floats * state_elem +
                                   (sync ? plan.slice_floats * sizeof(float) : 0) +  // sync_take: the fresh values
-                                  (row_steps ? plan.slice_floats / narrowest_table * sizeof(std::uint64_t) : 0),  // row steps
+                                  (row_words ? plan.slice_floats / narrowest_table * sizeof(std::uint64_t) : 0),
                               kCacheLine);
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
@@ -187,29 +195,33 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.values_offset = offset;
     offset += align_up(entry.size * dtype_bytes(entry.dtype), kCacheLine);
   }
-  std::uint64_t state_array_bytes = 0;  // one state array of every parameter
-  for (const auto& entry : plan.params) state_array_bytes += align_up(entry.size * state_elem, kCacheLine);
-  offset = big_region_at(align_up(offset, 4096), request.state_arrays * state_array_bytes);
+  // The state arrays: array a of every parameter whose optimizer keeps more than a of them.
+  std::uint64_t state_bytes = 0;
+  for (const auto& entry : plan.params)
+    state_bytes += static_cast<std::uint64_t>(state_arrays_of(entry)) * align_up(entry.size * state_elem, kCacheLine);
+  offset = big_region_at(align_up(offset, 4096), state_bytes);
   plan.state_offset = offset;
-  for (std::uint32_t a = 0; a < request.state_arrays; ++a) {
+  for (int a = 0; a < static_cast<int>(plan.state_arrays); ++a) {
     for (auto& entry : plan.params) {
+      if (a >= state_arrays_of(entry)) continue;
       entry.state_offset[a] = offset;
       offset += align_up(entry.size * state_elem, kCacheLine);
     }
   }
-  std::uint64_t last_region = request.state_arrays != 0 ? request.state_arrays * state_array_bytes : values_bytes;
-  // Lazy Adam on tables: each table's rows' step counts.
-  if (row_steps) {
-    std::uint64_t row_steps_bytes = 0;
+  std::uint64_t last_region = state_bytes != 0 ? state_bytes : values_bytes;
+  // The row words of the tables whose optimizer keeps them (lazy Adam, row-wise AdaGrad).
+  if (row_words) {
+    const auto keeps_words = [](const ParamEntry& e) { return e.table_dim != 0 && optimizer_row_words(e.optimizer.kind); };
+    std::uint64_t row_words_bytes = 0;
     for (const auto& entry : plan.params)
-      if (entry.table_dim != 0) row_steps_bytes += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
-    offset = big_region_at(align_up(offset, 4096), row_steps_bytes);
+      if (keeps_words(entry)) row_words_bytes += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
+    offset = big_region_at(align_up(offset, 4096), row_words_bytes);
     for (auto& entry : plan.params) {
-      if (entry.table_dim == 0) continue;
-      entry.row_steps_offset = offset;
+      if (!keeps_words(entry)) continue;
+      entry.row_words_offset = offset;
       offset += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
     }
-    last_region = row_steps_bytes;
+    last_region = row_words_bytes;
   }
   // A BSP job whose rings cannot hold a step: the step's pushes stream into one model's worth of
   // sums, float32 whatever the state dtype (they are gradients). (An ASP or SSP job pays nothing

@@ -1,5 +1,6 @@
 #include "shmps/shm/memory.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <sstream>
 
@@ -40,7 +41,13 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
     if (p.dtype != DType::f32) halves += p.size;
   }
   const std::uint64_t state_elem = state_dtype_bytes(plan.state_dtype);
-  m.state_bytes = plan.state_arrays * floats * state_elem;
+  std::uint32_t arrays_least = 2, arrays_most = 0;  // state arrays per parameter
+  for (const auto& p : plan.params) {
+    const auto a = static_cast<std::uint32_t>(state_arrays_of(p));
+    m.state_bytes += a * p.size * state_elem;
+    arrays_least = std::min(arrays_least, a);
+    arrays_most = std::max(arrays_most, a);
+  }
   m.ring_each_bytes = sizeof(RingHeader) + plan.ring_bytes;  // a big ring's padding to 2 MiB is padding
   const std::uint64_t rings = plan.max_workers * m.ring_each_bytes;
   const std::uint64_t slots = plan.rings_offset > plan.slots_offset ? plan.max_workers * sizeof(WorkerSlot) : 0;
@@ -52,20 +59,29 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
                                       : std::to_string(floats) + " elements, " + std::to_string(halves) +
                                             " of them in 2 bytes (bf16, fp16)")});
   m.parts.push_back({"optimizer state", m.state_bytes,
-                     plan.state_arrays == 0
-                         ? "none (plain SGD)"
-                         : std::to_string(plan.state_arrays) + (plan.state_arrays == 1 ? " array" : " arrays") +
+                     arrays_most == 0
+                         ? (std::any_of(plan.params.begin(), plan.params.end(),
+                                        [](const ParamEntry& p) { return p.row_words_offset != 0; })
+                                ? "none per element (the tables' row words: below)"
+                                : "none (plain SGD)")
+                         : (arrays_least == arrays_most ? std::to_string(arrays_most)
+                                                        : std::to_string(arrays_least) + " to " + std::to_string(arrays_most)) +
+                               (arrays_most == 1 ? " array" : " arrays") +
+                               (arrays_least == arrays_most ? "" : " per parameter (by its optimizer),") +
                                (plan.state_dtype == StateDType::bf16 ? " of bf16, 2 bytes per element"
                                                                      : " of float32, 4 bytes per element")});
-  std::uint64_t row_steps = 0, step_rows = 0;  // lazy Adam on tables: 8 bytes per row
+  std::uint64_t row_words = 0, word_rows = 0;  // lazy Adam, row-wise AdaGrad on tables: 8 bytes per row
+  std::string word_kinds;
   for (const auto& p : plan.params)
-    if (p.row_steps_offset != 0) {
-      row_steps += p.shape[0] * sizeof(std::uint64_t);
-      step_rows += p.shape[0];
+    if (p.row_words_offset != 0) {
+      row_words += p.shape[0] * sizeof(std::uint64_t);
+      word_rows += p.shape[0];
+      const std::string_view what = p.optimizer.kind == OptimizerKind::adam ? "lazy Adam's step count" : "row-wise AdaGrad's accumulator";
+      if (word_kinds.find(what) == std::string::npos) word_kinds += (word_kinds.empty() ? "" : ", ") + std::string(what);
     }
-  if (row_steps != 0)
-    m.parts.push_back({"table row steps", row_steps,
-                       std::to_string(step_rows) + " rows x 8 B: lazy Adam's step count per table row"});
+  if (row_words != 0)
+    m.parts.push_back({"table row words", row_words,
+                       std::to_string(word_rows) + " rows x 8 B: " + word_kinds + " per table row"});
   if (plan.step_sums_bytes != 0)
     m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
                        "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});

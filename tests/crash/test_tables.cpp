@@ -1,7 +1,7 @@
 // Tables ([[table]], Worker::pull_rows / push_rows) with real server and worker processes:
-// repeated ids summed, the lazy row-wise optimizer step against hand-computed values, every bad
-// input refused with its message and nothing changed, hot rows never read torn, and exact sums
-// through SIGKILLs of workers and of the server (also in the middle of writing a table's slice).
+// repeated ids summed, every bad input refused with its message and nothing changed, hot rows
+// never read torn, and exact sums through SIGKILLs of workers and of the server (also in the
+// middle of writing a table's slice). Their optimizers: test_table_optimizers.cpp.
 //
 // SGD with learning rate 1 and small-integer gradients: every value is exact, so the final table
 // must equal minus the sum of every committed push, element by element.
@@ -31,6 +31,7 @@
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
 #include "../support/pattern.hpp"
+#include "../support/table_job.hpp"
 
 using namespace std::chrono_literals;
 using namespace shmps;
@@ -38,18 +39,12 @@ using shmps::test::error_of;
 using shmps::test::Job;
 using shmps::test::Process;
 using shmps::test::Watchdog;
+using shmps::test::kDim;
+using shmps::test::kRows;
+using shmps::test::pull_table;
+using shmps::test::rows_spec;
 
 namespace {
-
-// "t": 512 rows of 8 (8 rows per 256-byte slice: 64 slices), and a dense "h" beside it; `dtype`:
-// the table's values ("f32", "bf16", "fp16").
-std::string rows_spec(const std::string& optimizer = "kind = \"sgd\"\nlr = 1.0\n", const std::string& extra = "",
-                      const std::string& dtype = "f32") {
-  return "max_workers = 8\nslice_bytes = 256\n" + extra + "[optimizer]\n" + optimizer +
-         "[[param]]\nname = \"h\"\nshape = [4]\n"
-         "[[table]]\nname = \"t\"\nrows = 512\ndim = 8\ndtype = \"" + dtype + "\"\n";
-}
-constexpr std::uint64_t kRows = 512, kDim = 8;
 
 Process& start_rows_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::string> extra = {},
                            std::vector<std::pair<std::string, std::string>> env = {}) {
@@ -57,17 +52,6 @@ Process& start_rows_pusher(Job& job, int rank, std::uint64_t pushes, std::vector
   std::vector<std::string> args{"shmps-test-pusher", "rows", "--pushes", std::to_string(pushes)};
   args.insert(args.end(), extra.begin(), extra.end());
   return job.start(args, env);
-}
-
-// The whole table, read as worker `reader_rank`.
-std::vector<float> pull_table(const std::string& segment, int reader_rank) {
-  Worker reader(WorkerOptions{.segment = segment, .rank = reader_rank, .timeout = 20s});
-  std::vector<std::uint64_t> ids(kRows);
-  for (std::uint64_t r = 0; r < kRows; ++r) ids[r] = r;
-  std::vector<float> table(kRows * kDim);
-  reader.pull_rows("t", ids, table);
-  reader.leave();
-  return table;
 }
 
 // Expects the table to hold minus the sum of the first pushes[r] rows pushes of every rank r.
@@ -219,168 +203,6 @@ TEST(Tables, ABf16TableRoundsEachRowStepAndCheckpointsItsBits) {
   std::vector<float> restored(64 * 4);
   w.pull_rows("t", all, restored);
   EXPECT_EQ(restored, table);
-}
-
-TEST(Tables, ARoundUpdatesOnlyTheTouchedRowsWithTheirOwnAdagradState) {
-  Watchdog watchdog(60s);
-  Job job("rows-adagrad", rows_spec("kind = \"adagrad\"\nlr = 0.5\neps = 1e-8\n"));
-  job.start_server();
-  job.wait_ready();
-  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
-  // Row 9 gets gradient 2 (every element) twice, in two rounds; row 10 once; the rest never.
-  const std::vector<std::uint64_t> row9{9}, rows9and10{9, 10};
-  const std::vector<float> g2(kDim, 2.0f), g2x2(2 * kDim, 2.0f);
-  w.wait_applied(w.push_rows("t", row9, g2));
-  w.wait_applied(w.push_rows("t", rows9and10, g2x2));
-  // By hand (float32, as the server computes): s = g^2, p -= lr g / (sqrt(s) + eps).
-  float p9 = 0, s9 = 0, p10 = 0, s10 = 0;
-  s9 += 4.0f;
-  p9 -= 0.5f * 2.0f / (std::sqrt(s9) + 1e-8f);
-  s9 += 4.0f;
-  p9 -= 0.5f * 2.0f / (std::sqrt(s9) + 1e-8f);
-  s10 += 4.0f;
-  p10 -= 0.5f * 2.0f / (std::sqrt(s10) + 1e-8f);
-  const std::vector<std::uint64_t> ids{9, 10, 11, 0};
-  std::vector<float> out(ids.size() * kDim);
-  w.pull_rows("t", ids, out);
-  for (std::uint64_t d = 0; d < kDim; ++d) {
-    EXPECT_FLOAT_EQ(out[d], p9);
-    EXPECT_FLOAT_EQ(out[kDim + d], p10);
-    EXPECT_EQ(out[2 * kDim + d], 0.0f) << "untouched";
-    EXPECT_EQ(out[3 * kDim + d], 0.0f) << "untouched";
-  }
-  // Lazy: the state of an untouched row stays zero (it would not be after a dense step).
-  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  const shm::ParamEntry* t = nullptr;
-  for (std::uint32_t i = 0; i < seg.header().param_count; ++i)
-    if (std::string(seg.param(i).name) == "t") t = &seg.param(i);
-  ASSERT_NE(t, nullptr);
-  const float* s = reinterpret_cast<const float*>(seg.state_bytes(*t, 0));
-  EXPECT_EQ(s[9 * kDim], 8.0f);
-  EXPECT_EQ(s[10 * kDim], 4.0f);
-  EXPECT_EQ(s[11 * kDim], 0.0f);
-}
-
-// Lazy Adam: a round steps only the rows it touches, each as its own step count (the bias
-// correction counts the rounds that touched that row, not the slice's). Row 9 gets a gradient in
-// two rounds, row 10 in the second only: row 10's one step is a first step (|update| = lr for
-// Adam's first step), where the slice's count would have made it a second (about 0.74 lr). The
-// reference is the optimizer's own kernel with those step counts; a checkpoint holds them as
-// "t/adam.step", and a restore into a new segment continues them.
-TEST(Tables, LazyAdamStepsEachTouchedRowWithItsOwnStepCount) {
-  Watchdog watchdog(90s);
-  const test::TempDir temp("rows-adam");
-  Job job("rows-adam", rows_spec("kind = \"adam\"\nlr = 0.01\n"));
-  auto& server = job.start_server();
-  job.wait_ready();
-  const std::vector<std::uint64_t> row9{9}, rows9and10{9, 10}, row10{10};
-  const std::vector<float> g9a(kDim, 2.0f), g9b_10{1, 2, 3, 4, 5, 6, 7, 8, -1, -2, -3, -4, -5, -6, -7, -8};
-  {
-    Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
-    w.wait_applied(w.push_rows("t", row9, g9a));
-    w.wait_applied(w.push_rows("t", rows9and10, g9b_10));
-    w.leave();
-  }
-  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-  const OptimizerSettings settings = seg.header().optimizer;
-  std::vector<float> p9(kDim, 0.0f), m9(kDim, 0.0f), v9(kDim, 0.0f), p10(kDim, 0.0f), m10(kDim, 0.0f), v10(kDim, 0.0f);
-  server::apply_update(settings, p9, g9a, m9, v9, 1, 1.0f);
-  server::apply_update(settings, p9, std::span<const float>(g9b_10.data(), kDim), m9, v9, 2, 1.0f);
-  server::apply_update(settings, p10, std::span<const float>(g9b_10.data() + kDim, kDim), m10, v10, 1, 1.0f);
-  std::vector<float> table = pull_table(job.name(), 1);
-  for (std::uint64_t d = 0; d < kDim; ++d) {
-    EXPECT_FLOAT_EQ(table[9 * kDim + d], p9[d]) << d;
-    EXPECT_FLOAT_EQ(table[10 * kDim + d], p10[d]) << d;
-    EXPECT_NEAR(std::fabs(table[10 * kDim + d]), 0.01f, 1e-6f) << "a first step moves by lr";
-    EXPECT_EQ(table[11 * kDim + d], 0.0f) << "untouched";
-  }
-  const shm::ParamEntry& t = seg.param(1);
-  ASSERT_EQ(std::string(t.name), "t");
-  ASSERT_NE(t.row_steps_offset, 0u);
-  EXPECT_EQ(seg.row_steps(t)[9], 2u);
-  EXPECT_EQ(seg.row_steps(t)[10], 1u);
-  EXPECT_EQ(seg.row_steps(t)[11], 0u);
-
-  const std::filesystem::path file = temp.path() / "adam.safetensors";
-  const test::Ran made = test::run({"shmps-ctl", "checkpoint", job.name(), file.string()});
-  ASSERT_EQ(made.code, 0) << made.out << server.output();
-  const auto f = server::safetensors::File::read(file);
-  const auto& steps = f.tensors().at("t/adam.step");
-  EXPECT_EQ(steps.dtype, "I64");
-  EXPECT_EQ(steps.shape, (std::vector<std::uint64_t>{kRows}));
-  std::vector<std::int64_t> counts(kRows);
-  std::memcpy(counts.data(), f.data(steps).data(), kRows * sizeof(std::int64_t));
-  EXPECT_EQ(counts[9], 2);
-  EXPECT_EQ(counts[10], 1);
-
-  server.kill(SIGKILL);
-  server.wait(10s);
-  test::remove_segment(job.name());
-  job.start_server({"--restore", file.string()});
-  job.wait_ready();
-  EXPECT_EQ(pull_table(job.name(), 2), table);
-  {
-    Worker w(WorkerOptions{.segment = job.name(), .rank = 3, .timeout = 20s});
-    w.wait_applied(w.push_rows("t", row10, std::vector<float>(kDim, 0.5f)));
-    w.leave();
-  }
-  server::apply_update(settings, p10, std::vector<float>(kDim, 0.5f), m10, v10, 2, 1.0f);  // row 10's second step
-  table = pull_table(job.name(), 4);
-  for (std::uint64_t d = 0; d < kDim; ++d) EXPECT_FLOAT_EQ(table[10 * kDim + d], p10[d]) << d;
-}
-
-// Lazy Adam through a kill: the server SIGKILLed while it copies a round's rows in (some rows in,
-// some not: apply.mid_rows) or a slice in whole (most of its rows touched: apply.mid_copy), then
-// restarted. One worker waits for each push to be applied, so every round holds one push and the
-// run is deterministic: the table and every row's step count must equal those of a run nobody
-// killed, bit for bit (the redo entry carries the rows' new step counts with their values).
-TEST(Tables, LazyAdamKilledMidCopyEndsBitForBitAsIfNeverKilled) {
-  Watchdog watchdog(120s);
-  const auto run = [](const char* kill) {
-    Job job("rows-adam-kill", rows_spec("kind = \"adam\"\nlr = 0.01\n"));
-    auto& first = kill != nullptr ? job.start_server({}, {{"SHMPS_KILL_AT", kill}}) : job.start_server();
-    job.wait_ready();
-    // The pushes from a thread of their own; the servers from this one (a child dies with the
-    // thread that started it: PR_SET_PDEATHSIG in the harness).
-    std::string pusher_error;
-    std::jthread pusher([&] {
-      try {
-        Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 60s});
-        for (std::uint64_t k = 0; k < 12; ++k) {
-          // Even pushes: every row of one slice (8 rows of 8: the slice goes in whole); odd ones:
-          // three rows of slice 0 and one of slice 1, one of them twice (packed rows).
-          std::vector<std::uint64_t> ids;
-          if (k % 2 == 0)
-            for (std::uint64_t r = 0; r < 8; ++r) ids.push_back((k / 2 % 4) * 8 + r);
-          else
-            ids = {1, 2, 3, 9, 2};
-          std::vector<float> grads(ids.size() * kDim);
-          for (std::size_t i = 0; i < grads.size(); ++i) grads[i] = test::pattern(0, k, i);
-          w.wait_applied(w.push_rows("t", ids, grads));
-        }
-        w.leave();
-      } catch (const std::exception& e) {
-        pusher_error = e.what();
-      }
-    });
-    if (kill != nullptr) {
-      EXPECT_EQ(first.wait(60s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
-      job.start_server();
-      job.wait_ready();
-    }
-    pusher.join();
-    EXPECT_EQ(pusher_error, "");
-    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
-    const std::uint64_t* steps = seg.row_steps(seg.param(1));
-    return std::make_pair(pull_table(job.name(), 1), std::vector<std::uint64_t>(steps, steps + kRows));
-  };
-  const auto reference = run(nullptr);
-  EXPECT_EQ(reference.second[2], 6u + 2u) << "row 2: in the 6 odd pushes and in the even pushes 0 and 8";
-  for (const char* kill : {"apply.mid_rows:3", "apply.mid_copy:3"}) {
-    const auto killed = run(kill);
-    EXPECT_EQ(killed.first, reference.first) << kill;
-    EXPECT_EQ(killed.second, reference.second) << kill;
-  }
 }
 
 TEST(Tables, EveryBadInputIsRefusedWithItsMessageAndChangesNothing) {

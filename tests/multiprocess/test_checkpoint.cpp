@@ -86,7 +86,7 @@ JobState capture(const std::string& name) {
     const auto& p = seg.param(i);
     s.values.emplace_back(seg.values(p), seg.values(p) + p.size);
     auto array = [&](int a) {
-      if (a >= static_cast<int>(h.state_arrays)) return std::vector<float>();
+      if (a >= shm::state_arrays_of(p)) return std::vector<float>();
       if (h.optimizer.state_dtype == shmps::StateDType::bf16) {  // widened (exact)
         const auto* b = shm::at<std::uint16_t>(seg.base(), p.state_offset[a]);
         std::vector<float> out(p.size);

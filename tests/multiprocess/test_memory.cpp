@@ -258,7 +258,7 @@ TEST(Memory, TheModelIsAllocatedByTheServerAndEachRingByItsOwnWorkerWhenItAttach
     const shm::ParamEntry& p = view.param(i);
     const Pages values = pages_in(view, p.values_offset, p.size * sizeof(float));
     EXPECT_EQ(values.resident, values.total) << "values of parameter " << i;
-    for (int a = 0; a < 2; ++a) {
+    for (int a = 0; a < shm::state_arrays_of(p); ++a) {
       const Pages state = pages_in(view, p.state_offset[a], p.size * sizeof(float));
       EXPECT_EQ(state.resident, state.total) << "state " << a << " of parameter " << i;
     }

@@ -15,6 +15,13 @@
 using namespace shmps::shm;
 
 namespace {
+// Gives every parameter an optimizer that keeps `arrays` state arrays (SGD, AdaGrad, Adam).
+void with_state_arrays(LayoutRequest& r, std::uint32_t arrays) {
+  const shmps::OptimizerKind kind =
+      arrays == 0 ? shmps::OptimizerKind::sgd : arrays == 1 ? shmps::OptimizerKind::adagrad : shmps::OptimizerKind::adam;
+  for (auto& p : r.params) p.optimizer.kind = kind;
+}
+
 LayoutRequest mlp_request() {
   LayoutRequest r;
   r.params = {{"fc1.weight", {256, 784}}, {"fc1.bias", {256}}, {"fc2.weight", {10, 256}}, {"fc2.bias", {10}}};
@@ -50,7 +57,7 @@ TEST(Layout, PlanOfTheReferenceMlp) {
 
 TEST(Layout, OptimizerStateArraysGetTheirOwnSpace) {
   LayoutRequest r = mlp_request();
-  r.state_arrays = 2;
+  with_state_arrays(r, 2);
   const LayoutPlan plan = plan_layout(r);
   EXPECT_GE(plan.total_bytes - plan.state_offset, 2 * 203530 * sizeof(float));
   EXPECT_NE(plan.params[0].state_offset[0], plan.params[0].state_offset[1]);
@@ -237,7 +244,7 @@ LayoutRequest big_request(std::size_t params, std::uint32_t workers, std::uint32
   LayoutRequest r;
   for (std::size_t i = 0; i < params; ++i) r.params.push_back({"layer" + std::to_string(i), {1024, 1024}});
   r.max_workers = workers;
-  r.state_arrays = state_arrays;
+  with_state_arrays(r, state_arrays);
   r.bsp = bsp;
   r.redo_entries = 4;
   return r;
@@ -272,7 +279,7 @@ void expect_parts_add_up(const LayoutPlan& plan) {
 TEST(Memory, PartsAddUpToTheSegment) {
   expect_parts_add_up(plan_layout(mlp_request()));
   LayoutRequest adam = mlp_request();
-  adam.state_arrays = 2;
+  with_state_arrays(adam, 2);
   expect_parts_add_up(plan_layout(adam));
   expect_parts_add_up(plan_layout(big_request(256, 8, 0, false)));
   expect_parts_add_up(plan_layout(big_request(256, 8, 2, false)));
@@ -283,7 +290,7 @@ TEST(Memory, PartsAddUpToTheSegment) {
 // state array still 64-byte aligned and apart from the others.
 TEST(Memory, Bf16StateHalvesTheState) {
   LayoutRequest f32 = mlp_request();
-  f32.state_arrays = 2;
+  with_state_arrays(f32, 2);
   LayoutRequest bf16 = f32;
   bf16.state_dtype = shmps::StateDType::bf16;
   const LayoutPlan a = plan_layout(f32), b = plan_layout(bf16);

@@ -875,7 +875,8 @@ TEST(ModelSpecErrors, StateDtype) {
   EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 0.1\nstate_dtype = 16\n", "spec.toml:5:15",
                     "optimizer.state_dtype", "expected a string");
   // SGD keeps no state: asking for its dtype is the same mistake as momentum with kind sgd.
-  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nstate_dtype = \"bf16\"\n", "spec.toml:4:1",
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 0.1\nstate_dtype = \"bf16\"\n[[param]]\nname = \"w\"\nshape = [4]\n",
+                    "spec.toml:4:1",
                     "optimizer.state_dtype", "not used by kind \"sgd\"", "momentum, nesterov, adagrad, rmsprop, adam");
 }
 
@@ -911,4 +912,52 @@ TEST(ModelSpecErrors, TablesThatTheJobCannotServe) {
       "name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n", "spec.toml");
   EXPECT_EQ(adam.optimizer.kind, OptimizerKind::adam);
   EXPECT_EQ(validate_model_spec(adam), "");
+}
+
+// A table's own optimizer: a whole optimizer table of its own (lr required, the same value rules
+// and "not used by this kind" checks, named by its field), row-wise AdaGrad for tables only, and
+// the state dtype the job's.
+TEST(ModelSpec, ATableMayHaveItsOwnOptimizer) {
+  const ModelSpec spec = parse_model_spec(
+      "name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 0.001\nstate_dtype = \"bf16\"\n[[param]]\nname = \"head\"\nshape = [4]\n"
+      "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\noptimizer = { kind = \"rowwise_adagrad\", lr = 0.5, eps = 1e-6 }\n"
+      "[[table]]\nname = \"u\"\nrows = 4\ndim = 4\n",
+      "spec.toml");
+  ASSERT_EQ(spec.params.size(), 3u);
+  EXPECT_FALSE(spec.params[0].optimizer.has_value());
+  ASSERT_TRUE(spec.params[1].optimizer.has_value());
+  EXPECT_EQ(spec.params[1].optimizer->kind, OptimizerKind::rowwise_adagrad);
+  EXPECT_EQ(spec.params[1].optimizer->lr, 0.5f);
+  EXPECT_EQ(spec.params[1].optimizer->eps, 1e-6f);
+  EXPECT_EQ(spec.params[1].optimizer->state_dtype, shmps::StateDType::bf16) << "the job's";
+  EXPECT_FALSE(spec.params[2].optimizer.has_value()) << "u takes the job's";
+  EXPECT_EQ(validate_model_spec(spec), "");
+  // The state dtype is the job's: given in an SGD job's [optimizer] for a table's own Adam.
+  const ModelSpec sgd_job = parse_model_spec(
+      "name = \"m\"\n[optimizer]\nlr = 1\nstate_dtype = \"bf16\"\n"
+      "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\noptimizer = { kind = \"adam\", lr = 0.01 }\n",
+      "spec.toml");
+  EXPECT_EQ(sgd_job.optimizer.kind, OptimizerKind::sgd);
+  EXPECT_EQ(sgd_job.params[0].optimizer->state_dtype, shmps::StateDType::bf16);
+  EXPECT_EQ(validate_model_spec(sgd_job), "");
+}
+
+TEST(ModelSpecErrors, ATablesOwnOptimizerIsCheckedAsTheJobsIs) {
+  const std::string top = "name = \"m\"\nslice_bytes = 64\n[optimizer]\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n";
+  EXPECT_SPEC_ERROR(top + "optimizer = { kind = \"adagrad\" }\n", "spec.toml:9:13", "table[0].optimizer.lr", "missing");
+  EXPECT_SPEC_ERROR(top + "optimizer = { kind = \"rowwise_adagard\", lr = 1 }\n", "spec.toml:9:22", "table[0].optimizer.kind",
+                    "did you mean \"rowwise_adagrad\"");
+  EXPECT_SPEC_ERROR(top + "optimizer = { kind = \"sgd\", lr = 1, beta1 = 0.9 }\n", "spec.toml:9:37",
+                    "table[0].optimizer.beta1", "not used by kind \"sgd\"");
+  EXPECT_SPEC_ERROR(top + "optimizer = { kind = \"rowwise_adagrad\", lr = -1 }\n", "spec.toml:9:46", "table[0].optimizer.lr",
+                    "must be a positive number");
+  EXPECT_SPEC_ERROR(top + "optimizer = { kind = \"adam\", lr = 1, state_dtype = \"bf16\" }\n", "spec.toml:9:52",
+                    "table[0].optimizer.state_dtype", "one for the whole job");
+  EXPECT_SPEC_ERROR(top + "optimizer = \"adam\"\n", "spec.toml:9:13", "table[0].optimizer", "expected a table");
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nkind = \"rowwise_adagrad\"\nlr = 1\n[[param]]\nname = \"w\"\nshape = [4]\n",
+                    "spec.toml:3:8", "optimizer.kind", "a table's optimizer only");
+  // No optimizer of the job keeps state (a table's own row-wise AdaGrad keeps row words only).
+  EXPECT_SPEC_ERROR("name = \"m\"\n[optimizer]\nlr = 1\nstate_dtype = \"bf16\"\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n"
+                    "optimizer = { kind = \"rowwise_adagrad\", lr = 1 }\n",
+                    "spec.toml:4:1", "optimizer.state_dtype", "not used by kind \"sgd\"", "or a table's own");
 }

@@ -374,6 +374,9 @@ struct Reference {  // the formulas of optimizer.hpp, element by element, in dou
           p[i] -= lr * m_hat / (std::sqrt(v_hat) + eps);
           break;
         }
+        case OptimizerKind::rowwise_adagrad:  // a row at a time: RowwiseAdagrad tests below
+          ADD_FAILURE() << "the element-wise reference has no row-wise AdaGrad";
+          break;
       }
     }
   }
@@ -515,3 +518,47 @@ TEST(Optimizer, Validation) {
 }
 
 }  // namespace
+
+// Row-wise AdaGrad: one accumulator for the row, the mean of the squared (clamped, decayed)
+// gradient added to it; every element steps by lr / (sqrt(s) + eps) times its own gradient.
+TEST(RowwiseAdagrad, StepsTheRowWithOneAccumulatorAgainstHandComputedValues) {
+  OptimizerSettings s;
+  s.kind = OptimizerKind::rowwise_adagrad;
+  s.lr = 0.5f;
+  s.eps = 1e-6f;
+  std::vector<float> row{1.0f, -2.0f, 0.5f, 4.0f};
+  const std::vector<float> g1{3.0f, 0.0f, -1.0f, 2.0f}, g2{1.0f, 1.0f, 1.0f, 1.0f};
+  double acc = 0;
+  shmps::server::apply_rowwise_adagrad(s, row, g1, acc);
+  EXPECT_DOUBLE_EQ(acc, (9.0 + 0.0 + 1.0 + 4.0) / 4);  // 3.5
+  const double f1 = 0.5 / (std::sqrt(3.5) + 1e-6);
+  EXPECT_FLOAT_EQ(row[0], static_cast<float>(1.0 - f1 * 3.0));
+  EXPECT_FLOAT_EQ(row[1], -2.0f) << "a zero gradient element does not move, though the row's accumulator grew";
+  EXPECT_FLOAT_EQ(row[2], static_cast<float>(0.5 + f1 * 1.0));
+  EXPECT_FLOAT_EQ(row[3], static_cast<float>(4.0 - f1 * 2.0));
+  const std::vector<float> before = row;
+  shmps::server::apply_rowwise_adagrad(s, row, g2, acc);
+  EXPECT_DOUBLE_EQ(acc, 4.5);
+  const double f2 = 0.5 / (std::sqrt(4.5) + 1e-6);
+  for (std::size_t i = 0; i < row.size(); ++i) EXPECT_FLOAT_EQ(row[i], static_cast<float>(before[i] - f2)) << i;
+
+  // clip_value and weight_decay shape the gradient first, as for the element-wise kinds.
+  s.clip_value = 1.0f;
+  s.weight_decay = 0.1f;
+  std::vector<float> r2{2.0f, 0.0f};
+  double acc2 = 0;
+  shmps::server::apply_rowwise_adagrad(s, r2, std::vector<float>{5.0f, -5.0f}, acc2);
+  const double ga = 1.0 + 0.1 * 2.0, gb = -1.0;  // clamped to +-1, then + wd * p
+  EXPECT_NEAR(acc2, (ga * ga + gb * gb) / 2, 1e-6);
+  const double f = 0.5 / (std::sqrt((ga * ga + gb * gb) / 2) + 1e-6);
+  EXPECT_FLOAT_EQ(r2[0], static_cast<float>(2.0 - f * ga));
+  EXPECT_FLOAT_EQ(r2[1], static_cast<float>(0.0 - f * gb));
+
+  // Misuse is refused: a row of another width, another kind, and the element-wise entry point.
+  EXPECT_THROW(shmps::server::apply_rowwise_adagrad(s, r2, std::vector<float>{1.0f}, acc2), std::invalid_argument);
+  OptimizerSettings sgd;
+  EXPECT_THROW(shmps::server::apply_rowwise_adagrad(sgd, r2, std::vector<float>{1.0f, 1.0f}, acc2), std::invalid_argument);
+  std::vector<float> none;
+  EXPECT_THROW(shmps::server::apply_update(s, r2, std::vector<float>{1.0f, 1.0f}, none, none, 1, 1.0f),
+               std::invalid_argument);
+}

@@ -13,6 +13,7 @@
 //                                                             nesterov.v, adagrad.s, rmsprop.s,
 //                                                             adam.m and adam.v
 //   <table>/adam.step       I64 [rows]                        lazy Adam: each table row's steps
+//   <table>/rowwise_adagrad.s  F64 [rows]                     row-wise AdaGrad: each row's accumulator
 //   shmps/slice_version     I64 [slices]                      seqlock word of every slice (even)
 //   shmps/slice_clock       I64 [slices]                      BSP clock of every slice
 //   shmps/slice_step        I64 [slices]                      optimizer steps of every slice
@@ -39,6 +40,7 @@
 //                         only when its grouping is the same (else every group at model_clock)
 //   shmps.consistency     "asp", "bsp" or "ssp:N"; shmps.bsp_aggregate; shmps.on_worker_death
 //   shmps.optimizer       {"kind": "adam", "lr": 0.001, ...} every OptimizerSettings field
+//   shmps.optimizer.<table>  the same for a table with its own optimizer (absent: the job's)
 //   shmps.slice_floats    elements per slice; shmps.max_workers: worker slots
 //   shmps.counters        {"steps", "records_applied", "records_skipped", "records_discarded",
 //                          "floats_applied", "apply_rounds"}
@@ -80,10 +82,12 @@ struct Snapshot {
     // the file stores them as BF16 / F16 tensors again).
     std::vector<float> values;
     shm::DType dtype = shm::DType::f32;
+    // The parameter's optimizer: the job's (Snapshot::optimizer), or a table's own.
+    OptimizerSettings optimizer;
     std::vector<float> state[2];  // optimizer_state_arrays(optimizer.kind) of them are used
-    // A table of a job with Adam (lazy: ParamEntry::row_steps_offset): each row's step count;
-    // empty otherwise.
-    std::vector<std::int64_t> row_steps;
+    // A table whose optimizer keeps row words (ParamEntry::row_words_offset), one per row: lazy
+    // Adam's step counts, or row-wise AdaGrad's accumulators as the bits of doubles; empty otherwise.
+    std::vector<std::int64_t> row_words;
     std::vector<float> sync_base, sync_sent;  // server groups (`sync` below), else empty
   };
   // A replica of a job with server groups: its sync tables (sync_engine.hpp), so that a restore

@@ -123,6 +123,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <stdexcept>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -179,6 +180,9 @@ struct ParamSpec {
   std::uint64_t table_dim = 0;
   // How the segment stores the values (`dtype`): float32, bf16 or fp16.
   shm::DType dtype = shm::DType::f32;
+  // A [[table]]'s own `optimizer = { ... }`, if it has one (its state_dtype is the job's); else
+  // the job's [optimizer] updates it.
+  std::optional<OptimizerSettings> optimizer = std::nullopt;
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };
 

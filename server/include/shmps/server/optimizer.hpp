@@ -13,9 +13,12 @@
 //   rmsprop   s = rho * s + (1 - rho) g^2; p -= lr * g / (sqrt(s) + eps)
 //   adam      m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //             p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps),  t = step (1-based)
+//   rowwise_adagrad (a table's row of dim elements, one accumulator s for the whole row):
+//             s += mean(g^2 over the row);  p -= lr * g / (sqrt(s) + eps)
 //
 // State arrays start at zero (so the first momentum step gives v = g, as PyTorch's does).
-// All arithmetic is float32; plain SGD with lr = 1 is exact: p - 1*g == p - g.
+// All arithmetic is float32 (row-wise AdaGrad's accumulator and its factor are doubles); plain
+// SGD with lr = 1 is exact: p - 1*g == p - g.
 #pragma once
 
 #include <charconv>
@@ -86,6 +89,13 @@ void apply_update_bf16(const OptimizerSettings& s, std::span<float> values, std:
                        std::span<std::uint16_t> state0, std::span<std::uint16_t> state1, std::uint64_t step,
                        float grad_scale, const UpdateInputsBf16& old);
 
+// One row-wise AdaGrad step of one table row, in place: `row` and `grad` have the row's dim
+// elements, `accumulator` is the row's (starts at 0). The gradient is clamped and weight-decayed
+// as above (it arrives already scaled). Throws std::invalid_argument on a size mismatch or
+// another kind.
+void apply_rowwise_adagrad(const OptimizerSettings& s, std::span<float> row, std::span<const float> grad,
+                           double& accumulator);
+
 // For tests: where the build has AVX-512 BF16 (-march=native on such a CPU), Adam's bf16 loop
 // rounds with that instruction set; use_bf16_instructions(false) makes it take the portable
 // loop instead (both give the same bytes). Returns whether the build has the instructions. Not
@@ -134,9 +144,9 @@ inline std::string optimizer_field_problem(std::string_view field, double value)
 // usable, else the first problem as "<field>: <problem>", e.g. "lr: must be a positive number,
 // got -0.1". Every numeric field is checked, whether or not the kind uses it.
 inline std::string validate_optimizer_settings(const OptimizerSettings& s) {
-  if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(OptimizerKind::adam)) {
+  if (static_cast<std::uint32_t>(s.kind) > static_cast<std::uint32_t>(kLastOptimizerKind)) {
     return "kind: unknown optimizer kind " + std::to_string(static_cast<std::uint32_t>(s.kind)) +
-           "; valid kinds: sgd, momentum, nesterov, adagrad, rmsprop, adam";
+           "; valid kinds: sgd, momentum, nesterov, adagrad, rmsprop, adam, rowwise_adagrad (tables)";
   }
   const std::pair<std::string_view, float> fields[] = {{"lr", s.lr},
                                                        {"momentum", s.momentum},

@@ -131,9 +131,12 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 11: stragglers (SegmentHeader::straggler_timeout_ms and stragglers_evicted,
 //     WorkerSlot::evicted_generation and evicted_behind_ms, GroupEntry::straggler_since_ns and evictions)
 // 12: bf16 / fp16 tables (ParamEntry::dtype on a table), a 2-byte parameter's slices updated
-//     chunk by chunk (RedoEntry), and lazy Adam on tables (ParamEntry::row_steps_offset, a redo
+//     chunk by chunk (RedoEntry), and lazy Adam on tables (ParamEntry::row_words_offset, a redo
 //     entry's row steps)
-inline constexpr std::uint32_t kLayoutVersion = 12;
+// 13: a parameter's own optimizer (ParamEntry::optimizer: a table's may differ from the job's),
+//     state arrays per parameter (SegmentHeader::state_arrays is the most any has), and the
+//     row words of lazy Adam and row-wise AdaGrad (ParamEntry::row_words_offset)
+inline constexpr std::uint32_t kLayoutVersion = 13;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -312,7 +315,7 @@ struct SegmentHeader {
   std::uint64_t step_sums_offset;
   std::uint64_t step_sums_bytes;
   OptimizerSettings optimizer;
-  std::uint32_t state_arrays;    // optimizer state arrays per parameter
+  std::uint32_t state_arrays;    // the most optimizer state arrays any parameter keeps (sizes the redo entries)
   std::uint32_t group_count;     // ceil(max_workers / workers_per_group)
   std::uint64_t groups_offset;   // GroupEntry[group_count]
   // Server groups (SINGA's): this segment is the replica of server group `server_group` of
@@ -457,7 +460,9 @@ struct ParamEntry {
   std::uint64_t first_slice;    // index of its first SliceEntry
   std::uint64_t slice_count;
   std::uint64_t values_offset;  // 64-byte aligned; size x dtype_bytes(dtype) bytes
-  std::uint64_t state_offset[2];  // optimizer state arrays (0 when unused), 64-byte aligned
+  // Optimizer state arrays, 64-byte aligned: optimizer_state_arrays(optimizer.kind) of them, the
+  // others 0 (a parameter whose optimizer keeps fewer arrays than another's has no bytes for them).
+  std::uint64_t state_offset[2];
   // 1: the spec says init = "put": a worker puts the first values, and pulls and views wait for
   // every slice of their range to have version 1 or more (Worker::put).
   std::uint32_t init_put;
@@ -469,13 +474,20 @@ struct ParamEntry {
   // BSP step sums, the sync base and sent arrays), relative to their start: its values_offset
   // minus the values' start for a float32-only model, but a bf16 parameter's values take half.
   std::uint64_t f32_offset;
-  // A table of a job whose optimizer is Adam (lazy: a round steps only the rows it touches): its
-  // rows' step counts, one std::uint64_t per row, for each row's bias correction; 0 otherwise.
-  std::uint64_t row_steps_offset;
+  // A table whose optimizer keeps a word per row (optimizer_row_words): one 8-byte word per row,
+  // 0 otherwise. Lazy Adam (a round steps only the rows it touches): the row's step count
+  // (std::uint64_t), for its bias correction. Row-wise AdaGrad: the row's accumulator (a double).
+  std::uint64_t row_words_offset;
+  // The optimizer that updates this parameter: the job's [optimizer] (SegmentHeader::optimizer),
+  // or a table's own (`optimizer = {...}` on a [[table]]). Its state_dtype is always the job's.
+  OptimizerSettings optimizer;
 };
+// The optimizer state arrays parameter p keeps (its state_offset[a] for a below this is set).
+inline int state_arrays_of(const ParamEntry& p) noexcept { return optimizer_state_arrays(p.optimizer.kind); }
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
-  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset) FIELD(row_steps_offset)
+  FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset) FIELD(row_words_offset) \
+  FIELD(optimizer)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -589,11 +601,12 @@ struct alignas(kCacheLine) GroupEntry {
 //   (the state in the segment's optimizer.state_dtype: float32, or bf16 as uint16). An entry whose
 //   target is step_sums carries float32 gradient sums in `values` (whatever the state dtype) and
 //   no state; a chunked entry uses the first chunk of each array.
-//   A job with Adam and a table: after those (and after a sync_take's fresh values, when the job
-//   has server groups) u64 row_steps[slice_floats / the narrowest table's dim]: a table slice's
-//   new row step counts, in
+//   (state_arrays: the most any parameter's optimizer keeps; a slice uses its parameter's.)
+//   A job with a table whose optimizer keeps row words (lazy Adam, row-wise AdaGrad): after those
+//   (and after a sync_take's fresh values, when the job has server groups) u64
+//   row_words[slice_floats / the narrowest such table's dim]: a table slice's new row words, in
 //   RedoMode::rows one per packed row (in their order), in RedoMode::whole one per row of the
-//   slice; the copy-in writes them with the rows (Segment::redo_row_steps).
+//   slice; the copy-in writes them with the rows (Segment::redo_row_words).
 //   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
 //   rounded to the dtype (so it holds one exactly), and the copy-in narrows them into the slice's
 //   count x 2 bytes: a replay writes the same bytes again. Chunked, the same holds per chunk: its

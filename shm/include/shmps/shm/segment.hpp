@@ -27,6 +27,8 @@ struct LayoutRequest {
     bool init_put = false;  // ParamEntry::init_put
     std::uint32_t table_dim = 0;  // ParamEntry::table_dim: a table's row width (shape {rows, dim}), 0 if dense
     DType dtype = DType::f32;     // ParamEntry::dtype: how its values are stored
+    // ParamEntry::optimizer: the job's, or a table's own (its state_dtype is the request's).
+    OptimizerSettings optimizer{};
   };
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
@@ -35,10 +37,9 @@ struct LayoutRequest {
   std::uint64_t ring_bytes = 0;  // 0: automatic (see kMinRingBytes and plan_layout)
   // The job starts in BSP: an automatic ring then holds one whole step (bsp_step_ring_bytes).
   bool bsp = false;
-  std::uint32_t state_arrays = 0;
-  StateDType state_dtype = StateDType::f32;  // how the state arrays are stored (bf16: 2 bytes an element)
-  // The optimizer keeps a step count per table row (Adam: ParamEntry::row_steps_offset).
-  bool row_steps = false;
+  // How every parameter's state arrays are stored (bf16: 2 bytes an element). How many each has,
+  // and whether a table keeps row words, follow from its optimizer.
+  StateDType state_dtype = StateDType::f32;
   std::uint32_t redo_entries = 1;  // the most apply threads any server may use on it
   // Server groups: this segment is the replica of group server_group of server_groups (1: none).
   std::uint32_t server_group = 0;
@@ -257,16 +258,17 @@ class Segment {
     return reinterpret_cast<std::byte*>(redo_values(e) + header().slice_floats) +
            static_cast<std::uint64_t>(array) * header().slice_floats * state_elem_bytes();
   }
-  // A table slice's new row step counts (a job with Adam and a table; layout.hpp, RedoEntry).
-  std::uint64_t* redo_row_steps(RedoEntry& e) noexcept {
+  // A table slice's new row words (a table whose optimizer keeps them; layout.hpp, RedoEntry).
+  std::uint64_t* redo_row_words(RedoEntry& e) noexcept {
     std::byte* after = redo_state(e, static_cast<int>(header().state_arrays));
     if (header().server_groups > 1) after += header().slice_floats * sizeof(float);  // a sync_take's fresh values
     return reinterpret_cast<std::uint64_t*>(after);
   }
-  // Table p's row step counts (p.row_steps_offset != 0), one per row.
-  std::uint64_t* row_steps(const ParamEntry& p) noexcept { return at<std::uint64_t>(base_, p.row_steps_offset); }
-  const std::uint64_t* row_steps(const ParamEntry& p) const noexcept {
-    return at<std::uint64_t>(base_, p.row_steps_offset);
+  // Table p's row words (p.row_words_offset != 0), one per row: lazy Adam's step counts, or
+  // row-wise AdaGrad's accumulators as the bits of doubles.
+  std::uint64_t* row_words(const ParamEntry& p) noexcept { return at<std::uint64_t>(base_, p.row_words_offset); }
+  const std::uint64_t* row_words(const ParamEntry& p) const noexcept {
+    return at<std::uint64_t>(base_, p.row_words_offset);
   }
 
   // A sync_take entry's fresh values (the slice's new sync_base), after the state arrays.

@@ -9,7 +9,12 @@
 
 namespace shmps {
 
-enum class OptimizerKind : std::uint32_t { sgd = 0, momentum = 1, nesterov = 2, adagrad = 3, rmsprop = 4, adam = 5 };
+// rowwise_adagrad is a table's optimizer only: one AdaGrad accumulator per row instead of per
+// element (the "row-wise AdaGrad" of embedding trainers), kept in the table's row words.
+enum class OptimizerKind : std::uint32_t {
+  sgd = 0, momentum = 1, nesterov = 2, adagrad = 3, rmsprop = 4, adam = 5, rowwise_adagrad = 6
+};
+constexpr OptimizerKind kLastOptimizerKind = OptimizerKind::rowwise_adagrad;
 
 // How the optimizer's state arrays are stored in the segment (and in the redo entries): float32,
 // or bfloat16 (the upper 16 bits of a float32, rounded to nearest even on store, widened exactly
@@ -58,8 +63,16 @@ constexpr int optimizer_state_arrays(OptimizerKind kind) noexcept {
     case OptimizerKind::adagrad:
     case OptimizerKind::rmsprop: return 1;
     case OptimizerKind::adam: return 2;
+    case OptimizerKind::rowwise_adagrad: return 0;  // its state is one word per row (below)
   }
   return 0;
+}
+
+// Whether the optimizer keeps one 8-byte word per row of a table (ParamEntry::row_state_offset):
+// lazy Adam its rows' step counts (std::uint64_t), row-wise AdaGrad its rows' accumulators (a
+// double each). Dense parameters have no rows and keep none.
+constexpr bool optimizer_row_words(OptimizerKind kind) noexcept {
+  return kind == OptimizerKind::adam || kind == OptimizerKind::rowwise_adagrad;
 }
 
 // Bytes per element of an optimizer state array.
@@ -81,6 +94,7 @@ constexpr std::string_view to_string(OptimizerKind kind) noexcept {
     case OptimizerKind::adagrad: return "adagrad";
     case OptimizerKind::rmsprop: return "rmsprop";
     case OptimizerKind::adam: return "adam";
+    case OptimizerKind::rowwise_adagrad: return "rowwise_adagrad";
   }
   return "?";
 }
