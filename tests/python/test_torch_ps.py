@@ -288,3 +288,81 @@ def test_a_bfloat16_sparse_embedding_is_a_bf16_table_updated_as_float32_rounded_
     assert not differences(model, reference), differences(model, reference)
     assert not torch.equal(model.emb.weight, bf16_embedded_model().emb.weight)  # it did train
     assert torch.equal(model.emb.weight[8:], bf16_embedded_model().emb.weight[8:])  # rows no batch touched
+
+
+def test_the_sparse_embedding_takes_its_own_row_wise_adagrad_and_the_dense_layers_the_jobs_sgd(make_job):
+    """table_optimizer: the spec gives every sparse embedding its own optimizer (here row-wise
+    AdaGrad: one accumulator per row, s += mean(g^2), row -= lr g / (sqrt(s) + eps)), the dense
+    layers keep the job's SGD. Trained in BSP through shmps.torch, against the same steps taken
+    locally (float64 accumulators, as the server keeps them)."""
+    lr, table_lr, eps, steps = 0.05, 0.5, 1e-6, 8
+    text = job_spec(make_model(0), lr=lr, consistency="bsp",
+                    table_optimizer={"kind": "rowwise_adagrad", "lr": table_lr, "eps": eps})
+    import tomllib
+
+    spec = tomllib.loads(text)
+    assert spec["optimizer"] == {"kind": "sgd", "lr": lr}
+    assert spec["table"][0]["optimizer"] == {"kind": "rowwise_adagrad", "lr": table_lr, "eps": eps}
+    job = make_job(text)
+    model = make_model(0)
+    with shmps.Worker(job.name, rank=0) as w:
+        ps = shmps.torch.ParameterServer(model, worker=w)
+        for x, ids, offsets, y in batches(7, steps):
+            ps.zero_grad()
+            torch.nn.functional.cross_entropy(model(x, ids, offsets), y).backward()
+            ps.step()
+            ps.pull()
+        ps.finish()
+        ps.close()
+        rows, _ = w.pull_rows("emb.weight", np.arange(EMBEDDINGS))
+    reference = make_model(0)
+    acc = np.zeros(EMBEDDINGS)
+    for x, ids, offsets, y in batches(7, steps):
+        reference.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(reference(x, ids, offsets), y).backward()
+        with torch.no_grad():
+            grad = reference.emb.weight.grad.coalesce()
+            for row, g in zip(grad.indices()[0].tolist(), grad.values().double()):
+                acc[row] += float((g * g).mean())
+                factor = np.float32(table_lr / (np.sqrt(acc[row]) + eps))
+                reference.emb.weight[row] -= factor * g.float()
+            for name, p in reference.named_parameters():
+                if name != "emb.weight":
+                    p -= lr * p.grad
+    want = reference.emb.weight.detach().numpy()
+    assert np.allclose(rows, want, rtol=0, atol=1e-5), np.abs(rows - want).max()
+    assert np.array_equal(rows[EMBEDDINGS // 2:], make_model(0).emb.weight.detach().numpy()[EMBEDDINGS // 2:])
+    # Row-wise AdaGrad's first step of a row moves each element by lr * g / sqrt(mean(g^2)): far
+    # more than the job's SGD would (lr * g, with lr a tenth of table_lr and small gradients).
+    first = make_model(0).emb.weight.detach().numpy()
+    moved = np.abs(rows[:EMBEDDINGS // 2] - first[:EMBEDDINGS // 2]).max()
+    assert moved > 0.1, moved
+    for name, p in model.named_parameters():
+        if name != "emb.weight":
+            assert torch.allclose(p, dict(reference.named_parameters())[name], rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["torch_ps_model.py:factory", "--table-lr", "0.1"], "give --table-optimizer too"),
+    (["torch_ps_model.py:factory", "--table-optimizer", "rowwise_adagrad"], "table_optimizer needs an lr"),
+])
+def test_table_optimizer_errors_say_what_is_wrong(args, message):
+    out = spec_cli(*args)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert message in out.stderr, out.stderr
+
+
+def test_the_spec_cli_writes_the_tables_own_optimizer():
+    out = spec_cli("torch_ps_model.py:factory", "--optimizer", "adam", "--lr", "0.001", "--table-optimizer",
+                   "rowwise_adagrad", "--table-lr", "0.1")
+    assert out.returncode == 0, out.stderr
+    import tomllib
+
+    spec = tomllib.loads(out.stdout)
+    assert spec["optimizer"] == {"kind": "adam", "lr": 0.001}
+    assert spec["table"][0]["optimizer"] == {"kind": "rowwise_adagrad", "lr": 0.1}
+    # A module without sparse embeddings has nothing for a table optimizer.
+    with pytest.raises(shmps.spec.SpecError, match="has none"):
+        shmps.torch.spec(torch.nn.Linear(2, 2), table_optimizer={"kind": "rowwise_adagrad", "lr": 0.1})
+    with pytest.raises(shmps.spec.SpecError, match="one dtype per job"):
+        shmps.torch.spec(make_model(0), table_optimizer={"kind": "adam", "lr": 0.1, "state_dtype": "bf16"})

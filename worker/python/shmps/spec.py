@@ -11,6 +11,10 @@ module (shmps.torch.ParameterServer does), and the other ranks wait for it, as D
 rank 0's weights. Buffers (batch-norm running statistics, for example) are not parameters: they
 stay in each worker's module, and the spec says so.
 
+The sparse embeddings may have an optimizer of their own (`--table-optimizer rowwise_adagrad
+--table-lr 0.1`; from Python `table_optimizer={"kind": "rowwise_adagrad", "lr": 0.1}`), as
+embedding trainers usually give them row-wise AdaGrad and the dense layers Adam or SGD.
+
 From Python: `shmps.torch.spec(model, name=..., optimizer=..., lr=...)` returns the same text.
 """
 
@@ -38,6 +42,8 @@ OPTIMIZER_KEYS = {
     "rmsprop": ("rho", "eps"),
     "adam": ("beta1", "beta2", "eps"),
 }
+# A table's own optimizer may also be row-wise AdaGrad (one accumulator per row).
+TABLE_OPTIMIZER_KEYS = dict(OPTIMIZER_KEYS, rowwise_adagrad=("eps",))
 _COMMON_KEYS = ("weight_decay", "clip_value", "clip_norm")
 
 
@@ -87,12 +93,41 @@ def _slice_bytes(requested, table_dims):
     return unit * max(1, -(-requested // unit))
 
 
+def _table_optimizer_line(table_optimizer):
+    """The `optimizer = { ... }` line of every [[table]] from a dict like {"kind": "rowwise_adagrad",
+    "lr": 0.1, "eps": 1e-8}: the keys of [optimizer] but state_dtype (the job's)."""
+    if not isinstance(table_optimizer, dict):
+        raise SpecError(f"table_optimizer must be a dict like {{'kind': 'rowwise_adagrad', 'lr': 0.1}}, "
+                        f"got {type(table_optimizer).__name__}")
+    options = {k: v for k, v in table_optimizer.items() if v is not None}
+    kind = options.pop("kind", "sgd")
+    if kind not in TABLE_OPTIMIZER_KEYS:
+        raise SpecError(f"table_optimizer kind {kind!r} is not one of the server's: {', '.join(TABLE_OPTIMIZER_KEYS)}")
+    if "lr" not in options:
+        raise SpecError("table_optimizer needs an lr, e.g. {'kind': 'rowwise_adagrad', 'lr': 0.1}")
+    lr = options.pop("lr")
+    if not (lr > 0):
+        raise SpecError(f"table_optimizer lr must be a positive number, got {lr}")
+    allowed = TABLE_OPTIMIZER_KEYS[kind] + _COMMON_KEYS
+    for key in options:
+        if key == "state_dtype":
+            raise SpecError("table_optimizer cannot set state_dtype: the optimizer state has one dtype per job; "
+                            "give state_dtype with the job's optimizer options")
+        if key not in allowed:
+            raise SpecError(f"table_optimizer option {key!r} is not used by {kind!r} (it takes {', '.join(allowed)})")
+    items = [f"kind = {_toml_string(kind)}", f"lr = {_number(lr)}"] + [f"{k} = {_number(v)}" for k, v in options.items()]
+    return "optimizer = { " + ", ".join(items) + " }", kind
+
+
 def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_workers=16, slice_bytes=65536,
-         bsp_aggregate=None, **optimizer_options):
+         bsp_aggregate=None, table_optimizer=None, **optimizer_options):
     """The model spec (TOML text) of `model`: see this module's docstring.
 
     optimizer_options: the server optimizer's keys (momentum, beta1, beta2, rho, eps,
     weight_decay, clip_value, clip_norm, state_dtype); None values are left to the defaults.
+    table_optimizer: the sparse embeddings' own optimizer instead of the job's, as a dict of the
+    same keys (but state_dtype) with a kind, which may also be "rowwise_adagrad" (one
+    accumulator per row): {"kind": "rowwise_adagrad", "lr": 0.1}.
     """
     import torch.nn as nn
 
@@ -105,8 +140,10 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         raise SpecError(f"optimizer {optimizer!r} is not one of the server's: {', '.join(OPTIMIZER_KEYS)}")
     if not (lr > 0):
         raise SpecError(f"lr must be a positive number, got {lr}")
-    # state_dtype only for the kinds that keep state (plain SGD keeps none).
-    allowed = OPTIMIZER_KEYS[optimizer] + _COMMON_KEYS + (("state_dtype",) if optimizer != "sgd" else ())
+    table_line, table_kind = _table_optimizer_line(table_optimizer) if table_optimizer is not None else (None, None)
+    # state_dtype only for the kinds that keep state (plain SGD and row-wise AdaGrad keep no arrays).
+    stateful = optimizer != "sgd" or table_kind not in (None, "sgd", "rowwise_adagrad")
+    allowed = OPTIMIZER_KEYS[optimizer] + _COMMON_KEYS + (("state_dtype",) if stateful else ())
     given = {k: v for k, v in optimizer_options.items() if v is not None}
     for key in given:
         if key not in allowed:
@@ -128,6 +165,9 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         params.append((pname, p, dtype))
     if not params:
         raise SpecError(f"the module ({type(model).__name__}) has no parameters: there is nothing to serve")
+    if table_line is not None and not tables:
+        raise SpecError(f"table_optimizer is for sparse embeddings, and the module ({type(model).__name__}) has none: "
+                        f"build its nn.Embedding / nn.EmbeddingBag with sparse=True, or leave table_optimizer out")
 
     lines = [
         f"# The model spec of the module {type(model).__name__}, written by shmps.spec from the module itself:",
@@ -154,6 +194,8 @@ def spec(model, name="model", optimizer="sgd", lr=0.01, consistency="asp", max_w
         lines.append("")
         if pname in tables:
             lines += ["[[table]]", f"name = {_toml_string(pname)}", f"rows = {p.shape[0]}", f"dim = {p.shape[1]}"]
+            if table_line is not None:
+                lines.append(table_line)
         else:
             # A 0-dimensional parameter (a learnt scalar) is served as one element, shape [1].
             shape = list(p.shape) or [1]
@@ -231,6 +273,10 @@ def main(argv=None):
     for key in ("momentum", "beta1", "beta2", "rho", "eps", "weight_decay", "clip_value", "clip_norm"):
         ap.add_argument("--" + key.replace("_", "-"), dest=key, type=float, help=f"the optimizer's {key}")
     ap.add_argument("--state-dtype", choices=["f32", "bf16"], help="the optimizer state's type")
+    ap.add_argument("--table-optimizer", choices=sorted(TABLE_OPTIMIZER_KEYS),
+                    help="the sparse embeddings' own optimizer (default: the job's); rowwise_adagrad keeps one "
+                         "accumulator per row")
+    ap.add_argument("--table-lr", type=float, help="the learning rate of --table-optimizer (required with it)")
     ap.add_argument("--consistency", default="asp", help='"asp" (default), "bsp" or "ssp:N"')
     ap.add_argument("--bsp-aggregate", choices=["sum", "mean"], help="BSP: sum (default) or mean of a step's gradients")
     ap.add_argument("--max-workers", type=int, default=16, help="worker slots (default 16)")
@@ -241,9 +287,14 @@ def main(argv=None):
         name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", args.target.rpartition(":")[2].lower())
         options = {k: getattr(args, k) for k in ("momentum", "beta1", "beta2", "rho", "eps", "weight_decay",
                                                  "clip_value", "clip_norm", "state_dtype")}
+        if args.table_lr is not None and args.table_optimizer is None:
+            raise SpecError("--table-lr is the learning rate of --table-optimizer: give --table-optimizer too")
+        table = None
+        if args.table_optimizer is not None:
+            table = {"kind": args.table_optimizer, "lr": args.table_lr}
         text = spec(model, name=name, optimizer=args.optimizer, lr=args.lr, consistency=args.consistency,
                     max_workers=args.max_workers, slice_bytes=args.slice_bytes, bsp_aggregate=args.bsp_aggregate,
-                    **options)
+                    table_optimizer=table, **options)
     except SpecError as e:
         print(f"shmps.spec: error: {e}", file=sys.stderr)
         return 2
