@@ -571,22 +571,26 @@ void apply_rowwise_adagrad(const OptimizerSettings& s, std::span<float> row, std
     throw std::invalid_argument("apply_rowwise_adagrad: gradient has " + std::to_string(grad.size()) +
                                 " elements, the row " + std::to_string(row.size()));
   if (row.empty()) return;
-  // A row is a few dozen elements: the gradient after clamping and weight decay is formed twice
-  // (for the mean of squares, then for the step) rather than kept in a buffer.
-  const auto g_of = [&](std::size_t i) {
-    float g = grad[i];
-    if (s.clip_value > 0.0f) g = std::clamp(g, -s.clip_value, s.clip_value);
-    if (s.weight_decay > 0.0f) g += s.weight_decay * row[i];
-    return g;
-  };
-  double sum_sq = 0;
-  for (std::size_t i = 0; i < row.size(); ++i) {
-    const double g = g_of(i);
-    sum_sq += g * g;
+  const auto n = static_cast<Index>(row.size());
+  Eigen::Map<ArrayXf> p(row.data(), n);
+  CVec<kUnaligned> g_in(grad.data(), n);
+  // The gradient clamped and weight-decayed (a row is a few dozen floats: a per-thread buffer,
+  // only when either is on), then one vectorised sum of squares and one vectorised step.
+  const bool shaped = s.clip_value > 0.0f || s.weight_decay > 0.0f;
+  thread_local ArrayXf shaped_g;
+  if (shaped) {
+    shaped_g = s.clip_value > 0.0f ? g_in.max(-s.clip_value).min(s.clip_value).eval() : g_in.eval();
+    if (s.weight_decay > 0.0f) shaped_g += s.weight_decay * p;
   }
-  accumulator += sum_sq / static_cast<double>(row.size());
-  const auto factor = static_cast<float>(static_cast<double>(s.lr) / (std::sqrt(accumulator) + static_cast<double>(s.eps)));
-  for (std::size_t i = 0; i < row.size(); ++i) row[i] -= factor * g_of(i);
+  const auto step = [&](const auto& g) {
+    accumulator += static_cast<double>(g.square().sum()) / static_cast<double>(n);
+    const auto factor = static_cast<float>(static_cast<double>(s.lr) / (std::sqrt(accumulator) + static_cast<double>(s.eps)));
+    p -= factor * g;
+  };
+  if (shaped)
+    step(shaped_g);
+  else
+    step(g_in);
 }
 
 }  // namespace shmps::server

@@ -10,12 +10,17 @@
 //   sparse-round  one push of N distinct rows, pushed and waited for alone, N from 64 to 16384:
 //                 the round's time against the number of distinct rows; and the same number of
 //                 ids all on the one hot row 0 (which the merge makes one row update).
+//   sparse-push.<kind>  the same push loop with the table's own optimizer (sgd, rowwise_adagrad,
+//                 adagrad, adam), each in a fresh job of its own: what a row's optimizer state
+//                 costs the apply (.ratio: / sparse-push.sgd).
 //   sparse-train  the click-through model, plain SGD at learning rate 1.0, all in this run:
 //                 shmps-worker --model ctr --local and through shmps (1 and 2 workers, ASP, each
 //                 pulling once its own steps are applied); the PyTorch example
 //                 (worker/python/examples/ctr_torch.py: nn.EmbeddingBag(sparse=True)) --local, through
 //                 shmps (1 and 2 workers), and as 2 Hogwild processes; samples/s and test accuracy.
 //                 The Python runs need /usr/bin/python3 with torch, else they are skipped (said so).
+//                 And 2 C++ workers with the table's own row-wise AdaGrad (lr 0.1; the head keeps
+//                 SGD at 1.0): sparse-train.2.cpp.rowwise.
 // Rows/s and GB/s count each row's 64 bytes once.
 #include <unistd.h>
 
@@ -51,12 +56,29 @@ void add_train(Report& r, const std::string& name, const TrainResult& t, const s
   r.add(name + ".test_acc", t.test_acc, "fraction", "final model, the 100,000 test samples");
 }
 
+// models/ctr.toml with the table's own row-wise AdaGrad (the last [[table]] is the table), in a
+// temporary file of this run, removed with it.
+class RowwiseCtrSpec {
+ public:
+  explicit RowwiseCtrSpec(const std::string& ctr_spec) : path_("/tmp/shmps-bench-ctr-rowwise-" + std::to_string(::getpid()) + ".toml") {
+    const std::string cmd = "cat '" + ctr_spec + "' > '" + path_ + "' && echo 'optimizer = { kind = \"rowwise_adagrad\", lr = 0.1 }' >> '" + path_ + "'";
+    if (std::system(cmd.c_str()) != 0) throw Error("cannot write " + path_);
+  }
+  ~RowwiseCtrSpec() { ::unlink(path_.c_str()); }
+  RowwiseCtrSpec(const RowwiseCtrSpec&) = delete;
+  RowwiseCtrSpec& operator=(const RowwiseCtrSpec&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 void run_sparse_train(const Config& cfg, Report& r) {
   const std::string bin = self_dir(), source = SHMPS_SOURCE_DIR;
-  const std::string spec = source + "/models/ctr.toml";
+  const std::string ctr_spec = source + "/models/ctr.toml";
   const std::string samples = std::to_string(cfg.quick ? 51200 : 4000000);
   int job = 0;
-  const auto launch = [&](int workers, const std::string& program) {
+  const auto launch = [&](int workers, const std::string& program, const std::string& spec) {
     const std::string name = "bench-ctr-" + std::to_string(::getpid()) + "-" + std::to_string(job++);
     return run_training(bin + "/shmps-launch --spec '" + spec + "' --name " + name + " --workers " +
                             std::to_string(workers) + " --consistency asp --samples " + samples + " -- " + program,
@@ -65,10 +87,14 @@ void run_sparse_train(const Config& cfg, Report& r) {
   const std::string cpp = bin + "/shmps-worker --model ctr";
   const TrainResult local = run_training(cpp + " --local --samples " + samples, "");
   add_train(r, "sparse-train.local.cpp", local, "shmps-worker --model ctr --local, " + samples + " samples");
-  const TrainResult one = launch(1, cpp);
+  const TrainResult one = launch(1, cpp, ctr_spec);
   add_train(r, "sparse-train.1.cpp", one, "1 worker through shmps, ASP", &local, "local.cpp");
-  const TrainResult two = launch(2, cpp);
+  const TrainResult two = launch(2, cpp, ctr_spec);
   add_train(r, "sparse-train.2.cpp", two, "2 workers through shmps, ASP", &one, "1.cpp");
+  const RowwiseCtrSpec rowwise_spec(ctr_spec);
+  const TrainResult rowwise = launch(2, cpp, rowwise_spec.path());
+  add_train(r, "sparse-train.2.cpp.rowwise", rowwise,
+            "2 workers, the table's own row-wise AdaGrad (lr 0.1), the head SGD (lr 1.0)", &two, "2.cpp (SGD)");
 
   const std::string python = "/usr/bin/python3";
   const std::string example = source + "/worker/python/examples/ctr_torch.py";
@@ -80,9 +106,9 @@ void run_sparse_train(const Config& cfg, Report& r) {
   const std::string py = python + " '" + example + "'";
   const TrainResult py_local = run_training(env + py + " --local --samples " + samples, "");
   add_train(r, "sparse-train.local.py", py_local, "ctr_torch.py --local (nn.EmbeddingBag(sparse=True), SGD)");
-  const TrainResult py_one = launch(1, py);
+  const TrainResult py_one = launch(1, py, ctr_spec);
   add_train(r, "sparse-train.1.py", py_one, "1 PyTorch worker through shmps, ASP", &py_local, "local.py");
-  const TrainResult py_two = launch(2, py);
+  const TrainResult py_two = launch(2, py, ctr_spec);
   add_train(r, "sparse-train.2.py", py_two, "2 PyTorch workers through shmps, ASP", &py_one, "1.py");
   const TrainResult hogwild = run_training(env + py + " --hogwild 2 --samples " + samples, "");
   add_train(r, "sparse-train.hogwild2.py", hogwild, "ctr_torch.py --hogwild 2: PyTorch Hogwild, 2 processes", &py_two,
@@ -135,14 +161,22 @@ void run_sparse(const Config& cfg, Report& r) {
   r.add("sparse-pull.ratio", pull_rows_s / gather_rows_s, "x", "sparse-pull / gather");
 
   // Push (until applied) against a scatter-add.
-  std::vector<double> t_push, t_scatter;
+  // Every batch's rows pushed by `pusher`, until applied: the median time of cfg.reps passes.
+  const auto time_pushes = [&](Worker& pusher) {
+    std::vector<double> t;
+    for (int rep = -1; rep < cfg.reps; ++rep) {
+      const double t0 = now_s();
+      std::uint64_t seq = 0;
+      for (const auto& ids : rows) seq = pusher.push_rows("emb", ids, {grads.data(), ids.size() * kDim});
+      pusher.wait_applied(seq);
+      if (rep >= 0) t.push_back(now_s() - t0);
+    }
+    return median(t);
+  };
+  const double t_push = time_pushes(w);
+  std::vector<double> t_scatter;
   for (int rep = -1; rep < cfg.reps; ++rep) {
-    double t0 = now_s();
-    std::uint64_t seq = 0;
-    for (const auto& ids : rows) seq = w.push_rows("emb", ids, {grads.data(), ids.size() * kDim});
-    w.wait_applied(seq);
-    if (rep >= 0) t_push.push_back(now_s() - t0);
-    t0 = now_s();
+    const double t0 = now_s();
     for (const auto& ids : rows)
       for (std::size_t k = 0; k < ids.size(); ++k) {
         float* p = table.data() + ids[k] * kDim;
@@ -151,10 +185,10 @@ void run_sparse(const Config& cfg, Report& r) {
       }
     if (rep >= 0) t_scatter.push_back(now_s() - t0);
   }
-  const double push_rows_s = static_cast<double>(total_rows) / median(t_push);
+  const double push_rows_s = static_cast<double>(total_rows) / t_push;
   const double scatter_rows_s = static_cast<double>(total_rows) / median(t_scatter);
   r.add("sparse-push", push_rows_s, "rows/s", "push_rows of each batch's distinct rows until applied, one worker");
-  r.add("sparse-push.gbs", gb / median(t_push), "GB/s", "the same, in bytes of gradient rows");
+  r.add("sparse-push.gbs", gb / t_push, "GB/s", "the same, in bytes of gradient rows");
   r.add("sparse-push.scatter", scatter_rows_s, "rows/s", "limit: p[id] -= lr * g over the same rows, in this process");
   r.add("sparse-push.ratio", push_rows_s / scatter_rows_s, "x", "sparse-push / scatter-add");
 
@@ -178,6 +212,27 @@ void run_sparse(const Config& cfg, Report& r) {
     }
   }
   w.leave();
+
+  // The same pushes with the table's own optimizer, each in a fresh job of its own (SGD too, as
+  // the base of the ratios: every job's table starts cold).
+  double sgd_rows_s = 0;
+  for (const std::string kind : {"sgd", "rowwise_adagrad", "adagrad", "adam"}) {
+    Job own(JobOptions{.params = 1,
+                       .per_param = kDim,
+                       .max_workers = 2,
+                       .ring_bytes = std::uint64_t{8} << 20,
+                       .slice_bytes = 65536,
+                       .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
+                                     std::to_string(kDim) + "\noptimizer = { kind = \"" + kind + "\", lr = 1e-6 }\n"});
+    Worker pusher(WorkerOptions{.segment = own.name(), .rank = 0});
+    const double rows_s = static_cast<double>(total_rows) / time_pushes(pusher);
+    r.add("sparse-push." + kind, rows_s, "rows/s", "sparse-push with the table's own " + kind + ", a fresh job");
+    if (kind == "sgd")
+      sgd_rows_s = rows_s;
+    else
+      r.add("sparse-push." + kind + ".ratio", rows_s / sgd_rows_s, "x", "/ sparse-push.sgd");
+    pusher.leave();
+  }
   run_sparse_train(cfg, r);
 }
 
