@@ -511,6 +511,7 @@ TEST(Tables, TopShowsRowsUpdatedAndTheHottestRows) {
   ASSERT_FALSE(table.at("hottest_slices").empty());
   EXPECT_EQ(table.at("hottest_slices")[0].at("first_row"), 0u) << "row 0 is in every push";
   EXPECT_EQ(table.at("hottest_slices")[0].at("last_row"), 7u) << "8 rows per slice";
+  EXPECT_EQ(table.at("optimizer").at("kind"), "sgd") << "the job's, the table having none of its own";
   for (const auto& p : j.at("params")) {
     if (p.at("name") == "h") {
       EXPECT_FALSE(p.contains("table"));

@@ -125,7 +125,8 @@ json param_json(const ParamMetrics& p) {
     for (const auto& h : s.hottest) hottest.push_back({{"first_row", h.first_row}, {"last_row", h.last_row}, {"updates", h.updates}});
     out["table"] = {{"rows", s.table_rows},          {"dim", s.table_dim},
                     {"rows_updated", s.rows_updated}, {"rows_per_s", value(p.rows_per_s)},
-                    {"round_rows", s.round_rows},     {"hottest_slices", hottest}};
+                    {"round_rows", s.round_rows},     {"hottest_slices", hottest},
+                    {"optimizer", {{"kind", s.optimizer}, {"lr", decimal(s.optimizer_lr)}}}};
   }
   return out;
 }

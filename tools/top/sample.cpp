@@ -208,6 +208,8 @@ Sample read_sample(const Segment& seg) {
     if (p.table_dim != 0) {
       ps.table_rows = p.shape[0];
       ps.table_dim = p.table_dim;
+      ps.optimizer = std::string(to_string(p.optimizer.kind));
+      ps.optimizer_lr = p.optimizer.lr;
       ps.rows_updated = load_counter(stats.rows_updated);
       ps.round_rows = load_acquire(stats.round_rows);
     }

@@ -60,6 +60,8 @@ struct ParamSample {
   // distinct rows of the newest round that touched it, and its most updated slices (whole rows:
   // the hot rows are in them), most updated first.
   std::uint64_t table_rows = 0, table_dim = 0;
+  std::string optimizer;  // a table's optimizer kind (its own, or the job's)
+  float optimizer_lr = 0;
   std::uint64_t rows_updated = 0, round_rows = 0;
   struct HotSlice {
     std::uint64_t first_row = 0, last_row = 0, updates = 0;
