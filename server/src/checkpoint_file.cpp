@@ -34,16 +34,8 @@ std::vector<std::string> state_names(OptimizerKind kind) {
     case OptimizerKind::adagrad: return {"adagrad.s"};
     case OptimizerKind::rmsprop: return {"rmsprop.s"};
     case OptimizerKind::adam: return {"adam.m", "adam.v"};
-    case OptimizerKind::rowwise_adagrad: return {};  // its state is a word per row (row_word_name)
+    case OptimizerKind::rowwise_adagrad: return {};  // its state is a word per row (row_words_tensor)
   }
-  return {};
-}
-
-// The tensor of a table's row words, and its dtype: lazy Adam's step counts, row-wise AdaGrad's
-// accumulators; "" for an optimizer that keeps none.
-std::pair<std::string, std::string> row_word_name(OptimizerKind kind) {
-  if (kind == OptimizerKind::adam) return {"adam.step", "I64"};
-  if (kind == OptimizerKind::rowwise_adagrad) return {"rowwise_adagrad.s", "F64"};
   return {};
 }
 
@@ -121,7 +113,7 @@ std::vector<std::int64_t> i64(const st::File& file, const std::string& name, con
 
 // A table's row words, tensor `name` of `rows` elements and dtype I64 (lazy Adam's step counts,
 // none negative) or F64 (row-wise AdaGrad's accumulators, finite and none negative), as 8-byte words.
-std::vector<std::int64_t> row_word_tensor(const st::File& file, const std::string& name, const std::string& dtype,
+std::vector<std::int64_t> read_row_words(const st::File& file, const std::string& name, const std::string& dtype,
                                           std::uint64_t rows) {
   const auto it = file.tensors().find(name);
   if (it->second.dtype != dtype) fail(file.path(), "tensor \"" + name + "\" has dtype " + it->second.dtype + ", expected " + dtype);
@@ -375,14 +367,14 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
     // A table's row words: lazy Adam's step counts, row-wise AdaGrad's accumulators (whether the
     // parameter is a table is checked against the spec on restore).
     for (const OptimizerKind kind : {OptimizerKind::adam, OptimizerKind::rowwise_adagrad}) {
-      const auto [suffix, dtype] = row_word_name(kind);
+      const auto [suffix, dtype] = row_words_tensor(kind);
       const std::string words = name + "/" + suffix;
       if (!file.tensors().contains(words)) continue;
       if (p.optimizer.kind != kind || t.shape.size() != 2)
         fail(path, "tensor \"" + words + "\" holds a table's " + std::string(to_string(kind)) + " row state, but \"" +
                        name + "\" is not a table updated with " + std::string(to_string(kind)) +
                        " in this checkpoint: the file is damaged");
-      p.row_words = row_word_tensor(file, words, dtype, t.shape[0]);
+      p.row_words = read_row_words(file, words, dtype, t.shape[0]);
     }
     slices += (p.values.size() + snap.slice_floats - 1) / snap.slice_floats;
     snap.params.push_back(std::move(p));
@@ -432,6 +424,12 @@ void read_sync_tables(const std::filesystem::path& path, const st::File& file, s
 
 }  // namespace
 
+RowWordsTensor row_words_tensor(OptimizerKind kind) {
+  if (kind == OptimizerKind::adam) return {"adam.step", "I64"};
+  if (kind == OptimizerKind::rowwise_adagrad) return {"rowwise_adagrad.s", "F64"};
+  return {};
+}
+
 void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, unsigned mode) {
   std::vector<st::TensorView> tensors;
   std::map<std::string, std::string> meta = metadata_of(snap);
@@ -464,7 +462,7 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, u
     for (std::size_t a = 0; a < names.size(); ++a)
       tensors.push_back({p.name + "/" + names[a], "F32", p.shape, std::as_bytes(std::span<const float>(p.state[a]))});
     if (!p.row_words.empty()) {
-      const auto [suffix, dtype] = row_word_name(p.optimizer.kind);
+      const auto [suffix, dtype] = row_words_tensor(p.optimizer.kind);
       tensors.push_back({p.name + "/" + suffix, dtype, {p.row_words.size()},
                          std::as_bytes(std::span<const std::int64_t>(p.row_words))});
     }

@@ -63,7 +63,7 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
                      (want.table_dim != 0 ? "in its own optimizer = { ... }, or the job's [optimizer]" : "in [optimizer]") +
                      "), or start it afresh from the exported values (init = { kind = \"pretrained\", ... })");
     if (want.table_dim != 0 && optimizer_row_words(want_kind) && have.row_words.size() != want.shape[0])
-      fail(path, "has no tensor \"" + want.name + "/" + (want_kind == OptimizerKind::adam ? "adam.step" : "rowwise_adagrad.s") +
+      fail(path, "has no tensor \"" + want.name + "/" + row_words_tensor(want_kind).suffix +
                      "\" of " + std::to_string(want.shape[0]) + " row words, which " + std::string(to_string(want_kind)) +
                      " keeps for each row of a table: \"" + want.name +
                      "\" was not a table of this job when the checkpoint was taken (or the file is damaged); make it a "

@@ -56,10 +56,10 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   // Row words (lazy Adam's step counts, row-wise AdaGrad's accumulators): only tables whose
   // optimizer keeps them. A redo entry holds those of one slice: at most slice_floats / (the
   // narrowest such table's dim).
+  const auto keeps_words = [](const auto& p) { return p.table_dim != 0 && optimizer_row_words(p.optimizer.kind); };
   std::uint32_t narrowest_table = 0;
   for (const auto& p : request.params)
-    if (p.table_dim != 0 && optimizer_row_words(p.optimizer.kind) && (narrowest_table == 0 || p.table_dim < narrowest_table))
-      narrowest_table = p.table_dim;
+    if (keeps_words(p) && (narrowest_table == 0 || p.table_dim < narrowest_table)) narrowest_table = p.table_dim;
   const bool row_words = narrowest_table != 0;
   std::uint64_t largest = 0;
   std::string largest_name;
@@ -211,7 +211,6 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   std::uint64_t last_region = state_bytes != 0 ? state_bytes : values_bytes;
   // The row words of the tables whose optimizer keeps them (lazy Adam, row-wise AdaGrad).
   if (row_words) {
-    const auto keeps_words = [](const ParamEntry& e) { return e.table_dim != 0 && optimizer_row_words(e.optimizer.kind); };
     std::uint64_t row_words_bytes = 0;
     for (const auto& entry : plan.params)
       if (keeps_words(entry)) row_words_bytes += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);

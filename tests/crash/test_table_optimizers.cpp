@@ -93,6 +93,16 @@ void rowwise_reference(std::vector<float>& row, const std::vector<float>& g, dou
   for (std::size_t i = 0; i < row.size(); ++i) row[i] -= f * g[i];
 }
 
+// A run of `spec` killed at each of apply.mid_rows and apply.mid_copy ends as `reference`, the run
+// nobody killed, bit for bit: the table and every row's word.
+void expect_kills_end_as(const std::string& spec, const std::pair<std::vector<float>, std::vector<std::uint64_t>>& reference) {
+  for (const char* kill : {"apply.mid_rows:3", "apply.mid_copy:3"}) {
+    const auto killed = rows_run_killed_at(spec, kill);
+    EXPECT_EQ(killed.first, reference.first) << kill;
+    EXPECT_EQ(killed.second, reference.second) << kill;
+  }
+}
+
 const shm::ParamEntry& param_named(const shm::Segment& seg, const std::string& name) {
   for (std::uint32_t i = 0; i < seg.header().param_count; ++i)
     if (std::string(seg.param(i).name) == name) return seg.param(i);
@@ -218,11 +228,7 @@ TEST(TableOptimizers, LazyAdamKilledMidCopyEndsBitForBitAsIfNeverKilled) {
   const std::string spec = rows_spec("kind = \"adam\"\nlr = 0.01\n");
   const auto reference = rows_run_killed_at(spec, nullptr);
   EXPECT_EQ(reference.second[2], 6u + 2u) << "row 2: in the 6 odd pushes and in the even pushes 0 and 8";
-  for (const char* kill : {"apply.mid_rows:3", "apply.mid_copy:3"}) {
-    const auto killed = rows_run_killed_at(spec, kill);
-    EXPECT_EQ(killed.first, reference.first) << kill;
-    EXPECT_EQ(killed.second, reference.second) << kill;
-  }
+  expect_kills_end_as(spec, reference);
 }
 
 TEST(TableOptimizers, RowwiseAdagradKilledMidCopyEndsBitForBitAsIfNeverKilled) {
@@ -231,11 +237,7 @@ TEST(TableOptimizers, RowwiseAdagradKilledMidCopyEndsBitForBitAsIfNeverKilled) {
   const auto reference = rows_run_killed_at(spec, nullptr);
   EXPECT_GT(std::bit_cast<double>(reference.second[2]), 0.0) << "row 2's accumulator";
   EXPECT_EQ(reference.second[100], 0u) << "an untouched row's accumulator";
-  for (const char* kill : {"apply.mid_rows:3", "apply.mid_copy:3"}) {
-    const auto killed = rows_run_killed_at(spec, kill);
-    EXPECT_EQ(killed.first, reference.first) << kill;
-    EXPECT_EQ(killed.second, reference.second) << kill;
-  }
+  expect_kills_end_as(spec, reference);
 }
 
 // A table with its own optimizer (row-wise AdaGrad) in a job whose [optimizer] is Adam: the dense

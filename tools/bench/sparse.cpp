@@ -49,6 +49,18 @@ std::vector<std::uint64_t> batch_rows(std::uint64_t j) {
   return ids;
 }
 
+// A job of the click-through table "emb" (and the harness's one small dense parameter), in
+// slices of 64 KiB; `table_extra`: more lines of its [[table]] (its own optimizer).
+JobOptions table_job(const std::string& table_extra) {
+  return JobOptions{.params = 1,
+                    .per_param = kDim,
+                    .max_workers = 2,
+                    .ring_bytes = std::uint64_t{8} << 20,
+                    .slice_bytes = 65536,
+                    .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
+                                  std::to_string(kDim) + "\n" + table_extra};
+}
+
 void add_train(Report& r, const std::string& name, const TrainResult& t, const std::string& what,
                const TrainResult* base = nullptr, const std::string& base_name = "") {
   r.add(name, t.samples_per_s, "samples/s", what);
@@ -130,13 +142,7 @@ void run_sparse(const Config& cfg, Report& r) {
   r.add("sparse.batch_rows", static_cast<double>(total_rows) / static_cast<double>(batches), "rows",
         "distinct rows per batch of 256 samples (docs/workloads.md §4: about 1,350)");
 
-  Job job(JobOptions{.params = 1,
-                     .per_param = kDim,
-                     .max_workers = 2,
-                     .ring_bytes = std::uint64_t{8} << 20,
-                     .slice_bytes = 65536,
-                     .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
-                                   std::to_string(kDim) + "\n"});
+  Job job(table_job(""));
   Worker w(WorkerOptions{.segment = job.name(), .rank = 0});
   std::vector<float> out(widest * kDim), grads(widest * kDim, 0.001f);
   Floats table(kRows * kDim, 0.5f);  // the limit's own table, in this process
@@ -217,13 +223,7 @@ void run_sparse(const Config& cfg, Report& r) {
   // the base of the ratios: every job's table starts cold).
   double sgd_rows_s = 0;
   for (const std::string kind : {"sgd", "rowwise_adagrad", "adagrad", "adam"}) {
-    Job own(JobOptions{.params = 1,
-                       .per_param = kDim,
-                       .max_workers = 2,
-                       .ring_bytes = std::uint64_t{8} << 20,
-                       .slice_bytes = 65536,
-                       .extra_spec = "[[table]]\nname = \"emb\"\nrows = " + std::to_string(kRows) + "\ndim = " +
-                                     std::to_string(kDim) + "\noptimizer = { kind = \"" + kind + "\", lr = 1e-6 }\n"});
+    Job own(table_job("optimizer = { kind = \"" + kind + "\", lr = 1e-6 }\n"));
     Worker pusher(WorkerOptions{.segment = own.name(), .rank = 0});
     const double rows_s = static_cast<double>(total_rows) / time_pushes(pusher);
     r.add("sparse-push." + kind, rows_s, "rows/s", "sparse-push with the table's own " + kind + ", a fresh job");

@@ -140,6 +140,14 @@ struct Snapshot {
 // except the slot's generation and state, read atomically).
 void take_snapshot(const shm::Segment& segment, tbb::task_arena& arena, Snapshot& out);
 
+// The tensor of a table's row words after "<table>/", and its dtype: lazy Adam's step counts
+// ("adam.step", I64), row-wise AdaGrad's accumulators ("rowwise_adagrad.s", F64); both empty for
+// an optimizer that keeps none.
+struct RowWordsTensor {
+  std::string suffix, dtype;
+};
+RowWordsTensor row_words_tensor(OptimizerKind kind);
+
 // Writes `snapshot` to `path` atomically and durably (temporary file, fsync, rename, fsync of
 // the directory). On failure the previous file at `path` is intact. Kill points (tests):
 // "checkpoint.mid_write" (half of the data written), "checkpoint.before_rename".
