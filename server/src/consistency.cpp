@@ -42,9 +42,15 @@ bool complete_step(Segment& segment, std::uint32_t group, std::uint64_t step, co
   std::uint64_t records = 0, discarded = 0;
   bool anyone = false;
   for (std::uint32_t r = first; r < end; ++r) {
-    records += plan.ranks[r].records;
-    discarded += plan.ranks[r].discarded;
-    anyone = anyone || counts_for_group(h, segment.slot(r));
+    const RankRound& round = plan.ranks[r];
+    records += round.records;
+    discarded += round.discarded;
+    // Took part in the step: still attached, or ended it in this round, or (streamed steps) has
+    // pushes of it in the sums. A job's last step is often ended by workers that leave at once,
+    // and in streamed BSP its pushes were summed in earlier rounds: without the last two, the
+    // round that finds the step's ends would take nobody for the group and leave it open.
+    anyone = anyone || counts_for_group(h, segment.slot(r)) || round.clock > step ||
+             round.streamed_step == step + 1 || load_acquire(segment.slot(r).streamed_step) == step + 1;
   }
   if (!anyone && records == 0 && discarded == 0) return false;
   // One group: the slices hold exactly its steps, and say which (checkpoints, the monitor). With

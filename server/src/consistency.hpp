@@ -36,7 +36,8 @@ float streamed_step_scale(const shm::Segment& segment, std::uint64_t step, const
 // BSP: after a round that found step `step` of worker group `group` complete, moves the group's
 // clock to step + 1 (its workers' pulls for the next step wait for that) and counts the step and
 // its pushes in the group's entry; with one group, every slice's clock moves too. A step is
-// complete even when nobody pushed; with no worker in the group there is no step. True if the
+// complete even when nobody pushed; with no worker that took part in it (attached, or
+// ended it in this round, or has pushes of it in the step sums) there is no step. True if the
 // clock moved.
 bool complete_step(shm::Segment& segment, std::uint32_t group, std::uint64_t step, const RoundPlan& plan);
 

@@ -176,6 +176,39 @@ TEST(StreamedStep, AWorkerKilledMidStepHoldsTheStepUntilItsSuccessorFinishesIt) 
       << "group clock " << shm::load_acquire(seg.group(0).clock) << ", want 12";
 }
 
+// The last step of a job whose workers end it and leave before the server looks again: its pushes
+// were summed in earlier rounds, so the round that finds the ends of the step takes no push and
+// nobody is attached any more. The step is still complete (every worker ended it), and the group
+// clock must move past it; the server is held with SIGSTOP so that this order is certain.
+TEST(StreamedStep, AStepEndedByWorkersThatThenLeaveIsCompletedWithoutThem) {
+  Watchdog watchdog(60s);
+  Job job("stream-leave", kSpec + shmps::test::pattern_spec(8, kSmallRing));
+  auto& server = job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const std::size_t n = shmps::test::kPatternW;
+  {
+    shmps::Worker w0(shmps::WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 30s});
+    shmps::Worker w1(shmps::WorkerOptions{.segment = job.name(), .rank = 1, .timeout = 30s});
+    w0.wait_for_workers(2);
+    const std::vector<float> g0(n, 1.0f), g1(n, 2.0f);
+    w0.push("w", g0);  // streams: the ring holds less than the push
+    w1.push("w", g1);
+    ASSERT_TRUE(wait_until([&] { return w0.applied() == w0.published() && w1.applied() == w1.published(); }))
+        << "the server did not sum the pushes";
+    server.kill(SIGSTOP);
+    w0.clock();
+    w1.clock();
+    w0.leave();
+    w1.leave();
+  }
+  server.kill(SIGCONT);
+  EXPECT_TRUE(wait_until([&] { return shm::load_acquire(seg.group(0).clock) == 1u; }, 10s))
+      << "group clock " << shm::load_acquire(seg.group(0).clock) << ", want 1";
+  const float* w = seg.values(seg.param(static_cast<std::uint32_t>(seg.find_param("w"))));
+  for (std::size_t k = 0; k < n; ++k) ASSERT_EQ(w[k], -3.0f) << "element " << k;
+}
+
 // Killed between two chunks of the streamed push: the successor skips exactly the chunks its
 // predecessor committed, the rest of the push included.
 TEST(StreamedStep, AWorkerKilledBetweenChunksIsFinishedByItsSuccessor) {
