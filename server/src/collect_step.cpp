@@ -174,7 +174,8 @@ bool collect_step(Segment& segment, const std::vector<RingConsumer>& rings, std:
     const bool finished = StepScan(segment, rings[r], r, step, plan).run();
     if (r + 1 == end) pause_point("collect.after_scan");  // tests: a worker acts between ring and decision
     if (!finished && counts) everyone_finished = false;
-    anyone = anyone || counts || plan.ranks[r].records != 0 || plan.ranks[r].discarded != 0;
+    // (or ended the step in this round: a step with no push whose workers left at once)
+    anyone = anyone || counts || plan.ranks[r].records != 0 || plan.ranks[r].discarded != 0 || plan.ranks[r].clock > step;
   }
   // A group with nobody in it and nothing of its step in the rings has no step to complete.
   if (!everyone_finished || !anyone) {

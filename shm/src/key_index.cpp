@@ -1,0 +1,111 @@
+#include "shmps/shm/key_index.hpp"
+
+#include <thread>
+
+#include <shmps/shm/seqlock.hpp>
+#include <shmps/splitmix.hpp>
+
+namespace shmps::shm {
+
+namespace {
+
+// Buckets are read while the server may write them (the seqlock discards such reads): relaxed
+// atomic loads and stores, plain moves on x86, and no data race for ThreadSanitizer.
+std::uint64_t load_word(const std::uint64_t& w) noexcept { return __atomic_load_n(&w, __ATOMIC_RELAXED); }
+void store_word(std::uint64_t& w, std::uint64_t v) noexcept { __atomic_store_n(&w, v, __ATOMIC_RELAXED); }
+
+}  // namespace
+
+std::uint64_t key_bucket_of(std::uint64_t key, std::uint64_t buckets) noexcept {
+  return splitmix_mix(key) & (buckets - 1);
+}
+
+bool find_key_slots(const Segment& segment, const ParamEntry& table, std::span<const std::uint64_t> keys,
+                    std::span<std::uint64_t> slots, std::chrono::milliseconds timeout) {
+  const KeyBucket* buckets = segment.key_buckets(table);
+  const std::uint64_t mask = table.key_buckets - 1;
+  const auto& seq = segment.key_index(table).seq;
+  const auto give_up = std::chrono::steady_clock::now() + timeout;
+  for (std::uint64_t attempt = 0;; ++attempt) {
+    std::uint64_t version = 0;
+    const auto read = seqlock_try_read(seq, version, [&] {
+      for (std::size_t k = 0; k < keys.size(); ++k) {
+        slots[k] = kNoKeySlot;
+        // At most key_buckets probes: a torn read (discarded below) must not loop for ever.
+        for (std::uint64_t b = key_bucket_of(keys[k], table.key_buckets), n = 0; n <= mask; b = (b + 1) & mask, ++n) {
+          const std::uint64_t slot_plus_one = load_word(buckets[b].slot_plus_one);
+          if (slot_plus_one == 0) break;
+          if (load_word(buckets[b].key) == keys[k]) {
+            slots[k] = slot_plus_one - 1;
+            break;
+          }
+        }
+      }
+    });
+    if (read == SeqlockRead::ok) return true;
+    if ((attempt & 63) == 63) {
+      if (std::chrono::steady_clock::now() > give_up) return false;
+      std::this_thread::yield();
+    }
+  }
+}
+
+void keyed_init_row(const KeyedInit& init, std::uint64_t key, std::span<float> row) noexcept {
+  const std::uint64_t first = key * row.size();  // wraps at 2^64, as documented (KeyedInit)
+  for (std::size_t d = 0; d < row.size(); ++d) {
+    switch (init.kind) {
+      case 1: row[d] = init.value; break;
+      case 2: row[d] = u24(splitmix_draw(init.stream, first + d)) * init.scale; break;
+      default: row[d] = 0.0f; break;
+    }
+  }
+}
+
+KeyIndexWriter::KeyIndexWriter(Segment& segment, const ParamEntry& table) noexcept
+    : segment_(segment), table_(table), buckets_(segment.key_buckets(table)), mask_(table.key_buckets - 1) {}
+
+std::uint64_t KeyIndexWriter::find(std::uint64_t key) const noexcept {
+  for (std::uint64_t b = key_bucket_of(key, table_.key_buckets);; b = (b + 1) & mask_) {
+    if (buckets_[b].slot_plus_one == 0) return kNoKeySlot;
+    if (buckets_[b].key == key) return buckets_[b].slot_plus_one - 1;
+  }
+}
+
+void KeyIndexWriter::begin() noexcept { before_ = seqlock_write_begin(segment_.key_index(table_).seq); }
+void KeyIndexWriter::end() noexcept { seqlock_write_end(segment_.key_index(table_).seq, before_, 1); }
+
+void KeyIndexWriter::insert(std::uint64_t key, std::uint64_t slot) noexcept {
+  std::uint64_t b = key_bucket_of(key, table_.key_buckets);
+  while (buckets_[b].slot_plus_one != 0) b = (b + 1) & mask_;
+  store_word(buckets_[b].key, key);
+  store_word(buckets_[b].slot_plus_one, slot + 1);
+}
+
+void KeyIndexWriter::erase(std::uint64_t key) noexcept {
+  std::uint64_t hole = key_bucket_of(key, table_.key_buckets);
+  while (buckets_[hole].key != key || buckets_[hole].slot_plus_one == 0) hole = (hole + 1) & mask_;
+  // Backward shift: every later key of the run whose probe would pass the hole moves into it.
+  for (std::uint64_t b = (hole + 1) & mask_; buckets_[b].slot_plus_one != 0; b = (b + 1) & mask_) {
+    const std::uint64_t home = key_bucket_of(buckets_[b].key, table_.key_buckets);
+    // b's key may fill the hole if its home is not in (hole, b] (cyclically).
+    const bool home_after_hole = ((b - home) & mask_) < ((b - hole) & mask_);
+    if (home_after_hole) continue;
+    store_word(buckets_[hole].key, buckets_[b].key);
+    store_word(buckets_[hole].slot_plus_one, buckets_[b].slot_plus_one);
+    hole = b;
+  }
+  store_word(buckets_[hole].slot_plus_one, 0);
+  store_word(buckets_[hole].key, 0);
+}
+
+void KeyIndexWriter::rebuild() noexcept {
+  for (std::uint64_t b = 0; b <= mask_; ++b) {
+    store_word(buckets_[b].slot_plus_one, 0);
+    store_word(buckets_[b].key, 0);
+  }
+  const KeySlot* slots = segment_.key_slots(table_);
+  for (std::uint64_t s = 0; s < table_.shape[0]; ++s)
+    if (slots[s].stamp != 0) insert(slots[s].key, s);
+}
+
+}  // namespace shmps::shm

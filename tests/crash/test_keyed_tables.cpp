@@ -1,0 +1,357 @@
+// Tables with open-ended keys ([[table]] keys = "u64"): any 64-bit key reads as its init until
+// it is admitted, gets a slot at its first push (or its admit_after-th), and the least recently
+// updated key is evicted when every slot is taken. With real server and worker processes: the
+// policy by hand, lookups during constant eviction (never another key's row, never a torn one),
+// exact sums through server SIGKILLs in the middle of admitting keys and through random kills of
+// workers and server, and a checkpoint holding the keys beside the rows.
+//
+// SGD with learning rate 1 and small-integer gradients, as in test_tables.cpp: every value is
+// exact, so a key's row must equal its init minus the sum of every committed push of the key.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <iostream>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <shmps/error.hpp>
+#include <shmps/server/safetensors.hpp>
+#include <shmps/shm/atomics.hpp>
+#include <shmps/shm/key_index.hpp>
+#include <shmps/shm/segment.hpp>
+#include <shmps/splitmix.hpp>
+#include <shmps/worker.hpp>
+
+#include "../support/expect.hpp"
+#include "../support/harness.hpp"
+#include "../support/pattern.hpp"
+
+using namespace std::chrono_literals;
+using namespace shmps;
+using shmps::test::error_of;
+using shmps::test::Job;
+using shmps::test::Process;
+using shmps::test::Watchdog;
+
+namespace {
+
+constexpr std::uint64_t kDim = 8;
+
+// "t": `slots` slots of 8 (8 rows a 256-byte slice), keys = "u64", with `extra` table lines; a
+// dense "h" beside it.
+std::string keyed_spec(std::uint64_t slots, const std::string& extra = "", const std::string& job_extra = "") {
+  return "max_workers = 8\nslice_bytes = 256\n" + job_extra + "[optimizer]\nkind = \"sgd\"\nlr = 1.0\n" +
+         "[[param]]\nname = \"h\"\nshape = [4]\n[[table]]\nname = \"t\"\nrows = " + std::to_string(slots) +
+         "\ndim = 8\nkeys = \"u64\"\n" + extra;
+}
+
+const shm::ParamEntry& table_entry(const shm::Segment& seg) {
+  return seg.param(static_cast<std::uint32_t>(seg.find_param("t")));
+}
+
+// The rows of `keys` as worker `rank` pulls them.
+std::vector<float> pull_keys(const std::string& segment, int rank, const std::vector<std::uint64_t>& keys) {
+  Worker w(WorkerOptions{.segment = segment, .rank = rank, .timeout = 20s});
+  std::vector<float> rows(keys.size() * kDim);
+  w.pull_rows("t", keys, rows);
+  w.leave();
+  return rows;
+}
+
+std::vector<float> init_row(const shm::Segment& seg, std::uint64_t key) {
+  std::vector<float> row(kDim);
+  shm::keyed_init_row(table_entry(seg).keyed_init, key, row);
+  return row;
+}
+
+std::uint64_t stat(const std::atomic<std::uint64_t>& counter) { return shm::load_acquire(counter); }
+
+Process& start_keyed_pusher(Job& job, int rank, std::uint64_t pushes, std::vector<std::string> extra = {}) {
+  std::vector<std::string> args{"shmps-test-pusher", "rows", "--keys", "--pushes", std::to_string(pushes)};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return job.start(args, {{"SHMPS_RANK", std::to_string(rank)}});
+}
+
+// The pattern's rows pushes (test_tables.cpp) sent as keys, with a zero init and at least as
+// many slots as the pattern has ids (512): each key's row must be minus the sum of its rows.
+constexpr std::uint64_t kPatternIds = 512;
+void expect_exact_keyed(const std::string& segment, const std::vector<std::uint64_t>& pushes, int reader_rank = 7) {
+  std::vector<double> want(kPatternIds * kDim, 0.0);
+  for (std::uint64_t r = 0; r < pushes.size(); ++r)
+    for (std::uint64_t k = 0; k < pushes[r]; ++k)
+      for (std::uint64_t j = 0; j < test::kRowsPerPush; ++j) {
+        const std::uint64_t id = test::rows_push_id(r, k, j, kPatternIds);
+        for (std::uint64_t d = 0; d < kDim; ++d) want[id * kDim + d] -= test::pattern(r, k, j * kDim + d);
+      }
+  std::vector<std::uint64_t> keys(kPatternIds);
+  for (std::uint64_t id = 0; id < kPatternIds; ++id) keys[id] = test::key_of_id(id);
+  const std::vector<float> rows = pull_keys(segment, reader_rank, keys);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    if (rows[i] != static_cast<float>(want[i]) && ++wrong <= 5)
+      ADD_FAILURE() << "id " << i / kDim << " (key " << keys[i / kDim] << ") element " << i % kDim << ": " << rows[i]
+                    << ", want " << want[i];
+  EXPECT_EQ(wrong, 0u);
+}
+
+}  // namespace
+
+// Keys anywhere in 64 bits read as their init (a key below the slots as that row of a table of
+// row numbers would start); pushed, repeated keys summed, each holds exactly init minus its sum.
+TEST(KeyedTables, AKeyReadsAsItsInitUntilPushedAndThenHoldsItsSum) {
+  Watchdog watchdog(60s);
+  Job job("keyed-basic", keyed_spec(16, "init = { kind = \"u24\", stream = 7, scale_divisor = 4 }\n"));
+  job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const std::vector<std::uint64_t> keys{3, std::uint64_t{1} << 63, std::numeric_limits<std::uint64_t>::max(), 0};
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  EXPECT_TRUE(w.param("t").keyed);
+  std::vector<float> rows(keys.size() * kDim);
+  w.pull_rows("t", keys, rows);
+  for (std::size_t k = 0; k < keys.size(); ++k)
+    for (std::uint64_t d = 0; d < kDim; ++d) {
+      ASSERT_EQ(rows[k * kDim + d], init_row(seg, keys[k])[d]) << "key " << keys[k];
+      if (keys[k] == 3) {  // the u24 init of element 3 * 8 + d, as a table of row numbers has it
+        EXPECT_EQ(rows[k * kDim + d], u24(splitmix_draw(7, 3 * kDim + d)) / 4.0f);
+      }
+    }
+  EXPECT_NE(init_row(seg, keys[1]), init_row(seg, keys[2]));
+  // Key 1 << 63 twice in one push, and again in a second push: its gradients summed.
+  const std::vector<std::uint64_t> push{keys[1], keys[2], keys[1]};
+  std::vector<float> grads(push.size() * kDim);
+  for (std::size_t i = 0; i < grads.size(); ++i) grads[i] = static_cast<float>(i % 5) - 2.0f;
+  w.push_rows("t", push, grads);
+  w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{keys[1]}, std::vector<float>(kDim, 1.0f)));
+  w.pull_rows("t", keys, rows);
+  for (std::uint64_t d = 0; d < kDim; ++d) {
+    EXPECT_EQ(rows[0 * kDim + d], init_row(seg, keys[0])[d]) << "key 3 was never pushed";
+    // (u24 inits are not whole numbers: how the pushes fall into rounds moves the last bit)
+    EXPECT_FLOAT_EQ(rows[1 * kDim + d], init_row(seg, keys[1])[d] - grads[d] - grads[2 * kDim + d] - 1.0f);
+    EXPECT_FLOAT_EQ(rows[2 * kDim + d], init_row(seg, keys[2])[d] - grads[kDim + d]);
+    EXPECT_EQ(rows[3 * kDim + d], init_row(seg, keys[3])[d]);
+  }
+  const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
+  EXPECT_EQ(stat(stats.keys_admitted), 2u);
+  EXPECT_EQ(stat(stats.keys_held), 2u);
+  EXPECT_EQ(stat(stats.keys_evicted), 0u);
+}
+
+// admit_after = 3: a key's first two pushes are dropped (and counted), the third gives it a slot.
+TEST(KeyedTables, AdmitAfterDropsAKeysFirstPushes) {
+  Watchdog watchdog(60s);
+  Job job("keyed-admit", keyed_spec(16, "init = { kind = \"constant\", value = 0.5 }\nadmit_after = 3\n"));
+  job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  const std::vector<std::uint64_t> key{424242};
+  std::vector<float> row(kDim);
+  for (int push = 1; push <= 3; ++push) {
+    w.wait_applied(w.push_rows("t", key, std::vector<float>(kDim, static_cast<float>(push))));
+    w.pull_rows("t", key, row);
+    const float want = push < 3 ? 0.5f : 0.5f - 3.0f;
+    for (float v : row) ASSERT_EQ(v, want) << "after push " << push;
+  }
+  EXPECT_EQ(stat(stats.keys_refused_rows), 2u);
+  EXPECT_EQ(stat(stats.keys_admitted), 1u);
+}
+
+// Eight slots: keys 100..107 fill them in order; 100 is pushed again (now the most recent), so
+// key 108 evicts 101, the least recently updated; 101 reads as its init again, and when pushed
+// again it is a new key (it evicts 102) that starts from its init.
+TEST(KeyedTables, AFullTableEvictsTheLeastRecentlyUpdatedKey) {
+  Watchdog watchdog(60s);
+  Job job("keyed-evict", keyed_spec(8, "init = { kind = \"constant\", value = 0.25 }\n"));
+  job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  const auto push = [&](std::uint64_t key) {
+    w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{key}, std::vector<float>(kDim, 1.0f)));
+  };
+  const auto value = [&](std::uint64_t key) {
+    std::vector<float> row(kDim);
+    w.pull_rows("t", std::vector<std::uint64_t>{key}, row);
+    for (float v : row) EXPECT_EQ(v, row[0]) << "key " << key;
+    return row[0];
+  };
+  for (std::uint64_t key = 100; key < 108; ++key) push(key);
+  push(100);
+  EXPECT_EQ(stat(stats.keys_evicted), 0u);
+  push(108);
+  EXPECT_EQ(stat(stats.keys_evicted), 1u);
+  EXPECT_EQ(value(101), 0.25f) << "the least recently updated key was evicted: it reads as its init";
+  EXPECT_EQ(value(100), 0.25f - 2.0f);
+  EXPECT_EQ(value(102), 0.25f - 1.0f);
+  EXPECT_EQ(value(108), 0.25f - 1.0f);
+  push(101);
+  EXPECT_EQ(value(101), 0.25f - 1.0f) << "admitted again: from its init";
+  EXPECT_EQ(value(102), 0.25f) << "the next least recently updated was evicted for it";
+  EXPECT_EQ(stat(stats.keys_evicted), 2u);
+  EXPECT_EQ(stat(stats.keys_admitted), 10u);
+  EXPECT_EQ(stat(stats.keys_held), 8u);
+}
+
+// Two pushers churn 600 keys through 64 slots (evictions all the time) while this process pulls
+// keys: every row read must be its key's init minus a whole number m >= 0 of the key's churn
+// gradient, the same m for every element: never a row of another key, never a torn row. (The
+// u24 inits are not whole numbers, so m steps of float subtraction round: allowed for up to
+// 1e-4 per step, against a difference of at least 1 for a wrong m in some element.)
+TEST(KeyedTables, LookupsDuringEvictionNeverSeeAnotherKeysRowOrATornOne) {
+  Watchdog watchdog(90s);
+  Job job("keyed-churn", keyed_spec(64, "init = { kind = \"u24\", stream = 3, scale_divisor = 8 }\n"));
+  job.start_server();
+  job.wait_ready();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  constexpr std::uint64_t kKeys = 600;
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 2; ++r)
+    pushers.push_back(&job.start({"shmps-test-pusher", "keyed-churn", "--pushes", std::to_string(kKeys), "--millis",
+                                  "1500"},
+                                 {{"SHMPS_RANK", std::to_string(r)}}));
+  Worker reader(WorkerOptions{.segment = job.name(), .rank = 5, .timeout = 20s});
+  std::vector<std::uint64_t> keys(32);
+  std::vector<float> rows(keys.size() * kDim);
+  std::uint64_t reads = 0, trained = 0, n = 0;
+  std::size_t wrong = 0;
+  const auto end = std::chrono::steady_clock::now() + 1500ms;
+  while (std::chrono::steady_clock::now() < end) {
+    for (auto& key : keys) key = test::key_of_id((n++ * 7) % kKeys);
+    reader.pull_rows("t", keys, rows);
+    for (std::size_t k = 0; k < keys.size(); ++k, ++reads) {
+      const std::vector<float> init = init_row(seg, keys[k]);
+      const double m = std::round((init[0] - rows[k * kDim]) / test::churn_grad(keys[k], 0));
+      const double tolerance = 1e-4 * (1 + m);
+      bool ok = m >= 0;
+      for (std::uint64_t d = 0; d < kDim; ++d)
+        ok = ok && std::fabs(rows[k * kDim + d] - (init[d] - m * test::churn_grad(keys[k], d))) <= tolerance;
+      if (m > 0) ++trained;
+      if (!ok && ++wrong <= 5) ADD_FAILURE() << "key " << keys[k] << ": element 0 " << rows[k * kDim] << ", m " << m;
+    }
+  }
+  for (auto* p : pushers) EXPECT_EQ(p->wait(30s), 0) << p->output();
+  EXPECT_EQ(wrong, 0u);
+  const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
+  std::cout << reads << " rows read, " << trained << " of them trained; " << stat(stats.keys_evicted)
+            << " evictions\n";
+  EXPECT_GT(stat(stats.keys_evicted), 100u) << "the churn must evict keys all the time";
+  EXPECT_GT(trained, 0u) << "some reads must find trained rows";
+  EXPECT_EQ(stat(stats.keys_held), 64u);
+}
+
+// The server SIGKILLed while it admits keys: in the middle of copying a slice's touched rows
+// with their KeySlots (mid_rows), of a whole slice's copy (mid_copy), or after the apply but
+// before the rings' heads moved (before_release: the next server takes the same records again,
+// finds the keys its predecessor admitted, and skips what was applied). The next server rebuilds
+// the index from the KeySlots; every key's row is the exact sum of its pushes.
+class KeyedTableServerKill : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(KeyedTableServerKill, TheNextServerAdmitsNoKeyTwiceAndLosesNoRow) {
+  Watchdog watchdog(90s);
+  Job job("keyed-kill", keyed_spec(kPatternIds));
+  auto& first = job.start_server({}, {{"SHMPS_KILL_AT", GetParam()}});
+  job.wait_ready();
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 3; ++r) pushers.push_back(&start_keyed_pusher(job, r, 300, {"--pause-us", "200"}));
+  EXPECT_EQ(first.wait(30s), 128 + SIGKILL) << "the kill point was not reached:\n" << first.output();
+  job.start_server();
+  job.wait_ready();
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  expect_exact_keyed(job.name(), {300, 300, 300});
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
+  EXPECT_EQ(stat(stats.keys_evicted), 0u);
+  EXPECT_EQ(stat(stats.keys_held), kPatternIds) << "every id of the pattern is pushed";
+}
+
+INSTANTIATE_TEST_SUITE_P(KillPoints, KeyedTableServerKill,
+                         ::testing::Values("apply.mid_rows:2", "apply.mid_copy:2", "apply.before_release:2"),
+                         [](const ::testing::TestParamInfo<const char*>& p) {
+                           const std::string point = p.param;
+                           return point.find("mid_rows") != std::string::npos   ? std::string("MidRows")
+                                  : point.find("mid_copy") != std::string::npos ? std::string("MidCopy")
+                                                                                 : std::string("BeforeRelease");
+                         });
+
+// Chaos: keyed rows pushers while workers and the server are SIGKILLed and restarted at random;
+// every committed push counts exactly once.
+TEST(KeyedTables, ExactSumsThroughRandomKillsOfWorkersAndServer) {
+  constexpr int kSeconds = 8, kWorkers = 3;
+#if defined(SHMPS_SANITIZER_BUILD)
+  constexpr std::uint64_t kTarget = 3000;
+#else
+  constexpr std::uint64_t kTarget = 20000;
+#endif
+  Watchdog watchdog(std::chrono::seconds(kSeconds + 120));
+  Job job("keyed-chaos", keyed_spec(kPatternIds));
+  job.start_server();
+  job.wait_ready();
+  const unsigned seed = std::random_device{}();
+  std::cout << "chaos seed " << seed << "\n";
+  std::mt19937 rng(seed);
+  std::vector<Process*> pushers(kWorkers);
+  std::vector<bool> done(kWorkers, false);
+  std::uint64_t worker_kills = 0, server_kills = 0;
+  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_keyed_pusher(job, r, kTarget, {"--pause-us", "100"});
+  const auto start = std::chrono::steady_clock::now();
+  auto next_server_kill = start + std::chrono::milliseconds(300 + rng() % 600);
+  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(kSeconds)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
+    const int r = static_cast<int>(rng() % kWorkers);
+    if (!done[r] && pushers[r]->running()) {
+      pushers[r]->kill(SIGKILL);
+      pushers[r]->wait(10s);
+      ++worker_kills;
+    }
+    if (!pushers[r]->running() && !done[r]) {
+      if (pushers[r]->wait(1s) == 0)
+        done[r] = true;
+      else
+        pushers[r] = &start_keyed_pusher(job, r, kTarget, {"--pause-us", "100"});
+    }
+    if (std::chrono::steady_clock::now() > next_server_kill) {
+      job.server().kill(SIGKILL);
+      job.server().wait(10s);
+      ++server_kills;
+      job.start_server();
+      job.wait_ready();
+      next_server_kill = std::chrono::steady_clock::now() + std::chrono::milliseconds(800 + rng() % 1500);
+    }
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+  }
+  for (int r = 0; r < kWorkers; ++r)
+    if (!done[r] && !pushers[r]->running() && pushers[r]->wait(1s) != 0) pushers[r] = &start_keyed_pusher(job, r, kTarget);
+  for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(pushers[r]->wait(120s), 0) << pushers[r]->output();
+  expect_exact_keyed(job.name(), std::vector<std::uint64_t>(kWorkers, kTarget));
+  std::cout << "keyed table chaos: " << worker_kills << " worker kills, " << server_kills << " server kills, exact\n";
+  EXPECT_GT(worker_kills, 0u);
+  EXPECT_GT(server_kills, 0u);
+}
+
+// What a keyed table refuses, each with its message, changing nothing: a put, a view, and specs
+// that cannot work.
+TEST(KeyedTables, WhatCannotWorkIsRefusedWithAMessage) {
+  Watchdog watchdog(60s);
+  Job job("keyed-bad", keyed_spec(16));
+  job.start_server();
+  job.wait_ready();
+  Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+  EXPECT_NE(error_of([&] { w.put("t", std::vector<float>(16 * kDim, 1.0f)); }).find("keys = \"u64\""), std::string::npos);
+  EXPECT_NE(error_of([&] { (void)w.view("t"); }).find("use pull_rows() with the keys"), std::string::npos);
+  // A wrong row width is refused as for any table, and nothing was pushed.
+  EXPECT_NE(error_of([&] { w.push_rows("t", std::vector<std::uint64_t>{9}, std::vector<float>(3, 1.0f)); })
+                .find("the gradient has 3"),
+            std::string::npos);
+  EXPECT_EQ(w.published(), 0u);
+}
