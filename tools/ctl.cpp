@@ -298,6 +298,14 @@ int cmd_inspect(const std::string& name) {
     // A table with its own optimizer (another kind or other settings than the job's).
     if (std::memcmp(&p.optimizer, &h.optimizer, sizeof(OptimizerSettings)) != 0)
       std::cout << "  optimizer " << to_string(p.optimizer.kind) << " lr=" << p.optimizer.lr;
+    // A table with keys = "u64": its keys held of its slots, and what admission and eviction did.
+    if (is_keyed(p)) {
+      const ParamStats& stats = seg.param_stats(i);
+      std::cout << "  keys u64: " << load_acquire(stats.keys_held) << " of " << p.shape[0] << " slots held, "
+                << load_acquire(stats.keys_admitted) << " admitted, " << load_acquire(stats.keys_evicted) << " evicted";
+      std::cout << ", " << load_acquire(stats.keys_refused_rows)
+                << " rows dropped (key not admitted yet, admit_after " << p.admit_after << ", or no slot free)";
+    }
     // Put (Worker::put): who put it; init = "put" and nobody yet: pulls of it wait.
     if (const std::uint64_t put_rank = load_acquire(seg.param_stats(i).put_rank); put_rank != 0)
       std::cout << "  put by worker " << put_rank - 1;
@@ -415,15 +423,27 @@ int cmd_export(const std::string& name, const std::string& path, unsigned mode) 
       {"shmps.model_clock", std::to_string(slowest_group_clock(seg))},
   };
   std::uint64_t bytes = 0;
+  // A table with keys = "u64": its slots' keys and stamps beside its rows ("<table>/keys",
+  // "<table>/key_stamps", as in a checkpoint), each slice's read together with its rows.
+  std::vector<std::vector<std::int64_t>> keys(h.param_count), stamps(h.param_count);
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = seg.param(i);
     if (p.dtype == DType::f32)
       values[i].resize(p.size);
     else
       halves[i].resize(p.size);
-    const SliceReadResult read = p.dtype == DType::f32
-                                     ? read_param(seg, p, 0, values[i], std::chrono::seconds(10))
-                                     : read_param_raw(seg, p, 0, halves[i], std::chrono::seconds(10));
+    SliceReadResult read;
+    if (is_keyed(p)) {
+      std::vector<KeySlot> slots(p.shape[0]);
+      read = read_keyed_table(seg, p, values[i], slots, std::chrono::seconds(10));
+      for (const KeySlot& s : slots) {
+        keys[i].push_back(static_cast<std::int64_t>(s.key));
+        stamps[i].push_back(static_cast<std::int64_t>(s.stamp));
+      }
+    } else {
+      read = p.dtype == DType::f32 ? read_param(seg, p, 0, values[i], std::chrono::seconds(10))
+                                   : read_param_raw(seg, p, 0, halves[i], std::chrono::seconds(10));
+    }
     if (read.stuck_slice)
       throw Error("slice " + std::to_string(*read.stuck_slice) + " of '" + std::string(param_name(p)) +
                   "' has been mid-update for 10 s (a server died while writing it): start the server again, which "
@@ -438,6 +458,11 @@ int cmd_export(const std::string& name, const std::string& path, unsigned mode) 
       tensors.push_back({std::string(param_name(p)), std::string(safetensors_dtype(p.dtype)), shape,
                          std::as_bytes(std::span<const std::uint16_t>(halves[i]))});
     bytes += p.size * dtype_bytes(p.dtype);
+    if (is_keyed(p)) {
+      const std::string table(param_name(p));
+      tensors.push_back({table + "/keys", "I64", {p.shape[0]}, std::as_bytes(std::span<const std::int64_t>(keys[i]))});
+      tensors.push_back({table + "/key_stamps", "I64", {p.shape[0]}, std::as_bytes(std::span<const std::int64_t>(stamps[i]))});
+    }
   }
   server::safetensors::write_file(path, tensors, metadata, {}, mode);
   std::cout << "exported " << h.param_count << " parameters (" << human_bytes(bytes) << ") of '" << name << "' to "

@@ -9,6 +9,7 @@
 #include <shmps/server/optimizer.hpp>
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/dtype.hpp>
+#include <shmps/shm/key_index.hpp>
 #include <shmps/shm/ring.hpp>
 
 #include "apply_chunks.hpp"
@@ -104,43 +105,62 @@ class SliceUpdate {
   // (a lazy update). The touched rows go in through the redo entry (RedoMode::rows), or the
   // slice whole when the packed rows and their places would not fit the entry (nearly every
   // row touched).
-  void apply_rows(std::span<const Contribution> contributions, std::span<const RowRef> row_refs, bool mean) {
+  //
+  // A keyed table (keys = "u64"): each touched row's KeySlot (its key and the update's stamp)
+  // goes in with it, and a row whose key was admitted in this round starts from the key's init,
+  // with zero optimizer state and row word (the slot's previous key's are gone).
+  void apply_rows(std::span<const Contribution> contributions, std::span<const RowRef> row_refs,
+                  std::span<const KeyedRow> keyed_rows, bool mean) {
     const std::uint64_t dim = param_.table_dim;
     thread_local std::vector<float> sum;
     thread_local std::vector<std::uint8_t> seen;
     thread_local std::vector<std::uint32_t> touched;
+    thread_local std::vector<std::uint32_t> keyed_of;  // a keyed table: each touched row's RowRef::keyed
     sum.resize(slice_.count);
     seen.assign(slice_.count / dim, 0);
+    const bool keyed = is_keyed(param_);
+    if (keyed) keyed_of.resize(slice_.count / dim);
     touched.clear();
     std::uint64_t ranks = 0;
     std::int64_t last_rank = -1;
     for (const Contribution& c : contributions) {
-      if (c.record->seq <= last_[c.rank]) {  // applied to this slice before a server restart
+      // Applied to this slice before a server restart: skipped, but for a keyed table's rows of
+      // keys admitted in this round. Such a key held no slot when the round was read again, so
+      // no slot had taken its rows of the round (a slot that had would name it: its KeySlot goes
+      // in with its rows, and a key pushed in a round is never evicted in it); wherever it is
+      // admitted now, its rows go in, once (keyed_tables.hpp).
+      const bool applied_before = c.record->seq <= last_[c.rank];
+      if (applied_before) {
         ++skipped_;
-        continue;
+        if (!keyed) continue;
+      } else {
+        last_[c.rank] = c.record->seq;
       }
-      last_[c.rank] = c.record->seq;
-      if (static_cast<std::int64_t>(c.rank) != last_rank) {
-        ++ranks;
-        last_rank = c.rank;
-      }
+      bool counted = false;
       const float scale = static_cast<float>(clip_norm_scale(settings_, c.record->grad_sq_norm));
       const float* grads = record_payload(c.record);
       for (std::uint32_t j = 0; j < c.rows_count; ++j) {
         // Both from the collector's checks (RowRef), not from the ring again.
         const RowRef ref = row_refs[c.rows_begin + j];
+        if (applied_before && !keyed_rows[ref.keyed - 1].fresh) continue;
+        if (!counted && static_cast<std::int64_t>(c.rank) != last_rank) {
+          ++ranks;
+          last_rank = c.rank;
+        }
+        counted = true;
+        floats_ += dim;
         const std::uint64_t local = ref.row;
         float* dst = sum.data() + local * dim;
         const float* g = grads + std::uint64_t{ref.index} * dim;
         if (!seen[local]) {
           seen[local] = 1;
           touched.push_back(static_cast<std::uint32_t>(local));
+          if (keyed) keyed_of[local] = ref.keyed;
           for (std::uint64_t d = 0; d < dim; ++d) dst[d] = scale * g[d];
         } else {
           for (std::uint64_t d = 0; d < dim; ++d) dst[d] += scale * g[d];
         }
       }
-      floats_ += c.rows_count * dim;
     }
     if (touched.empty()) return;  // every contribution was applied before a restart
     if (mean && ranks > 1) {
@@ -157,11 +177,25 @@ class SliceUpdate {
     const bool words = param_.row_words_offset != 0;
     const std::uint64_t* slice_words = words ? segment_.row_words(param_) + slice_.first / dim : nullptr;
     std::uint64_t* new_words = words ? segment_.redo_row_words(redo_) : nullptr;
+    KeySlot* new_keys = keyed ? segment_.redo_key_slots(redo_) : nullptr;
+    // A keyed row: its new KeySlot at `at` in the entry, and (admitted now) its row at values_ +
+    // lo, its state and its word started afresh.
+    const auto start_keyed_row = [&](std::uint64_t local, std::uint64_t at, std::uint64_t lo) {
+      const KeyedRow& k = keyed_rows[keyed_of[local] - 1];
+      new_keys[at] = KeySlot{k.key, k.stamp};
+      if (!k.fresh) return;
+      keyed_init_row(param_.keyed_init, k.key, std::span<float>(values_ + lo, dim));
+      for (int a = 0; a < arrays_; ++a) std::memset(state_[a] + lo * elem_, 0, dim * elem_);
+      if (words) new_words[at] = 0;
+    };
     if (touched.size() * (dim + 1) > slice_.count) {  // most of the slice: it goes in whole
       copy_slice_to_redo();
       read_slice_row_words(segment_, param_, slice_, redo_);  // every row's, the touched ones stepped below
-      for (const std::uint32_t local : touched)
+      read_slice_key_slots(segment_, param_, slice_, redo_);  // the same for a keyed table's KeySlots
+      for (const std::uint32_t local : touched) {
+        if (keyed) start_keyed_row(local, local, local * dim);
         update_row(sum.data() + local * dim, local * dim, dim, words ? &new_words[local] : nullptr, step);
+      }
       return;
     }
     // Only the touched rows, packed in the entry (RedoMode::rows), each read from the slice,
@@ -178,6 +212,7 @@ class SliceUpdate {
       for (int a = 0; a < arrays_; ++a)
         std::memcpy(state_[a] + i * dim * elem_, slice_state_[a] + local * dim * elem_, dim * elem_);
       if (words) new_words[i] = slice_words[local];
+      if (keyed) start_keyed_row(local, i, i * dim);
       update_row(sum.data() + local * dim, i * dim, dim, words ? &new_words[i] : nullptr, step);
     }
   }
@@ -516,11 +551,11 @@ ApplyTotals ApplyEngine::for_each_slice_run(std::vector<Contribution>& contribut
 }
 
 ApplyTotals ApplyEngine::apply(std::vector<Contribution>& contributions, Aggregation aggregation,
-                               std::span<const RowRef> row_refs) {
+                               std::span<const RowRef> row_refs, std::span<const KeyedRow> keyed_rows) {
   row_refs_ = row_refs;
   return for_each_slice_run(contributions, [&](SliceUpdate& update, std::span<const Contribution> mine) {
     if (update.table())  // a table's slice gets rows only (collect.hpp); asked of the segment, not the ring
-      update.apply_rows(mine, row_refs, aggregation == Aggregation::mean);
+      update.apply_rows(mine, row_refs, keyed_rows, aggregation == Aggregation::mean);
     else if (aggregation == Aggregation::each)
       update.apply_each(mine);
     else

@@ -46,9 +46,9 @@ class ApplyEngine {
   // monitor counters.
   // A table's slices (rows records) are merged per round instead: each touched row gets one
   // step of its rows' sum (or mean, with Aggregation::mean), whatever the aggregation; their
-  // rows are in `row_refs` (RoundPlan::row_refs).
+  // rows are in `row_refs` (RoundPlan::row_refs), a keyed table's slots' keys in `keyed_rows`.
   ApplyTotals apply(std::vector<Contribution>& contributions, Aggregation aggregation,
-                    std::span<const RowRef> row_refs = {});
+                    std::span<const RowRef> row_refs = {}, std::span<const KeyedRow> keyed_rows = {});
 
   // Streamed BSP steps (the rings hold less than a step): the step's pushes are added, as they
   // come, to the slices' step sums (exactly once, through the redo protocol, like values); once

@@ -59,6 +59,7 @@ std::uint64_t put_slice(Segment& segment, std::uint32_t rank, const PushRecord& 
   for (int a = 0; a < state_arrays_of(p); ++a)
     std::memcpy(segment.redo_state(redo, a), segment.state_bytes(p, a) + slice.first * elem, slice.count * elem);
   read_slice_row_words(segment, p, slice, redo);  // a table's row words unchanged
+  read_slice_key_slots(segment, p, slice, redo);  // and a keyed table's KeySlots
   std::uint64_t* row = segment.redo_last_applied(redo);
   std::memcpy(row, &segment.last_applied(index, 0), h.max_workers * sizeof(std::uint64_t));
   row[rank] = rec.seq;

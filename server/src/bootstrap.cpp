@@ -44,6 +44,7 @@ std::uint64_t layout_hash(const LayoutRequest& request, const LayoutPlan& plan) 
     if (p.init_put) mix(0x9074ULL);  // pulls wait for a put: part of the layout; others keep their hash
     if (p.table_dim != 0) mix(0x7ab1e0000ULL + p.table_dim);  // a table: reached by row
     if (p.dtype != DType::f32) mix(0xd7e00000ULL + static_cast<std::uint64_t>(p.dtype));  // f32 keeps its hash
+    if (p.keyed) mix(0x6e7500000ULL + p.admit_after);  // keys in slots: KeySlots and an index
   }
   mix(plan.slice_floats);
   mix(request.max_workers);
@@ -109,10 +110,15 @@ void prefault_model(Segment& segment, tbb::task_arena& arena) {
     }
   });
   if (!error.empty()) throw Error(error);
-  // The tables' row words (8 bytes a row): small, reserved whole, one table at a time.
+  // The tables' row words (8 bytes a row) and a keyed table's KeySlots and key index: small,
+  // reserved whole, one table at a time.
   for (std::uint32_t i = 0; i < h.param_count; ++i) {
     const ParamEntry& p = segment.param(i);
     if (p.row_words_offset != 0) segment.reserve(p.row_words_offset, p.shape[0] * sizeof(std::uint64_t), "table row words");
+    if (is_keyed(p)) {
+      segment.reserve(p.key_slots_offset, p.shape[0] * sizeof(KeySlot), "table key slots");
+      segment.reserve(p.key_index_offset, sizeof(KeyIndexHeader) + p.key_buckets * sizeof(KeyBucket), "table key index");
+    }
   }
 }
 
@@ -233,6 +239,7 @@ void write_geometry(SegmentHeader& h, const ModelSpec& spec, const LayoutRequest
   h.sync_applied_offset = plan.sync_applied_offset;
   h.sync_base_offset = plan.sync_base_offset;
   h.sync_sent_offset = plan.sync_sent_offset;
+  h.redo_key_slots_at = plan.redo_key_slots_at;
   h.redo_count = request.redo_entries;
   h.optimizer = spec.optimizer;
   h.state_arrays = plan.state_arrays;
@@ -339,10 +346,20 @@ void lay_out_segment(Segment& segment, const ModelSpec& spec, const LayoutReques
 LayoutRequest layout_request(const ServerOptions& options) {
   const ModelSpec& spec = options.spec;
   LayoutRequest request;
-  for (const auto& p : spec.params)
+  for (const auto& p : spec.params) {
     request.params.push_back(
         {p.name, p.shape, p.init.kind == InitSpec::Kind::put, static_cast<std::uint32_t>(p.table_dim), p.dtype,
          p.optimizer.value_or(spec.optimizer)});
+    if (p.keyed) {
+      LayoutRequest::Param& keyed = request.params.back();
+      keyed.keyed = true;
+      keyed.admit_after = p.admit_after;
+      keyed.keyed_init.kind = p.init.kind == InitSpec::Kind::constant ? 1U : p.init.kind == InitSpec::Kind::u24 ? 2U : 0U;
+      keyed.keyed_init.value = p.init.value;
+      keyed.keyed_init.stream = p.init.stream;
+      keyed.keyed_init.scale = p.init.scale;
+    }
+  }
   request.slice_bytes = spec.slice_bytes;
   request.max_workers = spec.max_workers;
   request.workers_per_group = spec.workers_per_group;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include <shmps/error.hpp>
@@ -111,10 +112,9 @@ std::vector<std::int64_t> i64(const st::File& file, const std::string& name, con
   return out;
 }
 
-// A table's row words, tensor `name` of `rows` elements and dtype I64 (lazy Adam's step counts,
-// none negative) or F64 (row-wise AdaGrad's accumulators, finite and none negative), as 8-byte words.
-std::vector<std::int64_t> read_row_words(const st::File& file, const std::string& name, const std::string& dtype,
-                                          std::uint64_t rows) {
+// A tensor of one 8-byte value per table row (`rows` of them, of `dtype`), any values.
+std::vector<std::int64_t> read_per_row(const st::File& file, const std::string& name, const std::string& dtype,
+                                       std::uint64_t rows) {
   const auto it = file.tensors().find(name);
   if (it->second.dtype != dtype) fail(file.path(), "tensor \"" + name + "\" has dtype " + it->second.dtype + ", expected " + dtype);
   if (it->second.shape != std::vector<std::uint64_t>{rows})
@@ -123,6 +123,14 @@ std::vector<std::int64_t> read_row_words(const st::File& file, const std::string
   const auto bytes = file.data(it->second);
   std::vector<std::int64_t> out(rows);
   if (rows != 0) std::memcpy(out.data(), bytes.data(), rows * sizeof(std::int64_t));
+  return out;
+}
+
+// A table's row words, tensor `name` of `rows` elements and dtype I64 (lazy Adam's step counts,
+// none negative) or F64 (row-wise AdaGrad's accumulators, finite and none negative), as 8-byte words.
+std::vector<std::int64_t> read_row_words(const st::File& file, const std::string& name, const std::string& dtype,
+                                          std::uint64_t rows) {
+  std::vector<std::int64_t> out = read_per_row(file, name, dtype, rows);
   for (const std::int64_t w : out) {
     const bool bad = dtype == "I64" ? w < 0 : !(std::bit_cast<double>(w) >= 0 && std::isfinite(std::bit_cast<double>(w)));
     if (bad) fail(file.path(), "tensor \"" + name + "\" holds an impossible value (a negative step count or accumulator): the file is damaged");
@@ -376,6 +384,24 @@ std::uint64_t read_params(const std::filesystem::path& path, const st::File& fil
                        " in this checkpoint: the file is damaged");
       p.row_words = read_row_words(file, words, dtype, t.shape[0]);
     }
+    // A table with keys = "u64": the key and stamp of each slot (whether the table has keys is
+    // checked against the spec on restore).
+    const bool keys = file.tensors().contains(name + "/keys"), stamps = file.tensors().contains(name + "/key_stamps");
+    if (keys != stamps)
+      fail(path, "tensor \"" + name + (keys ? "/key_stamps" : "/keys") + "\" is missing: a table with keys = \"u64\" "
+                 "keeps both; the file is damaged");
+    if (keys) {
+      if (t.shape.size() != 2) fail(path, "tensor \"" + name + "/keys\" belongs to a table, and \"" + name + "\" is not one");
+      p.keys = read_per_row(file, name + "/keys", "I64", t.shape[0]);
+      p.key_stamps = read_per_row(file, name + "/key_stamps", "I64", t.shape[0]);
+      std::set<std::int64_t> taken;
+      for (std::size_t s = 0; s < p.key_stamps.size(); ++s) {
+        if (p.key_stamps[s] < 0) fail(path, "tensor \"" + name + "/key_stamps\" holds a negative stamp: the file is damaged");
+        if (p.key_stamps[s] != 0 && !taken.insert(p.keys[s]).second)
+          fail(path, "tensor \"" + name + "/keys\" holds key " + std::to_string(static_cast<std::uint64_t>(p.keys[s])) +
+                         " in two slots: the file is damaged");
+      }
+    }
     slices += (p.values.size() + snap.slice_floats - 1) / snap.slice_floats;
     snap.params.push_back(std::move(p));
   }
@@ -465,6 +491,11 @@ void write_checkpoint(const Snapshot& snap, const std::filesystem::path& path, u
       const auto [suffix, dtype] = row_words_tensor(p.optimizer.kind);
       tensors.push_back({p.name + "/" + suffix, dtype, {p.row_words.size()},
                          std::as_bytes(std::span<const std::int64_t>(p.row_words))});
+    }
+    if (!p.keys.empty()) {
+      tensors.push_back({p.name + "/keys", "I64", {p.keys.size()}, std::as_bytes(std::span<const std::int64_t>(p.keys))});
+      tensors.push_back({p.name + "/key_stamps", "I64", {p.key_stamps.size()},
+                         std::as_bytes(std::span<const std::int64_t>(p.key_stamps))});
     }
     if (optimizer_json(p.optimizer) != optimizer_json(snap.optimizer))  // a table's own
       meta["shmps.optimizer." + p.name] = optimizer_json(p.optimizer).dump();

@@ -70,6 +70,18 @@ void check_restorable(const Snapshot& snap, const std::filesystem::path& path, c
                      "[[param]] as it was, or start the table afresh from the exported values (init = { kind = "
                      "\"pretrained\", ... })");
   }
+  for (std::size_t i = 0; i < spec.params.size(); ++i) {
+    const ParamSpec& want = spec.params[i];
+    const Snapshot::Param& have = snap.params[i];
+    if (want.keyed && have.keys.size() != want.shape[0])
+      fail(path, "has no tensors \"" + want.name + "/keys\" and \"" + want.name + "/key_stamps\" of " +
+                     std::to_string(want.shape[0]) + " slots: \"" + want.name + "\" had no keys = \"u64\" when the "
+                     "checkpoint was taken (or the file is damaged); remove keys = \"u64\" from its [[table]], as it "
+                     "was then");
+    if (!want.keyed && !have.keys.empty())
+      fail(path, "holds the keys of \"" + want.name + "\" (tensor \"" + want.name + "/keys\"): it was a table with "
+                     "keys = \"u64\" when the checkpoint was taken; give it keys = \"u64\" again");
+  }
   if (snap.slice_floats != plan.slice_floats)
     fail(path, "was sliced at " + std::to_string(snap.slice_floats * sizeof(float)) + " bytes per slice, " + spec.source +
                    " at " + std::to_string(plan.slice_floats * sizeof(float)) + ": set slice_bytes = " +
@@ -125,6 +137,9 @@ void restore_into(Segment& segment, const Snapshot& snap) {
     }
     if (p.row_words_offset != 0)  // a table's row words (check_restorable made sure there is one per row)
       for (std::uint64_t r = 0; r < p.shape[0]; ++r) segment.row_words(p)[r] = static_cast<std::uint64_t>(sp.row_words[r]);
+    if (is_keyed(p))  // its KeySlots (check_restorable: one per slot); the server rebuilds the index from them
+      for (std::uint64_t r = 0; r < p.shape[0]; ++r)
+        segment.key_slots(p)[r] = KeySlot{static_cast<std::uint64_t>(sp.keys[r]), static_cast<std::uint64_t>(sp.key_stamps[r])};
   }
   const std::uint32_t columns = std::min(h.max_workers, snap.max_workers);
   for (std::uint64_t s = 0; s < h.slice_count; ++s) {

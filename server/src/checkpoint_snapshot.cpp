@@ -70,7 +70,10 @@ void take_sync_tables(const Segment& segment, Snapshot& out) {
 
 std::uint64_t Snapshot::data_bytes() const noexcept {
   std::uint64_t bytes = 0;
-  for (const auto& p : params) bytes += (p.values.size() + p.state[0].size() + p.state[1].size()) * sizeof(float);
+  for (const auto& p : params) {
+    bytes += (p.values.size() + p.state[0].size() + p.state[1].size()) * sizeof(float);
+    bytes += (p.row_words.size() + p.keys.size() + p.key_stamps.size()) * sizeof(std::int64_t);
+  }
   bytes += (slice_version.size() + slice_clock.size() + slice_step.size() + last_applied.size()) * sizeof(std::int64_t);
   if (sync) {
     for (const auto& p : params) bytes += (p.sync_base.size() + p.sync_sent.size()) * sizeof(float);
@@ -131,6 +134,15 @@ void take_snapshot(const Segment& segment, tbb::task_arena& arena, Snapshot& out
       sp.row_words.assign(words, words + p.shape[0]);
     } else {
       sp.row_words.clear();
+    }
+    sp.keys.clear();
+    sp.key_stamps.clear();
+    if (is_keyed(p)) {
+      const KeySlot* slots = segment.key_slots(p);
+      for (std::uint64_t r = 0; r < p.shape[0]; ++r) {
+        sp.keys.push_back(static_cast<std::int64_t>(slots[r].key));
+        sp.key_stamps.push_back(static_cast<std::int64_t>(slots[r].stamp));
+      }
     }
   }
   out.slice_version.resize(h.slice_count);

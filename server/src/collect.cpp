@@ -23,9 +23,10 @@ void log_refused(const Segment& segment, std::uint32_t rank, const PushRecord& r
 // A rows record: its rows sorted by id (a repeated id keeps the record's order), then one
 // contribution per slice they fall in. A round merges all of a slice's rows (apply.cpp), so a
 // hot row is one update per round, whoever pushed it how often.
-bool add_row_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
+// `param`: the record's parameter, read once and checked by the caller.
+bool add_row_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec, std::uint32_t param,
                            std::vector<Contribution>& out, std::vector<RowRef>& row_refs) {
-  const ParamEntry& p = segment.param(rec.param);
+  const ParamEntry& p = segment.param(param);
   const std::uint64_t n = rec.offset, dim = p.table_dim, rows = p.shape[0];
   if (dim == 0) {
     log_refused(segment, rank, rec, "rows pushed to a dense parameter");
@@ -34,6 +35,16 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
   if (rec.count != n * dim) {
     log_refused(segment, rank, rec, "rows of another width than the table's");
     return false;
+  }
+  if (is_keyed(p)) {
+    // Keys, not row numbers: turned into slots after the collectors (KeyedTables::translate),
+    // which takes the table and the row count from here, as checked, not from the ring again.
+    if (n > UINT32_MAX) {
+      log_refused(segment, rank, rec, "more rows than a record may have");
+      return false;
+    }
+    out.push_back({kKeysToTranslate, rank, &rec, param, static_cast<std::uint32_t>(n)});
+    return true;
   }
   const std::uint64_t* ids = record_ids(&rec);
   const std::uint64_t rows_per_slice = segment.header().slice_floats / dim;
@@ -78,8 +89,8 @@ bool add_row_contributions(const Segment& segment, std::uint32_t rank, const Pus
 bool add_contributions(const Segment& segment, std::uint32_t rank, const PushRecord& rec,
                        std::vector<Contribution>& out, std::vector<RowRef>& row_refs) {
   const SegmentHeader& h = segment.header();
-  if (rec.param < h.param_count && rec.kind == RecordKind::rows)
-    return add_row_contributions(segment, rank, rec, out, row_refs);
+  if (const std::uint32_t param = rec.param; param < h.param_count && rec.kind == RecordKind::rows)
+    return add_row_contributions(segment, rank, rec, param, out, row_refs);
   if (rec.param < h.param_count && segment.param(rec.param).table_dim != 0) {
     log_refused(segment, rank, rec, "a dense push to a table");
     return false;

@@ -1,11 +1,11 @@
 #include "keyed_tables.hpp"
 
 #include <algorithm>
-#include <bit>
 
 
 #include <shmps/shm/atomics.hpp>
 #include <shmps/shm/key_index.hpp>
+#include <shmps/shm/killpoint.hpp>
 #include <shmps/shm/ring.hpp>
 
 namespace shmps::server {
@@ -107,33 +107,38 @@ void KeyedTables::translate(RoundPlan& plan) {
     t.admitted_now.clear();
     t.changes.clear();
   }
-  // Every key's slot for the round, in the order of the records' keys (kNoKeySlot: dropped).
-  thread_local std::vector<std::uint64_t> slot_of;
-  slot_of.clear();
-  for (const Contribution& c : keyed) slot_of.insert(slot_of.end(), c.record->offset, kNoKeySlot);
+  // The round's keys, read out of the rings once (a worker may still write its ring's bytes after
+  // a commit: a key read twice could differ), with each record's table and row count as the
+  // collector checked them (Contribution::rows_begin and rows_count). Each key's slot for the
+  // round goes beside it (kNoKeySlot: its rows are dropped).
+  thread_local std::vector<std::uint64_t> keys, slot_of;
+  keys.clear();
+  for (const Contribution& c : keyed) {
+    const std::uint64_t* ring_keys = record_ids(c.record);
+    for (std::uint32_t k = 0; k < c.rows_count; ++k) keys.push_back(ring_keys[k]);
+  }
+  slot_of.assign(keys.size(), kNoKeySlot);
   // Pass 1: keys that hold a slot.
   std::size_t at = 0;
   for (const Contribution& c : keyed) {
-    Table& t = *table_of(c.record->param);
+    Table& t = *table_of(static_cast<std::uint32_t>(c.rows_begin));
     const KeyIndexWriter index(segment_, segment_.param(t.param));
-    const std::uint64_t* keys = record_ids(c.record);
-    for (std::uint64_t k = 0; k < c.record->offset; ++k, ++at) {
-      const std::uint64_t slot = index.find(keys[k]);
+    for (std::uint32_t k = 0; k < c.rows_count; ++k, ++at) {
+      const std::uint64_t slot = index.find(keys[at]);
       if (slot == kNoKeySlot) continue;
       slot_of[at] = slot;
-      touch(t, static_cast<std::uint32_t>(slot), keys[k], false, plan);
+      touch(t, static_cast<std::uint32_t>(slot), keys[at], false, plan);
     }
   }
   // Pass 2: the others, admitted (or not) in order.
   at = 0;
   for (const Contribution& c : keyed) {
-    Table& t = *table_of(c.record->param);
+    Table& t = *table_of(static_cast<std::uint32_t>(c.rows_begin));
     const ParamEntry& p = segment_.param(t.param);
     const KeySlot* slots = segment_.key_slots(p);
-    const std::uint64_t* keys = record_ids(c.record);
-    for (std::uint64_t k = 0; k < c.record->offset; ++k, ++at) {
+    for (std::uint32_t k = 0; k < c.rows_count; ++k, ++at) {
       if (slot_of[at] != kNoKeySlot) continue;
-      const std::uint64_t key = keys[k];
+      const std::uint64_t key = keys[at];
       if (const auto it = t.admitted_now.find(key); it != t.admitted_now.end()) {
         slot_of[at] = it->second;
         continue;
@@ -147,8 +152,10 @@ void KeyedTables::translate(RoundPlan& plan) {
         }
         t.admission_counts.erase(key);
       }
+      // The least recently updated slot, unless this round has touched it (touched slots are at
+      // the tail: then every slot holds a key of this round).
       const std::uint32_t victim = t.head;
-      if (t.touched_round[victim] == round_) {  // every slot holds a key of this round
+      if (t.touched_round[victim] == round_) {
         ++t.refused_rows;
         continue;
       }
@@ -163,12 +170,12 @@ void KeyedTables::translate(RoundPlan& plan) {
   thread_local std::vector<std::pair<std::uint64_t, std::uint32_t>> order;
   at = 0;
   for (const Contribution& c : keyed) {
-    Table& t = *table_of(c.record->param);
+    Table& t = *table_of(static_cast<std::uint32_t>(c.rows_begin));
     const ParamEntry& p = segment_.param(t.param);
     const std::uint64_t rows_per_slice = segment_.header().slice_floats / p.table_dim;
     order.clear();
-    for (std::uint64_t k = 0; k < c.record->offset; ++k, ++at)
-      if (slot_of[at] != kNoKeySlot) order.emplace_back(slot_of[at], static_cast<std::uint32_t>(k));
+    for (std::uint32_t k = 0; k < c.rows_count; ++k, ++at)
+      if (slot_of[at] != kNoKeySlot) order.emplace_back(slot_of[at], k);
     std::sort(order.begin(), order.end());
     for (std::size_t i = 0; i < order.size();) {
       const std::uint64_t slice = order[i].first / rows_per_slice;
@@ -195,9 +202,10 @@ void KeyedTables::publish_index() {
     index.begin();
     for (const auto& change : t.changes) {
       if (!change.evicts) continue;
-      index.erase(change.evicted);
+      index.erase(change.evicted, change.slot);
       ++evicted;
     }
+    kill_point("keys.mid_index");  // tests: the index half changed (the next server rebuilds it)
     for (const auto& change : t.changes) index.insert(change.key, change.slot);
     index.end();
     stats.keys_admitted.fetch_add(t.changes.size(), std::memory_order_relaxed);

@@ -16,12 +16,16 @@
 // the round is published.
 //
 // Exactly once through a crash: the KeySlots are the truth, and a restarted server rebuilds the
-// index and the recency order from them (rebuild). A round re-run after a crash finds the keys
-// its first attempt admitted in slices it committed (pass 1) and skips those slices (the
-// exactly-once table); the keys it admitted in slices it had not committed are absent again and
-// get the same slots: the untouched slots are taken in (stamp, slot) order both times, and the
-// committed victims are no longer among them. (Admission counts are the server's memory only:
-// after a restart they start again from zero, so such a key may need admit_after more pushes.)
+// index and the recency order from them (rebuild). A round re-run after a crash (its records
+// still in the rings, perhaps with more records now, read in another order) finds the keys its
+// first attempt admitted in the slices it committed (pass 1), and the apply skips those slices'
+// records (the exactly-once table): those keys' rows went in once, the first time. A key that
+// holds no slot now had none of its rows of the round taken by any slot (a slot that had would
+// name it, its KeySlot going in with its rows, and a key pushed in a round is never evicted in
+// it), so it is admitted again, to whichever slot the re-run picks, and the apply takes its rows
+// there even in a slice that skips the record's other rows (apply.cpp, apply_rows). (Admission
+// counts are the server's memory only: after a restart they start again from zero, so a key may
+// need admit_after more rows.)
 #pragma once
 
 #include <cstdint>

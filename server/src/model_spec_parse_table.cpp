@@ -7,6 +7,9 @@
 //   init = { kind = "u24", stream = 24, scale_divisor = 64 }  # as a [[param]]'s, row-major
 //   optimizer = { kind = "rowwise_adagrad", lr = 0.1 }  # optional: its own (else the job's)
 //
+//   keys = "u64"      # optional: open-ended 64-bit keys in `rows` slots (docs/tables.md)
+//   admit_after = 2   # optional, with keys: a key gets a slot at its 2nd pushed row
+//
 // A table becomes a parameter of shape [rows, dim] (checkpoints, export and restore treat it as
 // one); what differs is how workers reach it (Worker::pull_rows / push_rows) and how the server
 // applies it (only the rows a round touches).
@@ -18,10 +21,11 @@
 namespace shmps::server::spec_detail {
 
 namespace {
-constexpr std::string_view kTableKeysList[] = {"name", "rows", "dim", "init", "optimizer", "keys", "dtype"};
+constexpr std::string_view kTableKeysList[] = {"name", "rows", "dim", "init", "optimizer", "keys", "admit_after", "dtype"};
 constexpr Keys kTableKeys{kTableKeysList};
 constexpr IntRule kRowsRule{1, std::uint64_t{1} << 40, 1, ""};
 constexpr IntRule kDimRule{1, std::uint64_t{1} << 20, 1, ""};
+constexpr IntRule kAdmitAfterRule{1, std::uint64_t{1} << 20, 1, ""};
 }  // namespace
 
 void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
@@ -40,9 +44,6 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     const toml::table* t = e.as_table();
     if (t == nullptr) fail(e.source(), at, "expected a table, got " + describe(e));
     check_keys(*t, at + ".", kTableKeys, "");
-    if (const toml::node* k = t->get("keys"))
-      fail(k->source(), at + ".keys",
-           "open-ended 64-bit keys are not supported yet: ids are row numbers in [0, rows); remove it");
     ParamSpec p;
     const toml::node* name = t->get("name");
     if (name == nullptr) fail(t->source(), at + ".name", "missing; every [[table]] needs a name");
@@ -63,6 +64,20 @@ void Parser::read_tables(const toml::table& root, ModelSpec& spec) const {
     if (const toml::node* init = t->get("init")) p.init = read_init(*init, at + ".init", p.name);
     if (const toml::node* d = t->get("dtype")) p.dtype = read_dtype(*d, at + ".dtype");
     if (const toml::node* o = t->get("optimizer")) p.optimizer = read_table_optimizer(*o, at + ".optimizer", spec.optimizer);
+    if (const toml::node* k = t->get("keys")) {
+      const std::string keys = str_value(*k, at + ".keys");
+      if (keys != "u64")
+        fail(k->source(), at + ".keys",
+             "unknown key type " + quote(keys) + ": the one kind is \"u64\" (any 64-bit key); leave keys out for "
+             "row numbers in [0, rows)");
+      p.keyed = true;
+    }
+    if (const toml::node* a = t->get("admit_after")) {
+      if (!p.keyed)
+        fail(a->source(), at + ".admit_after",
+             "only a table with keys = \"u64\" admits keys; a table of row numbers has every row from the start");
+      p.admit_after = static_cast<std::uint32_t>(unsigned_int(*a, at + ".admit_after", kAdmitAfterRule));
+    }
     if (std::string problem = table_problem(spec, p, at); !problem.empty()) {
       const std::size_t colon = problem.find(": ");  // "<field>: <problem>"
       fail(t->source(), problem.substr(0, colon), problem.substr(colon + 2));

@@ -147,6 +147,19 @@ std::string spec_detail::table_problem(const ModelSpec& spec, const ParamSpec& p
       return at + ".optimizer.state_dtype: must be the job's (" + std::string(to_string(spec.optimizer.state_dtype)) +
              ", set in [optimizer]): the optimizer state has one dtype per job";
   }
+  if (p.keyed) {
+    const auto kind = p.init.kind;
+    if (kind != InitSpec::Kind::zeros && kind != InitSpec::Kind::constant && kind != InitSpec::Kind::u24)
+      return at + ".init: a table with keys = \"u64\" starts each key's row from its init when the key is first "
+                  "seen, so the init must be zeros, constant or u24, not " + std::string(to_string(kind));
+    if (p.dtype != shm::DType::f32)
+      return at + ".dtype: a table with keys = \"u64\" keeps float32 rows; remove dtype or make it \"f32\"";
+    if (p.admit_after == 0) return at + ".admit_after: must be at least 1";
+    if (p.shape[0] >= (std::uint64_t{1} << 32))
+      return at + ".rows: a table with keys = \"u64\" has at most 2^32 - 1 slots, got " + std::to_string(p.shape[0]);
+  } else if (p.admit_after != 1) {
+    return at + ".admit_after: only a table with keys = \"u64\" admits keys";
+  }
   if ((spec.slice_bytes / sizeof(float)) % p.table_dim != 0)
     return at + ".dim: " + std::to_string(p.table_dim) + " floats per row do not divide a slice of " +
            std::to_string(spec.slice_bytes) + " bytes (slice_bytes), and a row must not straddle two slices: " +

@@ -11,6 +11,15 @@ namespace shmps::server {
 
 using namespace shmps::shm;
 
+namespace {
+// A KeySlot is read by workers under the slice's seqlock while it is written here (the seqlock
+// discards such reads): relaxed atomic stores, plain moves on x86.
+void store_key_slot(KeySlot& to, const KeySlot& from) noexcept {
+  __atomic_store_n(&to.key, from.key, __ATOMIC_RELAXED);
+  __atomic_store_n(&to.stamp, from.stamp, __ATOMIC_RELAXED);
+}
+}  // namespace
+
 void copy_in(Segment& segment, RedoEntry& e) {
   SliceEntry& slice = segment.slice(e.slice);
   const ParamEntry& p = segment.param(slice.param);
@@ -66,6 +75,7 @@ void copy_in(Segment& segment, RedoEntry& e) {
         std::memcpy(segment.state_bytes(p, a) + (slice.first + where[i] * dim) * elem,
                     segment.redo_state(e, a) + i * dim * elem, dim * elem);
       if (p.row_words_offset != 0) segment.row_words(p)[slice.first / dim + where[i]] = segment.redo_row_words(e)[i];
+      if (is_keyed(p)) store_key_slot(segment.key_slots(p)[slice.first / dim + where[i]], segment.redo_key_slots(e)[i]);
     }
     std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
     slice.step = e.step_after;
@@ -93,10 +103,19 @@ void copy_in(Segment& segment, RedoEntry& e) {
   if (p.row_words_offset != 0)  // a table slice in whole: every row's word (read_slice_row_words)
     std::memcpy(segment.row_words(p) + slice.first / p.table_dim, segment.redo_row_words(e),
                 e.count / p.table_dim * sizeof(std::uint64_t));
+  if (is_keyed(p))  // a keyed table slice in whole: every row's KeySlot (read_slice_key_slots)
+    for (std::uint64_t r = 0; r < e.count / p.table_dim; ++r)
+      store_key_slot(segment.key_slots(p)[slice.first / p.table_dim + r], segment.redo_key_slots(e)[r]);
   std::memcpy(&segment.last_applied(e.slice, 0), segment.redo_last_applied(e), workers * sizeof(std::uint64_t));
   slice.step = e.step_after;
   if (e.clock_after != 0) store_release(slice.clock, e.clock_after);
   store_release(slice.version, e.version_after);
+}
+
+void read_slice_key_slots(Segment& segment, const ParamEntry& p, const SliceEntry& slice, RedoEntry& entry) {
+  if (!is_keyed(p)) return;
+  std::memcpy(segment.redo_key_slots(entry), segment.key_slots(p) + slice.first / p.table_dim,
+              slice.count / p.table_dim * sizeof(KeySlot));
 }
 
 void read_slice_row_words(Segment& segment, const ParamEntry& p, const SliceEntry& slice, RedoEntry& entry) {

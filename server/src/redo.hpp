@@ -28,6 +28,9 @@ void read_slice_values(const shm::Segment& segment, const shm::ParamEntry& p, co
 // A table whose optimizer keeps row words (p.row_words_offset != 0: lazy Adam's step counts,
 // row-wise AdaGrad's accumulators): the slice's rows' words into the entry's, as they are, so
 // that a whole copy-in keeps them (or the caller steps some). Nothing for any other parameter.
+// The same for a keyed table's KeySlots (is_keyed(p)): the slice's, into the entry.
+void read_slice_key_slots(shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice,
+                          shm::RedoEntry& entry);
 void read_slice_row_words(shm::Segment& segment, const shm::ParamEntry& p, const shm::SliceEntry& slice,
                           shm::RedoEntry& entry);
 

@@ -23,7 +23,25 @@ namespace shmps::server {
 struct RowRef {
   std::uint32_t index;  // in the record: gradient row `index`
   std::uint32_t row;    // within the slice: its row `row` (the slice's first row + row is the id)
+  // A table with keys = "u64": 1 + the row's place in RoundPlan::keyed_rows (the key the slot
+  // holds after the round); 0 for a table of row numbers.
+  std::uint32_t keyed = 0;
 };
+
+// A keyed table's slot that a round updates (KeyedTables::translate): the key it holds after the
+// round, the stamp of this update (KeySlot::stamp), and whether the key was admitted to it in
+// this round, so that its row starts from the key's init and its optimizer state from zero.
+struct KeyedRow {
+  std::uint64_t key;
+  std::uint64_t stamp;
+  bool fresh;
+};
+
+// Contribution::slice of a keyed table's rows record as a collector takes it: its keys become
+// slots, and the record its per-slice contributions, only once every ring has been read
+// (KeyedTables::translate), because which slot a new key gets depends on all the round's keys.
+// Such a contribution's rows_begin is the table's parameter index, rows_count the record's rows.
+inline constexpr std::uint64_t kKeysToTranslate = UINT64_MAX;
 
 // One piece of apply work: the part of one push record that falls into one slice. For a rows
 // record (a table's), the rows of the record in that slice: RoundPlan::row_refs[rows_begin,
@@ -95,6 +113,7 @@ struct RoundPlan {
   std::vector<Contribution> contributions; // in collection order; the apply engine sorts them
   std::vector<PutTake> puts;               // in collection order; applied first
   std::vector<RowRef> row_refs;            // the rows of the rows records' contributions (Contribution)
+  std::vector<KeyedRow> keyed_rows;        // keyed tables: the slots the round updates (RowRef::keyed)
 
   // Records taken: pushes applied and puts.
   std::uint64_t records() const noexcept {

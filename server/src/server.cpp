@@ -10,6 +10,7 @@
 //   commands.hpp              shmps-ctl's requests (the mailbox)
 //   checkpoint_scheduler.hpp  when to write checkpoints, in the background
 //   sync_engine.hpp           server groups: deltas to the slices' home groups, fresh values back
+//   keyed_tables.hpp          tables with keys = "u64": keys to slots, admission, eviction, the key index
 //   idle.hpp                  sleeping on the server's futex word when there is nothing to do
 #include "shmps/server/server.hpp"
 
@@ -27,6 +28,7 @@
 
 #include "apply.hpp"
 #include "apply_put.hpp"
+#include "keyed_tables.hpp"
 #include "bootstrap.hpp"
 #include "checkpoint_scheduler.hpp"
 #include "collect.hpp"
@@ -55,6 +57,7 @@ struct Server::Impl {
   std::optional<CheckpointScheduler> checkpoints;
   std::optional<Commands> commands;
   std::optional<SyncEngine> sync;  // server groups only
+  std::optional<KeyedTables> keyed;  // tables with keys = "u64" only
   std::atomic<bool> stop_requested{false};
   // The step sums may hold part of a step that a switch out of BSP left (consistency.hpp,
   // apply_step_sums_left_by_a_switch): looked at in the first round after each switch, and the first round.
@@ -120,6 +123,9 @@ void Server::start() {
   s.plan.ranks.assign(workers, RankRound{});
   s.membership.emplace(segment, s.slots_lock);
   s.engine.emplace(segment, *s.boot.arena);
+  // After the redo repair and any restore: the key index and the recency order from the KeySlots.
+  for (std::uint32_t i = 0; i < segment.header().param_count && !s.keyed; ++i)
+    if (is_keyed(segment.param(i))) s.keyed.emplace(segment);
   s.metrics.emplace(segment);
   // Checkpoint files are the owner's only (0600), or readable by the group with --group (0640:
   // the group may read the model; only the owner's server writes it).
@@ -159,6 +165,7 @@ std::uint64_t Server::apply_round() {
   s.plan.contributions.clear();
   s.plan.puts.clear();
   s.plan.row_refs.clear();
+  s.plan.keyed_rows.clear();
   s.membership->admit_new_workers();
 
   const RoundPolicy policy = policy_for_round(segment);
@@ -190,6 +197,7 @@ std::uint64_t Server::apply_round() {
   } else {
     collect_as_they_come(segment, s.rings, s.plan);
   }
+  if (s.keyed) s.keyed->translate(s.plan);  // a keyed table's keys into slots, once every ring is read
   RoundResult result;
   result.started_ns = s.plan.contributions.empty() && s.plan.puts.empty() && !step_complete ? 0 : monotonic_ns();
   s.metrics->count_pushes(s.plan);
@@ -200,7 +208,15 @@ std::uint64_t Server::apply_round() {
     if (step_complete)
       s.engine->apply_step_sums(policy.step, streamed_step_scale(segment, policy.step, s.plan));
   } else {
-    result.totals = s.engine->apply(s.plan.contributions, policy.aggregation, s.plan.row_refs);
+    result.totals = s.engine->apply(s.plan.contributions, policy.aggregation, s.plan.row_refs, s.plan.keyed_rows);
+  }
+  if (s.keyed) {
+    // The index follows the KeySlots the apply wrote, before the round is published (a worker
+    // that waits for its push to be applied then finds its keys).
+    s.keyed->publish_index();
+    // A round that skipped contributions re-ran one a killed server had partly applied: its
+    // slices' KeySlots, not this round's choices, are the truth there.
+    if (result.totals.skipped != 0) s.keyed->rebuild();
   }
   result.totals.floats += put_floats;
   // Server groups in BSP: synced values go in at the step boundary, before the new step's clock

@@ -1,5 +1,6 @@
 #include "shmps/shm/key_index.hpp"
 
+#include <algorithm>
 #include <thread>
 
 #include <shmps/shm/seqlock.hpp>
@@ -20,19 +21,21 @@ std::uint64_t key_bucket_of(std::uint64_t key, std::uint64_t buckets) noexcept {
   return splitmix_mix(key) & (buckets - 1);
 }
 
-bool find_key_slots(const Segment& segment, const ParamEntry& table, std::span<const std::uint64_t> keys,
-                    std::span<std::uint64_t> slots, std::chrono::milliseconds timeout) {
-  const KeyBucket* buckets = segment.key_buckets(table);
-  const std::uint64_t mask = table.key_buckets - 1;
-  const auto& seq = segment.key_index(table).seq;
-  const auto give_up = std::chrono::steady_clock::now() + timeout;
+namespace {
+
+// Keys [first, last) in one seqlock read of the index, retried while it changes.
+bool find_group(const KeyBucket* buckets, std::uint64_t mask, const std::atomic<std::uint64_t>& seq,
+                std::span<const std::uint64_t> keys, std::span<std::uint64_t> slots, std::size_t first,
+                std::size_t last, std::chrono::milliseconds timeout) {
+  const std::uint64_t bucket_count = mask + 1;
+  std::chrono::steady_clock::time_point give_up{};
   for (std::uint64_t attempt = 0;; ++attempt) {
     std::uint64_t version = 0;
     const auto read = seqlock_try_read(seq, version, [&] {
-      for (std::size_t k = 0; k < keys.size(); ++k) {
+      for (std::size_t k = first; k < last; ++k) {
         slots[k] = kNoKeySlot;
         // At most key_buckets probes: a torn read (discarded below) must not loop for ever.
-        for (std::uint64_t b = key_bucket_of(keys[k], table.key_buckets), n = 0; n <= mask; b = (b + 1) & mask, ++n) {
+        for (std::uint64_t b = key_bucket_of(keys[k], bucket_count), n = 0; n <= mask; b = (b + 1) & mask, ++n) {
           const std::uint64_t slot_plus_one = load_word(buckets[b].slot_plus_one);
           if (slot_plus_one == 0) break;
           if (load_word(buckets[b].key) == keys[k]) {
@@ -43,11 +46,27 @@ bool find_key_slots(const Segment& segment, const ParamEntry& table, std::span<c
       }
     });
     if (read == SeqlockRead::ok) return true;
-    if ((attempt & 63) == 63) {
+    if (attempt == 63) give_up = std::chrono::steady_clock::now() + timeout;
+    if (attempt >= 63 && (attempt & 63) == 63) {
       if (std::chrono::steady_clock::now() > give_up) return false;
       std::this_thread::yield();
     }
   }
+}
+
+}  // namespace
+
+bool find_key_slots(const Segment& segment, const ParamEntry& table, std::span<const std::uint64_t> keys,
+                    std::span<std::uint64_t> slots, std::chrono::milliseconds timeout) {
+  const KeyBucket* buckets = segment.key_buckets(table);
+  const std::uint64_t mask = table.key_buckets - 1;
+  const auto& seq = segment.key_index(table).seq;
+  constexpr std::size_t kGroup = 64;
+  for (std::size_t first = 0; first < keys.size(); first += kGroup) {
+    const std::size_t last = std::min(keys.size(), first + kGroup);
+    if (!find_group(buckets, mask, seq, keys, slots, first, last, timeout)) return false;
+  }
+  return true;
 }
 
 void keyed_init_row(const KeyedInit& init, std::uint64_t key, std::span<float> row) noexcept {
@@ -71,7 +90,13 @@ std::uint64_t KeyIndexWriter::find(std::uint64_t key) const noexcept {
   }
 }
 
-void KeyIndexWriter::begin() noexcept { before_ = seqlock_write_begin(segment_.key_index(table_).seq); }
+void KeyIndexWriter::begin() noexcept {
+  auto& seq = segment_.key_index(table_).seq;
+  const std::uint64_t word = seq.load(std::memory_order_relaxed);
+  // Odd: a server killed between begin and end left it so. Readers already stay away; this change
+  // (the next server's rebuild) goes on from there, and end() makes the word even again.
+  before_ = (word & 1U) != 0 ? word - 1 : seqlock_write_begin(seq);
+}
 void KeyIndexWriter::end() noexcept { seqlock_write_end(segment_.key_index(table_).seq, before_, 1); }
 
 void KeyIndexWriter::insert(std::uint64_t key, std::uint64_t slot) noexcept {
@@ -81,9 +106,12 @@ void KeyIndexWriter::insert(std::uint64_t key, std::uint64_t slot) noexcept {
   store_word(buckets_[b].slot_plus_one, slot + 1);
 }
 
-void KeyIndexWriter::erase(std::uint64_t key) noexcept {
+bool KeyIndexWriter::erase(std::uint64_t key, std::uint64_t slot) noexcept {
   std::uint64_t hole = key_bucket_of(key, table_.key_buckets);
-  while (buckets_[hole].key != key || buckets_[hole].slot_plus_one == 0) hole = (hole + 1) & mask_;
+  for (;; hole = (hole + 1) & mask_) {
+    if (buckets_[hole].slot_plus_one == 0) return false;  // the end of the run: not there
+    if (buckets_[hole].key == key && buckets_[hole].slot_plus_one == slot + 1) break;
+  }
   // Backward shift: every later key of the run whose probe would pass the hole moves into it.
   for (std::uint64_t b = (hole + 1) & mask_; buckets_[b].slot_plus_one != 0; b = (b + 1) & mask_) {
     const std::uint64_t home = key_bucket_of(buckets_[b].key, table_.key_buckets);
@@ -96,6 +124,7 @@ void KeyIndexWriter::erase(std::uint64_t key) noexcept {
   }
   store_word(buckets_[hole].slot_plus_one, 0);
   store_word(buckets_[hole].key, 0);
+  return true;
 }
 
 void KeyIndexWriter::rebuild() noexcept {
@@ -105,7 +134,7 @@ void KeyIndexWriter::rebuild() noexcept {
   }
   const KeySlot* slots = segment_.key_slots(table_);
   for (std::uint64_t s = 0; s < table_.shape[0]; ++s)
-    if (slots[s].stamp != 0) insert(slots[s].key, s);
+    if (slots[s].stamp != 0 && find(slots[s].key) == kNoKeySlot) insert(slots[s].key, s);
 }
 
 }  // namespace shmps::shm

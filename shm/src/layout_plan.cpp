@@ -4,6 +4,7 @@
 #include "shmps/shm/segment.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <string>
 
@@ -61,6 +62,10 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
   for (const auto& p : request.params)
     if (keeps_words(p) && (narrowest_table == 0 || p.table_dim < narrowest_table)) narrowest_table = p.table_dim;
   const bool row_words = narrowest_table != 0;
+  // Keyed tables (keys = "u64"): a redo entry holds one slice's KeySlots, as the row words.
+  std::uint32_t narrowest_keyed = 0;
+  for (const auto& p : request.params)
+    if (p.keyed && (narrowest_keyed == 0 || p.table_dim < narrowest_keyed)) narrowest_keyed = p.table_dim;
   std::uint64_t largest = 0;
   std::string largest_name;
   for (const auto& p : request.params) {
@@ -89,6 +94,21 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
     entry.ndim = static_cast<std::uint32_t>(p.shape.size());
     entry.init_put = p.init_put ? 1U : 0U;
     entry.table_dim = p.table_dim;
+    if (p.keyed) {
+      if (p.table_dim == 0) throw Error("parameter '" + p.name + "': keys = \"u64\" is for tables only");
+      if (sync)
+        throw Error("table '" + p.name + "' has keys = \"u64\", and server groups (" +
+                    std::to_string(request.server_groups) + " of them, or several hosts) sync slices of row numbers, "
+                    "not keys: run the job as one server group, or give the table row numbers (no keys)");
+      if (p.dtype != DType::f32)
+        throw Error("table '" + p.name + "' has keys = \"u64\" and dtype " + std::string(to_string(p.dtype)) +
+                    ": a keyed table keeps float32 rows; make it dtype = \"f32\"");
+      if (p.admit_after == 0) throw Error("table '" + p.name + "': admit_after must be at least 1");
+      if (p.shape.empty() || p.shape[0] >= (std::uint64_t{1} << 32))
+        throw Error("table '" + p.name + "' has keys = \"u64\": it may have at most 2^32 - 1 slots (rows)");
+      entry.admit_after = p.admit_after;
+      entry.keyed_init = p.keyed_init;
+    }
     if (p.table_dim != 0 && (p.shape.size() != 2 || p.shape[1] != p.table_dim))
       throw Error("table '" + p.name + "' must have shape {rows, dim} with dim " + std::to_string(p.table_dim));
     if (p.table_dim != 0 && plan.slice_floats % p.table_dim != 0)
@@ -166,6 +186,10 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
                                   (sync ? plan.slice_floats * sizeof(float) : 0) +  // sync_take: the fresh values
                                   (row_words ? plan.slice_floats / narrowest_table * sizeof(std::uint64_t) : 0),
                               kCacheLine);
+  if (narrowest_keyed != 0) {  // the KeySlots after everything else in the entry
+    plan.redo_key_slots_at = plan.redo_stride;
+    plan.redo_stride = align_up(plan.redo_stride + plan.slice_floats / narrowest_keyed * sizeof(KeySlot), kCacheLine);
+  }
   offset += request.redo_entries * plan.redo_stride;
   plan.param_stats_offset = offset;
   offset += plan.params.size() * sizeof(ParamStats);
@@ -221,6 +245,27 @@ LayoutPlan plan_layout(const LayoutRequest& request) {
       offset += align_up(entry.shape[0] * sizeof(std::uint64_t), kCacheLine);
     }
     last_region = row_words_bytes;
+  }
+  // Keyed tables: each one's KeySlots, then its key index (a header line and the buckets: a
+  // power of two, at least twice the rows, so that probes stay short with every slot taken).
+  if (narrowest_keyed != 0) {
+    std::uint64_t keyed_bytes = 0;
+    for (auto& entry : plan.params) {
+      if (request.params[static_cast<std::size_t>(&entry - plan.params.data())].keyed) {
+        entry.key_buckets = std::bit_ceil(2 * entry.shape[0]);
+        keyed_bytes += align_up(entry.shape[0] * sizeof(KeySlot), kCacheLine) + sizeof(KeyIndexHeader) +
+                       align_up(entry.key_buckets * sizeof(KeyBucket), kCacheLine);
+      }
+    }
+    offset = big_region_at(align_up(offset, 4096), keyed_bytes);
+    for (auto& entry : plan.params) {
+      if (entry.key_buckets == 0) continue;
+      entry.key_slots_offset = offset;
+      offset += align_up(entry.shape[0] * sizeof(KeySlot), kCacheLine);
+      entry.key_index_offset = offset;
+      offset += sizeof(KeyIndexHeader) + align_up(entry.key_buckets * sizeof(KeyBucket), kCacheLine);
+    }
+    last_region = keyed_bytes;
   }
   // A BSP job whose rings cannot hold a step: the step's pushes stream into one model's worth of
   // sums, float32 whatever the state dtype (they are gradients). (An ASP or SSP job pays nothing
@@ -297,6 +342,7 @@ LayoutPlan plan_of(const Segment& segment) {
   plan.sync_applied_offset = h.sync_applied_offset;
   plan.sync_base_offset = h.sync_base_offset;
   plan.sync_sent_offset = h.sync_sent_offset;
+  plan.redo_key_slots_at = h.redo_key_slots_at;
   if (h.sync_offset != 0) {
     std::uint64_t values_bytes = 0;
     for (std::uint32_t i = 0; i < h.param_count; ++i) values_bytes += align_up(segment.param(i).size * sizeof(float), kCacheLine);

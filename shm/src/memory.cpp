@@ -82,6 +82,18 @@ MemoryBreakdown memory_breakdown(const LayoutPlan& plan) {
   if (row_words != 0)
     m.parts.push_back({"table row words", row_words,
                        std::to_string(word_rows) + " rows x 8 B: " + word_kinds + " per table row"});
+  std::uint64_t key_bytes = 0, key_slots = 0, key_buckets = 0;  // tables with keys = "u64"
+  for (const auto& p : plan.params)
+    if (p.key_slots_offset != 0) {
+      key_bytes += p.shape[0] * sizeof(KeySlot) + sizeof(KeyIndexHeader) + p.key_buckets * sizeof(KeyBucket);
+      key_slots += p.shape[0];
+      key_buckets += p.key_buckets;
+    }
+  if (key_bytes != 0)
+    m.parts.push_back({"table keys", key_bytes,
+                       std::to_string(key_slots) + " slots x " + std::to_string(sizeof(KeySlot)) + " B (key, stamp) and " +
+                           std::to_string(key_buckets) + " index buckets x " + std::to_string(sizeof(KeyBucket)) +
+                           " B (at least twice the slots): tables with keys = \"u64\""});
   if (plan.step_sums_bytes != 0)
     m.parts.push_back({"BSP step sums", plan.step_sums_bytes,
                        "one model's worth: the rings hold less than a BSP step, so its pushes stream into sums"});

@@ -4,8 +4,10 @@
 #include <bit>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include <shmps/shm/dtype.hpp>
+#include <shmps/shm/key_index.hpp>
 #include <shmps/shm/seqlock.hpp>
 
 namespace shmps::shm {
@@ -77,6 +79,23 @@ SliceReadResult read_param(const Segment& seg, const ParamEntry& p, std::uint64_
           const std::uint64_t n = std::min(kBlock, hi - b);
           racy_copy_halves(block, values + b, n);
           widen(p.dtype, block, out.data() + (b - offset), n);
+        }
+      },
+      timeout);
+}
+
+SliceReadResult read_keyed_table(const Segment& seg, const ParamEntry& p, std::span<float> values,
+                                 std::span<KeySlot> slots, std::chrono::milliseconds timeout) {
+  const float* from = seg.values(p);
+  const KeySlot* key_slots = seg.key_slots(p);
+  const std::uint64_t dim = p.table_dim;
+  return read_slices(
+      seg, p, 0, values.size(),
+      [&](std::uint64_t lo, std::uint64_t hi) {
+        racy_copy_floats(values.data() + lo, from + lo, hi - lo);
+        for (std::uint64_t r = lo / dim; r < hi / dim; ++r) {
+          slots[r].key = __atomic_load_n(&key_slots[r].key, __ATOMIC_RELAXED);
+          slots[r].stamp = __atomic_load_n(&key_slots[r].stamp, __ATOMIC_RELAXED);
         }
       },
       timeout);
@@ -173,6 +192,43 @@ SliceReadResult read_rows_raw(const Segment& seg, const ParamEntry& p, std::span
   return read_rows_by(seg, p, ids, timeout, [&](std::size_t k, std::uint64_t id) {
     racy_copy_halves(out.data() + k * dim, values + id * dim, dim);
   });
+}
+
+SliceReadResult read_keyed_rows(const Segment& seg, const ParamEntry& p, std::span<const std::uint64_t> keys,
+                                std::span<float> out, std::chrono::milliseconds timeout, bool& index_stuck) {
+  const std::uint64_t dim = p.table_dim;
+  thread_local std::vector<std::uint64_t> slots, found_slots;
+  thread_local std::vector<std::size_t> found_at;
+  thread_local std::vector<KeySlot> seen;
+  slots.resize(keys.size());
+  index_stuck = !find_key_slots(seg, p, keys, slots, timeout);
+  if (index_stuck) return {};
+  found_slots.clear();
+  found_at.clear();
+  for (std::size_t k = 0; k < keys.size(); ++k) {
+    if (slots[k] == kNoKeySlot) {
+      keyed_init_row(p.keyed_init, keys[k], out.subspan(k * dim, dim));
+    } else {
+      found_slots.push_back(slots[k]);
+      found_at.push_back(k);
+    }
+  }
+  if (found_slots.empty()) return {};
+  seen.resize(found_slots.size());
+  const float* values = seg.values(p);
+  const KeySlot* key_slots = seg.key_slots(p);
+  SliceReadResult result = read_rows_by(seg, p, found_slots, timeout, [&](std::size_t i, std::uint64_t slot) {
+    racy_copy_floats(out.data() + found_at[i] * dim, values + slot * dim, dim);
+    seen[i].key = __atomic_load_n(&key_slots[slot].key, __ATOMIC_RELAXED);
+    seen[i].stamp = __atomic_load_n(&key_slots[slot].stamp, __ATOMIC_RELAXED);
+  });
+  if (result.stuck_slice) return result;
+  for (std::size_t i = 0; i < found_slots.size(); ++i) {
+    const std::size_t k = found_at[i];
+    if (seen[i].stamp == 0 || seen[i].key != keys[k])  // the slot went to another key after the index was read
+      keyed_init_row(p.keyed_init, keys[k], out.subspan(k * dim, dim));
+  }
+  return result;
 }
 
 }  // namespace shmps::shm

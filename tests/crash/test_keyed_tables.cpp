@@ -8,12 +8,14 @@
 // SGD with learning rate 1 and small-integer gradients, as in test_tables.cpp: every value is
 // exact, so a key's row must equal its init minus the sum of every committed push of the key.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <signal.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <limits>
@@ -253,8 +255,9 @@ TEST(KeyedTables, LookupsDuringEvictionNeverSeeAnotherKeysRowOrATornOne) {
 // The server SIGKILLed while it admits keys: in the middle of copying a slice's touched rows
 // with their KeySlots (mid_rows), of a whole slice's copy (mid_copy), or after the apply but
 // before the rings' heads moved (before_release: the next server takes the same records again,
-// finds the keys its predecessor admitted, and skips what was applied). The next server rebuilds
-// the index from the KeySlots; every key's row is the exact sum of its pushes.
+// finds the keys its predecessor admitted, and skips what was applied), or in the middle of
+// changing the key index (mid_index: evicted keys out, admitted ones not yet in). The next server
+// rebuilds the index from the KeySlots; every key's row is the exact sum of its pushes.
 class KeyedTableServerKill : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(KeyedTableServerKill, TheNextServerAdmitsNoKeyTwiceAndLosesNoRow) {
@@ -276,12 +279,14 @@ TEST_P(KeyedTableServerKill, TheNextServerAdmitsNoKeyTwiceAndLosesNoRow) {
 }
 
 INSTANTIATE_TEST_SUITE_P(KillPoints, KeyedTableServerKill,
-                         ::testing::Values("apply.mid_rows:2", "apply.mid_copy:2", "apply.before_release:2"),
+                         ::testing::Values("apply.mid_rows:2", "apply.mid_copy:2", "apply.before_release:2",
+                                           "keys.mid_index:2"),
                          [](const ::testing::TestParamInfo<const char*>& p) {
                            const std::string point = p.param;
                            return point.find("mid_rows") != std::string::npos   ? std::string("MidRows")
                                   : point.find("mid_copy") != std::string::npos ? std::string("MidCopy")
-                                                                                 : std::string("BeforeRelease");
+                                  : point.find("mid_index") != std::string::npos ? std::string("MidIndex")
+                                                                                  : std::string("BeforeRelease");
                          });
 
 // Chaos: keyed rows pushers while workers and the server are SIGKILLed and restarted at random;
@@ -354,4 +359,231 @@ TEST(KeyedTables, WhatCannotWorkIsRefusedWithAMessage) {
                 .find("the gradient has 3"),
             std::string::npos);
   EXPECT_EQ(w.published(), 0u);
+}
+
+namespace {
+// Tensor `name` of `file`: I64 [n], as int64 values.
+std::vector<std::int64_t> i64_tensor(const server::safetensors::File& file, const std::string& name, std::uint64_t n) {
+  const auto& t = file.tensors().at(name);
+  EXPECT_EQ(t.dtype, "I64") << name;
+  EXPECT_EQ(t.shape, std::vector<std::uint64_t>{n}) << name;
+  std::vector<std::int64_t> out(n);
+  std::memcpy(out.data(), file.data(t).data(), n * sizeof(std::int64_t));
+  return out;
+}
+}  // namespace
+
+// A checkpoint holds each slot's key and stamp beside its row ("t/keys", "t/key_stamps", I64);
+// restored into a new segment (the old one lost), every key reads as before and the recency
+// order goes on: the next new key evicts the key that was least recently updated before the
+// checkpoint. shmps-ctl export writes the same tensors from the live job; a restore with a spec
+// whose table has no keys is refused, naming the table.
+TEST(KeyedTables, ACheckpointHoldsTheKeysBesideTheRowsAndRestoresThem) {
+  Watchdog watchdog(90s);
+  namespace fs = std::filesystem;
+  namespace st = shmps::server::safetensors;
+  const test::TempDir temp("keyed-ckpt");
+  constexpr std::uint64_t kSlots = 16;
+  Job job("keyed-ckpt", keyed_spec(kSlots, "init = { kind = \"constant\", value = 0.5 }\n"));
+  auto& server = job.start_server();
+  job.wait_ready();
+  // 20 keys into 16 slots, one push each (keys 1000..1019; 1000..1003 evicted), then 1005 again.
+  std::vector<std::uint64_t> keys;
+  for (std::uint64_t k = 0; k < 20; ++k) keys.push_back(1000 + k);
+  {
+    Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    for (const std::uint64_t key : keys)
+      w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{key},
+                                 std::vector<float>(kDim, static_cast<float>(key % 5 + 1))));
+    w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{1005}, std::vector<float>(kDim, 1.0f)));
+    w.leave();
+  }
+  const std::vector<float> before = pull_keys(job.name(), 1, keys);
+  EXPECT_EQ(before[0], 0.5f) << "key 1000 was evicted";
+  EXPECT_EQ(before[5 * kDim], 0.5f - 1.0f - 1.0f) << "key 1005: pushed twice";
+
+  const fs::path file = temp.path() / "keyed.safetensors";
+  const test::Ran made = test::run({"shmps-ctl", "checkpoint", job.name(), file.string()});
+  ASSERT_EQ(made.code, 0) << made.out << server.output();
+  const fs::path exported = temp.path() / "keyed-export.safetensors";
+  const test::Ran exp = test::run({"shmps-ctl", "export", job.name(), exported.string()});
+  ASSERT_EQ(exp.code, 0) << exp.out;
+  for (const fs::path& path : {file, exported}) {
+    const auto f = st::File::read(path);
+    const std::vector<float> rows = f.f32("t", {kSlots, kDim});
+    const std::vector<std::int64_t> held = i64_tensor(f, "t/keys", kSlots), stamps = i64_tensor(f, "t/key_stamps", kSlots);
+    std::vector<std::uint64_t> in_file;
+    for (std::uint64_t s = 0; s < kSlots; ++s) {
+      ASSERT_NE(stamps[s], 0) << path << ": every slot is taken";
+      const auto key = static_cast<std::uint64_t>(held[s]);
+      in_file.push_back(key);
+      const auto at = static_cast<std::size_t>(std::find(keys.begin(), keys.end(), key) - keys.begin());
+      ASSERT_LT(at, keys.size()) << path << ": slot " << s << " holds key " << key;
+      for (std::uint64_t d = 0; d < kDim; ++d) EXPECT_EQ(rows[s * kDim + d], before[at * kDim + d]) << path << " key " << key;
+    }
+    std::sort(in_file.begin(), in_file.end());
+    EXPECT_EQ(in_file, std::vector<std::uint64_t>(keys.begin() + 4, keys.end())) << path;
+  }
+
+  server.kill(SIGKILL);
+  server.wait(10s);
+  test::remove_segment(job.name());
+  {
+    Job plain("keyed-ckpt-plain", "max_workers = 8\nslice_bytes = 256\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+                                  "[[param]]\nname = \"h\"\nshape = [4]\n[[table]]\nname = \"t\"\nrows = 16\ndim = 8\n");
+    auto& refused = plain.start_server({"--restore", file.string()});
+    EXPECT_NE(refused.wait(20s), 0);
+    EXPECT_NE(refused.output().find("holds the keys of \"t\""), std::string::npos) << refused.output();
+  }
+  job.start_server({"--restore", file.string()});
+  job.wait_ready();
+  EXPECT_EQ(pull_keys(job.name(), 2, keys), before);
+  {
+    Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{5000}, std::vector<float>(kDim, 1.0f)));
+    w.leave();
+  }
+  // The least recently updated before the checkpoint: 1004 (1005 was pushed again after it).
+  const std::vector<float> after = pull_keys(job.name(), 3, {1004, 1006, 5000});
+  EXPECT_EQ(after[0], 0.5f) << "key 1004 was the least recently updated, and is evicted";
+  EXPECT_EQ(after[kDim], before[6 * kDim]);
+  EXPECT_EQ(after[2 * kDim], 0.5f - 1.0f);
+}
+
+// The tools show a keyed table's keys: shmps-top --json (table.keys), --prometheus, and
+// shmps-ctl inspect, after 12 keys through 8 slots with admit_after = 2 (each key pushed twice:
+// its first row dropped).
+TEST(KeyedTables, TopAndInspectShowTheKeys) {
+  Watchdog watchdog(60s);
+  Job job("keyed-top", keyed_spec(8, "admit_after = 2\n"));
+  job.start_server();
+  job.wait_ready();
+  {
+    Worker w(WorkerOptions{.segment = job.name(), .rank = 0, .timeout = 20s});
+    for (std::uint64_t key = 0; key < 12; ++key)
+      for (int twice = 0; twice < 2; ++twice)
+        w.wait_applied(w.push_rows("t", std::vector<std::uint64_t>{key << 40}, std::vector<float>(kDim, 1.0f)));
+    w.leave();
+  }
+  const test::Ran r = test::run({"shmps-top", job.name(), "--json"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out);
+  for (const auto& p : j.at("params")) {
+    if (p.at("name") != "t") {
+      EXPECT_FALSE(p.contains("table"));
+      continue;
+    }
+    const auto& keys = p.at("table").at("keys");
+    EXPECT_EQ(keys.at("kind"), "u64");
+    EXPECT_EQ(keys.at("admit_after"), 2u);
+    EXPECT_EQ(keys.at("held"), 8u);
+    EXPECT_EQ(keys.at("admitted"), 12u);
+    EXPECT_EQ(keys.at("evicted"), 4u);
+    EXPECT_EQ(keys.at("refused_rows"), 12u);
+  }
+  const test::Ran prom = test::run({"shmps-top", job.name(), "--prometheus"});
+  EXPECT_NE(prom.out.find("shmps_table_keys_evicted_total{segment=\"" + job.name() + "\",param=\"t\"} 4"),
+            std::string::npos)
+      << prom.out;
+  const test::Ran inspect = test::run({"shmps-ctl", "inspect", job.name()});
+  EXPECT_NE(inspect.out.find("keys u64: 8 of 8 slots held, 12 admitted, 4 evicted, 12 rows dropped"),
+            std::string::npos)
+      << inspect.out;
+}
+
+// The click-through model (docs/workloads.md §4) trained by one C++ worker through a table with
+// keys = "u64" holding every key: the ids are the keys, a key below the slots starts from that
+// row's init, and one worker that pulls once its own steps are applied ends bit for bit where
+// the local trainer does (the same weights hash), so keys cost nothing in what is learnt.
+TEST(KeyedTables, TheClickThroughModelTrainsThroughKeysExactlyAsLocally) {
+  Watchdog watchdog(120s);
+  const std::string spec =
+      "slice_bytes = 65536\nmax_workers = 2\nring_bytes = 4194304\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\n"
+      "[[param]]\nname = \"head.weight\"\nshape = [1, 16]\ninit = { kind = \"u24\", stream = 25, scale_divisor = 4 }\n"
+      "[[param]]\nname = \"head.bias\"\nshape = [1]\ninit = \"zeros\"\n"
+      "[[table]]\nname = \"emb\"\nrows = 1048576\ndim = 16\nkeys = \"u64\"\n"
+      "init = { kind = \"u24\", stream = 24, scale_divisor = 64 }\n";
+  const auto hash_of = [](const std::string& out) {
+    const auto at = out.find("weights-hash ");
+    return at == std::string::npos ? std::string("(none)") : out.substr(at, 31);
+  };
+  Process local({"shmps-worker", "--model", "ctr", "--local", "--samples", "204800"});
+  ASSERT_EQ(local.wait(60s), 0) << local.output();
+  Job job("keyed-ctr", spec);
+  job.start_server();
+  job.wait_ready();
+  auto& worker = job.start({"shmps-worker", "--model", "ctr", "--samples", "204800"}, {{"SHMPS_RANK", "0"}});
+  ASSERT_EQ(worker.wait(90s), 0) << worker.output();
+  EXPECT_NE(hash_of(local.output()), "(none)") << local.output();
+  EXPECT_EQ(hash_of(worker.output()), hash_of(local.output())) << worker.output();
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  EXPECT_GT(stat(seg.param_stats(static_cast<std::uint32_t>(seg.find_param("emb"))).keys_held), 10000u);
+}
+
+// Eviction through crashes: two pushers churn 600 keys through 64 slots while the server is
+// SIGKILLed again and again at kill points in the middle of admitting and evicting keys (a
+// slice's rows and KeySlots half copied in, the index half changed, a round applied but not
+// released). Afterwards the table must be whole: no key in two slots, the index finding every
+// slot's key at that slot, the held count the slots taken, and every row read its key's init
+// minus a whole number of its churn gradients (never another key's row).
+TEST(KeyedTables, EvictionThroughServerKillsLeavesTheTableWhole) {
+  Watchdog watchdog(150s);
+  Job job("keyed-evict-kill", keyed_spec(64, "init = { kind = \"constant\", value = 0.5 }\n"));
+  job.start_server();
+  job.wait_ready();
+  constexpr std::uint64_t kKeys = 600;
+  std::vector<Process*> pushers;
+  for (int r = 0; r < 2; ++r)
+    pushers.push_back(&job.start({"shmps-test-pusher", "keyed-churn", "--pushes", std::to_string(kKeys), "--millis",
+                                  "6000"},
+                                 {{"SHMPS_RANK", std::to_string(r)}}));
+  const char* points[] = {"apply.mid_rows", "keys.mid_index", "apply.before_release", "apply.mid_copy"};
+  int kills = 0;
+  for (int round = 0; round < 8; ++round) {
+    std::this_thread::sleep_for(200ms);
+    job.server().kill(SIGKILL);
+    job.server().wait(10s);
+    const std::string point = std::string(points[round % 4]) + ":" + std::to_string(5 + round * 7);
+    auto& server = job.start_server({}, {{"SHMPS_KILL_AT", point}});
+    job.wait_ready();
+    if (server.wait(3s) == 128 + SIGKILL) ++kills;  // reached its kill point (else killed above next round)
+  }
+  job.server().kill(SIGKILL);
+  job.server().wait(10s);
+  job.start_server();
+  job.wait_ready();
+  for (auto* p : pushers) EXPECT_EQ(p->wait(60s), 0) << p->output();
+  std::cout << kills << " servers killed at their kill point\n";
+  EXPECT_GT(kills, 0);
+
+  auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+  const shm::ParamEntry& t = table_entry(seg);
+  const shm::KeySlot* slots = seg.key_slots(t);
+  std::vector<std::uint64_t> keys;
+  std::vector<std::uint64_t> taken;
+  for (std::uint64_t s = 0; s < 64; ++s)
+    if (slots[s].stamp != 0) {
+      keys.push_back(slots[s].key);
+      taken.push_back(s);
+    }
+  std::vector<std::uint64_t> sorted = keys;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(std::adjacent_find(sorted.begin(), sorted.end()), sorted.end()) << "a key in two slots";
+  std::vector<std::uint64_t> found(keys.size());
+  ASSERT_TRUE(shm::find_key_slots(seg, t, keys, found, 5s));
+  EXPECT_EQ(found, taken) << "the index must find every slot's key at that slot";
+  EXPECT_EQ(stat(seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t"))).keys_held), taken.size());
+  EXPECT_EQ(taken.size(), 64u) << "600 keys through 64 slots fill them";
+  std::vector<std::uint64_t> all(kKeys);
+  for (std::uint64_t id = 0; id < kKeys; ++id) all[id] = test::key_of_id(id);
+  const std::vector<float> rows = pull_keys(job.name(), 5, all);
+  std::size_t wrong = 0;
+  for (std::uint64_t k = 0; k < kKeys; ++k) {
+    const double m = (0.5 - rows[k * kDim]) / test::churn_grad(all[k], 0);
+    bool ok = m >= 0 && m == std::round(m);
+    for (std::uint64_t d = 0; d < kDim; ++d)
+      ok = ok && rows[k * kDim + d] == 0.5f - static_cast<float>(m) * test::churn_grad(all[k], d);
+    if (!ok && ++wrong <= 5) ADD_FAILURE() << "key " << all[k] << ": element 0 " << rows[k * kDim];
+  }
+  EXPECT_EQ(wrong, 0u);
 }

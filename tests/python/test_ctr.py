@@ -367,3 +367,46 @@ def test_a_checkpoint_of_the_table_loads_into_the_pytorch_module(make_job, tmp_p
         got = model(torch.from_numpy(ids)).numpy()
     want = C.logits(rows, ids, head, tensors["head.bias"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+KEYED_SPEC = """
+max_workers = 4
+slice_bytes = 1024
+[optimizer]
+kind = "sgd"
+lr = 1.0
+[[param]]
+name = "b"
+shape = [4]
+[[table]]
+name = "k"
+rows = 64
+dim = 16
+keys = "u64"
+init = { kind = "constant", value = 0.5 }
+"""
+
+
+@needs_tables
+def test_a_keyed_table_takes_any_64_bit_key_as_int64_bits_or_uint64(make_job):
+    """keys = "u64": int64 ids are keys by their bits (negative ones too, as torch's hashed
+    ids are), uint64 ids the same keys; a key reads as its init until pushed, then init minus
+    its sum; pull_all leaves the table out (it has no whole, only keys)."""
+    job = make_job(KEYED_SPEC, tag="ctr")
+    with shmps.Worker(job.name, rank=0) as w:
+        p = {q.name: q for q in w.params()}
+        assert p["k"].keyed and p["k"].is_table and p["k"].rows == 64
+        assert not p["b"].keyed
+        keys = np.array([-1, 1 << 62, -(1 << 63), 7, -1], np.int64)
+        rows, _ = w.pull_rows("k", keys)
+        np.testing.assert_array_equal(rows, np.full((5, 16), 0.5, np.float32))
+        grads = np.arange(5 * 16, dtype=np.float32).reshape(5, 16) % 5
+        w.wait_applied(w.push_rows("k", keys, grads))
+        as_unsigned = keys.view(np.uint64)
+        got, _ = w.pull_rows("k", as_unsigned)
+        want = np.full((5, 16), 0.5, np.float32) - grads
+        want[0] = want[4] = 0.5 - grads[0] - grads[4]  # key -1 twice: summed
+        np.testing.assert_array_equal(got, want)
+        assert "k" not in w.pull_all() and "b" in w.pull_all()
+        with pytest.raises(shmps.Error, match="keys = \"u64\""):
+            w.put("k", np.zeros(64 * 16, np.float32))

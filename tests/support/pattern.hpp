@@ -49,4 +49,14 @@ inline std::uint64_t rows_push_id(std::uint64_t rank, std::uint64_t k, std::uint
   }
 }
 
+// Tables with keys = "u64": the key that stands for row id `id` of the rows pattern (rows
+// --keys). Odd multiplier and an offset: a bijection of 64-bit values, so distinct ids stay
+// distinct keys, spread over the whole range (the top bit too).
+inline std::uint64_t key_of_id(std::uint64_t id) { return id * 0x9E3779B97F4A7C15ULL + 0xD1B54A32D192ED03ULL; }
+
+// The keyed churn (shmps-test-pusher keyed-churn): every push of key K adds this to element d of
+// its row, a different mix of 1 to 5 per key, so that a row read for K is its init minus a whole
+// number of these, the same number for every element (another key's row, or a torn one, is not).
+inline float churn_grad(std::uint64_t key, std::uint64_t d) { return static_cast<float>((key % 7 + d * 3) % 5 + 1); }
+
 }  // namespace shmps::test

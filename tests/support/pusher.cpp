@@ -14,6 +14,9 @@
 //       --clock-every N: calls clock() after every N-th push (a step of N pushes in BSP: the
 //       soak switches consistency live under these pushers).
 //       With server groups the pattern's rank is SHMPS_GLOBAL_RANK (the rank in the whole job).
+//   shmps-test-pusher rows --keys: the same rows pushes to a table with keys = "u64", row id i
+//       sent as the key key_of_id(i) (pattern.hpp).
+//   shmps-test-pusher keyed-churn --pushes N --millis T: 16 keys a push from N keys (pattern.hpp).
 //   shmps-test-pusher uniform --pushes K   pushes all-ones gradients to the whole of "u"
 //   shmps-test-pusher put                  puts "big" whole: element k = 1 + k % 97 (Worker::put)
 //   shmps-test-pusher put-push-hold        puts "w" (element k = 10 + k % 97), pushes 100s to all of it
@@ -75,7 +78,7 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   std::uint64_t pushes = 100, millis = 1000, workers = 1, steps = 10, extra = 0, slow_ms = 0, chunk_floats = 0, pause_us = 0, clock_every = 0;
   std::int64_t absent_rank = -1, absent_step = 0, hang_at = -1, stop_rank = -1, stop_at = -1;
-  bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false;
+  bool check = false, wait_for_peers = true, resume = false, zero_copy = false, hold = false, keys = false;
   for (int i = 2; i < argc; ++i) {
     const std::string key = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -93,6 +96,10 @@ int main(int argc, char** argv) {
     }
     if (key == "--zero-copy") {
       zero_copy = true;
+      continue;
+    }
+    if (key == "--keys") {
+      keys = true;
       continue;
     }
     if (key == "--hold") {
@@ -217,6 +224,7 @@ int main(int argc, char** argv) {
       for (std::uint64_t k = w.published(); k < pushes; ++k) {
         for (std::uint64_t j = 0; j < ids.size(); ++j) {
           ids[j] = shmps::test::rows_push_id(rank, k, j, rows);
+          if (keys) ids[j] = shmps::test::key_of_id(ids[j]);
           for (std::uint64_t d = 0; d < dim; ++d) grads[j * dim + d] = shmps::test::pattern(rank, k, j * dim + d);
         }
         if (zero_copy) {
@@ -232,6 +240,26 @@ int main(int argc, char** argv) {
           return 1;
         }
         if (pause_us != 0) std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+      }
+      if (last != 0) w.wait_applied(last);
+      std::cout << "pushed " << last << "\n";
+      return 0;
+    }
+    if (mode == "keyed-churn") {
+      // A table "t" with keys = "u64": pushes of 16 keys at a time from key_of_id(0 ..
+      // --pushes - 1) (more keys than the table has slots: keys are evicted and admitted all the
+      // time), each row churn_grad(key, d), for --millis ms.
+      const std::uint64_t dim = w.param("t").dim;
+      std::vector<std::uint64_t> ids(16);
+      std::vector<float> grads(ids.size() * dim);
+      std::uint64_t last = 0, n = static_cast<std::uint64_t>(w.rank()) * 7919;
+      const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(millis);
+      while (std::chrono::steady_clock::now() < end) {
+        for (std::uint64_t j = 0; j < ids.size(); ++j, ++n) {
+          ids[j] = shmps::test::key_of_id((n * 2654435761ULL) % pushes);
+          for (std::uint64_t d = 0; d < dim; ++d) grads[j * dim + d] = shmps::test::churn_grad(ids[j], d);
+        }
+        last = w.push_rows("t", ids, grads);
       }
       if (last != 0) w.wait_applied(last);
       std::cout << "pushed " << last << "\n";

@@ -891,6 +891,16 @@ TEST(ModelSpec, TablesBecomeParametersOfRowsByDim) {
   EXPECT_EQ(spec.params[1].table_dim, 16u);
   EXPECT_EQ(spec.params[1].shape, (std::vector<std::uint64_t>{1048576, 16}));
   EXPECT_EQ(spec.params[1].init.kind, InitSpec::Kind::u24);
+  EXPECT_FALSE(spec.params[1].keyed);
+  // keys = "u64": rows is the number of slots; admit_after defaults to 1.
+  const ModelSpec keyed = parse_model_spec(
+      "name = \"m\"\n[optimizer]\nlr = 1\n[[table]]\nname = \"t\"\nrows = 64\ndim = 4\nkeys = \"u64\"\n"
+      "[[table]]\nname = \"u\"\nrows = 64\ndim = 4\nkeys = \"u64\"\nadmit_after = 3\n",
+      "");
+  EXPECT_TRUE(keyed.params[0].keyed);
+  EXPECT_EQ(keyed.params[0].admit_after, 1u);
+  EXPECT_EQ(keyed.params[1].admit_after, 3u);
+  EXPECT_EQ(validate_model_spec(keyed), "");
   // A model of tables only needs no [[param]].
   EXPECT_EQ(parse_model_spec("name = \"m\"\n[optimizer]\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n", "")
                 .params.size(),
@@ -905,8 +915,17 @@ TEST(ModelSpecErrors, TablesThatTheJobCannotServe) {
   EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 0\ndim = 4\n", "spec.toml:7:8", "table[0].rows", "from 1");
   EXPECT_SPEC_ERROR(top + "[[param]]\nname = \"t\"\nshape = [4]\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n",
                     "spec.toml:9:8", "table[0].name", "parameters and tables share one namespace");
-  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u64\"\n", "spec.toml:9:8",
-                    "table[0].keys", "not supported yet");
+  // Keys: the one kind, admit_after only with keys, and inits a key's row can start from.
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u32\"\n", "spec.toml:9:8",
+                    "table[0].keys", "unknown key type \"u32\"", "\"u64\"");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nadmit_after = 2\n", "spec.toml:9:15",
+                    "table[0].admit_after", "only a table with keys = \"u64\" admits keys");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u64\"\nadmit_after = 0\n",
+                    "spec.toml:10:15", "table[0].admit_after", "from 1");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u64\"\ninit = \"put\"\n", "spec.toml:5:1",
+                    "table[0].init", "must be zeros, constant or u24, not put");
+  EXPECT_SPEC_ERROR(top + "[[table]]\nname = \"t\"\nrows = 4\ndim = 4\nkeys = \"u64\"\ndtype = \"bf16\"\n",
+                    "spec.toml:5:1", "table[0].dtype", "keeps float32 rows");
   // Adam with a table is lazy Adam (a step count per row), not a mistake.
   const ModelSpec adam = parse_model_spec(
       "name = \"m\"\n[optimizer]\nkind = \"adam\"\nlr = 1\n[[table]]\nname = \"t\"\nrows = 4\ndim = 4\n", "spec.toml");

@@ -127,6 +127,10 @@ json param_json(const ParamMetrics& p) {
                     {"rows_updated", s.rows_updated}, {"rows_per_s", value(p.rows_per_s)},
                     {"round_rows", s.round_rows},     {"hottest_slices", hottest},
                     {"optimizer", {{"kind", s.optimizer}, {"lr", decimal(s.optimizer_lr)}}}};
+    if (s.keyed)
+      out["table"]["keys"] = {{"kind", "u64"},          {"admit_after", s.admit_after},
+                              {"held", s.keys_held},     {"admitted", s.keys_admitted},
+                              {"evicted", s.keys_evicted}, {"refused_rows", s.keys_refused_rows}};
   }
   return out;
 }

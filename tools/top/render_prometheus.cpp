@@ -261,6 +261,21 @@ std::string render_prometheus(const Metrics& m) {
       if (p.now.table_rows != 0) rows.push_back({{{"segment", s.segment}, {"param", p.now.name}}, f.value(p)});
     if (!rows.empty()) e.family(f.name, f.type, f.help, rows);
   }
+  // Tables with keys = "u64" only.
+  const std::vector<Family<P>> key_families{
+      {"shmps_table_keys_held", "gauge", "keys holding a slot of the table now", [](const P& p) { return Value(p.now.keys_held); }},
+      {"shmps_table_keys_admitted_total", "counter", "keys given a slot", [](const P& p) { return Value(p.now.keys_admitted); }},
+      {"shmps_table_keys_evicted_total", "counter", "keys evicted to make room (the least recently updated)",
+       [](const P& p) { return Value(p.now.keys_evicted); }},
+      {"shmps_table_keys_refused_rows_total", "counter", "pushed rows dropped because their key was not admitted",
+       [](const P& p) { return Value(p.now.keys_refused_rows); }},
+  };
+  for (const auto& f : key_families) {
+    std::vector<std::pair<Labels, Value>> rows;
+    for (const auto& p : m.params)
+      if (p.now.keyed) rows.push_back({{{"segment", s.segment}, {"param", p.now.name}}, f.value(p)});
+    if (!rows.empty()) e.family(f.name, f.type, f.help, rows);
+  }
   return e.take();
 }
 

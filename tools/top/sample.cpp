@@ -212,6 +212,14 @@ Sample read_sample(const Segment& seg) {
       ps.optimizer_lr = p.optimizer.lr;
       ps.rows_updated = load_counter(stats.rows_updated);
       ps.round_rows = load_acquire(stats.round_rows);
+      if (is_keyed(p)) {
+        ps.keyed = true;
+        ps.admit_after = p.admit_after;
+        ps.keys_admitted = load_acquire(stats.keys_admitted);
+        ps.keys_evicted = load_acquire(stats.keys_evicted);
+        ps.keys_held = load_acquire(stats.keys_held);
+        ps.keys_refused_rows = load_acquire(stats.keys_refused_rows);
+      }
     }
     for (unsigned r = 0; r < h.max_workers; ++r) ps.rejected += load_counter(seg.rejected(r, i));
     s.params.push_back(std::move(ps));

@@ -63,6 +63,10 @@ struct ParamSample {
   std::string optimizer;  // a table's optimizer kind (its own, or the job's)
   float optimizer_lr = 0;
   std::uint64_t rows_updated = 0, round_rows = 0;
+  // A table with keys = "u64": admit_after, and the keys admitted, evicted, held now, and the
+  // pushed rows dropped because their key was not admitted (ParamStats). keyed false otherwise.
+  bool keyed = false;
+  std::uint64_t admit_after = 0, keys_admitted = 0, keys_evicted = 0, keys_held = 0, keys_refused_rows = 0;
   struct HotSlice {
     std::uint64_t first_row = 0, last_row = 0, updates = 0;
   };

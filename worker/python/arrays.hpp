@@ -145,7 +145,8 @@ inline void refuse_two_bytes_for_f32(const shmps::ParamInfo& p, const char* call
 // The row ids of a C-contiguous int64 or uint64 buffer, read in place as uint64 (no copy): an
 // int64 array is checked for negative ids first (a read), then reinterpreted, which keeps the
 // value of every non-negative id. Any shape, taken flat in C order: a 1-D array, or a sparse
-// gradient's indices() of shape (1, n).
+// gradient's indices() of shape (1, n). `keys`: a table with keys = "u64", whose ids are any
+// 64-bit keys: an int64 array's values are taken as their bits (a negative one included).
 struct IdsView {
   py::buffer_info info;
   const std::uint64_t* data = nullptr;
@@ -153,7 +154,7 @@ struct IdsView {
 };
 
 template <class What>
-IdsView ids_view(py::handle object, const What& what) {
+IdsView ids_view(py::handle object, const What& what, bool keys = false) {
   py::buffer buffer = as_buffer(object, what, "an int64 or uint64 numpy array");
   IdsView v;
   v.info = buffer.request(false);
@@ -167,7 +168,7 @@ IdsView ids_view(py::handle object, const What& what) {
                 "default) or uint64 outside the training loop");
   require_c_contiguous(v.info, 8, what, "shmps reads the ids in place, never a copy");
   v.size = static_cast<std::size_t>(v.info.size);
-  if (is_signed) {
+  if (is_signed && !keys) {
     const auto* s = static_cast<const std::int64_t*>(v.info.ptr);
     for (std::size_t k = 0; k < v.size; ++k)
       if (s[k] < 0)

@@ -59,6 +59,7 @@ struct Param {
   std::size_t dim = 0;
   bool init_put = false;
   shmps::ValueDType dtype = shmps::ValueDType::f32;
+  bool keyed = false;
 };
 
 // A parameter's stored type: the numpy dtype of view() and of a raw pull (float32; float16 for
@@ -228,7 +229,7 @@ class PyWorker {
   py::tuple pull_rows(const std::string& name, py::handle ids, py::object out) {
     const shmps::ParamInfo& p = param(name);
     require_table(p, "pull_rows");
-    const IdsView id = ids_view(ids, [&] { return "pull_rows('" + name + "', ids): ids"; });
+    const IdsView id = ids_view(ids, [&] { return "pull_rows('" + name + "', ids): ids"; }, p.keyed);
     const std::size_t count = id.size * p.dim;
     const auto wrong_size = [&](std::size_t size) {
       return Error("pull_rows('" + name + "', ids, out=...): out has " + std::to_string(size) + " elements, " +
@@ -268,7 +269,7 @@ class PyWorker {
   std::uint64_t push_rows(const std::string& name, py::handle ids, py::handle grads) {
     const shmps::ParamInfo& p = param(name);
     require_table(p, "push_rows");
-    const IdsView id = ids_view(ids, [&] { return "push_rows('" + name + "', ids, grads): ids"; });
+    const IdsView id = ids_view(ids, [&] { return "push_rows('" + name + "', ids, grads): ids"; }, p.keyed);
     const auto what = [&] { return "push_rows('" + name + "', ids, grads): grads"; };
     const auto check_rows = [&](const py::buffer_info& info, std::size_t size) {
       const bool rows_wrong = info.ndim == 2 && static_cast<std::size_t>(info.shape[1]) != p.dim;
@@ -333,6 +334,7 @@ class PyWorker {
   py::dict pull_all() {
     py::dict all;
     for (const shmps::ParamInfo& p : worker_->params()) {
+      if (p.keyed) continue;  // keys = "u64": no whole to pull, only keys (pull_rows)
       if (p.is_table()) {  // every row, pulled by row: (rows, dim)
         py::array_t<std::uint64_t> ids(static_cast<py::ssize_t>(p.rows));
         std::uint64_t* id = ids.mutable_data();
@@ -401,6 +403,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("dim", &Param::dim, "the values in each row of a table; 0 for a dense parameter")
       .def_property_readonly("is_table", [](const Param& p) { return p.dim != 0; },
                              "True for a table ([[table]] in the spec: pull_rows/push_rows), False for a dense parameter")
+      .def_readonly("keyed", &Param::keyed,
+                    "True for a table with keys = \"u64\": its ids are any 64-bit keys (int64 bits or uint64), and "
+                    "rows is how many it holds at once")
       .def_readonly("init_put", &Param::init_put,
                     "True when the spec says init = \"put\": a worker puts the first values, pulls wait for it")
       .def_property_readonly("dtype", [](const Param& p) { return numpy_dtype(p.dtype); },
@@ -443,7 +448,7 @@ fails changes nothing in the job.)")
              for (const shmps::ParamInfo& p : w.local().params()) {
                py::tuple shape(p.shape.size());
                for (std::size_t i = 0; i < p.shape.size(); ++i) shape[i] = p.shape[i];
-               list.append(Param{p.name, shape, p.size, p.rows, p.dim, p.init_put, p.dtype});
+               list.append(Param{p.name, shape, p.size, p.rows, p.dim, p.init_put, p.dtype, p.keyed});
              }
              return list;
            },
@@ -476,7 +481,8 @@ Its dtype is the stored one (Param.dtype): float32; float16 for a parameter of d
 uint16 bit patterns for bf16, read as bfloat16 with
 torch.from_numpy(a.view(numpy.int16)).view(torch.bfloat16) (torch.from_numpy takes no uint16).)")
       .def("pull_all", &PyWorker::pull_all,
-           "Pull every parameter: a dict name -> new float32 array (a table's every row, (rows, dim)).")
+           "Pull every parameter: a dict name -> new float32 array (a table's every row, (rows, dim); a table "
+           "with keys = \"u64\" has no whole and is left out: pull its keys' rows with pull_rows).")
       .def("pull_rows", &PyWorker::pull_rows, py::arg("name"), py::arg("ids"), py::arg("out") = py::none(),
            R"(Pull rows of a table: returns (rows, version).
 

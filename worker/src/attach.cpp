@@ -258,6 +258,7 @@ Worker::Worker(WorkerOptions options) : impl_(std::make_unique<Impl>()) {
     if (p.table_dim != 0) {
       info.rows = p.shape[0];
       info.dim = p.table_dim;
+      info.keyed = is_keyed(p);
     }
     s.index.emplace(info.name, i);
     s.params.push_back(std::move(info));

@@ -32,6 +32,10 @@ void Worker::put(std::string_view name, std::size_t offset, std::span<const floa
   s.refuse_if_detached("put");
   const std::uint32_t i = s.find(name);
   if (s.borrower != nullptr) s.refuse_if_borrowed("put of '" + std::string(name) + "'", "nothing was put");
+  if (s.params[i].keyed)
+    throw Error("put of '" + std::string(name) + "': it is a table with keys = \"u64\", whose rows are slots that "
+                "keys come and go from; a key's row starts from the table's init and changes only by push_rows; "
+                "nothing was put");
   s.check_range("put of", i, offset, values.size(), true);  // a table is put row-major, as a [rows, dim] tensor
   const std::string what = "put of '" + std::string(name) + "'";
   for (std::size_t k = 0; k < values.size(); ++k)

@@ -30,6 +30,7 @@ void Worker::Impl::refuse_kind(const char* what, std::uint32_t i, bool for_rows)
 }
 
 void Worker::Impl::check_ids(const char* what, std::uint32_t i, std::span<const std::uint64_t> ids) const {
+  if (params[i].keyed) return;  // any 64-bit key (keys = "u64")
   const std::uint64_t rows = params[i].rows;
   for (std::size_t k = 0; k < ids.size(); ++k)
     if (ids[k] >= rows)
@@ -69,10 +70,18 @@ std::uint64_t Worker::Impl::pull_rows(std::string_view name, std::span<const std
   s.wait_for_consistency("pull_rows of", name);
   s.wait_for_put("pull_rows of", i, 0, s.params[i].size);  // an init = "put" table: once, all of it
   SliceReadResult read;
-  if constexpr (raw)
+  if constexpr (raw) {
     read = read_rows_raw(s.segment, s.segment.param(i), ids, out, s.options.timeout);
-  else
+  } else if (s.params[i].keyed) {
+    bool index_stuck = false;
+    read = read_keyed_rows(s.segment, s.segment.param(i), ids, out, s.options.timeout, index_stuck);
+    if (index_stuck)
+      throw Error("pull_rows of '" + std::string(name) + "': the table's key index has been mid-change for " +
+                  std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +
+                  "; a restarted server rebuilds it");
+  } else {
     read = read_rows(s.segment, s.segment.param(i), ids, out, s.options.timeout);
+  }
   if (read.stuck_slice)
     throw Error("pull_rows of '" + std::string(name) + "': slice " + std::to_string(*read.stuck_slice) +
                 " has been mid-update for " + std::to_string(s.options.timeout.count()) + " ms; " + s.server_state() +

@@ -78,6 +78,9 @@ std::span<const std::uint16_t> Worker::view_raw(std::string_view name, std::size
 void Worker::Impl::view_range(std::string_view name, std::uint32_t i, std::size_t offset, std::size_t count) {
   Impl& s = *this;
   s.refuse_if_detached("view parameters");
+  if (s.params[i].keyed)
+    throw Error("view of '" + std::string(name) + "': it is a table with keys = \"u64\", whose rows are slots that "
+                "keys come and go from: use pull_rows() with the keys");
   s.check_range("view of", i, offset, count);
   s.wait_for_consistency("view of", name);
   s.wait_for_put("view of", i, offset, count);

@@ -92,6 +92,9 @@ struct ParamInfo {
   std::size_t rows = 0;
   std::size_t dim = 0;
   bool is_table() const noexcept { return dim != 0; }
+  // keys = "u64" in the spec: the table's ids are any 64-bit keys, not row numbers, and `rows`
+  // is how many keys it holds at once (pull_rows of a key it does not hold reads the key's init).
+  bool keyed = false;
   // init = "put" in the spec: a worker puts its first values (Worker::put), and pulls wait for it.
   bool init_put = false;
 };

@@ -88,6 +88,10 @@ struct Snapshot {
     // A table whose optimizer keeps row words (ParamEntry::row_words_offset), one per row: lazy
     // Adam's step counts, or row-wise AdaGrad's accumulators as the bits of doubles; empty otherwise.
     std::vector<std::int64_t> row_words;
+    // A table with keys = "u64" (ParamEntry::key_slots_offset), one per slot: the key it holds
+    // (its bits as an int64) and its stamp (0: a free slot; else the order of its last update).
+    // The tensors "<table>/keys" and "<table>/key_stamps"; empty otherwise.
+    std::vector<std::int64_t> keys, key_stamps;
     std::vector<float> sync_base, sync_sent;  // server groups (`sync` below), else empty
   };
   // A replica of a job with server groups: its sync tables (sync_engine.hpp), so that a restore

@@ -104,10 +104,16 @@
 //   dim = 16                # required, 1 to 2^20 floats per row; must divide slice_bytes / 4
 //   init = ...              # as a [[param]]'s, row-major
 //   dtype = "f32"           # optional, as a [[param]]'s: "bf16" / "fp16" rows in 2 bytes
+//   optimizer = { ... }     # optional: the table's own, with [optimizer]'s keys but state_dtype
+//   keys = "u64"            # optional: ids are any 64-bit keys, not row numbers; `rows` is then the
+//                           #   number of slots, a key gets one at its first push (or its
+//                           #   admit_after-th), the least recently updated is evicted when all
+//                           #   are taken. init must be zeros, constant or u24; f32 only; not
+//                           #   with server groups.
+//   admit_after = 1         # optional, with keys only: a key gets a slot at its admit_after-th
+//                           #   pushed row (1: its first); the rows before it are dropped
 //                           # A table is a parameter of shape [rows, dim] (ParamSpec::table_dim);
-//                           # with adam it is stepped as lazy Adam (a step count per row). Not
-//                           # taken yet, each refused with a message: a table's own `optimizer`,
-//                           # `keys = "u64"`.
+//                           # with adam it is stepped as lazy Adam (a step count per row).
 //
 // Unknown keys are errors (the message lists the valid keys), as are duplicate parameter
 // names. Every error is a SpecError whose message reads
@@ -183,6 +189,11 @@ struct ParamSpec {
   // A [[table]]'s own `optimizer = { ... }`, if it has one (its state_dtype is the job's); else
   // the job's [optimizer] updates it.
   std::optional<OptimizerSettings> optimizer = std::nullopt;
+  // A [[table]] with keys = "u64": ids are open-ended 64-bit keys, each given one of the `rows`
+  // slots at its admit_after-th pushed row (1: its first), the least recently updated evicted when
+  // none is free (shm::ParamEntry::key_slots_offset).
+  bool keyed = false;
+  std::uint32_t admit_after = 1;
   std::uint64_t size() const;  // number of elements: the product of shape (saturates at 2^64-1)
 };
 

@@ -22,10 +22,10 @@ inline constexpr std::uint64_t kNoKeySlot = UINT64_MAX;
 // Where a key's probe starts: the SplitMix64 output function of the key, masked.
 std::uint64_t key_bucket_of(std::uint64_t key, std::uint64_t buckets) noexcept;
 
-// Reader side: slots[k] = the slot keys[k] is in, or kNoKeySlot, all from one version of the
-// index (one seqlock read, retried while the server changes it). False if the index stayed in
-// the middle of a change for `timeout` (a server killed while changing it; the next one rebuilds
-// it). The slot must still be checked against its KeySlot under the slice's seqlock: the server
+// Reader side: slots[k] = the slot keys[k] is in, or kNoKeySlot, looked up 64 keys per seqlock
+// read of the index (a read that overlaps the server's change, once a round, is read again; a
+// longer one would overlap it more often). False if the index stayed in the middle of a change
+// for `timeout` (a server killed while changing it; the next one rebuilds it). The slot must still be checked against its KeySlot under the slice's seqlock: the server
 // may give it to another key after this returns (read_keyed_rows does both).
 bool find_key_slots(const Segment& segment, const ParamEntry& table, std::span<const std::uint64_t> keys,
                     std::span<std::uint64_t> slots, std::chrono::milliseconds timeout);
@@ -42,10 +42,11 @@ class KeyIndexWriter {
   std::uint64_t find(std::uint64_t key) const noexcept;
   void begin() noexcept;
   void insert(std::uint64_t key, std::uint64_t slot) noexcept;  // key must not be in the index
-  void erase(std::uint64_t key) noexcept;                         // key must be in the index
+  // Removes key's entry for `slot`; false (nothing changed) if there is none.
+  bool erase(std::uint64_t key, std::uint64_t slot) noexcept;
   void end() noexcept;
   // Empties the index and inserts every taken slot's key (KeySlot::stamp != 0), between begin
-  // and end.
+  // and end. A key in two slots (never written so; a damaged segment) is indexed at the first.
   void rebuild() noexcept;
 
  private:

@@ -136,7 +136,10 @@ inline constexpr std::uint64_t kMagic = 0x3153504d48530a7fULL;  // "\x7f\nSHMPS1
 // 13: a parameter's own optimizer (ParamEntry::optimizer: a table's may differ from the job's),
 //     state arrays per parameter (SegmentHeader::state_arrays is the most any has), and the
 //     row words of lazy Adam and row-wise AdaGrad (ParamEntry::row_words_offset)
-inline constexpr std::uint32_t kLayoutVersion = 13;
+// 14: tables with open-ended 64-bit keys (keys = "u64": ParamEntry::key_slots_offset and the
+//     key index, KeySlot, KeyIndexHeader, KeyBucket, KeyedInit, SegmentHeader::redo_key_slots_at,
+//     the ParamStats key counters)
+inline constexpr std::uint32_t kLayoutVersion = 14;
 // The most server groups one job may have (each replica keeps one exactly-once entry per group
 // and slice; each sync segment one ring per group).
 inline constexpr std::uint32_t kMaxServerGroups = 64;
@@ -326,6 +329,9 @@ struct SegmentHeader {
   std::uint64_t sync_applied_offset;  // u64[slice_count][server_groups]: home's last delta seq added per origin
   std::uint64_t sync_base_offset;     // float, laid out as the values: a slice's values at its last sync
   std::uint64_t sync_sent_offset;     // float, laid out as the values: the delta in flight to the home group
+  // A job with a table with keys = "u64": where a redo entry's KeySlot array starts, in bytes
+  // from the RedoEntry (RedoEntry below); 0 without such a table.
+  std::uint64_t redo_key_slots_at;
 
   // Consistency policy (server writes, at a clock boundary; workers read before every pull).
   alignas(kCacheLine) std::atomic<std::uint32_t> consistency;  // Consistency
@@ -416,7 +422,7 @@ struct SegmentHeader {
   FIELD(redo_stride) FIELD(redo_count) FIELD(workers_per_group) FIELD(param_stats_offset) FIELD(rejected_offset)        \
   FIELD(rejected_stride) FIELD(step_sums_offset) FIELD(step_sums_bytes) FIELD(optimizer) FIELD(state_arrays)   \
   FIELD(group_count) FIELD(groups_offset) FIELD(server_group) FIELD(server_groups) FIELD(sync_offset)          \
-  FIELD(sync_applied_offset) FIELD(sync_base_offset) FIELD(sync_sent_offset) PAD(56)                            \
+  FIELD(sync_applied_offset) FIELD(sync_base_offset) FIELD(sync_sent_offset) FIELD(redo_key_slots_at) PAD(48)                            \
   FIELD(consistency) FIELD(staleness) FIELD(bsp_aggregate) FIELD(on_worker_death) FIELD(straggler_timeout_ms) PAD(44)                        \
   FIELD(state) FIELD(server_pid) FIELD(server_epoch) FIELD(server_start_time) FIELD(server_heartbeat_ns)       \
   FIELD(server_started_unix_ns) FIELD(huge_mount) FIELD(huge_sysfs) FIELD(huge_bytes) PAD(8)                   \
@@ -451,6 +457,49 @@ enum class MailboxState : std::uint32_t { free = 0, claimed = 1, submitted = 2, 
 enum class DType : std::uint32_t { f32 = 0, bf16 = 1, fp16 = 2 };
 constexpr std::uint64_t dtype_bytes(DType d) noexcept { return d == DType::f32 ? 4 : 2; }
 
+// ---------------------------------------------------------------------------------------------
+// Tables with open-ended keys (keys = "u64", ARCHITECTURE.md "Tables"). The table's rows are
+// slots; KeySlot says which key a slot holds. A worker finds a key's slot in the key index, then
+// reads the row and its KeySlot under the slice's seqlock and takes the row only if the KeySlot
+// still names its key (the server may have given the slot to another key in between); a key in
+// no slot reads as its init (KeyedInit). Only the server writes either (shm/key_index.hpp).
+struct KeySlot {
+  std::uint64_t key;
+  // The order of the slot's last update among all updates of the table (1, 2, ...: the least
+  // recently updated slot has the smallest, and is the one evicted when a key needs a slot and
+  // none is free); 0: the slot is free, and `key` means nothing.
+  std::uint64_t stamp;
+};
+#define SHMPS_KEY_SLOT_FIELDS(FIELD, PAD) FIELD(key) FIELD(stamp)
+
+// The key index of a table: a header on its own line, then KeyBucket[key_buckets], open
+// addressing with linear probing from key_bucket_of(key). `seq` is a seqlock word over the whole
+// index: odd while the server changes it (once per apply round, after the round's rows are in).
+struct alignas(kCacheLine) KeyIndexHeader {
+  SHMPS_SHARED_IN_PLACE(KeyIndexHeader);
+  std::atomic<std::uint64_t> seq;
+};
+#define SHMPS_KEY_INDEX_HEADER_FIELDS(FIELD, PAD) FIELD(seq) PAD(56)
+// slot_plus_one 0: an empty bucket (a probe for a key stops there).
+struct KeyBucket {
+  std::uint64_t key;
+  std::uint64_t slot_plus_one;
+};
+#define SHMPS_KEY_BUCKET_FIELDS(FIELD, PAD) FIELD(key) FIELD(slot_plus_one)
+
+// The init of a keyed table's rows, as the spec's init applied to a key: element d of key k's row
+// is the init's element k * dim + d (row-major, as if the key were a row number, wrapping at
+// 2^64), so a key below the table's rows starts as that row of a table of row numbers would.
+// kind: 0 zeros, 1 constant (value), 2 u24 (stream, scale: u24(splitmix_draw(stream, i)) * scale).
+struct KeyedInit {
+  std::uint32_t kind;
+  float value;
+  std::uint64_t stream;
+  float scale;
+  std::uint32_t reserved;
+};
+#define SHMPS_KEYED_INIT_FIELDS(FIELD, PAD) FIELD(kind) FIELD(value) FIELD(stream) FIELD(scale) FIELD(reserved)
+
 struct ParamEntry {
   char name[kMaxNameBytes];  // NUL-terminated
   DType dtype;
@@ -481,13 +530,30 @@ struct ParamEntry {
   // The optimizer that updates this parameter: the job's [optimizer] (SegmentHeader::optimizer),
   // or a table's own (`optimizer = {...}` on a [[table]]). Its state_dtype is always the job's.
   OptimizerSettings optimizer;
+  // A table with keys = "u64" (open-ended keys, ids are any 64-bit values): its rows are slots.
+  // key_slots_offset: KeySlot[rows], which key each slot holds (the truth; written with the
+  // rows, under the slice's seqlock, through the redo entry). key_index_offset: a KeyIndexHeader
+  // and KeyBucket[key_buckets], the lookup from key to slot (derived: the server rebuilds it from
+  // the slots at every start). All three 0 for a table of row numbers and a dense parameter.
+  std::uint64_t key_slots_offset;
+  std::uint64_t key_index_offset;
+  std::uint64_t key_buckets;  // a power of two, at least twice the rows
+  // A key is given a slot once it has been pushed this many times (1: at its first push); the
+  // rows of its earlier pushes are dropped (ParamStats::keys_refused_rows).
+  std::uint32_t admit_after;
+  std::uint32_t keyed_reserved;
+  // The values a key's row starts from (its init, as a function of the key, KeyedInit).
+  KeyedInit keyed_init;
 };
+// A table with keys = "u64": its rows are slots holding open-ended keys (KeySlot).
+inline bool is_keyed(const ParamEntry& p) noexcept { return p.key_slots_offset != 0; }
 // The optimizer state arrays parameter p keeps (its state_offset[a] for a below this is set).
 inline int state_arrays_of(const ParamEntry& p) noexcept { return optimizer_state_arrays(p.optimizer.kind); }
 #define SHMPS_PARAM_ENTRY_FIELDS(FIELD, PAD)                                                            \
   FIELD(name) FIELD(dtype) FIELD(ndim) FIELD(shape) FIELD(size) FIELD(first_slice) FIELD(slice_count)           \
   FIELD(values_offset) FIELD(state_offset) FIELD(init_put) FIELD(table_dim) FIELD(f32_offset) FIELD(row_words_offset) \
-  FIELD(optimizer)
+  FIELD(optimizer) FIELD(key_slots_offset) FIELD(key_index_offset) FIELD(key_buckets) FIELD(admit_after)             \
+  FIELD(keyed_reserved) FIELD(keyed_init)
 
 // ---------------------------------------------------------------------------------------------
 // SliceEntry: one per slice; the server writes, everyone reads.
@@ -546,10 +612,18 @@ struct alignas(kCacheLine) ParamStats {
   // newest round that touched the table updated.
   std::atomic<std::uint64_t> rows_updated;
   std::atomic<std::uint64_t> round_rows;
+  // A table with keys = "u64": keys given a slot, keys evicted to make room (their slot's least
+  // recently updated), keys holding a slot now, and pushed rows dropped because their key was not
+  // admitted (yet: admit_after, or every slot was taken by the round's own keys).
+  std::atomic<std::uint64_t> keys_admitted;
+  std::atomic<std::uint64_t> keys_evicted;
+  std::atomic<std::uint64_t> keys_held;
+  std::atomic<std::uint64_t> keys_refused_rows;
 };
 #define SHMPS_PARAM_STATS_FIELDS(FIELD, PAD) \
   FIELD(pushes) FIELD(slice_updates) FIELD(floats_applied) FIELD(last_grad_sq_norm) FIELD(last_grad_floats) \
-  FIELD(put_rank) FIELD(rows_updated) FIELD(round_rows)
+  FIELD(put_rank) FIELD(rows_updated) FIELD(round_rows) FIELD(keys_admitted) FIELD(keys_evicted) FIELD(keys_held) \
+  FIELD(keys_refused_rows) PAD(32)
 
 // ---------------------------------------------------------------------------------------------
 // GroupEntry: one per worker group, on its own line; the server writes, the group's workers read.
@@ -607,6 +681,9 @@ struct alignas(kCacheLine) GroupEntry {
 //   row_words[slice_floats / the narrowest such table's dim]: a table slice's new row words, in
 //   RedoMode::rows one per packed row (in their order), in RedoMode::whole one per row of the
 //   slice; the copy-in writes them with the rows (Segment::redo_row_words).
+//   A job with a table with keys = "u64": after those, at SegmentHeader::redo_key_slots_at,
+//   KeySlot key_slots[slice_floats / the narrowest such table's dim]: the slice's new KeySlots,
+//   as the row words (one per packed row, or one per row of the slice), written with the rows.
 //   A bf16 or fp16 parameter (ParamEntry::dtype): `values` are float32 all the same, each already
 //   rounded to the dtype (so it holds one exactly), and the copy-in narrows them into the slice's
 //   count x 2 bytes: a replay writes the same bytes again. Chunked, the same holds per chunk: its
@@ -918,7 +995,7 @@ static_assert(sizeof(RedoEntry) == 2 * kCacheLine);
 static_assert(sizeof(SyncSlice) == 32);
 static_assert(sizeof(SyncSegmentHeader) == 2 * kCacheLine);
 static_assert(sizeof(RedoInput) == 24);
-static_assert(sizeof(ParamStats) == kCacheLine);
+static_assert(sizeof(ParamStats) == 2 * kCacheLine);
 static_assert(sizeof(ParamEntry) % 8 == 0);
 
 // The false-sharing audit above, as checks: words that different processes write, or that one
@@ -971,6 +1048,10 @@ SHMPS_DESCRIBE_FIELDS(RingHeader, SHMPS_RING_HEADER_FIELDS);
 SHMPS_DESCRIBE_FIELDS(PushRecord, SHMPS_PUSH_RECORD_FIELDS);
 SHMPS_DESCRIBE_FIELDS(SyncSlice, SHMPS_SYNC_SLICE_FIELDS);
 SHMPS_DESCRIBE_FIELDS(SyncSegmentHeader, SHMPS_SYNC_SEGMENT_HEADER_FIELDS);
+SHMPS_DESCRIBE_FIELDS(KeySlot, SHMPS_KEY_SLOT_FIELDS);
+SHMPS_DESCRIBE_FIELDS(KeyIndexHeader, SHMPS_KEY_INDEX_HEADER_FIELDS);
+SHMPS_DESCRIBE_FIELDS(KeyBucket, SHMPS_KEY_BUCKET_FIELDS);
+SHMPS_DESCRIBE_FIELDS(KeyedInit, SHMPS_KEYED_INIT_FIELDS);
 
 namespace detail {
 template <class... Types>
@@ -987,7 +1068,8 @@ inline constexpr std::uint64_t kLayoutFingerprint = [] {
                           std::uint64_t{__GNUC_MINOR__}})
     h = detail::fnv1a(h, v);
   h = detail::layout_fingerprint<SegmentHeader, OptimizerSettings, ParamEntry, SliceEntry, ParamStats, GroupEntry, RedoEntry, RedoInput,
-                                 WorkerSlot, RingHeader, PushRecord, SyncSlice, SyncSegmentHeader>(h);
+                                 WorkerSlot, RingHeader, PushRecord, SyncSlice, SyncSegmentHeader, KeySlot,
+                                 KeyIndexHeader, KeyBucket, KeyedInit>(h);
   return detail::fnv1a_str(h, __VERSION__);
 }();
 

@@ -29,6 +29,10 @@ struct LayoutRequest {
     DType dtype = DType::f32;     // ParamEntry::dtype: how its values are stored
     // ParamEntry::optimizer: the job's, or a table's own (its state_dtype is the request's).
     OptimizerSettings optimizer{};
+    // A table with keys = "u64" (ParamEntry::key_slots_offset): open-ended keys in slots.
+    bool keyed = false;
+    std::uint32_t admit_after = 1;  // ParamEntry::admit_after
+    KeyedInit keyed_init{};         // ParamEntry::keyed_init
   };
   std::vector<Param> params;
   std::uint64_t slice_bytes = 65536;
@@ -67,6 +71,7 @@ struct LayoutPlan {
   std::uint32_t server_group = 0, server_groups = 1;
   // Server groups: SyncSlice[], the home's exactly-once table, and the base and sent arrays (0: none).
   std::uint64_t sync_offset = 0, sync_applied_offset = 0, sync_base_offset = 0, sync_sent_offset = 0, sync_bytes = 0;
+  std::uint64_t redo_key_slots_at = 0;  // SegmentHeader::redo_key_slots_at (0: no table with keys = "u64")
   std::vector<ParamEntry> params;  // values/state offsets and slice ranges filled in
 };
 
@@ -269,6 +274,25 @@ class Segment {
   std::uint64_t* row_words(const ParamEntry& p) noexcept { return at<std::uint64_t>(base_, p.row_words_offset); }
   const std::uint64_t* row_words(const ParamEntry& p) const noexcept {
     return at<std::uint64_t>(base_, p.row_words_offset);
+  }
+
+  // A keyed table's slots (ParamEntry::key_slots_offset != 0): which key each row holds.
+  KeySlot* key_slots(const ParamEntry& p) noexcept { return at<KeySlot>(base_, p.key_slots_offset); }
+  const KeySlot* key_slots(const ParamEntry& p) const noexcept { return at<KeySlot>(base_, p.key_slots_offset); }
+  // Its key index: the header (the seqlock word), then p.key_buckets buckets.
+  KeyIndexHeader& key_index(const ParamEntry& p) noexcept { return *at<KeyIndexHeader>(base_, p.key_index_offset); }
+  const KeyIndexHeader& key_index(const ParamEntry& p) const noexcept {
+    return *at<KeyIndexHeader>(base_, p.key_index_offset);
+  }
+  KeyBucket* key_buckets(const ParamEntry& p) noexcept {
+    return at<KeyBucket>(base_, p.key_index_offset + sizeof(KeyIndexHeader));
+  }
+  const KeyBucket* key_buckets(const ParamEntry& p) const noexcept {
+    return at<KeyBucket>(base_, p.key_index_offset + sizeof(KeyIndexHeader));
+  }
+  // A keyed table slice's new KeySlots in a redo entry (layout.hpp, RedoEntry).
+  KeySlot* redo_key_slots(RedoEntry& e) noexcept {
+    return reinterpret_cast<KeySlot*>(reinterpret_cast<std::byte*>(&e) + header().redo_key_slots_at);
   }
 
   // A sync_take entry's fresh values (the slice's new sync_base), after the state arrays.
