@@ -17,6 +17,7 @@ constexpr std::uint32_t kNil = UINT32_MAX;
 // How many keys waiting for admission a table remembers: as many as it has slots. Past that the
 // counts start again (a key seen once among millions is what admit_after is there to keep out).
 constexpr std::uint64_t kCountsPerSlot = 1;
+constexpr std::uint32_t kAhead = 8;  // keys looked up ahead (prefetched) in pass 1
 }  // namespace
 
 KeyedTables::KeyedTables(Segment& segment) : segment_(segment) {
@@ -124,6 +125,7 @@ void KeyedTables::translate(RoundPlan& plan) {
     Table& t = *table_of(static_cast<std::uint32_t>(c.rows_begin));
     const KeyIndexWriter index(segment_, segment_.param(t.param));
     for (std::uint32_t k = 0; k < c.rows_count; ++k, ++at) {
+      if (k + kAhead < c.rows_count) index.prefetch(keys[at + kAhead]);  // the index's misses overlap
       const std::uint64_t slot = index.find(keys[at]);
       if (slot == kNoKeySlot) continue;
       slot_of[at] = slot;

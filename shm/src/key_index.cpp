@@ -28,6 +28,9 @@ bool find_group(const KeyBucket* buckets, std::uint64_t mask, const std::atomic<
                 std::span<const std::uint64_t> keys, std::span<std::uint64_t> slots, std::size_t first,
                 std::size_t last, std::chrono::milliseconds timeout) {
   const std::uint64_t bucket_count = mask + 1;
+  // A big table's index does not stay in the cache: fetch every key's first bucket before the
+  // read, so that the misses overlap instead of following one another.
+  for (std::size_t k = first; k < last; ++k) __builtin_prefetch(&buckets[key_bucket_of(keys[k], bucket_count)]);
   std::chrono::steady_clock::time_point give_up{};
   for (std::uint64_t attempt = 0;; ++attempt) {
     std::uint64_t version = 0;

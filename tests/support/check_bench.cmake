@@ -21,6 +21,7 @@ check_figures("shmps-bench --quick" "${OUT}"
   scale.asp.2.shm scale.bsp.2.shm scale.asp.2.worker_rss scale.bsp.2.worker_rss
   sparse-pull.ratio sparse-push.ratio sparse-round.64 sparse-round.hot.64
   sparse-push.rowwise_adagrad.ratio sparse-push.adagrad.ratio sparse-push.adam.ratio
+  sparse-push.keyed.ratio sparse-pull.keyed.ratio sparse-push.keyed.evicting.ratio sparse-pull.keyed.evicting.ratio
   sparse-train.local.cpp sparse-train.1.cpp.ratio sparse-train.2.cpp.ratio sparse-train.2.cpp.test_acc
   sparse-train.2.cpp.rowwise.ratio sparse-train.2.cpp.rowwise.test_acc
   bf16.f32.pull bf16.bf16.pull bf16.bf16.pull-raw bf16.bf16.push bf16.bf16.apply.sgd bf16.bf16.apply.adam

@@ -13,6 +13,9 @@
 //   sparse-push.<kind>  the same push loop with the table's own optimizer (sgd, rowwise_adagrad,
 //                 adagrad, adam), each in a fresh job of its own: what a row's optimizer state
 //                 costs the apply (.ratio: / sparse-push.sgd).
+//   sparse-push.keyed, sparse-pull.keyed  the same loops with the ids as keys of a table with
+//                 keys = "u64" holding every key (.ratio: / sparse-push.sgd, / sparse-pull);
+//                 .keyed.evicting with 16,384 slots, so that keys are evicted and admitted again.
 //   sparse-train  the click-through model, plain SGD at learning rate 1.0, all in this run:
 //                 shmps-worker --model ctr --local and through shmps (1 and 2 workers, ASP, each
 //                 pulling once its own steps are applied); the PyTorch example
@@ -232,6 +235,32 @@ void run_sparse(const Config& cfg, Report& r) {
     else
       r.add("sparse-push." + kind + ".ratio", rows_s / sgd_rows_s, "x", "/ sparse-push.sgd");
     pusher.leave();
+  }
+
+  // Keys (keys = "u64"): the same rows as keys, pulled and pushed, in a job whose table holds
+  // every key the passes touch (admitted in the warm-up pass), and in one of 16,384 slots, which
+  // the passes churn through (a key evicted and admitted again all the time).
+  for (const std::uint64_t slots : {kRows, std::uint64_t{16384}}) {
+    const std::string name = slots == kRows ? "keyed" : "keyed.evicting";
+    JobOptions options = table_job("keys = \"u64\"\n");
+    const std::string rows_line = "rows = " + std::to_string(kRows) + "\n";
+    options.extra_spec.replace(options.extra_spec.find(rows_line), rows_line.size(), "rows = " + std::to_string(slots) + "\n");
+    Job keyed(options);
+    Worker kw(WorkerOptions{.segment = keyed.name(), .rank = 0});
+    const double push_s = static_cast<double>(total_rows) / time_pushes(kw);
+    std::vector<double> t;
+    for (int rep = -1; rep < cfg.reps; ++rep) {
+      const double t0 = now_s();
+      for (const auto& ids : rows) kw.pull_rows("emb", ids, {out.data(), ids.size() * kDim});
+      if (rep >= 0) t.push_back(now_s() - t0);
+    }
+    const double pull_s = static_cast<double>(total_rows) / median(t);
+    const std::string where = slots == kRows ? "a table that holds every key" : "16,384 slots, evicting";
+    r.add("sparse-push." + name, push_s, "rows/s", "sparse-push with the ids as keys = \"u64\", " + where);
+    r.add("sparse-push." + name + ".ratio", push_s / sgd_rows_s, "x", "/ sparse-push.sgd");
+    r.add("sparse-pull." + name, pull_s, "rows/s", "sparse-pull of the keys, " + where);
+    r.add("sparse-pull." + name + ".ratio", pull_s / pull_rows_s, "x", "/ sparse-pull");
+    kw.leave();
   }
   run_sparse_train(cfg, r);
 }

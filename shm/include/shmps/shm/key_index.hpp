@@ -40,6 +40,8 @@ class KeyIndexWriter {
   KeyIndexWriter(Segment& segment, const ParamEntry& table) noexcept;
   // The slot of `key`, or kNoKeySlot (the server's own look, no seqlock needed).
   std::uint64_t find(std::uint64_t key) const noexcept;
+  // Fetches key's first bucket into the cache (a find of it a few keys later misses less).
+  void prefetch(std::uint64_t key) const noexcept { __builtin_prefetch(&buckets_[key_bucket_of(key, mask_ + 1)]); }
   void begin() noexcept;
   void insert(std::uint64_t key, std::uint64_t slot) noexcept;  // key must not be in the index
   // Removes key's entry for `slot`; false (nothing changed) if there is none.
