@@ -20,6 +20,7 @@
 #include <shmps/worker.hpp>
 
 #include "../support/harness.hpp"
+#include "../support/chaos.hpp"
 #include "../support/exact.hpp"
 #include "../support/pattern.hpp"
 
@@ -292,36 +293,13 @@ void chaos(const Pushes& how, int default_seconds, std::uint64_t pushes, std::ui
   std::cout << "chaos seed " << seed << ", " << chaos_seconds << " s\n";
   std::mt19937 rng(seed);
   std::vector<Process*> pushers(kWorkers);
-  std::vector<bool> done(kWorkers, false);
-  std::uint64_t worker_kills = 0, server_kills = 0;
   for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_pusher(job, r, target, {}, how);
-
-  const auto start = std::chrono::steady_clock::now();
-  auto next_server_kill = start + std::chrono::milliseconds(400 + rng() % 800);  // early: a run may be short
-  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(chaos_seconds)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
-    const int r = static_cast<int>(rng() % kWorkers);
-    if (!done[r] && pushers[r]->running()) {
-      pushers[r]->kill(SIGKILL);
-      pushers[r]->wait(10s);
-      ++worker_kills;
-    }
-    if (!pushers[r]->running() && !done[r]) {
-      if (pushers[r]->wait(1s) == 0)
-        done[r] = true;
-      else
-        pushers[r] = &start_pusher(job, r, target, {}, how);
-    }
-    if (std::chrono::steady_clock::now() > next_server_kill) {
-      job.server().kill(SIGKILL);
-      job.server().wait(10s);
-      ++server_kills;
-      job.start_server();
-      job.wait_ready();
-      next_server_kill = std::chrono::steady_clock::now() + std::chrono::milliseconds(1000 + rng() % 2000);
-    }
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
-  }
+  // The first server kill early: a run may be short.
+  const shmps::test::ChaosKills kills = shmps::test::kill_at_random(
+      job, pushers, chaos_seconds, rng, [&](int r) -> Process& { return start_pusher(job, r, target, {}, how); }, 400ms,
+      1000ms);
+  const std::vector<bool>& done = kills.done;
+  const std::uint64_t worker_kills = kills.workers, server_kills = kills.server;
   // No more killing: in the long version the workers stop at what they have; here they finish.
   auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
   std::vector<std::uint64_t> final_target(kWorkers, target);

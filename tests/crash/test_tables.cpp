@@ -28,6 +28,7 @@
 #include <shmps/shm/segment.hpp>
 #include <shmps/worker.hpp>
 
+#include "../support/chaos.hpp"
 #include "../support/expect.hpp"
 #include "../support/harness.hpp"
 #include "../support/pattern.hpp"
@@ -349,35 +350,11 @@ static void rows_chaos(const std::string& dtype, std::uint64_t target, int secon
   std::cout << "chaos seed " << seed << "\n";
   std::mt19937 rng(seed);
   std::vector<Process*> pushers(kWorkers);
-  std::vector<bool> done(kWorkers, false);
-  std::uint64_t worker_kills = 0, server_kills = 0;
-  for (int r = 0; r < kWorkers; ++r) pushers[r] = &start_rows_pusher(job, r, target, {"--pause-us", "100"});
-  const auto start = std::chrono::steady_clock::now();
-  auto next_server_kill = start + std::chrono::milliseconds(300 + rng() % 600);
-  while (std::chrono::steady_clock::now() - start < std::chrono::seconds(kSeconds)) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 150));
-    const int r = static_cast<int>(rng() % kWorkers);
-    if (!done[r] && pushers[r]->running()) {
-      pushers[r]->kill(SIGKILL);
-      pushers[r]->wait(10s);
-      ++worker_kills;
-    }
-    if (!pushers[r]->running() && !done[r]) {
-      if (pushers[r]->wait(1s) == 0)
-        done[r] = true;
-      else
-        pushers[r] = &start_rows_pusher(job, r, target, {"--pause-us", "100"});
-    }
-    if (std::chrono::steady_clock::now() > next_server_kill) {
-      job.server().kill(SIGKILL);
-      job.server().wait(10s);
-      ++server_kills;
-      job.start_server();
-      job.wait_ready();
-      next_server_kill = std::chrono::steady_clock::now() + std::chrono::milliseconds(800 + rng() % 1500);
-    }
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
-  }
+  const auto paced = [&](int r) -> Process& { return start_rows_pusher(job, r, target, {"--pause-us", "100"}); };
+  for (int r = 0; r < kWorkers; ++r) pushers[r] = &paced(r);
+  const test::ChaosKills kills = test::kill_at_random(job, pushers, kSeconds, rng, paced, 300ms, 800ms);
+  const std::vector<bool>& done = kills.done;
+  const std::uint64_t worker_kills = kills.workers, server_kills = kills.server;
   for (int r = 0; r < kWorkers; ++r)
     if (!done[r] && !pushers[r]->running() && pushers[r]->wait(1s) != 0) pushers[r] = &start_rows_pusher(job, r, target);
   for (int r = 0; r < kWorkers; ++r) EXPECT_EQ(pushers[r]->wait(120s), 0) << pushers[r]->output();
