@@ -47,6 +47,12 @@ using shmps::test::Watchdog;
 namespace {
 
 constexpr std::uint64_t kDim = 8;
+// How long the churn tests churn: sanitized processes are several times slower.
+#if defined(SHMPS_SANITIZER_BUILD)
+constexpr int kChurnMillis = 5000;
+#else
+constexpr int kChurnMillis = 1500;
+#endif
 
 // "t": `slots` slots of 8 (8 rows a 256-byte slice), keys = "u64", with `extra` table lines; a
 // dense "h" beside it.
@@ -221,14 +227,14 @@ TEST(KeyedTables, LookupsDuringEvictionNeverSeeAnotherKeysRowOrATornOne) {
   std::vector<Process*> pushers;
   for (int r = 0; r < 2; ++r)
     pushers.push_back(&job.start({"shmps-test-pusher", "keyed-churn", "--pushes", std::to_string(kKeys), "--millis",
-                                  "1500"},
+                                  std::to_string(kChurnMillis)},
                                  {{"SHMPS_RANK", std::to_string(r)}}));
   Worker reader(WorkerOptions{.segment = job.name(), .rank = 5, .timeout = 20s});
   std::vector<std::uint64_t> keys(32);
   std::vector<float> rows(keys.size() * kDim);
   std::uint64_t reads = 0, trained = 0, n = 0;
   std::size_t wrong = 0;
-  const auto end = std::chrono::steady_clock::now() + 1500ms;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(kChurnMillis);
   while (std::chrono::steady_clock::now() < end) {
     for (auto& key : keys) key = test::key_of_id((n++ * 7) % kKeys);
     reader.pull_rows("t", keys, rows);
@@ -248,7 +254,7 @@ TEST(KeyedTables, LookupsDuringEvictionNeverSeeAnotherKeysRowOrATornOne) {
   const shm::ParamStats& stats = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t")));
   std::cout << reads << " rows read, " << trained << " of them trained; " << stat(stats.keys_evicted)
             << " evictions\n";
-  EXPECT_GT(stat(stats.keys_evicted), 100u) << "the churn must evict keys all the time";
+  EXPECT_GT(stat(stats.keys_evicted), 10u) << "the churn must evict keys while this process reads";
   EXPECT_GT(trained, 0u) << "some reads must find trained rows";
   EXPECT_EQ(stat(stats.keys_held), 64u);
 }
@@ -504,7 +510,7 @@ TEST(KeyedTables, TheClickThroughModelTrainsThroughKeysExactlyAsLocally) {
 // slot's key at that slot, the held count the slots taken, and every row read its key's init
 // minus a whole number of its churn gradients (never another key's row).
 TEST(KeyedTables, EvictionThroughServerKillsLeavesTheTableWhole) {
-  Watchdog watchdog(150s);
+  Watchdog watchdog(180s);
   Job job("keyed-evict-kill", keyed_spec(64, "init = { kind = \"constant\", value = 0.5 }\n"));
   job.start_server();
   job.wait_ready();
@@ -512,18 +518,29 @@ TEST(KeyedTables, EvictionThroughServerKillsLeavesTheTableWhole) {
   std::vector<Process*> pushers;
   for (int r = 0; r < 2; ++r)
     pushers.push_back(&job.start({"shmps-test-pusher", "keyed-churn", "--pushes", std::to_string(kKeys), "--millis",
-                                  "6000"},
+                                  std::to_string(4 * kChurnMillis + 8000)},
                                  {{"SHMPS_RANK", std::to_string(r)}}));
+  {
+    // The pushers under way (started, attached, admitting keys) before the killing starts.
+    auto seg = shm::Segment::open(job.name(), shm::Access::read_only);
+    const auto& admitted = seg.param_stats(static_cast<std::uint32_t>(seg.find_param("t"))).keys_admitted;
+    const auto until = std::chrono::steady_clock::now() + 30s;
+    while (stat(admitted) < 64 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(10ms);
+    ASSERT_GE(stat(admitted), 64u) << "the pushers did not start";
+  }
   const char* points[] = {"apply.mid_rows", "keys.mid_index", "apply.before_release", "apply.mid_copy"};
   int kills = 0;
   for (int round = 0; round < 8; ++round) {
     std::this_thread::sleep_for(200ms);
     job.server().kill(SIGKILL);
     job.server().wait(10s);
-    const std::string point = std::string(points[round % 4]) + ":" + std::to_string(5 + round * 7);
+    const std::string point = std::string(points[round % 4]) + ":" + std::to_string(2 + round);
     auto& server = job.start_server({}, {{"SHMPS_KILL_AT", point}});
     job.wait_ready();
-    if (server.wait(3s) == 128 + SIGKILL) ++kills;  // reached its kill point (else killed above next round)
+    // Reached its kill point within a few seconds, or killed at the top of the next round.
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (server.running() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(10ms);
+    if (!server.running() && server.wait(1s) == 128 + SIGKILL) ++kills;
   }
   job.server().kill(SIGKILL);
   job.server().wait(10s);
