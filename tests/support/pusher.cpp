@@ -248,13 +248,14 @@ int main(int argc, char** argv) {
     if (mode == "keyed-churn") {
       // A table "t" with keys = "u64": pushes of 16 keys at a time from key_of_id(0 ..
       // --pushes - 1) (more keys than the table has slots: keys are evicted and admitted all the
-      // time), each row churn_grad(key, d), for --millis ms.
+      // time), each row churn_grad(key, d), for --millis ms and at least 20 pushes.
       const std::uint64_t dim = w.param("t").dim;
       std::vector<std::uint64_t> ids(16);
       std::vector<float> grads(ids.size() * dim);
       std::uint64_t last = 0, n = static_cast<std::uint64_t>(w.rank()) * 7919;
       const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(millis);
-      while (std::chrono::steady_clock::now() < end) {
+      // At least 20 pushes (320 distinct keys), however slow the process (a sanitized one).
+      for (int done = 0; std::chrono::steady_clock::now() < end || done < 20; ++done) {
         for (std::uint64_t j = 0; j < ids.size(); ++j, ++n) {
           ids[j] = shmps::test::key_of_id((n * 2654435761ULL) % pushes);
           for (std::uint64_t d = 0; d < dim; ++d) grads[j * dim + d] = shmps::test::churn_grad(ids[j], d);
